@@ -1,0 +1,234 @@
+"""Log-softmax gather + entropy over the vocabulary: forward and backward Triton kernels.
+
+Math (z = logits / T, one row of V entries, label y):
+
+    lse   = logsumexp(z)                      logp = z_y - lse
+    H     = lse - sum_j p_j z_j               p_j  = exp(z_j - lse)
+    dz_j  = g_logp * (1[j = y] - p_j) - g_H * p_j * (log p_j + H)
+    dx_j  = dz_j / T
+
+Forward, one read of the row: blocks of BLOCK_V logits update a running max m, a running
+sum s = sum_j exp(z_j - m) and, for the entropy, t = sum_j exp(z_j - m) * (z_j - m), all
+in fp32 (fp64 for fp64 logits). When the max moves from m to m', s scales by
+a = exp(m - m') and t becomes a * (t + s * (m - m')). At the end lse = m + log s and
+H = log s - t / s: both terms are O(log V), so the entropy keeps its precision even
+for logits of 1e4 (lse - E[z] would cancel catastrophically there).
+
+Backward, one read and one write of the row: p_j is recomputed from the saved lse.
+
+A -inf logit is a token of probability 0 (p log p = 0). A NaN or +inf logit makes that
+row NaN; a label outside [0, V) makes the row NaN (stored lse = NaN, so the backward
+writes NaN too) and is never used as an address. Rows labelled ignore_index are not
+read: outputs 0, gradient 0.
+
+Batch invariance: one program per row, and BLOCK_V depends only on V, so a row's
+outputs are bit-identical whatever the other rows and N are. Row offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_offset(row, n_inner, stride_outer, stride_inner):
+    # Rows of a [A, B, V] view with arbitrary A / B strides, e.g. logits[:, :-1].
+    return (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    n_inner, stride_outer, stride_inner,
+    vocab, inv_temperature, ignore_index,
+    COMPUTE_ENTROPY: tl.constexpr, FP64: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if COMPUTE_ENTROPY:
+            tl.store(entropy_ptr + row, 0.0)
+    else:
+        row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+        cols = tl.arange(0, BLOCK_V)
+        m = tl.full([], float("-inf"), acc_dtype)
+        s = tl.zeros([], acc_dtype)
+        t = tl.zeros([], acc_dtype)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            z = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf"))
+            z = z.to(acc_dtype) * inv_temperature
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            # Until a finite logit is seen, shift by 0 so that -inf - -inf never occurs.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_shift)
+            e = tl.exp(z - m_shift)
+            if COMPUTE_ENTROPY:
+                # The where()s pick the shift before multiplying: 0 * -inf never occurs.
+                e_z = tl.sum(e * (tl.where(e > 0, z, m_shift) - m_shift), axis=0)
+                t = alpha * (t + s * (tl.where(s > 0, m, m_shift) - m_shift)) + e_z
+            s = s * alpha + tl.sum(e, axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        label_ok = (label >= 0) & (label < vocab)
+        z_label = tl.load(row_ptr + label, mask=label_ok, other=0.0).to(acc_dtype) * inv_temperature
+        lse = tl.where(label_ok, lse, float("nan"))
+        tl.store(logp_ptr + row, z_label - lse)
+        tl.store(lse_ptr + row, lse)
+        if COMPUTE_ENTROPY:
+            entropy = tl.log(s) - t / s
+            tl.store(entropy_ptr + row, tl.where(label_ok, entropy, float("nan")))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    grad_ptr, logits_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr,
+    n_inner, stride_outer, stride_inner, g_stride_outer, g_stride_inner,
+    vocab, inv_temperature, ignore_index,
+    HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    grad_row_ptr = grad_ptr + _row_offset(row, n_inner, g_stride_outer, g_stride_inner)
+    cols = tl.arange(0, BLOCK_V)
+    if label == ignore_index:
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            zero = tl.zeros([BLOCK_V], acc_dtype)
+            tl.store(grad_row_ptr + offs, zero.to(grad_ptr.dtype.element_ty), mask=offs < vocab)
+    else:
+        row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
+        lse = tl.load(lse_ptr + row)
+        g_logp = tl.zeros([], acc_dtype)
+        if HAS_G_LOGP:
+            g_logp = tl.load(g_logp_ptr + row).to(acc_dtype)
+        g_entropy = tl.zeros([], acc_dtype)
+        entropy = tl.zeros([], acc_dtype)
+        if HAS_G_ENTROPY:
+            g_entropy = tl.load(g_entropy_ptr + row).to(acc_dtype)
+            entropy = tl.load(entropy_ptr + row)
+        for start in range(0, vocab, BLOCK_V):
+            offs = start + cols
+            mask = offs < vocab
+            z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(acc_dtype) * inv_temperature
+            log_p = z - lse
+            p = tl.exp(log_p)
+            dz = tl.zeros([BLOCK_V], acc_dtype)
+            if HAS_G_LOGP:
+                dz = g_logp * (tl.where(offs == label, 1.0, 0.0) - p)
+            if HAS_G_ENTROPY:
+                dz -= g_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
+            dx = dz * inv_temperature
+            tl.store(grad_row_ptr + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+MAX_BLOCK_V = 4096
+
+
+def block_size(vocab: int) -> int:
+    """BLOCK_V for a vocabulary of `vocab`: a function of V alone (batch invariance)."""
+    return min(MAX_BLOCK_V, max(16, triton.next_power_of_2(vocab)))
+
+
+def _num_warps(block: int) -> int:
+    return 8 if block >= 4096 else 4 if block >= 1024 else 2
+
+
+def row_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(n_inner, stride_outer, stride_inner) addressing the rows of `t` [..., V], or None.
+
+    Leading dims are merged where their strides allow; a row-strided view such as
+    ``logits[:, :-1]`` of a contiguous [B, T, V] keeps two dims: row r sits at
+    (r // n_inner) * stride_outer + (r % n_inner) * stride_inner. None when more than two
+    leading dims remain after merging (the caller copies).
+    """
+    dims = [(n, st) for n, st in zip(t.shape[:-1], t.stride()[:-1]) if n != 1]
+    merged: list[tuple[int, int]] = []
+    for n, st in dims:
+        if merged and merged[-1][1] == st * n:
+            merged[-1] = (merged[-1][0] * n, st)
+        else:
+            merged.append((n, st))
+    if not merged:
+        return 1, 0, 0
+    if len(merged) == 1:
+        return merged[0][0], 0, merged[0][1]
+    if len(merged) == 2:
+        return merged[1][0], merged[0][1], merged[1][1]
+    return None
+
+
+def logprobs_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    layout: tuple[int, int, int],
+    temperature: float,
+    ignore_index: int,
+    compute_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Launch the forward on `logits` [..., V] (rows addressed by `layout`), labels [N].
+
+    Returns flat (logp [N], entropy [N] or None, lse [N]) in fp32 (fp64 for fp64 logits).
+    """
+    n_rows, vocab = labels.numel(), logits.shape[-1]
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
+    lse = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
+    entropy = torch.empty(n_rows, dtype=out_dtype, device=logits.device) if compute_entropy else None
+    if n_rows == 0:
+        return logp, entropy, lse
+    block = block_size(vocab)
+    _logprobs_fwd_kernel[(n_rows,)](
+        logits, labels, logp, entropy if compute_entropy else logp, lse,
+        *layout, vocab, 1.0 / temperature, ignore_index,
+        COMPUTE_ENTROPY=compute_entropy, FP64=logits.dtype == torch.float64,
+        BLOCK_V=block, num_warps=_num_warps(block),
+    )
+    return logp, entropy, lse
+
+
+def logprobs_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    layout: tuple[int, int, int],
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    g_logp: torch.Tensor | None,
+    g_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    inplace: bool,
+) -> torch.Tensor:
+    """Gradient w.r.t. `logits` from both outputs' upstream gradients (flat [N], or None).
+
+    Returns a tensor shaped like `logits` in its dtype: `logits` itself when `inplace`
+    (nothing of size N*V is allocated), else a new contiguous one.
+    """
+    vocab = logits.shape[-1]
+    n_rows = labels.numel()
+    n_inner = layout[0]
+    if inplace:
+        grad, g_layout = logits, layout[1:]
+    else:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        g_layout = (n_inner * vocab, vocab)
+    if n_rows == 0:
+        return grad
+    block = block_size(vocab)
+    _logprobs_bwd_kernel[(n_rows,)](
+        grad, logits, labels, lse,
+        entropy if g_entropy is not None else lse,
+        g_logp if g_logp is not None else lse,
+        g_entropy if g_entropy is not None else lse,
+        *layout, *g_layout, vocab, 1.0 / temperature, ignore_index,
+        HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None,
+        FP64=logits.dtype == torch.float64, BLOCK_V=block, num_warps=_num_warps(block),
+    )
+    return grad

@@ -1,0 +1,1 @@
+"""One module per op: its autograd.Function, input checks and dispatch."""

@@ -1,0 +1,143 @@
+"""`rlhf_fast.logprobs`: per-token log-probs (and entropy) from logits, fused."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast import reference
+from rlhf_fast.kernels import logprobs as kernel
+from rlhf_fast.ops.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_int,
+    check_positive,
+    check_same_device,
+    check_tensor,
+)
+from rlhf_fast.ops.dispatch import use_triton
+
+
+class LogProbsFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels. Inputs are validated by `logprobs`."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, inplace_backward):
+        layout = kernel.row_layout(logits)
+        if layout is None:  # more than two unmergeable leading dims: address a copy
+            logits = logits.contiguous()
+            layout = kernel.row_layout(logits)
+        flat_labels = labels.reshape(-1)
+        logp, entropy, lse = kernel.logprobs_forward(
+            logits, flat_labels, layout, temperature, ignore_index, return_entropy
+        )
+        ctx.save_for_backward(logits, flat_labels, lse, entropy)
+        ctx.layout = layout
+        ctx.temperature = temperature
+        ctx.ignore_index = ignore_index
+        ctx.inplace_backward = inplace_backward
+        ctx.set_materialize_grads(False)
+        shape = labels.shape
+        if return_entropy:
+            return logp.view(shape), entropy.view(shape)
+        return logp.view(shape)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy=None):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        if g_logp is None and g_entropy is None:
+            return None, None, None, None, None, None
+        grad = kernel.logprobs_backward(
+            logits,
+            labels,
+            ctx.layout,
+            lse,
+            entropy,
+            None if g_logp is None else g_logp.reshape(-1).contiguous(),
+            None if g_entropy is None else g_entropy.reshape(-1).contiguous(),
+            ctx.temperature,
+            ctx.ignore_index,
+            ctx.inplace_backward,
+        )
+        return grad, None, None, None, None, None
+
+
+def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, found {value}"
+        )
+
+
+def logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    check_labels: bool | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label under softmax(logits / temperature), and its entropy.
+
+    One read of the logits in the forward, one read and one write in the backward; no
+    fp32 copy of the logits is ever made.
+
+    Args:
+        logits: ``[..., V]`` bf16, fp16, fp32 (or fp64, computed in fp64). Any leading
+            shape; the last dim must have stride 1. Row-strided views such as
+            ``logits[:, :-1]`` are read in place, without a copy.
+        labels: ``[...]`` (the leading shape of ``logits``) int64 or int32 token ids in
+            ``[0, V)``, or ``ignore_index``.
+        temperature: the logits are divided by it (both passes); must be > 0.
+        ignore_index: rows with this label give log-prob 0, entropy 0 and zero gradient
+            (they are not read at all).
+        return_entropy: also return the entropy of each row's distribution; gradients
+            from both outputs flow back in one pass.
+        inplace_backward: write the gradient into the logits' storage instead of a new
+            tensor, so the backward allocates nothing of size N*V. The logits are
+            overwritten: use it only when nothing else needs them afterwards.
+        check_labels: raise ValueError for labels outside ``[0, V)`` (other than
+            ``ignore_index``). Default: on for CPU tensors, off for CUDA ones (the check
+            needs a device sync). Unchecked out-of-range labels give NaN for their row.
+
+    Returns:
+        ``logp [...]``, or ``(logp, entropy)`` with ``return_entropy``; fp32 (fp64 for
+        fp64 logits). A NaN or inf in a row gives NaN for that row only; -inf logits are
+        tokens of probability 0.
+    """
+    check_tensor("logits", logits, FLOAT_DTYPES)
+    check_tensor("labels", labels, INDEX_DTYPES)
+    check_same_device("labels", labels, "logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), "
+            f"got {tuple(labels.shape)}"
+        )
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        raise ValueError(
+            f"logits must have stride 1 in its last dim, got stride {logits.stride(-1)}; "
+            "call .contiguous() first"
+        )
+    temperature = check_positive("temperature", temperature)
+    ignore_index = check_int("ignore_index", ignore_index)
+    if check_labels is None:
+        check_labels = not logits.is_cuda
+    if check_labels:
+        _check_label_range(labels, logits.shape[-1], ignore_index)
+
+    if not use_triton(logits):
+        return reference.logprobs(
+            logits,
+            labels,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+        )
+    return LogProbsFunction.apply(
+        logits, labels, temperature, ignore_index, bool(return_entropy), bool(inplace_backward)
+    )

@@ -1,0 +1,26 @@
+from setuptools import setup
+
+# The folder `kernels/` holds the Triton kernels but is installed as `rlhf_fast.kernels`:
+# a top-level package named `kernels` would collide with the `kernels` package on PyPI,
+# which `transformers` integrates with. `benchmarks/` is mapped the same way so that
+# `rlhf-fast bench` finds its suites from any install, not only from a clone.
+setup(
+    name="rlhf-fast",
+    version="0.1.0",
+    description="Fused Triton kernels for RLHF training (PPO, GRPO, DPO) and thin trainers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["rlhf_fast", "rlhf_fast.ops", "rlhf_fast.kernels", "rlhf_fast.benchmarks"],
+    package_dir={
+        "rlhf_fast": "rlhf_fast",
+        "rlhf_fast.kernels": "kernels",
+        "rlhf_fast.benchmarks": "benchmarks",
+    },
+    install_requires=["torch>=2.5", "triton>=3.3", "transformers", "einops"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "ruff"],
+        "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["rlhf-fast=rlhf_fast.cli:main"]},
+)
