@@ -10,15 +10,17 @@ Math (z = logits / T, one row of V entries, label y):
 Forward, one read of the row: blocks of BLOCK_V logits update a running max m, a running
 sum s = sum_j exp(z_j - m) and, for the entropy, t = sum_j exp(z_j - m) * (z_j - m), all
 in fp32 (fp64 for fp64 logits). When the max moves from m to m', s scales by
-a = exp(m - m') and t becomes a * (t + s * (m - m')). At the end lse = m + log s and
-H = log s - t / s: both terms are O(log V), so the entropy keeps its precision even
-for logits of 1e4 (lse - E[z] would cancel catastrophically there).
+a = exp(m - m') and t becomes a * (t + s * (m - m')). At the end logp = (z_y - m) - log s
+and H = log s - t / s: every term is a difference of nearby values or O(log V), so both
+keep fp32 precision for logits of 1e4, where lse itself (ulp 1e-3 there) would not, and
+lse - E[z] would cancel catastrophically.
 
-Backward, one read and one write of the row: p_j is recomputed from the saved lse.
+Backward, one read and one write of the row: log p_j = (z_j - m) - log s is recomputed
+from the saved (m, log s) pair, for the same reason.
 
 A -inf logit is a token of probability 0 (p log p = 0). A NaN or +inf logit makes that
-row NaN; a label outside [0, V) makes the row NaN (stored lse = NaN, so the backward
-writes NaN too) and is never used as an address. Rows labelled ignore_index are not
+row NaN; a label outside [0, V) makes the row NaN (stored log s = NaN, so the
+backward writes NaN too) and is never used as an address. Rows labelled ignore_index are not
 read: outputs 0, gradient 0.
 
 Batch invariance: one program per row, and BLOCK_V depends only on V, so a row's
@@ -40,7 +42,7 @@ def _row_offset(row, n_inner, stride_outer, stride_inner):
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, lse_ptr,
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,
     n_inner, stride_outer, stride_inner,
     vocab, inv_temperature, ignore_index,
     COMPUTE_ENTROPY: tl.constexpr, FP64: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -50,7 +52,8 @@ def _logprobs_fwd_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     if label == ignore_index:
         tl.store(logp_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(row_max_ptr + row, 0.0)
+        tl.store(log_sum_ptr + row, 0.0)
         if COMPUTE_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
     else:
@@ -74,20 +77,21 @@ def _logprobs_fwd_kernel(
                 t = alpha * (t + s * (tl.where(s > 0, m, m_shift) - m_shift)) + e_z
             s = s * alpha + tl.sum(e, axis=0)
             m = m_new
-        lse = m + tl.log(s)
         label_ok = (label >= 0) & (label < vocab)
         z_label = tl.load(row_ptr + label, mask=label_ok, other=0.0).to(acc_dtype) * inv_temperature
-        lse = tl.where(label_ok, lse, float("nan"))
-        tl.store(logp_ptr + row, z_label - lse)
-        tl.store(lse_ptr + row, lse)
+        log_s = tl.where(label_ok, tl.log(s), float("nan"))
+        tl.store(logp_ptr + row, (z_label - m) - log_s)
+        tl.store(row_max_ptr + row, m)
+        tl.store(log_sum_ptr + row, log_s)
         if COMPUTE_ENTROPY:
-            entropy = tl.log(s) - t / s
+            entropy = log_s - t / s
             tl.store(entropy_ptr + row, tl.where(label_ok, entropy, float("nan")))
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    grad_ptr, logits_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_entropy_ptr,
+    grad_ptr, logits_ptr, labels_ptr, row_max_ptr, log_sum_ptr, entropy_ptr,
+    g_logp_ptr, g_entropy_ptr,
     n_inner, stride_outer, stride_inner, g_stride_outer, g_stride_inner,
     vocab, inv_temperature, ignore_index,
     HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr, FP64: tl.constexpr,
@@ -105,7 +109,8 @@ def _logprobs_bwd_kernel(
             tl.store(grad_row_ptr + offs, zero.to(grad_ptr.dtype.element_ty), mask=offs < vocab)
     else:
         row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
-        lse = tl.load(lse_ptr + row)
+        row_max = tl.load(row_max_ptr + row)
+        log_sum = tl.load(log_sum_ptr + row)
         g_logp = tl.zeros([], acc_dtype)
         if HAS_G_LOGP:
             g_logp = tl.load(g_logp_ptr + row).to(acc_dtype)
@@ -118,7 +123,7 @@ def _logprobs_bwd_kernel(
             offs = start + cols
             mask = offs < vocab
             z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(acc_dtype) * inv_temperature
-            log_p = z - lse
+            log_p = (z - row_max) - log_sum
             p = tl.exp(log_p)
             dz = tl.zeros([BLOCK_V], acc_dtype)
             if HAS_G_LOGP:
@@ -175,30 +180,31 @@ def logprobs_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the forward on `logits` [..., V] (rows addressed by `layout`), labels [N].
 
-    Returns flat (logp [N], entropy [N] or None, lse [N]) in fp32 (fp64 for fp64 logits).
+    Returns flat (logp [N], entropy [N] or None, row_stats [2, N]) in fp32 (fp64 for fp64
+    logits); row_stats holds each row's max and log-sum-exp below it, for the backward.
     """
     n_rows, vocab = labels.numel(), logits.shape[-1]
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
-    lse = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
-    entropy = torch.empty(n_rows, dtype=out_dtype, device=logits.device) if compute_entropy else None
+    row_stats = torch.empty(2, n_rows, dtype=out_dtype, device=logits.device)
+    entropy = torch.empty_like(logp) if compute_entropy else None
     if n_rows == 0:
-        return logp, entropy, lse
+        return logp, entropy, row_stats
     block = block_size(vocab)
     _logprobs_fwd_kernel[(n_rows,)](
-        logits, labels, logp, entropy if compute_entropy else logp, lse,
+        logits, labels, logp, entropy if compute_entropy else logp, row_stats[0], row_stats[1],
         *layout, vocab, 1.0 / temperature, ignore_index,
         COMPUTE_ENTROPY=compute_entropy, FP64=logits.dtype == torch.float64,
         BLOCK_V=block, num_warps=_num_warps(block),
     )
-    return logp, entropy, lse
+    return logp, entropy, row_stats
 
 
 def logprobs_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
     layout: tuple[int, int, int],
-    lse: torch.Tensor,
+    row_stats: torch.Tensor,
     entropy: torch.Tensor | None,
     g_logp: torch.Tensor | None,
     g_entropy: torch.Tensor | None,
@@ -222,11 +228,12 @@ def logprobs_backward(
     if n_rows == 0:
         return grad
     block = block_size(vocab)
+    unused = row_stats[0]  # any valid pointer for arguments a constexpr flag switches off
     _logprobs_bwd_kernel[(n_rows,)](
-        grad, logits, labels, lse,
-        entropy if g_entropy is not None else lse,
-        g_logp if g_logp is not None else lse,
-        g_entropy if g_entropy is not None else lse,
+        grad, logits, labels, row_stats[0], row_stats[1],
+        unused if g_entropy is None else entropy,
+        unused if g_logp is None else g_logp,
+        unused if g_entropy is None else g_entropy,
         *layout, *g_layout, vocab, 1.0 / temperature, ignore_index,
         HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None,
         FP64=logits.dtype == torch.float64, BLOCK_V=block, num_warps=_num_warps(block),

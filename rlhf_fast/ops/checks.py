@@ -19,9 +19,13 @@ def check_tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...]) -> t
     return value
 
 
-def check_same_device(name: str, value: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+def check_same_device(
+    name: str, value: torch.Tensor, other_name: str, other: torch.Tensor
+) -> None:
     if value.device != other.device:
-        raise ValueError(f"{name} must be on {other_name}'s device {other.device}, got {value.device}")
+        raise ValueError(
+            f"{name} must be on {other_name}'s device {other.device}, got {value.device}"
+        )
 
 
 def check_positive(name: str, value: object) -> float:

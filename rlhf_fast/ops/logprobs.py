@@ -27,10 +27,10 @@ class LogProbsFunction(torch.autograd.Function):
             logits = logits.contiguous()
             layout = kernel.row_layout(logits)
         flat_labels = labels.reshape(-1)
-        logp, entropy, lse = kernel.logprobs_forward(
+        logp, entropy, row_stats = kernel.logprobs_forward(
             logits, flat_labels, layout, temperature, ignore_index, return_entropy
         )
-        ctx.save_for_backward(logits, flat_labels, lse, entropy)
+        ctx.save_for_backward(logits, flat_labels, row_stats, entropy)
         ctx.layout = layout
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
@@ -43,14 +43,14 @@ class LogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy=None):
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, row_stats, entropy = ctx.saved_tensors
         if g_logp is None and g_entropy is None:
             return None, None, None, None, None, None
         grad = kernel.logprobs_backward(
             logits,
             labels,
             ctx.layout,
-            lse,
+            row_stats,
             entropy,
             None if g_logp is None else g_logp.reshape(-1).contiguous(),
             None if g_entropy is None else g_entropy.reshape(-1).contiguous(),

@@ -1,0 +1,368 @@
+"""rlhf_fast.logprobs: the Triton kernels (through the interpreter) against the reference."""
+
+import math
+
+import pytest
+import torch
+
+import rlhf_fast
+from helpers import rel_err
+from rlhf_fast import reference
+from rlhf_fast.kernels import logprobs as kernel
+
+BLOCK = kernel.MAX_BLOCK_V
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def random_case(shape, vocab, dtype, scale=3.0, ignore_frac=0.2):
+    logits = (torch.randn(*shape, vocab, dtype=torch.float64) * scale).to(dtype)
+    labels = torch.randint(0, vocab, shape)
+    labels[torch.rand(shape) < ignore_frac] = -100
+    return logits, labels
+
+
+def run_both(logits, labels, *, temperature=1.0, inplace=False, **kw):
+    """Kernel on `logits` and reference in float64 on the same (rounded) values, with random
+    upstream gradients on both outputs. Returns (kernel outs, reference outs)."""
+    x = logits.clone().requires_grad_()
+    x_ref = logits.detach().double().requires_grad_()
+    if inplace:  # the in-place backward needs a non-leaf whose storage it may overwrite
+        leaf = x
+        x = leaf * 1
+    logp, ent = rlhf_fast.logprobs(
+        x, labels, temperature=temperature, return_entropy=True, inplace_backward=inplace, **kw
+    )
+    logp_ref, ent_ref = reference.logprobs(
+        x_ref, labels, temperature=temperature, return_entropy=True
+    )
+    g_logp, g_ent = torch.randn_like(logp_ref), torch.randn_like(ent_ref)
+    (logp.double() * g_logp + ent.double() * g_ent).sum().backward()
+    (logp_ref * g_logp + ent_ref * g_ent).sum().backward()
+    grad = leaf.grad if inplace else x.grad
+    return (logp, ent, grad), (logp_ref, ent_ref, x_ref.grad)
+
+
+def assert_close(outs, refs, dtype):
+    names = ("logp", "entropy", "grad")
+    for name, out, ref in zip(names, outs, refs):
+        err = rel_err(out, ref)
+        assert err < TOL[dtype], f"{name}: relative error {err:.3g} >= {TOL[dtype]}"
+
+
+# ----------------------------------------------------------------- reference vs hand math
+
+
+def test_reference_matches_hand_formula():
+    row = [1.0, 2.0, 3.0, -0.5]
+    logits = torch.tensor([row, row], dtype=torch.float64)
+    labels = torch.tensor([2, -100])
+    logp, ent = reference.logprobs(logits, labels, temperature=2.0, return_entropy=True)
+    z = [v / 2.0 for v in row]
+    lse = math.log(sum(math.exp(v) for v in z))
+    probs = [math.exp(v - lse) for v in z]
+    assert logp[0].item() == pytest.approx(z[2] - lse, rel=1e-12)
+    assert ent[0].item() == pytest.approx(-sum(p * math.log(p) for p in probs), rel=1e-12)
+    assert logp[1].item() == 0.0 and ent[1].item() == 0.0
+
+
+def test_reference_neg_inf_logit_has_zero_probability():
+    logits = torch.tensor([[0.0, float("-inf"), 0.0]], dtype=torch.float64, requires_grad=True)
+    logp, ent = reference.logprobs(logits, torch.tensor([0]), return_entropy=True)
+    assert logp.item() == pytest.approx(-math.log(2))
+    assert ent.item() == pytest.approx(math.log(2))
+    (logp + ent).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+# ----------------------------------------------------------------- kernel vs reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_reference(dtype, temperature, poisoned_empty):
+    logits, labels = random_case((3, 11), 1031, dtype)
+    outs, refs = run_both(logits, labels, temperature=temperature)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert outs[0].dtype == outs[1].dtype == out_dtype
+    assert outs[2].dtype == dtype
+    assert_close(outs, refs, dtype)
+
+
+@pytest.mark.parametrize("n_rows", [0, 1, 13])
+@pytest.mark.parametrize("vocab", [1, 2, 13, BLOCK - 1, BLOCK, BLOCK + 1])
+def test_edge_shapes(n_rows, vocab, poisoned_empty):
+    # float64 through the kernel: these cases test indexing and masking, and one row of
+    # two tokens can cancel to a tiny gradient that fp32 rounding would dominate.
+    logits, labels = random_case((n_rows,), vocab, torch.float64)
+    outs, refs = run_both(logits, labels)
+    assert outs[0].shape == outs[1].shape == (n_rows,)
+    assert outs[2].shape == (n_rows, vocab)
+    assert_close(outs, refs, torch.float64)
+
+
+def test_largest_vocab():
+    logits, labels = random_case((2,), 262144, torch.bfloat16, ignore_frac=0.0)
+    outs, refs = run_both(logits, labels)
+    assert_close(outs, refs, torch.bfloat16)
+
+
+def test_any_leading_shape():
+    logits, labels = random_case((2, 3, 4), 37, torch.float32)
+    outs, refs = run_both(logits, labels)
+    assert outs[0].shape == (2, 3, 4)
+    assert_close(outs, refs, torch.float32)
+
+
+def test_int32_labels():
+    logits, labels = random_case((9,), 50, torch.float32)
+    outs, refs = run_both(logits, labels.to(torch.int32))
+    assert_close(outs, refs, torch.float32)
+
+
+def test_gradcheck_float64():
+    logits, labels = random_case((4,), 7, torch.float64)
+    x = logits.requires_grad_()
+
+    def both(x):
+        return rlhf_fast.logprobs(x, labels, temperature=1.3, return_entropy=True)
+
+    assert torch.autograd.gradcheck(both, (x,), eps=1e-6, atol=1e-7)
+
+
+def test_gradient_from_one_output_only():
+    logits, labels = random_case((6,), 40, torch.float32, ignore_frac=0.0)
+    for pick in (0, 1):
+        x = logits.clone().requires_grad_()
+        x_ref = logits.double().requires_grad_()
+        rlhf_fast.logprobs(x, labels, return_entropy=True)[pick].sum().backward()
+        reference.logprobs(x_ref, labels, return_entropy=True)[pick].sum().backward()
+        assert rel_err(x.grad, x_ref.grad) < 1e-5
+    x = logits.clone().requires_grad_()
+    x_ref = logits.double().requires_grad_()
+    rlhf_fast.logprobs(x, labels).sum().backward()
+    reference.logprobs(x_ref, labels).sum().backward()
+    assert rel_err(x.grad, x_ref.grad) < 1e-5
+
+
+# ----------------------------------------------------------------- ignore_index
+
+
+def test_ignored_rows_give_zero_and_no_gradient():
+    logits, labels = random_case((8,), 30, torch.float32, ignore_frac=0.0)
+    labels[::2] = 7  # a custom ignore_index that is also a valid token id
+    logits[0, 3] = float("nan")  # ignored rows are never read
+    x = logits.clone().requires_grad_()
+    logp, ent = rlhf_fast.logprobs(x, labels, ignore_index=7, return_entropy=True)
+    (logp * torch.randn(8) + ent * torch.randn(8)).sum().backward()
+    assert (logp[::2] == 0).all() and (ent[::2] == 0).all()
+    assert (x.grad[::2] == 0).all()
+    assert torch.isfinite(logp).all() and torch.isfinite(x.grad).all()
+    ref = reference.logprobs(logits.double(), labels, ignore_index=7)
+    assert rel_err(logp, ref) < 1e-5
+
+
+def test_all_rows_ignored():
+    logits, labels = random_case((5,), 20, torch.bfloat16)
+    labels.fill_(-100)
+    outs, refs = run_both(logits, labels)
+    for out in outs:
+        assert (out == 0).all()
+
+
+# ----------------------------------------------------------------- views and in-place
+
+
+def test_row_strided_view_is_read_without_copy():
+    full, labels = random_case((3, 9), 70, torch.bfloat16)
+    view = full[:, :-1]
+    assert not view.is_contiguous() and kernel.row_layout(view) is not None
+    outs, refs = run_both(view, labels[:, 1:])
+    assert_close(outs, refs, torch.bfloat16)
+
+
+def test_transposed_leading_dims():
+    full, _ = random_case((4, 5), 33, torch.float32)
+    view = full.transpose(0, 1)
+    labels = torch.randint(0, 33, (5, 4))
+    outs, refs = run_both(view, labels)
+    assert_close(outs, refs, torch.float32)
+
+
+def test_unmergeable_leading_dims_are_copied():
+    full, _ = random_case((4, 4, 4), 17, torch.float32)
+    view = full[::2, ::2, ::2]  # three leading dims no stride merge can flatten
+    assert kernel.row_layout(view) is None
+    labels = torch.randint(0, 17, view.shape[:-1])
+    outs, refs = run_both(view, labels)
+    assert_close(outs, refs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward(dtype):
+    logits, labels = random_case((4, 6), 301, dtype)
+    outs, refs = run_both(logits, labels, inplace=True)
+    assert_close(outs, refs, dtype)
+
+
+def test_inplace_backward_writes_into_the_logits_storage():
+    logits, labels = random_case((10,), 64, torch.float32)
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 2
+    seen = {}
+
+    def record_storage(grad):
+        seen["ptr"] = grad.untyped_storage().data_ptr()
+
+    x.register_hook(record_storage)
+    rlhf_fast.logprobs(x, labels, inplace_backward=True).sum().backward()
+    assert seen["ptr"] == x.untyped_storage().data_ptr()
+
+
+def test_inplace_backward_on_a_strided_view():
+    full, labels = random_case((2, 7), 45, torch.float32)
+    leaf = full.clone().requires_grad_()
+    x_ref = full.double().requires_grad_()
+    logp = rlhf_fast.logprobs((leaf * 1)[:, :-1], labels[:, 1:], inplace_backward=True)
+    logp_ref = reference.logprobs(x_ref[:, :-1], labels[:, 1:])
+    g = torch.randn_like(logp_ref)
+    (logp.double() * g).sum().backward()
+    (logp_ref * g).sum().backward()
+    assert rel_err(leaf.grad, x_ref.grad) < 1e-5
+    assert (leaf.grad[:, -1] == 0).all()
+
+
+def test_last_dim_must_be_contiguous():
+    logits = torch.randn(4, 10)[:, ::2]
+    with pytest.raises(ValueError, match="logits.*stride 1"):
+        rlhf_fast.logprobs(logits, torch.zeros(4, dtype=torch.long))
+
+
+# ----------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits_stay_finite(dtype):
+    logits, labels = random_case((6,), 257, torch.float32, ignore_frac=0.0)
+    logits = (logits.sign() * 1e4).to(dtype)
+    logits[1] = torch.linspace(-1e4, 1e4, 257)
+    logits[2] = -1e4
+    outs, refs = run_both(logits, labels)
+    for out in outs:
+        assert torch.isfinite(out).all()
+    assert_close(outs, refs, dtype)
+
+
+def test_neg_inf_logits_are_zero_probability_tokens():
+    logits, labels = random_case((5,), 100, torch.float32, ignore_frac=0.0)
+    logits[:, 50:] = float("-inf")
+    labels = labels % 50
+    outs, refs = run_both(logits, labels)
+    for out in outs:
+        assert torch.isfinite(out).all()
+    assert_close(outs, refs, torch.float32)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_one_row_stays_in_that_row(bad):
+    logits, labels = random_case((6,), 80, torch.float32, ignore_frac=0.0)
+    clean_logp, clean_ent = rlhf_fast.logprobs(logits, labels, return_entropy=True)
+    logits[2, 17] = bad
+    x = logits.clone().requires_grad_()
+    logp, ent = rlhf_fast.logprobs(x, labels, return_entropy=True)
+    (logp + ent).sum().backward()
+    others = [0, 1, 3, 4, 5]
+    assert logp[2].isnan() and ent[2].isnan()
+    assert torch.equal(logp[others], clean_logp[others])
+    assert torch.equal(ent[others], clean_ent[others])
+    assert torch.isfinite(x.grad[others]).all()
+
+
+def test_out_of_range_label_unchecked_gives_nan_for_its_row_only():
+    logits, labels = random_case((5,), 40, torch.float32, ignore_frac=0.0)
+    labels[1], labels[3] = 40, -3
+    x = logits.clone().requires_grad_()
+    logp, ent = rlhf_fast.logprobs(x, labels, return_entropy=True, check_labels=False)
+    (logp + ent).sum().backward()
+    assert logp[[1, 3]].isnan().all() and ent[[1, 3]].isnan().all()
+    assert x.grad[[1, 3]].isnan().all()
+    ok = [0, 2, 4]
+    ref_logp, ref_ent = reference.logprobs(logits.double(), labels, return_entropy=True)
+    assert rel_err(logp[ok], ref_logp[ok]) < 1e-5 and rel_err(ent[ok], ref_ent[ok]) < 1e-5
+    assert torch.isfinite(x.grad[ok]).all()
+
+
+def test_out_of_range_label_checked_raises():
+    logits, labels = random_case((5,), 40, torch.float32, ignore_frac=0.0)
+    labels[2] = 40
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 40\).*found 40"):
+        rlhf_fast.logprobs(logits, labels)
+
+
+def test_batch_invariance():
+    """A row's outputs and gradient are bit-identical whatever the other rows and N are."""
+    logits, labels = random_case((64,), 5000, torch.bfloat16, ignore_frac=0.1)
+
+    def outputs(rows):
+        x = logits[rows].clone().requires_grad_()
+        logp, ent = rlhf_fast.logprobs(x, labels[rows], return_entropy=True)
+        (logp + 0.5 * ent).sum().backward()
+        return logp, ent, x.grad
+
+    full = outputs(slice(0, 64))
+    for rows in (slice(0, 1), slice(5, 6), slice(3, 20), slice(40, 64)):
+        part = outputs(rows)
+        for a, b in zip(part, full):
+            assert torch.equal(a, b[rows])
+    shuffled = torch.randperm(64)
+    for a, b in zip(outputs(shuffled), full):
+        assert torch.equal(a, b[shuffled])
+
+
+# ----------------------------------------------------------------- errors and dispatch
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"logits": [[1.0, 2.0]]}, TypeError, "logits must be a torch.Tensor"),
+        ({"logits": torch.ones(3, 4, dtype=torch.long)}, TypeError, "logits must have dtype"),
+        ({"labels": torch.zeros(3)}, TypeError, "labels must have dtype"),
+        ({"labels": torch.zeros(4, dtype=torch.long)}, ValueError, r"labels must have shape"),
+        ({"logits": torch.ones(3, 0)}, ValueError, "V >= 1"),
+        ({"logits": torch.tensor(1.0)}, ValueError, "logits must have shape"),
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite float > 0, got 0.0"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"temperature": "1"}, TypeError, "temperature"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        ({"labels": torch.zeros(3, dtype=torch.long, device="meta")}, ValueError, "must be on"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, error, match):
+    args = {"logits": torch.randn(3, 4), "labels": torch.zeros(3, dtype=torch.long)}
+    args.update(kwargs)
+    logits, labels = args.pop("logits"), args.pop("labels")
+    with pytest.raises(error, match=match):
+        rlhf_fast.logprobs(logits, labels, **args)
+
+
+def test_backend_switch(monkeypatch):
+    logits, labels = random_case((4,), 30, torch.float32)
+    triton_out = rlhf_fast.logprobs(logits, labels)
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
+    torch_out = rlhf_fast.logprobs(logits, labels)
+    assert rel_err(triton_out, torch_out) < 1e-6
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="RLHF_FAST_BACKEND must be one of"):
+        rlhf_fast.logprobs(logits, labels)
+
+
+def test_cpu_fallback_without_interpreter(monkeypatch):
+    """Without TRITON_INTERPRET, CPU tensors take the reference path, gradients included."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    logits, labels = random_case((4, 3), 30, torch.bfloat16)
+    outs, refs = run_both(logits, labels)
+    assert_close(outs, refs, torch.bfloat16)
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        rlhf_fast.logprobs(logits, labels)
