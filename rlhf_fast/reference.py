@@ -8,6 +8,8 @@ CPU fallback the trainers use when Triton cannot run. Readable first, fast secon
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -68,3 +70,150 @@ def logprobs(
     if return_entropy:
         return logp, entropy
     return logp
+
+
+# --------------------------------------------------------------------------- ppo_loss
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+class PPOLossOutput(NamedTuple):
+    """What `ppo_loss` returns. All fields are fp32 (fp64 for fp64 inputs) scalars.
+
+    `loss = policy_loss + kl_coef * kl - entropy_coef * entropy + vf_coef * value_loss`,
+    the four terms aggregated with the same `agg` mode, and differentiable. The
+    statistics are token-means over valid tokens (ratio_max a max), detached.
+    """
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    kl: torch.Tensor
+    entropy: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_max: torch.Tensor
+    value_clipfrac: torch.Tensor
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3)."""
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    log_r = ref_logp - logp  # k3: r - log r - 1 with r = pi_ref / pi, unbiased and >= 0
+    return torch.exp(log_r) - log_r - 1
+
+
+def aggregate(
+    token_values: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int
+) -> torch.Tensor:
+    """Reduce per-token values [B, T] over the valid tokens to a scalar.
+
+    token-mean: sum / number of valid tokens. seq-mean-token-mean: each sequence's mean,
+    averaged over sequences with at least one valid token. seq-mean-token-sum: each
+    sequence's sum, averaged over those sequences. seq-mean-token-sum-norm: sum / (B *
+    max_len), a constant divisor (Dr. GRPO). No valid token at all gives 0.
+    """
+    m = mask.to(token_values.dtype)
+    row_sums = (token_values * m).sum(-1)
+    row_counts = m.sum(-1)
+    n_seqs = (row_counts > 0).sum().clamp(min=1)
+    if agg == "token-mean":
+        return row_sums.sum() / row_counts.sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        return (row_sums / row_counts.clamp(min=1)).sum() / n_seqs
+    if agg == "seq-mean-token-sum":
+        return row_sums.sum() / n_seqs
+    return row_sums.sum() / (mask.shape[0] * max_len)
+
+
+def ppo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    values: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    value_clip: float = 0.2,
+    vf_coef: float = 0.5,
+    agg: str = "token-mean",
+    max_len: int | None = None,
+) -> PPOLossOutput:
+    """PPO clipped surrogate + KL to a reference + entropy bonus + clipped value loss.
+
+    All tensors ``[B, T]``; mask is 0/1 (bool or numeric). Gradients flow into `logp`,
+    `entropy` and `values`; the other inputs are constants.
+    """
+    dtype = _compute_dtype(logp.dtype)
+    valid = mask != 0
+    max_len = logp.shape[-1] if max_len is None else max_len
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+
+    # Masked-out tokens may hold anything, inf and NaN included: replace them by 0 first,
+    # so that neither a value nor a gradient of theirs reaches the result.
+    def valid_only(x: torch.Tensor | None, grad: bool = False) -> torch.Tensor | None:
+        if x is None:
+            return None
+        x = x.to(dtype) if grad else x.detach().to(dtype)
+        return torch.where(valid, x, torch.zeros_like(x))
+
+    logp, entropy, values = (valid_only(x, grad=True) for x in (logp, entropy, values))
+    old_logp, advantages, ref_logp, old_values, returns = (
+        valid_only(x) for x in (old_logp, advantages, ref_logp, old_values, returns)
+    )
+    zero = torch.zeros_like(logp)
+
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    if dual_clip is not None:  # bound the loss of negative advantages at -A * c
+        pg = torch.where(advantages < 0, torch.minimum(pg, -advantages * dual_clip), pg)
+
+    kl = zero if ref_logp is None else kl_penalty(logp, ref_logp, kl_estimator)
+    ent = zero if entropy is None else entropy
+
+    vl, value_clipped = zero, torch.zeros_like(valid)
+    if values is not None:
+        v_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+        vl_unclipped, vl_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
+        vl = 0.5 * torch.maximum(vl_unclipped, vl_clipped)
+        value_clipped = vl_clipped > vl_unclipped
+
+    policy_loss = aggregate(pg, valid, agg, max_len)
+    kl_term = aggregate(kl, valid, agg, max_len)
+    entropy_term = aggregate(ent, valid, agg, max_len)
+    value_loss = aggregate(vl, valid, agg, max_len)
+    loss = policy_loss + kl_coef * kl_term - entropy_coef * entropy_term + vf_coef * value_loss
+
+    with torch.no_grad():
+        n_valid = valid.sum().clamp(min=1)
+
+        def token_mean(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(valid, x.to(dtype), torch.zeros_like(zero)).sum() / n_valid
+
+        clipfrac = token_mean(pg_clipped > pg_unclipped)
+        approx_kl = 0.5 * token_mean(log_ratio**2)
+        ratio_mean = token_mean(ratio)
+        # ratios are > 0, so masked zeros never win the max; no valid token gives 0
+        ratio_max = torch.where(valid, ratio, zero).amax() if ratio.numel() else zero.sum()
+        value_clipfrac = token_mean(value_clipped)
+    return PPOLossOutput(
+        loss, policy_loss, value_loss, kl_term, entropy_term,
+        clipfrac, approx_kl, ratio_mean, ratio_max, value_clipfrac,
+    )

@@ -1,0 +1,359 @@
+"""PPO loss: clipped surrogate + KL penalty + entropy bonus + clipped value loss, fused.
+
+Math, per valid token t (A advantage, r = exp(logp - old_logp), eps_l / eps_h clip range):
+
+    pg  = max(-A r, -A clip(r, 1 - eps_l, 1 + eps_h))         d pg / d logp = -A r, or 0 when
+          and, with dual clip c, for A < 0: min(pg, -A c)      a clip is the active branch
+    kl  = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: e^(ref - logp) - (ref - logp) - 1
+          d kl / d logp = 1 | logp - ref | 1 - e^(ref - logp)
+    vl  = max((v - R)^2, (old_v + clip(v - old_v, -eps_v, eps_v) - R)^2) / 2
+          d vl / d v = (v - R) unclipped, (v_clipped - R) clipped inside the range, else 0
+    loss = agg(pg) + kl_coef agg(kl) - entropy_coef agg(H) + vf_coef agg(vl)
+
+agg is linear: agg(x) = sum_t w_t x_t with a weight per row, so the backward of every term
+is that weight times the per-token derivative above:
+
+    token-mean                w = 1 / (valid tokens in the batch)
+    seq-mean-token-mean       w = 1 / (non-empty rows * valid tokens in the row)
+    seq-mean-token-sum        w = 1 / (non-empty rows)
+    seq-mean-token-sum-norm   w = 1 / (B * max_len)
+
+Three launches, each one pass: the forward reads every input once, one program per row,
+and writes ten partial sums per row; a one-program kernel reduces those [B, 10] partials
+in a fixed order (deterministic, no atomics) into the loss terms and statistics; the
+backward reads the inputs once more and writes d logp, d entropy and d values together.
+Masked tokens are never read: they contribute 0 and get gradient 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Per-row partials, in this column order: valid tokens, sums of pg, kl, entropy, vl, clipped
+# tokens, ratio, then max ratio, sum of log-ratio^2, value-clipped tokens.
+N_ROW_STATS = 10
+# Scalar outputs, in the order of `PPOLossOutput`: loss, policy_loss, value_loss, kl,
+# entropy, clipfrac, approx_kl, ratio_mean, ratio_max, value_clipfrac.
+N_OUTPUTS = 10
+AGG_CODES = {
+    "token-mean": 0,
+    "seq-mean-token-mean": 1,
+    "seq-mean-token-sum": 2,
+    "seq-mean-token-sum-norm": 3,
+}
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+
+
+@dataclass(frozen=True)
+class PPOKernelConfig:
+    """The scalar settings of one ppo_loss call, as the kernels take them."""
+
+    clip_low: float
+    clip_high: float
+    has_dual: bool
+    dual_clip: float
+    kl_code: int
+    kl_coef: float
+    entropy_coef: float
+    value_clip: float
+    vf_coef: float
+    agg_code: int
+    max_len: int
+
+
+@triton.jit
+def _policy_terms(logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.constexpr):
+    log_ratio = logp - old_logp
+    ratio = tl.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    clipped = pg_clipped > pg_unclipped
+    pg = tl.where(clipped, pg_clipped, pg_unclipped)
+    d_pg = tl.where(clipped, 0.0, pg_unclipped)
+    if HAS_DUAL:
+        dual = (adv < 0) & (pg > -adv * dual_clip)
+        pg = tl.where(dual, -adv * dual_clip, pg)
+        d_pg = tl.where(dual, 0.0, d_pg)
+    return log_ratio, ratio, pg, d_pg, clipped
+
+
+@triton.jit
+def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
+    diff = logp - ref_logp
+    if KL_EST == 1:
+        kl = diff
+        d_kl = tl.full(diff.shape, 1.0, diff.dtype)
+    elif KL_EST == 2:
+        kl = 0.5 * diff * diff
+        d_kl = diff
+    else:
+        r = tl.exp(-diff)
+        kl = r + diff - 1.0
+        d_kl = 1.0 - r
+    return kl, d_kl
+
+
+@triton.jit
+def _value_terms(v, old_v, ret, value_clip):
+    dv = v - old_v
+    v_clipped = old_v + tl.minimum(tl.maximum(dv, -value_clip), value_clip)
+    vl_unclipped = (v - ret) * (v - ret)
+    vl_clipped = (v_clipped - ret) * (v_clipped - ret)
+    clipped = vl_clipped > vl_unclipped
+    vl = 0.5 * tl.where(clipped, vl_clipped, vl_unclipped)
+    in_range = (dv >= -value_clip) & (dv <= value_clip)
+    d_vl = tl.where(clipped, tl.where(in_range, v_clipped - ret, 0.0), v - ret)
+    return vl, d_vl, clipped
+
+
+@triton.jit
+def _ppo_fwd_kernel(
+    logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, v_ptr, old_v_ptr, ret_ptr,
+    row_stats_ptr, T, clip_low, clip_high, dual_clip, value_clip,
+    HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    HAS_VALUE: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    base = row * T
+    cols = tl.arange(0, BLOCK_T)
+    zeros = tl.zeros([BLOCK_T], acc_dtype)
+    n, s_pg, s_kl, s_ent, s_vl = zeros, zeros, zeros, zeros, zeros
+    s_clip, s_ratio, r_max, s_lr2, s_vclip = zeros, zeros, zeros, zeros, zeros
+    for start in range(0, T, BLOCK_T):
+        offs = start + cols
+        valid = tl.load(mask_ptr + base + offs, mask=offs < T, other=0) != 0
+        logp = tl.load(logp_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+        old_logp = tl.load(old_logp_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+        adv = tl.load(adv_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+        log_ratio, ratio, pg, d_pg, clipped = _policy_terms(
+            logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL
+        )
+        n += tl.where(valid, 1.0, 0.0)
+        s_pg += tl.where(valid, pg, 0.0)
+        s_clip += tl.where(valid & clipped, 1.0, 0.0)
+        s_ratio += tl.where(valid, ratio, 0.0)
+        r_max = tl.maximum(r_max, tl.where(valid, ratio, 0.0))
+        s_lr2 += tl.where(valid, log_ratio * log_ratio, 0.0)
+        if KL_EST != 0:
+            ref = tl.load(ref_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+            kl, d_kl = _kl_terms(logp, ref, KL_EST)
+            s_kl += tl.where(valid, kl, 0.0)
+        if HAS_ENTROPY:
+            s_ent += tl.load(ent_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+        if HAS_VALUE:
+            v = tl.load(v_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+            old_v = tl.load(old_v_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+            ret = tl.load(ret_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+            vl, d_vl, v_clipped = _value_terms(v, old_v, ret, value_clip)
+            s_vl += tl.where(valid, vl, 0.0)
+            s_vclip += tl.where(valid & v_clipped, 1.0, 0.0)
+    out = row_stats_ptr + row * 10
+    tl.store(out + 0, tl.sum(n, axis=0))
+    tl.store(out + 1, tl.sum(s_pg, axis=0))
+    tl.store(out + 2, tl.sum(s_kl, axis=0))
+    tl.store(out + 3, tl.sum(s_ent, axis=0))
+    tl.store(out + 4, tl.sum(s_vl, axis=0))
+    tl.store(out + 5, tl.sum(s_clip, axis=0))
+    tl.store(out + 6, tl.sum(s_ratio, axis=0))
+    tl.store(out + 7, tl.max(r_max, axis=0))
+    tl.store(out + 8, tl.sum(s_lr2, axis=0))
+    tl.store(out + 9, tl.sum(s_vclip, axis=0))
+
+
+@triton.jit
+def _ppo_reduce_kernel(
+    row_stats_ptr, out_ptr, counts_ptr, B, norm_denominator, kl_coef, entropy_coef, vf_coef,
+    AGG: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    zeros = tl.zeros([BLOCK_B], acc_dtype)
+    n_tok, n_seq, s_pg, s_kl, s_ent, s_vl = zeros, zeros, zeros, zeros, zeros, zeros
+    s_clip, s_ratio, r_max, s_lr2, s_vclip = zeros, zeros, zeros, zeros, zeros
+    for start in range(0, B, BLOCK_B):
+        rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
+        ok = rows < B
+        stats = row_stats_ptr + rows * 10
+        n = tl.load(stats + 0, mask=ok, other=0.0)
+        # seq-mean-token-mean averages each row's mean; the other modes sum the row sums.
+        scale = tl.where(n > 0, 1.0 / tl.maximum(n, 1.0), 0.0) if AGG == 1 else 1.0
+        n_tok += n
+        n_seq += tl.where(n > 0, 1.0, 0.0)
+        s_pg += tl.load(stats + 1, mask=ok, other=0.0) * scale
+        s_kl += tl.load(stats + 2, mask=ok, other=0.0) * scale
+        s_ent += tl.load(stats + 3, mask=ok, other=0.0) * scale
+        s_vl += tl.load(stats + 4, mask=ok, other=0.0) * scale
+        s_clip += tl.load(stats + 5, mask=ok, other=0.0)
+        s_ratio += tl.load(stats + 6, mask=ok, other=0.0)
+        r_max = tl.maximum(r_max, tl.load(stats + 7, mask=ok, other=0.0))
+        s_lr2 += tl.load(stats + 8, mask=ok, other=0.0)
+        s_vclip += tl.load(stats + 9, mask=ok, other=0.0)
+    tokens = tl.sum(n_tok, axis=0)
+    seqs = tl.sum(n_seq, axis=0)
+    if AGG == 0:
+        denom = tl.maximum(tokens, 1.0)
+    elif AGG == 3:
+        denom = tl.maximum(norm_denominator.to(acc_dtype), 1.0)
+    else:
+        denom = tl.maximum(seqs, 1.0)
+    policy = tl.sum(s_pg, axis=0) / denom
+    kl = tl.sum(s_kl, axis=0) / denom
+    ent = tl.sum(s_ent, axis=0) / denom
+    value = tl.sum(s_vl, axis=0) / denom
+    per_token = 1.0 / tl.maximum(tokens, 1.0)
+    tl.store(out_ptr + 0, policy + kl_coef * kl - entropy_coef * ent + vf_coef * value)
+    tl.store(out_ptr + 1, policy)
+    tl.store(out_ptr + 2, value)
+    tl.store(out_ptr + 3, kl)
+    tl.store(out_ptr + 4, ent)
+    tl.store(out_ptr + 5, tl.sum(s_clip, axis=0) * per_token)
+    tl.store(out_ptr + 6, 0.5 * tl.sum(s_lr2, axis=0) * per_token)
+    tl.store(out_ptr + 7, tl.sum(s_ratio, axis=0) * per_token)
+    tl.store(out_ptr + 8, tl.max(r_max, axis=0))
+    tl.store(out_ptr + 9, tl.sum(s_vclip, axis=0) * per_token)
+    tl.store(counts_ptr + 0, tokens)
+    tl.store(counts_ptr + 1, seqs)
+
+
+@triton.jit
+def _ppo_bwd_kernel(
+    grad_out_ptr, counts_ptr, row_stats_ptr,
+    logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, v_ptr, old_v_ptr, ret_ptr,
+    d_logp_ptr, d_ent_ptr, d_v_ptr,
+    T, norm_denominator, clip_low, clip_high, dual_clip, value_clip,
+    kl_coef, entropy_coef, vf_coef,
+    AGG: tl.constexpr, HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr,
+    GRAD_ENTROPY: tl.constexpr, GRAD_VALUE: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    base = row * T
+    cols = tl.arange(0, BLOCK_T)
+    n_row = tl.load(row_stats_ptr + row * 10)
+    if AGG == 0:
+        weight = 1.0 / tl.maximum(tl.load(counts_ptr + 0), 1.0)
+    elif AGG == 1:
+        weight = 1.0 / (tl.maximum(tl.load(counts_ptr + 1), 1.0) * tl.maximum(n_row, 1.0))
+    elif AGG == 2:
+        weight = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)
+    else:
+        weight = 1.0 / tl.maximum(norm_denominator.to(acc_dtype), 1.0)
+    # Gradients reaching each aggregated term: through `loss` and through its own output.
+    g_loss = tl.load(grad_out_ptr + 0).to(acc_dtype)
+    c_pg = weight * (g_loss + tl.load(grad_out_ptr + 1).to(acc_dtype))
+    c_vl = weight * (g_loss * vf_coef + tl.load(grad_out_ptr + 2).to(acc_dtype))
+    c_kl = weight * (g_loss * kl_coef + tl.load(grad_out_ptr + 3).to(acc_dtype))
+    c_ent = weight * (tl.load(grad_out_ptr + 4).to(acc_dtype) - g_loss * entropy_coef)
+    for start in range(0, T, BLOCK_T):
+        offs = start + cols
+        in_row = offs < T
+        valid = tl.load(mask_ptr + base + offs, mask=in_row, other=0) != 0
+        logp = tl.load(logp_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+        old_logp = tl.load(old_logp_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+        adv = tl.load(adv_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+        log_ratio, ratio, pg, d_pg, clipped = _policy_terms(
+            logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL
+        )
+        d_logp = c_pg * d_pg
+        if KL_EST != 0:
+            ref = tl.load(ref_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+            kl, d_kl = _kl_terms(logp, ref, KL_EST)
+            d_logp += c_kl * d_kl
+        d_logp = tl.where(valid, d_logp, 0.0)
+        tl.store(d_logp_ptr + base + offs, d_logp.to(d_logp_ptr.dtype.element_ty), mask=in_row)
+        if GRAD_ENTROPY:
+            d_ent = tl.where(valid, c_ent, 0.0)
+            tl.store(d_ent_ptr + base + offs, d_ent.to(d_ent_ptr.dtype.element_ty), mask=in_row)
+        if GRAD_VALUE:
+            v = tl.load(v_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+            old_v = tl.load(old_v_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+            ret = tl.load(ret_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
+            vl, d_vl, v_clipped = _value_terms(v, old_v, ret, value_clip)
+            d_v = tl.where(valid, c_vl * d_vl, 0.0)
+            tl.store(d_v_ptr + base + offs, d_v.to(d_v_ptr.dtype.element_ty), mask=in_row)
+
+
+MAX_BLOCK_T = 1024
+
+
+def block_size(T: int) -> int:
+    """BLOCK_T for rows of length T: a function of T alone (batch invariance)."""
+    return min(MAX_BLOCK_T, max(16, triton.next_power_of_2(T)))
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block >= 512 else 2
+
+
+def ppo_forward(
+    logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, cfg
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward on contiguous [B, T] inputs (None for absent optional ones).
+
+    `cfg` is a `PPOKernelConfig`. Returns (outputs [10], counts [2], row_stats [B, 10]),
+    fp32 (fp64 for fp64 logp): see N_OUTPUTS for the order of the outputs.
+    """
+    B, T = logp.shape
+    fp64 = logp.dtype == torch.float64
+    dtype = torch.float64 if fp64 else torch.float32
+    row_stats = torch.empty(B, N_ROW_STATS, dtype=dtype, device=logp.device)
+    outputs = torch.empty(N_OUTPUTS, dtype=dtype, device=logp.device)
+    counts = torch.empty(2, dtype=dtype, device=logp.device)
+    block = block_size(T)
+    if B > 0:
+        _ppo_fwd_kernel[(B,)](
+            logp, old_logp, advantages, mask,
+            logp if ref_logp is None else ref_logp,
+            logp if entropy is None else entropy,
+            logp if values is None else values,
+            logp if old_values is None else old_values,
+            logp if returns is None else returns,
+            row_stats, T, cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.value_clip,
+            HAS_DUAL=cfg.has_dual, KL_EST=cfg.kl_code if ref_logp is not None else 0,
+            HAS_ENTROPY=entropy is not None, HAS_VALUE=values is not None, FP64=fp64,
+            BLOCK_T=block, num_warps=_num_warps(block),
+        )
+    _ppo_reduce_kernel[(1,)](
+        row_stats, outputs, counts, B, float(B * cfg.max_len),
+        cfg.kl_coef, cfg.entropy_coef, cfg.vf_coef,
+        AGG=cfg.agg_code, FP64=fp64, BLOCK_B=256, num_warps=4,
+    )
+    return outputs, counts, row_stats
+
+
+def ppo_backward(
+    grad_outputs, counts, row_stats,
+    logp, old_logp, advantages, mask, ref_logp, values, old_values, returns,
+    cfg, grad_entropy_dtype: torch.dtype | None, grad_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients w.r.t. logp, entropy (when `grad_entropy_dtype` is given, in that dtype)
+    and values (when `grad_values`), each [B, T] in its input's dtype, from the upstream
+    gradient of the [10] outputs."""
+    B, T = logp.shape
+    d_logp = torch.empty_like(logp)
+    d_ent = None if grad_entropy_dtype is None else torch.empty_like(logp, dtype=grad_entropy_dtype)
+    d_v = torch.empty_like(values) if grad_values else None
+    if B == 0:
+        return d_logp, d_ent, d_v
+    block = block_size(T)
+    _ppo_bwd_kernel[(B,)](
+        grad_outputs, counts, row_stats,
+        logp, old_logp, advantages, mask,
+        logp if ref_logp is None else ref_logp,
+        logp if values is None else values,
+        logp if old_values is None else old_values,
+        logp if returns is None else returns,
+        d_logp, d_logp if d_ent is None else d_ent, d_logp if d_v is None else d_v,
+        T, float(B * cfg.max_len), cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.value_clip,
+        cfg.kl_coef, cfg.entropy_coef, cfg.vf_coef,
+        AGG=cfg.agg_code, HAS_DUAL=cfg.has_dual,
+        KL_EST=cfg.kl_code if ref_logp is not None else 0,
+        GRAD_ENTROPY=d_ent is not None, GRAD_VALUE=d_v is not None,
+        FP64=logp.dtype == torch.float64, BLOCK_T=block, num_warps=_num_warps(block),
+    )
+    return d_logp, d_ent, d_v
