@@ -7,7 +7,7 @@ Math, per valid token t (A advantage, r = exp(logp - old_logp), eps_l / eps_h cl
     kl  = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: e^(ref - logp) - (ref - logp) - 1
           d kl / d logp = 1 | logp - ref | 1 - e^(ref - logp)
     vl  = max((v - R)^2, (old_v + clip(v - old_v, -eps_v, eps_v) - R)^2) / 2
-          d vl / d v = (v - R) unclipped, (v_clipped - R) clipped inside the range, else 0
+          d vl / d v = v - R, or 0 when the clipped branch is the larger
     loss = agg(pg) + kl_coef agg(kl) - entropy_coef agg(H) + vf_coef agg(vl)
 
 agg is linear: agg(x) = sum_t w_t x_t with a weight per row, so the backward of every term
@@ -99,14 +99,16 @@ def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
 
 @triton.jit
 def _value_terms(v, old_v, ret, value_clip):
-    dv = v - old_v
-    v_clipped = old_v + tl.minimum(tl.maximum(dv, -value_clip), value_clip)
+    # clip(v, old_v -+ eps_v) is old_v + clip(v - old_v, -+eps_v) without its rounding:
+    # inside the range it is v itself, so the clipped branch can only win outside it.
+    low = old_v - value_clip
+    high = old_v + value_clip
+    v_clipped = tl.minimum(tl.maximum(v, low), high)
     vl_unclipped = (v - ret) * (v - ret)
     vl_clipped = (v_clipped - ret) * (v_clipped - ret)
     clipped = vl_clipped > vl_unclipped
     vl = 0.5 * tl.where(clipped, vl_clipped, vl_unclipped)
-    in_range = (dv >= -value_clip) & (dv <= value_clip)
-    d_vl = tl.where(clipped, tl.where(in_range, v_clipped - ret, 0.0), v - ret)
+    d_vl = tl.where(clipped, 0.0, v - ret)
     return vl, d_vl, clipped
 
 
@@ -197,7 +199,7 @@ def _ppo_reduce_kernel(
     if AGG == 0:
         denom = tl.maximum(tokens, 1.0)
     elif AGG == 3:
-        denom = tl.maximum(norm_denominator.to(acc_dtype), 1.0)
+        denom = tl.maximum(tl.zeros([], acc_dtype) + norm_denominator, 1.0)
     else:
         denom = tl.maximum(seqs, 1.0)
     policy = tl.sum(s_pg, axis=0) / denom
@@ -242,7 +244,7 @@ def _ppo_bwd_kernel(
     elif AGG == 2:
         weight = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)
     else:
-        weight = 1.0 / tl.maximum(norm_denominator.to(acc_dtype), 1.0)
+        weight = 1.0 / tl.maximum(tl.zeros([], acc_dtype) + norm_denominator, 1.0)
     # Gradients reaching each aggregated term: through `loss` and through its own output.
     g_loss = tl.load(grad_out_ptr + 0).to(acc_dtype)
     c_pg = weight * (g_loss + tl.load(grad_out_ptr + 1).to(acc_dtype))

@@ -190,7 +190,8 @@ def ppo_loss(
 
     vl, value_clipped = zero, torch.zeros_like(valid)
     if values is not None:
-        v_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+        # = old_values + clamp(values - old_values, -value_clip, value_clip), without rounding
+        v_clipped = torch.clamp(values, old_values - value_clip, old_values + value_clip)
         vl_unclipped, vl_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
         vl = 0.5 * torch.maximum(vl_unclipped, vl_clipped)
         value_clipped = vl_clipped > vl_unclipped
@@ -217,3 +218,118 @@ def ppo_loss(
         loss, policy_loss, value_loss, kl_term, entropy_term,
         clipfrac, approx_kl, ratio_mean, ratio_max, value_clipfrac,
     )
+
+
+# ----------------------------------------------------------------- GAE and advantages
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    last_value: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the valid positions of each row.
+
+    Args:
+        rewards, values: ``[B, T]`` float tensors.
+        mask: ``[B, T]``, nonzero = valid. Masked positions are skipped: each valid token
+            links to the next valid one of its row (left / right padding, holes).
+        gamma, lam: discount and GAE lambda.
+        last_value: ``[B]`` value after each row's last valid token (bootstrap for a
+            truncated sequence); None means 0.
+
+    Returns:
+        ``(advantages, returns)`` ``[B, T]`` in fp32 (fp64 if rewards or values are fp64):
+        delta_t = r_t + gamma * V_next - V_t, A_t = delta_t + gamma * lam * A_next,
+        returns = A + V; exactly 0 at masked positions.
+    """
+    dtype = _compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
+    r, v, valid = rewards.to(dtype), values.to(dtype), mask != 0
+    B, T = r.shape
+    next_value = torch.zeros(B, dtype=dtype, device=r.device)
+    if last_value is not None:
+        next_value = last_value.to(dtype).clone()
+    next_adv = torch.zeros(B, dtype=dtype, device=r.device)
+    advantages = torch.zeros(B, T, dtype=dtype, device=r.device)
+    for t in reversed(range(T)):
+        ok = valid[:, t]
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(ok, adv, torch.zeros_like(adv))
+        # A masked position leaves the "next valid" state untouched.
+        next_adv = torch.where(ok, adv, next_adv)
+        next_value = torch.where(ok, v[:, t], next_value)
+    returns = torch.where(valid, advantages + v, torch.zeros_like(advantages))
+    return advantages, returns
+
+
+def discounted_returns(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    last_value: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """R_t = r_t + gamma * R_next over the valid positions of each row (R after the last
+    valid one: `last_value` ``[B]``, or 0). ``[B, T]`` fp32 (fp64 for fp64 rewards), 0 where
+    masked."""
+    dtype = _compute_dtype(rewards.dtype)
+    r, valid = rewards.to(dtype), mask != 0
+    B, T = r.shape
+    running = torch.zeros(B, dtype=dtype, device=r.device)
+    if last_value is not None:
+        running = last_value.to(dtype).clone()
+    out = torch.zeros(B, T, dtype=dtype, device=r.device)
+    for t in reversed(range(T)):
+        running = torch.where(valid[:, t], r[:, t] + gamma * running, running)
+        out[:, t] = torch.where(valid[:, t], running, torch.zeros_like(running))
+    return out
+
+
+def group_advantages(
+    scores: torch.Tensor, group_size: int, *, scale: str | None = "std", eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO advantages: ``scores [B]`` in groups of `group_size` consecutive samples,
+    A_i = (s_i - mean_g) / (std_g + eps) (scale="std", unbiased std as torch.std; a group of
+    one has std 0, so A = 0), or s_i - mean_g (scale=None). ``[B]`` fp32 (fp64 for fp64)."""
+    s = scores.to(_compute_dtype(scores.dtype)).reshape(-1, group_size)
+    adv = s - s.mean(dim=1, keepdim=True)
+    if scale == "std":
+        std = s.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(s)
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of the entries of `x` where `mask` (same shape, nonzero = valid) is set, over
+    the whole tensor (dim=None) or along `dim`; NaN where there is no valid entry. fp32
+    (fp64 for fp64 x)."""
+    valid = mask != 0
+    xs = x.to(_compute_dtype(x.dtype))
+    # where(), not x * mask: a NaN under the mask must not leak (in value or gradient).
+    xs = torch.where(valid, xs, torch.zeros_like(xs))
+    if dim is None:
+        return xs.sum() / valid.sum()
+    return xs.sum(dim) / valid.sum(dim)
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the valid entries of the whole tensor, with the
+    unbiased (n - 1) variance, as TRL's masked_whiten; a single valid entry has variance 0.
+    shift_mean=False adds the mean back. fp32 (fp64 for fp64 x), 0 where masked."""
+    valid = mask != 0
+    xs = x.to(_compute_dtype(x.dtype))
+    xs = torch.where(valid, xs, torch.zeros_like(xs))
+    selected = xs[valid]
+    n = selected.numel()
+    mean = selected.sum() / n
+    var = ((selected - mean) ** 2).sum() / max(n - 1, 1)
+    out = (xs - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(valid, out, torch.zeros_like(out))

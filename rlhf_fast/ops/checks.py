@@ -40,3 +40,35 @@ def check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return value
+
+
+# ----------------------------------------------------------------- masks, shapes, ranges
+
+MASK_DTYPES = (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, *FLOAT_DTYPES
+)
+
+
+def check_unit_interval(name: str, value: object) -> float:
+    """A finite float (or int) in [0, 1], e.g. a discount factor."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be a float in [0, 1], got {value}")
+    return float(value)
+
+
+def check_same_shape(
+    name: str, value: torch.Tensor, other_name: str, other: torch.Tensor
+) -> None:
+    if tuple(value.shape) != tuple(other.shape):
+        raise ValueError(
+            f"{name} must have the shape of {other_name} {tuple(other.shape)}, "
+            f"got {tuple(value.shape)}"
+        )
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

@@ -52,7 +52,7 @@ def _check_coef(name: str, value: object, *, low: float, low_inclusive: bool = T
     value = float(value)
     above = value >= low if low_inclusive else value > low
     finite = math.isfinite(value) or (allow_inf and value == math.inf)
-    if not (finite and above and value < high):
+    if not (finite and above and (value < high or high == math.inf)):
         bound = f"{'>=' if low_inclusive else '>'} {low}"
         if high < math.inf:
             bound += f" and < {high}"

@@ -1,0 +1,324 @@
+"""rlhf_fast.ppo_loss: the fused kernels (through the interpreter) against the reference."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import rlhf_fast
+from helpers import rel_err
+from rlhf_fast import reference
+from rlhf_fast.reference import AGG_MODES
+
+DIFFERENTIABLE = ("logp", "entropy", "values")
+# Coefficients exactly representable in fp32: the kernels take scalars as fp32, so the
+# float64 comparisons below stay exact to rounding of the data, not of the settings.
+FULL = dict(clip_eps=0.25, clip_eps_high=0.375, kl_coef=0.125, entropy_coef=0.0625,
+            value_clip=0.25, vf_coef=0.5)
+
+
+def random_batch(B=6, T=37, dtype=torch.float64, spread=0.4):
+    """PPO inputs with varied masks: a full row, an empty row, one-token rows, left and
+    right padding and holes; masked entries hold NaN so that any leak shows."""
+    def noise():
+        return torch.randn(B, T, dtype=torch.float64)
+
+    logp = -noise().abs() - 0.5
+    batch = dict(
+        logp=logp, old_logp=logp + spread * noise(), advantages=2 * noise(),
+        ref_logp=logp + spread * noise(), entropy=noise().abs() + 0.5,
+        values=noise(), old_values=noise(), returns=noise(),
+    )
+    mask = torch.rand(B, T) < 0.7
+    rows = [torch.ones(T, dtype=torch.bool), torch.zeros(T, dtype=torch.bool)]
+    one = torch.zeros(T, dtype=torch.bool)
+    one[T // 2] = True
+    left = torch.arange(T) >= T // 3
+    right = torch.arange(T) < T - 5
+    rows += [one, left, right]
+    for i, row in enumerate(rows[:B]):
+        mask[i] = row
+    batch = {k: v.masked_fill(~mask, float("nan")).to(dtype) for k, v in batch.items()}
+    batch["mask"] = mask
+    return batch
+
+
+def run(fn, batch, grads=DIFFERENTIABLE, upstream=None, **options):
+    """Call `fn` on leaves built from `batch`; backprop an upstream mix of the outputs.
+    Returns (outputs, {name: grad})."""
+    leaves = {k: v.clone().requires_grad_(k in grads) for k, v in batch.items() if k != "mask"}
+    tensors = dict(leaves)
+    out = fn(
+        tensors.pop("logp"), tensors.pop("old_logp"), tensors.pop("advantages"),
+        batch["mask"], **tensors, **options,
+    )
+    if upstream is None:
+        upstream = torch.ones(5)
+    total = sum(w * term for w, term in zip(upstream.tolist(), out[:5]))
+    total.backward()
+    return out, {k: leaves[k].grad for k in grads}
+
+
+def compare(batch, options, tol, grads=DIFFERENTIABLE):
+    upstream = torch.randn(5, dtype=torch.float64)
+    out, g = run(rlhf_fast.ppo_loss, batch, grads, upstream, **options)
+    ref_batch = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
+    ref, g_ref = run(reference.ppo_loss, ref_batch, grads, upstream, **options)
+    for name, a, b in zip(ref._fields, out, ref):
+        assert math.isfinite(a.item()), name
+        assert abs(a.item() - b.item()) <= tol * max(1.0, abs(b.item())), (name, a, b)
+    for name in grads:
+        assert g[name].dtype == batch[name].dtype
+        assert torch.isfinite(g[name]).all(), name
+        assert rel_err(g[name], g_ref[name]) < tol, name
+
+
+def without(batch, *keys):
+    return {k: v for k, v in batch.items() if k not in keys}
+
+
+# ----------------------------------------------------------------- hand-computed cases
+
+
+def test_reference_hand_case_policy_clip_and_kl():
+    logp = torch.tensor([[math.log(0.5), math.log(0.2)]], dtype=torch.float64)
+    old = torch.tensor([[math.log(0.25), math.log(0.4)]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    ref = torch.tensor([[math.log(0.4), math.log(0.1)]], dtype=torch.float64)
+    mask = torch.tensor([[True, True]])
+    # ratios 2.0 and 0.5; with eps 0.2: token 0 clipped to 1.2 -> pg = -1.2;
+    # token 1: max(-(-2)*0.5, -(-2)*0.8) = 1.6, clipped.
+    for est, kls in {
+        "k1": [math.log(0.5 / 0.4), math.log(0.2 / 0.1)],
+        "k2": [0.5 * math.log(0.5 / 0.4) ** 2, 0.5 * math.log(2.0) ** 2],
+        "k3": [0.8 - math.log(0.8) - 1, 0.5 - math.log(0.5) - 1],
+    }.items():
+        out = reference.ppo_loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.1,
+                                 kl_estimator=est)
+        assert out.policy_loss.item() == pytest.approx((-1.2 + 1.6) / 2)
+        assert out.kl.item() == pytest.approx(sum(kls) / 2)
+        assert out.loss.item() == pytest.approx(0.2 + 0.1 * sum(kls) / 2)
+        assert out.clipfrac.item() == 1.0
+        assert out.ratio_mean.item() == pytest.approx(1.25)
+        assert out.ratio_max.item() == pytest.approx(2.0)
+        assert out.approx_kl.item() == pytest.approx(0.5 * math.log(2) ** 2)
+
+
+def test_reference_hand_case_dual_clip_and_value_loss():
+    logp = torch.tensor([[math.log(4.0)]], dtype=torch.float64)
+    old = torch.zeros(1, 1, dtype=torch.float64)
+    adv = torch.tensor([[-1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    # ratio 4: pg = max(4, 1.2) = 4, dual clip 3 bounds it at 3
+    out = reference.ppo_loss(logp, old, adv, mask, dual_clip=3.0)
+    assert out.policy_loss.item() == pytest.approx(3.0)
+    v, old_v, ret = (torch.tensor([[x]], dtype=torch.float64) for x in (1.0, 0.0, 0.5))
+    # unclipped (1 - 0.5)^2 = 0.25; clipped v = 0.2 -> (0.2 - 0.5)^2 = 0.09; max 0.25 / 2
+    out = reference.ppo_loss(logp, old, adv, mask, values=v, old_values=old_v, returns=ret)
+    assert out.value_loss.item() == pytest.approx(0.125)
+    assert out.value_clipfrac.item() == 0.0
+    ret = torch.tensor([[2.0]], dtype=torch.float64)  # now the clipped error is larger
+    out = reference.ppo_loss(logp, old, adv, mask, values=v, old_values=old_v, returns=ret)
+    assert out.value_loss.item() == pytest.approx(0.5 * 1.8**2)
+    assert out.value_clipfrac.item() == 1.0
+
+
+def test_reference_hand_case_aggregation_modes():
+    # token losses: row 0 = [1, 3] (both valid), row 1 = [5, x] (one valid), row 2 empty
+    adv = torch.tensor([[-1.0, -3.0], [-5.0, 7.0], [2.0, 2.0]], dtype=torch.float64)
+    logp = torch.zeros(3, 2, dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0]])
+    expected = {
+        "token-mean": (1 + 3 + 5) / 3,
+        "seq-mean-token-mean": (2 + 5) / 2,
+        "seq-mean-token-sum": (4 + 5) / 2,
+        "seq-mean-token-sum-norm": 9 / (3 * 4),
+    }
+    for agg, value in expected.items():
+        out = reference.ppo_loss(logp, logp, adv, mask, agg=agg, max_len=4)
+        assert out.policy_loss.item() == pytest.approx(value), agg
+
+
+# ----------------------------------------------------------------- kernel vs reference
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dual_clip", [None, 2.5])
+def test_matches_reference_all_options(agg, kl_estimator, dual_clip):
+    batch = random_batch()
+    options = dict(FULL, agg=agg, kl_estimator=kl_estimator, dual_clip=dual_clip)
+    compare(batch, options, tol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype):
+    batch = random_batch(B=5, T=300, dtype=dtype)
+    compare(batch, dict(FULL, dual_clip=3.0), tol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("present", [(), ("ref_logp",), ("entropy",), ("values",)])
+def test_optional_terms(present):
+    batch = random_batch()
+    keys = {"ref_logp": ("ref_logp",), "entropy": ("entropy",),
+            "values": ("values", "old_values", "returns")}
+    dropped = [k for name, ks in keys.items() if name not in present for k in ks]
+    options = dict(FULL)
+    if "ref_logp" not in present:
+        options["kl_coef"] = 0.0
+    if "entropy" not in present:
+        options["entropy_coef"] = 0.0
+    grads = [g for g in DIFFERENTIABLE if g not in dropped]
+    compare(without(batch, *dropped), options, tol=1e-10, grads=grads)
+
+
+def test_long_rows_cross_blocks():
+    batch = random_batch(B=3, T=2500, dtype=torch.float32)
+    compare(batch, dict(FULL, agg="seq-mean-token-mean"), tol=1e-5)
+
+
+def test_gradcheck_float64():
+    batch = random_batch(B=3, T=5)
+    mask = batch.pop("mask")
+    # keep ratios away from the clip boundaries, where the loss has kinks
+    leaves = {k: v.nan_to_num().clone().requires_grad_(k in DIFFERENTIABLE)
+              for k, v in batch.items()}
+    leaves["old_logp"] = leaves["logp"].detach() + 0.01
+
+    def loss(logp, entropy, values):
+        out = rlhf_fast.ppo_loss(
+            logp, leaves["old_logp"], leaves["advantages"], mask, ref_logp=leaves["ref_logp"],
+            entropy=entropy, values=values, old_values=values.detach() + 0.01,
+            returns=leaves["returns"], agg="seq-mean-token-mean", **FULL,
+        )
+        return out.loss, out.policy_loss, out.value_loss, out.kl, out.entropy
+
+    args = (leaves["logp"], leaves["entropy"], leaves["values"])
+    assert torch.autograd.gradcheck(loss, args, eps=1e-6, atol=1e-7)
+
+
+def test_loss_is_the_weighted_sum_of_its_terms():
+    batch = random_batch(dtype=torch.float32)
+    out, _ = run(rlhf_fast.ppo_loss, batch, **FULL, agg="seq-mean-token-sum")
+    combined = (out.policy_loss + FULL["kl_coef"] * out.kl - FULL["entropy_coef"] * out.entropy
+                + FULL["vf_coef"] * out.value_loss)
+    assert out.loss.item() == pytest.approx(combined.item(), rel=1e-6)
+
+
+def test_statistics_are_detached_and_losses_are_not():
+    batch = random_batch(dtype=torch.float32)
+    out, _ = run(rlhf_fast.ppo_loss, batch, **FULL)
+    assert all(t.requires_grad for t in out[:5])
+    assert not any(t.requires_grad for t in out[5:])
+
+
+# ----------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (4, 0), (3, 1)])
+def test_empty_and_single_token(shape):
+    batch = random_batch(*shape) if shape[1] else None
+    if batch is None:
+        batch = {k: torch.zeros(shape, dtype=torch.float64)
+                 for k in ("logp", "old_logp", "advantages", "ref_logp", "entropy", "values",
+                           "old_values", "returns")}
+        batch["mask"] = torch.zeros(shape, dtype=torch.bool)
+    compare(batch, FULL, tol=1e-10)
+
+
+def test_all_masked_batch_gives_zeros_and_zero_gradients():
+    batch = random_batch()
+    batch["mask"] = torch.zeros_like(batch["mask"])
+    out, grads = run(rlhf_fast.ppo_loss, batch, **FULL)
+    assert all(t.item() == 0 for t in out)
+    assert all((g == 0).all() for g in grads.values())
+
+
+def test_masked_nan_never_leaks():
+    batch = random_batch(dtype=torch.float32)  # masked entries are NaN
+    out, grads = run(rlhf_fast.ppo_loss, batch, **FULL, dual_clip=3.0)
+    assert all(math.isfinite(t.item()) for t in out)
+    for g in grads.values():
+        assert torch.isfinite(g).all() and (g[~batch["mask"]] == 0).all()
+
+
+def test_mask_dtypes_agree():
+    batch = random_batch(dtype=torch.float32)
+    base, _ = run(rlhf_fast.ppo_loss, batch, **FULL)
+    for dtype in (torch.float32, torch.int64, torch.uint8):
+        out, _ = run(rlhf_fast.ppo_loss, dict(batch, mask=batch["mask"].to(dtype)), **FULL)
+        assert all(torch.equal(a, b) for a, b in zip(out, base))
+
+
+def test_batch_invariance_of_gradients():
+    batch = random_batch(B=9, T=50, dtype=torch.float32)
+    batch = {k: v[[0, 2, 3, 4, 5, 6, 7, 8]] for k, v in batch.items()}  # drop the empty row
+    _, full = run(rlhf_fast.ppo_loss, batch, **FULL, agg="seq-mean-token-sum-norm", max_len=64)
+    half = {k: v[:4] for k, v in batch.items()}
+    _, part = run(rlhf_fast.ppo_loss, half, **FULL, agg="seq-mean-token-sum-norm", max_len=64)
+    for name in DIFFERENTIABLE:  # weights differ by B: 1 / (8 * 64) vs 1 / (4 * 64)
+        assert torch.equal(part[name] / 2, full[name][:4])
+
+
+def test_ppo_loss_module_matches_function():
+    batch = random_batch(dtype=torch.float32)
+    module = rlhf_fast.PPOLoss(**FULL, dual_clip=2.0)
+    assert "dual_clip=2.0" in repr(module)
+    a, _ = run(module, batch)
+    b, _ = run(rlhf_fast.ppo_loss, batch, **FULL, dual_clip=2.0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------- errors
+
+
+def _call(**overrides):
+    batch = random_batch(B=2, T=3, dtype=torch.float32)
+    args = dict(batch, **FULL)
+    args.update(overrides)
+    return rlhf_fast.ppo_loss(args.pop("logp"), args.pop("old_logp"), args.pop("advantages"),
+                              args.pop("mask"), **args)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        ({"logp": torch.zeros(2, 3, dtype=torch.long)}, TypeError, "logp must have dtype"),
+        ({"logp": torch.zeros(2, 3, 1)}, ValueError, r"logp must have shape \[B, T\]"),
+        ({"old_logp": torch.zeros(2, 4)}, ValueError, "old_logp must have logp's shape"),
+        ({"advantages": [[0.0] * 3] * 2}, TypeError, "advantages must be a torch.Tensor"),
+        ({"mask": torch.ones(3, 2, dtype=torch.bool)}, ValueError, "mask must have"),
+        ({"clip_eps": -0.1}, ValueError, "clip_eps must be >= 0.0 and < 1.0, got -0.1"),
+        ({"clip_eps": 1.0}, ValueError, "clip_eps"),
+        ({"clip_eps_high": -0.2}, ValueError, "clip_eps_high must be >= 0.0"),
+        ({"dual_clip": 1.0}, ValueError, "dual_clip must be > 1.0"),
+        ({"value_clip": -1.0}, ValueError, "value_clip"),
+        ({"kl_coef": -0.1}, ValueError, "kl_coef"),
+        ({"vf_coef": float("nan")}, ValueError, "vf_coef"),
+        ({"kl_estimator": "k4"}, ValueError, "kl_estimator must be one of"),
+        ({"agg": "mean"}, ValueError, "agg must be one of"),
+        ({"max_len": 0}, ValueError, "max_len must be a positive int"),
+        ({"ref_logp": None}, ValueError, "ref_logp is required when kl_coef > 0"),
+        ({"entropy": None}, ValueError, "entropy is required"),
+        ({"returns": None}, ValueError, r"missing \['returns'\]"),
+        ({"clip_eps": "0.2"}, TypeError, "clip_eps must be a float"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+def test_value_clip_inf_disables_value_clipping():
+    batch = random_batch()
+    compare(batch, dict(FULL, value_clip=float("inf")), tol=1e-10)
+
+
+def test_backend_switch_gives_same_result(monkeypatch):
+    batch = random_batch(dtype=torch.float32)
+    a, _ = run(rlhf_fast.ppo_loss, batch, **FULL)
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
+    b, _ = run(rlhf_fast.ppo_loss, batch, **FULL)
+    for x, y in itertools.zip_longest(a, b):
+        assert x.item() == pytest.approx(y.item(), rel=1e-5, abs=1e-7)
