@@ -1,0 +1,405 @@
+"""Benchmark of `rlhf_fast.logprobs` against what a user would write instead.
+
+Providers (same inputs, same process):
+
+* ``rlhf_fast``: ``rlhf_fast.logprobs``.
+* ``rlhf_fast-inplace``: the same with ``inplace_backward=True`` (backward modes only;
+  the forward is identical). Its logits are overwritten by the gradient, so every timed
+  call gets a fresh copy of them, made untimed before the call.
+* ``eager``: as TRL writes it: an fp32 copy of the logits, ``log_softmax``, ``gather``;
+  entropy ``-(softmax * log_softmax).sum(-1)``.
+* ``eager-chunked``: TRL's memory-saving variant: ``log_softmax`` + ``gather`` per chunk
+  of rows (one sequence's worth) in the input dtype, entropy per chunk of 128 rows.
+* ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
+
+The eager providers zero the log-prob and entropy of ignored rows (label -100), as
+`rlhf_fast.logprobs` does; trainers mask them in the loss instead, which costs the same.
+
+Modes: ``fwd`` (logits not requiring grad, as for the old-policy / reference
+log-probs), ``bwd`` (backward alone; the forward building its graph runs untimed before
+each call) and ``fwd+bwd`` (``torch.autograd.grad`` with random upstream gradients for
+log-prob and entropy). Every provider is first checked against ``rlhf_fast.reference``
+in float64 on the same inputs (on a subset of rows at the GPU shapes); one that does not
+match is reported "wrong" and not timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import rlhf_fast
+from rlhf_fast import reference
+from rlhf_fast.benchmarks import harness
+
+OP = "logprobs"
+IGNORE_INDEX = -100
+#: Headline shapes (DESIGN.md): 8 sequences of 1024 tokens (Qwen vocab) and of 2048 (Llama 3).
+GPU_SHAPES = [((8 * 1024, 151936), torch.bfloat16), ((8 * 2048, 128256), torch.bfloat16)]
+QUICK_SHAPES = [
+    ((64, 1000), torch.bfloat16),
+    ((128, 4099), torch.bfloat16),
+    ((128, 4099), torch.float32),
+]
+PROVIDERS = ("rlhf_fast", "rlhf_fast-inplace", "eager", "eager-chunked", "compile")
+MODES = ("fwd", "bwd", "fwd+bwd")
+#: Relative-error tolerance of the correctness gate, per input dtype.
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
+#: Rows compared against the float64 reference when there are more than GATE_ALL_ROWS.
+GATE_ROWS = 64
+GATE_ALL_ROWS = 256
+#: Sequences the eager-chunked provider splits the rows into (TRL loops per sequence).
+N_SEQUENCES = 8
+ENTROPY_CHUNK_ROWS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark case: inputs, outputs asked for, mode and provider."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    entropy: bool
+    mode: str
+    provider: str
+
+    @property
+    def variant(self) -> str:
+        return "logp+entropy" if self.entropy else "logp"
+
+    @property
+    def id(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.shape[0]}x{self.shape[1]}-{dtype}-{self.variant}-{self.mode}-{self.provider}"
+
+
+def cases(quick: bool) -> list[Case]:
+    """All cases, in table order: shape, outputs, mode, provider."""
+    out = []
+    for shape, dtype in QUICK_SHAPES if quick else GPU_SHAPES:
+        for entropy in (False, True):
+            for mode in MODES:
+                for provider in PROVIDERS:
+                    if provider == "rlhf_fast-inplace" and mode == "fwd":
+                        continue  # in-place only changes the backward
+                    out.append(Case(shape, dtype, entropy, mode, provider))
+    return out
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" in metafunc.fixturenames:
+        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
+        all_cases = cases(quick)
+        metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
+
+
+# --------------------------------------------------------------------------- providers
+
+Outputs = tuple[torch.Tensor, ...]
+
+
+def eager_logprobs(logits: torch.Tensor, labels: torch.Tensor, return_entropy: bool) -> Outputs:
+    """Log-probs (and entropy) as TRL writes them: fp32 log_softmax of the whole tensor."""
+    z = logits.float()
+    log_p = z.log_softmax(-1)
+    logp = log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ignored = labels == IGNORE_INDEX
+    logp = logp.masked_fill(ignored, 0.0)
+    if not return_entropy:
+        return (logp,)
+    entropy = -(z.softmax(-1) * log_p).sum(-1)
+    return logp, entropy.masked_fill(ignored, 0.0)
+
+
+def chunked_logprobs(logits: torch.Tensor, labels: torch.Tensor, return_entropy: bool) -> Outputs:
+    """TRL-style selective log-softmax: log_softmax + gather per sequence, input dtype."""
+    chunk = max(1, -(-logits.shape[0] // N_SEQUENCES))
+    pieces = []
+    for rows, row_labels in zip(logits.split(chunk), labels.split(chunk)):
+        log_p = rows.log_softmax(-1)
+        pieces.append(log_p.gather(-1, row_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1))
+    ignored = labels == IGNORE_INDEX
+    logp = torch.cat(pieces).float().masked_fill(ignored, 0.0)
+    if not return_entropy:
+        return (logp,)
+    entropies = []
+    for rows in logits.split(ENTROPY_CHUNK_ROWS):
+        log_p = rows.log_softmax(-1)
+        entropies.append(-(log_p.exp() * log_p).sum(-1))
+    entropy = torch.cat(entropies).float().masked_fill(ignored, 0.0)
+    return logp, entropy
+
+
+def _rlhf_fast(inplace: bool) -> Callable[[torch.Tensor, torch.Tensor, bool], Outputs]:
+    def run(logits: torch.Tensor, labels: torch.Tensor, return_entropy: bool) -> Outputs:
+        out = rlhf_fast.logprobs(
+            logits,
+            labels,
+            ignore_index=IGNORE_INDEX,
+            return_entropy=return_entropy,
+            inplace_backward=inplace,
+        )
+        return out if isinstance(out, tuple) else (out,)
+
+    return run
+
+
+def _eager_logp(logits: torch.Tensor, labels: torch.Tensor) -> Outputs:
+    return eager_logprobs(logits, labels, False)
+
+
+def _eager_logp_entropy(logits: torch.Tensor, labels: torch.Tensor) -> Outputs:
+    return eager_logprobs(logits, labels, True)
+
+
+# One compiled function per output set: dynamo caches graphs per code object and falls
+# back to eager past its recompile limit (8), so each code object here sees at most
+# (shapes x dtypes x grad / no grad) = 6 variants. Compiled lazily, on the GPU only.
+_compiled: dict[bool, Callable[[torch.Tensor, torch.Tensor], Outputs]] = {}
+
+
+def _compiled_eager(logits: torch.Tensor, labels: torch.Tensor, return_entropy: bool) -> Outputs:
+    if return_entropy not in _compiled:
+        target = _eager_logp_entropy if return_entropy else _eager_logp
+        _compiled[return_entropy] = torch.compile(target, dynamic=False)
+    return _compiled[return_entropy](logits, labels)
+
+
+PROVIDER_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor, bool], Outputs]] = {
+    "rlhf_fast": _rlhf_fast(inplace=False),
+    "rlhf_fast-inplace": _rlhf_fast(inplace=True),
+    "eager": eager_logprobs,
+    "eager-chunked": chunked_logprobs,
+    "compile": _compiled_eager,
+}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass
+class Inputs:
+    """One case's tensors. ``logits`` is never written: in-place providers get copies."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    g_logp: torch.Tensor
+    g_entropy: torch.Tensor
+
+
+def make_inputs(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Inputs:
+    """Random logits (std 2), random labels with ~3% ignored rows, random upstream grads."""
+    n, v = shape
+    gen = torch.Generator(device=device).manual_seed(1234)
+    logits = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    logits = logits.mul_(2.0).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=gen, device=device)
+    ignored = torch.rand(n, generator=gen, device=device) < 0.03
+    ignored[n // 2] = True
+    labels = labels.masked_fill(ignored, IGNORE_INDEX)
+    g_logp = torch.randn(n, generator=gen, device=device)
+    g_entropy = torch.randn(n, generator=gen, device=device)
+    return Inputs(logits, labels, g_logp, g_entropy)
+
+
+def bytes_moved(shape: tuple[int, int], dtype: torch.dtype, mode: str) -> int:
+    """The floor of logits-sized traffic: fwd 1 read, bwd 1 read + 1 write, fwd+bwd 3."""
+    passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+    return passes * shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def _gate_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Rows compared against the float64 reference: all, or GATE_ROWS spread + ignored."""
+    n = labels.shape[0]
+    if n <= GATE_ALL_ROWS:
+        return torch.arange(n, device=labels.device)
+    spread = torch.linspace(0, n - 1, GATE_ROWS, device=labels.device).long()
+    ignored = (labels == IGNORE_INDEX).nonzero().flatten()[:4]
+    return torch.unique(torch.cat([spread, ignored]))
+
+
+def _gate(case: Case, inp: Inputs, fn: Callable[..., Outputs]) -> tuple[bool, dict[str, float]]:
+    """Run the provider once and compare logp, entropy and grad with the float64 reference."""
+    rows = _gate_rows(inp.labels)
+    backward = case.mode != "fwd"
+    ref_logits = inp.logits[rows].detach().to(torch.float64).requires_grad_(backward)
+    ref = reference.logprobs(
+        ref_logits, inp.labels[rows], ignore_index=IGNORE_INDEX, return_entropy=case.entropy
+    )
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    grads = (inp.g_logp, inp.g_entropy)[: len(ref)]
+
+    if case.provider == "rlhf_fast-inplace":
+        x = inp.logits.detach().clone()
+    else:
+        x = inp.logits.detach()
+    x.requires_grad_(backward)
+    outs = fn(x, inp.labels, case.entropy)
+    names = ("logp", "entropy")
+    errors: dict[str, float] = {}
+    ok = len(outs) == len(ref)
+    for name, out, r in zip(names, outs, ref):
+        good, errors[name] = harness.check_close(out[rows], r, TOLERANCE[case.dtype])
+        ok &= good
+    if backward:
+        (grad,) = torch.autograd.grad(outs, x, grads)
+        (ref_grad,) = torch.autograd.grad(ref, ref_logits, tuple(g[rows].double() for g in grads))
+        good, errors["grad"] = harness.check_close(grad[rows], ref_grad, TOLERANCE[case.dtype])
+        ok &= good
+    return ok, errors
+
+
+def _timed(
+    case: Case, inp: Inputs, fn: Callable[..., Outputs]
+) -> tuple[Callable[..., Any], Callable[[], Any] | None]:
+    """The timed call and its untimed per-call setup (or None) for the case's mode."""
+    labels, entropy = inp.labels, case.entropy
+    grads = (inp.g_logp, inp.g_entropy)[: 2 if entropy else 1]
+
+    if case.mode == "fwd":
+        logits = inp.logits.detach()
+        return (lambda: fn(logits, labels, entropy)), None
+
+    fresh = case.provider == "rlhf_fast-inplace"
+    leaf = None if fresh else inp.logits.detach().requires_grad_(True)
+
+    def new_leaf() -> torch.Tensor:
+        return inp.logits.detach().clone().requires_grad_(True) if fresh else leaf
+
+    if case.mode == "fwd+bwd":
+
+        def fwd_bwd(x: torch.Tensor) -> Any:
+            return torch.autograd.grad(fn(x, labels, entropy), x, grads)
+
+        if fresh:
+            return fwd_bwd, new_leaf
+        return (lambda: fwd_bwd(leaf)), None
+
+    def build_graph() -> tuple[torch.Tensor, Outputs]:
+        x = new_leaf()
+        return x, fn(x, labels, entropy)
+
+    def bwd(state: tuple[torch.Tensor, Outputs]) -> Any:
+        x, outs = state
+        return torch.autograd.grad(outs, x, grads)
+
+    return bwd, build_graph
+
+
+def _synced(fn: Callable[..., Any], device: torch.device) -> Callable[..., None]:
+    def run(*args: Any) -> None:
+        fn(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
+
+
+def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], str | None]:
+    """Gate and time one case. Returns its row and the pytest outcome to raise (or None).
+
+    All tensors live in this frame, so they are freed before the caller raises a
+    skip / xfail / fail (whose traceback would otherwise keep gigabytes alive).
+    """
+    device = session.device
+    row_args = dict(
+        op=OP,
+        shape=case.shape,
+        dtype=case.dtype,
+        provider=case.provider,
+        mode=case.mode,
+        variant=case.variant,
+    )
+    if case.provider == "compile" and device.type != "cuda":
+        reason = "torch.compile skipped in CPU quick mode"
+        return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
+
+    fn = PROVIDER_FNS[case.provider]
+    inp = make_inputs(case.shape, case.dtype, device)
+    try:
+        ok, errors = _gate(case, inp, fn)
+    except torch.cuda.OutOfMemoryError:
+        status = harness.status_skipped("out of GPU memory")
+        return harness.make_row(status=status, **row_args), "skip"
+    except Exception as exc:  # a peer that cannot run here (e.g. compile failing)
+        if case.provider.startswith("rlhf_fast"):
+            raise
+        status = harness.status_skipped(f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
+        return harness.make_row(status=status, **row_args), "skip"
+    if not ok:
+        worst = max(errors.values())
+        row = harness.make_row(status=harness.status_wrong(worst), rel_err=errors, **row_args)
+        return row, "fail" if case.provider.startswith("rlhf_fast") else "xfail"
+
+    timed, setup = _timed(case, inp, fn)
+    on_cpu = device.type != "cuda"
+    try:
+        timing = harness.time_fn(timed, device=device, setup=setup)
+        peak = harness.peak_memory_above(timed, device, setup=setup)
+        synced = _synced(timed, device)
+        pedantic_setup = None
+        if setup is not None:
+
+            def pedantic_setup() -> tuple[tuple[Any], dict[str, Any]]:
+                state = setup()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                return (state,), {}
+
+        benchmark.group = f"{OP} {case.id.removesuffix('-' + case.provider)}"
+        benchmark.pedantic(
+            synced,
+            setup=pedantic_setup,
+            rounds=3 if on_cpu else 10,
+            iterations=1,
+            warmup_rounds=1 if on_cpu else 2,
+        )
+    except torch.cuda.OutOfMemoryError:
+        status = harness.status_skipped("out of GPU memory")
+        return harness.make_row(status=status, rel_err=errors, **row_args), "skip"
+
+    moved = bytes_moved(case.shape, case.dtype, case.mode)
+    row = harness.make_row(
+        timing=timing,
+        peak_bytes=peak,
+        bytes_moved=moved,
+        copy_bandwidth=session.copy_bandwidth,
+        rel_err=errors,
+        **row_args,
+    )
+    benchmark.extra_info.update(
+        {
+            k: row[k]
+            for k in (
+                "variant",
+                "median_ms",
+                "p25_ms",
+                "p75_ms",
+                "peak_bytes",
+                "bytes_moved",
+                "gbps",
+                "frac_copy_bw",
+                "status",
+            )
+        }
+    )
+    benchmark.extra_info["rel_err"] = errors
+    return row, None
+
+
+def test_logprobs(case: Case, bench_session: Any, benchmark: Any) -> None:
+    row, outcome = run_case(case, bench_session, benchmark)
+    bench_session.add(row)
+    if outcome == "skip":
+        pytest.skip(row["status"])
+    if outcome == "xfail":
+        pytest.xfail(f"{case.provider} {row['status']}")
+    if outcome == "fail":
+        pytest.fail(f"{case.provider} {row['status']}: {row.get('rel_err')}")

@@ -1,0 +1,400 @@
+"""Shared benchmark harness: timing, peak memory, correctness gate, result writer.
+
+Every ``bench_<op>.py`` suite uses these helpers so that all ops are measured the same way:
+
+* time: on CUDA, ``triton.testing.do_bench`` (median and quartiles over calls, L2 flushed
+  before each call, CUDA events around each call). When a call needs fresh state that must
+  not be timed (a new graph for a backward-only timing, a fresh copy of inputs that an
+  in-place op overwrites) the same method runs with an untimed ``setup`` before each call.
+  On the CPU, ``time.perf_counter`` over a few calls: such numbers only prove the harness.
+* memory: peak allocated bytes above what was allocated just before the call (the
+  inputs, and whatever ``setup`` built), from ``torch.cuda.max_memory_allocated``.
+* roofline: bytes that must move over the measured device-to-device copy bandwidth.
+* correctness: a provider is timed only after its outputs match the float64 reference.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MIB = 1024**2
+GIB = 1024**3
+
+#: Column headers of the markdown table, in order.
+TABLE_COLUMNS = (
+    "op",
+    "shape",
+    "dtype",
+    "provider",
+    "mode",
+    "median ms",
+    "IQR ms",
+    "peak MiB above inputs",
+    "GB/s",
+    "fraction of copy BW",
+    "status",
+)
+
+
+def _nvidia_smi_driver() -> str | None:
+    """Driver version from ``nvidia-smi``, or None where it is not available."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if lines else None
+
+
+def device_info() -> dict[str, Any]:
+    """What the numbers were measured on: GPU (or "cpu"), driver, versions and date."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # the harness itself does not need triton on the CPU
+        triton_version = "not installed"
+    gpu = torch.cuda.is_available()
+    info: dict[str, Any] = {
+        "gpu": gpu,
+        "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "driver": (_nvidia_smi_driver() or "unknown") if gpu else "cpu",
+        "cuda": torch.version.cuda if gpu else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return info
+
+
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_copy_bandwidth(device: torch.device | str) -> float:
+    """Achieved device memory bandwidth of a plain copy, in bytes/s (read + write counted).
+
+    On CUDA: ``dst.copy_(src)`` of a 1 GiB buffer timed with ``triton.testing.do_bench``
+    (median); this is the practical roofline the memory-bound ops are compared against.
+    On the CPU: a 16 MiB copy timed with ``time.perf_counter``; meaningless as a roofline
+    and reported as such.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        src = torch.empty(GIB, dtype=torch.uint8, device=device).fill_(1)
+        dst = torch.empty_like(src)
+        ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+        del src, dst
+        torch.cuda.empty_cache()
+        return 2 * GIB / (ms * 1e-3)
+    size = 16 * MIB
+    src = torch.ones(size, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * size / sorted(times)[len(times) // 2]
+
+
+def _quantiles_ms(times_ms: Sequence[float]) -> dict[str, float]:
+    q = torch.tensor(list(times_ms), dtype=torch.float64).quantile(
+        torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64)
+    )
+    return {"median_ms": float(q[0]), "p25_ms": float(q[1]), "p75_ms": float(q[2])}
+
+
+def _cuda_time_with_setup(
+    fn: Callable[[Any], Any],
+    setup: Callable[[], Any],
+    warmup_ms: float,
+    rep_ms: float,
+) -> list[float]:
+    """``do_bench``'s method with an untimed ``setup()`` before each call of ``fn(state)``.
+
+    As in ``do_bench``: the L2 cache is flushed before each call, each call sits between
+    two CUDA events, the number of calls follows from a 5-call estimate. ``setup`` and
+    the flush are enqueued before the start event, so their GPU work is not timed.
+    """
+    flush = torch.empty(64 * MIB, dtype=torch.int32, device="cuda")  # 256 MiB > any L2
+
+    def one_call(timed: bool) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
+        state = setup()
+        flush.zero_()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(state)
+        end.record()
+        del state
+        return (start, end) if timed else None
+
+    one_call(timed=False)
+    torch.cuda.synchronize()
+    estimate = [one_call(timed=True) for _ in range(5)]
+    torch.cuda.synchronize()
+    estimate_ms = sum(s.elapsed_time(e) for s, e in estimate) / 5  # type: ignore[union-attr]
+    estimate_ms = max(estimate_ms, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        one_call(timed=False)
+    events = [one_call(timed=True) for _ in range(max(1, int(rep_ms / estimate_ms)))]
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]  # type: ignore[union-attr]
+
+
+def time_fn(
+    fn: Callable[..., Any],
+    *,
+    device: torch.device | str,
+    setup: Callable[[], Any] | None = None,
+    warmup_ms: float = 25,
+    rep_ms: float = 200,
+    cpu_repeats: int = 5,
+) -> dict[str, float]:
+    """Median and quartiles of the run time of ``fn``, in milliseconds.
+
+    Args:
+        fn: the timed call. Without ``setup`` it is called as ``fn()``; with it, as
+            ``fn(setup())``, the ``setup()`` call not being timed.
+        device: where ``fn`` runs. CUDA uses ``triton.testing.do_bench`` (``setup=None``)
+            or the same method with the untimed setup; CPU uses ``time.perf_counter``.
+        setup: builds per-call state, e.g. the forward graph for a backward-only timing
+            (so ``bwd`` is measured directly, not as ``fwd+bwd - fwd``), or a fresh copy
+            of inputs that ``fn`` overwrites.
+        warmup_ms, rep_ms: ``do_bench``'s warmup and repetition budgets (CUDA).
+        cpu_repeats: timed calls on the CPU, after one warmup call.
+
+    Returns:
+        ``{"median_ms", "p25_ms", "p75_ms"}``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if setup is None:
+            from triton.testing import do_bench
+
+            med, p25, p75 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.25, 0.75])
+            return {"median_ms": float(med), "p25_ms": float(p25), "p75_ms": float(p75)}
+        return _quantiles_ms(_cuda_time_with_setup(fn, setup, warmup_ms, rep_ms))
+
+    def call() -> float:
+        if setup is None:
+            start = time.perf_counter()
+            fn()
+        else:
+            state = setup()
+            start = time.perf_counter()
+            fn(state)
+        return (time.perf_counter() - start) * 1e3
+
+    call()
+    return _quantiles_ms([call() for _ in range(max(1, cpu_repeats))])
+
+
+def peak_memory_above(
+    fn: Callable[..., Any],
+    device: torch.device | str,
+    setup: Callable[[], Any] | None = None,
+) -> int | None:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated just before it.
+
+    What is allocated before the call (the inputs, and the state ``setup()`` returns,
+    passed as ``fn(state)``) is the baseline; outputs and temporaries of ``fn`` count.
+    Returns None on the CPU (reported as "n/a").
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    state = setup() if setup is not None else None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn(state) if setup is not None else fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out, state
+    return int(peak)
+
+
+def check_close(
+    out: torch.Tensor | None, ref: torch.Tensor | None, tol: float
+) -> tuple[bool, float]:
+    """Relative error ``||out - ref|| / ||ref||`` (2-norms, float64) and whether <= tol.
+
+    Where ``||ref|| == 0`` the absolute error ``||out||`` is used. A shape mismatch, a
+    missing output or a NaN gives ``(False, inf or nan)``.
+    """
+    if out is None or ref is None:
+        return False, math.inf
+    if tuple(out.shape) != tuple(ref.shape):
+        return False, math.inf
+    o = out.detach().to(device="cpu", dtype=torch.float64)
+    r = ref.detach().to(device="cpu", dtype=torch.float64)
+    diff = float(torch.linalg.vector_norm(o - r))
+    scale = float(torch.linalg.vector_norm(r))
+    err = diff / scale if scale > 0 else diff
+    return bool(err <= tol), err
+
+
+def status_wrong(rel_err: float) -> str:
+    """The status text of a provider that failed the correctness gate."""
+    return f"wrong (rel err {rel_err:.2e})"
+
+
+def status_skipped(reason: str) -> str:
+    """The status text of a case that was not run, with its reason."""
+    return f"skipped: {reason}"
+
+
+def make_row(
+    *,
+    op: str,
+    shape: Sequence[int],
+    dtype: torch.dtype | str,
+    provider: str,
+    mode: str,
+    status: str = "ok",
+    timing: dict[str, float] | None = None,
+    peak_bytes: int | None = None,
+    bytes_moved: int | None = None,
+    copy_bandwidth: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One result row, with achieved GB/s and the fraction of copy bandwidth derived.
+
+    ``bytes_moved`` is the floor of bytes an ideal implementation must read and write;
+    GB/s = bytes_moved / median time (1 GB = 1e9 bytes).
+    """
+    row: dict[str, Any] = {
+        "op": op,
+        "shape": list(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "provider": provider,
+        "mode": mode,
+        "status": status,
+        "median_ms": None,
+        "p25_ms": None,
+        "p75_ms": None,
+        "iqr_ms": None,
+        "peak_bytes": peak_bytes,
+        "bytes_moved": bytes_moved,
+        "gbps": None,
+        "frac_copy_bw": None,
+    }
+    if timing is not None:
+        row.update(timing)
+        row["iqr_ms"] = timing["p75_ms"] - timing["p25_ms"]
+        if bytes_moved is not None and timing["median_ms"] > 0:
+            bytes_per_s = bytes_moved / (timing["median_ms"] * 1e-3)
+            row["gbps"] = bytes_per_s / 1e9
+            if copy_bandwidth:
+                row["frac_copy_bw"] = bytes_per_s / copy_bandwidth
+    row.update(extra)
+    return row
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "n/a"
+    return format(value, spec)
+
+
+def _table_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of result rows (columns: ``TABLE_COLUMNS``)."""
+    lines = [_table_line(TABLE_COLUMNS), _table_line(["---"] * len(TABLE_COLUMNS))]
+    for row in rows:
+        op = row["op"] + (f" ({row['variant']})" if row.get("variant") else "")
+        peak = row.get("peak_bytes")
+        lines.append(
+            _table_line(
+                [
+                    op,
+                    "x".join(str(d) for d in row["shape"]),
+                    row["dtype"],
+                    row["provider"],
+                    row["mode"],
+                    _fmt(row.get("median_ms"), ".3f"),
+                    _fmt(row.get("iqr_ms"), ".3f"),
+                    _fmt(None if peak is None else peak / MIB, ".1f"),
+                    _fmt(row.get("gbps"), ".1f"),
+                    _fmt(row.get("frac_copy_bw"), ".2f"),
+                    row["status"],
+                ]
+            )
+        )
+    return "\n".join(lines)
+
+
+def describe_info(info: dict[str, Any]) -> str:
+    """One line stamping where and when the numbers were measured."""
+    parts = [
+        f"device: {info.get('device')}",
+        f"driver: {info.get('driver')}",
+        f"torch {info.get('torch')}",
+        f"triton {info.get('triton')}",
+        f"date: {info.get('date')}",
+    ]
+    bw = info.get("copy_bandwidth")
+    if bw:
+        note = " (CPU, meaningless as a roofline)" if not info.get("gpu") else ""
+        parts.append(f"copy bandwidth: {bw / 1e9:.1f} GB/s{note}")
+    if info.get("rlhf_fast_backend"):
+        parts.append(f"rlhf_fast backend: {info['rlhf_fast_backend']}")
+    if info.get("quick"):
+        parts.append("quick shapes")
+    return "; ".join(parts)
+
+
+def write_results(
+    rows: Sequence[dict[str, Any]],
+    info: dict[str, Any],
+    out_dir: str | Path,
+    name: str,
+) -> str:
+    """Write ``<name>.json`` (info + rows) and ``<name>.md`` under ``out_dir``.
+
+    Returns the markdown text (a stamp line, notes from ``info["notes"]`` and the table).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"name": name, "info": info, "rows": list(rows)}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    md_lines = [f"# {name} benchmark", "", describe_info(info), ""]
+    for note in info.get("notes", []):
+        md_lines.append(f"- {note}")
+    if info.get("notes"):
+        md_lines.append("")
+    md_lines.append(format_table(rows))
+    markdown = "\n".join(md_lines) + "\n"
+    (out / f"{name}.md").write_text(markdown)
+    return markdown
