@@ -181,9 +181,12 @@ def ppo_loss(
     ratio = torch.exp(log_ratio)
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)
-    pg = torch.maximum(pg_unclipped, pg_clipped)
+    # max(unclipped, clipped), written as a choice so that a tie takes the unclipped
+    # branch's gradient, whole (torch.maximum would split it in halves).
+    pg = torch.where(pg_clipped > pg_unclipped, pg_clipped, pg_unclipped)
     if dual_clip is not None:  # bound the loss of negative advantages at -A * c
-        pg = torch.where(advantages < 0, torch.minimum(pg, -advantages * dual_clip), pg)
+        dual_bound = -advantages * dual_clip
+        pg = torch.where((advantages < 0) & (pg > dual_bound), dual_bound, pg)
 
     kl = zero if ref_logp is None else kl_penalty(logp, ref_logp, kl_estimator)
     ent = zero if entropy is None else entropy
@@ -193,7 +196,7 @@ def ppo_loss(
         # = old_values + clamp(values - old_values, -value_clip, value_clip), without rounding
         v_clipped = torch.clamp(values, old_values - value_clip, old_values + value_clip)
         vl_unclipped, vl_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
-        vl = 0.5 * torch.maximum(vl_unclipped, vl_clipped)
+        vl = 0.5 * torch.where(vl_clipped > vl_unclipped, vl_clipped, vl_unclipped)
         value_clipped = vl_clipped > vl_unclipped
 
     policy_loss = aggregate(pg, valid, agg, max_len)
