@@ -1,5 +1,6 @@
 """rlhf-fast: fused Triton kernels for RLHF training (PPO, GRPO, DPO)."""
 
+from rlhf_fast.losses import PPOLoss
 from rlhf_fast.ops.gae import (
     discounted_returns,
     gae,
@@ -8,7 +9,6 @@ from rlhf_fast.ops.gae import (
     masked_whiten,
 )
 from rlhf_fast.ops.logprobs import logprobs
-from rlhf_fast.losses import PPOLoss
 from rlhf_fast.ops.ppo import ppo_loss
 from rlhf_fast.reference import PPOLossOutput
 

@@ -1,0 +1,257 @@
+"""Benchmark of `rlhf_fast.gae` against the reverse Python loop trainers write.
+
+Inputs: fp32 rewards and values ``[B, T]`` and a right-padded bool mask (each row a
+prefix of valid tokens, one row full), gamma 1.0, lam 0.95, no bootstrap value. Forward
+only: GAE runs under no_grad in a trainer.
+
+Providers (same inputs, same process):
+
+* ``rlhf_fast``: ``rlhf_fast.gae(rewards, values, mask, gamma=, lam=)``.
+* ``python-loop``: TRL's loop on the device: values and rewards zeroed where masked, then
+  ``for t in reversed(range(T))``: ``nextvalues = values[:, t + 1]`` (0 past the end),
+  ``delta = rewards[:, t] + gamma * nextvalues - values[:, t]``,
+  ``lastgaelam = delta + gamma * lam * lastgaelam``; ``torch.stack`` of the reversed
+  list, returns = advantages + values. With right padding the zeroed tail makes this
+  exact (advantages and returns 0 at padded positions). About 5 kernel launches per
+  step, so it is slow at T = 4096: timed with a small repetition budget.
+* ``compile``: ``torch.compile`` of that loop function (GPU only; skipped in CPU quick
+  mode). Dynamo unrolls the loop over T: compiling takes about a minute at T = 512
+  (measured on a CPU host) and grows with T, so cases with T > ``COMPILE_MAX_T`` (512;
+  env ``RLHF_FAST_BENCH_GAE_COMPILE_MAX_T`` overrides) are skipped with that reason.
+
+Every provider is first checked against ``rlhf_fast.reference.gae`` in float64 on the
+same inputs (advantages and returns, relative error <= 1e-5); one that does not match is
+reported "wrong" and not timed.
+
+Bytes-moved floor (GB/s column), with N = B * T: read rewards and values (fp32) and the
+bool mask, write advantages and returns (fp32): 4 N + 4 N + N + 4 N + 4 N = 17 N bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import rlhf_fast
+from rlhf_fast import reference
+from rlhf_fast.benchmarks import harness
+
+OP = "gae"
+GPU_SHAPES = [(64, 512), (64, 4096), (512, 512), (512, 4096)]
+QUICK_SHAPES = [(8, 64), (16, 200)]
+DTYPE = torch.float32
+PROVIDERS = ("rlhf_fast", "python-loop", "compile")
+MODE = "fwd"
+TOLERANCE = 1e-5
+GAMMA = 1.0
+LAM = 0.95
+#: do_bench budgets (ms) of the python loop: one call is ~100 ms at T = 4096 on a GPU.
+LOOP_WARMUP_MS = 10
+LOOP_REP_MS = 50
+#: Longest T at which the unrolled loop is compiled (compile time grows with T).
+COMPILE_MAX_T = int(os.environ.get("RLHF_FAST_BENCH_GAE_COMPILE_MAX_T", "512"))
+
+Outputs = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark case: shape and provider."""
+
+    shape: tuple[int, int]
+    provider: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.shape[0]}x{self.shape[1]}-fp32-{MODE}-{self.provider}"
+
+
+def cases(quick: bool) -> list[Case]:
+    """All cases, in table order: shape, provider."""
+    return [
+        Case(shape, provider)
+        for shape in (QUICK_SHAPES if quick else GPU_SHAPES)
+        for provider in PROVIDERS
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" in metafunc.fixturenames:
+        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
+        all_cases = cases(quick)
+        metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def loop_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> Outputs:
+    """GAE as TRL's PPO trainer writes it (right padding handled by zeroing)."""
+    m = mask.to(values.dtype)
+    values = values * m
+    rewards = rewards * m
+    gen_len = rewards.shape[-1]
+    lastgaelam = 0.0
+    advantages_reversed = []
+    for t in reversed(range(gen_len)):
+        nextvalues = values[:, t + 1] if t < gen_len - 1 else 0.0
+        delta = rewards[:, t] + GAMMA * nextvalues - values[:, t]
+        lastgaelam = delta + GAMMA * LAM * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = advantages + values
+    return advantages, returns
+
+
+def rlhf_fast_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> Outputs:
+    return rlhf_fast.gae(rewards, values, mask, gamma=GAMMA, lam=LAM)
+
+
+_compiled: list[Callable[..., Outputs]] = []
+
+
+def compiled_loop_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> Outputs:
+    if not _compiled:
+        _compiled.append(torch.compile(loop_gae, dynamic=False))
+    return _compiled[0](rewards, values, mask)
+
+
+PROVIDER_FNS: dict[str, Callable[..., Outputs]] = {
+    "rlhf_fast": rlhf_fast_gae,
+    "python-loop": loop_gae,
+    "compile": compiled_loop_gae,
+}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_inputs(shape: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Random fp32 rewards and values; right-padded bool mask with lengths in [T/4, T]."""
+    b, t = shape
+    gen = torch.Generator(device=device).manual_seed(1234)
+    rewards = torch.randn(shape, generator=gen, device=device, dtype=DTYPE) * 0.1
+    values = torch.randn(shape, generator=gen, device=device, dtype=DTYPE)
+    lengths = torch.randint(t // 4, t + 1, (b,), generator=gen, device=device)
+    lengths[0] = t  # one full row
+    mask = torch.arange(t, device=device).unsqueeze(0) < lengths.unsqueeze(1)
+    return {"rewards": rewards, "values": values, "mask": mask}
+
+
+def bytes_moved(shape: tuple[int, int]) -> int:
+    """Read rewards, values (fp32) and the bool mask; write advantages, returns: 17 N."""
+    n = shape[0] * shape[1]
+    return (4 + 4 + 1 + 4 + 4) * n
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def _gate(
+    inp: dict[str, torch.Tensor], fn: Callable[..., Outputs]
+) -> tuple[bool, dict[str, float]]:
+    """Run the provider once; compare advantages and returns with the float64 reference."""
+    ref = reference.gae(
+        inp["rewards"].double(), inp["values"].double(), inp["mask"], gamma=GAMMA, lam=LAM
+    )
+    outs = fn(inp["rewards"], inp["values"], inp["mask"])
+    errors: dict[str, float] = {}
+    ok = len(outs) == 2
+    for name, out, r in zip(("advantages", "returns"), outs, ref):
+        good, errors[name] = harness.check_close(out, r, TOLERANCE)
+        ok &= good
+    return ok, errors
+
+
+def _synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
+    def run() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
+
+
+def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], str | None]:
+    """Gate and time one case. Returns its row and the pytest outcome to raise (or None)."""
+    device = session.device
+    row_args = dict(op=OP, shape=case.shape, dtype=DTYPE, provider=case.provider, mode=MODE)
+    if case.provider == "compile" and device.type != "cuda":
+        reason = "torch.compile skipped in CPU quick mode"
+        return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
+    if case.provider == "compile" and case.shape[1] > COMPILE_MAX_T:
+        reason = f"compiling the loop unrolled over T > {COMPILE_MAX_T} steps takes too long"
+        return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
+    if case.provider == "rlhf_fast" and not callable(getattr(rlhf_fast, "gae", None)):
+        reason = "rlhf_fast.gae not available"
+        return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
+
+    fn = PROVIDER_FNS[case.provider]
+    inp = make_inputs(case.shape, device)
+    try:
+        with torch.no_grad():
+            ok, errors = _gate(inp, fn)
+    except torch.cuda.OutOfMemoryError:
+        status = harness.status_skipped("out of GPU memory")
+        return harness.make_row(status=status, **row_args), "skip"
+    except Exception as exc:  # a peer that cannot run here (e.g. compile failing)
+        if case.provider == "rlhf_fast":
+            raise
+        status = harness.status_skipped(f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
+        return harness.make_row(status=status, **row_args), "skip"
+    if not ok:
+        worst = max(errors.values())
+        row = harness.make_row(status=harness.status_wrong(worst), rel_err=errors, **row_args)
+        return row, "fail" if case.provider == "rlhf_fast" else "xfail"
+
+    rewards, values, mask = inp["rewards"], inp["values"], inp["mask"]
+
+    def timed() -> Outputs:
+        with torch.no_grad():
+            return fn(rewards, values, mask)
+
+    on_cpu = device.type != "cuda"
+    slow = case.provider == "python-loop"
+    budget = dict(warmup_ms=LOOP_WARMUP_MS, rep_ms=LOOP_REP_MS) if slow else {}
+    try:
+        timing = harness.time_fn(timed, device=device, cpu_repeats=3 if slow else 5, **budget)
+        peak = harness.peak_memory_above(timed, device)
+        benchmark.group = f"{OP} {case.id.removesuffix('-' + case.provider)}"
+        benchmark.pedantic(
+            _synced(timed, device),
+            rounds=3 if (on_cpu or slow) else 10,
+            iterations=1,
+            warmup_rounds=1 if (on_cpu or slow) else 2,
+        )
+    except torch.cuda.OutOfMemoryError:
+        status = harness.status_skipped("out of GPU memory")
+        return harness.make_row(status=status, rel_err=errors, **row_args), "skip"
+
+    row = harness.make_row(
+        timing=timing,
+        peak_bytes=peak,
+        bytes_moved=bytes_moved(case.shape),
+        copy_bandwidth=session.copy_bandwidth,
+        rel_err=errors,
+        **row_args,
+    )
+    for key in ("median_ms", "p25_ms", "p75_ms", "peak_bytes", "bytes_moved", "gbps", "status"):
+        benchmark.extra_info[key] = row[key]
+    benchmark.extra_info["rel_err"] = errors
+    return row, None
+
+
+def test_gae(case: Case, bench_session: Any, benchmark: Any) -> None:
+    row, outcome = run_case(case, bench_session, benchmark)
+    bench_session.add(row)
+    if outcome == "skip":
+        pytest.skip(row["status"])
+    if outcome == "xfail":
+        pytest.xfail(f"{case.provider} {row['status']}")
+    if outcome == "fail":
+        pytest.fail(f"{case.provider} {row['status']}: {row.get('rel_err')}")

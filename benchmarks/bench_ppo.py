@@ -1,0 +1,353 @@
+"""Benchmark of `rlhf_fast.ppo_loss` against the same objective written in plain PyTorch.
+
+The objective: clipped surrogate (clip_eps 0.2), k3 KL to a reference policy (kl_coef
+0.05), entropy bonus (entropy_coef 0.01) and clipped value loss (value_clip 0.2, vf_coef
+0.5), every term aggregated token-mean over the valid tokens. fp32 inputs ``[B, T]``,
+right-padded bool mask (each row a prefix of valid tokens).
+
+Providers (same inputs, same process):
+
+* ``rlhf_fast``: ``rlhf_fast.ppo_loss(...).loss``.
+* ``eager``: as TRL / verl write it: ``ratio = exp(logp - old_logp)``, ``torch.clamp``,
+  ``torch.max`` of the two surrogate losses, ``masked_mean`` (sum(x * mask) / sum(mask))
+  per term, ``clamp(values, old_values -+ clip)`` for the value loss.
+* ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
+
+Modes: ``fwd`` (no input requires grad: the loss and its statistics only) and
+``fwd+bwd`` (``torch.autograd.grad`` of the loss w.r.t. logp, entropy and values).
+Every provider is first checked against ``rlhf_fast.reference.ppo_loss`` in float64 on
+the same inputs (loss, and in ``fwd+bwd`` the three gradients; relative error <= 1e-5);
+one that does not match is reported "wrong" and not timed.
+
+Bytes-moved floor (GB/s column), with N = B * T: the inputs are 8 fp32 tensors (logp,
+old_logp, advantages, ref_logp, entropy, values, old_values, returns) and a 1-byte bool
+mask, i.e. 33 N bytes. ``fwd`` reads them once: 33 N. ``fwd+bwd`` reads them twice
+(forward, backward) and writes three fp32 gradients (logp, entropy, values):
+2 * 33 N + 12 N = 78 N bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import rlhf_fast
+from rlhf_fast import reference
+from rlhf_fast.benchmarks import harness
+
+OP = "ppo_loss"
+GPU_SHAPES = [(64, 512), (64, 4096), (512, 512), (512, 4096)]
+QUICK_SHAPES = [(8, 64), (16, 200)]
+DTYPE = torch.float32
+PROVIDERS = ("rlhf_fast", "eager", "compile")
+MODES = ("fwd", "fwd+bwd")
+TOLERANCE = 1e-5
+
+CLIP_EPS = 0.2
+KL_COEF = 0.05
+ENTROPY_COEF = 0.01
+VALUE_CLIP = 0.2
+VF_COEF = 0.5
+
+#: Argument order of every provider function.
+TENSOR_NAMES = (
+    "logp",
+    "old_logp",
+    "advantages",
+    "mask",
+    "ref_logp",
+    "entropy",
+    "values",
+    "old_values",
+    "returns",
+)
+#: Inputs that get gradients in fwd+bwd.
+GRAD_NAMES = ("logp", "entropy", "values")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark case: shape, mode and provider."""
+
+    shape: tuple[int, int]
+    mode: str
+    provider: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.shape[0]}x{self.shape[1]}-fp32-{self.mode}-{self.provider}"
+
+
+def cases(quick: bool) -> list[Case]:
+    """All cases, in table order: shape, mode, provider."""
+    return [
+        Case(shape, mode, provider)
+        for shape in (QUICK_SHAPES if quick else GPU_SHAPES)
+        for mode in MODES
+        for provider in PROVIDERS
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" in metafunc.fixturenames:
+        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
+        all_cases = cases(quick)
+        metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TRL's / verl's masked_mean: sum(x * mask) / sum(mask)."""
+    return (x * mask).sum() / mask.sum()
+
+
+def eager_ppo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor,
+    entropy: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+) -> torch.Tensor:
+    """The PPO loss in plain torch ops, term by term as TRL / verl write it."""
+    m = mask.to(logp.dtype)
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - CLIP_EPS, 1.0 + CLIP_EPS)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), m)
+
+    kl = ref_logp - logp  # k3 ("low_var_kl"): exp(ref - logp) - (ref - logp) - 1
+    kl_loss = masked_mean(torch.exp(kl) - kl - 1, m)
+
+    entropy_loss = masked_mean(entropy, m)
+
+    vpred_clipped = torch.clamp(values, old_values - VALUE_CLIP, old_values + VALUE_CLIP)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (vpred_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), m)
+
+    return pg_loss + KL_COEF * kl_loss - ENTROPY_COEF * entropy_loss + VF_COEF * vf_loss
+
+
+def rlhf_fast_ppo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor,
+    entropy: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    *,
+    impl: Callable[..., Any] | None = None,
+) -> torch.Tensor:
+    """``rlhf_fast.ppo_loss`` (or `impl`, e.g. the reference) with the benchmark's settings."""
+    out = (impl or rlhf_fast.ppo_loss)(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        clip_eps=CLIP_EPS,
+        ref_logp=ref_logp,
+        kl_coef=KL_COEF,
+        kl_estimator="k3",
+        entropy=entropy,
+        entropy_coef=ENTROPY_COEF,
+        values=values,
+        old_values=old_values,
+        returns=returns,
+        value_clip=VALUE_CLIP,
+        vf_coef=VF_COEF,
+        agg="token-mean",
+    )
+    return out.loss
+
+
+def _eager_fwd(*args: torch.Tensor) -> torch.Tensor:
+    return eager_ppo_loss(*args)
+
+
+def _eager_fwd_bwd(*args: torch.Tensor) -> torch.Tensor:
+    return eager_ppo_loss(*args)
+
+
+# One compiled function per mode (dynamo caches graphs per code object and falls back to
+# eager past its recompile limit): each sees the 4 GPU shapes only. Compiled lazily.
+_compiled: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def compiled_ppo_loss(mode: str) -> Callable[..., torch.Tensor]:
+    if mode not in _compiled:
+        target = _eager_fwd if mode == "fwd" else _eager_fwd_bwd
+        _compiled[mode] = torch.compile(target, dynamic=False)
+    return _compiled[mode]
+
+
+def provider_fn(provider: str, mode: str) -> Callable[..., torch.Tensor]:
+    if provider == "rlhf_fast":
+        return rlhf_fast_ppo_loss
+    if provider == "eager":
+        return eager_ppo_loss
+    return compiled_ppo_loss(mode)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_inputs(shape: tuple[int, int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Random fp32 inputs with ~20% clipped ratios, and a right-padded bool mask."""
+    b, t = shape
+    gen = torch.Generator(device=device).manual_seed(1234)
+
+    def randn(scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device, dtype=DTYPE) * scale
+
+    logp = -torch.rand(shape, generator=gen, device=device, dtype=DTYPE) * 4.0
+    values = randn()
+    lengths = torch.randint(t // 4, t + 1, (b,), generator=gen, device=device)
+    lengths[0] = t  # one full row
+    mask = torch.arange(t, device=device).unsqueeze(0) < lengths.unsqueeze(1)
+    return {
+        "logp": logp,
+        "old_logp": logp + randn(0.2),
+        "advantages": randn(),
+        "mask": mask,
+        "ref_logp": logp + randn(0.3),
+        "entropy": torch.rand(shape, generator=gen, device=device, dtype=DTYPE) * 3.0,
+        "values": values,
+        "old_values": values + randn(0.2),
+        "returns": randn(),
+    }
+
+
+def bytes_moved(shape: tuple[int, int], mode: str) -> int:
+    """fwd: 8 fp32 inputs + bool mask read once (33 N); fwd+bwd: twice + 3 grads (78 N)."""
+    n = shape[0] * shape[1]
+    inputs = 8 * 4 * n + n
+    return inputs if mode == "fwd" else 2 * inputs + 3 * 4 * n
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def _args(inp: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [leaves.get(name, inp[name]) for name in TENSOR_NAMES]
+
+
+def _gate(
+    case: Case, inp: dict[str, torch.Tensor], fn: Callable[..., torch.Tensor]
+) -> tuple[bool, dict[str, float]]:
+    """Run the provider once; compare the loss (and grads) with the float64 reference."""
+    backward = case.mode != "fwd"
+    ref_inp = {k: (v if v.dtype == torch.bool else v.double()) for k, v in inp.items()}
+    ref_leaves = {k: ref_inp[k].clone().requires_grad_(backward) for k in GRAD_NAMES}
+    ref_loss = rlhf_fast_ppo_loss(*_args(ref_inp, ref_leaves), impl=reference.ppo_loss)
+    leaves = {k: inp[k].detach().clone().requires_grad_(backward) for k in GRAD_NAMES}
+    loss = fn(*_args(inp, leaves))
+    errors: dict[str, float] = {}
+    ok, errors["loss"] = harness.check_close(loss, ref_loss, TOLERANCE)
+    if backward:
+        grads = torch.autograd.grad(loss, [leaves[k] for k in GRAD_NAMES])
+        ref_grads = torch.autograd.grad(ref_loss, [ref_leaves[k] for k in GRAD_NAMES])
+        for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+            good, errors[f"grad_{name}"] = harness.check_close(g, r, TOLERANCE)
+            ok &= good
+    return ok, errors
+
+
+def _timed(
+    case: Case, inp: dict[str, torch.Tensor], fn: Callable[..., torch.Tensor]
+) -> Callable[[], Any]:
+    if case.mode == "fwd":
+        args = _args(inp, {})
+        return lambda: fn(*args)
+    leaves = {k: inp[k].detach().clone().requires_grad_(True) for k in GRAD_NAMES}
+    args = _args(inp, leaves)
+    wrt = [leaves[k] for k in GRAD_NAMES]
+    return lambda: torch.autograd.grad(fn(*args), wrt)
+
+
+def _synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
+    def run() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
+
+
+def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], str | None]:
+    """Gate and time one case. Returns its row and the pytest outcome to raise (or None)."""
+    device = session.device
+    row_args = dict(op=OP, shape=case.shape, dtype=DTYPE, provider=case.provider, mode=case.mode)
+    if case.provider == "compile" and device.type != "cuda":
+        reason = "torch.compile skipped in CPU quick mode"
+        return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
+
+    inp = make_inputs(case.shape, device)
+    try:
+        fn = provider_fn(case.provider, case.mode)
+        ok, errors = _gate(case, inp, fn)
+    except torch.cuda.OutOfMemoryError:
+        status = harness.status_skipped("out of GPU memory")
+        return harness.make_row(status=status, **row_args), "skip"
+    except Exception as exc:  # a peer that cannot run here (e.g. compile failing)
+        if case.provider == "rlhf_fast":
+            raise
+        status = harness.status_skipped(f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
+        return harness.make_row(status=status, **row_args), "skip"
+    if not ok:
+        worst = max(errors.values())
+        row = harness.make_row(status=harness.status_wrong(worst), rel_err=errors, **row_args)
+        return row, "fail" if case.provider == "rlhf_fast" else "xfail"
+
+    timed = _timed(case, inp, fn)
+    on_cpu = device.type != "cuda"
+    try:
+        timing = harness.time_fn(timed, device=device)
+        peak = harness.peak_memory_above(timed, device)
+        benchmark.group = f"{OP} {case.id.removesuffix('-' + case.provider)}"
+        benchmark.pedantic(
+            _synced(timed, device),
+            rounds=3 if on_cpu else 10,
+            iterations=1,
+            warmup_rounds=1 if on_cpu else 2,
+        )
+    except torch.cuda.OutOfMemoryError:
+        status = harness.status_skipped("out of GPU memory")
+        return harness.make_row(status=status, rel_err=errors, **row_args), "skip"
+
+    row = harness.make_row(
+        timing=timing,
+        peak_bytes=peak,
+        bytes_moved=bytes_moved(case.shape, case.mode),
+        copy_bandwidth=session.copy_bandwidth,
+        rel_err=errors,
+        **row_args,
+    )
+    for key in ("median_ms", "p25_ms", "p75_ms", "peak_bytes", "bytes_moved", "gbps", "status"):
+        benchmark.extra_info[key] = row[key]
+    benchmark.extra_info["rel_err"] = errors
+    return row, None
+
+
+def test_ppo_loss(case: Case, bench_session: Any, benchmark: Any) -> None:
+    row, outcome = run_case(case, bench_session, benchmark)
+    bench_session.add(row)
+    if outcome == "skip":
+        pytest.skip(row["status"])
+    if outcome == "xfail":
+        pytest.xfail(f"{case.provider} {row['status']}")
+    if outcome == "fail":
+        pytest.fail(f"{case.provider} {row['status']}: {row.get('rel_err')}")
