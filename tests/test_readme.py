@@ -15,7 +15,7 @@ def python_blocks() -> list[str]:
 
 def test_api_tour_snippets_run_and_hold_what_they_claim():
     blocks = python_blocks()
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     logprobs_ns: dict = {}
     exec(blocks[0], logprobs_ns)
     assert logprobs_ns["logp"].shape == (2, 15) and logprobs_ns["logp"].dtype == torch.float32
@@ -34,3 +34,12 @@ def test_ci_runs_the_readme_test_command():
     test_command = next(c.strip() for c in commands if "pytest" in c and "pip install" in c)
     ci_script = (ROOT / ".ci" / "run").read_text()
     assert test_command in ci_script.splitlines()
+
+
+def test_advantages_snippet_runs():
+    ns: dict = {}
+    exec(python_blocks()[2], ns)
+    assert (ns["advantages"][1, :5] == 0).all()
+    valid = ns["advantages"][ns["mask"]]
+    assert abs(valid.mean().item()) < 1e-5 and abs(valid.std().item() - 1) < 1e-3
+    assert ns["group_adv"].view(2, 4).sum(-1).abs().max().item() < 1e-5
