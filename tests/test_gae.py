@@ -440,13 +440,14 @@ def test_masked_whiten_matches_reference(dtype, shift_mean, shape, poisoned_empt
 
 
 def test_masked_whiten_large_offset_is_stable():
-    """Per-block M2 around the block mean, merged pairwise: no E[x^2] - E[x]^2 cancellation.
-    What is left is the fp32 rounding of x - mean itself, which torch in fp32 shares."""
-    x = (torch.randn(5 * STATS + 11, dtype=torch.float64) * 0.5 + 300.0).float()
+    """Per-block M2 around the block mean, merged pairwise: no E[x^2] - E[x]^2 cancellation
+    (in fp32 that gives a variance of 0 here instead of 0.25). What is left is an fp32 mean
+    of values near 3000, off by ~1e-7 * 3000 relative to a std of 0.5 (torch in fp32 does
+    no better): below 1e-3."""
+    x = (torch.randn(5 * STATS + 11, dtype=torch.float64) * 0.5 + 3000.0).float()
     mask = torch.rand(x.shape) < 0.8
-    ref = reference.masked_whiten(x.double(), mask)
-    err_torch_fp32 = rel_err(reference.masked_whiten(x, mask), ref)
-    assert rel_err(rlhf_fast.masked_whiten(x, mask), ref) < 1.5 * err_torch_fp32 + 1e-6
+    out = rlhf_fast.masked_whiten(x, mask)
+    assert rel_err(out, reference.masked_whiten(x.double(), mask)) < 2e-3
 
 
 @pytest.mark.parametrize("shift_mean", [True, False])
