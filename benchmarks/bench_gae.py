@@ -168,14 +168,6 @@ def _gate(
     return ok, errors
 
 
-def _synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
-    def run() -> None:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    return run
-
 
 def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], str | None]:
     """Gate and time one case. Returns its row and the pytest outcome to raise (or None)."""
@@ -223,7 +215,7 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
         peak = harness.peak_memory_above(timed, device)
         benchmark.group = f"{OP} {case.id.removesuffix('-' + case.provider)}"
         benchmark.pedantic(
-            _synced(timed, device),
+            harness.synced(timed, device),
             rounds=3 if (on_cpu or slow) else 10,
             iterations=1,
             warmup_rounds=1 if (on_cpu or slow) else 2,
@@ -240,18 +232,11 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
         rel_err=errors,
         **row_args,
     )
-    for key in ("median_ms", "p25_ms", "p75_ms", "peak_bytes", "bytes_moved", "gbps", "status"):
-        benchmark.extra_info[key] = row[key]
-    benchmark.extra_info["rel_err"] = errors
+    harness.record_extra_info(benchmark, row)
     return row, None
 
 
 def test_gae(case: Case, bench_session: Any, benchmark: Any) -> None:
     row, outcome = run_case(case, bench_session, benchmark)
     bench_session.add(row)
-    if outcome == "skip":
-        pytest.skip(row["status"])
-    if outcome == "xfail":
-        pytest.xfail(f"{case.provider} {row['status']}")
-    if outcome == "fail":
-        pytest.fail(f"{case.provider} {row['status']}: {row.get('rel_err')}")
+    harness.report_outcome(row, outcome, case.provider)

@@ -293,14 +293,6 @@ def _timed(
     return bwd, build_graph
 
 
-def _synced(fn: Callable[..., Any], device: torch.device) -> Callable[..., None]:
-    def run(*args: Any) -> None:
-        fn(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    return run
-
 
 def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], str | None]:
     """Gate and time one case. Returns its row and the pytest outcome to raise (or None).
@@ -343,7 +335,7 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
     try:
         timing = harness.time_fn(timed, device=device, setup=setup)
         peak = harness.peak_memory_above(timed, device, setup=setup)
-        synced = _synced(timed, device)
+        synced = harness.synced(timed, device)
         pedantic_setup = None
         if setup is not None:
 
@@ -374,32 +366,11 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
         rel_err=errors,
         **row_args,
     )
-    benchmark.extra_info.update(
-        {
-            k: row[k]
-            for k in (
-                "variant",
-                "median_ms",
-                "p25_ms",
-                "p75_ms",
-                "peak_bytes",
-                "bytes_moved",
-                "gbps",
-                "frac_copy_bw",
-                "status",
-            )
-        }
-    )
-    benchmark.extra_info["rel_err"] = errors
+    harness.record_extra_info(benchmark, row)
     return row, None
 
 
 def test_logprobs(case: Case, bench_session: Any, benchmark: Any) -> None:
     row, outcome = run_case(case, bench_session, benchmark)
     bench_session.add(row)
-    if outcome == "skip":
-        pytest.skip(row["status"])
-    if outcome == "xfail":
-        pytest.xfail(f"{case.provider} {row['status']}")
-    if outcome == "fail":
-        pytest.fail(f"{case.provider} {row['status']}: {row.get('rel_err')}")
+    harness.report_outcome(row, outcome, case.provider)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 MIB = 1024**2
@@ -92,6 +93,40 @@ def device_info() -> dict[str, Any]:
 def _sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def synced(fn: Callable[..., Any], device: torch.device) -> Callable[..., None]:
+    """`fn` followed by a device sync, so that wall-clock timers (pytest-benchmark) see the
+    kernels' time and not only their launch."""
+
+    def run(*args: Any) -> None:
+        fn(*args)
+        _sync(device)
+
+    return run
+
+
+EXTRA_INFO_KEYS = ("variant", "median_ms", "p25_ms", "p75_ms", "peak_bytes", "bytes_moved", "gbps",
+                   "frac_copy_bw", "status")
+
+
+def record_extra_info(benchmark: Any, row: dict[str, Any]) -> None:
+    """Copy a result row's numbers into pytest-benchmark's JSON (`extra_info`)."""
+    for key in EXTRA_INFO_KEYS:
+        if key in row:
+            benchmark.extra_info[key] = row[key]
+    benchmark.extra_info["rel_err"] = row.get("rel_err")
+
+
+def report_outcome(row: dict[str, Any], outcome: str | None, provider: str) -> None:
+    """Turn a case's outcome into the pytest result: skipped, xfail (a peer that failed the
+    correctness gate) or fail (rlhf-fast itself failed it)."""
+    if outcome == "skip":
+        pytest.skip(row["status"])
+    if outcome == "xfail":
+        pytest.xfail(f"{provider} {row['status']}")
+    if outcome == "fail":
+        pytest.fail(f"{provider} {row['status']}: {row.get('rel_err')}")
 
 
 def measure_copy_bandwidth(device: torch.device | str) -> float:
