@@ -54,11 +54,11 @@ The other kernels here are plain reductions:
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
+
+from rlhf_fast.kernels.common import mask_view, split_fp64
 
 
 @triton.jit
@@ -329,19 +329,8 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 4096 else 4 if block >= 512 else 2
 
 
-def _split_fp64(value: float) -> tuple[float, float]:
-    """(hi, lo) fp32 values with hi + lo == value to ~48 bits (Triton float args are fp32)."""
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, value - hi
-
-
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _mask_view(mask: torch.Tensor) -> torch.Tensor:
-    # bool tensors are read as bytes (same storage, no copy).
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def gae_forward(
@@ -366,10 +355,10 @@ def gae_forward(
     if B == 0 or T == 0:
         return adv, ret
     block = block_size_t(T)
-    gamma_hi, gamma_lo = _split_fp64(float(gamma))
-    gl_hi, gl_lo = _split_fp64(float(gamma) * float(lam))
+    gamma_hi, gamma_lo = split_fp64(float(gamma))
+    gl_hi, gl_lo = split_fp64(float(gamma) * float(lam))
     _gae_kernel[(B,)](
-        rewards, rewards if values is None else values, _mask_view(mask),
+        rewards, rewards if values is None else values, mask_view(mask),
         rewards if last_value is None else last_value,
         ret if adv is None else adv, ret,
         T, gamma_hi, gamma_lo, gl_hi, gl_lo,
@@ -392,7 +381,7 @@ def group_advantages_forward(
     block_s = min(GROUP_TILE // 2, triton.next_power_of_2(group_size))
     block_g = max(1, GROUP_TILE // block_s)
     _group_advantages_kernel[(triton.cdiv(n_groups, block_g),)](
-        scores, out, n_groups, group_size, *_split_fp64(float(eps)),
+        scores, out, n_groups, group_size, *split_fp64(float(eps)),
         SCALE_STD=scale_std, FP64=out.dtype == torch.float64,
         BLOCK_G=block_g, BLOCK_S=block_s, num_warps=4,
     )
@@ -433,7 +422,7 @@ def masked_row_stats(
     part_m2 = torch.empty((R, n_parts), dtype=dtype, device=x.device) if with_m2 else part_mean
     fp64 = dtype == torch.float64
     _masked_partial_stats_kernel[(R, n_parts)](
-        x, _mask_view(mask), part_n, part_mean, part_m2, L, n_parts,
+        x, mask_view(mask), part_n, part_mean, part_m2, L, n_parts,
         WITH_M2=with_m2, FP64=fp64, BLOCK=block, num_warps=_num_warps(block),
     )
     merge_block = min(MERGE_BLOCK, max(16, triton.next_power_of_2(n_parts)))
@@ -455,7 +444,7 @@ def masked_mean_backward(
         return dx
     block = stats_block(L)
     _masked_mean_bwd_kernel[(R, triton.cdiv(L, block))](
-        grad, _mask_view(mask), count, dx, L,
+        grad, mask_view(mask), count, dx, L,
         FP64=_acc_dtype(grad) == torch.float64, BLOCK=block, num_warps=_num_warps(block),
     )
     return dx
@@ -475,7 +464,7 @@ def masked_whiten_forward(
     if N == 0:
         return out
     _whiten_fwd_kernel[(triton.cdiv(N, STATS_BLOCK),)](
-        x, _mask_view(mask), *stats, out, N, float(eps),
+        x, mask_view(mask), *stats, out, N, float(eps),
         SHIFT_MEAN=shift_mean, FP64=out.dtype == torch.float64,
         BLOCK=STATS_BLOCK, num_warps=_num_warps(STATS_BLOCK),
     )
@@ -502,7 +491,7 @@ def masked_whiten_backward(
     n_parts = triton.cdiv(N, STATS_BLOCK)
     fp64 = _acc_dtype(x) == torch.float64
     parts = torch.empty((2, n_parts), dtype=_acc_dtype(x), device=x.device)
-    mask = _mask_view(mask)
+    mask = mask_view(mask)
     _whiten_bwd_partial_kernel[(n_parts,)](
         grad, x, mask, *stats, parts, N, n_parts, float(eps),
         FP64=fp64, BLOCK=STATS_BLOCK, num_warps=_num_warps(STATS_BLOCK),

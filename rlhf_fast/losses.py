@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhf_fast.ops.dpo import dpo_loss
 from rlhf_fast.ops.ppo import ppo_loss
-from rlhf_fast.reference import PPOLossOutput
+from rlhf_fast.reference import DPOLossOutput, PPOLossOutput
 
 
 class PPOLoss(nn.Module):
@@ -60,6 +61,53 @@ class PPOLoss(nn.Module):
         return ppo_loss(
             logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
             values=values, old_values=old_values, returns=returns, **self.options,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class DPOLoss(nn.Module):
+    """`rlhf_fast.dpo_loss` with its settings held by the module.
+
+    Example::
+
+        criterion = DPOLoss(beta=0.1, loss_type="sigmoid", label_smoothing=0.1)
+        out = criterion(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        out.loss.backward()
+
+    Every keyword of `dpo_loss` but the tensors is a constructor argument; `forward`
+    takes the ``[B]`` sequence log-probs (and the lengths, for ipo and sigmoid_norm) and
+    returns a `DPOLossOutput`.
+    """
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+            reduction=reduction,
+        )
+
+    def forward(
+        self,
+        policy_chosen: torch.Tensor,
+        policy_rejected: torch.Tensor,
+        ref_chosen: torch.Tensor | None,
+        ref_rejected: torch.Tensor | None,
+        *,
+        chosen_lengths: torch.Tensor | None = None,
+        rejected_lengths: torch.Tensor | None = None,
+    ) -> DPOLossOutput:
+        return dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **self.options,
         )
 
     def extra_repr(self) -> str:

@@ -8,6 +8,7 @@ CPU fallback the trainers use when Triton cannot run. Readable first, fast secon
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -336,3 +337,167 @@ def masked_whiten(
     if not shift_mean:
         out = out + mean
     return torch.where(valid, out, torch.zeros_like(out))
+
+
+# --------------------------------------------------------------------------- sequence_logps
+
+
+def sequence_logps(
+    token_logp: torch.Tensor, mask: torch.Tensor, *, average: bool = False
+) -> torch.Tensor:
+    """Per-sequence sum (or mean) of the valid tokens' log-probs.
+
+    ``token_logp [..., T]`` float, ``mask [..., T]`` (nonzero = valid). Returns ``[...]``
+    fp32 (fp64 for fp64 input). A sequence with no valid token gives 0 (sum and mean).
+    Masked entries are never read: a NaN there reaches neither the value nor the gradient.
+    """
+    valid = mask != 0
+    x = token_logp.to(_compute_dtype(token_logp.dtype))
+    total = torch.where(valid, x, torch.zeros_like(x)).sum(-1)
+    if not average:
+        return total
+    count = valid.sum(-1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+# --------------------------------------------------------------------------- dpo_loss
+
+DPO_LOSS_TYPES = (
+    "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+    "apo_zero", "apo_down", "sigmoid_norm",
+)
+#: Types whose loss depends on the two log-ratios only through their difference, so a
+#: missing reference (log pi_ref = 0 for every answer) is a well-defined reference-free loss.
+DPO_REFERENCE_FREE_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "sigmoid_norm")
+#: Types that read `label_smoothing`; the others require it to be 0.
+DPO_LABEL_SMOOTHING_TYPES = ("sigmoid", "robust", "exo_pair", "sigmoid_norm")
+#: Types on per-token-averaged log-probs: they need `chosen_lengths` and `rejected_lengths`.
+DPO_LENGTH_NORMALISED_TYPES = ("ipo", "sigmoid_norm")
+DPO_REDUCTIONS = ("mean", "sum", "none")
+#: exo_pair with label_smoothing 0 uses this epsilon, as the EXO paper and TRL do.
+EXO_DEFAULT_EPS = 1e-3
+
+
+class DPOLossOutput(NamedTuple):
+    """What `dpo_loss` returns, fp32 (fp64 for fp64 inputs).
+
+    loss: a scalar (reduction "mean" or "sum") or ``[B]`` ("none"), differentiable.
+    chosen_rewards, rejected_rewards: ``[B]`` implicit rewards beta * (log pi - log pi_ref)
+        of each answer, on the log-probs the loss sees (length-normalised for ipo and
+        sigmoid_norm), detached.
+    reward_accuracy: scalar, fraction of pairs with chosen_reward > rejected_reward.
+    reward_margin: scalar, mean of chosen_reward - rejected_reward. Both detached.
+    """
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    reward_accuracy: torch.Tensor
+    reward_margin: torch.Tensor
+
+
+def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(x)) = -softplus(-x) = min(x, 0) - log1p(exp(-|x|)): finite for any x."""
+    return torch.minimum(x, torch.zeros_like(x)) - torch.log1p(torch.exp(-x.abs()))
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> DPOLossOutput:
+    """Pairwise preference losses on sequence log-probs ``[B]`` (sums over each answer).
+
+    With a = log pi(y_w) - log pi_ref(y_w), b = log pi(y_l) - log pi_ref(y_l) (the chosen
+    and rejected log-ratios), delta = a - b, u = beta * delta and eps = label_smoothing,
+    per pair (TRL's DPOTrainer names and forms; the paper of each in brackets):
+
+      sigmoid       -(1 - eps) log s(u) - eps log s(-u)          [DPO, Rafailov et al. 2023,
+                                                 eq. 7; eps > 0: conservative DPO, Mitchell 2023]
+      ipo           (delta - 1 / (2 beta))^2 on per-token-mean log-probs
+                                                 [IPO, Azar et al. 2023, eq. 17]
+      hinge         max(0, 1 - u)                [SLiC-HF, Zhao et al. 2023]
+      robust        (-(1 - eps) log s(u) + eps log s(-u)) / (1 - 2 eps)
+                                                 [rDPO, Chowdhury et al. 2024, eq. 8]
+      exo_pair      s(u) (log s(u) - log(1 - eps)) + s(-u) (log s(-u) - log eps),
+                    eps = 1e-3 when 0 is given   [EXO, Ji et al. 2024, pairwise form]
+      nca_pair      -log s(beta a) - log s(-beta a) / 2 - log s(-beta b) / 2
+                                                 [NCA, Chen et al. 2024]
+      bco_pair      -log s(beta a) - log s(-beta b), without BCO's running-mean shift
+                                                 [BCO, Jung et al. 2024]
+      sppo_hard     (a - 1 / (2 beta))^2 + (b + 1 / (2 beta))^2
+                                                 [SPPO, Wu et al. 2024, hard labels]
+      apo_zero      1 - s(beta a) + s(beta b)    [APO-zero, D'Oosterlinck et al. 2024]
+      apo_down      s(beta a) + 1 - s(beta (a - b))   [APO-down, same paper]
+      sigmoid_norm  the sigmoid loss on per-token-mean log-probs
+                                                 [length-normalised DPO, Tulu 3, 2024]
+
+    where s is the logistic sigmoid and log s(x) is computed as -softplus(-x). ipo and
+    sigmoid_norm divide all four log-probs by their answer's length (clamped to >= 1).
+    A missing reference (both refs None) is log pi_ref = 0: only for the types in
+    `DPO_REFERENCE_FREE_TYPES`. Rewards: beta * a and beta * b.
+    """
+    dtype = torch.float64 if torch.float64 in (policy_chosen.dtype, policy_rejected.dtype) \
+        else torch.float32
+    pc, pr = policy_chosen.to(dtype), policy_rejected.to(dtype)
+    rc = torch.zeros_like(pc) if ref_chosen is None else ref_chosen.to(dtype)
+    rr = torch.zeros_like(pr) if ref_rejected is None else ref_rejected.to(dtype)
+    if loss_type in DPO_LENGTH_NORMALISED_TYPES:
+        len_c = chosen_lengths.to(dtype).clamp(min=1)
+        len_r = rejected_lengths.to(dtype).clamp(min=1)
+        pc, rc, pr, rr = pc / len_c, rc / len_c, pr / len_r, rr / len_r
+
+    a = pc - rc
+    b = pr - rr
+    delta = a - b
+    u = beta * delta
+    eps = label_smoothing
+    if loss_type in ("sigmoid", "sigmoid_norm"):
+        losses = -(1 - eps) * log_sigmoid(u) - eps * log_sigmoid(-u)
+    elif loss_type == "ipo":
+        losses = (delta - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - u)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * log_sigmoid(u) + eps * log_sigmoid(-u)) / (1 - 2 * eps)
+    elif loss_type == "exo_pair":
+        eps = eps or EXO_DEFAULT_EPS
+        losses = (torch.sigmoid(u) * (log_sigmoid(u) - math.log(1 - eps))
+                  + torch.sigmoid(-u) * (log_sigmoid(-u) - math.log(eps)))
+    elif loss_type == "nca_pair":
+        losses = (-log_sigmoid(beta * a) - 0.5 * log_sigmoid(-beta * a)
+                  - 0.5 * log_sigmoid(-beta * b))
+    elif loss_type == "bco_pair":
+        losses = -log_sigmoid(beta * a) - log_sigmoid(-beta * b)
+    elif loss_type == "sppo_hard":
+        losses = (a - 1 / (2 * beta)) ** 2 + (b + 1 / (2 * beta)) ** 2
+    elif loss_type == "apo_zero":
+        losses = 1 - torch.sigmoid(beta * a) + torch.sigmoid(beta * b)
+    elif loss_type == "apo_down":
+        losses = torch.sigmoid(beta * a) + 1 - torch.sigmoid(beta * (a - b))
+    else:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+
+    if reduction == "mean":
+        loss = losses.mean()
+    elif reduction == "sum":
+        loss = losses.sum()
+    else:
+        loss = losses
+    chosen_rewards = (beta * a).detach()
+    rejected_rewards = (beta * b).detach()
+    return DPOLossOutput(
+        loss=loss,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        reward_accuracy=(chosen_rewards > rejected_rewards).to(dtype).mean(),
+        reward_margin=(chosen_rewards - rejected_rewards).mean(),
+    )

@@ -8,11 +8,9 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import ppo as kernel
-from rlhf_fast.ops.checks import FLOAT_DTYPES, check_same_device, check_tensor
+from rlhf_fast.ops.checks import FLOAT_DTYPES, MASK_DTYPES, check_same_device, check_tensor
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.reference import AGG_MODES, KL_ESTIMATORS, PPOLossOutput
-
-MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, *FLOAT_DTYPES)
 
 
 class PPOLossFunction(torch.autograd.Function):

@@ -1,0 +1,316 @@
+"""Pairwise preference losses (DPO and relatives) on sequence log-probs, fused.
+
+Math, per pair i (pc, pr policy log-probs of the chosen / rejected answer, rc, rr the
+reference's, Lc, Lr their lengths; s the logistic sigmoid, eps the label smoothing):
+
+    a = (pc - rc) / Lc    b = (pr - rr) / Lr      (Lc = Lr = 1 unless ipo or sigmoid_norm)
+    delta = a - b,  u = beta * delta
+
+    type           loss                                      d loss / d u   (or d a, d b)
+    sigmoid(_norm) -(1 - eps) log s(u) - eps log s(-u)       -(1 - eps) s(-u) + eps s(u)
+    robust         (-(1 - eps) log s(u) + eps log s(-u))     (-(1 - eps) s(-u) - eps s(u))
+                     / (1 - 2 eps)                             / (1 - 2 eps)
+    hinge          max(0, 1 - u)                             -1 if u < 1 else 0
+    exo_pair       s(u) (log s(u) - log(1 - eps))            s(u) s(-u) (u - log((1 - eps)
+                     + s(-u) (log s(-u) - log eps)                                / eps))
+    ipo            (delta - 1 / (2 beta))^2                  d/d delta: 2 (delta - 1/(2 beta))
+    nca_pair       -log s(beta a) - log s(-beta a) / 2       d/da: beta (-s(-beta a)
+                     - log s(-beta b) / 2                                + s(beta a) / 2)
+                                                             d/db: beta s(beta b) / 2
+    bco_pair       -log s(beta a) - log s(-beta b)           d/da: -beta s(-beta a)
+                                                             d/db: beta s(beta b)
+    sppo_hard      (a - 1/(2 beta))^2 + (b + 1/(2 beta))^2   d/da: 2 (a - 1/(2 beta))
+                                                             d/db: 2 (b + 1/(2 beta))
+    apo_zero       s(-beta a) + s(beta b)                    d/da: -beta s'(beta a)
+                                                             d/db: beta s'(beta b)
+    apo_down       s(beta a) + s(-u)                         d/da: beta (s'(beta a) - s'(u))
+                                                             d/db: beta s'(u)
+
+with s'(x) = s(x) s(-x); for the types written in u, d/da = beta d/du = -d/db. Then
+d pc = g d/da / Lc = -d rc and d pr = g d/db / Lr = -d rr, g the upstream gradient of the
+pair's loss (g / B for a mean). log s(x) = min(x, 0) - log1p(e^-|x|) and s(x) from
+e^-|x| alone, so no margin overflows; log1p keeps full precision when e^-|x| is tiny.
+
+Two launches: the forward is one program looping over the batch in a fixed order (B is a
+few thousand pairs at most; the result is deterministic, no atomics): it writes the
+rewards, the loss (per pair or reduced) and the accuracy and margin. The backward
+recomputes the terms from the inputs, elementwise over the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from rlhf_fast.kernels.common import split_fp64
+
+LOSS_CODES = {
+    "sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3, "exo_pair": 4, "nca_pair": 5,
+    "bco_pair": 6, "sppo_hard": 7, "apo_zero": 8, "apo_down": 9, "sigmoid_norm": 10,
+}
+LENGTH_NORMALISED_CODES = (1, 10)
+REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
+
+
+@dataclass(frozen=True)
+class DPOKernelConfig:
+    """The scalar settings of one dpo_loss call, as the kernels take them."""
+
+    loss_code: int
+    beta: float
+    eps: float
+    reduction_code: int
+
+
+@triton.jit
+def _log1p_small(e):
+    # log(1 + e) for 0 <= e <= 1, accurate when 1 + e rounds to 1 (Goldberg's trick).
+    one_plus = 1.0 + e
+    return tl.where(one_plus == 1.0, e, tl.log(one_plus) * (e / (one_plus - 1.0)))
+
+
+@triton.jit
+def _log_sigmoid(x):
+    return tl.minimum(x, 0.0) - _log1p_small(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _dpo_terms(a, b, beta, eps, LOSS: tl.constexpr):
+    """(loss, d loss / d a, d loss / d b) of each pair from its log-ratios a and b."""
+    u = beta * (a - b)
+    if LOSS == 0 or LOSS == 10:  # sigmoid, sigmoid_norm
+        loss = -(1.0 - eps) * _log_sigmoid(u) - eps * _log_sigmoid(-u)
+        d_a = beta * (eps * _sigmoid(u) - (1.0 - eps) * _sigmoid(-u))
+        d_b = -d_a
+    elif LOSS == 1:  # ipo
+        gap = (a - b) - 0.5 / beta
+        loss = gap * gap
+        d_a = 2.0 * gap
+        d_b = -d_a
+    elif LOSS == 2:  # hinge
+        loss = tl.maximum(1.0 - u, 0.0)
+        d_a = tl.where(u < 1.0, -beta, 0.0)
+        d_b = -d_a
+    elif LOSS == 3:  # robust
+        scale = 1.0 / (1.0 - 2.0 * eps)
+        loss = scale * (eps * _log_sigmoid(-u) - (1.0 - eps) * _log_sigmoid(u))
+        d_a = -beta * scale * (eps * _sigmoid(u) + (1.0 - eps) * _sigmoid(-u))
+        d_b = -d_a
+    elif LOSS == 4:  # exo_pair
+        s_pos = _sigmoid(u)
+        s_neg = _sigmoid(-u)
+        loss = (s_pos * (_log_sigmoid(u) - tl.log(1.0 - eps))
+                + s_neg * (_log_sigmoid(-u) - tl.log(eps)))
+        d_a = beta * s_pos * s_neg * (u - tl.log((1.0 - eps) / eps))
+        d_b = -d_a
+    elif LOSS == 5:  # nca_pair
+        ca = beta * a
+        cb = beta * b
+        loss = -_log_sigmoid(ca) - 0.5 * _log_sigmoid(-ca) - 0.5 * _log_sigmoid(-cb)
+        d_a = beta * (0.5 * _sigmoid(ca) - _sigmoid(-ca))
+        d_b = 0.5 * beta * _sigmoid(cb)
+    elif LOSS == 6:  # bco_pair
+        ca = beta * a
+        cb = beta * b
+        loss = -_log_sigmoid(ca) - _log_sigmoid(-cb)
+        d_a = -beta * _sigmoid(-ca)
+        d_b = beta * _sigmoid(cb)
+    elif LOSS == 7:  # sppo_hard
+        gap_a = a - 0.5 / beta
+        gap_b = b + 0.5 / beta
+        loss = gap_a * gap_a + gap_b * gap_b
+        d_a = 2.0 * gap_a
+        d_b = 2.0 * gap_b
+    elif LOSS == 8:  # apo_zero
+        ca = beta * a
+        cb = beta * b
+        loss = _sigmoid(-ca) + _sigmoid(cb)
+        d_a = -beta * _sigmoid(ca) * _sigmoid(-ca)
+        d_b = beta * _sigmoid(cb) * _sigmoid(-cb)
+    else:  # apo_down
+        ca = beta * a
+        loss = _sigmoid(ca) + _sigmoid(-u)
+        d_b = beta * _sigmoid(u) * _sigmoid(-u)
+        d_a = beta * _sigmoid(ca) * _sigmoid(-ca) - d_b
+    return loss, d_a, d_b
+
+
+@triton.jit
+def _log_ratios(pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok,
+                acc_dtype: tl.constexpr, HAS_REF: tl.constexpr, LENGTH_NORM: tl.constexpr):
+    """(a, b, 1 / Lc, 1 / Lr) of the pairs at `offs`."""
+    a = tl.load(pc_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
+    b = tl.load(pr_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
+    if HAS_REF:
+        a -= tl.load(rc_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
+        b -= tl.load(rr_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
+    if LENGTH_NORM:
+        inv_lc = 1.0 / tl.maximum(tl.load(lc_ptr + offs, mask=ok, other=1).to(acc_dtype), 1.0)
+        inv_lr = 1.0 / tl.maximum(tl.load(lr_ptr + offs, mask=ok, other=1).to(acc_dtype), 1.0)
+        a *= inv_lc
+        b *= inv_lr
+    else:
+        inv_lc = tl.full(a.shape, 1.0, acc_dtype)
+        inv_lr = inv_lc
+    return a, b, inv_lc, inv_lr
+
+
+@triton.jit
+def _dpo_fwd_kernel(
+    pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr,
+    loss_ptr, chosen_reward_ptr, rejected_reward_ptr, stats_ptr,
+    B, beta_hi, beta_lo, eps_hi, eps_lo,
+    LOSS: tl.constexpr, HAS_REF: tl.constexpr, LENGTH_NORM: tl.constexpr,
+    REDUCTION: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    zero = tl.zeros([], acc_dtype)
+    beta = (zero + beta_hi) + beta_lo
+    eps = (zero + eps_hi) + eps_lo
+    s_loss = tl.zeros([BLOCK], acc_dtype)
+    s_correct = tl.zeros([BLOCK], acc_dtype)
+    s_margin = tl.zeros([BLOCK], acc_dtype)
+    for start in range(0, B, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < B
+        a, b, inv_lc, inv_lr = _log_ratios(
+            pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, acc_dtype,
+            HAS_REF, LENGTH_NORM,
+        )
+        loss, d_a, d_b = _dpo_terms(a, b, beta, eps, LOSS)
+        chosen_reward = beta * a
+        rejected_reward = beta * b
+        tl.store(chosen_reward_ptr + offs, chosen_reward, mask=ok)
+        tl.store(rejected_reward_ptr + offs, rejected_reward, mask=ok)
+        if REDUCTION == 2:
+            tl.store(loss_ptr + offs, loss, mask=ok)
+        s_loss += tl.where(ok, loss, 0.0)
+        s_correct += tl.where(ok & (chosen_reward > rejected_reward), 1.0, 0.0)
+        s_margin += tl.where(ok, chosen_reward - rejected_reward, 0.0)
+    total = tl.sum(s_loss, axis=0)
+    if REDUCTION == 0:
+        tl.store(loss_ptr, total / B)
+    elif REDUCTION == 1:
+        tl.store(loss_ptr, total)
+    tl.store(stats_ptr + 0, tl.sum(s_correct, axis=0) / B)
+    tl.store(stats_ptr + 1, tl.sum(s_margin, axis=0) / B)
+
+
+@triton.jit
+def _dpo_bwd_kernel(
+    grad_ptr, pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr,
+    d_pc_ptr, d_pr_ptr, d_rc_ptr, d_rr_ptr,
+    B, beta_hi, beta_lo, eps_hi, eps_lo,
+    LOSS: tl.constexpr, HAS_REF: tl.constexpr, LENGTH_NORM: tl.constexpr,
+    REDUCTION: tl.constexpr, GRAD_PC: tl.constexpr, GRAD_PR: tl.constexpr,
+    GRAD_RC: tl.constexpr, GRAD_RR: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    zero = tl.zeros([], acc_dtype)
+    beta = (zero + beta_hi) + beta_lo
+    eps = (zero + eps_hi) + eps_lo
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < B
+    a, b, inv_lc, inv_lr = _log_ratios(
+        pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, acc_dtype,
+        HAS_REF, LENGTH_NORM,
+    )
+    loss, d_a, d_b = _dpo_terms(a, b, beta, eps, LOSS)
+    if REDUCTION == 2:
+        g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
+    elif REDUCTION == 0:
+        g = tl.load(grad_ptr).to(acc_dtype) / B
+    else:
+        g = tl.load(grad_ptr).to(acc_dtype)
+    d_chosen = g * d_a * inv_lc
+    d_rejected = g * d_b * inv_lr
+    if GRAD_PC:
+        tl.store(d_pc_ptr + offs, d_chosen.to(d_pc_ptr.dtype.element_ty), mask=ok)
+    if GRAD_PR:
+        tl.store(d_pr_ptr + offs, d_rejected.to(d_pr_ptr.dtype.element_ty), mask=ok)
+    if GRAD_RC:
+        tl.store(d_rc_ptr + offs, (-d_chosen).to(d_rc_ptr.dtype.element_ty), mask=ok)
+    if GRAD_RR:
+        tl.store(d_rr_ptr + offs, (-d_rejected).to(d_rr_ptr.dtype.element_ty), mask=ok)
+
+
+FWD_BLOCK = 1024
+BWD_BLOCK = 1024
+
+
+def _fp64(*tensors: torch.Tensor) -> bool:
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
+def dpo_forward(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+    rejected_lengths, cfg: DPOKernelConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward on contiguous [B] inputs (refs and lengths may be None).
+
+    Returns (loss: 0-d or [B] for reduction "none", chosen_rewards [B],
+    rejected_rewards [B], stats [2] = (accuracy, margin)), fp32 (fp64 when a policy input
+    is fp64).
+    """
+    B = policy_chosen.shape[0]
+    fp64 = _fp64(policy_chosen, policy_rejected)
+    dtype = torch.float64 if fp64 else torch.float32
+    device = policy_chosen.device
+    loss_shape = (B,) if cfg.reduction_code == REDUCTION_CODES["none"] else ()
+    loss = torch.empty(loss_shape, dtype=dtype, device=device)
+    chosen_rewards = torch.empty(B, dtype=dtype, device=device)
+    rejected_rewards = torch.empty(B, dtype=dtype, device=device)
+    stats = torch.empty(2, dtype=dtype, device=device)
+    has_ref = ref_chosen is not None
+    _dpo_fwd_kernel[(1,)](
+        policy_chosen, policy_rejected,
+        ref_chosen if has_ref else policy_chosen, ref_rejected if has_ref else policy_chosen,
+        policy_chosen if chosen_lengths is None else chosen_lengths,
+        policy_chosen if rejected_lengths is None else rejected_lengths,
+        loss, chosen_rewards, rejected_rewards, stats,
+        B, *split_fp64(cfg.beta), *split_fp64(cfg.eps),
+        LOSS=cfg.loss_code, HAS_REF=has_ref,
+        LENGTH_NORM=cfg.loss_code in LENGTH_NORMALISED_CODES,
+        REDUCTION=cfg.reduction_code, FP64=fp64,
+        BLOCK=min(FWD_BLOCK, max(16, triton.next_power_of_2(B))), num_warps=4,
+    )
+    return loss, chosen_rewards, rejected_rewards, stats
+
+
+def dpo_backward(
+    grad_loss, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+    rejected_lengths, cfg: DPOKernelConfig, needs_grad: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients w.r.t. (policy_chosen, policy_rejected, ref_chosen, ref_rejected), each
+    [B] in its input's dtype where `needs_grad` asks for it (else None), from the upstream
+    gradient of the loss (0-d, or [B] for reduction "none")."""
+    inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    grads = tuple(
+        torch.empty_like(x) if needed else None for x, needed in zip(inputs, needs_grad)
+    )
+    B = policy_chosen.shape[0]
+    has_ref = ref_chosen is not None
+    _dpo_bwd_kernel[(triton.cdiv(B, BWD_BLOCK),)](
+        grad_loss, policy_chosen, policy_rejected,
+        ref_chosen if has_ref else policy_chosen, ref_rejected if has_ref else policy_chosen,
+        policy_chosen if chosen_lengths is None else chosen_lengths,
+        policy_chosen if rejected_lengths is None else rejected_lengths,
+        *(policy_chosen if g is None else g for g in grads),
+        B, *split_fp64(cfg.beta), *split_fp64(cfg.eps),
+        LOSS=cfg.loss_code, HAS_REF=has_ref,
+        LENGTH_NORM=cfg.loss_code in LENGTH_NORMALISED_CODES,
+        REDUCTION=cfg.reduction_code,
+        GRAD_PC=needs_grad[0], GRAD_PR=needs_grad[1], GRAD_RC=needs_grad[2],
+        GRAD_RR=needs_grad[3], FP64=_fp64(policy_chosen, policy_rejected),
+        BLOCK=BWD_BLOCK, num_warps=4,
+    )
+    return grads

@@ -1,0 +1,189 @@
+"""`rlhf_fast.dpo_loss`: pairwise preference losses in one forward and one backward pass."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf_fast import reference
+from rlhf_fast.kernels import dpo as kernel
+from rlhf_fast.ops.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_same_device,
+    check_same_shape,
+    check_tensor,
+)
+from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.reference import (
+    DPO_LABEL_SMOOTHING_TYPES,
+    DPO_LENGTH_NORMALISED_TYPES,
+    DPO_LOSS_TYPES,
+    DPO_REDUCTIONS,
+    DPO_REFERENCE_FREE_TYPES,
+    EXO_DEFAULT_EPS,
+    DPOLossOutput,
+)
+
+
+class DPOLossFunction(torch.autograd.Function):
+    """Autograd wrapper: the differentiable loss and the detached statistics."""
+
+    @staticmethod
+    def forward(ctx, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                chosen_lengths, rejected_lengths, cfg):
+        inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                  chosen_lengths, rejected_lengths)
+        loss, chosen_rewards, rejected_rewards, stats = kernel.dpo_forward(*inputs, cfg)
+        ctx.save_for_backward(*inputs)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, stats)
+        return loss, chosen_rewards, rejected_rewards, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_chosen, _grad_rejected, _grad_stats):
+        grads = kernel.dpo_backward(
+            grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,
+            needs_grad=tuple(ctx.needs_input_grad[:4]),
+        )
+        return (*grads, None, None, None)
+
+
+def _check_pair_input(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    check_tensor(name, value, FLOAT_DTYPES)
+    check_same_device(name, value, "policy_chosen", like)
+    check_same_shape(name, value, "policy_chosen", like)
+    return value.contiguous()
+
+
+def _check_float(name: str, value: object, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float {expected}, got {type(value).__name__}")
+    return float(value)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> DPOLossOutput:
+    """DPO and its pairwise relatives on sequence log-probs: one fused forward, one backward.
+
+    With a = policy_chosen - ref_chosen and b = policy_rejected - ref_rejected (the
+    log-ratios of the chosen and the rejected answer), delta = a - b and u = beta * delta:
+    "sigmoid" is -log s(u) (DPO; with label_smoothing eps, conservative DPO
+    -(1 - eps) log s(u) - eps log s(-u)). Every type's formula and source:
+    `rlhf_fast.reference.dpo_loss`. log s(x) is computed as -softplus(-x): finite for
+    margins of any size.
+
+    Args:
+        policy_chosen, policy_rejected: ``[B]`` log-probs of each pair's chosen and
+            rejected answer under the policy (sums over the answer's tokens, e.g. from
+            `sequence_logps`); fp32, bf16, fp16 or fp64; differentiable.
+        ref_chosen, ref_rejected: ``[B]`` the same under the reference model, or both
+            None for a reference-free loss (log pi_ref = 0), allowed for the types whose
+            loss depends only on delta: sigmoid, ipo, hinge, robust, exo_pair,
+            sigmoid_norm. Differentiable too when they require grad.
+        beta: > 0, the KL-regularisation strength (IPO's tau for "ipo").
+        loss_type: one of sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair,
+            sppo_hard, apo_zero, apo_down, sigmoid_norm.
+        label_smoothing: eps in [0, 0.5), the probability that a preference label is
+            flipped; read by sigmoid, sigmoid_norm, robust and exo_pair (where 0 means the
+            paper's 1e-3), and must be 0 for the other types.
+        chosen_lengths, rejected_lengths: ``[B]`` answer lengths in tokens (int or float),
+            required by the length-normalised types ipo and sigmoid_norm (all four
+            log-probs are divided by them, clamped to >= 1) and rejected by the others.
+        reduction: "mean" or "sum" over the batch, or "none" for the ``[B]`` losses.
+
+    Returns:
+        `DPOLossOutput`: loss (fp32, fp64 if a policy input is fp64; differentiable),
+        chosen_rewards and rejected_rewards ``[B]`` (beta times each log-ratio, on the
+        log-probs the loss sees), reward_accuracy (fraction of pairs with chosen reward >
+        rejected reward) and reward_margin (mean of their difference), all detached.
+        Gradients come back in each input's dtype. A NaN input gives a NaN loss for its
+        pair (and so for a mean or sum); other pairs are unaffected.
+
+    Raises:
+        ValueError: an empty batch (B = 0), mismatched shapes or devices, an unknown
+            loss_type or reduction, an out-of-range beta or label_smoothing, or a missing
+            or superfluous reference or lengths argument. TypeError: wrong types.
+    """
+    check_tensor("policy_chosen", policy_chosen, FLOAT_DTYPES)
+    if policy_chosen.dim() != 1 or policy_chosen.shape[0] == 0:
+        raise ValueError(
+            f"policy_chosen must have shape [B] with B >= 1, got {tuple(policy_chosen.shape)}"
+        )
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if reduction not in DPO_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {DPO_REDUCTIONS}, got {reduction!r}")
+    beta = _check_float("beta", beta, "> 0")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite float > 0, got {beta}")
+    label_smoothing = _check_float("label_smoothing", label_smoothing, "in [0, 0.5)")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing != 0 and loss_type not in DPO_LABEL_SMOOTHING_TYPES:
+        raise ValueError(
+            f"label_smoothing must be 0 for loss_type {loss_type!r} (it is read only by "
+            f"{DPO_LABEL_SMOOTHING_TYPES}), got {label_smoothing}"
+        )
+
+    policy_chosen = policy_chosen.contiguous()
+    policy_rejected = _check_pair_input("policy_rejected", policy_rejected, policy_chosen)
+    if (ref_chosen is None) != (ref_rejected is None):
+        raise ValueError("ref_chosen and ref_rejected must both be tensors or both be None")
+    if ref_chosen is None and loss_type not in DPO_REFERENCE_FREE_TYPES:
+        raise ValueError(
+            f"ref_chosen and ref_rejected are required for loss_type {loss_type!r}; "
+            f"reference-free (None) works for {DPO_REFERENCE_FREE_TYPES}"
+        )
+    if ref_chosen is not None:
+        ref_chosen = _check_pair_input("ref_chosen", ref_chosen, policy_chosen)
+        ref_rejected = _check_pair_input("ref_rejected", ref_rejected, policy_chosen)
+
+    lengths = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+    if loss_type in DPO_LENGTH_NORMALISED_TYPES:
+        for name, value in lengths.items():
+            if value is None:
+                raise ValueError(f"{name} is required for loss_type {loss_type!r}, got None")
+            check_tensor(name, value, INDEX_DTYPES + FLOAT_DTYPES)
+            check_same_device(name, value, "policy_chosen", policy_chosen)
+            check_same_shape(name, value, "policy_chosen", policy_chosen)
+        chosen_lengths = chosen_lengths.contiguous()
+        rejected_lengths = rejected_lengths.contiguous()
+    else:
+        for name, value in lengths.items():
+            if value is not None:
+                raise ValueError(
+                    f"{name} must be None for loss_type {loss_type!r}: only "
+                    f"{DPO_LENGTH_NORMALISED_TYPES} normalise by length"
+                )
+
+    options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                   reduction=reduction)
+    if not use_triton(policy_chosen):
+        return reference.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                  **options)
+    eps = label_smoothing
+    if loss_type == "exo_pair" and eps == 0:
+        eps = EXO_DEFAULT_EPS
+    cfg = kernel.DPOKernelConfig(
+        loss_code=kernel.LOSS_CODES[loss_type], beta=beta, eps=eps,
+        reduction_code=kernel.REDUCTION_CODES[reduction],
+    )
+    loss, chosen_rewards, rejected_rewards, stats = DPOLossFunction.apply(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+        chosen_lengths, rejected_lengths, cfg,
+    )
+    return DPOLossOutput(loss, chosen_rewards, rejected_rewards, stats[0], stats[1])
