@@ -93,7 +93,7 @@ def _logprobs_bwd_kernel(
     grad_ptr, logits_ptr, labels_ptr, row_max_ptr, log_sum_ptr, entropy_ptr,
     g_logp_ptr, g_entropy_ptr,
     n_inner, stride_outer, stride_inner, g_stride_outer, g_stride_inner,
-    vocab, inv_temperature, ignore_index,
+    vocab, label_shift, inv_temperature, ignore_index,
     HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr, FP64: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -127,7 +127,7 @@ def _logprobs_bwd_kernel(
             p = tl.exp(log_p)
             dz = tl.zeros([BLOCK_V], acc_dtype)
             if HAS_G_LOGP:
-                dz = g_logp * (tl.where(offs == label, 1.0, 0.0) - p)
+                dz = g_logp * (tl.where(offs == label - label_shift, 1.0, 0.0) - p)
             if HAS_G_ENTROPY:
                 dz -= g_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
             dx = dz * inv_temperature
@@ -211,11 +211,15 @@ def logprobs_backward(
     temperature: float,
     ignore_index: int,
     inplace: bool,
+    label_shift: int = 0,
 ) -> torch.Tensor:
     """Gradient w.r.t. `logits` from both outputs' upstream gradients (flat [N], or None).
 
     Returns a tensor shaped like `logits` in its dtype: `logits` itself when `inplace`
-    (nothing of size N*V is allocated), else a new contiguous one.
+    (nothing of size N*V is allocated), else a new contiguous one. `logits` may be a
+    column slice [.., v0 : v0 + V'] of the full rows (`label_shift` = v0) when
+    `row_stats` (and `entropy`) come from the full rows: the vocab-chunked backward of
+    linear_logprobs.
     """
     vocab = logits.shape[-1]
     n_rows = labels.numel()
@@ -234,7 +238,7 @@ def logprobs_backward(
         unused if g_entropy is None else entropy,
         unused if g_logp is None else g_logp,
         unused if g_entropy is None else g_entropy,
-        *layout, *g_layout, vocab, 1.0 / temperature, ignore_index,
+        *layout, *g_layout, vocab, label_shift, 1.0 / temperature, ignore_index,
         HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None,
         FP64=logits.dtype == torch.float64, BLOCK_V=block, num_warps=_num_warps(block),
     )

@@ -73,6 +73,27 @@ def logprobs(
     return logp
 
 
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs` of the materialised logits ``hidden @ weight.T + bias`` (in the input
+    dtype, as a model's lm_head computes them). hidden ``[..., D]``, weight ``[V, D]``."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return logprobs(
+        logits, labels, temperature=temperature, ignore_index=ignore_index,
+        return_entropy=return_entropy,
+    )
+
 # --------------------------------------------------------------------------- ppo_loss
 
 KL_ESTIMATORS = ("k1", "k2", "k3")

@@ -43,3 +43,16 @@ def test_advantages_snippet_runs():
     valid = ns["advantages"][ns["mask"]]
     assert abs(valid.mean().item()) < 1e-5 and abs(valid.std().item() - 1) < 1e-3
     assert ns["group_adv"].view(2, 4).sum(-1).abs().max().item() < 1e-5
+
+
+def test_dpo_snippet_runs_and_holds_what_it_claims():
+    ns: dict = {}
+    exec(python_blocks()[3], ns)
+    out, grad, labels = ns["out"], ns["logits"].grad, ns["labels"]
+    assert out.loss.dim() == 0 and out.chosen_rewards.shape == (2,)
+    assert 0.0 <= out.reward_accuracy.item() <= 1.0
+    assert grad.dtype == torch.bfloat16
+    # Positions whose next token is masked get no gradient; every answer token does.
+    next_masked = torch.cat([labels[:, 1:] == -100, torch.ones(4, 1, dtype=torch.bool)], 1)
+    assert not grad[next_masked].any()
+    assert (grad[~next_masked] != 0).any(dim=-1).all()

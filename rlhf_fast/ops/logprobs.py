@@ -61,7 +61,7 @@ class LogProbsFunction(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         value = int(labels[bad][0])
@@ -128,7 +128,7 @@ def logprobs(
     if check_labels is None:
         check_labels = not logits.is_cuda
     if check_labels:
-        _check_label_range(labels, logits.shape[-1], ignore_index)
+        check_label_range(labels, logits.shape[-1], ignore_index)
 
     if not use_triton(logits):
         return reference.logprobs(

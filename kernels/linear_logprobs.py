@@ -1,0 +1,152 @@
+"""Log-probs and entropy from hidden states and the lm_head: logits never stored whole.
+
+Math (h [N, D] hidden states, W [V, D] the lm_head, b [V] its bias, z = (h W^T + b) / T):
+the outputs and their gradient dz are those of `kernels/logprobs.py` on z, and
+
+    d h = dz W / T        d W = dz^T h / T        d b = sum_n dz / T
+
+(the 1 / T is folded into dz by the log-prob backward kernel).
+
+Design: chunks through cuBLAS GEMMs plus the fused log-prob kernels, never more than
+CHUNK_ELEMENTS logits alive at once.
+
+  forward   token chunks of n_c = CHUNK_ELEMENTS // V rows: z_c = h_c W^T + b (one GEMM,
+            the logits in the input dtype, as a model's lm_head computes them), then the
+            log-prob forward kernel on z_c, which keeps each row's (max, log-sum-exp)
+            for the backward.
+  backward  vocab chunks of v_c = CHUNK_ELEMENTS // N columns over all N tokens:
+            recompute z[:, v] = h W_v^T + b_v, overwrite it in place with dz[:, v] (the
+            log-prob backward kernel, given the full rows' saved statistics), then
+            d W_v = dz[:, v]^T h, a single GEMM over all tokens (fp32 accumulation inside
+            the GEMM, rounded once to W's dtype, no [V, D] fp32 buffer), and
+            d h += dz[:, v] W_v into an fp32 [N, D] accumulator.
+
+Why this design and not a fully fused blockwise Triton kernel (matmul tiles with an
+online logsumexp in registers): the GEMMs are > 99% of the FLOPs, cuBLAS runs them close
+to peak on every GPU generation without per-architecture tuning, and the only memory
+above the inputs and gradients is one chunk of logits (CHUNK_ELEMENTS, 256 MB in bf16)
+plus the [N, D] fp32 accumulator of d h. The fused kernel would save the chunk's HBM
+round trip (2 bytes per logit written and read per pass, against 2 D FLOPs per logit per
+GEMM: under 10% of the GEMM time at D = 4096). It was not measured against this one:
+no GPU was available while this was written; `benchmarks/bench_linear_logprobs.py` puts
+both the GEMM rate and this op's rate side by side to make that call.
+
+Cost: 4 GEMMs of 2 N V D FLOPs (forward 1; backward 3: recompute, d W, d h). The fused
+losses in `rlhf_fast.ops.linear_logprobs` that know the upstream gradient in the forward
+skip the recompute (3 GEMMs).
+
+Batch invariance: none claimed. cuBLAS picks its algorithm (and split-K) from the GEMM
+shape, so a token's logits, hence its outputs, may differ in the last bits with N and
+with the chunk it falls in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast.kernels import logprobs as logprobs_kernel
+
+#: Logits computed at once, in elements: 256 MB in bf16 (2^27 * 2 bytes).
+CHUNK_ELEMENTS = 1 << 27
+#: Smallest vocab chunk of the backward (a multiple of every GEMM tile).
+MIN_VOCAB_CHUNK = 256
+
+
+def token_chunk(vocab: int) -> int:
+    """Rows of logits the forward computes at once."""
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def vocab_chunk(n_tokens: int) -> int:
+    """Columns of logits the backward computes at once (a multiple of MIN_VOCAB_CHUNK)."""
+    columns = CHUNK_ELEMENTS // max(n_tokens, 1)
+    return max(MIN_VOCAB_CHUNK, columns - columns % MIN_VOCAB_CHUNK)
+
+
+def lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """hidden [n, D] @ weight[v, D]^T (+ bias [v]): [n, v] logits in the input dtype."""
+    if bias is None:
+        return hidden @ weight.T
+    return torch.addmm(bias, hidden, weight.T)
+
+
+def linear_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    compute_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Forward on contiguous ``hidden [N, D]``, ``weight [V, D]``, labels [N].
+
+    Returns (logp [N], entropy [N] or None, row_stats [2, N]), fp32 (fp64 for fp64
+    inputs), as `kernels.logprobs.logprobs_forward` on the full logits.
+    """
+    n_tokens = hidden.shape[0]
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = torch.empty(n_tokens, dtype=dtype, device=hidden.device)
+    entropy = torch.empty_like(logp) if compute_entropy else None
+    row_stats = torch.empty(2, n_tokens, dtype=dtype, device=hidden.device)
+    step = token_chunk(weight.shape[0])
+    for start in range(0, n_tokens, step):
+        rows = slice(start, min(start + step, n_tokens))
+        logits = lm_head(hidden[rows], weight, bias)
+        chunk_logp, chunk_entropy, chunk_stats = logprobs_kernel.logprobs_forward(
+            logits, labels[rows], logprobs_kernel.row_layout(logits), temperature,
+            ignore_index, compute_entropy,
+        )
+        logp[rows] = chunk_logp
+        row_stats[:, rows] = chunk_stats
+        if compute_entropy:
+            entropy[rows] = chunk_entropy
+    return logp, entropy, row_stats
+
+
+def linear_logprobs_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    row_stats: torch.Tensor,
+    entropy: torch.Tensor | None,
+    g_logp: torch.Tensor | None,
+    g_entropy: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d hidden, d weight, d bias), each in its input's dtype where `needs_grad` asks for
+    it (else None), from the upstream gradients of logp and entropy (flat [N], or None)."""
+    needs_hidden, needs_weight, needs_bias = needs_grad
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    d_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=hidden.device) \
+        if needs_hidden else None
+    d_weight = torch.empty_like(weight) if needs_weight else None
+    d_bias = torch.empty(vocab, dtype=acc_dtype, device=hidden.device) if needs_bias else None
+    if n_tokens == 0:
+        for grad in (d_weight, d_bias):
+            if grad is not None:
+                grad.zero_()
+    step = vocab_chunk(n_tokens)
+    for start in range(0, vocab if n_tokens else 0, step):
+        cols = slice(start, min(start + step, vocab))
+        w = weight[cols]
+        logits = lm_head(hidden, w, None if bias is None else bias[cols])
+        d_logits = logprobs_kernel.logprobs_backward(
+            logits, labels, logprobs_kernel.row_layout(logits), row_stats, entropy,
+            g_logp, g_entropy, temperature, ignore_index, inplace=True, label_shift=start,
+        )
+        if needs_weight:
+            torch.mm(d_logits.T, hidden, out=d_weight[cols])
+        if needs_hidden:
+            d_hidden += d_logits @ w
+        if needs_bias:
+            d_bias[cols] = d_logits.sum(0, dtype=acc_dtype)
+    return (
+        None if d_hidden is None else d_hidden.to(hidden.dtype),
+        d_weight,
+        None if d_bias is None else d_bias.to(bias.dtype),
+    )
