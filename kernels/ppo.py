@@ -280,6 +280,35 @@ def _ppo_bwd_kernel(
             tl.store(d_v_ptr + base + offs, d_v.to(d_v_ptr.dtype.element_ty), mask=in_row)
 
 
+@triton.jit
+def _ppo_token_grad_kernel(
+    token_weight_ptr, logp_ptr, old_logp_ptr, adv_ptr, ref_ptr, d_logp_ptr, d_ent_ptr,
+    n_tokens, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+    HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # d loss / d logp and d loss / d entropy of single tokens, given each token's
+    # aggregation weight w (0 for masked tokens): the fused linear_ppo_loss calls this on a
+    # chunk of tokens as soon as their log-probs exist, before the rest of the batch does.
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < n_tokens
+    w = tl.load(token_weight_ptr + offs, mask=in_range, other=0.0).to(acc_dtype)
+    valid = w != 0
+    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    log_ratio, ratio, pg, d_pg, clipped = _policy_terms(
+        logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL
+    )
+    d_logp = d_pg
+    if KL_EST != 0:
+        ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+        kl, d_kl = _kl_terms(logp, ref, KL_EST)
+        d_logp += kl_coef * d_kl
+    tl.store(d_logp_ptr + offs, tl.where(valid, w * d_logp, 0.0), mask=in_range)
+    tl.store(d_ent_ptr + offs, tl.where(valid, -entropy_coef * w, 0.0), mask=in_range)
+
+
 MAX_BLOCK_T = 1024
 
 
@@ -359,3 +388,47 @@ def ppo_backward(
         FP64=logp.dtype == torch.float64, BLOCK_T=block, num_warps=_num_warps(block),
     )
     return d_logp, d_ent, d_v
+
+
+
+TOKEN_GRAD_BLOCK = 1024
+
+
+def token_weights(
+    mask: torch.Tensor, agg_code: int, max_len: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The weight of each token in the aggregated loss, ``[B, T]`` in `dtype`: the
+    per-row w of this module's docstring on valid tokens, 0 on masked ones."""
+    valid = (mask != 0).to(dtype)
+    row_counts = valid.sum(-1, keepdim=True)
+    n_seqs = (row_counts > 0).sum().clamp(min=1).to(dtype)
+    if agg_code == AGG_CODES["token-mean"]:
+        weight = 1.0 / row_counts.sum().clamp(min=1)
+    elif agg_code == AGG_CODES["seq-mean-token-mean"]:
+        weight = 1.0 / (n_seqs * row_counts.clamp(min=1))
+    elif agg_code == AGG_CODES["seq-mean-token-sum"]:
+        weight = 1.0 / n_seqs
+    else:
+        weight = torch.tensor(1.0 / max(mask.shape[0] * max_len, 1), dtype=dtype,
+                              device=mask.device)
+    return valid * weight
+
+
+def ppo_token_grads(
+    token_weight, logp, old_logp, advantages, ref_logp, cfg
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d loss / d logp, d loss / d entropy) of flat contiguous [n] tokens, for an upstream
+    gradient of 1 on `loss`, in token_weight's dtype. `token_weight` from `token_weights`."""
+    n_tokens = logp.numel()
+    d_logp = torch.empty_like(token_weight)
+    d_ent = torch.empty_like(token_weight)
+    if n_tokens == 0:
+        return d_logp, d_ent
+    _ppo_token_grad_kernel[(triton.cdiv(n_tokens, TOKEN_GRAD_BLOCK),)](
+        token_weight, logp, old_logp, advantages, logp if ref_logp is None else ref_logp,
+        d_logp, d_ent, n_tokens, cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.kl_coef,
+        cfg.entropy_coef, HAS_DUAL=cfg.has_dual,
+        KL_EST=cfg.kl_code if ref_logp is not None else 0,
+        FP64=token_weight.dtype == torch.float64, BLOCK=TOKEN_GRAD_BLOCK, num_warps=4,
+    )
+    return d_logp, d_ent

@@ -13,6 +13,7 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import linear_logprobs as kernel
+from rlhf_fast.kernels import ppo as ppo_kernel
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -24,8 +25,9 @@ from rlhf_fast.ops.checks import (
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.ops.dpo import dpo_loss
 from rlhf_fast.ops.logprobs import check_label_range
+from rlhf_fast.ops.ppo import check_ppo_arguments
 from rlhf_fast.ops.sequence_logps import sequence_logps
-from rlhf_fast.reference import DPO_LENGTH_NORMALISED_TYPES, DPOLossOutput
+from rlhf_fast.reference import DPO_LENGTH_NORMALISED_TYPES, DPOLossOutput, PPOLossOutput
 
 
 class LinearLogProbsFunction(torch.autograd.Function):
@@ -209,3 +211,133 @@ def linear_dpo_loss(
         seq_logp[:n_pairs], seq_logp[n_pairs:], ref_chosen, ref_rejected, beta=beta,
         loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction, **lengths,
     )
+
+
+class LinearPPOLossFunction(torch.autograd.Function):
+    """Forward computes the loss and, already, its gradient (the loss is token-wise);
+    backward scales that gradient by the upstream one. Only `loss` is differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, values, labels, old_logp, advantages, mask,
+                ref_logp, old_values, returns, temperature, ignore_index, cfg):
+        flat = {k: None if v is None else v.reshape(-1)
+                for k, v in dict(old_logp=old_logp, advantages=advantages,
+                                 ref_logp=ref_logp).items()}
+        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        token_weight = ppo_kernel.token_weights(mask, cfg.agg_code, cfg.max_len, acc_dtype)
+        token_weight = token_weight.reshape(-1)
+        logp, entropy, d_hidden, d_weight, d_bias = kernel.linear_ppo_forward_backward(
+            hidden, weight, bias, labels, flat["old_logp"], flat["advantages"],
+            flat["ref_logp"], token_weight, cfg, temperature, ignore_index,
+            tuple(ctx.needs_input_grad[:3]),
+        )
+        logp, entropy = logp.view(mask.shape), entropy.view(mask.shape)
+        outputs, counts, row_stats = ppo_kernel.ppo_forward(
+            logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns,
+            cfg,
+        )
+        d_values = None
+        if ctx.needs_input_grad[3]:
+            unit = torch.zeros_like(outputs)
+            unit[0] = 1.0
+            _, _, d_values = ppo_kernel.ppo_backward(
+                unit, counts, row_stats, logp, old_logp, advantages, mask, ref_logp, values,
+                old_values, returns, cfg, grad_entropy_dtype=None, grad_values=True,
+            )
+        ctx.save_for_backward(d_hidden, d_weight, d_bias, d_values)
+        statistics = outputs[1:].clone()
+        ctx.mark_non_differentiable(statistics)
+        return outputs[0], statistics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_statistics):
+        grads = tuple(None if g is None else g * grad_loss.to(g.dtype)
+                      for g in ctx.saved_tensors)
+        return (*grads, *([None] * 10))
+
+
+def linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    values: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    value_clip: float = 0.2,
+    vf_coef: float = 0.5,
+    agg: str = "token-mean",
+    max_len: int | None = None,
+) -> PPOLossOutput:
+    """The PPO loss straight from the policy's hidden states: no logits tensor, 3 GEMMs.
+
+    Equal to ``ppo_loss(logp, old_logp, advantages, mask, entropy=entropy, ...)`` with
+    ``logp, entropy = linear_logprobs(hidden, weight, labels, return_entropy=True, ...)``.
+    The PPO loss is a weighted sum of per-token terms whose weights depend only on the
+    mask, so each token chunk's gradient is known as soon as its log-probs are: the
+    forward computes it on the logits chunk still in memory (GEMMs: logits, d hidden,
+    d weight), and the backward only scales it by the upstream gradient. The cost: the
+    gradients are held from the forward to the backward, and d weight of a bf16 / fp16
+    weight is accumulated over token chunks in an fp32 ``[V, D]`` buffer (2 GB at
+    V = 128256, D = 4096). `linear_logprobs` + `ppo_loss` needs neither, for one more GEMM.
+
+    Args:
+        hidden: ``[B, T, D]`` (hidden[:, t] predicts labels[:, t]); weight ``[V, D]``;
+            bias, temperature, ignore_index: as in `linear_logprobs`.
+        labels: ``[B, T]`` the sampled tokens.
+        old_logp, advantages, mask and every keyword of `ppo_loss`: as there, ``[B, T]``.
+            The entropy fed to the loss (and reported) is the policy's own, from the same
+            pass; values (the critic's) may require grad.
+
+    Returns:
+        `PPOLossOutput` as `ppo_loss` returns it, except that only `loss` is
+        differentiable (w.r.t. hidden, weight, bias and values); the other fields are
+        detached.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, T, D], got {tuple(hidden.shape)}")
+    _check_linear_inputs(hidden, weight, labels, bias)
+    temperature = check_positive("temperature", temperature)
+    ignore_index = check_int("ignore_index", ignore_index)
+    if not hidden.is_cuda:
+        check_label_range(labels, weight.shape[0], ignore_index)
+    tensors, options, cfg = check_ppo_arguments(
+        "labels", labels, dict(old_logp=old_logp, advantages=advantages, mask=mask,
+                               ref_logp=ref_logp, entropy=None, values=values,
+                               old_values=old_values, returns=returns),
+        clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, entropy_coef=entropy_coef, value_clip=value_clip,
+        vf_coef=vf_coef, agg=agg, max_len=max_len,
+    )
+    if not use_triton(hidden):
+        logp, entropy = reference.linear_logprobs(
+            hidden, weight, labels, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, return_entropy=True,
+        )
+        out = reference.ppo_loss(
+            logp, tensors["old_logp"], tensors["advantages"], tensors["mask"],
+            ref_logp=tensors["ref_logp"], entropy=entropy, values=tensors["values"],
+            old_values=tensors["old_values"], returns=tensors["returns"], **options,
+        )
+        return PPOLossOutput(out.loss, *(x.detach() for x in out[1:]))
+    loss, statistics = LinearPPOLossFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+        None if bias is None else bias.contiguous(), tensors["values"],
+        labels.reshape(-1).contiguous(), tensors["old_logp"], tensors["advantages"],
+        tensors["mask"], tensors["ref_logp"], tensors["old_values"], tensors["returns"],
+        temperature, ignore_index, cfg,
+    )
+    return PPOLossOutput(loss, *statistics.unbind())

@@ -58,17 +58,70 @@ def _check_coef(name: str, value: object, *, low: float, low_inclusive: bool = T
     return value
 
 
-def _check_bt(name: str, value: torch.Tensor | None, like: torch.Tensor,
+def _check_bt(name: str, value: torch.Tensor | None, like: torch.Tensor, like_name: str,
               dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> torch.Tensor | None:
     if value is None:
         return None
     check_tensor(name, value, dtypes)
-    check_same_device(name, value, "logp", like)
+    check_same_device(name, value, like_name, like)
     if value.shape != like.shape:
         raise ValueError(
-            f"{name} must have logp's shape {tuple(like.shape)}, got {tuple(value.shape)}"
+            f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(value.shape)}"
         )
     return value.contiguous()
+
+
+def check_ppo_arguments(
+    like_name: str, like: torch.Tensor, tensors: dict[str, torch.Tensor | None],
+    *, clip_eps: float, clip_eps_high: float | None, dual_clip: float | None,
+    kl_coef: float, kl_estimator: str, entropy_coef: float, value_clip: float,
+    vf_coef: float, agg: str, max_len: int | None,
+) -> tuple[dict[str, torch.Tensor | None], dict[str, object], kernel.PPOKernelConfig]:
+    """Validate the `ppo_loss` arguments against the ``[B, T]`` tensor `like` (named
+    `like_name` in errors). Returns the tensors (contiguous), the options as the
+    reference takes them, and the kernels' config."""
+    checked = {}
+    for name in ("old_logp", "advantages", "mask", "ref_logp", "entropy"):
+        dtypes = MASK_DTYPES if name == "mask" else FLOAT_DTYPES
+        checked[name] = _check_bt(name, tensors[name], like, like_name, dtypes)
+    value_args = {k: tensors[k] for k in ("values", "old_values", "returns")}
+    if any(v is not None for v in value_args.values()) and \
+            any(v is None for v in value_args.values()):
+        missing = [k for k, v in value_args.items() if v is None]
+        raise ValueError(f"values, old_values and returns go together; missing {missing}")
+    for name, value in value_args.items():
+        checked[name] = _check_bt(name, value, like, like_name)
+    clip_eps = _check_coef("clip_eps", clip_eps, low=0.0, high=1.0)
+    clip_high = clip_eps
+    if clip_eps_high is not None:
+        clip_high = _check_coef("clip_eps_high", clip_eps_high, low=0.0)
+    if dual_clip is not None:
+        dual_clip = _check_coef("dual_clip", dual_clip, low=1.0, low_inclusive=False)
+    kl_coef = _check_coef("kl_coef", kl_coef, low=0.0)
+    entropy_coef = _check_coef("entropy_coef", entropy_coef, low=-math.inf)
+    value_clip = _check_coef("value_clip", value_clip, low=0.0, allow_inf=True)
+    vf_coef = _check_coef("vf_coef", vf_coef, low=0.0)
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
+                                or max_len < 1):
+        raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
+    if kl_coef > 0 and checked["ref_logp"] is None:
+        raise ValueError("ref_logp is required when kl_coef > 0")
+    options = dict(
+        clip_eps=clip_eps, clip_eps_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, entropy_coef=entropy_coef, value_clip=value_clip,
+        vf_coef=vf_coef, agg=agg, max_len=max_len,
+    )
+    cfg = kernel.PPOKernelConfig(
+        clip_low=clip_eps, clip_high=clip_high, has_dual=dual_clip is not None,
+        dual_clip=dual_clip or 0.0, kl_code=kernel.KL_CODES[kl_estimator], kl_coef=kl_coef,
+        entropy_coef=entropy_coef, value_clip=value_clip, vf_coef=vf_coef,
+        agg_code=kernel.AGG_CODES[agg], max_len=like.shape[1] if max_len is None else max_len,
+    )
+    return checked, options, cfg
 
 
 def ppo_loss(
@@ -129,56 +182,25 @@ def ppo_loss(
     check_tensor("logp", logp, FLOAT_DTYPES)
     if logp.dim() != 2:
         raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
-    old_logp = _check_bt("old_logp", old_logp, logp)
-    advantages = _check_bt("advantages", advantages, logp)
-    mask = _check_bt("mask", mask, logp, MASK_DTYPES)
-    ref_logp = _check_bt("ref_logp", ref_logp, logp)
-    entropy = _check_bt("entropy", entropy, logp)
-    given = {"values": values, "old_values": old_values, "returns": returns}
-    if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
-        missing = [k for k, v in given.items() if v is None]
-        raise ValueError(f"values, old_values and returns go together; missing {missing}")
-    values = _check_bt("values", values, logp)
-    old_values = _check_bt("old_values", old_values, logp)
-    returns = _check_bt("returns", returns, logp)
-    clip_eps = _check_coef("clip_eps", clip_eps, low=0.0, high=1.0)
-    clip_high = clip_eps
-    if clip_eps_high is not None:
-        clip_high = _check_coef("clip_eps_high", clip_eps_high, low=0.0)
-    if dual_clip is not None:
-        dual_clip = _check_coef("dual_clip", dual_clip, low=1.0, low_inclusive=False)
-    kl_coef = _check_coef("kl_coef", kl_coef, low=0.0)
-    entropy_coef = _check_coef("entropy_coef", entropy_coef, low=-math.inf)
-    value_clip = _check_coef("value_clip", value_clip, low=0.0, allow_inf=True)
-    vf_coef = _check_coef("vf_coef", vf_coef, low=0.0)
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
-    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
-                                or max_len < 1):
-        raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
-    if kl_coef > 0 and ref_logp is None:
-        raise ValueError("ref_logp is required when kl_coef > 0")
-    if entropy_coef != 0 and entropy is None:
-        raise ValueError("entropy is required when entropy_coef != 0")
-
-    options = dict(
-        clip_eps=clip_eps, clip_eps_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+    tensors, options, cfg = check_ppo_arguments(
+        "logp", logp, dict(old_logp=old_logp, advantages=advantages, mask=mask,
+                           ref_logp=ref_logp, entropy=entropy, values=values,
+                           old_values=old_values, returns=returns),
+        clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
         kl_estimator=kl_estimator, entropy_coef=entropy_coef, value_clip=value_clip,
         vf_coef=vf_coef, agg=agg, max_len=max_len,
     )
+    old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns = (
+        tensors[k] for k in ("old_logp", "advantages", "mask", "ref_logp", "entropy", "values",
+                             "old_values", "returns")
+    )
+    if entropy_coef != 0 and entropy is None:
+        raise ValueError("entropy is required when entropy_coef != 0")
     if not use_triton(logp):
         return reference.ppo_loss(
             logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
             values=values, old_values=old_values, returns=returns, **options,
         )
-    cfg = kernel.PPOKernelConfig(
-        clip_low=clip_eps, clip_high=clip_high, has_dual=dual_clip is not None,
-        dual_clip=dual_clip or 0.0, kl_code=kernel.KL_CODES[kl_estimator], kl_coef=kl_coef,
-        entropy_coef=entropy_coef, value_clip=value_clip, vf_coef=vf_coef,
-        agg_code=kernel.AGG_CODES[agg], max_len=logp.shape[1] if max_len is None else max_len,
-    )
     outputs = PPOLossFunction.apply(
         logp.contiguous(), entropy, values, old_logp, advantages, mask, ref_logp, old_values,
         returns, cfg,
