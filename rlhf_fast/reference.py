@@ -57,20 +57,23 @@ def logprobs(
     z = torch.where(ignored.unsqueeze(-1), torch.zeros_like(z), z)
     log_p = torch.log_softmax(z, dim=-1)
     logp = log_p.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    logp = _mark_rows(logp, in_range, ignored)
+    if not return_entropy:
+        return logp
     p = log_p.exp()
     # p * log p is 0 where p is 0 (a -inf logit), not 0 * -inf = NaN, in value and gradient.
     log_p_or_zero = torch.where(p > 0, log_p, torch.zeros_like(log_p))
     entropy = -(p * log_p_or_zero).sum(-1)
+    return logp, _mark_rows(entropy, in_range, ignored)
 
-    nan = torch.full_like(logp, float("nan"))
-    logp = torch.where(in_range, logp, nan)
-    entropy = torch.where(in_range, entropy, nan)
-    # Ignored rows: a constant 0, so no gradient reaches their logits.
-    logp = torch.where(ignored, torch.zeros_like(logp), logp)
-    entropy = torch.where(ignored, torch.zeros_like(entropy), entropy)
-    if return_entropy:
-        return logp, entropy
-    return logp
+
+def _mark_rows(
+    values: torch.Tensor, in_range: torch.Tensor, ignored: torch.Tensor
+) -> torch.Tensor:
+    """NaN for rows with an out-of-range label; a constant 0 (so no gradient reaches their
+    logits) for ignored rows."""
+    values = torch.where(in_range, values, torch.full_like(values, float("nan")))
+    return torch.where(ignored, torch.zeros_like(values), values)
 
 
 

@@ -1,0 +1,194 @@
+"""linear_ppo_loss: the PPO loss from hidden states, its gradient computed in the forward.
+
+It must equal composing linear_logprobs (with entropy) and ppo_loss, in value and in every
+gradient, whatever the chunking; and both must equal the float64 reference composition.
+"""
+
+import pytest
+import torch
+
+import rlhf_fast
+from rlhf_fast import reference
+from rlhf_fast.kernels import linear_logprobs as linear_kernel
+from tests.helpers import rel_err
+
+F64 = torch.float64
+
+
+def make_case(B=3, T=9, D=16, V=211, dtype=F64, seed_mask=True):
+    hidden = torch.randn(B, T, D, dtype=dtype)
+    weight = (0.3 * torch.randn(V, D)).to(dtype)
+    bias = torch.randn(V).to(dtype)
+    labels = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.3
+    mask[1] = False  # an all-masked row
+    mask[2, :3] = False  # left padding
+    mask[2, 3:] = True
+    labels[~mask] = -100
+    old_logp = -5 + 0.1 * torch.randn(B, T, dtype=F64)
+    ppo = dict(
+        old_logp=old_logp,
+        advantages=torch.randn(B, T, dtype=F64),
+        mask=mask,
+        ref_logp=-5 + 0.1 * torch.randn(B, T, dtype=F64),
+        values=torch.randn(B, T, dtype=F64),
+        old_values=torch.randn(B, T, dtype=F64),
+        returns=torch.randn(B, T, dtype=F64),
+    )
+    return hidden, weight, bias, labels, ppo
+
+
+OPTIONS = dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.05,
+               kl_estimator="k3", entropy_coef=0.01, value_clip=0.2, vf_coef=0.5,
+               temperature=0.8)
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def fused(hidden, weight, bias, labels, ppo, **options):
+    return rlhf_fast.linear_ppo_loss(
+        hidden, weight, labels, ppo["old_logp"], ppo["advantages"], ppo["mask"], bias=bias,
+        ref_logp=ppo["ref_logp"], values=ppo["values_leaf"], old_values=ppo["old_values"],
+        returns=ppo["returns"], **options,
+    )
+
+
+def composed(module, hidden, weight, bias, labels, ppo, *, temperature, **options):
+    logp, entropy = module.linear_logprobs(
+        hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True
+    )
+    return module.ppo_loss(
+        logp, ppo["old_logp"], ppo["advantages"], ppo["mask"], ref_logp=ppo["ref_logp"],
+        entropy=entropy, values=ppo["values_leaf"], old_values=ppo["old_values"],
+        returns=ppo["returns"], **options,
+    )
+
+
+def run(fn, hidden, weight, bias, labels, ppo, upstream, **options):
+    h, w, b, v = leaves(hidden, weight, bias, ppo["values"])
+    out = fn(h, w, b, labels, {**ppo, "values_leaf": v}, **options)
+    grads = torch.autograd.grad(out.loss * upstream, (h, w, b, v))
+    return out, grads
+
+
+@pytest.mark.parametrize("agg", reference.AGG_MODES)
+@pytest.mark.parametrize("chunk", [1 << 27, 500])
+def test_equals_linear_logprobs_then_ppo_loss(agg, chunk, monkeypatch):
+    monkeypatch.setattr(linear_kernel, "CHUNK_ELEMENTS", chunk)
+    case = make_case()
+    upstream = 1.0 + torch.rand((), dtype=F64)
+    options = dict(OPTIONS, agg=agg)
+    out, grads = run(fused, *case, upstream, **options)
+    want, want_grads = run(lambda *a, **k: composed(rlhf_fast, *a, **k), *case, upstream,
+                           **options)
+    ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *case, upstream,
+                         **options)
+    for name, got, expected, exact in zip(out._fields, out, want, ref):
+        assert torch.allclose(got, expected, rtol=1e-12, atol=1e-14), name
+        assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
+    for got, expected, exact in zip(grads, want_grads, ref_grads):
+        assert rel_err(got, expected) < 1e-12
+        assert rel_err(got, exact) < 1e-10
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_low_precision_against_the_float64_reference(dtype, tol):
+    hidden, weight, bias, labels, ppo = make_case(dtype=dtype)
+    upstream = torch.tensor(1.0, dtype=F64)
+    out, grads = run(fused, hidden, weight, bias, labels, ppo, upstream, **OPTIONS)
+    wide = [t.to(F64) for t in (hidden, weight, bias)]
+    ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *wide, labels, ppo,
+                         upstream, **OPTIONS)
+    assert out.loss.dtype == torch.float32
+    assert rel_err(out.loss, ref.loss) < tol
+    for got, expected, like in zip(grads, ref_grads, (hidden, weight, bias, ppo["values"])):
+        assert got.dtype == like.dtype
+        assert rel_err(got, expected) < tol
+
+
+def test_frozen_weight_and_frozen_hidden():
+    hidden, weight, bias, labels, ppo = make_case()
+    h = hidden.clone().requires_grad_()
+    out = rlhf_fast.linear_ppo_loss(h, weight, labels, ppo["old_logp"], ppo["advantages"],
+                                    ppo["mask"], **{k: v for k, v in OPTIONS.items()
+                                                    if k not in ("kl_coef",)})
+    (d_hidden,) = torch.autograd.grad(out.loss, (h,))
+    h2, w2 = leaves(hidden, weight)
+    want = composed(rlhf_fast, h2, w2.detach(), None, labels,
+                    {**ppo, "ref_logp": None, "values_leaf": None, "old_values": None,
+                     "returns": None},
+                    **{k: v for k, v in OPTIONS.items() if k not in ("kl_coef",)})
+    (want_hidden,) = torch.autograd.grad(want.loss, (h2,))
+    assert rel_err(d_hidden, want_hidden) < 1e-12
+    w = weight.clone().requires_grad_()
+    out = rlhf_fast.linear_ppo_loss(hidden, w, labels, ppo["old_logp"], ppo["advantages"],
+                                    ppo["mask"])
+    (d_weight,) = torch.autograd.grad(out.loss, (w,))
+    assert d_weight.abs().sum() > 0 and d_weight.dtype == weight.dtype
+
+
+def test_statistics_are_detached_and_only_loss_differentiates():
+    hidden, weight, bias, labels, ppo = make_case()
+    h = hidden.clone().requires_grad_()
+    out = rlhf_fast.linear_ppo_loss(h, weight, labels, ppo["old_logp"], ppo["advantages"],
+                                    ppo["mask"], entropy_coef=0.01)
+    assert out.loss.requires_grad
+    assert not any(field.requires_grad for field in out[1:])
+
+
+def test_all_masked_batch_gives_zero_loss_and_zero_gradients():
+    hidden, weight, bias, labels, ppo = make_case()
+    mask = torch.zeros_like(ppo["mask"])
+    h, w = leaves(hidden, weight)
+    out = rlhf_fast.linear_ppo_loss(h, w, labels, ppo["old_logp"], ppo["advantages"], mask,
+                                    entropy_coef=0.01)
+    d_hidden, d_weight = torch.autograd.grad(out.loss, (h, w))
+    assert all(float(field.detach()) == 0 for field in out)
+    assert not d_hidden.any() and not d_weight.any()
+
+
+def test_nan_under_the_mask_does_not_leak():
+    hidden, weight, bias, labels, ppo = make_case()
+    ppo["old_logp"][~ppo["mask"]] = float("nan")
+    ppo["advantages"][~ppo["mask"]] = float("nan")
+    out, grads = run(fused, hidden, weight, bias, labels, ppo, torch.tensor(1.0, dtype=F64),
+                     **OPTIONS)
+    assert all(torch.isfinite(field) for field in out)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_torch_backend_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
+    case = make_case()
+    upstream = torch.tensor(1.0, dtype=F64)
+    out, grads = run(fused, *case, upstream, **OPTIONS)
+    ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *case, upstream,
+                         **OPTIONS)
+    assert torch.equal(out.loss, ref.loss)
+    assert not any(field.requires_grad for field in out[1:])
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(hidden=torch.randn(27, 16, dtype=F64)), ValueError, "hidden must have shape"),
+        (dict(old_logp=torch.randn(3, 8, dtype=F64)), ValueError, "old_logp must have"),
+        (dict(mask=torch.ones(3, 9, dtype=torch.complex64)), TypeError, "mask must have"),
+        (dict(kl_coef=0.1), ValueError, "ref_logp is required"),
+        (dict(agg="mean"), ValueError, "agg must be one of"),
+        (dict(weight=torch.randn(211, 15, dtype=F64)), ValueError, "weight must have shape"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(change, error, match):
+    hidden, weight, bias, labels, ppo = make_case()
+    args = dict(hidden=hidden, weight=weight, labels=labels, old_logp=ppo["old_logp"],
+                advantages=ppo["advantages"], mask=ppo["mask"])
+    args.update(change)
+    positional = [args.pop(k) for k in ("hidden", "weight", "labels", "old_logp",
+                                        "advantages", "mask")]
+    with pytest.raises(error, match=match):
+        rlhf_fast.linear_ppo_loss(*positional, **args)
