@@ -56,3 +56,11 @@ def test_dpo_snippet_runs_and_holds_what_it_claims():
     next_masked = torch.cat([labels[:, 1:] == -100, torch.ones(4, 1, dtype=torch.bool)], 1)
     assert not grad[next_masked].any()
     assert (grad[~next_masked] != 0).any(dim=-1).all()
+
+
+def test_hidden_state_snippet_runs():
+    ns: dict = {}
+    exec(python_blocks()[4], ns)
+    assert ns["logp"].shape == (2, 16) and ns["entropy"].shape == (2, 16)
+    assert ns["hidden"].grad is not None and ns["hidden"].grad.abs().sum() > 0
+    assert ns["lm_head"].weight.grad.abs().sum() > 0

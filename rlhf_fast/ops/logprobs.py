@@ -98,7 +98,9 @@ def logprobs(
             from both outputs flow back in one pass.
         inplace_backward: write the gradient into the logits' storage instead of a new
             tensor, so the backward allocates nothing of size N*V. The logits are
-            overwritten: use it only when nothing else needs them afterwards.
+            overwritten: use it only when nothing else needs them afterwards. Through a
+            slice view (``logits[:, :-1]``) autograd's slice backward still allocates a
+            full-size gradient: shift the labels instead (pad them with ignore_index).
         check_labels: raise ValueError for labels outside ``[0, V)`` (other than
             ``ignore_index``). Default: on for CPU tensors, off for CUDA ones (the check
             needs a device sync). Unchecked out-of-range labels give NaN for their row.
