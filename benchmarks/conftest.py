@@ -77,14 +77,15 @@ class BenchSession:
             notes += [
                 "median and IQR over calls: triton.testing.do_bench on CUDA (L2 flushed "
                 "before each call); time.perf_counter on the CPU.",
-                "bwd is timed directly: the forward that builds the graph runs untimed "
-                "before each timed backward call.",
+                "bwd (where a suite has it) is timed directly: the forward that builds "
+                "the graph runs untimed before each timed backward call.",
                 "peak MiB above inputs: torch.cuda.max_memory_allocated during the call "
                 "minus what was allocated before it (for bwd: inputs and the saved graph); "
                 "n/a on the CPU.",
-                "GB/s: the bytes an ideal kernel must move (fwd: read the logits once; "
-                "bwd: read once, write the gradient once; fwd+bwd: 2 reads + 1 write) over "
-                "the median time; fraction: of the measured copy bandwidth.",
+                "GB/s: the bytes an ideal implementation must move (each suite's module "
+                "docstring gives its byte count) over the median time. Fraction of "
+                "roofline: that over the measured copy bandwidth, or for GEMM-bound ops "
+                "(linear_logprobs) the minimal FLOPs over the measured bf16 GEMM rate.",
             ]
             info["notes"] = notes
             self._info = info
