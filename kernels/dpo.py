@@ -39,6 +39,7 @@ recomputes the terms from the inputs, elementwise over the batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,7 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _dpo_terms(a, b, beta, eps, LOSS: tl.constexpr):
+def _dpo_terms(a, b, beta, eps, log_keep, log_flip, LOSS: tl.constexpr):
     """(loss, d loss / d a, d loss / d b) of each pair from its log-ratios a and b."""
     u = beta * (a - b)
     if LOSS == 0 or LOSS == 10:  # sigmoid, sigmoid_norm
@@ -97,7 +98,7 @@ def _dpo_terms(a, b, beta, eps, LOSS: tl.constexpr):
         d_a = 2.0 * gap
         d_b = -d_a
     elif LOSS == 2:  # hinge
-        loss = tl.maximum(1.0 - u, 0.0)
+        loss = tl.where(u >= 1.0, 0.0, 1.0 - u)  # not max(1 - u, 0): a NaN stays NaN
         d_a = tl.where(u < 1.0, -beta, 0.0)
         d_b = -d_a
     elif LOSS == 3:  # robust
@@ -108,9 +109,9 @@ def _dpo_terms(a, b, beta, eps, LOSS: tl.constexpr):
     elif LOSS == 4:  # exo_pair
         s_pos = _sigmoid(u)
         s_neg = _sigmoid(-u)
-        loss = (s_pos * (_log_sigmoid(u) - tl.log(1.0 - eps))
-                + s_neg * (_log_sigmoid(-u) - tl.log(eps)))
-        d_a = beta * s_pos * s_neg * (u - tl.log((1.0 - eps) / eps))
+        loss = (s_pos * (_log_sigmoid(u) - log_keep)
+                + s_neg * (_log_sigmoid(-u) - log_flip))
+        d_a = beta * s_pos * s_neg * (u - (log_keep - log_flip))
         d_b = -d_a
     elif LOSS == 5:  # nca_pair
         ca = beta * a
@@ -168,7 +169,7 @@ def _log_ratios(pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok,
 def _dpo_fwd_kernel(
     pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr,
     loss_ptr, chosen_reward_ptr, rejected_reward_ptr, stats_ptr,
-    B, beta_hi, beta_lo, eps_hi, eps_lo,
+    B, beta_hi, beta_lo, eps_hi, eps_lo, log_keep_hi, log_keep_lo, log_flip_hi, log_flip_lo,
     LOSS: tl.constexpr, HAS_REF: tl.constexpr, LENGTH_NORM: tl.constexpr,
     REDUCTION: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -176,6 +177,8 @@ def _dpo_fwd_kernel(
     zero = tl.zeros([], acc_dtype)
     beta = (zero + beta_hi) + beta_lo
     eps = (zero + eps_hi) + eps_lo
+    log_keep = (zero + log_keep_hi) + log_keep_lo
+    log_flip = (zero + log_flip_hi) + log_flip_lo
     s_loss = tl.zeros([BLOCK], acc_dtype)
     s_correct = tl.zeros([BLOCK], acc_dtype)
     s_margin = tl.zeros([BLOCK], acc_dtype)
@@ -186,7 +189,7 @@ def _dpo_fwd_kernel(
             pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, acc_dtype,
             HAS_REF, LENGTH_NORM,
         )
-        loss, d_a, d_b = _dpo_terms(a, b, beta, eps, LOSS)
+        loss, d_a, d_b = _dpo_terms(a, b, beta, eps, log_keep, log_flip, LOSS)
         chosen_reward = beta * a
         rejected_reward = beta * b
         tl.store(chosen_reward_ptr + offs, chosen_reward, mask=ok)
@@ -209,7 +212,7 @@ def _dpo_fwd_kernel(
 def _dpo_bwd_kernel(
     grad_ptr, pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr,
     d_pc_ptr, d_pr_ptr, d_rc_ptr, d_rr_ptr,
-    B, beta_hi, beta_lo, eps_hi, eps_lo,
+    B, beta_hi, beta_lo, eps_hi, eps_lo, log_keep_hi, log_keep_lo, log_flip_hi, log_flip_lo,
     LOSS: tl.constexpr, HAS_REF: tl.constexpr, LENGTH_NORM: tl.constexpr,
     REDUCTION: tl.constexpr, GRAD_PC: tl.constexpr, GRAD_PR: tl.constexpr,
     GRAD_RC: tl.constexpr, GRAD_RR: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
@@ -218,13 +221,15 @@ def _dpo_bwd_kernel(
     zero = tl.zeros([], acc_dtype)
     beta = (zero + beta_hi) + beta_lo
     eps = (zero + eps_hi) + eps_lo
+    log_keep = (zero + log_keep_hi) + log_keep_lo
+    log_flip = (zero + log_flip_hi) + log_flip_lo
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < B
     a, b, inv_lc, inv_lr = _log_ratios(
         pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, acc_dtype,
         HAS_REF, LENGTH_NORM,
     )
-    loss, d_a, d_b = _dpo_terms(a, b, beta, eps, LOSS)
+    loss, d_a, d_b = _dpo_terms(a, b, beta, eps, log_keep, log_flip, LOSS)
     if REDUCTION == 2:
         g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
     elif REDUCTION == 0:
@@ -245,6 +250,15 @@ def _dpo_bwd_kernel(
 
 FWD_BLOCK = 1024
 BWD_BLOCK = 1024
+
+
+def _scalar_args(cfg: DPOKernelConfig) -> tuple[float, ...]:
+    # beta, eps, log(1 - eps) and log(eps) as (hi, lo) pairs: the logs are taken here in
+    # float64 (log1p), not in the kernel in fp32, where 1 - eps would round first.
+    log_keep = math.log1p(-cfg.eps)
+    log_flip = math.log(cfg.eps) if cfg.eps > 0 else 0.0
+    return (*split_fp64(cfg.beta), *split_fp64(cfg.eps), *split_fp64(log_keep),
+            *split_fp64(log_flip))
 
 
 def _fp64(*tensors: torch.Tensor) -> bool:
@@ -277,7 +291,7 @@ def dpo_forward(
         policy_chosen if chosen_lengths is None else chosen_lengths,
         policy_chosen if rejected_lengths is None else rejected_lengths,
         loss, chosen_rewards, rejected_rewards, stats,
-        B, *split_fp64(cfg.beta), *split_fp64(cfg.eps),
+        B, *_scalar_args(cfg),
         LOSS=cfg.loss_code, HAS_REF=has_ref,
         LENGTH_NORM=cfg.loss_code in LENGTH_NORMALISED_CODES,
         REDUCTION=cfg.reduction_code, FP64=fp64,
@@ -305,7 +319,7 @@ def dpo_backward(
         policy_chosen if chosen_lengths is None else chosen_lengths,
         policy_chosen if rejected_lengths is None else rejected_lengths,
         *(policy_chosen if g is None else g for g in grads),
-        B, *split_fp64(cfg.beta), *split_fp64(cfg.eps),
+        B, *_scalar_args(cfg),
         LOSS=cfg.loss_code, HAS_REF=has_ref,
         LENGTH_NORM=cfg.loss_code in LENGTH_NORMALISED_CODES,
         REDUCTION=cfg.reduction_code,

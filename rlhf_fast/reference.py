@@ -503,10 +503,10 @@ def dpo_loss(
         losses = -log_sigmoid(beta * a) - log_sigmoid(-beta * b)
     elif loss_type == "sppo_hard":
         losses = (a - 1 / (2 * beta)) ** 2 + (b + 1 / (2 * beta)) ** 2
-    elif loss_type == "apo_zero":
-        losses = 1 - torch.sigmoid(beta * a) + torch.sigmoid(beta * b)
+    elif loss_type == "apo_zero":  # 1 - s(x) written as s(-x): exact for tiny losses
+        losses = torch.sigmoid(-beta * a) + torch.sigmoid(beta * b)
     elif loss_type == "apo_down":
-        losses = torch.sigmoid(beta * a) + 1 - torch.sigmoid(beta * (a - b))
+        losses = torch.sigmoid(beta * a) + torch.sigmoid(-beta * (a - b))
     else:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import rlhf_fast
+from helpers import rel_err
 from rlhf_fast import reference
 from rlhf_fast.kernels import linear_logprobs as linear_kernel
-from tests.helpers import rel_err
 
 F64 = torch.float64
 

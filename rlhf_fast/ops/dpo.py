@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import dpo as kernel
@@ -42,6 +43,7 @@ class DPOLossFunction(torch.autograd.Function):
         return loss, chosen_rewards, rejected_rewards, stats
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_chosen, _grad_rejected, _grad_stats):
         grads = kernel.dpo_backward(
             grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,

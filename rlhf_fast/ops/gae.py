@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import gae as kernel
@@ -248,6 +249,7 @@ class MaskedMeanFunction(torch.autograd.Function):
         return mean.view(out_shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         rows_m, count = ctx.saved_tensors
         dx = kernel.masked_mean_backward(grad.reshape(-1).contiguous(), rows_m, count, ctx.x_dtype)
@@ -315,6 +317,7 @@ class MaskedWhitenFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         flat_x, flat_m, *stats = ctx.saved_tensors
         dx = kernel.masked_whiten_backward(

@@ -10,6 +10,7 @@ backward's recompute GEMM.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import linear_logprobs as kernel
@@ -47,6 +48,7 @@ class LinearLogProbsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_logp, g_entropy=None):
         hidden, weight, bias, labels, row_stats, entropy = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
@@ -250,6 +252,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         return outputs[0], statistics
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_statistics):
         grads = tuple(None if g is None else g * grad_loss.to(g.dtype)
                       for g in ctx.saved_tensors)

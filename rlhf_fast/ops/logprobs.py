@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import logprobs as kernel
@@ -42,6 +43,7 @@ class LogProbsFunction(torch.autograd.Function):
         return logp.view(shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_logp, g_entropy=None):
         logits, labels, row_stats, entropy = ctx.saved_tensors
         if g_logp is None and g_entropy is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import ppo as kernel
@@ -31,6 +32,7 @@ class PPOLossFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_outputs):
         counts, row_stats, logp, old_logp, adv, mask, ref, values, old_v, ret = ctx.saved_tensors
         needs_logp, needs_entropy, needs_values = ctx.needs_input_grad[:3]

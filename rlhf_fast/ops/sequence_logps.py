@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import sequence_logps as kernel
@@ -22,9 +25,9 @@ class SequenceLogpsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, token_logp, mask, average):
-        T = token_logp.shape[-1]
-        rows_x = token_logp.reshape(-1, T).contiguous()
-        rows_m = mask.reshape(-1, T).contiguous()
+        n_rows, T = math.prod(token_logp.shape[:-1]), token_logp.shape[-1]
+        rows_x = token_logp.reshape(n_rows, T).contiguous()
+        rows_m = mask.reshape(n_rows, T).contiguous()
         out, count = kernel.sequence_logps_forward(rows_x, rows_m, average)
         ctx.save_for_backward(rows_m, count)
         ctx.average = average
@@ -33,6 +36,7 @@ class SequenceLogpsFunction(torch.autograd.Function):
         return out.view(token_logp.shape[:-1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         rows_m, count = ctx.saved_tensors
         dx = kernel.sequence_logps_backward(

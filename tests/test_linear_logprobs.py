@@ -1,0 +1,599 @@
+"""rlhf_fast.linear_logprobs and linear_dpo_loss: the chunked GEMM + log-prob kernels
+(through the interpreter) against the reference on materialised logits, in float64."""
+
+import math
+
+import pytest
+import torch
+
+import rlhf_fast
+from helpers import rel_err
+from rlhf_fast import reference
+from rlhf_fast.kernels import linear_logprobs as kernel
+
+F64 = torch.float64
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+LOW_TOL = 3e-2  # bf16 / fp16: the logits and the gradient GEMMs are in the input dtype
+NAMES = ("logp", "entropy", "d_hidden", "d_weight", "d_bias")
+KERNEL_BACKWARD = "LinearLogProbsFunctionBackward"
+ALL = (True, True, True)
+
+
+def random_case(lead, dim, vocab, dtype=F64, *, bias=True, ignore_frac=0.2, ignore_index=-100):
+    """hidden [*lead, D], weight [V, D], bias [V] or None, labels [*lead]; logits of O(2)."""
+    hidden = torch.randn(*lead, dim, dtype=F64).to(dtype)
+    weight = (torch.randn(vocab, dim, dtype=F64) * (2.0 / math.sqrt(dim))).to(dtype)
+    b = torch.randn(vocab, dtype=F64).to(dtype) if bias else None
+    labels = torch.randint(0, vocab, lead)
+    labels[torch.rand(lead) < ignore_frac] = ignore_index
+    return hidden, weight, b, labels
+
+
+def leaves(hidden, weight, bias, train=ALL, dtype=None):
+    """Fresh leaf copies (in `dtype` if given); `train` says which require a gradient."""
+    out = []
+    for t, grad in zip((hidden, weight, bias), train):
+        out.append(None if t is None else t.detach().to(dtype or t.dtype).clone()
+                   .requires_grad_(grad))
+    return out
+
+
+def forward_backward(fn, hidden, weight, bias, labels, g_logp, g_ent, **kw):
+    """`fn(...)` with return_entropy=True, then backward from the float64 upstream gradients
+    of the outputs whose g is not None. Returns [logp, entropy, d hidden, d weight, d bias]."""
+    logp, ent = fn(hidden, weight, labels, bias=bias, return_entropy=True, **kw)
+    total = sum((out.double() * g).sum() for out, g in ((logp, g_logp), (ent, g_ent))
+                if g is not None)
+    if torch.is_tensor(total) and total.requires_grad:
+        total.backward()
+    grads = [None if t is None else t.grad for t in (hidden, weight, bias)]
+    return [logp.detach(), ent.detach(), *grads]
+
+
+def kernel_ran(out):
+    """Whether `out` came out of the op's autograd.Function (not the reference fallback)."""
+    fn = out.grad_fn
+    while fn is not None and type(fn).__name__ == "ViewBackward0":
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__ == KERNEL_BACKWARD
+
+
+def upstream(shape, which="both"):
+    g_logp = torch.randn(shape, dtype=F64) if which in ("both", "logp") else None
+    g_ent = torch.randn(shape, dtype=F64) if which in ("both", "entropy") else None
+    return g_logp, g_ent
+
+
+def run_op(hidden, weight, bias, labels, grads, train=ALL, **kw):
+    return forward_backward(rlhf_fast.linear_logprobs, *leaves(hidden, weight, bias, train),
+                            labels, *grads, **kw)
+
+
+def run_ref(hidden, weight, bias, labels, grads, train=ALL, dtype=F64, **kw):
+    return forward_backward(reference.linear_logprobs,
+                            *leaves(hidden, weight, bias, train, dtype), labels, *grads, **kw)
+
+
+def assert_close(outs, refs, tol, what="reference"):
+    for name, out, ref in zip(NAMES, outs, refs):
+        if ref is None:
+            assert out is None, f"{name}: expected None, got a tensor"
+            continue
+        assert out is not None, f"{name}: missing"
+        assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        err = rel_err(out, ref)
+        assert err < tol, f"{name}: relative error {err:.3g} to the {what} >= {tol}"
+
+
+def compare(hidden, weight, bias, labels, tol, train=ALL, which="both", **kw):
+    """The op against the float64 reference on the same (rounded) inputs."""
+    grads = upstream(labels.shape, which)
+    outs = run_op(hidden, weight, bias, labels, grads, train, **kw)
+    refs = run_ref(hidden, weight, bias, labels, grads, train, **kw)
+    assert_close(outs, refs, tol)
+    return outs, refs
+
+
+# ----------------------------------------------------------------- reference vs hand math
+
+
+def test_reference_is_log_softmax_of_the_materialised_logits():
+    hidden, weight, bias, labels = random_case((6,), 5, 11)
+    labels[0] = -100
+    logp, ent = reference.linear_logprobs(
+        hidden, weight, labels, bias=bias, temperature=0.5, return_entropy=True
+    )
+    log_p = torch.log_softmax((hidden @ weight.T + bias) / 0.5, dim=-1)
+    valid = labels != -100
+    expect = log_p[valid].gather(-1, labels[valid, None]).squeeze(-1)
+    assert torch.allclose(logp[valid], expect, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(ent[valid], -(log_p.exp() * log_p).sum(-1)[valid], rtol=1e-12)
+    assert logp[0] == 0 and ent[0] == 0
+
+
+# ----------------------------------------------------------------- op vs reference
+
+
+@pytest.fixture
+def poisoned(poisoned_empty, monkeypatch):
+    """poisoned_empty, and torch.empty_like poisoned too (d weight is allocated with it)."""
+    real_empty_like = torch.empty_like
+
+    def poisoned_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty_like", poisoned_like)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias, temperature", [(True, 1.0), (False, 0.7), (True, 1.5)])
+def test_matches_reference(dtype, bias, temperature, poisoned):
+    hidden, weight, b, labels = random_case((37,), 48, 997, dtype, bias=bias)
+    grads = upstream(labels.shape)
+    outs = run_op(hidden, weight, b, labels, grads, temperature=temperature)
+    refs = run_ref(hidden, weight, b, labels, grads, temperature=temperature)
+    out_dtype = F64 if dtype == F64 else torch.float32
+    assert outs[0].dtype == outs[1].dtype == out_dtype
+    for grad in outs[2:]:
+        assert grad is None or grad.dtype == dtype
+    assert_close(outs, refs, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias, temperature", [(True, 0.7), (False, 1.0)])
+def test_low_precision_no_worse_than_eager(dtype, bias, temperature):
+    """bf16 / fp16: the op's error to the float64 reference (on the same rounded inputs) is
+    small and at most twice that of the eager path (logits materialised in the same dtype,
+    autograd through them), which has the same roundings in its logits and gradient GEMMs."""
+    hidden, weight, b, labels = random_case((61,), 64, 509, dtype, bias=bias)
+    grads = upstream(labels.shape)
+    kw = dict(temperature=temperature)
+    outs = run_op(hidden, weight, b, labels, grads, **kw)
+    refs = run_ref(hidden, weight, b, labels, grads, **kw)
+    eager = run_ref(hidden, weight, b, labels, grads, dtype=dtype, **kw)
+    assert outs[0].dtype == outs[1].dtype == torch.float32
+    for name, out, ref, ref_eager in zip(NAMES, outs, refs, eager):
+        if ref is None:
+            assert out is None
+            continue
+        if name.startswith("d_"):
+            assert out.dtype == dtype, name
+        err, err_eager = rel_err(out, ref), rel_err(ref_eager, ref)
+        assert err < LOW_TOL, f"{name}: relative error {err:.3g} >= {LOW_TOL}"
+        assert err <= 2 * err_eager + 1e-4, f"{name}: {err:.3g} vs eager {err_eager:.3g}"
+
+
+# ----------------------------------------------------------------- chunking
+
+
+@pytest.fixture
+def chunks(monkeypatch):
+    """set(elements, min_vocab): shrink the chunks; calls: the [rows, cols] of every lm_head
+    GEMM the op ran (forward: token chunks [n, V]; backward: vocab chunks [N, v])."""
+    calls = []
+    real_lm_head = kernel.lm_head
+
+    def recording_lm_head(hidden, weight, bias):
+        calls.append((hidden.shape[0], weight.shape[0]))
+        return real_lm_head(hidden, weight, bias)
+
+    def set_chunks(elements, min_vocab):
+        monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(kernel, "MIN_VOCAB_CHUNK", min_vocab)
+
+    monkeypatch.setattr(kernel, "lm_head", recording_lm_head)
+    set_chunks.calls = calls
+    return set_chunks
+
+
+def expected_calls(n_tokens, vocab, rows, cols):
+    forward = [(min(rows, n_tokens - s), vocab) for s in range(0, n_tokens, rows)]
+    backward = [(n_tokens, min(cols, vocab - s)) for s in range(0, vocab, cols)]
+    return forward + backward
+
+
+# elements, min vocab chunk -> N = 37, V = 211: forward 6 chunks of 7 rows + one of 2;
+# backward 6 of 32 columns + one of 19 | 37 chunks of 1 row; 13 of 16 columns + one of 3.
+CHUNK_CONFIGS = [(1500, 16), (100, 16)]
+
+
+@pytest.mark.parametrize(
+    "elements, min_vocab, train",
+    [(*CHUNK_CONFIGS[0], ALL), (*CHUNK_CONFIGS[0], (True, False, False)),
+     (*CHUNK_CONFIGS[0], (False, True, True)), (*CHUNK_CONFIGS[1], ALL)],
+    ids=["all", "frozen-weight", "frozen-hidden", "one-row-chunks"],
+)
+def test_many_chunks_match_one_chunk_float64(elements, min_vocab, train, chunks, poisoned):
+    n_tokens, vocab = 37, 211
+    hidden, weight, bias, labels = random_case((n_tokens,), 24, vocab, F64)
+    grads = upstream(labels.shape)
+    kw = dict(temperature=0.7)
+    single = run_op(hidden, weight, bias, labels, grads, train, **kw)
+    assert chunks.calls == expected_calls(n_tokens, vocab, n_tokens, vocab)
+    chunks.calls.clear()
+    chunks(elements, min_vocab)
+    rows, cols = kernel.token_chunk(vocab), kernel.vocab_chunk(n_tokens)
+    assert (rows == 1 or n_tokens % rows) and vocab % cols  # ragged last chunks
+    assert n_tokens // rows >= 3 and vocab // cols >= 3
+    many = run_op(hidden, weight, bias, labels, grads, train, **kw)
+    assert chunks.calls == expected_calls(n_tokens, vocab, rows, cols)
+    assert_close(many, single, 1e-12, "single-chunk run")
+    assert_close(many, run_ref(hidden, weight, bias, labels, grads, train, **kw), TOL[F64])
+
+
+def test_many_chunks_float32(chunks):
+    hidden, weight, bias, labels = random_case((37,), 24, 211, torch.float32)
+    grads = upstream(labels.shape)
+    single = run_op(hidden, weight, bias, labels, grads)
+    chunks(*CHUNK_CONFIGS[0])
+    many = run_op(hidden, weight, bias, labels, grads)
+    assert chunks.calls[2:] == expected_calls(37, 211, 7, 32)  # after the single-chunk run
+    assert_close(many, single, 1e-5, "single-chunk run")
+    assert_close(many, run_ref(hidden, weight, bias, labels, grads), TOL[torch.float32])
+
+
+def test_chunk_sizes():
+    assert kernel.token_chunk(kernel.CHUNK_ELEMENTS * 2) == 1
+    assert kernel.token_chunk(1000) == kernel.CHUNK_ELEMENTS // 1000
+    for n_tokens in (0, 1, 1000, kernel.CHUNK_ELEMENTS, kernel.CHUNK_ELEMENTS * 3):
+        cols = kernel.vocab_chunk(n_tokens)
+        assert cols >= kernel.MIN_VOCAB_CHUNK and cols % kernel.MIN_VOCAB_CHUNK == 0
+        assert cols * max(n_tokens, 1) <= kernel.CHUNK_ELEMENTS or cols == kernel.MIN_VOCAB_CHUNK
+
+
+# ----------------------------------------------------------------- what trains
+
+
+@pytest.mark.parametrize(
+    "train",
+    [(True, False, False), (True, False, True), (False, True, False), (False, True, True),
+     (False, False, True), (True, True, False)],
+    ids=["hidden", "hidden+bias", "weight", "weight+bias", "bias", "hidden+weight"],
+)
+def test_frozen_parameters(train):
+    """Frozen weight (LoRA), frozen hidden, frozen bias: the trained ones get the right
+    gradient, the frozen ones none."""
+    hidden, weight, bias, labels = random_case((19,), 16, 101, F64)
+    outs, _ = compare(hidden, weight, bias, labels, TOL[F64], train, temperature=1.5)
+    for grad, trains in zip(outs[2:], train):
+        assert (grad is not None) == trains
+
+
+def test_frozen_weight_without_bias():
+    hidden, weight, _, labels = random_case((3, 7), 16, 101, F64, bias=False)
+    outs, _ = compare(hidden, weight, None, labels, TOL[F64], (True, False, False))
+    assert outs[3] is None
+
+
+def test_nothing_trains():
+    hidden, weight, bias, labels = random_case((9,), 8, 50, torch.float32)
+    logp, ent = rlhf_fast.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
+    assert not logp.requires_grad and not ent.requires_grad
+    ref_logp, ref_ent = reference.linear_logprobs(
+        hidden.double(), weight.double(), labels, bias=bias.double(), return_entropy=True
+    )
+    assert rel_err(logp, ref_logp) < 1e-5 and rel_err(ent, ref_ent) < 1e-5
+
+
+def test_the_kernel_path_runs():
+    hidden, weight, bias, labels = random_case((5,), 8, 30, torch.float32)
+    logp = rlhf_fast.linear_logprobs(hidden.requires_grad_(), weight, labels, bias=bias)
+    assert kernel_ran(logp)
+
+
+# ----------------------------------------------------------------- one output only
+
+
+@pytest.mark.parametrize("which", ["logp", "entropy"])
+def test_gradient_from_one_output_only(which):
+    hidden, weight, bias, labels = random_case((23,), 16, 131, F64)
+    compare(hidden, weight, bias, labels, TOL[F64], which=which, temperature=0.7)
+
+
+def test_without_entropy():
+    hidden, weight, bias, labels = random_case((23,), 16, 131, F64)
+    g = torch.randn(23, dtype=F64)
+    outs = []
+    for fn in (rlhf_fast.linear_logprobs, reference.linear_logprobs):
+        h, w, b = leaves(hidden, weight, bias)
+        logp = fn(h, w, labels, bias=b, temperature=1.5)
+        assert logp.shape == (23,)
+        (logp * g).sum().backward()
+        outs.append((logp, h.grad, w.grad, b.grad))
+    for name, out, ref in zip(("logp", "d_hidden", "d_weight", "d_bias"), *outs):
+        assert rel_err(out, ref) < TOL[F64], name
+
+
+# ----------------------------------------------------------------- ignore_index
+
+
+def test_ignored_rows_give_zero_and_no_gradient():
+    hidden, weight, bias, labels = random_case((16,), 12, 60, F64, ignore_frac=0.0)
+    labels[::3] = 7  # a custom ignore_index that is also a valid token id
+    ignored = labels == 7
+    outs, _ = compare(hidden, weight, bias, labels, TOL[F64], ignore_index=7)
+    logp, ent, d_hidden, d_weight, d_bias = outs
+    assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all()
+    assert (d_hidden[ignored] == 0).all()
+    assert (logp[~ignored] < 0).all() and (d_hidden[~ignored] != 0).any(-1).all()
+    # No contribution to d weight / d bias: the same as running on the other rows only.
+    grads = upstream(labels.shape)
+    kept = run_op(hidden[~ignored], weight, bias, labels[~ignored],
+                  [g[~ignored] for g in grads], ignore_index=7)
+    full = run_op(hidden, weight, bias, labels, grads, ignore_index=7)
+    assert rel_err(full[3], kept[3]) < 1e-12 and rel_err(full[4], kept[4]) < 1e-12
+
+
+def test_all_rows_ignored(poisoned):
+    hidden, weight, bias, labels = random_case((2, 5), 8, 40, torch.bfloat16)
+    labels.fill_(-100)
+    outs = run_op(hidden, weight, bias, labels, upstream(labels.shape))
+    shapes = (labels.shape, labels.shape, hidden.shape, weight.shape, bias.shape)
+    for name, out, shape in zip(NAMES, outs, shapes):
+        assert out.shape == shape and (out == 0).all(), name
+
+
+# ----------------------------------------------------------------- shapes and views
+
+
+@pytest.mark.parametrize("n_tokens", [0, 1, 13])
+@pytest.mark.parametrize("vocab", [1, 2, 13, 257])
+def test_edge_shapes(n_tokens, vocab, poisoned):
+    hidden, weight, bias, labels = random_case((n_tokens,), 6, vocab, F64)
+    outs, _ = compare(hidden, weight, bias, labels, TOL[F64], temperature=0.7)
+    assert outs[0].shape == outs[1].shape == (n_tokens,)
+    assert outs[2].shape == (n_tokens, 6)
+    assert outs[3].shape == (vocab, 6) and outs[4].shape == (vocab,)
+    if n_tokens == 0:
+        assert (outs[3] == 0).all() and (outs[4] == 0).all()
+    if vocab == 1:  # one token: log-prob 0, entropy 0, no gradient
+        for out in outs:
+            assert (out == 0).all()
+
+
+def test_leading_dims_and_strided_views():
+    """[B, T, D] hidden, the hidden[:, :-1] view (hidden[:, t] predicts labels[:, t + 1])
+    and a weight that is a column slice of a wider tensor: the same as contiguous copies."""
+    full, weight, bias, _ = random_case((3, 9), 10, 71, F64)
+    wide = torch.cat([weight, torch.randn(71, 3, dtype=F64)], 1)
+    labels = torch.randint(0, 71, (3, 9))
+    labels[0, 2] = -100
+    grads = upstream((3, 8))
+    kw = dict(temperature=0.7)
+    copies = run_op(full[:, :-1].contiguous(), weight, bias, labels[:, 1:], grads, **kw)
+    assert copies[0].shape == (3, 8) and copies[2].shape == (3, 8, 10)
+    assert_close(copies, run_ref(full[:, :-1], weight, bias, labels[:, 1:], grads, **kw),
+                 TOL[F64])
+    h_leaf, w_leaf, b_leaf = leaves(full, wide, bias)
+    hidden, weight_view = h_leaf[:, :-1], w_leaf[:, :10]
+    assert not hidden.is_contiguous() and not weight_view.is_contiguous()
+    logp, ent = rlhf_fast.linear_logprobs(hidden, weight_view, labels[:, 1:], bias=b_leaf,
+                                          return_entropy=True, **kw)
+    (logp.double() * grads[0] + ent.double() * grads[1]).sum().backward()
+    assert torch.equal(logp, copies[0]) and torch.equal(ent, copies[1])
+    assert torch.equal(h_leaf.grad[:, :-1], copies[2]) and (h_leaf.grad[:, -1] == 0).all()
+    assert torch.equal(w_leaf.grad[:, :10], copies[3]) and (w_leaf.grad[:, 10:] == 0).all()
+    assert torch.equal(b_leaf.grad, copies[4])
+
+
+def test_int32_labels():
+    hidden, weight, bias, labels = random_case((4, 5), 8, 90, torch.float32)
+    compare(hidden, weight, bias, labels.to(torch.int32), TOL[torch.float32])
+
+
+# ----------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_gradcheck_float64(chunked, chunks):
+    hidden, weight, bias, labels = random_case((5,), 4, 13, F64, ignore_frac=0.0)
+    labels[3] = -100
+    if chunked:  # forward 2 + 2 + 1 rows; backward 4 + 4 + 4 + 1 columns
+        chunks(26, 4)
+    mix_logp, mix_ent = torch.randn(5, dtype=F64), torch.randn(5, dtype=F64)
+
+    def both(h, w, b):
+        logp, ent = rlhf_fast.linear_logprobs(
+            h, w, labels, bias=b, temperature=1.3, return_entropy=True
+        )
+        return logp * mix_logp + ent * mix_ent
+
+    inputs = tuple(t.requires_grad_() for t in (hidden, weight, bias))
+    # chunked: a random projection of the Jacobian (the full check is slow there; the
+    # chunked gradients also equal the single-chunk ones in test_many_chunks_*).
+    assert torch.autograd.gradcheck(both, inputs, eps=1e-6, atol=1e-7, fast_mode=chunked)
+    if chunked:
+        assert (2, 13) in chunks.calls and (5, 1) in chunks.calls
+
+
+def test_double_backward_is_right_or_refused():
+    hidden, weight, _, labels = random_case((4,), 3, 7, F64, bias=False, ignore_frac=0.0)
+    v = torch.randn(4, 3, dtype=F64)
+    second = []
+    for fn in (rlhf_fast.linear_logprobs, reference.linear_logprobs):
+        x = hidden.clone().requires_grad_()
+        try:
+            (g,) = torch.autograd.grad(fn(x, weight, labels).sum(), x, create_graph=True)
+            (gg,) = torch.autograd.grad((g * v).sum(), x)
+        except RuntimeError:  # refusing (once_differentiable) is fine, a wrong answer is not
+            assert fn is rlhf_fast.linear_logprobs
+            return
+        second.append(gg)
+    assert rel_err(*second) < TOL[F64]
+
+
+# ----------------------------------------------------------------- labels out of range
+
+
+def test_out_of_range_label_checked_raises():
+    hidden, weight, bias, labels = random_case((5,), 8, 40, torch.float32)
+    for bad in (40, -3):
+        labels[2] = bad
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, 40\).*found {bad}"):
+            rlhf_fast.linear_logprobs(hidden, weight, labels, bias=bias)
+
+
+def test_out_of_range_label_unchecked_gives_nan_for_its_row_only():
+    hidden, weight, bias, labels = random_case((6,), 8, 40, F64, ignore_frac=0.0)
+    clean = rlhf_fast.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
+    labels[1], labels[4] = 40, -3
+    h = hidden.clone().requires_grad_()
+    logp, ent = rlhf_fast.linear_logprobs(
+        h, weight, labels, bias=bias, return_entropy=True, check_labels=False
+    )
+    ok = [0, 2, 3, 5]
+    assert logp[[1, 4]].isnan().all() and ent[[1, 4]].isnan().all()
+    assert torch.equal(logp[ok], clean[0][ok]) and torch.equal(ent[ok], clean[1][ok])
+    g = torch.zeros(6, dtype=F64)
+    g[ok] = torch.randn(4, dtype=F64)
+    (logp[ok] * g[ok] + ent[ok] * g[ok]).sum().backward()
+    h_ref = hidden.clone().requires_grad_()
+    ref_logp, ref_ent = reference.linear_logprobs(
+        h_ref[ok], weight, labels[ok], bias=bias, return_entropy=True
+    )
+    (ref_logp * g[ok] + ref_ent * g[ok]).sum().backward()
+    assert rel_err(h.grad[ok], h_ref.grad[ok]) < TOL[F64]
+
+
+# ----------------------------------------------------------------- errors and dispatch
+
+
+def bad_input_cases():
+    d = 5
+    return [
+        ({"hidden": torch.ones(3, d, dtype=torch.long)}, TypeError, "hidden must have dtype"),
+        ({"hidden": torch.ones(3, 0)}, ValueError, "hidden must have shape.*D >= 1"),
+        ({"weight": torch.randn(11, d + 1)}, ValueError,
+         r"weight must have shape \[V, D\].*D = hidden.shape\[-1\] = 5, got \(11, 6\)"),
+        ({"weight": torch.randn(11)}, ValueError, r"weight must have shape .*got \(11,\)"),
+        ({"weight": torch.randn(0, d)}, ValueError, "weight must have shape.*V >= 1"),
+        ({"weight": torch.randn(11, d, dtype=F64)}, TypeError,
+         "weight must have hidden's dtype torch.float32, got torch.float64"),
+        ({"weight": torch.ones(11, d, dtype=torch.long)}, TypeError, "weight must have dtype"),
+        ({"weight": [[1.0] * d]}, TypeError, "weight must be a torch.Tensor"),
+        ({"bias": torch.randn(12)}, ValueError,
+         r"bias must have shape \[V\] = \(11,\), got \(12,\)"),
+        ({"bias": torch.randn(1, 11)}, ValueError, r"bias must have shape .*got \(1, 11\)"),
+        ({"bias": torch.randn(11, dtype=torch.bfloat16)}, TypeError,
+         "bias must have hidden's dtype torch.float32, got torch.bfloat16"),
+        ({"labels": torch.zeros(4, dtype=torch.long)}, ValueError,
+         r"labels must have shape \(3,\).*got \(4,\)"),
+        ({"labels": torch.zeros(3, 1, dtype=torch.long)}, ValueError, "labels must have shape"),
+        ({"labels": torch.zeros(3)}, TypeError, "labels must have dtype"),
+        ({"labels": torch.zeros(3, dtype=torch.long, device="meta")}, ValueError,
+         "labels must be on hidden's device"),
+        ({"weight": torch.randn(11, d, device="meta")}, ValueError,
+         "weight must be on hidden's device"),
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite float > 0, got 0.0"),
+        ({"temperature": -0.5}, ValueError, "temperature.*-0.5"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"temperature": "1"}, TypeError, "temperature"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs, error, match", bad_input_cases())
+def test_bad_inputs_raise_clear_errors(kwargs, error, match):
+    args = {"hidden": torch.randn(3, 5), "weight": torch.randn(11, 5), "bias": torch.randn(11),
+            "labels": torch.zeros(3, dtype=torch.long)}
+    args.update(kwargs)
+    hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
+    with pytest.raises(error, match=match):
+        rlhf_fast.linear_logprobs(hidden, weight, labels, **args)
+
+
+def test_backend_switch(monkeypatch):
+    hidden, weight, bias, labels = random_case((2, 6), 8, 70, torch.float32)
+    grads = upstream(labels.shape)
+    triton_outs = run_op(hidden, weight, bias, labels, grads, temperature=0.7)
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
+    torch_outs = run_op(hidden, weight, bias, labels, grads, temperature=0.7)
+    eager = run_ref(hidden, weight, bias, labels, grads, dtype=torch.float32, temperature=0.7)
+    for name, out, ref in zip(NAMES, torch_outs, eager):
+        assert torch.equal(out, ref), name
+    assert_close(triton_outs, torch_outs, 1e-5, "torch backend")
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="RLHF_FAST_BACKEND must be one of"):
+        rlhf_fast.linear_logprobs(hidden, weight, labels)
+
+
+def test_cpu_fallback_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hidden, weight, bias, labels = random_case((7,), 8, 30, torch.float32)
+    h = hidden.clone().requires_grad_()
+    logp = rlhf_fast.linear_logprobs(h, weight, labels, bias=bias)
+    assert not kernel_ran(logp)
+    assert torch.equal(logp, reference.linear_logprobs(hidden, weight, labels, bias=bias))
+
+
+# ----------------------------------------------------------------- linear_dpo_loss
+
+
+def dpo_case(pairs=3, steps=7, dim=16, vocab=101):
+    hidden, weight, bias, _ = random_case((2 * pairs, steps), dim, vocab, F64)
+    labels = torch.randint(0, vocab, (2 * pairs, steps))
+    mask = torch.rand(2 * pairs, steps) < 0.7
+    mask[:, 0] = False  # a prompt token
+    mask[:, -1] = True  # at least one answer token per sequence
+    labels[~mask & (torch.rand(2 * pairs, steps) < 0.5)] = -100
+    ref_chosen = -10 * torch.rand(pairs, dtype=F64)
+    ref_rejected = -10 * torch.rand(pairs, dtype=F64)
+    return hidden, weight, bias, labels, mask, ref_chosen, ref_rejected
+
+
+def dpo_by_hand(ops, hidden, weight, labels, mask, ref_chosen, ref_rejected, *, bias,
+                temperature, loss_type, **kw):
+    """`ops`.linear_logprobs + sequence_logps + dpo_loss, as the docstring composes them."""
+    token_logp = ops.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature)
+    seq = ops.sequence_logps(token_logp, mask)
+    pairs = hidden.shape[0] // 2
+    if loss_type == "ipo":
+        lengths = (mask != 0).sum(-1)
+        kw.update(chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])
+    return ops.dpo_loss(seq[:pairs], seq[pairs:], ref_chosen, ref_rejected, loss_type=loss_type,
+                        **kw)
+
+
+@pytest.mark.parametrize(
+    "loss_type, reduction, with_ref",
+    [("sigmoid", "mean", True), ("sigmoid", "none", True), ("sigmoid", "mean", False),
+     ("ipo", "mean", True), ("ipo", "none", True)],
+)
+def test_linear_dpo_loss_is_the_composition(loss_type, reduction, with_ref):
+    hidden, weight, bias, labels, mask, ref_c, ref_r = dpo_case()
+    if not with_ref:
+        ref_c = ref_r = None
+    if loss_type == "ipo":
+        mask = mask.long()  # a 0/1 mask as well as a bool one
+    kw = dict(temperature=0.9, beta=0.2, loss_type=loss_type, reduction=reduction,
+              label_smoothing=0.1 if loss_type == "sigmoid" else 0.0)
+    g = torch.randn(3, dtype=F64) if reduction == "none" else torch.tensor(1.7, dtype=F64)
+    results = []
+    for fn in (
+        rlhf_fast.linear_dpo_loss,
+        lambda *args, **kw: dpo_by_hand(rlhf_fast, *args, **kw),
+        lambda *args, **kw: dpo_by_hand(reference, *args, **kw),
+    ):
+        h, w, b = leaves(hidden, weight, bias)
+        out = fn(h, w, labels, mask, ref_c, ref_r, bias=b, **kw)
+        assert out.loss.shape == g.shape
+        (out.loss * g).sum().backward()
+        results.append([*out, h.grad, w.grad, b.grad])
+    fused, composed, ref = results
+    names = (*reference.DPOLossOutput._fields, "d_hidden", "d_weight", "d_bias")
+    for name, a, b, c in zip(names, fused, composed, ref):
+        assert a.shape == c.shape, name
+        assert rel_err(a, b) < 1e-12, f"{name}: fused vs composed ops"
+        assert rel_err(a, c) < TOL[F64], f"{name}: fused vs reference"
+    assert (fused[5][mask == 0] == 0).all()  # no gradient into prompt / padding positions
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8), (4, 8), (1, 4, 8)])
+def test_linear_dpo_loss_needs_stacked_pairs(shape):
+    hidden = torch.randn(*shape)
+    labels = torch.zeros(shape[:-1], dtype=torch.long)
+    with pytest.raises(ValueError, match="hidden_chosen_and_rejected must have shape"):
+        rlhf_fast.linear_dpo_loss(hidden, torch.randn(11, 8), labels, labels != 0, None, None)
