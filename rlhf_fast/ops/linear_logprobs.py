@@ -174,6 +174,7 @@ def linear_dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    check_labels: bool | None = None,
 ) -> DPOLossOutput:
     """The DPO loss family straight from the hidden states of a stacked pair batch.
 
@@ -184,8 +185,10 @@ def linear_dpo_loss(
     Args:
         hidden_chosen_and_rejected: ``[2B, T, D]``: rows 0..B-1 the chosen answers,
             rows B..2B-1 the rejected ones (hidden[:, t] predicts labels[:, t]).
-        weight, bias, temperature, ignore_index: as in `linear_logprobs`.
-        labels: ``[2B, T]`` the tokens whose log-probs are summed.
+        weight, bias, temperature, ignore_index, check_labels: as in `linear_logprobs`.
+        labels: ``[2B, T]`` the tokens whose log-probs are summed; outside the mask
+            they must still be in [0, V) or ignore_index (ignore_index is cheapest: those
+            rows are not even read), since an out-of-range label makes its row NaN.
         mask: ``[2B, T]`` bool or 0/1: the answer tokens (prompt and padding 0).
         ref_chosen, ref_rejected: ``[B]`` reference sequence log-probs, or both None.
         beta, loss_type, label_smoothing, reduction: as in `dpo_loss`; for ipo and
@@ -201,7 +204,8 @@ def linear_dpo_loss(
             f"got {tuple(hidden.shape)}"
         )
     token_logp = linear_logprobs(
-        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index
+        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
+        check_labels=check_labels,
     )
     seq_logp = sequence_logps(token_logp, mask)
     n_pairs = hidden.shape[0] // 2
@@ -284,6 +288,7 @@ def linear_ppo_loss(
     vf_coef: float = 0.5,
     agg: str = "token-mean",
     max_len: int | None = None,
+    check_labels: bool | None = None,
 ) -> PPOLossOutput:
     """The PPO loss straight from the policy's hidden states: no logits tensor, 3 GEMMs.
 
@@ -299,7 +304,7 @@ def linear_ppo_loss(
 
     Args:
         hidden: ``[B, T, D]`` (hidden[:, t] predicts labels[:, t]); weight ``[V, D]``;
-            bias, temperature, ignore_index: as in `linear_logprobs`.
+            bias, temperature, ignore_index, check_labels: as in `linear_logprobs`.
         labels: ``[B, T]`` the sampled tokens.
         old_logp, advantages, mask and every keyword of `ppo_loss`: as there, ``[B, T]``.
             The entropy fed to the loss (and reported) is the policy's own, from the same
@@ -315,7 +320,9 @@ def linear_ppo_loss(
     _check_linear_inputs(hidden, weight, labels, bias)
     temperature = check_positive("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
-    if not hidden.is_cuda:
+    if check_labels is None:
+        check_labels = not hidden.is_cuda
+    if check_labels:
         check_label_range(labels, weight.shape[0], ignore_index)
     tensors, options, cfg = check_ppo_arguments(
         "labels", labels, dict(old_logp=old_logp, advantages=advantages, mask=mask,
