@@ -183,57 +183,33 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
         reason = "rlhf_fast.gae not available"
         return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
 
-    fn = PROVIDER_FNS[case.provider]
     inp = make_inputs(case.shape, device)
-    try:
-        with torch.no_grad():
-            ok, errors = _gate(inp, fn)
-    except torch.cuda.OutOfMemoryError:
-        status = harness.status_skipped("out of GPU memory")
-        return harness.make_row(status=status, **row_args), "skip"
-    except Exception as exc:  # a peer that cannot run here (e.g. compile failing)
-        if case.provider == "rlhf_fast":
-            raise
-        status = harness.status_skipped(f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
-        return harness.make_row(status=status, **row_args), "skip"
-    if not ok:
-        worst = max(errors.values())
-        row = harness.make_row(status=harness.status_wrong(worst), rel_err=errors, **row_args)
-        return row, "fail" if case.provider == "rlhf_fast" else "xfail"
-
     rewards, values, mask = inp["rewards"], inp["values"], inp["mask"]
 
-    def timed() -> Outputs:
+    def gate(fn: Callable[..., Outputs]) -> tuple[bool, dict[str, float]]:
         with torch.no_grad():
-            return fn(rewards, values, mask)
+            return _gate(inp, fn)
 
-    on_cpu = device.type != "cuda"
+    def prepare(fn: Callable[..., Outputs]) -> tuple[Callable[[], Outputs], None]:
+        def timed() -> Outputs:
+            with torch.no_grad():
+                return fn(rewards, values, mask)
+
+        return timed, None
+
     slow = case.provider == "python-loop"
     budget = dict(warmup_ms=LOOP_WARMUP_MS, rep_ms=LOOP_REP_MS) if slow else {}
-    try:
-        timing = harness.time_fn(timed, device=device, cpu_repeats=3 if slow else 5, **budget)
-        peak = harness.peak_memory_above(timed, device)
-        benchmark.group = f"{OP} {case.id.removesuffix('-' + case.provider)}"
-        benchmark.pedantic(
-            harness.synced(timed, device),
-            rounds=3 if (on_cpu or slow) else 10,
-            iterations=1,
-            warmup_rounds=1 if (on_cpu or slow) else 2,
-        )
-    except torch.cuda.OutOfMemoryError:
-        status = harness.status_skipped("out of GPU memory")
-        return harness.make_row(status=status, rel_err=errors, **row_args), "skip"
-
-    row = harness.make_row(
-        timing=timing,
-        peak_bytes=peak,
-        bytes_moved=bytes_moved(case.shape),
-        copy_bandwidth=session.copy_bandwidth,
-        rel_err=errors,
-        **row_args,
+    return harness.gate_and_time(
+        benchmark=benchmark, device=device, row_args=row_args,
+        group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
+        provider=lambda: PROVIDER_FNS[case.provider],
+        gate=gate,
+        prepare=prepare,
+        columns=lambda timing: dict(bytes_moved=bytes_moved(case.shape),
+                                    copy_bandwidth=session.copy_bandwidth),
+        time_kwargs=dict(cpu_repeats=3 if slow else 5, **budget),
+        few_rounds=slow,
     )
-    harness.record_extra_info(benchmark, row)
-    return row, None
 
 
 def test_gae(case: Case, bench_session: Any, benchmark: Any) -> None:

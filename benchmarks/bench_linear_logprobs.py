@@ -118,11 +118,6 @@ WARMUP_MS = 100
 REP_MS = 1500
 #: GEMMs of 2 N V D FLOPs any implementation must run, per mode.
 FLOOR_GEMMS = {"fwd": 1, "fwd+bwd": 3}
-#: Keys of the roofline columns, added to pytest-benchmark's extra_info.
-FLOP_KEYS = (
-    "gemms", "flops", "tflops", "gemm_rate_tflops", "frac_gemm_rate", "floor_flops",
-    "frac_roofline",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -519,49 +514,15 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
 
     rate = gemm_rate(str(device))  # before this case allocates its inputs
     inp = make_inputs(case.shape, device)
-    try:
-        fn = provider_fn(case.provider, case.mode)
-        ok, errors = _gate(case, inp, fn)
-    except torch.cuda.OutOfMemoryError:
-        status = harness.status_skipped("out of GPU memory")
-        return harness.make_row(status=status, **row_args), "skip"
-    except Exception as exc:  # a peer that cannot run here (e.g. compile failing)
-        if case.provider == "rlhf_fast":
-            raise
-        status = harness.status_skipped(f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
-        return harness.make_row(status=status, **row_args), "skip"
-    if not ok:
-        worst = max(errors.values())
-        row = harness.make_row(status=harness.status_wrong(worst), rel_err=errors, **row_args)
-        return row, "fail" if case.provider == "rlhf_fast" else "xfail"
-
-    timed = _timed(case, inp, fn)
-    on_cpu = device.type != "cuda"
-    try:
-        timing = harness.time_fn(timed, device=device, warmup_ms=WARMUP_MS, rep_ms=REP_MS)
-        peak = harness.peak_memory_above(timed, device)
-        benchmark.group = f"{OP} {case.id.removesuffix('-' + case.provider)}"
-        benchmark.pedantic(
-            harness.synced(timed, device),
-            rounds=3 if on_cpu else 10,
-            iterations=1,
-            warmup_rounds=1 if on_cpu else 2,
-        )
-    except torch.cuda.OutOfMemoryError:
-        status = harness.status_skipped("out of GPU memory")
-        return harness.make_row(status=status, rel_err=errors, **row_args), "skip"
-
-    row = harness.make_row(
-        timing=timing,
-        peak_bytes=peak,
-        rel_err=errors,
-        **flop_columns(case, timing["median_ms"], rate),
-        **row_args,
+    return harness.gate_and_time(
+        benchmark=benchmark, device=device, row_args=row_args,
+        group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
+        provider=lambda: provider_fn(case.provider, case.mode),
+        gate=lambda fn: _gate(case, inp, fn),
+        prepare=lambda fn: (_timed(case, inp, fn), None),
+        columns=lambda timing: flop_columns(case, timing["median_ms"], rate),
+        time_kwargs=dict(warmup_ms=WARMUP_MS, rep_ms=REP_MS),
     )
-    harness.record_extra_info(benchmark, row)
-    for key in FLOP_KEYS:
-        benchmark.extra_info[key] = row[key]
-    return row, None
 
 
 def test_linear_logprobs(case: Case, bench_session: Any, benchmark: Any) -> None:

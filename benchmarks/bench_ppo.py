@@ -288,48 +288,15 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
         return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
 
     inp = make_inputs(case.shape, device)
-    try:
-        fn = provider_fn(case.provider, case.mode)
-        ok, errors = _gate(case, inp, fn)
-    except torch.cuda.OutOfMemoryError:
-        status = harness.status_skipped("out of GPU memory")
-        return harness.make_row(status=status, **row_args), "skip"
-    except Exception as exc:  # a peer that cannot run here (e.g. compile failing)
-        if case.provider == "rlhf_fast":
-            raise
-        status = harness.status_skipped(f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
-        return harness.make_row(status=status, **row_args), "skip"
-    if not ok:
-        worst = max(errors.values())
-        row = harness.make_row(status=harness.status_wrong(worst), rel_err=errors, **row_args)
-        return row, "fail" if case.provider == "rlhf_fast" else "xfail"
-
-    timed = _timed(case, inp, fn)
-    on_cpu = device.type != "cuda"
-    try:
-        timing = harness.time_fn(timed, device=device)
-        peak = harness.peak_memory_above(timed, device)
-        benchmark.group = f"{OP} {case.id.removesuffix('-' + case.provider)}"
-        benchmark.pedantic(
-            harness.synced(timed, device),
-            rounds=3 if on_cpu else 10,
-            iterations=1,
-            warmup_rounds=1 if on_cpu else 2,
-        )
-    except torch.cuda.OutOfMemoryError:
-        status = harness.status_skipped("out of GPU memory")
-        return harness.make_row(status=status, rel_err=errors, **row_args), "skip"
-
-    row = harness.make_row(
-        timing=timing,
-        peak_bytes=peak,
-        bytes_moved=bytes_moved(case.shape, case.mode),
-        copy_bandwidth=session.copy_bandwidth,
-        rel_err=errors,
-        **row_args,
+    return harness.gate_and_time(
+        benchmark=benchmark, device=device, row_args=row_args,
+        group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
+        provider=lambda: provider_fn(case.provider, case.mode),
+        gate=lambda fn: _gate(case, inp, fn),
+        prepare=lambda fn: (_timed(case, inp, fn), None),
+        columns=lambda timing: dict(bytes_moved=bytes_moved(case.shape, case.mode),
+                                    copy_bandwidth=session.copy_bandwidth),
     )
-    harness.record_extra_info(benchmark, row)
-    return row, None
 
 
 def test_ppo_loss(case: Case, bench_session: Any, benchmark: Any) -> None:

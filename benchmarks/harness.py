@@ -441,3 +441,80 @@ def write_results(
     markdown = "\n".join(md_lines) + "\n"
     (out / f"{name}.md").write_text(markdown)
     return markdown
+
+
+def gate_and_time(
+    *,
+    benchmark: Any,
+    device: torch.device,
+    row_args: dict[str, Any],
+    group: str,
+    provider: Callable[[], Any],
+    gate: Callable[[Any], tuple[bool, dict[str, float]]],
+    prepare: Callable[[Any], tuple[Callable[..., Any], Callable[[], Any] | None]],
+    columns: Callable[[dict[str, float]], dict[str, Any]],
+    time_kwargs: dict[str, Any] | None = None,
+    few_rounds: bool = False,
+) -> tuple[dict[str, Any], str | None]:
+    """The life of one benchmark case, shared by every suite: gate, then time, then a row.
+
+    ``group`` is the pytest-benchmark group (the case without its provider).
+    ``provider()`` builds the provider's function ``fn`` (a peer may fail to, e.g. an
+    import). ``gate(fn)`` runs it once against the reference and returns (ok, rel errors);
+    a provider that fails it is reported "wrong" and not timed (a pytest failure for
+    rlhf-fast, an xfail for a peer); a peer that raises, or any OOM, is a skipped row.
+    ``prepare(fn)`` returns the timed call and its untimed per-call setup (or None).
+    ``columns(timing)`` gives the row's roofline columns (``bytes_moved`` and
+    ``copy_bandwidth``, or a suite's own, which also go to pytest-benchmark's extra_info).
+    ``few_rounds`` keeps pytest-benchmark to CPU-sized round counts for slow providers.
+
+    Returns the row and the pytest outcome to raise (or None). The caller keeps the
+    inputs in its own frame, so they are freed before it raises that outcome.
+    """
+    ours = row_args["provider"].startswith("rlhf_fast")
+    try:
+        fn = provider()
+        ok, errors = gate(fn)
+    except torch.cuda.OutOfMemoryError:
+        return make_row(status=status_skipped("out of GPU memory"), **row_args), "skip"
+    except Exception as exc:  # a peer that cannot run here (e.g. compile failing)
+        if ours:
+            raise
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+        return make_row(status=status_skipped(reason), **row_args), "skip"
+    if not ok:
+        row = make_row(status=status_wrong(max(errors.values())), rel_err=errors, **row_args)
+        return row, "fail" if ours else "xfail"
+
+    timed, setup = prepare(fn)
+    short = few_rounds or torch.device(device).type != "cuda"
+    try:
+        timing = time_fn(timed, device=device, setup=setup, **(time_kwargs or {}))
+        peak = peak_memory_above(timed, device, setup=setup)
+        pedantic_setup = None
+        if setup is not None:
+
+            def pedantic_setup() -> tuple[tuple[Any], dict[str, Any]]:
+                state = setup()
+                _sync(device)
+                return (state,), {}
+
+        benchmark.group = group
+        benchmark.pedantic(
+            synced(timed, device),
+            setup=pedantic_setup,
+            rounds=3 if short else 10,
+            iterations=1,
+            warmup_rounds=1 if short else 2,
+        )
+    except torch.cuda.OutOfMemoryError:
+        status = status_skipped("out of GPU memory")
+        return make_row(status=status, rel_err=errors, **row_args), "skip"
+
+    extra = columns(timing)
+    row = make_row(timing=timing, peak_bytes=peak, rel_err=errors, **extra, **row_args)
+    record_extra_info(benchmark, row)
+    for key in extra:
+        if key in row:  # copy_bandwidth is consumed by make_row, not a row column
+            benchmark.extra_info[key] = row[key]
+    return row, None
