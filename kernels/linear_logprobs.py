@@ -162,7 +162,7 @@ def _accumulate_weight_grad(
     if d_weight.dtype == d_logits.dtype:
         d_weight.addmm_(d_logits.T, hidden)
         return
-    step = vocab_chunk(hidden.shape[1])
+    step = vocab_chunk(hidden.shape[1])  # a [step, D] product: CHUNK_ELEMENTS at most
     for start in range(0, d_weight.shape[0], step):
         cols = slice(start, start + step)
         d_weight[cols] += d_logits[:, cols].T @ hidden
