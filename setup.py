@@ -11,7 +11,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["rlhf_fast", "rlhf_fast.ops", "rlhf_fast.kernels", "rlhf_fast.benchmarks"],
+    packages=["rlhf_fast", "rlhf_fast.ops", "rlhf_fast.trainers", "rlhf_fast.kernels",
+              "rlhf_fast.benchmarks"],
+    package_data={"rlhf_fast": ["data/*.jsonl", "data/*.txt"]},
     package_dir={
         "rlhf_fast": "rlhf_fast",
         "rlhf_fast.kernels": "kernels",
@@ -21,6 +23,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "ruff"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib"],
+        "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["rlhf-fast=rlhf_fast.cli:main"]},
 )

@@ -1,0 +1,501 @@
+"""What the PPO and DPO trainers share: the model-side log-prob forward, the run's device,
+precision and processes, metric logging, and atomic checkpoints.
+
+The trainers themselves (`dpo.py`, `ppo.py`) keep the algorithm; this module keeps the
+plumbing out of their way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rlhf_fast.ops.linear_logprobs import linear_logprobs
+from rlhf_fast.ops.logprobs import logprobs
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+# --- the model side: per-token log-probs and values ---------------------------------
+
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens, as `generate` numbers them.
+
+    Without it, a left-padded row's first real token would sit at position P (its pad
+    count) in the training forward but at 0 during generation, and the two log-probs of
+    the same rollout would disagree.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body of a transformers model (everything before its head)."""
+    if hasattr(model, "get_decoder"):
+        decoder = model.get_decoder()
+        if decoder is not None:
+            return decoder
+    return model.base_model
+
+
+def check_fused_linear_supported(model: nn.Module) -> None:
+    """Raise when the model's logits are not ``hidden @ lm_head.weight.T (+ bias)``."""
+    config = getattr(model, "config", None)
+    for attribute in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attribute, None) not in (None, 1.0):
+            raise ValueError(
+                f"use_fused_linear: this model transforms its logits ({attribute}="
+                f"{getattr(config, attribute)}), which linear_logprobs does not; "
+                "set use_fused_linear=False"
+            )
+    if not isinstance(model.get_output_embeddings(), nn.Linear):
+        raise ValueError("use_fused_linear needs an nn.Linear lm_head; set use_fused_linear=False")
+
+
+class TokenLogprobs(nn.Module):
+    """A causal LM whose forward returns the log-prob (and entropy) of each next token.
+
+    Wrapping the model (rather than calling pieces of it from the trainer) lets
+    DistributedDataParallel wrap this module, so its hooks see the whole forward.
+
+    forward(input_ids [B, L], attention_mask [B, L]) -> logp [B, L-1] fp32 (and entropy
+    [B, L-1] fp32): logp[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1]) at
+    `temperature`. With `fused_linear`, `rlhf_fast.linear_logprobs` on the last hidden
+    state and the lm_head weight (the logits never exist); else `rlhf_fast.logprobs` on
+    the model's logits.
+    """
+
+    def __init__(self, model: nn.Module, *, fused_linear: bool, temperature: float = 1.0):
+        super().__init__()
+        if fused_linear:
+            check_fused_linear_supported(model)
+        self.model = model
+        self.fused_linear = fused_linear
+        self.temperature = temperature
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_entropy: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        position_ids = position_ids_from(attention_mask)
+        labels = input_ids[:, 1:]
+        options = dict(temperature=self.temperature, return_entropy=return_entropy)
+        if not self.fused_linear:
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False,
+            ).logits
+            return logprobs(logits[:, :-1], labels, **options)
+        hidden = backbone_of(self.model)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state[:, :-1]
+        head = self.model.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if torch.is_autocast_enabled(hidden.device.type):
+            # Autocast would run the lm_head GEMM in its low dtype; do the same here.
+            low = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(low), weight.to(low)
+            bias = None if bias is None else bias.to(low)
+        else:
+            hidden = hidden.to(weight.dtype)
+        return linear_logprobs(hidden, weight, labels, bias=bias, **options)
+
+
+class ValueModel(nn.Module):
+    """A critic: a causal LM backbone with a scalar head on every position.
+
+    forward(input_ids [B, L], attention_mask [B, L]) -> values [B, L] fp32, the value of
+    the state ending at each position. Build one from a policy (`from_causal_lm`: a copy of
+    its backbone, a zero-initialised head so the first values are 0) or from a path or
+    hub id (`from_pretrained`).
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_causal_lm(cls, model: nn.Module) -> ValueModel:
+        import copy
+
+        backbone = copy.deepcopy(backbone_of(model))
+        backbone.requires_grad_(True)
+        return cls(backbone, model.config.hidden_size)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> ValueModel:
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(name_or_path, **kwargs)
+        return cls(backbone, backbone.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask), use_cache=False,
+        ).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+class SequenceClassifierValues(nn.Module):
+    """Per-position scores of an ``AutoModelForSequenceClassification`` with one label.
+
+    Its backbone and ``score`` head applied at every position (the model's own forward
+    pools at the last non-pad token, which misfires when pad and EOS share an id).
+    forward(input_ids [B, L], attention_mask [B, L]) -> [B, L] fp32.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        head = getattr(model, "score", None)
+        if not isinstance(head, nn.Linear) or head.out_features != 1:
+            raise ValueError(
+                "expected a sequence-classification model with a one-output nn.Linear "
+                f"`score` head (num_labels=1), got {type(model).__name__}"
+            )
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask), use_cache=False,
+        ).last_hidden_state
+        head = self.model.score
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def as_value_module(model: nn.Module) -> nn.Module:
+    """A module giving per-position scalars [B, L]: ValueModel as is, or a classifier."""
+    return model if isinstance(model, ValueModel) else SequenceClassifierValues(model)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation checkpointing (the name changed in transformers 5)."""
+    target = model.backbone if isinstance(model, ValueModel) else model
+    enable = getattr(target, "activation_checkpointing_enable", None)
+    (enable or target.gradient_checkpointing_enable)()
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with no parameter requiring a gradient."""
+    return model.eval().requires_grad_(False)
+
+
+class FieldChecker:
+    """``check(field, ok, expected)`` raises ValueError "<Owner>.<field> must be <expected>"."""
+
+    def __init__(self, owner: str):
+        self.owner = owner
+
+    def __call__(self, field: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"{self.owner}.{field} must be {expected}")
+
+
+# --- the run: processes, device, precision, seeds ----------------------------------------
+
+
+@dataclass
+class Run:
+    """Where this process trains: its rank among `world` processes and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+    precision: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for precision "bf16", nothing for "fp32"."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Average each metric over the processes (a no-op for one)."""
+        if self.world == 1 or not values:
+            return values
+        stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(stacked)
+        return dict(zip(values, (stacked / self.world).tolist()))
+
+    def sum_over_ranks(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return float(total.item())
+
+
+def setup_run(precision: str, device: str | None = None) -> Run:
+    """Join the torchrun process group when there is one, and pick device and precision.
+
+    Under torchrun (WORLD_SIZE > 1) each process takes the GPU of its LOCAL_RANK (NCCL),
+    or the CPU (gloo). precision "auto" is bf16 autocast on a GPU that supports it, fp32
+    elsewhere.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    if precision == "auto":
+        gpu_bf16 = target.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if gpu_bf16 else "fp32"
+    return Run(rank=rank, world=world, device=target, precision=precision)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random stream a training step draws from, to restore on resume."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def warmup_then_constant(optimizer: torch.optim.Optimizer, warmup_steps: int):
+    """Linear warm-up from 0 to the configured lr over `warmup_steps`, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    )
+
+
+def example_indices(num_examples: int, batch_size: int, run: Run, seed: int,
+                    batch: int) -> list[int]:
+    """The dataset rows of this rank's `batch`-th batch of the run (0-based).
+
+    Each epoch is a permutation drawn from (seed, epoch); incomplete global batches at
+    an epoch's end are dropped. A pure function of `batch`, so resuming at a step replays
+    exactly the rows an uninterrupted run would have seen.
+    """
+    global_batch = batch_size * run.world
+    per_epoch = num_examples // global_batch
+    epoch, position = divmod(batch, per_epoch)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    start = (position * run.world + run.rank) * batch_size
+    return order[start:start + batch_size].tolist()
+
+
+# --- metrics: stdout, JSONL, PNG ---------------------------------------------------------
+
+
+class MetricsLog:
+    """Metrics of the main process to stdout (above the progress bar) and a JSONL file."""
+
+    def __init__(self, path: Path, enabled: bool, resume: bool):
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                path.write_text("")
+
+    def write(self, step: int, metrics: dict[str, float], progress: Any = None) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = "  ".join(f"{k}={_short(v)}" for k, v in record.items())
+        (progress.write if progress is not None else print)(shown)
+
+    def records(self) -> list[dict[str, float]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def _short(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def plot_curves(records: list[dict[str, float]], keys: list[str], path: Path,
+                title: str) -> Path | None:
+    """A PNG of each metric in `keys` against the step; None (and a notice) without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install 'rlhf-fast[plot]')")
+        return None
+    keys = [k for k in keys if any(k in r for r in records)]
+    if not keys:
+        return None
+    columns = min(3, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows),
+                                squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), marker="." if len(points) < 40 else None)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    """A tqdm bar on the main process (tqdm ships with transformers' hub client)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc,
+                dynamic_ncols=True, file=sys.stdout)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename over `path`.
+
+    A crash mid-write leaves the previous checkpoint intact: the rename is atomic.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}.pt"
+
+
+def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
+    """`resume_from` as a file, or "latest": the newest checkpoint in output_dir."""
+    if resume_from != "latest":
+        path = Path(resume_from)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume_from: no checkpoint file at {path}")
+        return path
+    found = sorted(Path(output_dir).glob("checkpoint-*.pt"),
+                   key=lambda p: int(p.stem.split("-")[1]))
+    if not found:
+        raise FileNotFoundError(f"resume_from='latest': no checkpoint-*.pt in {output_dir}")
+    return found[-1]
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_pretrained_atomic(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """`save_pretrained` into a temp folder, then swap it in for `directory`."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    model.save_pretrained(temp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(temp)
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(temp, directory)
+    if old.exists():
+        import shutil
+
+        shutil.rmtree(old)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def wrap_ddp(module: nn.Module, run: Run) -> nn.Module:
+    if run.world == 1:
+        return module
+    device_ids = [run.device.index] if run.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def load_records(data: Any, fields: tuple[str, ...], name: str) -> list[dict[str, Any]]:
+    """Records with string `fields` from a list of dicts, a JSONL path or a
+    `datasets.Dataset`; a clear error naming `name` for anything else."""
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: no file at {path}")
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{name}: {path} line {number} is not JSON: {exc}") from exc
+    elif hasattr(data, "column_names") and hasattr(data, "__getitem__"):  # datasets.Dataset
+        records = [data[i] for i in range(len(data))]
+    else:
+        records = list(data)
+    if not records:
+        raise ValueError(f"{name} is empty; expected records with fields {list(fields)}")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{name}[{index}] must be a dict with fields {list(fields)}, "
+                             f"got {type(record).__name__}")
+        for field in fields:
+            if not isinstance(record.get(field), str):
+                raise ValueError(f"{name}[{index}] needs a string field {field!r}, got "
+                                 f"{record.get(field)!r}")
+    return records

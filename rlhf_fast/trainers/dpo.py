@@ -1,0 +1,454 @@
+"""A reference DPO trainer on transformers causal LMs, built on rlhf-fast's fused ops.
+
+One training step, top to bottom (`DPOTrainer.train`):
+1. take a batch of {prompt, chosen, rejected} records, tokenised once up front: prompt
+   tokens, then each answer followed by EOS;
+2. stack the chosen and the rejected sequences into one [2B, L] batch and run the policy
+   once: per-token log-probs by `linear_logprobs` on the last hidden state and the
+   lm_head weight (`use_fused_linear`, the [2B*L, V] logits never exist) or by `logprobs`
+   on the model's logits;
+3. sum them over each answer's tokens (`sequence_logps`; prompt and padding masked out),
+   and get the same from the frozen reference (precomputed once, or per batch);
+4. `dpo_loss` on the four sequence log-probs, backward, clip, AdamW step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf_fast.ops.dpo import dpo_loss
+from rlhf_fast.ops.sequence_logps import sequence_logps
+from rlhf_fast.reference import (
+    DPO_LABEL_SMOOTHING_TYPES,
+    DPO_LENGTH_NORMALISED_TYPES,
+    DPO_LOSS_TYPES,
+    DPO_REFERENCE_FREE_TYPES,
+)
+from rlhf_fast.trainers.common import (
+    PRECISIONS,
+    FieldChecker,
+    MetricsLog,
+    TokenLogprobs,
+    batches,
+    checkpoint_path,
+    enable_gradient_checkpointing,
+    example_indices,
+    frozen,
+    load_checkpoint,
+    load_records,
+    plot_curves,
+    progress_bar,
+    resolve_checkpoint,
+    rng_state,
+    save_atomic,
+    save_pretrained_atomic,
+    seed_everything,
+    set_rng_state,
+    setup_run,
+    warmup_then_constant,
+    wrap_ddp,
+)
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+DPO_PLOT_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+                 "rewards/rejected", "logps/chosen", "logps/rejected", "eval/rewards/accuracies",
+                 "eval/loss"]
+
+
+@dataclass
+class DPOConfig:
+    """Everything a DPO run needs besides the models and the data.
+
+    Sizes are per process: under torchrun the global batch is
+    batch_size * gradient_accumulation_steps * world size.
+    """
+
+    output_dir: str = "runs/dpo"
+    """Where metrics.jsonl, the plot, checkpoints and the final model go."""
+    beta: float = 0.1
+    """Strength of the implicit KL to the reference; rewards are beta * log(pi / pi_ref)."""
+    loss_type: str = "sigmoid"
+    """One of rlhf_fast.reference.DPO_LOSS_TYPES (sigmoid, ipo, hinge, robust, ...)."""
+    label_smoothing: float = 0.0
+    """Assumed label-noise rate in [0, 0.5) (sigmoid / sigmoid_norm / robust / exo_pair)."""
+    reference_free: bool = False
+    """Use no reference model (log pi_ref = 0); only for DPO_REFERENCE_FREE_TYPES."""
+    precompute_ref_logps: bool = False
+    """Score every record under the reference once before training, then free it."""
+    lr: float = 5e-7
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up of the learning rate over this many optimizer steps."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip (0 disables)."""
+    batch_size: int = 8
+    """Preference pairs per process per micro-batch (the forward sees 2x sequences)."""
+    eval_batch_size: int = 16
+    """Pairs per evaluation batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    num_epochs: float = 1.0
+    """Passes over the training set, when max_steps is 0."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means num_epochs passes."""
+    max_length: int = 512
+    """Longest prompt + answer in tokens; answers are cut to fit."""
+    max_prompt_length: int = 256
+    """Longest prompt in tokens; longer prompts keep their last tokens."""
+    precision: str = "auto"
+    """"bf16" (autocast), "fp32", or "auto": bf16 on a GPU that has it, else fp32."""
+    use_fused_linear: bool | None = None
+    """Log-probs from hidden states (linear_logprobs) instead of logits; None: on a GPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward to save memory."""
+    seed: int = 0
+    """Seeds the data order and every random stream."""
+    logging_steps: int = 10
+    """Log the mean of the metrics every this many optimizer steps."""
+    eval_steps: int = 0
+    """Evaluate every this many steps (0: only at the end) when there is an eval set."""
+    save_steps: int = 0
+    """Write checkpoint-<step>.pt every this many steps (0: only at the end)."""
+    resume_from: str | None = None
+    """A checkpoint file, or "latest" (the newest in output_dir), to continue from."""
+    device: str | None = None
+    """"cuda", "cpu", ...; None picks the GPU when there is one."""
+
+    def __post_init__(self) -> None:
+        require = FieldChecker("DPOConfig")
+        require("beta", self.beta > 0, "> 0")
+        require("loss_type", self.loss_type in DPO_LOSS_TYPES, f"one of {DPO_LOSS_TYPES}")
+        require("label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
+        require("label_smoothing",
+                self.label_smoothing == 0 or self.loss_type in DPO_LABEL_SMOOTHING_TYPES,
+                f"0 for loss_type {self.loss_type!r} (it applies to {DPO_LABEL_SMOOTHING_TYPES})")
+        require("reference_free",
+                not self.reference_free or self.loss_type in DPO_REFERENCE_FREE_TYPES,
+                f"False for loss_type {self.loss_type!r} (allowed for "
+                f"{DPO_REFERENCE_FREE_TYPES})")
+        require("lr", self.lr > 0, "> 0")
+        require("weight_decay", self.weight_decay >= 0, ">= 0")
+        require("warmup_steps", self.warmup_steps >= 0, ">= 0")
+        require("max_grad_norm", self.max_grad_norm >= 0, ">= 0")
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "max_length", "max_prompt_length"):
+            require(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                    "an int >= 1")
+        require("max_prompt_length", self.max_prompt_length < self.max_length,
+                f"< max_length ({self.max_length}), leaving room for the answer")
+        require("num_epochs", self.num_epochs > 0, "> 0")
+        for name in ("max_steps", "eval_steps", "save_steps"):
+            require(name, getattr(self, name) >= 0, ">= 0")
+        require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
+
+
+@dataclass
+class PairBatch:
+    """A stacked batch: rows [0, B) are prompt+chosen, rows [B, 2B) prompt+rejected.
+
+    input_ids, attention_mask: [2B, L] (right-padded); answer_mask: [2B, L-1], 1 where
+    the next-token label is an answer token; rows: the records' dataset indices [B].
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_mask: torch.Tensor
+    rows: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int,
+                   max_length: int) -> list[dict[str, list[int]]]:
+    """Token ids of each record: the prompt (its last max_prompt_length tokens) and each
+    answer followed by EOS, cut so prompt + answer fits max_length.
+
+    Prompt and answers are tokenised separately so the prompt/answer boundary is the same
+    in the chosen and the rejected sequence.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer needs an eos_token_id (it ends every answer)")
+    pairs = []
+    for index, record in enumerate(records):
+        prompt = tokenizer(record["prompt"]).input_ids[-max_prompt_length:]
+        if not prompt:
+            raise ValueError(f"train_dataset[{index}]: the prompt is empty after tokenising "
+                             "(the first answer token would have nothing to condition on)")
+        room = max_length - len(prompt)
+        answers = {
+            key: (tokenizer(record[key], add_special_tokens=False).input_ids
+                  + [tokenizer.eos_token_id])[:room]
+            for key in ("chosen", "rejected")
+        }
+        pairs.append({"prompt": prompt, **answers})
+    return pairs
+
+
+def collate_pairs(pairs: list[dict[str, list[int]]], rows: list[int], pad_id: int,
+                  device: torch.device) -> PairBatch:
+    """Stack chosen then rejected sequences, right-padded, with their answer masks."""
+    sequences = [p["prompt"] + p[key] for key in ("chosen", "rejected") for p in pairs]
+    prompt_lengths = [len(p["prompt"]) for _ in range(2) for p in pairs]
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    answer_mask = torch.zeros((len(sequences), width - 1), dtype=torch.float32)
+    for row, (sequence, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
+        input_ids[row, :len(sequence)] = torch.tensor(sequence)
+        attention_mask[row, :len(sequence)] = 1
+        # label t is token t + 1: answer tokens sit at [prompt_length, len(sequence))
+        answer_mask[row, prompt_length - 1:len(sequence) - 1] = 1
+    return PairBatch(input_ids.to(device), attention_mask.to(device), answer_mask.to(device),
+                     torch.tensor(rows))
+
+
+class DPOTrainer:
+    """Direct Preference Optimisation of `model` against a frozen reference.
+
+    Args:
+        model: a transformers causal LM (``AutoModelForCausalLM``), trained in place.
+        ref_model: the frozen reference; None takes a frozen copy of `model` as it is now
+            (or none at all with ``config.reference_free``).
+        tokenizer: the model's tokenizer; needs eos_token_id (pad defaults to EOS).
+        train_dataset: records ``{"prompt", "chosen", "rejected"}`` (strings): a list of
+            dicts, a JSONL file path, or a ``datasets.Dataset``.
+        eval_dataset: the same, scored at eval_steps and at the end.
+        config: a `DPOConfig`.
+    """
+
+    def __init__(self, model: nn.Module, ref_model: nn.Module | None = None, *,
+                 tokenizer: Any, train_dataset: Any, eval_dataset: Any = None,
+                 config: DPOConfig | None = None):
+        self.config = config = config or DPOConfig()
+        self.run = setup_run(config.precision, config.device)
+        seed_everything(config.seed)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        records = load_records(train_dataset, PAIR_FIELDS, "train_dataset")
+        self.train_pairs = tokenize_pairs(records, tokenizer, config.max_prompt_length,
+                                          config.max_length)
+        self.eval_pairs = None
+        if eval_dataset is not None:
+            self.eval_pairs = tokenize_pairs(load_records(eval_dataset, PAIR_FIELDS,
+                                                          "eval_dataset"),
+                                             tokenizer, config.max_prompt_length,
+                                             config.max_length)
+        global_batch = config.batch_size * self.run.world
+        if len(self.train_pairs) < global_batch:
+            raise ValueError(f"train_dataset has {len(self.train_pairs)} records, fewer than "
+                             f"one global batch (batch_size x processes = {global_batch})")
+
+        fused = config.use_fused_linear
+        self.fused_linear = self.run.device.type == "cuda" if fused is None else fused
+        model.to(self.run.device)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.model = model
+        self.policy = wrap_ddp(TokenLogprobs(model, fused_linear=self.fused_linear), self.run)
+        self.reference = None
+        if not config.reference_free:
+            ref_model = frozen(copy.deepcopy(model) if ref_model is None else ref_model)
+            self.reference = TokenLogprobs(ref_model.to(self.run.device),
+                                           fused_linear=self.fused_linear)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = warmup_then_constant(self.optimizer, config.warmup_steps)
+        self.step = 0
+        self.window: dict[str, float] = {}
+        self.ref_logps: dict[str, torch.Tensor] = {}
+        if config.resume_from is not None:
+            self._load(resolve_checkpoint(config.resume_from, config.output_dir))
+        self.log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", self.run.is_main,
+                              resume=config.resume_from is not None)
+        if config.precompute_ref_logps and self.reference is not None and not self.ref_logps:
+            self.ref_logps = {"train": self._score_all(self.train_pairs)}
+            if self.eval_pairs is not None:
+                self.ref_logps["eval"] = self._score_all(self.eval_pairs)
+        if config.precompute_ref_logps:
+            self.reference = None  # every record is scored: free the reference's memory
+
+    # --- the algorithm ---------------------------------------------------------------
+
+    @property
+    def total_steps(self) -> int:
+        config = self.config
+        if config.max_steps:
+            return config.max_steps
+        per_epoch = len(self.train_pairs) // (config.batch_size * self.run.world)
+        micro_batches = int(config.num_epochs * per_epoch)
+        return max(1, micro_batches // config.gradient_accumulation_steps)
+
+    def train(self) -> list[dict[str, float]]:
+        """Run to total_steps (from the checkpoint's step when resuming); returns the
+        logged metrics of this output_dir."""
+        config, run = self.config, self.run
+        bar = progress_bar(self.total_steps, self.step, run.is_main, "DPO")
+        started, tokens = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            self.model.train()
+            accumulation = config.gradient_accumulation_steps
+            for micro in range(accumulation):
+                batch = self._train_batch(self.step * accumulation + micro)
+                sync = micro == accumulation - 1 or run.world == 1
+                with contextlib.nullcontext() if sync else self.policy.no_sync():
+                    out, metrics = self._pair_loss(batch, "train")
+                    (out.loss / accumulation).backward()
+                self._accumulate(metrics, accumulation)
+                tokens += batch.num_tokens
+            if config.max_grad_norm:
+                nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+
+            last = self.step == self.total_steps
+            if self.step % config.logging_steps == 0 or last:
+                elapsed = time.perf_counter() - started
+                metrics = run.mean_over_ranks(self._flush_window())
+                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                metrics["tokens_per_s"] = run.sum_over_ranks(tokens) / max(elapsed, 1e-9)
+                self.log.write(self.step, metrics, bar)
+                started, tokens = time.perf_counter(), 0
+            if self.eval_pairs is not None and (
+                    last or (config.eval_steps and self.step % config.eval_steps == 0)):
+                self.log.write(self.step, self.evaluate(), bar)
+            if last or (config.save_steps and self.step % config.save_steps == 0):
+                self.save_checkpoint()
+        bar.close()
+        if run.is_main:
+            save_pretrained_atomic(self.model, self.tokenizer, Path(config.output_dir) / "final")
+            plot_curves(self.log.records(), DPO_PLOT_KEYS,
+                        Path(config.output_dir) / "dpo_curves.png", "DPO")
+        return self.log.records()
+
+    def _pair_loss(self, batch: PairBatch, split: str):
+        """The DPO loss of a stacked batch, and its metrics."""
+        pairs = batch.rows.numel()
+        with self.run.autocast():
+            token_logp = self.policy(batch.input_ids, batch.attention_mask)
+        policy = sequence_logps(token_logp, batch.answer_mask)
+        reference = self._reference_logps(batch, split)
+        lengths = {}
+        if self.config.loss_type in DPO_LENGTH_NORMALISED_TYPES:
+            answer_lengths = batch.answer_mask.sum(-1)
+            lengths = {"chosen_lengths": answer_lengths[:pairs],
+                       "rejected_lengths": answer_lengths[pairs:]}
+        out = dpo_loss(
+            policy[:pairs], policy[pairs:],
+            None if reference is None else reference[:pairs],
+            None if reference is None else reference[pairs:],
+            beta=self.config.beta, loss_type=self.config.loss_type,
+            label_smoothing=self.config.label_smoothing, **lengths,
+        )
+        metrics = {
+            "loss": out.loss.item(),
+            "rewards/chosen": out.chosen_rewards.mean().item(),
+            "rewards/rejected": out.rejected_rewards.mean().item(),
+            "rewards/accuracies": out.reward_accuracy.item(),
+            "rewards/margins": out.reward_margin.item(),
+            "logps/chosen": policy[:pairs].mean().item(),
+            "logps/rejected": policy[pairs:].mean().item(),
+        }
+        return out, metrics
+
+    def _reference_logps(self, batch: PairBatch, split: str) -> torch.Tensor | None:
+        """[2B] reference sequence log-probs: precomputed, scored now, or None."""
+        if split in self.ref_logps:
+            scored = self.ref_logps[split][batch.rows]  # [B, 2]: chosen, rejected
+            return scored.T.reshape(-1).to(self.run.device)
+        if self.reference is None:
+            return None
+        with torch.no_grad(), self.run.autocast():
+            token_logp = self.reference(batch.input_ids, batch.attention_mask)
+        return sequence_logps(token_logp, batch.answer_mask)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss and reward statistics over eval_dataset (prefixed "eval/")."""
+        if self.eval_pairs is None:
+            raise ValueError("evaluate() needs an eval_dataset")
+        self.model.eval()
+        totals: dict[str, float] = {}
+        for rows in batches(list(range(len(self.eval_pairs))), self.config.eval_batch_size):
+            batch = collate_pairs([self.eval_pairs[i] for i in rows], rows, self.pad_id,
+                                  self.run.device)
+            _, metrics = self._pair_loss(batch, "eval")
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value * len(rows)
+        self.model.train()
+        return {f"eval/{k}": v / len(self.eval_pairs) for k, v in totals.items()}
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _train_batch(self, index: int) -> PairBatch:
+        rows = example_indices(len(self.train_pairs), self.config.batch_size, self.run,
+                               self.config.seed, index)
+        return collate_pairs([self.train_pairs[i] for i in rows], rows, self.pad_id,
+                             self.run.device)
+
+    @torch.no_grad()
+    def _score_all(self, pairs: list[dict[str, list[int]]]) -> torch.Tensor:
+        """[n, 2] reference log-probs (chosen, rejected) of every pair, on the CPU."""
+        scored = []
+        for rows in batches(list(range(len(pairs))), self.config.eval_batch_size):
+            batch = collate_pairs([pairs[i] for i in rows], rows, self.pad_id, self.run.device)
+            both = self._reference_logps(batch, "none")
+            scored.append(both.view(2, -1).T.float().cpu())
+        return torch.cat(scored)
+
+    def _accumulate(self, metrics: dict[str, float], micro_batches: int) -> None:
+        self.window["_count"] = self.window.get("_count", 0.0) + 1.0 / micro_batches
+        for key, value in metrics.items():
+            self.window[key] = self.window.get(key, 0.0) + value / micro_batches
+
+    def _flush_window(self) -> dict[str, float]:
+        count = self.window.pop("_count", 1.0)
+        window, self.window = self.window, {}
+        return {key: value / count for key, value in window.items()}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoint-<step>.pt atomically (main process); returns its path."""
+        path = checkpoint_path(self.config.output_dir, self.step)
+        if not self.run.is_main:
+            return None
+        save_atomic({
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "window": self.window,
+            "ref_logps": self.ref_logps,
+            "rng": rng_state(),
+            "config": asdict(self.config),
+        }, path)
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.window = state["window"]
+        self.ref_logps = state["ref_logps"]
+        set_rng_state(state["rng"])
+
+
+__all__ = ["DPOConfig", "DPOTrainer", "PairBatch", "tokenize_pairs", "collate_pairs"]

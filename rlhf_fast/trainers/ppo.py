@@ -1,0 +1,508 @@
+"""A reference PPO / GRPO trainer on transformers causal LMs, built on rlhf-fast's ops.
+
+One iteration, top to bottom (`PPOTrainer.train`):
+1. rollout: sample `group_size` answers to each of a batch of prompts with `generate`
+   (temperature, top-p, stop at EOS); an answer's tokens count up to its first EOS;
+2. score each answer: a reward function of the decoded text, or a reward model's score
+   at the answer's last token;
+3. per-token log-probs of the rollout under the policy and the frozen reference, and the
+   critic's values, all without gradients (`logprobs` / `linear_logprobs`);
+4. advantages. "gae": reward r_t = -kl_coef * (log pi - log pi_ref) per token, plus the
+   score on the last token; `gae` with the critic's values; `masked_whiten`.
+   "grpo": no critic; `group_advantages` of the scores within each prompt's group, the
+   same for every token of an answer, and the KL to the reference in the loss instead;
+5. `ppo_epochs` passes over the rollout in minibatches: recompute log-probs, entropy and
+   values with gradients, `ppo_loss` (clipped ratio, KL, entropy bonus, clipped value
+   loss), backward, clip, one AdamW step per minibatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf_fast.ops.gae import gae, group_advantages, masked_whiten
+from rlhf_fast.ops.ppo import ppo_loss
+from rlhf_fast.reference import AGG_MODES, KL_ESTIMATORS
+from rlhf_fast.trainers.common import (
+    PRECISIONS,
+    FieldChecker,
+    MetricsLog,
+    TokenLogprobs,
+    ValueModel,
+    as_value_module,
+    checkpoint_path,
+    enable_gradient_checkpointing,
+    example_indices,
+    frozen,
+    load_checkpoint,
+    load_records,
+    plot_curves,
+    progress_bar,
+    resolve_checkpoint,
+    rng_state,
+    save_atomic,
+    save_pretrained_atomic,
+    seed_everything,
+    set_rng_state,
+    setup_run,
+    unwrap,
+    warmup_then_constant,
+    wrap_ddp,
+)
+
+ESTIMATORS = ("gae", "grpo")
+RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
+PPO_PLOT_KEYS = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "policy_loss",
+                 "value_loss", "response_length"]
+
+
+@dataclass
+class PPOConfig:
+    """Everything a PPO / GRPO run needs besides the models and the prompts.
+
+    Sizes are per process: under torchrun every process rolls out its own prompts.
+    """
+
+    output_dir: str = "runs/ppo"
+    """Where metrics.jsonl, the plot, checkpoints and the final models go."""
+    advantage_estimator: str = "gae"
+    """"gae" (a critic, KL penalty in the reward) or "grpo" (group-relative, KL in the loss)."""
+    max_steps: int = 100
+    """Iterations (rollout, then ppo_epochs of updates)."""
+    rollout_batch_size: int = 16
+    """Prompts per process per iteration; each is sampled group_size times."""
+    group_size: int = 1
+    """Answers per prompt (>= 2 for grpo)."""
+    mini_batch_size: int = 8
+    """Sequences per optimizer step in the update."""
+    ppo_epochs: int = 4
+    """Passes over each rollout."""
+    lr: float = 1e-6
+    """Peak AdamW learning rate of the policy (and of the critic, unless value_lr)."""
+    value_lr: float | None = None
+    """Learning rate of the critic; None: lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up of the learning rate over this many optimizer steps."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip over policy and critic (0 disables)."""
+    max_prompt_length: int = 256
+    """Longest prompt in tokens; longer prompts keep their last tokens."""
+    max_new_tokens: int = 64
+    """Longest answer."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are taken at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold in (0, 1]."""
+    gamma: float = 1.0
+    """Discount in [0, 1]."""
+    lam: float = 0.95
+    """GAE lambda in [0, 1]."""
+    clip_eps: float = 0.2
+    """Ratio clip: [1 - clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: float | None = None
+    """Upper clip (clip-higher); None: clip_eps."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 for negative advantages; None: off."""
+    kl_coef: float = 0.05
+    """Weight of the KL to the reference (per-token reward penalty for gae, loss term for
+    grpo)."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3: the estimator of the in-loss KL (grpo). gae's reward penalty is k1."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    vf_coef: float = 0.5
+    """Value-loss weight (gae)."""
+    value_clip: float = 0.2
+    """Clip of the new values around the rollout's values (gae)."""
+    agg: str = "token-mean"
+    """How token losses aggregate: one of rlhf_fast.reference.AGG_MODES."""
+    whiten_advantages: bool = True
+    """Whiten the gae advantages over the rollout's valid tokens."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of answers that hit max_new_tokens without EOS."""
+    precision: str = "auto"
+    """"bf16" (autocast), "fp32", or "auto": bf16 on a GPU that has it, else fp32."""
+    use_fused_linear: bool | None = None
+    """Log-probs from hidden states (linear_logprobs); None: on a GPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward to save memory."""
+    seed: int = 0
+    """Seeds the prompt order and every random stream (sampling included)."""
+    logging_steps: int = 1
+    """Log every this many iterations."""
+    save_steps: int = 0
+    """Write checkpoint-<step>.pt every this many iterations (0: only at the end)."""
+    resume_from: str | None = None
+    """A checkpoint file, or "latest" (the newest in output_dir), to continue from."""
+    device: str | None = None
+    """"cuda", "cpu", ...; None picks the GPU when there is one."""
+
+    def __post_init__(self) -> None:
+        require = FieldChecker("PPOConfig")
+        require("advantage_estimator", self.advantage_estimator in ESTIMATORS,
+                f"one of {ESTIMATORS}")
+        for name in ("max_steps", "rollout_batch_size", "group_size", "mini_batch_size",
+                     "ppo_epochs", "max_prompt_length", "max_new_tokens", "logging_steps"):
+            require(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                    "an int >= 1")
+        require("group_size", self.advantage_estimator != "grpo" or self.group_size >= 2,
+                ">= 2 for advantage_estimator='grpo'")
+        require("lr", self.lr > 0, "> 0")
+        require("value_lr", self.value_lr is None or self.value_lr > 0, "> 0 or None")
+        require("weight_decay", self.weight_decay >= 0, ">= 0")
+        require("warmup_steps", self.warmup_steps >= 0, ">= 0")
+        require("max_grad_norm", self.max_grad_norm >= 0, ">= 0")
+        require("temperature", self.temperature > 0, "> 0")
+        require("top_p", 0 < self.top_p <= 1, "in (0, 1]")
+        require("gamma", 0 <= self.gamma <= 1, "in [0, 1]")
+        require("lam", 0 <= self.lam <= 1, "in [0, 1]")
+        require("clip_eps", self.clip_eps > 0, "> 0")
+        require("clip_eps_high", self.clip_eps_high is None or self.clip_eps_high > 0,
+                "> 0 or None")
+        require("dual_clip", self.dual_clip is None or self.dual_clip > 1, "> 1 or None")
+        require("kl_coef", self.kl_coef >= 0, ">= 0")
+        require("kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS}")
+        require("entropy_coef", self.entropy_coef >= 0, ">= 0")
+        require("vf_coef", self.vf_coef >= 0, ">= 0")
+        require("value_clip", self.value_clip > 0, "> 0")
+        require("agg", self.agg in AGG_MODES, f"one of {AGG_MODES}")
+        require("save_steps", self.save_steps >= 0, ">= 0")
+        require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled answers, B = prompts x group_size rows, R answer positions.
+
+    sequences, attention_mask: [B, P + R] (prompts left-padded to P, answers
+    right-padded after their first EOS); mask: [B, R] float, 1 on answer tokens;
+    old_logp, ref_logp, values: [B, R] fp32 (values None for grpo); scores: [B];
+    advantages, returns: [B, R] (returns None for grpo).
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_width: int
+    mask: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    values: torch.Tensor | None
+    scores: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+
+
+class ActorCritic(nn.Module):
+    """Policy log-probs (and entropy) and critic values over the answer positions, in
+    one module so DistributedDataParallel can wrap both.
+
+    forward(sequences [B, P+R], attention_mask, prompt_width P) ->
+    logp [B, R], entropy [B, R], values [B, R] or None; all fp32.
+    """
+
+    def __init__(self, actor: TokenLogprobs, critic: nn.Module | None):
+        super().__init__()
+        self.actor = actor
+        self.critic = critic
+
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_width: int):
+        answer = slice(prompt_width - 1, None)  # label t is token t + 1
+        logp, entropy = self.actor(sequences, attention_mask, return_entropy=True)
+        values = None
+        if self.critic is not None:
+            # the value of the state before each answer token
+            values = self.critic(sequences, attention_mask)[:, prompt_width - 1:-1]
+        return logp[:, answer], entropy[:, answer], values
+
+
+def load_prompts(prompts: Any) -> list[str]:
+    """Prompt strings from a list of strings or of {"prompt"} records, a JSONL file of
+    records, a text file of one prompt per line, or a `datasets.Dataset`."""
+    if isinstance(prompts, (str, Path)) and not str(prompts).endswith(".jsonl"):
+        path = Path(prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts: no file at {path}")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+    if isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts):
+        prompts = [{"prompt": p} for p in prompts]
+    return [record["prompt"] for record in load_records(prompts, ("prompt",), "prompts")]
+
+
+class PPOTrainer:
+    """PPO (with a critic and GAE) or GRPO (critic-free) on a causal LM.
+
+    Args:
+        policy: a transformers causal LM, trained in place.
+        ref_policy: the frozen reference; None takes a frozen copy of `policy` as it is now.
+        value_model: the critic for "gae": a `ValueModel` (backbone + scalar head) or an
+            ``AutoModelForSequenceClassification`` with num_labels=1. None with "gae":
+            `ValueModel.from_causal_lm(policy)` (a copy of the policy's backbone and a
+            zero head). Ignored (must be None) for "grpo".
+        reward_fn_or_model: ``f(prompts: list[str], answers: list[str]) -> [B] scores``
+            on the decoded text, or a reward model (a sequence classifier with one label,
+            sharing the policy's tokenizer) scored at each answer's last token.
+        tokenizer: the policy's tokenizer (needs eos_token_id; pad defaults to EOS).
+        prompts: prompt strings, {"prompt"} records, a .jsonl of records, a text file of
+            one prompt per line, or a ``datasets.Dataset``.
+        config: a `PPOConfig`.
+    """
+
+    def __init__(self, policy: nn.Module, ref_policy: nn.Module | None = None,
+                 value_model: nn.Module | None = None,
+                 reward_fn_or_model: RewardFn | nn.Module | None = None, *,
+                 tokenizer: Any, prompts: Any, config: PPOConfig | None = None):
+        self.config = config = config or PPOConfig()
+        if reward_fn_or_model is None:
+            raise ValueError("reward_fn_or_model is required: a function of (prompts, "
+                             "answers) or a reward model")
+        grpo = config.advantage_estimator == "grpo"
+        if grpo and value_model is not None:
+            raise ValueError("value_model must be None for advantage_estimator='grpo'")
+        self.run = setup_run(config.precision, config.device)
+        seed_everything(config.seed)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer needs an eos_token_id (answers stop at it)")
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else self.eos_id
+        self.prompts = load_prompts(prompts)
+        self.prompt_ids = [tokenizer(p).input_ids[-config.max_prompt_length:]
+                           for p in self.prompts]
+        empty = [i for i, ids in enumerate(self.prompt_ids) if not ids]
+        if empty:
+            raise ValueError(f"prompts[{empty[0]}] is empty after tokenising")
+        if len(self.prompts) < config.rollout_batch_size * self.run.world:
+            raise ValueError(f"prompts has {len(self.prompts)} entries, fewer than one "
+                             f"rollout (rollout_batch_size x processes)")
+
+        fused = config.use_fused_linear
+        self.fused_linear = self.run.device.type == "cuda" if fused is None else fused
+        device = self.run.device
+        self.policy = policy.to(device)
+        self.reference = TokenLogprobs(
+            frozen(copy.deepcopy(policy) if ref_policy is None else ref_policy).to(device),
+            fused_linear=self.fused_linear, temperature=config.temperature)
+        critic = None
+        if not grpo:
+            value_model = value_model or ValueModel.from_causal_lm(policy)
+            critic = as_value_module(value_model.to(device))
+        self.value_model = value_model
+        if callable(reward_fn_or_model) and not isinstance(reward_fn_or_model, nn.Module):
+            self.reward_fn, self.reward_model = reward_fn_or_model, None
+        else:
+            self.reward_fn = None
+            self.reward_model = as_value_module(frozen(reward_fn_or_model).to(device))
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
+            if value_model is not None:
+                enable_gradient_checkpointing(value_model)
+        actor = TokenLogprobs(policy, fused_linear=self.fused_linear,
+                              temperature=config.temperature)
+        self.actor_critic = wrap_ddp(ActorCritic(actor, critic), self.run)
+        groups = [{"params": [p for p in policy.parameters() if p.requires_grad]}]
+        if critic is not None:
+            groups.append({"params": [p for p in critic.parameters() if p.requires_grad],
+                           "lr": config.value_lr or config.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = warmup_then_constant(self.optimizer, config.warmup_steps)
+        self.step = 0
+        if config.resume_from is not None:
+            self._load(resolve_checkpoint(config.resume_from, config.output_dir))
+        self.log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", self.run.is_main,
+                              resume=config.resume_from is not None)
+
+    # --- the algorithm ---------------------------------------------------------------
+
+    def train(self) -> list[dict[str, float]]:
+        """Run to max_steps iterations (from the checkpoint's when resuming); returns the
+        logged metrics of this output_dir."""
+        config, run = self.config, self.run
+        bar = progress_bar(config.max_steps, self.step, run.is_main, "PPO")
+        while self.step < config.max_steps:
+            started = time.perf_counter()
+            rollout = self.rollout(self.step)
+            metrics = self.update(rollout)
+            tokens = run.sum_over_ranks(float(rollout.attention_mask.sum()))
+            metrics["tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
+            self.step += 1
+            bar.update(1)
+            last = self.step == config.max_steps
+            if self.step % config.logging_steps == 0 or last:
+                self.log.write(self.step, metrics, bar)
+            if last or (config.save_steps and self.step % config.save_steps == 0):
+                self.save_checkpoint()
+        bar.close()
+        if run.is_main:
+            output = Path(config.output_dir)
+            save_pretrained_atomic(self.policy, self.tokenizer, output / "final")
+            if self.value_model is not None:
+                save_atomic(self.value_model.state_dict(), output / "value_model.pt")
+            plot_curves(self.log.records(), PPO_PLOT_KEYS, output / "ppo_curves.png",
+                        f"PPO ({config.advantage_estimator})")
+        return self.log.records()
+
+    @torch.no_grad()
+    def rollout(self, iteration: int) -> Rollout:
+        """Sample, score and evaluate the answers of iteration `iteration`'s prompts."""
+        config, device = self.config, self.run.device
+        rows = example_indices(len(self.prompts), config.rollout_batch_size, self.run,
+                               config.seed, iteration)
+        rows = [row for row in rows for _ in range(config.group_size)]
+        prompt_ids, prompt_mask = self._left_pad([self.prompt_ids[r] for r in rows])
+        self.policy.eval()
+        with self.run.autocast():
+            sequences = self.policy.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                temperature=config.temperature, top_p=config.top_p, top_k=0,
+                max_new_tokens=config.max_new_tokens, eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+            )
+        self.policy.train()
+        width = prompt_ids.shape[1]
+        answers = sequences[:, width:]
+        is_eos = answers == self.eos_id
+        mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # through the first EOS
+        answers = answers.masked_fill(~mask, self.pad_id)
+        sequences = torch.cat([prompt_ids, answers], 1)
+        attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+        mask = mask.float()
+
+        scores = self._score([self.prompts[r] for r in rows], answers, sequences,
+                             attention_mask)
+        if config.missing_eos_penalty is not None:
+            scores = scores - config.missing_eos_penalty * (~is_eos.any(1)).float()
+        with self.run.autocast():
+            old_logp, _, values = unwrap(self.actor_critic)(sequences, attention_mask, width)
+            ref_logp = self.reference(sequences, attention_mask)[:, width - 1:]
+
+        if config.advantage_estimator == "grpo":
+            advantages = group_advantages(scores, config.group_size)[:, None] * mask
+            returns = None
+        else:
+            kl = (old_logp - ref_logp) * mask
+            rewards = -config.kl_coef * kl
+            last_token = mask.sum(1).long() - 1
+            rewards[torch.arange(len(rows), device=device), last_token] += scores
+            advantages, returns = gae(rewards, values, mask, gamma=config.gamma,
+                                      lam=config.lam)
+            if config.whiten_advantages:
+                advantages = masked_whiten(advantages, mask) * mask
+        return Rollout(sequences, attention_mask, width, mask, old_logp, ref_logp, values,
+                       scores, advantages, returns)
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """ppo_epochs passes of minibatch PPO steps on `rollout`; returns the metrics."""
+        config = self.config
+        grpo = config.advantage_estimator == "grpo"
+        sums: dict[str, float] = {}
+        steps = 0
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(rollout.mask.shape[0], device=rollout.mask.device)
+            for rows in order.split(config.mini_batch_size):
+                with self.run.autocast():
+                    logp, entropy, values = self.actor_critic(
+                        rollout.sequences[rows], rollout.attention_mask[rows],
+                        rollout.prompt_width)
+                out = ppo_loss(
+                    logp, rollout.old_logp[rows], rollout.advantages[rows],
+                    rollout.mask[rows], clip_eps=config.clip_eps,
+                    clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip,
+                    ref_logp=rollout.ref_logp[rows] if grpo else None,
+                    kl_coef=config.kl_coef if grpo else 0.0, kl_estimator=config.kl_estimator,
+                    entropy=entropy, entropy_coef=config.entropy_coef,
+                    values=None if grpo else values,
+                    old_values=None if grpo else rollout.values[rows],
+                    returns=None if grpo else rollout.returns[rows],
+                    value_clip=config.value_clip, vf_coef=0.0 if grpo else config.vf_coef,
+                    agg=config.agg,
+                )
+                out.loss.backward()
+                if config.max_grad_norm:
+                    nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                steps += 1
+                for key in ("loss", "policy_loss", "value_loss", "entropy", "clipfrac",
+                            "approx_kl", "ratio_mean"):
+                    sums[key] = sums.get(key, 0.0) + getattr(out, key).item()
+        metrics = {key: value / steps for key, value in sums.items()}
+        if grpo:
+            del metrics["value_loss"]
+        mask = rollout.mask
+        metrics.update({
+            "reward": rollout.scores.mean().item(),
+            "kl": ((rollout.old_logp - rollout.ref_logp) * mask).sum(1).mean().item(),
+            "response_length": mask.sum(1).mean().item(),
+            "lr": self.scheduler.get_last_lr()[0],
+        })
+        return self.run.mean_over_ranks(metrics)
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, width - len(sequence):] = torch.tensor(sequence)
+            mask[row, width - len(sequence):] = 1
+        return ids.to(self.run.device), mask.to(self.run.device)
+
+    def _score(self, prompts: list[str], answers: torch.Tensor, sequences: torch.Tensor,
+               attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B] fp32 scores: the reward function on decoded text, or the reward model's
+        output at each sequence's last attended token."""
+        device = self.run.device
+        if self.reward_fn is not None:
+            texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+            scores = torch.as_tensor(self.reward_fn(prompts, texts), dtype=torch.float32)
+            if scores.shape != (len(prompts),):
+                raise ValueError(f"reward function must return {len(prompts)} scores, got "
+                                 f"shape {tuple(scores.shape)}")
+            return scores.to(device)
+        with self.run.autocast():
+            per_token = self.reward_model(sequences, attention_mask)
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+        return per_token[torch.arange(len(prompts), device=device), last].float()
+
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoint-<step>.pt atomically (main process); returns its path."""
+        path = checkpoint_path(self.config.output_dir, self.step)
+        if not self.run.is_main:
+            return None
+        save_atomic({
+            "step": self.step,
+            "policy": self.policy.state_dict(),
+            "value_model": None if self.value_model is None else self.value_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "config": asdict(self.config),
+        }, path)
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self.policy.load_state_dict(state["policy"])
+        if self.value_model is not None:
+            self.value_model.load_state_dict(state["value_model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        set_rng_state(state["rng"])
