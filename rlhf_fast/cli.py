@@ -1,6 +1,12 @@
 """The ``rlhf-fast`` command line.
 
 Subcommands:
+    demo [--out DIR] [--quick]
+        The whole pipeline on a toy task with a tiny model, on any machine, in seconds
+        (`rlhf_fast.demo`).
+    train dpo|ppo --model PATH_OR_ID --data FILE [--<config field> VALUE ...]
+        The reference trainers on a real model: every field of DPOConfig / PPOConfig is
+        a flag (``--max-steps 100``, ``--use-fused-linear`` / ``--no-use-fused-linear``).
     bench [op ...] [--quick] [--out DIR]
         Run the benchmark suites shipped in ``rlhf_fast.benchmarks`` (the repository's
         ``benchmarks/`` folder, installed under that name) through pytest and
@@ -10,9 +16,15 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import importlib
-from collections.abc import Sequence
+import inspect
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 BENCH_PACKAGE = "rlhf_fast.benchmarks"
 DEFAULT_BENCH_OUT = "benchmarks/results"
@@ -74,6 +86,170 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return int(pytest.main(pytest_args([ops[op] for op in selected], directory, out, args.quick)))
 
 
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rlhf_fast.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
+# --- train: config dataclass fields as flags -------------------------------------------
+
+
+def field_docs(config_class: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (its --help text)."""
+    try:
+        tree = ast.parse(inspect.getsource(config_class))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per field of `config_class`: --field-name, typed from its annotation;
+    bools as --x / --no-x; optional fields also take "none"."""
+    hints = typing.get_type_hints(config_class)
+    docs = field_docs(config_class)
+    group = parser.add_argument_group(f"{config_class.__name__} fields")
+    for field in dataclasses.fields(config_class):
+        hint = hints[field.name]
+        args = typing.get_args(hint)
+        optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                    and type(None) in args)
+        base = next(a for a in args if a is not type(None)) if optional else hint
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"{docs.get(field.name, '')} (default: {field.default})"
+        if base is bool:
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=field.default, help=help_text)
+        else:
+            convert = _none_or(base) if optional else base
+            group.add_argument(flag, dest=field.name, type=convert, default=field.default,
+                               metavar=base.__name__.upper(), help=help_text)
+
+
+def config_from_args(config_class: type, args: argparse.Namespace,
+                     parser: argparse.ArgumentParser) -> Any:
+    """The config dataclass from the parsed flags; its checks' errors become usage
+    errors."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+    try:
+        return config_class(**values)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def load_causal_lm(name_or_path: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path)
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The model's tokenizer; pad falls back to EOS, as most causal LMs have none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_sequence_scorer(name_or_path: str) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
+
+
+def import_function(spec: str) -> Callable[..., Any]:
+    """``package.module:function`` -> the function."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--reward-fn must look like package.module:function, got {spec!r}")
+    function = getattr(importlib.import_module(module_name), attribute, None)
+    if not callable(function):
+        raise ValueError(f"--reward-fn: {spec!r} is not a callable")
+    return function
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rlhf_fast.trainers import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if args.algorithm == "dpo":
+        config = config_from_args(DPOConfig, args, parser)
+        trainer = DPOTrainer(
+            load_causal_lm(args.model),
+            load_causal_lm(args.ref_model) if args.ref_model else None,
+            tokenizer=tokenizer, train_dataset=args.data, eval_dataset=args.eval_data,
+            config=config,
+        )
+    else:
+        if (args.reward_model is None) == (args.reward_fn is None):
+            parser.error("train ppo needs exactly one of --reward-model or --reward-fn")
+        config = config_from_args(PPOConfig, args, parser)
+        reward = (load_sequence_scorer(args.reward_model) if args.reward_model
+                  else import_function(args.reward_fn))
+        trainer = PPOTrainer(
+            load_causal_lm(args.model),
+            load_causal_lm(args.ref_model) if args.ref_model else None,
+            load_sequence_scorer(args.value_model) if args.value_model else None,
+            reward, tokenizer=tokenizer, prompts=args.data, config=config,
+        )
+    trainer.train()
+    return 0
+
+
+def _add_train_parser(commands: Any) -> None:
+    from rlhf_fast.trainers import DPOConfig, PPOConfig
+
+    train = commands.add_parser("train", help="train a model with DPO or PPO / GRPO",
+                                description="Train a local or hub causal LM with the "
+                                            "reference DPO or PPO / GRPO trainer.")
+    algorithms = train.add_subparsers(dest="algorithm", metavar="ALGORITHM", required=True)
+    for name, config_class, data_help in (
+        ("dpo", DPOConfig, "preference records {prompt, chosen, rejected}, one JSON per line"),
+        ("ppo", PPOConfig, "prompts: a .jsonl of {prompt} records or a text file, one per "
+                           "line"),
+    ):
+        sub = algorithms.add_parser(name, help=f"{name.upper()} training")
+        sub.add_argument("--model", required=True, metavar="PATH_OR_ID",
+                         help="the policy: a local folder or a hub id (AutoModelForCausalLM)")
+        sub.add_argument("--data", required=True, metavar="FILE", help=data_help)
+        sub.add_argument("--tokenizer", metavar="PATH_OR_ID", help="default: --model")
+        sub.add_argument("--ref-model", metavar="PATH_OR_ID",
+                         help="the frozen reference (default: a copy of --model)")
+        if name == "dpo":
+            sub.add_argument("--eval-data", metavar="FILE", help="held-out preference records")
+        else:
+            sub.add_argument("--reward-model", metavar="PATH_OR_ID",
+                             help="a sequence classifier with one label, scored at the "
+                                  "answer's last token")
+            sub.add_argument("--reward-fn", metavar="MODULE:FUNCTION",
+                             help="f(prompts, answers) -> scores, on the decoded text")
+            sub.add_argument("--value-model", metavar="PATH_OR_ID",
+                             help="critic init, a sequence classifier with one label "
+                                  "(default: a copy of the policy's backbone, zero head)")
+        add_config_flags(sub, config_class)
+        sub.set_defaults(handler=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rlhf-fast``."""
     parser = argparse.ArgumentParser(
@@ -81,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fused Triton kernels for RLHF training: tools.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="warm-up, DPO and PPO of a tiny model on a toy task (any machine, seconds)",
+        description="Build a tokenizer and a tiny Llama from the shipped text, then train "
+                    "it with DPO on shipped preference pairs and with PPO on a toy reward. "
+                    "Writes metrics, plots and models under --out.",
+    )
+    demo.add_argument("--out", default="runs/demo", metavar="DIR",
+                      help="output folder (default: runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a few steps of each stage only")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.set_defaults(handler=_demo)
+    _add_train_parser(commands)
     bench = commands.add_parser(
         "bench",
         help="benchmark the ops against eager PyTorch and torch.compile",

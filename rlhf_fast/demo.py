@@ -159,7 +159,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, seed: int = 0) 
                      eval_dataset=DATA / "preferences_eval.jsonl",
                      config=DPOConfig(output_dir=str(out / "dpo"), beta=0.1, lr=1e-4,
                                       batch_size=16, max_steps=sizes.dpo_steps,
-                                      logging_steps=5, eval_steps=20, max_length=40,
+                                      logging_steps=5, eval_steps=10, max_length=40,
                                       max_prompt_length=16, seed=seed, device="cpu"))
     dpo_log = dpo.train()
     after_dpo = sample_answers(model, tokenizer, probe)
