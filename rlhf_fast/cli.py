@@ -191,9 +191,9 @@ def import_function(spec: str) -> Callable[..., Any]:
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rlhf_fast.trainers import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
 
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
     if args.algorithm == "dpo":
         config = config_from_args(DPOConfig, args, parser)
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
         trainer = DPOTrainer(
             load_causal_lm(args.model),
             load_causal_lm(args.ref_model) if args.ref_model else None,
@@ -201,11 +201,15 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             config=config,
         )
     else:
+        config = config_from_args(PPOConfig, args, parser)
         if (args.reward_model is None) == (args.reward_fn is None):
             parser.error("train ppo needs exactly one of --reward-model or --reward-fn")
-        config = config_from_args(PPOConfig, args, parser)
-        reward = (load_sequence_scorer(args.reward_model) if args.reward_model
-                  else import_function(args.reward_fn))
+        try:
+            reward = (load_sequence_scorer(args.reward_model) if args.reward_model
+                      else import_function(args.reward_fn))
+        except (ValueError, ImportError) as exc:
+            parser.error(str(exc))
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
         trainer = PPOTrainer(
             load_causal_lm(args.model),
             load_causal_lm(args.ref_model) if args.ref_model else None,

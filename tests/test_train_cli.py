@@ -1,0 +1,168 @@
+"""`rlhf-fast train dpo|ppo` on local artifacts (a saved tiny model and tokenizer, the
+shipped data), the config flags, and the trainers under DistributedDataParallel.
+
+The ops run their reference backend here: the trainers' use of the Triton kernels is
+covered by test_trainers.py, and these tests are about plumbing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_fast.cli import build_parser, main
+from rlhf_fast.demo import DATA, read_jsonl, tiny_llama, train_tokenizer
+from rlhf_fast.trainers import DPOConfig, PPOConfig
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    """A tiny Llama and its tokenizer saved as a user's local checkpoint folder."""
+    corpus = read_jsonl(DATA / "corpus.jsonl")
+    tokenizer = train_tokenizer([r["prompt"] for r in corpus] + [r["completion"] for r in corpus])
+    model = tiny_llama(tokenizer, hidden_size=32, seed=3)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _changed(before: Path, after: Path) -> bool:
+    old = AutoModelForCausalLM.from_pretrained(before).state_dict()
+    new = AutoModelForCausalLM.from_pretrained(after).state_dict()
+    assert old.keys() == new.keys()
+    return any(not torch.equal(old[k], new[k]) for k in old)
+
+
+def test_train_dpo_from_a_local_folder(saved_model, tmp_path, torch_backend):
+    out = tmp_path / "dpo"
+    code = main(["train", "dpo", "--model", str(saved_model),
+                 "--data", str(DATA / "preferences_train.jsonl"),
+                 "--eval-data", str(DATA / "preferences_eval.jsonl"),
+                 "--output-dir", str(out), "--device", "cpu", "--lr", "1e-3",
+                 "--batch-size", "4", "--max-steps", "3", "--logging-steps", "1",
+                 "--max-length", "40", "--max-prompt-length", "16", "--loss-type", "ipo",
+                 "--no-use-fused-linear"])
+    assert code == 0
+    records = _lines(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(r["lr"] == pytest.approx(1e-3) for r in records if "lr" in r)
+    assert "eval/rewards/accuracies" in records[-1]
+    assert (out / "checkpoint-3.pt").is_file()
+    assert _changed(saved_model, out / "final")
+
+
+def test_train_ppo_with_a_reward_function(saved_model, tmp_path, torch_backend):
+    out = tmp_path / "ppo"
+    code = main(["train", "ppo", "--model", str(saved_model),
+                 "--data", str(DATA / "prompts.txt"),
+                 "--reward-fn", "rlhf_fast.demo:kindness_reward",
+                 "--output-dir", str(out), "--device", "cpu", "--lr", "1e-3",
+                 "--advantage-estimator", "grpo", "--group-size", "2",
+                 "--rollout-batch-size", "2", "--mini-batch-size", "4", "--ppo-epochs", "1",
+                 "--max-new-tokens", "5", "--max-steps", "2", "--clip-eps-high", "0.28"])
+    assert code == 0
+    records = _lines(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0 <= r["reward"] <= 1 and 1 <= r["response_length"] <= 5 for r in records)
+    assert _changed(saved_model, out / "final")
+
+
+def test_every_config_field_is_a_flag():
+    parser = build_parser()
+    for algorithm, config_class in (("dpo", DPOConfig), ("ppo", PPOConfig)):
+        base = ["train", algorithm, "--model", "m", "--data", "d"]
+        defaults = vars(parser.parse_args(base))
+        for name, value in vars(config_class()).items():
+            assert defaults[name] == value, name
+    args = parser.parse_args(["train", "ppo", "--model", "m", "--data", "d", "--top-p", "0.9",
+                              "--clip-eps-high", "none", "--dual-clip", "3",
+                              "--use-fused-linear", "--no-whiten-advantages"])
+    assert (args.top_p, args.clip_eps_high, args.dual_clip) == (0.9, None, 3.0)
+    assert args.use_fused_linear is True and args.whiten_advantages is False
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--lr", "-1"], "DPOConfig.lr"),
+    (["--beta", "0"], "DPOConfig.beta"),
+    (["--loss-type", "nope"], "DPOConfig.loss_type"),
+])
+def test_bad_flags_are_usage_errors_naming_the_field(flags, field, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "dpo", "--model", "unused", "--data", "unused", *flags])
+    assert exit_info.value.code == 2
+    assert field in capsys.readouterr().err
+
+
+def test_ppo_needs_exactly_one_reward(saved_model, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "ppo", "--model", str(saved_model), "--data", str(DATA / "prompts.txt"),
+              "--output-dir", str(tmp_path)])
+    assert "--reward-model or --reward-fn" in capsys.readouterr().err
+
+
+DDP_SCRIPT = """
+import json, os, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from rlhf_fast.trainers import DPOConfig, DPOTrainer
+model_dir, data, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+trainer = DPOTrainer(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer=tokenizer,
+                     train_dataset=data,
+                     config=DPOConfig(output_dir=out, lr=1e-3, batch_size=batch, max_steps=2,
+                                      max_length=40, max_prompt_length=16, device="cpu",
+                                      max_grad_norm=0.0, seed=5))
+trainer.train()
+torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{trainer.run.rank}.pt"))
+"""
+
+
+def _run_ranks(script: Path, args: list[str], world: int, port: int) -> None:
+    processes = []
+    for rank in range(world):
+        env = dict(os.environ, RLHF_FAST_BACKEND="torch", WORLD_SIZE=str(world), RANK=str(rank),
+                   LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   CUDA_VISIBLE_DEVICES="")
+        env.pop("TRITON_INTERPRET", None)
+        processes.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for process in processes:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output.decode()[-3000:]
+
+
+def test_dpo_under_ddp_matches_one_process_with_the_global_batch(saved_model, tmp_path):
+    """Two gloo processes with 2 pairs each take the same steps as one process with 4."""
+    script = tmp_path / "ddp_dpo.py"
+    script.write_text(DDP_SCRIPT)
+    data = str(DATA / "preferences_train.jsonl")
+    port = 29500 + os.getpid() % 1000
+    _run_ranks(script, [str(saved_model), data, str(tmp_path / "ddp"), "2"], 2, port)
+    _run_ranks(script, [str(saved_model), data, str(tmp_path / "single"), "4"], 1, port + 1)
+    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    initial = AutoModelForCausalLM.from_pretrained(saved_model).state_dict()
+    for name in single:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(single[n], initial[n]) for n in single)
+    logged = _lines(tmp_path / "ddp" / "metrics.jsonl")
+    alone = _lines(tmp_path / "single" / "metrics.jsonl")
+    assert logged[-1]["loss"] == pytest.approx(alone[-1]["loss"], rel=1e-4)
