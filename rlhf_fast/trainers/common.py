@@ -63,6 +63,11 @@ def check_fused_linear_supported(model: nn.Module) -> None:
             )
     if not isinstance(model.get_output_embeddings(), nn.Linear):
         raise ValueError("use_fused_linear needs an nn.Linear lm_head; set use_fused_linear=False")
+    if is_fsdp2_sharded(model):
+        # the fused path calls the backbone and reads lm_head.weight outside the root
+        # module's forward, where FSDP2 keeps the root's parameters sharded
+        raise ValueError("use_fused_linear does not support FSDP2-sharded models yet; set "
+                         "use_fused_linear=False")
 
 
 class TokenLogprobs(nn.Module):
@@ -433,11 +438,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def save_pretrained_atomic(model: nn.Module, tokenizer: Any, directory: Path) -> None:
-    """`save_pretrained` into a temp folder, then swap it in for `directory`."""
+def save_pretrained_atomic(model: nn.Module, tokenizer: Any, directory: Path,
+                           state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`save_pretrained` (of `state_dict` if given: the gathered weights of a sharded
+    model) into a temp folder, then swap it in for `directory`."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    model.save_pretrained(temp)
+    model.save_pretrained(temp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(temp)
     old = directory.with_name(f".{directory.name}.old")
@@ -450,13 +457,67 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, directory: Path) ->
         shutil.rmtree(old)
 
 
+def gather_training_state(module: nn.Module, optimizer: torch.optim.Optimizer
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Full, unsharded state dicts of `module` and `optimizer`, on the CPU under FSDP2.
+
+    Under FSDP2 this is a collective: every process must call it (each holds one shard;
+    saving rank 0's own state dict would lose the others').
+    """
+    if not is_fsdp2_sharded(module):
+        return module.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(module, options=options),
+            get_optimizer_state_dict(module, optimizer, options=options))
+
+
+def restore_training_state(module: nn.Module, optimizer: torch.optim.Optimizer,
+                           module_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+    """Load full state dicts written by `gather_training_state` (into shards under FSDP2;
+    every process reads the same checkpoint file)."""
+    if not is_fsdp2_sharded(module):
+        module.load_state_dict(module_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, module_state, options=options)
+    set_optimizer_state_dict(module, optimizer, optimizer_state, options=options)
+
+
+def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
+def is_fsdp2_sharded(module: nn.Module) -> bool:
+    """True when `fully_shard` (FSDP2) has turned the parameters into DTensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def wrap_ddp(module: nn.Module, run: Run) -> nn.Module:
-    if run.world == 1:
+    """DistributedDataParallel around `module` for several processes, unless FSDP2
+    already shards it (then its own hooks reduce the gradients)."""
+    if run.world == 1 or is_fsdp2_sharded(module):
         return module
     device_ids = [run.device.index] if run.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)

@@ -42,11 +42,13 @@ from rlhf_fast.trainers.common import (
     enable_gradient_checkpointing,
     example_indices,
     frozen,
+    gather_training_state,
     load_checkpoint,
     load_records,
     plot_curves,
     progress_bar,
     resolve_checkpoint,
+    restore_training_state,
     rng_state,
     save_atomic,
     save_pretrained_atomic,
@@ -304,7 +306,10 @@ class DPOTrainer:
             accumulation = config.gradient_accumulation_steps
             for micro in range(accumulation):
                 batch = self._train_batch(self.step * accumulation + micro)
-                sync = micro == accumulation - 1 or run.world == 1
+                # DDP reduces gradients on every backward unless told to wait for the
+                # last micro-batch (FSDP2 just reduces each time: correct, slower)
+                sync = (micro == accumulation - 1
+                        or not isinstance(self.policy, nn.parallel.DistributedDataParallel))
                 with contextlib.nullcontext() if sync else self.policy.no_sync():
                     out, metrics = self._pair_loss(batch, "train")
                     (out.loss / accumulation).backward()
@@ -332,8 +337,10 @@ class DPOTrainer:
             if last or (config.save_steps and self.step % config.save_steps == 0):
                 self.save_checkpoint()
         bar.close()
+        weights, _ = gather_training_state(self.model, self.optimizer)
         if run.is_main:
-            save_pretrained_atomic(self.model, self.tokenizer, Path(config.output_dir) / "final")
+            save_pretrained_atomic(self.model, self.tokenizer, Path(config.output_dir) / "final",
+                                   weights)
             plot_curves(self.log.records(), DPO_PLOT_KEYS,
                         Path(config.output_dir) / "dpo_curves.png", "DPO")
         return self.log.records()
@@ -424,14 +431,17 @@ class DPOTrainer:
         return {key: value / count for key, value in window.items()}
 
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoint-<step>.pt atomically (main process); returns its path."""
+        """Write checkpoint-<step>.pt atomically (main process); returns its path.
+
+        Every process must call it (under FSDP2 the weights are gathered from all)."""
         path = checkpoint_path(self.config.output_dir, self.step)
+        weights, optimizer = gather_training_state(self.model, self.optimizer)
         if not self.run.is_main:
             return None
         save_atomic({
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "window": self.window,
             "ref_logps": self.ref_logps,
@@ -442,8 +452,7 @@ class DPOTrainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        restore_training_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.window = state["window"]

@@ -42,17 +42,20 @@ from rlhf_fast.trainers.common import (
     enable_gradient_checkpointing,
     example_indices,
     frozen,
+    gather_training_state,
     load_checkpoint,
     load_records,
     plot_curves,
     progress_bar,
     resolve_checkpoint,
+    restore_training_state,
     rng_state,
     save_atomic,
     save_pretrained_atomic,
     seed_everything,
     set_rng_state,
     setup_run,
+    strip_prefix,
     unwrap,
     warmup_then_constant,
     wrap_ddp,
@@ -346,11 +349,15 @@ class PPOTrainer:
             if last or (config.save_steps and self.step % config.save_steps == 0):
                 self.save_checkpoint()
         bar.close()
+        weights, _ = gather_training_state(unwrap(self.actor_critic), self.optimizer)
         if run.is_main:
             output = Path(config.output_dir)
-            save_pretrained_atomic(self.policy, self.tokenizer, output / "final")
+            save_pretrained_atomic(self.policy, self.tokenizer, output / "final",
+                                   strip_prefix(weights, "actor.model."))
             if self.value_model is not None:
-                save_atomic(self.value_model.state_dict(), output / "value_model.pt")
+                critic_prefix = "critic." if isinstance(self.value_model, ValueModel) \
+                    else "critic.model."
+                save_atomic(strip_prefix(weights, critic_prefix), output / "value_model.pt")
             plot_curves(self.log.records(), PPO_PLOT_KEYS, output / "ppo_curves.png",
                         f"PPO ({config.advantage_estimator})")
         return self.log.records()
@@ -482,15 +489,17 @@ class PPOTrainer:
         return per_token[torch.arange(len(prompts), device=device), last].float()
 
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoint-<step>.pt atomically (main process); returns its path."""
+        """Write checkpoint-<step>.pt atomically (main process); returns its path.
+
+        Every process must call it (under FSDP2 the weights are gathered from all)."""
         path = checkpoint_path(self.config.output_dir, self.step)
+        weights, optimizer = gather_training_state(unwrap(self.actor_critic), self.optimizer)
         if not self.run.is_main:
             return None
         save_atomic({
             "step": self.step,
-            "policy": self.policy.state_dict(),
-            "value_model": None if self.value_model is None else self.value_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "actor_critic": weights,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "config": asdict(self.config),
@@ -499,10 +508,8 @@ class PPOTrainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        self.policy.load_state_dict(state["policy"])
-        if self.value_model is not None:
-            self.value_model.load_state_dict(state["value_model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        restore_training_state(unwrap(self.actor_critic), self.optimizer,
+                               state["actor_critic"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         set_rng_state(state["rng"])
