@@ -64,3 +64,17 @@ def test_hidden_state_snippet_runs():
     assert ns["logp"].shape == (2, 16) and ns["entropy"].shape == (2, 16)
     assert ns["hidden"].grad is not None and ns["hidden"].grad.abs().sum() > 0
     assert ns["lm_head"].weight.grad.abs().sum() > 0
+
+
+def test_trainers_snippet_runs(tmp_path, monkeypatch):
+    """The trainers snippet, on the reference ops (the kernels in the trainers are
+    covered by test_trainers.py), writing under a scratch directory."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(python_blocks()[5], ns)
+    assert [r["step"] for r in ns["dpo_metrics"]] == [2, 4]
+    assert [r["step"] for r in ns["ppo_metrics"]] == [1, 2]
+    assert (tmp_path / "runs/readme/dpo/final/config.json").is_file()
+    assert (tmp_path / "runs/readme/ppo/checkpoint-2.pt").is_file()
+    assert all(0 <= r["reward"] <= 1 for r in ns["ppo_metrics"])
