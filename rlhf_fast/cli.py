@@ -89,7 +89,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rlhf_fast.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device)
     return 0
 
 
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output folder (default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a few steps of each stage only")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--device", default="cpu",
+                      help="cpu (default) or cuda: the trainers on the GPU's fused kernels")
     demo.set_defaults(handler=_demo)
     _add_train_parser(commands)
     bench = commands.add_parser(
