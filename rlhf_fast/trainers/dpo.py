@@ -317,6 +317,7 @@ class DPOTrainer:
                 tokens += batch.num_tokens
             if config.max_grad_norm:
                 nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step used
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -327,7 +328,7 @@ class DPOTrainer:
             if self.step % config.logging_steps == 0 or last:
                 elapsed = time.perf_counter() - started
                 metrics = run.mean_over_ranks(self._flush_window())
-                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                metrics["lr"] = lr
                 metrics["tokens_per_s"] = run.sum_over_ranks(tokens) / max(elapsed, 1e-9)
                 self.log.write(self.step, metrics, bar)
                 started, tokens = time.perf_counter(), 0

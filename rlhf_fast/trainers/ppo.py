@@ -436,11 +436,12 @@ class PPOTrainer:
                     old_values=None if grpo else rollout.values[rows],
                     returns=None if grpo else rollout.returns[rows],
                     value_clip=config.value_clip, vf_coef=0.0 if grpo else config.vf_coef,
-                    agg=config.agg,
+                    agg=config.agg, max_len=config.max_new_tokens,
                 )
                 out.loss.backward()
                 if config.max_grad_norm:
                     nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step used
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -456,7 +457,7 @@ class PPOTrainer:
             "reward": rollout.scores.mean().item(),
             "kl": ((rollout.old_logp - rollout.ref_logp) * mask).sum(1).mean().item(),
             "response_length": mask.sum(1).mean().item(),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
         })
         return self.run.mean_over_ranks(metrics)
 
