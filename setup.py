@@ -19,9 +19,9 @@ setup(
         "rlhf_fast.kernels": "kernels",
         "rlhf_fast.benchmarks": "benchmarks",
     },
-    install_requires=["torch>=2.5", "triton>=3.3", "transformers", "einops"],
+    install_requires=["torch>=2.5", "triton>=3.3", "transformers", "einops", "tqdm"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "ruff"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "ruff", "matplotlib"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib"],
         "plot": ["matplotlib"],
     },

@@ -166,3 +166,16 @@ def test_dpo_under_ddp_matches_one_process_with_the_global_batch(saved_model, tm
     logged = _lines(tmp_path / "ddp" / "metrics.jsonl")
     alone = _lines(tmp_path / "single" / "metrics.jsonl")
     assert logged[-1]["loss"] == pytest.approx(alone[-1]["loss"], rel=1e-4)
+
+
+def test_plot_curves_writes_a_png_or_says_why_not(tmp_path, monkeypatch, capsys):
+    from rlhf_fast.trainers.common import plot_curves
+
+    records = [{"step": s, "loss": 1.0 / s, "reward": 0.1 * s} for s in range(1, 6)]
+    path = plot_curves(records, ["loss", "reward", "absent"], tmp_path / "curves.png", "t")
+    assert path == tmp_path / "curves.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert plot_curves(records, ["loss"], tmp_path / "again.png", "t") is None
+    assert not (tmp_path / "again.png").exists()
+    assert "plot skipped: matplotlib is not installed" in capsys.readouterr().out
