@@ -576,3 +576,72 @@ def test_run_demo_quick(tmp_path, torch_backend):
         assert (tmp_path / stage / "final" / "config.json").is_file()
         assert (tmp_path / stage / "final" / "tokenizer.json").is_file()
     assert (tmp_path / "ppo" / "value_model.pt").is_file()
+
+
+# --- options that must not change the math ---------------------------------------------------
+
+
+def _dpo_run(model, tokenizer, tmp_path, name, **options):
+    config = DPOConfig(output_dir=str(tmp_path / name), lr=1e-3, batch_size=4, max_steps=2,
+                       logging_steps=1, max_length=40, max_prompt_length=16, seed=2,
+                       device="cpu", max_grad_norm=0.0, **options)
+    trainer = DPOTrainer(copy.deepcopy(model), tokenizer=tokenizer, train_dataset=TRAIN,
+                         config=config)
+    records = trainer.train()
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records], \
+        parameters(trainer.model)
+
+
+@pytest.mark.parametrize("option", ["precompute_ref_logps", "gradient_checkpointing"])
+def test_dpo_options_that_only_save_memory_keep_the_run(warm_model, tokenizer, tmp_path,
+                                                        torch_backend, option):
+    """Precomputed reference log-probs and activation checkpointing change where the
+    numbers come from, not what they are."""
+    plain_log, plain_weights = _dpo_run(warm_model, tokenizer, tmp_path, "plain")
+    log, weights = _dpo_run(warm_model, tokenizer, tmp_path, option, **{option: True})
+    assert len(log) == len(plain_log) == 2
+    for got, want in zip(log, plain_log):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    for name in plain_weights:
+        torch.testing.assert_close(weights[name], plain_weights[name], rtol=1e-4, atol=1e-6)
+
+
+def _sequence_classifier(tokenizer, seed):
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def test_ppo_with_sequence_classifier_critic_and_reward_model(warm_model, tokenizer,
+                                                              tmp_path, torch_backend):
+    """A one-label sequence classifier as the critic (its head on every position) and as
+    the reward model (its output at the answer's last token, which is what the model's
+    own pooling gives when pad and EOS differ)."""
+    critic = _sequence_classifier(tokenizer, 5)
+    scorer = _sequence_classifier(tokenizer, 6)
+    config = PPOConfig(output_dir=str(tmp_path), max_steps=1, rollout_batch_size=4,
+                       mini_batch_size=4, ppo_epochs=1, max_new_tokens=10, device="cpu")
+    trainer = PPOTrainer(copy.deepcopy(warm_model), None, critic, scorer,
+                         tokenizer=tokenizer, prompts=PROMPTS, config=config)
+    rollout = trainer.rollout(0)
+    width = rollout.prompt_width
+    with torch.no_grad():
+        for i in range(rollout.sequences.shape[0]):
+            keep = rollout.attention_mask[i].bool()
+            ids = rollout.sequences[i, keep][None]  # unpadded
+            prompt_length = int(rollout.attention_mask[i, :width].sum())
+            hidden = critic.model(input_ids=ids).last_hidden_state
+            values = critic.score(hidden)[0, prompt_length - 1:-1, 0]
+            n = int(rollout.mask[i].sum())
+            torch.testing.assert_close(rollout.values[i, :n], values, rtol=1e-4, atol=1e-5)
+            pooled = scorer(input_ids=ids).logits[0, 0]
+            torch.testing.assert_close(rollout.scores[i], pooled, rtol=1e-4, atol=1e-5)
+    before = parameters(critic)
+    trainer.update(rollout)
+    assert any(not torch.equal(before[n], p) for n, p in parameters(critic).items())
