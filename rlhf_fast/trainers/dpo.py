@@ -173,7 +173,7 @@ class PairBatch:
 
 
 def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int,
-                   max_length: int) -> list[dict[str, list[int]]]:
+                   max_length: int, name: str = "train_dataset") -> list[dict[str, list[int]]]:
     """Token ids of each record: the prompt (its last max_prompt_length tokens) and each
     answer followed by EOS, cut so prompt + answer fits max_length.
 
@@ -186,7 +186,7 @@ def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_prompt_len
     for index, record in enumerate(records):
         prompt = tokenizer(record["prompt"]).input_ids[-max_prompt_length:]
         if not prompt:
-            raise ValueError(f"train_dataset[{index}]: the prompt is empty after tokenising "
+            raise ValueError(f"{name}[{index}]: the prompt is empty after tokenising "
                              "(the first answer token would have nothing to condition on)")
         room = max_length - len(prompt)
         answers = {
@@ -247,7 +247,7 @@ class DPOTrainer:
             self.eval_pairs = tokenize_pairs(load_records(eval_dataset, PAIR_FIELDS,
                                                           "eval_dataset"),
                                              tokenizer, config.max_prompt_length,
-                                             config.max_length)
+                                             config.max_length, "eval_dataset")
         global_batch = config.batch_size * self.run.world
         if len(self.train_pairs) < global_batch:
             raise ValueError(f"train_dataset has {len(self.train_pairs)} records, fewer than "
