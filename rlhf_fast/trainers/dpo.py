@@ -302,26 +302,8 @@ class DPOTrainer:
         bar = progress_bar(self.total_steps, self.step, run.is_main, "DPO")
         started, tokens = time.perf_counter(), 0
         while self.step < self.total_steps:
-            self.model.train()
-            accumulation = config.gradient_accumulation_steps
-            for micro in range(accumulation):
-                batch = self._train_batch(self.step * accumulation + micro)
-                # DDP reduces gradients on every backward unless told to wait for the
-                # last micro-batch (FSDP2 just reduces each time: correct, slower)
-                sync = (micro == accumulation - 1
-                        or not isinstance(self.policy, nn.parallel.DistributedDataParallel))
-                with contextlib.nullcontext() if sync else self.policy.no_sync():
-                    out, metrics = self._pair_loss(batch, "train")
-                    (out.loss / accumulation).backward()
-                self._accumulate(metrics, accumulation)
-                tokens += batch.num_tokens
-            if config.max_grad_norm:
-                nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-            lr = self.scheduler.get_last_lr()[0]  # the rate this step used
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            lr, step_tokens = self.optimizer_step()
+            tokens += step_tokens
             bar.update(1)
 
             last = self.step == self.total_steps
@@ -345,6 +327,34 @@ class DPOTrainer:
             plot_curves(self.log.records(), DPO_PLOT_KEYS,
                         Path(config.output_dir) / "dpo_curves.png", "DPO")
         return self.log.records()
+
+    def optimizer_step(self) -> tuple[float, int]:
+        """One optimizer step over gradient_accumulation_steps micro-batches (metrics
+        go to the logging window); returns the learning rate it used and the tokens it
+        processed."""
+        config = self.config
+        self.model.train()
+        accumulation = config.gradient_accumulation_steps
+        tokens = 0
+        for micro in range(accumulation):
+            batch = self._train_batch(self.step * accumulation + micro)
+            # DDP reduces gradients on every backward unless told to wait for the last
+            # micro-batch (FSDP2 just reduces each time: correct, slower)
+            sync = (micro == accumulation - 1
+                    or not isinstance(self.policy, nn.parallel.DistributedDataParallel))
+            with contextlib.nullcontext() if sync else self.policy.no_sync():
+                out, metrics = self._pair_loss(batch, "train")
+                (out.loss / accumulation).backward()
+            self._accumulate(metrics, accumulation)
+            tokens += batch.num_tokens
+        if config.max_grad_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return lr, tokens
 
     def _pair_loss(self, batch: PairBatch, split: str):
         """The DPO loss of a stacked batch, and its metrics."""
