@@ -365,7 +365,7 @@ class PPOTrainer:
     @torch.no_grad()
     def rollout(self, iteration: int) -> Rollout:
         """Sample, score and evaluate the answers of iteration `iteration`'s prompts."""
-        config, device = self.config, self.run.device
+        config = self.config
         rows = example_indices(len(self.prompts), config.rollout_batch_size, self.run,
                                config.seed, iteration)
         rows = [row for row in rows for _ in range(config.group_size)]
@@ -386,12 +386,23 @@ class PPOTrainer:
         answers = answers.masked_fill(~mask, self.pad_id)
         sequences = torch.cat([prompt_ids, answers], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        mask = mask.float()
 
         scores = self._score([self.prompts[r] for r in rows], answers, sequences,
                              attention_mask)
         if config.missing_eos_penalty is not None:
             scores = scores - config.missing_eos_penalty * (~is_eos.any(1)).float()
+        return self.evaluate_answers(sequences, attention_mask, width, scores)
+
+    @torch.no_grad()
+    def evaluate_answers(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                         width: int, scores: torch.Tensor) -> Rollout:
+        """Log-probs, values and advantages of scored answers: the rest of a rollout.
+
+        sequences, attention_mask: [B, width + R], prompts left-padded to `width`, answers
+        right-padded; scores: [B] fp32.
+        """
+        config = self.config
+        mask = attention_mask[:, width:].float()
         with self.run.autocast():
             old_logp, _, values = unwrap(self.actor_critic)(sequences, attention_mask, width)
             ref_logp = self.reference(sequences, attention_mask)[:, width - 1:]
@@ -403,7 +414,7 @@ class PPOTrainer:
             kl = (old_logp - ref_logp) * mask
             rewards = -config.kl_coef * kl
             last_token = mask.sum(1).long() - 1
-            rewards[torch.arange(len(rows), device=device), last_token] += scores
+            rewards[torch.arange(len(scores), device=scores.device), last_token] += scores
             advantages, returns = gae(rewards, values, mask, gamma=config.gamma,
                                       lam=config.lam)
             if config.whiten_advantages:
