@@ -109,9 +109,6 @@ GATE_VOCAB_LABELS = 512
 GATE_ALL_VOCAB = 2048
 #: float64 logits alive at once in the reference's log-sum-exp pass (512 MiB).
 REF_CHUNK_ELEMENTS = 1 << 26
-#: Side of the square bf16 GEMM whose rate is the roofline (CUDA; the CPU one is smaller).
-GEMM_RATE_SIZE = 8192
-GEMM_RATE_SIZE_CPU = 512
 #: do_bench budgets (ms): a GPU-shape call takes ~50-150 ms, so the default 200 ms
 #: repetition budget would time only 1-2 calls.
 WARMUP_MS = 100
@@ -312,24 +309,6 @@ def provider_gemms(provider: str, mode: str) -> int:
 # --------------------------------------------------------------------------- roofline
 
 
-@functools.cache
-def gemm_rate(device: str) -> float:
-    """The device's bf16 GEMM rate in FLOP/s, measured once per session (per device).
-
-    CUDA: ``torch.mm`` of two ``GEMM_RATE_SIZE``-square bf16 matrices into a preallocated
-    output, median of ``harness.time_fn`` (``triton.testing.do_bench``). CPU: the same at
-    ``GEMM_RATE_SIZE_CPU`` with ``time.perf_counter``; meaningless as a roofline.
-    """
-    dev = torch.device(device)
-    size = GEMM_RATE_SIZE if dev.type == "cuda" else GEMM_RATE_SIZE_CPU
-    gen = torch.Generator(device=dev).manual_seed(0)
-    a = torch.randn((size, size), generator=gen, device=dev).to(DTYPE)
-    b = torch.randn((size, size), generator=gen, device=dev).to(DTYPE)
-    out = torch.empty((size, size), device=dev, dtype=DTYPE)
-    timing = harness.time_fn(lambda: torch.mm(a, b, out=out), device=dev)
-    return 2 * size**3 / (timing["median_ms"] * 1e-3)  # a, b, out freed on return
-
-
 def flop_columns(case: Case, median_ms: float, rate: float) -> dict[str, Any]:
     """The roofline fields of a timed row (see the module docstring)."""
     n, d, v = case.shape
@@ -512,7 +491,7 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
     if reason is not None:
         return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
 
-    rate = gemm_rate(str(device))  # before this case allocates its inputs
+    rate = harness.gemm_rate(str(device))  # before this case allocates its inputs
     inp = make_inputs(case.shape, device)
     return harness.gate_and_time(
         benchmark=benchmark, device=device, row_args=row_args,

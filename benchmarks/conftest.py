@@ -85,7 +85,8 @@ class BenchSession:
                 "GB/s: the bytes an ideal implementation must move (each suite's module "
                 "docstring gives its byte count) over the median time. Fraction of "
                 "roofline: that over the measured copy bandwidth, or for GEMM-bound ops "
-                "(linear_logprobs) the minimal FLOPs over the measured bf16 GEMM rate.",
+                "(linear_logprobs) the minimal FLOPs over the measured bf16 GEMM rate (e2e: "
+                "the model FLOPs, i.e. model FLOPs utilisation).",
             ]
             info["notes"] = notes
             self._info = info
@@ -152,6 +153,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_sep("=", f"rlhf-fast bench: {op}")
         terminalreporter.write_line(markdown)
         out = os.path.join(session.out_dir, op)
-        terminalreporter.write_line(f"written: {out}.json, {out}.md")
+        written = [f"{out}.json", f"{out}.md"] + ([f"{out}.png"]
+                                                  if os.path.exists(f"{out}.png") else [])
+        terminalreporter.write_line(f"written: {', '.join(written)}")
     if not session.gpu:
         terminalreporter.write_line(NO_GPU_NOTE)

@@ -16,6 +16,7 @@ Every ``bench_<op>.py`` suite uses these helpers so that all ops are measured th
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import platform
@@ -373,11 +374,17 @@ def _roofline_fraction(row: dict[str, Any]) -> float | None:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of result rows (columns: ``TABLE_COLUMNS``)."""
-    lines = [_table_line(TABLE_COLUMNS), _table_line(["---"] * len(TABLE_COLUMNS))]
+    """Markdown table of result rows (columns: ``TABLE_COLUMNS``, plus tokens/s for
+    suites whose rows have it)."""
+    with_tokens = any(row.get("tokens_per_s") is not None for row in rows)
+    header = list(TABLE_COLUMNS)
+    if with_tokens:
+        header.insert(header.index("GB/s"), "tokens/s")
+    lines = [_table_line(header), _table_line(["---"] * len(header))]
     for row in rows:
         op = row["op"] + (f" ({row['variant']})" if row.get("variant") else "")
         peak = row.get("peak_bytes")
+        tokens = [_fmt(row.get("tokens_per_s"), ".0f")] if with_tokens else []
         lines.append(
             _table_line(
                 [
@@ -389,6 +396,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                     _fmt(row.get("median_ms"), ".3f"),
                     _fmt(row.get("iqr_ms"), ".3f"),
                     _fmt(None if peak is None else peak / MIB, ".1f"),
+                    *tokens,
                     _fmt(row.get("gbps"), ".1f"),
                     _fmt(_roofline_fraction(row), ".2f"),
                     row["status"],
@@ -396,6 +404,96 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def _case_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    """What a figure panel groups: mode and variant."""
+    return row["mode"], row.get("variant") or "", row["dtype"]
+
+
+def plot_results(rows: Sequence[dict[str, Any]], info: dict[str, Any],
+                 path: str | Path) -> Path | None:
+    """A PNG per op: median time and peak memory against the shape, one line per
+    provider, one row of panels per (mode, variant, dtype). None without matplotlib or
+    timed rows."""
+    timed = [r for r in rows if r.get("median_ms") is not None]
+    if not timed:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install 'rlhf-fast[bench]')")
+        return None
+    groups = list(dict.fromkeys(_case_key(r) for r in timed))
+    figure, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
+    for (time_ax, memory_ax), group in zip(axes, groups):
+        members = [r for r in timed if _case_key(r) == group]
+        shapes = list(dict.fromkeys("x".join(map(str, r["shape"])) for r in members))
+        for provider in dict.fromkeys(r["provider"] for r in members):
+            mine = {"x".join(map(str, r["shape"])): r for r in members
+                    if r["provider"] == provider}
+            xs = [i for i, s in enumerate(shapes) if s in mine]
+            time_ax.plot(xs, [mine[shapes[i]]["median_ms"] for i in xs], marker="o",
+                         label=provider)
+            peaks = [(i, mine[shapes[i]].get("peak_bytes")) for i in xs]
+            peaks = [(i, p / MIB) for i, p in peaks if p is not None]
+            if peaks:
+                memory_ax.plot(*zip(*peaks), marker="o", label=provider)
+        title = " ".join(part for part in group if part)
+        for ax, label in ((time_ax, "median ms"), (memory_ax, "peak MiB above inputs")):
+            ax.set_xticks(range(len(shapes)), shapes, rotation=20, fontsize=8)
+            ax.set_ylabel(label)
+            ax.set_title(f"{rows[0]['op']} {title}", fontsize=10)
+            ax.grid(alpha=0.3)
+        time_ax.set_yscale("log")
+        time_ax.legend(fontsize=8)
+        if not memory_ax.lines:
+            memory_ax.text(0.5, 0.5, "no GPU: peak memory n/a", ha="center",
+                           transform=memory_ax.transAxes)
+    height = 3.2 * len(groups)
+    figure.suptitle(describe_info(info), fontsize=7, wrap=True)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))  # room for the stamp
+    out = Path(path)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def summarize(rows: Sequence[dict[str, Any]], far_from_roofline: float = 1.5) -> list[str]:
+    """One line per case (op, shape, dtype, mode, variant): rlhf-fast's best provider
+    against the fastest peer, and a flag where it is slower than a peer or further than
+    `far_from_roofline` x from its roofline."""
+    lines = []
+    cases: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("median_ms") is not None:
+            key = (row["op"], "x".join(map(str, row["shape"])), *_case_key(row))
+            cases.setdefault(key, []).append(row)
+    for (op, shape, mode, variant, dtype), members in cases.items():
+        ours = [r for r in members if r["provider"].startswith("rlhf_fast")]
+        peers = [r for r in members if not r["provider"].startswith("rlhf_fast")]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["median_ms"])
+        name = f"{op}{f' ({variant})' if variant else ''} {shape} {dtype} {mode}"
+        text = f"{name}: {best['provider']} {best['median_ms']:.3f} ms"
+        flags = []
+        if peers:
+            peer = min(peers, key=lambda r: r["median_ms"])
+            speedup = peer["median_ms"] / best["median_ms"]
+            text += f", {speedup:.2f}x vs {peer['provider']}"
+            if speedup < 1:
+                flags.append(f"SLOWER than {peer['provider']}")
+        fraction = _roofline_fraction(best)
+        if fraction is not None:
+            text += f", {fraction:.2f} of roofline"
+            if fraction < 1 / far_from_roofline:
+                flags.append(f"further than {far_from_roofline}x from roofline")
+        lines.append(text + (f"  <- {'; '.join(flags)}" if flags else ""))
+    return lines
 
 
 def describe_info(info: dict[str, Any]) -> str:
@@ -424,9 +522,11 @@ def write_results(
     out_dir: str | Path,
     name: str,
 ) -> str:
-    """Write ``<name>.json`` (info + rows) and ``<name>.md`` under ``out_dir``.
+    """Write ``<name>.json`` (info + rows), ``<name>.md`` and ``<name>.png`` (with
+    matplotlib) under ``out_dir``.
 
-    Returns the markdown text (a stamp line, notes from ``info["notes"]`` and the table).
+    Returns the markdown text (a stamp line, notes from ``info["notes"]``, the table and
+    the summary lines of `summarize`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -438,6 +538,12 @@ def write_results(
     if info.get("notes"):
         md_lines.append("")
     md_lines.append(format_table(rows))
+    summary = summarize(rows)
+    if summary:
+        md_lines += ["", "Summary (rlhf-fast's best provider per case):", ""]
+        md_lines += [f"- {line}" for line in summary]
+    if plot_results(rows, info, out / f"{name}.png") is not None:
+        md_lines += ["", f"![{name}]({name}.png)"]
     markdown = "\n".join(md_lines) + "\n"
     (out / f"{name}.md").write_text(markdown)
     return markdown
@@ -518,3 +624,26 @@ def gate_and_time(
         if key in row:  # copy_bandwidth is consumed by make_row, not a row column
             benchmark.extra_info[key] = row[key]
     return row, None
+
+
+#: Side of the square bf16 GEMM whose rate is the roofline (CUDA; the CPU one is smaller).
+GEMM_RATE_SIZE = 8192
+GEMM_RATE_SIZE_CPU = 512
+
+
+@functools.cache
+def gemm_rate(device: str) -> float:
+    """The device's bf16 GEMM rate in FLOP/s, measured once per session (per device).
+
+    CUDA: ``torch.mm`` of two ``GEMM_RATE_SIZE``-square bf16 matrices into a preallocated
+    output, median of ``time_fn`` (``triton.testing.do_bench``). CPU: the same at
+    ``GEMM_RATE_SIZE_CPU`` with ``time.perf_counter``; meaningless as a roofline.
+    """
+    dev = torch.device(device)
+    size = GEMM_RATE_SIZE if dev.type == "cuda" else GEMM_RATE_SIZE_CPU
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn((size, size), generator=gen, device=dev).to(torch.bfloat16)
+    b = torch.randn((size, size), generator=gen, device=dev).to(torch.bfloat16)
+    out = torch.empty((size, size), device=dev, dtype=torch.bfloat16)
+    timing = time_fn(lambda: torch.mm(a, b, out=out), device=dev)
+    return 2 * size**3 / (timing["median_ms"] * 1e-3)  # a, b, out freed on return

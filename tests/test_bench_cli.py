@@ -65,3 +65,48 @@ def test_bench_logprobs_quick_on_cpu(tmp_path: Path) -> None:
     markdown = (out_dir / "logprobs.md").read_text()
     assert "| rlhf_fast |" in markdown and "| eager |" in markdown
     assert "say nothing about GPU speed" in proc.stdout, log
+
+
+def test_bench_e2e_quick_on_cpu_writes_table_summary_and_plot(tmp_path: Path) -> None:
+    """The end-to-end suite (the trainers' DPO step and PPO update, fused / logits /
+    eager) in CPU quick mode: every provider gated and timed, tokens/s and the summary
+    in the table, a PNG beside it."""
+    out_dir = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, "bench", "e2e", "--quick", "--out", str(out_dir)],
+        cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True, timeout=600,
+    )
+    log = f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, log
+    rows = json.loads((out_dir / "e2e.json").read_text())["rows"]
+    assert {(r["mode"], r["provider"]) for r in rows} == {
+        (m, p) for m in ("dpo-step", "ppo-update")
+        for p in ("rlhf_fast-fused", "rlhf_fast-logits", "eager")}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["rel_err"]["answer_logps"] <= 1e-4, row
+        assert row["tokens"] == 8 * 32 and row["tokens_per_s"] > 0, row
+        assert 0 < row["frac_roofline"] < 1, row
+    markdown = (out_dir / "e2e.md").read_text()
+    assert "| tokens/s |" in markdown
+    assert markdown.count("\n- e2e 8x32 fp32 ") == 2  # one summary line per mode
+    assert (out_dir / "e2e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_flags_rows_slower_than_a_peer_or_far_from_roofline() -> None:
+    from rlhf_fast.benchmarks import harness
+
+    def row(provider: str, median: float, frac: float | None, shape=(4, 8)) -> dict:
+        timing = {"median_ms": median, "p25_ms": median, "p75_ms": median}
+        return harness.make_row(op="x", shape=shape, dtype="bf16", provider=provider,
+                                mode="fwd", timing=timing, frac_roofline=frac)
+
+    lines = harness.summarize([
+        row("rlhf_fast", 2.0, 0.9), row("rlhf_fast-inplace", 1.0, 0.8), row("eager", 3.0, None),
+        row("rlhf_fast", 2.0, 0.5, (8, 8)), row("compile", 1.0, None, (8, 8)),
+    ])
+    assert lines == [
+        "x 4x8 bf16 fwd: rlhf_fast-inplace 1.000 ms, 3.00x vs eager, 0.80 of roofline",
+        "x 8x8 bf16 fwd: rlhf_fast 2.000 ms, 0.50x vs compile, 0.50 of roofline  <- SLOWER "
+        "than compile; further than 1.5x from roofline",
+    ]
