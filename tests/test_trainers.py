@@ -645,3 +645,36 @@ def test_ppo_with_sequence_classifier_critic_and_reward_model(warm_model, tokeni
     before = parameters(critic)
     trainer.update(rollout)
     assert any(not torch.equal(before[n], p) for n, p in parameters(critic).items())
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
+def test_left_padded_rollouts_score_as_if_unpadded_with_absolute_positions(
+        tokenizer, tmp_path, torch_backend, fused):
+    """A left-padded prompt's tokens get the positions `generate` gave them (counted over
+    attended tokens): with absolute position embeddings (GPT-2) a shifted position would
+    change every log-prob, unlike Llama's rotary ones."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                        n_positions=64, eos_token_id=tokenizer.eos_token_id,
+                        bos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    policy = GPT2LMHeadModel(config)
+    trainer = PPOTrainer(policy, None, None, demo.kindness_reward, tokenizer=tokenizer,
+                         prompts=PROMPTS, config=PPOConfig(
+                             output_dir=str(tmp_path), rollout_batch_size=8,
+                             mini_batch_size=8, max_new_tokens=6, device="cpu",
+                             use_fused_linear=fused))
+    rollout = trainer.rollout(0)
+    widths = rollout.attention_mask[:, :rollout.prompt_width].sum(1)
+    assert widths.min() < widths.max()  # some prompts are padded
+    policy.eval()  # GPT-2 has dropout: the rollout is scored without it
+    with torch.no_grad():
+        for i in range(rollout.sequences.shape[0]):
+            ids = rollout.sequences[i, rollout.attention_mask[i].bool()][None]
+            logits = policy(input_ids=ids).logits[0, :-1]
+            expected = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+            n = int(rollout.mask[i].sum())
+            torch.testing.assert_close(rollout.old_logp[i, :n], expected[-n:], rtol=1e-4,
+                                       atol=1e-5)

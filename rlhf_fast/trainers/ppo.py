@@ -403,9 +403,12 @@ class PPOTrainer:
         """
         config = self.config
         mask = attention_mask[:, width:].float()
+        actor_critic = unwrap(self.actor_critic)
+        actor_critic.eval()  # the rollout's statistics without dropout noise
         with self.run.autocast():
-            old_logp, _, values = unwrap(self.actor_critic)(sequences, attention_mask, width)
+            old_logp, _, values = actor_critic(sequences, attention_mask, width)
             ref_logp = self.reference(sequences, attention_mask)[:, width - 1:]
+        actor_critic.train()
 
         if config.advantage_estimator == "grpo":
             advantages = group_advantages(scores, config.group_size)[:, None] * mask
