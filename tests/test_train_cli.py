@@ -179,3 +179,31 @@ def test_plot_curves_writes_a_png_or_says_why_not(tmp_path, monkeypatch, capsys)
     assert plot_curves(records, ["loss"], tmp_path / "again.png", "t") is None
     assert not (tmp_path / "again.png").exists()
     assert "plot skipped: matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_load_records_from_a_list_a_jsonl_file_and_a_dataset_like(tmp_path):
+    from rlhf_fast.trainers.common import load_records
+
+    records = [{"prompt": "p1", "chosen": "a", "rejected": "b"},
+               {"prompt": "p2", "chosen": "c", "rejected": "d"}]
+    fields = ("prompt", "chosen", "rejected")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n\n" for r in records))  # blank lines skipped
+    assert load_records(path, fields, "data") == records
+    assert load_records(str(path), fields, "data") == records
+
+    class DatasetLike:  # what the trainers use of a datasets.Dataset
+        column_names = list(fields)
+
+        def __len__(self):
+            return len(records)
+
+        def __getitem__(self, index):
+            return records[index]
+
+    assert load_records(DatasetLike(), fields, "data") == records
+    path.write_text(json.dumps(records[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match="data: .* line 2 is not JSON"):
+        load_records(path, fields, "data")
+    with pytest.raises(ValueError, match=r"data\[0\] must be a dict"):
+        load_records(["just a string"], fields, "data")
