@@ -229,6 +229,10 @@ class Run:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def fused_linear(self, requested: bool | None) -> bool:
+        """A config's use_fused_linear: None means on when training on a GPU."""
+        return self.device.type == "cuda" if requested is None else requested
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for precision "bf16", nothing for "fp32"."""
         if self.precision == "bf16":
@@ -273,6 +277,13 @@ def setup_run(precision: str, device: str | None = None) -> Run:
         gpu_bf16 = target.type == "cuda" and torch.cuda.is_bf16_supported()
         precision = "bf16" if gpu_bf16 else "fp32"
     return Run(rank=rank, world=world, device=target, precision=precision)
+
+
+def host_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar metric tensors as floats, in one device-to-host copy (one sync, not one
+    per metric)."""
+    values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
+    return dict(zip(metrics, values.tolist()))
 
 
 def seed_everything(seed: int) -> None:

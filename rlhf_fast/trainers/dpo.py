@@ -43,6 +43,7 @@ from rlhf_fast.trainers.common import (
     example_indices,
     frozen,
     gather_training_state,
+    host_floats,
     load_checkpoint,
     load_records,
     plot_curves,
@@ -253,8 +254,7 @@ class DPOTrainer:
             raise ValueError(f"train_dataset has {len(self.train_pairs)} records, fewer than "
                              f"one global batch (batch_size x processes = {global_batch})")
 
-        fused = config.use_fused_linear
-        self.fused_linear = self.run.device.type == "cuda" if fused is None else fused
+        self.fused_linear = self.run.fused_linear(config.use_fused_linear)
         model.to(self.run.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -375,15 +375,15 @@ class DPOTrainer:
             beta=self.config.beta, loss_type=self.config.loss_type,
             label_smoothing=self.config.label_smoothing, **lengths,
         )
-        metrics = {
-            "loss": out.loss.item(),
-            "rewards/chosen": out.chosen_rewards.mean().item(),
-            "rewards/rejected": out.rejected_rewards.mean().item(),
-            "rewards/accuracies": out.reward_accuracy.item(),
-            "rewards/margins": out.reward_margin.item(),
-            "logps/chosen": policy[:pairs].mean().item(),
-            "logps/rejected": policy[pairs:].mean().item(),
-        }
+        metrics = host_floats({
+            "loss": out.loss,
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/accuracies": out.reward_accuracy,
+            "rewards/margins": out.reward_margin,
+            "logps/chosen": policy[:pairs].mean(),
+            "logps/rejected": policy[pairs:].mean(),
+        })
         return out, metrics
 
     def _reference_logps(self, batch: PairBatch, split: str) -> torch.Tensor | None:

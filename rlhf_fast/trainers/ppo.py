@@ -43,6 +43,7 @@ from rlhf_fast.trainers.common import (
     example_indices,
     frozen,
     gather_training_state,
+    host_floats,
     load_checkpoint,
     load_records,
     plot_curves,
@@ -291,8 +292,7 @@ class PPOTrainer:
             raise ValueError(f"prompts has {len(self.prompts)} entries, fewer than one "
                              f"rollout (rollout_batch_size x processes)")
 
-        fused = config.use_fused_linear
-        self.fused_linear = self.run.device.type == "cuda" if fused is None else fused
+        self.fused_linear = self.run.fused_linear(config.use_fused_linear)
         device = self.run.device
         self.policy = policy.to(device)
         self.reference = TokenLogprobs(
@@ -429,7 +429,7 @@ class PPOTrainer:
         """ppo_epochs passes of minibatch PPO steps on `rollout`; returns the metrics."""
         config = self.config
         grpo = config.advantage_estimator == "grpo"
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: read back once, at the end
         steps = 0
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         for _ in range(config.ppo_epochs):
@@ -462,17 +462,17 @@ class PPOTrainer:
                 steps += 1
                 for key in ("loss", "policy_loss", "value_loss", "entropy", "clipfrac",
                             "approx_kl", "ratio_mean"):
-                    sums[key] = sums.get(key, 0.0) + getattr(out, key).item()
-        metrics = {key: value / steps for key, value in sums.items()}
+                    sums[key] = sums.get(key, 0.0) + getattr(out, key).detach()
+        mask = rollout.mask
+        metrics = host_floats({
+            **{key: value / steps for key, value in sums.items()},
+            "reward": rollout.scores.mean(),
+            "kl": ((rollout.old_logp - rollout.ref_logp) * mask).sum(1).mean(),
+            "response_length": mask.sum(1).mean(),
+        })
         if grpo:
             del metrics["value_loss"]
-        mask = rollout.mask
-        metrics.update({
-            "reward": rollout.scores.mean().item(),
-            "kl": ((rollout.old_logp - rollout.ref_logp) * mask).sum(1).mean().item(),
-            "response_length": mask.sum(1).mean().item(),
-            "lr": lr,
-        })
+        metrics["lr"] = lr
         return self.run.mean_over_ranks(metrics)
 
     # --- plumbing ----------------------------------------------------------------------
