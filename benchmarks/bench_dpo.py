@@ -29,7 +29,7 @@ tensor of the logits' shape, so even the in-place provider allocates one gradien
 Every provider is first checked against a float64 reference built from
 ``rlhf_fast.reference`` (``logprobs``, ``sequence_logps``, ``dpo_loss``) on the same
 inputs: the reference sequence log-probs are computed chunk by chunk (at most
-``REF_CHUNK_ELEMENTS`` logits at a time, so no float64 copy of the logits is ever made)
+``harness.REF_CHUNK_ELEMENTS`` logits at a time, so no float64 copy of the logits is ever made)
 and the loss is compared; in ``fwd+bwd`` the logits gradient is compared on every
 sequence where there are at most ``GATE_GRAD_SEQS`` (4), else on 4 of them (first and
 last chosen, first and last rejected), again chunk by chunk, the last position (it
@@ -75,8 +75,6 @@ MODES = ("fwd", "fwd+bwd")
 TOLERANCE = 1e-2
 #: Sequences whose logits gradient is compared when there are more than this many.
 GATE_GRAD_SEQS = 4
-#: Logits (elements) converted to float64 at a time by the chunked reference (256 MiB).
-REF_CHUNK_ELEMENTS = 2**25
 #: Prompt length, as a fraction of T, drawn per pair; the answers fill >= 25% of the rest.
 PROMPT_FRACTION = (0.1, 0.3)
 #: Std of (policy - reference) sequence log-prob per answer: beta * margin is O(1).
@@ -195,32 +193,18 @@ def provider_fn(provider: str, mode: str) -> Callable[..., torch.Tensor]:
 # --------------------------------------------------------------------------- reference
 
 
-def _token_chunks(logits: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, stop) ranges of the T - 1 predicting positions, REF_CHUNK_ELEMENTS at most."""
-    positions, vocab = logits.shape[1] - 1, logits.shape[2]
-    step = max(1, REF_CHUNK_ELEMENTS // vocab)
-    return [(s, min(s + step, positions)) for s in range(0, positions, step)]
-
-
-def _reference_part(
-    logits: torch.Tensor, labels: torch.Tensor, seq: int, start: int, stop: int, grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 leaf of logits[seq, start:stop] and the reference sum of its answer tokens'
-    log-probs (the labels are shifted by one: position t predicts labels[seq, t + 1])."""
-    x = logits[seq, start:stop].detach().to(torch.float64).requires_grad_(grad)
-    target = labels[seq, start + 1 : stop + 1]
-    tok = reference.logprobs(x, target, ignore_index=IGNORE_INDEX)
-    return x, reference.sequence_logps(tok, target != IGNORE_INDEX)
-
-
 def reference_sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """float64 ``[2B]`` reference sequence log-probs, chunk by chunk (no float64 copy of
-    the logits)."""
+    the logits; position t predicts labels[:, t + 1])."""
+    targets = labels[:, 1:]
     out = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
     with torch.no_grad():
         for seq in range(logits.shape[0]):
-            for start, stop in _token_chunks(logits):
-                out[seq] += _reference_part(logits, labels, seq, start, stop, grad=False)[1]
+            for start, stop, _, tok in harness.reference_logprob_chunks(
+                logits, targets, seq, grad=False
+            ):
+                mask = targets[seq, start:stop] != IGNORE_INDEX
+                out[seq] += reference.sequence_logps(tok, mask)
     return out
 
 
@@ -290,9 +274,12 @@ def _grad_error(grad: torch.Tensor, inp: Inputs, g_seq: torch.Tensor) -> tuple[b
     """``harness.check_close`` of the logits gradient on the gated sequences, accumulated
     chunk by chunk against the float64 reference (d loss / d seq times d seq / d logits)."""
     diff2 = ref2 = 0.0
+    targets = inp.labels[:, 1:]
     for seq in _gate_seqs(inp.logits.shape[0]):
-        for start, stop in _token_chunks(inp.logits):
-            x, part = _reference_part(inp.logits, inp.labels, seq, start, stop, grad=True)
+        for start, stop, x, tok in harness.reference_logprob_chunks(
+            inp.logits, targets, seq, grad=True
+        ):
+            part = reference.sequence_logps(tok, targets[seq, start:stop] != IGNORE_INDEX)
             (ref_grad,) = torch.autograd.grad(part, x, g_seq[seq])
             out = grad[seq, start:stop].to(torch.float64)
             diff2 += float((out - ref_grad).square().sum())

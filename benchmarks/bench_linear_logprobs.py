@@ -23,8 +23,9 @@ Providers (same inputs, same process), each returning fp32 ``logp [N]``, 0 where
   embeddings, classifier, targets), logp = -loss, its defaults otherwise (gradient
   filtering ``filter_eps="auto"``).
 
-Liger and CCE run only where they are importable and on CUDA; otherwise their rows say
-"skipped" and why. Their ignored rows are zeroed by the wrapper, as trainers mask them.
+Liger and CCE run only where they are importable, on CUDA (Liger also in the Triton
+interpreter, TRITON_INTERPRET=1, which is how CI checks its adapter); otherwise their
+rows say "skipped" and why. Their ignored rows are zeroed by the wrapper, as trainers mask them.
 
 Modes: ``fwd`` (hidden and weight not requiring grad: old-policy / reference log-probs)
 and ``fwd+bwd`` (``torch.autograd.grad(logp, (hidden, weight), g)``).
@@ -75,7 +76,6 @@ session (``gemm_rate``: a ``GEMM_RATE_SIZE``-cubed ``torch.mm`` timed with
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -195,25 +195,11 @@ def compiled_linear_logprobs(mode: str) -> LogProbsFn:
     return _compiled[mode]
 
 
-#: Importable name and description of the optional peers.
-PEER_PACKAGES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
-
-
-@functools.cache
-def _import_peer(provider: str) -> tuple[Any, str | None]:
-    """(the peer's entry point, None), or (None, why it cannot be imported). Imported
-    lazily: only the cases that run it pay for the import."""
-    package = PEER_PACKAGES[provider]
-    try:
-        if provider == "liger":
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss as entry
-        else:
-            from cut_cross_entropy import linear_cross_entropy as entry
-    except ImportError:
-        return None, f"{package} not installed"
-    except Exception as exc:  # installed but broken (e.g. a triton / torch mismatch)
-        return None, f"{package} failed to import: {type(exc).__name__}: {exc}"[:120]
-    return entry, None
+#: Each peer's entry point: (provider, module, attribute).
+PEER_ENTRIES = {
+    "liger": ("liger", "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss"),
+    "cce": ("cce", "cut_cross_entropy", "linear_cross_entropy"),
+}
 
 
 def _peer_logp(loss: Any, labels: torch.Tensor, name: str) -> torch.Tensor:
@@ -227,11 +213,8 @@ def _peer_logp(loss: Any, labels: torch.Tensor, name: str) -> torch.Tensor:
     return torch.where(labels == IGNORE_INDEX, 0.0, -loss.float())
 
 
-def liger_linear_logprobs() -> LogProbsFn:
+def liger_linear_logprobs(loss_cls: Any) -> LogProbsFn:
     """Liger-Kernel's fused linear cross entropy, per token: logp = -loss."""
-    loss_cls, reason = _import_peer("liger")
-    if loss_cls is None:
-        raise RuntimeError(reason)
     loss_fn = loss_cls(ignore_index=IGNORE_INDEX, reduction="none")
 
     def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -240,11 +223,8 @@ def liger_linear_logprobs() -> LogProbsFn:
     return run
 
 
-def cce_linear_logprobs() -> LogProbsFn:
+def cce_linear_logprobs(linear_cross_entropy: Any) -> LogProbsFn:
     """cut-cross-entropy's linear_cross_entropy, per token: logp = -loss."""
-    linear_cross_entropy, reason = _import_peer("cce")
-    if linear_cross_entropy is None:
-        raise RuntimeError(reason)
 
     def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = linear_cross_entropy(
@@ -255,7 +235,7 @@ def cce_linear_logprobs() -> LogProbsFn:
     return run
 
 
-def provider_fn(provider: str, mode: str) -> LogProbsFn:
+def provider_fn(provider: str, mode: str, device: torch.device) -> LogProbsFn:
     if provider == "rlhf_fast":
         return rlhf_fast_linear
     if provider == "materialised+logprobs":
@@ -264,21 +244,18 @@ def provider_fn(provider: str, mode: str) -> LogProbsFn:
         return eager_linear_logprobs
     if provider == "compile":
         return compiled_linear_logprobs(mode)
-    if provider == "liger":
-        return liger_linear_logprobs()
-    return cce_linear_logprobs()
+    entry, reason = harness.peer_entry(*PEER_ENTRIES[provider], device)
+    if entry is None:
+        raise RuntimeError(reason)
+    return liger_linear_logprobs(entry) if provider == "liger" else cce_linear_logprobs(entry)
 
 
 def unavailable(provider: str, device: torch.device) -> str | None:
     """Why `provider` cannot run on `device` (None when it can)."""
     if provider == "compile" and device.type != "cuda":
         return "torch.compile skipped in CPU quick mode"
-    if provider in PEER_PACKAGES:
-        _, reason = _import_peer(provider)
-        if reason is not None:
-            return reason
-        if device.type != "cuda":
-            return f"{PEER_PACKAGES[provider]} runs on CUDA only"
+    if provider in PEER_ENTRIES:
+        return harness.peer_entry(*PEER_ENTRIES[provider], device)[1]
     return None
 
 
@@ -496,7 +473,7 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
     return harness.gate_and_time(
         benchmark=benchmark, device=device, row_args=row_args,
         group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
-        provider=lambda: provider_fn(case.provider, case.mode),
+        provider=lambda: provider_fn(case.provider, case.mode, device),
         gate=lambda fn: _gate(case, inp, fn),
         prepare=lambda fn: (_timed(case, inp, fn), None),
         columns=lambda timing: flop_columns(case, timing["median_ms"], rate),

@@ -11,6 +11,14 @@ Providers (same inputs, same process):
 * ``eager-chunked``: TRL's memory-saving variant: ``log_softmax`` + ``gather`` per chunk
   of rows (one sequence's worth) in the input dtype, entropy per chunk of 128 rows.
 * ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
+* ``liger``: Liger-Kernel's ``LigerCrossEntropyLoss(reduction="none")``, logp = -loss
+  (returned in the logits' dtype). Log-prob only: it has no entropy output, so its
+  ``logp+entropy`` rows are skipped. It writes into its input: the ignored rows' logits
+  are zeroed even in a no-grad forward, and when the logits require grad its forward
+  stores the gradient in them (its backward then multiplies that by the upstream
+  gradient into a new tensor). So, like ``rlhf_fast-inplace``, it gets a fresh copy of
+  the logits, made untimed, before every timed call, in every mode.
+  Runs on CUDA, or under TRITON_INTERPRET=1; skipped, with the reason, where missing.
 
 The eager providers zero the log-prob and entropy of ignored rows (label -100), as
 `rlhf_fast.logprobs` does; trainers mask them in the loss instead, which costs the same.
@@ -45,7 +53,11 @@ QUICK_SHAPES = [
     ((128, 4099), torch.bfloat16),
     ((128, 4099), torch.float32),
 ]
-PROVIDERS = ("rlhf_fast", "rlhf_fast-inplace", "eager", "eager-chunked", "compile")
+PROVIDERS = ("rlhf_fast", "rlhf_fast-inplace", "eager", "eager-chunked", "compile", "liger")
+#: Providers that write into the logits when they require grad: fresh copy per call.
+OVERWRITE_LOGITS = ("rlhf_fast-inplace", "liger")
+#: The liger provider's entry point: (peer, module, attribute).
+LIGER_ENTRY = ("liger", "liger_kernel.transformers", "LigerCrossEntropyLoss")
 MODES = ("fwd", "bwd", "fwd+bwd")
 #: Relative-error tolerance of the correctness gate, per input dtype.
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
@@ -169,6 +181,29 @@ def _compiled_eager(logits: torch.Tensor, labels: torch.Tensor, return_entropy: 
     return _compiled[return_entropy](logits, labels)
 
 
+def liger_logprobs(loss_cls: Any) -> Callable[[torch.Tensor, torch.Tensor, bool], Outputs]:
+    """Liger-Kernel's cross entropy per token: logp = -loss (ignored rows give 0)."""
+    loss_fn = loss_cls(ignore_index=IGNORE_INDEX, reduction="none")
+
+    def run(logits: torch.Tensor, labels: torch.Tensor, return_entropy: bool) -> Outputs:
+        if return_entropy:
+            raise ValueError("Liger-Kernel's cross entropy has no entropy output")
+        return (-loss_fn(logits, labels).float(),)
+
+    return run
+
+
+def provider_fn(
+    provider: str, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor, bool], Outputs]:
+    if provider == "liger":
+        entry, reason = harness.peer_entry(*LIGER_ENTRY, device)
+        if entry is None:
+            raise RuntimeError(reason)
+        return liger_logprobs(entry)
+    return PROVIDER_FNS[provider]
+
+
 PROVIDER_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor, bool], Outputs]] = {
     "rlhf_fast": _rlhf_fast(inplace=False),
     "rlhf_fast-inplace": _rlhf_fast(inplace=True),
@@ -236,7 +271,7 @@ def _gate(case: Case, inp: Inputs, fn: Callable[..., Outputs]) -> tuple[bool, di
     ref = ref if isinstance(ref, tuple) else (ref,)
     grads = (inp.g_logp, inp.g_entropy)[: len(ref)]
 
-    if case.provider == "rlhf_fast-inplace":
+    if case.provider in OVERWRITE_LOGITS:
         x = inp.logits.detach().clone()
     else:
         x = inp.logits.detach()
@@ -263,11 +298,13 @@ def _timed(
     labels, entropy = inp.labels, case.entropy
     grads = (inp.g_logp, inp.g_entropy)[: 2 if entropy else 1]
 
+    fresh = case.provider in OVERWRITE_LOGITS
     if case.mode == "fwd":
+        if fresh:
+            return (lambda x: fn(x, labels, entropy)), lambda: inp.logits.detach().clone()
         logits = inp.logits.detach()
         return (lambda: fn(logits, labels, entropy)), None
 
-    fresh = case.provider == "rlhf_fast-inplace"
     leaf = None if fresh else inp.logits.detach().requires_grad_(True)
 
     def new_leaf() -> torch.Tensor:
@@ -312,12 +349,18 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
     if case.provider == "compile" and device.type != "cuda":
         reason = "torch.compile skipped in CPU quick mode"
         return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
+    if case.provider == "liger":
+        reason = harness.peer_entry(*LIGER_ENTRY, device)[1]
+        if reason is None and case.entropy:
+            reason = "Liger-Kernel's cross entropy has no entropy output"
+        if reason is not None:
+            return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
 
     inp = make_inputs(case.shape, case.dtype, device)
     return harness.gate_and_time(
         benchmark=benchmark, device=device, row_args=row_args,
         group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
-        provider=lambda: PROVIDER_FNS[case.provider],
+        provider=lambda: provider_fn(case.provider, device),
         gate=lambda fn: _gate(case, inp, fn),
         prepare=lambda fn: _timed(case, inp, fn),
         columns=lambda timing: dict(

@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import importlib
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from rlhf_fast import reference
 
 MIB = 1024**2
 GIB = 1024**3
@@ -296,6 +300,32 @@ def check_close(
     scale = float(torch.linalg.vector_norm(r))
     err = diff / scale if scale > 0 else diff
     return bool(err <= tol), err
+
+
+#: Logits (elements) converted to float64 at a time by `reference_logprob_chunks`
+#: (256 MiB), so a gate never makes a float64 copy of gigabytes of logits.
+REF_CHUNK_ELEMENTS = 2**25
+
+
+def reference_logprob_chunks(
+    logits: torch.Tensor, targets: torch.Tensor, seq: int, *, grad: bool, ignore_index: int = -100
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """The float64 reference log-probs of sequence `seq`, chunk by chunk.
+
+    logits ``[rows, P', V]`` with ``P' >= P``, targets ``[rows, P]`` int64: position t
+    predicts ``targets[seq, t]`` (callers pass shifted labels). Yields ``(start, stop,
+    x, logp)``: the float64 leaf ``x = logits[seq, start:stop]`` (requiring grad when
+    `grad`) and ``reference.logprobs(x, targets[seq, start:stop])``, at most
+    ``REF_CHUNK_ELEMENTS`` logits per chunk.
+    """
+    positions, vocab = targets.shape[1], logits.shape[-1]
+    step = max(1, REF_CHUNK_ELEMENTS // vocab)
+    for start in range(0, positions, step):
+        stop = min(start + step, positions)
+        x = logits[seq, start:stop].detach().to(torch.float64).requires_grad_(grad)
+        yield start, stop, x, reference.logprobs(
+            x, targets[seq, start:stop], ignore_index=ignore_index
+        )
 
 
 def status_wrong(rel_err: float) -> str:
@@ -624,6 +654,40 @@ def gate_and_time(
         if key in row:  # copy_bandwidth is consumed by make_row, not a row column
             benchmark.extra_info[key] = row[key]
     return row, None
+
+
+#: Optional peers: provider name -> (package, whether its kernels run in the Triton
+#: interpreter). A peer runs on CUDA; on the CPU only under TRITON_INTERPRET=1, and only
+#: where its kernels work there (cut-cross-entropy's do not), so CI can gate its adapter.
+PEERS = {"liger": ("liger_kernel", True), "cce": ("cut_cross_entropy", False)}
+
+
+@functools.cache
+def _import_attr(module: str, name: str) -> tuple[Any, str | None]:
+    package = module.split(".")[0]
+    try:
+        return getattr(importlib.import_module(module), name), None
+    except ImportError:
+        return None, f"{package} not installed"
+    except Exception as exc:  # installed but broken (e.g. a triton / torch mismatch)
+        return None, f"{package} failed to import: {type(exc).__name__}: {exc}"[:120]
+
+
+def peer_entry(
+    provider: str, module: str, name: str, device: torch.device
+) -> tuple[Any, str | None]:
+    """(``module.name`` of the peer `provider`, None), or (None, why it cannot run on
+    `device`). Imported lazily: only the cases that run a peer pay for its import."""
+    package, interpretable = PEERS[provider]
+    entry, reason = _import_attr(module, name)
+    if reason is not None:
+        return None, reason
+    if torch.device(device).type != "cuda":
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if not (interpretable and interpreted):
+            where = "CUDA (or TRITON_INTERPRET=1)" if interpretable else "CUDA"
+            return None, f"{package} runs on {where} only"
+    return entry, None
 
 
 #: Side of the square bf16 GEMM whose rate is the roofline (CUDA; the CPU one is smaller).

@@ -110,3 +110,26 @@ def test_summary_flags_rows_slower_than_a_peer_or_far_from_roofline() -> None:
         "x 8x8 bf16 fwd: rlhf_fast 2.000 ms, 0.50x vs compile, 0.50 of roofline  <- SLOWER "
         "than compile; further than 1.5x from roofline",
     ]
+
+
+def test_bench_grpo_quick_on_cpu_lists_the_gpu_only_peer_as_skipped(tmp_path: Path) -> None:
+    """The GRPO-from-logits suite on the CPU fallback: ours and eager gated and timed;
+    Liger-Kernel (installed, but no GPU and no interpreter here) skipped, saying why."""
+    out_dir = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, "bench", "grpo", "--quick", "--out", str(out_dir)],
+        cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True, timeout=600,
+    )
+    log = f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, log
+    rows = json.loads((out_dir / "grpo.json").read_text())["rows"]
+    status = {(tuple(r["shape"]), r["mode"], r["provider"]): r["status"] for r in rows}
+    assert len(status) == 2 * (2 * 5 - 1)  # shapes x (modes x providers - inplace fwd)
+    for (_, _, provider), text in status.items():
+        if provider in ("rlhf_fast", "rlhf_fast-inplace", "eager"):
+            assert text == "ok", (provider, text)
+        elif provider == "liger":
+            assert text == "skipped: liger_kernel runs on CUDA (or TRITON_INTERPRET=1) only"
+        else:
+            assert text == "skipped: torch.compile skipped in CPU quick mode"
+    assert (out_dir / "grpo.md").is_file() and (out_dir / "grpo.png").is_file()
