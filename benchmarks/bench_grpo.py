@@ -77,6 +77,10 @@ BETA = 0.04
 #: ratios fall outside [0.8, 1.28], so both clip bounds and the min are exercised.
 OLD_LOGP_STD = 0.2
 REF_LOGP_STD = 0.3
+#: No log-ratio lies within this many nats of a clip bound: the loss's gradient jumps
+#: there, and a provider that rounds logits to bf16 (logp off by ~0.01) must not flip a
+#: token across it and fail the gate for a discontinuity rather than an error.
+CLIP_EDGE_MARGIN = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +186,29 @@ def liger_grpo_loss(triton_grpo_loss: Any) -> LossFn:
     return run
 
 
+def eager_token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """TRL-style per-token log-probs: fp32 log_softmax of `logits` ``[B, T, V]`` (aligned
+    with `ids`), gather."""
+    return logits.float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def eager_grpo_objective(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+) -> torch.Tensor:
+    """The loss term by term, as TRL's GRPOTrainer writes it (``bnpo`` aggregation)."""
+    per_token_kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    coef_1 = torch.exp(logp - old_logp)
+    coef_2 = torch.clamp(coef_1, 1 - CLIP_LOW, 1 + CLIP_HIGH)
+    adv = advantages.unsqueeze(1)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv) + BETA * per_token_kl
+    m = mask.to(per_token_loss.dtype)
+    return (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
+
+
 def eager_grpo_loss(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -190,16 +217,9 @@ def eager_grpo_loss(
     ref_logp: torch.Tensor,
     advantages: torch.Tensor,
 ) -> torch.Tensor:
-    """The GRPO loss from logits as TRL-style trainers write it (fp32 log_softmax)."""
-    log_p = logits[:, :-1].float().log_softmax(-1)
-    logp = log_p.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    per_token_kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-    coef_1 = torch.exp(logp - old_logp)
-    coef_2 = torch.clamp(coef_1, 1 - CLIP_LOW, 1 + CLIP_HIGH)
-    adv = advantages.unsqueeze(1)
-    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv) + BETA * per_token_kl
-    m = mask.to(per_token_loss.dtype)
-    return (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
+    """The GRPO loss from logits ``[B, T + 1, V]`` as TRL-style trainers write it."""
+    logp = eager_token_logps(logits[:, :-1], ids)
+    return eager_grpo_objective(logp, mask, old_logp, ref_logp, advantages)
 
 
 def _eager_fwd(*args: torch.Tensor) -> torch.Tensor:
@@ -279,6 +299,33 @@ def reference_token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tens
     return out
 
 
+def policy_neighbours(
+    logp64: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 old-policy and reference log-probs near the policy's float64 `logp64`: noise
+    of std OLD_LOGP_STD / REF_LOGP_STD, the log-ratios kept CLIP_EDGE_MARGIN away from
+    both clip bounds (pushed to the near side of the band)."""
+
+    def noise(std: float) -> torch.Tensor:
+        return std * torch.randn(
+            logp64.shape, generator=gen, device=logp64.device, dtype=torch.float64
+        )
+
+    log_ratio = noise(OLD_LOGP_STD)  # logp - old_logp
+    for edge in (math.log(1 - CLIP_LOW), math.log(1 + CLIP_HIGH)):
+        side = torch.where(log_ratio >= edge, 1.0, -1.0).to(log_ratio.dtype)
+        near = (log_ratio - edge).abs() < CLIP_EDGE_MARGIN
+        log_ratio = torch.where(near, edge + side * CLIP_EDGE_MARGIN, log_ratio)
+    return (logp64 - log_ratio).float(), (logp64 + noise(REF_LOGP_STD)).float()
+
+
+def advantages(b: int, gen: torch.Generator) -> torch.Tensor:
+    """``[B]`` fp32 advantages of alternating sign: group-normalised advantages have both
+    signs, and each sign makes a different clip bound bite."""
+    signs = torch.tensor([1.0, -1.0], device=gen.device).repeat((b + 1) // 2)[:b]
+    return torch.randn(b, generator=gen, device=gen.device).abs() * signs
+
+
 def make_inputs(shape: tuple[int, int, int], device: torch.device) -> Inputs:
     """Random logits (std 2, one sequence at a time: no fp32 copy of the whole tensor),
     right-padded completions (one full-length), old / reference log-probs near the
@@ -296,16 +343,8 @@ def make_inputs(shape: tuple[int, int, int], device: torch.device) -> Inputs:
     mask = torch.arange(t, device=device).unsqueeze(0) < lengths.unsqueeze(1)
 
     logp64 = reference_token_logps(logits, ids)
-
-    def near_policy(std: float) -> torch.Tensor:
-        noise = torch.randn((b, t), generator=gen, device=device, dtype=torch.float64)
-        return (logp64 + std * noise).float()
-
-    old_logp, ref_logp = near_policy(OLD_LOGP_STD), near_policy(REF_LOGP_STD)
-    # Group-normalised advantages have both signs; alternate them so each clip bound bites.
-    signs = torch.tensor([1.0, -1.0], device=device).repeat((b + 1) // 2)[:b]
-    advantages = torch.randn(b, generator=gen, device=device).abs() * signs
-    return Inputs(logits, ids, mask, old_logp, ref_logp, advantages, logp64)
+    old_logp, ref_logp = policy_neighbours(logp64, gen)
+    return Inputs(logits, ids, mask, old_logp, ref_logp, advantages(b, gen), logp64)
 
 
 def bytes_moved(case: Case) -> int:

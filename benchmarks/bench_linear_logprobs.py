@@ -289,20 +289,10 @@ def provider_gemms(provider: str, mode: str) -> int:
 def flop_columns(case: Case, median_ms: float, rate: float) -> dict[str, Any]:
     """The roofline fields of a timed row (see the module docstring)."""
     n, d, v = case.shape
-    gemm_flops = 2 * n * v * d
-    gemms = provider_gemms(case.provider, case.mode)
-    seconds = median_ms * 1e-3
-    flops = gemms * gemm_flops
-    floor = FLOOR_GEMMS[case.mode] * gemm_flops
-    return {
-        "gemms": gemms,
-        "flops": flops,
-        "tflops": flops / seconds / 1e12,
-        "gemm_rate_tflops": rate / 1e12,
-        "frac_gemm_rate": flops / seconds / rate,
-        "floor_flops": floor,
-        "frac_roofline": floor / rate / seconds,
-    }
+    return harness.gemm_roofline_columns(
+        gemms=provider_gemms(case.provider, case.mode), floor_gemms=FLOOR_GEMMS[case.mode],
+        gemm_flops=2 * n * v * d, median_ms=median_ms, rate=rate,
+    )
 
 
 # --------------------------------------------------------------------------- inputs
@@ -400,20 +390,23 @@ def reference_outputs(shape: tuple[int, int, int], inp: Inputs) -> Reference:
     """The float64 reference of `inp` (made by ``make_inputs(shape, ...)``), once per shape."""
     key = (shape, str(inp.hidden.device))
     if key not in _references:
-        rows = gate_rows(inp.labels)
-        vocab = gate_vocab(inp.labels, inp.weight.shape[0])
-        h = inp.hidden[rows].double().requires_grad_(True)
-        with torch.no_grad():
-            w = inp.weight.double()
-        logp = reference.linear_logprobs(h, w, inp.labels[rows], ignore_index=IGNORE_INDEX)
-        (grad_hidden,) = torch.autograd.grad(logp, h, inp.g_logp[rows].double())
-        del w
-        with torch.no_grad():
-            grad_weight = reference_weight_grad(inp, vocab)
-        _references[key] = Reference(
-            rows, vocab, logp.detach().cpu(), grad_hidden.cpu(), grad_weight.cpu()
-        )
+        _references[key] = compute_reference(inp)
     return _references[key]
+
+
+def compute_reference(inp: Inputs) -> Reference:
+    """float64 logp and gradients (of ``sum g_logp * logp``) on the gate's subsets."""
+    rows = gate_rows(inp.labels)
+    vocab = gate_vocab(inp.labels, inp.weight.shape[0])
+    h = inp.hidden[rows].double().requires_grad_(True)
+    with torch.no_grad():
+        w = inp.weight.double()
+    logp = reference.linear_logprobs(h, w, inp.labels[rows], ignore_index=IGNORE_INDEX)
+    (grad_hidden,) = torch.autograd.grad(logp, h, inp.g_logp[rows].double())
+    del w
+    with torch.no_grad():
+        grad_weight = reference_weight_grad(inp, vocab)
+    return Reference(rows, vocab, logp.detach().cpu(), grad_hidden.cpu(), grad_weight.cpu())
 
 
 # --------------------------------------------------------------------------- one case

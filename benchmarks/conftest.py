@@ -85,8 +85,8 @@ class BenchSession:
                 "GB/s: the bytes an ideal implementation must move (each suite's module "
                 "docstring gives its byte count) over the median time. Fraction of "
                 "roofline: that over the measured copy bandwidth, or for GEMM-bound ops "
-                "(linear_logprobs) the minimal FLOPs over the measured bf16 GEMM rate (e2e: "
-                "the model FLOPs, i.e. model FLOPs utilisation).",
+                "(linear_logprobs, linear_grpo) the minimal FLOPs over the measured bf16 "
+                "GEMM rate (e2e: the model FLOPs, i.e. model FLOPs utilisation).",
             ]
             info["notes"] = notes
             self._info = info

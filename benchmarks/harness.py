@@ -674,15 +674,16 @@ def _import_attr(module: str, name: str) -> tuple[Any, str | None]:
 
 
 def peer_entry(
-    provider: str, module: str, name: str, device: torch.device
+    provider: str, module: str, name: str, device: torch.device, *, pure_torch: bool = False
 ) -> tuple[Any, str | None]:
     """(``module.name`` of the peer `provider`, None), or (None, why it cannot run on
-    `device`). Imported lazily: only the cases that run a peer pay for its import."""
+    `device`). Imported lazily: only the cases that run a peer pay for its import.
+    ``pure_torch``: the entry is PyTorch code (no Triton kernel), runs on any device."""
     package, interpretable = PEERS[provider]
     entry, reason = _import_attr(module, name)
     if reason is not None:
         return None, reason
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" and not pure_torch:
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         if not (interpretable and interpreted):
             where = "CUDA (or TRITON_INTERPRET=1)" if interpretable else "CUDA"
@@ -711,3 +712,24 @@ def gemm_rate(device: str) -> float:
     out = torch.empty((size, size), device=dev, dtype=torch.bfloat16)
     timing = time_fn(lambda: torch.mm(a, b, out=out), device=dev)
     return 2 * size**3 / (timing["median_ms"] * 1e-3)  # a, b, out freed on return
+
+
+def gemm_roofline_columns(
+    *, gemms: int, floor_gemms: int, gemm_flops: int, median_ms: float, rate: float
+) -> dict[str, Any]:
+    """The roofline fields of a GEMM-bound row: the provider runs `gemms` GEMMs of
+    `gemm_flops` FLOPs each, any implementation must run `floor_gemms`; `rate` is the
+    measured bf16 GEMM rate (FLOP/s). ``frac_gemm_rate``: how fast the provider runs its
+    own GEMMs; ``frac_roofline``: the floor's FLOPs over the rate and the time."""
+    seconds = median_ms * 1e-3
+    flops = gemms * gemm_flops
+    floor = floor_gemms * gemm_flops
+    return {
+        "gemms": gemms,
+        "flops": flops,
+        "tflops": flops / seconds / 1e12,
+        "gemm_rate_tflops": rate / 1e12,
+        "frac_gemm_rate": flops / seconds / rate,
+        "floor_flops": floor,
+        "frac_roofline": floor / rate / seconds,
+    }

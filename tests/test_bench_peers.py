@@ -9,10 +9,18 @@ case's inputs as they were (the peers that write into their input get copies).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from rlhf_fast.benchmarks import bench_grpo, bench_linear_logprobs, bench_logprobs, harness
+from rlhf_fast.benchmarks import (
+    bench_grpo,
+    bench_linear_grpo,
+    bench_linear_logprobs,
+    bench_logprobs,
+    harness,
+)
 
 CPU = torch.device("cpu")
 
@@ -96,6 +104,48 @@ def test_grpo_gate_rejects_a_wrong_provider(bug: str):
 
     for mode in bench_grpo.MODES:
         ok, errors = bench_grpo._gate(bench_grpo.Case(shape, mode, "eager"), inp, buggy)
+        assert not ok, errors
+
+
+def test_grpo_inputs_clip_at_both_bounds_but_never_sit_on_one():
+    inp = bench_grpo.make_inputs(bench_grpo.QUICK_SHAPES[-1], CPU)
+    log_ratio = inp.logp64 - inp.old_logp.double()
+    ratio = log_ratio.exp()
+    assert (ratio < 1 - bench_grpo.CLIP_LOW).float().mean() > 0.05
+    assert (ratio > 1 + bench_grpo.CLIP_HIGH).float().mean() > 0.05
+    for edge in (math.log(1 - bench_grpo.CLIP_LOW), math.log(1 + bench_grpo.CLIP_HIGH)):
+        assert (log_ratio - edge).abs().min() >= bench_grpo.CLIP_EDGE_MARGIN - 1e-6
+    assert (inp.advantages > 0).any() and (inp.advantages < 0).any()
+
+
+@pytest.mark.parametrize("mode", bench_linear_grpo.MODES)
+@pytest.mark.parametrize("provider", ["rlhf_fast", "liger", "eager"])
+def test_linear_grpo_providers_pass_the_gate(provider: str, mode: str):
+    """rlhf_fast.linear_ppo_loss, Liger-Kernel's chunked fused linear GRPO loss (pure
+    PyTorch: no interpreter needed) and eager on materialised logits, against float64."""
+    shape = bench_linear_grpo.QUICK_SHAPES[-1]
+    assert bench_linear_grpo.unavailable(provider, CPU) is None
+    inp = bench_linear_grpo.make_inputs(shape, CPU)
+    fn = bench_linear_grpo.provider_fn(provider, mode, CPU)
+    ok, errors = bench_linear_grpo._gate(bench_linear_grpo.Case(shape, mode, provider), inp, fn)
+    assert ok, errors
+    assert set(errors) == (
+        {"loss"} if mode == "fwd" else {"loss", "grad_hidden", "grad_weight"}
+    )
+
+
+def test_linear_grpo_gate_rejects_a_loss_averaged_over_the_padding():
+    shape = bench_linear_grpo.QUICK_SHAPES[-1]
+    inp = bench_linear_grpo.make_inputs(shape, CPU)
+
+    def padded_mean(hidden, weight, ids, mask, old_logp, ref_logp, advantages):
+        logp = bench_grpo.eager_token_logps(hidden @ weight.T, ids)
+        everything = torch.ones_like(mask)
+        return bench_grpo.eager_grpo_objective(logp, everything, old_logp, ref_logp, advantages)
+
+    for mode in bench_linear_grpo.MODES:
+        case = bench_linear_grpo.Case(shape, mode, "eager")
+        ok, errors = bench_linear_grpo._gate(case, inp, padded_mean)
         assert not ok, errors
 
 
