@@ -16,6 +16,7 @@ import torch
 
 from rlhf_fast.benchmarks import (
     bench_grpo,
+    bench_linear_dpo,
     bench_linear_grpo,
     bench_linear_logprobs,
     bench_logprobs,
@@ -146,6 +147,42 @@ def test_linear_grpo_gate_rejects_a_loss_averaged_over_the_padding():
     for mode in bench_linear_grpo.MODES:
         case = bench_linear_grpo.Case(shape, mode, "eager")
         ok, errors = bench_linear_grpo._gate(case, inp, padded_mean)
+        assert not ok, errors
+
+
+@pytest.mark.parametrize("mode", bench_linear_dpo.MODES)
+@pytest.mark.parametrize("provider", ["rlhf_fast", "liger", "eager"])
+def test_linear_dpo_providers_pass_the_gate(provider: str, mode: str):
+    """rlhf_fast.linear_dpo_loss (reference log-probs by linear_logprobs), Liger-Kernel's
+    chunked fused linear DPO loss (reference model inside) and eager, against float64."""
+    shape = bench_linear_dpo.QUICK_SHAPES[-1]
+    assert bench_linear_dpo.unavailable(provider, CPU) is None
+    inp = bench_linear_dpo.make_inputs(shape, CPU)
+    fn = bench_linear_dpo.provider_fn(provider, mode, CPU)
+    ok, errors = bench_linear_dpo._gate(bench_linear_dpo.Case(shape, mode, provider), inp, fn)
+    assert ok, errors
+    assert set(errors) == (
+        {"loss"} if mode == "fwd" else {"loss", "grad_hidden", "grad_weight"}
+    )
+
+
+def test_linear_dpo_gate_rejects_liger_misconfigured_to_average_log_probs():
+    """The gate catches a peer set up for another objective: Liger's DPO loss with
+    length-averaged sequence log-probs (its ``average_log_prob=True``) is not sigmoid DPO
+    on summed log-probs."""
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    shape = bench_linear_dpo.QUICK_SHAPES[-1]
+    inp = bench_linear_dpo.make_inputs(shape, CPU)
+    loss_fn = LigerFusedLinearDPOLoss(beta=bench_linear_dpo.BETA, compiled=False,
+                                      average_log_prob=True)
+
+    def averaged(hidden, weight, labels, ref_hidden, ref_weight):
+        return loss_fn(weight, hidden, labels, ref_input=ref_hidden, ref_weight=ref_weight)[0]
+
+    for mode in bench_linear_dpo.MODES:
+        case = bench_linear_dpo.Case(shape, mode, "liger")
+        ok, errors = bench_linear_dpo._gate(case, inp, averaged)
         assert not ok, errors
 
 
