@@ -21,6 +21,9 @@ Providers (same inputs, same process):
   ``-F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()``.
 * ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
 
+Liger-Kernel's DPO loss starts from hidden states (a fused linear layer), not logits: it
+is benchmarked against ``linear_dpo_loss`` in the ``linear_dpo`` suite.
+
 Modes: ``fwd`` (logits not requiring grad: the loss only) and ``fwd+bwd``
 (``torch.autograd.grad`` of the loss w.r.t. the whole ``[2B, T, V]`` logits; for every
 provider autograd's slicing backward scatters the ``[:, :-1]`` gradient into a new

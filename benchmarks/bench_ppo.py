@@ -13,6 +13,10 @@ Providers (same inputs, same process):
   per term, ``clamp(values, old_values -+ clip)`` for the value loss.
 * ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
 
+No peer library takes per-token log-probs: Liger-Kernel's PPO-family losses start from
+logits or hidden states, and are benchmarked against ours in the ``grpo`` and
+``linear_grpo`` suites.
+
 Modes: ``fwd`` (no input requires grad: the loss and its statistics only) and
 ``fwd+bwd`` (``torch.autograd.grad`` of the loss w.r.t. logp, entropy and values).
 Every provider is first checked against ``rlhf_fast.reference.ppo_loss`` in float64 on
