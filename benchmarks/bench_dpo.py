@@ -14,7 +14,7 @@ Providers (same inputs, same process):
   view, read in place), ``seq = rlhf_fast.sequence_logps(tok, labels[:, 1:] != -100)``,
   ``rlhf_fast.dpo_loss(seq[:B], seq[B:], ref_chosen, ref_rejected, beta=0.1).loss``.
 * ``rlhf_fast-inplace``: the same with ``logprobs(..., inplace_backward=True)``
-  (``fwd+bwd`` only; the forward is identical). Its backward overwrites the logits, so
+  (backward modes only; the forward is identical). Its backward overwrites the logits, so
   every timed call gets a fresh copy of them, made untimed before the call.
 * ``eager``: as TRL-style trainers write it: ``logits[:, :-1].float().log_softmax(-1)``,
   ``gather`` on the labels with -100 replaced by 0, masked sum per row, then
@@ -24,7 +24,8 @@ Providers (same inputs, same process):
 Liger-Kernel's DPO loss starts from hidden states (a fused linear layer), not logits: it
 is benchmarked against ``linear_dpo_loss`` in the ``linear_dpo`` suite.
 
-Modes: ``fwd`` (logits not requiring grad: the loss only) and ``fwd+bwd``
+Modes: ``fwd`` (logits not requiring grad: the loss only), ``bwd`` (the backward alone;
+the forward building its graph runs untimed before each call) and ``fwd+bwd``
 (``torch.autograd.grad`` of the loss w.r.t. the whole ``[2B, T, V]`` logits; for every
 provider autograd's slicing backward scatters the ``[:, :-1]`` gradient into a new
 tensor of the logits' shape, so even the in-place provider allocates one gradient).
@@ -32,8 +33,8 @@ tensor of the logits' shape, so even the in-place provider allocates one gradien
 Every provider is first checked against a float64 reference built from
 ``rlhf_fast.reference`` (``logprobs``, ``sequence_logps``, ``dpo_loss``) on the same
 inputs: the reference sequence log-probs are computed chunk by chunk (at most
-``harness.REF_CHUNK_ELEMENTS`` logits at a time, so no float64 copy of the logits is ever made)
-and the loss is compared; in ``fwd+bwd`` the logits gradient is compared on every
+``harness.REF_CHUNK_ELEMENTS`` logits at a time: never a float64 copy of the logits)
+and the loss is compared; in the backward modes the logits gradient is compared on every
 sequence where there are at most ``GATE_GRAD_SEQS`` (4), else on 4 of them (first and
 last chosen, first and last rejected), again chunk by chunk, the last position (it
 predicts nothing: gradient 0) included. Relative error <= 1e-2 (bf16 logits). A
@@ -42,7 +43,7 @@ GPU memory is reported as skipped for that reason (eager at T = 4096 is expected
 
 Bytes-moved floor (GB/s column), the model of the logprobs suite, with N = 2B * (T - 1)
 the rows of ``logits[:, :-1]``: ``fwd`` reads the bf16 logits once, 2 N V bytes;
-``fwd+bwd`` reads them twice (forward, backward) and writes the bf16 gradient once,
+``bwd`` reads them once and writes the bf16 gradient once, 4 N V; ``fwd+bwd`` both,
 6 N V bytes. Everything else (labels, per-token and per-sequence log-probs) is O(N) and
 not counted. Every row is counted, the prompt and padding rows (label -100) too, whose
 logits a kernel need not read (each row's ``answer_tokens`` in the JSON says how many
@@ -73,7 +74,7 @@ DTYPE = torch.bfloat16
 GPU_SHAPES = [(8, 1024, 128256), (8, 4096, 128256)]
 QUICK_SHAPES = [(2, 16, 64), (4, 128, 4099)]
 PROVIDERS = ("rlhf_fast", "rlhf_fast-inplace", "eager", "compile")
-MODES = ("fwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd")
 #: Relative-error tolerance of the correctness gate (bf16 logits, as the logprobs suite).
 TOLERANCE = 1e-2
 #: Sequences whose logits gradient is compared when there are more than this many.
@@ -256,9 +257,10 @@ def make_inputs(shape: tuple[int, int, int], device: torch.device) -> Inputs:
 
 
 def bytes_moved(case: Case) -> int:
-    """fwd: the bf16 logits[:, :-1] read once (2 N V); fwd+bwd: twice + grad written (6 N V)."""
+    """The bf16 logits[:, :-1] read once (fwd, 2 N V), read + grad written (bwd, 4 N V),
+    both (fwd+bwd, 6 N V)."""
     rows, t, v = case.logits_shape
-    passes = {"fwd": 1, "fwd+bwd": 3}[case.mode]
+    passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[case.mode]
     return passes * rows * (t - 1) * v * torch.empty((), dtype=DTYPE).element_size()
 
 
@@ -330,12 +332,25 @@ def _timed(
         logits = inp.logits.detach()
         return (lambda: fn(logits, *args)), None
 
+    fresh = case.provider == "rlhf_fast-inplace"
+    leaf = None if fresh else inp.logits.detach().requires_grad_(True)
+
+    def new_leaf() -> torch.Tensor:
+        return inp.logits.detach().clone().requires_grad_(True) if fresh else leaf
+
+    if case.mode == "bwd":  # the forward building the graph runs untimed before each call
+
+        def forward() -> tuple[torch.Tensor, torch.Tensor]:
+            x = new_leaf()
+            return fn(x, *args), x
+
+        return (lambda state: torch.autograd.grad(*state)), forward
+
     def fwd_bwd(x: torch.Tensor) -> Any:
         return torch.autograd.grad(fn(x, *args), x)
 
-    if case.provider == "rlhf_fast-inplace":
-        return fwd_bwd, lambda: inp.logits.detach().clone().requires_grad_(True)
-    leaf = inp.logits.detach().requires_grad_(True)
+    if fresh:
+        return fwd_bwd, new_leaf
     return (lambda: fwd_bwd(leaf)), None
 
 

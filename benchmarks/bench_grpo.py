@@ -17,7 +17,7 @@ Providers (same inputs, same process):
   clip_eps=0.2, clip_eps_high=0.28, ref_logp=ref_logp, kl_coef=0.04,
   kl_estimator="k3", agg="token-mean").loss``.
 * ``rlhf_fast-inplace``: the same with ``logprobs(..., inplace_backward=True)``
-  (``fwd+bwd`` only). Its backward overwrites the logits: a fresh copy per timed call.
+  (backward modes only). Its backward overwrites the logits: a fresh copy per timed call.
 * ``liger``: Liger-Kernel's ``triton_grpo_loss(logits, old_logp, ref_logp, ids,
   advantages, mask, temperature=1, beta=0.04, eps_low=0.2, eps_high=0.28,
   loss_type="bnpo", reduce=True)`` (its default ``inplace=True`` writes the gradient into
@@ -27,19 +27,22 @@ Providers (same inputs, same process):
   ``gather``, then the loss term by term (``exp``, ``clamp``, ``min``, masked mean).
 * ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
 
-Modes: ``fwd`` (logits not requiring grad: the loss only) and ``fwd+bwd``
-(``torch.autograd.grad`` of the loss w.r.t. the whole ``[B, T + 1, V]`` logits).
+Modes: ``fwd`` (logits not requiring grad: the loss only), ``bwd`` (the backward alone;
+the forward building its graph runs untimed before each call: for Liger, whose forward
+computes the gradient, that leaves little) and ``fwd+bwd`` (``torch.autograd.grad`` of
+the loss w.r.t. the whole ``[B, T + 1, V]`` logits).
 
 Every provider is first checked against the float64 reference (``reference.logprobs``
 chunk by chunk, never a float64 copy of the logits, then ``reference.ppo_loss``): the
-loss, and in ``fwd+bwd`` the logits gradient on every sequence where there are at most
+loss, and in the backward modes the logits gradient on every sequence where there are at most
 ``GATE_GRAD_SEQS`` (4), else on the first two and last two, the last position (gradient
 0) included. Relative error <= 1e-2 (bf16 logits). A provider that does not match is
 reported "wrong" and not timed; one that runs out of GPU memory is reported as skipped.
 
 Bytes-moved floor (GB/s column), as in the logprobs suite, with N = B T the predicting
-rows: ``fwd`` reads the bf16 logits once, 2 N V bytes; ``fwd+bwd`` reads them twice and
-writes the bf16 gradient once, 6 N V bytes. The O(N) per-token tensors are not counted.
+rows: ``fwd`` reads the bf16 logits once, 2 N V bytes; ``bwd`` reads them once and
+writes the bf16 gradient once, 4 N V; ``fwd+bwd`` both, 6 N V bytes. The O(N)
+per-token tensors are not counted.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ DTYPE = torch.bfloat16
 GPU_SHAPES = [(8, 1024, 151936), (8, 4096, 151936)]
 QUICK_SHAPES = [(2, 16, 64), (4, 100, 4099)]
 PROVIDERS = ("rlhf_fast", "rlhf_fast-inplace", "liger", "eager", "compile")
-MODES = ("fwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd")
 #: Providers that write into the logits: a fresh copy, made untimed, before every call.
 OVERWRITE_LOGITS = ("rlhf_fast-inplace", "liger")
 LIGER_ENTRY = ("liger", "liger_kernel.transformers.grpo_loss", "triton_grpo_loss")
@@ -348,9 +351,10 @@ def make_inputs(shape: tuple[int, int, int], device: torch.device) -> Inputs:
 
 
 def bytes_moved(case: Case) -> int:
-    """fwd: the bf16 logits[:, :-1] read once (2 N V); fwd+bwd: twice + grad written (6 N V)."""
+    """The bf16 logits[:, :-1] read once (fwd, 2 N V), read + grad written (bwd, 4 N V),
+    both (fwd+bwd, 6 N V)."""
     b, t, v = case.shape
-    passes = {"fwd": 1, "fwd+bwd": 3}[case.mode]
+    passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[case.mode]
     return passes * b * t * v * torch.empty((), dtype=DTYPE).element_size()
 
 
@@ -411,14 +415,26 @@ def _timed(
 ) -> tuple[Callable[..., Any], Callable[[], Any] | None]:
     """The timed call and its untimed per-call setup (or None) for the case's mode."""
     backward = case.mode != "fwd"
+    fresh = case.provider in OVERWRITE_LOGITS
+    leaf = None if fresh else inp.logits.detach().requires_grad_(backward)
+
+    def new_leaf() -> torch.Tensor:
+        return inp.logits.detach().clone().requires_grad_(backward) if fresh else leaf
+
+    if case.mode == "bwd":  # the forward building the graph runs untimed before each call
+
+        def forward() -> tuple[torch.Tensor, torch.Tensor]:
+            x = new_leaf()
+            return fn(*inp.args(x)), x
+
+        return (lambda state: torch.autograd.grad(*state)), forward
 
     def call(x: torch.Tensor) -> Any:
         loss = fn(*inp.args(x))
         return torch.autograd.grad(loss, x) if backward else loss
 
-    if case.provider in OVERWRITE_LOGITS:
-        return call, lambda: inp.logits.detach().clone().requires_grad_(backward)
-    leaf = inp.logits.detach().requires_grad_(backward)
+    if fresh:
+        return call, new_leaf
     return (lambda: call(leaf)), None
 
 

@@ -28,6 +28,10 @@ Providers (same inputs, same process):
 Modes: ``fwd`` (nothing requires grad) and ``fwd+bwd`` (``torch.autograd.grad`` of the
 loss w.r.t. the policy's hidden states and lm_head).
 
+No ``bwd`` mode: the fused providers split the work between forward and backward
+differently (Liger and the fused losses compute gradients in the forward), so a
+backward-alone time would compare different work; ``fwd+bwd`` is the comparable number.
+
 Correctness gate, with the machinery of the ``linear_logprobs`` suite: float64 sequence
 log-probs of both models (``reference.linear_logprobs`` a chunk of rows at a time) give
 the float64 loss (``reference.dpo_loss``) and its gradient w.r.t. each policy sequence

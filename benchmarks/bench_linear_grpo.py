@@ -26,6 +26,10 @@ Providers (same inputs, same process):
 Modes: ``fwd`` (nothing requires grad: the loss only) and ``fwd+bwd``
 (``torch.autograd.grad`` of the loss w.r.t. hidden and weight).
 
+No ``bwd`` mode: the fused providers split the work between forward and backward
+differently (Liger and the fused losses compute gradients in the forward), so a
+backward-alone time would compare different work; ``fwd+bwd`` is the comparable number.
+
 Correctness gate, with the machinery of the ``linear_logprobs`` suite: the float64
 per-token log-probs of every token (``reference.linear_logprobs``, a chunk of rows at a
 time) give the float64 loss (``reference.ppo_loss``) and its gradient ``g`` w.r.t. each

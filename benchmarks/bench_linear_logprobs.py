@@ -30,6 +30,10 @@ rows say "skipped" and why. Their ignored rows are zeroed by the wrapper, as tra
 Modes: ``fwd`` (hidden and weight not requiring grad: old-policy / reference log-probs)
 and ``fwd+bwd`` (``torch.autograd.grad(logp, (hidden, weight), g)``).
 
+No ``bwd`` mode: the fused providers split the work between forward and backward
+differently (Liger and the fused losses compute gradients in the forward), so a
+backward-alone time would compare different work; ``fwd+bwd`` is the comparable number.
+
 Correctness gate (before any timing; a provider that fails it is reported "wrong" and not
 timed; relative 2-norm error <= 2e-2 for every output):
 

@@ -17,17 +17,18 @@ No peer library takes per-token log-probs: Liger-Kernel's PPO-family losses star
 logits or hidden states, and are benchmarked against ours in the ``grpo`` and
 ``linear_grpo`` suites.
 
-Modes: ``fwd`` (no input requires grad: the loss and its statistics only) and
+Modes: ``fwd`` (no input requires grad: the loss and its statistics only), ``bwd``
+(the backward alone; the forward building its graph runs untimed before each call) and
 ``fwd+bwd`` (``torch.autograd.grad`` of the loss w.r.t. logp, entropy and values).
 Every provider is first checked against ``rlhf_fast.reference.ppo_loss`` in float64 on
-the same inputs (loss, and in ``fwd+bwd`` the three gradients; relative error <= 1e-5);
+the same inputs (loss, and in the backward modes the three gradients; rel. error <= 1e-5);
 one that does not match is reported "wrong" and not timed.
 
 Bytes-moved floor (GB/s column), with N = B * T: the inputs are 8 fp32 tensors (logp,
 old_logp, advantages, ref_logp, entropy, values, old_values, returns) and a 1-byte bool
-mask, i.e. 33 N bytes. ``fwd`` reads them once: 33 N. ``fwd+bwd`` reads them twice
-(forward, backward) and writes three fp32 gradients (logp, entropy, values):
-2 * 33 N + 12 N = 78 N bytes.
+mask, i.e. 33 N bytes. ``fwd`` reads them once: 33 N. ``bwd`` reads them once and
+writes three fp32 gradients (logp, entropy, values): 33 N + 12 N = 45 N. ``fwd+bwd``
+does both: 78 N bytes.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ GPU_SHAPES = [(64, 512), (64, 4096), (512, 512), (512, 4096)]
 QUICK_SHAPES = [(8, 64), (16, 200)]
 DTYPE = torch.float32
 PROVIDERS = ("rlhf_fast", "eager", "compile")
-MODES = ("fwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd")
 TOLERANCE = 1e-5
 
 CLIP_EPS = 0.2
@@ -69,7 +70,7 @@ TENSOR_NAMES = (
     "old_values",
     "returns",
 )
-#: Inputs that get gradients in fwd+bwd.
+#: Inputs that get gradients in the backward modes.
 GRAD_NAMES = ("logp", "entropy", "values")
 
 
@@ -236,10 +237,12 @@ def make_inputs(shape: tuple[int, int], device: torch.device) -> dict[str, torch
 
 
 def bytes_moved(shape: tuple[int, int], mode: str) -> int:
-    """fwd: 8 fp32 inputs + bool mask read once (33 N); fwd+bwd: twice + 3 grads (78 N)."""
+    """fwd: 8 fp32 inputs + bool mask read once (33 N); bwd: once + 3 grads written
+    (45 N); fwd+bwd: both (78 N)."""
     n = shape[0] * shape[1]
     inputs = 8 * 4 * n + n
-    return inputs if mode == "fwd" else 2 * inputs + 3 * 4 * n
+    backward = inputs + 3 * 4 * n
+    return {"fwd": inputs, "bwd": backward, "fwd+bwd": inputs + backward}[mode]
 
 
 # --------------------------------------------------------------------------- one case
@@ -272,15 +275,21 @@ def _gate(
 
 def _timed(
     case: Case, inp: dict[str, torch.Tensor], fn: Callable[..., torch.Tensor]
-) -> Callable[[], Any]:
+) -> tuple[Callable[..., Any], Callable[[], Any] | None]:
+    """The timed call and its untimed per-call setup (or None) for the case's mode."""
     if case.mode == "fwd":
         args = _args(inp, {})
-        return lambda: fn(*args)
-    leaves = {k: inp[k].detach().clone().requires_grad_(True) for k in GRAD_NAMES}
-    args = _args(inp, leaves)
-    wrt = [leaves[k] for k in GRAD_NAMES]
-    return lambda: torch.autograd.grad(fn(*args), wrt)
+        return (lambda: fn(*args)), None
 
+    def forward() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        leaves = {k: inp[k].detach().clone().requires_grad_(True) for k in GRAD_NAMES}
+        return fn(*_args(inp, leaves)), [leaves[k] for k in GRAD_NAMES]
+
+    if case.mode == "bwd":  # the forward building the graph runs untimed before each call
+        return (lambda state: torch.autograd.grad(*state)), forward
+    leaves = {k: inp[k].detach().clone().requires_grad_(True) for k in GRAD_NAMES}
+    args, wrt = _args(inp, leaves), [leaves[k] for k in GRAD_NAMES]
+    return (lambda: torch.autograd.grad(fn(*args), wrt)), None
 
 
 def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], str | None]:
@@ -297,7 +306,7 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
         group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
         provider=lambda: provider_fn(case.provider, case.mode),
         gate=lambda fn: _gate(case, inp, fn),
-        prepare=lambda fn: (_timed(case, inp, fn), None),
+        prepare=lambda fn: _timed(case, inp, fn),
         columns=lambda timing: dict(bytes_moved=bytes_moved(case.shape, case.mode),
                                     copy_bandwidth=session.copy_bandwidth),
     )
