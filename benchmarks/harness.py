@@ -15,6 +15,7 @@ Every ``bench_<op>.py`` suite uses these helpers so that all ops are measured th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import importlib
@@ -492,38 +493,152 @@ def plot_results(rows: Sequence[dict[str, Any]], info: dict[str, Any],
     return out
 
 
-def summarize(rows: Sequence[dict[str, Any]], far_from_roofline: float = 1.5) -> list[str]:
-    """One line per case (op, shape, dtype, mode, variant): rlhf-fast's best provider
-    against the fastest peer, and a flag where it is slower than a peer or further than
-    `far_from_roofline` x from its roofline."""
-    lines = []
+@dataclasses.dataclass(frozen=True)
+class Headline:
+    """One case (op, shape, dtype, mode, variant): rlhf-fast's best timed provider and the
+    fastest timed peer (None when no peer ran)."""
+
+    op: str
+    shape: str
+    dtype: str
+    mode: str
+    variant: str
+    ours: dict[str, Any]
+    peer: dict[str, Any] | None
+
+    @property
+    def name(self) -> str:
+        variant = f" ({self.variant})" if self.variant else ""
+        return f"{self.op}{variant} {self.shape} {self.dtype} {self.mode}"
+
+    @property
+    def speedup(self) -> float | None:
+        """Peer time over ours (> 1: rlhf-fast is faster)."""
+        return None if self.peer is None else self.peer["median_ms"] / self.ours["median_ms"]
+
+    @property
+    def roofline(self) -> float | None:
+        return _roofline_fraction(self.ours)
+
+    def flags(self, far_from_roofline: float = 1.5) -> list[str]:
+        """Why this case needs attention: slower than a peer, far from the roofline."""
+        flags = []
+        if self.speedup is not None and self.speedup < 1:
+            flags.append(f"SLOWER than {self.peer['provider']}")
+        if self.roofline is not None and self.roofline < 1 / far_from_roofline:
+            flags.append(f"further than {far_from_roofline}x from roofline")
+        return flags
+
+
+def headlines(rows: Sequence[dict[str, Any]]) -> list[Headline]:
+    """One `Headline` per case with a timed rlhf-fast row, in the rows' order."""
     cases: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("median_ms") is not None:
             key = (row["op"], "x".join(map(str, row["shape"])), *_case_key(row))
             cases.setdefault(key, []).append(row)
+    out = []
     for (op, shape, mode, variant, dtype), members in cases.items():
         ours = [r for r in members if r["provider"].startswith("rlhf_fast")]
         peers = [r for r in members if not r["provider"].startswith("rlhf_fast")]
-        if not ours:
-            continue
-        best = min(ours, key=lambda r: r["median_ms"])
-        name = f"{op}{f' ({variant})' if variant else ''} {shape} {dtype} {mode}"
-        text = f"{name}: {best['provider']} {best['median_ms']:.3f} ms"
-        flags = []
-        if peers:
-            peer = min(peers, key=lambda r: r["median_ms"])
-            speedup = peer["median_ms"] / best["median_ms"]
-            text += f", {speedup:.2f}x vs {peer['provider']}"
-            if speedup < 1:
-                flags.append(f"SLOWER than {peer['provider']}")
-        fraction = _roofline_fraction(best)
-        if fraction is not None:
-            text += f", {fraction:.2f} of roofline"
-            if fraction < 1 / far_from_roofline:
-                flags.append(f"further than {far_from_roofline}x from roofline")
+        if ours:
+            best = min(ours, key=lambda r: r["median_ms"])
+            peer = min(peers, key=lambda r: r["median_ms"]) if peers else None
+            out.append(Headline(op, shape, dtype, mode, variant, best, peer))
+    return out
+
+
+def summarize(rows: Sequence[dict[str, Any]], far_from_roofline: float = 1.5) -> list[str]:
+    """One line per case (op, shape, dtype, mode, variant): rlhf-fast's best provider
+    against the fastest peer, and a flag where it is slower than a peer or further than
+    `far_from_roofline` x from its roofline."""
+    lines = []
+    for case in headlines(rows):
+        text = f"{case.name}: {case.ours['provider']} {case.ours['median_ms']:.3f} ms"
+        if case.peer is not None:
+            text += f", {case.speedup:.2f}x vs {case.peer['provider']}"
+        if case.roofline is not None:
+            text += f", {case.roofline:.2f} of roofline"
+        flags = case.flags(far_from_roofline)
         lines.append(text + (f"  <- {'; '.join(flags)}" if flags else ""))
     return lines
+
+
+#: The README block that `readme_section` output replaces (`rlhf-fast report --readme`).
+README_BEGIN = "<!-- rlhf-fast:benchmarks:begin -->"
+README_END = "<!-- rlhf-fast:benchmarks:end -->"
+README_COLUMNS = ("op", "case", "mode", "rlhf-fast", "ms", "fastest peer", "ms", "speedup",
+                  "peak MiB (ours / peer)", "of roofline")
+
+
+def _peak_mib(row: dict[str, Any] | None) -> str:
+    if row is None or row.get("peak_bytes") is None:
+        return "n/a"
+    return f"{row['peak_bytes'] / MIB:.0f}"
+
+
+def readme_section(results_dir: str | Path, link_from: str | Path) -> str:
+    """The README's benchmark block from every ``<op>.json`` under `results_dir`: where
+    and when they were measured, one table line per case (rlhf-fast's best provider
+    against the fastest peer) and each op's plot, linked relative to `link_from` (the
+    README's folder). Raises FileNotFoundError when there is no result."""
+    results = Path(results_dir)
+    payloads = [json.loads(path.read_text()) for path in sorted(results.glob("*.json"))]
+    payloads = [p for p in payloads if isinstance(p, dict) and "rows" in p and "info" in p]
+    if not payloads:
+        raise FileNotFoundError(f"no benchmark results (<op>.json) in {results}")
+    stamps = list(dict.fromkeys(describe_info(p["info"]) for p in payloads))
+    lines = []
+    on_cpu = sum(not p["info"].get("gpu") for p in payloads)
+    if on_cpu:
+        which = "These" if on_cpu == len(payloads) else "Some of these"
+        lines += [f"**{which} results come from the CPU fallback at tiny shapes: they "
+                  "prove the harness and say nothing about GPU speed.**", ""]
+    lines += [f"Measured with `rlhf-fast bench`: {stamp}." for stamp in stamps]
+    lines += ["", "Per case, rlhf-fast's best provider against the fastest peer (eager, "
+              "`torch.compile`, Liger-Kernel, cut-cross-entropy); every row, with IQRs, "
+              "in each op's table beside its JSON.", ""]
+    lines.append(_table_line(README_COLUMNS))
+    lines.append(_table_line(["---"] * len(README_COLUMNS)))
+    for payload in payloads:
+        for case in headlines(payload["rows"]):
+            peer = case.peer
+            roofline = case.roofline
+            lines.append(_table_line([
+                case.op + (f" ({case.variant})" if case.variant else ""),
+                f"{case.shape} {case.dtype}",
+                case.mode,
+                case.ours["provider"],
+                f"{case.ours['median_ms']:.3f}",
+                peer["provider"] if peer else "n/a",
+                f"{peer['median_ms']:.3f}" if peer else "n/a",
+                f"{case.speedup:.2f}x" if peer else "n/a",
+                f"{_peak_mib(case.ours)} / {_peak_mib(peer)}",
+                f"{roofline:.2f}" if roofline is not None else "n/a",
+            ]))
+    lines.append("")
+    link_base = Path(link_from).resolve()
+    for payload in payloads:
+        plot = results / f"{payload['name']}.png"
+        if plot.is_file():
+            link = Path(os.path.relpath(plot.resolve(), link_base)).as_posix()
+            lines.append(f"![{payload['name']}]({link})")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def replace_readme_section(readme: str | Path, section: str) -> None:
+    """Put `section` between the README's benchmark markers, atomically (temp + rename)."""
+    path = Path(readme)
+    text = path.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(
+            f"readme: {path} has no '{README_BEGIN}' ... '{README_END}' block to replace"
+        )
+    new = text[: begin + len(README_BEGIN)] + "\n" + section + text[end:]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
 
 
 def describe_info(info: dict[str, Any]) -> str:

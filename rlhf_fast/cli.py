@@ -11,6 +11,9 @@ Subcommands:
         Run the benchmark suites shipped in ``rlhf_fast.benchmarks`` (the repository's
         ``benchmarks/`` folder, installed under that name) through pytest and
         pytest-benchmark, and write ``<op>.json`` / ``<op>.md`` under DIR.
+    report [--results DIR] [--readme FILE]
+        The README's benchmark block from the results under DIR: printed, or written
+        between the block's markers in FILE.
 """
 
 from __future__ import annotations
@@ -84,6 +87,24 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"{exc.name} is needed to benchmark: pip install 'rlhf-fast[bench]'")
     out = str(Path(args.out).resolve())
     return int(pytest.main(pytest_args([ops[op] for op in selected], directory, out, args.quick)))
+
+
+def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        from rlhf_fast.benchmarks import harness
+    except ImportError as exc:
+        parser.error(f"{exc.name} is needed to report: pip install 'rlhf-fast[bench]'")
+    readme = Path(args.readme) if args.readme else None
+    try:
+        section = harness.readme_section(args.results, (readme or Path.cwd() / "x").parent)
+        if readme is None:
+            print(section, end="")
+        else:
+            harness.replace_readme_section(readme, section)
+            print(f"updated the benchmark block of {readme} from {args.results}")
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
+    return 0
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -296,6 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"directory for the results (default: {DEFAULT_BENCH_OUT})",
     )
     bench.set_defaults(handler=_bench)
+    report = commands.add_parser(
+        "report",
+        help="the README's benchmark table and plots from benchmark results",
+        description=(
+            "Summarise the results of `rlhf-fast bench` (one line per case: rlhf-fast's "
+            "best provider against the fastest peer) with links to their plots; print it, "
+            "or replace the block between the benchmark markers of a README."
+        ),
+    )
+    report.add_argument(
+        "--results", default=DEFAULT_BENCH_OUT, metavar="DIR",
+        help=f"directory of the <op>.json results (default: {DEFAULT_BENCH_OUT})",
+    )
+    report.add_argument("--readme", metavar="FILE",
+                        help="README to update in place (default: print the block)")
+    report.set_defaults(handler=_report)
     return parser
 
 

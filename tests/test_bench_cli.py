@@ -133,3 +133,80 @@ def test_bench_grpo_quick_on_cpu_lists_the_gpu_only_peer_as_skipped(tmp_path: Pa
         else:
             assert text == "skipped: torch.compile skipped in CPU quick mode"
     assert (out_dir / "grpo.md").is_file() and (out_dir / "grpo.png").is_file()
+
+
+def _fake_results(directory: Path, gpu: bool) -> None:
+    """Two ops' results as `rlhf-fast bench` writes them, with a plot for one."""
+    from rlhf_fast.benchmarks import harness
+
+    info = {"device": "NVIDIA H100 80GB HBM3" if gpu else "cpu", "driver": "570.1",
+            "torch": "2.11.0", "triton": "3.6.0", "date": "2026-11-25", "gpu": gpu}
+
+    def row(op: str, provider: str, median: float, peak_mib: int, **extra) -> dict:
+        timing = {"median_ms": median, "p25_ms": median, "p75_ms": median}
+        return harness.make_row(op=op, shape=(8, 1024), dtype="bf16", provider=provider,
+                                mode="fwd+bwd", timing=timing, peak_bytes=peak_mib * 2**20,
+                                **extra)
+
+    directory.mkdir(parents=True)
+    for name, rows in {
+        "grpo": [row("grpo", "rlhf_fast", 2.0, 1024, frac_roofline=0.8),
+                 row("grpo", "liger", 4.0, 2048), row("grpo", "eager", 9.0, 9000)],
+        "gae": [row("gae", "rlhf_fast", 1.0, 1, frac_roofline=0.5),
+                row("gae", "compile", 0.5, 1)],
+    }.items():
+        payload = {"name": name, "info": info, "rows": rows}
+        (directory / f"{name}.json").write_text(json.dumps(payload))
+    (directory / "grpo.png").write_bytes(b"\x89PNG fake")
+
+
+def test_report_rewrites_only_the_readme_benchmark_block(tmp_path: Path) -> None:
+    from rlhf_fast.cli import main
+
+    results = tmp_path / "benchmarks" / "results"
+    _fake_results(results, gpu=True)
+    readme = tmp_path / "README.md"
+    before, after = "# title\n\ntext before\n", "\ntext after\n"
+    readme.write_text(before + "<!-- rlhf-fast:benchmarks:begin -->\nold table\n"
+                      "<!-- rlhf-fast:benchmarks:end -->" + after)
+    assert main(["report", "--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(before) and text.endswith(after)
+    assert "old table" not in text and "CPU fallback" not in text
+    assert "NVIDIA H100 80GB HBM3" in text and "triton 3.6.0" in text
+    assert ("| grpo | 8x1024 bf16 | fwd+bwd | rlhf_fast | 2.000 | liger | 4.000 | 2.00x "
+            "| 1024 / 2048 | 0.80 |") in text
+    assert ("| gae | 8x1024 bf16 | fwd+bwd | rlhf_fast | 1.000 | compile | 0.500 | 0.50x "
+            "| 1 / 1 | 0.50 |") in text
+    assert "![grpo](benchmarks/results/grpo.png)" in text and "![gae]" not in text
+    main(["report", "--results", str(results), "--readme", str(readme)])
+    assert readme.read_text() == text  # idempotent
+
+
+def test_report_says_when_results_come_from_the_cpu(tmp_path: Path, capsys) -> None:
+    from rlhf_fast.cli import main
+
+    _fake_results(tmp_path / "results", gpu=False)
+    assert main(["report", "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("**These results come from the CPU fallback")
+
+
+def test_report_errors_name_what_is_missing(tmp_path: Path, capsys) -> None:
+    import pytest
+
+    from rlhf_fast.cli import main
+
+    results = tmp_path / "results"
+    _fake_results(results, gpu=True)
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--results", str(results), "--readme", str(readme)])
+    assert exit_info.value.code == 2
+    assert "<!-- rlhf-fast:benchmarks:begin -->" in capsys.readouterr().err
+    assert readme.read_text() == "no markers here\n"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main(["report", "--results", str(tmp_path / "empty")])
+    assert "no benchmark results (<op>.json)" in capsys.readouterr().err
