@@ -57,7 +57,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -114,13 +113,6 @@ def cases(quick: bool) -> list[Case]:
                     continue  # in-place only changes the backward
                 out.append(Case(shape, mode, provider))
     return out
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" in metafunc.fixturenames:
-        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
-        all_cases = cases(quick)
-        metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
 # --------------------------------------------------------------------------- providers
@@ -227,6 +219,23 @@ class Inputs:
     policy_ref64: torch.Tensor
 
 
+def pair_labels(pairs: int, t: int, v: int, gen: torch.Generator) -> torch.Tensor:
+    """``[2B, T]`` random labels of B chosen / rejected pairs: a prompt prefix shared by a
+    pair (PROMPT_FRACTION of T) and right padding set to -100, answers filling >= 25% of
+    the rest, one full-length answer on each side."""
+    device = gen.device
+    rows = 2 * pairs
+    lo, hi = (max(1, round(f * t)) for f in PROMPT_FRACTION)
+    prompt = torch.randint(lo, hi + 1, (pairs,), generator=gen, device=device).repeat(2)
+    answer = torch.rand(rows, generator=gen, device=device) * 0.75 + 0.25
+    end = prompt + (answer * (t - prompt)).ceil().long()
+    end[0] = end[pairs] = t
+    pos = torch.arange(t, device=device)
+    keep = (pos >= prompt.unsqueeze(1)) & (pos < end.unsqueeze(1))
+    labels = torch.randint(0, v, (rows, t), generator=gen, device=device)
+    return labels.masked_fill(~keep, IGNORE_INDEX)
+
+
 def make_inputs(shape: tuple[int, int, int], device: torch.device) -> Inputs:
     """Random logits (std 2, one sequence at a time: no fp32 copy of the whole tensor),
     per-pair prompt lengths, right-padded answers (one full-length answer on each side),
@@ -240,15 +249,7 @@ def make_inputs(shape: tuple[int, int, int], device: torch.device) -> Inputs:
         logits[seq].copy_(noise.mul_(2.0))
         del noise
 
-    lo, hi = (max(1, round(f * t)) for f in PROMPT_FRACTION)
-    prompt = torch.randint(lo, hi + 1, (pairs,), generator=gen, device=device).repeat(2)
-    answer = torch.rand(rows, generator=gen, device=device) * 0.75 + 0.25
-    end = prompt + (answer * (t - prompt)).ceil().long()
-    end[0] = end[pairs] = t
-    pos = torch.arange(t, device=device)
-    keep = (pos >= prompt.unsqueeze(1)) & (pos < end.unsqueeze(1))
-    labels = torch.randint(0, v, (rows, t), generator=gen, device=device)
-    labels = labels.masked_fill(~keep, IGNORE_INDEX)
+    labels = pair_labels(pairs, t, v, gen)
 
     policy_ref64 = reference_sequence_logps(logits, labels)
     margin = torch.randn(rows, generator=gen, device=device, dtype=torch.float64) * MARGIN_STD

@@ -48,7 +48,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import torch
 
 from rlhf_fast.benchmarks import harness
@@ -86,11 +85,9 @@ class Case:
         return f"{model}-T{self.tokens_per_row}-{self.mode}-{self.provider}"
 
 
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" in metafunc.fixturenames:
-        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
-        cases = [Case(m, p, quick) for m in MODES for p in PROVIDERS]
-        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+def cases(quick: bool) -> list[Case]:
+    """All cases, in table order: mode, provider."""
+    return [Case(m, p, quick) for m in MODES for p in PROVIDERS]
 
 
 class IdTokenizer:

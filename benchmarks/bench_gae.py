@@ -34,7 +34,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 
 import rlhf_fast
@@ -78,13 +77,6 @@ def cases(quick: bool) -> list[Case]:
         for shape in (QUICK_SHAPES if quick else GPU_SHAPES)
         for provider in PROVIDERS
     ]
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" in metafunc.fixturenames:
-        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
-        all_cases = cases(quick)
-        metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
 # --------------------------------------------------------------------------- providers

@@ -52,7 +52,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 
 import rlhf_fast
@@ -114,13 +113,6 @@ def cases(quick: bool) -> list[Case]:
         for provider in PROVIDERS
         if not (provider == "rlhf_fast-inplace" and mode == "fwd")  # same forward
     ]
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" in metafunc.fixturenames:
-        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
-        all_cases = cases(quick)
-        metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
 # --------------------------------------------------------------------------- providers

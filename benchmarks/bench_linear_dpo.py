@@ -49,7 +49,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -103,13 +102,6 @@ def cases(quick: bool) -> list[Case]:
         for mode in MODES
         for provider in PROVIDERS
     ]
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" in metafunc.fixturenames:
-        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
-        all_cases = cases(quick)
-        metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
 # --------------------------------------------------------------------------- providers
@@ -256,15 +248,7 @@ def make_inputs(shape: tuple[int, int, int, int], device: torch.device) -> Input
     weight = weight.mul_(bench_linear_logprobs.LOGIT_STD / d**0.5).to(DTYPE)
     ref_weight = weight.clone()  # a frozen copy of the policy's lm_head
 
-    lo, hi = (max(1, round(f * t)) for f in bench_dpo.PROMPT_FRACTION)
-    prompt = torch.randint(lo, hi + 1, (pairs,), generator=gen, device=device).repeat(2)
-    answer = torch.rand(rows, generator=gen, device=device) * 0.75 + 0.25
-    end = prompt + (answer * (t - prompt)).ceil().long()
-    end[0] = end[pairs] = t
-    pos = torch.arange(t, device=device)
-    keep = (pos >= prompt.unsqueeze(1)) & (pos < end.unsqueeze(1))
-    labels = torch.randint(0, v, (rows, t), generator=gen, device=device)
-    labels = labels.masked_fill(~keep, IGNORE_INDEX)
+    labels = bench_dpo.pair_labels(pairs, t, v, gen)
 
     key = (shape, str(device))
     if key not in _references:
@@ -303,38 +287,6 @@ def _reference(
 # --------------------------------------------------------------------------- one case
 
 
-def _gate(case: Case, inp: Inputs, fn: LossFn) -> tuple[bool, dict[str, float]]:
-    """Run the provider once; compare the loss (and d hidden, d weight) with the reference."""
-    backward = case.mode != "fwd"
-    hidden = inp.hidden.detach().requires_grad_(backward)
-    weight = inp.weight.detach().requires_grad_(backward)
-    loss = fn(*inp.args(hidden, weight))
-    errors: dict[str, float] = {}
-    ok, errors["loss"] = harness.check_close(loss, inp.loss64, TOLERANCE)
-    if backward:
-        d_hidden, d_weight = torch.autograd.grad(loss, (hidden, weight))
-        ref = inp.grads
-        good, errors["grad_hidden"] = harness.check_close(
-            d_hidden.flatten(0, 1)[ref.rows], ref.grad_hidden, TOLERANCE
-        )
-        ok &= good
-        good, errors["grad_weight"] = harness.check_close(
-            d_weight[ref.vocab], ref.grad_weight, TOLERANCE
-        )
-        ok &= good
-    return ok, errors
-
-
-def _timed(case: Case, inp: Inputs, fn: LossFn) -> Callable[[], Any]:
-    backward = case.mode != "fwd"
-    hidden = inp.hidden.detach().requires_grad_(backward)
-    weight = inp.weight.detach().requires_grad_(backward)
-    args = inp.args(hidden, weight)
-    if not backward:
-        return lambda: fn(*args)
-    return lambda: torch.autograd.grad(fn(*args), (hidden, weight))
-
-
 def flop_columns(case: Case, median_ms: float, rate: float) -> dict[str, Any]:
     b, t, d, v = case.shape
     return harness.gemm_roofline_columns(
@@ -365,8 +317,8 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
         benchmark=benchmark, device=device, row_args=row_args,
         group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
         provider=lambda: provider_fn(case.provider, case.mode, device),
-        gate=lambda fn: _gate(case, inp, fn),
-        prepare=lambda fn: (_timed(case, inp, fn), None),
+        gate=lambda fn: bench_linear_grpo.gate_loss_from_hidden(case, inp, fn),
+        prepare=lambda fn: (bench_linear_grpo.timed_loss_from_hidden(case, inp, fn), None),
         columns=lambda timing: flop_columns(case, timing["median_ms"], rate),
         time_kwargs=dict(warmup_ms=bench_linear_logprobs.WARMUP_MS,
                          rep_ms=bench_linear_logprobs.REP_MS),

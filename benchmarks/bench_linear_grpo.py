@@ -48,7 +48,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 
 import rlhf_fast
@@ -98,13 +97,6 @@ def cases(quick: bool) -> list[Case]:
         for mode in MODES
         for provider in PROVIDERS
     ]
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" in metafunc.fixturenames:
-        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
-        all_cases = cases(quick)
-        metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
 # --------------------------------------------------------------------------- providers
@@ -319,8 +311,10 @@ def _reference(
 # --------------------------------------------------------------------------- one case
 
 
-def _gate(case: Case, inp: Inputs, fn: LossFn) -> tuple[bool, dict[str, float]]:
-    """Run the provider once; compare the loss (and d hidden, d weight) with the reference."""
+def gate_loss_from_hidden(case: Any, inp: Any, fn: LossFn) -> tuple[bool, dict[str, float]]:
+    """Run the provider once; compare the loss (and d hidden, d weight) with the reference.
+    `inp` has ``hidden``, ``weight``, ``args(hidden, weight)``, ``loss64`` and ``grads``
+    (this suite's Inputs, and the linear_dpo suite's)."""
     backward = case.mode != "fwd"
     hidden = inp.hidden.detach().requires_grad_(backward)
     weight = inp.weight.detach().requires_grad_(backward)
@@ -341,7 +335,8 @@ def _gate(case: Case, inp: Inputs, fn: LossFn) -> tuple[bool, dict[str, float]]:
     return ok, errors
 
 
-def _timed(case: Case, inp: Inputs, fn: LossFn) -> Callable[[], Any]:
+def timed_loss_from_hidden(case: Any, inp: Any, fn: LossFn) -> Callable[[], Any]:
+    """The timed call of `case`'s mode (`inp` as for `gate_loss_from_hidden`)."""
     backward = case.mode != "fwd"
     hidden = inp.hidden.detach().requires_grad_(backward)
     weight = inp.weight.detach().requires_grad_(backward)
@@ -378,8 +373,8 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
         benchmark=benchmark, device=device, row_args=row_args,
         group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
         provider=lambda: provider_fn(case.provider, case.mode, device),
-        gate=lambda fn: _gate(case, inp, fn),
-        prepare=lambda fn: (_timed(case, inp, fn), None),
+        gate=lambda fn: gate_loss_from_hidden(case, inp, fn),
+        prepare=lambda fn: (timed_loss_from_hidden(case, inp, fn), None),
         columns=lambda timing: flop_columns(case, timing["median_ms"], rate),
         time_kwargs=dict(warmup_ms=bench_linear_logprobs.WARMUP_MS,
                          rep_ms=bench_linear_logprobs.REP_MS),

@@ -37,7 +37,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 import torch
 
 import rlhf_fast
@@ -100,13 +99,6 @@ def cases(quick: bool) -> list[Case]:
                         continue  # in-place only changes the backward
                     out.append(Case(shape, dtype, entropy, mode, provider))
     return out
-
-
-def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "case" in metafunc.fixturenames:
-        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
-        all_cases = cases(quick)
-        metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
 # --------------------------------------------------------------------------- providers

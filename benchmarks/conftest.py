@@ -97,6 +97,16 @@ class BenchSession:
         self.rows.setdefault(row["op"], []).append(row)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each suite's ``case`` parameter: its ``cases(quick)``, ids from ``Case.id``.
+    Quick shapes with --quick, and always without a CUDA GPU."""
+    cases = getattr(metafunc.module, "cases", None)
+    if "case" in metafunc.fixturenames and cases is not None:
+        quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
+        all_cases = cases(quick)
+        metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("rlhf-fast bench")
     group.addoption(

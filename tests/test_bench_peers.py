@@ -130,7 +130,8 @@ def test_linear_grpo_providers_pass_the_gate(provider: str, mode: str):
     assert bench_linear_grpo.unavailable(provider, CPU) is None
     inp = bench_linear_grpo.make_inputs(shape, CPU)
     fn = bench_linear_grpo.provider_fn(provider, mode, CPU)
-    ok, errors = bench_linear_grpo._gate(bench_linear_grpo.Case(shape, mode, provider), inp, fn)
+    case = bench_linear_grpo.Case(shape, mode, provider)
+    ok, errors = bench_linear_grpo.gate_loss_from_hidden(case, inp, fn)
     assert ok, errors
     assert set(errors) == (
         {"loss"} if mode == "fwd" else {"loss", "grad_hidden", "grad_weight"}
@@ -148,7 +149,7 @@ def test_linear_grpo_gate_rejects_a_loss_averaged_over_the_padding():
 
     for mode in bench_linear_grpo.MODES:
         case = bench_linear_grpo.Case(shape, mode, "eager")
-        ok, errors = bench_linear_grpo._gate(case, inp, padded_mean)
+        ok, errors = bench_linear_grpo.gate_loss_from_hidden(case, inp, padded_mean)
         assert not ok, errors
 
 
@@ -161,7 +162,8 @@ def test_linear_dpo_providers_pass_the_gate(provider: str, mode: str):
     assert bench_linear_dpo.unavailable(provider, CPU) is None
     inp = bench_linear_dpo.make_inputs(shape, CPU)
     fn = bench_linear_dpo.provider_fn(provider, mode, CPU)
-    ok, errors = bench_linear_dpo._gate(bench_linear_dpo.Case(shape, mode, provider), inp, fn)
+    case = bench_linear_dpo.Case(shape, mode, provider)
+    ok, errors = bench_linear_grpo.gate_loss_from_hidden(case, inp, fn)
     assert ok, errors
     assert set(errors) == (
         {"loss"} if mode == "fwd" else {"loss", "grad_hidden", "grad_weight"}
@@ -184,7 +186,7 @@ def test_linear_dpo_gate_rejects_liger_misconfigured_to_average_log_probs():
 
     for mode in bench_linear_dpo.MODES:
         case = bench_linear_dpo.Case(shape, mode, "liger")
-        ok, errors = bench_linear_dpo._gate(case, inp, averaged)
+        ok, errors = bench_linear_grpo.gate_loss_from_hidden(case, inp, averaged)
         assert not ok, errors
 
 
