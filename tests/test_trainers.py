@@ -678,3 +678,57 @@ def test_left_padded_rollouts_score_as_if_unpadded_with_absolute_positions(
             n = int(rollout.mask[i].sum())
             torch.testing.assert_close(rollout.old_logp[i, :n], expected[-n:], rtol=1e-4,
                                        atol=1e-5)
+
+
+def _gpt2(tokenizer, seed: int = 0):
+    """A tiny GPT-2: dropout 0.1 on embeddings, attention and residuals by default."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                        n_positions=64, eos_token_id=tokenizer.eos_token_id,
+                        bos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def test_disable_dropout_makes_training_mode_forwards_deterministic(tokenizer):
+    """Dropout modules (GPT-2) and the attention_dropout rate Llama's attention reads at
+    each call are both zeroed; nothing else changes."""
+    from rlhf_fast.trainers.common import disable_dropout
+
+    llama = demo.tiny_llama(tokenizer, hidden_size=64, seed=0)
+    llama.config.attention_dropout = 0.5
+    for layer in llama.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    ids = torch.randint(3, len(tokenizer), (2, 12))
+    for model in (llama, _gpt2(tokenizer)):
+        model.train()
+        state = copy.deepcopy(model.state_dict())
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        disable_dropout(model)
+        first = model(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, first, rtol=0, atol=0)
+        model.eval()
+        torch.testing.assert_close(model(input_ids=ids).logits, first, rtol=0, atol=0)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dpo_first_step_starts_at_log2_only_without_dropout(tokenizer, tmp_path,
+                                                            torch_backend, disable):
+    """With the reference a frozen copy of the policy, the first step's rewards are
+    exactly 0 and its loss log 2, unless dropout (GPT-2's 0.1, kept with
+    disable_dropout=False) perturbs the policy's training-mode forward."""
+    trainer = DPOTrainer(_gpt2(tokenizer), None, tokenizer=tokenizer, train_dataset=TRAIN,
+                         config=DPOConfig(output_dir=str(tmp_path), batch_size=4,
+                                          max_steps=1, logging_steps=1, device="cpu",
+                                          max_length=64, max_prompt_length=32,
+                                          disable_dropout=disable))
+    trainer.train()
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    if disable:
+        assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # logged to 6 places
+    else:
+        assert first["rewards/chosen"] != 0 and first["loss"] != pytest.approx(math.log(2))

@@ -197,6 +197,23 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     (enable or target.gradient_checkpointing_enable)()
 
 
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                   nn.FeatureAlphaDropout)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability of `model`: its dropout modules, and the
+    ``attention_dropout`` rate that transformers' attention layers (Llama, Qwen, ...)
+    read at each call. A trained policy then scores a batch as the frozen reference
+    does (DPO's rewards start at exactly 0; PPO's ratios at exactly 1), as TRL does by
+    default."""
+    for module in model.modules():
+        if isinstance(module, DROPOUT_MODULES):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def frozen(model: nn.Module) -> nn.Module:
     """`model` in eval mode with no parameter requiring a gradient."""
     return model.eval().requires_grad_(False)

@@ -39,6 +39,7 @@ from rlhf_fast.trainers.common import (
     TokenLogprobs,
     batches,
     checkpoint_path,
+    disable_dropout,
     enable_gradient_checkpointing,
     example_indices,
     frozen,
@@ -114,6 +115,9 @@ class DPOConfig:
     """Log-probs from hidden states (linear_logprobs) instead of logits; None: on a GPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward to save memory."""
+    disable_dropout: bool = True
+    """Zero the trained models' dropout (as TRL does), so the policy and the frozen
+    reference agree before the first step; False keeps the models' own rates."""
     seed: int = 0
     """Seeds the data order and every random stream."""
     logging_steps: int = 10
@@ -256,6 +260,8 @@ class DPOTrainer:
 
         self.fused_linear = self.run.fused_linear(config.use_fused_linear)
         model.to(self.run.device)
+        if config.disable_dropout:
+            disable_dropout(model)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model

@@ -39,6 +39,7 @@ from rlhf_fast.trainers.common import (
     ValueModel,
     as_value_module,
     checkpoint_path,
+    disable_dropout,
     enable_gradient_checkpointing,
     example_indices,
     frozen,
@@ -140,6 +141,9 @@ class PPOConfig:
     """Log-probs from hidden states (linear_logprobs); None: on a GPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward to save memory."""
+    disable_dropout: bool = True
+    """Zero the trained models' dropout (as TRL does), so the policy and the frozen
+    reference agree before the first step; False keeps the models' own rates."""
     seed: int = 0
     """Seeds the prompt order and every random stream (sampling included)."""
     logging_steps: int = 1
@@ -308,6 +312,10 @@ class PPOTrainer:
         else:
             self.reward_fn = None
             self.reward_model = as_value_module(frozen(reward_fn_or_model).to(device))
+        if config.disable_dropout:
+            disable_dropout(policy)
+            if critic is not None:
+                disable_dropout(critic)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
             if value_model is not None:
