@@ -75,7 +75,7 @@ GATE_GRAD_SEQS = 4
 CLIP_LOW = 0.2
 CLIP_HIGH = 0.28
 BETA = 0.04
-#: Std (nats) of old-policy and reference log-probs around the policy's: ~30% of the
+#: Std (nats) of old-policy and reference log-probs around the policy's: ~25% of the
 #: ratios fall outside [0.8, 1.28], so both clip bounds and the min are exercised.
 OLD_LOGP_STD = 0.2
 REF_LOGP_STD = 0.3
