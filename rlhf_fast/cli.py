@@ -96,7 +96,8 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"{exc.name} is needed to report: pip install 'rlhf-fast[bench]'")
     readme = Path(args.readme) if args.readme else None
     try:
-        section = harness.readme_section(args.results, (readme or Path.cwd() / "x").parent)
+        link_from = readme.parent if readme is not None else Path.cwd()
+        section = harness.readme_section(args.results, link_from)
         if readme is None:
             print(section, end="")
         else:
