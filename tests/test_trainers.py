@@ -732,3 +732,47 @@ def test_dpo_first_step_starts_at_log2_only_without_dropout(tokenizer, tmp_path,
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # logged to 6 places
     else:
         assert first["rewards/chosen"] != 0 and first["loss"] != pytest.approx(math.log(2))
+
+
+def test_prune_checkpoints_keeps_the_newest_and_never_the_one_just_written(tmp_path):
+    from rlhf_fast.trainers.common import prune_checkpoints, resolve_checkpoint
+
+    for step in (1, 2, 4, 10):
+        (tmp_path / f"checkpoint-{step}.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint-best.pt").write_bytes(b"not a step: left alone")
+    assert prune_checkpoints(tmp_path / "checkpoint-10.pt", 0) == []
+    deleted = prune_checkpoints(tmp_path / "checkpoint-10.pt", 2)
+    assert [p.name for p in deleted] == ["checkpoint-1.pt", "checkpoint-2.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-10.pt", "checkpoint-4.pt", "checkpoint-best.pt"]
+    # a run resumed from an older step writes checkpoint-5 while a stale 10 exists:
+    # the file just written survives whatever its step
+    (tmp_path / "checkpoint-5.pt").write_bytes(b"x")
+    prune_checkpoints(tmp_path / "checkpoint-5.pt", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5.pt",
+                                                          "checkpoint-best.pt"]
+    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-5.pt"
+
+
+def test_save_total_limit_keeps_the_last_checkpoints_and_resume_still_works(
+        tokenizer, tmp_path, torch_backend):
+    records = [json.loads(line) for line in TRAIN.read_text().splitlines()[:16]]
+
+    def config(max_steps, resume_from=None):
+        return DPOConfig(output_dir=str(tmp_path), max_steps=max_steps, batch_size=4,
+                         save_steps=1, save_total_limit=2, max_length=40,
+                         max_prompt_length=16, resume_from=resume_from, device="cpu")
+
+    model = demo.tiny_llama(tokenizer, hidden_size=32, seed=2)
+    DPOTrainer(model, tokenizer=tokenizer, train_dataset=records, config=config(3)).train()
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint-2.pt",
+                                                             "checkpoint-3.pt"]
+    trainer = DPOTrainer(demo.tiny_llama(tokenizer, hidden_size=32, seed=2),
+                         tokenizer=tokenizer, train_dataset=records,
+                         config=config(4, "latest"))
+    assert trainer.step == 3
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint-3.pt",
+                                                             "checkpoint-4.pt"]
+    with pytest.raises(ValueError, match="save_total_limit must be >= 0"):
+        PPOConfig(save_total_limit=-1)

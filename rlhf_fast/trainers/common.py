@@ -448,6 +448,27 @@ def checkpoint_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}.pt"
 
 
+def checkpoints_by_step(output_dir: str | Path) -> list[Path]:
+    """The checkpoint-<step>.pt files of output_dir, oldest step first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*.pt")
+             if p.stem.removeprefix("checkpoint-").isdigit()]
+    return sorted(found, key=lambda p: int(p.stem.removeprefix("checkpoint-")))
+
+
+def prune_checkpoints(written: Path, keep: int) -> list[Path]:
+    """Delete the oldest checkpoints beside `written` (just saved) so that at most `keep`
+    remain; `written` itself is never deleted, nor anything when keep is 0. Returns the
+    deleted paths. Call it only once `written` is safely on disk."""
+    if keep <= 0:
+        return []
+    others = [p for p in checkpoints_by_step(written.parent) if p != written]
+    doomed = others[: max(0, len(others) - (keep - 1))]
+    for path in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return doomed
+
+
 def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
     """`resume_from` as a file, or "latest": the newest checkpoint in output_dir."""
     if resume_from != "latest":
@@ -455,8 +476,7 @@ def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"resume_from: no checkpoint file at {path}")
         return path
-    found = sorted(Path(output_dir).glob("checkpoint-*.pt"),
-                   key=lambda p: int(p.stem.split("-")[1]))
+    found = checkpoints_by_step(output_dir)
     if not found:
         raise FileNotFoundError(f"resume_from='latest': no checkpoint-*.pt in {output_dir}")
     return found[-1]

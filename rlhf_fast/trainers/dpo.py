@@ -49,6 +49,7 @@ from rlhf_fast.trainers.common import (
     load_records,
     plot_curves,
     progress_bar,
+    prune_checkpoints,
     resolve_checkpoint,
     restore_training_state,
     rng_state,
@@ -126,6 +127,9 @@ class DPOConfig:
     """Evaluate every this many steps (0: only at the end) when there is an eval set."""
     save_steps: int = 0
     """Write checkpoint-<step>.pt every this many steps (0: only at the end)."""
+    save_total_limit: int = 0
+    """Keep at most this many checkpoint-<step>.pt in output_dir: after each new one is
+    written, the oldest others are deleted (0 keeps them all)."""
     resume_from: str | None = None
     """A checkpoint file, or "latest" (the newest in output_dir), to continue from."""
     device: str | None = None
@@ -154,7 +158,7 @@ class DPOConfig:
         require("max_prompt_length", self.max_prompt_length < self.max_length,
                 f"< max_length ({self.max_length}), leaving room for the answer")
         require("num_epochs", self.num_epochs > 0, "> 0")
-        for name in ("max_steps", "eval_steps", "save_steps"):
+        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
             require(name, getattr(self, name) >= 0, ">= 0")
         require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
 
@@ -448,7 +452,8 @@ class DPOTrainer:
         return {key: value / count for key, value in window.items()}
 
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoint-<step>.pt atomically (main process); returns its path.
+        """Write checkpoint-<step>.pt atomically (main process), then delete the oldest
+        beyond save_total_limit; returns its path.
 
         Every process must call it (under FSDP2 the weights are gathered from all)."""
         path = checkpoint_path(self.config.output_dir, self.step)
@@ -465,6 +470,7 @@ class DPOTrainer:
             "rng": rng_state(),
             "config": asdict(self.config),
         }, path)
+        prune_checkpoints(path, self.config.save_total_limit)
         return path
 
     def _load(self, path: Path) -> None:

@@ -49,6 +49,7 @@ from rlhf_fast.trainers.common import (
     load_records,
     plot_curves,
     progress_bar,
+    prune_checkpoints,
     resolve_checkpoint,
     restore_training_state,
     rng_state,
@@ -150,6 +151,9 @@ class PPOConfig:
     """Log every this many iterations."""
     save_steps: int = 0
     """Write checkpoint-<step>.pt every this many iterations (0: only at the end)."""
+    save_total_limit: int = 0
+    """Keep at most this many checkpoint-<step>.pt in output_dir: after each new one is
+    written, the oldest others are deleted (0 keeps them all)."""
     resume_from: str | None = None
     """A checkpoint file, or "latest" (the newest in output_dir), to continue from."""
     device: str | None = None
@@ -185,6 +189,7 @@ class PPOConfig:
         require("value_clip", self.value_clip > 0, "> 0")
         require("agg", self.agg in AGG_MODES, f"one of {AGG_MODES}")
         require("save_steps", self.save_steps >= 0, ">= 0")
+        require("save_total_limit", self.save_total_limit >= 0, ">= 0")
         require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
 
 
@@ -512,7 +517,8 @@ class PPOTrainer:
         return per_token[torch.arange(len(prompts), device=device), last].float()
 
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoint-<step>.pt atomically (main process); returns its path.
+        """Write checkpoint-<step>.pt atomically (main process), then delete the oldest
+        beyond save_total_limit; returns its path.
 
         Every process must call it (under FSDP2 the weights are gathered from all)."""
         path = checkpoint_path(self.config.output_dir, self.step)
@@ -527,6 +533,7 @@ class PPOTrainer:
             "rng": rng_state(),
             "config": asdict(self.config),
         }, path)
+        prune_checkpoints(path, self.config.save_total_limit)
         return path
 
     def _load(self, path: Path) -> None:
