@@ -18,11 +18,14 @@ is that weight times the per-token derivative above:
     seq-mean-token-sum        w = 1 / (non-empty rows)
     seq-mean-token-sum-norm   w = 1 / (B * max_len)
 
-Three launches, each one pass: the forward reads every input once, one program per row,
-and writes ten partial sums per row; a one-program kernel reduces those [B, 10] partials
-in a fixed order (deterministic, no atomics) into the loss terms and statistics; the
-backward reads the inputs once more and writes d logp, d entropy and d values together.
-Masked tokens are never read: they contribute 0 and get gradient 0.
+Three launches, each one pass: the forward reads every input once, one program per tile
+of BLOCK_T tokens of a row (grid [B, T / BLOCK_T]: at B = 64, T = 4096 that is 256
+programs, where one per row would leave half of an H100's 132 SMs idle), and writes ten
+partial sums per tile; a one-program kernel reduces those [B, tiles, 10] partials in a
+fixed order (each row's tiles first, deterministic, no atomics) into the loss terms and
+statistics; the backward reads the inputs once more, tile by tile, and writes d logp,
+d entropy and d values together. BLOCK_T is a function of T alone. Masked tokens are
+never read: they contribute 0 and get gradient 0.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Per-row partials, in this column order: valid tokens, sums of pg, kl, entropy, vl, clipped
-# tokens, ratio, then max ratio, sum of log-ratio^2, value-clipped tokens.
+# Per-tile partials, in this column order: valid tokens, sums of pg, kl, entropy, vl,
+# clipped tokens, ratio, then max ratio, sum of log-ratio^2, value-clipped tokens.
 N_ROW_STATS = 10
 # Scalar outputs, in the order of `PPOLossOutput`: loss, policy_loss, value_loss, kl,
 # entropy, clipfrac, approx_kl, ratio_mean, ratio_max, value_clipfrac.
@@ -121,56 +124,49 @@ def _ppo_fwd_kernel(
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
-    base = row * T
-    cols = tl.arange(0, BLOCK_T)
-    zeros = tl.zeros([BLOCK_T], acc_dtype)
-    n, s_pg, s_kl, s_ent, s_vl = zeros, zeros, zeros, zeros, zeros
-    s_clip, s_ratio, r_max, s_lr2, s_vclip = zeros, zeros, zeros, zeros, zeros
-    for start in range(0, T, BLOCK_T):
-        offs = start + cols
-        valid = tl.load(mask_ptr + base + offs, mask=offs < T, other=0) != 0
-        logp = tl.load(logp_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-        old_logp = tl.load(old_logp_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-        adv = tl.load(adv_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-        log_ratio, ratio, pg, d_pg, clipped = _policy_terms(
-            logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL
-        )
-        n += tl.where(valid, 1.0, 0.0)
-        s_pg += tl.where(valid, pg, 0.0)
-        s_clip += tl.where(valid & clipped, 1.0, 0.0)
-        s_ratio += tl.where(valid, ratio, 0.0)
-        r_max = tl.maximum(r_max, tl.where(valid, ratio, 0.0))
-        s_lr2 += tl.where(valid, log_ratio * log_ratio, 0.0)
-        if KL_EST != 0:
-            ref = tl.load(ref_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-            kl, d_kl = _kl_terms(logp, ref, KL_EST)
-            s_kl += tl.where(valid, kl, 0.0)
-        if HAS_ENTROPY:
-            s_ent += tl.load(ent_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-        if HAS_VALUE:
-            v = tl.load(v_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-            old_v = tl.load(old_v_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-            ret = tl.load(ret_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-            vl, d_vl, v_clipped = _value_terms(v, old_v, ret, value_clip)
-            s_vl += tl.where(valid, vl, 0.0)
-            s_vclip += tl.where(valid & v_clipped, 1.0, 0.0)
-    out = row_stats_ptr + row * 10
-    tl.store(out + 0, tl.sum(n, axis=0))
-    tl.store(out + 1, tl.sum(s_pg, axis=0))
-    tl.store(out + 2, tl.sum(s_kl, axis=0))
-    tl.store(out + 3, tl.sum(s_ent, axis=0))
-    tl.store(out + 4, tl.sum(s_vl, axis=0))
-    tl.store(out + 5, tl.sum(s_clip, axis=0))
-    tl.store(out + 6, tl.sum(s_ratio, axis=0))
-    tl.store(out + 7, tl.max(r_max, axis=0))
-    tl.store(out + 8, tl.sum(s_lr2, axis=0))
-    tl.store(out + 9, tl.sum(s_vclip, axis=0))
+    tile = tl.program_id(1)
+    n_tiles = tl.num_programs(1)
+    cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs = row * T + cols
+    valid = tl.load(mask_ptr + offs, mask=cols < T, other=0) != 0
+    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    log_ratio, ratio, pg, d_pg, clipped = _policy_terms(
+        logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL
+    )
+    zero = tl.zeros([], acc_dtype)
+    s_kl, s_ent, s_vl, s_vclip = zero, zero, zero, zero
+    if KL_EST != 0:
+        ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+        kl, d_kl = _kl_terms(logp, ref, KL_EST)
+        s_kl = tl.sum(tl.where(valid, kl, 0.0), axis=0)
+    if HAS_ENTROPY:
+        s_ent = tl.sum(tl.load(ent_ptr + offs, mask=valid, other=0.0).to(acc_dtype), axis=0)
+    if HAS_VALUE:
+        v = tl.load(v_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+        old_v = tl.load(old_v_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+        ret = tl.load(ret_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+        vl, d_vl, v_clipped = _value_terms(v, old_v, ret, value_clip)
+        s_vl = tl.sum(tl.where(valid, vl, 0.0), axis=0)
+        s_vclip = tl.sum(tl.where(valid & v_clipped, 1.0, 0.0), axis=0)
+    out = row_stats_ptr + (row * n_tiles + tile) * 10
+    tl.store(out + 0, tl.sum(tl.where(valid, 1.0, 0.0), axis=0))
+    tl.store(out + 1, tl.sum(tl.where(valid, pg, 0.0), axis=0))
+    tl.store(out + 2, s_kl)
+    tl.store(out + 3, s_ent)
+    tl.store(out + 4, s_vl)
+    tl.store(out + 5, tl.sum(tl.where(valid & clipped, 1.0, 0.0), axis=0))
+    tl.store(out + 6, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
+    tl.store(out + 7, tl.max(tl.where(valid, ratio, 0.0), axis=0))
+    tl.store(out + 8, tl.sum(tl.where(valid, log_ratio * log_ratio, 0.0), axis=0))
+    tl.store(out + 9, s_vclip)
 
 
 @triton.jit
 def _ppo_reduce_kernel(
-    row_stats_ptr, out_ptr, counts_ptr, B, norm_denominator, kl_coef, entropy_coef, vf_coef,
-    AGG: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr,
+    row_stats_ptr, out_ptr, counts_ptr, B, n_tiles, norm_denominator, kl_coef, entropy_coef,
+    vf_coef, AGG: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     zeros = tl.zeros([BLOCK_B], acc_dtype)
@@ -179,21 +175,28 @@ def _ppo_reduce_kernel(
     for start in range(0, B, BLOCK_B):
         rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
         ok = rows < B
-        stats = row_stats_ptr + rows * 10
-        n = tl.load(stats + 0, mask=ok, other=0.0)
+        # Each row's sums over its tiles, in tile order.
+        n, r_pg, r_kl, r_ent, r_vl = zeros, zeros, zeros, zeros, zeros
+        for tile in range(0, n_tiles):
+            stats = row_stats_ptr + (rows * n_tiles + tile) * 10
+            n += tl.load(stats + 0, mask=ok, other=0.0)
+            r_pg += tl.load(stats + 1, mask=ok, other=0.0)
+            r_kl += tl.load(stats + 2, mask=ok, other=0.0)
+            r_ent += tl.load(stats + 3, mask=ok, other=0.0)
+            r_vl += tl.load(stats + 4, mask=ok, other=0.0)
+            s_clip += tl.load(stats + 5, mask=ok, other=0.0)
+            s_ratio += tl.load(stats + 6, mask=ok, other=0.0)
+            r_max = tl.maximum(r_max, tl.load(stats + 7, mask=ok, other=0.0))
+            s_lr2 += tl.load(stats + 8, mask=ok, other=0.0)
+            s_vclip += tl.load(stats + 9, mask=ok, other=0.0)
         # seq-mean-token-mean averages each row's mean; the other modes sum the row sums.
         scale = tl.where(n > 0, 1.0 / tl.maximum(n, 1.0), 0.0) if AGG == 1 else 1.0
         n_tok += n
         n_seq += tl.where(n > 0, 1.0, 0.0)
-        s_pg += tl.load(stats + 1, mask=ok, other=0.0) * scale
-        s_kl += tl.load(stats + 2, mask=ok, other=0.0) * scale
-        s_ent += tl.load(stats + 3, mask=ok, other=0.0) * scale
-        s_vl += tl.load(stats + 4, mask=ok, other=0.0) * scale
-        s_clip += tl.load(stats + 5, mask=ok, other=0.0)
-        s_ratio += tl.load(stats + 6, mask=ok, other=0.0)
-        r_max = tl.maximum(r_max, tl.load(stats + 7, mask=ok, other=0.0))
-        s_lr2 += tl.load(stats + 8, mask=ok, other=0.0)
-        s_vclip += tl.load(stats + 9, mask=ok, other=0.0)
+        s_pg += r_pg * scale
+        s_kl += r_kl * scale
+        s_ent += r_ent * scale
+        s_vl += r_vl * scale
     tokens = tl.sum(n_tok, axis=0)
     seqs = tl.sum(n_seq, axis=0)
     if AGG == 0:
@@ -234,12 +237,14 @@ def _ppo_bwd_kernel(
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
-    base = row * T
-    cols = tl.arange(0, BLOCK_T)
-    n_row = tl.load(row_stats_ptr + row * 10)
+    tile = tl.program_id(1)
+    n_tiles = tl.num_programs(1)
     if AGG == 0:
         weight = 1.0 / tl.maximum(tl.load(counts_ptr + 0), 1.0)
     elif AGG == 1:
+        n_row = tl.zeros([], acc_dtype)
+        for t in range(0, n_tiles):
+            n_row += tl.load(row_stats_ptr + (row * n_tiles + t) * 10)
         weight = 1.0 / (tl.maximum(tl.load(counts_ptr + 1), 1.0) * tl.maximum(n_row, 1.0))
     elif AGG == 2:
         weight = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)
@@ -251,33 +256,33 @@ def _ppo_bwd_kernel(
     c_vl = weight * (g_loss * vf_coef + tl.load(grad_out_ptr + 2).to(acc_dtype))
     c_kl = weight * (g_loss * kl_coef + tl.load(grad_out_ptr + 3).to(acc_dtype))
     c_ent = weight * (tl.load(grad_out_ptr + 4).to(acc_dtype) - g_loss * entropy_coef)
-    for start in range(0, T, BLOCK_T):
-        offs = start + cols
-        in_row = offs < T
-        valid = tl.load(mask_ptr + base + offs, mask=in_row, other=0) != 0
-        logp = tl.load(logp_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-        old_logp = tl.load(old_logp_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-        adv = tl.load(adv_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-        log_ratio, ratio, pg, d_pg, clipped = _policy_terms(
-            logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL
-        )
-        d_logp = c_pg * d_pg
-        if KL_EST != 0:
-            ref = tl.load(ref_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-            kl, d_kl = _kl_terms(logp, ref, KL_EST)
-            d_logp += c_kl * d_kl
-        d_logp = tl.where(valid, d_logp, 0.0)
-        tl.store(d_logp_ptr + base + offs, d_logp.to(d_logp_ptr.dtype.element_ty), mask=in_row)
-        if GRAD_ENTROPY:
-            d_ent = tl.where(valid, c_ent, 0.0)
-            tl.store(d_ent_ptr + base + offs, d_ent.to(d_ent_ptr.dtype.element_ty), mask=in_row)
-        if GRAD_VALUE:
-            v = tl.load(v_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-            old_v = tl.load(old_v_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-            ret = tl.load(ret_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
-            vl, d_vl, v_clipped = _value_terms(v, old_v, ret, value_clip)
-            d_v = tl.where(valid, c_vl * d_vl, 0.0)
-            tl.store(d_v_ptr + base + offs, d_v.to(d_v_ptr.dtype.element_ty), mask=in_row)
+    cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_row = cols < T
+    offs = row * T + cols
+    valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    log_ratio, ratio, pg, d_pg, clipped = _policy_terms(
+        logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL
+    )
+    d_logp = c_pg * d_pg
+    if KL_EST != 0:
+        ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+        kl, d_kl = _kl_terms(logp, ref, KL_EST)
+        d_logp += c_kl * d_kl
+    d_logp = tl.where(valid, d_logp, 0.0)
+    tl.store(d_logp_ptr + offs, d_logp.to(d_logp_ptr.dtype.element_ty), mask=in_row)
+    if GRAD_ENTROPY:
+        d_ent = tl.where(valid, c_ent, 0.0)
+        tl.store(d_ent_ptr + offs, d_ent.to(d_ent_ptr.dtype.element_ty), mask=in_row)
+    if GRAD_VALUE:
+        v = tl.load(v_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+        old_v = tl.load(old_v_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+        ret = tl.load(ret_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+        vl, d_vl, v_clipped = _value_terms(v, old_v, ret, value_clip)
+        d_v = tl.where(valid, c_vl * d_vl, 0.0)
+        tl.store(d_v_ptr + offs, d_v.to(d_v_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -326,18 +331,20 @@ def ppo_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward on contiguous [B, T] inputs (None for absent optional ones).
 
-    `cfg` is a `PPOKernelConfig`. Returns (outputs [10], counts [2], row_stats [B, 10]),
-    fp32 (fp64 for fp64 logp): see N_OUTPUTS for the order of the outputs.
+    `cfg` is a `PPOKernelConfig`. Returns (outputs [10], counts [2], row_stats
+    [B, tiles, 10]), fp32 (fp64 for fp64 logp): see N_OUTPUTS for the order of the
+    outputs and N_ROW_STATS for that of the partials.
     """
     B, T = logp.shape
     fp64 = logp.dtype == torch.float64
     dtype = torch.float64 if fp64 else torch.float32
-    row_stats = torch.empty(B, N_ROW_STATS, dtype=dtype, device=logp.device)
+    block = block_size(T)
+    n_tiles = triton.cdiv(T, block)
+    row_stats = torch.empty(B, n_tiles, N_ROW_STATS, dtype=dtype, device=logp.device)
     outputs = torch.empty(N_OUTPUTS, dtype=dtype, device=logp.device)
     counts = torch.empty(2, dtype=dtype, device=logp.device)
-    block = block_size(T)
-    if B > 0:
-        _ppo_fwd_kernel[(B,)](
+    if B > 0 and T > 0:
+        _ppo_fwd_kernel[(B, n_tiles)](
             logp, old_logp, advantages, mask,
             logp if ref_logp is None else ref_logp,
             logp if entropy is None else entropy,
@@ -350,7 +357,7 @@ def ppo_forward(
             BLOCK_T=block, num_warps=_num_warps(block),
         )
     _ppo_reduce_kernel[(1,)](
-        row_stats, outputs, counts, B, float(B * cfg.max_len),
+        row_stats, outputs, counts, B if T > 0 else 0, n_tiles, float(B * cfg.max_len),
         cfg.kl_coef, cfg.entropy_coef, cfg.vf_coef,
         AGG=cfg.agg_code, FP64=fp64, BLOCK_B=256, num_warps=4,
     )
@@ -369,10 +376,10 @@ def ppo_backward(
     d_logp = torch.empty_like(logp)
     d_ent = None if grad_entropy_dtype is None else torch.empty_like(logp, dtype=grad_entropy_dtype)
     d_v = torch.empty_like(values) if grad_values else None
-    if B == 0:
+    if B == 0 or T == 0:
         return d_logp, d_ent, d_v
     block = block_size(T)
-    _ppo_bwd_kernel[(B,)](
+    _ppo_bwd_kernel[(B, triton.cdiv(T, block))](
         grad_outputs, counts, row_stats,
         logp, old_logp, advantages, mask,
         logp if ref_logp is None else ref_logp,

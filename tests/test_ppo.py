@@ -173,9 +173,14 @@ def test_optional_terms(present):
     compare(without(batch, *dropped), options, tol=1e-10, grads=grads)
 
 
-def test_long_rows_cross_blocks():
-    batch = random_batch(B=3, T=2500, dtype=torch.float32)
-    compare(batch, dict(FULL, agg="seq-mean-token-mean"), tol=1e-5)
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_long_rows_span_several_tiles(agg):
+    """T = 2500: three tiles of 1024 per row, with a full row, an empty one, a one-token
+    row (its token in the middle tile), left and right padding: every aggregation mode
+    combines each row's tiles before the rows."""
+    batch = random_batch(B=6, T=2500)
+    compare(batch, dict(FULL, agg=agg, dual_clip=3.0), tol=1e-10)
+    compare(random_batch(B=3, T=2500, dtype=torch.float32), dict(FULL, agg=agg), tol=1e-5)
 
 
 def test_gradcheck_float64():
