@@ -1,0 +1,265 @@
+"""Registers, spills and shared memory of every Triton kernel, compiled for a GPU that is
+not there.
+
+Speed needs a GPU; some of its causes do not. This compiles each kernel the public ops
+launch, at the configurations they pick for the headline shapes (vocab 151936 and 128256,
+T = 4096, ...), for an NVIDIA target (default sm_90, the H100 / H200), with Triton's own
+compiler and the ptxas it bundles, on any machine, and reads the resource usage of the
+resulting cubin with the bundled cuobjdump:
+
+* ``regs``: registers per thread (255 at most; more than ~128 halves the warps an SM
+  can hold, which a memory-bound kernel feels),
+* ``local``: bytes of local memory per thread, i.e. register spills (should be 0),
+* ``shared``: bytes of shared memory per program,
+
+plus the launch configuration (constexprs such as the block sizes, num_warps). It runs
+the ops for real up to the kernel launches, which are compiled and not run: a stand-in
+driver reports the target, and `rlhf_fast.ops.dispatch.use_triton` says yes on the CPU.
+
+Run it without TRITON_INTERPRET (interpreted kernels are not compiled):
+
+    python -m rlhf_fast.benchmarks.kernel_resources [--arch 90] [--json]
+
+Triton internals it leans on (`triton.runtime.driver.set_active`, `JITFunction.run`'s
+``warmup`` flag, `CompiledKernel.asm["cubin"]`) are stable across Triton 3.x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: cuobjdump's resource line, e.g. "REG:48 STACK:0 SHARED:1024 LOCAL:0 ...".
+RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+#: Registers above which an sm_90 SM holds fewer than 16 warps of 128-thread programs.
+REGS_WARNING = 128
+
+
+class _TargetOnlyDriver:
+    """Enough of a Triton driver to compile for `target`: nothing can be launched."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> Any:
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def is_active(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def compile_only(arch: int) -> Iterator[list[tuple[str, Any, dict[str, Any]]]]:
+    """Within the block, every Triton launch compiles for ``sm_<arch>`` and is not run;
+    yields the list that collects (kernel name, compiled kernel, its upper-case
+    constexpr arguments such as BLOCK_T) per launch."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("kernel_resources needs TRITON_INTERPRET unset: interpreted "
+                           "kernels are not compiled")
+    import triton.runtime.jit as jit
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    from rlhf_fast.ops import dispatch
+
+    compiled: list[tuple[str, Any, dict[str, Any]]] = []
+    run = jit.JITFunction.run
+
+    def compile_instead(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        config = {k: v for k, v in kwargs.items() if k.isupper()}
+        compiled.append((self.fn.__name__, kernel, config))
+        return kernel
+
+    patched = [(jit.JITFunction, "run", compile_instead)]
+    patched += [(module, "use_triton", lambda tensor: True) for module in _op_modules(dispatch)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+    previous_driver = getattr(driver, "_active", None)  # None: not created yet (no GPU)
+    driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
+    try:
+        for owner, name, value in patched:
+            setattr(owner, name, value)
+        yield compiled
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        if previous_driver is not None:
+            driver.set_active(previous_driver)
+
+
+def _op_modules(dispatch: Any) -> list[Any]:
+    """`dispatch` and every rlhf_fast.ops module that imported its use_triton."""
+    import rlhf_fast  # noqa: F401 - imports the op modules
+
+    return [dispatch] + [m for name, m in sorted(sys.modules.items())
+                         if name.startswith("rlhf_fast.ops.") and hasattr(m, "use_triton")]
+
+
+def resource_usage(kernel: Any) -> dict[str, int]:
+    """regs, stack, shared (static, from the cubin) and local bytes of a compiled kernel."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        text = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)],
+                              capture_output=True, text=True, check=True).stdout
+    match = RESOURCE_LINE.search(text)
+    if match is None:
+        raise RuntimeError(f"no resource line in cuobjdump's output:\n{text}")
+    regs, stack, shared, local = (int(g) for g in match.groups())
+    return {"regs": regs, "stack": stack, "static_shared": shared, "local": local}
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def _logprobs() -> None:
+    import rlhf_fast
+
+    for vocab in (151936, 128256):
+        logits = torch.randn(4, vocab, dtype=torch.bfloat16, requires_grad=True)
+        labels = torch.randint(0, vocab, (4,))
+        logp, entropy = rlhf_fast.logprobs(logits, labels, return_entropy=True)
+        torch.autograd.grad((logp, entropy), logits, (torch.ones(4), torch.ones(4)))
+
+
+def _linear_logprobs() -> None:
+    import rlhf_fast
+
+    hidden = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(128256, 64, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 128256, (8,))
+    logp = rlhf_fast.linear_logprobs(hidden, weight, labels)
+    torch.autograd.grad(logp.sum(), (hidden, weight))
+
+
+def _ppo_inputs(b: int = 64, t: int = 4096) -> dict[str, torch.Tensor]:
+    def leaf() -> torch.Tensor:
+        return torch.randn(b, t, requires_grad=True)
+
+    logp, values = leaf(), leaf()
+    return dict(logp=logp, old_logp=logp.detach() + 0.1, advantages=torch.randn(b, t),
+                mask=torch.rand(b, t) > 0.2, ref_logp=logp.detach(),
+                entropy=torch.rand(b, t, requires_grad=True), values=values,
+                old_values=values.detach(), returns=torch.randn(b, t))
+
+
+def _linear_ppo_loss() -> None:
+    import rlhf_fast
+
+    x = _ppo_inputs(8, 512)
+    hidden = torch.randn(8, 512, 64, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(128256, 64, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 128256, (8, 512))
+    out = rlhf_fast.linear_ppo_loss(hidden, weight, labels, x["old_logp"], x["advantages"],
+                                    x["mask"], ref_logp=x["ref_logp"], kl_coef=0.1)
+    torch.autograd.grad(out.loss, (hidden, weight))
+
+
+def _ppo_loss() -> None:
+    import rlhf_fast
+
+    x = _ppo_inputs()
+    out = rlhf_fast.ppo_loss(
+        x["logp"], x["old_logp"], x["advantages"], x["mask"], ref_logp=x["ref_logp"],
+        kl_coef=0.1, entropy=x["entropy"], entropy_coef=0.01, values=x["values"],
+        old_values=x["old_values"], returns=x["returns"], agg="seq-mean-token-mean",
+    )
+    out.loss.backward()
+
+
+def _advantages() -> None:
+    import rlhf_fast
+
+    x = _ppo_inputs()
+    rlhf_fast.gae(x["returns"], x["old_values"], x["mask"])
+    rlhf_fast.group_advantages(torch.randn(512), 8)
+    whitened = rlhf_fast.masked_whiten(x["values"], x["mask"])
+    mean = rlhf_fast.masked_mean(x["values"], x["mask"])
+    torch.autograd.grad((whitened.sum(), mean), (x["values"], x["values"]))
+
+
+def _dpo() -> None:
+    import rlhf_fast
+
+    token_logp = torch.randn(16, 4096, requires_grad=True)
+    seq = rlhf_fast.sequence_logps(token_logp, torch.rand(16, 4096) > 0.3)
+    loss = rlhf_fast.dpo_loss(seq[:8], seq[8:], torch.randn(8), torch.randn(8)).loss
+    torch.autograd.grad(loss, token_logp)
+
+
+WORKLOADS: dict[str, Callable[[], None]] = {
+    "logprobs (V 151936, 128256; bf16; logp + entropy, fwd + bwd)": _logprobs,
+    "linear_logprobs (V 128256; bf16; fwd + bwd)": _linear_logprobs,
+    "ppo_loss (64 x 4096; every term; fwd + bwd)": _ppo_loss,
+    "linear_ppo_loss (8 x 512 tokens, V 128256; bf16)": _linear_ppo_loss,
+    "gae, group_advantages, masked_whiten / mean (64 x 4096)": _advantages,
+    "sequence_logps + dpo_loss (16 x 4096)": _dpo,
+}
+
+
+def kernel_table(arch: int = 90) -> list[dict[str, Any]]:
+    """One row per distinct compiled kernel: workload, kernel, launch configuration and
+    resource usage on ``sm_<arch>``."""
+    rows, seen = [], set()
+    for workload, run in WORKLOADS.items():
+        with compile_only(arch) as compiled:
+            run()
+        for name, kernel, config in compiled:
+            key = (name, kernel.hash)
+            if key in seen:
+                continue
+            seen.add(key)
+            rows.append({"workload": workload, "kernel": name, "arch": f"sm_{arch}",
+                         "num_warps": kernel.metadata.num_warps,
+                         "num_stages": kernel.metadata.num_stages,
+                         "shared": kernel.metadata.shared, "config": config,
+                         **resource_usage(kernel)})
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = ["| kernel | workload | config | warps | regs | spill bytes | shared bytes |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        flag = " (!)" if row["local"] or row["regs"] > REGS_WARNING else ""
+        config = ", ".join(f"{k}={v}" for k, v in row["config"].items() if "BLOCK" in k)
+        lines.append(f"| {row['kernel']}{flag} | {row['workload']} | {config} | "
+                     f"{row['num_warps']} | {row['regs']} | {row['local']} | {row['shared']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = kernel_table(args.arch)
+    print(json.dumps(rows, default=str) if args.json else format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
