@@ -166,5 +166,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         written = [f"{out}.json", f"{out}.md"] + ([f"{out}.png"]
                                                   if os.path.exists(f"{out}.png") else [])
         terminalreporter.write_line(f"written: {', '.join(written)}")
+    terminalreporter.write_line(
+        f"README table and plots from these results: rlhf-fast report --results "
+        f"{session.out_dir} --readme README.md"
+    )
     if not session.gpu:
         terminalreporter.write_line(NO_GPU_NOTE)

@@ -584,7 +584,8 @@ def readme_section(results_dir: str | Path, link_from: str | Path) -> str:
     README's folder). Raises FileNotFoundError when there is no result."""
     results = Path(results_dir)
     payloads = [json.loads(path.read_text()) for path in sorted(results.glob("*.json"))]
-    payloads = [p for p in payloads if isinstance(p, dict) and "rows" in p and "info" in p]
+    payloads = [p for p in payloads
+                if isinstance(p, dict) and {"name", "rows", "info"} <= p.keys()]
     if not payloads:
         raise FileNotFoundError(f"no benchmark results (<op>.json) in {results}")
     stamps = list(dict.fromkeys(describe_info(p["info"]) for p in payloads))
