@@ -11,6 +11,8 @@ resulting cubin with the bundled cuobjdump:
   can hold, which a memory-bound kernel feels),
 * ``local``: bytes of local memory per thread, i.e. register spills (should be 0),
 * ``shared``: bytes of shared memory per program,
+* ``warps_per_sm``: how many of its warps one SM can hold at once (occupancy), from
+  those and the SM's limits,
 
 plus the launch configuration (constexprs such as the block sizes, num_warps). It runs
 the ops for real up to the kernel launches, which are compiled and not run: a stand-in
@@ -44,6 +46,25 @@ import torch
 RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 #: Registers above which an sm_90 SM holds fewer than 16 warps of 128-thread programs.
 REGS_WARNING = 128
+#: Per-SM limits by compute capability x 10: (max resident warps, max resident
+#: programs, shared memory bytes). 64K 32-bit registers on all of them.
+SM_LIMITS = {80: (64, 32, 167936), 86: (48, 16, 102400), 89: (48, 24, 102400),
+             90: (64, 32, 233472), 100: (64, 32, 233472)}
+REGISTERS_PER_SM = 65536
+#: Shared memory the driver reserves per program (sm_80 and later).
+RESERVED_SHARED = 1024
+
+
+def resident_warps(arch: int, regs: int, num_warps: int, shared: int) -> int:
+    """Warps of this kernel one SM holds at once (the occupancy limit of its registers,
+    shared memory and warps per program). Registers are allocated per warp, in units of
+    256 (i.e. per thread, rounded up to a multiple of 8)."""
+    max_warps, max_programs, shared_per_sm = SM_LIMITS[arch]
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = REGISTERS_PER_SM // (regs_per_warp * num_warps)
+    by_shared = shared_per_sm // (shared + RESERVED_SHARED)
+    programs = min(by_regs, by_shared, max_programs, max_warps // num_warps)
+    return programs * num_warps
 
 
 class _TargetOnlyDriver:
@@ -232,28 +253,32 @@ def kernel_table(arch: int = 90) -> list[dict[str, Any]]:
             if key in seen:
                 continue
             seen.add(key)
+            usage = resource_usage(kernel)
+            warps = kernel.metadata.num_warps
             rows.append({"workload": workload, "kernel": name, "arch": f"sm_{arch}",
-                         "num_warps": kernel.metadata.num_warps,
-                         "num_stages": kernel.metadata.num_stages,
-                         "shared": kernel.metadata.shared, "config": config,
-                         **resource_usage(kernel)})
+                         "num_warps": warps, "num_stages": kernel.metadata.num_stages,
+                         "shared": kernel.metadata.shared, "config": config, **usage,
+                         "warps_per_sm": resident_warps(arch, usage["regs"], warps,
+                                                        kernel.metadata.shared)})
     return rows
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    lines = ["| kernel | workload | config | warps | regs | spill bytes | shared bytes |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| kernel | workload | config | warps | regs | spill bytes | shared bytes "
+             "| resident warps / SM |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         flag = " (!)" if row["local"] or row["regs"] > REGS_WARNING else ""
         config = ", ".join(f"{k}={v}" for k, v in row["config"].items() if "BLOCK" in k)
         lines.append(f"| {row['kernel']}{flag} | {row['workload']} | {config} | "
-                     f"{row['num_warps']} | {row['regs']} | {row['local']} | {row['shared']} |")
+                     f"{row['num_warps']} | {row['regs']} | {row['local']} | {row['shared']} | "
+                     f"{row['warps_per_sm']} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SM_LIMITS),
+                        help="compute capability x 10 (default: 90, H100 / H200)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     rows = kernel_table(args.arch)

@@ -67,3 +67,32 @@ def test_the_tool_refuses_interpreted_kernels():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         with kernel_resources.compile_only(90):
             pass
+
+
+#: The kernels that stream the big tensors: bandwidth needs many warps in flight.
+STREAMING = {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_ppo_fwd_kernel",
+             "_ppo_bwd_kernel", "_ppo_token_grad_kernel", "_whiten_fwd_kernel",
+             "_whiten_bwd_kernel", "_masked_partial_stats_kernel",
+             "_sequence_logps_fwd_kernel", "_sequence_logps_bwd_kernel"}
+
+
+def test_streaming_kernels_keep_half_an_sm90_busy(sm90_rows):
+    """>= 32 resident warps per SM (half the maximum) for every kernel that streams
+    [tokens, vocab] or [B, T] data: the PPO forward at one program per row (168
+    registers at 4 warps: 12 warps per SM) would fail this."""
+    low = [(r["kernel"], r["regs"], r["num_warps"], r["warps_per_sm"])
+           for r in sm90_rows if r["kernel"] in STREAMING and r["warps_per_sm"] < 32]
+    assert not low, low
+
+
+@pytest.mark.parametrize("args, warps", [
+    ((90, 48, 8, 32), 40),       # 48 regs -> 1536 per warp: 5 programs of 8 warps
+    ((90, 168, 4, 16), 12),      # 168 -> 5376 per warp: 3 programs of 4 warps
+    ((90, 32, 4, 0), 64),        # register-light: the 64-warp limit
+    ((90, 32, 4, 100_000), 8),   # 2 programs fit in 228 KB of shared memory
+    ((86, 32, 2, 0), 32),        # sm_86: at most 16 programs
+])
+def test_resident_warps_by_hand(args, warps):
+    from rlhf_fast.benchmarks.kernel_resources import resident_warps
+
+    assert resident_warps(*args) == warps
