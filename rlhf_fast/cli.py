@@ -7,7 +7,7 @@ Subcommands:
     train dpo|ppo --model PATH_OR_ID --data FILE [--<config field> VALUE ...]
         The reference trainers on a real model: every field of DPOConfig / PPOConfig is
         a flag (``--max-steps 100``, ``--use-fused-linear`` / ``--no-use-fused-linear``).
-    bench [op ...] [--quick] [--out DIR]
+    bench [op ...] [--quick] [--out DIR] [-k EXPR]
         Run the benchmark suites shipped in ``rlhf_fast.benchmarks`` (the repository's
         ``benchmarks/`` folder, installed under that name) through pytest and
         pytest-benchmark, and write ``<op>.json`` / ``<op>.md`` under DIR.
@@ -47,7 +47,8 @@ def known_ops(directory: Path | None = None) -> dict[str, Path]:
     return {path.stem.removeprefix("bench_"): path for path in sorted(directory.glob("bench_*.py"))}
 
 
-def pytest_args(files: Sequence[Path], directory: Path, out: str, quick: bool) -> list[str]:
+def pytest_args(files: Sequence[Path], directory: Path, out: str, quick: bool,
+                select: str | None = None) -> list[str]:
     """The pytest command line that runs the suites `files` of `directory`.
 
     ``--rootdir`` and ``--confcutdir`` pin conftest discovery to the benchmark folder,
@@ -68,6 +69,8 @@ def pytest_args(files: Sequence[Path], directory: Path, out: str, quick: bool) -
     ]
     if quick:
         args.append("--quick")
+    if select:
+        args += ["-k", select]
     return args
 
 
@@ -86,7 +89,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ImportError as exc:
         parser.error(f"{exc.name} is needed to benchmark: pip install 'rlhf-fast[bench]'")
     out = str(Path(args.out).resolve())
-    return int(pytest.main(pytest_args([ops[op] for op in selected], directory, out, args.quick)))
+    files = [ops[op] for op in selected]
+    return int(pytest.main(pytest_args(files, directory, out, args.quick, args.select)))
 
 
 def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -317,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BENCH_OUT,
         metavar="DIR",
         help=f"directory for the results (default: {DEFAULT_BENCH_OUT})",
+    )
+    bench.add_argument(
+        "-k", dest="select", metavar="EXPR",
+        help="only the cases whose id matches this pytest -k expression, e.g. "
+             "'rlhf_fast and fwd+bwd' (ids: shape-dtype-mode-provider)",
     )
     bench.set_defaults(handler=_bench)
     report = commands.add_parser(

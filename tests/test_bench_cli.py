@@ -210,3 +210,18 @@ def test_report_errors_name_what_is_missing(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["report", "--results", str(tmp_path / "empty")])
     assert "no benchmark results (<op>.json)" in capsys.readouterr().err
+
+
+def test_bench_k_runs_only_the_selected_cases(tmp_path: Path) -> None:
+    """`-k` narrows a tuning rerun to some providers / modes; the results hold those only."""
+    out_dir = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, "bench", "ppo", "--quick", "--out", str(out_dir),
+         "-k", "rlhf_fast and fwd+bwd"],
+        cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = json.loads((out_dir / "ppo_loss.json").read_text())["rows"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {("rlhf_fast", "fwd+bwd")}
+    assert len(rows) == 2  # one per quick shape
+    assert "rlhf-fast report --results" in proc.stdout
