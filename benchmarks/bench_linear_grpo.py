@@ -11,7 +11,7 @@ log-probs ``[B, T]`` fp32 near the policy's (so ratios clip at both bounds), adv
 Providers (same inputs, same process):
 
 * ``rlhf_fast``: ``rlhf_fast.linear_ppo_loss(hidden, weight, ids, old_logp,
-  advantages[:, :, None], mask, clip_eps=0.2, clip_eps_high=0.28, ref_logp=ref_logp,
+  advantages[:, None], mask, clip_eps=0.2, clip_eps_high=0.28, ref_logp=ref_logp,
   kl_coef=0.04, kl_estimator="k3", agg="token-mean").loss`` (gradients computed during
   the forward where the loss is token-wise: 3 GEMMs for fwd+bwd, 1 for fwd).
 * ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss(beta=0.04, epsilon_low=0.2,
