@@ -164,16 +164,10 @@ def _eager_fwd_bwd(*args: torch.Tensor) -> torch.Tensor:
     return eager_dpo_loss(*args)
 
 
-# One compiled function per mode (dynamo caches graphs per code object and falls back to
-# eager past its recompile limit): each sees the 2 GPU shapes only. Compiled lazily.
-_compiled: dict[str, Callable[..., torch.Tensor]] = {}
-
-
 def compiled_dpo_loss(mode: str) -> Callable[..., torch.Tensor]:
-    if mode not in _compiled:
-        target = _eager_fwd if mode == "fwd" else _eager_fwd_bwd
-        _compiled[mode] = torch.compile(target, dynamic=False)
-    return _compiled[mode]
+    """``torch.compile`` of ``eager``, one function per mode: each sees the GPU shapes only
+    (dynamo's per-function graph limit, see ``harness.compiled``)."""
+    return harness.compiled(_eager_fwd if mode == "fwd" else _eager_fwd_bwd)
 
 
 def provider_fn(provider: str, mode: str) -> Callable[..., torch.Tensor]:

@@ -104,13 +104,8 @@ def rlhf_fast_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
     return rlhf_fast.gae(rewards, values, mask, gamma=GAMMA, lam=LAM)
 
 
-_compiled: list[Callable[..., Outputs]] = []
-
-
 def compiled_loop_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> Outputs:
-    if not _compiled:
-        _compiled.append(torch.compile(loop_gae, dynamic=False))
-    return _compiled[0](rewards, values, mask)
+    return harness.compiled(loop_gae)(rewards, values, mask)
 
 
 PROVIDER_FNS: dict[str, Callable[..., Outputs]] = {

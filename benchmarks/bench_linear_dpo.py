@@ -160,15 +160,10 @@ def _eager_fwd_bwd(*args: torch.Tensor) -> torch.Tensor:
     return eager_linear_dpo(*args)
 
 
-_compiled: dict[str, LossFn] = {}
-
-
 def compiled_linear_dpo(mode: str) -> LossFn:
-    """``torch.compile`` of ``eager``, one code object per mode (see the dpo suite)."""
-    if mode not in _compiled:
-        target = _eager_fwd if mode == "fwd" else _eager_fwd_bwd
-        _compiled[mode] = torch.compile(target, dynamic=False)
-    return _compiled[mode]
+    """``torch.compile`` of ``eager``, one function per mode: each sees the GPU shapes only
+    (dynamo's per-function graph limit, see ``harness.compiled``)."""
+    return harness.compiled(_eager_fwd if mode == "fwd" else _eager_fwd_bwd)
 
 
 def liger_linear_dpo(loss_cls: Any, device: torch.device) -> LossFn:

@@ -179,16 +179,10 @@ def _eager_fwd_bwd(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return eager_linear_logprobs(hidden, weight, labels)
 
 
-# One compiled function per mode (dynamo caches graphs per code object and falls back to
-# eager past its recompile limit): each sees the 2 GPU shapes only. Compiled lazily.
-_compiled: dict[str, LogProbsFn] = {}
-
-
 def compiled_linear_logprobs(mode: str) -> LogProbsFn:
-    if mode not in _compiled:
-        target = _eager_fwd if mode == "fwd" else _eager_fwd_bwd
-        _compiled[mode] = torch.compile(target, dynamic=False)
-    return _compiled[mode]
+    """``torch.compile`` of ``eager``, one function per mode: each sees the GPU shapes only
+    (dynamo's per-function graph limit, see ``harness.compiled``)."""
+    return harness.compiled(_eager_fwd if mode == "fwd" else _eager_fwd_bwd)
 
 
 #: Each peer's entry point: (provider, module, attribute).

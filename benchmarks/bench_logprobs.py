@@ -160,17 +160,11 @@ def _eager_logp_entropy(logits: torch.Tensor, labels: torch.Tensor) -> Outputs:
     return eager_logprobs(logits, labels, True)
 
 
-# One compiled function per output set: dynamo caches graphs per code object and falls
-# back to eager past its recompile limit (8), so each code object here sees at most
-# (shapes x dtypes x grad / no grad) = 6 variants. Compiled lazily, on the GPU only.
-_compiled: dict[bool, Callable[[torch.Tensor, torch.Tensor], Outputs]] = {}
-
-
 def _compiled_eager(logits: torch.Tensor, labels: torch.Tensor, return_entropy: bool) -> Outputs:
-    if return_entropy not in _compiled:
-        target = _eager_logp_entropy if return_entropy else _eager_logp
-        _compiled[return_entropy] = torch.compile(target, dynamic=False)
-    return _compiled[return_entropy](logits, labels)
+    """``torch.compile`` of ``eager``, one function per output set: each sees (shapes x
+    dtypes x grad / no grad) = 6 variants, under dynamo's per-function graph limit."""
+    target = _eager_logp_entropy if return_entropy else _eager_logp
+    return harness.compiled(target)(logits, labels)
 
 
 def liger_logprobs(loss_cls: Any) -> Callable[[torch.Tensor, torch.Tensor, bool], Outputs]:

@@ -807,6 +807,15 @@ def peer_entry(
     return entry, None
 
 
+@functools.cache
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(fn, dynamic=False)``, built once per function, on first use (the
+    suites skip their compile provider on the CPU). Dynamo keeps a bounded number of
+    graphs per code object (8) and falls back to eager past it, silently: a suite whose
+    shapes x (grad, no grad) would pass that compiles a separate function per mode."""
+    return torch.compile(fn, dynamic=False)
+
+
 #: Side of the square bf16 GEMM whose rate is the roofline (CUDA; the CPU one is smaller).
 GEMM_RATE_SIZE = 8192
 GEMM_RATE_SIZE_CPU = 512
