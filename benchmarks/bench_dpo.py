@@ -230,6 +230,11 @@ def pair_labels(pairs: int, t: int, v: int, gen: torch.Generator) -> torch.Tenso
     return labels.masked_fill(~keep, IGNORE_INDEX)
 
 
+#: The policy's float64 reference sequence log-probs per (shape, device): one chunked float64
+#: pass over the logits per shape, not per provider (the inputs are seeded).
+_policy_ref64: dict[tuple[tuple[int, int, int], str], torch.Tensor] = {}
+
+
 def make_inputs(shape: tuple[int, int, int], device: torch.device) -> Inputs:
     """Random logits (std 2, one sequence at a time: no fp32 copy of the whole tensor),
     per-pair prompt lengths, right-padded answers (one full-length answer on each side),
@@ -245,7 +250,10 @@ def make_inputs(shape: tuple[int, int, int], device: torch.device) -> Inputs:
 
     labels = pair_labels(pairs, t, v, gen)
 
-    policy_ref64 = reference_sequence_logps(logits, labels)
+    key = (shape, str(device))
+    if key not in _policy_ref64:
+        _policy_ref64[key] = reference_sequence_logps(logits, labels)
+    policy_ref64 = _policy_ref64[key]
     margin = torch.randn(rows, generator=gen, device=device, dtype=torch.float64) * MARGIN_STD
     ref = (policy_ref64 - margin).float()
     return Inputs(logits, labels, ref[:pairs].clone(), ref[pairs:].clone(), policy_ref64)

@@ -315,6 +315,11 @@ def advantages(b: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(b, generator=gen, device=gen.device).abs() * signs
 
 
+#: The policy's float64 reference token log-probs per (shape, device): one chunked float64
+#: pass over the logits per shape, not per provider (the inputs are seeded).
+_logp64: dict[tuple[tuple[int, int, int], str], torch.Tensor] = {}
+
+
 def make_inputs(shape: tuple[int, int, int], device: torch.device) -> Inputs:
     """Random logits (std 2, one sequence at a time: no fp32 copy of the whole tensor),
     right-padded completions (one full-length), old / reference log-probs near the
@@ -331,7 +336,10 @@ def make_inputs(shape: tuple[int, int, int], device: torch.device) -> Inputs:
     lengths[0] = t
     mask = torch.arange(t, device=device).unsqueeze(0) < lengths.unsqueeze(1)
 
-    logp64 = reference_token_logps(logits, ids)
+    key = (shape, str(device))
+    if key not in _logp64:
+        _logp64[key] = reference_token_logps(logits, ids)
+    logp64 = _logp64[key]
     old_logp, ref_logp = policy_neighbours(logp64, gen)
     return Inputs(logits, ids, mask, old_logp, ref_logp, advantages(b, gen), logp64)
 
