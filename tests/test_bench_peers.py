@@ -123,15 +123,18 @@ def test_grpo_inputs_clip_at_both_bounds_but_never_sit_on_one():
 
 @pytest.mark.parametrize("mode", bench_linear_grpo.MODES)
 @pytest.mark.parametrize("provider", ["rlhf_fast", "liger", "eager"])
-def test_linear_grpo_providers_pass_the_gate(provider: str, mode: str):
-    """rlhf_fast.linear_ppo_loss, Liger-Kernel's chunked fused linear GRPO loss (pure
-    PyTorch: no interpreter needed) and eager on materialised logits, against float64."""
-    shape = bench_linear_grpo.QUICK_SHAPES[-1]
-    assert bench_linear_grpo.unavailable(provider, CPU) is None
-    inp = bench_linear_grpo.make_inputs(shape, CPU)
-    fn = bench_linear_grpo.provider_fn(provider, mode, CPU)
-    case = bench_linear_grpo.Case(shape, mode, provider)
-    ok, errors = bench_linear_grpo.gate_loss_from_hidden(case, inp, fn)
+@pytest.mark.parametrize("suite", [bench_linear_grpo, bench_linear_dpo],
+                         ids=["linear_grpo", "linear_dpo"])
+def test_hidden_state_loss_providers_pass_the_gate(suite, provider: str, mode: str):
+    """rlhf_fast.linear_ppo_loss / linear_dpo_loss, Liger-Kernel's chunked fused linear
+    GRPO / DPO losses (pure PyTorch: no interpreter needed; its DPO runs the reference
+    model inside) and eager on materialised logits, against float64."""
+    shape = suite.QUICK_SHAPES[-1]
+    assert suite.unavailable(provider, CPU) is None
+    inp = suite.make_inputs(shape, CPU)
+    fn = suite.provider_fn(provider, mode, CPU)
+    ok, errors = bench_linear_grpo.gate_loss_from_hidden(suite.Case(shape, mode, provider),
+                                                         inp, fn)
     assert ok, errors
     assert set(errors) == (
         {"loss"} if mode == "fwd" else {"loss", "grad_hidden", "grad_weight"}
@@ -151,23 +154,6 @@ def test_linear_grpo_gate_rejects_a_loss_averaged_over_the_padding():
         case = bench_linear_grpo.Case(shape, mode, "eager")
         ok, errors = bench_linear_grpo.gate_loss_from_hidden(case, inp, padded_mean)
         assert not ok, errors
-
-
-@pytest.mark.parametrize("mode", bench_linear_dpo.MODES)
-@pytest.mark.parametrize("provider", ["rlhf_fast", "liger", "eager"])
-def test_linear_dpo_providers_pass_the_gate(provider: str, mode: str):
-    """rlhf_fast.linear_dpo_loss (reference log-probs by linear_logprobs), Liger-Kernel's
-    chunked fused linear DPO loss (reference model inside) and eager, against float64."""
-    shape = bench_linear_dpo.QUICK_SHAPES[-1]
-    assert bench_linear_dpo.unavailable(provider, CPU) is None
-    inp = bench_linear_dpo.make_inputs(shape, CPU)
-    fn = bench_linear_dpo.provider_fn(provider, mode, CPU)
-    case = bench_linear_dpo.Case(shape, mode, provider)
-    ok, errors = bench_linear_grpo.gate_loss_from_hidden(case, inp, fn)
-    assert ok, errors
-    assert set(errors) == (
-        {"loss"} if mode == "fwd" else {"loss", "grad_hidden", "grad_weight"}
-    )
 
 
 def test_linear_dpo_gate_rejects_liger_misconfigured_to_average_log_probs():
