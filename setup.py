@@ -11,7 +11,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["rlhf_fast", "rlhf_fast.ops", "rlhf_fast.trainers", "rlhf_fast.kernels",
+    packages=["rlhf_fast", "rlhf_fast.ops", "rlhf_fast.trainers", "rlhf_fast.integrations",
+              "rlhf_fast.kernels",
               "rlhf_fast.benchmarks"],
     package_data={"rlhf_fast": ["data/*.jsonl", "data/*.txt"]},
     package_dir={
@@ -23,10 +24,13 @@ setup(
     extras_require={
         # liger-kernel: its kernels run in the Triton interpreter, so CI gates the
         # benchmark's adapters to it (cut-cross-entropy's do not: GPU-only peer).
-        "test": ["pytest>=7", "pytest-benchmark>=4", "ruff", "matplotlib", "liger-kernel==0.8.5"],
+        # trl: pinned, since rlhf_fast.integrations.trl patches one of its internals.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "ruff", "matplotlib", "liger-kernel==0.8.5",
+                 "trl==1.16.0"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "liger-kernel>=0.8",
                   "cut-cross-entropy"],
         "plot": ["matplotlib"],
+        "trl": ["trl>=1.15"],
     },
     entry_points={"console_scripts": ["rlhf-fast=rlhf_fast.cli:main"]},
 )

@@ -78,3 +78,17 @@ def test_trainers_snippet_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs/readme/dpo/final/config.json").is_file()
     assert (tmp_path / "runs/readme/ppo/checkpoint-2.pt").is_file()
     assert all(0 <= r["reward"] <= 1 for r in ns["ppo_metrics"])
+
+
+def test_trl_snippet_patches_and_unpatches():
+    from trl.trainer import utils
+
+    original = utils._ChunkedLogProbFunction
+    ns: dict = {}
+    exec(python_blocks()[7], ns)
+    assert utils._ChunkedLogProbFunction is original
+    ns["rlhf_trl"].patch_trl()
+    try:
+        assert utils._ChunkedLogProbFunction is ns["rlhf_trl"].RlhfFastLogProbFunction
+    finally:
+        ns["rlhf_trl"].unpatch_trl()

@@ -1,0 +1,129 @@
+"""Drop rlhf-fast into TRL: its trainers' fused LM head computes with `linear_logprobs`.
+
+TRL (>= 1.15) scores completions without full logits: `add_fused_lm_head` patches the
+model so that ``model(..., labels=labels, fused_lm_head=True)`` returns per-token
+``log_probs`` (and ``entropy``), and DPOTrainer, GRPOTrainer, RLOOTrainer, KTOTrainer and
+SFTTrainer all call it that way. Inside, one autograd function does the work on the
+valid positions: ``trl.trainer.utils._ChunkedLogProbFunction(hidden [N, D], weight
+[V, D], bias, targets [N], temperature, chunk_size, final_logit_softcapping,
+logit_scale, outputs)``. `patch_trl` swaps that function for `rlhf_fast.linear_logprobs`
+and leaves the rest of TRL as it is (PEFT, FSDP, MoE auxiliary loss, sequence
+parallelism, its losses), so a trainer changes by one line:
+
+    import rlhf_fast.integrations.trl as rlhf_trl
+    rlhf_trl.patch_trl()          # before or after building the trainer
+    trainer = trl.DPOTrainer(...)
+
+Calls our kernel cannot serve as well as TRL go to TRL's own function unchanged:
+
+* a final-logit softcap (Gemma 2) or a non-positive logit scale (a positive scale s
+  folds into the temperature: z = s * logits / T = logits / (T / s));
+* per-token outputs other than ``log_probs`` and ``entropy``: DPOTrainer, KTOTrainer and
+  SFTTrainer ask their policy for ``mean_logits`` / ``is_top1`` (metrics), so there
+  only the reference model's forward runs on rlhf-fast; GRPOTrainer and RLOOTrainer
+  run both policy and reference on it;
+* hidden and weight not both already in the compute dtype (the autocast dtype under
+  autocast), e.g. fp32 master weights under bf16 autocast. TRL then runs its GEMMs in
+  bf16 but returns fp32 gradients; `linear_logprobs` computes in its inputs' dtype, so
+  the casts would round d hidden and d weight to bf16 (what eager autocast does, but
+  less than TRL gives). A model loaded in bf16 is served.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from rlhf_fast.ops.linear_logprobs import linear_logprobs
+
+#: The per-token outputs `linear_logprobs` computes; TRL's function returns five slots.
+SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy"})
+#: TRL's function's forward arguments after ctx, in the order `add_fused_lm_head` passes.
+TRL_ARGUMENTS = ("hidden", "weight", "bias", "targets", "temperature", "chunk_size",
+                 "final_logit_softcapping", "logit_scale", "outputs")
+
+
+def _trl_utils() -> Any:
+    try:
+        from trl.trainer import utils
+    except ImportError as error:
+        raise ImportError("patch_trl needs TRL: pip install 'trl>=1.15'") from error
+    return utils
+
+
+def _check_trl_function(function: Any) -> None:
+    """Raise unless `function` takes the arguments this integration passes it."""
+    forward = getattr(function, "forward", None)
+    names = () if forward is None else tuple(inspect.signature(forward).parameters)[1:]
+    if names != TRL_ARGUMENTS:
+        import trl
+
+        raise RuntimeError(
+            f"patch_trl supports TRL versions whose trl.trainer.utils._ChunkedLogProbFunction "
+            f"takes {TRL_ARGUMENTS} (TRL 1.15 to 1.16); TRL {trl.__version__} has "
+            f"{names or function!r}"
+        )
+
+
+def _served(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    final_logit_softcapping: float | None, logit_scale: float, outputs: tuple[str, ...],
+) -> bool:
+    """Whether `linear_logprobs` computes this call exactly as TRL would (see above)."""
+    device = hidden.device.type
+    compute = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+               else hidden.dtype)
+    return (final_logit_softcapping is None and logit_scale > 0
+            and SUPPORTED_OUTPUTS.issuperset(outputs)
+            and hidden.dtype == weight.dtype == compute
+            and (bias is None or bias.dtype == compute))
+
+
+class RlhfFastLogProbFunction:
+    """Stands in for TRL's ``_ChunkedLogProbFunction``: the same ``apply`` signature and
+    result, ``(log_probs [N], entropy [N] or None, None, None, None)`` in fp32, computed by
+    `rlhf_fast.linear_logprobs`; calls it cannot serve go to `trl_function`."""
+
+    trl_function: Any = None
+
+    @classmethod
+    def apply(
+        cls, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        targets: torch.Tensor, temperature: float, chunk_size: int,
+        final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
+        outputs: tuple[str, ...] = ("log_probs",),
+    ) -> tuple[torch.Tensor | None, ...]:
+        if not _served(hidden, weight, bias, final_logit_softcapping, logit_scale, outputs):
+            return cls.trl_function.apply(
+                hidden, weight, bias, targets, temperature, chunk_size,
+                final_logit_softcapping, logit_scale, outputs,
+            )
+        result = linear_logprobs(
+            hidden, weight, targets, bias=bias, temperature=temperature / logit_scale,
+            return_entropy="entropy" in outputs,
+        )
+        log_probs, entropy = result if "entropy" in outputs else (result, None)
+        return log_probs, entropy, None, None, None
+
+
+def patch_trl() -> None:
+    """Route TRL's fused LM head (every trainer that calls
+    ``model(..., fused_lm_head=True)``) through `rlhf_fast.linear_logprobs`. Idempotent;
+    `unpatch_trl` undoes it. Raises ImportError without TRL and RuntimeError for a TRL
+    whose internals this integration does not know."""
+    utils = _trl_utils()
+    function = getattr(utils, "_ChunkedLogProbFunction", None)
+    if function is RlhfFastLogProbFunction:
+        return
+    _check_trl_function(function)
+    RlhfFastLogProbFunction.trl_function = function
+    utils._ChunkedLogProbFunction = RlhfFastLogProbFunction
+
+
+def unpatch_trl() -> None:
+    """Give TRL its own fused LM head back (a no-op when it was not patched)."""
+    utils = _trl_utils()
+    if getattr(utils, "_ChunkedLogProbFunction", None) is RlhfFastLogProbFunction:
+        utils._ChunkedLogProbFunction = RlhfFastLogProbFunction.trl_function
