@@ -146,6 +146,12 @@ def _dpo_terms(a, b, beta, eps, log_keep, log_flip, LOSS: tl.constexpr):
 
 
 @triton.jit
+def _at_least_one(length):
+    # max(length, 1) that keeps a NaN length NaN, as torch.clamp does (tl.maximum drops it).
+    return tl.where(length < 1.0, 1.0, length)
+
+
+@triton.jit
 def _log_ratios(pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok,
                 acc_dtype: tl.constexpr, HAS_REF: tl.constexpr, LENGTH_NORM: tl.constexpr):
     """(a, b, 1 / Lc, 1 / Lr) of the pairs at `offs`."""
@@ -155,8 +161,8 @@ def _log_ratios(pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok,
         a -= tl.load(rc_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
         b -= tl.load(rr_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
     if LENGTH_NORM:
-        inv_lc = 1.0 / tl.maximum(tl.load(lc_ptr + offs, mask=ok, other=1).to(acc_dtype), 1.0)
-        inv_lr = 1.0 / tl.maximum(tl.load(lr_ptr + offs, mask=ok, other=1).to(acc_dtype), 1.0)
+        inv_lc = 1.0 / _at_least_one(tl.load(lc_ptr + offs, mask=ok, other=1).to(acc_dtype))
+        inv_lr = 1.0 / _at_least_one(tl.load(lr_ptr + offs, mask=ok, other=1).to(acc_dtype))
         a *= inv_lc
         b *= inv_lr
     else:

@@ -71,6 +71,15 @@ def lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch.addmm(bias, hidden, weight.T)
 
 
+def zero_ignored_rows(
+    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """hidden with the rows of ignored tokens zeroed: their d logits rows are 0, but
+    0 * NaN is NaN, so a NaN hidden state at padding (attention over a fully masked row
+    makes them) would reach d weight = d logits^T hidden."""
+    return hidden.masked_fill((labels == ignore_index).unsqueeze(-1), 0)
+
+
 def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -131,6 +140,7 @@ def linear_logprobs_backward(
         for grad in (d_weight, d_bias):
             if grad is not None:
                 grad.zero_()
+    hidden = zero_ignored_rows(hidden, labels, ignore_index)
     step = vocab_chunk(n_tokens)
     for start in range(0, vocab if n_tokens else 0, step):
         cols = slice(start, min(start + step, vocab))
@@ -228,7 +238,8 @@ def linear_ppo_forward_backward(
         if needs_hidden:
             torch.mm(d_logits, weight, out=d_hidden[rows])
         if needs_weight:
-            _accumulate_weight_grad(d_weight, d_logits, hidden[rows])
+            _accumulate_weight_grad(d_weight, d_logits,
+                                    zero_ignored_rows(hidden[rows], labels[rows], ignore_index))
         if needs_bias:
             d_bias += d_logits.sum(0, dtype=acc_dtype)
     return (

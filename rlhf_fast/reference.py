@@ -88,7 +88,10 @@ def linear_logprobs(
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`logprobs` of the materialised logits ``hidden @ weight.T + bias`` (in the input
-    dtype, as a model's lm_head computes them). hidden ``[..., D]``, weight ``[V, D]``."""
+    dtype, as a model's lm_head computes them). hidden ``[..., D]``, weight ``[V, D]``.
+    Ignored rows are zeroed first: their hidden state (NaN at fully masked padding, say)
+    reaches neither an output nor a gradient."""
+    hidden = hidden.masked_fill((labels == ignore_index).unsqueeze(-1), 0)
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
@@ -153,7 +156,7 @@ def aggregate(
         return (row_sums / row_counts.clamp(min=1)).sum() / n_seqs
     if agg == "seq-mean-token-sum":
         return row_sums.sum() / n_seqs
-    return row_sums.sum() / (mask.shape[0] * max_len)
+    return row_sums.sum() / max(mask.shape[0] * max_len, 1)  # B or T = 0: no token, 0
 
 
 def ppo_loss(

@@ -687,3 +687,16 @@ def _call(loss_type="sigmoid", **overrides):
 def test_bad_inputs_raise_clear_errors(overrides, error, match):
     with pytest.raises(error, match=match):
         _call(**overrides)
+
+
+@pytest.mark.parametrize("loss_type", sorted(reference.DPO_LENGTH_NORMALISED_TYPES))
+def test_nan_length_gives_nan_for_its_pair(loss_type):
+    """max(length, 1) must keep a NaN length NaN (as torch.clamp does), not read it as 1."""
+    policy = torch.tensor([-5.0, -6.0])
+    zeros = torch.zeros(2)
+    kw = dict(loss_type=loss_type, chosen_lengths=torch.tensor([float("nan"), 3.0]),
+              rejected_lengths=torch.tensor([2.0, 2.0]), reduction="none")
+    out = rlhf_fast.dpo_loss(policy, policy - 1, zeros, zeros, **kw).loss
+    ref = reference.dpo_loss(policy, policy - 1, zeros, zeros, **kw).loss
+    assert out[0].isnan() and ref[0].isnan()
+    assert rel_err(out[1], ref[1]) < 1e-6

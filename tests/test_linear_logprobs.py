@@ -597,3 +597,33 @@ def test_linear_dpo_loss_needs_stacked_pairs(shape):
     labels = torch.zeros(shape[:-1], dtype=torch.long)
     with pytest.raises(ValueError, match="hidden_chosen_and_rejected must have shape"):
         rlhf_fast.linear_dpo_loss(hidden, torch.randn(11, 8), labels, labels != 0, None, None)
+
+
+def test_nan_hidden_state_at_ignored_or_masked_tokens_reaches_no_gradient():
+    """Attention over a fully masked padding row can give a NaN hidden state there; with
+    d weight = d logits^T hidden, 0 * NaN would spread it over the whole gradient."""
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    with torch.no_grad():
+        hidden[0, 1] = float("nan")
+    weight = torch.randn(7, 4, requires_grad=True)
+    labels = torch.tensor([[1, -100, 2], [3, 4, 5]])
+    mask = labels != -100
+    clean = hidden.detach().clone()
+    clean[0, 1] = 0.0
+    for fn in (rlhf_fast.linear_logprobs, reference.linear_logprobs):
+        logp = fn(hidden, weight, labels)
+        assert logp[0, 1] == 0 and not logp.isnan().any()
+        grads = torch.autograd.grad(logp.sum(), (hidden, weight))
+        expected = torch.autograd.grad(fn(clean.requires_grad_(), weight, labels).sum(),
+                                       (clean, weight))
+        for grad, want in zip(grads, expected):
+            assert not grad.isnan().any() and rel_err(grad, want) < 1e-6
+    masked_labels = labels.clamp(min=0)  # valid labels, but outside the mask
+    ppo = rlhf_fast.linear_ppo_loss(hidden, weight, masked_labels, torch.zeros(2, 3),
+                                    torch.randn(2, 3), mask)
+    dpo = rlhf_fast.linear_dpo_loss(hidden, weight, masked_labels, mask, torch.zeros(1),
+                                    torch.zeros(1))
+    for loss in (ppo.loss, dpo.loss):
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        assert loss.isfinite() and all(not g.isnan().any() for g in grads)
+        assert not grads[0][0, 1].any()

@@ -366,3 +366,27 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
     monkeypatch.setenv("RLHF_FAST_BACKEND", "triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         rlhf_fast.logprobs(logits, labels)
+
+
+def test_inplace_backward_refuses_logits_that_share_memory():
+    base = torch.randn(1, 3, 5, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 3))
+    with pytest.raises(ValueError, match=r"inplace_backward=True needs logits .* \(0, 5, 1\)"):
+        rlhf_fast.logprobs(base.expand(2, 3, 5), labels, inplace_backward=True)
+    # out of place, the expanded view's gradient is the reference's
+    rlhf_fast.logprobs(base.expand(2, 3, 5), labels).sum().backward()
+    base64 = base.detach().double().requires_grad_()
+    reference.logprobs(base64.expand(2, 3, 5), labels).sum().backward()
+    assert rel_err(base.grad, base64.grad) < 1e-5
+
+
+def test_second_backward_after_inplace_backward_raises():
+    """The first in-place backward turned the logits into their gradient; autograd must
+    know, or a retained graph would read the gradient as logits."""
+    w = torch.randn(2, 5, requires_grad=True)
+    logp = rlhf_fast.logprobs(w * 1, torch.tensor([0, 1]), inplace_backward=True)
+    logp.sum().backward(retain_graph=True)
+    expected = torch.autograd.grad(reference.logprobs(w.double(), torch.tensor([0, 1])).sum(), w)
+    assert rel_err(w.grad, expected[0]) < 1e-5
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logp.sum().backward()

@@ -327,3 +327,12 @@ def test_backend_switch_gives_same_result(monkeypatch):
     b, _ = run(rlhf_fast.ppo_loss, batch, **FULL)
     for x, y in itertools.zip_longest(a, b):
         assert x.item() == pytest.approx(y.item(), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_time_dimension_gives_zero_on_both_backends(monkeypatch, backend):
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    empty = torch.zeros(2, 0)
+    for agg in AGG_MODES:
+        out = rlhf_fast.ppo_loss(empty, empty, empty, empty.bool(), agg=agg)
+        assert out.loss.item() == 0.0, agg

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -72,3 +75,26 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def differentiable_once(backward: Callable) -> Callable:
+    """`once_differentiable` that also refuses a backward run with create_graph=True.
+
+    once_differentiable raises only when an incoming gradient itself requires grad; in a
+    Hessian-vector product (create_graph=True on a scalar loss) none does, and the
+    second-order terms would silently come out as zero.
+    """
+    first_order = once_differentiable(backward)
+    op = backward.__qualname__.split(".")[0]
+
+    @functools.wraps(backward)
+    def guarded(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{op} is differentiable once: backward with create_graph=True (second "
+                "derivatives, Hessian-vector products) is not supported; use the ops of "
+                "rlhf_fast.reference for those"
+            )
+        return first_order(ctx, *grads)
+
+    return guarded

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import dpo as kernel
@@ -15,6 +14,7 @@ from rlhf_fast.ops.checks import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.reference import (
@@ -43,7 +43,7 @@ class DPOLossFunction(torch.autograd.Function):
         return loss, chosen_rewards, rejected_rewards, stats
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, grad_loss, _grad_chosen, _grad_rejected, _grad_stats):
         grads = kernel.dpo_backward(
             grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,

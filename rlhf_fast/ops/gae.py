@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import gae as kernel
@@ -36,6 +35,7 @@ from rlhf_fast.ops.checks import (
     check_same_shape,
     check_tensor,
     check_unit_interval,
+    differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
 
@@ -249,7 +249,7 @@ class MaskedMeanFunction(torch.autograd.Function):
         return mean.view(out_shape)
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, grad):
         rows_m, count = ctx.saved_tensors
         dx = kernel.masked_mean_backward(grad.reshape(-1).contiguous(), rows_m, count, ctx.x_dtype)
@@ -317,7 +317,7 @@ class MaskedWhitenFunction(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, grad):
         flat_x, flat_m, *stats = ctx.saved_tensors
         dx = kernel.masked_whiten_backward(

@@ -10,7 +10,6 @@ backward's recompute GEMM.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import linear_logprobs as kernel
@@ -18,10 +17,13 @@ from rlhf_fast.kernels import ppo as ppo_kernel
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    MASK_DTYPES,
     check_int,
     check_positive,
     check_same_device,
+    check_same_shape,
     check_tensor,
+    differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.ops.dpo import dpo_loss
@@ -48,7 +50,7 @@ class LinearLogProbsFunction(torch.autograd.Function):
         return logp
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, g_logp, g_entropy=None):
         hidden, weight, bias, labels, row_stats, entropy = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
@@ -203,6 +205,11 @@ def linear_dpo_loss(
             "hidden_chosen_and_rejected must have shape [2B, T, D] (chosen rows first), "
             f"got {tuple(hidden.shape)}"
         )
+    # Tokens outside the mask are ignored outright: no NaN hidden state there can reach a
+    # gradient through 0 * NaN.
+    check_tensor("mask", mask, MASK_DTYPES)
+    check_same_shape("mask", mask, "labels", labels)
+    labels = labels.masked_fill(mask == 0, ignore_index)
     token_logp = linear_logprobs(
         hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
         check_labels=check_labels,
@@ -256,7 +263,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         return outputs[0], statistics
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, grad_loss, _grad_statistics):
         grads = tuple(None if g is None else g * grad_loss.to(g.dtype)
                       for g in ctx.saved_tensors)
@@ -332,6 +339,8 @@ def linear_ppo_loss(
         kl_estimator=kl_estimator, entropy_coef=entropy_coef, value_clip=value_clip,
         vf_coef=vf_coef, agg=agg, max_len=max_len,
     )
+    # Tokens outside the mask are ignored outright (see linear_dpo_loss).
+    labels = labels.masked_fill(tensors["mask"] == 0, ignore_index)
     if not use_triton(hidden):
         logp, entropy = reference.linear_logprobs(
             hidden, weight, labels, bias=bias, temperature=temperature,

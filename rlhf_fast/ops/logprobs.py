@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.autograd.graph import increment_version
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import logprobs as kernel
@@ -14,6 +14,7 @@ from rlhf_fast.ops.checks import (
     check_positive,
     check_same_device,
     check_tensor,
+    differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
 
@@ -43,7 +44,7 @@ class LogProbsFunction(torch.autograd.Function):
         return logp.view(shape)
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, g_logp, g_entropy=None):
         logits, labels, row_stats, entropy = ctx.saved_tensors
         if g_logp is None and g_entropy is None:
@@ -60,7 +61,23 @@ class LogProbsFunction(torch.autograd.Function):
             ctx.ignore_index,
             ctx.inplace_backward,
         )
+        if ctx.inplace_backward:
+            # The logits now hold their gradient: tell autograd, so that anything that
+            # saved them (a second backward through this op, say) raises instead of
+            # reading the gradient as logits.
+            increment_version(logits)
         return grad, None, None, None, None, None
+
+
+def overlaps_itself(tensor: torch.Tensor) -> bool:
+    """Whether two elements of `tensor` may share memory: sorted by stride, each dim must
+    step past everything the smaller-stride dims span (stride 0 of an expand() fails)."""
+    span = 1
+    for stride, size in sorted((st, n) for st, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride < span:
+            return True
+        span += (size - 1) * stride
+    return False
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -134,6 +151,12 @@ def logprobs(
     if check_labels:
         check_label_range(labels, logits.shape[-1], ignore_index)
 
+    if inplace_backward and overlaps_itself(logits):
+        raise ValueError(
+            "inplace_backward=True needs logits whose elements do not share memory, got "
+            f"strides {logits.stride()} for shape {tuple(logits.shape)} (an expand()ed "
+            "view?); pass inplace_backward=False"
+        )
     if not use_triton(logits):
         return reference.logprobs(
             logits,

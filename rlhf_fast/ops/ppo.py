@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import ppo as kernel
-from rlhf_fast.ops.checks import FLOAT_DTYPES, MASK_DTYPES, check_same_device, check_tensor
+from rlhf_fast.ops.checks import (
+    FLOAT_DTYPES,
+    MASK_DTYPES,
+    check_same_device,
+    check_tensor,
+    differentiable_once,
+)
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.reference import AGG_MODES, KL_ESTIMATORS, PPOLossOutput
 
@@ -32,7 +37,7 @@ class PPOLossFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, grad_outputs):
         counts, row_stats, logp, old_logp, adv, mask, ref, values, old_v, ret = ctx.saved_tensors
         needs_logp, needs_entropy, needs_values = ctx.needs_input_grad[:3]

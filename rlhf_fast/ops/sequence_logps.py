@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import sequence_logps as kernel
@@ -16,6 +15,7 @@ from rlhf_fast.ops.checks import (
     check_same_device,
     check_same_shape,
     check_tensor,
+    differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
 
@@ -36,7 +36,7 @@ class SequenceLogpsFunction(torch.autograd.Function):
         return out.view(token_logp.shape[:-1])
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once
     def backward(ctx, grad):
         rows_m, count = ctx.saved_tensors
         dx = kernel.sequence_logps_backward(
