@@ -140,7 +140,8 @@ def linear_logprobs_backward(
         for grad in (d_weight, d_bias):
             if grad is not None:
                 grad.zero_()
-    hidden = zero_ignored_rows(hidden, labels, ignore_index)
+    if needs_weight:  # d hidden rows of ignored tokens are 0 * W: no copy needed for it
+        hidden = zero_ignored_rows(hidden, labels, ignore_index)
     step = vocab_chunk(n_tokens)
     for start in range(0, vocab if n_tokens else 0, step):
         cols = slice(start, min(start + step, vocab))
