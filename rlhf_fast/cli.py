@@ -214,11 +214,24 @@ def import_function(spec: str) -> Callable[..., Any]:
     return function
 
 
+def check_output_dir(config: Any, parser: argparse.ArgumentParser) -> None:
+    """A fresh run's output_dir must hold no checkpoints (the trainers check it too, but
+    only once the models are loaded: minutes, for a large one)."""
+    from rlhf_fast.trainers.common import check_no_checkpoints
+
+    if config.resume_from is None:
+        try:
+            check_no_checkpoints(config.output_dir)
+        except ValueError as exc:
+            parser.error(str(exc))
+
+
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rlhf_fast.trainers import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
 
+    config = config_from_args(DPOConfig if args.algorithm == "dpo" else PPOConfig, args, parser)
+    check_output_dir(config, parser)
     if args.algorithm == "dpo":
-        config = config_from_args(DPOConfig, args, parser)
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         trainer = DPOTrainer(
             load_causal_lm(args.model),
@@ -227,7 +240,6 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             config=config,
         )
     else:
-        config = config_from_args(PPOConfig, args, parser)
         if (args.reward_model is None) == (args.reward_fn is None):
             parser.error("train ppo needs exactly one of --reward-model or --reward-fn")
         try:

@@ -21,7 +21,12 @@ from typing import Any
 
 import torch
 
-from rlhf_fast.trainers.common import TokenLogprobs, example_indices, setup_run
+from rlhf_fast.trainers.common import (
+    TokenLogprobs,
+    checkpoints_by_step,
+    example_indices,
+    setup_run,
+)
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
@@ -122,6 +127,14 @@ class DemoSizes:
         return cls(warmup_steps=20, dpo_steps=4, ppo_steps=2)
 
 
+def clear_checkpoints(directory: Path) -> None:
+    """Delete the checkpoint-<step>.pt an earlier demo left in `directory`. The demo
+    always starts afresh (its other outputs are overwritten), and the trainers refuse to
+    start afresh beside checkpoints that resume_from="latest" would pick up."""
+    for path in checkpoints_by_step(directory):
+        path.unlink()
+
+
 def sample_answers(model: Any, tokenizer: Any, prompts: list[str]) -> list[str]:
     """Greedy answers to `prompts`, to show what the model says."""
     answers = []
@@ -161,6 +174,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, seed: int = 0,
     print(f"      token loss {warm_loss:.3f}; it says: {before}")
 
     print("[2/3] DPO on shipped preference pairs (chosen answers are kind)")
+    clear_checkpoints(out / "dpo")
     dpo = DPOTrainer(model, tokenizer=tokenizer,
                      train_dataset=DATA / "preferences_train.jsonl",
                      eval_dataset=DATA / "preferences_eval.jsonl",
@@ -172,6 +186,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, seed: int = 0,
     after_dpo = sample_answers(model, tokenizer, probe)
 
     print("[3/3] PPO (critic + GAE) on a reward function: the share of kind adjectives")
+    clear_checkpoints(out / "ppo")
     ppo = PPOTrainer(model, tokenizer=tokenizer, prompts=DATA / "prompts.txt",
                      reward_fn_or_model=kindness_reward,
                      config=PPOConfig(output_dir=str(out / "ppo"), lr=1e-4, kl_coef=0.05,

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import rlhf_fast
 from rlhf_fast.cli import build_parser, main
 from rlhf_fast.demo import DATA, read_jsonl, tiny_llama, train_tokenizer
 from rlhf_fast.trainers import DPOConfig, PPOConfig
@@ -110,6 +111,20 @@ def test_bad_flags_are_usage_errors_naming_the_field(flags, field, capsys):
     assert field in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("algorithm", ["dpo", "ppo"])
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_a_usage_error(algorithm, tmp_path,
+                                                                     capsys):
+    """Refused before loading anything: the model path here does not exist."""
+    (tmp_path / "checkpoint-3.pt").write_bytes(b"an earlier run's")
+    reward = ["--reward-fn", "rlhf_fast.demo:kindness_reward"] if algorithm == "ppo" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", algorithm, "--model", "no/such/model", "--data", "unused", *reward,
+              "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "already holds 1 checkpoint(s)" in error and "pass resume_from" in error
+
+
 def test_ppo_needs_exactly_one_reward(saved_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "ppo", "--model", str(saved_model), "--data", str(DATA / "prompts.txt"),
@@ -134,11 +149,15 @@ torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{trainer.run.rank
 
 
 def _run_ranks(script: Path, args: list[str], world: int, port: int) -> None:
+    # the ranks import the rlhf_fast under test (this checkout), not whatever install
+    # `import rlhf_fast` finds from the script's folder
+    tested = str(Path(rlhf_fast.__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [tested, os.environ.get("PYTHONPATH")]))
     processes = []
     for rank in range(world):
         env = dict(os.environ, RLHF_FAST_BACKEND="torch", WORLD_SIZE=str(world), RANK=str(rank),
                    LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   CUDA_VISIBLE_DEVICES="")
+                   CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
         env.pop("TRITON_INTERPRET", None)
         processes.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
@@ -166,6 +185,55 @@ def test_dpo_under_ddp_matches_one_process_with_the_global_batch(saved_model, tm
     logged = _lines(tmp_path / "ddp" / "metrics.jsonl")
     alone = _lines(tmp_path / "single" / "metrics.jsonl")
     assert logged[-1]["loss"] == pytest.approx(alone[-1]["loss"], rel=1e-4)
+
+
+PPO_DDP_RESUME_SCRIPT = """
+import os, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from rlhf_fast.trainers import PPOConfig, PPOTrainer
+model_dir, prompts, out = sys.argv[1:]
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+def train(name, max_steps, resume_from=None):
+    config = PPOConfig(output_dir=os.path.join(out, name), advantage_estimator="grpo",
+                       group_size=2, max_steps=max_steps, rollout_batch_size=2,
+                       mini_batch_size=4, ppo_epochs=1, max_new_tokens=6, lr=1e-3,
+                       save_steps=1, seed=7, resume_from=resume_from, device="cpu")
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    trainer = PPOTrainer(policy, tokenizer=tokenizer, prompts=prompts, config=config,
+                         reward_fn_or_model=lambda p, answers: [len(a) / 10 for a in answers])
+    trainer.train()
+    torch.save(policy.state_dict(), os.path.join(out, name, f"rank{trainer.run.rank}.pt"))
+
+train("a", 2)
+train("b", 1)
+train("b", 2, "latest")
+"""
+
+
+def test_ppo_resume_under_ddp_restores_each_ranks_random_streams(saved_model, tmp_path):
+    """Two gloo processes: 2 iterations equal 1 + resume + 1. Each process samples with
+    its own random streams (seed + rank: the same noise on every rank would correlate
+    their answers), and the checkpoint keeps every rank's, not only rank 0's."""
+    script = tmp_path / "ddp_ppo_resume.py"
+    script.write_text(PPO_DDP_RESUME_SCRIPT)
+    port = 29500 + (os.getpid() + 500) % 1000
+    _run_ranks(script, [str(saved_model), str(DATA / "prompts.txt"), str(tmp_path)], 2, port)
+
+    rng = torch.load(tmp_path / "b" / "checkpoint-1.pt", weights_only=False)["rng"]
+    assert isinstance(rng, list) and len(rng) == 2
+    assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    for rank in (0, 1):
+        a = torch.load(tmp_path / "a" / f"rank{rank}.pt")
+        b = torch.load(tmp_path / "b" / f"rank{rank}.pt")
+        assert all(torch.equal(a[name], b[name]) for name in a), rank
+
+    def logged(run):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"}
+                for r in _lines(tmp_path / run / "metrics.jsonl")]
+
+    assert [r["step"] for r in logged("a")] == [1, 2]
+    assert logged("a") == logged("b")
 
 
 def test_plot_curves_writes_a_png_or_says_why_not(tmp_path, monkeypatch, capsys):

@@ -10,6 +10,8 @@ checks; the demo entry point.
 import copy
 import json
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -17,7 +19,13 @@ import torch.nn.functional as F
 
 import rlhf_fast
 from rlhf_fast import demo, reference
-from rlhf_fast.trainers.common import ValueModel, example_indices
+from rlhf_fast.cli import main
+from rlhf_fast.trainers.common import (
+    TokenLogprobs,
+    ValueModel,
+    example_indices,
+    save_pretrained_atomic,
+)
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, collate_pairs
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
@@ -487,6 +495,124 @@ def test_ppo_resume_equals_uninterrupted_run(tokenizer, tmp_path, torch_backend,
     assert no_temp_files(tmp_path / "a") and no_temp_files(tmp_path / "b")
 
 
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_drops_the_metrics_logged_after_the_checkpoint(tokenizer, tmp_path,
+                                                               torch_backend):
+    """A run that dies after logging steps past its last checkpoint: the resumed run logs
+    those steps again, so the file keeps one row per step (and no line cut short)."""
+    records = [json.loads(line) for line in TRAIN.read_text().splitlines()[:16]]
+
+    def trainer(resume_from=None):
+        config = DPOConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4, lr=LR,
+                           logging_steps=1, save_steps=2, max_length=40,
+                           max_prompt_length=16, seed=5, resume_from=resume_from,
+                           device="cpu")
+        return DPOTrainer(demo.tiny_llama(tokenizer, hidden_size=32, seed=2),
+                          tokenizer=tokenizer, train_dataset=records, config=config)
+
+    crashed = trainer()
+    optimizer_step = crashed.optimizer_step
+
+    def dies_in_step_4():
+        if crashed.step == 3:
+            raise RuntimeError("killed")
+        return optimizer_step()
+
+    crashed.optimizer_step = dies_in_step_4
+    with pytest.raises(RuntimeError, match="killed"):
+        crashed.train()
+    metrics = tmp_path / "metrics.jsonl"
+    logged = _lines(metrics)
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    with metrics.open("a") as f:
+        f.write('{"step": 4, "lo')  # the kill came mid-write
+
+    resumed = trainer("latest")
+    assert resumed.step == 2
+    assert _lines(metrics) == logged[:2]
+    log = resumed.train()
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert metric_equal(log[:3], logged, 1)  # step 3 again, as the crashed run had it
+    assert no_temp_files(tmp_path)
+
+
+def test_a_fresh_run_refuses_an_output_dir_holding_checkpoints(tokenizer, other_model,
+                                                                tmp_path):
+    """resume_from="latest" after a crash would resume the newest checkpoint in
+    output_dir, an earlier run's when the new run has not saved one yet."""
+    (tmp_path / "checkpoint-6.pt").write_bytes(b"an earlier run's")
+    expected = (rf"^output_dir {re.escape(repr(str(tmp_path)))} already holds 1 "
+                r"checkpoint\(s\) of an earlier run \(newest: checkpoint-6.pt\); pass "
+                r"resume_from .* or choose an empty output_dir$")
+    with pytest.raises(ValueError, match=expected):
+        DPOTrainer(copy.deepcopy(other_model), tokenizer=tokenizer, train_dataset=TRAIN,
+                   config=DPOConfig(output_dir=str(tmp_path), device="cpu"))
+    with pytest.raises(ValueError, match=expected):
+        PPOTrainer(copy.deepcopy(other_model), reward_fn_or_model=demo.kindness_reward,
+                   tokenizer=tokenizer, prompts=PROMPTS,
+                   config=PPOConfig(output_dir=str(tmp_path), device="cpu"))
+
+
+def test_restore_rng_states_takes_this_ranks_own_state():
+    """Checkpoints hold a list indexed by rank; older ones one state (rank 0's). A rank
+    the checkpoint has no state for (resuming on more processes) keeps its own."""
+    from rlhf_fast.trainers.common import Run, restore_rng_states, rng_state
+
+    def run(rank):
+        return Run(rank=rank, world=2, device=torch.device("cpu"), precision="fp32")
+
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(rng_state())
+    restore_rng_states(states, run(1))
+    assert torch.equal(torch.get_rng_state(), states[1]["torch"])
+    restore_rng_states(states[0], run(0))  # an older checkpoint's single state
+    assert torch.equal(torch.get_rng_state(), states[0]["torch"])
+    torch.manual_seed(3)
+    own = torch.get_rng_state()
+    restore_rng_states(states[0], run(1))
+    assert torch.equal(torch.get_rng_state(), own)
+
+
+class _Saves:
+    """What save_pretrained_atomic uses of a model: save_pretrained."""
+
+    def __init__(self, version):
+        self.version = version
+
+    def save_pretrained(self, directory, state_dict=None):
+        if self.version is None:
+            raise OSError("disk full")
+        (directory / "weights").write_text(self.version)
+
+
+def test_save_pretrained_atomic_recovers_from_a_crash_during_the_swap(tmp_path):
+    final, old = tmp_path / "final", tmp_path / ".final.old"
+
+    def saved():
+        return (final / "weights").read_text(), sorted(p.name for p in tmp_path.iterdir())
+
+    save_pretrained_atomic(_Saves("v1"), None, final)
+    assert saved() == ("v1", ["final"])
+    # killed while deleting the replaced version: a stale, half-deleted .final.old
+    old.mkdir()
+    (old / "weights").write_text("v0")
+    save_pretrained_atomic(_Saves("v2"), None, final)
+    assert saved() == ("v2", ["final"])
+    # killed between the two renames: .final.old is the previous version, final is gone
+    os.replace(final, old)
+    save_pretrained_atomic(_Saves("v3"), None, final)
+    assert saved() == ("v3", ["final"])
+    # a failed save keeps the previous version and leaves no temp folder
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained_atomic(_Saves(None), None, final)
+    assert saved() == ("v3", ["final"])
+
+
 # --- bad configs and inputs ---------------------------------------------------------------
 
 
@@ -502,10 +628,65 @@ def test_ppo_resume_equals_uninterrupted_run(tokenizer, tmp_path, torch_backend,
     (PPOConfig, dict(kl_estimator="k9"), "PPOConfig.kl_estimator"),
     (PPOConfig, dict(advantage_estimator="grpo", group_size=1), "PPOConfig.group_size"),
     (PPOConfig, dict(advantage_estimator="dpo"), "PPOConfig.advantage_estimator"),
+    (PPOConfig, dict(lr=math.inf), "PPOConfig.lr"),
+    (PPOConfig, dict(max_steps=2.5), "PPOConfig.max_steps"),
+    (PPOConfig, dict(max_steps=True), "PPOConfig.max_steps"),
+    (PPOConfig, dict(warmup_steps=2.5), "PPOConfig.warmup_steps"),
+    (PPOConfig, dict(seed=-1), "PPOConfig.seed"),
+    (PPOConfig, dict(use_fused_linear="yes"), "PPOConfig.use_fused_linear"),
+    (DPOConfig, dict(beta=math.inf), "DPOConfig.beta"),
+    (DPOConfig, dict(save_steps=0.5), "DPOConfig.save_steps"),
+    (DPOConfig, dict(resume_from=""), "DPOConfig.resume_from"),
 ])
 def test_bad_config_names_the_field(cls, options, field):
     with pytest.raises(ValueError, match=rf"^{field} must be "):
         cls(**options)
+
+
+@pytest.mark.parametrize("cls, options, message", [
+    (PPOConfig, dict(clip_eps=1.5), "PPOConfig.clip_eps must be in (0, 1), got 1.5"),
+    (PPOConfig, dict(save_steps=0.5), "PPOConfig.save_steps must be an int >= 0, got 0.5"),
+    (PPOConfig, dict(missing_eos_penalty=math.nan),
+     "PPOConfig.missing_eos_penalty must be a finite float or None, got nan"),
+    (DPOConfig, dict(max_steps=2.5), "DPOConfig.max_steps must be an int >= 0, got 2.5"),
+    (DPOConfig, dict(eval_steps=1.5), "DPOConfig.eval_steps must be an int >= 0, got 1.5"),
+    (DPOConfig, dict(num_epochs=math.inf),
+     "DPOConfig.num_epochs must be a finite float > 0, got inf"),
+    (DPOConfig, dict(reference_free=True, precompute_ref_logps=True),
+     "DPOConfig.precompute_ref_logps must be False with reference_free=True (there is no "
+     "reference to score)"),
+    (DPOConfig, dict(disable_dropout="no"),
+     "DPOConfig.disable_dropout must be True or False, got 'no'"),
+])
+def test_bad_config_message_names_the_field_and_the_expected_value(cls, options, message):
+    with pytest.raises(ValueError) as error:
+        cls(**options)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("field", ["clip_eps", "clip_eps_high", "dual_clip", "kl_coef",
+                                   "entropy_coef", "vf_coef", "value_clip"])
+def test_ppo_config_accepts_only_what_ppo_loss_accepts(field, torch_backend):
+    """A config that passes its checks must not fail at the first update: each value of
+    a ppo_loss argument that PPOConfig accepts, ppo_loss accepts too."""
+    x = torch.zeros(2, 3)
+    tensors = dict(logp=x, old_logp=x, advantages=x, mask=torch.ones(2, 3), ref_logp=x,
+                   entropy=x, values=x, old_values=x, returns=x)
+    accepted = []
+    for value in (-1.0, 0.0, 0.2, 1.0, 1.5, 5.0, math.inf, math.nan):
+        try:
+            config = PPOConfig(**{field: value})
+        except ValueError as error:
+            assert str(error).startswith(f"PPOConfig.{field} must be "), error
+            continue
+        rlhf_fast.ppo_loss(**tensors, clip_eps=config.clip_eps,
+                           clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip,
+                           kl_coef=config.kl_coef, kl_estimator=config.kl_estimator,
+                           entropy_coef=config.entropy_coef, value_clip=config.value_clip,
+                           vf_coef=config.vf_coef, agg=config.agg,
+                           max_len=config.max_new_tokens)
+        accepted.append(value)
+    assert 0 < len(accepted) < 8
 
 
 def test_bad_inputs_are_rejected(tokenizer, other_model, tmp_path):
@@ -576,6 +757,12 @@ def test_run_demo_quick(tmp_path, torch_backend):
         assert (tmp_path / stage / "final" / "config.json").is_file()
         assert (tmp_path / stage / "final" / "tokenizer.json").is_file()
     assert (tmp_path / "ppo" / "value_model.pt").is_file()
+
+    # again, into the same folder (its checkpoints are the demo's own): the same run
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    for stage, first in (("dpo", dpo_log), ("ppo", ppo_log)):
+        again = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").open()]
+        assert metric_equal(again, first, 1), stage
 
 
 # --- options that must not change the math ---------------------------------------------------
@@ -680,6 +867,69 @@ def test_left_padded_rollouts_score_as_if_unpadded_with_absolute_positions(
                                        atol=1e-5)
 
 
+def _granite(logits_scaling):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                           logits_scaling=logits_scaling)
+    torch.manual_seed(0)
+    return GraniteForCausalLM(config).eval()
+
+
+def test_fused_linear_refuses_models_that_transform_their_logits(tokenizer, torch_backend):
+    """linear_logprobs is log softmax(hidden @ lm_head.weight.T): a model that scales or
+    caps its logits would get wrong log-probs, silently, so it is refused."""
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.ones_like(ids)
+    plain = _granite(1.0)  # a scale of 1 is no transform
+    with torch.no_grad():
+        torch.testing.assert_close(TokenLogprobs(plain, fused_linear=True)(ids, mask),
+                                   TokenLogprobs(plain, fused_linear=False)(ids, mask),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(logits_scaling=8.0\).*set use_fused_linear=False"):
+        TokenLogprobs(_granite(8.0), fused_linear=True)
+    # what other architectures read (Falcon-H1, MuseGlimmer, Cohere, Gemma), set on a Llama;
+    # a soft cap is no identity even at 1: tanh(x / 1) * 1
+    model = demo.tiny_llama(tokenizer, hidden_size=32)
+    for attribute, value in (("lm_head_multiplier", 2.0), ("output_multiplier", 0.5),
+                             ("logit_scale", 0.25), ("final_logit_softcapping", 1.0)):
+        setattr(model.config, attribute, value)
+        with pytest.raises(ValueError, match=rf"\({attribute}={value}\)"):
+            TokenLogprobs(model, fused_linear=True)
+        setattr(model.config, attribute, None)
+    TokenLogprobs(model, fused_linear=True)
+    # a multimodal model keeps them in its text config
+    text_config = copy.deepcopy(model.config)
+    text_config.lm_head_multiplier = 3.0
+    model.config.get_text_config = lambda **kwargs: text_config
+    with pytest.raises(ValueError, match=r"\(lm_head_multiplier=3.0\)"):
+        TokenLogprobs(model, fused_linear=True)
+
+
+def test_ppo_rollout_ignores_the_models_generation_config(warm_model, tokenizer, tmp_path,
+                                                          torch_backend):
+    """old_logp is the plain policy's log-prob at `temperature`: the answers must be
+    sampled from it, whatever processing a hub model's generation_config asks for."""
+    def rollout(policy, name):
+        config = PPOConfig(output_dir=str(tmp_path / name), advantage_estimator="grpo",
+                           group_size=2, rollout_batch_size=4, mini_batch_size=8,
+                           max_new_tokens=12, seed=3, device="cpu")
+        return PPOTrainer(policy, tokenizer=tokenizer, prompts=PROMPTS,
+                          reward_fn_or_model=demo.kindness_reward, config=config).rollout(0)
+
+    plain = rollout(copy.deepcopy(warm_model), "plain")
+    model = copy.deepcopy(warm_model)
+    own = model.generation_config
+    own.repetition_penalty, own.no_repeat_ngram_size, own.top_k = 1.5, 2, 5
+    own.suppress_tokens, own.min_new_tokens = [tokenizer.eos_token_id], 12
+    got = rollout(model, "own")
+    assert plain.mask.sum(1).min() < 12  # answers stop at EOS, which own would forbid
+    assert torch.equal(got.sequences, plain.sequences)
+    torch.testing.assert_close(got.old_logp, plain.old_logp, rtol=0, atol=0)
+    assert model.generation_config is own  # put back after the rollout
+
+
 def _gpt2(tokenizer, seed: int = 0):
     """A tiny GPT-2: dropout 0.1 on embeddings, attention and residuals by default."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -774,5 +1024,5 @@ def test_save_total_limit_keeps_the_last_checkpoints_and_resume_still_works(
     trainer.train()
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint-3.pt",
                                                              "checkpoint-4.pt"]
-    with pytest.raises(ValueError, match="save_total_limit must be >= 0"):
+    with pytest.raises(ValueError, match="save_total_limit must be an int >= 0"):
         PPOConfig(save_total_limit=-1)

@@ -12,12 +12,13 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -51,16 +52,52 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
+# Config attributes by which models transform ``hidden @ lm_head.weight.T`` before the
+# softmax, which linear_logprobs does not reproduce. Soft caps, tanh(x / c) * c, are not
+# the identity for any c (Gemma 2/3, RecurrentGemma) ...
+LOGIT_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
+# ... and scales are, at 1: Cohere's logit_scale and Falcon-H1's lm_head_multiplier
+# multiply, Granite's logits_scaling divides (HyperCLOVA X's multiplies), MuseGlimmer's
+# output_multiplier multiplies.
+LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def model_configs(model: nn.Module) -> list[Any]:
+    """The model's config and, when it nests one (multimodal models), its text decoder's
+    config, where the logit transforms of the language model are set."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    configs = [config]
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        text_config = get_text_config(decoder=True)
+        if text_config is not None and text_config is not config:
+            configs.append(text_config)
+    return configs
+
+
+def logit_transform(model: nn.Module) -> tuple[str, Any] | None:
+    """The first (attribute, value) of the model's configs that transforms its logits,
+    or None when the logits are plain ``hidden @ lm_head.weight.T (+ bias)``."""
+    for config in model_configs(model):
+        for attribute in LOGIT_SOFTCAPS + LOGIT_SCALES:
+            value = getattr(config, attribute, None)
+            if value is None or (attribute in LOGIT_SCALES and value == 1.0):
+                continue
+            return attribute, value
+    return None
+
+
 def check_fused_linear_supported(model: nn.Module) -> None:
     """Raise when the model's logits are not ``hidden @ lm_head.weight.T (+ bias)``."""
-    config = getattr(model, "config", None)
-    for attribute in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, attribute, None) not in (None, 1.0):
-            raise ValueError(
-                f"use_fused_linear: this model transforms its logits ({attribute}="
-                f"{getattr(config, attribute)}), which linear_logprobs does not; "
-                "set use_fused_linear=False"
-            )
+    transform = logit_transform(model)
+    if transform is not None:
+        attribute, value = transform
+        raise ValueError(
+            f"use_fused_linear: this model transforms its logits ({attribute}={value}), "
+            "which linear_logprobs does not; set use_fused_linear=False"
+        )
     if not isinstance(model.get_output_embeddings(), nn.Linear):
         raise ValueError("use_fused_linear needs an nn.Linear lm_head; set use_fused_linear=False")
     if is_fsdp2_sharded(model):
@@ -219,15 +256,44 @@ def frozen(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+_UNSET = object()
+
+
 class FieldChecker:
-    """``check(field, ok, expected)`` raises ValueError "<Owner>.<field> must be <expected>"."""
+    """``check(field, ok, expected[, value])`` raises ValueError "<Owner>.<field> must be
+    <expected>" (", got <value>" when given)."""
 
     def __init__(self, owner: str):
         self.owner = owner
 
-    def __call__(self, field: str, ok: bool, expected: str) -> None:
+    def __call__(self, field: str, ok: bool, expected: str, value: Any = _UNSET) -> None:
         if not ok:
-            raise ValueError(f"{self.owner}.{field} must be {expected}")
+            got = "" if value is _UNSET else f", got {value!r}"
+            raise ValueError(f"{self.owner}.{field} must be {expected}{got}")
+
+    def ints(self, config: Any, names: tuple[str, ...], minimum: int) -> None:
+        """Each field an int >= minimum (counts of steps: 2.5 steps is a typo, not a plan)."""
+        for name in names:
+            value = getattr(config, name)
+            self(name, is_int(value) and value >= minimum, f"an int >= {minimum}", value)
+
+    def bools(self, config: Any, names: tuple[str, ...], optional: bool = False) -> None:
+        """Each field True or False (or None when optional): "no" would read as True."""
+        for name in names:
+            value = getattr(config, name)
+            ok = isinstance(value, bool) or (optional and value is None)
+            self(name, ok, "True, False or None" if optional else "True or False", value)
+
+
+def is_int(value: Any) -> bool:
+    """An int and not a bool (True would pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    """A finite real number (not a bool, NaN or an infinity)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 # --- the run: processes, device, precision, seeds ----------------------------------------
@@ -308,6 +374,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_process(seed: int, run: Run) -> None:
+    """Seed this process's random streams with ``seed + rank``.
+
+    With one seed for all, every process would draw the same sampling noise (and dropout
+    masks). Nothing that must agree across processes reads these streams: DDP broadcasts
+    rank 0's weights when it wraps the model, and the data order comes from generators
+    seeded by `seed` alone (`example_indices`).
+    """
+    seed_everything(seed + run.rank)
+
+
 def rng_state() -> dict[str, Any]:
     """Every random stream a training step draws from, to restore on resume."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -321,6 +398,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(run: Run) -> list[dict[str, Any]] | None:
+    """Every process's `rng_state`, as a list indexed by rank on the main process (None
+    on the others). A collective with several processes: every process must call it."""
+    state = rng_state()
+    if run.world == 1:
+        return [state]
+    gathered: list[Any] | None = [None] * run.world if run.is_main else None
+    dist.gather_object(state, gathered, dst=0)
+    return gathered
+
+
+def restore_rng_states(saved: dict[str, Any] | list[dict[str, Any]], run: Run) -> None:
+    """Restore this process's streams from a checkpoint's "rng": a list indexed by rank
+    (`gather_rng_states`) or one state (checkpoints written before that: rank 0's).
+
+    A process with no saved state (the run resumes on more processes than wrote the
+    checkpoint) keeps the streams `seed_process` gave it, distinct from the others'.
+    """
+    states = saved if isinstance(saved, list) else [saved]
+    if run.rank < len(states):
+        set_rng_state(states[run.rank])
 
 
 def warmup_then_constant(optimizer: torch.optim.Optimizer, warmup_steps: int):
@@ -350,15 +450,32 @@ def example_indices(num_examples: int, batch_size: int, run: Run, seed: int,
 
 
 class MetricsLog:
-    """Metrics of the main process to stdout (above the progress bar) and a JSONL file."""
+    """Metrics of the main process to stdout (above the progress bar) and a JSONL file.
 
-    def __init__(self, path: Path, enabled: bool, resume: bool):
+    resume_step: None starts the file afresh; a resumed run passes its checkpoint's step,
+    and the rows logged after it (by the interrupted run, which the resumed run logs
+    again) are dropped.
+    """
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.path = path
         self.enabled = enabled
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not resume:
+            if resume_step is None:
                 path.write_text("")
+            elif path.exists():
+                self._keep_through(resume_step)
+
+    def _keep_through(self, step: int) -> None:
+        """Rewrite the file (atomically: a crash keeps the old one) with the rows of
+        steps <= step; a line cut short by a crash mid-write is dropped too."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            record = _json_or_none(line)
+            if isinstance(record, dict) and record.get("step", math.inf) <= step:
+                kept.append(line + "\n")
+        replace_atomic(self.path, lambda f: f.write("".join(kept).encode()))
 
     def write(self, step: int, metrics: dict[str, float], progress: Any = None) -> None:
         if not self.enabled:
@@ -373,6 +490,13 @@ class MetricsLog:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _short(value: float) -> str:
@@ -425,16 +549,16 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str):
 # --- checkpoints ---------------------------------------------------------------------------
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename over `path`.
+def replace_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write` a temp file in path's folder, then rename it over `path`.
 
-    A crash mid-write leaves the previous checkpoint intact: the rename is atomic.
+    A crash mid-write leaves the previous file intact: the rename is atomic.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
@@ -442,6 +566,11 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename over `path`."""
+    replace_atomic(path, lambda f: torch.save(state, f))
 
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -482,6 +611,18 @@ def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
     return found[-1]
 
 
+def check_no_checkpoints(output_dir: str | Path) -> None:
+    """Refuse to start a run afresh in a folder holding checkpoints: after a crash,
+    resume_from="latest" would pick the newest checkpoint there, maybe an earlier run's."""
+    found = checkpoints_by_step(output_dir)
+    if found:
+        raise ValueError(
+            f"output_dir {str(output_dir)!r} already holds {len(found)} checkpoint(s) of an "
+            f"earlier run (newest: {found[-1].name}); pass resume_from (\"latest\" or a "
+            "checkpoint file) to continue it, or choose an empty output_dir"
+        )
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -489,19 +630,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def save_pretrained_atomic(model: nn.Module, tokenizer: Any, directory: Path,
                            state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """`save_pretrained` (of `state_dict` if given: the gathered weights of a sharded
-    model) into a temp folder, then swap it in for `directory`."""
+    model) into a temp folder, then swap it in for `directory`.
+
+    The swap renames `directory` to ``.<name>.old``, the new folder to `directory`, then
+    deletes the old one. A crash in between leaves ``.<name>.old`` behind: without
+    `directory` it is the previous version (the crash fell between the two renames), and
+    the next save replaces it; beside `directory` it is stale, and is deleted first.
+    """
+    old = directory.with_name(f".{directory.name}.old")
+    if old.exists() and directory.exists():
+        shutil.rmtree(old)
     directory.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    model.save_pretrained(temp, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(temp)
-    old = directory.with_name(f".{directory.name}.old")
+    try:
+        model.save_pretrained(temp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(temp)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     if directory.exists():
         os.replace(directory, old)
     os.replace(temp, directory)
     if old.exists():
-        import shutil
-
         shutil.rmtree(old)
 
 

@@ -38,25 +38,27 @@ from rlhf_fast.trainers.common import (
     MetricsLog,
     TokenLogprobs,
     batches,
+    check_no_checkpoints,
     checkpoint_path,
     disable_dropout,
     enable_gradient_checkpointing,
     example_indices,
     frozen,
+    gather_rng_states,
     gather_training_state,
     host_floats,
+    is_finite,
     load_checkpoint,
     load_records,
     plot_curves,
     progress_bar,
     prune_checkpoints,
     resolve_checkpoint,
+    restore_rng_states,
     restore_training_state,
-    rng_state,
     save_atomic,
     save_pretrained_atomic,
-    seed_everything,
-    set_rng_state,
+    seed_process,
     setup_run,
     warmup_then_constant,
     wrap_ddp,
@@ -120,7 +122,7 @@ class DPOConfig:
     """Zero the trained models' dropout (as TRL does), so the policy and the frozen
     reference agree before the first step; False keeps the models' own rates."""
     seed: int = 0
-    """Seeds the data order and every random stream."""
+    """Seeds the data order and, as seed + the process's rank, every random stream."""
     logging_steps: int = 10
     """Log the mean of the metrics every this many optimizer steps."""
     eval_steps: int = 0
@@ -137,30 +139,38 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         require = FieldChecker("DPOConfig")
-        require("beta", self.beta > 0, "> 0")
+        require("beta", is_finite(self.beta) and self.beta > 0, "a finite float > 0",
+                self.beta)
         require("loss_type", self.loss_type in DPO_LOSS_TYPES, f"one of {DPO_LOSS_TYPES}")
         require("label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
         require("label_smoothing",
                 self.label_smoothing == 0 or self.loss_type in DPO_LABEL_SMOOTHING_TYPES,
                 f"0 for loss_type {self.loss_type!r} (it applies to {DPO_LABEL_SMOOTHING_TYPES})")
+        require.bools(self, ("reference_free", "precompute_ref_logps", "gradient_checkpointing",
+                             "disable_dropout"))
+        require.bools(self, ("use_fused_linear",), optional=True)
         require("reference_free",
                 not self.reference_free or self.loss_type in DPO_REFERENCE_FREE_TYPES,
                 f"False for loss_type {self.loss_type!r} (allowed for "
                 f"{DPO_REFERENCE_FREE_TYPES})")
-        require("lr", self.lr > 0, "> 0")
-        require("weight_decay", self.weight_decay >= 0, ">= 0")
-        require("warmup_steps", self.warmup_steps >= 0, ">= 0")
-        require("max_grad_norm", self.max_grad_norm >= 0, ">= 0")
-        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "max_length", "max_prompt_length"):
-            require(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
-                    "an int >= 1")
+        # there is no reference to score: the flag would be silently ignored
+        require("precompute_ref_logps", not (self.reference_free and self.precompute_ref_logps),
+                "False with reference_free=True (there is no reference to score)")
+        require("lr", is_finite(self.lr) and self.lr > 0, "a finite float > 0", self.lr)
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            require(name, is_finite(value) and value >= 0, "a finite float >= 0", value)
+        require.ints(self, ("batch_size", "eval_batch_size", "gradient_accumulation_steps",
+                            "logging_steps", "max_length", "max_prompt_length"), 1)
+        require.ints(self, ("warmup_steps", "max_steps", "eval_steps", "save_steps",
+                            "save_total_limit", "seed"), 0)
         require("max_prompt_length", self.max_prompt_length < self.max_length,
                 f"< max_length ({self.max_length}), leaving room for the answer")
-        require("num_epochs", self.num_epochs > 0, "> 0")
-        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
-            require(name, getattr(self, name) >= 0, ">= 0")
+        require("num_epochs", is_finite(self.num_epochs) and self.num_epochs > 0,
+                "a finite float > 0", self.num_epochs)
         require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
+        require("resume_from", self.resume_from is None or self.resume_from != "",
+                'a checkpoint file, "latest" or None', self.resume_from)
 
 
 @dataclass
@@ -243,8 +253,10 @@ class DPOTrainer:
                  tokenizer: Any, train_dataset: Any, eval_dataset: Any = None,
                  config: DPOConfig | None = None):
         self.config = config = config or DPOConfig()
+        if config.resume_from is None:
+            check_no_checkpoints(config.output_dir)
         self.run = setup_run(config.precision, config.device)
-        seed_everything(config.seed)
+        seed_process(config.seed, self.run)
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
@@ -286,7 +298,7 @@ class DPOTrainer:
         if config.resume_from is not None:
             self._load(resolve_checkpoint(config.resume_from, config.output_dir))
         self.log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", self.run.is_main,
-                              resume=config.resume_from is not None)
+                              resume_step=None if config.resume_from is None else self.step)
         if config.precompute_ref_logps and self.reference is not None and not self.ref_logps:
             self.ref_logps = {"train": self._score_all(self.train_pairs)}
             if self.eval_pairs is not None:
@@ -458,6 +470,7 @@ class DPOTrainer:
         Every process must call it (under FSDP2 the weights are gathered from all)."""
         path = checkpoint_path(self.config.output_dir, self.step)
         weights, optimizer = gather_training_state(self.model, self.optimizer)
+        rng = gather_rng_states(self.run)
         if not self.run.is_main:
             return None
         save_atomic({
@@ -467,7 +480,7 @@ class DPOTrainer:
             "scheduler": self.scheduler.state_dict(),
             "window": self.window,
             "ref_logps": self.ref_logps,
-            "rng": rng_state(),
+            "rng": rng,
             "config": asdict(self.config),
         }, path)
         prune_checkpoints(path, self.config.save_total_limit)
@@ -480,7 +493,7 @@ class DPOTrainer:
         self.step = state["step"]
         self.window = state["window"]
         self.ref_logps = state["ref_logps"]
-        set_rng_state(state["rng"])
+        restore_rng_states(state["rng"], self.run)
 
 
 __all__ = ["DPOConfig", "DPOTrainer", "PairBatch", "tokenize_pairs", "collate_pairs"]

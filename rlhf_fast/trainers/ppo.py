@@ -18,12 +18,13 @@ One iteration, top to bottom (`PPOTrainer.train`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,31 +39,36 @@ from rlhf_fast.trainers.common import (
     TokenLogprobs,
     ValueModel,
     as_value_module,
+    check_no_checkpoints,
     checkpoint_path,
     disable_dropout,
     enable_gradient_checkpointing,
     example_indices,
     frozen,
+    gather_rng_states,
     gather_training_state,
     host_floats,
+    is_finite,
     load_checkpoint,
     load_records,
     plot_curves,
     progress_bar,
     prune_checkpoints,
     resolve_checkpoint,
+    restore_rng_states,
     restore_training_state,
-    rng_state,
     save_atomic,
     save_pretrained_atomic,
-    seed_everything,
-    set_rng_state,
+    seed_process,
     setup_run,
     strip_prefix,
     unwrap,
     warmup_then_constant,
     wrap_ddp,
 )
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 ESTIMATORS = ("gae", "grpo")
 RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
@@ -146,7 +152,8 @@ class PPOConfig:
     """Zero the trained models' dropout (as TRL does), so the policy and the frozen
     reference agree before the first step; False keeps the models' own rates."""
     seed: int = 0
-    """Seeds the prompt order and every random stream (sampling included)."""
+    """Seeds the prompt order and, as seed + the process's rank, every random stream
+    (sampling included)."""
     logging_steps: int = 1
     """Log every this many iterations."""
     save_steps: int = 0
@@ -163,34 +170,60 @@ class PPOConfig:
         require = FieldChecker("PPOConfig")
         require("advantage_estimator", self.advantage_estimator in ESTIMATORS,
                 f"one of {ESTIMATORS}")
-        for name in ("max_steps", "rollout_batch_size", "group_size", "mini_batch_size",
-                     "ppo_epochs", "max_prompt_length", "max_new_tokens", "logging_steps"):
-            require(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
-                    "an int >= 1")
+        require.ints(self, ("max_steps", "rollout_batch_size", "group_size", "mini_batch_size",
+                            "ppo_epochs", "max_prompt_length", "max_new_tokens",
+                            "logging_steps"), 1)
+        require.ints(self, ("warmup_steps", "save_steps", "save_total_limit", "seed"), 0)
         require("group_size", self.advantage_estimator != "grpo" or self.group_size >= 2,
                 ">= 2 for advantage_estimator='grpo'")
-        require("lr", self.lr > 0, "> 0")
-        require("value_lr", self.value_lr is None or self.value_lr > 0, "> 0 or None")
-        require("weight_decay", self.weight_decay >= 0, ">= 0")
-        require("warmup_steps", self.warmup_steps >= 0, ">= 0")
-        require("max_grad_norm", self.max_grad_norm >= 0, ">= 0")
-        require("temperature", self.temperature > 0, "> 0")
-        require("top_p", 0 < self.top_p <= 1, "in (0, 1]")
-        require("gamma", 0 <= self.gamma <= 1, "in [0, 1]")
-        require("lam", 0 <= self.lam <= 1, "in [0, 1]")
-        require("clip_eps", self.clip_eps > 0, "> 0")
-        require("clip_eps_high", self.clip_eps_high is None or self.clip_eps_high > 0,
-                "> 0 or None")
-        require("dual_clip", self.dual_clip is None or self.dual_clip > 1, "> 1 or None")
-        require("kl_coef", self.kl_coef >= 0, ">= 0")
-        require("kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS}")
-        require("entropy_coef", self.entropy_coef >= 0, ">= 0")
-        require("vf_coef", self.vf_coef >= 0, ">= 0")
-        require("value_clip", self.value_clip > 0, "> 0")
-        require("agg", self.agg in AGG_MODES, f"one of {AGG_MODES}")
-        require("save_steps", self.save_steps >= 0, ">= 0")
-        require("save_total_limit", self.save_total_limit >= 0, ">= 0")
+        self._check_rates()
+        self._check_ppo_loss_arguments()
+        require("missing_eos_penalty",
+                self.missing_eos_penalty is None or is_finite(self.missing_eos_penalty),
+                "a finite float or None", self.missing_eos_penalty)
+        require.bools(self, ("whiten_advantages", "gradient_checkpointing", "disable_dropout"))
+        require.bools(self, ("use_fused_linear",), optional=True)
         require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
+        require("resume_from", self.resume_from is None or self.resume_from != "",
+                'a checkpoint file, "latest" or None', self.resume_from)
+
+    def _check_rates(self) -> None:
+        """Optimizer and sampling settings."""
+        require = FieldChecker("PPOConfig")
+        require("lr", is_finite(self.lr) and self.lr > 0, "a finite float > 0", self.lr)
+        require("value_lr", self.value_lr is None
+                or (is_finite(self.value_lr) and self.value_lr > 0),
+                "a finite float > 0 or None", self.value_lr)
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            require(name, is_finite(value) and value >= 0, "a finite float >= 0", value)
+        require("temperature", is_finite(self.temperature) and self.temperature > 0,
+                "a finite float > 0", self.temperature)
+        require("top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
+        require("gamma", 0 <= self.gamma <= 1, "in [0, 1]", self.gamma)
+        require("lam", 0 <= self.lam <= 1, "in [0, 1]", self.lam)
+
+    def _check_ppo_loss_arguments(self) -> None:
+        """The fields `ppo_loss` takes, within the ranges it accepts (rlhf_fast.ops.ppo), so
+        a bad value fails here rather than at the first update. clip_eps and clip_eps_high
+        > 0 and entropy_coef >= 0 are narrower than ppo_loss's [0, 1), >= 0 and any: a zero
+        clip range or an entropy penalty is more likely a typo than a plan."""
+        require = FieldChecker("PPOConfig")
+        require("clip_eps", is_finite(self.clip_eps) and 0 < self.clip_eps < 1, "in (0, 1)",
+                self.clip_eps)
+        require("clip_eps_high", self.clip_eps_high is None
+                or (is_finite(self.clip_eps_high) and self.clip_eps_high > 0),
+                "a finite float > 0 or None", self.clip_eps_high)
+        require("dual_clip", self.dual_clip is None
+                or (is_finite(self.dual_clip) and self.dual_clip > 1),
+                "a finite float > 1 or None", self.dual_clip)
+        for name in ("kl_coef", "entropy_coef", "vf_coef"):
+            value = getattr(self, name)
+            require(name, is_finite(value) and value >= 0, "a finite float >= 0", value)
+        # inf is allowed: no value clipping
+        require("value_clip", self.value_clip > 0, "> 0 (inf: no clipping)", self.value_clip)
+        require("kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS}")
+        require("agg", self.agg in AGG_MODES, f"one of {AGG_MODES}")
 
 
 @dataclass
@@ -239,6 +272,23 @@ class ActorCritic(nn.Module):
         return logp[:, answer], entropy[:, answer], values
 
 
+@contextlib.contextmanager
+def only_generation_config(model: nn.Module, generation_config: GenerationConfig
+                           ) -> Iterator[None]:
+    """Make `generation_config` the model's own while the block runs.
+
+    `generate` fills every field an explicit generation_config leaves unset from
+    ``model.generation_config`` (a hub model's repetition_penalty, suppress_tokens, ...);
+    with the two the same, only transformers' neutral defaults fill them.
+    """
+    own = model.generation_config
+    model.generation_config = generation_config
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
 def load_prompts(prompts: Any) -> list[str]:
     """Prompt strings from a list of strings or of {"prompt"} records, a JSONL file of
     records, a text file of one prompt per line, or a `datasets.Dataset`."""
@@ -283,8 +333,10 @@ class PPOTrainer:
         grpo = config.advantage_estimator == "grpo"
         if grpo and value_model is not None:
             raise ValueError("value_model must be None for advantage_estimator='grpo'")
+        if config.resume_from is None:
+            check_no_checkpoints(config.output_dir)
         self.run = setup_run(config.precision, config.device)
-        seed_everything(config.seed)
+        seed_process(config.seed, self.run)
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer needs an eos_token_id (answers stop at it)")
         self.tokenizer = tokenizer
@@ -339,7 +391,7 @@ class PPOTrainer:
         if config.resume_from is not None:
             self._load(resolve_checkpoint(config.resume_from, config.output_dir))
         self.log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", self.run.is_main,
-                              resume=config.resume_from is not None)
+                              resume_step=None if config.resume_from is None else self.step)
 
     # --- the algorithm ---------------------------------------------------------------
 
@@ -384,13 +436,10 @@ class PPOTrainer:
         rows = [row for row in rows for _ in range(config.group_size)]
         prompt_ids, prompt_mask = self._left_pad([self.prompt_ids[r] for r in rows])
         self.policy.eval()
-        with self.run.autocast():
-            sequences = self.policy.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                temperature=config.temperature, top_p=config.top_p, top_k=0,
-                max_new_tokens=config.max_new_tokens, eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id,
-            )
+        generation_config = self.generation_config()
+        with self.run.autocast(), only_generation_config(self.policy, generation_config):
+            sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                             generation_config=generation_config)
         self.policy.train()
         width = prompt_ids.shape[1]
         answers = sequences[:, width:]
@@ -405,6 +454,19 @@ class PPOTrainer:
         if config.missing_eos_penalty is not None:
             scores = scores - config.missing_eos_penalty * (~is_eos.any(1)).float()
         return self.evaluate_answers(sequences, attention_mask, width, scores)
+
+    def generation_config(self) -> GenerationConfig:
+        """Sampling as the config says and nothing else: temperature, top-p, no top-k, stop
+        at EOS. old_logp is the policy's log-prob at `temperature`, so the answers must be
+        drawn from that distribution, with no repetition penalty, banned words, minimum
+        length, ... (what a model's own generation_config may ask for)."""
+        from transformers import GenerationConfig
+
+        config = self.config
+        return GenerationConfig(do_sample=True, temperature=config.temperature,
+                                top_p=config.top_p, top_k=0,
+                                max_new_tokens=config.max_new_tokens,
+                                eos_token_id=self.eos_id, pad_token_id=self.pad_id)
 
     @torch.no_grad()
     def evaluate_answers(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -523,6 +585,7 @@ class PPOTrainer:
         Every process must call it (under FSDP2 the weights are gathered from all)."""
         path = checkpoint_path(self.config.output_dir, self.step)
         weights, optimizer = gather_training_state(unwrap(self.actor_critic), self.optimizer)
+        rng = gather_rng_states(self.run)
         if not self.run.is_main:
             return None
         save_atomic({
@@ -530,7 +593,7 @@ class PPOTrainer:
             "actor_critic": weights,
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
+            "rng": rng,
             "config": asdict(self.config),
         }, path)
         prune_checkpoints(path, self.config.save_total_limit)
@@ -542,4 +605,4 @@ class PPOTrainer:
                                state["actor_critic"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        set_rng_state(state["rng"])
+        restore_rng_states(state["rng"], self.run)
