@@ -31,6 +31,15 @@ GEMM: under 10% of the GEMM time at D = 4096). It was not measured against this 
 no GPU was available while this was written; `benchmarks/bench_linear_logprobs.py` puts
 both the GEMM rate and this op's rate side by side to make that call.
 
+Precision: the GEMMs run in one compute dtype (the caller's: hidden's, or autocast's,
+as F.linear picks it); hidden, weight and bias are cast to it (weight once per forward,
+a vocab chunk at a time in the backward), and the gradients come back in each input's
+own dtype. A gradient wider than the compute dtype (d weight of fp32 master weights
+under bf16 autocast, d hidden of an fp32 residual stream) takes the bf16 / fp16 GEMMs'
+products unrounded: fp32-output GEMMs where torch has them for the device (CUDA, torch
+>= 2.8), else the products are rounded to the compute dtype first, as eager autocast
+rounds them.
+
 Cost: 4 GEMMs of 2 N V D FLOPs (forward 1; backward 3: recompute, d W, d h). The fused
 losses in `rlhf_fast.ops.linear_logprobs` that know the upstream gradient in the forward
 skip the recompute (3 GEMMs).
@@ -42,6 +51,8 @@ with the chunk it falls in.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from rlhf_fast.kernels import logprobs as logprobs_kernel
@@ -51,6 +62,7 @@ from rlhf_fast.kernels import ppo as ppo_kernel
 CHUNK_ELEMENTS = 1 << 27
 #: Smallest vocab chunk of the backward (a multiple of every GEMM tile).
 MIN_VOCAB_CHUNK = 256
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def token_chunk(vocab: int) -> int:
@@ -80,6 +92,60 @@ def zero_ignored_rows(
     return hidden.masked_fill((labels == ignore_index).unsqueeze(-1), 0)
 
 
+@functools.cache
+def has_fp32_output_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch multiplies `dtype` matrices into an fp32 result on `device` without
+    rounding the product to `dtype` (``torch.mm(..., out_dtype=torch.float32)``: CUDA,
+    torch >= 2.8). Probed once per device: the call forms used here, on a tiny case."""
+    if dtype not in LOW_PRECISION:
+        return False
+    with torch.autocast(device.type, enabled=False):
+        a = torch.linspace(-2, 2, 64, device=device).reshape(8, 8).to(dtype)
+        exact = a.float() @ a.float()
+        try:
+            product = torch.empty(8, 8, device=device)
+            torch.mm(a, a, out_dtype=torch.float32, out=product)
+            total = torch.ones(8, 8, device=device)
+            torch.addmm(total, a, a, out_dtype=torch.float32, out=total)
+        except (RuntimeError, NotImplementedError, TypeError):
+            return False
+        return bool(torch.allclose(product, exact) and torch.allclose(total, exact + 1))
+
+
+def _wide_gemm(out: torch.Tensor, a: torch.Tensor) -> bool:
+    return out.dtype == torch.float32 and has_fp32_output_gemm(a.device, a.dtype)
+
+
+def product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, for an `out` as wide as or wider than a and b (see the precision note
+    above: unrounded where the device has fp32-output GEMMs)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif _wide_gemm(out, a):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, for an `acc` as wide as or wider than a and b (unrounded where the
+    device has fp32-output GEMMs). Elsewhere the rounded product is added in row slices,
+    so it never exists whole (a [V, D] bf16 product is another GB at V = 128256,
+    D = 4096)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif _wide_gemm(acc, a):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        step = max(1, CHUNK_ELEMENTS // max(acc.shape[1], 1))
+        for start in range(0, acc.shape[0], step):
+            acc[start:start + step] += a[start:start + step] @ b
+
+
+def in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
+
+
 def linear_logprobs_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -88,21 +154,24 @@ def linear_logprobs_forward(
     temperature: float,
     ignore_index: int,
     compute_entropy: bool,
+    compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Forward on contiguous ``hidden [N, D]``, ``weight [V, D]``, labels [N].
+    """Forward on contiguous ``hidden [N, D]``, ``weight [V, D]``, labels [N], the GEMMs
+    in `compute_dtype`.
 
-    Returns (logp [N], entropy [N] or None, row_stats [2, N]), fp32 (fp64 for fp64
-    inputs), as `kernels.logprobs.logprobs_forward` on the full logits.
+    Returns (logp [N], entropy [N] or None, row_stats [2, N]), fp32 (fp64 for an fp64
+    compute dtype), as `kernels.logprobs.logprobs_forward` on the full logits.
     """
     n_tokens = hidden.shape[0]
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     logp = torch.empty(n_tokens, dtype=dtype, device=hidden.device)
     entropy = torch.empty_like(logp) if compute_entropy else None
     row_stats = torch.empty(2, n_tokens, dtype=dtype, device=hidden.device)
+    weight, bias = weight.to(compute_dtype), in_dtype(bias, compute_dtype)
     step = token_chunk(weight.shape[0])
     for start in range(0, n_tokens, step):
         rows = slice(start, min(start + step, n_tokens))
-        logits = lm_head(hidden[rows], weight, bias)
+        logits = lm_head(hidden[rows].to(compute_dtype), weight, bias)
         chunk_logp, chunk_entropy, chunk_stats = logprobs_kernel.logprobs_forward(
             logits, labels[rows], logprobs_kernel.row_layout(logits), temperature,
             ignore_index, compute_entropy,
@@ -126,12 +195,13 @@ def linear_logprobs_backward(
     temperature: float,
     ignore_index: int,
     needs_grad: tuple[bool, bool, bool],
+    compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d hidden, d weight, d bias), each in its input's dtype where `needs_grad` asks for
     it (else None), from the upstream gradients of logp and entropy (flat [N], or None)."""
     needs_hidden, needs_weight, needs_bias = needs_grad
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     d_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=hidden.device) \
         if needs_hidden else None
     d_weight = torch.empty_like(weight) if needs_weight else None
@@ -140,43 +210,30 @@ def linear_logprobs_backward(
         for grad in (d_weight, d_bias):
             if grad is not None:
                 grad.zero_()
+    output_dtype = hidden.dtype
+    hidden = hidden.to(compute_dtype)
     if needs_weight:  # d hidden rows of ignored tokens are 0 * W: no copy needed for it
         hidden = zero_ignored_rows(hidden, labels, ignore_index)
     step = vocab_chunk(n_tokens)
     for start in range(0, vocab if n_tokens else 0, step):
         cols = slice(start, min(start + step, vocab))
-        w = weight[cols]
-        logits = lm_head(hidden, w, None if bias is None else bias[cols])
+        w = weight[cols].to(compute_dtype)
+        logits = lm_head(hidden, w, None if bias is None else bias[cols].to(compute_dtype))
         d_logits = logprobs_kernel.logprobs_backward(
             logits, labels, logprobs_kernel.row_layout(logits), row_stats, entropy,
             g_logp, g_entropy, temperature, ignore_index, inplace=True, label_shift=start,
         )
         if needs_weight:
-            torch.mm(d_logits.T, hidden, out=d_weight[cols])
+            product_into(d_weight[cols], d_logits.T, hidden)
         if needs_hidden:
-            d_hidden += d_logits @ w
+            add_product(d_hidden, d_logits, w)
         if needs_bias:
             d_bias[cols] = d_logits.sum(0, dtype=acc_dtype)
     return (
-        None if d_hidden is None else d_hidden.to(hidden.dtype),
+        in_dtype(d_hidden, output_dtype),
         d_weight,
         None if d_bias is None else d_bias.to(bias.dtype),
     )
-
-
-def _accumulate_weight_grad(
-    d_weight: torch.Tensor, d_logits: torch.Tensor, hidden: torch.Tensor
-) -> None:
-    """d_weight [V, D] += d_logits[n, V]^T hidden[n, D]. An fp32 / fp64 d_weight of a
-    bf16 / fp16 product takes it in vocab slices, so the rounded product never exists
-    whole ([V, D] in bf16 would be another GB at V = 128256, D = 4096)."""
-    if d_weight.dtype == d_logits.dtype:
-        d_weight.addmm_(d_logits.T, hidden)
-        return
-    step = vocab_chunk(hidden.shape[1])  # a [step, D] product: CHUNK_ELEMENTS at most
-    for start in range(0, d_weight.shape[0], step):
-        cols = slice(start, start + step)
-        d_weight[cols] += d_logits[:, cols].T @ hidden
 
 
 def linear_ppo_forward_backward(
@@ -192,6 +249,7 @@ def linear_ppo_forward_backward(
     temperature: float,
     ignore_index: int,
     needs_grad: tuple[bool, bool, bool],
+    compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
            torch.Tensor | None]:
     """The token-wise PPO loss's forward and its gradient in one pass over token chunks.
@@ -200,7 +258,8 @@ def linear_ppo_forward_backward(
     gradient of each token from its weight in the aggregated loss (`token_weight`, flat
     [N]) and the PPO inputs (flat [N]), dz_c over z_c in place (fused kernel), then
     d h_c = dz_c W (GEMM 2, complete: the chunk holds whole vocab rows) and
-    d W += dz_c^T h_c (GEMM 3; fp32 accumulation for bf16 / fp16 weights).
+    d W += dz_c^T h_c (GEMM 3; fp32 accumulation for bf16 / fp16 weights). The GEMMs run
+    in `compute_dtype`.
 
     Returns (logp [N], entropy [N], d hidden, d weight, d bias) for an upstream gradient
     of 1 on the loss, the gradients in their inputs' dtypes or None where `needs_grad`
@@ -208,7 +267,7 @@ def linear_ppo_forward_backward(
     """
     needs_hidden, needs_weight, needs_bias = needs_grad
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
-    acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     logp = torch.empty(n_tokens, dtype=acc_dtype, device=hidden.device)
     entropy = torch.empty_like(logp)
     d_hidden = torch.empty_like(hidden) if needs_hidden else None
@@ -216,10 +275,12 @@ def linear_ppo_forward_backward(
     d_weight = torch.zeros(weight.shape, dtype=weight.dtype if wide else torch.float32,
                            device=weight.device) if needs_weight else None
     d_bias = torch.zeros(vocab, dtype=acc_dtype, device=hidden.device) if needs_bias else None
+    weight_c, bias_c = weight.to(compute_dtype), in_dtype(bias, compute_dtype)
     step = token_chunk(vocab)
     for start in range(0, n_tokens, step):
         rows = slice(start, min(start + step, n_tokens))
-        logits = lm_head(hidden[rows], weight, bias)
+        hidden_c = hidden[rows].to(compute_dtype)
+        logits = lm_head(hidden_c, weight_c, bias_c)
         layout = logprobs_kernel.row_layout(logits)
         chunk_logp, chunk_entropy, chunk_stats = logprobs_kernel.logprobs_forward(
             logits, labels[rows], layout, temperature, ignore_index, True
@@ -237,14 +298,14 @@ def linear_ppo_forward_backward(
             temperature, ignore_index, inplace=True,
         )
         if needs_hidden:
-            torch.mm(d_logits, weight, out=d_hidden[rows])
+            product_into(d_hidden[rows], d_logits, weight_c)
         if needs_weight:
-            _accumulate_weight_grad(d_weight, d_logits,
-                                    zero_ignored_rows(hidden[rows], labels[rows], ignore_index))
+            add_product(d_weight, d_logits.T,
+                        zero_ignored_rows(hidden_c, labels[rows], ignore_index))
         if needs_bias:
             d_bias += d_logits.sum(0, dtype=acc_dtype)
     return (
         logp, entropy, d_hidden,
-        None if d_weight is None else d_weight.to(weight.dtype),
+        in_dtype(d_weight, weight.dtype),
         None if d_bias is None else d_bias.to(bias.dtype),
     )

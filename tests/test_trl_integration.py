@@ -105,6 +105,28 @@ def test_calls_it_cannot_serve_go_to_trl(patched, spy, case):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_autocast_with_fp32_weights_is_served_where_gemms_return_fp32(patched, spy,
+                                                                        monkeypatch):
+    """Where torch has fp32-output GEMMs (CUDA, torch >= 2.8), an fp32 model under bf16
+    autocast runs on rlhf-fast: bf16 GEMMs, fp32 gradients, as TRL. On this CPU the
+    products are rounded to bf16 on the way, so the gradients agree to bf16 here."""
+    monkeypatch.setattr(rlhf_trl, "has_fp32_output_gemm", lambda device, dtype: True)
+    # no bias: TRL adds it after the GEMM, in bf16 (a second rounding F.linear has not)
+    hidden, weight, _, targets = head_inputs(torch.float32, bias=False)
+    args = (targets, 0.9, 64, None, 1.0, ("log_probs", "entropy"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = trl_utils._ChunkedLogProbFunction.apply(hidden, weight, None, *args)
+        theirs = TRL_FUNCTION.apply(hidden, weight, None, *args)
+    assert spy == [tuple(hidden.shape)]
+    for a, b in zip(ours[:2], theirs[:2]):
+        assert rel_err(a, b) < 1e-5  # the same bf16 logits, softmax in fp32
+    upstream = [torch.randn(targets.shape) for _ in range(2)]
+    for a, b in zip(torch.autograd.grad(ours[:2], (hidden, weight), upstream),
+                    torch.autograd.grad(theirs[:2], (hidden, weight), upstream)):
+        assert a.dtype == b.dtype == torch.float32
+        assert rel_err(a, b) < 1e-2
+
+
 def test_patch_is_idempotent_and_undone():
     rlhf_trl.patch_trl()
     rlhf_trl.patch_trl()

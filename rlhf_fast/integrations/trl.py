@@ -22,11 +22,13 @@ Calls our kernel cannot serve as well as TRL go to TRL's own function unchanged:
   SFTTrainer ask their policy for ``mean_logits`` / ``is_top1`` (metrics), so there
   only the reference model's forward runs on rlhf-fast; GRPOTrainer and RLOOTrainer
   run both policy and reference on it;
-* hidden and weight not both already in the compute dtype (the autocast dtype under
-  autocast), e.g. fp32 master weights under bf16 autocast. TRL then runs its GEMMs in
-  bf16 but returns fp32 gradients; `linear_logprobs` computes in its inputs' dtype, so
-  the casts would round d hidden and d weight to bf16 (what eager autocast does, but
-  less than TRL gives). A model loaded in bf16 is served.
+* inputs wider than the compute dtype (fp32 master weights under bf16 autocast, say)
+  where torch has no fp32-output GEMM for the device (CPU, or torch < 2.8): TRL returns
+  their gradients unrounded, and `linear_logprobs` could only round the bf16 products
+  (as eager autocast does). On CUDA with torch >= 2.8 they are served, and a model
+  loaded in bf16 is served everywhere;
+* outside autocast, a weight or bias whose dtype is not hidden's (TRL casts them to
+  hidden's; `linear_logprobs`, like F.linear, refuses).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 import torch
 
+from rlhf_fast.kernels.linear_logprobs import has_fp32_output_gemm
 from rlhf_fast.ops.linear_logprobs import linear_logprobs
 
 #: The per-token outputs `linear_logprobs` computes; TRL's function returns five slots.
@@ -71,14 +74,18 @@ def _served(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     final_logit_softcapping: float | None, logit_scale: float, outputs: tuple[str, ...],
 ) -> bool:
-    """Whether `linear_logprobs` computes this call exactly as TRL would (see above)."""
+    """Whether `linear_logprobs` computes this call as TRL would (see above)."""
+    if not (final_logit_softcapping is None and logit_scale > 0
+            and SUPPORTED_OUTPUTS.issuperset(outputs)):
+        return False
     device = hidden.device.type
-    compute = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-               else hidden.dtype)
-    return (final_logit_softcapping is None and logit_scale > 0
-            and SUPPORTED_OUTPUTS.issuperset(outputs)
-            and hidden.dtype == weight.dtype == compute
-            and (bias is None or bias.dtype == compute))
+    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
+    if not torch.is_autocast_enabled(device):
+        return len(dtypes) == 1
+    compute = torch.get_autocast_dtype(device)
+    if torch.float64 in dtypes:
+        return False  # autocast leaves fp64 alone; TRL casts it
+    return dtypes == {compute} or has_fp32_output_gemm(hidden.device, compute)
 
 
 class RlhfFastLogProbFunction:

@@ -9,6 +9,8 @@ backward's recompute GEMM.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rlhf_fast import reference
@@ -37,13 +39,17 @@ class LinearLogProbsFunction(torch.autograd.Function):
     """Autograd wrapper of the chunked kernels. Inputs validated by `linear_logprobs`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy):
-        logp, entropy, row_stats = kernel.linear_logprobs_forward(
-            hidden, weight, bias, labels, temperature, ignore_index, return_entropy
-        )
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
+                compute_dtype):
+        with no_autocast(hidden):
+            logp, entropy, row_stats = kernel.linear_logprobs_forward(
+                hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
+                compute_dtype,
+            )
         ctx.save_for_backward(hidden, weight, bias, labels, row_stats, entropy)
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
+        ctx.compute_dtype = compute_dtype
         ctx.set_materialize_grads(False)
         if return_entropy:
             return logp, entropy
@@ -55,20 +61,47 @@ class LinearLogProbsFunction(torch.autograd.Function):
         hidden, weight, bias, labels, row_stats, entropy = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if (g_logp is None and g_entropy is None) or not any(needs):
-            return None, None, None, None, None, None, None
-        d_hidden, d_weight, d_bias = kernel.linear_logprobs_backward(
-            hidden, weight, bias, labels, row_stats, entropy,
-            None if g_logp is None else g_logp.contiguous(),
-            None if g_entropy is None else g_entropy.contiguous(),
-            ctx.temperature, ctx.ignore_index, needs,
-        )
-        return d_hidden, d_weight, d_bias, None, None, None, None
+            return None, None, None, None, None, None, None, None
+        with no_autocast(hidden):
+            d_hidden, d_weight, d_bias = kernel.linear_logprobs_backward(
+                hidden, weight, bias, labels, row_stats, entropy,
+                None if g_logp is None else g_logp.contiguous(),
+                None if g_entropy is None else g_entropy.contiguous(),
+                ctx.temperature, ctx.ignore_index, needs, ctx.compute_dtype,
+            )
+        return d_hidden, d_weight, d_bias, None, None, None, None, None
+
+
+def no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on the tensor's device: the kernels cast to the compute dtype
+    themselves, in the forward and in the backward alike (autocast would only cast the
+    forward's GEMMs, so the backward would recompute different logits)."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
+def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+               ) -> torch.dtype:
+    """The dtype the lm_head GEMMs run in, as F.linear picks it: under autocast on
+    hidden's device its dtype (fp64 inputs are not autocast), else hidden's, which
+    weight and bias must then share."""
+    device = hidden.device.type
+    tensors = [hidden, weight] + ([] if bias is None else [bias])
+    if torch.is_autocast_enabled(device) and all(t.dtype != torch.float64 for t in tensors):
+        return torch.get_autocast_dtype(device)
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} must have hidden's dtype {hidden.dtype} (or run under autocast, "
+                f"which casts both), got {tensor.dtype}"
+            )
+    return hidden.dtype
 
 
 def _check_linear_inputs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     bias: torch.Tensor | None,
-) -> None:
+) -> torch.dtype:
+    """Validate the inputs of the linear ops; return the GEMMs' dtype (`gemm_dtype`)."""
     check_tensor("hidden", hidden, FLOAT_DTYPES)
     check_tensor("weight", weight, FLOAT_DTYPES)
     check_tensor("labels", labels, INDEX_DTYPES)
@@ -79,8 +112,6 @@ def _check_linear_inputs(
             f"weight must have shape [V, D] with V >= 1 and D = hidden.shape[-1] = "
             f"{hidden.shape[-1]}, got {tuple(weight.shape)}"
         )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     check_same_device("weight", weight, "hidden", hidden)
     check_same_device("labels", labels, "hidden", hidden)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
@@ -90,13 +121,12 @@ def _check_linear_inputs(
         )
     if bias is not None:
         check_tensor("bias", bias, FLOAT_DTYPES)
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
         check_same_device("bias", bias, "hidden", hidden)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(
                 f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}"
             )
+    return gemm_dtype(hidden, weight, bias)
 
 
 def linear_logprobs(
@@ -112,19 +142,23 @@ def linear_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each label (and entropy) under softmax((hidden @ weight.T + bias) / T).
 
-    Equal to ``logprobs(hidden @ weight.T + bias, labels, ...)`` (the logits rounded to
-    the input dtype, as a model's lm_head makes them), without ever storing the
-    ``[N, V]`` logits: at most `kernels.linear_logprobs.CHUNK_ELEMENTS` logits (256 MB
-    in bf16) exist at once, whatever N, plus an fp32 ``[N, D]`` accumulator in the
-    backward.
+    Equal to ``logprobs(F.linear(hidden, weight, bias), labels, ...)`` (the logits
+    rounded to the GEMM's dtype, as a model's lm_head makes them), without ever storing
+    the ``[N, V]`` logits: at most `kernels.linear_logprobs.CHUNK_ELEMENTS` logits
+    (256 MB in bf16) exist at once, whatever N, plus an fp32 ``[N, D]`` accumulator in
+    the backward.
+
+    Autocast applies as to F.linear: under it the GEMMs run in its dtype (bf16 / fp16;
+    fp32 master weights are cast once per pass), otherwise in hidden's dtype.
 
     Args:
         hidden: ``[..., D]`` final hidden states, bf16, fp16, fp32 (or fp64).
-        weight: ``[V, D]`` the lm_head weight, hidden's dtype. With requires_grad False
-            (frozen, e.g. LoRA) its gradient GEMM is skipped.
+        weight: ``[V, D]`` the lm_head weight, hidden's dtype (any float dtype under
+            autocast). With requires_grad False (frozen, e.g. LoRA) its gradient GEMM
+            is skipped.
         labels: ``[...]`` (hidden.shape[:-1]) int64 / int32 token ids in [0, V), or
             ignore_index (log-prob 0, entropy 0, no gradient).
-        bias: optional ``[V]`` bias, hidden's dtype.
+        bias: optional ``[V]`` bias, weight's dtype rules.
         temperature: z = logits / temperature, > 0.
         return_entropy: also return each row's entropy; gradients from both outputs.
         check_labels: as in `rlhf_fast.logprobs` (default on for CPU, off for CUDA).
@@ -132,13 +166,15 @@ def linear_logprobs(
     Returns:
         ``logp [...]`` (and ``entropy [...]``), fp32 (fp64 for fp64 inputs). Gradients:
         d hidden, d weight (one GEMM per vocab chunk over all tokens, fp32 accumulation,
-        rounded once to weight's dtype) and d bias, each in its input's dtype.
+        rounded once to weight's dtype) and d bias, each in its input's dtype; an fp32
+        gradient of bf16 GEMMs (autocast) is not rounded to bf16 on the way where torch
+        has fp32-output GEMMs (CUDA, torch >= 2.8; see `kernels.linear_logprobs`).
 
     Not batch-invariant: cuBLAS chooses its GEMM algorithm from the shapes, so a token's
     outputs can differ in the last bits with N (use `rlhf_fast.logprobs` on materialised
     logits where bit-identical rollout / training log-probs matter).
     """
-    _check_linear_inputs(hidden, weight, labels, bias)
+    compute_dtype = _check_linear_inputs(hidden, weight, labels, bias)
     temperature = check_positive("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
     if check_labels is None:
@@ -154,7 +190,7 @@ def linear_logprobs(
     outputs = LinearLogProbsFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), labels.reshape(-1).contiguous(),
-        temperature, ignore_index, bool(return_entropy),
+        temperature, ignore_index, bool(return_entropy), compute_dtype,
     )
     if return_entropy:
         return outputs[0].view(shape), outputs[1].view(shape)
@@ -232,31 +268,33 @@ class LinearPPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, values, labels, old_logp, advantages, mask,
-                ref_logp, old_values, returns, temperature, ignore_index, cfg):
+                ref_logp, old_values, returns, temperature, ignore_index, cfg, compute_dtype):
         flat = {k: None if v is None else v.reshape(-1)
                 for k, v in dict(old_logp=old_logp, advantages=advantages,
                                  ref_logp=ref_logp).items()}
-        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        token_weight = ppo_kernel.token_weights(mask, cfg.agg_code, cfg.max_len, acc_dtype)
-        token_weight = token_weight.reshape(-1)
-        logp, entropy, d_hidden, d_weight, d_bias = kernel.linear_ppo_forward_backward(
-            hidden, weight, bias, labels, flat["old_logp"], flat["advantages"],
-            flat["ref_logp"], token_weight, cfg, temperature, ignore_index,
-            tuple(ctx.needs_input_grad[:3]),
-        )
-        logp, entropy = logp.view(mask.shape), entropy.view(mask.shape)
-        outputs, counts, row_stats = ppo_kernel.ppo_forward(
-            logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns,
-            cfg,
-        )
-        d_values = None
-        if ctx.needs_input_grad[3]:
-            unit = torch.zeros_like(outputs)
-            unit[0] = 1.0
-            _, _, d_values = ppo_kernel.ppo_backward(
-                unit, counts, row_stats, logp, old_logp, advantages, mask, ref_logp, values,
-                old_values, returns, cfg, grad_entropy_dtype=None, grad_values=True,
+        acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+        with no_autocast(hidden):
+            token_weight = ppo_kernel.token_weights(mask, cfg.agg_code, cfg.max_len,
+                                                    acc_dtype).reshape(-1)
+            logp, entropy, d_hidden, d_weight, d_bias = kernel.linear_ppo_forward_backward(
+                hidden, weight, bias, labels, flat["old_logp"], flat["advantages"],
+                flat["ref_logp"], token_weight, cfg, temperature, ignore_index,
+                tuple(ctx.needs_input_grad[:3]), compute_dtype,
             )
+            logp, entropy = logp.view(mask.shape), entropy.view(mask.shape)
+            outputs, counts, row_stats = ppo_kernel.ppo_forward(
+                logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
+                returns, cfg,
+            )
+            d_values = None
+            if ctx.needs_input_grad[3]:
+                unit = torch.zeros_like(outputs)
+                unit[0] = 1.0
+                _, _, d_values = ppo_kernel.ppo_backward(
+                    unit, counts, row_stats, logp, old_logp, advantages, mask, ref_logp,
+                    values, old_values, returns, cfg, grad_entropy_dtype=None,
+                    grad_values=True,
+                )
         ctx.save_for_backward(d_hidden, d_weight, d_bias, d_values)
         statistics = outputs[1:].clone()
         ctx.mark_non_differentiable(statistics)
@@ -267,7 +305,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_statistics):
         grads = tuple(None if g is None else g * grad_loss.to(g.dtype)
                       for g in ctx.saved_tensors)
-        return (*grads, *([None] * 10))
+        return (*grads, *([None] * 11))
 
 
 def linear_ppo_loss(
@@ -324,7 +362,7 @@ def linear_ppo_loss(
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, D], got {tuple(hidden.shape)}")
-    _check_linear_inputs(hidden, weight, labels, bias)
+    compute_dtype = _check_linear_inputs(hidden, weight, labels, bias)
     temperature = check_positive("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
     if check_labels is None:
@@ -357,6 +395,6 @@ def linear_ppo_loss(
         None if bias is None else bias.contiguous(), tensors["values"],
         labels.reshape(-1).contiguous(), tensors["old_logp"], tensors["advantages"],
         tensors["mask"], tensors["ref_logp"], tensors["old_values"], tensors["returns"],
-        temperature, ignore_index, cfg,
+        temperature, ignore_index, cfg, compute_dtype,
     )
     return PPOLossOutput(loss, *statistics.unbind())

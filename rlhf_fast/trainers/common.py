@@ -145,15 +145,11 @@ class TokenLogprobs(nn.Module):
             use_cache=False,
         ).last_hidden_state[:, :-1]
         head = self.model.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if torch.is_autocast_enabled(hidden.device.type):
-            # Autocast would run the lm_head GEMM in its low dtype; do the same here.
-            low = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight = hidden.to(low), weight.to(low)
-            bias = None if bias is None else bias.to(low)
-        else:
-            hidden = hidden.to(weight.dtype)
-        return linear_logprobs(hidden, weight, labels, bias=bias, **options)
+        if not torch.is_autocast_enabled(hidden.device.type):
+            hidden = hidden.to(head.weight.dtype)  # as the lm_head would cast it
+        # under autocast, linear_logprobs runs its GEMMs in autocast's dtype, as the
+        # lm_head would, and returns fp32 master weights an fp32 gradient
+        return linear_logprobs(hidden, head.weight, labels, bias=head.bias, **options)
 
 
 class ValueModel(nn.Module):
