@@ -601,6 +601,25 @@ def test_linear_dpo_loss_needs_stacked_pairs(shape):
         rlhf_fast.linear_dpo_loss(hidden, torch.randn(11, 8), labels, labels != 0, None, None)
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(labels=torch.zeros(4, 4, dtype=torch.long)),
+     r"^labels must have shape \[2B, T\] = \(4, 5\) \(hidden_chosen_and_rejected"
+     r"\.shape\[:2\]\), got \(4, 4\)$"),
+    (dict(labels=torch.zeros(4, 5)), "^labels must have dtype"),
+    (dict(ref_chosen=torch.zeros(3)),
+     r"^ref_chosen must have shape \[B\] = \(2,\) \(one per pair\), got \(3,\)$"),
+    (dict(ref_rejected=torch.zeros(2, 1)), r"^ref_rejected must have shape \[B\] = \(2,\)"),
+])
+def test_linear_dpo_loss_errors_name_its_own_arguments(change, match):
+    args = dict(hidden_chosen_and_rejected=torch.randn(4, 5, 8), weight=torch.randn(11, 8),
+                labels=torch.zeros(4, 5, dtype=torch.long), mask=torch.ones(4, 5),
+                ref_chosen=torch.zeros(2), ref_rejected=torch.zeros(2))
+    args.update(change)
+    error = TypeError if "dtype" in match else ValueError
+    with pytest.raises(error, match=match):
+        rlhf_fast.linear_dpo_loss(**args)
+
+
 def test_nan_hidden_state_at_ignored_or_masked_tokens_reaches_no_gradient():
     """Attention over a fully masked padding row can give a NaN hidden state there; with
     d weight = d logits^T hidden, 0 * NaN would spread it over the whole gradient."""

@@ -197,6 +197,26 @@ def linear_logprobs(
     return outputs.view(shape)
 
 
+def check_pair_shapes(hidden: torch.Tensor, labels: torch.Tensor,
+                      ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None
+                      ) -> None:
+    """linear_dpo_loss's shapes, named as its caller wrote them (the ops it composes
+    would name their own arguments)."""
+    check_tensor("labels", labels, INDEX_DTYPES)
+    if tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(
+            f"labels must have shape [2B, T] = {tuple(hidden.shape[:2])} "
+            f"(hidden_chosen_and_rejected.shape[:2]), got {tuple(labels.shape)}"
+        )
+    n_pairs = hidden.shape[0] // 2
+    for name, ref in (("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+        if torch.is_tensor(ref) and tuple(ref.shape) != (n_pairs,):
+            raise ValueError(
+                f"{name} must have shape [B] = ({n_pairs},) (one per pair), "
+                f"got {tuple(ref.shape)}"
+            )
+
+
 def linear_dpo_loss(
     hidden_chosen_and_rejected: torch.Tensor,
     weight: torch.Tensor,
@@ -241,6 +261,7 @@ def linear_dpo_loss(
             "hidden_chosen_and_rejected must have shape [2B, T, D] (chosen rows first), "
             f"got {tuple(hidden.shape)}"
         )
+    check_pair_shapes(hidden, labels, ref_chosen, ref_rejected)
     # Tokens outside the mask are ignored outright: no NaN hidden state there can reach a
     # gradient through 0 * NaN.
     check_tensor("mask", mask, MASK_DTYPES)
