@@ -27,8 +27,9 @@ setup(
         # trl: pinned, since rlhf_fast.integrations.trl patches one of its internals.
         "test": ["pytest>=7", "pytest-benchmark>=4", "ruff", "matplotlib", "liger-kernel==0.8.5",
                  "trl==1.16.0"],
+        # trl: pinned, since its benchmark provider calls TRL's private fused-head function.
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "liger-kernel>=0.8",
-                  "cut-cross-entropy"],
+                  "cut-cross-entropy", "trl==1.16.0"],
         "plot": ["matplotlib"],
         "trl": ["trl>=1.15"],
     },

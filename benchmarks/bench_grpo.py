@@ -240,9 +240,7 @@ def provider_fn(provider: str, mode: str, device: torch.device) -> LossFn:
         return eager_grpo_loss
     if provider == "compile":
         return compiled_grpo_loss(mode)
-    entry, reason = harness.peer_entry(*LIGER_ENTRY, device)
-    if entry is None:
-        raise RuntimeError(reason)
+    entry = harness.require_peer(*LIGER_ENTRY, device)
     return liger_grpo_loss(entry)
 
 

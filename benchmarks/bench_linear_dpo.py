@@ -190,9 +190,7 @@ def provider_fn(provider: str, mode: str, device: torch.device) -> LossFn:
         return eager_linear_dpo
     if provider == "compile":
         return compiled_linear_dpo(mode)
-    entry, reason = harness.peer_entry(*LIGER_ENTRY, device, pure_torch=True)
-    if entry is None:
-        raise RuntimeError(reason)
+    entry = harness.require_peer(*LIGER_ENTRY, device, runs=harness.Runs.ANY_DEVICE)
     return liger_linear_dpo(entry, device)
 
 
@@ -201,7 +199,7 @@ def unavailable(provider: str, device: torch.device) -> str | None:
     if provider == "compile" and device.type != "cuda":
         return "torch.compile skipped in CPU quick mode"
     if provider == "liger":
-        return harness.peer_entry(*LIGER_ENTRY, device, pure_torch=True)[1]
+        return harness.peer_entry(*LIGER_ENTRY, device, runs=harness.Runs.ANY_DEVICE)[1]
     return None
 
 

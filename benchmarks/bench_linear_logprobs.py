@@ -22,10 +22,23 @@ Providers (same inputs, same process), each returning fp32 ``logp [N]``, 0 where
   ignore_index=-100, reduction="none")`` (its parameters are ``e, c, targets``:
   embeddings, classifier, targets), logp = -loss, its defaults otherwise (gradient
   filtering ``filter_eps="auto"``).
+* ``trl``: TRL's fused LM head as ``trl.trainer.utils.add_fused_lm_head`` runs it on
+  CUDA (the head every TRL trainer scores completions with): the non-ignored tokens only,
+  ``hidden[mask]`` and ``labels[mask]``, through ``_ChunkedLogProbFunction.apply(hidden,
+  weight, None, labels, 1.0, chunk_size, None, 1.0, ("log_probs",))`` (no bias,
+  temperature 1 as every provider here, no softcap, logit scale 1, log-probs only: what
+  the reference model and DPO ask for), scattered back into zeros with
+  ``masked_scatter``. ``chunk_size`` is the vocab tile TRL's head passes,
+  ``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`` (32768 in TRL 1.16), read from the
+  installed TRL. Tiles of 4096 tokens x chunk_size go through cuBLAS; on CUDA a TRL Triton
+  kernel folds each into online log-sum-exp statistics, elsewhere torch ops do (so the
+  CPU rows time that fallback); the backward recomputes each tile and accumulates the
+  gradient GEMMs in fp32.
 
 Liger and CCE run only where they are importable, on CUDA (Liger also in the Triton
-interpreter, TRITON_INTERPRET=1, which is how CI checks its adapter); otherwise their
-rows say "skipped" and why. Their ignored rows are zeroed by the wrapper, as trainers mask them.
+interpreter, TRITON_INTERPRET=1, which is how CI checks its adapter); TRL wherever it is
+importable. Otherwise their rows say "skipped" and why. Their ignored rows are zeroed by
+the wrapper, as trainers mask them.
 
 Modes: ``fwd`` (hidden and weight not requiring grad: old-policy / reference log-probs)
 and ``fwd+bwd`` (``torch.autograd.grad(logp, (hidden, weight), g)``).
@@ -69,7 +82,9 @@ session (``gemm_rate``: a ``GEMM_RATE_SIZE``-cubed ``torch.mm`` timed with
   by ``grad_output[0]`` only, so with a per-token upstream gradient they fail the gate.
   cce: fwd 1 (the log-sum-exp; the label dot product is negligible), fwd+bwd 4 (its
   backward recomputes the logits blockwise, then d hidden and d weight), counted nominal
-  although gradient filtering may skip blocks.
+  although gradient filtering may skip blocks. trl: fwd 1, fwd+bwd 4 (its backward
+  recomputes each tile), counted over all N tokens although it projects only the
+  non-ignored ones (~90% here).
 * ``tflops`` = gemms * 2 N V D / median time; ``frac_gemm_rate`` = tflops over the
   measured GEMM rate (``gemm_rate_tflops``): how fast the provider runs its own GEMMs.
 * ``floor_flops`` = the GEMMs any implementation must run (fwd 1, fwd+bwd 3) * 2 N V D;
@@ -98,7 +113,7 @@ DTYPE = torch.bfloat16
 GPU_SHAPES = [(8192, 4096, 128256), (16384, 3584, 151936)]
 #: The second quick shape is large enough for the gate's row and vocab subsets.
 QUICK_SHAPES = [(32, 16, 100), (320, 64, 3000)]
-PROVIDERS = ("rlhf_fast", "materialised+logprobs", "eager", "compile", "liger", "cce")
+PROVIDERS = ("rlhf_fast", "materialised+logprobs", "eager", "compile", "liger", "cce", "trl")
 MODES = ("fwd", "fwd+bwd")
 TOLERANCE = 2e-2
 LOGIT_STD = 3.0
@@ -189,7 +204,10 @@ def compiled_linear_logprobs(mode: str) -> LogProbsFn:
 PEER_ENTRIES = {
     "liger": ("liger", "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss"),
     "cce": ("cce", "cut_cross_entropy", "linear_cross_entropy"),
+    "trl": ("trl", "trl.trainer.utils", "_ChunkedLogProbFunction"),
 }
+#: The vocab tile width TRL's fused head passes to its function.
+TRL_CHUNK_SIZE_ENTRY = ("trl", "trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE")
 
 
 def _peer_logp(loss: Any, labels: torch.Tensor, name: str) -> torch.Tensor:
@@ -225,6 +243,21 @@ def cce_linear_logprobs(linear_cross_entropy: Any) -> LogProbsFn:
     return run
 
 
+def trl_linear_logprobs(function: Any, chunk_size: int) -> LogProbsFn:
+    """TRL's fused LM head on the non-ignored tokens, zeros elsewhere (module docstring)."""
+    # rlhf_fast.integrations.trl.patch_trl swaps in rlhf-fast's stand-in: not TRL's head.
+    if not function.__module__.startswith("trl."):
+        raise RuntimeError(f"trl's fused head is patched by {function.__module__}")
+
+    def run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mask = labels != IGNORE_INDEX
+        logp = function.apply(hidden[mask], weight, None, labels[mask], 1.0, chunk_size,
+                              None, 1.0, ("log_probs",))[0]
+        return logp.new_zeros(labels.shape).masked_scatter(mask, logp)
+
+    return run
+
+
 def provider_fn(provider: str, mode: str, device: torch.device) -> LogProbsFn:
     if provider == "rlhf_fast":
         return rlhf_fast_linear
@@ -234,10 +267,12 @@ def provider_fn(provider: str, mode: str, device: torch.device) -> LogProbsFn:
         return eager_linear_logprobs
     if provider == "compile":
         return compiled_linear_logprobs(mode)
-    entry, reason = harness.peer_entry(*PEER_ENTRIES[provider], device)
-    if entry is None:
-        raise RuntimeError(reason)
-    return liger_linear_logprobs(entry) if provider == "liger" else cce_linear_logprobs(entry)
+    entry = harness.require_peer(*PEER_ENTRIES[provider], device)
+    if provider == "liger":
+        return liger_linear_logprobs(entry)
+    if provider == "cce":
+        return cce_linear_logprobs(entry)
+    return trl_linear_logprobs(entry, harness.require_peer(*TRL_CHUNK_SIZE_ENTRY, device))
 
 
 def unavailable(provider: str, device: torch.device) -> str | None:
@@ -266,7 +301,7 @@ def provider_gemms(provider: str, mode: str) -> int:
     """GEMMs of 2 N V D FLOPs that `provider` runs in `mode` (see the module docstring)."""
     if mode == "fwd":
         return 1
-    if provider in ("rlhf_fast", "cce"):
+    if provider in ("rlhf_fast", "cce", "trl"):
         return 4
     if provider == "liger":
         return 4 if liger_defers_gradient() else 3

@@ -6,10 +6,11 @@ Providers (same inputs, same process):
 * ``rlhf_fast-inplace``: the same with ``inplace_backward=True`` (backward modes only;
   the forward is identical). Its logits are overwritten by the gradient, so every timed
   call gets a fresh copy of them, made untimed before the call.
-* ``eager``: as TRL writes it: an fp32 copy of the logits, ``log_softmax``, ``gather``;
-  entropy ``-(softmax * log_softmax).sum(-1)``.
-* ``eager-chunked``: TRL's memory-saving variant: ``log_softmax`` + ``gather`` per chunk
-  of rows (one sequence's worth) in the input dtype, entropy per chunk of 128 rows.
+* ``eager``: as trainers write it: an fp32 copy of the logits, ``log_softmax``,
+  ``gather``; entropy ``-(softmax * log_softmax).sum(-1)``.
+* ``eager-chunked``: the memory-saving variant (TRL's, before its kernels):
+  ``log_softmax`` + ``gather`` per chunk of rows (one sequence's worth) in the input
+  dtype, entropy per chunk of 128 rows.
 * ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
 * ``liger``: Liger-Kernel's ``LigerCrossEntropyLoss(reduction="none")``, logp = -loss
   (returned in the logits' dtype). Log-prob only: it has no entropy output, so its
@@ -19,6 +20,17 @@ Providers (same inputs, same process):
   gradient into a new tensor). So, like ``rlhf_fast-inplace``, it gets a fresh copy of
   the logits, made untimed, before every timed call, in every mode.
   Runs on CUDA, or under TRITON_INTERPRET=1; skipped, with the reason, where missing.
+* ``trl``: TRL's helpers from ``trl.trainer.utils`` as its trainers call them on the
+  logits of completions: ``selective_log_softmax(logits, ids, row_mask=mask)`` for
+  ``logp``, ``selective_log_softmax_and_entropy(logits, ids, row_mask=mask)`` (entropy
+  differentiable, its default) for ``logp+entropy``; ids are the labels with the ignored
+  rows clamped to 0, mask the non-ignored rows (TRL zeroes the masked rows' outputs and
+  gradients). Both take the temperature and divide inside; every provider here runs at
+  temperature 1, so it is left at its default. On CUDA both run TRL's Triton kernel (one
+  pass computing log-prob and entropy, for the log-prob-only call too; fp32 outputs);
+  elsewhere TRL's PyTorch fallback (row by row, ``log_softmax`` + ``gather`` in bf16,
+  ``logsumexp`` in fp32; entropy per 128 rows; outputs in the input dtype), so the CPU
+  rows time the fallback. Skipped, with the reason, where TRL is missing.
 
 The eager providers zero the log-prob and entropy of ignored rows (label -100), as
 `rlhf_fast.logprobs` does; trainers mask them in the loss instead, which costs the same.
@@ -52,11 +64,17 @@ QUICK_SHAPES = [
     ((128, 4099), torch.bfloat16),
     ((128, 4099), torch.float32),
 ]
-PROVIDERS = ("rlhf_fast", "rlhf_fast-inplace", "eager", "eager-chunked", "compile", "liger")
+PROVIDERS = ("rlhf_fast", "rlhf_fast-inplace", "eager", "eager-chunked", "compile", "liger",
+             "trl")
 #: Providers that write into the logits when they require grad: fresh copy per call.
 OVERWRITE_LOGITS = ("rlhf_fast-inplace", "liger")
 #: The liger provider's entry point: (peer, module, attribute).
 LIGER_ENTRY = ("liger", "liger_kernel.transformers", "LigerCrossEntropyLoss")
+#: The trl provider's entry points, log-prob only and with entropy.
+TRL_ENTRIES = (
+    ("trl", "trl.trainer.utils", "selective_log_softmax"),
+    ("trl", "trl.trainer.utils", "selective_log_softmax_and_entropy"),
+)
 MODES = ("fwd", "bwd", "fwd+bwd")
 #: Relative-error tolerance of the correctness gate, per input dtype.
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
@@ -179,14 +197,30 @@ def liger_logprobs(loss_cls: Any) -> Callable[[torch.Tensor, torch.Tensor, bool]
     return run
 
 
+def trl_logprobs(
+    selective_log_softmax: Any, selective_log_softmax_and_entropy: Any
+) -> Callable[[torch.Tensor, torch.Tensor, bool], Outputs]:
+    """TRL's helpers on the logits, masking the ignored rows as its trainers do."""
+
+    def run(logits: torch.Tensor, labels: torch.Tensor, return_entropy: bool) -> Outputs:
+        # TRL's callers pass token ids and a completion mask, never -100: its fallback
+        # gathers every row before zeroing the masked ones.
+        ids, mask = labels.clamp(min=0), labels != IGNORE_INDEX
+        # temperature: TRL divides the logits by it inside; every provider runs at 1.
+        if return_entropy:
+            return tuple(selective_log_softmax_and_entropy(logits, ids, row_mask=mask))
+        return (selective_log_softmax(logits, ids, row_mask=mask),)
+
+    return run
+
+
 def provider_fn(
     provider: str, device: torch.device
 ) -> Callable[[torch.Tensor, torch.Tensor, bool], Outputs]:
     if provider == "liger":
-        entry, reason = harness.peer_entry(*LIGER_ENTRY, device)
-        if entry is None:
-            raise RuntimeError(reason)
-        return liger_logprobs(entry)
+        return liger_logprobs(harness.require_peer(*LIGER_ENTRY, device))
+    if provider == "trl":
+        return trl_logprobs(*(harness.require_peer(*entry, device) for entry in TRL_ENTRIES))
     return PROVIDER_FNS[provider]
 
 
@@ -317,6 +351,21 @@ def _timed(
 
 
 
+def unavailable(case: Case, device: torch.device) -> str | None:
+    """Why `case` cannot run on `device` (None when it can)."""
+    if case.provider == "compile" and device.type != "cuda":
+        return "torch.compile skipped in CPU quick mode"
+    if case.provider == "liger":
+        reason = harness.peer_entry(*LIGER_ENTRY, device)[1]
+        if reason is None and case.entropy:
+            return "Liger-Kernel's cross entropy has no entropy output"
+        return reason
+    if case.provider == "trl":
+        reasons = (harness.peer_entry(*entry, device)[1] for entry in TRL_ENTRIES)
+        return next((reason for reason in reasons if reason is not None), None)
+    return None
+
+
 def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], str | None]:
     """Gate and time one case. Returns its row and the pytest outcome to raise (or None).
 
@@ -332,15 +381,9 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
         mode=case.mode,
         variant=case.variant,
     )
-    if case.provider == "compile" and device.type != "cuda":
-        reason = "torch.compile skipped in CPU quick mode"
+    reason = unavailable(case, device)
+    if reason is not None:
         return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
-    if case.provider == "liger":
-        reason = harness.peer_entry(*LIGER_ENTRY, device)[1]
-        if reason is None and case.entropy:
-            reason = "Liger-Kernel's cross entropy has no entropy output"
-        if reason is not None:
-            return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
 
     inp = make_inputs(case.shape, case.dtype, device)
     return harness.gate_and_time(

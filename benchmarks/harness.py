@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import enum
 import functools
 import importlib
 import json
@@ -597,7 +598,7 @@ def readme_section(results_dir: str | Path, link_from: str | Path) -> str:
                   "prove the harness and say nothing about GPU speed.**", ""]
     lines += [f"Measured with `rlhf-fast bench`: {stamp}." for stamp in stamps]
     lines += ["", "Per case, rlhf-fast's best provider against the fastest peer (eager, "
-              "`torch.compile`, Liger-Kernel, cut-cross-entropy); every row, with IQRs, "
+              "`torch.compile`, Liger-Kernel, cut-cross-entropy, TRL); every row, with IQRs, "
               "in each op's table beside its JSON.", ""]
     lines.append(_table_line(README_COLUMNS))
     lines.append(_table_line(["---"] * len(README_COLUMNS)))
@@ -772,10 +773,25 @@ def gate_and_time(
     return row, None
 
 
-#: Optional peers: provider name -> (package, whether its kernels run in the Triton
-#: interpreter). A peer runs on CUDA; on the CPU only under TRITON_INTERPRET=1, and only
-#: where its kernels work there (cut-cross-entropy's do not), so CI can gate its adapter.
-PEERS = {"liger": ("liger_kernel", True), "cce": ("cut_cross_entropy", False)}
+class Runs(enum.Enum):
+    """Where a peer's code runs besides CUDA; the value is how a skipped row says it."""
+
+    #: Triton kernels that do not work in the interpreter (cut-cross-entropy's).
+    CUDA = "CUDA"
+    #: Triton kernels that also run in the interpreter, so CI gates their adapters there.
+    CUDA_OR_INTERPRETER = "CUDA (or TRITON_INTERPRET=1)"
+    #: PyTorch code, or a package that picks its own torch ops off CUDA (TRL's kernels
+    #: run on CUDA and XPU only, and TRL falls back to PyTorch elsewhere).
+    ANY_DEVICE = "any device"
+
+
+#: Optional peers: provider name -> (package, where its code runs). On the CPU a
+#: ``CUDA_OR_INTERPRETER`` peer runs only under TRITON_INTERPRET=1, a ``CUDA`` one never.
+PEERS = {
+    "liger": ("liger_kernel", Runs.CUDA_OR_INTERPRETER),
+    "cce": ("cut_cross_entropy", Runs.CUDA),
+    "trl": ("trl", Runs.ANY_DEVICE),
+}
 
 
 @functools.cache
@@ -783,28 +799,40 @@ def _import_attr(module: str, name: str) -> tuple[Any, str | None]:
     package = module.split(".")[0]
     try:
         return getattr(importlib.import_module(module), name), None
-    except ImportError:
-        return None, f"{package} not installed"
-    except Exception as exc:  # installed but broken (e.g. a triton / torch mismatch)
+    except Exception as exc:  # installed but broken: a missing dependency, a torch mismatch
+        if isinstance(exc, ModuleNotFoundError) and exc.name == package:
+            return None, f"{package} not installed"
         return None, f"{package} failed to import: {type(exc).__name__}: {exc}"[:120]
 
 
 def peer_entry(
-    provider: str, module: str, name: str, device: torch.device, *, pure_torch: bool = False
+    provider: str, module: str, name: str, device: torch.device, *, runs: Runs | None = None
 ) -> tuple[Any, str | None]:
     """(``module.name`` of the peer `provider`, None), or (None, why it cannot run on
     `device`). Imported lazily: only the cases that run a peer pay for its import.
-    ``pure_torch``: the entry is PyTorch code (no Triton kernel), runs on any device."""
-    package, interpretable = PEERS[provider]
+    ``runs``: where this entry runs when that is not where its package's does (``PEERS``),
+    e.g. Liger-Kernel's chunked losses, PyTorch code in a package of Triton kernels."""
+    package, package_runs = PEERS[provider]
+    runs = package_runs if runs is None else runs
     entry, reason = _import_attr(module, name)
     if reason is not None:
         return None, reason
-    if torch.device(device).type != "cuda" and not pure_torch:
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        if not (interpretable and interpreted):
-            where = "CUDA (or TRITON_INTERPRET=1)" if interpretable else "CUDA"
-            return None, f"{package} runs on {where} only"
-    return entry, None
+    if torch.device(device).type == "cuda" or runs is Runs.ANY_DEVICE:
+        return entry, None
+    if runs is Runs.CUDA_OR_INTERPRETER and os.environ.get("TRITON_INTERPRET") == "1":
+        return entry, None
+    return None, f"{package} runs on {runs.value} only"
+
+
+def require_peer(
+    provider: str, module: str, name: str, device: torch.device, *, runs: Runs | None = None
+) -> Any:
+    """`peer_entry`'s entry, or a RuntimeError saying why the peer cannot run (raised
+    inside `gate_and_time`'s ``provider()``, it makes the case a skipped row)."""
+    entry, reason = peer_entry(provider, module, name, device, runs=runs)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return entry
 
 
 @functools.cache

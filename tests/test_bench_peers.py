@@ -5,11 +5,20 @@ loss) run here in the Triton interpreter (TRITON_INTERPRET=1, set by conftest), 
 wrong adapter (a sign, a reduction, a clip bound) fails CI rather than showing up as a
 "wrong" row on someone's GPU. Each must pass its suite's float64 gate and leave the
 case's inputs as they were (the peers that write into their input get copies).
+
+TRL picks its own code by device: its Triton kernels on CUDA, PyTorch elsewhere. Its
+adapters are gated on both: the fallback as the CPU runs it, and the kernels in the
+interpreter, with TRL's device check made to accept the CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.abc
 import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +72,146 @@ def test_liger_fused_linear_adapter_passes_the_linear_logprobs_gate(mode: str):
     assert ok, errors
     if mode == "fwd+bwd":
         assert {"grad_hidden", "grad_weight"} <= set(errors)
+
+
+@dataclasses.dataclass
+class TrlPath:
+    """Which of its code paths TRL takes on the CPU, and each time it chose its kernels."""
+
+    kernel: bool
+    picked: list[str]
+
+
+@pytest.fixture(params=["fallback", "kernel"])
+def trl_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> TrlPath:
+    """TRL's PyTorch fallback (what the CPU rows run), or its Triton kernels (what CUDA
+    runs) in the interpreter, its device checks made to accept the CPU."""
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils
+
+    path = TrlPath(kernel=request.param == "kernel", picked=[])
+    if path.kernel:
+        monkeypatch.setattr(utils, "_supports_trl_loss_kernel",
+                            lambda logits, *args, **kwargs: path.picked.append("logits") or True)
+        monkeypatch.setattr(chunked_logprob, "_use_triton",
+                            lambda device: path.picked.append("head") or True)
+    return path
+
+
+@pytest.mark.parametrize("mode", bench_logprobs.MODES)
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "logp+entropy"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_trl_helpers_pass_the_logprobs_gate(trl_path: TrlPath, dtype: torch.dtype,
+                                            entropy: bool, mode: str):
+    shape = (96, 1031)
+    case = bench_logprobs.Case(shape, dtype, entropy, mode, "trl")
+    assert bench_logprobs.unavailable(case, CPU) is None
+    inp = bench_logprobs.make_inputs(shape, dtype, CPU)
+    before = inp.logits.clone()
+    fn = bench_logprobs.provider_fn("trl", CPU)
+    ok, errors = bench_logprobs._gate(case, inp, fn)
+    assert ok, errors
+    expected = {"logp", "entropy"} if entropy else {"logp"}
+    assert set(errors) == (expected if mode == "fwd" else expected | {"grad"})
+    timed, setup = bench_logprobs._timed(case, inp, fn)
+    out = timed(setup()) if setup is not None else timed()
+    assert trl_path.picked == (["logits"] * 2 if trl_path.kernel else [])  # gate, timed call
+    if mode == "fwd":  # TRL's kernel returns fp32, its fallback the logits' dtype
+        dtypes = [torch.float32 if trl_path.kernel else dtype] * len(expected)
+        assert [o.dtype for o in out] == dtypes
+    assert torch.equal(inp.logits, before)
+
+
+@pytest.mark.parametrize("mode", bench_linear_logprobs.MODES)
+def test_trl_fused_head_passes_the_linear_logprobs_gate(trl_path: TrlPath, mode: str):
+    shape = bench_linear_logprobs.QUICK_SHAPES[-1]
+    case = bench_linear_logprobs.Case(shape, mode, "trl")
+    assert bench_linear_logprobs.unavailable("trl", CPU) is None
+    inp = bench_linear_logprobs.make_inputs(shape, CPU)
+    fn = bench_linear_logprobs.provider_fn("trl", mode, CPU)
+    ok, errors = bench_linear_logprobs._gate(case, inp, fn)
+    assert ok, errors
+    assert set(errors) == ({"logp"} if mode == "fwd" else {"logp", "grad_hidden", "grad_weight"})
+    calls = 1 if mode == "fwd" else 2  # forward, and backward
+    assert trl_path.picked == (["head"] * calls if trl_path.kernel else [])
+
+
+def test_the_gate_rejects_trl_at_another_temperature():
+    """The suites run every provider at temperature 1; TRL's functions take the
+    temperature and divide inside, so the same call at 2 must fail both gates."""
+    from trl.trainer import utils
+
+    shape = (96, 1031)
+    inp = bench_logprobs.make_inputs(shape, torch.float32, CPU)
+
+    def hot_logprobs(logits, labels, return_entropy):
+        mask = labels != bench_logprobs.IGNORE_INDEX
+        return utils.selective_log_softmax_and_entropy(logits, labels.clamp(min=0),
+                                                       temperature=2.0, row_mask=mask)
+
+    for mode in bench_logprobs.MODES:
+        case = bench_logprobs.Case(shape, torch.float32, True, mode, "trl")
+        ok, errors = bench_logprobs._gate(case, inp, hot_logprobs)
+        assert not ok and errors["logp"] > 0.1, errors
+
+    shape = bench_linear_logprobs.QUICK_SHAPES[-1]
+    inp = bench_linear_logprobs.make_inputs(shape, CPU)
+
+    def hot_head(hidden, weight, labels):
+        mask = labels != bench_linear_logprobs.IGNORE_INDEX
+        logp = utils._ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask],
+                                                   2.0, 1024, None, 1.0, ("log_probs",))[0]
+        return logp.new_zeros(labels.shape).masked_scatter(mask, logp)
+
+    for mode in bench_linear_logprobs.MODES:
+        case = bench_linear_logprobs.Case(shape, mode, "trl")
+        ok, errors = bench_linear_logprobs._gate(case, inp, hot_head)
+        assert not ok and errors["logp"] > 0.1, errors
+
+
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    """Finds no module of `package`, raising what the import system raises then."""
+
+    def __init__(self, package: str) -> None:
+        self.package = package
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name.split(".")[0] == self.package:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+@pytest.fixture
+def no_trl(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """TRL not installed: its modules unloaded (put back afterwards) and not found."""
+    for name in [name for name in sys.modules if name.split(".")[0] == "trl"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_NotInstalled("trl"), *sys.meta_path])
+    harness._import_attr.cache_clear()  # forget the imports cached with TRL present
+    yield
+    harness._import_attr.cache_clear()
+
+
+@pytest.mark.usefixtures("no_trl")
+def test_a_missing_trl_is_a_skipped_row_in_both_suites():
+    cases = [
+        (bench_logprobs, bench_logprobs.Case((8, 16), torch.float32, True, "fwd+bwd", "trl")),
+        (bench_linear_logprobs, bench_linear_logprobs.Case((8, 4, 16), "fwd+bwd", "trl")),
+    ]
+    for suite, case in cases:
+        row, outcome = suite.run_case(case, _Session(), benchmark=None)
+        assert outcome == "skip"
+        assert row["status"] == "skipped: trl not installed"
+        assert row["provider"] == "trl" and row["median_ms"] is None
+
+
+def test_a_peer_missing_a_dependency_says_which(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch):
+    """TRL carried to a GPU without one of its dependencies is not "not installed"."""
+    (tmp_path / "peer_without_its_dependency.py").write_text("import no_such_dependency_x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert harness.peer_entry("trl", "peer_without_its_dependency", "f", CPU) == (
+        None, "peer_without_its_dependency failed to import: ModuleNotFoundError: "
+              "No module named 'no_such_dependency_x'")
 
 
 @pytest.mark.parametrize("mode", bench_grpo.MODES)
@@ -187,6 +336,11 @@ def test_peer_entry_says_why_a_peer_cannot_run(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert harness.peer_entry("cce", "no_such_module_cce", "linear_cross_entropy", CPU) == (
         None, "no_such_module_cce not installed")
+    assert harness.peer_entry("cce", "cut_cross_entropy", "linear_cross_entropy", CPU)[1] in (
+        "cut_cross_entropy runs on CUDA only", "cut_cross_entropy not installed")
+    monkeypatch.delenv("TRITON_INTERPRET")  # TRL picks torch ops off CUDA: no interpreter
+    entry, reason = harness.peer_entry("trl", "trl.trainer.utils", "selective_log_softmax", CPU)
+    assert entry is not None and reason is None
 
 
 class _Session:
