@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(commands)
     bench = commands.add_parser(
         "bench",
-        help="benchmark the ops against eager PyTorch, torch.compile, Liger-Kernel and "
-             "cut-cross-entropy (those two when installed)",
+        help="benchmark the ops against eager PyTorch, torch.compile, Liger-Kernel, "
+             "cut-cross-entropy and TRL (those three when installed)",
         description=(
             "Run the benchmark suites and write <op>.json and <op>.md. Without a CUDA GPU "
             "the suites run at tiny shapes on the CPU fallback (this proves the harness, "
