@@ -48,7 +48,9 @@ The other kernels here are plain reductions:
     chunks of a group, then a second, cache-hitting read that writes (s - mean) / (std + eps).
   * masked statistics: pass 1 writes per-block (count, mean, M2) of the valid entries of each
     row of a [R, L] view (M2 around the block's own mean, exact in registers); pass 2, one
-    program per row, merges them (Chan et al.) into (count, mean, M2). One read of the data.
+    program per row, merges them (Chan et al.) into (count, mean, std). One read of the data.
+  * M2 is carried as spread^2 * q (see `_chan_merge`), so that values up to fp32's range,
+    not ~1e19, give finite statistics.
   * whiten / its backward and the masked-mean backward: elementwise passes on those stats.
 """
 
@@ -124,6 +126,40 @@ def _gae_kernel(
         s_carry = tl.sum(tl.where(last, s, 0.0), axis=0)
 
 
+# The sum of squared deviations M2 of n values overflows fp32 once they pass ~1e19. So M2 is
+# kept as spread^2 * q: spread a bound on the deviations (their largest, or a larger
+# shift between means), q = M2 / spread^2 <= n. Every fp32 number stays finite as long as
+# the values themselves (and their sums) do; no extra pass over the data.
+
+
+@triton.jit
+def _squares_over(d, spread):
+    # (d / spread)^2, 0 where spread is 0 (then d is 0 too)
+    inv = tl.where(spread > 0, 1.0 / spread, 0.0)
+    return (d * inv) * (d * inv)
+
+
+@triton.jit
+def _chan_merge(n_a, mean_a, spread_a, q_a, n_b, mean_b, spread_b, q_b):
+    # Chan et al.'s merge of two (count, mean, M2) with M2 = spread^2 * q; counts as floats.
+    # Returns (mean, spread, q) of the union.
+    frac = n_b / tl.maximum(n_a + n_b, 1.0)
+    shift = mean_b - mean_a
+    shift_weight = n_a * frac
+    # The shift bounds the spread only where it counts: an empty side has mean 0, not data.
+    spread = tl.maximum(tl.maximum(spread_a, spread_b),
+                        tl.where(shift_weight > 0, tl.abs(shift), 0.0))
+    q = (q_a * _squares_over(spread_a, spread) + q_b * _squares_over(spread_b, spread)
+         + _squares_over(shift, spread) * shift_weight)
+    return mean_a + shift * frac, spread, q
+
+
+@triton.jit
+def _unbiased_std(count, spread, q):
+    # sqrt(M2 / (n - 1)) without forming M2; a single entry has std 0.
+    return spread * tl.sqrt(q / tl.maximum(count - 1.0, 1.0))
+
+
 @triton.jit
 def _group_advantages_kernel(
     scores_ptr, out_ptr, n_groups, group_size, eps_hi, eps_lo,
@@ -136,7 +172,8 @@ def _group_advantages_kernel(
     cols = tl.arange(0, BLOCK_S)
     count = tl.zeros([], acc_dtype)
     mean = tl.zeros([BLOCK_G], acc_dtype)
-    m2 = tl.zeros([BLOCK_G], acc_dtype)
+    spread = tl.zeros([BLOCK_G], acc_dtype)
+    q = tl.zeros([BLOCK_G], acc_dtype)
     for start in range(0, group_size, BLOCK_S):
         offs = start + cols
         ok = group_ok[:, None] & (offs < group_size)[None, :]
@@ -145,19 +182,15 @@ def _group_advantages_kernel(
         n_b = tl.minimum(group_size - start, BLOCK_S).to(acc_dtype)
         mean_b = tl.sum(x, axis=1) / n_b
         d = tl.where(ok, x - mean_b[:, None], 0.0)
-        m2_b = tl.sum(d * d, axis=1)
-        # Chan et al. merge of (count, mean, M2) with the chunk's.
-        n_new = count + n_b
-        shift = mean_b - mean
-        mean = mean + shift * (n_b / n_new)
-        m2 = m2 + m2_b + shift * shift * (count * n_b / n_new)
-        count = n_new
+        spread_b = tl.max(tl.abs(d), axis=1)
+        q_b = tl.sum(_squares_over(d, spread_b[:, None]), axis=1)
+        mean, spread, q = _chan_merge(count, mean, spread, q, n_b, mean_b, spread_b, q_b)
+        count = count + n_b
     scale = tl.full([BLOCK_G], 1.0, acc_dtype)
     if SCALE_STD:
         # Unbiased (n - 1) std, as torch.std; a group of one has std 0 (and advantage 0).
-        var = m2 / tl.maximum(count - 1.0, 1.0)
         eps = (tl.zeros([], acc_dtype) + eps_hi) + eps_lo
-        scale = 1.0 / (tl.sqrt(var) + eps)
+        scale = 1.0 / (_unbiased_std(count, spread, q) + eps)
     for start in range(0, group_size, BLOCK_S):
         offs = start + cols
         ok = group_ok[:, None] & (offs < group_size)[None, :]
@@ -168,8 +201,8 @@ def _group_advantages_kernel(
 
 @triton.jit
 def _masked_partial_stats_kernel(
-    x_ptr, mask_ptr, part_n_ptr, part_mean_ptr, part_m2_ptr, L, n_parts,
-    WITH_M2: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, mask_ptr, part_n_ptr, part_mean_ptr, part_spread_ptr, part_q_ptr, L, n_parts,
+    WITH_SPREAD: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
@@ -185,22 +218,25 @@ def _masked_partial_stats_kernel(
     out = row * n_parts + part
     tl.store(part_n_ptr + out, n)
     tl.store(part_mean_ptr + out, mean)
-    if WITH_M2:
+    if WITH_SPREAD:
         d = tl.where(valid, x - mean, 0.0)
-        tl.store(part_m2_ptr + out, tl.sum(d * d, axis=0))
+        spread = tl.max(tl.abs(d), axis=0)
+        tl.store(part_spread_ptr + out, spread)
+        tl.store(part_q_ptr + out, tl.sum(_squares_over(d, spread), axis=0))
 
 
 @triton.jit
 def _masked_merge_stats_kernel(
-    part_n_ptr, part_mean_ptr, part_m2_ptr, count_ptr, mean_ptr, m2_ptr, n_parts,
-    WITH_M2: tl.constexpr, FP64: tl.constexpr, BLOCK_P: tl.constexpr,
+    part_n_ptr, part_mean_ptr, part_spread_ptr, part_q_ptr, count_ptr, mean_ptr, std_ptr,
+    n_parts, WITH_SPREAD: tl.constexpr, FP64: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_P)
     count = tl.zeros([], tl.int64)
     mean = tl.zeros([], acc_dtype)
-    m2 = tl.zeros([], acc_dtype)
+    spread = tl.zeros([], acc_dtype)
+    q = tl.zeros([], acc_dtype)
     for start in range(0, n_parts, BLOCK_P):
         idx = start + lanes
         ok = idx < n_parts
@@ -210,36 +246,42 @@ def _masked_merge_stats_kernel(
         n_c = tl.sum(n_i.to(tl.int64), axis=0)
         nf_c = tl.maximum(n_c, 1).to(acc_dtype)
         mean_c = tl.sum(w_i * mean_i, axis=0) / nf_c
-        n_new = count + n_c
-        frac = n_c.to(acc_dtype) / tl.maximum(n_new, 1).to(acc_dtype)
-        shift = mean_c - mean
-        if WITH_M2:
-            # M2 of the chunk's parts around the chunk mean (exact in registers), then the
-            # pairwise merge with the running triple.
-            m2_i = tl.load(part_m2_ptr + row * n_parts + idx, mask=ok, other=0.0)
-            d = mean_i - mean_c
-            m2_c = tl.sum(m2_i + w_i * d * d, axis=0)
-            m2 = m2 + m2_c + shift * shift * (count.to(acc_dtype) * frac)
-        mean = mean + shift * frac
-        count = n_new
+        if WITH_SPREAD:
+            # The chunk's parts merged around the chunk mean (exact in registers), then the
+            # pairwise merge with the running statistics.
+            spread_i = tl.load(part_spread_ptr + row * n_parts + idx, mask=ok, other=0.0)
+            q_i = tl.load(part_q_ptr + row * n_parts + idx, mask=ok, other=0.0)
+            d = tl.where(n_i > 0, mean_i - mean_c, 0.0)
+            spread_c = tl.maximum(tl.max(spread_i, axis=0), tl.max(tl.abs(d), axis=0))
+            q_c = tl.sum(q_i * _squares_over(spread_i, spread_c)
+                         + w_i * _squares_over(d, spread_c), axis=0)
+            mean, spread, q = _chan_merge(count.to(acc_dtype), mean, spread, q,
+                                          n_c.to(acc_dtype), mean_c, spread_c, q_c)
+        else:
+            mean = mean + (mean_c - mean) * (nf_c / tl.maximum(count + n_c, 1).to(acc_dtype))
+        count = count + n_c
     tl.store(count_ptr + row, count)
     tl.store(mean_ptr + row, tl.where(count > 0, mean, float("nan")))
-    if WITH_M2:
-        tl.store(m2_ptr + row, m2)
+    if WITH_SPREAD:
+        tl.store(std_ptr + row, _unbiased_std(count.to(acc_dtype), spread, q))
 
 
 @triton.jit
-def _whiten_stats(count_ptr, mean_ptr, m2_ptr, eps):
+def _whiten_stats(count_ptr, mean_ptr, std_ptr, eps):
     mean = tl.load(mean_ptr)
     count = tl.load(count_ptr).to(mean.dtype)
-    var = tl.load(m2_ptr) / tl.maximum(count - 1.0, 1.0)  # unbiased; a single entry: 0
-    rstd = 1.0 / tl.sqrt(var + eps)
+    # 1 / sqrt(std^2 + eps) with std^2 never formed (it overflows fp32 past std ~ 1e19):
+    # both terms scaled by the larger of std and sqrt(eps).
+    std = tl.load(std_ptr)
+    root_eps = tl.sqrt(tl.zeros([], mean.dtype) + eps)
+    big = tl.maximum(std, root_eps)
+    rstd = 1.0 / (big * tl.sqrt((std / big) * (std / big) + (root_eps / big) * (root_eps / big)))
     return count, mean, rstd
 
 
 @triton.jit
 def _whiten_fwd_kernel(
-    x_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, out_ptr, N, eps,
+    x_ptr, mask_ptr, count_ptr, mean_ptr, std_ptr, out_ptr, N, eps,
     SHIFT_MEAN: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
@@ -247,7 +289,7 @@ def _whiten_fwd_kernel(
     inside = offs < N
     valid = tl.load(mask_ptr + offs, mask=inside, other=0) != 0
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    _, mean, rstd = _whiten_stats(count_ptr, mean_ptr, m2_ptr, eps)
+    _, mean, rstd = _whiten_stats(count_ptr, mean_ptr, std_ptr, eps)
     y = (x - mean) * rstd
     if not SHIFT_MEAN:
         y += mean
@@ -256,7 +298,7 @@ def _whiten_fwd_kernel(
 
 @triton.jit
 def _whiten_bwd_partial_kernel(
-    g_ptr, x_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, part_ptr, N, n_parts, eps,
+    g_ptr, x_ptr, mask_ptr, count_ptr, mean_ptr, std_ptr, part_ptr, N, n_parts, eps,
     FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
@@ -266,7 +308,7 @@ def _whiten_bwd_partial_kernel(
     valid = tl.load(mask_ptr + offs, mask=inside, other=0) != 0
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    _, mean, rstd = _whiten_stats(count_ptr, mean_ptr, m2_ptr, eps)
+    _, mean, rstd = _whiten_stats(count_ptr, mean_ptr, std_ptr, eps)
     g = tl.where(valid, g, 0.0)
     xhat = tl.where(valid, (x - mean) * rstd, 0.0)
     tl.store(part_ptr + part, tl.sum(g, axis=0))
@@ -275,7 +317,7 @@ def _whiten_bwd_partial_kernel(
 
 @triton.jit
 def _whiten_bwd_kernel(
-    g_ptr, x_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, sums_ptr, dx_ptr, N, eps,
+    g_ptr, x_ptr, mask_ptr, count_ptr, mean_ptr, std_ptr, sums_ptr, dx_ptr, N, eps,
     SHIFT_MEAN: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
@@ -284,7 +326,7 @@ def _whiten_bwd_kernel(
     valid = tl.load(mask_ptr + offs, mask=inside, other=0) != 0
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    count, mean, rstd = _whiten_stats(count_ptr, mean_ptr, m2_ptr, eps)
+    count, mean, rstd = _whiten_stats(count_ptr, mean_ptr, std_ptr, eps)
     g_mean = tl.load(sums_ptr) / tl.maximum(count, 1.0)
     gx_term = tl.load(sums_ptr + 1) / tl.maximum(count - 1.0, 1.0)
     xhat = (x - mean) * rstd
@@ -394,43 +436,48 @@ def stats_block(L: int) -> int:
 
 
 def masked_row_stats(
-    x: torch.Tensor, mask: torch.Tensor, with_m2: bool
+    x: torch.Tensor, mask: torch.Tensor, with_std: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Statistics of the valid entries of each row of contiguous ``x [R, L]`` / ``mask [R, L]``.
 
-    Returns ``(count [R] int64, mean [R], m2 [R] or None)``; mean and M2 (sum of squared
-    deviations from the mean) in fp32 (fp64 for fp64 x). A row without valid entries has
-    count 0, mean NaN and M2 0. One read of the data (two launches: per-block, then merge).
+    Returns ``(count [R] int64, mean [R], std [R] or None)``; mean and the unbiased (n - 1)
+    std in fp32 (fp64 for fp64 x), the std finite wherever x and its sums are (its M2 is
+    never formed). A row without valid entries has count 0, mean NaN and std 0. One read
+    of the data (two launches: per-block, then merge).
     """
     R, L = x.shape
     dtype = _acc_dtype(x)
     count = torch.empty(R, dtype=torch.int64, device=x.device)
     mean = torch.empty(R, dtype=dtype, device=x.device)
-    m2 = torch.empty(R, dtype=dtype, device=x.device) if with_m2 else None
+    std = torch.empty(R, dtype=dtype, device=x.device) if with_std else None
     if R == 0:
-        return count, mean, m2
+        return count, mean, std
     if L == 0:
         count.zero_()
         mean.fill_(float("nan"))
-        if m2 is not None:
-            m2.zero_()
-        return count, mean, m2
+        if std is not None:
+            std.zero_()
+        return count, mean, std
     block = stats_block(L)
     n_parts = triton.cdiv(L, block)
     part_n = torch.empty((R, n_parts), dtype=torch.int32, device=x.device)
     part_mean = torch.empty((R, n_parts), dtype=dtype, device=x.device)
-    part_m2 = torch.empty((R, n_parts), dtype=dtype, device=x.device) if with_m2 else part_mean
+    # per block: its largest |deviation| and sum of squared deviations over it
+    part_spread, part_q = (
+        torch.empty((2, R, n_parts), dtype=dtype, device=x.device) if with_std
+        else (part_mean, part_mean)
+    )
     fp64 = dtype == torch.float64
     _masked_partial_stats_kernel[(R, n_parts)](
-        x, mask_view(mask), part_n, part_mean, part_m2, L, n_parts,
-        WITH_M2=with_m2, FP64=fp64, BLOCK=block, num_warps=_num_warps(block),
+        x, mask_view(mask), part_n, part_mean, part_spread, part_q, L, n_parts,
+        WITH_SPREAD=with_std, FP64=fp64, BLOCK=block, num_warps=_num_warps(block),
     )
     merge_block = min(MERGE_BLOCK, max(16, triton.next_power_of_2(n_parts)))
     _masked_merge_stats_kernel[(R,)](
-        part_n, part_mean, part_m2, count, mean, mean if m2 is None else m2, n_parts,
-        WITH_M2=with_m2, FP64=fp64, BLOCK_P=merge_block, num_warps=4,
+        part_n, part_mean, part_spread, part_q, count, mean, mean if std is None else std,
+        n_parts, WITH_SPREAD=with_std, FP64=fp64, BLOCK_P=merge_block, num_warps=4,
     )
-    return count, mean, m2
+    return count, mean, std
 
 
 def masked_mean_backward(
@@ -457,7 +504,7 @@ def masked_whiten_forward(
     shift_mean: bool,
     eps: float,
 ) -> torch.Tensor:
-    """Whitened contiguous flat ``x [N]`` from its (count, mean, M2) ``[1]`` each; fp32 (fp64
+    """Whitened contiguous flat ``x [N]`` from its (count, mean, std) ``[1]`` each; fp32 (fp64
     for fp64 x); 0 where ``mask [N]`` is 0."""
     (N,) = x.shape
     out = torch.empty(N, dtype=_acc_dtype(x), device=x.device)

@@ -101,17 +101,29 @@ def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    # tl.maximum (and so tl.max) is fmax by default: it drops a NaN operand.
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _value_terms(v, old_v, ret, value_clip):
     # clip(v, old_v -+ eps_v) is old_v + clip(v - old_v, -+eps_v) without its rounding:
     # inside the range it is v itself, so the clipped branch can only win outside it.
+    # The clamp keeps NaN bounds (a NaN old_v), as torch.clamp does.
     low = old_v - value_clip
     high = old_v + value_clip
-    v_clipped = tl.minimum(tl.maximum(v, low), high)
+    v_clipped = tl.minimum(
+        _max_keep_nan(v, low), high, propagate_nan=tl.PropagateNan.ALL
+    )
     vl_unclipped = (v - ret) * (v - ret)
     vl_clipped = (v_clipped - ret) * (v_clipped - ret)
     clipped = vl_clipped > vl_unclipped
-    vl = 0.5 * tl.where(clipped, vl_clipped, vl_unclipped)
-    d_vl = tl.where(clipped, 0.0, v - ret)
+    # A NaN old_v makes the clipped branch alone NaN: it wins, as in torch.maximum.
+    only_clipped_nan = (vl_clipped != vl_clipped) & (vl_unclipped == vl_unclipped)
+    take_clipped = clipped | only_clipped_nan
+    vl = 0.5 * tl.where(take_clipped, vl_clipped, vl_unclipped)
+    d_vl = tl.where(take_clipped, 0.0, v - ret)
     return vl, d_vl, clipped
 
 
@@ -158,7 +170,7 @@ def _ppo_fwd_kernel(
     tl.store(out + 4, s_vl)
     tl.store(out + 5, tl.sum(tl.where(valid & clipped, 1.0, 0.0), axis=0))
     tl.store(out + 6, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
-    tl.store(out + 7, tl.max(tl.where(valid, ratio, 0.0), axis=0))
+    tl.store(out + 7, tl.reduce(tl.where(valid, ratio, 0.0), 0, _max_keep_nan))
     tl.store(out + 8, tl.sum(tl.where(valid, log_ratio * log_ratio, 0.0), axis=0))
     tl.store(out + 9, s_vclip)
 
@@ -186,7 +198,7 @@ def _ppo_reduce_kernel(
             r_vl += tl.load(stats + 4, mask=ok, other=0.0)
             s_clip += tl.load(stats + 5, mask=ok, other=0.0)
             s_ratio += tl.load(stats + 6, mask=ok, other=0.0)
-            r_max = tl.maximum(r_max, tl.load(stats + 7, mask=ok, other=0.0))
+            r_max = _max_keep_nan(r_max, tl.load(stats + 7, mask=ok, other=0.0))
             s_lr2 += tl.load(stats + 8, mask=ok, other=0.0)
             s_vclip += tl.load(stats + 9, mask=ok, other=0.0)
         # seq-mean-token-mean averages each row's mean; the other modes sum the row sums.
@@ -218,7 +230,7 @@ def _ppo_reduce_kernel(
     tl.store(out_ptr + 5, tl.sum(s_clip, axis=0) * per_token)
     tl.store(out_ptr + 6, 0.5 * tl.sum(s_lr2, axis=0) * per_token)
     tl.store(out_ptr + 7, tl.sum(s_ratio, axis=0) * per_token)
-    tl.store(out_ptr + 8, tl.max(r_max, axis=0))
+    tl.store(out_ptr + 8, tl.reduce(r_max, 0, _max_keep_nan))
     tl.store(out_ptr + 9, tl.sum(s_vclip, axis=0) * per_token)
     tl.store(counts_ptr + 0, tokens)
     tl.store(counts_ptr + 1, seqs)

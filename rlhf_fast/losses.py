@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_fast.ops.dpo import dpo_loss
-from rlhf_fast.ops.ppo import ppo_loss
+from rlhf_fast.ops.dpo import check_dpo_options, dpo_loss
+from rlhf_fast.ops.ppo import check_ppo_options, ppo_loss
 from rlhf_fast.reference import DPOLossOutput, PPOLossOutput
 
 
@@ -20,8 +20,8 @@ class PPOLoss(nn.Module):
                         values=values, old_values=old_values, returns=returns)
         out.loss.backward()
 
-    Every keyword of `ppo_loss` but the tensors is a constructor argument; `forward`
-    takes the tensors and returns a `PPOLossOutput`.
+    Every keyword of `ppo_loss` but the tensors is a constructor argument, validated
+    there (as `ppo_loss` would); `forward` takes the tensors and returns a `PPOLossOutput`.
     """
 
     def __init__(
@@ -44,6 +44,7 @@ class PPOLoss(nn.Module):
             kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
             value_clip=value_clip, vf_coef=vf_coef, agg=agg, max_len=max_len,
         )
+        check_ppo_options(**self.options)  # fail where the module is built
 
     def forward(
         self,
@@ -76,9 +77,9 @@ class DPOLoss(nn.Module):
         out = criterion(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
         out.loss.backward()
 
-    Every keyword of `dpo_loss` but the tensors is a constructor argument; `forward`
-    takes the ``[B]`` sequence log-probs (and the lengths, for ipo and sigmoid_norm) and
-    returns a `DPOLossOutput`.
+    Every keyword of `dpo_loss` but the tensors is a constructor argument, validated
+    there (as `dpo_loss` would); `forward` takes the ``[B]`` sequence log-probs (and the
+    lengths, for ipo and sigmoid_norm) and returns a `DPOLossOutput`.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class DPOLoss(nn.Module):
             beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
             reduction=reduction,
         )
+        check_dpo_options(**self.options)  # fail where the module is built
 
     def forward(
         self,

@@ -12,6 +12,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,14 +88,13 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`logprobs` of the materialised logits ``hidden @ weight.T + bias`` (in the input
-    dtype, as a model's lm_head computes them). hidden ``[..., D]``, weight ``[V, D]``.
+    """`logprobs` of the materialised logits ``F.linear(hidden, weight, bias)`` (in the
+    input dtype, or autocast's, as a model's lm_head computes them). hidden ``[..., D]``,
+    weight ``[V, D]``.
     Ignored rows are zeroed first: their hidden state (NaN at fully masked padding, say)
     reaches neither an output nor a gradient."""
     hidden = hidden.masked_fill((labels == ignore_index).unsqueeze(-1), 0)
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
+    logits = F.linear(hidden, weight, bias)
     return logprobs(
         logits, labels, temperature=temperature, ignore_index=ignore_index,
         return_entropy=return_entropy,
@@ -112,6 +112,10 @@ class PPOLossOutput(NamedTuple):
     `loss = policy_loss + kl_coef * kl - entropy_coef * entropy + vf_coef * value_loss`,
     the four terms aggregated with the same `agg` mode, and differentiable. The
     statistics are token-means over valid tokens (ratio_max a max), detached.
+
+    A NaN at a valid token makes every term and statistic that reads it NaN (ratio_max
+    included, as torch.max), except the fractions clipfrac and value_clipfrac: they count
+    the tokens whose clipped branch is strictly the larger, which a NaN never is.
     """
 
     loss: torch.Tensor
@@ -156,7 +160,8 @@ def aggregate(
         return (row_sums / row_counts.clamp(min=1)).sum() / n_seqs
     if agg == "seq-mean-token-sum":
         return row_sums.sum() / n_seqs
-    return row_sums.sum() / max(mask.shape[0] * max_len, 1)  # B or T = 0: no token, 0
+    # float: B * max_len may pass int64 (a tensor divided by such an int overflows)
+    return row_sums.sum() / float(max(mask.shape[0] * max_len, 1))  # B or T = 0: 0
 
 
 def ppo_loss(
@@ -224,8 +229,10 @@ def ppo_loss(
         # = old_values + clamp(values - old_values, -value_clip, value_clip), without rounding
         v_clipped = torch.clamp(values, old_values - value_clip, old_values + value_clip)
         vl_unclipped, vl_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
-        vl = 0.5 * torch.where(vl_clipped > vl_unclipped, vl_clipped, vl_unclipped)
         value_clipped = vl_clipped > vl_unclipped
+        # A NaN old value makes the clipped branch alone NaN: it wins, as in torch.maximum.
+        only_clipped_nan = vl_clipped.isnan() & ~vl_unclipped.isnan()
+        vl = 0.5 * torch.where(value_clipped | only_clipped_nan, vl_clipped, vl_unclipped)
 
     policy_loss = aggregate(pg, valid, agg, max_len)
     kl_term = aggregate(kl, valid, agg, max_len)
@@ -359,8 +366,13 @@ def masked_whiten(
     selected = xs[valid]
     n = selected.numel()
     mean = selected.sum() / n
-    var = ((selected - mean) ** 2).sum() / max(n - 1, 1)
-    out = (xs - mean) * torch.rsqrt(var + eps)
+    dev = selected - mean
+    # 1 / sqrt(var + eps) with both terms divided by big^2 first, big a constant >= every
+    # |dev| and sqrt(eps): squared deviations past ~1e19 would overflow fp32.
+    root_eps = torch.tensor(math.sqrt(eps), dtype=xs.dtype, device=xs.device)
+    big = torch.cat((dev.detach().abs(), root_eps.view(1))).amax()
+    var_over_big2 = ((dev / big) ** 2).sum() / max(n - 1, 1)
+    out = (xs - mean) / (big * torch.sqrt(var_over_big2 + (root_eps / big) ** 2))
     if not shift_mean:
         out = out + mean
     return torch.where(valid, out, torch.zeros_like(out))

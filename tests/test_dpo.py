@@ -645,6 +645,10 @@ def _call(loss_type="sigmoid", **overrides):
         ({"beta": NAN}, ValueError, "beta"),
         ({"beta": True}, TypeError, "beta"),
         ({"beta": "0.1"}, TypeError, "beta"),
+        # finite, but beyond fp32 (the kernels take beta as fp32): inf or 0 there
+        ({"beta": 1e300}, ValueError, "beta must be representable in fp32"),
+        ({"beta": 1e-300}, ValueError, r"beta must .*\[1.17549e-38, 3.40282e\+38\]"),
+        ({"label_smoothing": 1e-300}, ValueError, "label_smoothing must be representable"),
         ({"label_smoothing": 0.5}, ValueError, "label_smoothing"),
         ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
         ({"label_smoothing": NAN}, ValueError, "label_smoothing"),
@@ -687,6 +691,22 @@ def _call(loss_type="sigmoid", **overrides):
 def test_bad_inputs_raise_clear_errors(overrides, error, match):
     with pytest.raises(error, match=match):
         _call(**overrides)
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(beta=0.0), "beta must be a finite float > 0, got 0.0"),
+        (dict(beta=1e300), "beta must be representable in fp32"),
+        (dict(loss_type="dpo"), "loss_type must be one of"),
+        (dict(reduction="avg"), "reduction must be one of"),
+        (dict(label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),
+        (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing must be 0"),
+    ],
+)
+def test_dpo_loss_module_validates_where_it_is_built(settings, match):
+    with pytest.raises(ValueError, match=match):
+        rlhf_fast.DPOLoss(**settings)
 
 
 @pytest.mark.parametrize("loss_type", sorted(reference.DPO_LENGTH_NORMALISED_TYPES))

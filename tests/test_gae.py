@@ -450,6 +450,31 @@ def test_masked_whiten_large_offset_is_stable():
     assert rel_err(out, reference.masked_whiten(x.double(), mask)) < 2e-3
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+def test_huge_values_keep_finite_statistics(monkeypatch, backend, magnitude):
+    """Squared deviations of |x| ~ 1e19 and more overflow fp32: the variance must not be
+    formed as such (group_advantages and masked_whiten gave NaN or 0 there)."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    # groups of 1500 span two chunks of the group kernel; x spans several stats blocks
+    scores = (torch.randn(3 * 1500, dtype=torch.float64) * magnitude + 2 * magnitude).float()
+    out = rlhf_fast.group_advantages(scores, 1500)
+    assert rel_err(out, reference.group_advantages(scores.double(), 1500)) < 1e-5
+    x = (torch.randn(3 * STATS + 11, dtype=torch.float64) * magnitude - magnitude).float()
+    mask = torch.rand(x.shape) < 0.8
+    leaf = x.clone().requires_grad_()
+    leaf_ref = x.double().requires_grad_()
+    out = rlhf_fast.masked_whiten(leaf, mask)
+    ref = reference.masked_whiten(leaf_ref, mask)
+    assert rel_err(out, ref) < 1e-5
+    upstream = torch.randn(x.shape, dtype=torch.float64)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    # the gradient scales as 1 / magnitude: compare it relative to its own norm
+    assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().max() > 0
+    assert rel_err(leaf.grad, leaf_ref.grad) < 1e-4
+
+
 @pytest.mark.parametrize("shift_mean", [True, False])
 def test_masked_whiten_gradcheck(shift_mean):
     x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
@@ -526,6 +551,7 @@ def gae_args(**overrides):
         ({"gamma": "0.9"}, TypeError, "gamma must be a float"),
         ({"lam": 2}, ValueError, r"lam must be a float in \[0, 1\], got 2"),
         ({"lam": None}, TypeError, "lam must be a float"),
+        ({"gamma": 1e-300}, ValueError, "gamma must be representable in fp32"),
     ],
 )
 def test_gae_bad_inputs_raise_clear_errors(overrides, error, match):
@@ -562,6 +588,8 @@ def test_discounted_returns_bad_inputs(kwargs, error, match):
         ({"group_size": 4.0}, TypeError, "group_size must be an int"),
         ({"scale": "mean"}, ValueError, "scale must be \"std\" or None, got 'mean'"),
         ({"eps": 0.0}, ValueError, "eps must be a finite float > 0"),
+        ({"eps": 1e-300}, ValueError, r"eps must be representable in fp32.*\[1.17549e-38"),
+        ({"group_size": 2**64}, ValueError, r"group_size must be an int in .*\(int64\)"),
     ],
 )
 def test_group_advantages_bad_inputs(kwargs, error, match):
@@ -598,6 +626,14 @@ def test_masked_ops_bad_parameters():
         rlhf_fast.masked_whiten(x, mask, eps=-1.0)
     with pytest.raises(TypeError, match="shift_mean must be a bool"):
         rlhf_fast.masked_whiten(x, mask, shift_mean=1)
+    with pytest.raises(ValueError, match="eps must be representable in fp32"):
+        rlhf_fast.masked_whiten(x, mask, eps=1e-50)
+    # "no" would read as True; along a dim the flag is unused, and still checked
+    with pytest.raises(TypeError, match="check_mask must be a bool or None, got str 'no'"):
+        rlhf_fast.masked_whiten(x, mask, check_mask="no")
+    for dim in (None, 0):
+        with pytest.raises(TypeError, match="check_mask must be a bool or None, got int"):
+            rlhf_fast.masked_mean(x, mask, dim, check_mask=0)
 
 
 def test_backend_switch(monkeypatch):

@@ -494,6 +494,9 @@ def bad_input_cases():
         ({"temperature": float("nan")}, ValueError, "temperature"),
         ({"temperature": "1"}, TypeError, "temperature"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        ({"ignore_index": 2**70}, ValueError, r"ignore_index must be an int in .* \(int64\)"),
+        ({"return_entropy": "no"}, TypeError, "return_entropy must be a bool, got str 'no'"),
+        ({"check_labels": 1}, TypeError, "check_labels must be a bool or None, got int 1"),
     ]
 
 

@@ -335,6 +335,18 @@ def test_batch_invariance():
         ({"temperature": float("nan")}, ValueError, "temperature"),
         ({"temperature": "1"}, TypeError, "temperature"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        ({"ignore_index": 2**70}, ValueError, r"ignore_index must be an int in \[-9223372036854775808, 9223372036854775807\] \(int64\)"),  # noqa: E501
+        ({"ignore_index": -(2**63) - 1}, ValueError, r"ignore_index .*\(int64\)"),
+        # finite temperatures whose fp32 value (or reciprocal) is 0 or inf in the kernels
+        ({"temperature": 1e-300}, ValueError, "temperature must be representable in fp32"),
+        ({"temperature": 1e-40}, ValueError, r"temperature .*\[1.17549e-38, 3.40282e\+38\]"),
+        ({"temperature": 1e300}, ValueError, "temperature must be representable in fp32"),
+        # flags must be real bools: "no" would read as True
+        ({"return_entropy": "no"}, TypeError, "return_entropy must be a bool, got str 'no'"),
+        ({"return_entropy": 1}, TypeError, "return_entropy must be a bool, got int"),
+        ({"return_entropy": None}, TypeError, "return_entropy must be a bool"),
+        ({"inplace_backward": "yes"}, TypeError, "inplace_backward must be a bool"),
+        ({"check_labels": "no"}, TypeError, "check_labels must be a bool or None"),
         ({"labels": torch.zeros(3, dtype=torch.long, device="meta")}, ValueError, "must be on"),
     ],
 )
@@ -344,6 +356,21 @@ def test_bad_inputs_raise_clear_errors(kwargs, error, match):
     logits, labels = args.pop("logits"), args.pop("labels")
     with pytest.raises(error, match=match):
         rlhf_fast.logprobs(logits, labels, **args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("ignore_index", [2**63 - 1, -(2**63)])
+def test_ignore_index_at_the_ends_of_int64(monkeypatch, backend, ignore_index):
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    logits, labels = random_case((5,), 11, torch.float64, ignore_frac=0.0)
+    labels[2] = ignore_index
+    logp, entropy = rlhf_fast.logprobs(logits, labels, ignore_index=ignore_index,
+                                       return_entropy=True)
+    ref_labels = labels.clone()
+    ref_labels[2] = -100
+    ref_logp, ref_entropy = reference.logprobs(logits, ref_labels, return_entropy=True)
+    assert logp[2].item() == 0.0 and entropy[2].item() == 0.0
+    assert rel_err(logp, ref_logp) < 1e-12 and rel_err(entropy, ref_entropy) < 1e-12
 
 
 def test_backend_switch(monkeypatch):

@@ -308,11 +308,91 @@ def _call(**overrides):
         ({"entropy": None}, ValueError, "entropy is required"),
         ({"returns": None}, ValueError, r"missing \['returns'\]"),
         ({"clip_eps": "0.2"}, TypeError, "clip_eps must be a float"),
+        # finite, but not an fp32 number: the kernels take the settings as fp32
+        ({"clip_eps_high": 1e300}, ValueError, "clip_eps_high must be representable in fp32"),
+        ({"dual_clip": 1e39}, ValueError, "dual_clip must be representable in fp32"),
+        ({"kl_coef": 1e-300}, ValueError, "kl_coef must be representable in fp32"),
+        ({"entropy_coef": -1e300}, ValueError, "entropy_coef must be representable in fp32"),
+        ({"value_clip": 1e300}, ValueError, "value_clip must be representable in fp32"),
+        ({"vf_coef": 1e-40}, ValueError, r"vf_coef .* \[1.17549e-38, 3.40282e\+38\]"),
+        ({"max_len": 2**63}, ValueError, r"max_len must be a positive int \(int64\)"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(overrides, error, match):
     with pytest.raises(error, match=match):
         _call(**overrides)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(kl_coef=-0.1), "kl_coef must be >= 0.0"),
+        (dict(clip_eps=1.5), "clip_eps must be >= 0.0 and < 1.0"),
+        (dict(vf_coef=1e300), "vf_coef must be representable in fp32"),
+        (dict(agg="mean"), "agg must be one of"),
+        (dict(kl_estimator="k4"), "kl_estimator must be one of"),
+        (dict(max_len=0), "max_len must be a positive int"),
+    ],
+)
+def test_ppo_loss_module_validates_where_it_is_built(options, match):
+    with pytest.raises(ValueError, match=match):
+        rlhf_fast.PPOLoss(**options)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_max_len_near_int64_max_on_both_backends(monkeypatch, backend):
+    # B * max_len passes int64: the divisor must still be a float, not an overflow.
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    batch = random_batch()
+    options = dict(FULL, agg="seq-mean-token-sum-norm")
+    out, _ = run(rlhf_fast.ppo_loss, batch, **options, max_len=2**62)
+    per_unit, _ = run(reference.ppo_loss, batch, **options, max_len=1)
+    for name in ("loss", "policy_loss", "value_loss", "kl", "entropy"):
+        expected = getattr(per_unit, name).item() / 2**62
+        assert expected != 0.0
+        assert getattr(out, name).item() == pytest.approx(expected, rel=1e-10), name
+
+
+def _nan_at_a_valid_token(name):
+    batch = random_batch()
+    batch[name] = batch[name].clone()
+    batch[name][0, 3] = float("nan")  # row 0 is all valid
+    return batch
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_logp_at_a_valid_token_reaches_every_statistic_but_the_fractions(
+    monkeypatch, backend
+):
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    batch = _nan_at_a_valid_token("logp")
+    out, _ = run(rlhf_fast.ppo_loss, batch, **FULL)
+    ref, _ = run(reference.ppo_loss, batch, **FULL)
+    for name in ("loss", "policy_loss", "kl", "approx_kl", "ratio_mean", "ratio_max"):
+        assert math.isnan(getattr(out, name).item()), name
+        assert math.isnan(getattr(ref, name).item()), name
+    # fractions of strictly clipped tokens: a NaN is never one, as torch compares
+    for name in ("clipfrac", "value_clipfrac", "value_loss", "entropy"):
+        assert math.isfinite(getattr(out, name).item()), name
+        assert getattr(out, name).item() == pytest.approx(getattr(ref, name).item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("value_clip", [0.25, float("inf")])
+def test_nan_old_values_at_a_valid_token_reach_the_value_loss(monkeypatch, backend, value_clip):
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    batch = _nan_at_a_valid_token("old_values")
+    options = dict(FULL, value_clip=value_clip)
+    out, g = run(rlhf_fast.ppo_loss, batch, **options)
+    ref, g_ref = run(reference.ppo_loss, batch, **options)
+    assert math.isnan(out.value_loss.item()) and math.isnan(out.loss.item())
+    assert math.isnan(ref.value_loss.item())
+    for name in ("policy_loss", "kl", "clipfrac", "value_clipfrac", "ratio_max"):
+        assert getattr(out, name).item() == pytest.approx(getattr(ref, name).item(), abs=1e-12)
+    # d value_loss / d values of that token: 0 (the NaN clipped branch is constant in v),
+    # as autograd through torch.clamp gives; every other token as the reference
+    assert g["values"][0, 3].item() == 0.0
+    torch.testing.assert_close(g["values"], g_ref["values"], equal_nan=True)
 
 
 def test_value_clip_inf_disables_value_clipping():

@@ -11,6 +11,11 @@ from torch.autograd.function import once_differentiable
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Triton passes float scalars to kernels as fp32: a parameter outside fp32's normal range
+# overflows to inf or flushes to 0 there (temperature 1e-300 would divide by zero).
+FP32_TINY = torch.finfo(torch.float32).tiny
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 def check_tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
@@ -36,12 +41,29 @@ def check_positive(name: str, value: object) -> float:
         raise TypeError(f"{name} must be a float > 0, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite float > 0, got {value}")
-    return float(value)
+    return check_fp32(name, value)
+
+
+def check_fp32(name: str, value: float) -> float:
+    """`value` (already range-checked by the caller) as a float, if the kernels can take it
+    as fp32: 0, +-inf, or a magnitude in fp32's normal range. NaN is the caller's to reject."""
+    value = float(value)
+    if math.isfinite(value) and value != 0 and not FP32_TINY <= abs(value) <= FP32_MAX:
+        raise ValueError(
+            f"{name} must be representable in fp32 (the kernels take it as fp32): a "
+            f"magnitude in [{FP32_TINY:.6g}, {FP32_MAX:.6g}] unless 0, got {value}"
+        )
+    return value
 
 
 def check_int(name: str, value: object) -> int:
+    """An int in int64's range (the kernels and torch take integer arguments as int64)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(
+            f"{name} must be an int in [{INT64_MIN}, {INT64_MAX}] (int64), got {value}"
+        )
     return value
 
 
@@ -58,7 +80,7 @@ def check_unit_interval(name: str, value: object) -> float:
         raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be a float in [0, 1], got {value}")
-    return float(value)
+    return check_fp32(name, value)
 
 
 def check_same_shape(
@@ -71,9 +93,13 @@ def check_same_shape(
         )
 
 
-def check_bool(name: str, value: object) -> bool:
+def check_bool(name: str, value: object, *, allow_none: bool = False) -> bool | None:
+    """A real bool: a flag such as "no" or 0 would otherwise read as its truth value."""
+    if allow_none and value is None:
+        return None
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        expected = "a bool or None" if allow_none else "a bool"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
     return value
 
 

@@ -11,6 +11,7 @@ from rlhf_fast.kernels import dpo as kernel
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_fp32,
     check_same_device,
     check_same_shape,
     check_tensor,
@@ -65,6 +66,29 @@ def _check_float(name: str, value: object, expected: str) -> float:
     return float(value)
 
 
+def check_dpo_options(
+    *, beta: float, loss_type: str, label_smoothing: float, reduction: str
+) -> tuple[float, float]:
+    """Validate the non-tensor `dpo_loss` arguments (also `DPOLoss`'s, at construction).
+    Returns (beta, label_smoothing) as floats."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if reduction not in DPO_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {DPO_REDUCTIONS}, got {reduction!r}")
+    beta = _check_float("beta", beta, "> 0")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite float > 0, got {beta}")
+    label_smoothing = _check_float("label_smoothing", label_smoothing, "in [0, 0.5)")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing != 0 and loss_type not in DPO_LABEL_SMOOTHING_TYPES:
+        raise ValueError(
+            f"label_smoothing must be 0 for loss_type {loss_type!r} (it is read only by "
+            f"{DPO_LABEL_SMOOTHING_TYPES}), got {label_smoothing}"
+        )
+    return check_fp32("beta", beta), check_fp32("label_smoothing", label_smoothing)
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -95,7 +119,8 @@ def dpo_loss(
             None for a reference-free loss (log pi_ref = 0), allowed for the types whose
             loss depends only on delta: sigmoid, ipo, hinge, robust, exo_pair,
             sigmoid_norm. Differentiable too when they require grad.
-        beta: > 0, the KL-regularisation strength (IPO's tau for "ipo").
+        beta: > 0, the KL-regularisation strength (IPO's tau for "ipo"); at least
+            fp32's smallest normal (1.2e-38) and at most its max (3.4e38).
         loss_type: one of sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair,
             sppo_hard, apo_zero, apo_down, sigmoid_norm.
         label_smoothing: eps in [0, 0.5), the probability that a preference label is
@@ -124,21 +149,9 @@ def dpo_loss(
         raise ValueError(
             f"policy_chosen must have shape [B] with B >= 1, got {tuple(policy_chosen.shape)}"
         )
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if reduction not in DPO_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {DPO_REDUCTIONS}, got {reduction!r}")
-    beta = _check_float("beta", beta, "> 0")
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite float > 0, got {beta}")
-    label_smoothing = _check_float("label_smoothing", label_smoothing, "in [0, 0.5)")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing != 0 and loss_type not in DPO_LABEL_SMOOTHING_TYPES:
-        raise ValueError(
-            f"label_smoothing must be 0 for loss_type {loss_type!r} (it is read only by "
-            f"{DPO_LABEL_SMOOTHING_TYPES}), got {label_smoothing}"
-        )
+    beta, label_smoothing = check_dpo_options(
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction
+    )
 
     policy_chosen = policy_chosen.contiguous()
     policy_rejected = _check_pair_input("policy_rejected", policy_rejected, policy_chosen)

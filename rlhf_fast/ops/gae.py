@@ -198,7 +198,8 @@ def group_advantages(
 
     Returns:
         ``[B]`` fp32 (fp64 for fp64 scores), detached. A NaN in a group gives NaN for that
-        group only.
+        group only. Finite for any finite scores whose group sums stay within fp32 (the
+        sum of squared deviations, which overflows fp32 past ~1e19, is never formed).
     """
     check_tensor("scores", scores, FLOAT_DTYPES)
     if scores.dim() != 1:
@@ -241,7 +242,7 @@ class MaskedMeanFunction(torch.autograd.Function):
             rows_x = rows_x.reshape(n_rows, x.shape[dim])
             rows_m = rows_m.reshape(n_rows, x.shape[dim])
         rows_x, rows_m = rows_x.contiguous(), rows_m.contiguous()
-        count, mean, _ = kernel.masked_row_stats(rows_x, rows_m, with_m2=False)
+        count, mean, _ = kernel.masked_row_stats(rows_x, rows_m, with_std=False)
         ctx.save_for_backward(rows_m, count)
         ctx.dim = dim
         ctx.x_shape = x.shape
@@ -286,6 +287,7 @@ def masked_mean(
     """
     check_tensor("x", x, FLOAT_DTYPES)
     _check_mask(mask, "x", x)
+    check_mask = check_bool("check_mask", check_mask, allow_none=True)
     if dim is not None:
         dim = check_int("dim", dim)
         if x.dim() == 0 or not -x.dim() <= dim < x.dim():
@@ -309,7 +311,7 @@ class MaskedWhitenFunction(torch.autograd.Function):
     def forward(ctx, x, mask, shift_mean, eps):
         flat_x = x.reshape(-1).contiguous()
         flat_m = mask.reshape(-1).contiguous()
-        stats = kernel.masked_row_stats(flat_x.view(1, -1), flat_m.view(1, -1), with_m2=True)
+        stats = kernel.masked_row_stats(flat_x.view(1, -1), flat_m.view(1, -1), with_std=True)
         out = kernel.masked_whiten_forward(flat_x, flat_m, stats, shift_mean, eps)
         ctx.save_for_backward(flat_x, flat_m, *stats)
         ctx.shift_mean = shift_mean
@@ -351,11 +353,14 @@ def masked_whiten(
             for CUDA ones (needs a device sync); unchecked, the output is all zeros.
 
     Returns:
-        x's shape, fp32 (fp64 for fp64 x); exactly 0 at masked positions.
+        x's shape, fp32 (fp64 for fp64 x); exactly 0 at masked positions. Finite for any
+        finite x whose sums stay within fp32 (the sum of squared deviations, which
+        overflows fp32 past ~1e19, is never formed).
     """
     check_tensor("x", x, FLOAT_DTYPES)
     _check_mask(mask, "x", x)
     shift_mean = check_bool("shift_mean", shift_mean)
+    check_mask = check_bool("check_mask", check_mask, allow_none=True)
     eps = check_positive("eps", eps)
     if check_mask is not False:
         _check_some_valid(mask, check_mask)

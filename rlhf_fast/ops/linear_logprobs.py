@@ -20,6 +20,7 @@ from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     MASK_DTYPES,
+    check_bool,
     check_int,
     check_positive,
     check_same_device,
@@ -177,6 +178,8 @@ def linear_logprobs(
     compute_dtype = _check_linear_inputs(hidden, weight, labels, bias)
     temperature = check_positive("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
+    return_entropy = check_bool("return_entropy", return_entropy)
+    check_labels = check_bool("check_labels", check_labels, allow_none=True)
     if check_labels is None:
         check_labels = not hidden.is_cuda
     if check_labels:
@@ -190,7 +193,7 @@ def linear_logprobs(
     outputs = LinearLogProbsFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), labels.reshape(-1).contiguous(),
-        temperature, ignore_index, bool(return_entropy), compute_dtype,
+        temperature, ignore_index, return_entropy, compute_dtype,
     )
     if return_entropy:
         return outputs[0].view(shape), outputs[1].view(shape)
@@ -386,6 +389,7 @@ def linear_ppo_loss(
     compute_dtype = _check_linear_inputs(hidden, weight, labels, bias)
     temperature = check_positive("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
+    check_labels = check_bool("check_labels", check_labels, allow_none=True)
     if check_labels is None:
         check_labels = not hidden.is_cuda
     if check_labels:

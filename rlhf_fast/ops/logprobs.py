@@ -10,6 +10,7 @@ from rlhf_fast.kernels import logprobs as kernel
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_bool,
     check_int,
     check_positive,
     check_same_device,
@@ -110,12 +111,13 @@ def logprobs(
             ``logits[:, :-1]`` are read in place, without a copy.
         labels: ``[...]`` (the leading shape of ``logits``) int64 or int32 token ids in
             ``[0, V)``, or ``ignore_index``.
-        temperature: the logits are divided by it (both passes); must be > 0.
-        ignore_index: rows with this label give log-prob 0, entropy 0 and zero gradient
-            (they are not read at all).
-        return_entropy: also return the entropy of each row's distribution; gradients
-            from both outputs flow back in one pass.
-        inplace_backward: write the gradient into the logits' storage instead of a new
+        temperature: the logits are divided by it (both passes); must be > 0 and within
+            fp32's normal range [1.2e-38, 3.4e38] (the kernels take it as fp32).
+        ignore_index: an int in int64's range; rows with this label give log-prob 0,
+            entropy 0 and zero gradient (they are not read at all).
+        return_entropy: (bool) also return the entropy of each row's distribution;
+            gradients from both outputs flow back in one pass.
+        inplace_backward: (bool) write the gradient into the logits' storage instead of a new
             tensor, so the backward allocates nothing of size N*V. The logits are
             overwritten: use it only when nothing else needs them afterwards. Through a
             slice view (``logits[:, :-1]``) autograd's slice backward still allocates a
@@ -146,6 +148,9 @@ def logprobs(
         )
     temperature = check_positive("temperature", temperature)
     ignore_index = check_int("ignore_index", ignore_index)
+    return_entropy = check_bool("return_entropy", return_entropy)
+    inplace_backward = check_bool("inplace_backward", inplace_backward)
+    check_labels = check_bool("check_labels", check_labels, allow_none=True)
     if check_labels is None:
         check_labels = not logits.is_cuda
     if check_labels:
@@ -166,5 +171,5 @@ def logprobs(
             return_entropy=return_entropy,
         )
     return LogProbsFunction.apply(
-        logits, labels, temperature, ignore_index, bool(return_entropy), bool(inplace_backward)
+        logits, labels, temperature, ignore_index, return_entropy, inplace_backward
     )

@@ -10,7 +10,9 @@ from rlhf_fast import reference
 from rlhf_fast.kernels import ppo as kernel
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
+    INT64_MAX,
     MASK_DTYPES,
+    check_fp32,
     check_same_device,
     check_tensor,
     differentiable_once,
@@ -62,7 +64,7 @@ def _check_coef(name: str, value: object, *, low: float, low_inclusive: bool = T
         if high < math.inf:
             bound += f" and < {high}"
         raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
+    return check_fp32(name, value)
 
 
 def _check_bt(name: str, value: torch.Tensor | None, like: torch.Tensor, like_name: str,
@@ -78,15 +80,43 @@ def _check_bt(name: str, value: torch.Tensor | None, like: torch.Tensor, like_na
     return value.contiguous()
 
 
-def check_ppo_arguments(
-    like_name: str, like: torch.Tensor, tensors: dict[str, torch.Tensor | None],
+def check_ppo_options(
     *, clip_eps: float, clip_eps_high: float | None, dual_clip: float | None,
     kl_coef: float, kl_estimator: str, entropy_coef: float, value_clip: float,
     vf_coef: float, agg: str, max_len: int | None,
+) -> dict[str, object]:
+    """Validate the non-tensor `ppo_loss` arguments (also `PPOLoss`'s, at construction).
+    Returns them as the reference takes them (clip_eps_high filled in)."""
+    clip_eps = _check_coef("clip_eps", clip_eps, low=0.0, high=1.0)
+    clip_high = clip_eps
+    if clip_eps_high is not None:
+        clip_high = _check_coef("clip_eps_high", clip_eps_high, low=0.0)
+    if dual_clip is not None:
+        dual_clip = _check_coef("dual_clip", dual_clip, low=1.0, low_inclusive=False)
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    # int64, so that B * max_len (the kernels' fp32 divisor) stays below fp32's max.
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
+                                or not 1 <= max_len <= INT64_MAX):
+        raise ValueError(f"max_len must be a positive int (int64) or None, got {max_len!r}")
+    return dict(
+        clip_eps=clip_eps, clip_eps_high=clip_high, dual_clip=dual_clip,
+        kl_coef=_check_coef("kl_coef", kl_coef, low=0.0), kl_estimator=kl_estimator,
+        entropy_coef=_check_coef("entropy_coef", entropy_coef, low=-math.inf),
+        value_clip=_check_coef("value_clip", value_clip, low=0.0, allow_inf=True),
+        vf_coef=_check_coef("vf_coef", vf_coef, low=0.0), agg=agg, max_len=max_len,
+    )
+
+
+def check_ppo_arguments(
+    like_name: str, like: torch.Tensor, tensors: dict[str, torch.Tensor | None],
+    **options: object,
 ) -> tuple[dict[str, torch.Tensor | None], dict[str, object], kernel.PPOKernelConfig]:
     """Validate the `ppo_loss` arguments against the ``[B, T]`` tensor `like` (named
-    `like_name` in errors). Returns the tensors (contiguous), the options as the
-    reference takes them, and the kernels' config."""
+    `like_name` in errors); `options` are the keywords of `check_ppo_options`. Returns the
+    tensors (contiguous), the options as the reference takes them, and the kernels' config."""
     checked = {}
     for name in ("old_logp", "advantages", "mask", "ref_logp", "entropy"):
         dtypes = MASK_DTYPES if name == "mask" else FLOAT_DTYPES
@@ -98,35 +128,17 @@ def check_ppo_arguments(
         raise ValueError(f"values, old_values and returns go together; missing {missing}")
     for name, value in value_args.items():
         checked[name] = _check_bt(name, value, like, like_name)
-    clip_eps = _check_coef("clip_eps", clip_eps, low=0.0, high=1.0)
-    clip_high = clip_eps
-    if clip_eps_high is not None:
-        clip_high = _check_coef("clip_eps_high", clip_eps_high, low=0.0)
-    if dual_clip is not None:
-        dual_clip = _check_coef("dual_clip", dual_clip, low=1.0, low_inclusive=False)
-    kl_coef = _check_coef("kl_coef", kl_coef, low=0.0)
-    entropy_coef = _check_coef("entropy_coef", entropy_coef, low=-math.inf)
-    value_clip = _check_coef("value_clip", value_clip, low=0.0, allow_inf=True)
-    vf_coef = _check_coef("vf_coef", vf_coef, low=0.0)
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
-    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
-                                or max_len < 1):
-        raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
-    if kl_coef > 0 and checked["ref_logp"] is None:
+    options = check_ppo_options(**options)
+    if options["kl_coef"] > 0 and checked["ref_logp"] is None:
         raise ValueError("ref_logp is required when kl_coef > 0")
-    options = dict(
-        clip_eps=clip_eps, clip_eps_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, entropy_coef=entropy_coef, value_clip=value_clip,
-        vf_coef=vf_coef, agg=agg, max_len=max_len,
-    )
+    max_len = options["max_len"]
     cfg = kernel.PPOKernelConfig(
-        clip_low=clip_eps, clip_high=clip_high, has_dual=dual_clip is not None,
-        dual_clip=dual_clip or 0.0, kl_code=kernel.KL_CODES[kl_estimator], kl_coef=kl_coef,
-        entropy_coef=entropy_coef, value_clip=value_clip, vf_coef=vf_coef,
-        agg_code=kernel.AGG_CODES[agg], max_len=like.shape[1] if max_len is None else max_len,
+        clip_low=options["clip_eps"], clip_high=options["clip_eps_high"],
+        has_dual=options["dual_clip"] is not None, dual_clip=options["dual_clip"] or 0.0,
+        kl_code=kernel.KL_CODES[options["kl_estimator"]], kl_coef=options["kl_coef"],
+        entropy_coef=options["entropy_coef"], value_clip=options["value_clip"],
+        vf_coef=options["vf_coef"], agg_code=kernel.AGG_CODES[options["agg"]],
+        max_len=like.shape[1] if max_len is None else max_len,
     )
     return checked, options, cfg
 
@@ -177,14 +189,18 @@ def ppo_loss(
         agg: "token-mean" (sum / valid tokens), "seq-mean-token-mean" (mean over non-empty
             rows of each row's mean), "seq-mean-token-sum" (mean over non-empty rows of
             each row's sum), "seq-mean-token-sum-norm" (sum / (B * max_len), Dr. GRPO).
-        max_len: the constant of seq-mean-token-sum-norm; default T.
+        max_len: the constant of seq-mean-token-sum-norm, an int64; default T.
+        Every float setting is taken as fp32 by the kernels: one that is finite but
+        outside fp32's normal range ([1.2e-38, 3.4e38] in magnitude, or 0) raises.
 
     Returns:
         `PPOLossOutput` of fp32 scalars (fp64 for fp64 logp): loss, policy_loss,
         value_loss, kl, entropy (each aggregated with `agg`, differentiable), and the
         token-mean statistics clipfrac, approx_kl (mean of (logp - old_logp)^2 / 2),
         ratio_mean, ratio_max, value_clipfrac (detached). With no valid token every field
-        is 0 and so are the gradients. Gradients come back in each input's dtype.
+        is 0 and so are the gradients. Gradients come back in each input's dtype. A NaN
+        at a valid token (old_values included) makes every field that reads it NaN, but
+        clipfrac and value_clipfrac, which count strictly clipped tokens only.
     """
     check_tensor("logp", logp, FLOAT_DTYPES)
     if logp.dim() != 2:
