@@ -106,6 +106,26 @@ def test_largest_vocab():
     assert_close(outs, refs, torch.bfloat16)
 
 
+def test_row_offsets_past_two_to_the_31():
+    """The last row of a [N, 151936] bf16 tensor starts past element 2^31: a 32-bit row
+    offset (row and V both fit int32, their product does not) reads the wrong memory.
+    Only that row is written (the rest of the 4.3 GB allocation is never touched) and
+    only it is labelled, so the other rows are not read either."""
+    vocab = 151936
+    n_rows = 2**31 // vocab + 2
+    logits = torch.empty(n_rows, vocab, dtype=torch.bfloat16)
+    assert (n_rows - 1) * vocab > 2**31
+    last = (torch.randn(vocab, dtype=torch.float64) * 3).to(torch.bfloat16)
+    logits[-1] = last
+    labels = torch.full((n_rows,), -100, dtype=torch.long)
+    labels[-1] = int(torch.randint(0, vocab, ()))
+    logp, ent = rlhf_fast.logprobs(logits, labels, return_entropy=True, check_labels=False)
+    logp_ref, ent_ref = reference.logprobs(last[None].double(), labels[-1:], return_entropy=True)
+    assert rel_err(logp[-1:], logp_ref) < 1e-5
+    assert rel_err(ent[-1:], ent_ref) < 1e-5
+    assert torch.count_nonzero(logp[:-1]) == 0
+
+
 def test_any_leading_shape():
     logits, labels = random_case((2, 3, 4), 37, torch.float32)
     outs, refs = run_both(logits, labels)
