@@ -188,8 +188,8 @@ def ppo_loss(
 ) -> PPOLossOutput:
     """PPO clipped surrogate + KL to a reference + entropy bonus + clipped value loss.
 
-    All tensors ``[B, T]``; mask is 0/1 (bool or numeric). Gradients flow into `logp`,
-    `entropy` and `values`; the other inputs are constants.
+    All tensors ``[B, T]``; mask is bool or numeric, nonzero = valid. Gradients flow into
+    `logp`, `entropy` and `values`; the other inputs are constants.
     """
     dtype = _compute_dtype(logp.dtype)
     valid = mask != 0

@@ -394,7 +394,7 @@ def large_margin_pairs(B, dtype):
     return pairs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("beta", [0.1, 1.0])
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_large_margins(loss_type, beta, dtype):
@@ -676,6 +676,8 @@ def _call(loss_type="sigmoid", **overrides):
         ({"loss_type": "sigmoid_norm", "rejected_lengths": torch.ones(3, 1)}, ValueError,
          "rejected_lengths"),
         ({"loss_type": "ipo", "chosen_lengths": [1, 2, 3]}, TypeError, "chosen_lengths"),
+        ({"loss_type": "ipo", "rejected_lengths": torch.tensor([4, -2, 3])}, ValueError,
+         "rejected_lengths must be token counts >= 0, found -2"),
         ({"loss_type": "ipo", "rejected_lengths": torch.ones(3, dtype=torch.bool)},
          TypeError, "rejected_lengths"),
         ({"chosen_lengths": torch.ones(3)}, ValueError, "chosen_lengths"),

@@ -61,7 +61,9 @@ def run(fn, batch, grads=DIFFERENTIABLE, upstream=None, **options):
 
 
 def compare(batch, options, tol, grads=DIFFERENTIABLE):
-    upstream = torch.randn(5, dtype=torch.float64)
+    # Positive weights in [0.5, 1.5): the terms sharing a gradient (loss and value_loss
+    # into d values, say) never cancel, which would leave the comparison to rounding.
+    upstream = 0.5 + torch.rand(5, dtype=torch.float64)
     out, g = run(rlhf_fast.ppo_loss, batch, grads, upstream, **options)
     ref_batch = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
     ref, g_ref = run(reference.ppo_loss, ref_batch, grads, upstream, **options)
@@ -150,6 +152,14 @@ def test_matches_reference_all_options(agg, kl_estimator, dual_clip):
     batch = random_batch()
     options = dict(FULL, agg=agg, kl_estimator=kl_estimator, dual_clip=dual_clip)
     compare(batch, options, tol=1e-10)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_symmetric_clip(agg):
+    """clip_eps_high=None: the ratio is clipped to [1 - clip_eps, 1 + clip_eps]."""
+    options = dict(FULL, agg=agg, clip_eps_high=None)
+    compare(random_batch(), options, tol=1e-10)
+    compare(random_batch(dtype=torch.float32), dict(options, dual_clip=3.0), tol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

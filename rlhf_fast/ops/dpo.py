@@ -129,6 +129,8 @@ def dpo_loss(
         chosen_lengths, rejected_lengths: ``[B]`` answer lengths in tokens (int or float),
             required by the length-normalised types ipo and sigmoid_norm (all four
             log-probs are divided by them, clamped to >= 1) and rejected by the others.
+            Negative lengths raise ValueError on CPU (on CUDA the check would need a
+            device sync: they are clamped to 1 like 0).
         reduction: "mean" or "sum" over the batch, or "none" for the ``[B]`` losses.
 
     Returns:
@@ -174,6 +176,10 @@ def dpo_loss(
             check_tensor(name, value, INDEX_DTYPES + FLOAT_DTYPES)
             check_same_device(name, value, "policy_chosen", policy_chosen)
             check_same_shape(name, value, "policy_chosen", policy_chosen)
+            if not value.is_cuda and bool((value < 0).any()):  # on CUDA: a device sync
+                raise ValueError(
+                    f"{name} must be token counts >= 0, found {value[value < 0][0].item()}"
+                )
         chosen_lengths = chosen_lengths.contiguous()
         rejected_lengths = rejected_lengths.contiguous()
     else:

@@ -250,7 +250,8 @@ def linear_dpo_loss(
         labels: ``[2B, T]`` the tokens whose log-probs are summed; outside the mask
             they must still be in [0, V) or ignore_index (ignore_index is cheapest: those
             rows are not even read), since an out-of-range label makes its row NaN.
-        mask: ``[2B, T]`` bool or 0/1: the answer tokens (prompt and padding 0).
+        mask: ``[2B, T]`` bool or numeric, nonzero = an answer token (prompt and
+            padding 0); a mask, not a weight.
         ref_chosen, ref_rejected: ``[B]`` reference sequence log-probs, or both None.
         beta, loss_type, label_smoothing, reduction: as in `dpo_loss`; for ipo and
             sigmoid_norm the answer lengths are the mask's row sums.

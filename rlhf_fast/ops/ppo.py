@@ -177,7 +177,8 @@ def ppo_loss(
         logp: ``[B, T]`` log-probs of the sampled tokens under the current policy (fp32,
             bf16, fp16 or fp64); differentiable.
         old_logp, advantages: ``[B, T]``, constants (from the rollout and GAE).
-        mask: ``[B, T]`` bool or 0/1 numeric; tokens where it is 0 are never read.
+        mask: ``[B, T]`` bool or numeric, nonzero = valid (a mask, not a weight: 0.5
+            counts as 1); tokens where it is 0 are never read.
         clip_eps: lower clip range, in [0, 1). clip_eps_high: upper range (clip-higher,
             DAPO); default clip_eps. dual_clip: c > 1 bounding the loss of A < 0 tokens.
         ref_logp: ``[B, T]`` reference-policy log-probs, needed when kl_coef > 0.
@@ -189,7 +190,9 @@ def ppo_loss(
         agg: "token-mean" (sum / valid tokens), "seq-mean-token-mean" (mean over non-empty
             rows of each row's mean), "seq-mean-token-sum" (mean over non-empty rows of
             each row's sum), "seq-mean-token-sum-norm" (sum / (B * max_len), Dr. GRPO).
-        max_len: the constant of seq-mean-token-sum-norm, an int64; default T.
+        max_len: the constant of seq-mean-token-sum-norm, an int64; default T. The other
+            modes do not read it (as TRL's max_completion_length: a trainer may pass its
+            generation length whatever the mode).
         Every float setting is taken as fp32 by the kernels: one that is finite but
         outside fp32's normal range ([1.2e-38, 3.4e38] in magnitude, or 0) raises.
 

@@ -55,7 +55,7 @@ def sequence_logps(
 
     Args:
         token_logp: ``[..., T]`` per-token log-probs (fp32, bf16, fp16 or fp64).
-        mask: ``[..., T]`` bool or 0/1 numeric, nonzero = a token of the answer. Masked
+        mask: ``[..., T]`` bool or numeric, nonzero = a token of the answer. Masked
             entries are never read (a NaN there reaches neither output nor gradient).
         average: False for the sum over valid tokens, True for their mean.
 
