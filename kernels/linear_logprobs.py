@@ -19,17 +19,22 @@ CHUNK_ELEMENTS logits alive at once.
             log-prob backward kernel, given the full rows' saved statistics), then
             d W_v = dz[:, v]^T h, a single GEMM over all tokens (fp32 accumulation inside
             the GEMM, rounded once to W's dtype, no [V, D] fp32 buffer), and
-            d h += dz[:, v] W_v into an fp32 [N, D] accumulator.
+            d h += dz[:, v] W_v into an fp32 [N, D] accumulator. Past N = 2^19 tokens
+            (v_c at its floor of MIN_VOCAB_CHUNK columns) the tokens are chunked too, and
+            d W_v sums their GEMMs in an fp32 [v_c, D] buffer before its one rounding.
 
 Why this design and not a fully fused blockwise Triton kernel (matmul tiles with an
 online logsumexp in registers): the GEMMs are > 99% of the FLOPs, cuBLAS runs them close
 to peak on every GPU generation without per-architecture tuning, and the only memory
-above the inputs and gradients is one chunk of logits (CHUNK_ELEMENTS, 256 MB in bf16)
-plus the [N, D] fp32 accumulator of d h. The fused kernel would save the chunk's HBM
-round trip (2 bytes per logit written and read per pass, against 2 D FLOPs per logit per
-GEMM: under 10% of the GEMM time at D = 4096). It was not measured against this one:
-no GPU was available while this was written; `benchmarks/bench_linear_logprobs.py` puts
-both the GEMM rate and this op's rate side by side to make that call.
+above the inputs and gradients is one chunk of logits (CHUNK_ELEMENTS, 256 MB in bf16,
+whatever N), the [N, D] fp32 accumulator of d h, and O(N D) copies of hidden (cast to
+the compute dtype under autocast; with ignored rows zeroed when d W is computed) and, for
+fp32 master weights under autocast, W cast to the compute dtype. The fused kernel would
+save the chunk's HBM round trip (2 bytes per logit written and read per pass, against
+2 D FLOPs per logit per GEMM: under 10% of the GEMM time at D = 4096). It was not
+measured against this one: no GPU was available while this was written;
+`benchmarks/bench_linear_logprobs.py` puts both the GEMM rate and this op's rate side by
+side to make that call.
 
 Precision: the GEMMs run in one compute dtype (the caller's: hidden's, or autocast's,
 as F.linear picks it); hidden, weight and bias are cast to it (weight once per forward,
@@ -74,6 +79,12 @@ def vocab_chunk(n_tokens: int) -> int:
     """Columns of logits the backward computes at once (a multiple of MIN_VOCAB_CHUNK)."""
     columns = CHUNK_ELEMENTS // max(n_tokens, 1)
     return max(MIN_VOCAB_CHUNK, columns - columns % MIN_VOCAB_CHUNK)
+
+
+def backward_token_chunk(n_tokens: int) -> int:
+    """Rows of each backward chunk: all N tokens, unless even MIN_VOCAB_CHUNK columns of
+    them pass CHUNK_ELEMENTS (N > 2^19 at the defaults); then as many as fit."""
+    return max(1, min(n_tokens, CHUNK_ELEMENTS // vocab_chunk(n_tokens)))
 
 
 def lm_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -214,21 +225,37 @@ def linear_logprobs_backward(
     hidden = hidden.to(compute_dtype)
     if needs_weight:  # d hidden rows of ignored tokens are 0 * W: no copy needed for it
         hidden = zero_ignored_rows(hidden, labels, ignore_index)
-    step = vocab_chunk(n_tokens)
+    step, row_step = vocab_chunk(n_tokens), backward_token_chunk(n_tokens)
     for start in range(0, vocab if n_tokens else 0, step):
         cols = slice(start, min(start + step, vocab))
         w = weight[cols].to(compute_dtype)
-        logits = lm_head(hidden, w, None if bias is None else bias[cols].to(compute_dtype))
-        d_logits = logprobs_kernel.logprobs_backward(
-            logits, labels, logprobs_kernel.row_layout(logits), row_stats, entropy,
-            g_logp, g_entropy, temperature, ignore_index, inplace=True, label_shift=start,
-        )
-        if needs_weight:
-            product_into(d_weight[cols], d_logits.T, hidden)
-        if needs_hidden:
-            add_product(d_hidden, d_logits, w)
+        b = None if bias is None else bias[cols].to(compute_dtype)
+        # Past 2^19 tokens the columns' d weight sums several token chunks: in fp32.
+        d_w = None
+        if needs_weight and row_step < n_tokens:
+            d_w = torch.zeros(w.shape, dtype=acc_dtype, device=w.device)
         if needs_bias:
-            d_bias[cols] = d_logits.sum(0, dtype=acc_dtype)
+            d_bias[cols] = 0
+        for row_start in range(0, n_tokens, row_step):
+            rows = slice(row_start, min(row_start + row_step, n_tokens))
+            logits = lm_head(hidden[rows], w, b)
+            d_logits = logprobs_kernel.logprobs_backward(
+                logits, labels[rows], logprobs_kernel.row_layout(logits), row_stats[:, rows],
+                None if entropy is None else entropy[rows],
+                None if g_logp is None else g_logp[rows],
+                None if g_entropy is None else g_entropy[rows],
+                temperature, ignore_index, inplace=True, label_shift=start,
+            )
+            if d_w is not None:
+                add_product(d_w, d_logits.T, hidden[rows])
+            elif needs_weight:
+                product_into(d_weight[cols], d_logits.T, hidden)
+            if needs_hidden:
+                add_product(d_hidden[rows], d_logits, w)
+            if needs_bias:
+                d_bias[cols] += d_logits.sum(0, dtype=acc_dtype)
+        if d_w is not None:
+            d_weight[cols] = d_w
     return (
         in_dtype(d_hidden, output_dtype),
         d_weight,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import importlib
 import inspect
 import types
@@ -231,13 +232,13 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     config = config_from_args(DPOConfig if args.algorithm == "dpo" else PPOConfig, args, parser)
     check_output_dir(config, parser)
+    data, eval_data = read_data(args, parser)  # before loading models: bad data fails fast
     if args.algorithm == "dpo":
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         trainer = DPOTrainer(
             load_causal_lm(args.model),
             load_causal_lm(args.ref_model) if args.ref_model else None,
-            tokenizer=tokenizer, train_dataset=args.data, eval_dataset=args.eval_data,
-            config=config,
+            tokenizer=tokenizer, train_dataset=data, eval_dataset=eval_data, config=config,
         )
     else:
         if (args.reward_model is None) == (args.reward_fn is None):
@@ -252,10 +253,30 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             load_causal_lm(args.model),
             load_causal_lm(args.ref_model) if args.ref_model else None,
             load_sequence_scorer(args.value_model) if args.value_model else None,
-            reward, tokenizer=tokenizer, prompts=args.data, config=config,
+            reward, tokenizer=tokenizer, prompts=data, config=config,
         )
     trainer.train()
     return 0
+
+
+def read_data(args: argparse.Namespace, parser: argparse.ArgumentParser
+              ) -> tuple[list[Any], list[Any] | None]:
+    """The records of --data (and --eval-data), checked; a usage error naming the flag."""
+    from rlhf_fast.trainers.common import load_records
+    from rlhf_fast.trainers.dpo import PAIR_FIELDS
+    from rlhf_fast.trainers.ppo import load_prompts
+
+    def read(flag: str, path: str, load: Any) -> list[Any]:
+        try:
+            return load(path)
+        except (OSError, ValueError) as exc:
+            parser.error(f"{flag} {path}: {exc}")
+
+    if args.algorithm == "ppo":
+        return read("--data", args.data, load_prompts), None
+    pairs = functools.partial(load_records, fields=PAIR_FIELDS, name="records")
+    eval_data = read("--eval-data", args.eval_data, pairs) if args.eval_data else None
+    return read("--data", args.data, pairs), eval_data
 
 
 def _add_train_parser(commands: Any) -> None:

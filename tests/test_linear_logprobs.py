@@ -189,14 +189,17 @@ def chunks(monkeypatch):
     return set_chunks
 
 
-def expected_calls(n_tokens, vocab, rows, cols):
+def expected_calls(n_tokens, vocab, rows, cols, back_rows=None):
+    back_rows = back_rows or n_tokens
     forward = [(min(rows, n_tokens - s), vocab) for s in range(0, n_tokens, rows)]
-    backward = [(n_tokens, min(cols, vocab - s)) for s in range(0, vocab, cols)]
+    backward = [(min(back_rows, n_tokens - r), min(cols, vocab - s))
+                for s in range(0, vocab, cols) for r in range(0, n_tokens, back_rows)]
     return forward + backward
 
 
 # elements, min vocab chunk -> N = 37, V = 211: forward 6 chunks of 7 rows + one of 2;
-# backward 6 of 32 columns + one of 19 | 37 chunks of 1 row; 13 of 16 columns + one of 3.
+# backward 6 of 32 columns + one of 19 | forward 37 chunks of 1 row; backward 13 of 16
+# columns + one of 3, each over 6 chunks of 6 tokens + one of 1 (16 x 37 > 100 elements).
 CHUNK_CONFIGS = [(1500, 16), (100, 16)]
 
 
@@ -216,32 +219,44 @@ def test_many_chunks_match_one_chunk_float64(elements, min_vocab, train, chunks,
     chunks.calls.clear()
     chunks(elements, min_vocab)
     rows, cols = kernel.token_chunk(vocab), kernel.vocab_chunk(n_tokens)
+    back_rows = kernel.backward_token_chunk(n_tokens)
     assert (rows == 1 or n_tokens % rows) and vocab % cols  # ragged last chunks
     assert n_tokens // rows >= 3 and vocab // cols >= 3
+    assert back_rows == n_tokens or (n_tokens % back_rows and back_rows * cols <= elements)
     many = run_op(hidden, weight, bias, labels, grads, train, **kw)
-    assert chunks.calls == expected_calls(n_tokens, vocab, rows, cols)
+    assert chunks.calls == expected_calls(n_tokens, vocab, rows, cols, back_rows)
     assert_close(many, single, 1e-12, "single-chunk run")
     assert_close(many, run_ref(hidden, weight, bias, labels, grads, train, **kw), TOL[F64])
 
 
-def test_many_chunks_float32(chunks):
-    hidden, weight, bias, labels = random_case((37,), 24, 211, torch.float32)
+@pytest.mark.parametrize("config", CHUNK_CONFIGS, ids=["chunks", "token-chunked-backward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_chunks_low_precision(config, dtype, chunks):
+    hidden, weight, bias, labels = random_case((37,), 24, 211, dtype)
     grads = upstream(labels.shape)
     single = run_op(hidden, weight, bias, labels, grads)
-    chunks(*CHUNK_CONFIGS[0])
+    chunks(*config)
     many = run_op(hidden, weight, bias, labels, grads)
-    assert chunks.calls[2:] == expected_calls(37, 211, 7, 32)  # after the single-chunk run
-    assert_close(many, single, 1e-5, "single-chunk run")
-    assert_close(many, run_ref(hidden, weight, bias, labels, grads), TOL[torch.float32])
+    expected = expected_calls(37, 211, kernel.token_chunk(211), kernel.vocab_chunk(37),
+                              kernel.backward_token_chunk(37))
+    assert chunks.calls[2:] == expected  # after the single-chunk run
+    tol = TOL.get(dtype, LOW_TOL)
+    assert_close(many, single, tol, "single-chunk run")
+    assert_close(many, run_ref(hidden, weight, bias, labels, grads), tol)
 
 
 def test_chunk_sizes():
+    """No chunk holds more than CHUNK_ELEMENTS logits, whatever N (V <= CHUNK_ELEMENTS)."""
     assert kernel.token_chunk(kernel.CHUNK_ELEMENTS * 2) == 1
     assert kernel.token_chunk(1000) == kernel.CHUNK_ELEMENTS // 1000
-    for n_tokens in (0, 1, 1000, kernel.CHUNK_ELEMENTS, kernel.CHUNK_ELEMENTS * 3):
+    for n_tokens in (1, 1000, 2**19, 2**19 + 1, 2**21 + 3, kernel.CHUNK_ELEMENTS * 3):
         cols = kernel.vocab_chunk(n_tokens)
+        rows = kernel.backward_token_chunk(n_tokens)
         assert cols >= kernel.MIN_VOCAB_CHUNK and cols % kernel.MIN_VOCAB_CHUNK == 0
-        assert cols * max(n_tokens, 1) <= kernel.CHUNK_ELEMENTS or cols == kernel.MIN_VOCAB_CHUNK
+        assert 1 <= rows <= n_tokens and rows * cols <= kernel.CHUNK_ELEMENTS
+        assert rows == n_tokens or cols == kernel.MIN_VOCAB_CHUNK  # tokens split last
+    assert kernel.backward_token_chunk(2**19) == 2**19
+    assert kernel.backward_token_chunk(0) == 1
 
 
 # ----------------------------------------------------------------- what trains
@@ -352,6 +367,13 @@ def test_edge_shapes(n_tokens, vocab, poisoned):
     if vocab == 1:  # one token: log-prob 0, entropy 0, no gradient
         for out in outs:
             assert (out == 0).all()
+
+
+@pytest.mark.parametrize("dim, vocab", [(16, 262144), (8192, 40)], ids=["V=2^18", "D=8192"])
+def test_largest_vocab_and_hidden_size(dim, vocab):
+    # float64: an fp32 GEMM's rounding over 2^18 terms is ~1e-5 by itself
+    hidden, weight, bias, labels = random_case((3,), dim, vocab, F64)
+    compare(hidden, weight, bias, labels, TOL[F64])
 
 
 def test_leading_dims_and_strided_views():
@@ -555,7 +577,7 @@ def dpo_by_hand(ops, hidden, weight, labels, mask, ref_chosen, ref_rejected, *, 
     token_logp = ops.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature)
     seq = ops.sequence_logps(token_logp, mask)
     pairs = hidden.shape[0] // 2
-    if loss_type == "ipo":
+    if loss_type in reference.DPO_LENGTH_NORMALISED_TYPES:
         lengths = (mask != 0).sum(-1)
         kw.update(chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])
     return ops.dpo_loss(seq[:pairs], seq[pairs:], ref_chosen, ref_rejected, loss_type=loss_type,
@@ -565,7 +587,8 @@ def dpo_by_hand(ops, hidden, weight, labels, mask, ref_chosen, ref_rejected, *, 
 @pytest.mark.parametrize(
     "loss_type, reduction, with_ref",
     [("sigmoid", "mean", True), ("sigmoid", "none", True), ("sigmoid", "mean", False),
-     ("ipo", "mean", True), ("ipo", "none", True)],
+     ("ipo", "mean", True), ("ipo", "none", True), ("sigmoid_norm", "sum", True),
+     ("hinge", "mean", True), ("robust", "none", False)],
 )
 def test_linear_dpo_loss_is_the_composition(loss_type, reduction, with_ref):
     hidden, weight, bias, labels, mask, ref_c, ref_r = dpo_case()
@@ -574,7 +597,7 @@ def test_linear_dpo_loss_is_the_composition(loss_type, reduction, with_ref):
     if loss_type == "ipo":
         mask = mask.long()  # a 0/1 mask as well as a bool one
     kw = dict(temperature=0.9, beta=0.2, loss_type=loss_type, reduction=reduction,
-              label_smoothing=0.1 if loss_type == "sigmoid" else 0.0)
+              label_smoothing=0.1 if loss_type in ("sigmoid", "robust") else 0.0)
     g = torch.randn(3, dtype=F64) if reduction == "none" else torch.tensor(1.7, dtype=F64)
     results = []
     for fn in (
@@ -596,7 +619,7 @@ def test_linear_dpo_loss_is_the_composition(loss_type, reduction, with_ref):
     assert (fused[5][mask == 0] == 0).all()  # no gradient into prompt / padding positions
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 8), (4, 8), (1, 4, 8)])
+@pytest.mark.parametrize("shape", [(3, 4, 8), (4, 8), (1, 4, 8), (0, 4, 8)])
 def test_linear_dpo_loss_needs_stacked_pairs(shape):
     hidden = torch.randn(*shape)
     labels = torch.zeros(shape[:-1], dtype=torch.long)
@@ -612,6 +635,11 @@ def test_linear_dpo_loss_needs_stacked_pairs(shape):
     (dict(ref_chosen=torch.zeros(3)),
      r"^ref_chosen must have shape \[B\] = \(2,\) \(one per pair\), got \(3,\)$"),
     (dict(ref_rejected=torch.zeros(2, 1)), r"^ref_rejected must have shape \[B\] = \(2,\)"),
+    (dict(weight=torch.randn(11, 7)),
+     r"^weight must have shape \[V, D\] with V >= 1 and D = "
+     r"hidden_chosen_and_rejected\.shape\[-1\] = 8, got \(11, 7\)$"),
+    (dict(hidden_chosen_and_rejected=torch.zeros(4, 5, 8, dtype=torch.long)),
+     "^hidden_chosen_and_rejected must have dtype"),
 ])
 def test_linear_dpo_loss_errors_name_its_own_arguments(change, match):
     args = dict(hidden_chosen_and_rejected=torch.randn(4, 5, 8), weight=torch.randn(11, 8),

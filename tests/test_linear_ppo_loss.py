@@ -126,7 +126,47 @@ def test_frozen_weight_and_frozen_hidden():
     out = rlhf_fast.linear_ppo_loss(hidden, w, labels, ppo["old_logp"], ppo["advantages"],
                                     ppo["mask"])
     (d_weight,) = torch.autograd.grad(out.loss, (w,))
-    assert d_weight.abs().sum() > 0 and d_weight.dtype == weight.dtype
+    w2 = weight.clone().requires_grad_()
+    want = composed(rlhf_fast, hidden, w2, None, labels,
+                    {**ppo, "ref_logp": None, "values_leaf": None, "old_values": None,
+                     "returns": None}, temperature=1.0)
+    (want_weight,) = torch.autograd.grad(want.loss, (w2,))
+    assert d_weight.dtype == weight.dtype and want_weight.abs().sum() > 0
+    assert rel_err(d_weight, want_weight) < 1e-12
+
+
+def test_fp16_loss_scaling_matches_the_composition():
+    """GradScaler's first scale, 65536, is inf in fp16: the upstream gradient must meet
+    the saved gradients in fp32, where the product stays finite (as the composition's)."""
+    hidden, weight, bias, labels, ppo = make_case(dtype=torch.float16)
+    hidden, bias = hidden * 0.05, bias * 0.1  # gradients < 0.5: finite at this scale
+    scale = torch.tensor(65536.0)
+    out, grads = run(fused, hidden, weight, bias, labels, ppo, scale, **OPTIONS)
+    want, want_grads = run(lambda *a, **k: composed(rlhf_fast, *a, **k), hidden, weight,
+                           bias, labels, ppo, scale, **OPTIONS)
+    assert rel_err(out.loss, want.loss) < 1e-3
+    for got, expected in zip(grads, want_grads):
+        assert torch.isfinite(got).all() and torch.isfinite(expected).all()
+        assert rel_err(got, expected) < 1e-2
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_without_grad_mode_the_gradient_gemms_are_skipped(mode, monkeypatch):
+    """Evaluation passes pay for the logits GEMM only, with the same outputs."""
+    hidden, weight, bias, labels, ppo = make_case()
+    ppo["values_leaf"] = ppo["values"]
+    h, w, b = leaves(hidden, weight, bias)
+    want = fused(h, w, b, labels, ppo, **OPTIONS)
+    gemms = []
+    for name in ("product_into", "add_product"):
+        real = getattr(linear_kernel, name)
+        monkeypatch.setattr(linear_kernel, name,
+                            lambda *a, real=real, name=name: gemms.append(name) or real(*a))
+    with mode():
+        out = fused(h, w, b, labels, ppo, **OPTIONS)
+    assert gemms == []
+    assert not out.loss.requires_grad
+    assert all(torch.equal(a.detach(), b) for a, b in zip(want, out))
 
 
 def test_statistics_are_detached_and_only_loss_differentiates():

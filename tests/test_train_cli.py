@@ -125,6 +125,36 @@ def test_a_fresh_run_into_a_folder_with_checkpoints_is_a_usage_error(algorithm, 
     assert "already holds 1 checkpoint(s)" in error and "pass resume_from" in error
 
 
+@pytest.mark.parametrize("algorithm, lines, message", [
+    ("dpo", [], "--data {path}: records is empty"),
+    ("dpo", ['{"prompt": "p", "chosen": "c"}'],
+     "--data {path}: records[0] needs a string field 'rejected', got None"),
+    ("dpo", ["not json"], "--data {path}: records: {path} line 1 is not JSON"),
+    ("ppo", [], "--data {path}: prompts is empty"),
+])
+def test_bad_data_is_a_usage_error_naming_the_flag(algorithm, lines, message, tmp_path,
+                                                   capsys):
+    """Read before any model is loaded: the model path here does not exist."""
+    path = tmp_path / ("data.jsonl" if algorithm == "dpo" else "prompts.txt")
+    path.write_text("".join(line + "\n" for line in lines))
+    reward = ["--reward-fn", "rlhf_fast.demo:kindness_reward"] if algorithm == "ppo" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", algorithm, "--model", "no/such/model", "--data", str(path), *reward,
+              "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message.format(path=path) in capsys.readouterr().err
+
+
+def test_a_missing_eval_data_file_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "dpo", "--model", "no/such/model",
+              "--data", str(DATA / "preferences_train.jsonl"),
+              "--eval-data", str(tmp_path / "missing.jsonl"),
+              "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--eval-data" in capsys.readouterr().err
+
+
 def test_ppo_needs_exactly_one_reward(saved_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "ppo", "--model", str(saved_model), "--data", str(DATA / "prompts.txt"),

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import stat
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from rlhf_fast.trainers.common import (
     TokenLogprobs,
     ValueModel,
     example_indices,
+    process_umask,
     save_pretrained_atomic,
 )
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, collate_pairs
@@ -493,6 +495,55 @@ def test_ppo_resume_equals_uninterrupted_run(tokenizer, tmp_path, torch_backend,
     assert not torch.equal(models_a[0].state_dict()["lm_head.weight"],
                            initial.state_dict()["lm_head.weight"])
     assert no_temp_files(tmp_path / "a") and no_temp_files(tmp_path / "b")
+
+
+def test_ppo_logs_window_means_and_a_resume_mid_window_keeps_them(tokenizer, tmp_path,
+                                                                 torch_backend):
+    """logging_steps=3: the row of step 3 is the mean of iterations 1-3 (lr the latest), and
+    a run resumed from checkpoint-2 (inside that window) logs the same rows."""
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+
+    def train(directory, logging_steps, resume_from=None):
+        config = PPOConfig(output_dir=str(directory), max_steps=4, rollout_batch_size=4,
+                           mini_batch_size=2, max_new_tokens=8, lr=LR, warmup_steps=64,
+                           save_steps=2, logging_steps=logging_steps, seed=7,
+                           resume_from=resume_from, device="cpu")
+        trainer = PPOTrainer(copy.deepcopy(initial), tokenizer=tokenizer, prompts=PROMPTS,
+                             reward_fn_or_model=lambda prompts, answers: [
+                                 len(a) / 10 for a in answers], config=config)
+        return trainer.train()
+
+    every = train(tmp_path / "every", 1)
+    windows = train(tmp_path / "windows", 3)
+    assert [r["step"] for r in windows] == [3, 4]
+    for key in ("reward", "kl", "clipfrac", "policy_loss", "value_loss", "response_length"):
+        assert windows[0][key] == pytest.approx(sum(r[key] for r in every[:3]) / 3,
+                                                rel=1e-5, abs=1e-6), key
+        assert windows[1][key] == every[3][key], key
+    assert windows[0]["lr"] == every[2]["lr"] != every[0]["lr"]  # warm-up: lr moves
+
+    resumed = train(tmp_path / "resumed", 3, str(tmp_path / "windows" / "checkpoint-2.pt"))
+    assert metric_equal(resumed, windows, 1)
+
+
+def test_checkpoints_and_the_final_model_get_the_umask_permissions(tokenizer, tmp_path,
+                                                                    torch_backend):
+    """Not the 0600 / 0700 of the temp file and folder they are written as."""
+    config = PPOConfig(output_dir=str(tmp_path), max_steps=1, rollout_batch_size=2,
+                       mini_batch_size=2, max_new_tokens=4, device="cpu")
+    previous = os.umask(0o027)
+    process_umask.cache_clear()
+    try:
+        PPOTrainer(demo.tiny_llama(tokenizer, hidden_size=32, seed=3), tokenizer=tokenizer,
+                   prompts=PROMPTS, reward_fn_or_model=lambda p, a: [0.0] * len(a),
+                   config=config).train()
+    finally:
+        os.umask(previous)
+        process_umask.cache_clear()
+    for path in (tmp_path / "checkpoint-1.pt", tmp_path / "value_model.pt",
+                 tmp_path / "metrics.jsonl", tmp_path / "final" / "config.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+    assert stat.S_IMODE((tmp_path / "final").stat().st_mode) == 0o750
 
 
 def _lines(path):

@@ -100,29 +100,32 @@ def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def _check_linear_inputs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: torch.Tensor | None, hidden_name: str = "hidden",
 ) -> torch.dtype:
-    """Validate the inputs of the linear ops; return the GEMMs' dtype (`gemm_dtype`)."""
-    check_tensor("hidden", hidden, FLOAT_DTYPES)
+    """Validate the inputs of the linear ops (hidden named `hidden_name` in errors);
+    return the GEMMs' dtype (`gemm_dtype`)."""
+    check_tensor(hidden_name, hidden, FLOAT_DTYPES)
     check_tensor("weight", weight, FLOAT_DTYPES)
     check_tensor("labels", labels, INDEX_DTYPES)
     if hidden.dim() < 1 or hidden.shape[-1] < 1:
-        raise ValueError(f"hidden must have shape [..., D] with D >= 1, got {tuple(hidden.shape)}")
+        raise ValueError(
+            f"{hidden_name} must have shape [..., D] with D >= 1, got {tuple(hidden.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"weight must have shape [V, D] with V >= 1 and D = hidden.shape[-1] = "
+            f"weight must have shape [V, D] with V >= 1 and D = {hidden_name}.shape[-1] = "
             f"{hidden.shape[-1]}, got {tuple(weight.shape)}"
         )
-    check_same_device("weight", weight, "hidden", hidden)
-    check_same_device("labels", labels, "hidden", hidden)
+    check_same_device("weight", weight, hidden_name, hidden)
+    check_same_device("labels", labels, hidden_name, hidden)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
-            f"labels must have shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), "
+            f"labels must have shape {tuple(hidden.shape[:-1])} ({hidden_name}.shape[:-1]), "
             f"got {tuple(labels.shape)}"
         )
     if bias is not None:
         check_tensor("bias", bias, FLOAT_DTYPES)
-        check_same_device("bias", bias, "hidden", hidden)
+        check_same_device("bias", bias, hidden_name, hidden)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(
                 f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}"
@@ -146,8 +149,9 @@ def linear_logprobs(
     Equal to ``logprobs(F.linear(hidden, weight, bias), labels, ...)`` (the logits
     rounded to the GEMM's dtype, as a model's lm_head makes them), without ever storing
     the ``[N, V]`` logits: at most `kernels.linear_logprobs.CHUNK_ELEMENTS` logits
-    (256 MB in bf16) exist at once, whatever N, plus an fp32 ``[N, D]`` accumulator in
-    the backward.
+    (256 MB in bf16) exist at once, whatever N, plus O(N D) in the backward (an fp32
+    ``[N, D]`` accumulator, and hidden with ignored rows zeroed when d weight is asked).
+    An unchecked out-of-range label makes its row NaN, and with it all of d weight.
 
     Autocast applies as to F.linear: under it the GEMMs run in its dtype (bf16 / fp16;
     fp32 master weights are cast once per pass), otherwise in hidden's dtype.
@@ -247,9 +251,8 @@ def linear_dpo_loss(
         hidden_chosen_and_rejected: ``[2B, T, D]``: rows 0..B-1 the chosen answers,
             rows B..2B-1 the rejected ones (hidden[:, t] predicts labels[:, t]).
         weight, bias, temperature, ignore_index, check_labels: as in `linear_logprobs`.
-        labels: ``[2B, T]`` the tokens whose log-probs are summed; outside the mask
-            they must still be in [0, V) or ignore_index (ignore_index is cheapest: those
-            rows are not even read), since an out-of-range label makes its row NaN.
+        labels: ``[2B, T]`` the tokens whose log-probs are summed, in [0, V) or
+            ignore_index at the answer tokens; outside the mask they are not read.
         mask: ``[2B, T]`` bool or numeric, nonzero = an answer token (prompt and
             padding 0); a mask, not a weight.
         ref_chosen, ref_rejected: ``[B]`` reference sequence log-probs, or both None.
@@ -260,12 +263,14 @@ def linear_dpo_loss(
         `DPOLossOutput`, exactly `dpo_loss` of the sequence log-probs.
     """
     hidden = hidden_chosen_and_rejected
-    if hidden.dim() != 3 or hidden.shape[0] % 2 != 0:
+    check_tensor("hidden_chosen_and_rejected", hidden, FLOAT_DTYPES)
+    if hidden.dim() != 3 or hidden.shape[0] % 2 != 0 or hidden.shape[0] == 0:
         raise ValueError(
-            "hidden_chosen_and_rejected must have shape [2B, T, D] (chosen rows first), "
-            f"got {tuple(hidden.shape)}"
+            "hidden_chosen_and_rejected must have shape [2B, T, D] with B >= 1 (chosen rows "
+            f"first), got {tuple(hidden.shape)}"
         )
     check_pair_shapes(hidden, labels, ref_chosen, ref_rejected)
+    _check_linear_inputs(hidden, weight, labels, bias, "hidden_chosen_and_rejected")
     # Tokens outside the mask are ignored outright: no NaN hidden state there can reach a
     # gradient through 0 * NaN.
     check_tensor("mask", mask, MASK_DTYPES)
@@ -285,6 +290,12 @@ def linear_dpo_loss(
         seq_logp[:n_pairs], seq_logp[n_pairs:], ref_chosen, ref_rejected, beta=beta,
         loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction, **lengths,
     )
+
+
+def scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad * scale (a 0-d tensor), computed in fp32 or wider, in grad's dtype."""
+    wide = torch.promote_types(grad.dtype, torch.float32)
+    return (grad.to(wide) * scale.to(wide)).to(grad.dtype)
 
 
 class LinearPPOLossFunction(torch.autograd.Function):
@@ -328,9 +339,10 @@ class LinearPPOLossFunction(torch.autograd.Function):
     @staticmethod
     @differentiable_once
     def backward(ctx, grad_loss, _grad_statistics):
-        grads = tuple(None if g is None else g * grad_loss.to(g.dtype)
-                      for g in ctx.saved_tensors)
+        # In fp32 at least, rounded once: a loss scale of 65536 is inf in fp16.
+        grads = tuple(None if g is None else scaled(g, grad_loss) for g in ctx.saved_tensors)
         return (*grads, *([None] * 11))
+
 
 
 def linear_ppo_loss(
@@ -371,6 +383,9 @@ def linear_ppo_loss(
     gradients are held from the forward to the backward, and d weight of a bf16 / fp16
     weight is accumulated over token chunks in an fp32 ``[V, D]`` buffer (2 GB at
     V = 128256, D = 4096). `linear_logprobs` + `ppo_loss` needs neither, for one more GEMM.
+    Under ``torch.no_grad()`` only the loss and statistics are computed (1 GEMM). fp16:
+    the gradient is formed at loss scale 1, so a GradScaler's scale cannot shield its
+    smallest entries from fp16 underflow (bf16 has fp32's range and no such problem).
 
     Args:
         hidden: ``[B, T, D]`` (hidden[:, t] predicts labels[:, t]); weight ``[V, D]``;
@@ -416,6 +431,10 @@ def linear_ppo_loss(
             old_values=tensors["old_values"], returns=tensors["returns"], **options,
         )
         return PPOLossOutput(out.loss, *(x.detach() for x in out[1:]))
+    if not torch.is_grad_enabled():  # no_grad / inference_mode: skip the gradient GEMMs
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
+        tensors["values"] = None if tensors["values"] is None else tensors["values"].detach()
     loss, statistics = LinearPPOLossFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), tensors["values"],

@@ -8,6 +8,7 @@ plumbing out of their way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -333,6 +334,18 @@ class Run:
         dist.all_reduce(total)
         return float(total.item())
 
+    def peak_memory(self) -> dict[str, float]:
+        """{"peak_memory_gb": the most GPU memory any process held since the last call}
+        on CUDA (then the peak starts afresh), {} elsewhere."""
+        if self.device.type != "cuda":
+            return {}
+        peak = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2**30],
+                            dtype=torch.float64, device=self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        if self.world > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return {"peak_memory_gb": float(peak.item())}
+
 
 def setup_run(precision: str, device: str | None = None) -> Run:
     """Join the torchrun process group when there is one, and pick device and precision.
@@ -488,6 +501,28 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
 
 
+class MetricsWindow:
+    """The metrics of the steps since the last logged row, which is their weighted mean.
+
+    `sums` (a plain dict) goes into checkpoints, so that a resumed run logs the same rows
+    as an uninterrupted one.
+    """
+
+    def __init__(self, sums: dict[str, float] | None = None):
+        self.sums = dict(sums or {})
+
+    def add(self, metrics: dict[str, float], weight: float = 1.0) -> None:
+        self.sums["_count"] = self.sums.get("_count", 0.0) + weight
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + weight * value
+
+    def flush(self) -> dict[str, float]:
+        """The mean of the window, which starts afresh."""
+        count = self.sums.pop("_count", 1.0)
+        sums, self.sums = self.sums, {}
+        return {key: value / count for key, value in sums.items()}
+
+
 def _json_or_none(line: str) -> Any:
     try:
         return json.loads(line)
@@ -545,10 +580,25 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str):
 # --- checkpoints ---------------------------------------------------------------------------
 
 
+@functools.cache
+def process_umask() -> int:
+    """The umask, read once (reading it means setting it, briefly, for every thread)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def umask_mode(base: int) -> int:
+    """`base` (0o666 for files, 0o777 for folders) less the umask: the mode open() and
+    mkdir() would give. mkstemp / mkdtemp create owner-only ones instead."""
+    return base & ~process_umask()
+
+
 def replace_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """`write` a temp file in path's folder, then rename it over `path`.
 
-    A crash mid-write leaves the previous file intact: the rename is atomic.
+    A crash mid-write leaves the previous file intact: the rename is atomic. The file
+    gets the usual permissions (as open() would make it), not the temp file's 0600.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -557,6 +607,7 @@ def replace_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), umask_mode(0o666))
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -639,6 +690,7 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, directory: Path,
     directory.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        temp.chmod(umask_mode(0o777))
         model.save_pretrained(temp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(temp)

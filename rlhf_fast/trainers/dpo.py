@@ -36,6 +36,7 @@ from rlhf_fast.trainers.common import (
     PRECISIONS,
     FieldChecker,
     MetricsLog,
+    MetricsWindow,
     TokenLogprobs,
     batches,
     check_no_checkpoints,
@@ -293,7 +294,7 @@ class DPOTrainer:
         )
         self.scheduler = warmup_then_constant(self.optimizer, config.warmup_steps)
         self.step = 0
-        self.window: dict[str, float] = {}
+        self.window = MetricsWindow()
         self.ref_logps: dict[str, torch.Tensor] = {}
         if config.resume_from is not None:
             self._load(resolve_checkpoint(config.resume_from, config.output_dir))
@@ -331,9 +332,10 @@ class DPOTrainer:
             last = self.step == self.total_steps
             if self.step % config.logging_steps == 0 or last:
                 elapsed = time.perf_counter() - started
-                metrics = run.mean_over_ranks(self._flush_window())
+                metrics = run.mean_over_ranks(self.window.flush())
                 metrics["lr"] = lr
                 metrics["tokens_per_s"] = run.sum_over_ranks(tokens) / max(elapsed, 1e-9)
+                metrics.update(run.peak_memory())
                 self.log.write(self.step, metrics, bar)
                 started, tokens = time.perf_counter(), 0
             if self.eval_pairs is not None and (
@@ -367,7 +369,7 @@ class DPOTrainer:
             with contextlib.nullcontext() if sync else self.policy.no_sync():
                 out, metrics = self._pair_loss(batch, "train")
                 (out.loss / accumulation).backward()
-            self._accumulate(metrics, accumulation)
+            self.window.add(metrics, 1.0 / accumulation)
             tokens += batch.num_tokens
         if config.max_grad_norm:
             nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
@@ -453,16 +455,6 @@ class DPOTrainer:
             scored.append(both.view(2, -1).T.float().cpu())
         return torch.cat(scored)
 
-    def _accumulate(self, metrics: dict[str, float], micro_batches: int) -> None:
-        self.window["_count"] = self.window.get("_count", 0.0) + 1.0 / micro_batches
-        for key, value in metrics.items():
-            self.window[key] = self.window.get(key, 0.0) + value / micro_batches
-
-    def _flush_window(self) -> dict[str, float]:
-        count = self.window.pop("_count", 1.0)
-        window, self.window = self.window, {}
-        return {key: value / count for key, value in window.items()}
-
     def save_checkpoint(self) -> Path | None:
         """Write checkpoint-<step>.pt atomically (main process), then delete the oldest
         beyond save_total_limit; returns its path.
@@ -478,7 +470,7 @@ class DPOTrainer:
             "model": weights,
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
-            "window": self.window,
+            "window": self.window.sums,
             "ref_logps": self.ref_logps,
             "rng": rng,
             "config": asdict(self.config),
@@ -491,7 +483,7 @@ class DPOTrainer:
         restore_training_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        self.window = state["window"]
+        self.window = MetricsWindow(state["window"])
         self.ref_logps = state["ref_logps"]
         restore_rng_states(state["rng"], self.run)
 

@@ -36,6 +36,7 @@ from rlhf_fast.trainers.common import (
     PRECISIONS,
     FieldChecker,
     MetricsLog,
+    MetricsWindow,
     TokenLogprobs,
     ValueModel,
     as_value_module,
@@ -155,7 +156,7 @@ class PPOConfig:
     """Seeds the prompt order and, as seed + the process's rank, every random stream
     (sampling included)."""
     logging_steps: int = 1
-    """Log every this many iterations."""
+    """Log every this many iterations: the mean of their metrics (lr: the latest)."""
     save_steps: int = 0
     """Write checkpoint-<step>.pt every this many iterations (0: only at the end)."""
     save_total_limit: int = 0
@@ -388,6 +389,7 @@ class PPOTrainer:
                                            weight_decay=config.weight_decay)
         self.scheduler = warmup_then_constant(self.optimizer, config.warmup_steps)
         self.step = 0
+        self.window = MetricsWindow()
         if config.resume_from is not None:
             self._load(resolve_checkpoint(config.resume_from, config.output_dir))
         self.log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", self.run.is_main,
@@ -400,17 +402,23 @@ class PPOTrainer:
         logged metrics of this output_dir."""
         config, run = self.config, self.run
         bar = progress_bar(config.max_steps, self.step, run.is_main, "PPO")
+        started, tokens = time.perf_counter(), 0.0
         while self.step < config.max_steps:
-            started = time.perf_counter()
             rollout = self.rollout(self.step)
             metrics = self.update(rollout)
-            tokens = run.sum_over_ranks(float(rollout.attention_mask.sum()))
-            metrics["tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
+            lr = metrics.pop("lr")
+            self.window.add(metrics)
+            tokens += run.sum_over_ranks(float(rollout.attention_mask.sum()))
             self.step += 1
             bar.update(1)
             last = self.step == config.max_steps
             if self.step % config.logging_steps == 0 or last:
-                self.log.write(self.step, metrics, bar)
+                logged = self.window.flush()  # the mean over the iterations since the last row
+                logged["lr"] = lr
+                logged["tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
+                logged.update(run.peak_memory())
+                self.log.write(self.step, logged, bar)
+                started, tokens = time.perf_counter(), 0.0
             if last or (config.save_steps and self.step % config.save_steps == 0):
                 self.save_checkpoint()
         bar.close()
@@ -593,6 +601,7 @@ class PPOTrainer:
             "actor_critic": weights,
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
+            "window": self.window.sums,
             "rng": rng,
             "config": asdict(self.config),
         }, path)
@@ -605,4 +614,5 @@ class PPOTrainer:
                                state["actor_critic"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self.window = MetricsWindow(state.get("window"))  # older checkpoints have none
         restore_rng_states(state["rng"], self.run)
