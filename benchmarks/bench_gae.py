@@ -18,6 +18,9 @@ Providers (same inputs, same process):
   mode). Dynamo unrolls the loop over T: compiling takes about a minute at T = 512
   (measured on a CPU host) and grows with T, so cases with T > ``COMPILE_MAX_T`` (512;
   env ``RLHF_FAST_BENCH_GAE_COMPILE_MAX_T`` overrides) are skipped with that reason.
+* ``compile-step``: what a user compiles instead at long T: the same loop in Python with
+  its step (delta and the recurrence, one fused kernel) compiled once; T launches.
+  GPU only, like ``compile``.
 
 Every provider is first checked against ``rlhf_fast.reference.gae`` in float64 on the
 same inputs (advantages and returns, relative error <= 1e-5); one that does not match is
@@ -44,7 +47,7 @@ OP = "gae"
 GPU_SHAPES = [(64, 512), (64, 4096), (512, 512), (512, 4096)]
 QUICK_SHAPES = [(8, 64), (16, 200)]
 DTYPE = torch.float32
-PROVIDERS = ("rlhf_fast", "python-loop", "compile")
+PROVIDERS = ("rlhf_fast", "python-loop", "compile", "compile-step")
 MODE = "fwd"
 TOLERANCE = 1e-5
 GAMMA = 1.0
@@ -108,10 +111,35 @@ def compiled_loop_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.T
     return harness.compiled(loop_gae)(rewards, values, mask)
 
 
+def gae_step(reward: torch.Tensor, value: torch.Tensor, next_value: torch.Tensor,
+             next_advantage: torch.Tensor) -> torch.Tensor:
+    """One step of the recurrence, [B] columns: the body `compile-step` compiles."""
+    delta = reward + GAMMA * next_value - value
+    return delta + GAMMA * LAM * next_advantage
+
+
+def step_compiled_loop_gae(rewards: torch.Tensor, values: torch.Tensor,
+                           mask: torch.Tensor) -> Outputs:
+    """`loop_gae` with its step compiled: tensors only, so one graph serves every t."""
+    step = harness.compiled(gae_step)
+    m = mask.to(values.dtype)
+    values = values * m
+    rewards = rewards * m
+    zero = torch.zeros_like(values[:, 0])
+    advantage, advantages_reversed = zero, []
+    for t in reversed(range(rewards.shape[-1])):
+        next_value = values[:, t + 1] if t < rewards.shape[-1] - 1 else zero
+        advantage = step(rewards[:, t], values[:, t], next_value, advantage)
+        advantages_reversed.append(advantage)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
 PROVIDER_FNS: dict[str, Callable[..., Outputs]] = {
     "rlhf_fast": rlhf_fast_gae,
     "python-loop": loop_gae,
     "compile": compiled_loop_gae,
+    "compile-step": step_compiled_loop_gae,
 }
 
 
@@ -160,7 +188,7 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
     """Gate and time one case. Returns its row and the pytest outcome to raise (or None)."""
     device = session.device
     row_args = dict(op=OP, shape=case.shape, dtype=DTYPE, provider=case.provider, mode=MODE)
-    if case.provider == "compile" and device.type != "cuda":
+    if case.provider in ("compile", "compile-step") and device.type != "cuda":
         reason = "torch.compile skipped in CPU quick mode"
         return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
     if case.provider == "compile" and case.shape[1] > COMPILE_MAX_T:
@@ -184,7 +212,7 @@ def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], 
 
         return timed, None
 
-    slow = case.provider == "python-loop"
+    slow = case.provider in ("python-loop", "compile-step")
     budget = dict(warmup_ms=LOOP_WARMUP_MS, rep_ms=LOOP_REP_MS) if slow else {}
     return harness.gate_and_time(
         benchmark=benchmark, device=device, row_args=row_args,

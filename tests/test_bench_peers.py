@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from rlhf_fast.benchmarks import (
+    bench_gae,
     bench_grpo,
     bench_linear_dpo,
     bench_linear_grpo,
@@ -348,3 +349,22 @@ class _Session:
 
     device = CPU
     copy_bandwidth = None
+
+
+@pytest.mark.parametrize("provider", bench_gae.PROVIDERS)
+def test_gae_providers_pass_the_gate(provider: str, monkeypatch: pytest.MonkeyPatch):
+    """Every GAE provider, the compiled ones run eagerly (compiling is the GPU's cost,
+    the function compiled is what must be right)."""
+    monkeypatch.setattr(harness, "compiled", lambda fn: fn)
+    inp = bench_gae.make_inputs((6, 40), CPU)
+    ok, errors = bench_gae._gate(inp, bench_gae.PROVIDER_FNS[provider])
+    assert ok, errors
+    assert max(errors.values()) < 1e-6
+
+
+def test_gae_gate_rejects_a_loop_without_the_mask():
+    def unmasked(rewards, values, mask):
+        return bench_gae.loop_gae(rewards, values, torch.ones_like(mask))
+
+    ok, _ = bench_gae._gate(bench_gae.make_inputs((6, 40), CPU), unmasked)
+    assert not ok
