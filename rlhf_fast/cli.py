@@ -2,7 +2,7 @@
 
 Subcommands:
     demo [--out DIR] [--quick]
-        The whole pipeline on a toy task with a tiny model, on any machine, in seconds
+        The whole pipeline on a toy task with a tiny model, on any machine, in under a minute
         (`rlhf_fast.demo`).
     train dpo|ppo --model PATH_OR_ID --data FILE [--<config field> VALUE ...]
         The reference trainers on a real model: every field of DPOConfig / PPOConfig is
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = commands.add_parser(
         "demo",
-        help="warm-up, DPO and PPO of a tiny model on a toy task (any machine, seconds)",
+        help="warm-up, DPO and PPO of a tiny model on a toy task (any machine, under a minute)",
         description="Build a tokenizer and a tiny Llama from the shipped text, then train "
                     "it with DPO on shipped preference pairs and with PPO on a toy reward. "
                     "Writes metrics, plots and models under --out.",
