@@ -368,3 +368,29 @@ def test_gae_gate_rejects_a_loop_without_the_mask():
 
     ok, _ = bench_gae._gate(bench_gae.make_inputs((6, 40), CPU), unmasked)
     assert not ok
+
+
+@pytest.mark.parametrize("variant, provider", [
+    (variant, provider) for variant in (bench_gae.WHITEN, bench_gae.GROUP)
+    for provider in bench_gae.OPS[variant].fns
+])
+def test_gae_suite_whiten_and_group_providers_pass_the_gate(
+    variant: str, provider: str, monkeypatch: pytest.MonkeyPatch
+):
+    """masked_whiten's and group_advantages' providers, compiled ones run eagerly."""
+    monkeypatch.setattr(harness, "compiled", lambda fn: fn)
+    op = bench_gae.OPS[variant]
+    shape = (6, 40) if variant == bench_gae.WHITEN else (48,)
+    ok, errors = op.gate(bench_gae.make_inputs(shape, CPU), op.fns[provider])
+    assert ok, errors
+    assert max(errors.values()) < 1e-6
+
+
+def test_gae_suite_gate_rejects_a_biased_whiten():
+    def biased(x, mask):  # variance over n, not n - 1
+        mean = bench_gae.masked_mean(x, mask)
+        var = bench_gae.masked_mean((x - mean) ** 2, mask)
+        return (x - mean) * torch.rsqrt(var + bench_gae.WHITEN_EPS) * mask
+
+    ok, errors = bench_gae._gate_whiten(bench_gae.make_inputs((6, 40), CPU), biased)
+    assert not ok, errors
