@@ -344,7 +344,6 @@ class LinearPPOLossFunction(torch.autograd.Function):
         return (*grads, *([None] * 11))
 
 
-
 def linear_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

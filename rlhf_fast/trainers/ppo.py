@@ -408,14 +408,15 @@ class PPOTrainer:
             metrics = self.update(rollout)
             lr = metrics.pop("lr")
             self.window.add(metrics)
-            tokens += run.sum_over_ranks(float(rollout.attention_mask.sum()))
+            tokens += float(rollout.attention_mask.sum())
             self.step += 1
             bar.update(1)
             last = self.step == config.max_steps
             if self.step % config.logging_steps == 0 or last:
                 logged = self.window.flush()  # the mean over the iterations since the last row
                 logged["lr"] = lr
-                logged["tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
+                elapsed = time.perf_counter() - started
+                logged["tokens_per_s"] = run.sum_over_ranks(tokens) / max(elapsed, 1e-9)
                 logged.update(run.peak_memory())
                 self.log.write(self.step, logged, bar)
                 started, tokens = time.perf_counter(), 0.0
