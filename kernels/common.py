@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -14,7 +15,7 @@ def split_fp64(value: float) -> tuple[float, float]:
     for fp64 accumulation, and just `hi` in fp32.
     """
     hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, value - hi
+    return hi, value - hi if math.isfinite(value) else 0.0  # inf - inf would be NaN
 
 
 def mask_view(mask: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ Math, per valid token t (A advantage, r = exp(logp - old_logp), eps_l / eps_h cl
     kl  = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: e^(ref - logp) - (ref - logp) - 1
           d kl / d logp = 1 | logp - ref | 1 - e^(ref - logp)
     vl  = max((v - R)^2, (old_v + clip(v - old_v, -eps_v, eps_v) - R)^2) / 2
-          d vl / d v = v - R, or 0 when the clipped branch is the larger
+          d vl / d v = v - R, or 0 when the clipped branch is the larger (NaN for a NaN old_v)
     loss = agg(pg) + kl_coef agg(kl) - entropy_coef agg(H) + vf_coef agg(vl)
 
 agg is linear: agg(x) = sum_t w_t x_t with a weight per row, so the backward of every term
@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from rlhf_fast.kernels.common import split_fp64
 
 # Per-tile partials, in this column order: valid tokens, sums of pg, kl, entropy, vl,
 # clipped tokens, ratio, then max ratio, sum of log-ratio^2, value-clipped tokens.
@@ -66,6 +68,10 @@ class PPOKernelConfig:
     vf_coef: float
     agg_code: int
     max_len: int
+
+    def fp64_args(self, *names: str) -> list[float]:
+        """The named settings as kernel arguments: each its `split_fp64` (hi, lo) pair."""
+        return [half for name in names for half in split_fp64(getattr(self, name))]
 
 
 @triton.jit
@@ -101,6 +107,13 @@ def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
 
 
 @triton.jit
+def _fp64_arg(hi, lo, acc_dtype: tl.constexpr):
+    # A float setting from its `split_fp64` halves: Triton takes float arguments as fp32,
+    # and a clip bound of 1 - fp32(0.2) would be off by 1e-8 in the fp64 path.
+    return (tl.zeros([], acc_dtype) + hi) + lo
+
+
+@triton.jit
 def _max_keep_nan(a, b):
     # tl.maximum (and so tl.max) is fmax by default: it drops a NaN operand.
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
@@ -123,18 +136,24 @@ def _value_terms(v, old_v, ret, value_clip):
     only_clipped_nan = (vl_clipped != vl_clipped) & (vl_unclipped == vl_unclipped)
     take_clipped = clipped | only_clipped_nan
     vl = 0.5 * tl.where(take_clipped, vl_clipped, vl_unclipped)
-    d_vl = tl.where(take_clipped, 0.0, v - ret)
+    # Its gradient is NaN too, as at every other NaN input: never a silent 0.
+    d_vl = tl.where(clipped, 0.0, tl.where(only_clipped_nan, float("nan"), v - ret))
     return vl, d_vl, clipped
 
 
 @triton.jit
 def _ppo_fwd_kernel(
     logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, v_ptr, old_v_ptr, ret_ptr,
-    row_stats_ptr, T, clip_low, clip_high, dual_clip, value_clip,
+    row_stats_ptr, T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
+    dual_clip_hi, dual_clip_lo, value_clip_hi, value_clip_lo,
     HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr, HAS_ENTROPY: tl.constexpr,
     HAS_VALUE: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
+    clip_low = _fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
+    clip_high = _fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
+    dual_clip = _fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
+    value_clip = _fp64_arg(value_clip_hi, value_clip_lo, acc_dtype)
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     n_tiles = tl.num_programs(1)
@@ -177,10 +196,14 @@ def _ppo_fwd_kernel(
 
 @triton.jit
 def _ppo_reduce_kernel(
-    row_stats_ptr, out_ptr, counts_ptr, B, n_tiles, norm_denominator, kl_coef, entropy_coef,
-    vf_coef, AGG: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr,
+    row_stats_ptr, out_ptr, counts_ptr, B, n_tiles, norm_denominator, kl_coef_hi, kl_coef_lo,
+    entropy_coef_hi, entropy_coef_lo, vf_coef_hi, vf_coef_lo,
+    AGG: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
+    kl_coef = _fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
+    entropy_coef = _fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
+    vf_coef = _fp64_arg(vf_coef_hi, vf_coef_lo, acc_dtype)
     zeros = tl.zeros([BLOCK_B], acc_dtype)
     n_tok, n_seq, s_pg, s_kl, s_ent, s_vl = zeros, zeros, zeros, zeros, zeros, zeros
     s_clip, s_ratio, r_max, s_lr2, s_vclip = zeros, zeros, zeros, zeros, zeros
@@ -241,13 +264,21 @@ def _ppo_bwd_kernel(
     grad_out_ptr, counts_ptr, row_stats_ptr,
     logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, v_ptr, old_v_ptr, ret_ptr,
     d_logp_ptr, d_ent_ptr, d_v_ptr,
-    T, norm_denominator, clip_low, clip_high, dual_clip, value_clip,
-    kl_coef, entropy_coef, vf_coef,
+    T, norm_denominator, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
+    dual_clip_hi, dual_clip_lo, value_clip_hi, value_clip_lo,
+    kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo, vf_coef_hi, vf_coef_lo,
     AGG: tl.constexpr, HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr, GRAD_VALUE: tl.constexpr, FP64: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
+    clip_low = _fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
+    clip_high = _fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
+    dual_clip = _fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
+    value_clip = _fp64_arg(value_clip_hi, value_clip_lo, acc_dtype)
+    kl_coef = _fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
+    entropy_coef = _fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
+    vf_coef = _fp64_arg(vf_coef_hi, vf_coef_lo, acc_dtype)
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     n_tiles = tl.num_programs(1)
@@ -300,13 +331,19 @@ def _ppo_bwd_kernel(
 @triton.jit
 def _ppo_token_grad_kernel(
     token_weight_ptr, logp_ptr, old_logp_ptr, adv_ptr, ref_ptr, d_logp_ptr, d_ent_ptr,
-    n_tokens, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+    n_tokens, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo, dual_clip_hi, dual_clip_lo,
+    kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo,
     HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # d loss / d logp and d loss / d entropy of single tokens, given each token's
     # aggregation weight w (0 for masked tokens): the fused linear_ppo_loss calls this on a
     # chunk of tokens as soon as their log-probs exist, before the rest of the batch does.
     acc_dtype = tl.float64 if FP64 else tl.float32
+    clip_low = _fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
+    clip_high = _fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
+    dual_clip = _fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
+    kl_coef = _fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
+    entropy_coef = _fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < n_tokens
     w = tl.load(token_weight_ptr + offs, mask=in_range, other=0.0).to(acc_dtype)
@@ -363,14 +400,14 @@ def ppo_forward(
             logp if values is None else values,
             logp if old_values is None else old_values,
             logp if returns is None else returns,
-            row_stats, T, cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.value_clip,
+            row_stats, T, *cfg.fp64_args("clip_low", "clip_high", "dual_clip", "value_clip"),
             HAS_DUAL=cfg.has_dual, KL_EST=cfg.kl_code if ref_logp is not None else 0,
             HAS_ENTROPY=entropy is not None, HAS_VALUE=values is not None, FP64=fp64,
             BLOCK_T=block, num_warps=_num_warps(block),
         )
     _ppo_reduce_kernel[(1,)](
         row_stats, outputs, counts, B if T > 0 else 0, n_tiles, float(B * cfg.max_len),
-        cfg.kl_coef, cfg.entropy_coef, cfg.vf_coef,
+        *cfg.fp64_args("kl_coef", "entropy_coef", "vf_coef"),
         AGG=cfg.agg_code, FP64=fp64, BLOCK_B=256, num_warps=4,
     )
     return outputs, counts, row_stats
@@ -399,8 +436,9 @@ def ppo_backward(
         logp if old_values is None else old_values,
         logp if returns is None else returns,
         d_logp, d_logp if d_ent is None else d_ent, d_logp if d_v is None else d_v,
-        T, float(B * cfg.max_len), cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.value_clip,
-        cfg.kl_coef, cfg.entropy_coef, cfg.vf_coef,
+        T, float(B * cfg.max_len),
+        *cfg.fp64_args("clip_low", "clip_high", "dual_clip", "value_clip", "kl_coef",
+                       "entropy_coef", "vf_coef"),
         AGG=cfg.agg_code, HAS_DUAL=cfg.has_dual,
         KL_EST=cfg.kl_code if ref_logp is not None else 0,
         GRAD_ENTROPY=d_ent is not None, GRAD_VALUE=d_v is not None,
@@ -445,8 +483,9 @@ def ppo_token_grads(
         return d_logp, d_ent
     _ppo_token_grad_kernel[(triton.cdiv(n_tokens, TOKEN_GRAD_BLOCK),)](
         token_weight, logp, old_logp, advantages, logp if ref_logp is None else ref_logp,
-        d_logp, d_ent, n_tokens, cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.kl_coef,
-        cfg.entropy_coef, HAS_DUAL=cfg.has_dual,
+        d_logp, d_ent, n_tokens,
+        *cfg.fp64_args("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef"),
+        HAS_DUAL=cfg.has_dual,
         KL_EST=cfg.kl_code if ref_logp is not None else 0,
         FP64=token_weight.dtype == torch.float64, BLOCK=TOKEN_GRAD_BLOCK, num_warps=4,
     )

@@ -228,6 +228,9 @@ def ppo_loss(
     if values is not None:
         # = old_values + clamp(values - old_values, -value_clip, value_clip), without rounding
         v_clipped = torch.clamp(values, old_values - value_clip, old_values + value_clip)
+        # A NaN old value makes the clipped value NaN, and its gradient too: spelled out,
+        # since torch.clamp's gradient at NaN bounds changed (0 in torch 2.13, 1 in 2.14).
+        v_clipped = torch.where(old_values.isnan(), values + old_values, v_clipped)
         vl_unclipped, vl_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
         value_clipped = vl_clipped > vl_unclipped
         # A NaN old value makes the clipped branch alone NaN: it wins, as in torch.maximum.

@@ -203,7 +203,8 @@ def ppo_loss(
         ratio_mean, ratio_max, value_clipfrac (detached). With no valid token every field
         is 0 and so are the gradients. Gradients come back in each input's dtype. A NaN
         at a valid token (old_values included) makes every field that reads it NaN, but
-        clipfrac and value_clipfrac, which count strictly clipped tokens only.
+        clipfrac and value_clipfrac, which count strictly clipped tokens only; the
+        gradient at that token is NaN too (d values at a NaN old_values included).
     """
     check_tensor("logp", logp, FLOAT_DTYPES)
     if logp.dim() != 2:
