@@ -20,7 +20,7 @@ setup(
         "rlhf_fast.kernels": "kernels",
         "rlhf_fast.benchmarks": "benchmarks",
     },
-    install_requires=["torch>=2.5", "triton>=3.3", "transformers", "einops", "tqdm"],
+    install_requires=["torch>=2.7", "triton>=3.3", "transformers", "einops", "tqdm"],
     extras_require={
         # liger-kernel: its kernels run in the Triton interpreter, so CI gates the
         # benchmark's adapters to it (cut-cross-entropy's do not: GPU-only peer).
