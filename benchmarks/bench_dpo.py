@@ -309,11 +309,11 @@ def _gate(
         seq[:pairs], seq[pairs:], inp.ref_chosen.double(), inp.ref_rejected.double(), beta=BETA
     ).loss
 
+    x = inp.logits.detach().requires_grad_(backward)
     if case.provider == "rlhf_fast-inplace":
-        x = inp.logits.detach().clone()
-    else:
-        x = inp.logits.detach()
-    x.requires_grad_(backward)
+        # a copy as an op's output (not a view of a leaf, which inplace_backward refuses);
+        # autograd.grad w.r.t. x stops at x
+        x = x.clone()
     loss = fn(x, inp.labels, inp.ref_chosen, inp.ref_rejected)
     errors: dict[str, float] = {}
     ok, errors["loss"] = harness.check_close(loss, ref_loss, TOLERANCE)
@@ -338,8 +338,8 @@ def _timed(
     fresh = case.provider == "rlhf_fast-inplace"
     leaf = None if fresh else inp.logits.detach().requires_grad_(True)
 
-    def new_leaf() -> torch.Tensor:
-        return inp.logits.detach().clone().requires_grad_(True) if fresh else leaf
+    def new_leaf() -> torch.Tensor:  # the fresh copy is not a leaf: see _gate
+        return inp.logits.detach().requires_grad_(True).clone() if fresh else leaf
 
     if case.mode == "bwd":  # the forward building the graph runs untimed before each call
 

@@ -386,10 +386,11 @@ def _gate(case: Case, inp: Inputs, fn: LossFn) -> tuple[bool, dict[str, float]]:
         reference.ppo_loss, logp64, inp.mask, inp.old_logp.double(), inp.ref_logp.double(),
         inp.advantages.double(),
     )
-    x = inp.logits.detach()
+    x = inp.logits.detach().requires_grad_(backward)
     if case.provider in OVERWRITE_LOGITS:
+        # a copy as an op's output (not a view of a leaf, which inplace_backward refuses);
+        # autograd.grad w.r.t. x stops at x
         x = x.clone()
-    x.requires_grad_(backward)
     loss = fn(*inp.args(x))
     errors: dict[str, float] = {}
     ok, errors["loss"] = harness.check_close(loss, ref_loss, TOLERANCE)
@@ -410,8 +411,8 @@ def _timed(
     fresh = case.provider in OVERWRITE_LOGITS
     leaf = None if fresh else inp.logits.detach().requires_grad_(backward)
 
-    def new_leaf() -> torch.Tensor:
-        return inp.logits.detach().clone().requires_grad_(backward) if fresh else leaf
+    def new_leaf() -> torch.Tensor:  # the fresh copy is not a leaf: see _gate
+        return inp.logits.detach().requires_grad_(backward).clone() if fresh else leaf
 
     if case.mode == "bwd":  # the forward building the graph runs untimed before each call
 

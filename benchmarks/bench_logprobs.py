@@ -292,10 +292,11 @@ def _gate(case: Case, inp: Inputs, fn: Callable[..., Outputs]) -> tuple[bool, di
     grads = (inp.g_logp, inp.g_entropy)[: len(ref)]
 
     if case.provider in OVERWRITE_LOGITS:
-        x = inp.logits.detach().clone()
+        # a copy as an op's output (not a leaf, which inplace_backward refuses): clone()
+        # of a detached alias requiring grad; autograd.grad w.r.t. x stops at x
+        x = inp.logits.detach().requires_grad_(backward).clone()
     else:
-        x = inp.logits.detach()
-    x.requires_grad_(backward)
+        x = inp.logits.detach().requires_grad_(backward)
     outs = fn(x, inp.labels, case.entropy)
     names = ("logp", "entropy")
     errors: dict[str, float] = {}
@@ -327,8 +328,8 @@ def _timed(
 
     leaf = None if fresh else inp.logits.detach().requires_grad_(True)
 
-    def new_leaf() -> torch.Tensor:
-        return inp.logits.detach().clone().requires_grad_(True) if fresh else leaf
+    def new_leaf() -> torch.Tensor:  # the fresh copy is not a leaf: see _gate
+        return inp.logits.detach().requires_grad_(True).clone() if fresh else leaf
 
     if case.mode == "fwd+bwd":
 

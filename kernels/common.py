@@ -1,4 +1,5 @@
-"""Launcher helpers shared by the kernel files (plain Python, no kernels)."""
+"""Helpers shared by the kernel files: two jit functions for loads and stores, and
+launcher helpers (plain Python)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,50 @@ import math
 import struct
 
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fp64_arg(hi, lo, acc_dtype: tl.constexpr):
+    """A float setting from its `split_fp64` halves (Triton takes float arguments as fp32:
+    a clip bound of 1 - fp32(0.2) would be 1e-8 off in the fp64 path)."""
+    return (tl.zeros([], acc_dtype) + hi) + lo
+
+
+@triton.jit
+def nonzero(x):
+    """x != 0, bf16 compared as fp32. Compiled, the two are the same (the cast is exact);
+    Triton's interpreter (3.9 at least) compares bf16 on its raw bits, so a -0.0 mask
+    entry would count as set."""
+    if x.dtype == tl.bfloat16:
+        x = x.to(tl.float32)
+    return x != 0
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """x.to(dtype), fp64 to bf16 rounded through fp32 as torch rounds it (c10's BFloat16
+    is built from a float). Triton's interpreter (3.8 and 3.9) gets the direct cast wrong
+    (1.0 becomes 9.2e-41)."""
+    if x.dtype == tl.float64 and dtype == tl.bfloat16:
+        x = x.to(tl.float32)
+    return x.to(dtype)
 
 
 def split_fp64(value: float) -> tuple[float, float]:
     """(hi, lo) fp32 values with hi + lo == value to ~48 bits (Triton float args are fp32).
 
-    A kernel rebuilds the value as ``(tl.zeros([], acc_dtype) + hi) + lo``: exact enough
-    for fp64 accumulation, and just `hi` in fp32.
+    A kernel rebuilds the value with `fp64_arg`, ``(tl.zeros([], acc_dtype) + hi) + lo``:
+    exact enough for fp64 accumulation, and just `hi` in fp32.
     """
-    hi = struct.unpack("f", struct.pack("f", value))[0]
-    return hi, value - hi if math.isfinite(value) else 0.0  # inf - inf would be NaN
+    hi = _fp32(value)
+    # lo rounded here, not by Triton, so the interpreter sees what a compiled kernel gets
+    return hi, _fp32(value - hi) if math.isfinite(value) else 0.0  # inf - inf is NaN
+
+
+def _fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def mask_view(mask: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ reference's, Lc, Lr their lengths; s the logistic sigmoid, eps the label smoothi
     sigmoid(_norm) -(1 - eps) log s(u) - eps log s(-u)       -(1 - eps) s(-u) + eps s(u)
     robust         (-(1 - eps) log s(u) + eps log s(-u))     (-(1 - eps) s(-u) - eps s(u))
                      / (1 - 2 eps)                             / (1 - 2 eps)
-    hinge          max(0, 1 - u)                             -1 if u < 1 else 0
+    hinge          max(0, 1 - u)                             -1 if u < 1 else 0 (NaN at NaN)
     exo_pair       s(u) (log s(u) - log(1 - eps))            s(u) s(-u) (u - log((1 - eps)
                      + s(-u) (log s(-u) - log eps)                                / eps))
     ipo            (delta - 1 / (2 beta))^2                  d/d delta: 2 (delta - 1/(2 beta))
@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.common import split_fp64
+from rlhf_fast.kernels.common import cast, fp64_arg, split_fp64
 
 LOSS_CODES = {
     "sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3, "exo_pair": 4, "nca_pair": 5,
@@ -99,7 +99,8 @@ def _dpo_terms(a, b, beta, eps, log_keep, log_flip, LOSS: tl.constexpr):
         d_b = -d_a
     elif LOSS == 2:  # hinge
         loss = tl.where(u >= 1.0, 0.0, 1.0 - u)  # not max(1 - u, 0): a NaN stays NaN
-        d_a = tl.where(u < 1.0, -beta, 0.0)
+        # a NaN margin gives a NaN gradient, as the other types' formulas do (u < 1 is false)
+        d_a = tl.where(u != u, u, tl.where(u < 1.0, -beta, 0.0))
         d_b = -d_a
     elif LOSS == 3:  # robust
         scale = 1.0 / (1.0 - 2.0 * eps)
@@ -180,11 +181,10 @@ def _dpo_fwd_kernel(
     REDUCTION: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    zero = tl.zeros([], acc_dtype)
-    beta = (zero + beta_hi) + beta_lo
-    eps = (zero + eps_hi) + eps_lo
-    log_keep = (zero + log_keep_hi) + log_keep_lo
-    log_flip = (zero + log_flip_hi) + log_flip_lo
+    beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
+    eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
+    log_keep = fp64_arg(log_keep_hi, log_keep_lo, acc_dtype)
+    log_flip = fp64_arg(log_flip_hi, log_flip_lo, acc_dtype)
     s_loss = tl.zeros([BLOCK], acc_dtype)
     s_correct = tl.zeros([BLOCK], acc_dtype)
     s_margin = tl.zeros([BLOCK], acc_dtype)
@@ -224,11 +224,10 @@ def _dpo_bwd_kernel(
     GRAD_RC: tl.constexpr, GRAD_RR: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    zero = tl.zeros([], acc_dtype)
-    beta = (zero + beta_hi) + beta_lo
-    eps = (zero + eps_hi) + eps_lo
-    log_keep = (zero + log_keep_hi) + log_keep_lo
-    log_flip = (zero + log_flip_hi) + log_flip_lo
+    beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
+    eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
+    log_keep = fp64_arg(log_keep_hi, log_keep_lo, acc_dtype)
+    log_flip = fp64_arg(log_flip_hi, log_flip_lo, acc_dtype)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < B
     a, b, inv_lc, inv_lr = _log_ratios(
@@ -245,13 +244,13 @@ def _dpo_bwd_kernel(
     d_chosen = g * d_a * inv_lc
     d_rejected = g * d_b * inv_lr
     if GRAD_PC:
-        tl.store(d_pc_ptr + offs, d_chosen.to(d_pc_ptr.dtype.element_ty), mask=ok)
+        tl.store(d_pc_ptr + offs, cast(d_chosen, d_pc_ptr.dtype.element_ty), mask=ok)
     if GRAD_PR:
-        tl.store(d_pr_ptr + offs, d_rejected.to(d_pr_ptr.dtype.element_ty), mask=ok)
+        tl.store(d_pr_ptr + offs, cast(d_rejected, d_pr_ptr.dtype.element_ty), mask=ok)
     if GRAD_RC:
-        tl.store(d_rc_ptr + offs, (-d_chosen).to(d_rc_ptr.dtype.element_ty), mask=ok)
+        tl.store(d_rc_ptr + offs, cast(-d_chosen, d_rc_ptr.dtype.element_ty), mask=ok)
     if GRAD_RR:
-        tl.store(d_rr_ptr + offs, (-d_rejected).to(d_rr_ptr.dtype.element_ty), mask=ok)
+        tl.store(d_rr_ptr + offs, cast(-d_rejected, d_rr_ptr.dtype.element_ty), mask=ok)
 
 
 FWD_BLOCK = 1024

@@ -49,6 +49,12 @@ The other kernels here are plain reductions:
   * masked statistics: pass 1 writes per-block (count, mean, M2) of the valid entries of each
     row of a [R, L] view (M2 around the block's own mean, exact in registers); pass 2, one
     program per row, merges them (Chan et al.) into (count, mean, std). One read of the data.
+  * Equal values must give an advantage / whitened value of exactly 0: a rounded mean would
+    leave s - mean ~ 1e-7 s, and with a std of the same size (against eps = 1e-6) that is an
+    advantage of ~0.05. So deviations are taken from a shift the result does not depend on
+    (the group's first score; a block's first valid entry, and in the merge the first
+    non-empty part's mean), which equal values match exactly: d = 0, spread = 0, mean exact.
+    The shifted means also err relative to the spread, not to the values' magnitude.
   * M2 is carried as spread^2 * q (see `_chan_merge`), so that values up to fp32's range,
     not ~1e19, give finite statistics.
   * whiten / its backward and the masked-mean backward: elementwise passes on those stats.
@@ -60,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.common import mask_view, split_fp64
+from rlhf_fast.kernels.common import cast, fp64_arg, mask_view, nonzero, split_fp64
 
 
 @triton.jit
@@ -80,9 +86,8 @@ def _gae_kernel(
     acc_dtype = tl.float64 if FP64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     base = row * T
-    zero = tl.zeros([], acc_dtype)
-    gamma = (zero + gamma_hi) + gamma_lo
-    gl = (zero + gl_hi) + gl_lo
+    gamma = fp64_arg(gamma_hi, gamma_lo, acc_dtype)
+    gl = fp64_arg(gl_hi, gl_lo, acc_dtype)
     v_carry = tl.zeros([], acc_dtype)  # first valid V after the block (U one step later)
     if HAS_LAST_VALUE:
         v_carry = tl.load(last_value_ptr + row).to(acc_dtype)
@@ -91,13 +96,13 @@ def _gae_kernel(
     for start in range(0, T, BLOCK_T):
         pos = T - 1 - start - lanes  # descending positions: lane 0 is the block's latest
         inside = pos >= 0
-        valid = tl.load(mask_ptr + base + pos, mask=inside, other=0) != 0
+        valid = nonzero(tl.load(mask_ptr + base + pos, mask=inside, other=0))
         r = tl.load(rewards_ptr + base + pos, mask=valid, other=0.0).to(acc_dtype)
 
         # U-scan on inputs one position ahead: lane i gets the first valid V after pos.
         nxt = pos + 1
         nxt_inside = inside & (nxt < T)
-        nxt_valid = tl.load(mask_ptr + base + nxt, mask=nxt_inside, other=0) != 0
+        nxt_valid = nonzero(tl.load(mask_ptr + base + nxt, mask=nxt_inside, other=0))
         if HAS_VALUES:
             v = tl.load(values_ptr + base + pos, mask=valid, other=0.0).to(acc_dtype)
             v_ahead = tl.load(values_ptr + base + nxt, mask=nxt_valid, other=0.0).to(acc_dtype)
@@ -170,6 +175,7 @@ def _group_advantages_kernel(
     group_ok = groups < n_groups
     base = groups.to(tl.int64) * group_size
     cols = tl.arange(0, BLOCK_S)
+    shift = tl.load(scores_ptr + base, mask=group_ok, other=0.0).to(acc_dtype)
     count = tl.zeros([], acc_dtype)
     mean = tl.zeros([BLOCK_G], acc_dtype)
     spread = tl.zeros([BLOCK_G], acc_dtype)
@@ -178,7 +184,7 @@ def _group_advantages_kernel(
         offs = start + cols
         ok = group_ok[:, None] & (offs < group_size)[None, :]
         x = tl.load(scores_ptr + base[:, None] + offs[None, :], mask=ok, other=0.0)
-        x = x.to(acc_dtype)
+        x = tl.where(ok, x.to(acc_dtype) - shift[:, None], 0.0)
         n_b = tl.minimum(group_size - start, BLOCK_S).to(acc_dtype)
         mean_b = tl.sum(x, axis=1) / n_b
         d = tl.where(ok, x - mean_b[:, None], 0.0)
@@ -186,16 +192,17 @@ def _group_advantages_kernel(
         q_b = tl.sum(_squares_over(d, spread_b[:, None]), axis=1)
         mean, spread, q = _chan_merge(count, mean, spread, q, n_b, mean_b, spread_b, q_b)
         count = count + n_b
+    # mean, spread and q are those of the shifted scores x - shift
     scale = tl.full([BLOCK_G], 1.0, acc_dtype)
     if SCALE_STD:
         # Unbiased (n - 1) std, as torch.std; a group of one has std 0 (and advantage 0).
-        eps = (tl.zeros([], acc_dtype) + eps_hi) + eps_lo
+        eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
         scale = 1.0 / (_unbiased_std(count, spread, q) + eps)
     for start in range(0, group_size, BLOCK_S):
         offs = start + cols
         ok = group_ok[:, None] & (offs < group_size)[None, :]
         x = tl.load(scores_ptr + base[:, None] + offs[None, :], mask=ok, other=0.0)
-        adv = (x.to(acc_dtype) - mean[:, None]) * scale[:, None]
+        adv = ((x.to(acc_dtype) - shift[:, None]) - mean[:, None]) * scale[:, None]
         tl.store(out_ptr + base[:, None] + offs[None, :], adv, mask=ok)
 
 
@@ -210,19 +217,27 @@ def _masked_partial_stats_kernel(
     offs = part * BLOCK + tl.arange(0, BLOCK)
     inside = offs < L
     ptr_off = row * L + offs
-    valid = (tl.load(mask_ptr + ptr_off, mask=inside, other=0) != 0) & inside
+    valid = nonzero(tl.load(mask_ptr + ptr_off, mask=inside, other=0)) & inside
     x = tl.load(x_ptr + ptr_off, mask=valid, other=0.0).to(acc_dtype)
     x = tl.where(valid, x, 0.0)
     n = tl.sum(valid.to(tl.int32), axis=0)
-    mean = tl.sum(x, axis=0) / tl.maximum(n, 1).to(acc_dtype)
     out = row * n_parts + part
     tl.store(part_n_ptr + out, n)
-    tl.store(part_mean_ptr + out, mean)
     if WITH_SPREAD:
-        d = tl.where(valid, x - mean, 0.0)
+        # Around the block's first valid entry (see the module docstring); masked_mean
+        # (no spread) keeps the plain sum, whose inf stays inf rather than inf - inf.
+        lanes = tl.arange(0, BLOCK)
+        first = tl.min(tl.where(valid, lanes, BLOCK), axis=0)
+        shift = tl.sum(tl.where(lanes == first, x, 0.0), axis=0)  # 0 without valid entries
+        x = tl.where(valid, x - shift, 0.0)
+        mean_d = tl.sum(x, axis=0) / tl.maximum(n, 1).to(acc_dtype)
+        tl.store(part_mean_ptr + out, shift + mean_d)
+        d = tl.where(valid, x - mean_d, 0.0)
         spread = tl.max(tl.abs(d), axis=0)
         tl.store(part_spread_ptr + out, spread)
         tl.store(part_q_ptr + out, tl.sum(_squares_over(d, spread), axis=0))
+    else:
+        tl.store(part_mean_ptr + out, tl.sum(x, axis=0) / tl.maximum(n, 1).to(acc_dtype))
 
 
 @triton.jit
@@ -245,19 +260,25 @@ def _masked_merge_stats_kernel(
         w_i = n_i.to(acc_dtype)
         n_c = tl.sum(n_i.to(tl.int64), axis=0)
         nf_c = tl.maximum(n_c, 1).to(acc_dtype)
-        mean_c = tl.sum(w_i * mean_i, axis=0) / nf_c
         if WITH_SPREAD:
             # The chunk's parts merged around the chunk mean (exact in registers), then the
-            # pairwise merge with the running statistics.
+            # pairwise merge with the running statistics. The chunk mean is taken around
+            # its first non-empty part's mean, so equal means merge exactly.
+            first = tl.min(tl.where(n_i > 0, lanes, BLOCK_P), axis=0)
+            ref = tl.sum(tl.where(lanes == first, mean_i, 0.0), axis=0)
+            d_ref = tl.where(n_i > 0, mean_i - ref, 0.0)
+            mean_d = tl.sum(w_i * d_ref, axis=0) / nf_c
+            mean_c = ref + mean_d
             spread_i = tl.load(part_spread_ptr + row * n_parts + idx, mask=ok, other=0.0)
             q_i = tl.load(part_q_ptr + row * n_parts + idx, mask=ok, other=0.0)
-            d = tl.where(n_i > 0, mean_i - mean_c, 0.0)
+            d = tl.where(n_i > 0, d_ref - mean_d, 0.0)
             spread_c = tl.maximum(tl.max(spread_i, axis=0), tl.max(tl.abs(d), axis=0))
             q_c = tl.sum(q_i * _squares_over(spread_i, spread_c)
                          + w_i * _squares_over(d, spread_c), axis=0)
             mean, spread, q = _chan_merge(count.to(acc_dtype), mean, spread, q,
                                           n_c.to(acc_dtype), mean_c, spread_c, q_c)
         else:
+            mean_c = tl.sum(w_i * mean_i, axis=0) / nf_c
             mean = mean + (mean_c - mean) * (nf_c / tl.maximum(count + n_c, 1).to(acc_dtype))
         count = count + n_c
     tl.store(count_ptr + row, count)
@@ -267,13 +288,13 @@ def _masked_merge_stats_kernel(
 
 
 @triton.jit
-def _whiten_stats(count_ptr, mean_ptr, std_ptr, eps):
+def _whiten_stats(count_ptr, mean_ptr, std_ptr, eps_hi, eps_lo):
     mean = tl.load(mean_ptr)
     count = tl.load(count_ptr).to(mean.dtype)
     # 1 / sqrt(std^2 + eps) with std^2 never formed (it overflows fp32 past std ~ 1e19):
     # both terms scaled by the larger of std and sqrt(eps).
     std = tl.load(std_ptr)
-    root_eps = tl.sqrt(tl.zeros([], mean.dtype) + eps)
+    root_eps = tl.sqrt(fp64_arg(eps_hi, eps_lo, mean.dtype))
     big = tl.maximum(std, root_eps)
     rstd = 1.0 / (big * tl.sqrt((std / big) * (std / big) + (root_eps / big) * (root_eps / big)))
     return count, mean, rstd
@@ -281,15 +302,15 @@ def _whiten_stats(count_ptr, mean_ptr, std_ptr, eps):
 
 @triton.jit
 def _whiten_fwd_kernel(
-    x_ptr, mask_ptr, count_ptr, mean_ptr, std_ptr, out_ptr, N, eps,
+    x_ptr, mask_ptr, count_ptr, mean_ptr, std_ptr, out_ptr, N, eps_hi, eps_lo,
     SHIFT_MEAN: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < N
-    valid = tl.load(mask_ptr + offs, mask=inside, other=0) != 0
+    valid = nonzero(tl.load(mask_ptr + offs, mask=inside, other=0))
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    _, mean, rstd = _whiten_stats(count_ptr, mean_ptr, std_ptr, eps)
+    _, mean, rstd = _whiten_stats(count_ptr, mean_ptr, std_ptr, eps_hi, eps_lo)
     y = (x - mean) * rstd
     if not SHIFT_MEAN:
         y += mean
@@ -298,17 +319,17 @@ def _whiten_fwd_kernel(
 
 @triton.jit
 def _whiten_bwd_partial_kernel(
-    g_ptr, x_ptr, mask_ptr, count_ptr, mean_ptr, std_ptr, part_ptr, N, n_parts, eps,
+    g_ptr, x_ptr, mask_ptr, count_ptr, mean_ptr, std_ptr, part_ptr, N, n_parts, eps_hi, eps_lo,
     FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     part = tl.program_id(0)
     offs = part.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < N
-    valid = tl.load(mask_ptr + offs, mask=inside, other=0) != 0
+    valid = nonzero(tl.load(mask_ptr + offs, mask=inside, other=0))
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    _, mean, rstd = _whiten_stats(count_ptr, mean_ptr, std_ptr, eps)
+    _, mean, rstd = _whiten_stats(count_ptr, mean_ptr, std_ptr, eps_hi, eps_lo)
     g = tl.where(valid, g, 0.0)
     xhat = tl.where(valid, (x - mean) * rstd, 0.0)
     tl.store(part_ptr + part, tl.sum(g, axis=0))
@@ -317,16 +338,16 @@ def _whiten_bwd_partial_kernel(
 
 @triton.jit
 def _whiten_bwd_kernel(
-    g_ptr, x_ptr, mask_ptr, count_ptr, mean_ptr, std_ptr, sums_ptr, dx_ptr, N, eps,
+    g_ptr, x_ptr, mask_ptr, count_ptr, mean_ptr, std_ptr, sums_ptr, dx_ptr, N, eps_hi, eps_lo,
     SHIFT_MEAN: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < N
-    valid = tl.load(mask_ptr + offs, mask=inside, other=0) != 0
+    valid = nonzero(tl.load(mask_ptr + offs, mask=inside, other=0))
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     g = tl.load(g_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    count, mean, rstd = _whiten_stats(count_ptr, mean_ptr, std_ptr, eps)
+    count, mean, rstd = _whiten_stats(count_ptr, mean_ptr, std_ptr, eps_hi, eps_lo)
     g_mean = tl.load(sums_ptr) / tl.maximum(count, 1.0)
     gx_term = tl.load(sums_ptr + 1) / tl.maximum(count - 1.0, 1.0)
     xhat = (x - mean) * rstd
@@ -335,7 +356,7 @@ def _whiten_bwd_kernel(
     if not SHIFT_MEAN:
         dx += g_mean
     dx = tl.where(valid, dx, 0.0)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+    tl.store(dx_ptr + offs, cast(dx, dx_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -347,11 +368,11 @@ def _masked_mean_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < L
-    valid = tl.load(mask_ptr + row * L + offs, mask=inside, other=0) != 0
+    valid = nonzero(tl.load(mask_ptr + row * L + offs, mask=inside, other=0))
     count = tl.maximum(tl.load(count_ptr + row), 1).to(acc_dtype)  # 0: no valid entry
     scale = tl.load(g_ptr + row).to(acc_dtype) / count
     dx = tl.where(valid, scale, 0.0) + tl.zeros([BLOCK], acc_dtype)
-    tl.store(dx_ptr + row * L + offs, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+    tl.store(dx_ptr + row * L + offs, cast(dx, dx_ptr.dtype.element_ty), mask=inside)
 
 
 # ----------------------------------------------------------------- launchers
@@ -511,7 +532,7 @@ def masked_whiten_forward(
     if N == 0:
         return out
     _whiten_fwd_kernel[(triton.cdiv(N, STATS_BLOCK),)](
-        x, mask_view(mask), *stats, out, N, float(eps),
+        x, mask_view(mask), *stats, out, N, *split_fp64(float(eps)),
         SHIFT_MEAN=shift_mean, FP64=out.dtype == torch.float64,
         BLOCK=STATS_BLOCK, num_warps=_num_warps(STATS_BLOCK),
     )
@@ -540,12 +561,12 @@ def masked_whiten_backward(
     parts = torch.empty((2, n_parts), dtype=_acc_dtype(x), device=x.device)
     mask = mask_view(mask)
     _whiten_bwd_partial_kernel[(n_parts,)](
-        grad, x, mask, *stats, parts, N, n_parts, float(eps),
+        grad, x, mask, *stats, parts, N, n_parts, *split_fp64(float(eps)),
         FP64=fp64, BLOCK=STATS_BLOCK, num_warps=_num_warps(STATS_BLOCK),
     )
     sums = parts.sum(dim=1)
     _whiten_bwd_kernel[(n_parts,)](
-        grad, x, mask, *stats, sums, dx, N, float(eps),
+        grad, x, mask, *stats, sums, dx, N, *split_fp64(float(eps)),
         SHIFT_MEAN=shift_mean, FP64=fp64, BLOCK=STATS_BLOCK, num_warps=_num_warps(STATS_BLOCK),
     )
     return dx

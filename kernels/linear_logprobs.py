@@ -62,6 +62,7 @@ import torch
 
 from rlhf_fast.kernels import logprobs as logprobs_kernel
 from rlhf_fast.kernels import ppo as ppo_kernel
+from rlhf_fast.reference import ignored_labels
 
 #: Logits computed at once, in elements: 256 MB in bf16 (2^27 * 2 bytes).
 CHUNK_ELEMENTS = 1 << 27
@@ -99,8 +100,9 @@ def zero_ignored_rows(
 ) -> torch.Tensor:
     """hidden with the rows of ignored tokens zeroed: their d logits rows are 0, but
     0 * NaN is NaN, so a NaN hidden state at padding (attention over a fully masked row
-    makes them) would reach d weight = d logits^T hidden."""
-    return hidden.masked_fill((labels == ignore_index).unsqueeze(-1), 0)
+    makes them) would reach d weight = d logits^T hidden. Compared as the kernels do, in
+    int64 (`reference.ignored_labels`)."""
+    return hidden.masked_fill(ignored_labels(labels, ignore_index).unsqueeze(-1), 0)
 
 
 @functools.cache

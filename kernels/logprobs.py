@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_fast.kernels.common import cast, fp64_arg, split_fp64
+
 
 @triton.jit
 def _row_offset(row, n_inner, stride_outer, stride_inner):
@@ -44,10 +46,11 @@ def _row_offset(row, n_inner, stride_outer, stride_inner):
 def _logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,
     n_inner, stride_outer, stride_inner,
-    vocab, inv_temperature, ignore_index,
+    vocab, inv_t_hi, inv_t_lo, ignore_index,
     COMPUTE_ENTROPY: tl.constexpr, FP64: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
+    inv_temperature = fp64_arg(inv_t_hi, inv_t_lo, acc_dtype)
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     if label == ignore_index:
@@ -93,11 +96,12 @@ def _logprobs_bwd_kernel(
     grad_ptr, logits_ptr, labels_ptr, row_max_ptr, log_sum_ptr, entropy_ptr,
     g_logp_ptr, g_entropy_ptr,
     n_inner, stride_outer, stride_inner, g_stride_outer, g_stride_inner,
-    vocab, label_shift, inv_temperature, ignore_index,
+    vocab, label_shift, inv_t_hi, inv_t_lo, ignore_index,
     HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr, FP64: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
+    inv_temperature = fp64_arg(inv_t_hi, inv_t_lo, acc_dtype)
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     grad_row_ptr = grad_ptr + _row_offset(row, n_inner, g_stride_outer, g_stride_inner)
@@ -106,7 +110,7 @@ def _logprobs_bwd_kernel(
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
             zero = tl.zeros([BLOCK_V], acc_dtype)
-            tl.store(grad_row_ptr + offs, zero.to(grad_ptr.dtype.element_ty), mask=offs < vocab)
+            tl.store(grad_row_ptr + offs, cast(zero, grad_ptr.dtype.element_ty), mask=offs < vocab)
     else:
         row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
         row_max = tl.load(row_max_ptr + row)
@@ -131,7 +135,7 @@ def _logprobs_bwd_kernel(
             if HAS_G_ENTROPY:
                 dz -= g_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
             dx = dz * inv_temperature
-            tl.store(grad_row_ptr + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_row_ptr + offs, cast(dx, grad_ptr.dtype.element_ty), mask=mask)
 
 
 MAX_BLOCK_V = 4096
@@ -193,7 +197,7 @@ def logprobs_forward(
     block = block_size(vocab)
     _logprobs_fwd_kernel[(n_rows,)](
         logits, labels, logp, entropy if compute_entropy else logp, row_stats[0], row_stats[1],
-        *layout, vocab, 1.0 / temperature, ignore_index,
+        *layout, vocab, *split_fp64(1.0 / temperature), ignore_index,
         COMPUTE_ENTROPY=compute_entropy, FP64=logits.dtype == torch.float64,
         BLOCK_V=block, num_warps=_num_warps(block),
     )
@@ -238,7 +242,7 @@ def logprobs_backward(
         unused if g_entropy is None else entropy,
         unused if g_logp is None else g_logp,
         unused if g_entropy is None else g_entropy,
-        *layout, *g_layout, vocab, label_shift, 1.0 / temperature, ignore_index,
+        *layout, *g_layout, vocab, label_shift, *split_fp64(1.0 / temperature), ignore_index,
         HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None,
         FP64=logits.dtype == torch.float64, BLOCK_V=block, num_warps=_num_warps(block),
     )

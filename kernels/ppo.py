@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.common import split_fp64
+from rlhf_fast.kernels.common import cast, fp64_arg, nonzero, split_fp64
 
 # Per-tile partials, in this column order: valid tokens, sums of pg, kl, entropy, vl,
 # clipped tokens, ratio, then max ratio, sum of log-ratio^2, value-clipped tokens.
@@ -107,13 +107,6 @@ def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
 
 
 @triton.jit
-def _fp64_arg(hi, lo, acc_dtype: tl.constexpr):
-    # A float setting from its `split_fp64` halves: Triton takes float arguments as fp32,
-    # and a clip bound of 1 - fp32(0.2) would be off by 1e-8 in the fp64 path.
-    return (tl.zeros([], acc_dtype) + hi) + lo
-
-
-@triton.jit
 def _max_keep_nan(a, b):
     # tl.maximum (and so tl.max) is fmax by default: it drops a NaN operand.
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
@@ -150,16 +143,16 @@ def _ppo_fwd_kernel(
     HAS_VALUE: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    clip_low = _fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
-    clip_high = _fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
-    dual_clip = _fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
-    value_clip = _fp64_arg(value_clip_hi, value_clip_lo, acc_dtype)
+    clip_low = fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
+    clip_high = fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
+    dual_clip = fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
+    value_clip = fp64_arg(value_clip_hi, value_clip_lo, acc_dtype)
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     n_tiles = tl.num_programs(1)
     cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     offs = row * T + cols
-    valid = tl.load(mask_ptr + offs, mask=cols < T, other=0) != 0
+    valid = nonzero(tl.load(mask_ptr + offs, mask=cols < T, other=0))
     logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
@@ -201,9 +194,9 @@ def _ppo_reduce_kernel(
     AGG: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    kl_coef = _fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
-    entropy_coef = _fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
-    vf_coef = _fp64_arg(vf_coef_hi, vf_coef_lo, acc_dtype)
+    kl_coef = fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
+    entropy_coef = fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
+    vf_coef = fp64_arg(vf_coef_hi, vf_coef_lo, acc_dtype)
     zeros = tl.zeros([BLOCK_B], acc_dtype)
     n_tok, n_seq, s_pg, s_kl, s_ent, s_vl = zeros, zeros, zeros, zeros, zeros, zeros
     s_clip, s_ratio, r_max, s_lr2, s_vclip = zeros, zeros, zeros, zeros, zeros
@@ -272,13 +265,13 @@ def _ppo_bwd_kernel(
     BLOCK_T: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    clip_low = _fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
-    clip_high = _fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
-    dual_clip = _fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
-    value_clip = _fp64_arg(value_clip_hi, value_clip_lo, acc_dtype)
-    kl_coef = _fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
-    entropy_coef = _fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
-    vf_coef = _fp64_arg(vf_coef_hi, vf_coef_lo, acc_dtype)
+    clip_low = fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
+    clip_high = fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
+    dual_clip = fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
+    value_clip = fp64_arg(value_clip_hi, value_clip_lo, acc_dtype)
+    kl_coef = fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
+    entropy_coef = fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
+    vf_coef = fp64_arg(vf_coef_hi, vf_coef_lo, acc_dtype)
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     n_tiles = tl.num_programs(1)
@@ -302,7 +295,7 @@ def _ppo_bwd_kernel(
     cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     in_row = cols < T
     offs = row * T + cols
-    valid = tl.load(mask_ptr + offs, mask=in_row, other=0) != 0
+    valid = nonzero(tl.load(mask_ptr + offs, mask=in_row, other=0))
     logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
@@ -315,17 +308,17 @@ def _ppo_bwd_kernel(
         kl, d_kl = _kl_terms(logp, ref, KL_EST)
         d_logp += c_kl * d_kl
     d_logp = tl.where(valid, d_logp, 0.0)
-    tl.store(d_logp_ptr + offs, d_logp.to(d_logp_ptr.dtype.element_ty), mask=in_row)
+    tl.store(d_logp_ptr + offs, cast(d_logp, d_logp_ptr.dtype.element_ty), mask=in_row)
     if GRAD_ENTROPY:
         d_ent = tl.where(valid, c_ent, 0.0)
-        tl.store(d_ent_ptr + offs, d_ent.to(d_ent_ptr.dtype.element_ty), mask=in_row)
+        tl.store(d_ent_ptr + offs, cast(d_ent, d_ent_ptr.dtype.element_ty), mask=in_row)
     if GRAD_VALUE:
         v = tl.load(v_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
         old_v = tl.load(old_v_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
         ret = tl.load(ret_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
         vl, d_vl, v_clipped = _value_terms(v, old_v, ret, value_clip)
         d_v = tl.where(valid, c_vl * d_vl, 0.0)
-        tl.store(d_v_ptr + offs, d_v.to(d_v_ptr.dtype.element_ty), mask=in_row)
+        tl.store(d_v_ptr + offs, cast(d_v, d_v_ptr.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -339,11 +332,11 @@ def _ppo_token_grad_kernel(
     # aggregation weight w (0 for masked tokens): the fused linear_ppo_loss calls this on a
     # chunk of tokens as soon as their log-probs exist, before the rest of the batch does.
     acc_dtype = tl.float64 if FP64 else tl.float32
-    clip_low = _fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
-    clip_high = _fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
-    dual_clip = _fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
-    kl_coef = _fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
-    entropy_coef = _fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
+    clip_low = fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
+    clip_high = fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
+    dual_clip = fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
+    kl_coef = fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
+    entropy_coef = fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < n_tokens
     w = tl.load(token_weight_ptr + offs, mask=in_range, other=0.0).to(acc_dtype)

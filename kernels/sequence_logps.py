@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.common import mask_view
+from rlhf_fast.kernels.common import cast, mask_view, nonzero
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def _sequence_logps_fwd_kernel(
     count = tl.zeros([BLOCK_T], tl.int32)
     for start in range(0, T, BLOCK_T):
         offs = start + tl.arange(0, BLOCK_T)
-        valid = tl.load(mask_ptr + base + offs, mask=offs < T, other=0) != 0
+        valid = nonzero(tl.load(mask_ptr + base + offs, mask=offs < T, other=0))
         total += tl.load(x_ptr + base + offs, mask=valid, other=0.0).to(acc_dtype)
         count += valid.to(tl.int32)
     n = tl.sum(count, axis=0)
@@ -55,9 +55,9 @@ def _sequence_logps_bwd_kernel(
     g = tl.load(grad_ptr + row).to(acc_dtype)
     if AVERAGE:
         g = g / tl.maximum(tl.load(count_ptr + row), 1).to(acc_dtype)
-    valid = tl.load(mask_ptr + row * T + offs, mask=in_row, other=0) != 0
+    valid = nonzero(tl.load(mask_ptr + row * T + offs, mask=in_row, other=0))
     dx = tl.where(valid, g, 0.0)
-    tl.store(dx_ptr + row * T + offs, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
+    tl.store(dx_ptr + row * T + offs, cast(dx, dx_ptr.dtype.element_ty), mask=in_row)
 
 
 MAX_BLOCK_T = 1024

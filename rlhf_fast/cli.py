@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import os
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -216,23 +217,85 @@ def import_function(spec: str) -> Callable[..., Any]:
 
 
 def check_output_dir(config: Any, parser: argparse.ArgumentParser) -> None:
-    """A fresh run's output_dir must hold no checkpoints (the trainers check it too, but
-    only once the models are loaded: minutes, for a large one)."""
-    from rlhf_fast.trainers.common import check_no_checkpoints
+    """A fresh run's output_dir must hold no checkpoints, and a resumed run needs the one
+    it names (the trainers check both too, but only once the models are loaded: minutes,
+    for a large one)."""
+    from rlhf_fast.trainers.common import check_no_checkpoints, resolve_checkpoint
 
     if config.resume_from is None:
         try:
             check_no_checkpoints(config.output_dir)
         except ValueError as exc:
             parser.error(str(exc))
+        return
+    try:
+        resolve_checkpoint(config.resume_from, config.output_dir)
+    except FileNotFoundError as exc:
+        parser.error(f"--resume-from {config.resume_from}: {exc}")
+
+
+def check_batch_fits(args: argparse.Namespace, config: Any, records: int,
+                     parser: argparse.ArgumentParser) -> None:
+    """--data must hold one global batch (as the trainers require, once the models are
+    loaded); sizes are per process, and torchrun starts WORLD_SIZE of them."""
+    flag, size = (("--batch-size", config.batch_size) if args.algorithm == "dpo"
+                  else ("--rollout-batch-size", config.rollout_batch_size))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if records < size * world:
+        processes = f" x {world} processes" if world > 1 else ""
+        parser.error(f"{flag} {size}{processes} is more than the {records} records of "
+                     f"--data {args.data}; expected at most {records // world}")
+
+
+# the flags that name a model, tokenizer or reward model: a local path or a hub id
+MODEL_FLAGS = ("--model", "--tokenizer", "--ref-model", "--reward-model", "--value-model")
+
+
+def looks_like_a_path(value: str) -> bool:
+    """Written as a filesystem path (./x, ../x, /x, ~/x, or with this OS's separator
+    where that is not "/"), hence never a hub id."""
+    separators = {os.sep, os.altsep} - {None, "/"}
+    return (value in (".", "..") or value.startswith(("./", "../", "/", "~"))
+            or any(sep in value for sep in separators))
+
+
+def is_hub_id(value: str) -> bool:
+    """A well-formed Hugging Face repo id ("name" or "namespace/name")."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Each model flag names an existing file or folder (~ expanded), or else a hub id.
+    A missing local folder would otherwise fail only after the other models load, with
+    Hugging Face's "Repo id must ...", which misreads it as a hub id."""
+    for flag in MODEL_FLAGS:
+        dest = flag.removeprefix("--").replace("-", "_")
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if path.exists():
+            setattr(args, dest, str(path))
+        elif looks_like_a_path(value) or not is_hub_id(value):
+            parser.error(f"{flag} {value}: no such file or folder (and not a hub id: "
+                         "'name' or 'namespace/name')")
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from rlhf_fast.trainers import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
 
     config = config_from_args(DPOConfig if args.algorithm == "dpo" else PPOConfig, args, parser)
+    # everything that can be checked before loading models (minutes, for large ones)
     check_output_dir(config, parser)
-    data, eval_data = read_data(args, parser)  # before loading models: bad data fails fast
+    data, eval_data = read_data(args, parser)
+    check_batch_fits(args, config, len(data), parser)
+    check_model_flags(args, parser)
     if args.algorithm == "dpo":
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         trainer = DPOTrainer(

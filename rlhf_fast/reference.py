@@ -45,13 +45,17 @@ def logprobs(
       * A logit of -inf is a token of probability 0: it adds nothing to the entropy.
       * A row whose label is ``ignore_index`` gives logp = 0 and H = 0, and no gradient
         flows into its logits from either output.
-      * A row whose label is outside [0, V) (and not ignore_index) gives NaN for both.
+      * A row whose label is outside [0, V) (and not ignore_index) gives NaN for both, and
+        a NaN gradient for every logit of the row.
+      * Labels and ignore_index are compared as integers: an ignore_index outside the
+        labels' dtype (int32 labels, ignore_index = 5 + 2**32) matches no label.
       * NaN or +inf anywhere in a row gives NaN for that row only.
     """
     vocab = logits.shape[-1]
-    ignored = labels == ignore_index
+    ignored = ignored_labels(labels, ignore_index)
     in_range = (labels >= 0) & (labels < vocab)
-    safe_labels = torch.where(in_range, labels, torch.zeros_like(labels))
+    # int64 for gather: torch < 2.8 takes no int32 index
+    safe_labels = torch.where(in_range, labels, torch.zeros_like(labels)).long()
 
     z = logits.to(_compute_dtype(logits.dtype)) / temperature
     # Ignored rows are never looked at: whatever they hold, no NaN reaches any output.
@@ -68,12 +72,29 @@ def logprobs(
     return logp, _mark_rows(entropy, in_range, ignored)
 
 
+def ignored_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``labels == ignore_index`` as integers. torch compares an int32 tensor with a Python
+    int outside int32's range modulo 2^32 (5 would equal 5 + 2**32); such an ignore_index
+    matches no label, as in the kernels, which compare in int64."""
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    return labels == ignore_index
+
+
+def _nan_where(bad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A constant factor: NaN where `bad`, 1 elsewhere. Multiplying by it makes a value NaN
+    in its gradient too (torch.where would give the NaN branch a gradient of 0)."""
+    return torch.ones_like(like).masked_fill(bad, float("nan"))
+
+
 def _mark_rows(
     values: torch.Tensor, in_range: torch.Tensor, ignored: torch.Tensor
 ) -> torch.Tensor:
-    """NaN for rows with an out-of-range label; a constant 0 (so no gradient reaches their
+    """NaN, in value and in the gradient of every logit of the row, for rows with an
+    out-of-range label (as the kernels give); a constant 0 (so no gradient reaches their
     logits) for ignored rows."""
-    values = torch.where(in_range, values, torch.full_like(values, float("nan")))
+    values = values * _nan_where(~in_range & ~ignored, values)
     return torch.where(ignored, torch.zeros_like(values), values)
 
 
@@ -92,8 +113,10 @@ def linear_logprobs(
     input dtype, or autocast's, as a model's lm_head computes them). hidden ``[..., D]``,
     weight ``[V, D]``.
     Ignored rows are zeroed first: their hidden state (NaN at fully masked padding, say)
-    reaches neither an output nor a gradient."""
-    hidden = hidden.masked_fill((labels == ignore_index).unsqueeze(-1), 0)
+    reaches neither an output nor a gradient. A row with an out-of-range label is NaN, and
+    so is its d hidden row, all of d weight and d bias (its NaN d logits row meets every
+    vocab row in d logits^T hidden); the other rows' d hidden is unaffected."""
+    hidden = hidden.masked_fill(ignored_labels(labels, ignore_index).unsqueeze(-1), 0)
     logits = F.linear(hidden, weight, bias)
     return logprobs(
         logits, labels, temperature=temperature, ignore_index=ignore_index,
@@ -335,11 +358,17 @@ def group_advantages(
 ) -> torch.Tensor:
     """GRPO advantages: ``scores [B]`` in groups of `group_size` consecutive samples,
     A_i = (s_i - mean_g) / (std_g + eps) (scale="std", unbiased std as torch.std; a group of
-    one has std 0, so A = 0), or s_i - mean_g (scale=None). ``[B]`` fp32 (fp64 for fp64)."""
+    one has std 0, so A = 0), or s_i - mean_g (scale=None). ``[B]`` fp32 (fp64 for fp64).
+    A group of equal scores gives exactly 0."""
     s = scores.to(_compute_dtype(scores.dtype)).reshape(-1, group_size)
-    adv = s - s.mean(dim=1, keepdim=True)
+    # Deviations from the group's first score, a shift the result does not depend on:
+    # equal scores give d = 0, hence A = 0 exactly, where s - mean would not (the mean of
+    # 64 scores of 0.7 rounds in fp32, and 6e-8 / (std 6e-8 + eps) is 0.06). d's mean
+    # errs relative to the group's spread, not to its magnitude.
+    d = s - s[:, :1]
+    adv = d - d.mean(dim=1, keepdim=True)
     if scale == "std":
-        std = s.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(s)
+        std = d.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(s)
         adv = adv / (std + eps)
     return adv.reshape(-1)
 
@@ -362,20 +391,26 @@ def masked_whiten(
 ) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the valid entries of the whole tensor, with the
     unbiased (n - 1) variance, as TRL's masked_whiten; a single valid entry has variance 0.
-    shift_mean=False adds the mean back. fp32 (fp64 for fp64 x), 0 where masked."""
+    shift_mean=False adds the mean back. fp32 (fp64 for fp64 x), 0 where masked. Equal
+    valid entries give exactly 0 (their own value with shift_mean=False)."""
     valid = mask != 0
     xs = x.to(_compute_dtype(x.dtype))
     xs = torch.where(valid, xs, torch.zeros_like(xs))
     selected = xs[valid]
     n = selected.numel()
-    mean = selected.sum() / n
-    dev = selected - mean
+    # Deviations from the first valid entry (a constant: the result does not depend on
+    # it), as in group_advantages: equal entries give deviations, hence outputs, of
+    # exactly 0, where x - mean would not (the mean rounds).
+    shift = selected[:1].detach().sum()  # 0 without valid entries
+    mean_d = (selected - shift).sum() / n
+    mean = shift + mean_d
+    dev = (selected - shift) - mean_d
     # 1 / sqrt(var + eps) with both terms divided by big^2 first, big a constant >= every
     # |dev| and sqrt(eps): squared deviations past ~1e19 would overflow fp32.
     root_eps = torch.tensor(math.sqrt(eps), dtype=xs.dtype, device=xs.device)
     big = torch.cat((dev.detach().abs(), root_eps.view(1))).amax()
     var_over_big2 = ((dev / big) ** 2).sum() / max(n - 1, 1)
-    out = (xs - mean) / (big * torch.sqrt(var_over_big2 + (root_eps / big) ** 2))
+    out = ((xs - shift) - mean_d) / (big * torch.sqrt(var_over_big2 + (root_eps / big) ** 2))
     if not shift_mean:
         out = out + mean
     return torch.where(valid, out, torch.zeros_like(out))
@@ -485,7 +520,9 @@ def dpo_loss(
     where s is the logistic sigmoid and log s(x) is computed as -softplus(-x). ipo and
     sigmoid_norm divide all four log-probs by their answer's length (clamped to >= 1).
     A missing reference (both refs None) is log pi_ref = 0: only for the types in
-    `DPO_REFERENCE_FREE_TYPES`. Rewards: beta * a and beta * b.
+    `DPO_REFERENCE_FREE_TYPES`. Rewards: beta * a and beta * b. A NaN log-prob makes its
+    pair's loss NaN and, for every type (hinge included), the gradient of each input its
+    terms depend on through the NaN.
     """
     dtype = torch.float64 if torch.float64 in (policy_chosen.dtype, policy_rejected.dtype) \
         else torch.float32
@@ -507,7 +544,9 @@ def dpo_loss(
     elif loss_type == "ipo":
         losses = (delta - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
-        losses = torch.relu(1 - u)
+        # relu's gradient at NaN is 1: the factor gives a NaN pair a NaN gradient, as the
+        # other types' smooth formulas do.
+        losses = torch.relu(1 - u) * _nan_where(u.isnan(), u)
     elif loss_type == "robust":
         losses = (-(1 - eps) * log_sigmoid(u) + eps * log_sigmoid(-u)) / (1 - 2 * eps)
     elif loss_type == "exo_pair":

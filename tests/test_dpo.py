@@ -482,6 +482,36 @@ def test_nan_in_one_pair_stays_in_that_pair(loss_type):
     assert torch.isnan(mean.loss)
 
 
+@pytest.mark.parametrize("where", INPUTS)
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_nan_pair_gets_nan_gradients_in_both_backends(loss_type, where, monkeypatch):
+    """A NaN log-prob gives its pair NaN gradients, in every loss type and both backends
+    alike: the hinge gradient, a comparison u < 1 that a NaN fails, was 0 in the kernel and
+    +-beta in the reference. The NaN input's own gradient and its log-ratio partner's are
+    NaN; both backends give the same gradients, NaN at the same places; the other pairs
+    keep their clean gradients."""
+    partner = dict(zip(INPUTS, ("ref_chosen", "ref_rejected", "policy_chosen",
+                                "policy_rejected")))[where]
+    pairs = random_pairs(B=9, dtype=torch.float64, loss_type=loss_type)
+    upstream = random_upstream(9)
+    options = options_for(loss_type, reduction="none")
+    _, clean = run(reference.dpo_loss, pairs, upstream, **options)
+    pairs[where][4] = NAN
+    others = torch.arange(9) != 4
+    grads = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+        out, grads[backend] = run(rlhf_fast.dpo_loss, pairs, upstream, **options)
+        assert out.loss[4].isnan(), backend
+        assert grads[backend][where][4].isnan() and grads[backend][partner][4].isnan(), backend
+        for k in INPUTS:
+            assert rel_err(grads[backend][k][others], clean[k][others]) < TOL[torch.float64], k
+    for k in INPUTS:
+        assert torch.equal(grads["triton"][k].isnan(), grads["torch"][k].isnan()), k
+        finite = ~grads["torch"][k].isnan()
+        assert rel_err(grads["triton"][k][finite], grads["torch"][k][finite]) < 1e-10, k
+
+
 # ----------------------------------------------------------------- shapes
 
 
@@ -678,6 +708,11 @@ def _call(loss_type="sigmoid", **overrides):
         ({"loss_type": "ipo", "chosen_lengths": [1, 2, 3]}, TypeError, "chosen_lengths"),
         ({"loss_type": "ipo", "rejected_lengths": torch.tensor([4, -2, 3])}, ValueError,
          "rejected_lengths must be token counts >= 0, found -2"),
+        # NaN is not < 0: it must be rejected as a negative length is
+        ({"loss_type": "ipo", "chosen_lengths": torch.tensor([1.0, NAN, 3.0])}, ValueError,
+         "chosen_lengths must be token counts >= 0, found nan"),
+        ({"loss_type": "sigmoid_norm", "rejected_lengths": torch.tensor([NAN, -1.0, 3.0])},
+         ValueError, "rejected_lengths must be token counts >= 0, found nan"),
         ({"loss_type": "ipo", "rejected_lengths": torch.ones(3, dtype=torch.bool)},
          TypeError, "rejected_lengths"),
         ({"chosen_lengths": torch.ones(3)}, ValueError, "chosen_lengths"),
@@ -713,12 +748,21 @@ def test_dpo_loss_module_validates_where_it_is_built(settings, match):
 
 @pytest.mark.parametrize("loss_type", sorted(reference.DPO_LENGTH_NORMALISED_TYPES))
 def test_nan_length_gives_nan_for_its_pair(loss_type):
-    """max(length, 1) must keep a NaN length NaN (as torch.clamp does), not read it as 1."""
+    """max(length, 1) must keep a NaN length NaN (as torch.clamp does), not read it as 1.
+
+    dpo_loss rejects NaN lengths on CPU; on CUDA they reach the kernels unchecked (the
+    check would sync), so the kernels are launched here as dpo_loss launches them."""
     policy = torch.tensor([-5.0, -6.0])
     zeros = torch.zeros(2)
-    kw = dict(loss_type=loss_type, chosen_lengths=torch.tensor([float("nan"), 3.0]),
-              rejected_lengths=torch.tensor([2.0, 2.0]), reduction="none")
-    out = rlhf_fast.dpo_loss(policy, policy - 1, zeros, zeros, **kw).loss
-    ref = reference.dpo_loss(policy, policy - 1, zeros, zeros, **kw).loss
+    lengths = dict(chosen_lengths=torch.tensor([NAN, 3.0]),
+                   rejected_lengths=torch.tensor([2.0, 2.0]))
+    cfg = kernel.DPOKernelConfig(loss_code=kernel.LOSS_CODES[loss_type], beta=0.1, eps=0.0,
+                                 reduction_code=kernel.REDUCTION_CODES["none"])
+    out = kernel.dpo_forward(policy, policy - 1, zeros, zeros, *lengths.values(), cfg)[0]
+    ref = reference.dpo_loss(policy, policy - 1, zeros, zeros, loss_type=loss_type,
+                             reduction="none", **lengths).loss
     assert out[0].isnan() and ref[0].isnan()
     assert rel_err(out[1], ref[1]) < 1e-6
+    with pytest.raises(ValueError, match="chosen_lengths must be token counts >= 0, found nan"):
+        rlhf_fast.dpo_loss(policy, policy - 1, zeros, zeros, loss_type=loss_type,
+                           reduction="none", **lengths)

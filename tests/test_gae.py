@@ -314,6 +314,28 @@ def test_group_advantages_matches_reference(dtype, scale, group_size, n_groups, 
         assert rel_err(out, expect.reshape(-1)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("scale", ["std", None])
+@pytest.mark.parametrize("group_size", [1, 2, 16, 17, 64, 100])
+@pytest.mark.parametrize("value", [0.7, 1e-3, 3.3e4])
+def test_group_advantages_equal_scores_give_exactly_zero(monkeypatch, backend, scale,
+                                                          group_size, value):
+    """A group of equal scores has no preference: advantages exactly 0. A rounded mean left
+    s - mean ~ 6e-8 over a std of the same size (eps 1e-6): 0.056 at G = 64. Next to it, a
+    group with a real spread stays exact against a float64 formula."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    equal = torch.full((group_size,), value)
+    spread = (value * (1 + 0.5 * torch.randn(group_size, dtype=torch.float64))).float()
+    out = rlhf_fast.group_advantages(torch.cat((equal, spread, equal)), group_size, scale=scale)
+    assert torch.equal(out[:group_size], torch.zeros(group_size))
+    assert torch.equal(out[2 * group_size:], torch.zeros(group_size))
+    g = spread.double()
+    centred = g - g.mean()
+    std = g.std() if group_size > 1 else torch.zeros((), dtype=torch.float64)
+    expect = centred / (std + 1e-6) if scale else centred
+    assert rel_err(out[group_size:2 * group_size], expect) < 1e-5
+
+
 def test_group_advantages_empty_and_nan_isolation():
     assert rlhf_fast.group_advantages(torch.zeros(0), 4).shape == (0,)
     scores = torch.randn(12)
@@ -437,6 +459,29 @@ def test_masked_whiten_matches_reference(dtype, shift_mean, shape, poisoned_empt
     assert rel_err(out, ref) < TOL[dtype]
     assert rel_err(out, whiten_independent(x, mask, shift_mean, 1e-8)) < TOL[dtype]
     assert (out[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("n", [2, 17, 64, 100, STATS + 904])
+@pytest.mark.parametrize("value", [0.7, 1e-3, 3.3e4])
+def test_masked_whiten_equal_entries_give_exactly_zero(monkeypatch, backend, shift_mean, n,
+                                                       value):
+    """Equal valid entries whiten to exactly 0 (x itself with shift_mean=False); a rounded
+    mean left ~6e-8 / sqrt(eps = 1e-8) = 6e-4 there. n = STATS + 904 spans two blocks of
+    the kernel's statistics pass; the masked entries hold other values."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    x = torch.full((n,), value)
+    mask = torch.rand(n) < 0.8
+    mask[:2] = True
+    x[~mask] = torch.randn(int((~mask).sum()))
+    out = rlhf_fast.masked_whiten(x, mask, shift_mean=shift_mean)
+    expect = torch.where(mask, x if not shift_mean else torch.zeros(n), torch.zeros(n))
+    assert torch.equal(out, expect)
+    # a real spread stays exact against the float64 reference
+    y = (value * (1 + 0.5 * torch.randn(n, dtype=torch.float64))).float()
+    out = rlhf_fast.masked_whiten(y, mask, shift_mean=shift_mean)
+    assert rel_err(out, reference.masked_whiten(y.double(), mask, shift_mean=shift_mean)) < 1e-5
 
 
 def test_masked_whiten_large_offset_is_stable():

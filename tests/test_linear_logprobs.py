@@ -480,6 +480,76 @@ def test_out_of_range_label_unchecked_gives_nan_for_its_row_only():
     assert rel_err(h.grad[ok], h_ref.grad[ok]) < TOL[F64]
 
 
+def test_out_of_range_label_unchecked_gradients_agree_between_backends(monkeypatch):
+    """An unchecked out-of-range label: its d hidden row is NaN in both backends (the
+    reference's was 0), d weight and d bias are NaN whole in both (its NaN d logits row
+    meets every vocab row); the other rows' d hidden agree."""
+    hidden, weight, bias, labels = random_case((6,), 8, 40, F64, ignore_frac=0.0)
+    labels[1], labels[4], labels[5] = 40, -3, -100
+    grads = upstream(6)
+    outs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+        outs[backend] = run_op(hidden, weight, bias, labels, grads, check_labels=False)
+    ok = [0, 2, 3]
+    for backend, (logp, ent, d_hidden, d_weight, d_bias) in outs.items():
+        assert logp[[1, 4]].isnan().all() and ent[[1, 4]].isnan().all(), backend
+        assert d_hidden[[1, 4]].isnan().all(), backend
+        assert torch.equal(d_hidden[5], torch.zeros(8, dtype=F64)), backend
+        assert torch.isfinite(d_hidden[ok]).all(), backend
+        assert d_weight.isnan().all() and d_bias.isnan().all(), backend
+    assert rel_err(outs["triton"][2][ok], outs["torch"][2][ok]) < TOL[F64]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ignore_index_outside_int32_matches_no_int32_label(monkeypatch, backend):
+    """int32 labels and ignore_index = 5 + 2**32: the row of label 5 is not ignored (torch
+    compares int32 with it modulo 2^32: the reference dropped that row, and the kernel path
+    zeroed its hidden state in d weight); linear_dpo_loss's masking accepts it too."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    hidden, weight, bias, labels = random_case((5,), 8, 11, F64, ignore_frac=0.0)
+    labels[2] = 5
+    grads = upstream(5)
+    outs = run_op(hidden, weight, bias, labels.int(), grads, ignore_index=5 + 2**32)
+    refs = run_ref(hidden, weight, bias, labels, grads)
+    assert outs[0][2].item() != 0.0
+    assert_close(outs, refs, TOL[F64])
+    hidden, weight, bias, labels, mask, ref_c, ref_r = dpo_case(vocab=11)
+    labels[labels == -100] = 5
+    results = []
+    for lab, ignore_index in ((labels.int(), 5 + 2**32), (labels, -100)):
+        h, w, b = leaves(hidden, weight, bias)
+        out = rlhf_fast.linear_dpo_loss(h, w, lab, mask, ref_c, ref_r, bias=b,
+                                        ignore_index=ignore_index)
+        out.loss.backward()
+        results.append([*out, h.grad, w.grad, b.grad])
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_dpo_loss_masked_out_of_range_labels_are_not_read(monkeypatch, backend):
+    """Labels outside the mask are never read: out of range there, they are accepted and
+    give the result of an in-range label; at a token the mask keeps, they raise."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    hidden, weight, bias, labels, mask, ref_c, ref_r = dpo_case()
+    labels[~mask] = 3
+    wild = labels.clone()
+    wild[~mask] = 10**6
+    wild[0, 0] = -7
+    results = []
+    for lab in (labels, wild):
+        h, w, b = leaves(hidden, weight, bias)
+        out = rlhf_fast.linear_dpo_loss(h, w, lab, mask, ref_c, ref_r, bias=b)
+        out.loss.backward()
+        results.append([*out, h.grad, w.grad, b.grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    wild[mask.nonzero()[0].tolist()] = 101
+    with pytest.raises(ValueError, match=r"^labels must be in \[0, 101\).*found 101"):
+        rlhf_fast.linear_dpo_loss(hidden, weight, wild, mask, ref_c, ref_r, bias=bias)
+
+
 # ----------------------------------------------------------------- errors and dispatch
 
 
@@ -640,6 +710,9 @@ def test_linear_dpo_loss_needs_stacked_pairs(shape):
      r"hidden_chosen_and_rejected\.shape\[-1\] = 8, got \(11, 7\)$"),
     (dict(hidden_chosen_and_rejected=torch.zeros(4, 5, 8, dtype=torch.long)),
      "^hidden_chosen_and_rejected must have dtype"),
+    # another device (meta tensors exist without a GPU)
+    (dict(mask=torch.ones(4, 5, device="meta")),
+     "^mask must be on hidden_chosen_and_rejected's device cpu, got meta$"),
 ])
 def test_linear_dpo_loss_errors_name_its_own_arguments(change, match):
     args = dict(hidden_chosen_and_rejected=torch.randn(4, 5, 8), weight=torch.randn(11, 8),

@@ -211,6 +211,28 @@ def test_torch_backend_runs_the_reference(monkeypatch):
     assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_out_of_range_labels_are_not_read(monkeypatch, backend):
+    """Labels outside the mask are never read, so not range-checked either: [[3, 99]] with
+    mask [[1, 0]] (V < 99) raised on the CPU. Out of range there they give the result of an
+    in-range label; at a token the mask keeps they raise, naming labels."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    hidden, weight, bias, labels, ppo = make_case()
+    mask = ppo["mask"]
+    labels[~mask] = 3
+    wild = labels.clone()
+    wild[~mask] = 10**6
+    wild[1, 0] = -7
+    upstream = torch.tensor(1.0, dtype=F64)
+    out, grads = run(fused, hidden, weight, bias, labels, ppo, upstream, **OPTIONS)
+    wild_out, wild_grads = run(fused, hidden, weight, bias, wild, ppo, upstream, **OPTIONS)
+    assert all(torch.equal(a, b) for a, b in zip(out, wild_out))
+    assert all(torch.equal(a, b) for a, b in zip(grads, wild_grads))
+    wild[mask.nonzero()[0].tolist()] = 211
+    with pytest.raises(ValueError, match=r"^labels must be in \[0, 211\).*found 211"):
+        run(fused, hidden, weight, bias, wild, ppo, upstream, **OPTIONS)
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [

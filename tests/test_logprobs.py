@@ -217,6 +217,37 @@ def test_unmergeable_leading_dims_are_copied():
     assert_close(outs, refs, torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded", "transposed"])
+def test_labels_in_any_layout(layout):
+    """The kernels index the labels by row: a view that reshape(-1) keeps a view (a column
+    of a [N, 2] tensor, an expand(), a transpose) must be read as its values."""
+    logits, _ = random_case((6,), 50, torch.float64)
+    if layout == "strided":
+        labels = torch.randint(0, 50, (6, 2))[:, 0]
+    elif layout == "expanded":
+        labels = torch.tensor([3]).expand(6)
+        assert labels.reshape(-1).stride() == (0,)
+    else:
+        logits = logits.view(2, 3, 50)
+        labels = torch.randint(0, 50, (3, 2)).t()
+    assert not labels.is_contiguous()
+    outs, refs = run_both(logits, labels)
+    assert_close(outs, refs, torch.float64)
+
+
+def test_empty_batch_with_unmergeable_leading_dims():
+    """An empty tensor is "contiguous" whatever its strides, so the copy made for three
+    unmergeable leading dims keeps them: the backward must still give an empty gradient."""
+    leaf = torch.randn(1, 2, 0, 5, dtype=torch.float64, requires_grad=True)
+    x = leaf.expand(2, 2, 0, 5)
+    assert kernel.row_layout(x) is None and kernel.row_layout(x.contiguous()) is None
+    logp, ent = rlhf_fast.logprobs(x, torch.zeros(2, 2, 0, dtype=torch.long),
+                                   return_entropy=True)
+    assert logp.shape == ent.shape == (2, 2, 0)
+    (logp.sum() + ent.sum()).backward()
+    assert leaf.grad.shape == leaf.shape
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_backward(dtype):
     logits, labels = random_case((4, 6), 301, dtype)
@@ -309,6 +340,52 @@ def test_out_of_range_label_unchecked_gives_nan_for_its_row_only():
     ref_logp, ref_ent = reference.logprobs(logits.double(), labels, return_entropy=True)
     assert rel_err(logp[ok], ref_logp[ok]) < 1e-5 and rel_err(ent[ok], ref_ent[ok]) < 1e-5
     assert torch.isfinite(x.grad[ok]).all()
+
+
+@pytest.mark.parametrize("upstream", ["both", "logp", "entropy"])
+def test_out_of_range_label_unchecked_gradient_is_nan_in_both_backends(monkeypatch, upstream):
+    """The row of an unchecked out-of-range label is NaN in its gradient too, in the
+    reference as in the kernel (the reference's torch.where gave that row a gradient of 0);
+    the other rows' gradients agree."""
+    logits, labels = random_case((6,), 13, torch.float64, ignore_frac=0.0)
+    labels[1], labels[3], labels[5] = 13, -3, -100
+    grads = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+        x = logits.clone().requires_grad_()
+        logp, ent = rlhf_fast.logprobs(x, labels, return_entropy=True, check_labels=False)
+        total = {"both": logp + ent, "logp": logp, "entropy": ent}[upstream]
+        (total * torch.linspace(0.5, 1.5, 6, dtype=torch.float64)).sum().backward()
+        assert logp[[1, 3]].isnan().all() and ent[[1, 3]].isnan().all(), backend
+        grads[backend] = x.grad
+    for backend, grad in grads.items():
+        assert grad[[1, 3]].isnan().all(), backend
+        assert torch.equal(grad[5], torch.zeros(13)), backend  # ignored: no gradient
+        assert torch.isfinite(grad[[0, 2, 4]]).all(), backend
+    assert rel_err(grads["triton"][[0, 2, 4]], grads["torch"][[0, 2, 4]]) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ignore_index_outside_int32_matches_no_int32_label(monkeypatch, backend):
+    """torch compares int32 labels with 5 + 2**32 modulo 2^32, as if it were 5: the row of
+    label 5 was ignored by the reference (and by the label check) but not by the kernel.
+    Such an ignore_index matches no label."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
+    logits, labels = random_case((4,), 11, torch.float64, ignore_frac=0.0)
+    labels = labels.int()
+    labels[2] = 5
+    x = logits.clone().requires_grad_()
+    logp, ent = rlhf_fast.logprobs(x, labels, ignore_index=5 + 2**32, return_entropy=True)
+    (logp + ent).sum().backward()
+    ref_x = logits.clone().requires_grad_()
+    ref_logp, ref_ent = reference.logprobs(ref_x, labels.long(), return_entropy=True)
+    (ref_logp + ref_ent).sum().backward()
+    assert logp[2].item() != 0.0 and ent[2].item() != 0.0
+    assert rel_err(logp, ref_logp) < 1e-12 and rel_err(ent, ref_ent) < 1e-12
+    assert rel_err(x.grad, ref_x.grad) < 1e-12
+    labels[2] = 11  # out of range, and not the ignore_index 11 + 2**32
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\).*found 11"):
+        rlhf_fast.logprobs(logits, labels, ignore_index=11 + 2**32)
 
 
 def test_out_of_range_label_checked_raises():
@@ -425,6 +502,28 @@ def test_inplace_backward_refuses_logits_that_share_memory():
     base64 = base.detach().double().requires_grad_()
     reference.logprobs(base64.expand(2, 3, 5), labels).sum().backward()
     assert rel_err(base.grad, base64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["leaf", "view of a leaf", "slice of a leaf"])
+def test_inplace_backward_refuses_a_leaf_requiring_grad(kind):
+    """Its values would become its gradient (a parameter, or a tensor the caller keeps)."""
+    leaf = torch.randn(3, 6, requires_grad=True)
+    before = leaf.detach().clone()
+    x = {"leaf": leaf, "view of a leaf": leaf.view(3, 6), "slice of a leaf": leaf[:, :5]}[kind]
+    labels = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="inplace_backward=True needs logits computed by"):
+        rlhf_fast.logprobs(x, labels, inplace_backward=True)
+    assert torch.equal(leaf.detach(), before)
+    # a leaf made from a view of a tensor without grad would overwrite that tensor
+    detached = before.clone()[:, :5].requires_grad_()
+    with pytest.raises(ValueError, match="inplace_backward"):
+        rlhf_fast.logprobs(detached, labels, inplace_backward=True)
+    # allowed: an op's output, a view of one, a leaf without grad, and no grad at all
+    rlhf_fast.logprobs((leaf * 1)[:, :5], labels, inplace_backward=True).sum().backward()
+    rlhf_fast.logprobs(before, labels, inplace_backward=True)
+    with torch.no_grad():
+        rlhf_fast.logprobs(leaf, labels, inplace_backward=True)
+    assert torch.equal(leaf.detach(), before)
 
 
 def test_second_backward_after_inplace_backward_raises():

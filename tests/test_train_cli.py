@@ -69,11 +69,24 @@ def test_train_dpo_from_a_local_folder(saved_model, tmp_path, torch_backend):
     assert _changed(saved_model, out / "final")
 
 
-def test_train_ppo_with_a_reward_function(saved_model, tmp_path, torch_backend):
+REWARD_MODULE = '''
+def parity_and_length(prompts, answers):
+    """Odd rows above 0.55, even rows below 0.45: the two answers of each GRPO group
+    (consecutive rows) always score differently, whatever the untrained model writes."""
+    return [0.55 * (i % 2) + 0.45 * min(len(a), 20) / 20 for i, a in enumerate(answers)]
+'''
+
+
+def test_train_ppo_with_a_reward_function(saved_model, tmp_path, torch_backend, monkeypatch):
+    """--reward-fn imports the function and the run trains on its scores. Its scores
+    differ within every group: a reward the untrained model never earns (an all-zero
+    group) gives advantages of 0, and weights that cannot change."""
+    (tmp_path / "cli_test_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "ppo"
     code = main(["train", "ppo", "--model", str(saved_model),
                  "--data", str(DATA / "prompts.txt"),
-                 "--reward-fn", "rlhf_fast.demo:kindness_reward",
+                 "--reward-fn", "cli_test_rewards:parity_and_length",
                  "--output-dir", str(out), "--device", "cpu", "--lr", "1e-3",
                  "--advantage-estimator", "grpo", "--group-size", "2",
                  "--rollout-batch-size", "2", "--mini-batch-size", "4", "--ppo-epochs", "1",
@@ -153,6 +166,73 @@ def test_a_missing_eval_data_file_is_a_usage_error(tmp_path, capsys):
               "--output-dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "--eval-data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [
+    *[("--model", value) for value in ("./my-sft", "../my-sft", "no/such/model",
+                                       "~/no-such-rlhf-fast-model", "{tmp}/missing")],
+    *[(flag, "./my-rm") for flag in ("--tokenizer", "--ref-model", "--reward-model",
+                                     "--value-model")],
+])
+def test_a_missing_local_model_is_a_usage_error_naming_the_flag(flag, value, saved_model,
+                                                                tmp_path, capsys):
+    """Not Hugging Face's "Repo id must ..." once other models have loaded: a usage
+    error naming the flag, before any model loads."""
+    value = value.format(tmp=tmp_path)
+    argv = ["train", "ppo", "--model", str(saved_model), "--data", str(DATA / "prompts.txt"),
+            "--output-dir", str(tmp_path / "out"), flag, value]  # the last --model wins
+    if flag != "--reward-model":
+        argv += ["--reward-fn", "rlhf_fast.demo:kindness_reward"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"{flag} {value}: no such file or folder" in capsys.readouterr().err
+
+
+def test_model_flags_take_existing_paths_and_hub_ids(saved_model, tmp_path, monkeypatch):
+    """Hub ids pass the check (they are downloaded when loaded); ~ is expanded."""
+    from rlhf_fast.cli import check_model_flags
+
+    monkeypatch.setenv("HOME", str(saved_model.parent))
+    args = build_parser().parse_args([
+        "train", "dpo", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--data", "d",
+        "--tokenizer", "gpt2", "--ref-model", f"~/{saved_model.name}"])
+    check_model_flags(args, build_parser())
+    assert (args.model, args.tokenizer, args.ref_model) == (
+        "Qwen/Qwen2.5-0.5B-Instruct", "gpt2", str(saved_model))
+
+
+@pytest.mark.parametrize("resume_from, message", [
+    ("latest", "--resume-from latest: resume_from='latest': no checkpoint-*.pt in {out}"),
+    ("{out}/checkpoint-3.pt", "--resume-from {out}/checkpoint-3.pt: resume_from: no "
+                              "checkpoint file at {out}/checkpoint-3.pt"),
+], ids=["latest", "a-file"])
+def test_resuming_without_a_checkpoint_is_a_usage_error(resume_from, message, tmp_path,
+                                                         capsys):
+    """Refused before loading anything: the model path here does not exist."""
+    out = tmp_path / "empty"
+    out.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "dpo", "--model", "no/such/model",
+              "--data", str(DATA / "preferences_train.jsonl"), "--output-dir", str(out),
+              "--resume-from", resume_from.format(out=out)])
+    assert exit_info.value.code == 2
+    assert message.format(out=out) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algorithm, flag, data", [
+    ("dpo", "--batch-size", "preferences_train.jsonl"),
+    ("ppo", "--rollout-batch-size", "prompts.txt"),
+])
+def test_a_batch_larger_than_the_data_is_a_usage_error(algorithm, flag, data, tmp_path,
+                                                       capsys):
+    """Refused before loading anything: the model path here does not exist."""
+    reward = ["--reward-fn", "rlhf_fast.demo:kindness_reward"] if algorithm == "ppo" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", algorithm, "--model", "no/such/model", "--data", str(DATA / data),
+              *reward, "--output-dir", str(tmp_path), flag, "100000"])
+    assert exit_info.value.code == 2
+    assert f"{flag} 100000 is more than the " in capsys.readouterr().err
 
 
 def test_ppo_needs_exactly_one_reward(saved_model, tmp_path, capsys):

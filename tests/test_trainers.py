@@ -664,6 +664,207 @@ def test_save_pretrained_atomic_recovers_from_a_crash_during_the_swap(tmp_path):
     assert saved() == ("v3", ["final"])
 
 
+def _tiny_dpo(tokenizer, directory, model=None, **options):
+    """A DPOTrainer on 8 pairs, batches of 4, a tiny Llama (seed 2 unless `model`)."""
+    records = [json.loads(line) for line in TRAIN.read_text().splitlines()[:8]]
+    config = DPOConfig(output_dir=str(directory), batch_size=4, lr=LR, max_length=40,
+                       max_prompt_length=16, seed=5, device="cpu", **options)
+    model = demo.tiny_llama(tokenizer, hidden_size=32, seed=2) if model is None else model
+    return DPOTrainer(model, tokenizer=tokenizer, train_dataset=records, config=config)
+
+
+def _tiny_ppo(tokenizer, directory, model=None, reward=None, **options):
+    """A GRPO PPOTrainer: 2 prompts x 2 answers of at most 4 tokens, a tiny Llama."""
+    config = PPOConfig(output_dir=str(directory), advantage_estimator="grpo", group_size=2,
+                       rollout_batch_size=2, mini_batch_size=4, ppo_epochs=1,
+                       max_new_tokens=4, lr=LR, seed=7, device="cpu", **options)
+    model = demo.tiny_llama(tokenizer, hidden_size=32, seed=3) if model is None else model
+    if reward is None:
+        reward = lambda prompts, answers: [len(a) / 10 for a in answers]  # noqa: E731
+    return PPOTrainer(model, tokenizer=tokenizer, prompts=PROMPTS, reward_fn_or_model=reward,
+                      config=config)
+
+
+class _RunsCode:
+    """Unpickling it calls Path.touch on `marker`: a stand-in for any code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_resume_refuses_a_pickled_checkpoint(tokenizer, tmp_path, torch_backend):
+    """Checkpoints are read by torch's weights_only unpickler: a checkpoint-999.pt that
+    would run code when unpickled is refused, not run, and not skipped for an older one."""
+    _tiny_dpo(tokenizer, tmp_path, max_steps=1).train()
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 999, "model": _RunsCode(marker)}, tmp_path / "checkpoint-999.pt")
+    with pytest.raises(ValueError, match=r"^refusing to load checkpoint .*checkpoint-999\.pt: "
+                                         r"it holds objects other than tensors"):
+        _tiny_dpo(tokenizer, tmp_path, max_steps=2, resume_from="latest")
+    assert not marker.exists()
+    # what the trainers write themselves loads with weights_only
+    state = torch.load(tmp_path / "checkpoint-1.pt", weights_only=True)
+    assert state["step"] == 1 and set(state["frozen_models"]) == {"reference"}
+
+
+def test_dpo_resume_refuses_a_different_reference(tokenizer, tmp_path, torch_backend):
+    """The reference (here a frozen copy of the model the trainer is given) is not in the
+    checkpoint: resuming from another model would silently train against another one."""
+    _tiny_dpo(tokenizer, tmp_path, max_steps=1).train()
+    _tiny_dpo(tokenizer, tmp_path, max_steps=2, resume_from="latest")  # the same: fine
+    other = demo.tiny_llama(tokenizer, hidden_size=32, seed=4)
+    with pytest.raises(ValueError, match=r"^resume_from: .*checkpoint-1\.pt was written with a "
+                                         r"different reference \(name_or_path '', weights "
+                                         r"\w{16}\) than this trainer's \(name_or_path '', "
+                                         r"weights \w{16}\)"):
+        _tiny_dpo(tokenizer, tmp_path, other, max_steps=2, resume_from="latest")
+
+
+@pytest.mark.parametrize("role", ["reference", "reward model"])
+def test_ppo_resume_refuses_a_different_reference_or_reward_model(tokenizer, tmp_path,
+                                                                  torch_backend, role):
+    def trainer(seed, **options):
+        if role == "reference":
+            return _tiny_ppo(tokenizer, tmp_path, demo.tiny_llama(tokenizer, hidden_size=32,
+                                                                  seed=seed), **options)
+        return _tiny_ppo(tokenizer, tmp_path, reward=_sequence_classifier(tokenizer, seed),
+                         **options)
+
+    trainer(3, max_steps=1).train()
+    trainer(3, max_steps=2, resume_from="latest")  # the same models: fine
+    with pytest.raises(ValueError, match=rf"written with a different {role} \(name_or_path"):
+        trainer(4, max_steps=2, resume_from="latest")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_ppo_rejects_non_finite_rewards_naming_the_reward_function(tokenizer, tmp_path,
+                                                                   torch_backend, bad):
+    """A NaN score would give NaN advantages, NaN weights and a crash in the next
+    rollout's sampling: it is refused where it enters."""
+    def second_answer_is_bad(prompts, answers):
+        return [bad if i == 1 else 0.5 for i in range(len(answers))]
+
+    trainer = _tiny_ppo(tokenizer, tmp_path, reward=second_answer_is_bad, max_steps=1)
+    with pytest.raises(ValueError, match=r"^reward function \S+second_answer_is_bad gave "
+                                         r"non-finite scores \(NaN or inf\) to 1 of 4 "
+                                         rf"answers, e.g. answer 1: {bad}; scores must be "
+                                         "finite numbers$"):
+        trainer.rollout(0)
+
+
+def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path, capsys):
+    """NaN and Infinity are not JSON: the file stays readable by any strict parser."""
+    from rlhf_fast.trainers.common import MetricsLog, plot_curves
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    log.write(1, {"loss": math.nan, "kl": math.inf, "reward": 0.5})
+    log.write(2, {"loss": 0.25, "kl": -math.inf, "reward": 0.75})
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    rows = [json.loads(line, parse_constant=strict)
+            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": None, "kl": None, "reward": 0.5},
+                    {"step": 2, "loss": 0.25, "kl": None, "reward": 0.75}]
+    assert log.records() == rows
+    assert "loss=nan  kl=inf" in capsys.readouterr().out  # stdout shows what it was
+    assert plot_curves(rows, ["loss", "kl", "reward"], tmp_path / "c.png", "t") in (
+        tmp_path / "c.png", None)  # None: no matplotlib
+
+
+def test_stale_temp_files_of_killed_saves_are_removed_at_start_and_end(tokenizer, tmp_path,
+                                                                       torch_backend):
+    """A save killed mid-way leaves its temp file (or save_pretrained's temp folder):
+    train() deletes them when it starts and when it ends, and nothing else."""
+    stale = [tmp_path / ".checkpoint-3.pt.k1ll3d_a.tmp", tmp_path / ".metrics.jsonl.x2y4z6w8.tmp",
+             tmp_path / ".value_model.pt.abc12345.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a save")
+    (tmp_path / ".final.q7r8s9t0.tmp").mkdir()
+    (tmp_path / ".final.q7r8s9t0.tmp" / "model.safetensors").write_bytes(b"half")
+    foreign = ["notes.tmp", ".cache.tmp", ".final.tmp"]  # not temp files of a save
+    for name in foreign:
+        (tmp_path / name).write_bytes(b"someone else's")
+    trainer = _tiny_dpo(tokenizer, tmp_path, max_steps=1)
+    optimizer_step, seen = trainer.optimizer_step, []
+
+    def step_beside_a_killed_save():
+        seen.append(sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")))
+        (tmp_path / ".checkpoint-1.pt.late0001.tmp").write_bytes(b"another half")
+        return optimizer_step()
+
+    trainer.optimizer_step = step_beside_a_killed_save
+    trainer.train()
+    assert seen == [[".cache.tmp", ".final.tmp"]]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == \
+        [".cache.tmp", ".final.tmp"]
+    assert (tmp_path / "notes.tmp").is_file()
+
+
+def test_a_full_disk_during_a_save_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    """torch.save's zip writer reports the disk's ENOSPC as "unexpected pos ...": the
+    error the user reads says the disk is full and names the file."""
+    import errno
+    import io
+
+    from rlhf_fast.trainers.common import disk_full_errno, save_atomic
+
+    path = tmp_path / "checkpoint-4.pt"
+    path.write_bytes(b"the previous version")
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(fd, mode))
+    with pytest.raises(OSError) as error:
+        save_atomic({"weights": torch.zeros(1000)}, path)
+    assert error.value.errno == errno.ENOSPC
+    assert str(error.value) == (f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: the disk "
+                                f"is full, could not write {path} (what was there before is "
+                                "intact)")
+    assert disk_full_errno(error.value.__cause__) == errno.ENOSPC  # chained from the cause
+    assert path.read_bytes() == b"the previous version"
+    assert os.listdir(tmp_path) == ["checkpoint-4.pt"]  # no temp file left
+
+
+def test_resume_latest_falls_back_past_a_checkpoint_cut_short(tokenizer, tmp_path,
+                                                              torch_backend):
+    """A truncated newest checkpoint must not strand the good ones before it: "latest"
+    resumes from the newest that loads, with a warning, and still matches an
+    uninterrupted run. A checkpoint named explicitly that cannot be read raises."""
+    from rlhf_fast.trainers.common import UnreadableCheckpoint
+
+    uninterrupted = _tiny_dpo(tokenizer, tmp_path / "full", max_steps=2)
+    uninterrupted.train()
+    run = tmp_path / "run"
+    _tiny_dpo(tokenizer, run, max_steps=2, save_steps=1).train()
+    newest = run / "checkpoint-2.pt"
+    good = newest.read_bytes()
+    newest.write_bytes(good[:len(good) // 2])
+    with pytest.warns(UserWarning, match=r"resume_from='latest': resuming from checkpoint-1\.pt"
+                                         r", skipping newer checkpoints that cannot be read: "
+                                         r"checkpoint \S+checkpoint-2\.pt cannot be read"):
+        resumed = _tiny_dpo(tokenizer, run, max_steps=2, save_steps=1, resume_from="latest")
+    assert resumed.step == 1
+    resumed.train()
+    state, want = resumed.model.state_dict(), uninterrupted.model.state_dict()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+
+    newest.write_bytes(good[:len(good) // 2])
+    with pytest.raises(UnreadableCheckpoint, match=r"checkpoint-2\.pt cannot be read"):
+        _tiny_dpo(tokenizer, run, max_steps=2, resume_from=str(newest))
+    (run / "checkpoint-1.pt").write_bytes(b"")
+    with pytest.raises(UnreadableCheckpoint, match=r"resume_from='latest': no checkpoint in "
+                                                   r".* can be read: .*checkpoint-2\.pt.*"
+                                                   r"checkpoint-1\.pt"):
+        _tiny_dpo(tokenizer, run, max_steps=2, resume_from="latest")
+
+
 # --- bad configs and inputs ---------------------------------------------------------------
 
 

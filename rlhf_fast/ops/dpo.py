@@ -129,8 +129,9 @@ def dpo_loss(
         chosen_lengths, rejected_lengths: ``[B]`` answer lengths in tokens (int or float),
             required by the length-normalised types ipo and sigmoid_norm (all four
             log-probs are divided by them, clamped to >= 1) and rejected by the others.
-            Negative lengths raise ValueError on CPU (on CUDA the check would need a
-            device sync: they are clamped to 1 like 0).
+            Negative or NaN lengths raise ValueError on CPU (on CUDA the check would
+            need a device sync: negative ones are clamped to 1 like 0, a NaN one gives
+            its pair a NaN loss).
         reduction: "mean" or "sum" over the batch, or "none" for the ``[B]`` losses.
 
     Returns:
@@ -139,7 +140,8 @@ def dpo_loss(
         log-probs the loss sees), reward_accuracy (fraction of pairs with chosen reward >
         rejected reward) and reward_margin (mean of their difference), all detached.
         Gradients come back in each input's dtype. A NaN input gives a NaN loss for its
-        pair (and so for a mean or sum); other pairs are unaffected.
+        pair (and so for a mean or sum) and, every loss type alike, a NaN gradient for
+        it and for the inputs its loss terms couple it with; other pairs are unaffected.
 
     Raises:
         ValueError: an empty batch (B = 0), mismatched shapes or devices, an unknown
@@ -176,9 +178,10 @@ def dpo_loss(
             check_tensor(name, value, INDEX_DTYPES + FLOAT_DTYPES)
             check_same_device(name, value, "policy_chosen", policy_chosen)
             check_same_shape(name, value, "policy_chosen", policy_chosen)
-            if not value.is_cuda and bool((value < 0).any()):  # on CUDA: a device sync
+            # not (>= 0) catches NaN too, which `< 0` lets through. On CUDA: a device sync.
+            if not value.is_cuda and bool((bad := ~(value >= 0)).any()):
                 raise ValueError(
-                    f"{name} must be token counts >= 0, found {value[value < 0][0].item()}"
+                    f"{name} must be token counts >= 0, found {value[bad][0].item()}"
                 )
         chosen_lengths = chosen_lengths.contiguous()
         rejected_lengths = rejected_lengths.contiguous()

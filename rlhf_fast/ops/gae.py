@@ -197,9 +197,11 @@ def group_advantages(
         eps: added to the std, > 0 (checked even with scale=None).
 
     Returns:
-        ``[B]`` fp32 (fp64 for fp64 scores), detached. A NaN in a group gives NaN for that
-        group only. Finite for any finite scores whose group sums stay within fp32 (the
-        sum of squared deviations, which overflows fp32 past ~1e19, is never formed).
+        ``[B]`` fp32 (fp64 for fp64 scores), detached. A group of equal scores gives
+        exactly 0 (not a rounded mean's residue over a std as small). A NaN in a group
+        gives NaN for that group only. Finite for any finite scores whose group sums
+        and differences stay within fp32 (the sum of squared deviations, which overflows
+        fp32 past ~1e19, is never formed).
     """
     check_tensor("scores", scores, FLOAT_DTYPES)
     if scores.dim() != 1:
@@ -353,9 +355,10 @@ def masked_whiten(
             for CUDA ones (needs a device sync); unchecked, the output is all zeros.
 
     Returns:
-        x's shape, fp32 (fp64 for fp64 x); exactly 0 at masked positions. Finite for any
-        finite x whose sums stay within fp32 (the sum of squared deviations, which
-        overflows fp32 past ~1e19, is never formed).
+        x's shape, fp32 (fp64 for fp64 x); exactly 0 at masked positions, and at every
+        valid one when the valid entries are all equal (x itself with shift_mean=False).
+        Finite for any finite x whose sums and differences stay within fp32 (the sum of
+        squared deviations, which overflows fp32 past ~1e19, is never formed).
     """
     check_tensor("x", x, FLOAT_DTYPES)
     _check_mask(mask, "x", x)

@@ -204,6 +204,18 @@ def linear_logprobs(
     return outputs.view(shape)
 
 
+def ignore_masked_labels(
+    labels: torch.Tensor, mask: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """labels with ignore_index where the mask is 0: those tokens are never read, nor their
+    labels used as an address. Widened to int64 when ignore_index does not fit the labels'
+    dtype (masked_fill would raise on int32 labels and an ignore_index of 2**32)."""
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        labels = labels.long()
+    return labels.masked_fill(mask == 0, ignore_index)
+
+
 def check_pair_shapes(hidden: torch.Tensor, labels: torch.Tensor,
                       ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None
                       ) -> None:
@@ -274,8 +286,10 @@ def linear_dpo_loss(
     # Tokens outside the mask are ignored outright: no NaN hidden state there can reach a
     # gradient through 0 * NaN.
     check_tensor("mask", mask, MASK_DTYPES)
+    check_same_device("mask", mask, "hidden_chosen_and_rejected", hidden)
     check_same_shape("mask", mask, "labels", labels)
-    labels = labels.masked_fill(mask == 0, ignore_index)
+    ignore_index = check_int("ignore_index", ignore_index)
+    labels = ignore_masked_labels(labels, mask, ignore_index)
     token_logp = linear_logprobs(
         hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
         check_labels=check_labels,
@@ -389,7 +403,8 @@ def linear_ppo_loss(
     Args:
         hidden: ``[B, T, D]`` (hidden[:, t] predicts labels[:, t]); weight ``[V, D]``;
             bias, temperature, ignore_index, check_labels: as in `linear_logprobs`.
-        labels: ``[B, T]`` the sampled tokens.
+        labels: ``[B, T]`` the sampled tokens; outside the mask they are not read (nor
+            range-checked).
         old_logp, advantages, mask and every keyword of `ppo_loss`: as there, ``[B, T]``.
             The entropy fed to the loss (and reported) is the policy's own, from the same
             pass; values (the critic's) may require grad.
@@ -407,8 +422,6 @@ def linear_ppo_loss(
     check_labels = check_bool("check_labels", check_labels, allow_none=True)
     if check_labels is None:
         check_labels = not hidden.is_cuda
-    if check_labels:
-        check_label_range(labels, weight.shape[0], ignore_index)
     tensors, options, cfg = check_ppo_arguments(
         "labels", labels, dict(old_logp=old_logp, advantages=advantages, mask=mask,
                                ref_logp=ref_logp, entropy=None, values=values,
@@ -417,8 +430,11 @@ def linear_ppo_loss(
         kl_estimator=kl_estimator, entropy_coef=entropy_coef, value_clip=value_clip,
         vf_coef=vf_coef, agg=agg, max_len=max_len,
     )
-    # Tokens outside the mask are ignored outright (see linear_dpo_loss).
-    labels = labels.masked_fill(tensors["mask"] == 0, ignore_index)
+    # Tokens outside the mask are ignored outright (see linear_dpo_loss), before the range
+    # check: their labels are never read.
+    labels = ignore_masked_labels(labels, tensors["mask"], ignore_index)
+    if check_labels:
+        check_label_range(labels, weight.shape[0], ignore_index)
     if not use_triton(hidden):
         logp, entropy = reference.linear_logprobs(
             hidden, weight, labels, bias=bias, temperature=temperature,

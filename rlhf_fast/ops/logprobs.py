@@ -28,8 +28,12 @@ class LogProbsFunction(torch.autograd.Function):
         layout = kernel.row_layout(logits)
         if layout is None:  # more than two unmergeable leading dims: address a copy
             logits = logits.contiguous()
-            layout = kernel.row_layout(logits)
-        flat_labels = labels.reshape(-1)
+            # An empty tensor counts as contiguous whatever its strides, so contiguous()
+            # returns it as it is; with no row to address, any layout will do.
+            layout = kernel.row_layout(logits) if logits.numel() else (1, 0, 0)
+        # The kernels read label `row` at labels_ptr + row: a strided or expand()ed view
+        # (which reshape keeps as a view where it can) would be read at the wrong places.
+        flat_labels = labels.reshape(-1).contiguous()
         logp, entropy, row_stats = kernel.logprobs_forward(
             logits, flat_labels, layout, temperature, ignore_index, return_entropy
         )
@@ -82,7 +86,9 @@ def overlaps_itself(tensor: torch.Tensor) -> bool:
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    # not `labels != ignore_index`: torch compares int32 labels with it modulo 2^32
+    ignored = reference.ignored_labels(labels, ignore_index)
+    bad = ~ignored & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         value = int(labels[bad][0])
         raise ValueError(
@@ -110,18 +116,23 @@ def logprobs(
             shape; the last dim must have stride 1. Row-strided views such as
             ``logits[:, :-1]`` are read in place, without a copy.
         labels: ``[...]`` (the leading shape of ``logits``) int64 or int32 token ids in
-            ``[0, V)``, or ``ignore_index``.
+            ``[0, V)``, or ``ignore_index``; any layout (a non-contiguous one is copied,
+            N ints).
         temperature: the logits are divided by it (both passes); must be > 0 and within
-            fp32's normal range [1.2e-38, 3.4e38] (the kernels take it as fp32).
+            fp32's normal range [1.2e-38, 3.4e38] (1 / temperature reaches the kernels as
+            two fp32 halves, `kernels.common.split_fp64`: exact to ~48 bits for fp64).
         ignore_index: an int in int64's range; rows with this label give log-prob 0,
             entropy 0 and zero gradient (they are not read at all).
         return_entropy: (bool) also return the entropy of each row's distribution;
             gradients from both outputs flow back in one pass.
         inplace_backward: (bool) write the gradient into the logits' storage instead of a new
             tensor, so the backward allocates nothing of size N*V. The logits are
-            overwritten: use it only when nothing else needs them afterwards. Through a
-            slice view (``logits[:, :-1]``) autograd's slice backward still allocates a
-            full-size gradient: shift the labels instead (pad them with ignore_index).
+            overwritten: use it only when nothing else needs them afterwards. Logits
+            that are a leaf requiring grad, or a view of one, raise ValueError (their
+            values would become their gradient): pass an op's output, e.g. the
+            lm_head's. Through a slice view (``logits[:, :-1]``) autograd's slice
+            backward still allocates a full-size gradient: shift the labels instead (pad
+            them with ignore_index).
         check_labels: raise ValueError for labels outside ``[0, V)`` (other than
             ``ignore_index``). Default: on for CPU tensors, off for CUDA ones (the check
             needs a device sync). Unchecked out-of-range labels give NaN for their row.
@@ -162,6 +173,17 @@ def logprobs(
             f"strides {logits.stride()} for shape {tuple(logits.shape)} (an expand()ed "
             "view?); pass inplace_backward=False"
         )
+    if inplace_backward and torch.is_grad_enabled() and logits.requires_grad:
+        # The backward would overwrite a leaf's values (a parameter, or the caller's own
+        # tensor) with its gradient, as an in-place op on it would; torch refuses those.
+        base = logits if logits._base is None else logits._base
+        if logits.is_leaf or (base.is_leaf and base.requires_grad):
+            raise ValueError(
+                "inplace_backward=True needs logits computed by a differentiable op (e.g. "
+                "the lm_head's output), got a leaf tensor requiring grad"
+                f"{'' if logits.is_leaf else ' (a view of one)'}, whose values the "
+                "gradient would overwrite; pass inplace_backward=False"
+            )
     if not use_triton(logits):
         return reference.logprobs(
             logits,

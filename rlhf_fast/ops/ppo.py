@@ -193,8 +193,9 @@ def ppo_loss(
         max_len: the constant of seq-mean-token-sum-norm, an int64; default T. The other
             modes do not read it (as TRL's max_completion_length: a trainer may pass its
             generation length whatever the mode).
-        Every float setting is taken as fp32 by the kernels: one that is finite but
-        outside fp32's normal range ([1.2e-38, 3.4e38] in magnitude, or 0) raises.
+        Every float setting reaches the kernels as two fp32 halves (exact to ~48 bits
+        for fp64): one that is finite but outside fp32's normal range ([1.2e-38,
+        3.4e38] in magnitude, or 0) raises.
 
     Returns:
         `PPOLossOutput` of fp32 scalars (fp64 for fp64 logp): loss, policy_loss,

@@ -8,14 +8,19 @@ plumbing out of their way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -487,12 +492,15 @@ class MetricsLog:
         replace_atomic(self.path, lambda f: f.write("".join(kept).encode()))
 
     def write(self, step: int, metrics: dict[str, float], progress: Any = None) -> None:
+        """Append a row; a non-finite value is written as null (NaN and Infinity are not
+        JSON, and would break every reader of the file) and shown as nan / inf."""
         if not self.enabled:
             return
-        record = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
+        values = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
+        record = {k: v if math.isfinite(v) else None for k, v in values.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        shown = "  ".join(f"{k}={_short(v)}" for k, v in record.items())
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        shown = "  ".join(f"{k}={_short(v)}" for k, v in values.items())
         (progress.write if progress is not None else print)(shown)
 
     def records(self) -> list[dict[str, float]]:
@@ -546,7 +554,7 @@ def plot_curves(records: list[dict[str, float]], keys: list[str], path: Path,
     except ImportError:
         print("plot skipped: matplotlib is not installed (pip install 'rlhf-fast[plot]')")
         return None
-    keys = [k for k in keys if any(k in r for r in records)]
+    keys = [k for k in keys if any(r.get(k) is not None for r in records)]
     if not keys:
         return None
     columns = min(3, len(keys))
@@ -554,7 +562,7 @@ def plot_curves(records: list[dict[str, float]], keys: list[str], path: Path,
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows),
                                 squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        points = [(r["step"], r[key]) for r in records if key in r]
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         ax.plot(*zip(*points), marker="." if len(points) < 40 else None)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
@@ -594,21 +602,56 @@ def umask_mode(base: int) -> int:
     return base & ~process_umask()
 
 
+# errnos of a write that failed for want of space
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_errno(exc: BaseException) -> int | None:
+    """The errno of the out-of-space OSError behind `exc` (itself, or what it was raised
+    from or while handling), or None when lack of space is not the cause."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def reporting_a_full_disk(path: Path) -> Iterator[None]:
+    """Re-raise a save that failed for want of space as an OSError saying so, naming
+    `path`. torch.save's zip writer turns the disk's ENOSPC into a RuntimeError about
+    stream positions ("unexpected pos ..."), which would be the last line a user reads;
+    the OSError survives only as its context."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        code = disk_full_errno(exc)
+        if code is None:
+            raise
+        raise OSError(code, f"{os.strerror(code)}: the disk is full, could not write "
+                            f"{path} (what was there before is intact)") from exc
+
+
 def replace_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """`write` a temp file in path's folder, then rename it over `path`.
 
-    A crash mid-write leaves the previous file intact: the rename is atomic. The file
-    gets the usual permissions (as open() would make it), not the temp file's 0600.
+    A crash mid-write leaves the previous file intact: the rename is atomic (a kill
+    leaves the temp file, which `remove_stale_temps` deletes). The file gets the usual
+    permissions (as open() would make it), not the temp file's 0600. A full disk raises
+    an OSError saying so.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), umask_mode(0o666))
-        os.replace(temp, path)
+        with reporting_a_full_disk(path):
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+                os.fchmod(f.fileno(), umask_mode(0o666))
+            os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -618,6 +661,28 @@ def replace_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temp file in the same folder, then rename over `path`."""
     replace_atomic(path, lambda f: torch.save(state, f))
+
+
+# the temp files (and folders) replace_atomic and save_pretrained_atomic write into an
+# output_dir: "." + the name they become + "." + mkstemp's random part + ".tmp"
+STALE_TEMP = re.compile(r"\.(checkpoint-\d+\.pt|value_model\.pt|metrics\.jsonl|final)"
+                        r"\.[a-z0-9_]+\.tmp")
+
+
+def remove_stale_temps(output_dir: str | Path) -> list[Path]:
+    """Delete the temp files and folders that saves killed mid-way left in output_dir
+    (the run's own saves, once finished, leave none); returns their paths."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    stale = sorted(p for p in directory.iterdir() if STALE_TEMP.fullmatch(p.name))
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return stale
 
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -670,8 +735,117 @@ def check_no_checkpoints(output_dir: str | Path) -> None:
         )
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that cannot be read: cut short, or not a checkpoint at all."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's state, read by torch's weights_only unpickler, which builds tensors,
+    plain containers and numbers only: a pickle that would run code is refused
+    (ValueError) instead of run. A file that cannot be read raises UnreadableCheckpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"refusing to load checkpoint {path}: it holds objects other than tensors, plain "
+            "containers and numbers, and unpickling them could run arbitrary code. The "
+            "trainers never write such checkpoints: remove it unless you trust its source"
+        ) from exc
+    except (OSError, MemoryError):
+        raise  # the machine's trouble, not the file's: never a reason to skip it
+    except Exception as exc:  # what a cut file raises: RuntimeError, EOFError, IndexError, ...
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read (cut short by a crash, "
+                                   f"or not a checkpoint): {type(exc).__name__}: {exc}"
+                                   ) from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise UnreadableCheckpoint(f"checkpoint {path} is not a trainer checkpoint (a dict "
+                                   f"with a 'step'), got {type(state).__name__}")
+    return state
+
+
+def load_resume_checkpoint(resume_from: str, output_dir: str | Path
+                           ) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from and its state: the file `resume_from` (whose failure
+    to load raises), or for "latest" the newest checkpoint of output_dir that can be
+    read, with a warning naming each newer one skipped (a file cut short by a crash or a
+    full disk must not strand the good ones before it). A checkpoint refused as unsafe
+    is never skipped: it raises."""
+    if resume_from != "latest":
+        path = resolve_checkpoint(resume_from, output_dir)
+        return path, load_checkpoint(path)
+    resolve_checkpoint(resume_from, output_dir)  # raises when there is none
+    skipped: list[str] = []
+    for path in reversed(checkpoints_by_step(output_dir)):
+        try:
+            state = load_checkpoint(path)
+        except UnreadableCheckpoint as exc:
+            skipped.append(str(exc))
+            continue
+        if skipped:
+            warnings.warn(f"resume_from='latest': resuming from {path.name}, skipping newer "
+                          f"checkpoints that cannot be read: {'; '.join(skipped)}",
+                          stacklevel=2)
+        return path, state
+    raise UnreadableCheckpoint(f"resume_from='latest': no checkpoint in {output_dir} can be "
+                               f"read: {'; '.join(skipped)}")
+
+
+# --- the models a checkpoint does not hold --------------------------------------------------
+
+
+# integer dtypes by width: a tensor's bits, viewed as integers, sum exactly
+INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of `model`'s state dict: every tensor's name, shape, dtype, and the
+    integer sum of its values' bits. Exact and order-free, so the same weights give the
+    same fingerprint on any device and thread count. Under FSDP2 a collective (each
+    sharded tensor is gathered in turn): every process must call it."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        if hasattr(tensor, "full_tensor"):  # a DTensor: its shards, gathered
+            tensor = tensor.full_tensor()
+        bits = int(tensor.view(INT_OF_WIDTH[tensor.element_size()]).sum(dtype=torch.int64))
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{bits};".encode())
+    return digest.hexdigest()[:16]
+
+
+def model_identity(model: nn.Module | None) -> dict[str, str] | None:
+    """What a checkpoint records of a frozen model whose weights it does not hold (a
+    reference, a reward model): its name_or_path and `weights_fingerprint`."""
+    if model is None:
+        return None
+    return {"name_or_path": str(getattr(model, "name_or_path", "") or ""),
+            "weights": weights_fingerprint(model)}
+
+
+def _describe(identity: dict[str, str] | None) -> str:
+    if identity is None:
+        return "none"
+    return f"name_or_path {identity['name_or_path']!r}, weights {identity['weights']}"
+
+
+def check_same_frozen_models(saved: dict[str, Any] | None, current: dict[str, Any],
+                             path: Path) -> None:
+    """Refuse to resume with frozen models other than the run's (`model_identity` by
+    role): their weights are not in the checkpoint, and a different reference would
+    silently change every loss from here on. The weights decide (a model moved to
+    another folder is the same model); name_or_path helps tell which was which.
+    Checkpoints written before they were recorded (saved None) are not checked."""
+    if saved is None:
+        return
+    for role, identity in current.items():
+        before = saved.get(role)
+        same = (before is None) == (identity is None) and (
+            identity is None or before["weights"] == identity["weights"])
+        if not same:
+            raise ValueError(
+                f"resume_from: {path} was written with a different {role} ("
+                f"{_describe(before)}) than this trainer's ({_describe(identity)}); "
+                f"resume with the {role} the run started with"
+            )
 
 
 def save_pretrained_atomic(model: nn.Module, tokenizer: Any, directory: Path,
@@ -688,12 +862,14 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, directory: Path,
     if old.exists() and directory.exists():
         shutil.rmtree(old)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    temp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp",
+                                 dir=directory.parent))
     try:
         temp.chmod(umask_mode(0o777))
-        model.save_pretrained(temp, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(temp)
+        with reporting_a_full_disk(directory):
+            model.save_pretrained(temp, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(temp)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

@@ -40,6 +40,7 @@ from rlhf_fast.trainers.common import (
     TokenLogprobs,
     batches,
     check_no_checkpoints,
+    check_same_frozen_models,
     checkpoint_path,
     disable_dropout,
     enable_gradient_checkpointing,
@@ -49,12 +50,13 @@ from rlhf_fast.trainers.common import (
     gather_training_state,
     host_floats,
     is_finite,
-    load_checkpoint,
     load_records,
+    load_resume_checkpoint,
+    model_identity,
     plot_curves,
     progress_bar,
     prune_checkpoints,
-    resolve_checkpoint,
+    remove_stale_temps,
     restore_rng_states,
     restore_training_state,
     save_atomic,
@@ -134,7 +136,8 @@ class DPOConfig:
     """Keep at most this many checkpoint-<step>.pt in output_dir: after each new one is
     written, the oldest others are deleted (0 keeps them all)."""
     resume_from: str | None = None
-    """A checkpoint file, or "latest" (the newest in output_dir), to continue from."""
+    """A checkpoint file, or "latest" (the newest in output_dir that can be read), to
+    continue from."""
     device: str | None = None
     """"cuda", "cpu", ...; None picks the GPU when there is one."""
 
@@ -288,6 +291,9 @@ class DPOTrainer:
             ref_model = frozen(copy.deepcopy(model) if ref_model is None else ref_model)
             self.reference = TokenLogprobs(ref_model.to(self.run.device),
                                            fused_linear=self.fused_linear)
+        # checkpoints hold the policy, not its reference: they record which it was
+        self.frozen_models = {"reference": None if self.reference is None
+                              else model_identity(self.reference.model)}
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=config.lr,
             weight_decay=config.weight_decay,
@@ -297,7 +303,7 @@ class DPOTrainer:
         self.window = MetricsWindow()
         self.ref_logps: dict[str, torch.Tensor] = {}
         if config.resume_from is not None:
-            self._load(resolve_checkpoint(config.resume_from, config.output_dir))
+            self._load(*load_resume_checkpoint(config.resume_from, config.output_dir))
         self.log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", self.run.is_main,
                               resume_step=None if config.resume_from is None else self.step)
         if config.precompute_ref_logps and self.reference is not None and not self.ref_logps:
@@ -322,6 +328,8 @@ class DPOTrainer:
         """Run to total_steps (from the checkpoint's step when resuming); returns the
         logged metrics of this output_dir."""
         config, run = self.config, self.run
+        if run.is_main:
+            remove_stale_temps(config.output_dir)
         bar = progress_bar(self.total_steps, self.step, run.is_main, "DPO")
         started, tokens = time.perf_counter(), 0
         while self.step < self.total_steps:
@@ -350,6 +358,7 @@ class DPOTrainer:
                                    weights)
             plot_curves(self.log.records(), DPO_PLOT_KEYS,
                         Path(config.output_dir) / "dpo_curves.png", "DPO")
+            remove_stale_temps(config.output_dir)
         return self.log.records()
 
     def optimizer_step(self) -> tuple[float, int]:
@@ -472,14 +481,15 @@ class DPOTrainer:
             "scheduler": self.scheduler.state_dict(),
             "window": self.window.sums,
             "ref_logps": self.ref_logps,
+            "frozen_models": self.frozen_models,
             "rng": rng,
             "config": asdict(self.config),
         }, path)
         prune_checkpoints(path, self.config.save_total_limit)
         return path
 
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(path)
+    def _load(self, path: Path, state: dict[str, Any]) -> None:
+        check_same_frozen_models(state.get("frozen_models"), self.frozen_models, path)
         restore_training_state(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]

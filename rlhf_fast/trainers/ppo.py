@@ -41,6 +41,7 @@ from rlhf_fast.trainers.common import (
     ValueModel,
     as_value_module,
     check_no_checkpoints,
+    check_same_frozen_models,
     checkpoint_path,
     disable_dropout,
     enable_gradient_checkpointing,
@@ -50,12 +51,13 @@ from rlhf_fast.trainers.common import (
     gather_training_state,
     host_floats,
     is_finite,
-    load_checkpoint,
     load_records,
+    load_resume_checkpoint,
+    model_identity,
     plot_curves,
     progress_bar,
     prune_checkpoints,
-    resolve_checkpoint,
+    remove_stale_temps,
     restore_rng_states,
     restore_training_state,
     save_atomic,
@@ -163,7 +165,8 @@ class PPOConfig:
     """Keep at most this many checkpoint-<step>.pt in output_dir: after each new one is
     written, the oldest others are deleted (0 keeps them all)."""
     resume_from: str | None = None
-    """A checkpoint file, or "latest" (the newest in output_dir), to continue from."""
+    """A checkpoint file, or "latest" (the newest in output_dir that can be read), to
+    continue from."""
     device: str | None = None
     """"cuda", "cpu", ...; None picks the GPU when there is one."""
 
@@ -290,6 +293,23 @@ def only_generation_config(model: nn.Module, generation_config: GenerationConfig
         model.generation_config = own
 
 
+def function_name(function: Callable[..., Any]) -> str:
+    """module.qualname of a function (or the type of a callable object)."""
+    named = function if hasattr(function, "__qualname__") else type(function)
+    return f"{named.__module__}.{named.__qualname__}"
+
+
+def check_finite_scores(scores: torch.Tensor, source: str) -> torch.Tensor:
+    """`scores` [B], unless one is NaN or infinite: it would make every advantage of its
+    group NaN, NaN weights after the update, and the next rollout fail in sampling."""
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{source} gave non-finite scores (NaN or inf) to {len(bad)} of "
+                         f"{scores.numel()} answers, e.g. answer {bad[0]}: "
+                         f"{scores[bad[0]].item()}; scores must be finite numbers")
+    return scores
+
+
 def load_prompts(prompts: Any) -> list[str]:
     """Prompt strings from a list of strings or of {"prompt"} records, a JSONL file of
     records, a text file of one prompt per line, or a `datasets.Dataset`."""
@@ -316,7 +336,8 @@ class PPOTrainer:
             zero head). Ignored (must be None) for "grpo".
         reward_fn_or_model: ``f(prompts: list[str], answers: list[str]) -> [B] scores``
             on the decoded text, or a reward model (a sequence classifier with one label,
-            sharing the policy's tokenizer) scored at each answer's last token.
+            sharing the policy's tokenizer) scored at each answer's last token. A NaN or
+            infinite score raises ValueError.
         tokenizer: the policy's tokenizer (needs eos_token_id; pad defaults to EOS).
         prompts: prompt strings, {"prompt"} records, a .jsonl of records, a text file of
             one prompt per line, or a ``datasets.Dataset``.
@@ -365,11 +386,16 @@ class PPOTrainer:
             value_model = value_model or ValueModel.from_causal_lm(policy)
             critic = as_value_module(value_model.to(device))
         self.value_model = value_model
+        reward_model = None
         if callable(reward_fn_or_model) and not isinstance(reward_fn_or_model, nn.Module):
             self.reward_fn, self.reward_model = reward_fn_or_model, None
         else:
             self.reward_fn = None
-            self.reward_model = as_value_module(frozen(reward_fn_or_model).to(device))
+            reward_model = frozen(reward_fn_or_model).to(device)
+            self.reward_model = as_value_module(reward_model)
+        # checkpoints hold the policy and critic, not these: they record which they were
+        self.frozen_models = {"reference": model_identity(self.reference.model),
+                              "reward model": model_identity(reward_model)}
         if config.disable_dropout:
             disable_dropout(policy)
             if critic is not None:
@@ -391,7 +417,7 @@ class PPOTrainer:
         self.step = 0
         self.window = MetricsWindow()
         if config.resume_from is not None:
-            self._load(resolve_checkpoint(config.resume_from, config.output_dir))
+            self._load(*load_resume_checkpoint(config.resume_from, config.output_dir))
         self.log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", self.run.is_main,
                               resume_step=None if config.resume_from is None else self.step)
 
@@ -401,6 +427,8 @@ class PPOTrainer:
         """Run to max_steps iterations (from the checkpoint's when resuming); returns the
         logged metrics of this output_dir."""
         config, run = self.config, self.run
+        if run.is_main:
+            remove_stale_temps(config.output_dir)
         bar = progress_bar(config.max_steps, self.step, run.is_main, "PPO")
         started, tokens = time.perf_counter(), 0.0
         while self.step < config.max_steps:
@@ -434,6 +462,7 @@ class PPOTrainer:
                 save_atomic(strip_prefix(weights, critic_prefix), output / "value_model.pt")
             plot_curves(self.log.records(), PPO_PLOT_KEYS, output / "ppo_curves.png",
                         f"PPO ({config.advantage_estimator})")
+            remove_stale_temps(output)
         return self.log.records()
 
     @torch.no_grad()
@@ -578,14 +607,16 @@ class PPOTrainer:
         if self.reward_fn is not None:
             texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
             scores = torch.as_tensor(self.reward_fn(prompts, texts), dtype=torch.float32)
+            source = f"reward function {function_name(self.reward_fn)}"
             if scores.shape != (len(prompts),):
-                raise ValueError(f"reward function must return {len(prompts)} scores, got "
+                raise ValueError(f"{source} must return {len(prompts)} scores, got "
                                  f"shape {tuple(scores.shape)}")
-            return scores.to(device)
+            return check_finite_scores(scores, source).to(device)
         with self.run.autocast():
             per_token = self.reward_model(sequences, attention_mask)
         last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
-        return per_token[torch.arange(len(prompts), device=device), last].float()
+        scores = per_token[torch.arange(len(prompts), device=device), last].float()
+        return check_finite_scores(scores, "the reward model")
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoint-<step>.pt atomically (main process), then delete the oldest
@@ -603,14 +634,15 @@ class PPOTrainer:
             "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "window": self.window.sums,
+            "frozen_models": self.frozen_models,
             "rng": rng,
             "config": asdict(self.config),
         }, path)
         prune_checkpoints(path, self.config.save_total_limit)
         return path
 
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(path)
+    def _load(self, path: Path, state: dict[str, Any]) -> None:
+        check_same_frozen_models(state.get("frozen_models"), self.frozen_models, path)
         restore_training_state(unwrap(self.actor_critic), self.optimizer,
                                state["actor_critic"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
