@@ -228,7 +228,7 @@ def test_masked_out_of_range_labels_are_not_read(monkeypatch, backend):
     wild_out, wild_grads = run(fused, hidden, weight, bias, wild, ppo, upstream, **OPTIONS)
     assert all(torch.equal(a, b) for a, b in zip(out, wild_out))
     assert all(torch.equal(a, b) for a, b in zip(grads, wild_grads))
-    wild[mask.nonzero()[0].tolist()] = 211
+    wild[tuple(mask.nonzero()[0].tolist())] = 211
     with pytest.raises(ValueError, match=r"^labels must be in \[0, 211\).*found 211"):
         run(fused, hidden, weight, bias, wild, ppo, upstream, **OPTIONS)
 
