@@ -44,12 +44,13 @@ def split_fp64(value: float) -> tuple[float, float]:
     A kernel rebuilds the value with `fp64_arg`, ``(tl.zeros([], acc_dtype) + hi) + lo``:
     exact enough for fp64 accumulation, and just `hi` in fp32.
     """
-    hi = _fp32(value)
+    hi = fp32(value)
     # lo rounded here, not by Triton, so the interpreter sees what a compiled kernel gets
-    return hi, _fp32(value - hi) if math.isfinite(value) else 0.0  # inf - inf is NaN
+    return hi, fp32(value - hi) if math.isfinite(value) else 0.0  # inf - inf is NaN
 
 
-def _fp32(value: float) -> float:
+def fp32(value: float) -> float:
+    """The Python float nearest to `value` that fp32 holds (what Triton passes a kernel)."""
     return struct.unpack("f", struct.pack("f", value))[0]
 
 

@@ -76,10 +76,15 @@ def ignored_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """``labels == ignore_index`` as integers. torch compares an int32 tensor with a Python
     int outside int32's range modulo 2^32 (5 would equal 5 + 2**32); such an ignore_index
     matches no label, as in the kernels, which compare in int64."""
-    info = torch.iinfo(labels.dtype)
-    if not info.min <= ignore_index <= info.max:
+    if not fits_dtype(ignore_index, labels.dtype):
         return torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     return labels == ignore_index
+
+
+def fits_dtype(value: int, dtype: torch.dtype) -> bool:
+    """Whether the int `value` is in the range of the integer `dtype`."""
+    info = torch.iinfo(dtype)
+    return info.min <= value <= info.max
 
 
 def _nan_where(bad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ A layout an op documents as rejected (a last dim of stride != 1 for the logits o
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,7 @@ from triton.runtime.interpreter import GridExecutor
 
 import rlhf_fast
 from rlhf_fast import reference
+from rlhf_fast.kernels.common import fp32
 
 F64 = torch.float64
 NAN = float("nan")
@@ -504,10 +504,6 @@ def test_one_bf16_argument_among_fp64_ones(op_name, arg, fresh_seed, triton_only
 # ----------------------------------------------------------------- float settings
 
 
-def _fp32(value: float) -> float:
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
 def test_float_settings_reach_the_kernels_as_fp32_values(monkeypatch, fresh_seed):
     """Compiled Triton types a Python float argument as fp32 (the interpreter keeps more,
     so no output here would show it): a setting such as 1 / 0.7 or a whiten eps of 1e-6
@@ -525,5 +521,5 @@ def test_float_settings_reach_the_kernels_as_fp32_values(monkeypatch, fresh_seed
     for op in OPS.values():
         run_values(op, op.make(gen), fresh_seed)
     assert len({name for name, _ in launched}) >= 8  # the settings of most kernels
-    rounded = [(name, a) for name, a in launched if a == a and _fp32(a) != a]
+    rounded = [(name, a) for name, a in launched if a == a and fp32(a) != a]
     assert not rounded, f"float arguments fp32 cannot hold: {rounded}"

@@ -210,8 +210,7 @@ def ignore_masked_labels(
     """labels with ignore_index where the mask is 0: those tokens are never read, nor their
     labels used as an address. Widened to int64 when ignore_index does not fit the labels'
     dtype (masked_fill would raise on int32 labels and an ignore_index of 2**32)."""
-    info = torch.iinfo(labels.dtype)
-    if not info.min <= ignore_index <= info.max:
+    if not reference.fits_dtype(ignore_index, labels.dtype):
         labels = labels.long()
     return labels.masked_fill(mask == 0, ignore_index)
 
