@@ -57,3 +57,13 @@ def fp32(value: float) -> float:
 def mask_view(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask read as bytes (same storage, no copy); other dtypes unchanged."""
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def num_warps(block: int) -> int:
+    """Warps for a program over `block` elements of a streaming pass."""
+    return 8 if block >= 4096 else 4 if block >= 512 else 2
+
+
+def math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 math if any input is fp64, else fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

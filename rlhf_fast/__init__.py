@@ -1,19 +1,19 @@
 """rlhf-fast: fused Triton kernels for RLHF training (PPO, GRPO, DPO)."""
 
 from rlhf_fast.losses import DPOLoss, PPOLoss
-from rlhf_fast.ops.dpo import dpo_loss
-from rlhf_fast.ops.gae import (
-    discounted_returns,
-    gae,
-    group_advantages,
-    masked_mean,
-    masked_whiten,
-)
-from rlhf_fast.ops.linear_logprobs import linear_dpo_loss, linear_logprobs, linear_ppo_loss
+from rlhf_fast.ops.discounted_returns import discounted_returns
+from rlhf_fast.ops.dpo_loss import dpo_loss
+from rlhf_fast.ops.gae import gae
+from rlhf_fast.ops.group_advantages import group_advantages
+from rlhf_fast.ops.linear_dpo_loss import linear_dpo_loss
+from rlhf_fast.ops.linear_logprobs import linear_logprobs
+from rlhf_fast.ops.linear_ppo_loss import linear_ppo_loss
 from rlhf_fast.ops.logprobs import logprobs
-from rlhf_fast.ops.ppo import ppo_loss
+from rlhf_fast.ops.masked_mean import masked_mean
+from rlhf_fast.ops.masked_whiten import masked_whiten
+from rlhf_fast.ops.ppo_loss import ppo_loss
 from rlhf_fast.ops.sequence_logps import sequence_logps
-from rlhf_fast.reference import DPOLossOutput, PPOLossOutput
+from rlhf_fast.types import DPOLossOutput, PPOLossOutput
 
 __all__ = [
     "gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten",

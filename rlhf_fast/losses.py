@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from rlhf_fast.ops.dpo import check_dpo_options, dpo_loss
-from rlhf_fast.ops.ppo import check_ppo_options, ppo_loss
-from rlhf_fast.reference import DPOLossOutput, PPOLossOutput
+from rlhf_fast.ops.dpo_loss import dpo_loss
+from rlhf_fast.ops.ppo_loss import ppo_loss
+from rlhf_fast.options import DPO_OPTIONS, PPO_OPTIONS
+from rlhf_fast.types import DPOLossOutput, PPOLossOutput
 
 
 class PPOLoss(nn.Module):
-    """`rlhf_fast.ppo_loss` with its coefficients held by the module.
+    """`rlhf_fast.ppo_loss` with its options held by the module.
 
     Example::
 
@@ -20,56 +23,30 @@ class PPOLoss(nn.Module):
                         values=values, old_values=old_values, returns=returns)
         out.loss.backward()
 
-    Every keyword of `ppo_loss` but the tensors is a constructor argument, validated
-    there (as `ppo_loss` would); `forward` takes the tensors and returns a `PPOLossOutput`.
+    Every option of `ppo_loss` is a constructor argument, checked there (as `ppo_loss`
+    would); `forward` takes the tensors and returns a `PPOLossOutput`.
     """
 
-    def __init__(
-        self,
-        *,
-        clip_eps: float = 0.2,
-        clip_eps_high: float | None = None,
-        dual_clip: float | None = None,
-        kl_coef: float = 0.0,
-        kl_estimator: str = "k3",
-        entropy_coef: float = 0.0,
-        value_clip: float = 0.2,
-        vf_coef: float = 0.5,
-        agg: str = "token-mean",
-        max_len: int | None = None,
-    ) -> None:
+    @PPO_OPTIONS.keywords
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        self.options = dict(
-            clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
-            kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
-            value_clip=value_clip, vf_coef=vf_coef, agg=agg, max_len=max_len,
-        )
-        check_ppo_options(**self.options)  # fail where the module is built
+        self.options = vars(PPO_OPTIONS.check(options))  # fail where the module is built
 
     def forward(
-        self,
-        logp: torch.Tensor,
-        old_logp: torch.Tensor,
-        advantages: torch.Tensor,
-        mask: torch.Tensor,
-        *,
-        ref_logp: torch.Tensor | None = None,
-        entropy: torch.Tensor | None = None,
-        values: torch.Tensor | None = None,
-        old_values: torch.Tensor | None = None,
-        returns: torch.Tensor | None = None,
+        self, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+        mask: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None, values: torch.Tensor | None = None,
+        old_values: torch.Tensor | None = None, returns: torch.Tensor | None = None,
     ) -> PPOLossOutput:
-        return ppo_loss(
-            logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
-            values=values, old_values=old_values, returns=returns, **self.options,
-        )
+        return ppo_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
+                        values=values, old_values=old_values, returns=returns, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
 class DPOLoss(nn.Module):
-    """`rlhf_fast.dpo_loss` with its settings held by the module.
+    """`rlhf_fast.dpo_loss` with its options held by the module.
 
     Example::
 
@@ -77,40 +54,24 @@ class DPOLoss(nn.Module):
         out = criterion(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
         out.loss.backward()
 
-    Every keyword of `dpo_loss` but the tensors is a constructor argument, validated
-    there (as `dpo_loss` would); `forward` takes the ``[B]`` sequence log-probs (and the
-    lengths, for ipo and sigmoid_norm) and returns a `DPOLossOutput`.
+    Every option of `dpo_loss` is a constructor argument, checked there (as `dpo_loss`
+    would); `forward` takes the ``[B]`` sequence log-probs (and the lengths, for ipo and
+    sigmoid_norm) and returns a `DPOLossOutput`.
     """
 
-    def __init__(
-        self,
-        *,
-        beta: float = 0.1,
-        loss_type: str = "sigmoid",
-        label_smoothing: float = 0.0,
-        reduction: str = "mean",
-    ) -> None:
+    @DPO_OPTIONS.keywords
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        self.options = dict(
-            beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-            reduction=reduction,
-        )
-        check_dpo_options(**self.options)  # fail where the module is built
+        self.options = vars(DPO_OPTIONS.check(options))  # fail where the module is built
 
     def forward(
-        self,
-        policy_chosen: torch.Tensor,
-        policy_rejected: torch.Tensor,
-        ref_chosen: torch.Tensor | None,
-        ref_rejected: torch.Tensor | None,
-        *,
-        chosen_lengths: torch.Tensor | None = None,
-        rejected_lengths: torch.Tensor | None = None,
+        self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+        ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None, *,
+        chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
     ) -> DPOLossOutput:
-        return dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **self.options,
-        )
+        return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                        **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

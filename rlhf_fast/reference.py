@@ -9,10 +9,18 @@ CPU fallback the trainers use when Triton cannot run. Readable first, fast secon
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from rlhf_fast.options import DPO_OPTIONS, PPO_OPTIONS, TOKEN_OPTIONS
+from rlhf_fast.types import (
+    DPO_LENGTH_NORMALISED_TYPES,
+    DPO_LOSS_TYPES,
+    DPOLossOutput,
+    PPOLossOutput,
+)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -20,22 +28,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@TOKEN_OPTIONS.keywords
 def logprobs(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
+    logits: torch.Tensor, labels: torch.Tensor, *, return_entropy: bool = False, **options: Any
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label under softmax(logits / temperature), and entropy.
 
     Args:
         logits: ``[..., V]`` float tensor.
         labels: ``[...]`` integer tensor of token ids in ``[0, V)`` or ``ignore_index``.
-        temperature: z = logits / temperature.
-        ignore_index: label value whose row gives log-prob 0, entropy 0, no gradient.
         return_entropy: also return H = -sum_j p_j log p_j.
+        Options: below; z = logits / temperature.
 
     Returns:
         ``logp [...]`` (and ``entropy [...]``) in fp32 (fp64 for fp64 logits).
@@ -52,6 +55,8 @@ def logprobs(
       * NaN or +inf anywhere in a row gives NaN for that row only.
     """
     vocab = logits.shape[-1]
+    opt = TOKEN_OPTIONS.fill(options)
+    temperature, ignore_index = opt.temperature, opt.ignore_index
     ignored = ignored_labels(labels, ignore_index)
     in_range = (labels >= 0) & (labels < vocab)
     # int64 for gather: torch < 2.8 takes no int32 index
@@ -104,15 +109,10 @@ def _mark_rows(
 
 
 
+@TOKEN_OPTIONS.keywords
 def linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+    bias: torch.Tensor | None = None, return_entropy: bool = False, **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`logprobs` of the materialised logits ``F.linear(hidden, weight, bias)`` (in the
     input dtype, or autocast's, as a model's lm_head computes them). hidden ``[..., D]``,
@@ -121,42 +121,12 @@ def linear_logprobs(
     reaches neither an output nor a gradient. A row with an out-of-range label is NaN, and
     so is its d hidden row, all of d weight and d bias (its NaN d logits row meets every
     vocab row in d logits^T hidden); the other rows' d hidden is unaffected."""
-    hidden = hidden.masked_fill(ignored_labels(labels, ignore_index).unsqueeze(-1), 0)
+    opt = TOKEN_OPTIONS.fill(options)
+    hidden = hidden.masked_fill(ignored_labels(labels, opt.ignore_index).unsqueeze(-1), 0)
     logits = F.linear(hidden, weight, bias)
-    return logprobs(
-        logits, labels, temperature=temperature, ignore_index=ignore_index,
-        return_entropy=return_entropy,
-    )
+    return logprobs(logits, labels, return_entropy=return_entropy, **vars(opt))
 
 # --------------------------------------------------------------------------- ppo_loss
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-
-
-class PPOLossOutput(NamedTuple):
-    """What `ppo_loss` returns. All fields are fp32 (fp64 for fp64 inputs) scalars.
-
-    `loss = policy_loss + kl_coef * kl - entropy_coef * entropy + vf_coef * value_loss`,
-    the four terms aggregated with the same `agg` mode, and differentiable. The
-    statistics are token-means over valid tokens (ratio_max a max), detached.
-
-    A NaN at a valid token makes every term and statistic that reads it NaN (ratio_max
-    included, as torch.max), except the fractions clipfrac and value_clipfrac: they count
-    the tokens whose clipped branch is strictly the larger, which a NaN never is.
-    """
-
-    loss: torch.Tensor
-    policy_loss: torch.Tensor
-    value_loss: torch.Tensor
-    kl: torch.Tensor
-    entropy: torch.Tensor
-    clipfrac: torch.Tensor
-    approx_kl: torch.Tensor
-    ratio_mean: torch.Tensor
-    ratio_max: torch.Tensor
-    value_clipfrac: torch.Tensor
-
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3)."""
@@ -192,37 +162,24 @@ def aggregate(
     return row_sums.sum() / float(max(mask.shape[0] * max_len, 1))  # B or T = 0: 0
 
 
+@PPO_OPTIONS.keywords
 def ppo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
-    ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    values: torch.Tensor | None = None,
-    old_values: torch.Tensor | None = None,
-    returns: torch.Tensor | None = None,
-    value_clip: float = 0.2,
-    vf_coef: float = 0.5,
-    agg: str = "token-mean",
-    max_len: int | None = None,
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+    values: torch.Tensor | None = None, old_values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None, **options: Any,
 ) -> PPOLossOutput:
     """PPO clipped surrogate + KL to a reference + entropy bonus + clipped value loss.
 
     All tensors ``[B, T]``; mask is bool or numeric, nonzero = valid. Gradients flow into
     `logp`, `entropy` and `values`; the other inputs are constants.
     """
+    opt = PPO_OPTIONS.fill(options)
     dtype = _compute_dtype(logp.dtype)
     valid = mask != 0
-    max_len = logp.shape[-1] if max_len is None else max_len
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    max_len = logp.shape[-1] if opt.max_len is None else opt.max_len
+    eps_low = opt.clip_eps
+    eps_high = eps_low if opt.clip_eps_high is None else opt.clip_eps_high
 
     # Masked-out tokens may hold anything, inf and NaN included: replace them by 0 first,
     # so that neither a value nor a gradient of theirs reaches the result.
@@ -241,21 +198,21 @@ def ppo_loss(
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     pg_unclipped = -advantages * ratio
-    pg_clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + eps_high)
+    pg_clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     # max(unclipped, clipped), written as a choice so that a tie takes the unclipped
     # branch's gradient, whole (torch.maximum would split it in halves).
     pg = torch.where(pg_clipped > pg_unclipped, pg_clipped, pg_unclipped)
-    if dual_clip is not None:  # bound the loss of negative advantages at -A * c
-        dual_bound = -advantages * dual_clip
+    if opt.dual_clip is not None:  # bound the loss of negative advantages at -A * c
+        dual_bound = -advantages * opt.dual_clip
         pg = torch.where((advantages < 0) & (pg > dual_bound), dual_bound, pg)
 
-    kl = zero if ref_logp is None else kl_penalty(logp, ref_logp, kl_estimator)
+    kl = zero if ref_logp is None else kl_penalty(logp, ref_logp, opt.kl_estimator)
     ent = zero if entropy is None else entropy
 
     vl, value_clipped = zero, torch.zeros_like(valid)
     if values is not None:
         # = old_values + clamp(values - old_values, -value_clip, value_clip), without rounding
-        v_clipped = torch.clamp(values, old_values - value_clip, old_values + value_clip)
+        v_clipped = torch.clamp(values, old_values - opt.value_clip, old_values + opt.value_clip)
         # A NaN old value makes the clipped value NaN, and its gradient too: spelled out,
         # since torch.clamp's gradient at NaN bounds changed (0 in torch 2.13, 1 in 2.14).
         v_clipped = torch.where(old_values.isnan(), values + old_values, v_clipped)
@@ -265,11 +222,12 @@ def ppo_loss(
         only_clipped_nan = vl_clipped.isnan() & ~vl_unclipped.isnan()
         vl = 0.5 * torch.where(value_clipped | only_clipped_nan, vl_clipped, vl_unclipped)
 
-    policy_loss = aggregate(pg, valid, agg, max_len)
-    kl_term = aggregate(kl, valid, agg, max_len)
-    entropy_term = aggregate(ent, valid, agg, max_len)
-    value_loss = aggregate(vl, valid, agg, max_len)
-    loss = policy_loss + kl_coef * kl_term - entropy_coef * entropy_term + vf_coef * value_loss
+    policy_loss = aggregate(pg, valid, opt.agg, max_len)
+    kl_term = aggregate(kl, valid, opt.agg, max_len)
+    entropy_term = aggregate(ent, valid, opt.agg, max_len)
+    value_loss = aggregate(vl, valid, opt.agg, max_len)
+    loss = (policy_loss + opt.kl_coef * kl_term - opt.entropy_coef * entropy_term
+            + opt.vf_coef * value_loss)
 
     with torch.no_grad():
         n_valid = valid.sum().clamp(min=1)
@@ -444,38 +402,8 @@ def sequence_logps(
 
 # --------------------------------------------------------------------------- dpo_loss
 
-DPO_LOSS_TYPES = (
-    "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-    "apo_zero", "apo_down", "sigmoid_norm",
-)
-#: Types whose loss depends on the two log-ratios only through their difference, so a
-#: missing reference (log pi_ref = 0 for every answer) is a well-defined reference-free loss.
-DPO_REFERENCE_FREE_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "sigmoid_norm")
-#: Types that read `label_smoothing`; the others require it to be 0.
-DPO_LABEL_SMOOTHING_TYPES = ("sigmoid", "robust", "exo_pair", "sigmoid_norm")
-#: Types on per-token-averaged log-probs: they need `chosen_lengths` and `rejected_lengths`.
-DPO_LENGTH_NORMALISED_TYPES = ("ipo", "sigmoid_norm")
-DPO_REDUCTIONS = ("mean", "sum", "none")
 #: exo_pair with label_smoothing 0 uses this epsilon, as the EXO paper and TRL do.
 EXO_DEFAULT_EPS = 1e-3
-
-
-class DPOLossOutput(NamedTuple):
-    """What `dpo_loss` returns, fp32 (fp64 for fp64 inputs).
-
-    loss: a scalar (reduction "mean" or "sum") or ``[B]`` ("none"), differentiable.
-    chosen_rewards, rejected_rewards: ``[B]`` implicit rewards beta * (log pi - log pi_ref)
-        of each answer, on the log-probs the loss sees (length-normalised for ipo and
-        sigmoid_norm), detached.
-    reward_accuracy: scalar, fraction of pairs with chosen_reward > rejected_reward.
-    reward_margin: scalar, mean of chosen_reward - rejected_reward. Both detached.
-    """
-
-    loss: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    reward_accuracy: torch.Tensor
-    reward_margin: torch.Tensor
 
 
 def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -483,18 +411,12 @@ def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.minimum(x, torch.zeros_like(x)) - torch.log1p(torch.exp(-x.abs()))
 
 
+@DPO_OPTIONS.keywords
 def dpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor | None,
-    ref_rejected: torch.Tensor | None,
-    *,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-    reduction: str = "mean",
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None, *,
+    chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+    **options: Any,
 ) -> DPOLossOutput:
     """Pairwise preference losses on sequence log-probs ``[B]`` (sums over each answer).
 
@@ -529,6 +451,8 @@ def dpo_loss(
     pair's loss NaN and, for every type (hinge included), the gradient of each input its
     terms depend on through the NaN.
     """
+    opt = DPO_OPTIONS.fill(options)
+    beta, loss_type, reduction = opt.beta, opt.loss_type, opt.reduction
     dtype = torch.float64 if torch.float64 in (policy_chosen.dtype, policy_rejected.dtype) \
         else torch.float32
     pc, pr = policy_chosen.to(dtype), policy_rejected.to(dtype)
@@ -543,7 +467,7 @@ def dpo_loss(
     b = pr - rr
     delta = a - b
     u = beta * delta
-    eps = label_smoothing
+    eps = opt.label_smoothing
     if loss_type in ("sigmoid", "sigmoid_norm"):
         losses = -(1 - eps) * log_sigmoid(u) - eps * log_sigmoid(-u)
     elif loss_type == "ipo":

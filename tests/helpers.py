@@ -1,6 +1,10 @@
 """Helpers shared by the tests."""
 
+import math
+
 import torch
+
+from rlhf_fast import reference
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -9,3 +13,62 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     denom = ref.norm().item()
     diff = (out - ref).norm().item()
     return diff if denom == 0 else diff / denom
+
+
+def random_mask(B, T):
+    """Rows of every kind: holes, left padding, right padding, both + holes, all masked,
+    a single valid token, all valid (in random order)."""
+    mask = torch.rand(B, T) < 0.75
+    pos = torch.arange(T)
+    for b in range(B):
+        kind = b % 7
+        cut = int(torch.randint(0, T + 1, ()))
+        if kind == 1:
+            mask[b] = pos >= cut
+        elif kind == 2:
+            mask[b] = pos < cut
+        elif kind == 3:
+            mask[b] = False
+        elif kind == 4:
+            mask[b] = False
+            mask[b, int(torch.randint(0, max(T, 1), ())) % max(T, 1)] = T > 0
+        elif kind == 5:
+            mask[b] = True
+        elif kind == 6:
+            mask[b] &= (pos >= cut // 2) & (pos < (cut + T) // 2 + 1)
+    return mask[torch.randperm(B)] if B else mask
+
+
+def random_gae_case(B, T, dtype=torch.float32, bootstrap=True):
+    rewards = torch.randn(B, T, dtype=torch.float64).to(dtype)
+    values = torch.randn(B, T, dtype=torch.float64).to(dtype)
+    last_value = torch.randn(B, dtype=torch.float64).to(dtype) if bootstrap else None
+    return rewards, values, random_mask(B, T), last_value
+
+
+def gae_ref64(rewards, values, mask, last_value, gamma, lam):
+    """The reference in float64 on the same (rounded) inputs."""
+    lv = None if last_value is None else last_value.double()
+    return reference.gae(
+        rewards.double(), values.double(), mask, gamma=gamma, lam=lam, last_value=lv
+    )
+
+
+def random_linear_case(lead, dim, vocab, dtype=torch.float64, *, bias=True, ignore_frac=0.2,
+                       ignore_index=-100):
+    """hidden [*lead, D], weight [V, D], bias [V] or None, labels [*lead]; logits of O(2)."""
+    hidden = torch.randn(*lead, dim, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(vocab, dim, dtype=torch.float64) * (2.0 / math.sqrt(dim))).to(dtype)
+    b = torch.randn(vocab, dtype=torch.float64).to(dtype) if bias else None
+    labels = torch.randint(0, vocab, lead)
+    labels[torch.rand(lead) < ignore_frac] = ignore_index
+    return hidden, weight, b, labels
+
+
+def leaves(hidden, weight, bias, train=(True, True, True), dtype=None):
+    """Fresh leaf copies (in `dtype` if given); `train` says which require a gradient."""
+    out = []
+    for t, grad in zip((hidden, weight, bias), train):
+        out.append(None if t is None else t.detach().to(dtype or t.dtype).clone()
+                   .requires_grad_(grad))
+    return out

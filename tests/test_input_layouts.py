@@ -33,6 +33,7 @@ import torch
 from triton.runtime.interpreter import GridExecutor
 
 import rlhf_fast
+from helpers import random_gae_case, rel_err
 from rlhf_fast import reference
 from rlhf_fast.kernels.common import fp32
 
@@ -523,3 +524,28 @@ def test_float_settings_reach_the_kernels_as_fp32_values(monkeypatch, fresh_seed
     assert len({name for name, _ in launched}) >= 8  # the settings of most kernels
     rounded = [(name, a) for name, a in launched if a == a and fp32(a) != a]
     assert not rounded, f"float arguments fp32 cannot hold: {rounded}"
+
+
+def test_advantage_ops_backend_switch(monkeypatch):
+    rewards, values, mask, last_value = random_gae_case(4, 30)
+    x = torch.randn(4, 30)
+    scores = torch.randn(8)
+
+    def run_all():
+        return (
+            *rlhf_fast.gae(rewards, values, mask, gamma=0.9, last_value=last_value),
+            rlhf_fast.discounted_returns(rewards, mask, 0.9, last_value),
+            rlhf_fast.group_advantages(scores, 4),
+            rlhf_fast.masked_mean(x, mask),
+            rlhf_fast.masked_whiten(x, mask),
+        )
+
+    triton_out = run_all()
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
+    for a, b in zip(triton_out, run_all()):
+        assert rel_err(a, b) < 1e-5
+    # without the interpreter, CPU tensors take the reference path
+    monkeypatch.delenv("RLHF_FAST_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for a, b in zip(triton_out, run_all()):
+        assert rel_err(a, b) < 1e-5

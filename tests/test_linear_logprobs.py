@@ -1,13 +1,12 @@
-"""rlhf_fast.linear_logprobs and linear_dpo_loss: the chunked GEMM + log-prob kernels
+"""rlhf_fast.linear_logprobs: the chunked GEMM + log-prob kernels
 (through the interpreter) against the reference on materialised logits, in float64."""
 
-import math
 
 import pytest
 import torch
 
 import rlhf_fast
-from helpers import rel_err
+from helpers import leaves, random_linear_case, rel_err
 from rlhf_fast import reference
 from rlhf_fast.kernels import linear_logprobs as kernel
 
@@ -17,25 +16,6 @@ LOW_TOL = 3e-2  # bf16 / fp16: the logits and the gradient GEMMs are in the inpu
 NAMES = ("logp", "entropy", "d_hidden", "d_weight", "d_bias")
 KERNEL_BACKWARD = "LinearLogProbsFunctionBackward"
 ALL = (True, True, True)
-
-
-def random_case(lead, dim, vocab, dtype=F64, *, bias=True, ignore_frac=0.2, ignore_index=-100):
-    """hidden [*lead, D], weight [V, D], bias [V] or None, labels [*lead]; logits of O(2)."""
-    hidden = torch.randn(*lead, dim, dtype=F64).to(dtype)
-    weight = (torch.randn(vocab, dim, dtype=F64) * (2.0 / math.sqrt(dim))).to(dtype)
-    b = torch.randn(vocab, dtype=F64).to(dtype) if bias else None
-    labels = torch.randint(0, vocab, lead)
-    labels[torch.rand(lead) < ignore_frac] = ignore_index
-    return hidden, weight, b, labels
-
-
-def leaves(hidden, weight, bias, train=ALL, dtype=None):
-    """Fresh leaf copies (in `dtype` if given); `train` says which require a gradient."""
-    out = []
-    for t, grad in zip((hidden, weight, bias), train):
-        out.append(None if t is None else t.detach().to(dtype or t.dtype).clone()
-                   .requires_grad_(grad))
-    return out
 
 
 def forward_backward(fn, hidden, weight, bias, labels, g_logp, g_ent, **kw):
@@ -98,7 +78,7 @@ def compare(hidden, weight, bias, labels, tol, train=ALL, which="both", **kw):
 
 
 def test_reference_is_log_softmax_of_the_materialised_logits():
-    hidden, weight, bias, labels = random_case((6,), 5, 11)
+    hidden, weight, bias, labels = random_linear_case((6,), 5, 11)
     labels[0] = -100
     logp, ent = reference.linear_logprobs(
         hidden, weight, labels, bias=bias, temperature=0.5, return_entropy=True
@@ -131,7 +111,7 @@ def poisoned(poisoned_empty, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias, temperature", [(True, 1.0), (False, 0.7), (True, 1.5)])
 def test_matches_reference(dtype, bias, temperature, poisoned):
-    hidden, weight, b, labels = random_case((37,), 48, 997, dtype, bias=bias)
+    hidden, weight, b, labels = random_linear_case((37,), 48, 997, dtype, bias=bias)
     grads = upstream(labels.shape)
     outs = run_op(hidden, weight, b, labels, grads, temperature=temperature)
     refs = run_ref(hidden, weight, b, labels, grads, temperature=temperature)
@@ -148,7 +128,7 @@ def test_low_precision_no_worse_than_eager(dtype, bias, temperature):
     """bf16 / fp16: the op's error to the float64 reference (on the same rounded inputs) is
     small and at most twice that of the eager path (logits materialised in the same dtype,
     autograd through them), which has the same roundings in its logits and gradient GEMMs."""
-    hidden, weight, b, labels = random_case((61,), 64, 509, dtype, bias=bias)
+    hidden, weight, b, labels = random_linear_case((61,), 64, 509, dtype, bias=bias)
     grads = upstream(labels.shape)
     kw = dict(temperature=temperature)
     outs = run_op(hidden, weight, b, labels, grads, **kw)
@@ -211,7 +191,7 @@ CHUNK_CONFIGS = [(1500, 16), (100, 16)]
 )
 def test_many_chunks_match_one_chunk_float64(elements, min_vocab, train, chunks, poisoned):
     n_tokens, vocab = 37, 211
-    hidden, weight, bias, labels = random_case((n_tokens,), 24, vocab, F64)
+    hidden, weight, bias, labels = random_linear_case((n_tokens,), 24, vocab, F64)
     grads = upstream(labels.shape)
     kw = dict(temperature=0.7)
     single = run_op(hidden, weight, bias, labels, grads, train, **kw)
@@ -232,7 +212,7 @@ def test_many_chunks_match_one_chunk_float64(elements, min_vocab, train, chunks,
 @pytest.mark.parametrize("config", CHUNK_CONFIGS, ids=["chunks", "token-chunked-backward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_chunks_low_precision(config, dtype, chunks):
-    hidden, weight, bias, labels = random_case((37,), 24, 211, dtype)
+    hidden, weight, bias, labels = random_linear_case((37,), 24, 211, dtype)
     grads = upstream(labels.shape)
     single = run_op(hidden, weight, bias, labels, grads)
     chunks(*config)
@@ -271,20 +251,20 @@ def test_chunk_sizes():
 def test_frozen_parameters(train):
     """Frozen weight (LoRA), frozen hidden, frozen bias: the trained ones get the right
     gradient, the frozen ones none."""
-    hidden, weight, bias, labels = random_case((19,), 16, 101, F64)
+    hidden, weight, bias, labels = random_linear_case((19,), 16, 101, F64)
     outs, _ = compare(hidden, weight, bias, labels, TOL[F64], train, temperature=1.5)
     for grad, trains in zip(outs[2:], train):
         assert (grad is not None) == trains
 
 
 def test_frozen_weight_without_bias():
-    hidden, weight, _, labels = random_case((3, 7), 16, 101, F64, bias=False)
+    hidden, weight, _, labels = random_linear_case((3, 7), 16, 101, F64, bias=False)
     outs, _ = compare(hidden, weight, None, labels, TOL[F64], (True, False, False))
     assert outs[3] is None
 
 
 def test_nothing_trains():
-    hidden, weight, bias, labels = random_case((9,), 8, 50, torch.float32)
+    hidden, weight, bias, labels = random_linear_case((9,), 8, 50, torch.float32)
     logp, ent = rlhf_fast.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
     assert not logp.requires_grad and not ent.requires_grad
     ref_logp, ref_ent = reference.linear_logprobs(
@@ -294,7 +274,7 @@ def test_nothing_trains():
 
 
 def test_the_kernel_path_runs():
-    hidden, weight, bias, labels = random_case((5,), 8, 30, torch.float32)
+    hidden, weight, bias, labels = random_linear_case((5,), 8, 30, torch.float32)
     logp = rlhf_fast.linear_logprobs(hidden.requires_grad_(), weight, labels, bias=bias)
     assert kernel_ran(logp)
 
@@ -304,12 +284,12 @@ def test_the_kernel_path_runs():
 
 @pytest.mark.parametrize("which", ["logp", "entropy"])
 def test_gradient_from_one_output_only(which):
-    hidden, weight, bias, labels = random_case((23,), 16, 131, F64)
+    hidden, weight, bias, labels = random_linear_case((23,), 16, 131, F64)
     compare(hidden, weight, bias, labels, TOL[F64], which=which, temperature=0.7)
 
 
 def test_without_entropy():
-    hidden, weight, bias, labels = random_case((23,), 16, 131, F64)
+    hidden, weight, bias, labels = random_linear_case((23,), 16, 131, F64)
     g = torch.randn(23, dtype=F64)
     outs = []
     for fn in (rlhf_fast.linear_logprobs, reference.linear_logprobs):
@@ -326,7 +306,7 @@ def test_without_entropy():
 
 
 def test_ignored_rows_give_zero_and_no_gradient():
-    hidden, weight, bias, labels = random_case((16,), 12, 60, F64, ignore_frac=0.0)
+    hidden, weight, bias, labels = random_linear_case((16,), 12, 60, F64, ignore_frac=0.0)
     labels[::3] = 7  # a custom ignore_index that is also a valid token id
     ignored = labels == 7
     outs, _ = compare(hidden, weight, bias, labels, TOL[F64], ignore_index=7)
@@ -343,7 +323,7 @@ def test_ignored_rows_give_zero_and_no_gradient():
 
 
 def test_all_rows_ignored(poisoned):
-    hidden, weight, bias, labels = random_case((2, 5), 8, 40, torch.bfloat16)
+    hidden, weight, bias, labels = random_linear_case((2, 5), 8, 40, torch.bfloat16)
     labels.fill_(-100)
     outs = run_op(hidden, weight, bias, labels, upstream(labels.shape))
     shapes = (labels.shape, labels.shape, hidden.shape, weight.shape, bias.shape)
@@ -357,7 +337,7 @@ def test_all_rows_ignored(poisoned):
 @pytest.mark.parametrize("n_tokens", [0, 1, 13])
 @pytest.mark.parametrize("vocab", [1, 2, 13, 257])
 def test_edge_shapes(n_tokens, vocab, poisoned):
-    hidden, weight, bias, labels = random_case((n_tokens,), 6, vocab, F64)
+    hidden, weight, bias, labels = random_linear_case((n_tokens,), 6, vocab, F64)
     outs, _ = compare(hidden, weight, bias, labels, TOL[F64], temperature=0.7)
     assert outs[0].shape == outs[1].shape == (n_tokens,)
     assert outs[2].shape == (n_tokens, 6)
@@ -372,14 +352,14 @@ def test_edge_shapes(n_tokens, vocab, poisoned):
 @pytest.mark.parametrize("dim, vocab", [(16, 262144), (8192, 40)], ids=["V=2^18", "D=8192"])
 def test_largest_vocab_and_hidden_size(dim, vocab):
     # float64: an fp32 GEMM's rounding over 2^18 terms is ~1e-5 by itself
-    hidden, weight, bias, labels = random_case((3,), dim, vocab, F64)
+    hidden, weight, bias, labels = random_linear_case((3,), dim, vocab, F64)
     compare(hidden, weight, bias, labels, TOL[F64])
 
 
 def test_leading_dims_and_strided_views():
     """[B, T, D] hidden, the hidden[:, :-1] view (hidden[:, t] predicts labels[:, t + 1])
     and a weight that is a column slice of a wider tensor: the same as contiguous copies."""
-    full, weight, bias, _ = random_case((3, 9), 10, 71, F64)
+    full, weight, bias, _ = random_linear_case((3, 9), 10, 71, F64)
     wide = torch.cat([weight, torch.randn(71, 3, dtype=F64)], 1)
     labels = torch.randint(0, 71, (3, 9))
     labels[0, 2] = -100
@@ -402,7 +382,7 @@ def test_leading_dims_and_strided_views():
 
 
 def test_int32_labels():
-    hidden, weight, bias, labels = random_case((4, 5), 8, 90, torch.float32)
+    hidden, weight, bias, labels = random_linear_case((4, 5), 8, 90, torch.float32)
     compare(hidden, weight, bias, labels.to(torch.int32), TOL[torch.float32])
 
 
@@ -411,7 +391,7 @@ def test_int32_labels():
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_gradcheck_float64(chunked, chunks):
-    hidden, weight, bias, labels = random_case((5,), 4, 13, F64, ignore_frac=0.0)
+    hidden, weight, bias, labels = random_linear_case((5,), 4, 13, F64, ignore_frac=0.0)
     labels[3] = -100
     if chunked:  # forward 2 + 2 + 1 rows; backward 4 + 4 + 4 + 1 columns
         chunks(26, 4)
@@ -432,7 +412,7 @@ def test_gradcheck_float64(chunked, chunks):
 
 
 def test_double_backward_is_right_or_refused():
-    hidden, weight, _, labels = random_case((4,), 3, 7, F64, bias=False, ignore_frac=0.0)
+    hidden, weight, _, labels = random_linear_case((4,), 3, 7, F64, bias=False, ignore_frac=0.0)
     v = torch.randn(4, 3, dtype=F64)
     second = []
     for fn in (rlhf_fast.linear_logprobs, reference.linear_logprobs):
@@ -451,7 +431,7 @@ def test_double_backward_is_right_or_refused():
 
 
 def test_out_of_range_label_checked_raises():
-    hidden, weight, bias, labels = random_case((5,), 8, 40, torch.float32)
+    hidden, weight, bias, labels = random_linear_case((5,), 8, 40, torch.float32)
     for bad in (40, -3):
         labels[2] = bad
         with pytest.raises(ValueError, match=rf"labels must be in \[0, 40\).*found {bad}"):
@@ -459,7 +439,7 @@ def test_out_of_range_label_checked_raises():
 
 
 def test_out_of_range_label_unchecked_gives_nan_for_its_row_only():
-    hidden, weight, bias, labels = random_case((6,), 8, 40, F64, ignore_frac=0.0)
+    hidden, weight, bias, labels = random_linear_case((6,), 8, 40, F64, ignore_frac=0.0)
     clean = rlhf_fast.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
     labels[1], labels[4] = 40, -3
     h = hidden.clone().requires_grad_()
@@ -484,7 +464,7 @@ def test_out_of_range_label_unchecked_gradients_agree_between_backends(monkeypat
     """An unchecked out-of-range label: its d hidden row is NaN in both backends (the
     reference's was 0), d weight and d bias are NaN whole in both (its NaN d logits row
     meets every vocab row); the other rows' d hidden agree."""
-    hidden, weight, bias, labels = random_case((6,), 8, 40, F64, ignore_frac=0.0)
+    hidden, weight, bias, labels = random_linear_case((6,), 8, 40, F64, ignore_frac=0.0)
     labels[1], labels[4], labels[5] = 40, -3, -100
     grads = upstream(6)
     outs = {}
@@ -505,49 +485,15 @@ def test_out_of_range_label_unchecked_gradients_agree_between_backends(monkeypat
 def test_ignore_index_outside_int32_matches_no_int32_label(monkeypatch, backend):
     """int32 labels and ignore_index = 5 + 2**32: the row of label 5 is not ignored (torch
     compares int32 with it modulo 2^32: the reference dropped that row, and the kernel path
-    zeroed its hidden state in d weight); linear_dpo_loss's masking accepts it too."""
+    zeroed its hidden state in d weight)."""
     monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
-    hidden, weight, bias, labels = random_case((5,), 8, 11, F64, ignore_frac=0.0)
+    hidden, weight, bias, labels = random_linear_case((5,), 8, 11, F64, ignore_frac=0.0)
     labels[2] = 5
     grads = upstream(5)
     outs = run_op(hidden, weight, bias, labels.int(), grads, ignore_index=5 + 2**32)
     refs = run_ref(hidden, weight, bias, labels, grads)
     assert outs[0][2].item() != 0.0
     assert_close(outs, refs, TOL[F64])
-    hidden, weight, bias, labels, mask, ref_c, ref_r = dpo_case(vocab=11)
-    labels[labels == -100] = 5
-    results = []
-    for lab, ignore_index in ((labels.int(), 5 + 2**32), (labels, -100)):
-        h, w, b = leaves(hidden, weight, bias)
-        out = rlhf_fast.linear_dpo_loss(h, w, lab, mask, ref_c, ref_r, bias=b,
-                                        ignore_index=ignore_index)
-        out.loss.backward()
-        results.append([*out, h.grad, w.grad, b.grad])
-    for a, b in zip(*results):
-        assert rel_err(a, b) < 1e-12
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_linear_dpo_loss_masked_out_of_range_labels_are_not_read(monkeypatch, backend):
-    """Labels outside the mask are never read: out of range there, they are accepted and
-    give the result of an in-range label; at a token the mask keeps, they raise."""
-    monkeypatch.setenv("RLHF_FAST_BACKEND", backend)
-    hidden, weight, bias, labels, mask, ref_c, ref_r = dpo_case()
-    labels[~mask] = 3
-    wild = labels.clone()
-    wild[~mask] = 10**6
-    wild[0, 0] = -7
-    results = []
-    for lab in (labels, wild):
-        h, w, b = leaves(hidden, weight, bias)
-        out = rlhf_fast.linear_dpo_loss(h, w, lab, mask, ref_c, ref_r, bias=b)
-        out.loss.backward()
-        results.append([*out, h.grad, w.grad, b.grad])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-    wild[mask.nonzero()[0].tolist()] = 101
-    with pytest.raises(ValueError, match=r"^labels must be in \[0, 101\).*found 101"):
-        rlhf_fast.linear_dpo_loss(hidden, weight, wild, mask, ref_c, ref_r, bias=bias)
 
 
 # ----------------------------------------------------------------- errors and dispatch
@@ -603,7 +549,7 @@ def test_bad_inputs_raise_clear_errors(kwargs, error, match):
 
 
 def test_backend_switch(monkeypatch):
-    hidden, weight, bias, labels = random_case((2, 6), 8, 70, torch.float32)
+    hidden, weight, bias, labels = random_linear_case((2, 6), 8, 70, torch.float32)
     grads = upstream(labels.shape)
     triton_outs = run_op(hidden, weight, bias, labels, grads, temperature=0.7)
     monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
@@ -619,109 +565,11 @@ def test_backend_switch(monkeypatch):
 
 def test_cpu_fallback_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    hidden, weight, bias, labels = random_case((7,), 8, 30, torch.float32)
+    hidden, weight, bias, labels = random_linear_case((7,), 8, 30, torch.float32)
     h = hidden.clone().requires_grad_()
     logp = rlhf_fast.linear_logprobs(h, weight, labels, bias=bias)
     assert not kernel_ran(logp)
     assert torch.equal(logp, reference.linear_logprobs(hidden, weight, labels, bias=bias))
-
-
-# ----------------------------------------------------------------- linear_dpo_loss
-
-
-def dpo_case(pairs=3, steps=7, dim=16, vocab=101):
-    hidden, weight, bias, _ = random_case((2 * pairs, steps), dim, vocab, F64)
-    labels = torch.randint(0, vocab, (2 * pairs, steps))
-    mask = torch.rand(2 * pairs, steps) < 0.7
-    mask[:, 0] = False  # a prompt token
-    mask[:, -1] = True  # at least one answer token per sequence
-    labels[~mask & (torch.rand(2 * pairs, steps) < 0.5)] = -100
-    ref_chosen = -10 * torch.rand(pairs, dtype=F64)
-    ref_rejected = -10 * torch.rand(pairs, dtype=F64)
-    return hidden, weight, bias, labels, mask, ref_chosen, ref_rejected
-
-
-def dpo_by_hand(ops, hidden, weight, labels, mask, ref_chosen, ref_rejected, *, bias,
-                temperature, loss_type, **kw):
-    """`ops`.linear_logprobs + sequence_logps + dpo_loss, as the docstring composes them."""
-    token_logp = ops.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature)
-    seq = ops.sequence_logps(token_logp, mask)
-    pairs = hidden.shape[0] // 2
-    if loss_type in reference.DPO_LENGTH_NORMALISED_TYPES:
-        lengths = (mask != 0).sum(-1)
-        kw.update(chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])
-    return ops.dpo_loss(seq[:pairs], seq[pairs:], ref_chosen, ref_rejected, loss_type=loss_type,
-                        **kw)
-
-
-@pytest.mark.parametrize(
-    "loss_type, reduction, with_ref",
-    [("sigmoid", "mean", True), ("sigmoid", "none", True), ("sigmoid", "mean", False),
-     ("ipo", "mean", True), ("ipo", "none", True), ("sigmoid_norm", "sum", True),
-     ("hinge", "mean", True), ("robust", "none", False)],
-)
-def test_linear_dpo_loss_is_the_composition(loss_type, reduction, with_ref):
-    hidden, weight, bias, labels, mask, ref_c, ref_r = dpo_case()
-    if not with_ref:
-        ref_c = ref_r = None
-    if loss_type == "ipo":
-        mask = mask.long()  # a 0/1 mask as well as a bool one
-    kw = dict(temperature=0.9, beta=0.2, loss_type=loss_type, reduction=reduction,
-              label_smoothing=0.1 if loss_type in ("sigmoid", "robust") else 0.0)
-    g = torch.randn(3, dtype=F64) if reduction == "none" else torch.tensor(1.7, dtype=F64)
-    results = []
-    for fn in (
-        rlhf_fast.linear_dpo_loss,
-        lambda *args, **kw: dpo_by_hand(rlhf_fast, *args, **kw),
-        lambda *args, **kw: dpo_by_hand(reference, *args, **kw),
-    ):
-        h, w, b = leaves(hidden, weight, bias)
-        out = fn(h, w, labels, mask, ref_c, ref_r, bias=b, **kw)
-        assert out.loss.shape == g.shape
-        (out.loss * g).sum().backward()
-        results.append([*out, h.grad, w.grad, b.grad])
-    fused, composed, ref = results
-    names = (*reference.DPOLossOutput._fields, "d_hidden", "d_weight", "d_bias")
-    for name, a, b, c in zip(names, fused, composed, ref):
-        assert a.shape == c.shape, name
-        assert rel_err(a, b) < 1e-12, f"{name}: fused vs composed ops"
-        assert rel_err(a, c) < TOL[F64], f"{name}: fused vs reference"
-    assert (fused[5][mask == 0] == 0).all()  # no gradient into prompt / padding positions
-
-
-@pytest.mark.parametrize("shape", [(3, 4, 8), (4, 8), (1, 4, 8), (0, 4, 8)])
-def test_linear_dpo_loss_needs_stacked_pairs(shape):
-    hidden = torch.randn(*shape)
-    labels = torch.zeros(shape[:-1], dtype=torch.long)
-    with pytest.raises(ValueError, match="hidden_chosen_and_rejected must have shape"):
-        rlhf_fast.linear_dpo_loss(hidden, torch.randn(11, 8), labels, labels != 0, None, None)
-
-
-@pytest.mark.parametrize("change, match", [
-    (dict(labels=torch.zeros(4, 4, dtype=torch.long)),
-     r"^labels must have shape \[2B, T\] = \(4, 5\) \(hidden_chosen_and_rejected"
-     r"\.shape\[:2\]\), got \(4, 4\)$"),
-    (dict(labels=torch.zeros(4, 5)), "^labels must have dtype"),
-    (dict(ref_chosen=torch.zeros(3)),
-     r"^ref_chosen must have shape \[B\] = \(2,\) \(one per pair\), got \(3,\)$"),
-    (dict(ref_rejected=torch.zeros(2, 1)), r"^ref_rejected must have shape \[B\] = \(2,\)"),
-    (dict(weight=torch.randn(11, 7)),
-     r"^weight must have shape \[V, D\] with V >= 1 and D = "
-     r"hidden_chosen_and_rejected\.shape\[-1\] = 8, got \(11, 7\)$"),
-    (dict(hidden_chosen_and_rejected=torch.zeros(4, 5, 8, dtype=torch.long)),
-     "^hidden_chosen_and_rejected must have dtype"),
-    # another device (meta tensors exist without a GPU)
-    (dict(mask=torch.ones(4, 5, device="meta")),
-     "^mask must be on hidden_chosen_and_rejected's device cpu, got meta$"),
-])
-def test_linear_dpo_loss_errors_name_its_own_arguments(change, match):
-    args = dict(hidden_chosen_and_rejected=torch.randn(4, 5, 8), weight=torch.randn(11, 8),
-                labels=torch.zeros(4, 5, dtype=torch.long), mask=torch.ones(4, 5),
-                ref_chosen=torch.zeros(2), ref_rejected=torch.zeros(2))
-    args.update(change)
-    error = TypeError if "dtype" in match else ValueError
-    with pytest.raises(error, match=match):
-        rlhf_fast.linear_dpo_loss(**args)
 
 
 def test_nan_hidden_state_at_ignored_or_masked_tokens_reaches_no_gradient():
@@ -780,7 +628,7 @@ def test_autocast_runs_both_passes_in_its_dtype(hidden_dtype, weight_dtype):
     recompute alike (autocast itself only reaches the forward: a backward recomputing
     fp32 logits against the bf16 logits' log-sum-exp is off by |z| * 2^-9 in every
     probability), and each gradient comes back in its input's dtype. Logits of O(8)."""
-    hidden, weight, bias, labels = random_case((29,), 32, 300, bias=True)
+    hidden, weight, bias, labels = random_linear_case((29,), 32, 300, bias=True)
     weight = weight * 4
     hidden, weight, bias = hidden.to(hidden_dtype), weight.to(weight_dtype), bias.to(weight_dtype)
     grads = upstream(labels.shape)
@@ -798,7 +646,7 @@ def test_autocast_runs_both_passes_in_its_dtype(hidden_dtype, weight_dtype):
 
 def test_autocast_leaves_float64_alone():
     """As F.linear: autocast does not touch fp64 inputs."""
-    hidden, weight, bias, labels = random_case((9,), 8, 40)
+    hidden, weight, bias, labels = random_linear_case((9,), 8, 40)
     grads = upstream(labels.shape)
     plain = run_op(hidden, weight, bias, labels, grads)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -809,7 +657,7 @@ def test_autocast_leaves_float64_alone():
 
 def test_linear_ppo_loss_under_autocast():
     """fp32 model under bf16 autocast: the loss of the bf16 logits, fp32 gradients."""
-    hidden, weight, _, labels = random_case((3, 7), 16, 90, bias=False, ignore_frac=0)
+    hidden, weight, _, labels = random_linear_case((3, 7), 16, 90, bias=False, ignore_frac=0)
     hidden, weight = hidden.float().requires_grad_(), weight.float().requires_grad_()
     old_logp = -torch.rand(3, 7)
     advantages = torch.randn(3, 7)

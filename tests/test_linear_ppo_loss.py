@@ -9,7 +9,7 @@ import torch
 
 import rlhf_fast
 from helpers import rel_err
-from rlhf_fast import reference
+from rlhf_fast import reference, types
 from rlhf_fast.kernels import linear_logprobs as linear_kernel
 
 F64 = torch.float64
@@ -73,7 +73,7 @@ def run(fn, hidden, weight, bias, labels, ppo, upstream, **options):
     return out, grads
 
 
-@pytest.mark.parametrize("agg", reference.AGG_MODES)
+@pytest.mark.parametrize("agg", types.AGG_MODES)
 @pytest.mark.parametrize("chunk", [1 << 27, 500])
 def test_equals_linear_logprobs_then_ppo_loss(agg, chunk, monkeypatch):
     monkeypatch.setattr(linear_kernel, "CHUNK_ELEMENTS", chunk)

@@ -103,6 +103,39 @@ def check_bool(name: str, value: object, *, allow_none: bool = False) -> bool | 
     return value
 
 
+def check_2d(name: str, value: torch.Tensor) -> None:
+    if value.dim() != 2:
+        raise ValueError(f"{name} must have shape [B, T], got {tuple(value.shape)}")
+
+
+def check_mask_like(mask: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    """A mask of `like`'s shape and device, bool or numeric."""
+    check_tensor("mask", mask, MASK_DTYPES)
+    check_same_shape("mask", mask, like_name, like)
+    check_same_device("mask", mask, like_name, like)
+
+
+def check_last_value(last_value: torch.Tensor | None, rewards: torch.Tensor) -> None:
+    if last_value is None:
+        return
+    check_tensor("last_value", last_value, FLOAT_DTYPES)
+    check_same_device("last_value", last_value, "rewards", rewards)
+    if tuple(last_value.shape) != (rewards.shape[0],):
+        raise ValueError(
+            f"last_value must have shape [B] = ({rewards.shape[0]},) (rewards.shape[0]), "
+            f"got {tuple(last_value.shape)}"
+        )
+
+
+def check_some_valid(mask: torch.Tensor, check_mask: bool | None) -> None:
+    if check_mask is None:
+        check_mask = not mask.is_cuda
+    if check_mask and not bool((mask != 0).any()):
+        raise ValueError(
+            f"mask must have at least one valid (nonzero) entry, got none of {mask.numel()}"
+        )
+
+
 def differentiable_once(backward: Callable) -> Callable:
     """`once_differentiable` that also refuses a backward run with create_graph=True.
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any
+
 import torch
 from torch.autograd.graph import increment_version
 
@@ -11,13 +15,12 @@ from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_bool,
-    check_int,
-    check_positive,
     check_same_device,
     check_tensor,
     differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.options import LOGPROB_OPTIONS, TOKEN_OPTIONS
 
 
 class LogProbsFunction(torch.autograd.Function):
@@ -96,15 +99,19 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         )
 
 
+def check_logprob_options(options: Mapping[str, Any], like: torch.Tensor) -> SimpleNamespace:
+    """`LOGPROB_OPTIONS` checked, check_labels' default resolved for `like`'s device: on for
+    CPU tensors, off for CUDA ones (the range check needs a device sync there)."""
+    opt = LOGPROB_OPTIONS.check(options)
+    if opt.check_labels is None:
+        opt.check_labels = not like.is_cuda
+    return opt
+
+
+@LOGPROB_OPTIONS.keywords
 def logprobs(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-    inplace_backward: bool = False,
-    check_labels: bool | None = None,
+    logits: torch.Tensor, labels: torch.Tensor, *, return_entropy: bool = False,
+    inplace_backward: bool = False, **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label under softmax(logits / temperature), and its entropy.
 
@@ -118,11 +125,6 @@ def logprobs(
         labels: ``[...]`` (the leading shape of ``logits``) int64 or int32 token ids in
             ``[0, V)``, or ``ignore_index``; any layout (a non-contiguous one is copied,
             N ints).
-        temperature: the logits are divided by it (both passes); must be > 0 and within
-            fp32's normal range [1.2e-38, 3.4e38] (1 / temperature reaches the kernels as
-            two fp32 halves, `kernels.common.split_fp64`: exact to ~48 bits for fp64).
-        ignore_index: an int in int64's range; rows with this label give log-prob 0,
-            entropy 0 and zero gradient (they are not read at all).
         return_entropy: (bool) also return the entropy of each row's distribution;
             gradients from both outputs flow back in one pass.
         inplace_backward: (bool) write the gradient into the logits' storage instead of a new
@@ -133,9 +135,7 @@ def logprobs(
             lm_head's. Through a slice view (``logits[:, :-1]``) autograd's slice
             backward still allocates a full-size gradient: shift the labels instead (pad
             them with ignore_index).
-        check_labels: raise ValueError for labels outside ``[0, V)`` (other than
-            ``ignore_index``). Default: on for CPU tensors, off for CUDA ones (the check
-            needs a device sync). Unchecked out-of-range labels give NaN for their row.
+        Options: below.
 
     Returns:
         ``logp [...]``, or ``(logp, entropy)`` with ``return_entropy``; fp32 (fp64 for
@@ -157,15 +157,11 @@ def logprobs(
             f"logits must have stride 1 in its last dim, got stride {logits.stride(-1)}; "
             "call .contiguous() first"
         )
-    temperature = check_positive("temperature", temperature)
-    ignore_index = check_int("ignore_index", ignore_index)
     return_entropy = check_bool("return_entropy", return_entropy)
     inplace_backward = check_bool("inplace_backward", inplace_backward)
-    check_labels = check_bool("check_labels", check_labels, allow_none=True)
-    if check_labels is None:
-        check_labels = not logits.is_cuda
-    if check_labels:
-        check_label_range(labels, logits.shape[-1], ignore_index)
+    opt = check_logprob_options(options, logits)
+    if opt.check_labels:
+        check_label_range(labels, logits.shape[-1], opt.ignore_index)
 
     if inplace_backward and overlaps_itself(logits):
         raise ValueError(
@@ -186,12 +182,8 @@ def logprobs(
             )
     if not use_triton(logits):
         return reference.logprobs(
-            logits,
-            labels,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            return_entropy=return_entropy,
+            logits, labels, return_entropy=return_entropy, **TOKEN_OPTIONS.pick(opt)
         )
     return LogProbsFunction.apply(
-        logits, labels, temperature, ignore_index, return_entropy, inplace_backward
+        logits, labels, opt.temperature, opt.ignore_index, return_entropy, inplace_backward
     )

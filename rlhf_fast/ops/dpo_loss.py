@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
 
 from rlhf_fast import reference
-from rlhf_fast.kernels import dpo as kernel
+from rlhf_fast.kernels import dpo_loss as kernel
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    check_fp32,
     check_same_device,
     check_same_shape,
     check_tensor,
     differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
-from rlhf_fast.reference import (
-    DPO_LABEL_SMOOTHING_TYPES,
-    DPO_LENGTH_NORMALISED_TYPES,
-    DPO_LOSS_TYPES,
-    DPO_REDUCTIONS,
-    DPO_REFERENCE_FREE_TYPES,
-    EXO_DEFAULT_EPS,
-    DPOLossOutput,
-)
+from rlhf_fast.options import DPO_OPTIONS
+from rlhf_fast.reference import EXO_DEFAULT_EPS
+from rlhf_fast.types import DPO_LENGTH_NORMALISED_TYPES, DPO_REFERENCE_FREE_TYPES, DPOLossOutput
 
 
 class DPOLossFunction(torch.autograd.Function):
@@ -60,47 +53,12 @@ def _check_pair_input(name: str, value: torch.Tensor, like: torch.Tensor) -> tor
     return value.contiguous()
 
 
-def _check_float(name: str, value: object, expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float {expected}, got {type(value).__name__}")
-    return float(value)
-
-
-def check_dpo_options(
-    *, beta: float, loss_type: str, label_smoothing: float, reduction: str
-) -> tuple[float, float]:
-    """Validate the non-tensor `dpo_loss` arguments (also `DPOLoss`'s, at construction).
-    Returns (beta, label_smoothing) as floats."""
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    if reduction not in DPO_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {DPO_REDUCTIONS}, got {reduction!r}")
-    beta = _check_float("beta", beta, "> 0")
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite float > 0, got {beta}")
-    label_smoothing = _check_float("label_smoothing", label_smoothing, "in [0, 0.5)")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing != 0 and loss_type not in DPO_LABEL_SMOOTHING_TYPES:
-        raise ValueError(
-            f"label_smoothing must be 0 for loss_type {loss_type!r} (it is read only by "
-            f"{DPO_LABEL_SMOOTHING_TYPES}), got {label_smoothing}"
-        )
-    return check_fp32("beta", beta), check_fp32("label_smoothing", label_smoothing)
-
-
+@DPO_OPTIONS.keywords
 def dpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor | None,
-    ref_rejected: torch.Tensor | None,
-    *,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-    reduction: str = "mean",
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None, *,
+    chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+    **options: Any,
 ) -> DPOLossOutput:
     """DPO and its pairwise relatives on sequence log-probs: one fused forward, one backward.
 
@@ -119,20 +77,13 @@ def dpo_loss(
             None for a reference-free loss (log pi_ref = 0), allowed for the types whose
             loss depends only on delta: sigmoid, ipo, hinge, robust, exo_pair,
             sigmoid_norm. Differentiable too when they require grad.
-        beta: > 0, the KL-regularisation strength (IPO's tau for "ipo"); at least
-            fp32's smallest normal (1.2e-38) and at most its max (3.4e38).
-        loss_type: one of sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair,
-            sppo_hard, apo_zero, apo_down, sigmoid_norm.
-        label_smoothing: eps in [0, 0.5), the probability that a preference label is
-            flipped; read by sigmoid, sigmoid_norm, robust and exo_pair (where 0 means the
-            paper's 1e-3), and must be 0 for the other types.
         chosen_lengths, rejected_lengths: ``[B]`` answer lengths in tokens (int or float),
             required by the length-normalised types ipo and sigmoid_norm (all four
             log-probs are divided by them, clamped to >= 1) and rejected by the others.
             Negative or NaN lengths raise ValueError on CPU (on CUDA the check would
             need a device sync: negative ones are clamped to 1 like 0, a NaN one gives
             its pair a NaN loss).
-        reduction: "mean" or "sum" over the batch, or "none" for the ``[B]`` losses.
+        Options: below; beta, at least fp32's smallest normal (1.2e-38).
 
     Returns:
         `DPOLossOutput`: loss (fp32, fp64 if a policy input is fp64; differentiable),
@@ -153,9 +104,8 @@ def dpo_loss(
         raise ValueError(
             f"policy_chosen must have shape [B] with B >= 1, got {tuple(policy_chosen.shape)}"
         )
-    beta, label_smoothing = check_dpo_options(
-        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction
-    )
+    opt = DPO_OPTIONS.check(options)
+    loss_type = opt.loss_type
 
     policy_chosen = policy_chosen.contiguous()
     policy_rejected = _check_pair_input("policy_rejected", policy_rejected, policy_chosen)
@@ -193,18 +143,17 @@ def dpo_loss(
                     f"{DPO_LENGTH_NORMALISED_TYPES} normalise by length"
                 )
 
-    options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                   reduction=reduction)
     if not use_triton(policy_chosen):
-        return reference.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                  **options)
-    eps = label_smoothing
+        return reference.dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **vars(opt),
+        )
+    eps = opt.label_smoothing
     if loss_type == "exo_pair" and eps == 0:
         eps = EXO_DEFAULT_EPS
     cfg = kernel.DPOKernelConfig(
-        loss_code=kernel.LOSS_CODES[loss_type], beta=beta, eps=eps,
-        reduction_code=kernel.REDUCTION_CODES[reduction],
+        loss_code=kernel.LOSS_CODES[loss_type], beta=opt.beta, eps=eps,
+        reduction_code=kernel.REDUCTION_CODES[opt.reduction],
     )
     loss, chosen_rewards, rejected_rewards, stats = DPOLossFunction.apply(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected,

@@ -9,7 +9,7 @@ import torch
 import rlhf_fast
 from helpers import rel_err
 from rlhf_fast import reference
-from rlhf_fast.reference import AGG_MODES
+from rlhf_fast.types import AGG_MODES
 
 DIFFERENTIABLE = ("logp", "entropy", "values")
 # Coefficients exactly representable in fp32: the kernels take scalars as fp32, so the

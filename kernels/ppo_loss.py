@@ -41,6 +41,7 @@ from rlhf_fast.kernels.common import cast, fp64_arg, nonzero, split_fp64
 # Per-tile partials, in this column order: valid tokens, sums of pg, kl, entropy, vl,
 # clipped tokens, ratio, then max ratio, sum of log-ratio^2, value-clipped tokens.
 N_ROW_STATS = 10
+ROW_STATS = tl.constexpr(N_ROW_STATS)  # the same, readable inside the kernels
 # Scalar outputs, in the order of `PPOLossOutput`: loss, policy_loss, value_loss, kl,
 # entropy, clipfrac, approx_kl, ratio_mean, ratio_max, value_clipfrac.
 N_OUTPUTS = 10
@@ -174,7 +175,7 @@ def _ppo_fwd_kernel(
         vl, d_vl, v_clipped = _value_terms(v, old_v, ret, value_clip)
         s_vl = tl.sum(tl.where(valid, vl, 0.0), axis=0)
         s_vclip = tl.sum(tl.where(valid & v_clipped, 1.0, 0.0), axis=0)
-    out = row_stats_ptr + (row * n_tiles + tile) * 10
+    out = row_stats_ptr + (row * n_tiles + tile) * ROW_STATS
     tl.store(out + 0, tl.sum(tl.where(valid, 1.0, 0.0), axis=0))
     tl.store(out + 1, tl.sum(tl.where(valid, pg, 0.0), axis=0))
     tl.store(out + 2, s_kl)
@@ -206,7 +207,7 @@ def _ppo_reduce_kernel(
         # Each row's sums over its tiles, in tile order.
         n, r_pg, r_kl, r_ent, r_vl = zeros, zeros, zeros, zeros, zeros
         for tile in range(0, n_tiles):
-            stats = row_stats_ptr + (rows * n_tiles + tile) * 10
+            stats = row_stats_ptr + (rows * n_tiles + tile) * ROW_STATS
             n += tl.load(stats + 0, mask=ok, other=0.0)
             r_pg += tl.load(stats + 1, mask=ok, other=0.0)
             r_kl += tl.load(stats + 2, mask=ok, other=0.0)
@@ -280,7 +281,7 @@ def _ppo_bwd_kernel(
     elif AGG == 1:
         n_row = tl.zeros([], acc_dtype)
         for t in range(0, n_tiles):
-            n_row += tl.load(row_stats_ptr + (row * n_tiles + t) * 10)
+            n_row += tl.load(row_stats_ptr + (row * n_tiles + t) * ROW_STATS)
         weight = 1.0 / (tl.maximum(tl.load(counts_ptr + 1), 1.0) * tl.maximum(n_row, 1.0))
     elif AGG == 2:
         weight = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)

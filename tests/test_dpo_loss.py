@@ -9,15 +9,15 @@ import torch.nn.functional as F
 
 import rlhf_fast
 from helpers import rel_err
-from rlhf_fast import reference
-from rlhf_fast.kernels import dpo as kernel
-from rlhf_fast.reference import (
+from rlhf_fast import reference, types
+from rlhf_fast.kernels import dpo_loss as kernel
+from rlhf_fast.reference import EXO_DEFAULT_EPS
+from rlhf_fast.types import (
     DPO_LABEL_SMOOTHING_TYPES,
     DPO_LENGTH_NORMALISED_TYPES,
     DPO_LOSS_TYPES,
     DPO_REDUCTIONS,
     DPO_REFERENCE_FREE_TYPES,
-    EXO_DEFAULT_EPS,
 )
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -746,7 +746,7 @@ def test_dpo_loss_module_validates_where_it_is_built(settings, match):
         rlhf_fast.DPOLoss(**settings)
 
 
-@pytest.mark.parametrize("loss_type", sorted(reference.DPO_LENGTH_NORMALISED_TYPES))
+@pytest.mark.parametrize("loss_type", sorted(types.DPO_LENGTH_NORMALISED_TYPES))
 def test_nan_length_gives_nan_for_its_pair(loss_type):
     """max(length, 1) must keep a NaN length NaN (as torch.clamp does), not read it as 1.
 

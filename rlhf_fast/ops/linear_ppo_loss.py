@@ -1,0 +1,153 @@
+"""`rlhf_fast.linear_ppo_loss`: the PPO loss from the policy's hidden states, no logits.
+
+The PPO loss is token-wise, so the forward computes each token chunk's gradient while its
+logits are in memory (design and costs: `rlhf_fast.kernels.linear_ppo_loss`), and the
+backward only scales it: 3 GEMMs, none recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rlhf_fast import reference
+from rlhf_fast.kernels import linear_ppo_loss as kernel
+from rlhf_fast.kernels import ppo_loss as ppo_kernel
+from rlhf_fast.ops.checks import differentiable_once
+from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.linear_logprobs import check_linear_inputs, ignore_masked_labels, no_autocast
+from rlhf_fast.ops.logprobs import check_label_range, check_logprob_options
+from rlhf_fast.ops.ppo_loss import check_ppo_arguments
+from rlhf_fast.options import LOGPROB_OPTIONS, PPO_OPTIONS, TOKEN_OPTIONS
+from rlhf_fast.types import PPOLossOutput
+
+
+def scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad * scale (a 0-d tensor), computed in fp32 or wider, in grad's dtype."""
+    wide = torch.promote_types(grad.dtype, torch.float32)
+    return (grad.to(wide) * scale.to(wide)).to(grad.dtype)
+
+
+class LinearPPOLossFunction(torch.autograd.Function):
+    """Forward computes the loss and, already, its gradient (the loss is token-wise);
+    backward scales that gradient by the upstream one. Only `loss` is differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, values, labels, old_logp, advantages, mask,
+                ref_logp, old_values, returns, temperature, ignore_index, cfg, compute_dtype):
+        flat = {k: None if v is None else v.reshape(-1)
+                for k, v in dict(old_logp=old_logp, advantages=advantages,
+                                 ref_logp=ref_logp).items()}
+        acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+        with no_autocast(hidden):
+            token_weight = ppo_kernel.token_weights(mask, cfg.agg_code, cfg.max_len,
+                                                    acc_dtype).reshape(-1)
+            logp, entropy, d_hidden, d_weight, d_bias = kernel.linear_ppo_forward_backward(
+                hidden, weight, bias, labels, flat["old_logp"], flat["advantages"],
+                flat["ref_logp"], token_weight, cfg, temperature, ignore_index,
+                tuple(ctx.needs_input_grad[:3]), compute_dtype,
+            )
+            logp, entropy = logp.view(mask.shape), entropy.view(mask.shape)
+            outputs, counts, row_stats = ppo_kernel.ppo_forward(
+                logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
+                returns, cfg,
+            )
+            d_values = None
+            if ctx.needs_input_grad[3]:
+                unit = torch.zeros_like(outputs)
+                unit[0] = 1.0
+                _, _, d_values = ppo_kernel.ppo_backward(
+                    unit, counts, row_stats, logp, old_logp, advantages, mask, ref_logp,
+                    values, old_values, returns, cfg, grad_entropy_dtype=None,
+                    grad_values=True,
+                )
+        ctx.save_for_backward(d_hidden, d_weight, d_bias, d_values)
+        statistics = outputs[1:].clone()
+        ctx.mark_non_differentiable(statistics)
+        return outputs[0], statistics
+
+    @staticmethod
+    @differentiable_once
+    def backward(ctx, grad_loss, _grad_statistics):
+        # In fp32 at least, rounded once: a loss scale of 65536 is inf in fp16.
+        grads = tuple(None if g is None else scaled(g, grad_loss) for g in ctx.saved_tensors)
+        return (*grads, *([None] * 11))
+
+
+@(LOGPROB_OPTIONS + PPO_OPTIONS).keywords
+def linear_ppo_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logp: torch.Tensor,
+    advantages: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None, values: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None, returns: torch.Tensor | None = None,
+    **options: Any,
+) -> PPOLossOutput:
+    """The PPO loss straight from the policy's hidden states: no logits tensor, 3 GEMMs.
+
+    Equal to ``ppo_loss(logp, old_logp, advantages, mask, entropy=entropy, ...)`` with
+    ``logp, entropy = linear_logprobs(hidden, weight, labels, return_entropy=True, ...)``.
+    The PPO loss is a weighted sum of per-token terms whose weights depend only on the
+    mask, so each token chunk's gradient is known as soon as its log-probs are: the
+    forward computes it on the logits chunk still in memory (GEMMs: logits, d hidden,
+    d weight), and the backward only scales it by the upstream gradient. The cost: the
+    gradients are held from the forward to the backward, and d weight of a bf16 / fp16
+    weight is accumulated over token chunks in an fp32 ``[V, D]`` buffer (2 GB at
+    V = 128256, D = 4096). `linear_logprobs` + `ppo_loss` needs neither, for one more GEMM.
+    Under ``torch.no_grad()`` only the loss and statistics are computed (1 GEMM). fp16:
+    the gradient is formed at loss scale 1, so a GradScaler's scale cannot shield its
+    smallest entries from fp16 underflow (bf16 has fp32's range and no such problem).
+
+    Args:
+        hidden: ``[B, T, D]`` (hidden[:, t] predicts labels[:, t]); weight ``[V, D]``;
+            bias: as in `linear_logprobs`.
+        labels: ``[B, T]`` the sampled tokens; outside the mask they are not read (nor
+            range-checked).
+        old_logp, advantages, mask, ref_logp, values, old_values, returns: as in
+            `ppo_loss`, ``[B, T]``. Options: below, those of `linear_logprobs` and of
+            `ppo_loss`.
+            The entropy fed to the loss (and reported) is the policy's own, from the same
+            pass; values (the critic's) may require grad.
+
+    Returns:
+        `PPOLossOutput` as `ppo_loss` returns it, except that only `loss` is
+        differentiable (w.r.t. hidden, weight, bias and values); the other fields are
+        detached.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape [B, T, D], got {tuple(hidden.shape)}")
+    compute_dtype = check_linear_inputs(hidden, weight, labels, bias)
+    opt = check_logprob_options(LOGPROB_OPTIONS.pick(options), hidden)
+    tensors, ppo_options, cfg = check_ppo_arguments(
+        "labels", labels, dict(old_logp=old_logp, advantages=advantages, mask=mask,
+                               ref_logp=ref_logp, entropy=None, values=values,
+                               old_values=old_values, returns=returns),
+        {k: v for k, v in options.items() if k not in LOGPROB_OPTIONS.names},
+    )
+    # Tokens outside the mask are ignored outright (see linear_dpo_loss), before the range
+    # check: their labels are never read.
+    labels = ignore_masked_labels(labels, tensors["mask"], opt.ignore_index)
+    if opt.check_labels:
+        check_label_range(labels, weight.shape[0], opt.ignore_index)
+    if not use_triton(hidden):
+        logp, entropy = reference.linear_logprobs(
+            hidden, weight, labels, bias=bias, return_entropy=True, **TOKEN_OPTIONS.pick(opt)
+        )
+        out = reference.ppo_loss(
+            logp, tensors["old_logp"], tensors["advantages"], tensors["mask"],
+            ref_logp=tensors["ref_logp"], entropy=entropy, values=tensors["values"],
+            old_values=tensors["old_values"], returns=tensors["returns"], **vars(ppo_options),
+        )
+        return PPOLossOutput(out.loss, *(x.detach() for x in out[1:]))
+    if not torch.is_grad_enabled():  # no_grad / inference_mode: skip the gradient GEMMs
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
+        tensors["values"] = None if tensors["values"] is None else tensors["values"].detach()
+    loss, statistics = LinearPPOLossFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+        None if bias is None else bias.contiguous(), tensors["values"],
+        labels.reshape(-1).contiguous(), tensors["old_logp"], tensors["advantages"],
+        tensors["mask"], tensors["ref_logp"], tensors["old_values"], tensors["returns"],
+        opt.temperature, opt.ignore_index, cfg, compute_dtype,
+    )
+    return PPOLossOutput(loss, *statistics.unbind())

@@ -1,0 +1,281 @@
+"""Every option set of rlhf-fast, declared once.
+
+An option is a keyword setting of a loss (a clip range, a coefficient, a mode): its name,
+default, accepted values and one line of documentation are written here and nowhere else.
+From each `OptionSet` come
+
+* the keyword arguments of the functional ops and of `rlhf_fast.reference` (their
+  signatures and the "Options" part of their docstrings, `OptionSet.keywords`), and the
+  checks of those arguments, whose errors name the argument (`OptionSet.check`);
+* the constructor of the loss modules (`PPOLoss`, `DPOLoss`);
+* the fields of the trainer configs and, through them, the CLI flags (`OptionSet.fields`),
+  whose errors name the field (``PPOConfig.clip_eps must be ...``).
+
+Adding an option to a loss is one `Option` in its set here, plus its math: the reference,
+the kernel, and their tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import textwrap
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from rlhf_fast.ops.checks import INT64_MAX, INT64_MIN, check_fp32
+from rlhf_fast.types import (
+    AGG_MODES,
+    DPO_LABEL_SMOOTHING_TYPES,
+    DPO_LOSS_TYPES,
+    DPO_REDUCTIONS,
+    KL_ESTIMATORS,
+)
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """The values an option accepts: `test` on the value of the right `kind`, described as
+    `expected` in errors ("clip_eps must be >= 0.0 and < 1.0, got 1.5")."""
+
+    kind: type  # float, int, str or bool (an int is accepted as a float)
+    expected: str
+    test: Callable[[Any], bool] = lambda value: True
+    optional: bool = False  # None is accepted too
+
+    @property
+    def annotation(self) -> Any:
+        return self.kind | None if self.optional else self.kind
+
+    def __call__(self, name: str, value: Any) -> Any:
+        """`value` checked and normalised (ints to floats for float options, which the
+        kernels take as fp32), or TypeError / ValueError naming `name`."""
+        if value is None and self.optional:
+            return None
+        kinds = (int, float) if self.kind is float else (self.kind,)
+        wrong_type = (isinstance(value, bool) and self.kind is not bool) or not isinstance(
+            value, kinds)
+        if wrong_type and self.kind is not str:  # a str option's error lists its choices
+            raise TypeError(
+                f"{name} must be {self._a_kind()}, got {type(value).__name__} {value!r}")
+        if self.kind is float:
+            value = float(value)
+        if not self.test(value):
+            raise ValueError(f"{name} must be {self.expected}, got {value!r}")
+        return check_fp32(name, value) if self.kind is float else value
+
+    def _a_kind(self) -> str:
+        kind = {float: "a float", int: "an int", str: "a str", bool: "a bool"}[self.kind]
+        return f"{kind} or None" if self.optional else kind
+
+
+def real(expected: str, test: Callable[[float], bool], *, optional: bool = False) -> Accepts:
+    """A float setting (NaN never passes `test`: every comparison with it is False)."""
+    return Accepts(float, expected, test, optional)
+
+
+def one_of(choices: tuple[str, ...]) -> Accepts:
+    return Accepts(str, f"one of {choices}", lambda value: value in choices)
+
+
+def flag(*, optional: bool = False) -> Accepts:
+    return Accepts(bool, "a bool or None" if optional else "a bool", optional=optional)
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    accepts: Accepts
+    doc: str
+
+
+@dataclass(frozen=True)
+class OptionSet:
+    """The options of one loss family. `rules` check combinations of options: each takes
+    the checked values and a function naming a field in errors, and raises ValueError."""
+
+    options: tuple[Option, ...]
+    rules: tuple[Callable[[SimpleNamespace, Callable[[str], str]], None], ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(option.name for option in self.options)
+
+    def __add__(self, other: OptionSet) -> OptionSet:
+        """The options of an op that takes both sets (linear_ppo_loss: token and PPO)."""
+        return OptionSet(self.options + other.options, self.rules + other.rules)
+
+    def pick(self, values: Mapping[str, Any] | SimpleNamespace) -> dict[str, Any]:
+        """The entries of `values` (a dict or checked options) that are options of this set."""
+        values = vars(values) if isinstance(values, SimpleNamespace) else values
+        return {name: values[name] for name in self.names if name in values}
+
+    def fill(self, given: Mapping[str, Any]) -> SimpleNamespace:
+        """`given` with the defaults of the options it lacks, unchecked (the reference's
+        way: it is the math, not the validation). Unknown names raise TypeError."""
+        unknown = sorted(set(given) - set(self.names))
+        if unknown:
+            raise TypeError(f"unexpected option {unknown[0]!r}; the options are {self.names}")
+        return SimpleNamespace(**{o.name: given.get(o.name, o.default) for o in self.options})
+
+    def check(self, given: Mapping[str, Any], owner: str | None = None) -> SimpleNamespace:
+        """`given` filled with defaults, each value checked and normalised, then the rules.
+        Errors name the option, as ``owner.name`` when an `owner` (a config class) is given."""
+        filled = self.fill(given)
+        label = (lambda name: f"{owner}.{name}") if owner else (lambda name: name)
+        for option in self.options:
+            value = option.accepts(label(option.name), getattr(filled, option.name))
+            setattr(filled, option.name, value)
+        for rule in self.rules:
+            rule(filled, label)
+        return filled
+
+    def keywords(self, function: Callable) -> Callable:
+        """Decorator of a function taking these options as ``**options``: its signature
+        (for `inspect`, `help` and IDEs) and docstring list them, with defaults and docs."""
+        signature = inspect.signature(function)
+        params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        params += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+                                     annotation=o.accepts.annotation) for o in self.options]
+        function.__signature__ = signature.replace(parameters=params)
+        function.__doc__ = (function.__doc__ or "").rstrip() + "\n\n" + self.docs()
+        return function
+
+    def docs(self) -> str:
+        """The options as a docstring section, one line each (continued when long)."""
+        lines = ["    Options (declared in `rlhf_fast.options`):"]
+        for o in self.options:
+            text = f"{o.name}: {o.doc} ({o.accepts.expected}; default {o.default!r})."
+            lines += textwrap.wrap(text, 92, initial_indent=" " * 8, break_on_hyphens=False,
+                                   subsequent_indent=" " * 12)
+        return "\n".join(lines) + "\n"
+
+    def fields(self, *, exclude: Iterable[str] = (), defaults: Mapping[str, Any] | None = None,
+               after: str | None = None) -> Callable[[type], type]:
+        """Class decorator, under ``@dataclass``: adds these options (but `exclude`) to a
+        config class as fields, after the field `after` (default: at the end), with the
+        trainer's own `defaults` where they differ; each field's doc in its metadata.
+        The config's ``__post_init__`` checks them with ``check_fields``."""
+        defaults = dict(defaults or {})
+        chosen = [o for o in self.options if o.name not in set(exclude)]
+        unknown = set(defaults) - {o.name for o in chosen}
+        if unknown:
+            raise ValueError(f"defaults for options not declared here: {sorted(unknown)}")
+
+        def add(cls: type) -> type:
+            own = dict(cls.__dict__.get("__annotations__", {}))
+            new = {o.name: o.accepts.annotation for o in chosen}
+            names = list(own)
+            at = names.index(after) + 1 if after is not None else len(names)
+            order = names[:at] + list(new) + names[at:]
+            cls.__annotations__ = {n: new[n] if n in new else own[n] for n in order}
+            for o in chosen:
+                setattr(cls, o.name, dataclasses.field(
+                    default=defaults.get(o.name, o.default), metadata={"doc": o.doc}))
+            cls.option_set = self
+            return cls
+
+        return add
+
+    def check_fields(self, config: Any) -> None:
+        """Check the options that `config` (a dataclass built with `fields`) holds as fields;
+        the errors are ValueError and name ``ConfigClass.field``."""
+        given = {n: getattr(config, n) for n in self.names if hasattr(config, n)}
+        values = self.check_as_values(given, type(config).__name__)
+        for name in given:
+            setattr(config, name, getattr(values, name))
+
+    def check_as_values(self, given: Mapping[str, Any], owner: str) -> SimpleNamespace:
+        """`check` where a wrong type is a wrong value (a config field, a CLI flag)."""
+        try:
+            return self.check(given, owner)
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+
+
+# --------------------------------------------------------------------------- ppo_loss
+
+
+def _positive_int_or_none(value: Any) -> bool:
+    return value is None or (not isinstance(value, bool) and isinstance(value, int)
+                             and 1 <= value <= INT64_MAX)
+
+
+PPO_OPTIONS = OptionSet((
+    Option("clip_eps", 0.2, real(">= 0.0 and < 1.0", lambda v: 0 <= v < 1),
+           "lower clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]"),
+    Option("clip_eps_high", None, real(">= 0.0", lambda v: 0 <= v < math.inf, optional=True),
+           "upper clip range (clip-higher, DAPO); None: clip_eps"),
+    Option("dual_clip", None, real("> 1.0", lambda v: 1 < v < math.inf, optional=True),
+           "c bounding the loss of negative-advantage tokens at -A c (dual-clip PPO); None: off"),
+    Option("kl_coef", 0.0, real(">= 0.0", lambda v: 0 <= v < math.inf),
+           "weight of the KL to the reference (needs ref_logp when > 0)"),
+    Option("kl_estimator", "k3", one_of(KL_ESTIMATORS),
+           "estimator of KL(pi || pi_ref) per token: k1, k2 or k3 (Schulman)"),
+    Option("entropy_coef", 0.0, real("finite", math.isfinite),
+           "weight of the entropy bonus, subtracted from the loss (needs entropy when != 0)"),
+    Option("value_clip", 0.2, real(">= 0.0 (inf: no clipping)", lambda v: v >= 0),
+           "clip of the new values around old_values"),
+    Option("vf_coef", 0.5, real(">= 0.0", lambda v: 0 <= v < math.inf),
+           "weight of the value loss"),
+    Option("agg", "token-mean", one_of(AGG_MODES),
+           "how each term's token values reduce to a scalar: token-mean (sum / valid tokens), "
+           "seq-mean-token-mean (mean over non-empty rows of each row's mean), "
+           "seq-mean-token-sum (mean over non-empty rows of each row's sum), "
+           "seq-mean-token-sum-norm (sum / (B * max_len), Dr. GRPO)"),
+    Option("max_len", None, Accepts(int, "a positive int (int64) or None",
+                                    _positive_int_or_none, optional=True),
+           "the constant of seq-mean-token-sum-norm; None: T. The other modes do not read it "
+           "(as TRL's max_completion_length: a trainer may pass its generation length "
+           "whatever the mode)"),
+))
+
+
+# --------------------------------------------------------------------------- dpo_loss
+
+
+def _label_smoothing_only_where_read(values: SimpleNamespace, label: Callable) -> None:
+    if values.label_smoothing != 0 and values.loss_type not in DPO_LABEL_SMOOTHING_TYPES:
+        raise ValueError(
+            f"{label('label_smoothing')} must be 0 for loss_type {values.loss_type!r} (it is "
+            f"read only by {DPO_LABEL_SMOOTHING_TYPES}), got {values.label_smoothing}"
+        )
+
+
+DPO_OPTIONS = OptionSet((
+    Option("beta", 0.1, real("a finite float > 0", lambda v: 0 < v < math.inf),
+           "the KL-regularisation strength (IPO's tau for ipo); rewards are beta * log-ratios"),
+    Option("loss_type", "sigmoid", one_of(DPO_LOSS_TYPES),
+           "the pairwise loss (`rlhf_fast.reference.dpo_loss` has each formula)"),
+    Option("label_smoothing", 0.0, real("in [0, 0.5)", lambda v: 0 <= v < 0.5),
+           "probability that a preference label is flipped (sigmoid, sigmoid_norm, robust, "
+           "exo_pair; exo_pair's 0 means 1e-3)"),
+    Option("reduction", "mean", one_of(DPO_REDUCTIONS),
+           "mean or sum over the batch, or none for the [B] losses"),
+), rules=(_label_smoothing_only_where_read,))
+
+
+# --------------------------------------------------------------- token log-probs
+
+TOKEN_OPTIONS = OptionSet((
+    Option("temperature", 1.0, real("a finite float > 0", lambda v: 0 < v < math.inf),
+           "the logits are divided by it (1 / temperature reaches the kernels as two fp32 "
+           "halves: exact to ~48 bits)"),
+    Option("ignore_index", -100, Accepts(int, f"an int in [{INT64_MIN}, {INT64_MAX}] (int64)",
+                                         lambda v: INT64_MIN <= v <= INT64_MAX),
+           "labels equal to it give log-prob 0, entropy 0 and no gradient"),
+))
+
+#: The ops' own: the reference does not check labels.
+LABEL_CHECK = OptionSet((
+    Option("check_labels", None, flag(optional=True),
+           "raise for labels outside [0, V) but ignore_index; None: on for CPU tensors, off "
+           "for CUDA ones (the check needs a device sync); unchecked, such a row is NaN"),
+))
+
+#: What the log-prob ops take: the token options and the label check.
+LOGPROB_OPTIONS = TOKEN_OPTIONS + LABEL_CHECK

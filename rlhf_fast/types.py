@@ -1,0 +1,74 @@
+"""The public types of rlhf-fast: what the losses return and the names their options take.
+
+The ops, the reference, the option declarations (`rlhf_fast.options`) and the trainers all
+read them from here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# --------------------------------------------------------------------------- ppo_loss
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+class PPOLossOutput(NamedTuple):
+    """What `ppo_loss` returns. All fields are fp32 (fp64 for fp64 inputs) scalars.
+
+    `loss = policy_loss + kl_coef * kl - entropy_coef * entropy + vf_coef * value_loss`,
+    the four terms aggregated with the same `agg` mode, and differentiable. The
+    statistics are token-means over valid tokens (ratio_max a max), detached.
+
+    A NaN at a valid token makes every term and statistic that reads it NaN (ratio_max
+    included, as torch.max), except the fractions clipfrac and value_clipfrac: they count
+    the tokens whose clipped branch is strictly the larger, which a NaN never is.
+    """
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    kl: torch.Tensor
+    entropy: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    ratio_max: torch.Tensor
+    value_clipfrac: torch.Tensor
+
+
+# --------------------------------------------------------------------------- dpo_loss
+
+DPO_LOSS_TYPES = (
+    "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+    "apo_zero", "apo_down", "sigmoid_norm",
+)
+#: Types whose loss depends on the two log-ratios only through their difference, so a
+#: missing reference (log pi_ref = 0 for every answer) is a well-defined reference-free loss.
+DPO_REFERENCE_FREE_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "sigmoid_norm")
+#: Types that read `label_smoothing`; the others require it to be 0.
+DPO_LABEL_SMOOTHING_TYPES = ("sigmoid", "robust", "exo_pair", "sigmoid_norm")
+#: Types on per-token-averaged log-probs: they need `chosen_lengths` and `rejected_lengths`.
+DPO_LENGTH_NORMALISED_TYPES = ("ipo", "sigmoid_norm")
+DPO_REDUCTIONS = ("mean", "sum", "none")
+
+
+class DPOLossOutput(NamedTuple):
+    """What `dpo_loss` returns, fp32 (fp64 for fp64 inputs).
+
+    loss: a scalar (reduction "mean" or "sum") or ``[B]`` ("none"), differentiable.
+    chosen_rewards, rejected_rewards: ``[B]`` implicit rewards beta * (log pi - log pi_ref)
+        of each answer, on the log-probs the loss sees (length-normalised for ipo and
+        sigmoid_norm), detached.
+    reward_accuracy: scalar, fraction of pairs with chosen_reward > rejected_reward.
+    reward_margin: scalar, mean of chosen_reward - rejected_reward. Both detached.
+    """
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    reward_accuracy: torch.Tensor
+    reward_margin: torch.Tensor
