@@ -235,6 +235,16 @@ PPO_OPTIONS = OptionSet((
 ))
 
 
+# --------------------------------------------------------------------------- gae
+
+GAE_OPTIONS = OptionSet((
+    Option("gamma", 1.0, real("a float in [0, 1]", lambda v: 0 <= v <= 1),
+           "discount of the next valid token's value"),
+    Option("lam", 0.95, real("a float in [0, 1]", lambda v: 0 <= v <= 1),
+           "GAE lambda: 0 is the one-step TD error, 1 the Monte-Carlo return minus V"),
+))
+
+
 # --------------------------------------------------------------------------- dpo_loss
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from rlhf_fast.options import DPO_OPTIONS, PPO_OPTIONS, TOKEN_OPTIONS
+from rlhf_fast.options import DPO_OPTIONS, GAE_OPTIONS, PPO_OPTIONS, TOKEN_OPTIONS
 from rlhf_fast.types import (
     DPO_LENGTH_NORMALISED_TYPES,
     DPO_LOSS_TYPES,
@@ -163,12 +164,10 @@ def aggregate(
 
 
 @PPO_OPTIONS.keywords
-def ppo_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-    ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
-    values: torch.Tensor | None = None, old_values: torch.Tensor | None = None,
-    returns: torch.Tensor | None = None, **options: Any,
-) -> PPOLossOutput:
+def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+             ref_logp: Tensor | None = None, entropy: Tensor | None = None,
+             values: Tensor | None = None, old_values: Tensor | None = None,
+             returns: Tensor | None = None, **options: Any) -> PPOLossOutput:
     """PPO clipped surrogate + KL to a reference + entropy bonus + clipped value loss.
 
     All tensors ``[B, T]``; mask is bool or numeric, nonzero = valid. Gradients flow into
@@ -250,22 +249,15 @@ def ppo_loss(
 # ----------------------------------------------------------------- GAE and advantages
 
 
-def gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    last_value: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@GAE_OPTIONS.keywords
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, last_value: Tensor | None = None,
+        **options: Any) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over the valid positions of each row.
 
     Args:
         rewards, values: ``[B, T]`` float tensors.
         mask: ``[B, T]``, nonzero = valid. Masked positions are skipped: each valid token
             links to the next valid one of its row (left / right padding, holes).
-        gamma, lam: discount and GAE lambda.
         last_value: ``[B]`` value after each row's last valid token (bootstrap for a
             truncated sequence); None means 0.
 
@@ -274,6 +266,8 @@ def gae(
         delta_t = r_t + gamma * V_next - V_t, A_t = delta_t + gamma * lam * A_next,
         returns = A + V; exactly 0 at masked positions.
     """
+    opt = GAE_OPTIONS.fill(options)
+    gamma, lam = opt.gamma, opt.lam
     dtype = _compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
     r, v, valid = rewards.to(dtype), values.to(dtype), mask != 0
     B, T = r.shape
@@ -294,12 +288,8 @@ def gae(
     return advantages, returns
 
 
-def discounted_returns(
-    rewards: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float = 1.0,
-    last_value: torch.Tensor | None = None,
-) -> torch.Tensor:
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0,
+                       last_value: Tensor | None = None) -> Tensor:
     """R_t = r_t + gamma * R_next over the valid positions of each row (R after the last
     valid one: `last_value` ``[B]``, or 0). ``[B, T]`` fp32 (fp64 for fp64 rewards), 0 where
     masked."""
@@ -412,12 +402,9 @@ def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 @DPO_OPTIONS.keywords
-def dpo_loss(
-    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None, *,
-    chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
-    **options: Any,
-) -> DPOLossOutput:
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None,
+             ref_rejected: Tensor | None, *, chosen_lengths: Tensor | None = None,
+             rejected_lengths: Tensor | None = None, **options: Any) -> DPOLossOutput:
     """Pairwise preference losses on sequence log-probs ``[B]`` (sums over each answer).
 
     With a = log pi(y_w) - log pi_ref(y_w), b = log pi(y_l) - log pi_ref(y_l) (the chosen

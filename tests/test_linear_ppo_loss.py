@@ -237,6 +237,9 @@ def test_masked_out_of_range_labels_are_not_read(monkeypatch, backend):
     "change, error, match",
     [
         (dict(hidden=torch.randn(27, 16, dtype=F64)), ValueError, "hidden must have shape"),
+        (dict(hidden=[[[1.0]]]), TypeError, "hidden must be a torch.Tensor"),
+        (dict(hidden=torch.ones(3, 9, 16, dtype=torch.long)), TypeError, "hidden must have dtype"),
+        (dict(clip_ep=0.3), TypeError, "unexpected option 'clip_ep'"),
         (dict(old_logp=torch.randn(3, 8, dtype=F64)), ValueError, "old_logp must have"),
         (dict(mask=torch.ones(3, 9, dtype=torch.complex64)), TypeError, "mask must have"),
         (dict(kl_coef=0.1), ValueError, "ref_logp is required"),

@@ -18,12 +18,8 @@ from rlhf_fast.ops.checks import (
 from rlhf_fast.ops.dispatch import use_triton
 
 
-def discounted_returns(
-    rewards: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float = 1.0,
-    last_value: torch.Tensor | None = None,
-) -> torch.Tensor:
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                       last_value: torch.Tensor | None = None) -> torch.Tensor:
     """Discounted return R_t = r_t + gamma * R_next over the valid tokens of each row.
 
     The GAE kernel with lam = 1 and no values. R_next after a row's last valid token is

@@ -20,6 +20,8 @@ masked_mean, masked_whiten):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from rlhf_fast import reference
@@ -32,19 +34,15 @@ from rlhf_fast.ops.checks import (
     check_same_device,
     check_same_shape,
     check_tensor,
-    check_unit_interval,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.options import GAE_OPTIONS
 
 
+@GAE_OPTIONS.keywords
 def gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    last_value: torch.Tensor | None = None,
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
+    last_value: torch.Tensor | None = None, **options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the valid tokens of each sequence, fused.
 
@@ -58,8 +56,6 @@ def gae(
         rewards: ``[B, T]`` bf16, fp16, fp32 or fp64 (computed in fp32, fp64 for fp64).
         values: ``[B, T]`` float, the critic's V_t.
         mask: ``[B, T]`` bool or any numeric dtype; nonzero = valid token.
-        gamma: discount in [0, 1].
-        lam: GAE lambda in [0, 1].
         last_value: optional ``[B]`` float, the value after each row's last valid token
             (bootstrap for truncated sequences); default 0.
 
@@ -77,20 +73,17 @@ def gae(
     check_same_device("values", values, "rewards", rewards)
     check_mask_like(mask, "rewards", rewards)
     check_last_value(last_value, rewards)
-    gamma = check_unit_interval("gamma", gamma)
-    lam = check_unit_interval("lam", lam)
+    opt = GAE_OPTIONS.check(options)
 
     if not use_triton(rewards):
         with torch.no_grad():
-            return reference.gae(
-                rewards, values, mask, gamma=gamma, lam=lam, last_value=last_value
-            )
+            return reference.gae(rewards, values, mask, last_value=last_value, **vars(opt))
     adv, ret = kernel.gae_forward(
         rewards.detach().contiguous(),
         values.detach().contiguous(),
         mask.contiguous(),
         None if last_value is None else last_value.detach().contiguous(),
-        gamma,
-        lam,
+        opt.gamma,
+        opt.lam,
     )
     return adv, ret

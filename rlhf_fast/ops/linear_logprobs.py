@@ -95,9 +95,8 @@ def check_linear_inputs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     bias: torch.Tensor | None, hidden_name: str = "hidden",
 ) -> torch.dtype:
-    """Validate the inputs of the linear ops (hidden named `hidden_name` in errors);
-    return the GEMMs' dtype (`gemm_dtype`)."""
-    check_tensor(hidden_name, hidden, FLOAT_DTYPES)
+    """Validate the inputs of the linear ops (hidden, already checked to be a float
+    tensor, named `hidden_name` in errors); return the GEMMs' dtype (`gemm_dtype`)."""
     check_tensor("weight", weight, FLOAT_DTYPES)
     check_tensor("labels", labels, INDEX_DTYPES)
     if hidden.dim() < 1 or hidden.shape[-1] < 1:
@@ -165,6 +164,7 @@ def linear_logprobs(
     outputs can differ in the last bits with N (use `rlhf_fast.logprobs` on materialised
     logits where bit-identical rollout / training log-probs matter).
     """
+    check_tensor("hidden", hidden, FLOAT_DTYPES)
     compute_dtype = check_linear_inputs(hidden, weight, labels, bias)
     return_entropy = check_bool("return_entropy", return_entropy)
     opt = check_logprob_options(options, hidden)

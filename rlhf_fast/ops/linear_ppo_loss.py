@@ -14,7 +14,7 @@ import torch
 from rlhf_fast import reference
 from rlhf_fast.kernels import linear_ppo_loss as kernel
 from rlhf_fast.kernels import ppo_loss as ppo_kernel
-from rlhf_fast.ops.checks import differentiable_once
+from rlhf_fast.ops.checks import FLOAT_DTYPES, check_tensor, differentiable_once
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.ops.linear_logprobs import check_linear_inputs, ignore_masked_labels, no_autocast
 from rlhf_fast.ops.logprobs import check_label_range, check_logprob_options
@@ -114,6 +114,7 @@ def linear_ppo_loss(
         differentiable (w.r.t. hidden, weight, bias and values); the other fields are
         detached.
     """
+    check_tensor("hidden", hidden, FLOAT_DTYPES)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, D], got {tuple(hidden.shape)}")
     compute_dtype = check_linear_inputs(hidden, weight, labels, bias)
