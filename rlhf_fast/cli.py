@@ -125,19 +125,21 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def field_docs(config_class: type) -> dict[str, str]:
-    """The docstring under each field of a config dataclass (its --help text)."""
-    try:
-        tree = ast.parse(inspect.getsource(config_class))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body
+    """The docstring under each field of a config dataclass (its --help text), its base
+    classes' fields included; a field a subclass redeclares takes the subclass's."""
     docs = {}
-    for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
-            docs[node.target.id] = " ".join(following.value.value.split())
+    for cls in reversed(config_class.__mro__):
+        try:
+            tree = ast.parse(inspect.getsource(cls))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr)
+                    and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                docs[node.target.id] = " ".join(following.value.value.split())
     return docs
 
 
@@ -220,7 +222,7 @@ def check_output_dir(config: Any, parser: argparse.ArgumentParser) -> None:
     """A fresh run's output_dir must hold no checkpoints, and a resumed run needs the one
     it names (the trainers check both too, but only once the models are loaded: minutes,
     for a large one)."""
-    from rlhf_fast.trainers.common import check_no_checkpoints, resolve_checkpoint
+    from rlhf_fast.trainers.checkpoints import check_no_checkpoints, resolve_checkpoint
 
     if config.resume_from is None:
         try:
@@ -325,9 +327,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def read_data(args: argparse.Namespace, parser: argparse.ArgumentParser
               ) -> tuple[list[Any], list[Any] | None]:
     """The records of --data (and --eval-data), checked; a usage error naming the flag."""
-    from rlhf_fast.trainers.common import load_records
+    from rlhf_fast.trainers.data import load_prompts, load_records
     from rlhf_fast.trainers.dpo import PAIR_FIELDS
-    from rlhf_fast.trainers.ppo import load_prompts
 
     def read(flag: str, path: str, load: Any) -> list[Any]:
         try:

@@ -21,14 +21,12 @@ from typing import Any
 
 import torch
 
-from rlhf_fast.trainers.common import (
-    TokenLogprobs,
-    checkpoints_by_step,
-    example_indices,
-    setup_run,
-)
+from rlhf_fast.trainers.checkpoints import checkpoints_by_step
+from rlhf_fast.trainers.data import example_indices
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.models import TokenLogprobs
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
+from rlhf_fast.trainers.run import setup_run
 
 DATA = Path(__file__).parent / "data"
 KIND = {"happy", "bright", "kind", "warm", "lovely", "calm", "gentle", "friendly", "great",

@@ -347,7 +347,7 @@ def test_ppo_resume_under_ddp_restores_each_ranks_random_streams(saved_model, tm
 
 
 def test_plot_curves_writes_a_png_or_says_why_not(tmp_path, monkeypatch, capsys):
-    from rlhf_fast.trainers.common import plot_curves
+    from rlhf_fast.trainers.metrics import plot_curves
 
     records = [{"step": s, "loss": 1.0 / s, "reward": 0.1 * s} for s in range(1, 6)]
     path = plot_curves(records, ["loss", "reward", "absent"], tmp_path / "curves.png", "t")
@@ -360,7 +360,7 @@ def test_plot_curves_writes_a_png_or_says_why_not(tmp_path, monkeypatch, capsys)
 
 
 def test_load_records_from_a_list_a_jsonl_file_and_a_dataset_like(tmp_path):
-    from rlhf_fast.trainers.common import load_records
+    from rlhf_fast.trainers.data import load_records
 
     records = [{"prompt": "p1", "chosen": "a", "rejected": "b"},
                {"prompt": "p2", "chosen": "c", "rejected": "d"}]

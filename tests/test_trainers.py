@@ -21,14 +21,10 @@ import torch.nn.functional as F
 import rlhf_fast
 from rlhf_fast import demo, reference
 from rlhf_fast.cli import main
-from rlhf_fast.trainers.common import (
-    TokenLogprobs,
-    ValueModel,
-    example_indices,
-    process_umask,
-    save_pretrained_atomic,
-)
+from rlhf_fast.trainers.data import example_indices
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, collate_pairs
+from rlhf_fast.trainers.files import process_umask, save_pretrained_atomic
+from rlhf_fast.trainers.models import TokenLogprobs, ValueModel
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
 TRAIN = demo.DATA / "preferences_train.jsonl"
@@ -610,7 +606,7 @@ def test_a_fresh_run_refuses_an_output_dir_holding_checkpoints(tokenizer, other_
 def test_restore_rng_states_takes_this_ranks_own_state():
     """Checkpoints hold a list indexed by rank; older ones one state (rank 0's). A rank
     the checkpoint has no state for (resuming on more processes) keeps its own."""
-    from rlhf_fast.trainers.common import Run, restore_rng_states, rng_state
+    from rlhf_fast.trainers.run import Run, restore_rng_states, rng_state
 
     def run(rank):
         return Run(rank=rank, world=2, device=torch.device("cpu"), precision="fp32")
@@ -757,7 +753,7 @@ def test_ppo_rejects_non_finite_rewards_naming_the_reward_function(tokenizer, tm
 
 def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path, capsys):
     """NaN and Infinity are not JSON: the file stays readable by any strict parser."""
-    from rlhf_fast.trainers.common import MetricsLog, plot_curves
+    from rlhf_fast.trainers.metrics import MetricsLog, plot_curves
 
     log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
     log.write(1, {"loss": math.nan, "kl": math.inf, "reward": 0.5})
@@ -811,7 +807,7 @@ def test_a_full_disk_during_a_save_is_reported_as_a_full_disk(tmp_path, monkeypa
     import errno
     import io
 
-    from rlhf_fast.trainers.common import disk_full_errno, save_atomic
+    from rlhf_fast.trainers.files import disk_full_errno, save_atomic
 
     path = tmp_path / "checkpoint-4.pt"
     path.write_bytes(b"the previous version")
@@ -837,7 +833,7 @@ def test_resume_latest_falls_back_past_a_checkpoint_cut_short(tokenizer, tmp_pat
     """A truncated newest checkpoint must not strand the good ones before it: "latest"
     resumes from the newest that loads, with a warning, and still matches an
     uninterrupted run. A checkpoint named explicitly that cannot be read raises."""
-    from rlhf_fast.trainers.common import UnreadableCheckpoint
+    from rlhf_fast.trainers.checkpoints import UnreadableCheckpoint
 
     uninterrupted = _tiny_dpo(tokenizer, tmp_path / "full", max_steps=2)
     uninterrupted.train()
@@ -1197,7 +1193,7 @@ def _gpt2(tokenizer, seed: int = 0):
 def test_disable_dropout_makes_training_mode_forwards_deterministic(tokenizer):
     """Dropout modules (GPT-2) and the attention_dropout rate Llama's attention reads at
     each call are both zeroed; nothing else changes."""
-    from rlhf_fast.trainers.common import disable_dropout
+    from rlhf_fast.trainers.models import disable_dropout
 
     llama = demo.tiny_llama(tokenizer, hidden_size=64, seed=0)
     llama.config.attention_dropout = 0.5
@@ -1237,7 +1233,7 @@ def test_dpo_first_step_starts_at_log2_only_without_dropout(tokenizer, tmp_path,
 
 
 def test_prune_checkpoints_keeps_the_newest_and_never_the_one_just_written(tmp_path):
-    from rlhf_fast.trainers.common import prune_checkpoints, resolve_checkpoint
+    from rlhf_fast.trainers.checkpoints import prune_checkpoints, resolve_checkpoint
 
     for step in (1, 2, 4, 10):
         (tmp_path / f"checkpoint-{step}.pt").write_bytes(b"x")

@@ -1,7 +1,12 @@
-"""Reference PPO / GRPO and DPO trainers on transformers models, using rlhf-fast's ops."""
+"""Reference PPO / GRPO and DPO trainers on transformers models, using rlhf-fast's ops.
 
-from rlhf_fast.trainers.common import ValueModel
+`ppo.py` and `dpo.py` hold the algorithms, `loop.py` the training loop they share;
+`config.py`, `models.py`, `run.py`, `data.py`, `metrics.py`, `checkpoints.py` and
+`files.py` the plumbing.
+"""
+
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.models import ValueModel
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
 __all__ = ["DPOConfig", "DPOTrainer", "PPOConfig", "PPOTrainer", "ValueModel"]

@@ -16,55 +16,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from rlhf_fast.ops.dpo import dpo_loss
-from rlhf_fast.ops.sequence_logps import sequence_logps
-from rlhf_fast.reference import (
+from rlhf_fast import dpo_loss, sequence_logps
+from rlhf_fast.trainers.checkpoints import model_identity
+from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
+from rlhf_fast.trainers.data import batches, example_indices, load_records
+from rlhf_fast.trainers.files import save_pretrained_atomic
+from rlhf_fast.trainers.loop import Loop, start_run
+from rlhf_fast.trainers.metrics import host_floats
+from rlhf_fast.trainers.models import TokenLogprobs, frozen, prepare_for_training
+from rlhf_fast.trainers.run import wrap_ddp
+from rlhf_fast.types import (
     DPO_LABEL_SMOOTHING_TYPES,
     DPO_LENGTH_NORMALISED_TYPES,
     DPO_LOSS_TYPES,
     DPO_REFERENCE_FREE_TYPES,
-)
-from rlhf_fast.trainers.common import (
-    PRECISIONS,
-    FieldChecker,
-    MetricsLog,
-    MetricsWindow,
-    TokenLogprobs,
-    batches,
-    check_no_checkpoints,
-    check_same_frozen_models,
-    checkpoint_path,
-    disable_dropout,
-    enable_gradient_checkpointing,
-    example_indices,
-    frozen,
-    gather_rng_states,
-    gather_training_state,
-    host_floats,
-    is_finite,
-    load_records,
-    load_resume_checkpoint,
-    model_identity,
-    plot_curves,
-    progress_bar,
-    prune_checkpoints,
-    remove_stale_temps,
-    restore_rng_states,
-    restore_training_state,
-    save_atomic,
-    save_pretrained_atomic,
-    seed_process,
-    setup_run,
-    warmup_then_constant,
-    wrap_ddp,
 )
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -74,8 +46,9 @@ DPO_PLOT_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chose
 
 
 @dataclass
-class DPOConfig:
-    """Everything a DPO run needs besides the models and the data.
+class DPOConfig(TrainerConfig):
+    """Everything a DPO run needs besides the models and the data: the fields of
+    `TrainerConfig`, then DPO's own.
 
     Sizes are per process: under torchrun the global batch is
     batch_size * gradient_accumulation_steps * world size.
@@ -83,6 +56,10 @@ class DPOConfig:
 
     output_dir: str = "runs/dpo"
     """Where metrics.jsonl, the plot, checkpoints and the final model go."""
+    lr: float = 5e-7
+    """Peak AdamW learning rate."""
+    logging_steps: int = 10
+    """Log the mean of the metrics every this many optimizer steps."""
     beta: float = 0.1
     """Strength of the implicit KL to the reference; rewards are beta * log(pi / pi_ref)."""
     loss_type: str = "sigmoid"
@@ -93,14 +70,6 @@ class DPOConfig:
     """Use no reference model (log pi_ref = 0); only for DPO_REFERENCE_FREE_TYPES."""
     precompute_ref_logps: bool = False
     """Score every record under the reference once before training, then free it."""
-    lr: float = 5e-7
-    """Peak AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Linear warm-up of the learning rate over this many optimizer steps."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip (0 disables)."""
     batch_size: int = 8
     """Preference pairs per process per micro-batch (the forward sees 2x sequences)."""
     eval_batch_size: int = 16
@@ -108,40 +77,17 @@ class DPOConfig:
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     num_epochs: float = 1.0
-    """Passes over the training set, when max_steps is 0."""
+    """Passes over the training set, when max_steps is 0 (each epoch drops its last
+    incomplete global batch)."""
     max_steps: int = 0
     """Optimizer steps to run; 0 means num_epochs passes."""
     max_length: int = 512
     """Longest prompt + answer in tokens; answers are cut to fit."""
-    max_prompt_length: int = 256
-    """Longest prompt in tokens; longer prompts keep their last tokens."""
-    precision: str = "auto"
-    """"bf16" (autocast), "fp32", or "auto": bf16 on a GPU that has it, else fp32."""
-    use_fused_linear: bool | None = None
-    """Log-probs from hidden states (linear_logprobs) instead of logits; None: on a GPU."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward to save memory."""
-    disable_dropout: bool = True
-    """Zero the trained models' dropout (as TRL does), so the policy and the frozen
-    reference agree before the first step; False keeps the models' own rates."""
-    seed: int = 0
-    """Seeds the data order and, as seed + the process's rank, every random stream."""
-    logging_steps: int = 10
-    """Log the mean of the metrics every this many optimizer steps."""
     eval_steps: int = 0
     """Evaluate every this many steps (0: only at the end) when there is an eval set."""
-    save_steps: int = 0
-    """Write checkpoint-<step>.pt every this many steps (0: only at the end)."""
-    save_total_limit: int = 0
-    """Keep at most this many checkpoint-<step>.pt in output_dir: after each new one is
-    written, the oldest others are deleted (0 keeps them all)."""
-    resume_from: str | None = None
-    """A checkpoint file, or "latest" (the newest in output_dir that can be read), to
-    continue from."""
-    device: str | None = None
-    """"cuda", "cpu", ...; None picks the GPU when there is one."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require = FieldChecker("DPOConfig")
         require("beta", is_finite(self.beta) and self.beta > 0, "a finite float > 0",
                 self.beta)
@@ -150,9 +96,7 @@ class DPOConfig:
         require("label_smoothing",
                 self.label_smoothing == 0 or self.loss_type in DPO_LABEL_SMOOTHING_TYPES,
                 f"0 for loss_type {self.loss_type!r} (it applies to {DPO_LABEL_SMOOTHING_TYPES})")
-        require.bools(self, ("reference_free", "precompute_ref_logps", "gradient_checkpointing",
-                             "disable_dropout"))
-        require.bools(self, ("use_fused_linear",), optional=True)
+        require.bools(self, ("reference_free", "precompute_ref_logps"))
         require("reference_free",
                 not self.reference_free or self.loss_type in DPO_REFERENCE_FREE_TYPES,
                 f"False for loss_type {self.loss_type!r} (allowed for "
@@ -160,21 +104,13 @@ class DPOConfig:
         # there is no reference to score: the flag would be silently ignored
         require("precompute_ref_logps", not (self.reference_free and self.precompute_ref_logps),
                 "False with reference_free=True (there is no reference to score)")
-        require("lr", is_finite(self.lr) and self.lr > 0, "a finite float > 0", self.lr)
-        for name in ("weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            require(name, is_finite(value) and value >= 0, "a finite float >= 0", value)
         require.ints(self, ("batch_size", "eval_batch_size", "gradient_accumulation_steps",
-                            "logging_steps", "max_length", "max_prompt_length"), 1)
-        require.ints(self, ("warmup_steps", "max_steps", "eval_steps", "save_steps",
-                            "save_total_limit", "seed"), 0)
+                            "max_length"), 1)
+        require.ints(self, ("max_steps", "eval_steps"), 0)
         require("max_prompt_length", self.max_prompt_length < self.max_length,
                 f"< max_length ({self.max_length}), leaving room for the answer")
         require("num_epochs", is_finite(self.num_epochs) and self.num_epochs > 0,
                 "a finite float > 0", self.num_epochs)
-        require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
-        require("resume_from", self.resume_from is None or self.resume_from != "",
-                'a checkpoint file, "latest" or None', self.resume_from)
 
 
 @dataclass
@@ -257,10 +193,7 @@ class DPOTrainer:
                  tokenizer: Any, train_dataset: Any, eval_dataset: Any = None,
                  config: DPOConfig | None = None):
         self.config = config = config or DPOConfig()
-        if config.resume_from is None:
-            check_no_checkpoints(config.output_dir)
-        self.run = setup_run(config.precision, config.device)
-        seed_process(config.seed, self.run)
+        self.run = start_run(config)
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
@@ -280,10 +213,7 @@ class DPOTrainer:
 
         self.fused_linear = self.run.fused_linear(config.use_fused_linear)
         model.to(self.run.device)
-        if config.disable_dropout:
-            disable_dropout(model)
-        if config.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+        prepare_for_training(model, config)
         self.model = model
         self.policy = wrap_ddp(TokenLogprobs(model, fused_linear=self.fused_linear), self.run)
         self.reference = None
@@ -292,20 +222,16 @@ class DPOTrainer:
             self.reference = TokenLogprobs(ref_model.to(self.run.device),
                                            fused_linear=self.fused_linear)
         # checkpoints hold the policy, not its reference: they record which it was
-        self.frozen_models = {"reference": None if self.reference is None
-                              else model_identity(self.reference.model)}
+        frozen_models = {"reference": None if self.reference is None
+                         else model_identity(self.reference.model)}
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=config.lr,
             weight_decay=config.weight_decay,
         )
-        self.scheduler = warmup_then_constant(self.optimizer, config.warmup_steps)
-        self.step = 0
-        self.window = MetricsWindow()
         self.ref_logps: dict[str, torch.Tensor] = {}
-        if config.resume_from is not None:
-            self._load(*load_resume_checkpoint(config.resume_from, config.output_dir))
-        self.log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", self.run.is_main,
-                              resume_step=None if config.resume_from is None else self.step)
+        self.loop = Loop(config, self.run, self.optimizer, model, "model", frozen_models,
+                         name="DPO", title="DPO", plot_keys=DPO_PLOT_KEYS,
+                         restore=self._restore)
         if config.precompute_ref_logps and self.reference is not None and not self.ref_logps:
             self.ref_logps = {"train": self._score_all(self.train_pairs)}
             if self.eval_pairs is not None:
@@ -324,42 +250,19 @@ class DPOTrainer:
         micro_batches = int(config.num_epochs * per_epoch)
         return max(1, micro_batches // config.gradient_accumulation_steps)
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+        return self.loop.step
+
     def train(self) -> list[dict[str, float]]:
         """Run to total_steps (from the checkpoint's step when resuming); returns the
         logged metrics of this output_dir."""
-        config, run = self.config, self.run
-        if run.is_main:
-            remove_stale_temps(config.output_dir)
-        bar = progress_bar(self.total_steps, self.step, run.is_main, "DPO")
-        started, tokens = time.perf_counter(), 0
-        while self.step < self.total_steps:
-            lr, step_tokens = self.optimizer_step()
-            tokens += step_tokens
-            bar.update(1)
-
-            last = self.step == self.total_steps
-            if self.step % config.logging_steps == 0 or last:
-                elapsed = time.perf_counter() - started
-                metrics = run.mean_over_ranks(self.window.flush())
-                metrics["lr"] = lr
-                metrics["tokens_per_s"] = run.sum_over_ranks(tokens) / max(elapsed, 1e-9)
-                metrics.update(run.peak_memory())
-                self.log.write(self.step, metrics, bar)
-                started, tokens = time.perf_counter(), 0
-            if self.eval_pairs is not None and (
-                    last or (config.eval_steps and self.step % config.eval_steps == 0)):
-                self.log.write(self.step, self.evaluate(), bar)
-            if last or (config.save_steps and self.step % config.save_steps == 0):
-                self.save_checkpoint()
-        bar.close()
-        weights, _ = gather_training_state(self.model, self.optimizer)
-        if run.is_main:
-            save_pretrained_atomic(self.model, self.tokenizer, Path(config.output_dir) / "final",
-                                   weights)
-            plot_curves(self.log.records(), DPO_PLOT_KEYS,
-                        Path(config.output_dir) / "dpo_curves.png", "DPO")
-            remove_stale_temps(config.output_dir)
-        return self.log.records()
+        return self.loop.train(self.total_steps, self.optimizer_step,
+                               save_final=self._save_final,
+                               save_checkpoint=self.save_checkpoint,
+                               evaluate=None if self.eval_pairs is None else self.evaluate,
+                               eval_steps=self.config.eval_steps)
 
     def optimizer_step(self) -> tuple[float, int]:
         """One optimizer step over gradient_accumulation_steps micro-batches (metrics
@@ -370,7 +273,7 @@ class DPOTrainer:
         accumulation = config.gradient_accumulation_steps
         tokens = 0
         for micro in range(accumulation):
-            batch = self._train_batch(self.step * accumulation + micro)
+            batch = self._train_batch(self.loop.step * accumulation + micro)
             # DDP reduces gradients on every backward unless told to wait for the last
             # micro-batch (FSDP2 just reduces each time: correct, slower)
             sync = (micro == accumulation - 1
@@ -378,15 +281,10 @@ class DPOTrainer:
             with contextlib.nullcontext() if sync else self.policy.no_sync():
                 out, metrics = self._pair_loss(batch, "train")
                 (out.loss / accumulation).backward()
-            self.window.add(metrics, 1.0 / accumulation)
+            self.loop.window.add(metrics, 1.0 / accumulation)
             tokens += batch.num_tokens
-        if config.max_grad_norm:
-            nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        lr = self.loop.apply_gradients(self.model.parameters())
+        self.loop.step += 1
         return lr, tokens
 
     def _pair_loss(self, batch: PairBatch, split: str):
@@ -465,37 +363,17 @@ class DPOTrainer:
         return torch.cat(scored)
 
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoint-<step>.pt atomically (main process), then delete the oldest
-        beyond save_total_limit; returns its path.
+        """Write checkpoint-<step>.pt (`Loop.save_checkpoint`) with the reference's
+        precomputed log-probs; every process must call it."""
+        return self.loop.save_checkpoint(ref_logps=self.ref_logps)
 
-        Every process must call it (under FSDP2 the weights are gathered from all)."""
-        path = checkpoint_path(self.config.output_dir, self.step)
-        weights, optimizer = gather_training_state(self.model, self.optimizer)
-        rng = gather_rng_states(self.run)
-        if not self.run.is_main:
-            return None
-        save_atomic({
-            "step": self.step,
-            "model": weights,
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(),
-            "window": self.window.sums,
-            "ref_logps": self.ref_logps,
-            "frozen_models": self.frozen_models,
-            "rng": rng,
-            "config": asdict(self.config),
-        }, path)
-        prune_checkpoints(path, self.config.save_total_limit)
-        return path
-
-    def _load(self, path: Path, state: dict[str, Any]) -> None:
-        check_same_frozen_models(state.get("frozen_models"), self.frozen_models, path)
-        restore_training_state(self.model, self.optimizer, state["model"], state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        self.window = MetricsWindow(state["window"])
+    def _restore(self, state: dict[str, Any]) -> None:
         self.ref_logps = state["ref_logps"]
-        restore_rng_states(state["rng"], self.run)
+
+    def _save_final(self, weights: dict[str, Any]) -> None:
+        """The policy as a transformers folder, final/, from its full state dict."""
+        save_pretrained_atomic(self.model, self.tokenizer, Path(self.config.output_dir) / "final",
+                               weights)
 
 
 __all__ = ["DPOConfig", "DPOTrainer", "PairBatch", "tokenize_pairs", "collate_pairs"]

@@ -18,57 +18,33 @@ One iteration, top to bottom (`PPOTrainer.train`):
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from rlhf_fast.ops.gae import gae, group_advantages, masked_whiten
-from rlhf_fast.ops.ppo import ppo_loss
-from rlhf_fast.reference import AGG_MODES, KL_ESTIMATORS
-from rlhf_fast.trainers.common import (
-    PRECISIONS,
-    FieldChecker,
-    MetricsLog,
-    MetricsWindow,
+from rlhf_fast import gae, group_advantages, masked_whiten, ppo_loss
+from rlhf_fast.trainers.checkpoints import model_identity, strip_prefix
+from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
+from rlhf_fast.trainers.data import example_indices, load_prompts
+from rlhf_fast.trainers.files import save_atomic, save_pretrained_atomic
+from rlhf_fast.trainers.loop import Loop, start_run
+from rlhf_fast.trainers.metrics import host_floats
+from rlhf_fast.trainers.models import (
+    ActorCritic,
     TokenLogprobs,
     ValueModel,
     as_value_module,
-    check_no_checkpoints,
-    check_same_frozen_models,
-    checkpoint_path,
-    disable_dropout,
-    enable_gradient_checkpointing,
-    example_indices,
     frozen,
-    gather_rng_states,
-    gather_training_state,
-    host_floats,
-    is_finite,
-    load_records,
-    load_resume_checkpoint,
-    model_identity,
-    plot_curves,
-    progress_bar,
-    prune_checkpoints,
-    remove_stale_temps,
-    restore_rng_states,
-    restore_training_state,
-    save_atomic,
-    save_pretrained_atomic,
-    seed_process,
-    setup_run,
-    strip_prefix,
-    unwrap,
-    warmup_then_constant,
-    wrap_ddp,
+    only_generation_config,
+    prepare_for_training,
 )
+from rlhf_fast.trainers.run import unwrap, wrap_ddp
+from rlhf_fast.types import AGG_MODES, KL_ESTIMATORS
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -80,14 +56,19 @@ PPO_PLOT_KEYS = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "policy_los
 
 
 @dataclass
-class PPOConfig:
-    """Everything a PPO / GRPO run needs besides the models and the prompts.
+class PPOConfig(TrainerConfig):
+    """Everything a PPO / GRPO run needs besides the models and the prompts: the fields
+    of `TrainerConfig`, then PPO's own.
 
     Sizes are per process: under torchrun every process rolls out its own prompts.
     """
 
     output_dir: str = "runs/ppo"
     """Where metrics.jsonl, the plot, checkpoints and the final models go."""
+    lr: float = 1e-6
+    """Peak AdamW learning rate of the policy (and of the critic, unless value_lr)."""
+    logging_steps: int = 1
+    """Log every this many iterations: the mean of their metrics (lr: the latest)."""
     advantage_estimator: str = "gae"
     """"gae" (a critic, KL penalty in the reward) or "grpo" (group-relative, KL in the loss)."""
     max_steps: int = 100
@@ -100,20 +81,11 @@ class PPOConfig:
     """Sequences per optimizer step in the update."""
     ppo_epochs: int = 4
     """Passes over each rollout."""
-    lr: float = 1e-6
-    """Peak AdamW learning rate of the policy (and of the critic, unless value_lr)."""
     value_lr: float | None = None
     """Learning rate of the critic; None: lr."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Linear warm-up of the learning rate over this many optimizer steps."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip over policy and critic (0 disables)."""
-    max_prompt_length: int = 256
-    """Longest prompt in tokens; longer prompts keep their last tokens."""
     max_new_tokens: int = 64
-    """Longest answer."""
+    """Longest answer in tokens; an answer that reaches it without EOS is cut there (see
+    missing_eos_penalty)."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are taken at the same temperature."""
     top_p: float = 1.0
@@ -122,6 +94,8 @@ class PPOConfig:
     """Discount in [0, 1]."""
     lam: float = 0.95
     """GAE lambda in [0, 1]."""
+    whiten_advantages: bool = True
+    """Whiten the gae advantages over the rollout's valid tokens."""
     clip_eps: float = 0.2
     """Ratio clip: [1 - clip_eps, 1 + clip_eps_high]."""
     clip_eps_high: float | None = None
@@ -141,43 +115,16 @@ class PPOConfig:
     """Clip of the new values around the rollout's values (gae)."""
     agg: str = "token-mean"
     """How token losses aggregate: one of rlhf_fast.reference.AGG_MODES."""
-    whiten_advantages: bool = True
-    """Whiten the gae advantages over the rollout's valid tokens."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of answers that hit max_new_tokens without EOS."""
-    precision: str = "auto"
-    """"bf16" (autocast), "fp32", or "auto": bf16 on a GPU that has it, else fp32."""
-    use_fused_linear: bool | None = None
-    """Log-probs from hidden states (linear_logprobs); None: on a GPU."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward to save memory."""
-    disable_dropout: bool = True
-    """Zero the trained models' dropout (as TRL does), so the policy and the frozen
-    reference agree before the first step; False keeps the models' own rates."""
-    seed: int = 0
-    """Seeds the prompt order and, as seed + the process's rank, every random stream
-    (sampling included)."""
-    logging_steps: int = 1
-    """Log every this many iterations: the mean of their metrics (lr: the latest)."""
-    save_steps: int = 0
-    """Write checkpoint-<step>.pt every this many iterations (0: only at the end)."""
-    save_total_limit: int = 0
-    """Keep at most this many checkpoint-<step>.pt in output_dir: after each new one is
-    written, the oldest others are deleted (0 keeps them all)."""
-    resume_from: str | None = None
-    """A checkpoint file, or "latest" (the newest in output_dir that can be read), to
-    continue from."""
-    device: str | None = None
-    """"cuda", "cpu", ...; None picks the GPU when there is one."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require = FieldChecker("PPOConfig")
         require("advantage_estimator", self.advantage_estimator in ESTIMATORS,
                 f"one of {ESTIMATORS}")
         require.ints(self, ("max_steps", "rollout_batch_size", "group_size", "mini_batch_size",
-                            "ppo_epochs", "max_prompt_length", "max_new_tokens",
-                            "logging_steps"), 1)
-        require.ints(self, ("warmup_steps", "save_steps", "save_total_limit", "seed"), 0)
+                            "ppo_epochs", "max_new_tokens"), 1)
         require("group_size", self.advantage_estimator != "grpo" or self.group_size >= 2,
                 ">= 2 for advantage_estimator='grpo'")
         self._check_rates()
@@ -185,22 +132,14 @@ class PPOConfig:
         require("missing_eos_penalty",
                 self.missing_eos_penalty is None or is_finite(self.missing_eos_penalty),
                 "a finite float or None", self.missing_eos_penalty)
-        require.bools(self, ("whiten_advantages", "gradient_checkpointing", "disable_dropout"))
-        require.bools(self, ("use_fused_linear",), optional=True)
-        require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
-        require("resume_from", self.resume_from is None or self.resume_from != "",
-                'a checkpoint file, "latest" or None', self.resume_from)
+        require.bools(self, ("whiten_advantages",))
 
     def _check_rates(self) -> None:
-        """Optimizer and sampling settings."""
+        """Critic and sampling settings (TrainerConfig checks lr and the optimizer's)."""
         require = FieldChecker("PPOConfig")
-        require("lr", is_finite(self.lr) and self.lr > 0, "a finite float > 0", self.lr)
         require("value_lr", self.value_lr is None
                 or (is_finite(self.value_lr) and self.value_lr > 0),
                 "a finite float > 0 or None", self.value_lr)
-        for name in ("weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            require(name, is_finite(value) and value >= 0, "a finite float >= 0", value)
         require("temperature", is_finite(self.temperature) and self.temperature > 0,
                 "a finite float > 0", self.temperature)
         require("top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
@@ -252,47 +191,6 @@ class Rollout:
     returns: torch.Tensor | None
 
 
-class ActorCritic(nn.Module):
-    """Policy log-probs (and entropy) and critic values over the answer positions, in
-    one module so DistributedDataParallel can wrap both.
-
-    forward(sequences [B, P+R], attention_mask, prompt_width P) ->
-    logp [B, R], entropy [B, R], values [B, R] or None; all fp32.
-    """
-
-    def __init__(self, actor: TokenLogprobs, critic: nn.Module | None):
-        super().__init__()
-        self.actor = actor
-        self.critic = critic
-
-    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                prompt_width: int):
-        answer = slice(prompt_width - 1, None)  # label t is token t + 1
-        logp, entropy = self.actor(sequences, attention_mask, return_entropy=True)
-        values = None
-        if self.critic is not None:
-            # the value of the state before each answer token
-            values = self.critic(sequences, attention_mask)[:, prompt_width - 1:-1]
-        return logp[:, answer], entropy[:, answer], values
-
-
-@contextlib.contextmanager
-def only_generation_config(model: nn.Module, generation_config: GenerationConfig
-                           ) -> Iterator[None]:
-    """Make `generation_config` the model's own while the block runs.
-
-    `generate` fills every field an explicit generation_config leaves unset from
-    ``model.generation_config`` (a hub model's repetition_penalty, suppress_tokens, ...);
-    with the two the same, only transformers' neutral defaults fill them.
-    """
-    own = model.generation_config
-    model.generation_config = generation_config
-    try:
-        yield
-    finally:
-        model.generation_config = own
-
-
 def function_name(function: Callable[..., Any]) -> str:
     """module.qualname of a function (or the type of a callable object)."""
     named = function if hasattr(function, "__qualname__") else type(function)
@@ -308,20 +206,6 @@ def check_finite_scores(scores: torch.Tensor, source: str) -> torch.Tensor:
                          f"{scores.numel()} answers, e.g. answer {bad[0]}: "
                          f"{scores[bad[0]].item()}; scores must be finite numbers")
     return scores
-
-
-def load_prompts(prompts: Any) -> list[str]:
-    """Prompt strings from a list of strings or of {"prompt"} records, a JSONL file of
-    records, a text file of one prompt per line, or a `datasets.Dataset`."""
-    if isinstance(prompts, (str, Path)) and not str(prompts).endswith(".jsonl"):
-        path = Path(prompts)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts: no file at {path}")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines()
-                   if line.strip()]
-    if isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts):
-        prompts = [{"prompt": p} for p in prompts]
-    return [record["prompt"] for record in load_records(prompts, ("prompt",), "prompts")]
 
 
 class PPOTrainer:
@@ -355,10 +239,7 @@ class PPOTrainer:
         grpo = config.advantage_estimator == "grpo"
         if grpo and value_model is not None:
             raise ValueError("value_model must be None for advantage_estimator='grpo'")
-        if config.resume_from is None:
-            check_no_checkpoints(config.output_dir)
-        self.run = setup_run(config.precision, config.device)
-        seed_process(config.seed, self.run)
+        self.run = start_run(config)
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer needs an eos_token_id (answers stop at it)")
         self.tokenizer = tokenizer
@@ -394,16 +275,11 @@ class PPOTrainer:
             reward_model = frozen(reward_fn_or_model).to(device)
             self.reward_model = as_value_module(reward_model)
         # checkpoints hold the policy and critic, not these: they record which they were
-        self.frozen_models = {"reference": model_identity(self.reference.model),
-                              "reward model": model_identity(reward_model)}
-        if config.disable_dropout:
-            disable_dropout(policy)
-            if critic is not None:
-                disable_dropout(critic)
-        if config.gradient_checkpointing:
-            enable_gradient_checkpointing(policy)
-            if value_model is not None:
-                enable_gradient_checkpointing(value_model)
+        frozen_models = {"reference": model_identity(self.reference.model),
+                         "reward model": model_identity(reward_model)}
+        for trained in (policy, value_model):
+            if trained is not None:
+                prepare_for_training(trained, config)
         actor = TokenLogprobs(policy, fused_linear=self.fused_linear,
                               temperature=config.temperature)
         self.actor_critic = wrap_ddp(ActorCritic(actor, critic), self.run)
@@ -413,57 +289,34 @@ class PPOTrainer:
                            "lr": config.value_lr or config.lr})
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr,
                                            weight_decay=config.weight_decay)
-        self.scheduler = warmup_then_constant(self.optimizer, config.warmup_steps)
-        self.step = 0
-        self.window = MetricsWindow()
-        if config.resume_from is not None:
-            self._load(*load_resume_checkpoint(config.resume_from, config.output_dir))
-        self.log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", self.run.is_main,
-                              resume_step=None if config.resume_from is None else self.step)
+        # update() averages its metrics over the processes: the window holds their means
+        self.loop = Loop(config, self.run, self.optimizer, unwrap(self.actor_critic),
+                         "actor_critic", frozen_models, name="PPO",
+                         title=f"PPO ({config.advantage_estimator})", plot_keys=PPO_PLOT_KEYS,
+                         rank_means=False)
+
+    @property
+    def step(self) -> int:
+        """Iterations done."""
+        return self.loop.step
 
     # --- the algorithm ---------------------------------------------------------------
 
     def train(self) -> list[dict[str, float]]:
         """Run to max_steps iterations (from the checkpoint's when resuming); returns the
         logged metrics of this output_dir."""
-        config, run = self.config, self.run
-        if run.is_main:
-            remove_stale_temps(config.output_dir)
-        bar = progress_bar(config.max_steps, self.step, run.is_main, "PPO")
-        started, tokens = time.perf_counter(), 0.0
-        while self.step < config.max_steps:
-            rollout = self.rollout(self.step)
-            metrics = self.update(rollout)
-            lr = metrics.pop("lr")
-            self.window.add(metrics)
-            tokens += float(rollout.attention_mask.sum())
-            self.step += 1
-            bar.update(1)
-            last = self.step == config.max_steps
-            if self.step % config.logging_steps == 0 or last:
-                logged = self.window.flush()  # the mean over the iterations since the last row
-                logged["lr"] = lr
-                elapsed = time.perf_counter() - started
-                logged["tokens_per_s"] = run.sum_over_ranks(tokens) / max(elapsed, 1e-9)
-                logged.update(run.peak_memory())
-                self.log.write(self.step, logged, bar)
-                started, tokens = time.perf_counter(), 0.0
-            if last or (config.save_steps and self.step % config.save_steps == 0):
-                self.save_checkpoint()
-        bar.close()
-        weights, _ = gather_training_state(unwrap(self.actor_critic), self.optimizer)
-        if run.is_main:
-            output = Path(config.output_dir)
-            save_pretrained_atomic(self.policy, self.tokenizer, output / "final",
-                                   strip_prefix(weights, "actor.model."))
-            if self.value_model is not None:
-                critic_prefix = "critic." if isinstance(self.value_model, ValueModel) \
-                    else "critic.model."
-                save_atomic(strip_prefix(weights, critic_prefix), output / "value_model.pt")
-            plot_curves(self.log.records(), PPO_PLOT_KEYS, output / "ppo_curves.png",
-                        f"PPO ({config.advantage_estimator})")
-            remove_stale_temps(output)
-        return self.log.records()
+        return self.loop.train(self.config.max_steps, self.iteration,
+                               save_final=self._save_final)
+
+    def iteration(self) -> tuple[float, float]:
+        """One iteration: a rollout, then ppo_epochs of updates on it; returns the lr of
+        the last update and the rollout's tokens."""
+        rollout = self.rollout(self.loop.step)
+        metrics = self.update(rollout)
+        lr = metrics.pop("lr")
+        self.loop.window.add(metrics)
+        self.loop.step += 1
+        return lr, float(rollout.attention_mask.sum())
 
     @torch.no_grad()
     def rollout(self, iteration: int) -> Rollout:
@@ -566,12 +419,7 @@ class PPOTrainer:
                     agg=config.agg, max_len=config.max_new_tokens,
                 )
                 out.loss.backward()
-                if config.max_grad_norm:
-                    nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-                lr = self.scheduler.get_last_lr()[0]  # the rate this step used
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                lr = self.loop.apply_gradients(parameters)
                 steps += 1
                 for key in ("loss", "policy_loss", "value_loss", "entropy", "clipfrac",
                             "approx_kl", "ratio_mean"):
@@ -619,33 +467,16 @@ class PPOTrainer:
         return check_finite_scores(scores, "the reward model")
 
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoint-<step>.pt atomically (main process), then delete the oldest
-        beyond save_total_limit; returns its path.
+        """Write checkpoint-<step>.pt (`Loop.save_checkpoint`); every process must call it."""
+        return self.loop.save_checkpoint()
 
-        Every process must call it (under FSDP2 the weights are gathered from all)."""
-        path = checkpoint_path(self.config.output_dir, self.step)
-        weights, optimizer = gather_training_state(unwrap(self.actor_critic), self.optimizer)
-        rng = gather_rng_states(self.run)
-        if not self.run.is_main:
-            return None
-        save_atomic({
-            "step": self.step,
-            "actor_critic": weights,
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(),
-            "window": self.window.sums,
-            "frozen_models": self.frozen_models,
-            "rng": rng,
-            "config": asdict(self.config),
-        }, path)
-        prune_checkpoints(path, self.config.save_total_limit)
-        return path
-
-    def _load(self, path: Path, state: dict[str, Any]) -> None:
-        check_same_frozen_models(state.get("frozen_models"), self.frozen_models, path)
-        restore_training_state(unwrap(self.actor_critic), self.optimizer,
-                               state["actor_critic"], state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        self.window = MetricsWindow(state.get("window"))  # older checkpoints have none
-        restore_rng_states(state["rng"], self.run)
+    def _save_final(self, weights: dict[str, Any]) -> None:
+        """The policy as a transformers folder, final/, and the critic's state dict,
+        value_model.pt, from the full state dict of the actor-critic."""
+        output = Path(self.config.output_dir)
+        save_pretrained_atomic(self.policy, self.tokenizer, output / "final",
+                               strip_prefix(weights, "actor.model."))
+        if self.value_model is not None:
+            critic_prefix = "critic." if isinstance(self.value_model, ValueModel) \
+                else "critic.model."
+            save_atomic(strip_prefix(weights, critic_prefix), output / "value_model.pt")

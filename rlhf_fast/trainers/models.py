@@ -1,0 +1,289 @@
+"""The model side of the trainers: a causal LM as per-token log-probs (`TokenLogprobs`),
+critics and reward models as per-position scalars (`ValueModel`, `as_value_module`),
+PPO's policy and critic in one module (`ActorCritic`), and what a trained or frozen
+model is made ready with (dropout, checkpointing, freezing, its generation config).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from rlhf_fast import linear_logprobs, logprobs
+from rlhf_fast.trainers.run import is_fsdp2_sharded
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
+
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens, as `generate` numbers them.
+
+    Without it, a left-padded row's first real token would sit at position P (its pad
+    count) in the training forward but at 0 during generation, and the two log-probs of
+    the same rollout would disagree.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body of a transformers model (everything before its head)."""
+    if hasattr(model, "get_decoder"):
+        decoder = model.get_decoder()
+        if decoder is not None:
+            return decoder
+    return model.base_model
+
+
+# Config attributes by which models transform ``hidden @ lm_head.weight.T`` before the
+# softmax, which linear_logprobs does not reproduce. Soft caps, tanh(x / c) * c, are not
+# the identity for any c (Gemma 2/3, RecurrentGemma) ...
+LOGIT_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
+# ... and scales are, at 1: Cohere's logit_scale and Falcon-H1's lm_head_multiplier
+# multiply, Granite's logits_scaling divides (HyperCLOVA X's multiplies), MuseGlimmer's
+# output_multiplier multiplies.
+LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def model_configs(model: nn.Module) -> list[Any]:
+    """The model's config and, when it nests one (multimodal models), its text decoder's
+    config, where the logit transforms of the language model are set."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    configs = [config]
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        text_config = get_text_config(decoder=True)
+        if text_config is not None and text_config is not config:
+            configs.append(text_config)
+    return configs
+
+
+def logit_transform(model: nn.Module) -> tuple[str, Any] | None:
+    """The first (attribute, value) of the model's configs that transforms its logits,
+    or None when the logits are plain ``hidden @ lm_head.weight.T (+ bias)``."""
+    for config in model_configs(model):
+        for attribute in LOGIT_SOFTCAPS + LOGIT_SCALES:
+            value = getattr(config, attribute, None)
+            if value is None or (attribute in LOGIT_SCALES and value == 1.0):
+                continue
+            return attribute, value
+    return None
+
+
+def check_fused_linear_supported(model: nn.Module) -> None:
+    """Raise when the model's logits are not ``hidden @ lm_head.weight.T (+ bias)``."""
+    transform = logit_transform(model)
+    if transform is not None:
+        attribute, value = transform
+        raise ValueError(
+            f"use_fused_linear: this model transforms its logits ({attribute}={value}), "
+            "which linear_logprobs does not; set use_fused_linear=False"
+        )
+    if not isinstance(model.get_output_embeddings(), nn.Linear):
+        raise ValueError("use_fused_linear needs an nn.Linear lm_head; set use_fused_linear=False")
+    if is_fsdp2_sharded(model):
+        # the fused path calls the backbone and reads lm_head.weight outside the root
+        # module's forward, where FSDP2 keeps the root's parameters sharded
+        raise ValueError("use_fused_linear does not support FSDP2-sharded models yet; set "
+                         "use_fused_linear=False")
+
+
+class TokenLogprobs(nn.Module):
+    """A causal LM whose forward returns the log-prob (and entropy) of each next token.
+
+    Wrapping the model (rather than calling pieces of it from the trainer) lets
+    DistributedDataParallel wrap this module, so its hooks see the whole forward.
+
+    forward(input_ids [B, L], attention_mask [B, L]) -> logp [B, L-1] fp32 (and entropy
+    [B, L-1] fp32): logp[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1]) at
+    `temperature`. With `fused_linear`, `rlhf_fast.linear_logprobs` on the last hidden
+    state and the lm_head weight (the logits never exist); else `rlhf_fast.logprobs` on
+    the model's logits.
+    """
+
+    def __init__(self, model: nn.Module, *, fused_linear: bool, temperature: float = 1.0):
+        super().__init__()
+        if fused_linear:
+            check_fused_linear_supported(model)
+        self.model = model
+        self.fused_linear = fused_linear
+        self.temperature = temperature
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_entropy: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        position_ids = position_ids_from(attention_mask)
+        labels = input_ids[:, 1:]
+        options = dict(temperature=self.temperature, return_entropy=return_entropy)
+        if not self.fused_linear:
+            logits = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False,
+            ).logits
+            return logprobs(logits[:, :-1], labels, **options)
+        hidden = backbone_of(self.model)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state[:, :-1]
+        head = self.model.get_output_embeddings()
+        if not torch.is_autocast_enabled(hidden.device.type):
+            hidden = hidden.to(head.weight.dtype)  # as the lm_head would cast it
+        # under autocast, linear_logprobs runs its GEMMs in autocast's dtype, as the
+        # lm_head would, and returns fp32 master weights an fp32 gradient
+        return linear_logprobs(hidden, head.weight, labels, bias=head.bias, **options)
+
+
+class ValueModel(nn.Module):
+    """A critic: a causal LM backbone with a scalar head on every position.
+
+    forward(input_ids [B, L], attention_mask [B, L]) -> values [B, L] fp32, the value of
+    the state ending at each position. Build one from a policy (`from_causal_lm`: a copy of
+    its backbone, a zero-initialised head so the first values are 0) or from a path or
+    hub id (`from_pretrained`).
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_causal_lm(cls, model: nn.Module) -> ValueModel:
+        import copy
+
+        backbone = copy.deepcopy(backbone_of(model))
+        backbone.requires_grad_(True)
+        return cls(backbone, model.config.hidden_size)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> ValueModel:
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(name_or_path, **kwargs)
+        return cls(backbone, backbone.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask), use_cache=False,
+        ).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+class SequenceClassifierValues(nn.Module):
+    """Per-position scores of an ``AutoModelForSequenceClassification`` with one label.
+
+    Its backbone and ``score`` head applied at every position (the model's own forward
+    pools at the last non-pad token, which misfires when pad and EOS share an id).
+    forward(input_ids [B, L], attention_mask [B, L]) -> [B, L] fp32.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        head = getattr(model, "score", None)
+        if not isinstance(head, nn.Linear) or head.out_features != 1:
+            raise ValueError(
+                "expected a sequence-classification model with a one-output nn.Linear "
+                f"`score` head (num_labels=1), got {type(model).__name__}"
+            )
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask), use_cache=False,
+        ).last_hidden_state
+        head = self.model.score
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def as_value_module(model: nn.Module) -> nn.Module:
+    """A module giving per-position scalars [B, L]: ValueModel as is, or a classifier."""
+    return model if isinstance(model, ValueModel) else SequenceClassifierValues(model)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on activation checkpointing (the name changed in transformers 5)."""
+    target = model.backbone if isinstance(model, ValueModel) else model
+    enable = getattr(target, "activation_checkpointing_enable", None)
+    (enable or target.gradient_checkpointing_enable)()
+
+
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                   nn.FeatureAlphaDropout)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability of `model`: its dropout modules, and the
+    ``attention_dropout`` rate that transformers' attention layers (Llama, Qwen, ...)
+    read at each call. A trained policy then scores a batch as the frozen reference
+    does (DPO's rewards start at exactly 0; PPO's ratios at exactly 1), as TRL does by
+    default."""
+    for module in model.modules():
+        if isinstance(module, DROPOUT_MODULES):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def prepare_for_training(model: nn.Module, config: Any) -> None:
+    """Zero `model`'s dropout and turn on its activation checkpointing, as the trainer
+    config's disable_dropout and gradient_checkpointing ask."""
+    if config.disable_dropout:
+        disable_dropout(model)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with no parameter requiring a gradient."""
+    return model.eval().requires_grad_(False)
+
+
+class ActorCritic(nn.Module):
+    """Policy log-probs (and entropy) and critic values over the answer positions, in
+    one module so DistributedDataParallel can wrap both.
+
+    forward(sequences [B, P+R], attention_mask, prompt_width P) ->
+    logp [B, R], entropy [B, R], values [B, R] or None; all fp32.
+    """
+
+    def __init__(self, actor: TokenLogprobs, critic: nn.Module | None):
+        super().__init__()
+        self.actor = actor
+        self.critic = critic
+
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_width: int):
+        answer = slice(prompt_width - 1, None)  # label t is token t + 1
+        logp, entropy = self.actor(sequences, attention_mask, return_entropy=True)
+        values = None
+        if self.critic is not None:
+            # the value of the state before each answer token
+            values = self.critic(sequences, attention_mask)[:, prompt_width - 1:-1]
+        return logp[:, answer], entropy[:, answer], values
+
+
+@contextlib.contextmanager
+def only_generation_config(model: nn.Module, generation_config: GenerationConfig
+                           ) -> Iterator[None]:
+    """Make `generation_config` the model's own while the block runs.
+
+    `generate` fills every field an explicit generation_config leaves unset from
+    ``model.generation_config`` (a hub model's repetition_penalty, suppress_tokens, ...);
+    with the two the same, only transformers' neutral defaults fill them.
+    """
+    own = model.generation_config
+    model.generation_config = generation_config
+    try:
+        yield
+    finally:
+        model.generation_config = own
