@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from rlhf_fast.kernels.common import cast, fp64_arg, split_fp64
+from rlhf_fast.reference import EXO_DEFAULT_EPS
 
 LOSS_CODES = {
     "sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3, "exo_pair": 4, "nca_pair": 5,
@@ -64,6 +66,16 @@ class DPOKernelConfig:
     beta: float
     eps: float
     reduction_code: int
+
+    @classmethod
+    def from_options(cls, opt: Any) -> DPOKernelConfig:
+        """From the checked `rlhf_fast.options.DPO_OPTIONS` of a call (any object with those
+        attributes); exo_pair's label_smoothing 0 is the paper's epsilon."""
+        eps = opt.label_smoothing
+        if opt.loss_type == "exo_pair" and eps == 0:
+            eps = EXO_DEFAULT_EPS
+        return cls(loss_code=LOSS_CODES[opt.loss_type], beta=opt.beta, eps=eps,
+                   reduction_code=REDUCTION_CODES[opt.reduction])
 
 
 @triton.jit

@@ -31,6 +31,7 @@ never read: they contribute 0 and get gradient 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -69,6 +70,20 @@ class PPOKernelConfig:
     vf_coef: float
     agg_code: int
     max_len: int
+
+    @classmethod
+    def from_options(cls, opt: Any, n_positions: int) -> PPOKernelConfig:
+        """From the checked `rlhf_fast.options.PPO_OPTIONS` of a call on ``[B, n_positions]``
+        tensors (any object with those attributes)."""
+        return cls(
+            clip_low=opt.clip_eps,
+            clip_high=opt.clip_eps if opt.clip_eps_high is None else opt.clip_eps_high,
+            has_dual=opt.dual_clip is not None, dual_clip=opt.dual_clip or 0.0,
+            kl_code=KL_CODES[opt.kl_estimator], kl_coef=opt.kl_coef,
+            entropy_coef=opt.entropy_coef, value_clip=opt.value_clip, vf_coef=opt.vf_coef,
+            agg_code=AGG_CODES[opt.agg],
+            max_len=n_positions if opt.max_len is None else opt.max_len,
+        )
 
     def fp64_args(self, *names: str) -> list[float]:
         """The named settings as kernel arguments: each its `split_fp64` (hi, lo) pair."""

@@ -18,7 +18,6 @@ from rlhf_fast.ops.checks import (
 )
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.options import DPO_OPTIONS
-from rlhf_fast.reference import EXO_DEFAULT_EPS
 from rlhf_fast.types import DPO_LENGTH_NORMALISED_TYPES, DPO_REFERENCE_FREE_TYPES, DPOLossOutput
 
 
@@ -148,13 +147,7 @@ def dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **vars(opt),
         )
-    eps = opt.label_smoothing
-    if loss_type == "exo_pair" and eps == 0:
-        eps = EXO_DEFAULT_EPS
-    cfg = kernel.DPOKernelConfig(
-        loss_code=kernel.LOSS_CODES[loss_type], beta=opt.beta, eps=eps,
-        reduction_code=kernel.REDUCTION_CODES[opt.reduction],
-    )
+    cfg = kernel.DPOKernelConfig.from_options(opt)
     loss, chosen_rewards, rejected_rewards, stats = DPOLossFunction.apply(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected,
         chosen_lengths, rejected_lengths, cfg,

@@ -87,15 +87,7 @@ def check_ppo_arguments(
     opt = PPO_OPTIONS.check(options)
     if opt.kl_coef > 0 and checked["ref_logp"] is None:
         raise ValueError("ref_logp is required when kl_coef > 0")
-    cfg = kernel.PPOKernelConfig(
-        clip_low=opt.clip_eps, clip_high=opt.clip_eps if opt.clip_eps_high is None
-        else opt.clip_eps_high,
-        has_dual=opt.dual_clip is not None, dual_clip=opt.dual_clip or 0.0,
-        kl_code=kernel.KL_CODES[opt.kl_estimator], kl_coef=opt.kl_coef,
-        entropy_coef=opt.entropy_coef, value_clip=opt.value_clip, vf_coef=opt.vf_coef,
-        agg_code=kernel.AGG_CODES[opt.agg],
-        max_len=like.shape[1] if opt.max_len is None else opt.max_len,
-    )
+    cfg = kernel.PPOKernelConfig.from_options(opt, like.shape[1])
     return checked, opt, cfg
 
 
