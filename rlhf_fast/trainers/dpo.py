@@ -1,6 +1,6 @@
 """A reference DPO trainer on transformers causal LMs, built on rlhf-fast's fused ops.
 
-One training step, top to bottom (`DPOTrainer.train`):
+One training step, top to bottom (`DPOTrainer.optimizer_step`, then `_pair_loss`):
 1. take a batch of {prompt, chosen, rejected} records, tokenised once up front: prompt
    tokens, then each answer followed by EOS;
 2. stack the chosen and the rejected sequences into one [2B, L] batch and run the policy
@@ -10,6 +10,8 @@ One training step, top to bottom (`DPOTrainer.train`):
 3. sum them over each answer's tokens (`sequence_logps`; prompt and padding masked out),
    and get the same from the frozen reference (precomputed once, or per batch);
 4. `dpo_loss` on the four sequence log-probs, backward, clip, AdamW step.
+
+`rlhf_fast.trainers.loop` runs the steps: logging, evaluation, checkpoints, the final model.
 """
 
 from __future__ import annotations

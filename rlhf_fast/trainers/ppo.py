@@ -1,6 +1,6 @@
 """A reference PPO / GRPO trainer on transformers causal LMs, built on rlhf-fast's ops.
 
-One iteration, top to bottom (`PPOTrainer.train`):
+One iteration, top to bottom (`PPOTrainer.iteration`, then `rollout`, `update`):
 1. rollout: sample `group_size` answers to each of a batch of prompts with `generate`
    (temperature, top-p, stop at EOS); an answer's tokens count up to its first EOS;
 2. score each answer: a reward function of the decoded text, or a reward model's score
@@ -14,6 +14,8 @@ One iteration, top to bottom (`PPOTrainer.train`):
 5. `ppo_epochs` passes over the rollout in minibatches: recompute log-probs, entropy and
    values with gradients, `ppo_loss` (clipped ratio, KL, entropy bonus, clipped value
    loss), backward, clip, one AdamW step per minibatch.
+
+`rlhf_fast.trainers.loop` runs the iterations: logging, checkpoints, the final models.
 """
 
 from __future__ import annotations
