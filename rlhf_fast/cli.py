@@ -25,6 +25,7 @@ import functools
 import importlib
 import inspect
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -130,7 +131,7 @@ def field_docs(config_class: type) -> dict[str, str]:
     docs = {}
     for cls in reversed(config_class.__mro__):
         try:
-            tree = ast.parse(inspect.getsource(cls))
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
         except (OSError, TypeError):
             continue
         body = tree.body[0].body
@@ -140,6 +141,9 @@ def field_docs(config_class: type) -> dict[str, str]:
                     and isinstance(following.value, ast.Constant)
                     and isinstance(following.value.value, str)):
                 docs[node.target.id] = " ".join(following.value.value.split())
+    for field in dataclasses.fields(config_class):  # fields an option set declares
+        if "doc" in field.metadata:
+            docs[field.name] = field.metadata["doc"]
     return docs
 
 

@@ -175,7 +175,8 @@ class OptionSet:
             cls.__annotations__ = {n: new[n] if n in new else own[n] for n in order}
             for o in chosen:
                 setattr(cls, o.name, dataclasses.field(
-                    default=defaults.get(o.name, o.default), metadata={"doc": o.doc}))
+                    default=defaults.get(o.name, o.default),
+                    metadata={"doc": f"{o.doc} ({o.accepts.expected})"}))
             cls.option_set = self
             return cls
 

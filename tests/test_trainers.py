@@ -892,7 +892,7 @@ def test_bad_config_names_the_field(cls, options, field):
 
 
 @pytest.mark.parametrize("cls, options, message", [
-    (PPOConfig, dict(clip_eps=1.5), "PPOConfig.clip_eps must be in (0, 1), got 1.5"),
+    (PPOConfig, dict(clip_eps=1.5), "PPOConfig.clip_eps must be >= 0.0 and < 1.0, got 1.5"),
     (PPOConfig, dict(save_steps=0.5), "PPOConfig.save_steps must be an int >= 0, got 0.5"),
     (PPOConfig, dict(missing_eos_penalty=math.nan),
      "PPOConfig.missing_eos_penalty must be a finite float or None, got nan"),

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rlhf_fast import dpo_loss, sequence_logps
+from rlhf_fast.options import DPO_OPTIONS
 from rlhf_fast.trainers.checkpoints import model_identity
 from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
 from rlhf_fast.trainers.data import batches, example_indices, load_records
@@ -35,9 +36,7 @@ from rlhf_fast.trainers.metrics import host_floats
 from rlhf_fast.trainers.models import TokenLogprobs, frozen, prepare_for_training
 from rlhf_fast.trainers.run import wrap_ddp
 from rlhf_fast.types import (
-    DPO_LABEL_SMOOTHING_TYPES,
     DPO_LENGTH_NORMALISED_TYPES,
-    DPO_LOSS_TYPES,
     DPO_REFERENCE_FREE_TYPES,
 )
 
@@ -48,9 +47,11 @@ DPO_PLOT_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chose
 
 
 @dataclass
+@DPO_OPTIONS.fields(exclude=("reduction",), after="logging_steps")
 class DPOConfig(TrainerConfig):
     """Everything a DPO run needs besides the models and the data: the fields of
-    `TrainerConfig`, then DPO's own.
+    `TrainerConfig`, then DPO's own, among them the options of `dpo_loss` (but reduction:
+    the mean over the batch) declared in `rlhf_fast.options`.
 
     Sizes are per process: under torchrun the global batch is
     batch_size * gradient_accumulation_steps * world size.
@@ -62,12 +63,6 @@ class DPOConfig(TrainerConfig):
     """Peak AdamW learning rate."""
     logging_steps: int = 10
     """Log the mean of the metrics every this many optimizer steps."""
-    beta: float = 0.1
-    """Strength of the implicit KL to the reference; rewards are beta * log(pi / pi_ref)."""
-    loss_type: str = "sigmoid"
-    """One of rlhf_fast.reference.DPO_LOSS_TYPES (sigmoid, ipo, hinge, robust, ...)."""
-    label_smoothing: float = 0.0
-    """Assumed label-noise rate in [0, 0.5) (sigmoid / sigmoid_norm / robust / exo_pair)."""
     reference_free: bool = False
     """Use no reference model (log pi_ref = 0); only for DPO_REFERENCE_FREE_TYPES."""
     precompute_ref_logps: bool = False
@@ -91,13 +86,7 @@ class DPOConfig(TrainerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require = FieldChecker("DPOConfig")
-        require("beta", is_finite(self.beta) and self.beta > 0, "a finite float > 0",
-                self.beta)
-        require("loss_type", self.loss_type in DPO_LOSS_TYPES, f"one of {DPO_LOSS_TYPES}")
-        require("label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
-        require("label_smoothing",
-                self.label_smoothing == 0 or self.loss_type in DPO_LABEL_SMOOTHING_TYPES,
-                f"0 for loss_type {self.loss_type!r} (it applies to {DPO_LABEL_SMOOTHING_TYPES})")
+        DPO_OPTIONS.check_fields(self)
         require.bools(self, ("reference_free", "precompute_ref_logps"))
         require("reference_free",
                 not self.reference_free or self.loss_type in DPO_REFERENCE_FREE_TYPES,
@@ -305,8 +294,7 @@ class DPOTrainer:
             policy[:pairs], policy[pairs:],
             None if reference is None else reference[:pairs],
             None if reference is None else reference[pairs:],
-            beta=self.config.beta, loss_type=self.config.loss_type,
-            label_smoothing=self.config.label_smoothing, **lengths,
+            **lengths, **DPO_OPTIONS.pick(vars(self.config)),
         )
         metrics = host_floats({
             "loss": out.loss,

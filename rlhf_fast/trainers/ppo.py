@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from rlhf_fast import gae, group_advantages, masked_whiten, ppo_loss
+from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
 from rlhf_fast.trainers.checkpoints import model_identity, strip_prefix
 from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
 from rlhf_fast.trainers.data import example_indices, load_prompts
@@ -46,7 +47,6 @@ from rlhf_fast.trainers.models import (
     prepare_for_training,
 )
 from rlhf_fast.trainers.run import unwrap, wrap_ddp
-from rlhf_fast.types import AGG_MODES, KL_ESTIMATORS
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -58,11 +58,17 @@ PPO_PLOT_KEYS = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "policy_los
 
 
 @dataclass
+@PPO_OPTIONS.fields(exclude=("max_len",), defaults={"kl_coef": 0.05}, after="whiten_advantages")
+@GAE_OPTIONS.fields(after="top_p")
 class PPOConfig(TrainerConfig):
     """Everything a PPO / GRPO run needs besides the models and the prompts: the fields
-    of `TrainerConfig`, then PPO's own.
+    of `TrainerConfig`, then PPO's own, among them every option of `ppo_loss` (but max_len,
+    which is max_new_tokens) and of `gae`, declared in `rlhf_fast.options`.
 
-    Sizes are per process: under torchrun every process rolls out its own prompts.
+    With "gae" the KL to the reference is a per-token reward penalty (kl_coef times the k1
+    estimate, whatever kl_estimator) and vf_coef weighs the critic's loss; with "grpo" the
+    KL is a term of the loss (kl_estimator) and there is no critic. Sizes are per process:
+    under torchrun every process rolls out its own prompts.
     """
 
     output_dir: str = "runs/ppo"
@@ -92,31 +98,8 @@ class PPOConfig(TrainerConfig):
     """Sampling temperature; log-probs are taken at the same temperature."""
     top_p: float = 1.0
     """Nucleus sampling threshold in (0, 1]."""
-    gamma: float = 1.0
-    """Discount in [0, 1]."""
-    lam: float = 0.95
-    """GAE lambda in [0, 1]."""
     whiten_advantages: bool = True
     """Whiten the gae advantages over the rollout's valid tokens."""
-    clip_eps: float = 0.2
-    """Ratio clip: [1 - clip_eps, 1 + clip_eps_high]."""
-    clip_eps_high: float | None = None
-    """Upper clip (clip-higher); None: clip_eps."""
-    dual_clip: float | None = None
-    """Dual-clip constant c > 1 for negative advantages; None: off."""
-    kl_coef: float = 0.05
-    """Weight of the KL to the reference (per-token reward penalty for gae, loss term for
-    grpo)."""
-    kl_estimator: str = "k3"
-    """k1, k2 or k3: the estimator of the in-loss KL (grpo). gae's reward penalty is k1."""
-    entropy_coef: float = 0.0
-    """Entropy bonus weight."""
-    vf_coef: float = 0.5
-    """Value-loss weight (gae)."""
-    value_clip: float = 0.2
-    """Clip of the new values around the rollout's values (gae)."""
-    agg: str = "token-mean"
-    """How token losses aggregate: one of rlhf_fast.reference.AGG_MODES."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of answers that hit max_new_tokens without EOS."""
 
@@ -130,7 +113,8 @@ class PPOConfig(TrainerConfig):
         require("group_size", self.advantage_estimator != "grpo" or self.group_size >= 2,
                 ">= 2 for advantage_estimator='grpo'")
         self._check_rates()
-        self._check_ppo_loss_arguments()
+        PPO_OPTIONS.check_fields(self)
+        GAE_OPTIONS.check_fields(self)
         require("missing_eos_penalty",
                 self.missing_eos_penalty is None or is_finite(self.missing_eos_penalty),
                 "a finite float or None", self.missing_eos_penalty)
@@ -145,30 +129,6 @@ class PPOConfig(TrainerConfig):
         require("temperature", is_finite(self.temperature) and self.temperature > 0,
                 "a finite float > 0", self.temperature)
         require("top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
-        require("gamma", 0 <= self.gamma <= 1, "in [0, 1]", self.gamma)
-        require("lam", 0 <= self.lam <= 1, "in [0, 1]", self.lam)
-
-    def _check_ppo_loss_arguments(self) -> None:
-        """The fields `ppo_loss` takes, within the ranges it accepts (rlhf_fast.ops.ppo), so
-        a bad value fails here rather than at the first update. clip_eps and clip_eps_high
-        > 0 and entropy_coef >= 0 are narrower than ppo_loss's [0, 1), >= 0 and any: a zero
-        clip range or an entropy penalty is more likely a typo than a plan."""
-        require = FieldChecker("PPOConfig")
-        require("clip_eps", is_finite(self.clip_eps) and 0 < self.clip_eps < 1, "in (0, 1)",
-                self.clip_eps)
-        require("clip_eps_high", self.clip_eps_high is None
-                or (is_finite(self.clip_eps_high) and self.clip_eps_high > 0),
-                "a finite float > 0 or None", self.clip_eps_high)
-        require("dual_clip", self.dual_clip is None
-                or (is_finite(self.dual_clip) and self.dual_clip > 1),
-                "a finite float > 1 or None", self.dual_clip)
-        for name in ("kl_coef", "entropy_coef", "vf_coef"):
-            value = getattr(self, name)
-            require(name, is_finite(value) and value >= 0, "a finite float >= 0", value)
-        # inf is allowed: no value clipping
-        require("value_clip", self.value_clip > 0, "> 0 (inf: no clipping)", self.value_clip)
-        require("kl_estimator", self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS}")
-        require("agg", self.agg in AGG_MODES, f"one of {AGG_MODES}")
 
 
 @dataclass
@@ -386,8 +346,8 @@ class PPOTrainer:
             rewards = -config.kl_coef * kl
             last_token = mask.sum(1).long() - 1
             rewards[torch.arange(len(scores), device=scores.device), last_token] += scores
-            advantages, returns = gae(rewards, values, mask, gamma=config.gamma,
-                                      lam=config.lam)
+            advantages, returns = gae(rewards, values, mask,
+                                      **GAE_OPTIONS.pick(vars(config)))
             if config.whiten_advantages:
                 advantages = masked_whiten(advantages, mask) * mask
         return Rollout(sequences, attention_mask, width, mask, old_logp, ref_logp, values,
@@ -397,6 +357,9 @@ class PPOTrainer:
         """ppo_epochs passes of minibatch PPO steps on `rollout`; returns the metrics."""
         config = self.config
         grpo = config.advantage_estimator == "grpo"
+        # grpo: the KL in the loss and no critic; gae: the KL is in the rewards already
+        loss_options = PPO_OPTIONS.pick(vars(config)) | dict(
+            max_len=config.max_new_tokens, **(dict(vf_coef=0.0) if grpo else dict(kl_coef=0.0)))
         sums: dict[str, torch.Tensor] = {}  # on the device: read back once, at the end
         steps = 0
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -409,16 +372,10 @@ class PPOTrainer:
                         rollout.prompt_width)
                 out = ppo_loss(
                     logp, rollout.old_logp[rows], rollout.advantages[rows],
-                    rollout.mask[rows], clip_eps=config.clip_eps,
-                    clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip,
-                    ref_logp=rollout.ref_logp[rows] if grpo else None,
-                    kl_coef=config.kl_coef if grpo else 0.0, kl_estimator=config.kl_estimator,
-                    entropy=entropy, entropy_coef=config.entropy_coef,
-                    values=None if grpo else values,
+                    rollout.mask[rows], ref_logp=rollout.ref_logp[rows] if grpo else None,
+                    entropy=entropy, values=None if grpo else values,
                     old_values=None if grpo else rollout.values[rows],
-                    returns=None if grpo else rollout.returns[rows],
-                    value_clip=config.value_clip, vf_coef=0.0 if grpo else config.vf_coef,
-                    agg=config.agg, max_len=config.max_new_tokens,
+                    returns=None if grpo else rollout.returns[rows], **loss_options,
                 )
                 out.loss.backward()
                 lr = self.loop.apply_gradients(parameters)
