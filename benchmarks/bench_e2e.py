@@ -45,19 +45,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from rlhf_fast.benchmarks import harness
-from rlhf_fast.ops.sequence_logps import sequence_logps
-from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
-from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
+import rlhf_fast
+from rlhf_fast.benchmarks import cases, gates
+from rlhf_fast.benchmarks.cases import Case
+from rlhf_fast.trainers import DPOConfig, DPOTrainer, PPOConfig, PPOTrainer
 
 OP = "e2e"
 MODES = ("dpo-step", "ppo-update")
-PROVIDERS = ("rlhf_fast-fused", "rlhf_fast-logits", "eager")
 PAIRS, ROLLOUT = 4, 8
 GPU_T, QUICK_T = 1024, 32
 MODEL_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
@@ -67,27 +67,23 @@ MODEL_QUICK = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
                    num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
                    max_position_embeddings=QUICK_T)
 EOS, PAD = 1, 0
+#: The trainers' "auto" precision where the session runs (on CUDA when there is a GPU).
+DTYPE = "bf16 autocast" if torch.cuda.is_available() else "fp32"
+#: A case's size: (model, tokens per row).
+GPU_SIZE, QUICK_SIZE = ("1B", GPU_T), ("tiny", QUICK_T)
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    mode: str
-    provider: str
-    quick: bool
-
-    @property
-    def tokens_per_row(self) -> int:
-        return QUICK_T if self.quick else GPU_T
-
-    @property
-    def id(self) -> str:
-        model = "tiny" if self.quick else "1B"
-        return f"{model}-T{self.tokens_per_row}-{self.mode}-{self.provider}"
+def model_config(case: Case) -> dict[str, Any]:
+    return MODEL_QUICK if case.shape == QUICK_SIZE else MODEL_1B
 
 
-def cases(quick: bool) -> list[Case]:
-    """All cases, in table order: mode, provider."""
-    return [Case(m, p, quick) for m in MODES for p in PROVIDERS]
+def tokens_per_row(case: Case) -> int:
+    return case.shape[1]
+
+
+def rows(case: Case) -> int:
+    """Sequences per step: the stacked pairs, or the rollout."""
+    return 2 * PAIRS if case.mode == "dpo-step" else ROLLOUT
 
 
 class IdTokenizer:
@@ -123,7 +119,7 @@ def backend(provider: str) -> Iterator[None]:
 def build_model(case: Case, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**(MODEL_QUICK if case.quick else MODEL_1B), pad_token_id=PAD,
+    config = LlamaConfig(**model_config(case), pad_token_id=PAD,
                          eos_token_id=EOS, bos_token_id=None)
     torch.manual_seed(0)
     with torch.device(device):
@@ -131,31 +127,31 @@ def build_model(case: Case, device: torch.device) -> torch.nn.Module:
 
 
 def dpo_trainer(case: Case, device: torch.device, output_dir: str) -> DPOTrainer:
-    vocab = (MODEL_QUICK if case.quick else MODEL_1B)["vocab_size"]
-    half = case.tokens_per_row // 2
+    vocab = model_config(case)["vocab_size"]
+    half = tokens_per_row(case) // 2
     generator = torch.Generator().manual_seed(1)
     records = [{"prompt": random_text(generator, half, vocab),
                 "chosen": random_text(generator, half - 1, vocab),  # + EOS
                 "rejected": random_text(generator, half - 1, vocab)} for _ in range(PAIRS)]
     config = DPOConfig(output_dir=output_dir, lr=1e-6, batch_size=PAIRS, max_steps=10**6,
-                       max_length=case.tokens_per_row, max_prompt_length=half,
+                       max_length=tokens_per_row(case), max_prompt_length=half,
                        device=str(device), use_fused_linear=case.provider == "rlhf_fast-fused")
     return DPOTrainer(build_model(case, device), tokenizer=IdTokenizer(),
                       train_dataset=records, config=config)
 
 
 def ppo_trainer(case: Case, device: torch.device, output_dir: str):
-    vocab = (MODEL_QUICK if case.quick else MODEL_1B)["vocab_size"]
-    prompt = case.tokens_per_row // 4
+    vocab = model_config(case)["vocab_size"]
+    prompt = tokens_per_row(case) // 4
     generator = torch.Generator().manual_seed(2)
     config = PPOConfig(output_dir=output_dir, lr=1e-6, rollout_batch_size=ROLLOUT,
                        mini_batch_size=ROLLOUT, ppo_epochs=1,
-                       max_new_tokens=case.tokens_per_row - prompt, device=str(device),
+                       max_new_tokens=tokens_per_row(case) - prompt, device=str(device),
                        use_fused_linear=case.provider == "rlhf_fast-fused")
     prompts = [random_text(generator, prompt, vocab) for _ in range(ROLLOUT)]
     trainer = PPOTrainer(build_model(case, device), reward_fn_or_model=lambda p, a: [0.0] * len(p),
                          tokenizer=IdTokenizer(), prompts=prompts, config=config)
-    sequences = torch.randint(2, vocab, (ROLLOUT, case.tokens_per_row), generator=generator)
+    sequences = torch.randint(2, vocab, (ROLLOUT, tokens_per_row(case)), generator=generator)
     attention_mask = torch.ones_like(sequences)
     scores = torch.randn(ROLLOUT, generator=generator)
     rollout = trainer.evaluate_answers(sequences.to(device), attention_mask.to(device), prompt,
@@ -168,18 +164,15 @@ def answer_logps(case: Case, trainer: Any, batch: Any) -> torch.Tensor:
     with torch.no_grad(), trainer.run.autocast():
         if case.mode == "dpo-step":
             token_logp = trainer.policy(batch.input_ids, batch.attention_mask)
-            return sequence_logps(token_logp, batch.answer_mask)
+            return rlhf_fast.sequence_logps(token_logp, batch.answer_mask)
         logp, _, _ = trainer.actor_critic(batch.sequences, batch.attention_mask,
                                           batch.prompt_width)
         return (logp * batch.mask).sum(-1)
 
 
-_eager_logps: dict[tuple[str, bool], torch.Tensor] = {}
-
-
 def model_flops(case: Case, trainer: Any) -> float:
     """6 x parameters per trained token + 2 x parameters per reference-forward token."""
-    tokens = (2 * PAIRS if case.mode == "dpo-step" else ROLLOUT) * case.tokens_per_row
+    tokens = (2 * PAIRS if case.mode == "dpo-step" else ROLLOUT) * tokens_per_row(case)
     if case.mode == "dpo-step":
         n = sum(p.numel() for p in trainer.model.parameters())
         return (6 + 2) * n * tokens
@@ -187,12 +180,15 @@ def model_flops(case: Case, trainer: Any) -> float:
     return 6 * sum(p.numel() for p in trained) * tokens
 
 
-def eager_answer_logps(case: Case, device: torch.device, output_dir: str) -> torch.Tensor:
+_eager_logps: dict[tuple[str, Any], torch.Tensor] = {}
+
+
+def eager_answer_logps(case: Case, device: torch.device) -> torch.Tensor:
     """The gate's reference: the eager trainer's answer log-probs, once per mode."""
-    key = (case.mode, case.quick)
+    key = (case.mode, case.shape)
     if key not in _eager_logps:
         eager = dataclasses.replace(case, provider="eager")
-        with backend("eager"):
+        with backend("eager"), tempfile.TemporaryDirectory() as output_dir:
             if case.mode == "dpo-step":
                 trainer = dpo_trainer(eager, device, output_dir)
                 batch = trainer._train_batch(0)
@@ -203,54 +199,80 @@ def eager_answer_logps(case: Case, device: torch.device, output_dir: str) -> tor
     return _eager_logps[key]
 
 
-def run_case(case: Case, session: Any, benchmark: Any, tmp_path: Any):
-    device = session.device
-    rows = 2 * PAIRS if case.mode == "dpo-step" else ROLLOUT
-    row_args = dict(op=OP, shape=[rows, case.tokens_per_row],
-                    dtype="bf16 autocast" if device.type == "cuda" else "fp32",
-                    provider=case.provider, mode=case.mode)
-    tokens = rows * case.tokens_per_row
-    rate = harness.gemm_rate(str(device))
-    reference = eager_answer_logps(case, device, str(tmp_path / "eager"))
+@dataclasses.dataclass
+class Inputs:
+    """One case's trainer (built under its provider's backend), the timed batch, its step
+    and model FLOPs, and the gate's reference; `output_dir` lives as long as they do."""
+
+    provider: str
+    device: torch.device
+    trainer: Any
+    batch: Any
+    step: Any
+    flops: float
+    reference: torch.Tensor
+    output_dir: tempfile.TemporaryDirectory
+
+
+def make_inputs(case: Case, device: torch.device) -> Inputs:
+    reference = eager_answer_logps(case, device)
+    output_dir = tempfile.TemporaryDirectory()
     with backend(case.provider):
         if case.mode == "dpo-step":
-            trainer = dpo_trainer(case, device, str(tmp_path))
+            trainer = dpo_trainer(case, device, output_dir.name)
             batch = trainer._train_batch(0)
             step = trainer.optimizer_step
         else:
-            trainer, batch = ppo_trainer(case, device, str(tmp_path))
+            trainer, batch = ppo_trainer(case, device, output_dir.name)
 
             def step() -> Any:
                 return trainer.update(batch)
 
-        flops = model_flops(case, trainer)
-
-        def gate(fn: Any) -> tuple[bool, dict[str, float]]:
-            with backend(case.provider):
-                ours = answer_logps(case, trainer, batch)
-            tolerance = 2e-2 if device.type == "cuda" else 1e-4
-            ok, error = harness.check_close(ours, reference, tolerance)
-            return ok, {"answer_logps": error}
-
-        def timed() -> Any:
-            with backend(case.provider):
-                return step()
-
-        def columns(timing: dict[str, float]) -> dict[str, Any]:
-            seconds = timing["median_ms"] * 1e-3
-            return {"tokens": tokens, "tokens_per_s": tokens / seconds,
-                    "model_tflops": flops / seconds / 1e12, "frac_roofline": flops / seconds / rate}
-
-        return harness.gate_and_time(
-            benchmark=benchmark, device=device, row_args=row_args,
-            group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
-            provider=lambda: step, gate=gate, prepare=lambda fn: (timed, None),
-            columns=columns, time_kwargs=dict(warmup_ms=500, rep_ms=3000, cpu_repeats=3),
-            few_rounds=True,
-        )
+    return Inputs(case.provider, device, trainer, batch, step, model_flops(case, trainer),
+                  reference, output_dir)
 
 
-def test_e2e(case: Case, bench_session: Any, benchmark: Any, tmp_path: Any) -> None:
-    row, outcome = run_case(case, bench_session, benchmark, tmp_path)
-    bench_session.add(row)
-    harness.report_outcome(row, outcome, case.provider)
+def run_step(inp: Inputs) -> Any:
+    """The provider: the trainer's step, under the provider's backend."""
+    with backend(inp.provider):
+        return inp.step()
+
+
+#: Every provider runs its trainer's step (`run_step`); they differ in how it was built.
+PROVIDERS = dict.fromkeys(("rlhf_fast-fused", "rlhf_fast-logits", "eager"), run_step)
+
+
+def _gate(case: Case, inp: Inputs, fn: Any) -> tuple[bool, dict[str, float]]:
+    with backend(case.provider):
+        ours = answer_logps(case, inp.trainer, inp.batch)
+    tolerance = 2e-2 if inp.device.type == "cuda" else 1e-4
+    ok, error = gates.check_close(ours, inp.reference, tolerance)
+    return ok, {"answer_logps": error}
+
+
+def _columns(case: Case, inp: Inputs, times: dict[str, float], rate: float) -> dict[str, Any]:
+    seconds = times["median_ms"] * 1e-3
+    tokens = rows(case) * tokens_per_row(case)
+    return {"tokens": tokens, "tokens_per_s": tokens / seconds,
+            "model_tflops": inp.flops / seconds / 1e12, "frac_roofline": inp.flops / seconds / rate}
+
+
+def _label(case: Case) -> str:
+    model, t = case.shape
+    return f"{model}-T{t}"
+
+
+SUITE = cases.Suite(
+    OP, [(GPU_SIZE, DTYPE)], [(QUICK_SIZE, DTYPE)], MODES, PROVIDERS, make_inputs,
+    gate=_gate,
+    timed=lambda case, inp, fn: ((lambda: fn(inp)), None),
+    columns=_columns,
+    roofline="gemm",
+    budget=lambda case: cases.Budget(warmup_ms=500, rep_ms=3000, cpu_repeats=3, few_rounds=True),
+    table_shape=lambda case: [rows(case), tokens_per_row(case)],
+    label=_label,
+)
+
+
+def test_e2e(case: Case, bench_session: Any, benchmark: Any) -> None:
+    SUITE.run_test(case, bench_session, benchmark)

@@ -53,7 +53,9 @@ import torch
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.benchmarks import harness
+from rlhf_fast.benchmarks import cases, gates, peers
+from rlhf_fast.benchmarks.cases import Case
+from rlhf_fast.benchmarks.inputs import provider_input
 
 OP = "logprobs"
 IGNORE_INDEX = -100
@@ -64,18 +66,18 @@ QUICK_SHAPES = [
     ((128, 4099), torch.bfloat16),
     ((128, 4099), torch.float32),
 ]
-PROVIDERS = ("rlhf_fast", "rlhf_fast-inplace", "eager", "eager-chunked", "compile", "liger",
-             "trl")
 #: Providers that write into the logits when they require grad: fresh copy per call.
 OVERWRITE_LOGITS = ("rlhf_fast-inplace", "liger")
-#: The liger provider's entry point: (peer, module, attribute).
-LIGER_ENTRY = ("liger", "liger_kernel.transformers", "LigerCrossEntropyLoss")
+#: The liger provider's entry point.
+LIGER = peers.Entry("liger", "liger_kernel.transformers", "LigerCrossEntropyLoss")
 #: The trl provider's entry points, log-prob only and with entropy.
 TRL_ENTRIES = (
-    ("trl", "trl.trainer.utils", "selective_log_softmax"),
-    ("trl", "trl.trainer.utils", "selective_log_softmax_and_entropy"),
+    peers.Entry("trl", "trl.trainer.utils", "selective_log_softmax"),
+    peers.Entry("trl", "trl.trainer.utils", "selective_log_softmax_and_entropy"),
 )
 MODES = ("fwd", "bwd", "fwd+bwd")
+#: What a case computes: the log-probs, or the log-probs and the entropy.
+VARIANTS = ("logp", "logp+entropy")
 #: Relative-error tolerance of the correctness gate, per input dtype.
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
 #: Rows compared against the float64 reference when there are more than GATE_ALL_ROWS.
@@ -86,37 +88,15 @@ N_SEQUENCES = 8
 ENTROPY_CHUNK_ROWS = 128
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One benchmark case: inputs, outputs asked for, mode and provider."""
-
-    shape: tuple[int, int]
-    dtype: torch.dtype
-    entropy: bool
-    mode: str
-    provider: str
-
-    @property
-    def variant(self) -> str:
-        return "logp+entropy" if self.entropy else "logp"
-
-    @property
-    def id(self) -> str:
-        dtype = str(self.dtype).removeprefix("torch.")
-        return f"{self.shape[0]}x{self.shape[1]}-{dtype}-{self.variant}-{self.mode}-{self.provider}"
+def entropy(case: Case) -> bool:
+    """Whether `case` asks for the entropy too."""
+    return case.variant == "logp+entropy"
 
 
-def cases(quick: bool) -> list[Case]:
-    """All cases, in table order: shape, outputs, mode, provider."""
-    out = []
-    for shape, dtype in QUICK_SHAPES if quick else GPU_SHAPES:
-        for entropy in (False, True):
-            for mode in MODES:
-                for provider in PROVIDERS:
-                    if provider == "rlhf_fast-inplace" and mode == "fwd":
-                        continue  # in-place only changes the backward
-                    out.append(Case(shape, dtype, entropy, mode, provider))
-    return out
+def label(case: Case) -> str:
+    """A case id's size part: N x V, the dtype's full name, the outputs asked for."""
+    dtype = str(case.dtype).removeprefix("torch.")
+    return f"{case.shape[0]}x{case.shape[1]}-{dtype}-{case.variant}"
 
 
 # --------------------------------------------------------------------------- providers
@@ -170,19 +150,11 @@ def _rlhf_fast(inplace: bool) -> Callable[[torch.Tensor, torch.Tensor, bool], Ou
     return run
 
 
-def _eager_logp(logits: torch.Tensor, labels: torch.Tensor) -> Outputs:
-    return eager_logprobs(logits, labels, False)
-
-
-def _eager_logp_entropy(logits: torch.Tensor, labels: torch.Tensor) -> Outputs:
-    return eager_logprobs(logits, labels, True)
-
-
 def _compiled_eager(logits: torch.Tensor, labels: torch.Tensor, return_entropy: bool) -> Outputs:
-    """``torch.compile`` of ``eager``, one function per output set: each sees (shapes x
-    dtypes x grad / no grad) = 6 variants, under dynamo's per-function graph limit."""
-    target = _eager_logp_entropy if return_entropy else _eager_logp
-    return harness.compiled(target)(logits, labels)
+    """``torch.compile`` of ``eager``, one variant per output set: each sees (shapes x
+    dtypes x grad / no grad) = 6 graphs, under dynamo's per-function graph limit."""
+    variant = "logp+entropy" if return_entropy else "logp"
+    return peers.compiled(eager_logprobs, variant)(logits, labels, return_entropy)
 
 
 def liger_logprobs(loss_cls: Any) -> Callable[[torch.Tensor, torch.Tensor, bool], Outputs]:
@@ -214,22 +186,15 @@ def trl_logprobs(
     return run
 
 
-def provider_fn(
-    provider: str, device: torch.device
-) -> Callable[[torch.Tensor, torch.Tensor, bool], Outputs]:
-    if provider == "liger":
-        return liger_logprobs(harness.require_peer(*LIGER_ENTRY, device))
-    if provider == "trl":
-        return trl_logprobs(*(harness.require_peer(*entry, device) for entry in TRL_ENTRIES))
-    return PROVIDER_FNS[provider]
-
-
-PROVIDER_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor, bool], Outputs]] = {
+#: Every provider's signature: (logits, labels, return_entropy) -> (logp,) or (logp, entropy).
+PROVIDERS = {
     "rlhf_fast": _rlhf_fast(inplace=False),
     "rlhf_fast-inplace": _rlhf_fast(inplace=True),
     "eager": eager_logprobs,
     "eager-chunked": chunked_logprobs,
     "compile": _compiled_eager,
+    "liger": cases.peer(liger_logprobs, LIGER),
+    "trl": cases.peer(trl_logprobs, *TRL_ENTRIES),
 }
 
 
@@ -270,44 +235,30 @@ def bytes_moved(shape: tuple[int, int], dtype: torch.dtype, mode: str) -> int:
 # --------------------------------------------------------------------------- one case
 
 
-def _gate_rows(labels: torch.Tensor) -> torch.Tensor:
-    """Rows compared against the float64 reference: all, or GATE_ROWS spread + ignored."""
-    n = labels.shape[0]
-    if n <= GATE_ALL_ROWS:
-        return torch.arange(n, device=labels.device)
-    spread = torch.linspace(0, n - 1, GATE_ROWS, device=labels.device).long()
-    ignored = (labels == IGNORE_INDEX).nonzero().flatten()[:4]
-    return torch.unique(torch.cat([spread, ignored]))
-
-
 def _gate(case: Case, inp: Inputs, fn: Callable[..., Outputs]) -> tuple[bool, dict[str, float]]:
-    """Run the provider once and compare logp, entropy and grad with the float64 reference."""
-    rows = _gate_rows(inp.labels)
+    """Run the provider once and compare logp, entropy and grad with the float64 reference
+    (all rows, or GATE_ROWS spread + ignored ones)."""
+    rows = gates.gate_rows(inp.labels, IGNORE_INDEX, spread=GATE_ROWS, all_rows=GATE_ALL_ROWS)
     backward = case.mode != "fwd"
     ref_logits = inp.logits[rows].detach().to(torch.float64).requires_grad_(backward)
     ref = reference.logprobs(
-        ref_logits, inp.labels[rows], ignore_index=IGNORE_INDEX, return_entropy=case.entropy
+        ref_logits, inp.labels[rows], ignore_index=IGNORE_INDEX, return_entropy=entropy(case)
     )
     ref = ref if isinstance(ref, tuple) else (ref,)
     grads = (inp.g_logp, inp.g_entropy)[: len(ref)]
 
-    if case.provider in OVERWRITE_LOGITS:
-        # a copy as an op's output (not a leaf, which inplace_backward refuses): clone()
-        # of a detached alias requiring grad; autograd.grad w.r.t. x stops at x
-        x = inp.logits.detach().requires_grad_(backward).clone()
-    else:
-        x = inp.logits.detach().requires_grad_(backward)
-    outs = fn(x, inp.labels, case.entropy)
+    x = provider_input(inp.logits, backward, fresh=case.provider in OVERWRITE_LOGITS)
+    outs = fn(x, inp.labels, entropy(case))
     names = ("logp", "entropy")
     errors: dict[str, float] = {}
     ok = len(outs) == len(ref)
     for name, out, r in zip(names, outs, ref):
-        good, errors[name] = harness.check_close(out[rows], r, TOLERANCE[case.dtype])
+        good, errors[name] = gates.check_close(out[rows], r, TOLERANCE[case.dtype])
         ok &= good
     if backward:
         (grad,) = torch.autograd.grad(outs, x, grads)
         (ref_grad,) = torch.autograd.grad(ref, ref_logits, tuple(g[rows].double() for g in grads))
-        good, errors["grad"] = harness.check_close(grad[rows], ref_grad, TOLERANCE[case.dtype])
+        good, errors["grad"] = gates.check_close(grad[rows], ref_grad, TOLERANCE[case.dtype])
         ok &= good
     return ok, errors
 
@@ -315,92 +266,32 @@ def _gate(case: Case, inp: Inputs, fn: Callable[..., Outputs]) -> tuple[bool, di
 def _timed(
     case: Case, inp: Inputs, fn: Callable[..., Outputs]
 ) -> tuple[Callable[..., Any], Callable[[], Any] | None]:
-    """The timed call and its untimed per-call setup (or None) for the case's mode."""
-    labels, entropy = inp.labels, case.entropy
-    grads = (inp.g_logp, inp.g_entropy)[: 2 if entropy else 1]
-
-    fresh = case.provider in OVERWRITE_LOGITS
-    if case.mode == "fwd":
-        if fresh:
-            return (lambda x: fn(x, labels, entropy)), lambda: inp.logits.detach().clone()
-        logits = inp.logits.detach()
-        return (lambda: fn(logits, labels, entropy)), None
-
-    leaf = None if fresh else inp.logits.detach().requires_grad_(True)
-
-    def new_leaf() -> torch.Tensor:  # the fresh copy is not a leaf: see _gate
-        return inp.logits.detach().requires_grad_(True).clone() if fresh else leaf
-
-    if case.mode == "fwd+bwd":
-
-        def fwd_bwd(x: torch.Tensor) -> Any:
-            return torch.autograd.grad(fn(x, labels, entropy), x, grads)
-
-        if fresh:
-            return fwd_bwd, new_leaf
-        return (lambda: fwd_bwd(leaf)), None
-
-    def build_graph() -> tuple[torch.Tensor, Outputs]:
-        x = new_leaf()
-        return x, fn(x, labels, entropy)
-
-    def bwd(state: tuple[torch.Tensor, Outputs]) -> Any:
-        x, outs = state
-        return torch.autograd.grad(outs, x, grads)
-
-    return bwd, build_graph
+    """The timed call and its untimed per-call setup (or None) for the case's mode, with
+    random upstream gradients for log-prob and entropy."""
+    labels, with_entropy = inp.labels, entropy(case)
+    grads = (inp.g_logp, inp.g_entropy)[: 2 if with_entropy else 1]
+    return cases.timed_calls(inp.logits, lambda x: fn(x, labels, with_entropy), case.mode,
+                             fresh=case.provider in OVERWRITE_LOGITS, grads=grads)
 
 
-
-def unavailable(case: Case, device: torch.device) -> str | None:
-    """Why `case` cannot run on `device` (None when it can)."""
-    if case.provider == "compile" and device.type != "cuda":
-        return "torch.compile skipped in CPU quick mode"
-    if case.provider == "liger":
-        reason = harness.peer_entry(*LIGER_ENTRY, device)[1]
-        if reason is None and case.entropy:
-            return "Liger-Kernel's cross entropy has no entropy output"
-        return reason
-    if case.provider == "trl":
-        reasons = (harness.peer_entry(*entry, device)[1] for entry in TRL_ENTRIES)
-        return next((reason for reason in reasons if reason is not None), None)
+def _skip(case: Case, device: torch.device) -> str | None:
+    if case.provider == "liger" and entropy(case):
+        return "Liger-Kernel's cross entropy has no entropy output"
     return None
 
 
-def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], str | None]:
-    """Gate and time one case. Returns its row and the pytest outcome to raise (or None).
-
-    All tensors live in this frame, so they are freed before the caller raises a
-    skip / xfail / fail (whose traceback would otherwise keep gigabytes alive).
-    """
-    device = session.device
-    row_args = dict(
-        op=OP,
-        shape=case.shape,
-        dtype=case.dtype,
-        provider=case.provider,
-        mode=case.mode,
-        variant=case.variant,
-    )
-    reason = unavailable(case, device)
-    if reason is not None:
-        return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
-
-    inp = make_inputs(case.shape, case.dtype, device)
-    return harness.gate_and_time(
-        benchmark=benchmark, device=device, row_args=row_args,
-        group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
-        provider=lambda: provider_fn(case.provider, device),
-        gate=lambda fn: _gate(case, inp, fn),
-        prepare=lambda fn: _timed(case, inp, fn),
-        columns=lambda timing: dict(
-            bytes_moved=bytes_moved(case.shape, case.dtype, case.mode),
-            copy_bandwidth=session.copy_bandwidth,
-        ),
-    )
+SUITE = cases.Suite(
+    OP, GPU_SHAPES, QUICK_SHAPES, MODES, PROVIDERS, variants=VARIANTS,
+    make_inputs=lambda case, device: make_inputs(case.shape, case.dtype, device),
+    gate=_gate,
+    timed=_timed,
+    columns=cases.copy_bandwidth_columns(
+        lambda case: bytes_moved(case.shape, case.dtype, case.mode)
+    ),
+    skip=_skip,
+    label=label,
+)
 
 
 def test_logprobs(case: Case, bench_session: Any, benchmark: Any) -> None:
-    row, outcome = run_case(case, bench_session, benchmark)
-    bench_session.add(row)
-    harness.report_outcome(row, outcome, case.provider)
+    SUITE.run_test(case, bench_session, benchmark)

@@ -5,9 +5,9 @@ Options:
     --bench-out DIR  where ``<op>.json`` / ``<op>.md`` are written (default: ``results/``
                      next to this file)
 
-Each suite appends rows (``harness.make_row``) to the session-scoped ``bench_session``
-fixture; at the end of the session one JSON + markdown pair is written per op and the
-tables are printed.
+Each suite declares its cases (``SUITE``, a `cases.Suite`) and appends their rows
+(`report.make_row`) to the session-scoped ``bench_session`` fixture; at the end of the
+session one JSON + markdown pair is written per op and the tables are printed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from rlhf_fast.benchmarks import harness
+from rlhf_fast.benchmarks import report, timing
 
 NO_GPU_NOTE = (
     "No CUDA GPU: these numbers come from the CPU fallback at tiny shapes and say nothing "
@@ -61,13 +61,13 @@ class BenchSession:
     def copy_bandwidth(self) -> float:
         """Measured copy bandwidth (bytes/s), once per session, before any suite allocates."""
         if self._copy_bandwidth is None:
-            self._copy_bandwidth = harness.measure_copy_bandwidth(self.device)
+            self._copy_bandwidth = timing.measure_copy_bandwidth(self.device)
         return self._copy_bandwidth
 
     def info(self) -> dict[str, Any]:
         """Device stamp plus how the numbers were taken."""
         if self._info is None:
-            info = harness.device_info()
+            info = report.device_info()
             info["rlhf_fast_backend"] = _rlhf_fast_backend(self.device)
             info["quick"] = self.quick
             info["copy_bandwidth"] = self.copy_bandwidth
@@ -85,8 +85,9 @@ class BenchSession:
                 "GB/s: the bytes an ideal implementation must move (each suite's module "
                 "docstring gives its byte count) over the median time. Fraction of "
                 "roofline: that over the measured copy bandwidth, or for GEMM-bound ops "
-                "(linear_logprobs, linear_grpo) the minimal FLOPs over the measured bf16 "
-                "GEMM rate (e2e: the model FLOPs, i.e. model FLOPs utilisation).",
+                "(linear_logprobs, linear_ppo_loss, linear_dpo_loss) the minimal FLOPs over "
+                "the measured bf16 GEMM rate (e2e: the model FLOPs, i.e. model FLOPs "
+                "utilisation).",
             ]
             info["notes"] = notes
             self._info = info
@@ -98,12 +99,12 @@ class BenchSession:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Each suite's ``case`` parameter: its ``cases(quick)``, ids from ``Case.id``.
+    """Each suite's ``case`` parameter: its ``SUITE.cases(quick)``, ids from ``Case.id``.
     Quick shapes with --quick, and always without a CUDA GPU."""
-    cases = getattr(metafunc.module, "cases", None)
-    if "case" in metafunc.fixturenames and cases is not None:
+    suite = getattr(metafunc.module, "SUITE", None)
+    if "case" in metafunc.fixturenames and suite is not None:
         quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
-        all_cases = cases(quick)
+        all_cases = suite.cases(quick)
         metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
@@ -159,7 +160,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     info = session.info()
     for op, rows in session.rows.items():
-        markdown = harness.write_results(rows, info, session.out_dir, op)
+        markdown = report.write_results(rows, info, session.out_dir, op)
         terminalreporter.write_sep("=", f"rlhf-fast bench: {op}")
         terminalreporter.write_line(markdown)
         out = os.path.join(session.out_dir, op)

@@ -97,18 +97,18 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    try:
-        from rlhf_fast.benchmarks import harness
+    try:  # the results' reader only: neither pytest nor the suites
+        from rlhf_fast.benchmarks import report
     except ImportError as exc:
         parser.error(f"{exc.name} is needed to report: pip install 'rlhf-fast[bench]'")
     readme = Path(args.readme) if args.readme else None
     try:
         link_from = readme.parent if readme is not None else Path.cwd()
-        section = harness.readme_section(args.results, link_from)
+        section = report.readme_section(args.results, link_from)
         if readme is None:
             print(section, end="")
         else:
-            harness.replace_readme_section(readme, section)
+            report.replace_readme_section(readme, section)
             print(f"updated the benchmark block of {readme} from {args.results}")
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))

@@ -101,14 +101,14 @@ def test_bench_e2e_quick_on_cpu_writes_table_summary_and_plot(tmp_path: Path) ->
 
 
 def test_summary_flags_rows_slower_than_a_peer_or_far_from_roofline() -> None:
-    from rlhf_fast.benchmarks import harness
+    from rlhf_fast.benchmarks import report
 
     def row(provider: str, median: float, frac: float | None, shape=(4, 8)) -> dict:
         timing = {"median_ms": median, "p25_ms": median, "p75_ms": median}
-        return harness.make_row(op="x", shape=shape, dtype="bf16", provider=provider,
-                                mode="fwd", timing=timing, frac_roofline=frac)
+        return report.make_row(op="x", shape=shape, dtype="bf16", provider=provider,
+                               mode="fwd", timing=timing, frac_roofline=frac)
 
-    lines = harness.summarize([
+    lines = report.summarize([
         row("rlhf_fast", 2.0, 0.9), row("rlhf_fast-inplace", 1.0, 0.8), row("eager", 3.0, None),
         row("rlhf_fast", 2.0, 0.5, (8, 8)), row("compile", 1.0, None, (8, 8)),
     ])
@@ -144,16 +144,16 @@ def test_bench_grpo_quick_on_cpu_lists_the_gpu_only_peer_as_skipped(tmp_path: Pa
 
 def _fake_results(directory: Path, gpu: bool) -> None:
     """Two ops' results as `rlhf-fast bench` writes them, with a plot for one."""
-    from rlhf_fast.benchmarks import harness
+    from rlhf_fast.benchmarks import report
 
     info = {"device": "NVIDIA H100 80GB HBM3" if gpu else "cpu", "driver": "570.1",
             "torch": "2.11.0", "triton": "3.6.0", "date": "2026-11-25", "gpu": gpu}
 
     def row(op: str, provider: str, median: float, peak_mib: int, **extra) -> dict:
         timing = {"median_ms": median, "p25_ms": median, "p75_ms": median}
-        return harness.make_row(op=op, shape=(8, 1024), dtype="bf16", provider=provider,
-                                mode="fwd+bwd", timing=timing, peak_bytes=peak_mib * 2**20,
-                                **extra)
+        return report.make_row(op=op, shape=(8, 1024), dtype="bf16", provider=provider,
+                               mode="fwd+bwd", timing=timing, peak_bytes=peak_mib * 2**20,
+                               **extra)
 
     directory.mkdir(parents=True)
     for name, rows in {
@@ -199,6 +199,55 @@ def test_report_says_when_results_come_from_the_cpu(tmp_path: Path, capsys) -> N
     assert out.startswith("**These results come from the CPU fallback")
 
 
+def test_report_imports_neither_pytest_nor_the_suites(tmp_path: Path) -> None:
+    """`rlhf-fast report` only reads results: it runs where pytest is not installed."""
+    _fake_results(tmp_path / "results", gpu=True)
+    check = (
+        "import sys; from rlhf_fast.cli import main; code = main(sys.argv[1:]); "
+        "print('imported:', sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('pytest', '_pytest', 'pytest_benchmark') or m.startswith('rlhf_fast.benchmarks.')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", check, "report", "--results", str(tmp_path / "results")],
+        cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "| grpo | 8x1024 bf16 |" in proc.stdout
+    assert "imported: ['rlhf_fast.benchmarks.report']" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_bench_names_are_the_public_ops_and_two_workloads() -> None:
+    """One name per op: `rlhf-fast bench <name>` runs ``bench_<name>.py``, named after
+    the public op it measures; ``grpo`` (log-probs + PPO loss from logits) and ``e2e``
+    (the trainers' steps) are the workloads."""
+    import rlhf_fast
+    from rlhf_fast.cli import known_ops
+
+    names = set(known_ops())
+    assert names == {"dpo_loss", "e2e", "gae", "group_advantages", "grpo", "linear_dpo_loss",
+                     "linear_logprobs", "linear_ppo_loss", "logprobs", "masked_whiten",
+                     "ppo_loss"}
+    for name in names - {"grpo", "e2e"}:
+        assert callable(getattr(rlhf_fast, name, None)), name
+
+
+def test_no_suite_imports_another() -> None:
+    """What two suites share lives in a module that is not a suite."""
+    import ast
+
+    from rlhf_fast.cli import known_ops
+
+    suites = {f"bench_{name}" for name in known_ops()}
+    for name, path in known_ops().items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                imported |= {(node.module or "").rsplit(".", 1)[-1]} | {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.rsplit(".", 1)[-1] for a in node.names}
+        assert not imported & suites, (name, imported & suites)
+
+
 def test_report_errors_name_what_is_missing(tmp_path: Path, capsys) -> None:
     import pytest
 
@@ -223,7 +272,7 @@ def test_bench_k_runs_only_the_selected_cases(tmp_path: Path) -> None:
     """`-k` narrows a tuning rerun to some providers / modes; the results hold those only."""
     out_dir = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-c", RUN_CLI, "bench", "ppo", "--quick", "--out", str(out_dir),
+        [sys.executable, "-c", RUN_CLI, "bench", "ppo_loss", "--quick", "--out", str(out_dir),
          "-k", "rlhf_fast and fwd+bwd"],
         cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True, timeout=600,
     )

@@ -25,25 +25,35 @@ import torch
 
 from rlhf_fast.benchmarks import (
     bench_gae,
+    bench_group_advantages,
     bench_grpo,
-    bench_linear_dpo,
-    bench_linear_grpo,
+    bench_linear_dpo_loss,
     bench_linear_logprobs,
+    bench_linear_ppo_loss,
     bench_logprobs,
-    harness,
+    bench_masked_whiten,
+    lm_head,
+    objectives,
+    peers,
 )
 
 CPU = torch.device("cpu")
+
+
+def logprobs_case(shape, dtype: torch.dtype, entropy: bool, mode: str, provider: str):
+    """A case of the logprobs suite: log-probs, with the entropy where `entropy`."""
+    variant = "logp+entropy" if entropy else "logp"
+    return bench_logprobs.SUITE.case(shape, mode, provider, dtype=dtype, variant=variant)
 
 
 @pytest.mark.parametrize("mode", bench_logprobs.MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_liger_cross_entropy_adapter_passes_the_logprobs_gate(mode: str, dtype: torch.dtype):
     shape = (96, 1031)
-    case = bench_logprobs.Case(shape, dtype, False, mode, "liger")
+    case = logprobs_case(shape, dtype, False, mode, "liger")
     inp = bench_logprobs.make_inputs(shape, dtype, CPU)
     before = inp.logits.clone()
-    fn = bench_logprobs.provider_fn("liger", CPU)
+    fn = bench_logprobs.SUITE.provider_fn(case, CPU)
     ok, errors = bench_logprobs._gate(case, inp, fn)
     assert ok, errors
     assert set(errors) == ({"logp"} if mode == "fwd" else {"logp", "grad"})
@@ -54,8 +64,8 @@ def test_liger_cross_entropy_adapter_passes_the_logprobs_gate(mode: str, dtype: 
 
 
 def test_liger_cross_entropy_has_no_entropy_row():
-    row, outcome = bench_logprobs.run_case(
-        bench_logprobs.Case((8, 16), torch.float32, True, "fwd", "liger"),
+    row, outcome = bench_logprobs.SUITE.run_case(
+        logprobs_case((8, 16), torch.float32, True, "fwd", "liger"),
         _Session(), benchmark=None,
     )
     assert outcome == "skip"
@@ -65,10 +75,10 @@ def test_liger_cross_entropy_has_no_entropy_row():
 @pytest.mark.parametrize("mode", bench_linear_logprobs.MODES)
 def test_liger_fused_linear_adapter_passes_the_linear_logprobs_gate(mode: str):
     shape = bench_linear_logprobs.QUICK_SHAPES[-1]
-    case = bench_linear_logprobs.Case(shape, mode, "liger")
-    assert bench_linear_logprobs.unavailable("liger", CPU) is None
+    case = bench_linear_logprobs.SUITE.case(shape, mode, "liger")
+    assert bench_linear_logprobs.SUITE.unavailable(case, CPU) is None
     inp = bench_linear_logprobs.make_inputs(shape, CPU)
-    fn = bench_linear_logprobs.provider_fn("liger", mode, CPU)
+    fn = bench_linear_logprobs.SUITE.provider_fn(case, CPU)
     ok, errors = bench_linear_logprobs._gate(case, inp, fn)
     assert ok, errors
     if mode == "fwd+bwd":
@@ -105,11 +115,11 @@ def trl_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 def test_trl_helpers_pass_the_logprobs_gate(trl_path: TrlPath, dtype: torch.dtype,
                                             entropy: bool, mode: str):
     shape = (96, 1031)
-    case = bench_logprobs.Case(shape, dtype, entropy, mode, "trl")
-    assert bench_logprobs.unavailable(case, CPU) is None
+    case = logprobs_case(shape, dtype, entropy, mode, "trl")
+    assert bench_logprobs.SUITE.unavailable(case, CPU) is None
     inp = bench_logprobs.make_inputs(shape, dtype, CPU)
     before = inp.logits.clone()
-    fn = bench_logprobs.provider_fn("trl", CPU)
+    fn = bench_logprobs.SUITE.provider_fn(case, CPU)
     ok, errors = bench_logprobs._gate(case, inp, fn)
     assert ok, errors
     expected = {"logp", "entropy"} if entropy else {"logp"}
@@ -126,10 +136,10 @@ def test_trl_helpers_pass_the_logprobs_gate(trl_path: TrlPath, dtype: torch.dtyp
 @pytest.mark.parametrize("mode", bench_linear_logprobs.MODES)
 def test_trl_fused_head_passes_the_linear_logprobs_gate(trl_path: TrlPath, mode: str):
     shape = bench_linear_logprobs.QUICK_SHAPES[-1]
-    case = bench_linear_logprobs.Case(shape, mode, "trl")
-    assert bench_linear_logprobs.unavailable("trl", CPU) is None
+    case = bench_linear_logprobs.SUITE.case(shape, mode, "trl")
+    assert bench_linear_logprobs.SUITE.unavailable(case, CPU) is None
     inp = bench_linear_logprobs.make_inputs(shape, CPU)
-    fn = bench_linear_logprobs.provider_fn("trl", mode, CPU)
+    fn = bench_linear_logprobs.SUITE.provider_fn(case, CPU)
     ok, errors = bench_linear_logprobs._gate(case, inp, fn)
     assert ok, errors
     assert set(errors) == ({"logp"} if mode == "fwd" else {"logp", "grad_hidden", "grad_weight"})
@@ -151,7 +161,7 @@ def test_the_gate_rejects_trl_at_another_temperature():
                                                        temperature=2.0, row_mask=mask)
 
     for mode in bench_logprobs.MODES:
-        case = bench_logprobs.Case(shape, torch.float32, True, mode, "trl")
+        case = logprobs_case(shape, torch.float32, True, mode, "trl")
         ok, errors = bench_logprobs._gate(case, inp, hot_logprobs)
         assert not ok and errors["logp"] > 0.1, errors
 
@@ -159,13 +169,13 @@ def test_the_gate_rejects_trl_at_another_temperature():
     inp = bench_linear_logprobs.make_inputs(shape, CPU)
 
     def hot_head(hidden, weight, labels):
-        mask = labels != bench_linear_logprobs.IGNORE_INDEX
+        mask = labels != lm_head.IGNORE_INDEX
         logp = utils._ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask],
                                                    2.0, 1024, None, 1.0, ("log_probs",))[0]
         return logp.new_zeros(labels.shape).masked_scatter(mask, logp)
 
     for mode in bench_linear_logprobs.MODES:
-        case = bench_linear_logprobs.Case(shape, mode, "trl")
+        case = bench_linear_logprobs.SUITE.case(shape, mode, "trl")
         ok, errors = bench_linear_logprobs._gate(case, inp, hot_head)
         assert not ok and errors["logp"] > 0.1, errors
 
@@ -187,19 +197,19 @@ def no_trl(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in [name for name in sys.modules if name.split(".")[0] == "trl"]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(sys, "meta_path", [_NotInstalled("trl"), *sys.meta_path])
-    harness._import_attr.cache_clear()  # forget the imports cached with TRL present
+    peers._import_attr.cache_clear()  # forget the imports cached with TRL present
     yield
-    harness._import_attr.cache_clear()
+    peers._import_attr.cache_clear()
 
 
 @pytest.mark.usefixtures("no_trl")
 def test_a_missing_trl_is_a_skipped_row_in_both_suites():
     cases = [
-        (bench_logprobs, bench_logprobs.Case((8, 16), torch.float32, True, "fwd+bwd", "trl")),
-        (bench_linear_logprobs, bench_linear_logprobs.Case((8, 4, 16), "fwd+bwd", "trl")),
+        logprobs_case((8, 16), torch.float32, True, "fwd+bwd", "trl"),
+        bench_linear_logprobs.SUITE.case((8, 4, 16), "fwd+bwd", "trl"),
     ]
-    for suite, case in cases:
-        row, outcome = suite.run_case(case, _Session(), benchmark=None)
+    for case in cases:
+        row, outcome = case.suite.run_case(case, _Session(), benchmark=None)
         assert outcome == "skip"
         assert row["status"] == "skipped: trl not installed"
         assert row["provider"] == "trl" and row["median_ms"] is None
@@ -210,7 +220,7 @@ def test_a_peer_missing_a_dependency_says_which(tmp_path: Path,
     """TRL carried to a GPU without one of its dependencies is not "not installed"."""
     (tmp_path / "peer_without_its_dependency.py").write_text("import no_such_dependency_x\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert harness.peer_entry("trl", "peer_without_its_dependency", "f", CPU) == (
+    assert peers.peer_entry("trl", "peer_without_its_dependency", "f", CPU) == (
         None, "peer_without_its_dependency failed to import: ModuleNotFoundError: "
               "No module named 'no_such_dependency_x'")
 
@@ -219,20 +229,20 @@ def test_a_peer_missing_a_dependency_says_which(tmp_path: Path,
 @pytest.mark.parametrize("provider", ["rlhf_fast", "rlhf_fast-inplace", "liger", "eager"])
 def test_grpo_providers_pass_the_gate_and_leave_the_logits_alone(provider: str, mode: str):
     shape = bench_grpo.QUICK_SHAPES[-1]
-    case = bench_grpo.Case(shape, mode, provider)
+    case = bench_grpo.SUITE.case(shape, mode, provider)
     inp = bench_grpo.make_inputs(shape, CPU)
     assert 0 < int(inp.mask.sum()) < inp.mask.numel()  # padding present
     before = inp.logits.clone()
-    fn = bench_grpo.provider_fn(provider, mode, CPU)
+    fn = bench_grpo.SUITE.provider_fn(case, CPU)
     ok, errors = bench_grpo._gate(case, inp, fn)
     assert ok, errors
     assert set(errors) == ({"loss"} if mode == "fwd" else {"loss", "grad"})
-    timed, setup = bench_grpo._timed(case, inp, fn)
+    timed, setup = bench_grpo.SUITE.timed(case, inp, fn)
     out = timed(setup()) if setup is not None else timed()
     if mode == "fwd":
         assert out.shape == ()
     else:
-        assert out[0].shape == case.logits_shape
+        assert out[0].shape == bench_grpo.logits_shape(case.shape)
     assert torch.equal(inp.logits, before)
 
 
@@ -242,21 +252,21 @@ def test_grpo_gate_rejects_a_wrong_provider(bug: str):
     padding too, is reported wrong in both modes."""
     shape = bench_grpo.QUICK_SHAPES[-1]
     inp = bench_grpo.make_inputs(shape, CPU)
-    high = bench_grpo.CLIP_LOW if bug == "symmetric clip" else bench_grpo.CLIP_HIGH
+    high = objectives.CLIP_LOW if bug == "symmetric clip" else objectives.CLIP_HIGH
 
     def buggy(logits, ids, mask, old_logp, ref_logp, advantages):
         logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids.unsqueeze(-1))[..., 0]
         ratio = torch.exp(logp - old_logp)
         adv = advantages.unsqueeze(1)
-        clipped = torch.clamp(ratio, 1 - bench_grpo.CLIP_LOW, 1 + high)
+        clipped = torch.clamp(ratio, 1 - objectives.CLIP_LOW, 1 + high)
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-        per_token = -torch.min(ratio * adv, clipped * adv) + bench_grpo.BETA * kl
+        per_token = -torch.min(ratio * adv, clipped * adv) + objectives.GRPO_BETA * kl
         if bug == "padding in the mean":
             return per_token.mean()
         return (per_token * mask).sum() / mask.sum()
 
     for mode in bench_grpo.MODES:
-        ok, errors = bench_grpo._gate(bench_grpo.Case(shape, mode, "eager"), inp, buggy)
+        ok, errors = bench_grpo._gate(bench_grpo.SUITE.case(shape, mode, "eager"), inp, buggy)
         assert not ok, errors
 
 
@@ -264,83 +274,83 @@ def test_grpo_inputs_clip_at_both_bounds_but_never_sit_on_one():
     inp = bench_grpo.make_inputs(bench_grpo.QUICK_SHAPES[-1], CPU)
     log_ratio = inp.logp64 - inp.old_logp.double()
     ratio = log_ratio.exp()
-    assert (ratio < 1 - bench_grpo.CLIP_LOW).float().mean() > 0.05
-    assert (ratio > 1 + bench_grpo.CLIP_HIGH).float().mean() > 0.05
-    for edge in (math.log(1 - bench_grpo.CLIP_LOW), math.log(1 + bench_grpo.CLIP_HIGH)):
-        assert (log_ratio - edge).abs().min() >= bench_grpo.CLIP_EDGE_MARGIN - 1e-6
+    assert (ratio < 1 - objectives.CLIP_LOW).float().mean() > 0.05
+    assert (ratio > 1 + objectives.CLIP_HIGH).float().mean() > 0.05
+    for edge in (math.log(1 - objectives.CLIP_LOW), math.log(1 + objectives.CLIP_HIGH)):
+        assert (log_ratio - edge).abs().min() >= objectives.CLIP_EDGE_MARGIN - 1e-6
     assert (inp.advantages > 0).any() and (inp.advantages < 0).any()
 
 
-@pytest.mark.parametrize("mode", bench_linear_grpo.MODES)
+@pytest.mark.parametrize("mode", bench_linear_ppo_loss.MODES)
 @pytest.mark.parametrize("provider", ["rlhf_fast", "liger", "eager"])
-@pytest.mark.parametrize("suite", [bench_linear_grpo, bench_linear_dpo],
-                         ids=["linear_grpo", "linear_dpo"])
+@pytest.mark.parametrize("suite", [bench_linear_ppo_loss, bench_linear_dpo_loss],
+                         ids=["linear_ppo_loss", "linear_dpo_loss"])
 def test_hidden_state_loss_providers_pass_the_gate(suite, provider: str, mode: str):
     """rlhf_fast.linear_ppo_loss / linear_dpo_loss, Liger-Kernel's chunked fused linear
     GRPO / DPO losses (pure PyTorch: no interpreter needed; its DPO runs the reference
     model inside) and eager on materialised logits, against float64."""
     shape = suite.QUICK_SHAPES[-1]
-    assert suite.unavailable(provider, CPU) is None
+    case = suite.SUITE.case(shape, mode, provider)
+    assert suite.SUITE.unavailable(case, CPU) is None
     inp = suite.make_inputs(shape, CPU)
-    fn = suite.provider_fn(provider, mode, CPU)
-    ok, errors = bench_linear_grpo.gate_loss_from_hidden(suite.Case(shape, mode, provider),
-                                                         inp, fn)
+    fn = suite.SUITE.provider_fn(case, CPU)
+    ok, errors = lm_head.gate_loss_from_hidden(case, inp, fn)
     assert ok, errors
     assert set(errors) == (
         {"loss"} if mode == "fwd" else {"loss", "grad_hidden", "grad_weight"}
     )
 
 
-def test_linear_grpo_gate_rejects_a_loss_averaged_over_the_padding():
-    shape = bench_linear_grpo.QUICK_SHAPES[-1]
-    inp = bench_linear_grpo.make_inputs(shape, CPU)
+def test_linear_ppo_loss_gate_rejects_a_loss_averaged_over_the_padding():
+    shape = bench_linear_ppo_loss.QUICK_SHAPES[-1]
+    inp = bench_linear_ppo_loss.make_inputs(shape, CPU)
 
     def padded_mean(hidden, weight, ids, mask, old_logp, ref_logp, advantages):
-        logp = bench_grpo.eager_token_logps(hidden @ weight.T, ids)
+        logp = objectives.eager_token_logps(hidden @ weight.T, ids)
         everything = torch.ones_like(mask)
-        return bench_grpo.eager_grpo_objective(logp, everything, old_logp, ref_logp, advantages)
+        return objectives.eager_grpo_objective(logp, everything, old_logp, ref_logp, advantages)
 
-    for mode in bench_linear_grpo.MODES:
-        case = bench_linear_grpo.Case(shape, mode, "eager")
-        ok, errors = bench_linear_grpo.gate_loss_from_hidden(case, inp, padded_mean)
+    for mode in bench_linear_ppo_loss.MODES:
+        case = bench_linear_ppo_loss.SUITE.case(shape, mode, "eager")
+        ok, errors = lm_head.gate_loss_from_hidden(case, inp, padded_mean)
         assert not ok, errors
 
 
-def test_linear_dpo_gate_rejects_liger_misconfigured_to_average_log_probs():
+def test_linear_dpo_loss_gate_rejects_liger_misconfigured_to_average_log_probs():
     """The gate catches a peer set up for another objective: Liger's DPO loss with
     length-averaged sequence log-probs (its ``average_log_prob=True``) is not sigmoid DPO
     on summed log-probs."""
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-    shape = bench_linear_dpo.QUICK_SHAPES[-1]
-    inp = bench_linear_dpo.make_inputs(shape, CPU)
-    loss_fn = LigerFusedLinearDPOLoss(beta=bench_linear_dpo.BETA, compiled=False,
+    shape = bench_linear_dpo_loss.QUICK_SHAPES[-1]
+    inp = bench_linear_dpo_loss.make_inputs(shape, CPU)
+    loss_fn = LigerFusedLinearDPOLoss(beta=bench_linear_dpo_loss.BETA, compiled=False,
                                       average_log_prob=True)
 
     def averaged(hidden, weight, labels, ref_hidden, ref_weight):
         return loss_fn(weight, hidden, labels, ref_input=ref_hidden, ref_weight=ref_weight)[0]
 
-    for mode in bench_linear_dpo.MODES:
-        case = bench_linear_dpo.Case(shape, mode, "liger")
-        ok, errors = bench_linear_grpo.gate_loss_from_hidden(case, inp, averaged)
+    for mode in bench_linear_dpo_loss.MODES:
+        case = bench_linear_dpo_loss.SUITE.case(shape, mode, "liger")
+        ok, errors = lm_head.gate_loss_from_hidden(case, inp, averaged)
         assert not ok, errors
 
 
 def test_peer_entry_says_why_a_peer_cannot_run(monkeypatch: pytest.MonkeyPatch):
-    entry, reason = harness.peer_entry("liger", "liger_kernel.transformers",
-                                       "LigerCrossEntropyLoss", CPU)
+    entry, reason = peers.peer_entry("liger", "liger_kernel.transformers",
+                                     "LigerCrossEntropyLoss", CPU)
     assert entry is not None and reason is None  # interpreter on: CI can gate it
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert harness.peer_entry(
+    assert peers.peer_entry(
         "liger", "liger_kernel.transformers", "LigerCrossEntropyLoss", CPU
     ) == (None, "liger_kernel runs on CUDA (or TRITON_INTERPRET=1) only")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert harness.peer_entry("cce", "no_such_module_cce", "linear_cross_entropy", CPU) == (
+    assert peers.peer_entry("cce", "no_such_module_cce", "linear_cross_entropy", CPU) == (
         None, "no_such_module_cce not installed")
-    assert harness.peer_entry("cce", "cut_cross_entropy", "linear_cross_entropy", CPU)[1] in (
+    assert peers.peer_entry("cce", "cut_cross_entropy", "linear_cross_entropy", CPU)[1] in (
         "cut_cross_entropy runs on CUDA only", "cut_cross_entropy not installed")
     monkeypatch.delenv("TRITON_INTERPRET")  # TRL picks torch ops off CUDA: no interpreter
-    entry, reason = harness.peer_entry("trl", "trl.trainer.utils", "selective_log_softmax", CPU)
+    entry, reason = peers.peer_entry("trl", "trl.trainer.utils", "selective_log_softmax", CPU)
     assert entry is not None and reason is None
 
 
@@ -351,13 +361,18 @@ class _Session:
     copy_bandwidth = None
 
 
+def forward_gate(suite, shape, fn):
+    """A forward-only suite's gate on its inputs at `shape`, for the provider `fn`."""
+    case = suite.SUITE.case(shape, "fwd", "rlhf_fast")
+    return suite.SUITE.gate(case, suite.SUITE.make_inputs(case, CPU), fn)
+
+
 @pytest.mark.parametrize("provider", bench_gae.PROVIDERS)
 def test_gae_providers_pass_the_gate(provider: str, monkeypatch: pytest.MonkeyPatch):
     """Every GAE provider, the compiled ones run eagerly (compiling is the GPU's cost,
     the function compiled is what must be right)."""
-    monkeypatch.setattr(harness, "compiled", lambda fn: fn)
-    inp = bench_gae.make_inputs((6, 40), CPU)
-    ok, errors = bench_gae._gate(inp, bench_gae.PROVIDER_FNS[provider])
+    monkeypatch.setattr(peers, "compiled", lambda fn, variant="": fn)
+    ok, errors = forward_gate(bench_gae, (6, 40), bench_gae.PROVIDERS[provider])
     assert ok, errors
     assert max(errors.values()) < 1e-6
 
@@ -366,31 +381,30 @@ def test_gae_gate_rejects_a_loop_without_the_mask():
     def unmasked(rewards, values, mask):
         return bench_gae.loop_gae(rewards, values, torch.ones_like(mask))
 
-    ok, _ = bench_gae._gate(bench_gae.make_inputs((6, 40), CPU), unmasked)
+    ok, _ = forward_gate(bench_gae, (6, 40), unmasked)
     assert not ok
 
 
-@pytest.mark.parametrize("variant, provider", [
-    (variant, provider) for variant in (bench_gae.WHITEN, bench_gae.GROUP)
-    for provider in bench_gae.OPS[variant].fns
-])
-def test_gae_suite_whiten_and_group_providers_pass_the_gate(
-    variant: str, provider: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("suite, provider", [
+    (suite, provider) for suite in (bench_masked_whiten, bench_group_advantages)
+    for provider in suite.PROVIDERS
+], ids=lambda value: getattr(value, "OP", value))
+def test_whiten_and_group_providers_pass_the_gate(
+    suite, provider: str, monkeypatch: pytest.MonkeyPatch
 ):
     """masked_whiten's and group_advantages' providers, compiled ones run eagerly."""
-    monkeypatch.setattr(harness, "compiled", lambda fn: fn)
-    op = bench_gae.OPS[variant]
-    shape = (6, 40) if variant == bench_gae.WHITEN else (48,)
-    ok, errors = op.gate(bench_gae.make_inputs(shape, CPU), op.fns[provider])
+    monkeypatch.setattr(peers, "compiled", lambda fn, variant="": fn)
+    shape = (6, 40) if suite is bench_masked_whiten else (48,)
+    ok, errors = forward_gate(suite, shape, suite.PROVIDERS[provider])
     assert ok, errors
     assert max(errors.values()) < 1e-6
 
 
-def test_gae_suite_gate_rejects_a_biased_whiten():
+def test_masked_whiten_gate_rejects_a_biased_whiten():
     def biased(x, mask):  # variance over n, not n - 1
-        mean = bench_gae.masked_mean(x, mask)
-        var = bench_gae.masked_mean((x - mean) ** 2, mask)
-        return (x - mean) * torch.rsqrt(var + bench_gae.WHITEN_EPS) * mask
+        mean = bench_masked_whiten.masked_mean(x, mask)
+        var = bench_masked_whiten.masked_mean((x - mean) ** 2, mask)
+        return (x - mean) * torch.rsqrt(var + bench_masked_whiten.WHITEN_EPS) * mask
 
-    ok, errors = bench_gae._gate_whiten(bench_gae.make_inputs((6, 40), CPU), biased)
+    ok, errors = forward_gate(bench_masked_whiten, (6, 40), biased)
     assert not ok, errors

@@ -15,7 +15,7 @@ Providers (same inputs, same process):
 
 No peer library takes per-token log-probs: Liger-Kernel's PPO-family losses start from
 logits or hidden states, and are benchmarked against ours in the ``grpo`` and
-``linear_grpo`` suites.
+``linear_ppo_loss`` suites.
 
 Modes: ``fwd`` (no input requires grad: the loss and its statistics only), ``bwd``
 (the backward alone; the forward building its graph runs untimed before each call) and
@@ -33,7 +33,6 @@ does both: 78 N bytes.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -41,13 +40,14 @@ import torch
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.benchmarks import harness
+from rlhf_fast.benchmarks import cases, gates
+from rlhf_fast.benchmarks.cases import Case
+from rlhf_fast.benchmarks.inputs import right_padded_mask
 
 OP = "ppo_loss"
 GPU_SHAPES = [(64, 512), (64, 4096), (512, 512), (512, 4096)]
 QUICK_SHAPES = [(8, 64), (16, 200)]
 DTYPE = torch.float32
-PROVIDERS = ("rlhf_fast", "eager", "compile")
 MODES = ("fwd", "bwd", "fwd+bwd")
 TOLERANCE = 1e-5
 
@@ -71,29 +71,6 @@ TENSOR_NAMES = (
 )
 #: Inputs that get gradients in the backward modes.
 GRAD_NAMES = ("logp", "entropy", "values")
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One benchmark case: shape, mode and provider."""
-
-    shape: tuple[int, int]
-    mode: str
-    provider: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.shape[0]}x{self.shape[1]}-fp32-{self.mode}-{self.provider}"
-
-
-def cases(quick: bool) -> list[Case]:
-    """All cases, in table order: shape, mode, provider."""
-    return [
-        Case(shape, mode, provider)
-        for shape in (QUICK_SHAPES if quick else GPU_SHAPES)
-        for mode in MODES
-        for provider in PROVIDERS
-    ]
 
 
 # --------------------------------------------------------------------------- providers
@@ -137,17 +114,9 @@ def eager_ppo_loss(
 
 
 def rlhf_fast_ppo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    ref_logp: torch.Tensor,
-    entropy: torch.Tensor,
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    *,
-    impl: Callable[..., Any] | None = None,
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    ref_logp: torch.Tensor, entropy: torch.Tensor, values: torch.Tensor,
+    old_values: torch.Tensor, returns: torch.Tensor, *, impl: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     """``rlhf_fast.ppo_loss`` (or `impl`, e.g. the reference) with the benchmark's settings."""
     out = (impl or rlhf_fast.ppo_loss)(
@@ -171,26 +140,10 @@ def rlhf_fast_ppo_loss(
     return out.loss
 
 
-def _eager_fwd(*args: torch.Tensor) -> torch.Tensor:
-    return eager_ppo_loss(*args)
-
-
-def _eager_fwd_bwd(*args: torch.Tensor) -> torch.Tensor:
-    return eager_ppo_loss(*args)
-
-
-def compiled_ppo_loss(mode: str) -> Callable[..., torch.Tensor]:
-    """``torch.compile`` of ``eager``, one function per mode: each sees the GPU shapes only
-    (dynamo's per-function graph limit, see ``harness.compiled``)."""
-    return harness.compiled(_eager_fwd if mode == "fwd" else _eager_fwd_bwd)
-
-
-def provider_fn(provider: str, mode: str) -> Callable[..., torch.Tensor]:
-    if provider == "rlhf_fast":
-        return rlhf_fast_ppo_loss
-    if provider == "eager":
-        return eager_ppo_loss
-    return compiled_ppo_loss(mode)
+PROVIDERS = {
+    "rlhf_fast": rlhf_fast_ppo_loss,
+    **cases.eager_and_compiled(eager_ppo_loss),
+}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -206,9 +159,7 @@ def make_inputs(shape: tuple[int, int], device: torch.device) -> dict[str, torch
 
     logp = -torch.rand(shape, generator=gen, device=device, dtype=DTYPE) * 4.0
     values = randn()
-    lengths = torch.randint(t // 4, t + 1, (b,), generator=gen, device=device)
-    lengths[0] = t  # one full row
-    mask = torch.arange(t, device=device).unsqueeze(0) < lengths.unsqueeze(1)
+    mask = right_padded_mask(b, t, gen)
     return {
         "logp": logp,
         "old_logp": logp + randn(0.2),
@@ -249,12 +200,12 @@ def _gate(
     leaves = {k: inp[k].detach().clone().requires_grad_(backward) for k in GRAD_NAMES}
     loss = fn(*_args(inp, leaves))
     errors: dict[str, float] = {}
-    ok, errors["loss"] = harness.check_close(loss, ref_loss, TOLERANCE)
+    ok, errors["loss"] = gates.check_close(loss, ref_loss, TOLERANCE)
     if backward:
         grads = torch.autograd.grad(loss, [leaves[k] for k in GRAD_NAMES])
         ref_grads = torch.autograd.grad(ref_loss, [ref_leaves[k] for k in GRAD_NAMES])
         for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
-            good, errors[f"grad_{name}"] = harness.check_close(g, r, TOLERANCE)
+            good, errors[f"grad_{name}"] = gates.check_close(g, r, TOLERANCE)
             ok &= good
     return ok, errors
 
@@ -278,27 +229,14 @@ def _timed(
     return (lambda: torch.autograd.grad(fn(*args), wrt)), None
 
 
-def run_case(case: Case, session: Any, benchmark: Any) -> tuple[dict[str, Any], str | None]:
-    """Gate and time one case. Returns its row and the pytest outcome to raise (or None)."""
-    device = session.device
-    row_args = dict(op=OP, shape=case.shape, dtype=DTYPE, provider=case.provider, mode=case.mode)
-    if case.provider == "compile" and device.type != "cuda":
-        reason = "torch.compile skipped in CPU quick mode"
-        return harness.make_row(status=harness.status_skipped(reason), **row_args), "skip"
-
-    inp = make_inputs(case.shape, device)
-    return harness.gate_and_time(
-        benchmark=benchmark, device=device, row_args=row_args,
-        group=f"{OP} {case.id.removesuffix('-' + case.provider)}",
-        provider=lambda: provider_fn(case.provider, case.mode),
-        gate=lambda fn: _gate(case, inp, fn),
-        prepare=lambda fn: _timed(case, inp, fn),
-        columns=lambda timing: dict(bytes_moved=bytes_moved(case.shape, case.mode),
-                                    copy_bandwidth=session.copy_bandwidth),
-    )
+SUITE = cases.Suite(
+    OP, cases.sizes(GPU_SHAPES, DTYPE), cases.sizes(QUICK_SHAPES, DTYPE), MODES, PROVIDERS,
+    make_inputs=lambda case, device: make_inputs(case.shape, device),
+    gate=_gate,
+    timed=_timed,
+    columns=cases.copy_bandwidth_columns(lambda case: bytes_moved(case.shape, case.mode)),
+)
 
 
 def test_ppo_loss(case: Case, bench_session: Any, benchmark: Any) -> None:
-    row, outcome = run_case(case, bench_session, benchmark)
-    bench_session.add(row)
-    harness.report_outcome(row, outcome, case.provider)
+    SUITE.run_test(case, bench_session, benchmark)

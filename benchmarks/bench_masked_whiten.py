@@ -1,0 +1,108 @@
+"""Benchmark of `rlhf_fast.masked_whiten` against what trainers write instead.
+
+Inputs: the ``gae`` suite's fp32 values ``[B, T]`` and right-padded bool mask (each row
+a prefix of valid tokens, one row full), at its shapes. Forward only: the op runs under
+no_grad in a trainer.
+
+Providers (same inputs, same process):
+
+* ``rlhf_fast``: ``rlhf_fast.masked_whiten(x, mask)``: unbiased (n - 1) variance, 0 at
+  masked positions.
+* ``eager``: TRL's ``masked_whiten``: ``masked_mean`` (sum(x * mask) / sum(mask)),
+  ``masked_var`` with its n / (n - 1) correction (without its two checks of the mask
+  count, host syncs), ``(x - mean) * rsqrt(var + 1e-8)``, then times the mask, so that
+  padding is 0 as in ours (TRL's PPO trainer zeroes it after the call).
+* ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
+
+Every provider is first checked against ``rlhf_fast.reference.masked_whiten`` in float64
+on the same inputs (relative error <= 1e-5); one that does not match is reported "wrong"
+and not timed.
+
+Bytes-moved floor (GB/s column), with N = B * T: read x (fp32) and the mask, write the
+output (fp32): 4 N + N + 4 N = 9 N. The minimum: rlhf_fast's kernel reads x and the mask
+twice (statistics pass, then output pass), up to 14 N, and is measured against 9 N all
+the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import rlhf_fast
+from rlhf_fast import reference
+from rlhf_fast.benchmarks import cases, gates, peers
+from rlhf_fast.benchmarks.cases import Case
+from rlhf_fast.benchmarks.inputs import ADVANTAGE_QUICK_SHAPES, ADVANTAGE_SHAPES, advantage_inputs
+
+OP = "masked_whiten"
+GPU_SHAPES, QUICK_SHAPES = ADVANTAGE_SHAPES, ADVANTAGE_QUICK_SHAPES
+DTYPE = torch.float32
+MODES = ("fwd",)
+TOLERANCE = 1e-5
+#: Added to the variance: TRL's, and rlhf_fast.masked_whiten's default.
+WHITEN_EPS = 1e-8
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TRL's masked_mean: sum(x * mask) / sum(mask)."""
+    return (x * mask).sum() / mask.sum()
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TRL's masked_var(unbiased=True), without its checks of sum(mask) (host syncs)."""
+    centered = x - masked_mean(x, mask)
+    count = mask.sum()
+    return masked_mean(centered**2, mask) * (count / (count - 1))
+
+
+def eager_masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TRL's masked_whiten, then times the mask: 0 at padded positions, as ours."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    return (x - mean) * torch.rsqrt(var + WHITEN_EPS) * mask
+
+
+def rlhf_fast_masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return rlhf_fast.masked_whiten(x, mask, eps=WHITEN_EPS)
+
+
+def compiled_masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return peers.compiled(eager_masked_whiten)(x, mask)
+
+
+PROVIDERS: dict[str, Callable[..., torch.Tensor]] = {
+    "rlhf_fast": rlhf_fast_masked_whiten,
+    "eager": eager_masked_whiten,
+    "compile": compiled_masked_whiten,
+}
+
+
+# --------------------------------------------------------------------------- one case
+
+
+ARGS = ("values", "mask")
+
+
+def reference_masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return reference.masked_whiten(values, mask, eps=WHITEN_EPS)
+
+
+SUITE = cases.Suite(
+    OP, cases.sizes(GPU_SHAPES, DTYPE), cases.sizes(QUICK_SHAPES, DTYPE), MODES, PROVIDERS,
+    # the gae suite's inputs: its values and mask are whitened
+    make_inputs=lambda case, device: advantage_inputs(case.shape, DTYPE, device),
+    gate=gates.forward_gate(reference_masked_whiten, ARGS, ("whitened",), TOLERANCE),
+    timed=cases.forward_call(ARGS),
+    # the floor (module docstring): 9 N bytes
+    columns=cases.copy_bandwidth_columns(lambda case: (4 + 1 + 4) * math.prod(case.shape)),
+)
+
+
+def test_masked_whiten(case: Case, bench_session: Any, benchmark: Any) -> None:
+    SUITE.run_test(case, bench_session, benchmark)
