@@ -49,3 +49,18 @@ def poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", poisoned)
     return poisoned
+
+
+@pytest.fixture
+def poisoned(poisoned_empty, monkeypatch):
+    """`poisoned_empty`, and torch.empty_like NaN-filled too (for float tensors: the
+    gradients an op allocates like its inputs)."""
+    real_empty_like = torch.empty_like
+
+    def poisoned_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty_like", poisoned_like)

@@ -30,20 +30,6 @@ KERNEL_BACKWARD = "DPOLossFunctionBackward"
 NAN = float("nan")
 
 
-@pytest.fixture
-def poisoned(poisoned_empty, monkeypatch):
-    """The conftest's poisoned torch.empty, and torch.empty_like too (the gradients)."""
-    real_empty_like = torch.empty_like
-
-    def poisoned_like(*args, **kwargs):
-        t = real_empty_like(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(NAN)
-        return t
-
-    monkeypatch.setattr(torch, "empty_like", poisoned_like)
-
-
 def random_upstream(shape):
     """A random upstream gradient, |g| in [0.5, 1.5): never so small that a fp16 gradient
     underflows to subnormals (a test artefact, not a kernel error)."""

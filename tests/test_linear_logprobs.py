@@ -94,20 +94,6 @@ def test_reference_is_log_softmax_of_the_materialised_logits():
 # ----------------------------------------------------------------- op vs reference
 
 
-@pytest.fixture
-def poisoned(poisoned_empty, monkeypatch):
-    """poisoned_empty, and torch.empty_like poisoned too (d weight is allocated with it)."""
-    real_empty_like = torch.empty_like
-
-    def poisoned_like(*args, **kwargs):
-        t = real_empty_like(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty_like", poisoned_like)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias, temperature", [(True, 1.0), (False, 0.7), (True, 1.5)])
 def test_matches_reference(dtype, bias, temperature, poisoned):
