@@ -4,8 +4,10 @@ Math, per valid token t (A advantage, r = exp(logp - old_logp), eps_l / eps_h cl
 
     pg  = max(-A r, -A clip(r, 1 - eps_l, 1 + eps_h))         d pg / d logp = -A r, or 0 when
           and, with dual clip c, for A < 0: min(pg, -A c)      a clip is the active branch
-    kl  = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: e^(ref - logp) - (ref - logp) - 1
-          d kl / d logp = 1 | logp - ref | 1 - e^(ref - logp)
+    kl  = with x = ref - logp: k1: -x | k2: x^2 / 2 | k3: e^x - x - 1 | abs: |x| |
+          low_var_kl: min(k3 of clamp(x, -20, 20), 10)   (`reference.kl_penalty`)
+          d kl / d logp = 1 | -x | 1 - e^x | -sign(x) | 1 - e^x, 0 where a clamp holds;
+          a "+" estimator (straight through): its kl, the d kl / d logp of k2
     vl  = max((v - R)^2, (old_v + clip(v - old_v, -eps_v, eps_v) - R)^2) / 2
           d vl / d v = v - R, or 0 when the clipped branch is the larger (NaN for a NaN old_v)
     loss = agg(pg) + kl_coef agg(kl) - entropy_coef agg(H) + vf_coef agg(vl)
@@ -52,7 +54,10 @@ AGG_CODES = {
     "seq-mean-token-sum": 2,
     "seq-mean-token-sum-norm": 3,
 }
-KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
+KL_STRAIGHT_THROUGH = 8  # added to an estimator's code: the gradient of k2
+KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5}
+KL_CODES |= {f"{name}+": code + KL_STRAIGHT_THROUGH for name, code in KL_CODES.items()
+             if name != "k2"}
 
 
 @dataclass(frozen=True)
@@ -109,16 +114,29 @@ def _policy_terms(logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL:
 @triton.jit
 def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
     diff = logp - ref_logp
-    if KL_EST == 1:
+    if KL_EST % 8 == 1:
         kl = diff
         d_kl = tl.full(diff.shape, 1.0, diff.dtype)
-    elif KL_EST == 2:
+    elif KL_EST % 8 == 2:
         kl = 0.5 * diff * diff
         d_kl = diff
+    elif KL_EST % 8 == 4:
+        kl = tl.abs(diff)
+        d_kl = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))  # torch's: 0 at NaN
+    elif KL_EST % 8 == 5:
+        x = -diff
+        clamped = (x > 20.0) | (x < -20.0)  # False at NaN: NaN stays NaN, as the reference
+        x = tl.where(x > 20.0, 20.0, tl.where(x < -20.0, -20.0, x))
+        r = tl.exp(x)
+        k3 = r - x - 1.0
+        kl = tl.where(k3 > 10.0, 10.0, k3)
+        d_kl = tl.where(clamped | (k3 > 10.0), 0.0, 1.0 - r)
     else:
         r = tl.exp(-diff)
         kl = r + diff - 1.0
         d_kl = 1.0 - r
+    if KL_EST >= 8:
+        d_kl = diff
     return kl, d_kl
 
 

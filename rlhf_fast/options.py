@@ -216,7 +216,7 @@ PPO_OPTIONS = OptionSet((
     Option("kl_coef", 0.0, real(">= 0.0", lambda v: 0 <= v < math.inf),
            "weight of the KL to the reference (needs ref_logp when > 0)"),
     Option("kl_estimator", "k3", one_of(KL_ESTIMATORS),
-           "estimator of KL(pi || pi_ref) per token: k1, k2 or k3 (Schulman)"),
+           "estimator of KL(pi || pi_ref) per token (verl's names; `reference.kl_penalty`)"),
     Option("entropy_coef", 0.0, real("finite", math.isfinite),
            "weight of the entropy bonus, subtracted from the loss (needs entropy when != 0)"),
     Option("value_clip", 0.2, real(">= 0.0 (inf: no clipping)", lambda v: v >= 0),

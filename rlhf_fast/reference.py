@@ -130,12 +130,32 @@ def linear_logprobs(
 # --------------------------------------------------------------------------- ppo_loss
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3)."""
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi, with verl's names
+    (Schulman, "Approximating KL divergence", 2020; x = ref_logp - logp):
+
+        k1 = -x   k2 = x^2 / 2   k3 = e^x - x - 1 (unbiased, >= 0)   abs = |x|
+        low_var_kl = min(k3 of clamp(x, -20, 20), 10)
+
+    k3 is Schulman's, unclamped (as TRL's); verl computes "k3" as low_var_kl, clamped for
+    numerical safety (its gradient is 0 where a clamp holds). A trailing "+" (k1+, k3+,
+    abs+, low_var_kl+, as verl's kl_penalty) is straight through: the estimator's value
+    with the gradient of k2, d/d logp = logp - ref_logp, whose expectation is the
+    gradient of the KL where k1's and k3's are not."""
+    if estimator.endswith("+"):
+        k2 = kl_penalty(logp, ref_logp, "k2")
+        return k2 - k2.detach() + kl_penalty(logp, ref_logp, estimator[:-1]).detach()
     if estimator == "k1":
         return logp - ref_logp
     if estimator == "k2":
         return 0.5 * (logp - ref_logp) ** 2
+    if estimator == "abs":
+        return (logp - ref_logp).abs()
     log_r = ref_logp - logp  # k3: r - log r - 1 with r = pi_ref / pi, unbiased and >= 0
+    if estimator == "low_var_kl":  # clamps as where: NaN stays NaN (torch.clamp's
+        # gradient at NaN differs between torch versions)
+        log_r = torch.where(log_r > 20, 20.0, torch.where(log_r < -20, -20.0, log_r))
+        k3 = torch.exp(log_r) - log_r - 1
+        return torch.where(k3 > 10, 10.0, k3)
     return torch.exp(log_r) - log_r - 1
 
 

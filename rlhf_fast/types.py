@@ -12,7 +12,8 @@ import torch
 
 # --------------------------------------------------------------------------- ppo_loss
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+#: verl's names (`reference.kl_penalty`); a trailing "+": straight through, the gradient of k2.
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "abs+", "low_var_kl+")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 

@@ -93,6 +93,21 @@ def test_equals_linear_logprobs_then_ppo_loss(agg, chunk, monkeypatch):
         assert rel_err(got, exact) < 1e-10
 
 
+@pytest.mark.parametrize("kl_estimator", ["abs", "low_var_kl+"])
+def test_kl_estimators_on_the_fused_path(kl_estimator):
+    """Estimators beside k3 from hidden states, against the reference."""
+    case = make_case()
+    upstream = 1.0 + torch.rand((), dtype=F64)
+    options = dict(OPTIONS, kl_estimator=kl_estimator)
+    out, grads = run(fused, *case, upstream, **options)
+    ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *case, upstream,
+                         **options)
+    for name, got, exact in zip(out._fields, out, ref):
+        assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
+    for got, exact in zip(grads, ref_grads):
+        assert rel_err(got, exact) < 1e-10
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_low_precision_against_the_float64_reference(dtype, tol):
     hidden, weight, bias, labels, ppo = make_case(dtype=dtype)

@@ -9,7 +9,7 @@ import torch
 import rlhf_fast
 from helpers import rel_err
 from rlhf_fast import reference
-from rlhf_fast.types import AGG_MODES
+from rlhf_fast.types import AGG_MODES, KL_ESTIMATORS
 
 DIFFERENTIABLE = ("logp", "entropy", "values")
 # Coefficients exactly representable in fp32: the kernels take scalars as fp32, so the
@@ -105,6 +105,76 @@ def test_reference_hand_case_policy_clip_and_kl():
         assert out.ratio_mean.item() == pytest.approx(1.25)
         assert out.ratio_max.item() == pytest.approx(2.0)
         assert out.approx_kl.item() == pytest.approx(0.5 * math.log(2) ** 2)
+
+
+def test_reference_kl_estimators_hand_case():
+    """Values and d / d logp of every estimator, from Schulman's formulas (x = ref - logp)
+    and verl's clamps, on log-ratios inside and beyond them."""
+    xs = [-0.5, 3.0, -3.0, -29.0]  # k3 = e^x - x - 1: 0.107, 16.1 (> 10), 2.05, 28 (x < -20)
+    logp = torch.full((4,), -1.0, dtype=torch.float64, requires_grad=True)
+    ref = logp.detach() + torch.tensor(xs, dtype=torch.float64)
+    k3 = [math.exp(x) - x - 1 for x in xs]
+    d_k3 = [1 - math.exp(x) for x in xs]
+    lv = [math.exp(max(x, -20)) - max(x, -20) - 1 for x in xs]
+    expected = {
+        "k1": ([-x for x in xs], [1.0] * 4),
+        "k2": ([x * x / 2 for x in xs], [-x for x in xs]),
+        "k3": (k3, d_k3),
+        "abs": ([abs(x) for x in xs], [-math.copysign(1, x) for x in xs]),
+        "low_var_kl": ([min(v, 10) for v in lv], [d_k3[0], 0.0, d_k3[2], 0.0]),
+    }
+    for name, (values, _) in list(expected.items()):
+        if name != "k2":  # straight through: the value, and k2's gradient logp - ref
+            expected[name + "+"] = (values, [-x for x in xs])
+    assert set(expected) == set(KL_ESTIMATORS)
+    for name, (values, grads) in expected.items():
+        kl = reference.kl_penalty(logp, ref, name)
+        (grad,) = torch.autograd.grad(kl.sum(), logp)
+        assert kl.tolist() == pytest.approx(values, rel=1e-12), name
+        assert grad.tolist() == pytest.approx(grads, rel=1e-12), name
+
+
+def verl_kl_penalty(logp, ref_logp, name):
+    """verl's kl_penalty (verl/trainer/ppo/core_algos.py), rewritten from its code: its
+    "k3" is clamped, as low_var_kl."""
+    if name.endswith("+"):
+        k2 = 0.5 * (logp - ref_logp).square()
+        return k2 - k2.detach() + verl_kl_penalty(logp, ref_logp, name[:-1]).detach()
+    if name == "k1":
+        return logp - ref_logp
+    if name == "abs":
+        return (logp - ref_logp).abs()
+    if name == "k2":
+        return 0.5 * (logp - ref_logp).square()
+    kl = torch.clamp(ref_logp - logp, min=-20, max=20)
+    return torch.clamp(kl.exp() - kl - 1, min=-10, max=10)
+
+
+def test_reference_kl_agrees_with_verl_but_for_an_unclamped_k3():
+    logp = (-torch.rand(500, dtype=torch.float64) * 5).requires_grad_()
+    ref = logp.detach() + torch.linspace(-30, 30, 500, dtype=torch.float64)
+    for name in KL_ESTIMATORS:
+        ours, theirs = reference.kl_penalty(logp, ref, name), verl_kl_penalty(logp, ref, name)
+        (g_ours,) = torch.autograd.grad(ours.sum(), logp)
+        (g_theirs,) = torch.autograd.grad(theirs.sum(), logp)
+        if name in ("k3", "k3+"):  # Schulman's k3, as TRL's: verl clamps it at 10
+            big = ours > 10
+            assert big.any() and (~big).any()
+            assert (theirs[big] == 10).all() and torch.equal(ours[~big], theirs[~big])
+            assert torch.equal(g_ours[~big], g_theirs[~big]), name
+            continue
+        assert torch.equal(ours, theirs), name
+        assert torch.equal(g_ours, g_theirs), name
+
+
+@pytest.mark.parametrize("kl_estimator", KL_ESTIMATORS)
+def test_kl_estimators_match_reference(kl_estimator):
+    """Log-ratios from -35.5 to 35.5 along every row: low_var_kl's clamps hold on some
+    tokens of the full row and not on others."""
+    batch = random_batch()
+    offsets = torch.linspace(-35.5, 35.5, batch["logp"].shape[1], dtype=torch.float64)
+    batch["ref_logp"] = batch["logp"] + offsets
+    compare(batch, dict(FULL, kl_estimator=kl_estimator), tol=1e-10)
 
 
 def test_reference_hand_case_dual_clip_and_value_loss():
