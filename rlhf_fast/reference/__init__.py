@@ -1,0 +1,30 @@
+"""Plain PyTorch versions of every rlhf-fast op.
+
+This package is the specification: each function here has the same signature and the
+same semantics as the public op of the same name, written as plainly as a textbook.
+It is the oracle the tests compare the Triton kernels against (in float64), and the
+CPU fallback the trainers use when Triton cannot run. Readable first, fast second.
+"""
+
+from rlhf_fast.reference.advantages import (
+    discounted_returns,
+    gae,
+    group_advantages,
+    masked_mean,
+    masked_whiten,
+)
+from rlhf_fast.reference.policy import aggregate, kl_penalty, ppo_loss
+from rlhf_fast.reference.preference import EXO_DEFAULT_EPS, dpo_loss, log_sigmoid
+from rlhf_fast.reference.tokens import (
+    fits_dtype,
+    ignored_labels,
+    linear_logprobs,
+    logprobs,
+    sequence_logps,
+)
+
+__all__ = [
+    "EXO_DEFAULT_EPS", "aggregate", "discounted_returns", "dpo_loss", "fits_dtype", "gae",
+    "group_advantages", "ignored_labels", "kl_penalty", "linear_logprobs", "log_sigmoid",
+    "logprobs", "masked_mean", "masked_whiten", "ppo_loss", "sequence_logps",
+]

@@ -1,0 +1,132 @@
+"""Advantage estimators and the masked statistics they normalise with."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlhf_fast.options import GAE_OPTIONS
+from rlhf_fast.reference.common import compute_dtype
+
+
+@GAE_OPTIONS.keywords
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, last_value: Tensor | None = None,
+        **options: Any) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the valid positions of each row.
+
+    Args:
+        rewards, values: ``[B, T]`` float tensors.
+        mask: ``[B, T]``, nonzero = valid. Masked positions are skipped: each valid token
+            links to the next valid one of its row (left / right padding, holes).
+        last_value: ``[B]`` value after each row's last valid token (bootstrap for a
+            truncated sequence); None means 0.
+
+    Returns:
+        ``(advantages, returns)`` ``[B, T]`` in fp32 (fp64 if rewards or values are fp64):
+        delta_t = r_t + gamma * V_next - V_t, A_t = delta_t + gamma * lam * A_next,
+        returns = A + V; exactly 0 at masked positions.
+    """
+    opt = GAE_OPTIONS.fill(options)
+    gamma, lam = opt.gamma, opt.lam
+    dtype = compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
+    r, v, valid = rewards.to(dtype), values.to(dtype), mask != 0
+    B, T = r.shape
+    next_value = torch.zeros(B, dtype=dtype, device=r.device)
+    if last_value is not None:
+        next_value = last_value.to(dtype).clone()
+    next_adv = torch.zeros(B, dtype=dtype, device=r.device)
+    advantages = torch.zeros(B, T, dtype=dtype, device=r.device)
+    for t in reversed(range(T)):
+        ok = valid[:, t]
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(ok, adv, torch.zeros_like(adv))
+        # A masked position leaves the "next valid" state untouched.
+        next_adv = torch.where(ok, adv, next_adv)
+        next_value = torch.where(ok, v[:, t], next_value)
+    returns = torch.where(valid, advantages + v, torch.zeros_like(advantages))
+    return advantages, returns
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0,
+                       last_value: Tensor | None = None) -> Tensor:
+    """R_t = r_t + gamma * R_next over the valid positions of each row (R after the last
+    valid one: `last_value` ``[B]``, or 0). ``[B, T]`` fp32 (fp64 for fp64 rewards), 0 where
+    masked."""
+    dtype = compute_dtype(rewards.dtype)
+    r, valid = rewards.to(dtype), mask != 0
+    B, T = r.shape
+    running = torch.zeros(B, dtype=dtype, device=r.device)
+    if last_value is not None:
+        running = last_value.to(dtype).clone()
+    out = torch.zeros(B, T, dtype=dtype, device=r.device)
+    for t in reversed(range(T)):
+        running = torch.where(valid[:, t], r[:, t] + gamma * running, running)
+        out[:, t] = torch.where(valid[:, t], running, torch.zeros_like(running))
+    return out
+
+
+def group_advantages(
+    scores: torch.Tensor, group_size: int, *, scale: str | None = "std", eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO advantages: ``scores [B]`` in groups of `group_size` consecutive samples,
+    A_i = (s_i - mean_g) / (std_g + eps) (scale="std", unbiased std as torch.std; a group of
+    one has std 0, so A = 0), or s_i - mean_g (scale=None). ``[B]`` fp32 (fp64 for fp64).
+    A group of equal scores gives exactly 0."""
+    s = scores.to(compute_dtype(scores.dtype)).reshape(-1, group_size)
+    # Deviations from the group's first score, a shift the result does not depend on:
+    # equal scores give d = 0, hence A = 0 exactly, where s - mean would not (the mean of
+    # 64 scores of 0.7 rounds in fp32, and 6e-8 / (std 6e-8 + eps) is 0.06). d's mean
+    # errs relative to the group's spread, not to its magnitude.
+    d = s - s[:, :1]
+    adv = d - d.mean(dim=1, keepdim=True)
+    if scale == "std":
+        std = d.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(s)
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of the entries of `x` where `mask` (same shape, nonzero = valid) is set, over
+    the whole tensor (dim=None) or along `dim`; NaN where there is no valid entry. fp32
+    (fp64 for fp64 x)."""
+    valid = mask != 0
+    xs = x.to(compute_dtype(x.dtype))
+    # where(), not x * mask: a NaN under the mask must not leak (in value or gradient).
+    xs = torch.where(valid, xs, torch.zeros_like(xs))
+    if dim is None:
+        return xs.sum() / valid.sum()
+    return xs.sum(dim) / valid.sum(dim)
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the valid entries of the whole tensor, with the
+    unbiased (n - 1) variance, as TRL's masked_whiten; a single valid entry has variance 0.
+    shift_mean=False adds the mean back. fp32 (fp64 for fp64 x), 0 where masked. Equal
+    valid entries give exactly 0 (their own value with shift_mean=False)."""
+    valid = mask != 0
+    xs = x.to(compute_dtype(x.dtype))
+    xs = torch.where(valid, xs, torch.zeros_like(xs))
+    selected = xs[valid]
+    n = selected.numel()
+    # Deviations from the first valid entry (a constant: the result does not depend on
+    # it), as in group_advantages: equal entries give deviations, hence outputs, of
+    # exactly 0, where x - mean would not (the mean rounds).
+    shift = selected[:1].detach().sum()  # 0 without valid entries
+    mean_d = (selected - shift).sum() / n
+    mean = shift + mean_d
+    dev = (selected - shift) - mean_d
+    # 1 / sqrt(var + eps) with both terms divided by big^2 first, big a constant >= every
+    # |dev| and sqrt(eps): squared deviations past ~1e19 would overflow fp32.
+    root_eps = torch.tensor(math.sqrt(eps), dtype=xs.dtype, device=xs.device)
+    big = torch.cat((dev.detach().abs(), root_eps.view(1))).amax()
+    var_over_big2 = ((dev / big) ** 2).sum() / max(n - 1, 1)
+    out = ((xs - shift) - mean_d) / (big * torch.sqrt(var_over_big2 + (root_eps / big) ** 2))
+    if not shift_mean:
+        out = out + mean
+    return torch.where(valid, out, torch.zeros_like(out))
