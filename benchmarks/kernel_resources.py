@@ -211,6 +211,15 @@ def _ppo_loss() -> None:
     out.loss.backward()
 
 
+def _ppo_sequence_loss() -> None:
+    import rlhf_fast
+
+    x = _ppo_inputs()
+    out = rlhf_fast.ppo_loss(x["logp"], x["old_logp"], x["advantages"], x["mask"],
+                             policy_loss="gspo", agg="seq-mean-token-mean")
+    out.loss.backward()
+
+
 def _advantages() -> None:
     import rlhf_fast
 
@@ -235,6 +244,7 @@ WORKLOADS: dict[str, Callable[[], None]] = {
     "logprobs (V 151936, 128256; bf16; logp + entropy, fwd + bwd)": _logprobs,
     "linear_logprobs (V 128256; bf16; fwd + bwd)": _linear_logprobs,
     "ppo_loss (64 x 4096; every term; fwd + bwd)": _ppo_loss,
+    "ppo_loss gspo (64 x 4096; policy term; fwd + bwd)": _ppo_sequence_loss,
     "linear_ppo_loss (8 x 512 tokens, V 128256; bf16)": _linear_ppo_loss,
     "gae, group_advantages, masked_whiten / mean (64 x 4096)": _advantages,
     "sequence_logps + dpo_loss (16 x 4096)": _dpo,

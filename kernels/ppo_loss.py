@@ -1,9 +1,19 @@
 """PPO loss: clipped surrogate + KL penalty + entropy bonus + clipped value loss, fused.
 
-Math, per valid token t (A advantage, r = exp(logp - old_logp), eps_l / eps_h clip range):
+Math, per valid token t (A advantage, r = exp(logp - old_logp), eps_l / eps_h clip range,
+[l, h] = [1 - eps_l, 1 + eps_h]; `reference.policy_terms` has every policy loss in full):
 
-    pg  = max(-A r, -A clip(r, 1 - eps_l, 1 + eps_h))         d pg / d logp = -A r, or 0 when
-          and, with dual clip c, for A < 0: min(pg, -A c)      a clip is the active branch
+    pg  vanilla   max(-A r, -A clip(r, l, h)),        d pg / d logp = -A r, or 0 when a
+                  for A < 0 with dual clip c: min(pg, -A c)      clip is the active branch
+        cispo     -sg(clip(r, l, h)) A logp                      -clip(r, l, h) A
+        sapo      -A 4/tau sigmoid(tau (r - 1))                  -4 A s (1 - s) r
+        gpg       -A logp                                        -A
+        dppo_*    -A sg(min(r, c)) logp, 0 where dropped         -A min(r, c), or 0
+        gspo      the vanilla term of s = exp(min(m, 10)), m the row's mean log-ratio:
+                  d pg_t / d m = -A_t s (0 clipped), d loss / d logp_t = (1/n) sum_t' w dpg_t'/dm
+        gspo_token  the same value, d loss / d logp_t = w d pg_t / d m (its own token)
+        geo_mean  -A exp(m), m the row's mean of the log-ratio clipped on A's side:
+                  d loss / d logp_t = (1/n) sum_t' w (-A_t' e^m), times 0 where t is clipped
     kl  = with x = ref - logp: k1: -x | k2: x^2 / 2 | k3: e^x - x - 1 | abs: |x| |
           low_var_kl: min(k3 of clamp(x, -20, 20), 10)   (`reference.kl_penalty`)
           d kl / d logp = 1 | -x | 1 - e^x | -sign(x) | 1 - e^x, 0 where a clamp holds;
@@ -20,13 +30,15 @@ is that weight times the per-token derivative above:
     seq-mean-token-sum        w = 1 / (non-empty rows)
     seq-mean-token-sum-norm   w = 1 / (B * max_len)
 
-Three launches, each one pass: the forward reads every input once, one program per tile
-of BLOCK_T tokens of a row (grid [B, T / BLOCK_T]: at B = 64, T = 4096 that is 256
-programs, where one per row would leave half of an H100's 132 SMs idle), and writes ten
-partial sums per tile; a one-program kernel reduces those [B, tiles, 10] partials in a
-fixed order (each row's tiles first, deterministic, no atomics) into the loss terms and
-statistics; the backward reads the inputs once more, tile by tile, and writes d logp,
-d entropy and d values together. BLOCK_T is a function of T alone. Masked tokens are
+Three launches, each one pass (four for gspo, gspo_token and geo_mean: a first pass sums
+each tile's log-ratios, the segment reduction their row mean needs): the forward reads
+every input once, one program per tile of BLOCK_T tokens of a row (grid [B, T / BLOCK_T]:
+at B = 64, T = 4096 that is 256 programs, where one per row would leave half of an H100's
+132 SMs idle), and writes its partial sums (N_ROW_STATS columns); a one-program kernel
+reduces those [B, tiles, N_ROW_STATS] partials in a fixed order (each row's tiles first,
+deterministic, no atomics) into the loss terms and statistics; the backward reads the
+inputs once more, tile by tile, and writes d logp, d entropy and d values together.
+BLOCK_T is a function of T alone. Masked tokens are
 never read: they contribute 0 and get gradient 0.
 """
 
@@ -42,18 +54,26 @@ import triton.language as tl
 from rlhf_fast.kernels.common import cast, fp64_arg, nonzero, split_fp64
 
 # Per-tile partials, in this column order: valid tokens, sums of pg, kl, entropy, vl,
-# clipped tokens, ratio, then max ratio, sum of log-ratio^2, value-clipped tokens.
-N_ROW_STATS = 10
+# clipped tokens, ratio, then max ratio, sum of log-ratio^2, value-clipped tokens, tokens
+# clipped at the upper bound, dual-clipped tokens; for the sequence losses, written by the
+# first pass: valid tokens and sum of (clipped) log-ratios, then sum of d pg / d m.
+N_ROW_STATS = 15
 ROW_STATS = tl.constexpr(N_ROW_STATS)  # the same, readable inside the kernels
 # Scalar outputs, in the order of `PPOLossOutput`: loss, policy_loss, value_loss, kl,
-# entropy, clipfrac, approx_kl, ratio_mean, ratio_max, value_clipfrac.
-N_OUTPUTS = 10
+# entropy, clipfrac, approx_kl, ratio_mean, ratio_max, value_clipfrac, clipfrac_low,
+# clipfrac_high, dual_clipfrac.
+N_OUTPUTS = 13
 AGG_CODES = {
     "token-mean": 0,
     "seq-mean-token-mean": 1,
     "seq-mean-token-sum": 2,
     "seq-mean-token-sum-norm": 3,
 }
+# The kernels' POLICY: these numbers, compared as literals there. >= 7: sequence losses;
+# 7 and 9 take their gradient through the row mean.
+POLICY_CODES = {"vanilla": 0, "cispo": 2, "sapo": 3, "gpg": 4, "dppo_tv": 5, "dppo_kl": 6,
+                "gspo": 7, "gspo_token": 8, "geo_mean": 9}
+DUAL_CLIP_CODE = 1  # vanilla with dual_clip
 KL_STRAIGHT_THROUGH = 8  # added to an estimator's code: the gradient of k2
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5}
 KL_CODES |= {f"{name}+": code + KL_STRAIGHT_THROUGH for name, code in KL_CODES.items()
@@ -66,8 +86,9 @@ class PPOKernelConfig:
 
     clip_low: float
     clip_high: float
-    has_dual: bool
-    dual_clip: float
+    policy_code: int
+    param_a: float  # dual clip c, sapo's tau_pos or dppo's clip_ratio_c
+    param_b: float  # sapo's tau_neg
     kl_code: int
     kl_coef: float
     entropy_coef: float
@@ -80,15 +101,27 @@ class PPOKernelConfig:
     def from_options(cls, opt: Any, n_positions: int) -> PPOKernelConfig:
         """From the checked `rlhf_fast.options.PPO_OPTIONS` of a call on ``[B, n_positions]``
         tensors (any object with those attributes)."""
+        code = POLICY_CODES[opt.policy_loss]
+        param_a, param_b = 0.0, 0.0
+        if opt.dual_clip is not None:
+            code, param_a = DUAL_CLIP_CODE, opt.dual_clip
+        elif opt.policy_loss == "sapo":
+            param_a, param_b = opt.tau_pos, opt.tau_neg
+        elif opt.policy_loss in ("dppo_tv", "dppo_kl"):
+            param_a = opt.clip_ratio_c
         return cls(
             clip_low=opt.clip_eps,
             clip_high=opt.clip_eps if opt.clip_eps_high is None else opt.clip_eps_high,
-            has_dual=opt.dual_clip is not None, dual_clip=opt.dual_clip or 0.0,
+            policy_code=code, param_a=param_a, param_b=param_b,
             kl_code=KL_CODES[opt.kl_estimator], kl_coef=opt.kl_coef,
             entropy_coef=opt.entropy_coef, value_clip=opt.value_clip, vf_coef=opt.vf_coef,
             agg_code=AGG_CODES[opt.agg],
             max_len=n_positions if opt.max_len is None else opt.max_len,
         )
+
+    @property
+    def is_sequence_loss(self) -> bool:
+        return self.policy_code >= POLICY_CODES["gspo"]
 
     def fp64_args(self, *names: str) -> list[float]:
         """The named settings as kernel arguments: each its `split_fp64` (hi, lo) pair."""
@@ -96,19 +129,103 @@ class PPOKernelConfig:
 
 
 @triton.jit
-def _policy_terms(logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL: tl.constexpr):
+def _policy_terms(logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, param_b,
+                  POLICY: tl.constexpr):
+    # (log-ratio, ratio, pg, d pg, clipped low, clipped high, dual) of each token; d pg is
+    # d pg / d logp, or d pg / d m for gspo and geo_mean (m = row_lr, the row's mean).
     log_ratio = logp - old_logp
     ratio = tl.exp(log_ratio)
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    clipped = pg_clipped > pg_unclipped
-    pg = tl.where(clipped, pg_clipped, pg_unclipped)
-    d_pg = tl.where(clipped, 0.0, pg_unclipped)
-    if HAS_DUAL:
-        dual = (adv < 0) & (pg > -adv * dual_clip)
-        pg = tl.where(dual, -adv * dual_clip, pg)
-        d_pg = tl.where(dual, 0.0, d_pg)
-    return log_ratio, ratio, pg, d_pg, clipped
+    no = tl.zeros(logp.shape, tl.int1)
+    low, high, dual = no, no, no
+    if POLICY <= 1 or POLICY == 7 or POLICY == 8:  # vanilla, dual clip, gspo, gspo_token
+        if POLICY <= 1:
+            r = ratio
+            d_r = ratio
+        else:
+            r = tl.zeros_like(logp) + tl.exp(tl.where(row_lr > 10.0, 10.0, row_lr))
+            d_r = tl.where(row_lr > 10.0, 0.0, r)
+        pg_unclipped = -adv * r
+        pg_clipped = -adv * tl.minimum(tl.maximum(r, 1.0 - clip_low), 1.0 + clip_high)
+        clipped = pg_clipped > pg_unclipped
+        pg = tl.where(clipped, pg_clipped, pg_unclipped)
+        d_pg = tl.where(clipped, 0.0, -adv * d_r)
+        low = clipped & (r < 1.0)
+        high = clipped & (r > 1.0)
+        if POLICY == 1:
+            dual = (adv < 0) & (pg > -adv * param_a)
+            pg = tl.where(dual, -adv * param_a, pg)
+            d_pg = tl.where(dual, 0.0, d_pg)
+    elif POLICY == 2:  # cispo; clamps as where: a NaN ratio stays NaN
+        upper = 1.0 + clip_high
+        lower = 1.0 - clip_low
+        w = tl.where(ratio > upper, upper, tl.where(ratio < lower, lower, ratio))
+        d_pg = -w * adv
+        pg = d_pg * logp
+        low = ratio < lower
+        high = ratio > upper
+    elif POLICY == 3:  # sapo
+        out_of_range = (log_ratio > 20.0) | (log_ratio < -20.0)
+        r = tl.exp(tl.where(log_ratio > 20.0, 20.0, tl.where(log_ratio < -20.0, -20.0, log_ratio)))
+        tau = tl.where(adv > 0, param_a, param_b)
+        x = tau * (r - 1.0)
+        s = 1.0 / (1.0 + tl.exp(-x))
+        s_complement = 1.0 / (1.0 + tl.exp(x))  # 1 - s without its cancellation
+        pg = -adv * s * (4.0 / tau)
+        d_pg = tl.where(out_of_range, 0.0, -adv * 4.0 * s * s_complement * r)
+    elif POLICY == 4:  # gpg
+        d_pg = -adv
+        pg = d_pg * logp
+    elif POLICY == 5 or POLICY == 6:  # dppo_tv, dppo_kl
+        p = tl.exp(logp)
+        p_old = tl.exp(old_logp)
+        if POLICY == 5:
+            too_high = p - p_old > clip_high
+            too_low = p - p_old < -clip_low
+        else:
+            binary_kl = p_old * (old_logp - logp) + (1.0 - p_old) * tl.log(
+                (1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+            too_high = (binary_kl > clip_high) & (p > p_old)
+            too_low = (binary_kl > clip_low) & (p < p_old)
+        dropped = tl.where(adv > 0, too_high, too_low)
+        keep = tl.where(dropped, 0.0, 1.0)
+        capped = tl.where(ratio > param_a, param_a, ratio)
+        d_pg = -adv * capped * keep
+        pg = -adv * capped * logp * keep
+        low = dropped & (adv <= 0)
+        high = dropped & (adv > 0)
+        dual = (keep != 0) & (ratio > param_a)
+    else:  # geo_mean
+        d_pg = -adv * (tl.zeros_like(logp) + tl.exp(row_lr))
+        pg = d_pg
+        low = (adv < 0) & (log_ratio < -clip_low)
+        high = (adv > 0) & (log_ratio > clip_high)
+    return log_ratio, ratio, pg, d_pg, low, high, dual
+
+
+@triton.jit
+def _sequence_log_ratio(log_ratio, adv, clip_low, clip_high, POLICY: tl.constexpr):
+    # What the row mean m of a sequence loss averages, and its derivative: the log-ratio,
+    # or for geo_mean the log-ratio clipped on the advantage's side (0 where A = 0).
+    if POLICY == 9:
+        above = log_ratio > clip_high
+        below = log_ratio < -clip_low
+        value = tl.where(adv > 0, tl.where(above, clip_high, log_ratio),
+                         tl.where(adv < 0, tl.where(below, -clip_low, log_ratio), 0.0))
+        slope = tl.where(adv > 0, tl.where(above, 0.0, 1.0),
+                         tl.where(adv < 0, tl.where(below, 0.0, 1.0), 0.0))
+    else:
+        value = log_ratio
+        slope = tl.full(log_ratio.shape, 1.0, log_ratio.dtype)
+    return value, slope
+
+
+@triton.jit
+def _row_sums(row_stats_ptr, row, n_tiles, column):
+    # The sum of one column of the row's tile partials, in tile order.
+    total = tl.zeros([], row_stats_ptr.dtype.element_ty)
+    for t in range(0, n_tiles):
+        total += tl.load(row_stats_ptr + (row * n_tiles + t) * ROW_STATS + column)
+    return total
 
 
 @triton.jit
@@ -169,17 +286,54 @@ def _value_terms(v, old_v, ret, value_clip):
 
 
 @triton.jit
+def _ppo_sequence_kernel(
+    logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, row_stats_ptr, T,
+    clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
+    POLICY: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # The first pass of a sequence loss: each tile's valid tokens and sum of log-ratios.
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    clip_low = fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
+    clip_high = fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs = row * T + cols
+    valid = nonzero(tl.load(mask_ptr + offs, mask=cols < T, other=0))
+    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    value, slope = _sequence_log_ratio(logp - old_logp, adv, clip_low, clip_high, POLICY)
+    out = row_stats_ptr + (row * tl.num_programs(1) + tile) * ROW_STATS
+    tl.store(out + 12, tl.sum(tl.where(valid, 1.0, 0.0), axis=0))
+    tl.store(out + 13, tl.sum(tl.where(valid, value, 0.0), axis=0))
+
+
+@triton.jit
+def _row_log_ratio(row_stats_ptr, row, n_tiles, POLICY: tl.constexpr):
+    # m of a sequence loss (0 for the others, which do not read it) and the row's tokens.
+    if POLICY >= 7:
+        n = _row_sums(row_stats_ptr, row, n_tiles, 12)
+        m = _row_sums(row_stats_ptr, row, n_tiles, 13) / tl.maximum(n, 1.0)
+    else:
+        n = tl.zeros([], row_stats_ptr.dtype.element_ty)
+        m = n
+    return m, n
+
+
+@triton.jit
 def _ppo_fwd_kernel(
     logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, v_ptr, old_v_ptr, ret_ptr,
     row_stats_ptr, T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
-    dual_clip_hi, dual_clip_lo, value_clip_hi, value_clip_lo,
-    HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    param_a_hi, param_a_lo, param_b_hi, param_b_lo, value_clip_hi, value_clip_lo,
+    POLICY: tl.constexpr, KL_EST: tl.constexpr, HAS_ENTROPY: tl.constexpr,
     HAS_VALUE: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     clip_low = fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
     clip_high = fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
-    dual_clip = fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
+    param_a = fp64_arg(param_a_hi, param_a_lo, acc_dtype)
+    param_b = fp64_arg(param_b_hi, param_b_lo, acc_dtype)
     value_clip = fp64_arg(value_clip_hi, value_clip_lo, acc_dtype)
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -190,8 +344,9 @@ def _ppo_fwd_kernel(
     logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    log_ratio, ratio, pg, d_pg, clipped = _policy_terms(
-        logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL
+    row_lr, _ = _row_log_ratio(row_stats_ptr, row, n_tiles, POLICY)
+    log_ratio, ratio, pg, d_pg, low, high, dual = _policy_terms(
+        logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, param_b, POLICY
     )
     zero = tl.zeros([], acc_dtype)
     s_kl, s_ent, s_vl, s_vclip = zero, zero, zero, zero
@@ -214,11 +369,15 @@ def _ppo_fwd_kernel(
     tl.store(out + 2, s_kl)
     tl.store(out + 3, s_ent)
     tl.store(out + 4, s_vl)
-    tl.store(out + 5, tl.sum(tl.where(valid & clipped, 1.0, 0.0), axis=0))
+    tl.store(out + 5, tl.sum(tl.where(valid & (low | high), 1.0, 0.0), axis=0))
     tl.store(out + 6, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
     tl.store(out + 7, tl.reduce(tl.where(valid, ratio, 0.0), 0, _max_keep_nan))
     tl.store(out + 8, tl.sum(tl.where(valid, log_ratio * log_ratio, 0.0), axis=0))
     tl.store(out + 9, s_vclip)
+    tl.store(out + 10, tl.sum(tl.where(valid & high, 1.0, 0.0), axis=0))
+    tl.store(out + 11, tl.sum(tl.where(valid & dual, 1.0, 0.0), axis=0))
+    if POLICY == 7 or POLICY == 9:  # the backward's sum over the row of d pg / d m
+        tl.store(out + 14, tl.sum(tl.where(valid, d_pg, 0.0), axis=0))
 
 
 @triton.jit
@@ -234,6 +393,7 @@ def _ppo_reduce_kernel(
     zeros = tl.zeros([BLOCK_B], acc_dtype)
     n_tok, n_seq, s_pg, s_kl, s_ent, s_vl = zeros, zeros, zeros, zeros, zeros, zeros
     s_clip, s_ratio, r_max, s_lr2, s_vclip = zeros, zeros, zeros, zeros, zeros
+    s_high, s_dual = zeros, zeros
     for start in range(0, B, BLOCK_B):
         rows = (start + tl.arange(0, BLOCK_B)).to(tl.int64)
         ok = rows < B
@@ -251,6 +411,8 @@ def _ppo_reduce_kernel(
             r_max = _max_keep_nan(r_max, tl.load(stats + 7, mask=ok, other=0.0))
             s_lr2 += tl.load(stats + 8, mask=ok, other=0.0)
             s_vclip += tl.load(stats + 9, mask=ok, other=0.0)
+            s_high += tl.load(stats + 10, mask=ok, other=0.0)
+            s_dual += tl.load(stats + 11, mask=ok, other=0.0)
         # seq-mean-token-mean averages each row's mean; the other modes sum the row sums.
         scale = tl.where(n > 0, 1.0 / tl.maximum(n, 1.0), 0.0) if AGG == 1 else 1.0
         n_tok += n
@@ -277,11 +439,16 @@ def _ppo_reduce_kernel(
     tl.store(out_ptr + 2, value)
     tl.store(out_ptr + 3, kl)
     tl.store(out_ptr + 4, ent)
-    tl.store(out_ptr + 5, tl.sum(s_clip, axis=0) * per_token)
+    clipped = tl.sum(s_clip, axis=0)
+    clipped_high = tl.sum(s_high, axis=0)
+    tl.store(out_ptr + 5, clipped * per_token)
     tl.store(out_ptr + 6, 0.5 * tl.sum(s_lr2, axis=0) * per_token)
     tl.store(out_ptr + 7, tl.sum(s_ratio, axis=0) * per_token)
     tl.store(out_ptr + 8, tl.reduce(r_max, 0, _max_keep_nan))
     tl.store(out_ptr + 9, tl.sum(s_vclip, axis=0) * per_token)
+    tl.store(out_ptr + 10, (clipped - clipped_high) * per_token)
+    tl.store(out_ptr + 11, clipped_high * per_token)
+    tl.store(out_ptr + 12, tl.sum(s_dual, axis=0) * per_token)
     tl.store(counts_ptr + 0, tokens)
     tl.store(counts_ptr + 1, seqs)
 
@@ -292,16 +459,17 @@ def _ppo_bwd_kernel(
     logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, v_ptr, old_v_ptr, ret_ptr,
     d_logp_ptr, d_ent_ptr, d_v_ptr,
     T, norm_denominator, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
-    dual_clip_hi, dual_clip_lo, value_clip_hi, value_clip_lo,
+    param_a_hi, param_a_lo, param_b_hi, param_b_lo, value_clip_hi, value_clip_lo,
     kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo, vf_coef_hi, vf_coef_lo,
-    AGG: tl.constexpr, HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr,
+    AGG: tl.constexpr, POLICY: tl.constexpr, KL_EST: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr, GRAD_VALUE: tl.constexpr, FP64: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     clip_low = fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
     clip_high = fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
-    dual_clip = fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
+    param_a = fp64_arg(param_a_hi, param_a_lo, acc_dtype)
+    param_b = fp64_arg(param_b_hi, param_b_lo, acc_dtype)
     value_clip = fp64_arg(value_clip_hi, value_clip_lo, acc_dtype)
     kl_coef = fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
     entropy_coef = fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
@@ -312,9 +480,7 @@ def _ppo_bwd_kernel(
     if AGG == 0:
         weight = 1.0 / tl.maximum(tl.load(counts_ptr + 0), 1.0)
     elif AGG == 1:
-        n_row = tl.zeros([], acc_dtype)
-        for t in range(0, n_tiles):
-            n_row += tl.load(row_stats_ptr + (row * n_tiles + t) * ROW_STATS)
+        n_row = _row_sums(row_stats_ptr, row, n_tiles, 0)
         weight = 1.0 / (tl.maximum(tl.load(counts_ptr + 1), 1.0) * tl.maximum(n_row, 1.0))
     elif AGG == 2:
         weight = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)
@@ -333,10 +499,17 @@ def _ppo_bwd_kernel(
     logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    log_ratio, ratio, pg, d_pg, clipped = _policy_terms(
-        logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL
+    row_lr, n_seq = _row_log_ratio(row_stats_ptr, row, n_tiles, POLICY)
+    log_ratio, ratio, pg, d_pg, low, high, dual = _policy_terms(
+        logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, param_b, POLICY
     )
-    d_logp = c_pg * d_pg
+    if POLICY == 7 or POLICY == 9:  # through m: the row's d pg / d m, shared by its tokens
+        d_m = _row_sums(row_stats_ptr, row, n_tiles, 14) / tl.maximum(n_seq, 1.0)
+        _, slope = _sequence_log_ratio(log_ratio, adv, clip_low, clip_high, POLICY)
+        # a token whose clip holds is outside the mean: 0, even where d_m is NaN
+        d_logp = tl.where(slope == 0.0, 0.0, c_pg * d_m * slope)
+    else:
+        d_logp = c_pg * d_pg
     if KL_EST != 0:
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
         kl, d_kl = _kl_terms(logp, ref, KL_EST)
@@ -358,17 +531,20 @@ def _ppo_bwd_kernel(
 @triton.jit
 def _ppo_token_grad_kernel(
     token_weight_ptr, logp_ptr, old_logp_ptr, adv_ptr, ref_ptr, d_logp_ptr, d_ent_ptr,
-    n_tokens, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo, dual_clip_hi, dual_clip_lo,
+    n_tokens, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
+    param_a_hi, param_a_lo, param_b_hi, param_b_lo,
     kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo,
-    HAS_DUAL: tl.constexpr, KL_EST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+    POLICY: tl.constexpr, KL_EST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # d loss / d logp and d loss / d entropy of single tokens, given each token's
     # aggregation weight w (0 for masked tokens): the fused linear_ppo_loss calls this on a
-    # chunk of tokens as soon as their log-probs exist, before the rest of the batch does.
+    # chunk of tokens as soon as their log-probs exist, before the rest of the batch does
+    # (token losses only: a sequence loss needs its whole row first).
     acc_dtype = tl.float64 if FP64 else tl.float32
     clip_low = fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
     clip_high = fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
-    dual_clip = fp64_arg(dual_clip_hi, dual_clip_lo, acc_dtype)
+    param_a = fp64_arg(param_a_hi, param_a_lo, acc_dtype)
+    param_b = fp64_arg(param_b_hi, param_b_lo, acc_dtype)
     kl_coef = fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
     entropy_coef = fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -378,8 +554,8 @@ def _ppo_token_grad_kernel(
     logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    log_ratio, ratio, pg, d_pg, clipped = _policy_terms(
-        logp, old_logp, adv, clip_low, clip_high, dual_clip, HAS_DUAL
+    log_ratio, ratio, pg, d_pg, low, high, dual = _policy_terms(
+        logp, old_logp, adv, 0.0, clip_low, clip_high, param_a, param_b, POLICY
     )
     d_logp = d_pg
     if KL_EST != 0:
@@ -419,6 +595,12 @@ def ppo_forward(
     row_stats = torch.empty(B, n_tiles, N_ROW_STATS, dtype=dtype, device=logp.device)
     outputs = torch.empty(N_OUTPUTS, dtype=dtype, device=logp.device)
     counts = torch.empty(2, dtype=dtype, device=logp.device)
+    if B > 0 and T > 0 and cfg.is_sequence_loss:
+        _ppo_sequence_kernel[(B, n_tiles)](
+            logp, old_logp, advantages, mask, row_stats, T,
+            *cfg.fp64_args("clip_low", "clip_high"),
+            POLICY=cfg.policy_code, FP64=fp64, BLOCK_T=block, num_warps=_num_warps(block),
+        )
     if B > 0 and T > 0:
         _ppo_fwd_kernel[(B, n_tiles)](
             logp, old_logp, advantages, mask,
@@ -427,10 +609,12 @@ def ppo_forward(
             logp if values is None else values,
             logp if old_values is None else old_values,
             logp if returns is None else returns,
-            row_stats, T, *cfg.fp64_args("clip_low", "clip_high", "dual_clip", "value_clip"),
-            HAS_DUAL=cfg.has_dual, KL_EST=cfg.kl_code if ref_logp is not None else 0,
+            row_stats, T,
+            *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "value_clip"),
+            POLICY=cfg.policy_code, KL_EST=cfg.kl_code if ref_logp is not None else 0,
             HAS_ENTROPY=entropy is not None, HAS_VALUE=values is not None, FP64=fp64,
-            BLOCK_T=block, num_warps=_num_warps(block),
+            # a sequence loss's row terms take registers: 70 at 4 warps (28 warps per SM)
+            BLOCK_T=block, num_warps=_num_warps(block) * (2 if cfg.is_sequence_loss else 1),
         )
     _ppo_reduce_kernel[(1,)](
         row_stats, outputs, counts, B if T > 0 else 0, n_tiles, float(B * cfg.max_len),
@@ -464,15 +648,14 @@ def ppo_backward(
         logp if returns is None else returns,
         d_logp, d_logp if d_ent is None else d_ent, d_logp if d_v is None else d_v,
         T, float(B * cfg.max_len),
-        *cfg.fp64_args("clip_low", "clip_high", "dual_clip", "value_clip", "kl_coef",
+        *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "value_clip", "kl_coef",
                        "entropy_coef", "vf_coef"),
-        AGG=cfg.agg_code, HAS_DUAL=cfg.has_dual,
+        AGG=cfg.agg_code, POLICY=cfg.policy_code,
         KL_EST=cfg.kl_code if ref_logp is not None else 0,
         GRAD_ENTROPY=d_ent is not None, GRAD_VALUE=d_v is not None,
         FP64=logp.dtype == torch.float64, BLOCK_T=block, num_warps=_num_warps(block),
     )
     return d_logp, d_ent, d_v
-
 
 
 TOKEN_GRAD_BLOCK = 1024
@@ -502,7 +685,9 @@ def ppo_token_grads(
     token_weight, logp, old_logp, advantages, ref_logp, cfg
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d loss / d logp, d loss / d entropy) of flat contiguous [n] tokens, for an upstream
-    gradient of 1 on `loss`, in token_weight's dtype. `token_weight` from `token_weights`."""
+    gradient of 1 on `loss`, in token_weight's dtype. `token_weight` from `token_weights`.
+    Token losses only (not `cfg.is_sequence_loss`)."""
+    assert not cfg.is_sequence_loss, "a sequence loss needs its whole rows: ppo_backward"
     n_tokens = logp.numel()
     d_logp = torch.empty_like(token_weight)
     d_ent = torch.empty_like(token_weight)
@@ -511,8 +696,9 @@ def ppo_token_grads(
     _ppo_token_grad_kernel[(triton.cdiv(n_tokens, TOKEN_GRAD_BLOCK),)](
         token_weight, logp, old_logp, advantages, logp if ref_logp is None else ref_logp,
         d_logp, d_ent, n_tokens,
-        *cfg.fp64_args("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef"),
-        HAS_DUAL=cfg.has_dual,
+        *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "kl_coef",
+                       "entropy_coef"),
+        POLICY=cfg.policy_code,
         KL_EST=cfg.kl_code if ref_logp is not None else 0,
         FP64=token_weight.dtype == torch.float64, BLOCK=TOKEN_GRAD_BLOCK, num_warps=4,
     )

@@ -33,6 +33,7 @@ from rlhf_fast.types import (
     DPO_LOSS_TYPES,
     DPO_REDUCTIONS,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
 )
 
 
@@ -206,13 +207,34 @@ def _positive_int_or_none(value: Any) -> bool:
                              and 1 <= value <= INT64_MAX)
 
 
+def _dual_clip_only_with_vanilla(values: SimpleNamespace, label: Callable) -> None:
+    if values.dual_clip is not None and values.policy_loss != "vanilla":
+        raise ValueError(
+            f"{label('dual_clip')} must be None for policy_loss {values.policy_loss!r} (dual "
+            f"clip bounds vanilla's loss; dppo's ratio cap is clip_ratio_c), got "
+            f"{values.dual_clip}")
+
+
 PPO_OPTIONS = OptionSet((
+    Option("policy_loss", "vanilla", one_of(POLICY_LOSSES),
+           "the policy-gradient term, with verl's names (`reference.policy_terms` has each "
+           "formula and the peers' differences)"),
     Option("clip_eps", 0.2, real(">= 0.0 and < 1.0", lambda v: 0 <= v < 1),
-           "lower clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]"),
+           "lower clip range: the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] "
+           "(geo_mean: the log-ratio to [-clip_eps, clip_eps_high]; dppo_tv / dppo_kl: the "
+           "divergence bound of a falling probability)"),
     Option("clip_eps_high", None, real(">= 0.0", lambda v: 0 <= v < math.inf, optional=True),
-           "upper clip range (clip-higher, DAPO); None: clip_eps"),
+           "upper clip range (clip-higher, DAPO; TRL's epsilon_high; dppo: the bound of a "
+           "rising probability); None: clip_eps"),
     Option("dual_clip", None, real("> 1.0", lambda v: 1 < v < math.inf, optional=True),
-           "c bounding the loss of negative-advantage tokens at -A c (dual-clip PPO); None: off"),
+           "c bounding the loss of negative-advantage tokens at -A c (dual-clip PPO, vanilla "
+           "only); None: off"),
+    Option("tau_pos", 1.0, real("a finite float > 0", lambda v: 0 < v < math.inf),
+           "sapo: the gate's temperature for tokens with A > 0 (TRL's sapo_temperature_pos)"),
+    Option("tau_neg", 1.05, real("a finite float > 0", lambda v: 0 < v < math.inf),
+           "sapo: the gate's temperature for tokens with A <= 0 (TRL's sapo_temperature_neg)"),
+    Option("clip_ratio_c", 20.0, real("a finite float > 0", lambda v: 0 < v < math.inf),
+           "dppo_tv / dppo_kl: the cap of their detached ratio (verl's clip_ratio_c)"),
     Option("kl_coef", 0.0, real(">= 0.0", lambda v: 0 <= v < math.inf),
            "weight of the KL to the reference (needs ref_logp when > 0)"),
     Option("kl_estimator", "k3", one_of(KL_ESTIMATORS),
@@ -233,7 +255,7 @@ PPO_OPTIONS = OptionSet((
            "the constant of seq-mean-token-sum-norm; None: T. The other modes do not read it "
            "(as TRL's max_completion_length: a trainer may pass its generation length "
            "whatever the mode)"),
-))
+), rules=(_dual_clip_only_with_vanilla,))
 
 
 # --------------------------------------------------------------------------- gae

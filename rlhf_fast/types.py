@@ -14,6 +14,11 @@ import torch
 
 #: verl's names (`reference.kl_penalty`); a trailing "+": straight through, the gradient of k2.
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "abs+", "low_var_kl+")
+#: verl's names (`reference.policy_terms` has each formula); gspo, gspo_token and geo_mean
+#: read each row's mean log-ratio: `SEQUENCE_POLICY_LOSSES`.
+POLICY_LOSSES = ("vanilla", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gspo", "gspo_token",
+                 "geo_mean")
+SEQUENCE_POLICY_LOSSES = ("gspo", "gspo_token", "geo_mean")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -24,9 +29,15 @@ class PPOLossOutput(NamedTuple):
     the four terms aggregated with the same `agg` mode, and differentiable. The
     statistics are token-means over valid tokens (ratio_max a max), detached.
 
+    The clip fractions count the valid tokens whose policy term a bound changed:
+    clipfrac = clipfrac_low + clipfrac_high, split by the side of the ratio that was
+    clipped (for dppo_tv / dppo_kl: the tokens the divergence mask drops, by the sign of
+    the advantage; 0 for sapo and gpg, which clip nothing); dual_clipfrac counts those
+    bounded by dual_clip (vanilla) or clip_ratio_c (dppo_tv / dppo_kl).
+
     A NaN at a valid token makes every term and statistic that reads it NaN (ratio_max
-    included, as torch.max), except the fractions clipfrac and value_clipfrac: they count
-    the tokens whose clipped branch is strictly the larger, which a NaN never is.
+    included, as torch.max), except the fractions: they count the tokens whose bound
+    strictly holds, which a NaN never does.
     """
 
     loss: torch.Tensor
@@ -39,6 +50,9 @@ class PPOLossOutput(NamedTuple):
     ratio_mean: torch.Tensor
     ratio_max: torch.Tensor
     value_clipfrac: torch.Tensor
+    clipfrac_low: torch.Tensor
+    clipfrac_high: torch.Tensor
+    dual_clipfrac: torch.Tensor
 
 
 # --------------------------------------------------------------------------- dpo_loss

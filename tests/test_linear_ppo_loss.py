@@ -93,6 +93,23 @@ def test_equals_linear_logprobs_then_ppo_loss(agg, chunk, monkeypatch):
         assert rel_err(got, exact) < 1e-10
 
 
+@pytest.mark.parametrize("policy_loss", types.POLICY_LOSSES)
+def test_policy_losses_on_the_fused_path(policy_loss):
+    """Every policy loss from hidden states (the sequence ones through linear_logprobs +
+    ppo_loss), against the reference composition."""
+    case = make_case()
+    upstream = 1.0 + torch.rand((), dtype=F64)
+    options = dict(OPTIONS, policy_loss=policy_loss,
+                   dual_clip=OPTIONS["dual_clip"] if policy_loss == "vanilla" else None)
+    out, grads = run(fused, *case, upstream, **options)
+    ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *case, upstream,
+                         **options)
+    for name, got, exact in zip(out._fields, out, ref):
+        assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
+    for got, exact in zip(grads, ref_grads):
+        assert rel_err(got, exact) < 1e-10
+
+
 @pytest.mark.parametrize("kl_estimator", ["abs", "low_var_kl+"])
 def test_kl_estimators_on_the_fused_path(kl_estimator):
     """Estimators beside k3 from hidden states, against the reference."""

@@ -1,8 +1,10 @@
 """`rlhf_fast.linear_ppo_loss`: the PPO loss from the policy's hidden states, no logits.
 
-The PPO loss is token-wise, so the forward computes each token chunk's gradient while its
+A token-wise PPO loss lets the forward compute each token chunk's gradient while its
 logits are in memory (design and costs: `rlhf_fast.kernels.linear_ppo_loss`), and the
-backward only scales it: 3 GEMMs, none recomputed.
+backward only scales it: 3 GEMMs, none recomputed. A sequence loss (gspo, gspo_token,
+geo_mean) knows a token's gradient only once its whole row is computed: it takes
+`linear_logprobs` + `ppo_loss` (4 GEMMs: the backward recomputes the logits).
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from rlhf_fast.kernels import linear_ppo_loss as kernel
 from rlhf_fast.kernels import ppo_loss as ppo_kernel
 from rlhf_fast.ops.checks import FLOAT_DTYPES, check_tensor, differentiable_once
 from rlhf_fast.ops.dispatch import use_triton
-from rlhf_fast.ops.linear_logprobs import check_linear_inputs, ignore_masked_labels, no_autocast
+from rlhf_fast.ops.linear_logprobs import (
+    check_linear_inputs,
+    ignore_masked_labels,
+    linear_logprobs,
+    no_autocast,
+)
 from rlhf_fast.ops.logprobs import check_label_range, check_logprob_options
-from rlhf_fast.ops.ppo_loss import check_ppo_arguments
+from rlhf_fast.ops.ppo_loss import PPOLossFunction, check_ppo_arguments
 from rlhf_fast.options import LOGPROB_OPTIONS, PPO_OPTIONS, TOKEN_OPTIONS
 from rlhf_fast.types import PPOLossOutput
 
@@ -93,7 +100,8 @@ def linear_ppo_loss(
     d weight), and the backward only scales it by the upstream gradient. The cost: the
     gradients are held from the forward to the backward, and d weight of a bf16 / fp16
     weight is accumulated over token chunks in an fp32 ``[V, D]`` buffer (2 GB at
-    V = 128256, D = 4096). `linear_logprobs` + `ppo_loss` needs neither, for one more GEMM.
+    V = 128256, D = 4096). `linear_logprobs` + `ppo_loss` needs neither, for one more GEMM;
+    the sequence losses (gspo, gspo_token, geo_mean) take that way.
     Under ``torch.no_grad()`` only the loss and statistics are computed (1 GEMM). fp16:
     the gradient is formed at loss scale 1, so a GradScaler's scale cannot shield its
     smallest entries from fp16 underflow (bf16 has fp32's range and no such problem).
@@ -140,6 +148,8 @@ def linear_ppo_loss(
             old_values=tensors["old_values"], returns=tensors["returns"], **vars(ppo_options),
         )
         return PPOLossOutput(out.loss, *(x.detach() for x in out[1:]))
+    if cfg.is_sequence_loss:
+        return _sequence_loss_from_logprobs(hidden, weight, bias, labels, tensors, opt, cfg)
     if not torch.is_grad_enabled():  # no_grad / inference_mode: skip the gradient GEMMs
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
@@ -152,3 +162,19 @@ def linear_ppo_loss(
         opt.temperature, opt.ignore_index, cfg, compute_dtype,
     )
     return PPOLossOutput(loss, *statistics.unbind())
+
+
+def _sequence_loss_from_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    labels: torch.Tensor, tensors: dict[str, torch.Tensor | None], opt: Any,
+    cfg: ppo_kernel.PPOKernelConfig,
+) -> PPOLossOutput:
+    """`linear_logprobs` then the fused PPO kernels: 4 GEMMs, for the sequence losses."""
+    logp, entropy = linear_logprobs(
+        hidden, weight, labels, bias=bias, return_entropy=True, check_labels=False,
+        **TOKEN_OPTIONS.pick(opt))
+    outputs = PPOLossFunction.apply(
+        logp, entropy, tensors["values"], tensors["old_logp"], tensors["advantages"],
+        tensors["mask"], tensors["ref_logp"], tensors["old_values"], tensors["returns"], cfg,
+    )
+    return PPOLossOutput(outputs[0], *outputs[1:].detach())

@@ -98,13 +98,18 @@ def ppo_loss(
     values: torch.Tensor | None = None, old_values: torch.Tensor | None = None,
     returns: torch.Tensor | None = None, **options: Any,
 ) -> PPOLossOutput:
-    """PPO clipped surrogate + KL to a reference + entropy bonus + clipped value loss, fused.
+    """PPO's objective, fused: a policy-gradient term + KL to a reference + entropy bonus +
+    clipped value loss.
 
-    Per valid token (ratio r = exp(logp - old_logp), advantage A):
-    pg = max(-A r, -A clip(r, 1 - clip_eps, 1 + clip_eps_high)), and for A < 0 with
-    `dual_clip` c: min(pg, -A c). kl = k1 | k2 | k3 estimate of KL(pi || pi_ref).
-    vl = max((v - R)^2, (old_v + clip(v - old_v, +-value_clip) - R)^2) / 2.
+    Per valid token (ratio r = exp(logp - old_logp), advantage A), the policy term of
+    `policy_loss` (verl's names; each formula in `rlhf_fast.reference.policy_terms`), by
+    default vanilla: pg = max(-A r, -A clip(r, 1 - clip_eps, 1 + clip_eps_high)), and for
+    A < 0 with `dual_clip` c: min(pg, -A c). kl = `kl_estimator`'s estimate of
+    KL(pi || pi_ref). vl = max((v - R)^2, (old_v + clip(v - old_v, +-value_clip) - R)^2) / 2.
     loss = agg(pg) + kl_coef agg(kl) - entropy_coef agg(entropy) + vf_coef agg(vl).
+
+    Launches: forward 2 (tiles, then their reduction), backward 1; the sequence losses
+    (gspo, gspo_token, geo_mean) add one pass for their row means.
 
     Args:
         logp: ``[B, T]`` log-probs of the sampled tokens under the current policy (fp32,
@@ -123,11 +128,13 @@ def ppo_loss(
         `PPOLossOutput` of fp32 scalars (fp64 for fp64 logp): loss, policy_loss,
         value_loss, kl, entropy (each aggregated with `agg`, differentiable), and the
         token-mean statistics clipfrac, approx_kl (mean of (logp - old_logp)^2 / 2),
-        ratio_mean, ratio_max, value_clipfrac (detached). With no valid token every field
-        is 0 and so are the gradients. Gradients come back in each input's dtype. A NaN
-        at a valid token (old_values included) makes every field that reads it NaN, but
-        clipfrac and value_clipfrac, which count strictly clipped tokens only; the
-        gradient at that token is NaN too (d values at a NaN old_values included).
+        ratio_mean, ratio_max, value_clipfrac, clipfrac_low, clipfrac_high, dual_clipfrac
+        (detached; `PPOLossOutput` says what each counts). With no valid token every
+        field is 0 and so are the gradients. Gradients come back in each input's dtype.
+        A NaN at a valid token (old_values included) makes every field that reads it NaN,
+        but the fractions, which count strictly clipped tokens only; the gradient at that
+        token is NaN too (d values at a NaN old_values included; a sequence loss's whole
+        row, through its mean).
     """
     check_tensor("logp", logp, FLOAT_DTYPES)
     if logp.dim() != 2:

@@ -66,12 +66,134 @@ def aggregate(
     return row_sums.sum() / float(max(mask.shape[0] * max_len, 1))  # B or T = 0: 0
 
 
+def _row_mean(x: Tensor, valid: Tensor) -> Tensor:
+    """[B, 1]: each row's mean of x over its valid tokens (x is 0 elsewhere); 0 if none."""
+    return x.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+
+
+def _below(x: Tensor, bound: float) -> Tensor:
+    """min(x, bound) as a choice: NaN stays NaN, and the gradient is 1 up to the bound."""
+    return torch.where(x > bound, bound, x)
+
+
+def _above(x: Tensor, bound: float) -> Tensor:
+    return torch.where(x < bound, bound, x)
+
+
+def policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, valid: Tensor,
+                 opt: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The policy-gradient term of each token, ``[B, T]``, and which bound changed it.
+
+    `logp` differentiable, the others constants, all 0 at masked tokens; `opt` the
+    options (`PPO_OPTIONS`). Returns (pg, low, high, dual): pg the loss of each token
+    before aggregation, low / high (bool) the tokens clipped at the lower / upper bound
+    (the ratio's side), dual those bounded by dual_clip or clip_ratio_c. With
+    r = exp(logp - old_logp), A the advantage, [l, h] = [1 - clip_eps, 1 + clip_eps_high],
+    sg a stop-gradient, per policy_loss (verl's `compute_policy_loss_<name>`):
+
+    vanilla (PPO, Schulman 2017; dual clip, Ye 2020; clip-higher, DAPO):
+        pg = max(-A r, -A clip(r, l, h)), and with dual_clip c, for A < 0: min(pg, -A c).
+    cispo (MiniMax-M1, 2506.13585): pg = -sg(clip(r, l, h)) A logp, as the paper and verl
+        write it. TRL caps r at its epsilon_high itself (ScaleRL's eps_max, 5 advised) and
+        has no lower bound: TRL's epsilon_high = e is clip_eps_high = e - 1 here, with
+        clip_eps close to 1.
+    sapo (2511.20347): pg = -A (4 / tau) sigmoid(tau (r - 1)), tau = tau_pos for A > 0
+        and tau_neg otherwise; the log-ratio is clamped to [-20, 20] first (verl, TRL).
+    gpg (2504.02546): pg = -A logp.
+    dppo_tv, dppo_kl (2602.04879): pg = -A sg(min(r, clip_ratio_c)) logp on the tokens
+        whose divergence is within bounds, 0 on the others: with p = exp(logp), a token
+        with A > 0 is dropped when its probability rose too far (tv: p - p_old >
+        clip_eps_high; kl: the binary KL p_old log(p_old / p) + (1 - p_old)
+        log((1 - p_old + 1e-8) / (1 - p + 1e-8)) > clip_eps_high with p > p_old), with
+        A <= 0 when it fell too far (clip_eps). verl writes the kept set (<=), which
+        keeps a NaN token out of the loss; here it is the dropped set, so NaN reaches it.
+    gspo (2507.18071): s = exp(min(m, 10)) with m the row's mean log-ratio, one ratio per
+        sequence (a function of every token's logp, as TRL's importance_sampling_level=
+        "sequence"); pg = max(-A s, -A clip(s, l, h)) at each token.
+    gspo_token: the same value with s_t = sg(s) r / sg(r) (the paper's GSPO-token, verl's
+        "gspo", TRL's "sequence_token"): each token's gradient is its own. The two agree
+        when A is constant along each sequence.
+    geo_mean (GMPO, 2507.20673): pg = -A exp(m) with m the row's mean of the log-ratio
+        clipped on the advantage's side (at clip_eps_high for A > 0, at -clip_eps for
+        A < 0; 0 for A = 0, as verl's sign(A) makes it). verl averages -mean(A) exp(m)
+        over every row, empty ones included, whatever its agg; here it is a token term
+        like the others: seq-mean-token-mean gives verl's value on batches without empty
+        rows.
+
+    verl and TRL aggregate gspo and sapo with seq-mean-token-mean whatever the mode
+    asked; here `agg` is honoured: pass agg="seq-mean-token-mean" to match them.
+    """
+    name = opt.policy_loss
+    eps_low = opt.clip_eps
+    eps_high = eps_low if opt.clip_eps_high is None else opt.clip_eps_high
+    low_bound, high_bound = 1 - eps_low, 1 + eps_high
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    none = torch.zeros_like(valid)
+    dual = none
+    if name in ("vanilla", "gspo", "gspo_token"):
+        if name == "vanilla":
+            r = ratio
+        else:
+            m = _row_mean(log_ratio, valid)
+            log_s = logp - logp.detach() + m.detach() if name == "gspo_token" else m
+            r = torch.exp(_below(log_s, 10.0)).expand_as(logp)
+        pg_unclipped = -advantages * r
+        pg_clipped = -advantages * torch.clamp(r, low_bound, high_bound)
+        # max(unclipped, clipped), written as a choice so that a tie takes the unclipped
+        # branch's gradient, whole (torch.maximum would split it in halves).
+        clipped = pg_clipped > pg_unclipped
+        pg = torch.where(clipped, pg_clipped, pg_unclipped)
+        low, high = clipped & (r < 1), clipped & (r > 1)
+        if opt.dual_clip is not None:  # bound the loss of negative advantages at -A * c
+            dual_bound = -advantages * opt.dual_clip
+            dual = (advantages < 0) & (pg > dual_bound)
+            pg = torch.where(dual, dual_bound, pg)
+    elif name == "cispo":
+        weight = _above(_below(ratio, high_bound), low_bound).detach()
+        pg = -weight * advantages * logp
+        low, high = ratio < low_bound, ratio > high_bound
+    elif name == "sapo":
+        tau = torch.where(advantages > 0, torch.full_like(advantages, opt.tau_pos), opt.tau_neg)
+        r = torch.exp(_above(_below(log_ratio, 20.0), -20.0))
+        pg = -advantages * torch.sigmoid(tau * (r - 1)) * (4 / tau)
+        low, high = none, none
+    elif name == "gpg":
+        pg = -advantages * logp
+        low, high = none, none
+    elif name in ("dppo_tv", "dppo_kl"):
+        p, p_old = torch.exp(logp.detach()), torch.exp(old_logp)
+        if name == "dppo_tv":
+            too_high, too_low = p - p_old > eps_high, p - p_old < -eps_low
+        else:
+            binary_kl = p_old * (old_logp - logp.detach()) + (1 - p_old) * torch.log(
+                (1 - p_old + 1e-8) / (1 - p + 1e-8))
+            too_high = (binary_kl > eps_high) & (p > p_old)
+            too_low = (binary_kl > eps_low) & (p < p_old)
+        dropped = torch.where(advantages > 0, too_high, too_low)
+        capped = _below(ratio, opt.clip_ratio_c).detach()
+        pg = -advantages * capped * logp * (~dropped).to(logp.dtype)
+        low, high = dropped & (advantages <= 0), dropped & (advantages > 0)
+        dual = ~dropped & (ratio > opt.clip_ratio_c)
+    elif name == "geo_mean":
+        clipped_log_ratio = torch.where(
+            advantages > 0, _below(log_ratio, eps_high),
+            torch.where(advantages < 0, _above(log_ratio, -eps_low), 0.0))
+        pg = -advantages * torch.exp(_row_mean(clipped_log_ratio, valid))
+        low = (advantages < 0) & (log_ratio < -eps_low)
+        high = (advantages > 0) & (log_ratio > eps_high)
+    else:
+        raise ValueError(f"unknown policy_loss {name!r}")
+    return pg, low & valid, high & valid, dual & valid
+
+
 @PPO_OPTIONS.keywords
 def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
              ref_logp: Tensor | None = None, entropy: Tensor | None = None,
              values: Tensor | None = None, old_values: Tensor | None = None,
              returns: Tensor | None = None, **options: Any) -> PPOLossOutput:
-    """PPO clipped surrogate + KL to a reference + entropy bonus + clipped value loss.
+    """PPO's objective: a policy-gradient term (`policy_terms`: clipped ratio and the
+    2026 family) + KL to a reference + entropy bonus + clipped value loss.
 
     All tensors ``[B, T]``; mask is bool or numeric, nonzero = valid. Gradients flow into
     `logp`, `entropy` and `values`; the other inputs are constants.
@@ -80,8 +202,6 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *
     dtype = compute_dtype(logp.dtype)
     valid = mask != 0
     max_len = logp.shape[-1] if opt.max_len is None else opt.max_len
-    eps_low = opt.clip_eps
-    eps_high = eps_low if opt.clip_eps_high is None else opt.clip_eps_high
 
     # Masked-out tokens may hold anything, inf and NaN included: replace them by 0 first,
     # so that neither a value nor a gradient of theirs reaches the result.
@@ -97,17 +217,10 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *
     )
     zero = torch.zeros_like(logp)
 
-    log_ratio = logp - old_logp
+    pg, clipped_low, clipped_high, dual_clipped = policy_terms(
+        logp, old_logp, advantages, valid, opt)
+    log_ratio = (logp - old_logp).detach()
     ratio = torch.exp(log_ratio)
-    pg_unclipped = -advantages * ratio
-    pg_clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    # max(unclipped, clipped), written as a choice so that a tie takes the unclipped
-    # branch's gradient, whole (torch.maximum would split it in halves).
-    pg = torch.where(pg_clipped > pg_unclipped, pg_clipped, pg_unclipped)
-    if opt.dual_clip is not None:  # bound the loss of negative advantages at -A * c
-        dual_bound = -advantages * opt.dual_clip
-        pg = torch.where((advantages < 0) & (pg > dual_bound), dual_bound, pg)
-
     kl = zero if ref_logp is None else kl_penalty(logp, ref_logp, opt.kl_estimator)
     ent = zero if entropy is None else entropy
 
@@ -137,7 +250,8 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *
         def token_mean(x: torch.Tensor) -> torch.Tensor:
             return torch.where(valid, x.to(dtype), torch.zeros_like(zero)).sum() / n_valid
 
-        clipfrac = token_mean(pg_clipped > pg_unclipped)
+        clipfrac = token_mean(clipped_low | clipped_high)
+        clipfrac_low, clipfrac_high = token_mean(clipped_low), token_mean(clipped_high)
         approx_kl = 0.5 * token_mean(log_ratio**2)
         ratio_mean = token_mean(ratio)
         # ratios are > 0, so masked zeros never win the max; no valid token gives 0
@@ -146,4 +260,5 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *
     return PPOLossOutput(
         loss, policy_loss, value_loss, kl_term, entropy_term,
         clipfrac, approx_kl, ratio_mean, ratio_max, value_clipfrac,
+        clipfrac_low, clipfrac_high, token_mean(dual_clipped),
     )

@@ -381,7 +381,8 @@ class PPOTrainer:
                 lr = self.loop.apply_gradients(parameters)
                 steps += 1
                 for key in ("loss", "policy_loss", "value_loss", "entropy", "clipfrac",
-                            "approx_kl", "ratio_mean"):
+                            "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
+                            "ratio_mean"):
                     sums[key] = sums.get(key, 0.0) + getattr(out, key).detach()
         mask = rollout.mask
         metrics = host_floats({
