@@ -29,6 +29,10 @@ is that weight times the per-token derivative above:
     seq-mean-token-mean       w = 1 / (non-empty rows * valid tokens in the row)
     seq-mean-token-sum        w = 1 / (non-empty rows)
     seq-mean-token-sum-norm   w = 1 / (B * max_len)
+    token-sum                 w = 1
+
+and with the global counts a caller may pass, the tokens or sequences of the global batch
+replace the batch's, and every w is multiplied by dp_size (`reference.aggregate`).
 
 Three launches, each one pass (four for gspo, gspo_token and geo_mean: a first pass sums
 each tile's log-ratios, the segment reduction their row mean needs): the forward reads
@@ -68,6 +72,7 @@ AGG_CODES = {
     "seq-mean-token-mean": 1,
     "seq-mean-token-sum": 2,
     "seq-mean-token-sum-norm": 3,
+    "token-sum": 4,
 }
 # The kernels' POLICY: these numbers, compared as literals there. >= 7: sequence losses;
 # 7 and 9 take their gradient through the row mean.
@@ -96,6 +101,10 @@ class PPOKernelConfig:
     vf_coef: float
     agg_code: int
     max_len: int
+    token_count: float  # token-mean's divisor, 0: the batch's valid tokens
+    seq_count: float  # the seq-mean modes' divisor, 0: the batch's non-empty rows
+    norm_rows: float  # the B of seq-mean-token-sum-norm, 0: the batch's
+    dp_size: float
 
     @classmethod
     def from_options(cls, opt: Any, n_positions: int) -> PPOKernelConfig:
@@ -117,7 +126,14 @@ class PPOKernelConfig:
             entropy_coef=opt.entropy_coef, value_clip=opt.value_clip, vf_coef=opt.vf_coef,
             agg_code=AGG_CODES[opt.agg],
             max_len=n_positions if opt.max_len is None else opt.max_len,
+            token_count=float(opt.batch_num_tokens or 0),
+            seq_count=float(opt.global_batch_size or 0),
+            norm_rows=float(opt.global_batch_size or 0), dp_size=float(opt.dp_size),
         )
+
+    def norm_count(self, batch_rows: int) -> float:
+        """seq-mean-token-sum-norm's divisor, rows * max_len, for a batch of `batch_rows`."""
+        return float(max((self.norm_rows or batch_rows) * self.max_len, 1))
 
     @property
     def is_sequence_loss(self) -> bool:
@@ -382,14 +398,19 @@ def _ppo_fwd_kernel(
 
 @triton.jit
 def _ppo_reduce_kernel(
-    row_stats_ptr, out_ptr, counts_ptr, B, n_tiles, norm_denominator, kl_coef_hi, kl_coef_lo,
-    entropy_coef_hi, entropy_coef_lo, vf_coef_hi, vf_coef_lo,
+    row_stats_ptr, out_ptr, counts_ptr, B, n_tiles, token_count_hi, token_count_lo,
+    seq_count_hi, seq_count_lo, norm_count_hi, norm_count_lo, dp_size_hi, dp_size_lo,
+    kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo, vf_coef_hi, vf_coef_lo,
     AGG: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     kl_coef = fp64_arg(kl_coef_hi, kl_coef_lo, acc_dtype)
     entropy_coef = fp64_arg(entropy_coef_hi, entropy_coef_lo, acc_dtype)
     vf_coef = fp64_arg(vf_coef_hi, vf_coef_lo, acc_dtype)
+    token_count = fp64_arg(token_count_hi, token_count_lo, acc_dtype)
+    seq_count = fp64_arg(seq_count_hi, seq_count_lo, acc_dtype)
+    norm_count = fp64_arg(norm_count_hi, norm_count_lo, acc_dtype)
+    dp_size = fp64_arg(dp_size_hi, dp_size_lo, acc_dtype)
     zeros = tl.zeros([BLOCK_B], acc_dtype)
     n_tok, n_seq, s_pg, s_kl, s_ent, s_vl = zeros, zeros, zeros, zeros, zeros, zeros
     s_clip, s_ratio, r_max, s_lr2, s_vclip = zeros, zeros, zeros, zeros, zeros
@@ -423,12 +444,16 @@ def _ppo_reduce_kernel(
         s_vl += r_vl * scale
     tokens = tl.sum(n_tok, axis=0)
     seqs = tl.sum(n_seq, axis=0)
+    # The divisor of every term: the batch's count or the caller's global one, / dp_size.
     if AGG == 0:
-        denom = tl.maximum(tokens, 1.0)
+        denom = tl.where(token_count > 0, token_count, tokens)
     elif AGG == 3:
-        denom = tl.maximum(tl.zeros([], acc_dtype) + norm_denominator, 1.0)
+        denom = norm_count
+    elif AGG == 4:
+        denom = tl.full([], 1.0, acc_dtype)
     else:
-        denom = tl.maximum(seqs, 1.0)
+        denom = tl.where(seq_count > 0, seq_count, seqs)
+    denom = tl.maximum(denom, 1.0) / dp_size
     policy = tl.sum(s_pg, axis=0) / denom
     kl = tl.sum(s_kl, axis=0) / denom
     ent = tl.sum(s_ent, axis=0) / denom
@@ -451,6 +476,7 @@ def _ppo_reduce_kernel(
     tl.store(out_ptr + 12, tl.sum(s_dual, axis=0) * per_token)
     tl.store(counts_ptr + 0, tokens)
     tl.store(counts_ptr + 1, seqs)
+    tl.store(counts_ptr + 2, denom)
 
 
 @triton.jit
@@ -458,7 +484,7 @@ def _ppo_bwd_kernel(
     grad_out_ptr, counts_ptr, row_stats_ptr,
     logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, v_ptr, old_v_ptr, ret_ptr,
     d_logp_ptr, d_ent_ptr, d_v_ptr,
-    T, norm_denominator, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
+    T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
     param_a_hi, param_a_lo, param_b_hi, param_b_lo, value_clip_hi, value_clip_lo,
     kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo, vf_coef_hi, vf_coef_lo,
     AGG: tl.constexpr, POLICY: tl.constexpr, KL_EST: tl.constexpr,
@@ -477,15 +503,10 @@ def _ppo_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     n_tiles = tl.num_programs(1)
-    if AGG == 0:
-        weight = 1.0 / tl.maximum(tl.load(counts_ptr + 0), 1.0)
-    elif AGG == 1:
-        n_row = _row_sums(row_stats_ptr, row, n_tiles, 0)
-        weight = 1.0 / (tl.maximum(tl.load(counts_ptr + 1), 1.0) * tl.maximum(n_row, 1.0))
-    elif AGG == 2:
-        weight = 1.0 / tl.maximum(tl.load(counts_ptr + 1), 1.0)
-    else:
-        weight = 1.0 / tl.maximum(tl.zeros([], acc_dtype) + norm_denominator, 1.0)
+    # the reduction's divisor (counts[2]); seq-mean-token-mean divides by the row's tokens too
+    weight = 1.0 / tl.load(counts_ptr + 2)
+    if AGG == 1:
+        weight = weight / tl.maximum(_row_sums(row_stats_ptr, row, n_tiles, 0), 1.0)
     # Gradients reaching each aggregated term: through `loss` and through its own output.
     g_loss = tl.load(grad_out_ptr + 0).to(acc_dtype)
     c_pg = weight * (g_loss + tl.load(grad_out_ptr + 1).to(acc_dtype))
@@ -583,9 +604,10 @@ def ppo_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward on contiguous [B, T] inputs (None for absent optional ones).
 
-    `cfg` is a `PPOKernelConfig`. Returns (outputs [10], counts [2], row_stats
-    [B, tiles, 10]), fp32 (fp64 for fp64 logp): see N_OUTPUTS for the order of the
-    outputs and N_ROW_STATS for that of the partials.
+    `cfg` is a `PPOKernelConfig`. Returns (outputs [N_OUTPUTS], counts [3]: valid
+    tokens, non-empty rows, the terms' divisor; row_stats [B, tiles, N_ROW_STATS]), fp32
+    (fp64 for fp64 logp): see N_OUTPUTS for the order of the outputs and N_ROW_STATS
+    for that of the partials.
     """
     B, T = logp.shape
     fp64 = logp.dtype == torch.float64
@@ -594,7 +616,7 @@ def ppo_forward(
     n_tiles = triton.cdiv(T, block)
     row_stats = torch.empty(B, n_tiles, N_ROW_STATS, dtype=dtype, device=logp.device)
     outputs = torch.empty(N_OUTPUTS, dtype=dtype, device=logp.device)
-    counts = torch.empty(2, dtype=dtype, device=logp.device)
+    counts = torch.empty(3, dtype=dtype, device=logp.device)
     if B > 0 and T > 0 and cfg.is_sequence_loss:
         _ppo_sequence_kernel[(B, n_tiles)](
             logp, old_logp, advantages, mask, row_stats, T,
@@ -617,8 +639,9 @@ def ppo_forward(
             BLOCK_T=block, num_warps=_num_warps(block) * (2 if cfg.is_sequence_loss else 1),
         )
     _ppo_reduce_kernel[(1,)](
-        row_stats, outputs, counts, B if T > 0 else 0, n_tiles, float(B * cfg.max_len),
-        *cfg.fp64_args("kl_coef", "entropy_coef", "vf_coef"),
+        row_stats, outputs, counts, B if T > 0 else 0, n_tiles,
+        *cfg.fp64_args("token_count", "seq_count"), *split_fp64(cfg.norm_count(B)),
+        *cfg.fp64_args("dp_size", "kl_coef", "entropy_coef", "vf_coef"),
         AGG=cfg.agg_code, FP64=fp64, BLOCK_B=256, num_warps=4,
     )
     return outputs, counts, row_stats
@@ -647,7 +670,7 @@ def ppo_backward(
         logp if old_values is None else old_values,
         logp if returns is None else returns,
         d_logp, d_logp if d_ent is None else d_ent, d_logp if d_v is None else d_v,
-        T, float(B * cfg.max_len),
+        T,
         *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "value_clip", "kl_coef",
                        "entropy_coef", "vf_coef"),
         AGG=cfg.agg_code, POLICY=cfg.policy_code,
@@ -661,23 +684,26 @@ def ppo_backward(
 TOKEN_GRAD_BLOCK = 1024
 
 
-def token_weights(
-    mask: torch.Tensor, agg_code: int, max_len: int, dtype: torch.dtype
-) -> torch.Tensor:
+def token_weights(mask: torch.Tensor, cfg: PPOKernelConfig, dtype: torch.dtype
+                  ) -> torch.Tensor:
     """The weight of each token in the aggregated loss, ``[B, T]`` in `dtype`: the
     per-row w of this module's docstring on valid tokens, 0 on masked ones."""
     valid = (mask != 0).to(dtype)
     row_counts = valid.sum(-1, keepdim=True)
-    n_seqs = (row_counts > 0).sum().clamp(min=1).to(dtype)
-    if agg_code == AGG_CODES["token-mean"]:
-        weight = 1.0 / row_counts.sum().clamp(min=1)
-    elif agg_code == AGG_CODES["seq-mean-token-mean"]:
-        weight = 1.0 / (n_seqs * row_counts.clamp(min=1))
-    elif agg_code == AGG_CODES["seq-mean-token-sum"]:
-        weight = 1.0 / n_seqs
+    n_seqs = cfg.seq_count or (row_counts > 0).sum().to(dtype)
+    if cfg.agg_code == AGG_CODES["token-mean"]:
+        denominator = cfg.token_count or row_counts.sum()
+    elif cfg.agg_code == AGG_CODES["seq-mean-token-sum-norm"]:
+        denominator = torch.tensor(cfg.norm_count(mask.shape[0]), dtype=dtype,
+                                   device=mask.device)
+    elif cfg.agg_code == AGG_CODES["token-sum"]:
+        denominator = 1.0
     else:
-        weight = torch.tensor(1.0 / max(mask.shape[0] * max_len, 1), dtype=dtype,
-                              device=mask.device)
+        denominator = n_seqs
+    weight = cfg.dp_size / torch.as_tensor(denominator, dtype=dtype, device=mask.device
+                                           ).clamp(min=1)
+    if cfg.agg_code == AGG_CODES["seq-mean-token-mean"]:
+        weight = weight / row_counts.clamp(min=1)
     return valid * weight
 
 

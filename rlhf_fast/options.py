@@ -249,12 +249,27 @@ PPO_OPTIONS = OptionSet((
            "how each term's token values reduce to a scalar: token-mean (sum / valid tokens), "
            "seq-mean-token-mean (mean over non-empty rows of each row's mean), "
            "seq-mean-token-sum (mean over non-empty rows of each row's sum), "
-           "seq-mean-token-sum-norm (sum / (B * max_len), Dr. GRPO)"),
+           "seq-mean-token-sum-norm (sum / (B * max_len), Dr. GRPO), token-sum (the sum)"),
     Option("max_len", None, Accepts(int, "a positive int (int64) or None",
                                     _positive_int_or_none, optional=True),
            "the constant of seq-mean-token-sum-norm; None: T. The other modes do not read it "
            "(as TRL's max_completion_length: a trainer may pass its generation length "
            "whatever the mode)"),
+    Option("batch_num_tokens", None, Accepts(int, "a positive int (int64) or None",
+                                             _positive_int_or_none, optional=True),
+           "token-mean's divisor: the valid tokens of the global batch (every rank and "
+           "micro-batch; verl's batch_num_tokens, TRL's num_items_in_batch); None: this "
+           "call's"),
+    Option("global_batch_size", None, Accepts(int, "a positive int (int64) or None",
+                                              _positive_int_or_none, optional=True),
+           "the sequences of the global batch: the divisor of the seq-mean modes (None: "
+           "this call's non-empty rows) and the B of seq-mean-token-sum-norm (None: this "
+           "call's B)"),
+    Option("dp_size", 1, Accepts(int, "a positive int (int64)",
+                                 lambda v: v is not None and _positive_int_or_none(v)),
+           "the data-parallel ranks whose gradients are averaged: every term is multiplied "
+           "by it, so that the average over ranks of per-rank losses on global counts is "
+           "the global batch's loss (verl's dp_size)"),
 ), rules=(_dual_clip_only_with_vanilla,))
 
 

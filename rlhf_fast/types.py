@@ -19,7 +19,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "abs+", "l
 POLICY_LOSSES = ("vanilla", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gspo", "gspo_token",
                  "geo_mean")
 SEQUENCE_POLICY_LOSSES = ("gspo", "gspo_token", "geo_mean")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+             "token-sum")
 
 
 class PPOLossOutput(NamedTuple):

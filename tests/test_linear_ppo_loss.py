@@ -110,6 +110,19 @@ def test_policy_losses_on_the_fused_path(policy_loss):
         assert rel_err(got, exact) < 1e-10
 
 
+def test_global_counts_on_the_fused_path():
+    case = make_case()
+    upstream = 1.0 + torch.rand((), dtype=F64)
+    for agg in types.AGG_MODES:
+        options = dict(OPTIONS, agg=agg, batch_num_tokens=40, global_batch_size=7, dp_size=2)
+        out, grads = run(fused, *case, upstream, **options)
+        ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *case, upstream,
+                             **options)
+        assert torch.allclose(out.loss, ref.loss, rtol=1e-10, atol=1e-12), agg
+        for got, exact in zip(grads, ref_grads):
+            assert rel_err(got, exact) < 1e-10, agg
+
+
 @pytest.mark.parametrize("kl_estimator", ["abs", "low_var_kl+"])
 def test_kl_estimators_on_the_fused_path(kl_estimator):
     """Estimators beside k3 from hidden states, against the reference."""

@@ -206,9 +206,22 @@ def test_reference_hand_case_aggregation_modes():
         "seq-mean-token-mean": (2 + 5) / 2,
         "seq-mean-token-sum": (4 + 5) / 2,
         "seq-mean-token-sum-norm": 9 / (3 * 4),
+        "token-sum": 9,
     }
     for agg, value in expected.items():
         out = reference.ppo_loss(logp, logp, adv, mask, agg=agg, max_len=4)
+        assert out.policy_loss.item() == pytest.approx(value), agg
+    # global counts: 12 tokens, 5 sequences, 4 ranks (every term times 4)
+    expected = {
+        "token-mean": 9 / 12 * 4,
+        "seq-mean-token-mean": (2 + 5) / 5 * 4,
+        "seq-mean-token-sum": 9 / 5 * 4,
+        "seq-mean-token-sum-norm": 9 / (5 * 4) * 4,
+        "token-sum": 9 * 4,
+    }
+    for agg, value in expected.items():
+        out = reference.ppo_loss(logp, logp, adv, mask, agg=agg, max_len=4,
+                                 batch_num_tokens=12, global_batch_size=5, dp_size=4)
         assert out.policy_loss.item() == pytest.approx(value), agg
 
 
@@ -222,6 +235,32 @@ def test_matches_reference_all_options(agg, kl_estimator, dual_clip):
     batch = random_batch()
     options = dict(FULL, agg=agg, kl_estimator=kl_estimator, dual_clip=dual_clip)
     compare(batch, options, tol=1e-10)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_global_counts_match_reference(agg):
+    options = dict(FULL, agg=agg, batch_num_tokens=97, global_batch_size=11, dp_size=3)
+    compare(random_batch(), options, tol=1e-10)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_global_counts_make_the_loss_independent_of_the_split(agg):
+    """Two ranks, each with half the rows, the global counts and dp_size=2: the mean of
+    their losses is the whole batch's loss, and their gradients its gradient."""
+    batch = random_batch()
+    mask = batch["mask"]
+    rows = mask.shape[0] if agg == "seq-mean-token-sum-norm" else int(mask.any(-1).sum())
+    counts = dict(batch_num_tokens=int(mask.sum()), global_batch_size=rows)
+    whole, whole_grads = run(rlhf_fast.ppo_loss, batch, **FULL, agg=agg)
+    halves = [{k: v[part] for k, v in batch.items()} for part in (slice(0, 3), slice(3, None))]
+    outs = [run(rlhf_fast.ppo_loss, half, **FULL, agg=agg, dp_size=2, **counts)
+            for half in halves]
+    for i in range(5):  # loss and its four terms
+        mean = (outs[0][0][i] + outs[1][0][i]) / 2
+        assert mean.item() == pytest.approx(whole[i].item(), rel=1e-12, abs=1e-14)
+    for name in DIFFERENTIABLE:  # run() backprops the sum of the 5 terms, per rank
+        split = torch.cat([outs[0][1][name], outs[1][1][name]]) / 2
+        assert rel_err(split, whole_grads[name]) < 1e-12, name
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)

@@ -48,8 +48,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
                                  ref_logp=ref_logp).items()}
         acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
         with no_autocast(hidden):
-            token_weight = ppo_kernel.token_weights(mask, cfg.agg_code, cfg.max_len,
-                                                    acc_dtype).reshape(-1)
+            token_weight = ppo_kernel.token_weights(mask, cfg, acc_dtype).reshape(-1)
             logp, entropy, d_hidden, d_weight, d_bias = kernel.linear_ppo_forward_backward(
                 hidden, weight, bias, labels, flat["old_logp"], flat["advantages"],
                 flat["ref_logp"], token_weight, cfg, temperature, ignore_index,

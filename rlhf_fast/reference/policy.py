@@ -43,27 +43,43 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> to
 
 
 def aggregate(
-    token_values: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int
+    token_values: torch.Tensor, mask: torch.Tensor, agg: str, max_len: int,
+    batch_num_tokens: int | None = None, global_batch_size: int | None = None,
+    dp_size: int = 1,
 ) -> torch.Tensor:
     """Reduce per-token values [B, T] over the valid tokens to a scalar.
 
     token-mean: sum / number of valid tokens. seq-mean-token-mean: each sequence's mean,
     averaged over sequences with at least one valid token. seq-mean-token-sum: each
     sequence's sum, averaged over those sequences. seq-mean-token-sum-norm: sum / (B *
-    max_len), a constant divisor (Dr. GRPO). No valid token at all gives 0.
+    max_len), a constant divisor (Dr. GRPO). token-sum: the sum. No valid token at all
+    gives 0. The global counts, when given, replace the batch's (`batch_num_tokens` the
+    valid tokens, `global_batch_size` the sequences), and the result is multiplied by
+    `dp_size` (verl's `agg_loss`): the mean over dp_size ranks of such losses is the
+    loss of their whole batch.
     """
     m = mask.to(token_values.dtype)
     row_sums = (token_values * m).sum(-1)
     row_counts = m.sum(-1)
-    n_seqs = (row_counts > 0).sum().clamp(min=1)
+    if global_batch_size is None:
+        n_seqs = (row_counts > 0).sum().clamp(min=1)
+    else:
+        n_seqs = float(global_batch_size)
     if agg == "token-mean":
-        return row_sums.sum() / row_counts.sum().clamp(min=1)
-    if agg == "seq-mean-token-mean":
-        return (row_sums / row_counts.clamp(min=1)).sum() / n_seqs
-    if agg == "seq-mean-token-sum":
-        return row_sums.sum() / n_seqs
-    # float: B * max_len may pass int64 (a tensor divided by such an int overflows)
-    return row_sums.sum() / float(max(mask.shape[0] * max_len, 1))  # B or T = 0: 0
+        tokens = row_counts.sum().clamp(min=1) if batch_num_tokens is None else float(
+            batch_num_tokens)
+        total = row_sums.sum() / tokens
+    elif agg == "seq-mean-token-mean":
+        total = (row_sums / row_counts.clamp(min=1)).sum() / n_seqs
+    elif agg == "seq-mean-token-sum":
+        total = row_sums.sum() / n_seqs
+    elif agg == "token-sum":
+        total = row_sums.sum()
+    else:
+        # float: B * max_len may pass int64 (a tensor divided by such an int overflows)
+        rows = mask.shape[0] if global_batch_size is None else global_batch_size
+        total = row_sums.sum() / float(max(rows * max_len, 1))  # B or T = 0: 0
+    return total * dp_size
 
 
 def _row_mean(x: Tensor, valid: Tensor) -> Tensor:
@@ -237,10 +253,11 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *
         only_clipped_nan = vl_clipped.isnan() & ~vl_unclipped.isnan()
         vl = 0.5 * torch.where(value_clipped | only_clipped_nan, vl_clipped, vl_unclipped)
 
-    policy_loss = aggregate(pg, valid, opt.agg, max_len)
-    kl_term = aggregate(kl, valid, opt.agg, max_len)
-    entropy_term = aggregate(ent, valid, opt.agg, max_len)
-    value_loss = aggregate(vl, valid, opt.agg, max_len)
+    def agg(x: Tensor) -> Tensor:
+        return aggregate(x, valid, opt.agg, max_len, opt.batch_num_tokens,
+                         opt.global_batch_size, opt.dp_size)
+
+    policy_loss, kl_term, entropy_term, value_loss = agg(pg), agg(kl), agg(ent), agg(vl)
     loss = (policy_loss + opt.kl_coef * kl_term - opt.entropy_coef * entropy_term
             + opt.vf_coef * value_loss)
 
