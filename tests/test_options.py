@@ -24,6 +24,7 @@ from rlhf_fast.options import (
     real,
 )
 from rlhf_fast.trainers import DPOConfig, PPOConfig
+from rlhf_fast.trainers.ppo import TRAINER_SET
 
 CONSUMERS = [  # (option set, function, options it leaves out)
     (PPO_OPTIONS, rlhf_fast.ppo_loss, ()),
@@ -42,7 +43,7 @@ CONSUMERS = [  # (option set, function, options it leaves out)
     (GAE_OPTIONS, reference.gae, ()),
 ]
 CONFIGS = [  # (option set, config class, excluded options, the trainer's own defaults)
-    (PPO_OPTIONS, PPOConfig, ("max_len",), {"kl_coef": 0.05}),
+    (PPO_OPTIONS, PPOConfig, TRAINER_SET, {"kl_coef": 0.05}),
     (GAE_OPTIONS, PPOConfig, (), {}),
     (DPO_OPTIONS, DPOConfig, ("reduction",), {}),
 ]

@@ -1274,3 +1274,24 @@ def test_save_total_limit_keeps_the_last_checkpoints_and_resume_still_works(
                                                              "checkpoint-4.pt"]
     with pytest.raises(ValueError, match="save_total_limit must be an int >= 0"):
         PPOConfig(save_total_limit=-1)
+
+
+def test_ppo_global_counts_over_two_ranks():
+    """What each rank passes ppo_loss: the tokens and rows of both ranks' minibatches (here
+    twice this rank's), and dp_size 2; one process passes nothing."""
+    from types import SimpleNamespace
+
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+
+    def counts(world, agg):
+        run = SimpleNamespace(world=world, sum_over_ranks_tensor=lambda t: t * world)
+        fake = SimpleNamespace(run=run, config=SimpleNamespace(agg=agg))
+        return PPOTrainer.global_counts(fake, mask)
+
+    assert counts(1, "token-mean") == {}
+    assert counts(2, "token-mean") == dict(batch_num_tokens=6, global_batch_size=4, dp_size=2)
+    assert counts(2, "seq-mean-token-sum-norm")["global_batch_size"] == 6
+    empty = PPOTrainer.global_counts(
+        SimpleNamespace(run=SimpleNamespace(world=2, sum_over_ranks_tensor=lambda t: t * 2),
+                        config=SimpleNamespace(agg="token-mean")), mask * 0)
+    assert empty == dict(dp_size=2)

@@ -57,13 +57,18 @@ PPO_PLOT_KEYS = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "policy_los
                  "value_loss", "response_length"]
 
 
+#: The options of ppo_loss the trainer sets itself: max_len is max_new_tokens, and the
+#: global counts come from every rank (`PPOTrainer.global_counts`).
+TRAINER_SET = ("max_len", "batch_num_tokens", "global_batch_size", "dp_size")
+
+
 @dataclass
-@PPO_OPTIONS.fields(exclude=("max_len",), defaults={"kl_coef": 0.05}, after="whiten_advantages")
+@PPO_OPTIONS.fields(exclude=TRAINER_SET, defaults={"kl_coef": 0.05}, after="whiten_advantages")
 @GAE_OPTIONS.fields(after="top_p")
 class PPOConfig(TrainerConfig):
     """Everything a PPO / GRPO run needs besides the models and the prompts: the fields
-    of `TrainerConfig`, then PPO's own, among them every option of `ppo_loss` (but max_len,
-    which is max_new_tokens) and of `gae`, declared in `rlhf_fast.options`.
+    of `TrainerConfig`, then PPO's own, among them every option of `ppo_loss` (but those
+    the trainer sets, `TRAINER_SET`) and of `gae`, declared in `rlhf_fast.options`.
 
     With "gae" the KL to the reference is a per-token reward penalty (kl_coef times the k1
     estimate, whatever kl_estimator) and vf_coef weighs the critic's loss; with "grpo" the
@@ -376,6 +381,7 @@ class PPOTrainer:
                     entropy=entropy, values=None if grpo else values,
                     old_values=None if grpo else rollout.values[rows],
                     returns=None if grpo else rollout.returns[rows], **loss_options,
+                    **self.global_counts(rollout.mask[rows]),
                 )
                 out.loss.backward()
                 lr = self.loop.apply_gradients(parameters)
@@ -397,6 +403,23 @@ class PPOTrainer:
         return self.run.mean_over_ranks(metrics)
 
     # --- plumbing ----------------------------------------------------------------------
+
+    def global_counts(self, mask: torch.Tensor) -> dict[str, int]:
+        """ppo_loss's global normalisers for one minibatch step of every rank (one
+        all_reduce of two counts): each rank's loss is its share of the global batch's,
+        so DDP's average of gradients is the global batch's gradient, however the valid
+        tokens fall on the ranks. {} for one process."""
+        if self.run.world == 1:
+            return {}
+        valid = mask != 0
+        local = torch.stack([valid.sum(), valid.any(-1).sum()]).to(torch.float64)
+        tokens, rows = self.run.sum_over_ranks_tensor(local).tolist()
+        if self.config.agg == "seq-mean-token-sum-norm":
+            rows = mask.shape[0] * self.run.world
+        if tokens == 0 or rows == 0:  # nothing valid anywhere: the loss is 0 regardless
+            return dict(dp_size=self.run.world)
+        return dict(batch_num_tokens=int(tokens), global_batch_size=int(rows),
+                    dp_size=self.run.world)
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)

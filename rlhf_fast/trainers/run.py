@@ -50,8 +50,13 @@ class Run:
         if self.world == 1:
             return value
         total = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(total)
-        return float(total.item())
+        return float(self.sum_over_ranks_tensor(total).item())
+
+    def sum_over_ranks_tensor(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the processes, in place (a no-op for one)."""
+        if self.world > 1:
+            dist.all_reduce(values)
+        return values
 
     def peak_memory(self) -> dict[str, float]:
         """{"peak_memory_gb": the most GPU memory any process held since the last call}
