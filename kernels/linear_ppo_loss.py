@@ -30,6 +30,7 @@ def linear_ppo_forward_backward(
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     ref_logp: torch.Tensor | None,
+    is_weights: torch.Tensor | None,
     token_weight: torch.Tensor,
     cfg: ppo_kernel.PPOKernelConfig,
     temperature: float,
@@ -78,6 +79,7 @@ def linear_ppo_forward_backward(
         g_logp, g_entropy = ppo_kernel.ppo_token_grads(
             token_weight[rows], chunk_logp, old_logp[rows], advantages[rows],
             None if ref_logp is None else ref_logp[rows], cfg,
+            None if is_weights is None else is_weights[rows],
         )
         d_logits = logprobs_kernel.logprobs_backward(
             logits, labels[rows], layout, chunk_stats, chunk_entropy, g_logp, g_entropy,

@@ -77,7 +77,7 @@ AGG_CODES = {
 # The kernels' POLICY: these numbers, compared as literals there. >= 7: sequence losses;
 # 7 and 9 take their gradient through the row mean.
 POLICY_CODES = {"vanilla": 0, "cispo": 2, "sapo": 3, "gpg": 4, "dppo_tv": 5, "dppo_kl": 6,
-                "gspo": 7, "gspo_token": 8, "geo_mean": 9}
+                "gspo": 7, "gspo_token": 8, "geo_mean": 9, "bypass_mode": 4}
 DUAL_CLIP_CODE = 1  # vanilla with dual_clip
 KL_STRAIGHT_THROUGH = 8  # added to an estimator's code: the gradient of k2
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5}
@@ -340,10 +340,10 @@ def _row_log_ratio(row_stats_ptr, row, n_tiles, POLICY: tl.constexpr):
 @triton.jit
 def _ppo_fwd_kernel(
     logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, v_ptr, old_v_ptr, ret_ptr,
-    row_stats_ptr, T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
+    is_w_ptr, row_stats_ptr, T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
     param_a_hi, param_a_lo, param_b_hi, param_b_lo, value_clip_hi, value_clip_lo,
     POLICY: tl.constexpr, KL_EST: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-    HAS_VALUE: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_VALUE: tl.constexpr, HAS_IS: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     clip_low = fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
@@ -364,6 +364,10 @@ def _ppo_fwd_kernel(
     log_ratio, ratio, pg, d_pg, low, high, dual = _policy_terms(
         logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, param_b, POLICY
     )
+    if HAS_IS:  # the rollout correction's weights, constants, on the policy term
+        is_w = tl.load(is_w_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+        pg = pg * is_w
+        d_pg = d_pg * is_w
     zero = tl.zeros([], acc_dtype)
     s_kl, s_ent, s_vl, s_vclip = zero, zero, zero, zero
     if KL_EST != 0:
@@ -482,14 +486,14 @@ def _ppo_reduce_kernel(
 @triton.jit
 def _ppo_bwd_kernel(
     grad_out_ptr, counts_ptr, row_stats_ptr,
-    logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, v_ptr, old_v_ptr, ret_ptr,
+    logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, v_ptr, old_v_ptr, ret_ptr, is_w_ptr,
     d_logp_ptr, d_ent_ptr, d_v_ptr,
     T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
     param_a_hi, param_a_lo, param_b_hi, param_b_lo, value_clip_hi, value_clip_lo,
     kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo, vf_coef_hi, vf_coef_lo,
     AGG: tl.constexpr, POLICY: tl.constexpr, KL_EST: tl.constexpr,
-    GRAD_ENTROPY: tl.constexpr, GRAD_VALUE: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    GRAD_ENTROPY: tl.constexpr, GRAD_VALUE: tl.constexpr, HAS_IS: tl.constexpr,
+    FP64: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     clip_low = fp64_arg(clip_low_hi, clip_low_lo, acc_dtype)
@@ -524,6 +528,8 @@ def _ppo_bwd_kernel(
     log_ratio, ratio, pg, d_pg, low, high, dual = _policy_terms(
         logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, param_b, POLICY
     )
+    if HAS_IS:
+        d_pg = d_pg * tl.load(is_w_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     if POLICY == 7 or POLICY == 9:  # through m: the row's d pg / d m, shared by its tokens
         d_m = _row_sums(row_stats_ptr, row, n_tiles, 14) / tl.maximum(n_seq, 1.0)
         _, slope = _sequence_log_ratio(log_ratio, adv, clip_low, clip_high, POLICY)
@@ -551,11 +557,13 @@ def _ppo_bwd_kernel(
 
 @triton.jit
 def _ppo_token_grad_kernel(
-    token_weight_ptr, logp_ptr, old_logp_ptr, adv_ptr, ref_ptr, d_logp_ptr, d_ent_ptr,
+    token_weight_ptr, logp_ptr, old_logp_ptr, adv_ptr, ref_ptr, is_w_ptr, d_logp_ptr,
+    d_ent_ptr,
     n_tokens, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
     param_a_hi, param_a_lo, param_b_hi, param_b_lo,
     kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo,
-    POLICY: tl.constexpr, KL_EST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+    POLICY: tl.constexpr, KL_EST: tl.constexpr, HAS_IS: tl.constexpr, FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # d loss / d logp and d loss / d entropy of single tokens, given each token's
     # aggregation weight w (0 for masked tokens): the fused linear_ppo_loss calls this on a
@@ -579,6 +587,8 @@ def _ppo_token_grad_kernel(
         logp, old_logp, adv, 0.0, clip_low, clip_high, param_a, param_b, POLICY
     )
     d_logp = d_pg
+    if HAS_IS:
+        d_logp = d_logp * tl.load(is_w_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     if KL_EST != 0:
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
         kl, d_kl = _kl_terms(logp, ref, KL_EST)
@@ -600,9 +610,11 @@ def _num_warps(block: int) -> int:
 
 
 def ppo_forward(
-    logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, cfg
+    logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, cfg,
+    is_weights=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward on contiguous [B, T] inputs (None for absent optional ones).
+    """Launch the forward on contiguous [B, T] inputs (None for absent optional ones;
+    `is_weights` the rollout correction's, on the policy term).
 
     `cfg` is a `PPOKernelConfig`. Returns (outputs [N_OUTPUTS], counts [3]: valid
     tokens, non-empty rows, the terms' divisor; row_stats [B, tiles, N_ROW_STATS]), fp32
@@ -631,10 +643,12 @@ def ppo_forward(
             logp if values is None else values,
             logp if old_values is None else old_values,
             logp if returns is None else returns,
+            logp if is_weights is None else is_weights,
             row_stats, T,
             *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "value_clip"),
             POLICY=cfg.policy_code, KL_EST=cfg.kl_code if ref_logp is not None else 0,
-            HAS_ENTROPY=entropy is not None, HAS_VALUE=values is not None, FP64=fp64,
+            HAS_ENTROPY=entropy is not None, HAS_VALUE=values is not None,
+            HAS_IS=is_weights is not None, FP64=fp64,
             # a sequence loss's row terms take registers: 70 at 4 warps (28 warps per SM)
             BLOCK_T=block, num_warps=_num_warps(block) * (2 if cfg.is_sequence_loss else 1),
         )
@@ -650,7 +664,7 @@ def ppo_forward(
 def ppo_backward(
     grad_outputs, counts, row_stats,
     logp, old_logp, advantages, mask, ref_logp, values, old_values, returns,
-    cfg, grad_entropy_dtype: torch.dtype | None, grad_values: bool,
+    cfg, grad_entropy_dtype: torch.dtype | None, grad_values: bool, is_weights=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients w.r.t. logp, entropy (when `grad_entropy_dtype` is given, in that dtype)
     and values (when `grad_values`), each [B, T] in its input's dtype, from the upstream
@@ -669,6 +683,7 @@ def ppo_backward(
         logp if values is None else values,
         logp if old_values is None else old_values,
         logp if returns is None else returns,
+        logp if is_weights is None else is_weights,
         d_logp, d_logp if d_ent is None else d_ent, d_logp if d_v is None else d_v,
         T,
         *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "value_clip", "kl_coef",
@@ -676,7 +691,8 @@ def ppo_backward(
         AGG=cfg.agg_code, POLICY=cfg.policy_code,
         KL_EST=cfg.kl_code if ref_logp is not None else 0,
         GRAD_ENTROPY=d_ent is not None, GRAD_VALUE=d_v is not None,
-        FP64=logp.dtype == torch.float64, BLOCK_T=block, num_warps=_num_warps(block),
+        HAS_IS=is_weights is not None, FP64=logp.dtype == torch.float64, BLOCK_T=block,
+        num_warps=_num_warps(block),
     )
     return d_logp, d_ent, d_v
 
@@ -708,7 +724,7 @@ def token_weights(mask: torch.Tensor, cfg: PPOKernelConfig, dtype: torch.dtype
 
 
 def ppo_token_grads(
-    token_weight, logp, old_logp, advantages, ref_logp, cfg
+    token_weight, logp, old_logp, advantages, ref_logp, cfg, is_weights=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d loss / d logp, d loss / d entropy) of flat contiguous [n] tokens, for an upstream
     gradient of 1 on `loss`, in token_weight's dtype. `token_weight` from `token_weights`.
@@ -721,11 +737,11 @@ def ppo_token_grads(
         return d_logp, d_ent
     _ppo_token_grad_kernel[(triton.cdiv(n_tokens, TOKEN_GRAD_BLOCK),)](
         token_weight, logp, old_logp, advantages, logp if ref_logp is None else ref_logp,
-        d_logp, d_ent, n_tokens,
+        logp if is_weights is None else is_weights, d_logp, d_ent, n_tokens,
         *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "kl_coef",
                        "entropy_coef"),
         POLICY=cfg.policy_code,
-        KL_EST=cfg.kl_code if ref_logp is not None else 0,
+        KL_EST=cfg.kl_code if ref_logp is not None else 0, HAS_IS=is_weights is not None,
         FP64=token_weight.dtype == torch.float64, BLOCK=TOKEN_GRAD_BLOCK, num_warps=4,
     )
     return d_logp, d_ent

@@ -37,9 +37,11 @@ class PPOLoss(nn.Module):
         mask: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None, values: torch.Tensor | None = None,
         old_values: torch.Tensor | None = None, returns: torch.Tensor | None = None,
+        rollout_logp: torch.Tensor | None = None,
     ) -> PPOLossOutput:
         return ppo_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
-                        values=values, old_values=old_values, returns=returns, **self.options)
+                        values=values, old_values=old_values, returns=returns,
+                        rollout_logp=rollout_logp, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -34,6 +34,8 @@ from rlhf_fast.types import (
     DPO_REDUCTIONS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
+    ROLLOUT_IS_LEVELS,
+    ROLLOUT_RS_MODES,
 )
 
 
@@ -46,6 +48,7 @@ class Accepts:
     expected: str
     test: Callable[[Any], bool] = lambda value: True
     optional: bool = False  # None is accepted too
+    numbers_as_text: bool = False  # a str option that takes a number as its str too
 
     @property
     def annotation(self) -> Any:
@@ -56,6 +59,9 @@ class Accepts:
         kernels take as fp32), or TypeError / ValueError naming `name`."""
         if value is None and self.optional:
             return None
+        if self.numbers_as_text and isinstance(value, (int, float)) and not isinstance(
+                value, bool):
+            value = repr(float(value))
         kinds = (int, float) if self.kind is float else (self.kind,)
         wrong_type = (isinstance(value, bool) and self.kind is not bool) or not isinstance(
             value, kinds)
@@ -78,8 +84,9 @@ def real(expected: str, test: Callable[[float], bool], *, optional: bool = False
     return Accepts(float, expected, test, optional)
 
 
-def one_of(choices: tuple[str, ...]) -> Accepts:
-    return Accepts(str, f"one of {choices}", lambda value: value in choices)
+def one_of(choices: tuple[str, ...], *, optional: bool = False) -> Accepts:
+    return Accepts(str, f"one of {choices}" + (" or None" if optional else ""),
+                   lambda value: value in choices, optional)
 
 
 def flag(*, optional: bool = False) -> Accepts:
@@ -215,6 +222,51 @@ def _dual_clip_only_with_vanilla(values: SimpleNamespace, label: Callable) -> No
             f"{values.dual_clip}")
 
 
+def _rs_modes(spec: str) -> list[str]:
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def rollout_rs_bounds(rollout_rs: str, rollout_rs_threshold: str | float | None
+                      ) -> list[tuple[str, float | None, float]]:
+    """verl's rejection-sampling spec as (mode, lower, upper) per criterion: one threshold
+    for all or one per mode, comma-separated; a k1 mode's "lower_upper" bounds a ratio
+    (a lone upper bound u means 1 / u below), the others take an upper bound (lower
+    None). Raises ValueError naming rollout_rs_threshold."""
+    modes = list(dict.fromkeys(_rs_modes(rollout_rs)))
+    if isinstance(rollout_rs_threshold, (int, float)):  # the reference's unchecked options
+        rollout_rs_threshold = repr(float(rollout_rs_threshold))
+    specs = [] if rollout_rs_threshold is None else _rs_modes(rollout_rs_threshold)
+    expected = (f"one threshold or {len(modes)} (one per mode of rollout_rs), comma-separated, "
+                f"each a positive number or, for a k1 mode, \"lower_upper\"")
+    if len(specs) not in (1, len(modes)):
+        raise ValueError(f"rollout_rs_threshold must be {expected}, got {rollout_rs_threshold!r}")
+    bounds = []
+    for mode, spec in zip(modes, specs * len(modes) if len(specs) == 1 else specs):
+        try:
+            parts = [float(x) for x in spec.split("_")]
+        except ValueError:
+            parts = []
+        ok = len(parts) in ((1, 2) if mode.endswith("k1") else (1,)) and all(
+            0 < x < math.inf for x in parts)
+        if not ok:
+            raise ValueError(f"rollout_rs_threshold must be {expected}; {spec!r} for {mode}")
+        if mode.endswith("k1"):
+            lower, upper = parts if len(parts) == 2 else (1 / parts[0], parts[0])
+            bounds.append((mode, lower, upper))
+        else:
+            bounds.append((mode, None, parts[0]))
+    return bounds
+
+
+def _rollout_rs_has_thresholds(values: SimpleNamespace, label: Callable) -> None:
+    if values.rollout_rs is not None:
+        try:
+            rollout_rs_bounds(values.rollout_rs, values.rollout_rs_threshold)
+        except ValueError as error:
+            raise ValueError(str(error).replace("rollout_rs_threshold",
+                                                label("rollout_rs_threshold"), 1)) from None
+
+
 PPO_OPTIONS = OptionSet((
     Option("policy_loss", "vanilla", one_of(POLICY_LOSSES),
            "the policy-gradient term, with verl's names (`reference.policy_terms` has each "
@@ -270,7 +322,24 @@ PPO_OPTIONS = OptionSet((
            "the data-parallel ranks whose gradients are averaged: every term is multiplied "
            "by it, so that the average over ranks of per-rank losses on global counts is "
            "the global batch's loss (verl's dp_size)"),
-), rules=(_dual_clip_only_with_vanilla,))
+    Option("rollout_is", None, one_of(ROLLOUT_IS_LEVELS, optional=True),
+           "rollout correction (needs rollout_logp, or bypass_mode): importance weights "
+           "pi_old / pi_rollout per token or per sequence on the policy term; None: none"),
+    Option("rollout_is_threshold", 2.0, real("a finite float > 0", lambda v: 0 < v < math.inf),
+           "the truncation of the IS weights (TIS)"),
+    Option("rollout_is_batch_normalize", False, flag(),
+           "divide the truncated IS weights by their batch mean (per sequence for sequence)"),
+    Option("rollout_rs", None, Accepts(
+        str, f"None or a comma-separated list of {ROLLOUT_RS_MODES}",
+        lambda v: bool(_rs_modes(v)) and all(m in ROLLOUT_RS_MODES for m in _rs_modes(v)),
+        optional=True),
+           "rejection sampling: tokens (token_*) or sequences (seq_*) whose divergence from "
+           "the rollout passes rollout_rs_threshold leave the mask of every term"),
+    Option("rollout_rs_threshold", None, Accepts(
+        str, "None, a positive number or a comma-separated verl spec (\"lower_upper\" for "
+        "k1 modes)", optional=True, numbers_as_text=True),
+           "the bounds of rollout_rs, one or one per mode (verl's spec)"),
+), rules=(_dual_clip_only_with_vanilla, _rollout_rs_has_thresholds))
 
 
 # --------------------------------------------------------------------------- gae

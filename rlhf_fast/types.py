@@ -17,8 +17,13 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "abs+", "l
 #: verl's names (`reference.policy_terms` has each formula); gspo, gspo_token and geo_mean
 #: read each row's mean log-ratio: `SEQUENCE_POLICY_LOSSES`.
 POLICY_LOSSES = ("vanilla", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gspo", "gspo_token",
-                 "geo_mean")
+                 "geo_mean", "bypass_mode")
 SEQUENCE_POLICY_LOSSES = ("gspo", "gspo_token", "geo_mean")
+#: verl's rollout correction (`reference.rollout_correction`): IS weight levels and
+#: rejection-sampling criteria (a divergence per token, or a row's sum, mean or max).
+ROLLOUT_IS_LEVELS = ("token", "sequence")
+ROLLOUT_RS_MODES = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
+                    "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
              "token-sum")
 
@@ -35,6 +40,12 @@ class PPOLossOutput(NamedTuple):
     clipped (for dppo_tv / dppo_kl: the tokens the divergence mask drops, by the sign of
     the advantage; 0 for sapo and gpg, which clip nothing); dual_clipfrac counts those
     bounded by dual_clip (vanilla) or clip_ratio_c (dppo_tv / dppo_kl).
+
+    The rollout statistics (0 without a rollout correction; verl's names), over the
+    tokens of `mask`: rollout_is_mean / rollout_is_max of the IS weights before their
+    truncation, rollout_rs_masked_fraction the share the rejection sampling drops,
+    rollout_kl and rollout_k3_kl the k1 and k3 estimates of KL(pi_rollout || pi_old)
+    (bypass_mode: of pi_theta).
 
     A NaN at a valid token makes every term and statistic that reads it NaN (ratio_max
     included, as torch.max), except the fractions: they count the tokens whose bound
@@ -54,6 +65,11 @@ class PPOLossOutput(NamedTuple):
     clipfrac_low: torch.Tensor
     clipfrac_high: torch.Tensor
     dual_clipfrac: torch.Tensor
+    rollout_is_mean: torch.Tensor
+    rollout_is_max: torch.Tensor
+    rollout_rs_masked_fraction: torch.Tensor
+    rollout_kl: torch.Tensor
+    rollout_k3_kl: torch.Tensor
 
 
 # --------------------------------------------------------------------------- dpo_loss

@@ -110,6 +110,40 @@ def test_policy_losses_on_the_fused_path(policy_loss):
         assert rel_err(got, exact) < 1e-10
 
 
+@pytest.mark.parametrize("policy_loss", ["vanilla", "gspo", "bypass_mode"])
+def test_rollout_correction_on_the_fused_path(policy_loss):
+    """IS weights and rejection sampling from hidden states: the decoupled correction on
+    the 3-GEMM path, bypass_mode's (which reads every log-prob first) on linear_logprobs +
+    ppo_loss; against the reference composition."""
+    hidden, weight, bias, labels, ppo = make_case()
+    rollout = None if policy_loss == "bypass_mode" else ppo["old_logp"] + 0.2 * torch.randn(
+        ppo["old_logp"].shape, dtype=F64)
+    options = dict(OPTIONS, policy_loss=policy_loss, rollout_is="token",
+                   rollout_rs="token_k1", rollout_rs_threshold="0.8_1.25",
+                   dual_clip=OPTIONS["dual_clip"] if policy_loss == "vanilla" else None)
+    results = []
+    for module in (rlhf_fast, reference):
+        h, w = leaves(hidden, weight)
+        if module is rlhf_fast:
+            out = rlhf_fast.linear_ppo_loss(
+                h, w, labels, ppo["old_logp"], ppo["advantages"], ppo["mask"], bias=bias,
+                ref_logp=ppo["ref_logp"], rollout_logp=rollout, **options)
+        else:
+            ppo_options = {k: v for k, v in options.items() if k != "temperature"}
+            logp, entropy = reference.linear_logprobs(
+                h, w, labels, bias=bias, return_entropy=True, temperature=options["temperature"])
+            out = reference.ppo_loss(logp, ppo["old_logp"], ppo["advantages"], ppo["mask"],
+                                     ref_logp=ppo["ref_logp"], entropy=entropy,
+                                     rollout_logp=rollout, **ppo_options)
+        results.append((out, torch.autograd.grad(out.loss, (h, w))))
+    (out, grads), (ref, ref_grads) = results
+    assert ref.rollout_rs_masked_fraction > 0
+    for name, got, exact in zip(out._fields, out, ref):
+        assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
+    for got, exact in zip(grads, ref_grads):
+        assert rel_err(got, exact) < 1e-10
+
+
 def test_global_counts_on_the_fused_path():
     case = make_case()
     upstream = 1.0 + torch.rand((), dtype=F64)

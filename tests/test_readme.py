@@ -27,6 +27,7 @@ def test_api_tour_snippets_run_and_hold_what_they_claim():
     exec(blocks[1], ppo_ns)
     assert ppo_ns["logp"].grad is not None and ppo_ns["values"].grad is not None
     assert not ppo_ns["logp"].grad[~ppo_ns["mask"]].any()
+    assert ppo_ns["gspo"].rollout_is_mean > 0 and ppo_ns["gspo"].policy_loss.isfinite()
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1295,3 +1295,11 @@ def test_ppo_global_counts_over_two_ranks():
         SimpleNamespace(run=SimpleNamespace(world=2, sum_over_ranks_tensor=lambda t: t * 2),
                         config=SimpleNamespace(agg="token-mean")), mask * 0)
     assert empty == dict(dp_size=2)
+
+
+def test_ppo_config_takes_a_rollout_correction_only_in_bypass_mode():
+    with pytest.raises(ValueError, match=r"PPOConfig.rollout_is must be None .*bypass_mode"):
+        PPOConfig(rollout_is="token")
+    config = PPOConfig(policy_loss="bypass_mode", rollout_is="token", rollout_rs="token_k2",
+                       rollout_rs_threshold=0.5)
+    assert config.rollout_rs_threshold == "0.5"

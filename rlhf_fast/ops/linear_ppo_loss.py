@@ -25,9 +25,13 @@ from rlhf_fast.ops.linear_logprobs import (
     no_autocast,
 )
 from rlhf_fast.ops.logprobs import check_label_range, check_logprob_options
-from rlhf_fast.ops.ppo_loss import PPOLossFunction, check_ppo_arguments
+from rlhf_fast.ops.ppo_loss import PPOLossFunction, check_ppo_arguments, correct_for_the_rollout
 from rlhf_fast.options import LOGPROB_OPTIONS, PPO_OPTIONS, TOKEN_OPTIONS
 from rlhf_fast.types import PPOLossOutput
+
+
+def _accumulator(compute_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
 def scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -42,22 +46,23 @@ class LinearPPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, values, labels, old_logp, advantages, mask,
-                ref_logp, old_values, returns, temperature, ignore_index, cfg, compute_dtype):
+                ref_logp, old_values, returns, is_weights, temperature, ignore_index, cfg,
+                compute_dtype):
         flat = {k: None if v is None else v.reshape(-1)
                 for k, v in dict(old_logp=old_logp, advantages=advantages,
-                                 ref_logp=ref_logp).items()}
-        acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+                                 ref_logp=ref_logp, is_weights=is_weights).items()}
+        acc_dtype = _accumulator(compute_dtype)
         with no_autocast(hidden):
             token_weight = ppo_kernel.token_weights(mask, cfg, acc_dtype).reshape(-1)
             logp, entropy, d_hidden, d_weight, d_bias = kernel.linear_ppo_forward_backward(
                 hidden, weight, bias, labels, flat["old_logp"], flat["advantages"],
-                flat["ref_logp"], token_weight, cfg, temperature, ignore_index,
-                tuple(ctx.needs_input_grad[:3]), compute_dtype,
+                flat["ref_logp"], flat["is_weights"], token_weight, cfg, temperature,
+                ignore_index, tuple(ctx.needs_input_grad[:3]), compute_dtype,
             )
             logp, entropy = logp.view(mask.shape), entropy.view(mask.shape)
             outputs, counts, row_stats = ppo_kernel.ppo_forward(
                 logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
-                returns, cfg,
+                returns, cfg, is_weights,
             )
             d_values = None
             if ctx.needs_input_grad[3]:
@@ -78,7 +83,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_statistics):
         # In fp32 at least, rounded once: a loss scale of 65536 is inf in fp16.
         grads = tuple(None if g is None else scaled(g, grad_loss) for g in ctx.saved_tensors)
-        return (*grads, *([None] * 11))
+        return (*grads, *([None] * 12))
 
 
 @(LOGPROB_OPTIONS + PPO_OPTIONS).keywords
@@ -87,7 +92,7 @@ def linear_ppo_loss(
     advantages: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None, values: torch.Tensor | None = None,
     old_values: torch.Tensor | None = None, returns: torch.Tensor | None = None,
-    **options: Any,
+    rollout_logp: torch.Tensor | None = None, **options: Any,
 ) -> PPOLossOutput:
     """The PPO loss straight from the policy's hidden states: no logits tensor, 3 GEMMs.
 
@@ -100,7 +105,8 @@ def linear_ppo_loss(
     gradients are held from the forward to the backward, and d weight of a bf16 / fp16
     weight is accumulated over token chunks in an fp32 ``[V, D]`` buffer (2 GB at
     V = 128256, D = 4096). `linear_logprobs` + `ppo_loss` needs neither, for one more GEMM;
-    the sequence losses (gspo, gspo_token, geo_mean) take that way.
+    the sequence losses (gspo, gspo_token, geo_mean) and bypass_mode (whose correction
+    reads every log-prob first) take that way.
     Under ``torch.no_grad()`` only the loss and statistics are computed (1 GEMM). fp16:
     the gradient is formed at loss scale 1, so a GradScaler's scale cannot shield its
     smallest entries from fp16 underflow (bf16 has fp32's range and no such problem).
@@ -110,8 +116,8 @@ def linear_ppo_loss(
             bias: as in `linear_logprobs`.
         labels: ``[B, T]`` the sampled tokens; outside the mask they are not read (nor
             range-checked).
-        old_logp, advantages, mask, ref_logp, values, old_values, returns: as in
-            `ppo_loss`, ``[B, T]``. Options: below, those of `linear_logprobs` and of
+        old_logp, advantages, mask, ref_logp, values, old_values, returns, rollout_logp:
+            as in `ppo_loss`, ``[B, T]``. Options: below, those of `linear_logprobs` and of
             `ppo_loss`.
             The entropy fed to the loss (and reported) is the policy's own, from the same
             pass; values (the critic's) may require grad.
@@ -129,7 +135,8 @@ def linear_ppo_loss(
     tensors, ppo_options, cfg = check_ppo_arguments(
         "labels", labels, dict(old_logp=old_logp, advantages=advantages, mask=mask,
                                ref_logp=ref_logp, entropy=None, values=values,
-                               old_values=old_values, returns=returns),
+                               old_values=old_values, returns=returns,
+                               rollout_logp=rollout_logp),
         {k: v for k, v in options.items() if k not in LOGPROB_OPTIONS.names},
     )
     # Tokens outside the mask are ignored outright (see linear_dpo_loss), before the range
@@ -144,11 +151,15 @@ def linear_ppo_loss(
         out = reference.ppo_loss(
             logp, tensors["old_logp"], tensors["advantages"], tensors["mask"],
             ref_logp=tensors["ref_logp"], entropy=entropy, values=tensors["values"],
-            old_values=tensors["old_values"], returns=tensors["returns"], **vars(ppo_options),
+            old_values=tensors["old_values"], returns=tensors["returns"],
+            rollout_logp=tensors["rollout_logp"], **vars(ppo_options),
         )
         return PPOLossOutput(out.loss, *(x.detach() for x in out[1:]))
-    if cfg.is_sequence_loss:
-        return _sequence_loss_from_logprobs(hidden, weight, bias, labels, tensors, opt, cfg)
+    if cfg.is_sequence_loss or ppo_options.policy_loss == "bypass_mode":
+        return _from_logprobs(hidden, weight, bias, labels, tensors, opt, ppo_options, cfg)
+    mask, is_weights, rollout_statistics = correct_for_the_rollout(
+        tensors["mask"], tensors["old_logp"], tensors["rollout_logp"], ppo_options,
+        _accumulator(compute_dtype))
     if not torch.is_grad_enabled():  # no_grad / inference_mode: skip the gradient GEMMs
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
@@ -157,23 +168,27 @@ def linear_ppo_loss(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), tensors["values"],
         labels.reshape(-1).contiguous(), tensors["old_logp"], tensors["advantages"],
-        tensors["mask"], tensors["ref_logp"], tensors["old_values"], tensors["returns"],
+        mask, tensors["ref_logp"], tensors["old_values"], tensors["returns"], is_weights,
         opt.temperature, opt.ignore_index, cfg, compute_dtype,
     )
-    return PPOLossOutput(loss, *statistics.unbind())
+    return PPOLossOutput(loss, *statistics.unbind(), *rollout_statistics)
 
 
-def _sequence_loss_from_logprobs(
+def _from_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     labels: torch.Tensor, tensors: dict[str, torch.Tensor | None], opt: Any,
-    cfg: ppo_kernel.PPOKernelConfig,
+    ppo_options: Any, cfg: ppo_kernel.PPOKernelConfig,
 ) -> PPOLossOutput:
-    """`linear_logprobs` then the fused PPO kernels: 4 GEMMs, for the sequence losses."""
+    """`linear_logprobs` then the fused PPO kernels: 4 GEMMs, for the losses that need
+    every log-prob of a row (or of the batch) before a token's gradient."""
     logp, entropy = linear_logprobs(
         hidden, weight, labels, bias=bias, return_entropy=True, check_labels=False,
         **TOKEN_OPTIONS.pick(opt))
+    mask, is_weights, rollout_statistics = correct_for_the_rollout(
+        tensors["mask"], tensors["old_logp"], tensors["rollout_logp"], ppo_options,
+        logp.dtype, logp)
     outputs = PPOLossFunction.apply(
         logp, entropy, tensors["values"], tensors["old_logp"], tensors["advantages"],
-        tensors["mask"], tensors["ref_logp"], tensors["old_values"], tensors["returns"], cfg,
+        mask, tensors["ref_logp"], tensors["old_values"], tensors["returns"], is_weights, cfg,
     )
-    return PPOLossOutput(outputs[0], *outputs[1:].detach())
+    return PPOLossOutput(outputs[0], *outputs[1:].detach(), *rollout_statistics)

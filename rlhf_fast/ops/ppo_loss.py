@@ -27,13 +27,14 @@ class PPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values,
-                returns, cfg):
+                returns, is_weights, cfg):
         outputs, counts, row_stats = kernel.ppo_forward(
-            logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, cfg
+            logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, cfg,
+            is_weights,
         )
         ctx.save_for_backward(
             counts, row_stats, logp, old_logp, advantages, mask, ref_logp, values, old_values,
-            returns,
+            returns, is_weights,
         )
         ctx.cfg = cfg
         ctx.entropy_dtype = None if entropy is None else entropy.dtype
@@ -42,15 +43,16 @@ class PPOLossFunction(torch.autograd.Function):
     @staticmethod
     @differentiable_once
     def backward(ctx, grad_outputs):
-        counts, row_stats, logp, old_logp, adv, mask, ref, values, old_v, ret = ctx.saved_tensors
+        (counts, row_stats, logp, old_logp, adv, mask, ref, values, old_v, ret,
+         is_weights) = ctx.saved_tensors
         needs_logp, needs_entropy, needs_values = ctx.needs_input_grad[:3]
         d_logp, d_ent, d_v = kernel.ppo_backward(
             grad_outputs.contiguous(), counts, row_stats,
             logp, old_logp, adv, mask, ref, values, old_v, ret, ctx.cfg,
             grad_entropy_dtype=ctx.entropy_dtype if needs_entropy else None,
-            grad_values=needs_values,
+            grad_values=needs_values, is_weights=is_weights,
         )
-        return (d_logp if needs_logp else None), d_ent, d_v, *([None] * 7)
+        return (d_logp if needs_logp else None), d_ent, d_v, *([None] * 8)
 
 
 def _check_bt(name: str, value: torch.Tensor | None, like: torch.Tensor, like_name: str,
@@ -74,7 +76,7 @@ def check_ppo_arguments(
     `like_name` in errors); `options` are `PPO_OPTIONS`. Returns the tensors (contiguous),
     the checked options, and the kernels' config."""
     checked = {}
-    for name in ("old_logp", "advantages", "mask", "ref_logp", "entropy"):
+    for name in ("old_logp", "advantages", "mask", "ref_logp", "entropy", "rollout_logp"):
         dtypes = MASK_DTYPES if name == "mask" else FLOAT_DTYPES
         checked[name] = _check_bt(name, tensors[name], like, like_name, dtypes)
     value_args = {k: tensors[k] for k in ("values", "old_values", "returns")}
@@ -87,6 +89,14 @@ def check_ppo_arguments(
     opt = PPO_OPTIONS.check(options)
     if opt.kl_coef > 0 and checked["ref_logp"] is None:
         raise ValueError("ref_logp is required when kl_coef > 0")
+    bypass = opt.policy_loss == "bypass_mode"
+    if bypass and checked["rollout_logp"] is not None:
+        raise ValueError("rollout_logp must be None for policy_loss 'bypass_mode' (its "
+                         "old_logp is the rollout's)")
+    corrected = opt.rollout_is is not None or opt.rollout_rs is not None
+    if corrected and not bypass and checked["rollout_logp"] is None:
+        raise ValueError("rollout_logp is required when rollout_is or rollout_rs is set "
+                         "(but for policy_loss 'bypass_mode')")
     cfg = kernel.PPOKernelConfig.from_options(opt, like.shape[1])
     return checked, opt, cfg
 
@@ -96,7 +106,8 @@ def ppo_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
     ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
     values: torch.Tensor | None = None, old_values: torch.Tensor | None = None,
-    returns: torch.Tensor | None = None, **options: Any,
+    returns: torch.Tensor | None = None, rollout_logp: torch.Tensor | None = None,
+    **options: Any,
 ) -> PPOLossOutput:
     """PPO's objective, fused: a policy-gradient term + KL to a reference + entropy bonus +
     clipped value loss.
@@ -120,6 +131,9 @@ def ppo_loss(
         ref_logp: ``[B, T]`` reference-policy log-probs, needed when kl_coef > 0.
         entropy: ``[B, T]`` per-token entropy (differentiable), for the bonus.
         values, old_values, returns: ``[B, T]``, all three or none; values differentiable.
+        rollout_logp: ``[B, T]`` the rollout engine's log-probs of the sampled tokens, for
+            the rollout correction (rollout_is, rollout_rs: verl's, in
+            `rlhf_fast.reference.rollout_correction`); given alone, its statistics only.
         Options: below. Every float option reaches the kernels as two fp32 halves (exact
         to ~48 bits for fp64): one that is finite but outside fp32's normal range ([1.2e-38,
         3.4e38] in magnitude, or 0) raises.
@@ -142,7 +156,8 @@ def ppo_loss(
     tensors, opt, cfg = check_ppo_arguments(
         "logp", logp, dict(old_logp=old_logp, advantages=advantages, mask=mask,
                            ref_logp=ref_logp, entropy=entropy, values=values,
-                           old_values=old_values, returns=returns), options,
+                           old_values=old_values, returns=returns, rollout_logp=rollout_logp),
+        options,
     )
     old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns = (
         tensors[k] for k in ("old_logp", "advantages", "mask", "ref_logp", "entropy", "values",
@@ -153,10 +168,34 @@ def ppo_loss(
     if not use_triton(logp):
         return reference.ppo_loss(
             logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
-            values=values, old_values=old_values, returns=returns, **vars(opt),
+            values=values, old_values=old_values, returns=returns,
+            rollout_logp=tensors["rollout_logp"], **vars(opt),
         )
+    logp = logp.contiguous()
+    mask, is_weights, rollout_statistics = correct_for_the_rollout(
+        mask, old_logp, tensors["rollout_logp"], opt,
+        torch.float64 if logp.dtype == torch.float64 else torch.float32, logp)
     outputs = PPOLossFunction.apply(
-        logp.contiguous(), entropy, values, old_logp, advantages, mask, ref_logp, old_values,
-        returns, cfg,
+        logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values, returns,
+        is_weights, cfg,
     )
-    return PPOLossOutput(*outputs[:5], *outputs[5:].detach())
+    return PPOLossOutput(*outputs[:5], *outputs[5:].detach(), *rollout_statistics)
+
+
+def correct_for_the_rollout(
+    mask: torch.Tensor, old_logp: torch.Tensor, rollout_logp: torch.Tensor | None,
+    opt: SimpleNamespace, dtype: torch.dtype, logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(the mask the kernels read, the IS weights of the policy term or None, the [5]
+    rollout statistics of `PPOLossOutput`) in the kernels' compute `dtype`:
+    `reference.rollout_correction` on the [B, T] constants when there is a rollout to
+    correct for (bypass_mode: the policy's `logp`, detached, against old_logp)."""
+    if opt.policy_loss != "bypass_mode" and rollout_logp is None:
+        return mask, None, torch.zeros(len(reference.ROLLOUT_STATISTICS), dtype=dtype,
+                                       device=mask.device)
+    policy, rollout = (logp, old_logp) if rollout_logp is None else (old_logp, rollout_logp)
+    with torch.no_grad():
+        weights, kept, statistics = reference.rollout_correction(
+            policy.to(dtype), rollout.to(dtype), mask != 0, opt)
+    statistics = torch.stack([statistics[name] for name in reference.ROLLOUT_STATISTICS])
+    return kept, None if weights is None else weights.contiguous(), statistics.to(dtype)

@@ -13,7 +13,14 @@ from rlhf_fast.reference.advantages import (
     masked_mean,
     masked_whiten,
 )
-from rlhf_fast.reference.policy import aggregate, kl_penalty, ppo_loss
+from rlhf_fast.reference.policy import (
+    ROLLOUT_STATISTICS,
+    aggregate,
+    kl_penalty,
+    policy_terms,
+    ppo_loss,
+    rollout_correction,
+)
 from rlhf_fast.reference.preference import EXO_DEFAULT_EPS, dpo_loss, log_sigmoid
 from rlhf_fast.reference.tokens import (
     fits_dtype,
@@ -24,7 +31,8 @@ from rlhf_fast.reference.tokens import (
 )
 
 __all__ = [
-    "EXO_DEFAULT_EPS", "aggregate", "discounted_returns", "dpo_loss", "fits_dtype", "gae",
-    "group_advantages", "ignored_labels", "kl_penalty", "linear_logprobs", "log_sigmoid",
-    "logprobs", "masked_mean", "masked_whiten", "ppo_loss", "sequence_logps",
+    "EXO_DEFAULT_EPS", "ROLLOUT_STATISTICS", "aggregate", "discounted_returns", "dpo_loss",
+    "fits_dtype", "gae", "group_advantages", "ignored_labels", "kl_penalty",
+    "linear_logprobs", "log_sigmoid", "logprobs", "masked_mean", "masked_whiten",
+    "policy_terms", "ppo_loss", "rollout_correction", "sequence_logps",
 ]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rlhf_fast.options import PPO_OPTIONS
+from rlhf_fast.options import PPO_OPTIONS, rollout_rs_bounds
 from rlhf_fast.reference.common import compute_dtype
 from rlhf_fast.types import PPOLossOutput
 
@@ -83,8 +84,9 @@ def aggregate(
 
 
 def _row_mean(x: Tensor, valid: Tensor) -> Tensor:
-    """[B, 1]: each row's mean of x over its valid tokens (x is 0 elsewhere); 0 if none."""
-    return x.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    """[B, 1]: each row's mean of x over its valid tokens; 0 if none."""
+    return torch.where(valid, x, 0.0).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(
+        min=1)
 
 
 def _below(x: Tensor, bound: float) -> Tensor:
@@ -116,6 +118,10 @@ def policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, valid: Tens
     sapo (2511.20347): pg = -A (4 / tau) sigmoid(tau (r - 1)), tau = tau_pos for A > 0
         and tau_neg otherwise; the log-ratio is clamped to [-20, 20] first (verl, TRL).
     gpg (2504.02546): pg = -A logp.
+    bypass_mode: verl's bypass mode with loss_type="reinforce": pg = -A logp, weighted by
+        the rollout correction's IS weights of pi_theta against old_logp, which is the
+        rollout's (`rollout_correction`). verl's loss_type="ppo_clip" is vanilla with
+        old_logp the rollout's.
     dppo_tv, dppo_kl (2602.04879): pg = -A sg(min(r, clip_ratio_c)) logp on the tokens
         whose divergence is within bounds, 0 on the others: with p = exp(logp), a token
         with A > 0 is dropped when its probability rose too far (tv: p - p_old >
@@ -174,7 +180,7 @@ def policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, valid: Tens
         r = torch.exp(_above(_below(log_ratio, 20.0), -20.0))
         pg = -advantages * torch.sigmoid(tau * (r - 1)) * (4 / tau)
         low, high = none, none
-    elif name == "gpg":
+    elif name in ("gpg", "bypass_mode"):
         pg = -advantages * logp
         low, high = none, none
     elif name in ("dppo_tv", "dppo_kl"):
@@ -203,16 +209,97 @@ def policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, valid: Tens
     return pg, low & valid, high & valid, dual & valid
 
 
+ROLLOUT_STATISTICS = ("rollout_is_mean", "rollout_is_max", "rollout_rs_masked_fraction",
+                      "rollout_kl", "rollout_k3_kl")
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _row_reduce(x: Tensor, mask: Tensor, how: str) -> Tensor:
+    """[B, 1]: each row's sum, mean or max of x over its valid tokens (0 for none)."""
+    if how == "max":
+        top = torch.where(mask, x, -math.inf).amax(-1, keepdim=True)
+        return torch.where(mask.any(-1, keepdim=True), top, 0.0)
+    total = torch.where(mask, x, 0.0).sum(-1, keepdim=True)
+    return total if how == "sum" else total / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
+def rollout_correction(
+    policy_logp: Tensor, rollout_logp: Tensor, mask: Tensor, opt: Any
+) -> tuple[Tensor | None, Tensor, dict[str, Tensor]]:
+    """verl's rollout correction (`rollout_corr_helper.py`) of a batch sampled by a rollout
+    engine: the IS weights of the policy term and the mask rejection sampling leaves.
+
+    `policy_logp` is pi_old's log-prob (pi_theta's, detached, in bypass_mode) and
+    `rollout_logp` the engine's, ``[B, T]`` constants, `mask` bool; `opt` the options. With
+    x = policy_logp - rollout_logp, clamped to [-20, 20] before any exp:
+
+    * rollout_is "token": w = exp(x); "sequence": w = exp(sum of x over the row), one per
+      row; truncated at rollout_is_threshold, then (rollout_is_batch_normalize) divided
+      by their mean over the valid tokens (over the non-empty rows for "sequence") when
+      that mean is above 1e-8.
+    * rollout_rs, each criterion on k1 = -x, k2 = x^2 / 2 or k3 = e^x - 1 - x: token_kN
+      drops the tokens, seq_sum / seq_mean / seq_max_kN the rows whose statistic leaves
+      the bounds: [log lower, log upper] for k1 (so the bounds are on pi_rollout /
+      pi_old), at most upper for k2 and k3. A token stays only if every criterion keeps it.
+
+    Returns (weights or None, the kept mask, the statistics `ROLLOUT_STATISTICS` over
+    `mask`: rollout_is_mean / rollout_is_max of w before truncation, the share of valid
+    tokens rejected, and the k1 and k3 estimates of KL(pi_rollout || pi_old)).
+    """
+    x = torch.where(mask, policy_logp - rollout_logp, 0.0)
+    safe = x.clamp(-20.0, 20.0)
+    weights, raw = None, torch.zeros_like(x)
+    if opt.rollout_is is not None:
+        level = safe if opt.rollout_is == "token" else _row_reduce(x, mask, "sum").clamp(-20, 20)
+        raw = torch.exp(level).expand_as(x) * mask
+        weights = raw.clamp(max=opt.rollout_is_threshold)
+        if opt.rollout_is_batch_normalize:
+            if opt.rollout_is == "token":
+                mean = _masked_mean(weights, mask)
+            else:
+                rows = mask.any(-1)
+                mean = (_row_reduce(weights, mask, "mean")[:, 0] * rows).sum() / rows.sum().clamp(
+                    min=1)
+            weights = torch.where(mean > 1e-8, weights / mean, weights)
+    kept = mask.clone()
+    if opt.rollout_rs is not None:
+        divergence = {"k1": -safe, "k2": 0.5 * safe**2, "k3": torch.exp(safe) - 1 - safe}
+        for mode, lower, upper in rollout_rs_bounds(opt.rollout_rs, opt.rollout_rs_threshold):
+            level, stat = mode.rsplit("_", 1)
+            value = divergence[stat]
+            if level != "token":
+                value = _row_reduce(value, mask, level.split("_")[1])
+            if lower is None:
+                keep = value <= upper
+            else:
+                keep = (value >= math.log(lower)) & (value <= math.log(upper))
+            kept = kept & keep
+    n_valid = mask.sum().clamp(min=1)
+    statistics = {
+        "rollout_is_mean": _masked_mean(raw, mask),
+        "rollout_is_max": torch.where(mask, raw, 0.0).amax() if raw.numel() else raw.sum(),
+        "rollout_rs_masked_fraction": (mask & ~kept).sum().to(x.dtype) / n_valid,
+        "rollout_kl": _masked_mean(-x, mask),
+        "rollout_k3_kl": _masked_mean(torch.exp(x) - x - 1, mask),
+    }
+    return weights, kept, statistics
+
+
 @PPO_OPTIONS.keywords
 def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
              ref_logp: Tensor | None = None, entropy: Tensor | None = None,
              values: Tensor | None = None, old_values: Tensor | None = None,
-             returns: Tensor | None = None, **options: Any) -> PPOLossOutput:
+             returns: Tensor | None = None, rollout_logp: Tensor | None = None,
+             **options: Any) -> PPOLossOutput:
     """PPO's objective: a policy-gradient term (`policy_terms`: clipped ratio and the
     2026 family) + KL to a reference + entropy bonus + clipped value loss.
 
     All tensors ``[B, T]``; mask is bool or numeric, nonzero = valid. Gradients flow into
-    `logp`, `entropy` and `values`; the other inputs are constants.
+    `logp`, `entropy` and `values`; the other inputs are constants. `rollout_logp`, the
+    rollout engine's log-probs, with rollout_is / rollout_rs: `rollout_correction`.
     """
     opt = PPO_OPTIONS.fill(options)
     dtype = compute_dtype(logp.dtype)
@@ -233,8 +320,15 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *
     )
     zero = torch.zeros_like(logp)
 
+    is_weights, statistics = None, dict.fromkeys(ROLLOUT_STATISTICS, zero.sum())
+    if opt.policy_loss == "bypass_mode" or rollout_logp is not None:
+        policy, rollout = (logp, old_logp) if rollout_logp is None else (old_logp, rollout_logp)
+        is_weights, valid, statistics = rollout_correction(
+            policy.detach(), rollout.detach().to(dtype), valid, opt)
     pg, clipped_low, clipped_high, dual_clipped = policy_terms(
         logp, old_logp, advantages, valid, opt)
+    if is_weights is not None:
+        pg = pg * is_weights
     log_ratio = (logp - old_logp).detach()
     ratio = torch.exp(log_ratio)
     kl = zero if ref_logp is None else kl_penalty(logp, ref_logp, opt.kl_estimator)
@@ -278,4 +372,5 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *
         loss, policy_loss, value_loss, kl_term, entropy_term,
         clipfrac, approx_kl, ratio_mean, ratio_max, value_clipfrac,
         clipfrac_low, clipfrac_high, token_mean(dual_clipped),
+        *(statistics[name] for name in ROLLOUT_STATISTICS),
     )

@@ -1,0 +1,211 @@
+"""ppo_loss's rollout correction (verl's rollout_is / rollout_rs, bypass_mode): by hand,
+against verl's `rollout_corr_helper.py` rewritten, and the kernels against the reference."""
+
+import math
+
+import pytest
+import torch
+from test_ppo_loss import FULL, compare, random_batch
+
+import rlhf_fast
+from helpers import rel_err
+from rlhf_fast import reference
+from rlhf_fast.options import PPO_OPTIONS
+from rlhf_fast.types import POLICY_LOSSES, ROLLOUT_RS_MODES
+
+F64 = torch.float64
+CORRECTIONS = [
+    dict(rollout_is="token"),
+    dict(rollout_is="sequence", rollout_is_threshold=4.0),
+    dict(rollout_is="token", rollout_is_batch_normalize=True, rollout_rs="token_k1",
+         rollout_rs_threshold="0.75_1.5"),
+    dict(rollout_is="sequence", rollout_is_batch_normalize=True,
+         rollout_rs="seq_mean_k3,seq_max_k2", rollout_rs_threshold="0.0625,0.25"),
+    dict(rollout_rs="token_k2,seq_sum_k1", rollout_rs_threshold="0.125,2.0"),
+    {},  # rollout_logp alone: its statistics
+]
+
+
+def rollout_batch(**kwargs):
+    batch = random_batch(**kwargs)
+    noise = torch.randn(batch["logp"].shape, dtype=F64).to(batch["logp"].dtype)
+    batch["rollout_logp"] = batch["old_logp"] + 0.3 * noise
+    return batch
+
+
+# ----------------------------------------------------------------- by hand
+
+
+def test_hand_case_weights_and_rejection():
+    # x = policy - rollout = (ln 3, ln 0.5): token weights (3 -> 2 truncated, 0.5); their
+    # mean 1.25 normalises them; one sequence weight exp(ln 1.5) = 1.5
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    policy = torch.tensor([[math.log(0.3), math.log(0.1)]], dtype=F64)
+    rollout = torch.tensor([[math.log(0.1), math.log(0.2)]], dtype=F64)
+
+    def correct(**opts):
+        return reference.rollout_correction(policy, rollout, mask, PPO_OPTIONS.fill(opts))
+
+    w, kept, stats = correct(rollout_is="token")
+    assert w[0].tolist() == pytest.approx([2.0, 0.5]) and kept.all()
+    assert stats["rollout_is_mean"].item() == pytest.approx(1.75)  # before truncation
+    assert stats["rollout_is_max"].item() == pytest.approx(3.0)
+    assert stats["rollout_kl"].item() == pytest.approx(-(math.log(3) + math.log(0.5)) / 2)
+    assert stats["rollout_k3_kl"].item() == pytest.approx(
+        (3 - math.log(3) - 1 + 0.5 - math.log(0.5) - 1) / 2)
+    w, _, _ = correct(rollout_is="token", rollout_is_batch_normalize=True)
+    assert w[0].tolist() == pytest.approx([2 / 1.25, 0.5 / 1.25])
+    w, _, _ = correct(rollout_is="sequence")
+    assert w[0].tolist() == pytest.approx([1.5, 1.5])
+    # token_k1 bounds pi_rollout / pi_old = (1/3, 2) to [0.7, 1.4]: both rejected;
+    # [0.25, 2.5] keeps both; token_k2 at 0.5 drops ln 3 (0.60) and keeps ln 0.5 (0.24)
+    for spec, modes, expected in (("0.7_1.4", "token_k1", [False, False]),
+                                  ("0.25_2.5", "token_k1", [True, True]),
+                                  ("0.5", "token_k2", [False, True])):
+        _, kept, stats = correct(rollout_rs=modes, rollout_rs_threshold=spec)
+        assert kept.tolist() == [expected]
+        assert stats["rollout_rs_masked_fraction"].item() == expected.count(False) / 2
+    _, kept, _ = correct(rollout_rs="seq_max_k2", rollout_rs_threshold="0.5")  # the row
+    assert kept.tolist() == [[False, False]]
+
+
+def test_bypass_mode_is_reinforce_with_truncated_weights():
+    """-A sg(min(exp(logp - old_logp), threshold)) logp, token-mean."""
+    batch = random_batch()
+    logp, old, adv, mask = (batch[k] for k in ("logp", "old_logp", "advantages", "mask"))
+    logp = logp.nan_to_num().requires_grad_()
+    out = reference.ppo_loss(logp, old, adv, mask, policy_loss="bypass_mode",
+                             rollout_is="token", rollout_is_threshold=1.5)
+    w = torch.exp(logp.detach() - old).clamp(max=1.5)
+    pg = torch.where(mask, -adv.nan_to_num() * w.nan_to_num() * logp, 0.0)
+    expected = pg.sum() / mask.sum()
+    assert out.policy_loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    (g,) = torch.autograd.grad(out.policy_loss, logp)
+    (g_expected,) = torch.autograd.grad(expected, logp)
+    assert rel_err(g, g_expected) < 1e-12
+
+
+# ----------------------------------------------------------------- verl's, rewritten
+
+
+def _verl_masked_mean(x, m, dim=None):
+    total = (x * m).sum() if dim is None else (x * m).sum(dim)
+    count = m.sum() if dim is None else m.sum(dim)
+    return total / (count + 1e-8)
+
+
+def verl_rollout_correction(old, rollout, mask, rollout_is=None, rollout_is_threshold=2.0,
+                            rollout_is_batch_normalize=False, rollout_rs=None,
+                            rollout_rs_threshold=None):
+    """compute_rollout_correction_and_rejection_mask's weights and mask, from its code."""
+    m = mask.to(old.dtype)
+    log_ratio = torch.where(mask, old - rollout, 0.0)
+    weights = None
+    if rollout_is is not None:
+        if rollout_is == "token":
+            weights = torch.exp(log_ratio.clamp(-20, 20))
+        else:
+            total = (log_ratio * m).sum(-1, keepdim=True)
+            weights = torch.exp(total.clamp(-20, 20)).expand_as(log_ratio)
+        weights = (weights * m).clamp(max=rollout_is_threshold)
+        if rollout_is_batch_normalize:
+            if rollout_is == "token":
+                mean = _verl_masked_mean(weights, m)
+            else:
+                rows = (m.sum(-1) > 0).to(m.dtype)
+                mean = (_verl_masked_mean(weights, m, -1) * rows).sum() / rows.sum().clamp_min(1e-8)
+            if mean > 1e-8:
+                weights = weights / mean
+    keep_all = torch.ones_like(m)
+    if rollout_rs is not None:
+        modes = rollout_rs.split(",")
+        specs = str(rollout_rs_threshold).split(",")
+        specs = specs * len(modes) if len(specs) == 1 else specs
+        safe = log_ratio.clamp(-20, 20)
+        stats = {"k1": -safe, "k2": 0.5 * safe**2, "k3": torch.exp(safe) - 1.0 - safe}
+        for mode, spec in zip(modes, specs):
+            value = stats[mode[-2:]]
+            if mode.startswith("seq_sum"):
+                value = (value * m).sum(-1, keepdim=True)
+            elif mode.startswith("seq_mean"):
+                value = _verl_masked_mean(value, m, -1)[:, None]
+            elif mode.startswith("seq_max"):
+                top = value.masked_fill(~mask, -math.inf).max(-1, keepdim=True).values
+                value = torch.where(top == -math.inf, 0.0, top)
+            if mode.endswith("k1"):
+                low, high = (float(x) for x in spec.split("_")) if "_" in spec else (
+                    1 / float(spec), float(spec))
+                keep = (value >= math.log(low)) & (value <= math.log(high))
+            else:
+                keep = value <= float(spec)
+            keep_all = keep_all * keep.expand_as(m).to(m.dtype)
+    return weights, (m * keep_all) > 0
+
+
+@pytest.mark.parametrize("correction", CORRECTIONS + [
+    dict(rollout_rs=mode, rollout_rs_threshold="0.5_2.0" if mode.endswith("k1") else "0.125")
+    for mode in ROLLOUT_RS_MODES])
+def test_rollout_correction_agrees_with_verl(correction):
+    batch = rollout_batch()
+    mask = batch["mask"]
+    old, rollout = batch["old_logp"].nan_to_num(), batch["rollout_logp"].nan_to_num()
+    ours, kept, _ = reference.rollout_correction(old, rollout, mask,
+                                                 PPO_OPTIONS.fill(correction))
+    theirs, their_kept = verl_rollout_correction(old, rollout, mask, **correction)
+    assert torch.equal(kept, their_kept)
+    if theirs is None:
+        assert ours is None
+    else:  # verl's masked means add 1e-8 to the counts
+        assert rel_err(torch.where(mask, ours, 0.0), torch.where(mask, theirs, 0.0)) < 1e-8
+
+
+# ----------------------------------------------------------------- kernels vs reference
+
+
+@pytest.mark.parametrize("correction", range(len(CORRECTIONS)))
+@pytest.mark.parametrize("policy_loss", ["vanilla", "cispo", "gspo", "geo_mean"])
+def test_matches_reference(policy_loss, correction):
+    compare(rollout_batch(), dict(FULL, policy_loss=policy_loss, **CORRECTIONS[correction]),
+            tol=1e-10)
+
+
+@pytest.mark.parametrize("correction", range(len(CORRECTIONS) - 1))
+def test_bypass_mode_matches_reference(correction):
+    batch = random_batch()
+    compare(batch, dict(FULL, policy_loss="bypass_mode", **CORRECTIONS[correction]),
+            tol=1e-10)
+
+
+def test_matches_reference_in_float32():
+    compare(rollout_batch(dtype=torch.float32), dict(FULL, **CORRECTIONS[3]), tol=1e-5)
+
+
+@pytest.mark.parametrize("policy_loss", POLICY_LOSSES)
+def test_every_policy_loss_takes_the_weights(policy_loss):
+    """The IS weights scale the policy term of every loss (sapo and geo_mean included)."""
+    batch = rollout_batch()
+    opts = dict(policy_loss=policy_loss, rollout_is="token")
+    if policy_loss == "bypass_mode":
+        batch.pop("rollout_logp")
+    plain = reference.ppo_loss(batch["logp"], batch["old_logp"], batch["advantages"],
+                               batch["mask"], policy_loss=policy_loss)
+    weighted = rlhf_fast.ppo_loss(batch["logp"], batch["old_logp"], batch["advantages"],
+                                  batch["mask"], rollout_logp=batch.get("rollout_logp"), **opts)
+    assert weighted.rollout_is_mean.item() > 0
+    assert weighted.policy_loss.item() != pytest.approx(plain.policy_loss.item(), rel=1e-3)
+
+
+def test_arguments_are_checked():
+    batch = rollout_batch()
+    args = [batch[k] for k in ("logp", "old_logp", "advantages", "mask")]
+    with pytest.raises(ValueError, match=r"rollout_logp is required when rollout_is"):
+        rlhf_fast.ppo_loss(*args, rollout_is="token")
+    with pytest.raises(ValueError, match=r"rollout_logp must be None for policy_loss"):
+        rlhf_fast.ppo_loss(*args, policy_loss="bypass_mode", rollout_logp=batch["rollout_logp"])
+    with pytest.raises(ValueError, match=r"rollout_rs_threshold must be one threshold"):
+        rlhf_fast.ppo_loss(*args, rollout_logp=batch["rollout_logp"], rollout_rs="token_k2",
+                           rollout_rs_threshold="1_2")
+    with pytest.raises(ValueError, match=r"rollout_rs must be None or a comma-separated"):
+        rlhf_fast.PPOLoss(rollout_rs="token_k4")
+    with pytest.raises(ValueError, match=r"rollout_logp must have logp's shape"):
+        rlhf_fast.ppo_loss(*args, rollout_logp=batch["rollout_logp"][:, 1:])
