@@ -28,6 +28,7 @@ from typing import Any
 
 from rlhf_fast.ops.checks import INT64_MAX, INT64_MIN, check_fp32
 from rlhf_fast.types import (
+    ADVANTAGE_ESTIMATORS,
     AGG_MODES,
     DPO_LABEL_SMOOTHING_TYPES,
     DPO_LOSS_TYPES,
@@ -349,6 +350,20 @@ GAE_OPTIONS = OptionSet((
            "discount of the next valid token's value"),
     Option("lam", 0.95, real("a float in [0, 1]", lambda v: 0 <= v <= 1),
            "GAE lambda: 0 is the one-step TD error, 1 the Monte-Carlo return minus V"),
+))
+
+
+# --------------------------------------------------------------------- group_advantages
+
+GROUP_ADVANTAGE_OPTIONS = OptionSet((
+    Option("estimator", "grpo", one_of(ADVANTAGE_ESTIMATORS),
+           "the baseline and scale of each score, verl's names (`reference.group_advantages` "
+           "has each formula)"),
+    Option("scale", "std", one_of(("std", "batch"), optional=True),
+           "grpo and grpo_passk: divide by the group's std + eps (TRL's scale_rewards="
+           "'group'), by the batch's ('batch'), or not (None: Dr. GRPO, TRL's 'none')"),
+    Option("eps", 1e-6, real("a finite float > 0", lambda v: 0 < v < math.inf),
+           "added to the std it divides by"),
 ))
 
 

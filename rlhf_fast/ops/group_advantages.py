@@ -3,41 +3,54 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import group_advantages as kernel
+from rlhf_fast.kernels.common import math_dtype
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
+    INDEX_DTYPES,
     check_int,
-    check_positive,
+    check_same_device,
     check_tensor,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.options import GROUP_ADVANTAGE_OPTIONS
 
 
+@GROUP_ADVANTAGE_OPTIONS.keywords
 def group_advantages(
-    scores: torch.Tensor, group_size: int, *, scale: str | None = "std", eps: float = 1e-6
+    scores: torch.Tensor, group_size: int, *, lengths: torch.Tensor | None = None,
+    baselines: torch.Tensor | None = None, **options: Any,
 ) -> torch.Tensor:
-    """Critic-free (GRPO) advantages: scores normalised within groups of one prompt.
+    """Critic-free (outcome) advantages: each score against its group's baseline.
 
-    Groups are `group_size` consecutive entries. scale="std":
-    A_i = (s_i - mean_g) / (std_g + eps), with the unbiased (n - 1) std as ``torch.std``
-    (what GRPO implementations use); a group of one has std 0 and advantage 0 (torch.std
-    would give NaN). scale=None: A_i = s_i - mean_g (Dr. GRPO). One kernel launch.
+    Groups are `group_size` consecutive entries (the samples of one prompt). The
+    estimators, verl's names, each formula in `rlhf_fast.reference.group_advantages`:
+    grpo (scale "std": (s - mean) / (std + eps) with the unbiased std as ``torch.std``;
+    "batch": the batch's std; None: s - mean, Dr. GRPO), rloo, opo (needs `lengths`),
+    grpo_passk, gpg, reinforce_plus_plus_baseline (s - mean; whiten it over the tokens
+    with `masked_whiten`), remax (needs `baselines`). A group of one has advantage 0.
+    One kernel launch (gpg and scale="batch": one torch reduction before it, no host sync;
+    remax: one subtraction).
 
     Args:
         scores: ``[B]`` float (bf16, fp16, fp32, fp64), B a multiple of `group_size`.
         group_size: samples per prompt, an int >= 1 dividing B.
-        scale: "std" or None.
-        eps: added to the std, > 0 (checked even with scale=None).
+        lengths: ``[B]`` float or int, each answer's length (opo).
+        baselines: ``[B]`` float, the greedy answer's score of each sample's prompt (remax).
+        Options: below.
 
     Returns:
         ``[B]`` fp32 (fp64 for fp64 scores), detached. A group of equal scores gives
         exactly 0 (not a rounded mean's residue over a std as small). A NaN in a group
-        gives NaN for that group only. Finite for any finite scores whose group sums
-        and differences stay within fp32 (the sum of squared deviations, which overflows
-        fp32 past ~1e19, is never formed).
+        gives NaN for that group only (for every group with gpg or scale="batch", which
+        read the batch). Finite for any finite scores whose group sums and differences
+        stay within fp32 (the sum of squared deviations, which overflows fp32 past ~1e19,
+        is never formed).
     """
     check_tensor("scores", scores, FLOAT_DTYPES)
     if scores.dim() != 1:
@@ -50,13 +63,48 @@ def group_advantages(
             f"group_size must divide the number of scores: scores.shape[0] = "
             f"{scores.shape[0]} is not a multiple of group_size = {group_size}"
         )
-    if scale not in ("std", None):
-        raise ValueError(f'scale must be "std" or None, got {scale!r}')
-    eps = check_positive("eps", eps)
-
+    opt = GROUP_ADVANTAGE_OPTIONS.check(options)
+    lengths = _per_score("lengths", lengths, scores, opt.estimator == "opo",
+                         FLOAT_DTYPES + INDEX_DTYPES)
+    baselines = _per_score("baselines", baselines, scores, opt.estimator == "remax",
+                           FLOAT_DTYPES)
+    scores = scores.detach()
     if not use_triton(scores):
         with torch.no_grad():
-            return reference.group_advantages(scores, group_size, scale=scale, eps=eps)
+            return reference.group_advantages(scores, group_size, lengths=lengths,
+                                              baselines=baselines, **vars(opt))
+    if opt.estimator == "remax":
+        return scores.to(math_dtype(scores)) - baselines.to(math_dtype(scores))
+    if opt.estimator == "reinforce_plus_plus_baseline":
+        opt.estimator, opt.scale = "grpo", None
     return kernel.group_advantages_forward(
-        scores.detach().contiguous(), group_size, scale == "std", eps
+        scores.contiguous(), group_size, opt.estimator, opt.scale, opt.eps, lengths,
+        _batch_statistic(scores, opt),
     )
+
+
+def _per_score(name: str, value: torch.Tensor | None, scores: torch.Tensor, needed: bool,
+               dtypes: tuple[torch.dtype, ...]) -> torch.Tensor | None:
+    """An estimator's extra ``[B]`` input: checked, contiguous; required by `needed`."""
+    if value is None:
+        if needed:
+            raise ValueError(f"{name} is required for this estimator")
+        return None
+    check_tensor(name, value, dtypes)
+    check_same_device(name, value, "scores", scores)
+    if value.shape != scores.shape:
+        raise ValueError(f"{name} must have scores' shape {tuple(scores.shape)}, got "
+                         f"{tuple(value.shape)}")
+    return value.detach().contiguous()
+
+
+def _batch_statistic(scores: torch.Tensor, opt: Any) -> torch.Tensor | None:
+    """The 0-d batch statistic the kernel reads: gpg's alpha, or the batch's std."""
+    dtype = math_dtype(scores)
+    if opt.estimator == "gpg":
+        return scores.numel() / torch.count_nonzero(scores).clamp(min=1).to(dtype)
+    if opt.scale == "batch" and opt.estimator in ("grpo", "grpo_passk"):
+        if scores.numel() < 2:
+            return torch.zeros((), dtype=dtype, device=scores.device)
+        return scores.to(dtype).std()
+    return None

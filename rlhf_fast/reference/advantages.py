@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf_fast.options import GAE_OPTIONS
+from rlhf_fast.options import GAE_OPTIONS, GROUP_ADVANTAGE_OPTIONS
 from rlhf_fast.reference.common import compute_dtype
 
 
@@ -69,23 +69,69 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0,
     return out
 
 
-def group_advantages(
-    scores: torch.Tensor, group_size: int, *, scale: str | None = "std", eps: float = 1e-6
-) -> torch.Tensor:
-    """GRPO advantages: ``scores [B]`` in groups of `group_size` consecutive samples,
-    A_i = (s_i - mean_g) / (std_g + eps) (scale="std", unbiased std as torch.std; a group of
-    one has std 0, so A = 0), or s_i - mean_g (scale=None). ``[B]`` fp32 (fp64 for fp64).
-    A group of equal scores gives exactly 0."""
-    s = scores.to(compute_dtype(scores.dtype)).reshape(-1, group_size)
+@GROUP_ADVANTAGE_OPTIONS.keywords
+def group_advantages(scores: Tensor, group_size: int, *, lengths: Tensor | None = None,
+                     baselines: Tensor | None = None, **options: Any) -> Tensor:
+    """Outcome advantages of ``scores [B]`` in groups of `group_size` consecutive samples
+    (one prompt's), ``[B]`` fp32 (fp64 for fp64 scores). With mean, std (unbiased, as
+    torch.std) and n of the sample's group, per `estimator` (verl's
+    `compute_<name>_outcome_advantage`):
+
+    grpo: (s - mean) / (std + eps) (scale "std"), / (the batch's std + eps) ("batch",
+        TRL's scale_rewards="batch"), or s - mean (None: Dr. GRPO).
+    rloo (2402.14740): s minus the mean of the group's other samples, (s - mean) n / (n - 1).
+    opo (2505.23585): s - sum_j len_j s_j / sum_j len_j, the length-weighted baseline of
+        `lengths` [B] (answer lengths; a group of zero total length: the plain mean).
+    grpo_passk (2503.19595): the group's best sample gets max - second max, scaled as
+        grpo's; the others 0 (a tie for the best: 0 for all).
+    gpg (2504.02546): (s - mean) B / (the batch's nonzero scores, at least 1).
+    reinforce_plus_plus_baseline (2501.03262): s - mean, which the caller whitens over the
+        batch's tokens (`masked_whiten`, as verl).
+    remax (2310.10505): s - `baselines` [B] (the reward of each prompt's greedy answer).
+
+    A group of one sample has no baseline: 0 (verl passes its raw score through, or for
+    grpo s / (1 + eps)). A group of equal scores gives exactly 0. A NaN in a group gives
+    NaN for that group only (grpo_passk included; gpg and scale="batch" read the whole
+    batch, so there every group).
+    """
+    opt = GROUP_ADVANTAGE_OPTIONS.fill(options)
+    dtype = compute_dtype(scores.dtype)
+    if opt.estimator == "remax":
+        return scores.to(dtype) - baselines.to(dtype)
+    s = scores.to(dtype).reshape(-1, group_size)
     # Deviations from the group's first score, a shift the result does not depend on:
     # equal scores give d = 0, hence A = 0 exactly, where s - mean would not (the mean of
     # 64 scores of 0.7 rounds in fp32, and 6e-8 / (std 6e-8 + eps) is 0.06). d's mean
     # errs relative to the group's spread, not to its magnitude.
     d = s - s[:, :1]
-    adv = d - d.mean(dim=1, keepdim=True)
-    if scale == "std":
-        std = d.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(s)
-        adv = adv / (std + eps)
+    mean = d.mean(dim=1, keepdim=True)
+    if group_size == 1:
+        return torch.zeros_like(s).reshape(-1) * d.reshape(-1)  # NaN stays NaN
+    if opt.scale == "std":
+        divisor = d.std(dim=1, keepdim=True) + opt.eps
+    elif opt.scale == "batch":
+        divisor = scores.to(dtype).std() + opt.eps if scores.numel() > 1 else opt.eps
+    else:
+        divisor = 1.0
+    if opt.estimator == "rloo":
+        adv = (d - mean) * (group_size / (group_size - 1))
+    elif opt.estimator == "opo":
+        w = lengths.to(dtype).reshape(-1, group_size)
+        total = w.sum(1, keepdim=True)
+        baseline = torch.where(total > 0, (w * d).sum(1, keepdim=True) / total.clamp(
+            min=torch.finfo(dtype).tiny), mean)
+        adv = d - baseline
+    elif opt.estimator == "grpo_passk":
+        top = d.topk(2, dim=1).values
+        best = torch.where(d == top[:, :1], (top[:, :1] - top[:, 1:]) / divisor, 0.0)
+        adv = torch.where(d.isnan().any(1, keepdim=True), math.nan, best)
+    elif opt.estimator == "gpg":
+        alpha = scores.numel() / torch.count_nonzero(scores).clamp(min=1).to(dtype)
+        adv = (d - mean) * alpha
+    elif opt.estimator == "reinforce_plus_plus_baseline":
+        adv = d - mean
+    else:
+        adv = (d - mean) / divisor
     return adv.reshape(-1)
 
 
