@@ -151,7 +151,7 @@ def _policy_terms(logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, par
     # d pg / d logp, or d pg / d m for gspo and geo_mean (m = row_lr, the row's mean).
     log_ratio = logp - old_logp
     ratio = tl.exp(log_ratio)
-    no = tl.zeros(logp.shape, tl.int1)
+    no = tl.zeros(logp.shape, tl.int32) != 0  # (an int1 tl.zeros fails in triton 3.3's interpreter)
     low, high, dual = no, no, no
     if POLICY <= 1 or POLICY == 7 or POLICY == 8:  # vanilla, dual clip, gspo, gspo_token
         if POLICY <= 1:
