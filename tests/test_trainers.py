@@ -1303,3 +1303,48 @@ def test_ppo_config_takes_a_rollout_correction_only_in_bypass_mode():
     config = PPOConfig(policy_loss="bypass_mode", rollout_is="token", rollout_rs="token_k2",
                        rollout_rs_threshold=0.5)
     assert config.rollout_rs_threshold == "0.5"
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "opo", "grpo_passk", "gpg",
+                                       "reinforce_plus_plus_baseline", "remax",
+                                       "reinforce_plus_plus"])
+def test_ppo_rollout_advantages_of_every_estimator(tokenizer, warm_model, tmp_path, estimator):
+    """The rollout's advantages are the documented estimator's, from its own scores and
+    log-probs; one update on them is finite."""
+    config = PPOConfig(output_dir=str(tmp_path), advantage_estimator=estimator, max_steps=1,
+                       ppo_epochs=1, rollout_batch_size=3, group_size=2, mini_batch_size=6,
+                       max_new_tokens=6, kl_coef=0.05, scale_rewards="batch", seed=0,
+                       device="cpu")
+    trainer = PPOTrainer(copy.deepcopy(warm_model), reward_fn_or_model=demo.kindness_reward,
+                         tokenizer=tokenizer, prompts=PROMPTS, config=config)
+    rollout = trainer.rollout(0)
+    mask, scores = rollout.mask.double(), rollout.scores.double()
+    assert rollout.values is None  # no critic
+    if estimator == "reinforce_plus_plus":
+        rewards = -0.05 * (rollout.old_logp.double() - rollout.ref_logp.double()) * mask
+        rewards[torch.arange(6), mask.sum(1).long() - 1] += scores
+        expected = reference.masked_whiten(
+            reference.discounted_returns(rewards, mask, gamma=config.gamma), mask) * mask
+    elif estimator == "remax":  # s - the score of each prompt's greedy answer
+        prompts = [p for p in PROMPTS.read_text().splitlines() if p.strip()]
+        rows = example_indices(len(prompts), 3, trainer.run, 0, 0)
+        greedy = []
+        for row in rows:
+            ids = tokenizer(prompts[row], return_tensors="pt").input_ids
+            out = trainer.policy.generate(ids, do_sample=False, max_new_tokens=6,
+                                          eos_token_id=tokenizer.eos_token_id,
+                                          pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+            ends = (out == tokenizer.eos_token_id).nonzero()
+            answer = out[:int(ends[0]) + 1] if len(ends) else out
+            greedy.append(tokenizer.decode(answer, skip_special_tokens=True))
+        baselines = torch.tensor(demo.kindness_reward([prompts[r] for r in rows], greedy),
+                                 dtype=torch.float64).repeat_interleave(2)
+        expected = (scores - baselines)[:, None] * mask
+    else:
+        expected = reference.group_advantages(
+            scores, 2, estimator=estimator, lengths=mask.sum(1), scale="batch")[:, None] * mask
+        if estimator == "reinforce_plus_plus_baseline":
+            expected = reference.masked_whiten(expected, mask) * mask
+    torch.testing.assert_close(rollout.advantages.double(), expected, rtol=1e-5, atol=1e-5)
+    metrics = trainer.update(rollout)
+    assert all(math.isfinite(v) for v in metrics.values()) and "value_loss" not in metrics

@@ -9,8 +9,11 @@ One iteration, top to bottom (`PPOTrainer.iteration`, then `rollout`, `update`):
    critic's values, all without gradients (`logprobs` / `linear_logprobs`);
 4. advantages. "gae": reward r_t = -kl_coef * (log pi - log pi_ref) per token, plus the
    score on the last token; `gae` with the critic's values; `masked_whiten`.
-   "grpo": no critic; `group_advantages` of the scores within each prompt's group, the
-   same for every token of an answer, and the KL to the reference in the loss instead;
+   "grpo" and verl's other outcome estimators (rloo, opo, grpo_passk, gpg,
+   reinforce_plus_plus_baseline, remax: `group_advantages`): no critic; each score
+   against its prompt's group, the same for every token of an answer, and the KL to the
+   reference in the loss instead. "reinforce_plus_plus": no critic, the KL penalty in the
+   reward as for gae, `discounted_returns` then `masked_whiten`;
 5. `ppo_epochs` passes over the rollout in minibatches: recompute log-probs, entropy and
    values with gradients, `ppo_loss` (clipped ratio, KL, entropy bonus, clipped value
    loss), backward, clip, one AdamW step per minibatch.
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from rlhf_fast import gae, group_advantages, masked_whiten, ppo_loss
+from rlhf_fast import discounted_returns, gae, group_advantages, masked_whiten, ppo_loss
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
 from rlhf_fast.trainers.checkpoints import model_identity, strip_prefix
 from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
@@ -47,11 +50,17 @@ from rlhf_fast.trainers.models import (
     prepare_for_training,
 )
 from rlhf_fast.trainers.run import unwrap, wrap_ddp
+from rlhf_fast.types import ADVANTAGE_ESTIMATORS
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
-ESTIMATORS = ("gae", "grpo")
+#: "gae" trains a critic; "gae" and "reinforce_plus_plus" put the KL penalty in the reward,
+#: the others (verl's outcome estimators, `group_advantages`) in the loss.
+ESTIMATORS = ("gae", "reinforce_plus_plus") + ADVANTAGE_ESTIMATORS
+KL_IN_REWARD = ("gae", "reinforce_plus_plus")
+#: TRL's scale_rewards, as group_advantages' scale
+SCALE_REWARDS = {"group": "std", "batch": "batch", "none": None}
 RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
 PPO_PLOT_KEYS = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "policy_loss",
                  "value_loss", "response_length"]
@@ -83,13 +92,19 @@ class PPOConfig(TrainerConfig):
     logging_steps: int = 1
     """Log every this many iterations: the mean of their metrics (lr: the latest)."""
     advantage_estimator: str = "gae"
-    """"gae" (a critic, KL penalty in the reward) or "grpo" (group-relative, KL in the loss)."""
+    """"gae" (a critic, KL penalty in the reward), "reinforce_plus_plus" (KL penalty in the
+    reward, whitened returns) or a critic-free outcome estimator with the KL in the loss:
+    "grpo", "rloo", "opo", "grpo_passk", "gpg", "reinforce_plus_plus_baseline", "remax"
+    (its baseline: the score of a greedy answer to each prompt)."""
     max_steps: int = 100
     """Iterations (rollout, then ppo_epochs of updates)."""
     rollout_batch_size: int = 16
     """Prompts per process per iteration; each is sampled group_size times."""
     group_size: int = 1
-    """Answers per prompt (>= 2 for grpo)."""
+    """Answers per prompt (>= 2 for the group estimators, grpo ... gpg)."""
+    scale_rewards: str = "group"
+    """grpo and grpo_passk: divide by the group's std ("group"), the batch's ("batch") or
+    not ("none": Dr. GRPO), TRL's names."""
     mini_batch_size: int = 8
     """Sequences per optimizer step in the update."""
     ppo_epochs: int = 4
@@ -115,8 +130,12 @@ class PPOConfig(TrainerConfig):
                 f"one of {ESTIMATORS}")
         require.ints(self, ("max_steps", "rollout_batch_size", "group_size", "mini_batch_size",
                             "ppo_epochs", "max_new_tokens"), 1)
-        require("group_size", self.advantage_estimator != "grpo" or self.group_size >= 2,
-                ">= 2 for advantage_estimator='grpo'")
+        grouped = self.advantage_estimator in ADVANTAGE_ESTIMATORS and \
+            self.advantage_estimator != "remax"
+        require("group_size", not grouped or self.group_size >= 2,
+                f">= 2 for advantage_estimator={self.advantage_estimator!r}")
+        require("scale_rewards", self.scale_rewards in SCALE_REWARDS,
+                f"one of {tuple(SCALE_REWARDS)}", self.scale_rewards)
         self._check_rates()
         PPO_OPTIONS.check_fields(self)
         GAE_OPTIONS.check_fields(self)
@@ -148,8 +167,8 @@ class Rollout:
 
     sequences, attention_mask: [B, P + R] (prompts left-padded to P, answers
     right-padded after their first EOS); mask: [B, R] float, 1 on answer tokens;
-    old_logp, ref_logp, values: [B, R] fp32 (values None for grpo); scores: [B];
-    advantages, returns: [B, R] (returns None for grpo).
+    old_logp, ref_logp, values: [B, R] fp32 (values None without a critic); scores: [B];
+    advantages, returns: [B, R] (returns None without a critic).
     """
 
     sequences: torch.Tensor
@@ -190,7 +209,7 @@ class PPOTrainer:
         value_model: the critic for "gae": a `ValueModel` (backbone + scalar head) or an
             ``AutoModelForSequenceClassification`` with num_labels=1. None with "gae":
             `ValueModel.from_causal_lm(policy)` (a copy of the policy's backbone and a
-            zero head). Ignored (must be None) for "grpo".
+            zero head). Must be None for the critic-free estimators (all but "gae").
         reward_fn_or_model: ``f(prompts: list[str], answers: list[str]) -> [B] scores``
             on the decoded text, or a reward model (a sequence classifier with one label,
             sharing the policy's tokenizer) scored at each answer's last token. A NaN or
@@ -209,9 +228,10 @@ class PPOTrainer:
         if reward_fn_or_model is None:
             raise ValueError("reward_fn_or_model is required: a function of (prompts, "
                              "answers) or a reward model")
-        grpo = config.advantage_estimator == "grpo"
-        if grpo and value_model is not None:
-            raise ValueError("value_model must be None for advantage_estimator='grpo'")
+        critic_free = config.advantage_estimator != "gae"
+        if critic_free and value_model is not None:
+            raise ValueError(f"value_model must be None for advantage_estimator="
+                             f"{config.advantage_estimator!r} (only gae has a critic)")
         self.run = start_run(config)
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer needs an eos_token_id (answers stop at it)")
@@ -236,7 +256,7 @@ class PPOTrainer:
             frozen(copy.deepcopy(policy) if ref_policy is None else ref_policy).to(device),
             fused_linear=self.fused_linear, temperature=config.temperature)
         critic = None
-        if not grpo:
+        if not critic_free:
             value_model = value_model or ValueModel.from_causal_lm(policy)
             critic = as_value_module(value_model.to(device))
         self.value_model = value_model
@@ -317,7 +337,38 @@ class PPOTrainer:
                              attention_mask)
         if config.missing_eos_penalty is not None:
             scores = scores - config.missing_eos_penalty * (~is_eos.any(1)).float()
-        return self.evaluate_answers(sequences, attention_mask, width, scores)
+        baselines = None
+        if config.advantage_estimator == "remax":
+            baselines = self._greedy_scores(prompt_ids, prompt_mask, rows)
+        return self.evaluate_answers(sequences, attention_mask, width, scores, baselines)
+
+    def _greedy_scores(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                       rows: list[int]) -> torch.Tensor:
+        """ReMax's baselines: the score of a greedy answer to each prompt, [B] (one
+        generation per prompt, repeated over its group)."""
+        from transformers import GenerationConfig
+
+        group = self.config.group_size
+        greedy = GenerationConfig(do_sample=False, max_new_tokens=self.config.max_new_tokens,
+                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        self.policy.eval()
+        with self.run.autocast(), only_generation_config(self.policy, greedy):
+            sequences = self.policy.generate(input_ids=prompt_ids[::group],
+                                             attention_mask=prompt_mask[::group],
+                                             generation_config=greedy)
+        self.policy.train()
+        width = prompt_ids.shape[1]
+        answers = sequences[:, width:]
+        is_eos = answers == self.eos_id
+        mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+        answers = answers.masked_fill(~mask, self.pad_id)
+        sequences = torch.cat([prompt_ids[::group], answers], 1)
+        attention_mask = torch.cat([prompt_mask[::group], mask.long()], 1)
+        scores = self._score([self.prompts[r] for r in rows[::group]], answers, sequences,
+                             attention_mask)
+        if self.config.missing_eos_penalty is not None:
+            scores = scores - self.config.missing_eos_penalty * (~is_eos.any(1)).float()
+        return scores.repeat_interleave(group)
 
     def generation_config(self) -> GenerationConfig:
         """Sampling as the config says and nothing else: temperature, top-p, no top-k, stop
@@ -334,11 +385,12 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate_answers(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                         width: int, scores: torch.Tensor) -> Rollout:
+                         width: int, scores: torch.Tensor,
+                         baselines: torch.Tensor | None = None) -> Rollout:
         """Log-probs, values and advantages of scored answers: the rest of a rollout.
 
         sequences, attention_mask: [B, width + R], prompts left-padded to `width`, answers
-        right-padded; scores: [B] fp32.
+        right-padded; scores: [B] fp32; baselines: [B], remax's greedy scores.
         """
         config = self.config
         mask = attention_mask[:, width:].float()
@@ -349,28 +401,40 @@ class PPOTrainer:
             ref_logp = self.reference(sequences, attention_mask)[:, width - 1:]
         actor_critic.train()
 
-        if config.advantage_estimator == "grpo":
-            advantages = group_advantages(scores, config.group_size)[:, None] * mask
-            returns = None
+        estimator = config.advantage_estimator
+        returns = None
+        if estimator not in KL_IN_REWARD:
+            advantages = group_advantages(
+                scores, config.group_size, estimator=estimator, lengths=mask.sum(1),
+                baselines=baselines, scale=SCALE_REWARDS[config.scale_rewards],
+            )[:, None] * mask
+            if estimator == "reinforce_plus_plus_baseline":
+                advantages = masked_whiten(advantages, mask) * mask
         else:
             kl = (old_logp - ref_logp) * mask
             rewards = -config.kl_coef * kl
             last_token = mask.sum(1).long() - 1
             rewards[torch.arange(len(scores), device=scores.device), last_token] += scores
-            advantages, returns = gae(rewards, values, mask,
-                                      **GAE_OPTIONS.pick(vars(config)))
-            if config.whiten_advantages:
-                advantages = masked_whiten(advantages, mask) * mask
+            if estimator == "gae":
+                advantages, returns = gae(rewards, values, mask,
+                                          **GAE_OPTIONS.pick(vars(config)))
+                if config.whiten_advantages:
+                    advantages = masked_whiten(advantages, mask) * mask
+            else:  # reinforce_plus_plus: the whitened discounted returns, no critic
+                advantages = masked_whiten(
+                    discounted_returns(rewards, mask, gamma=config.gamma), mask) * mask
         return Rollout(sequences, attention_mask, width, mask, old_logp, ref_logp, values,
                        scores, advantages, returns)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """ppo_epochs passes of minibatch PPO steps on `rollout`; returns the metrics."""
         config = self.config
-        grpo = config.advantage_estimator == "grpo"
-        # grpo: the KL in the loss and no critic; gae: the KL is in the rewards already
-        loss_options = PPO_OPTIONS.pick(vars(config)) | dict(
-            max_len=config.max_new_tokens, **(dict(vf_coef=0.0) if grpo else dict(kl_coef=0.0)))
+        critic = config.advantage_estimator == "gae"
+        kl_in_loss = config.advantage_estimator not in KL_IN_REWARD
+        # the KL is in the rewards already for gae and reinforce_plus_plus, in the loss else
+        loss_options = PPO_OPTIONS.pick(vars(config)) | dict(max_len=config.max_new_tokens)
+        loss_options |= dict(vf_coef=0.0) if not critic else {}
+        loss_options |= dict(kl_coef=0.0) if not kl_in_loss else {}
         sums: dict[str, torch.Tensor] = {}  # on the device: read back once, at the end
         steps = 0
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -383,10 +447,10 @@ class PPOTrainer:
                         rollout.prompt_width)
                 out = ppo_loss(
                     logp, rollout.old_logp[rows], rollout.advantages[rows],
-                    rollout.mask[rows], ref_logp=rollout.ref_logp[rows] if grpo else None,
-                    entropy=entropy, values=None if grpo else values,
-                    old_values=None if grpo else rollout.values[rows],
-                    returns=None if grpo else rollout.returns[rows], **loss_options,
+                    rollout.mask[rows], ref_logp=rollout.ref_logp[rows] if kl_in_loss else None,
+                    entropy=entropy, values=values if critic else None,
+                    old_values=rollout.values[rows] if critic else None,
+                    returns=rollout.returns[rows] if critic else None, **loss_options,
                     **self.global_counts(rollout.mask[rows]),
                 )
                 out.loss.backward()
@@ -403,7 +467,7 @@ class PPOTrainer:
             "kl": ((rollout.old_logp - rollout.ref_logp) * mask).sum(1).mean(),
             "response_length": mask.sum(1).mean(),
         })
-        if grpo:
+        if not critic:
             del metrics["value_loss"]
         metrics["lr"] = lr
         return self.run.mean_over_ranks(metrics)
