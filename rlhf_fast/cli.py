@@ -176,6 +176,30 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
             convert = _none_or(base) if optional else base
             group.add_argument(flag, dest=field.name, type=convert, default=field.default,
                                metavar=base.__name__.upper(), help=help_text)
+    add_trl_flags(parser, config_class, hints)
+
+
+TRL_PREFIX = "trl_name_"
+
+
+def add_trl_flags(parser: argparse.ArgumentParser, config_class: type,
+                  hints: dict[str, Any]) -> None:
+    """TRL's names of the config's fields as flags of their own (--beta, --loss-type,
+    ...), when the config has them (`PPOConfig.from_trl_names`); one given beside its
+    field's flag wins."""
+    names = getattr(config_class, "trl_names", {})
+    if not names:
+        return
+    group = parser.add_argument_group("TRL's names (aliases)")
+    for name, (field, meaning) in names.items():
+        convert = str if meaning is not None else _none_or(
+            next(a for a in typing.get_args(hints[field]) or (hints[field],)
+                 if a is not type(None)))
+        what = f"TRL's name of --{field.replace('_', '-')}" if meaning is None else \
+            f"TRL's {name}: one of {tuple(meaning)}"
+        group.add_argument("--" + name.replace("_", "-"), dest=TRL_PREFIX + name,
+                           type=convert, default=None, help=what,
+                           metavar=convert.__name__.upper())
 
 
 def config_from_args(config_class: type, args: argparse.Namespace,
@@ -183,7 +207,11 @@ def config_from_args(config_class: type, args: argparse.Namespace,
     """The config dataclass from the parsed flags; its checks' errors become usage
     errors."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+    trl = {k[len(TRL_PREFIX):]: v for k, v in vars(args).items()
+           if k.startswith(TRL_PREFIX) and v is not None}
     try:
+        if trl:
+            values |= config_class.from_trl_names(**trl)
         return config_class(**values)
     except ValueError as exc:
         parser.error(str(exc))

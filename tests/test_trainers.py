@@ -1348,3 +1348,25 @@ def test_ppo_rollout_advantages_of_every_estimator(tokenizer, warm_model, tmp_pa
     torch.testing.assert_close(rollout.advantages.double(), expected, rtol=1e-5, atol=1e-5)
     metrics = trainer.update(rollout)
     assert all(math.isfinite(v) for v in metrics.values()) and "value_loss" not in metrics
+
+
+def test_ppo_config_takes_trls_names_on_the_command_line():
+    from rlhf_fast.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args([
+        "train", "ppo", "--model", "m", "--data", "d", "--advantage-estimator", "grpo",
+        "--beta", "0.04", "--epsilon-high", "0.28", "--num-generations", "4",
+        "--loss-type", "dr_grpo", "--importance-sampling-level", "sequence",
+        "--learning-rate", "3e-6", "--max-completion-length", "64"])
+    config = config_from_args(PPOConfig, args, parser)
+    assert (config.kl_coef, config.clip_eps_high, config.group_size, config.lr,
+            config.max_new_tokens) == (0.04, 0.28, 4, 3e-6, 64)
+    assert (config.agg, config.policy_loss) == ("seq-mean-token-sum-norm", "gspo")
+    # TRL's cispo caps the ratio at epsilon_high itself, with no lower bound
+    assert PPOConfig.from_trl_names(loss_type="cispo", epsilon_high=5.0) == dict(
+        policy_loss="cispo", agg="token-mean", clip_eps_high=4.0, clip_eps=0.999)
+    with pytest.raises(ValueError, match=r"loss_type must be one of \('grpo', 'bnpo'"):
+        PPOConfig.from_trl_names(loss_type="ppo")
+    with pytest.raises(ValueError, match=r"unknown TRL names \['temperature_x'\]"):
+        PPOConfig.from_trl_names(temperature_x=1.0)

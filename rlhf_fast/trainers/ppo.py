@@ -27,7 +27,7 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -61,6 +61,32 @@ ESTIMATORS = ("gae", "reinforce_plus_plus") + ADVANTAGE_ESTIMATORS
 KL_IN_REWARD = ("gae", "reinforce_plus_plus")
 #: TRL's scale_rewards, as group_advantages' scale
 SCALE_REWARDS = {"group": "std", "batch": "batch", "none": None}
+#: TRL GRPOConfig's names of PPOConfig fields: (field, None) for a plain rename, else
+#: (name, {TRL value: the fields it sets}) (`PPOConfig.from_trl_names`). TRL's loss_type
+#: grpo averages each sequence's token mean; bnpo and dapo the tokens' (dapo over the
+#: global batch: the trainer passes ppo_loss the global counts under DDP); dr_grpo
+#: divides the sum by B * max_completion_length.
+TRL_NAMES: dict[str, tuple[str, dict[str, dict[str, str]] | None]] = {
+    "epsilon": ("clip_eps", None),
+    "epsilon_high": ("clip_eps_high", None),
+    "beta": ("kl_coef", None),
+    "num_generations": ("group_size", None),
+    "max_completion_length": ("max_new_tokens", None),
+    "learning_rate": ("lr", None),
+    "loss_type": ("agg", {
+        "grpo": dict(agg="seq-mean-token-mean"),
+        "bnpo": dict(agg="token-mean"),
+        "dr_grpo": dict(agg="seq-mean-token-sum-norm"),
+        "dapo": dict(agg="token-mean"),
+        "cispo": dict(policy_loss="cispo", agg="token-mean"),
+        "sapo": dict(policy_loss="sapo", agg="seq-mean-token-mean"),
+    }),
+    "importance_sampling_level": ("policy_loss", {
+        "token": dict(policy_loss="vanilla"),
+        "sequence": dict(policy_loss="gspo"),
+        "sequence_token": dict(policy_loss="gspo_token"),
+    }),
+}
 RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
 PPO_PLOT_KEYS = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "policy_loss",
                  "value_loss", "response_length"]
@@ -84,6 +110,8 @@ class PPOConfig(TrainerConfig):
     KL is a term of the loss (kl_estimator) and there is no critic. Sizes are per process:
     under torchrun every process rolls out its own prompts.
     """
+
+    trl_names: ClassVar[dict] = TRL_NAMES  # TRL's names of fields: `from_trl_names`
 
     output_dir: str = "runs/ppo"
     """Where metrics.jsonl, the plot, checkpoints and the final models go."""
@@ -149,6 +177,31 @@ class PPOConfig(TrainerConfig):
                 self.missing_eos_penalty is None or is_finite(self.missing_eos_penalty),
                 "a finite float or None", self.missing_eos_penalty)
         require.bools(self, ("whiten_advantages",))
+
+    @classmethod
+    def from_trl_names(cls, **given: Any) -> dict[str, Any]:
+        """PPOConfig fields from TRL GRPOConfig names (`TRL_NAMES`): epsilon,
+        epsilon_high, beta, num_generations, max_completion_length, learning_rate,
+        loss_type (grpo / bnpo / dr_grpo / dapo: the aggregation they mean; cispo, sapo:
+        the policy loss too) and importance_sampling_level (token / sequence /
+        sequence_token: vanilla / gspo / gspo_token). TRL's cispo caps the ratio at
+        epsilon_high itself, without a lower bound: clip_eps_high = epsilon_high - 1 and
+        clip_eps = 0.999 here. Unknown names raise ValueError naming them."""
+        unknown = sorted(set(given) - set(TRL_NAMES))
+        if unknown:
+            raise ValueError(f"unknown TRL names {unknown}; known: {sorted(TRL_NAMES)}")
+        fields: dict[str, Any] = {}
+        for name, value in given.items():
+            field, meaning = TRL_NAMES[name]
+            if meaning is None:
+                fields[field] = value
+            elif value not in meaning:
+                raise ValueError(f"{name} must be one of {tuple(meaning)}, got {value!r}")
+            else:
+                fields |= meaning[value]
+        if fields.get("policy_loss") == "cispo" and "epsilon_high" in given:
+            fields |= dict(clip_eps_high=given["epsilon_high"] - 1, clip_eps=0.999)
+        return fields
 
     def _check_rates(self) -> None:
         """Critic and sampling settings (TrainerConfig checks lr and the optimizer's)."""
