@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from rlhf_fast import linear_logprobs, logprobs
+from rlhf_fast import linear_logprobs, linear_ppo_loss, logprobs
 from rlhf_fast.trainers.run import is_fsdp2_sharded
 
 if TYPE_CHECKING:
@@ -127,16 +127,23 @@ class TokenLogprobs(nn.Module):
                 use_cache=False,
             ).logits
             return logprobs(logits[:, :-1], labels, **options)
+        hidden, head = self.hidden_and_head(input_ids, attention_mask)
+        # under autocast, linear_logprobs runs its GEMMs in autocast's dtype, as the
+        # lm_head would, and returns fp32 master weights an fp32 gradient
+        return linear_logprobs(hidden, head.weight, labels, bias=head.bias, **options)
+
+    def hidden_and_head(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, nn.Module]:
+        """(the last hidden state before each next token [B, L-1, D], the lm_head), for
+        the fused-linear ops."""
         hidden = backbone_of(self.model)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=False,
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask), use_cache=False,
         ).last_hidden_state[:, :-1]
         head = self.model.get_output_embeddings()
         if not torch.is_autocast_enabled(hidden.device.type):
             hidden = hidden.to(head.weight.dtype)  # as the lm_head would cast it
-        # under autocast, linear_logprobs runs its GEMMs in autocast's dtype, as the
-        # lm_head would, and returns fp32 master weights an fp32 gradient
-        return linear_logprobs(hidden, head.weight, labels, bias=head.bias, **options)
+        return hidden, head
 
 
 class ValueModel(nn.Module):
@@ -253,7 +260,11 @@ class ActorCritic(nn.Module):
     one module so DistributedDataParallel can wrap both.
 
     forward(sequences [B, P+R], attention_mask, prompt_width P) ->
-    logp [B, R], entropy [B, R], values [B, R] or None; all fp32.
+    logp [B, R], entropy [B, R], values [B, R] or None; all fp32. With `ppo` (the keyword
+    arguments of `linear_ppo_loss` but the hidden states, weights, labels and values) and
+    a fused-linear actor: the `PPOLossOutput` of `linear_ppo_loss` on the answer tokens
+    instead, whose backward needs no GEMM (3 in all, where `linear_logprobs` then
+    `ppo_loss` take 4), the prompt tokens never reaching the lm_head.
     """
 
     def __init__(self, actor: TokenLogprobs, critic: nn.Module | None):
@@ -262,13 +273,18 @@ class ActorCritic(nn.Module):
         self.critic = critic
 
     def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                prompt_width: int):
+                prompt_width: int, ppo: dict[str, Any] | None = None):
         answer = slice(prompt_width - 1, None)  # label t is token t + 1
-        logp, entropy = self.actor(sequences, attention_mask, return_entropy=True)
         values = None
         if self.critic is not None:
             # the value of the state before each answer token
             values = self.critic(sequences, attention_mask)[:, prompt_width - 1:-1]
+        if ppo is not None:
+            hidden, head = self.actor.hidden_and_head(sequences, attention_mask)
+            return linear_ppo_loss(
+                hidden[:, answer], head.weight, sequences[:, 1:][:, answer], bias=head.bias,
+                values=values, temperature=self.actor.temperature, **ppo)
+        logp, entropy = self.actor(sequences, attention_mask, return_entropy=True)
         return logp[:, answer], entropy[:, answer], values
 
 

@@ -372,56 +372,42 @@ class PPOTrainer:
                                config.seed, iteration)
         rows = [row for row in rows for _ in range(config.group_size)]
         prompt_ids, prompt_mask = self._left_pad([self.prompt_ids[r] for r in rows])
+        sequences, attention_mask, scores = self._answer_and_score(
+            prompt_ids, prompt_mask, rows, self.generation_config())
+        baselines = None
+        if config.advantage_estimator == "remax":  # a greedy answer per prompt
+            from transformers import GenerationConfig
+
+            greedy = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens,
+                                      eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+            group = config.group_size
+            _, _, greedy_scores = self._answer_and_score(
+                prompt_ids[::group], prompt_mask[::group], rows[::group], greedy)
+            baselines = greedy_scores.repeat_interleave(group)
+        return self.evaluate_answers(sequences, attention_mask, prompt_ids.shape[1], scores,
+                                     baselines)
+
+    def _answer_and_score(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                          rows: list[int], generation_config: GenerationConfig
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Generate an answer to each left-padded prompt, cut after its first EOS, and
+        score it: (sequences, attention_mask, scores [B] fp32)."""
         self.policy.eval()
-        generation_config = self.generation_config()
         with self.run.autocast(), only_generation_config(self.policy, generation_config):
             sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                              generation_config=generation_config)
         self.policy.train()
-        width = prompt_ids.shape[1]
-        answers = sequences[:, width:]
+        answers = sequences[:, prompt_ids.shape[1]:]
         is_eos = answers == self.eos_id
         mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # through the first EOS
         answers = answers.masked_fill(~mask, self.pad_id)
         sequences = torch.cat([prompt_ids, answers], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-
         scores = self._score([self.prompts[r] for r in rows], answers, sequences,
-                             attention_mask)
-        if config.missing_eos_penalty is not None:
-            scores = scores - config.missing_eos_penalty * (~is_eos.any(1)).float()
-        baselines = None
-        if config.advantage_estimator == "remax":
-            baselines = self._greedy_scores(prompt_ids, prompt_mask, rows)
-        return self.evaluate_answers(sequences, attention_mask, width, scores, baselines)
-
-    def _greedy_scores(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                       rows: list[int]) -> torch.Tensor:
-        """ReMax's baselines: the score of a greedy answer to each prompt, [B] (one
-        generation per prompt, repeated over its group)."""
-        from transformers import GenerationConfig
-
-        group = self.config.group_size
-        greedy = GenerationConfig(do_sample=False, max_new_tokens=self.config.max_new_tokens,
-                                  eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-        self.policy.eval()
-        with self.run.autocast(), only_generation_config(self.policy, greedy):
-            sequences = self.policy.generate(input_ids=prompt_ids[::group],
-                                             attention_mask=prompt_mask[::group],
-                                             generation_config=greedy)
-        self.policy.train()
-        width = prompt_ids.shape[1]
-        answers = sequences[:, width:]
-        is_eos = answers == self.eos_id
-        mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0
-        answers = answers.masked_fill(~mask, self.pad_id)
-        sequences = torch.cat([prompt_ids[::group], answers], 1)
-        attention_mask = torch.cat([prompt_mask[::group], mask.long()], 1)
-        scores = self._score([self.prompts[r] for r in rows[::group]], answers, sequences,
                              attention_mask)
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~is_eos.any(1)).float()
-        return scores.repeat_interleave(group)
+        return sequences, attention_mask, scores
 
     def generation_config(self) -> GenerationConfig:
         """Sampling as the config says and nothing else: temperature, top-p, no top-k, stop
@@ -494,18 +480,22 @@ class PPOTrainer:
         for _ in range(config.ppo_epochs):
             order = torch.randperm(rollout.mask.shape[0], device=rollout.mask.device)
             for rows in order.split(config.mini_batch_size):
-                with self.run.autocast():
-                    logp, entropy, values = self.actor_critic(
-                        rollout.sequences[rows], rollout.attention_mask[rows],
-                        rollout.prompt_width)
-                out = ppo_loss(
-                    logp, rollout.old_logp[rows], rollout.advantages[rows],
-                    rollout.mask[rows], ref_logp=rollout.ref_logp[rows] if kl_in_loss else None,
-                    entropy=entropy, values=values if critic else None,
+                loss_inputs = dict(
+                    old_logp=rollout.old_logp[rows], advantages=rollout.advantages[rows],
+                    mask=rollout.mask[rows],
+                    ref_logp=rollout.ref_logp[rows] if kl_in_loss else None,
                     old_values=rollout.values[rows] if critic else None,
-                    returns=rollout.returns[rows] if critic else None, **loss_options,
-                    **self.global_counts(rollout.mask[rows]),
-                )
+                    returns=rollout.returns[rows] if critic else None,
+                    **loss_options, **self.global_counts(rollout.mask[rows]))
+                batch = (rollout.sequences[rows], rollout.attention_mask[rows],
+                         rollout.prompt_width)
+                with self.run.autocast():
+                    if self.fused_linear:  # linear_ppo_loss: 3 GEMMs, no logits kept
+                        out = self.actor_critic(*batch, ppo=loss_inputs)
+                    else:
+                        logp, entropy, values = self.actor_critic(*batch)
+                if not self.fused_linear:
+                    out = ppo_loss(logp, entropy=entropy, values=values, **loss_inputs)
                 out.loss.backward()
                 lr = self.loop.apply_gradients(parameters)
                 steps += 1
