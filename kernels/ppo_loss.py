@@ -17,7 +17,8 @@ Math, per valid token t (A advantage, r = exp(logp - old_logp), eps_l / eps_h cl
     kl  = with x = ref - logp: k1: -x | k2: x^2 / 2 | k3: e^x - x - 1 | abs: |x| |
           low_var_kl: min(k3 of clamp(x, -20, 20), 10)   (`reference.kl_penalty`)
           d kl / d logp = 1 | -x | 1 - e^x | -sign(x) | 1 - e^x, 0 where a clamp holds;
-          a "+" estimator (straight through): its kl, the d kl / d logp of k2
+          a "+" estimator (straight through): its kl, the d kl / d logp of k2;
+          use_bias_correction_kl (TRL): r kl, d = (d kl + kl) r
     vl  = max((v - R)^2, (old_v + clip(v - old_v, -eps_v, eps_v) - R)^2) / 2
           d vl / d v = v - R, or 0 when the clipped branch is the larger (NaN for a NaN old_v)
     loss = agg(pg) + kl_coef agg(kl) - entropy_coef agg(H) + vf_coef agg(vl)
@@ -95,6 +96,7 @@ class PPOKernelConfig:
     param_a: float  # dual clip c, sapo's tau_pos or dppo's clip_ratio_c
     param_b: float  # sapo's tau_neg
     kl_code: int
+    kl_ratio: bool  # TRL's use_bias_correction_kl
     kl_coef: float
     entropy_coef: float
     value_clip: float
@@ -122,7 +124,8 @@ class PPOKernelConfig:
             clip_low=opt.clip_eps,
             clip_high=opt.clip_eps if opt.clip_eps_high is None else opt.clip_eps_high,
             policy_code=code, param_a=param_a, param_b=param_b,
-            kl_code=KL_CODES[opt.kl_estimator], kl_coef=opt.kl_coef,
+            kl_code=KL_CODES[opt.kl_estimator], kl_ratio=opt.use_bias_correction_kl,
+            kl_coef=opt.kl_coef,
             entropy_coef=opt.entropy_coef, value_clip=opt.value_clip, vf_coef=opt.vf_coef,
             agg_code=AGG_CODES[opt.agg],
             max_len=n_positions if opt.max_len is None else opt.max_len,
@@ -342,7 +345,7 @@ def _ppo_fwd_kernel(
     logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, v_ptr, old_v_ptr, ret_ptr,
     is_w_ptr, row_stats_ptr, T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
     param_a_hi, param_a_lo, param_b_hi, param_b_lo, value_clip_hi, value_clip_lo,
-    POLICY: tl.constexpr, KL_EST: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    POLICY: tl.constexpr, KL_EST: tl.constexpr, KL_RATIO: tl.constexpr, HAS_ENTROPY: tl.constexpr,
     HAS_VALUE: tl.constexpr, HAS_IS: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
@@ -373,6 +376,9 @@ def _ppo_fwd_kernel(
     if KL_EST != 0:
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
         kl, d_kl = _kl_terms(logp, ref, KL_EST)
+        if KL_RATIO:  # TRL's use_bias_correction_kl: r kl, its gradient through r too
+            d_kl = (d_kl + kl) * ratio
+            kl = kl * ratio
         s_kl = tl.sum(tl.where(valid, kl, 0.0), axis=0)
     if HAS_ENTROPY:
         s_ent = tl.sum(tl.load(ent_ptr + offs, mask=valid, other=0.0).to(acc_dtype), axis=0)
@@ -491,7 +497,7 @@ def _ppo_bwd_kernel(
     T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
     param_a_hi, param_a_lo, param_b_hi, param_b_lo, value_clip_hi, value_clip_lo,
     kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo, vf_coef_hi, vf_coef_lo,
-    AGG: tl.constexpr, POLICY: tl.constexpr, KL_EST: tl.constexpr,
+    AGG: tl.constexpr, POLICY: tl.constexpr, KL_EST: tl.constexpr, KL_RATIO: tl.constexpr,
     GRAD_ENTROPY: tl.constexpr, GRAD_VALUE: tl.constexpr, HAS_IS: tl.constexpr,
     FP64: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -540,6 +546,9 @@ def _ppo_bwd_kernel(
     if KL_EST != 0:
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
         kl, d_kl = _kl_terms(logp, ref, KL_EST)
+        if KL_RATIO:  # TRL's use_bias_correction_kl: r kl, its gradient through r too
+            d_kl = (d_kl + kl) * ratio
+            kl = kl * ratio
         d_logp += c_kl * d_kl
     d_logp = tl.where(valid, d_logp, 0.0)
     tl.store(d_logp_ptr + offs, cast(d_logp, d_logp_ptr.dtype.element_ty), mask=in_row)
@@ -562,8 +571,8 @@ def _ppo_token_grad_kernel(
     n_tokens, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
     param_a_hi, param_a_lo, param_b_hi, param_b_lo,
     kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo,
-    POLICY: tl.constexpr, KL_EST: tl.constexpr, HAS_IS: tl.constexpr, FP64: tl.constexpr,
-    BLOCK: tl.constexpr,
+    POLICY: tl.constexpr, KL_EST: tl.constexpr, KL_RATIO: tl.constexpr, HAS_IS: tl.constexpr,
+    FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # d loss / d logp and d loss / d entropy of single tokens, given each token's
     # aggregation weight w (0 for masked tokens): the fused linear_ppo_loss calls this on a
@@ -592,6 +601,9 @@ def _ppo_token_grad_kernel(
     if KL_EST != 0:
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
         kl, d_kl = _kl_terms(logp, ref, KL_EST)
+        if KL_RATIO:  # TRL's use_bias_correction_kl: r kl, its gradient through r too
+            d_kl = (d_kl + kl) * ratio
+            kl = kl * ratio
         d_logp += kl_coef * d_kl
     tl.store(d_logp_ptr + offs, tl.where(valid, w * d_logp, 0.0), mask=in_range)
     tl.store(d_ent_ptr + offs, tl.where(valid, -entropy_coef * w, 0.0), mask=in_range)
@@ -647,6 +659,7 @@ def ppo_forward(
             row_stats, T,
             *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "value_clip"),
             POLICY=cfg.policy_code, KL_EST=cfg.kl_code if ref_logp is not None else 0,
+            KL_RATIO=cfg.kl_ratio,
             HAS_ENTROPY=entropy is not None, HAS_VALUE=values is not None,
             HAS_IS=is_weights is not None, FP64=fp64,
             # a sequence loss's row terms take registers: 70 at 4 warps (28 warps per SM)
@@ -689,7 +702,7 @@ def ppo_backward(
         *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "value_clip", "kl_coef",
                        "entropy_coef", "vf_coef"),
         AGG=cfg.agg_code, POLICY=cfg.policy_code,
-        KL_EST=cfg.kl_code if ref_logp is not None else 0,
+        KL_EST=cfg.kl_code if ref_logp is not None else 0, KL_RATIO=cfg.kl_ratio,
         GRAD_ENTROPY=d_ent is not None, GRAD_VALUE=d_v is not None,
         HAS_IS=is_weights is not None, FP64=logp.dtype == torch.float64, BLOCK_T=block,
         num_warps=_num_warps(block),
@@ -741,7 +754,8 @@ def ppo_token_grads(
         *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "kl_coef",
                        "entropy_coef"),
         POLICY=cfg.policy_code,
-        KL_EST=cfg.kl_code if ref_logp is not None else 0, HAS_IS=is_weights is not None,
+        KL_EST=cfg.kl_code if ref_logp is not None else 0, KL_RATIO=cfg.kl_ratio,
+        HAS_IS=is_weights is not None,
         FP64=token_weight.dtype == torch.float64, BLOCK=TOKEN_GRAD_BLOCK, num_warps=4,
     )
     return d_logp, d_ent

@@ -292,6 +292,9 @@ PPO_OPTIONS = OptionSet((
            "weight of the KL to the reference (needs ref_logp when > 0)"),
     Option("kl_estimator", "k3", one_of(KL_ESTIMATORS),
            "estimator of KL(pi || pi_ref) per token (verl's names; `reference.kl_penalty`)"),
+    Option("use_bias_correction_kl", False, flag(),
+           "multiply each token's KL by its ratio r, gradient included (TRL's importance-"
+           "sampling correction of a KL estimated on pi_old's samples)"),
     Option("entropy_coef", 0.0, real("finite", math.isfinite),
            "weight of the entropy bonus, subtracted from the loss (needs entropy when != 0)"),
     Option("value_clip", 0.2, real(">= 0.0 (inf: no clipping)", lambda v: v >= 0),
@@ -323,6 +326,14 @@ PPO_OPTIONS = OptionSet((
            "the data-parallel ranks whose gradients are averaged: every term is multiplied "
            "by it, so that the average over ranks of per-rank losses on global counts is "
            "the global batch's loss (verl's dp_size)"),
+    Option("top_entropy_quantile", 1.0, real("in (0, 1]", lambda v: 0 < v <= 1),
+           "the policy term only on the tokens whose entropy is in this top share of the "
+           "call's (TRL's; needs entropy); 1: every token"),
+    Option("off_policy_mask_threshold", None, real(">= 0.0", lambda v: 0 <= v < math.inf,
+                                                   optional=True),
+           "drop the policy term of a token with A < 0 in a sequence whose mean of "
+           "log pi_sampling - log pi_theta exceeds it (DeepSeek-V3.2's off-policy sequence "
+           "mask, TRL's; pi_sampling: rollout_logp, else old_logp); None: off"),
     Option("rollout_is", None, one_of(ROLLOUT_IS_LEVELS, optional=True),
            "rollout correction (needs rollout_logp, or bypass_mode): importance weights "
            "pi_old / pi_rollout per token or per sequence on the policy term; None: none"),

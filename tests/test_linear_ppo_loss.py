@@ -144,6 +144,22 @@ def test_rollout_correction_on_the_fused_path(policy_loss):
         assert rel_err(got, exact) < 1e-10
 
 
+@pytest.mark.parametrize("trl", [dict(top_entropy_quantile=0.5),
+                                 dict(off_policy_mask_threshold=0.0),
+                                 dict(use_bias_correction_kl=True)])
+def test_trl_options_on_the_fused_path(trl):
+    case = make_case()
+    upstream = 1.0 + torch.rand((), dtype=F64)
+    options = dict(OPTIONS, **trl)
+    out, grads = run(fused, *case, upstream, **options)
+    ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *case, upstream,
+                         **options)
+    for name, got, exact in zip(out._fields, out, ref):
+        assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
+    for got, exact in zip(grads, ref_grads):
+        assert rel_err(got, exact) < 1e-10
+
+
 def test_global_counts_on_the_fused_path():
     case = make_case()
     upstream = 1.0 + torch.rand((), dtype=F64)

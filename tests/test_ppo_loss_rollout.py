@@ -1,5 +1,6 @@
-"""ppo_loss's rollout correction (verl's rollout_is / rollout_rs, bypass_mode): by hand,
-against verl's `rollout_corr_helper.py` rewritten, and the kernels against the reference."""
+"""ppo_loss's constant weights of the policy term: verl's rollout correction (rollout_is /
+rollout_rs, bypass_mode) and TRL's entropy and off-policy masks, with TRL's KL correction:
+by hand, against the peers' code rewritten, and the kernels against the reference."""
 
 import math
 
@@ -209,3 +210,81 @@ def test_arguments_are_checked():
         rlhf_fast.PPOLoss(rollout_rs="token_k4")
     with pytest.raises(ValueError, match=r"rollout_logp must have logp's shape"):
         rlhf_fast.ppo_loss(*args, rollout_logp=batch["rollout_logp"][:, 1:])
+
+
+# ----------------------------------------------------------------- TRL's masks and KL
+
+
+def trl_grpo_loss(logp, old, adv, mask, ref, entropy, top_entropy_quantile=1.0,
+                  off_policy_mask_threshold=None, use_bias_correction_kl=False, beta=0.0,
+                  epsilon=0.2):
+    """TRL's GRPOTrainer._compute_loss (loss_type grpo, token level), from its code."""
+    m = mask.to(logp.dtype)
+    coef_1 = torch.exp(logp - old)
+    per_token_kl = torch.exp(ref - logp) - (ref - logp) - 1
+    if use_bias_correction_kl:
+        per_token_kl = per_token_kl * coef_1
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if off_policy_mask_threshold is not None:
+        kl_div = old - logp.detach()
+        avg = (kl_div * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
+        per_token_loss = per_token_loss * ((adv >= 0) | (avg <= off_policy_mask_threshold))
+    if top_entropy_quantile < 1.0:
+        threshold = torch.quantile(entropy[mask], 1 - top_entropy_quantile)
+        per_token_loss = per_token_loss * ((entropy * m >= threshold) & mask)
+    per_token_loss = per_token_loss + beta * per_token_kl
+    return ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+
+
+@pytest.mark.parametrize("options", [
+    dict(top_entropy_quantile=0.25), dict(off_policy_mask_threshold=0.02),
+    dict(use_bias_correction_kl=True, beta=0.125),
+    dict(top_entropy_quantile=0.5, off_policy_mask_threshold=0.0, use_bias_correction_kl=True,
+         beta=0.25),
+])
+def test_agrees_with_trl(options):
+    batch = random_batch()
+    batch["mask"][1, 0] = True  # TRL's grpo averages every row, empty ones as 0
+    batch = {k: v.nan_to_num(-1.0) if v.is_floating_point() else v for k, v in batch.items()}
+    args = [batch[k] for k in ("logp", "old_logp", "advantages", "mask")]
+    ours_options = dict(options)
+    beta = ours_options.pop("beta", 0.0)
+    logp = args[0].clone().requires_grad_()
+    ours = reference.ppo_loss(logp, *args[1:], ref_logp=batch["ref_logp"],
+                              entropy=batch["entropy"], kl_coef=beta, kl_estimator="k3",
+                              agg="seq-mean-token-mean", **ours_options)
+    logp_trl = args[0].clone().requires_grad_()
+    theirs = trl_grpo_loss(logp_trl, *args[1:], batch["ref_logp"], batch["entropy"], **options)
+    assert (ours.policy_loss + beta * ours.kl).item() == pytest.approx(theirs.item(), rel=1e-12)
+    (g_ours,) = torch.autograd.grad(ours.policy_loss + beta * ours.kl, logp)
+    (g_theirs,) = torch.autograd.grad(theirs, logp_trl)
+    assert rel_err(g_ours, g_theirs) < 1e-12
+
+
+def test_trl_masks_drop_the_tokens_they_name():
+    batch = random_batch()
+    args = [batch[k] for k in ("logp", "old_logp", "advantages", "mask")]
+    weights, _, _ = reference.policy_weights(
+        *[a.nan_to_num() for a in args[:3]], batch["entropy"].nan_to_num(), None,
+        batch["mask"], PPO_OPTIONS.fill(dict(top_entropy_quantile=0.25)))
+    kept = (weights > 0) & batch["mask"]
+    assert kept.sum() == pytest.approx(0.25 * batch["mask"].sum(), abs=1.5)
+    assert batch["entropy"][kept].min() >= batch["entropy"][batch["mask"] & ~kept].max()
+
+
+@pytest.mark.parametrize("options", [
+    dict(use_bias_correction_kl=True), dict(use_bias_correction_kl=True, kl_estimator="k3+"),
+    dict(top_entropy_quantile=0.5), dict(off_policy_mask_threshold=0.03),
+    dict(top_entropy_quantile=0.75, off_policy_mask_threshold=0.0, policy_loss="gspo",
+         rollout_is="token"),
+])
+def test_trl_options_match_reference(options):
+    compare(rollout_batch(), dict(FULL, **options), tol=1e-10)
+
+
+def test_top_entropy_quantile_needs_entropy():
+    batch = random_batch()
+    with pytest.raises(ValueError, match="entropy is required when top_entropy_quantile < 1"):
+        rlhf_fast.ppo_loss(*[batch[k] for k in ("logp", "old_logp", "advantages", "mask")],
+                           top_entropy_quantile=0.5)

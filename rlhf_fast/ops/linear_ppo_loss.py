@@ -25,7 +25,7 @@ from rlhf_fast.ops.linear_logprobs import (
     no_autocast,
 )
 from rlhf_fast.ops.logprobs import check_label_range, check_logprob_options
-from rlhf_fast.ops.ppo_loss import PPOLossFunction, check_ppo_arguments, correct_for_the_rollout
+from rlhf_fast.ops.ppo_loss import PPOLossFunction, check_ppo_arguments, policy_weights
 from rlhf_fast.options import LOGPROB_OPTIONS, PPO_OPTIONS, TOKEN_OPTIONS
 from rlhf_fast.types import PPOLossOutput
 
@@ -105,8 +105,8 @@ def linear_ppo_loss(
     gradients are held from the forward to the backward, and d weight of a bf16 / fp16
     weight is accumulated over token chunks in an fp32 ``[V, D]`` buffer (2 GB at
     V = 128256, D = 4096). `linear_logprobs` + `ppo_loss` needs neither, for one more GEMM;
-    the sequence losses (gspo, gspo_token, geo_mean) and bypass_mode (whose correction
-    reads every log-prob first) take that way.
+    the sequence losses (gspo, gspo_token, geo_mean), bypass_mode and TRL's entropy and
+    off-policy masks (which read every log-prob or entropy first) take that way.
     Under ``torch.no_grad()`` only the loss and statistics are computed (1 GEMM). fp16:
     the gradient is formed at loss scale 1, so a GradScaler's scale cannot shield its
     smallest entries from fp16 underflow (bf16 has fp32's range and no such problem).
@@ -155,11 +155,14 @@ def linear_ppo_loss(
             rollout_logp=tensors["rollout_logp"], **vars(ppo_options),
         )
         return PPOLossOutput(out.loss, *(x.detach() for x in out[1:]))
-    if cfg.is_sequence_loss or ppo_options.policy_loss == "bypass_mode":
+    reads_logprobs = (ppo_options.policy_loss == "bypass_mode"
+                      or ppo_options.top_entropy_quantile < 1
+                      or ppo_options.off_policy_mask_threshold is not None)
+    if cfg.is_sequence_loss or reads_logprobs:
         return _from_logprobs(hidden, weight, bias, labels, tensors, opt, ppo_options, cfg)
-    mask, is_weights, rollout_statistics = correct_for_the_rollout(
-        tensors["mask"], tensors["old_logp"], tensors["rollout_logp"], ppo_options,
-        _accumulator(compute_dtype))
+    mask, is_weights, rollout_statistics = policy_weights(
+        tensors["mask"], tensors["old_logp"], tensors["advantages"], tensors["rollout_logp"],
+        ppo_options, _accumulator(compute_dtype))
     if not torch.is_grad_enabled():  # no_grad / inference_mode: skip the gradient GEMMs
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
@@ -184,9 +187,9 @@ def _from_logprobs(
     logp, entropy = linear_logprobs(
         hidden, weight, labels, bias=bias, return_entropy=True, check_labels=False,
         **TOKEN_OPTIONS.pick(opt))
-    mask, is_weights, rollout_statistics = correct_for_the_rollout(
-        tensors["mask"], tensors["old_logp"], tensors["rollout_logp"], ppo_options,
-        logp.dtype, logp)
+    mask, is_weights, rollout_statistics = policy_weights(
+        tensors["mask"], tensors["old_logp"], tensors["advantages"], tensors["rollout_logp"],
+        ppo_options, logp.dtype, logp, entropy)
     outputs = PPOLossFunction.apply(
         logp, entropy, tensors["values"], tensors["old_logp"], tensors["advantages"],
         mask, tensors["ref_logp"], tensors["old_values"], tensors["returns"], is_weights, cfg,

@@ -165,6 +165,8 @@ def ppo_loss(
     )
     if opt.entropy_coef != 0 and entropy is None:
         raise ValueError("entropy is required when entropy_coef != 0")
+    if opt.top_entropy_quantile < 1 and entropy is None:
+        raise ValueError("entropy is required when top_entropy_quantile < 1")
     if not use_triton(logp):
         return reference.ppo_loss(
             logp, old_logp, advantages, mask, ref_logp=ref_logp, entropy=entropy,
@@ -172,9 +174,9 @@ def ppo_loss(
             rollout_logp=tensors["rollout_logp"], **vars(opt),
         )
     logp = logp.contiguous()
-    mask, is_weights, rollout_statistics = correct_for_the_rollout(
-        mask, old_logp, tensors["rollout_logp"], opt,
-        torch.float64 if logp.dtype == torch.float64 else torch.float32, logp)
+    mask, is_weights, rollout_statistics = policy_weights(
+        mask, old_logp, advantages, tensors["rollout_logp"], opt,
+        torch.float64 if logp.dtype == torch.float64 else torch.float32, logp, entropy)
     outputs = PPOLossFunction.apply(
         logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values, returns,
         is_weights, cfg,
@@ -182,20 +184,30 @@ def ppo_loss(
     return PPOLossOutput(*outputs[:5], *outputs[5:].detach(), *rollout_statistics)
 
 
-def correct_for_the_rollout(
-    mask: torch.Tensor, old_logp: torch.Tensor, rollout_logp: torch.Tensor | None,
-    opt: SimpleNamespace, dtype: torch.dtype, logp: torch.Tensor | None = None,
+def policy_weights(
+    mask: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+    rollout_logp: torch.Tensor | None, opt: SimpleNamespace, dtype: torch.dtype,
+    logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(the mask the kernels read, the IS weights of the policy term or None, the [5]
-    rollout statistics of `PPOLossOutput`) in the kernels' compute `dtype`:
-    `reference.rollout_correction` on the [B, T] constants when there is a rollout to
-    correct for (bypass_mode: the policy's `logp`, detached, against old_logp)."""
-    if opt.policy_loss != "bypass_mode" and rollout_logp is None:
+    """(the mask the kernels read, the constant weights of the policy term or None, the
+    [5] rollout statistics of `PPOLossOutput`) in the kernels' compute `dtype`:
+    `reference.policy_weights` (the rollout correction, TRL's entropy and off-policy
+    masks) on the [B, T] constants, when any is asked for. `logp` (detached inside) is
+    read by bypass_mode and the off-policy mask only, `entropy` by top_entropy_quantile."""
+    if not needs_policy_weights(opt, rollout_logp):
         return mask, None, torch.zeros(len(reference.ROLLOUT_STATISTICS), dtype=dtype,
                                        device=mask.device)
-    policy, rollout = (logp, old_logp) if rollout_logp is None else (old_logp, rollout_logp)
+    def cast(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.detach().to(dtype)
+
     with torch.no_grad():
-        weights, kept, statistics = reference.rollout_correction(
-            policy.to(dtype), rollout.to(dtype), mask != 0, opt)
+        weights, kept, statistics = reference.policy_weights(
+            cast(old_logp if logp is None else logp), cast(old_logp), cast(advantages),
+            cast(entropy), cast(rollout_logp), mask != 0, opt)
     statistics = torch.stack([statistics[name] for name in reference.ROLLOUT_STATISTICS])
     return kept, None if weights is None else weights.contiguous(), statistics.to(dtype)
+
+
+def needs_policy_weights(opt: SimpleNamespace, rollout_logp: torch.Tensor | None) -> bool:
+    return (opt.policy_loss == "bypass_mode" or rollout_logp is not None
+            or opt.top_entropy_quantile < 1 or opt.off_policy_mask_threshold is not None)

@@ -18,6 +18,7 @@ from rlhf_fast.reference.policy import (
     aggregate,
     kl_penalty,
     policy_terms,
+    policy_weights,
     ppo_loss,
     rollout_correction,
 )
@@ -34,5 +35,5 @@ __all__ = [
     "EXO_DEFAULT_EPS", "ROLLOUT_STATISTICS", "aggregate", "discounted_returns", "dpo_loss",
     "fits_dtype", "gae", "group_advantages", "ignored_labels", "kl_penalty",
     "linear_logprobs", "log_sigmoid", "logprobs", "masked_mean", "masked_whiten",
-    "policy_terms", "ppo_loss", "rollout_correction", "sequence_logps",
+    "policy_terms", "policy_weights", "ppo_loss", "rollout_correction", "sequence_logps",
 ]

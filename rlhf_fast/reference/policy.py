@@ -288,6 +288,47 @@ def rollout_correction(
     return weights, kept, statistics
 
 
+def policy_weights(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, entropy: Tensor | None,
+    rollout_logp: Tensor | None, mask: Tensor, opt: Any,
+) -> tuple[Tensor | None, Tensor, dict[str, Tensor]]:
+    """The constant weight of each token's policy term, or None for 1, the mask of every
+    term, and the rollout statistics: `rollout_correction`'s weights and mask (when
+    there is a rollout to correct for), times TRL's masks of the policy term:
+
+    * top_entropy_quantile q < 1: 0 below the (1 - q) quantile of the valid tokens'
+      entropies (TRL's get_high_entropy_mask, over this call's tokens where TRL gathers
+      every process's);
+    * off_policy_mask_threshold d: 0 at tokens with A < 0 of rows whose mean of
+      log pi_sampling - logp over the valid tokens exceeds d (TRL's get_off_policy_mask;
+      pi_sampling is rollout_logp, else old_logp).
+
+    All inputs ``[B, T]`` constants (`logp` detached), `mask` bool.
+    """
+    statistics = dict.fromkeys(ROLLOUT_STATISTICS, torch.zeros((), dtype=logp.dtype,
+                                                               device=logp.device))
+    weights = None
+    if opt.policy_loss == "bypass_mode" or rollout_logp is not None:
+        policy, rollout = (logp, old_logp) if rollout_logp is None else (old_logp, rollout_logp)
+        weights, mask, statistics = rollout_correction(policy, rollout, mask, opt)
+    keep = None
+    if opt.top_entropy_quantile < 1:
+        if entropy is None:
+            raise ValueError("entropy is required when top_entropy_quantile < 1")
+        valid_entropy = entropy[mask].to(logp.dtype)
+        if valid_entropy.numel():
+            threshold = torch.quantile(valid_entropy, 1 - opt.top_entropy_quantile)
+            keep = entropy.to(logp.dtype) >= threshold
+    if opt.off_policy_mask_threshold is not None:
+        sampling = old_logp if rollout_logp is None else rollout_logp
+        drift = _row_reduce(sampling - logp, mask, "mean")
+        row_keep = (advantages >= 0) | (drift <= opt.off_policy_mask_threshold)
+        keep = row_keep if keep is None else keep & row_keep
+    if keep is not None:
+        weights = keep.to(logp.dtype) if weights is None else weights * keep
+    return weights, mask, statistics
+
+
 @PPO_OPTIONS.keywords
 def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
              ref_logp: Tensor | None = None, entropy: Tensor | None = None,
@@ -320,11 +361,9 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *
     )
     zero = torch.zeros_like(logp)
 
-    is_weights, statistics = None, dict.fromkeys(ROLLOUT_STATISTICS, zero.sum())
-    if opt.policy_loss == "bypass_mode" or rollout_logp is not None:
-        policy, rollout = (logp, old_logp) if rollout_logp is None else (old_logp, rollout_logp)
-        is_weights, valid, statistics = rollout_correction(
-            policy.detach(), rollout.detach().to(dtype), valid, opt)
+    is_weights, valid, statistics = policy_weights(
+        logp.detach(), old_logp, advantages, None if entropy is None else entropy.detach(),
+        None if rollout_logp is None else valid_only(rollout_logp), valid, opt)
     pg, clipped_low, clipped_high, dual_clipped = policy_terms(
         logp, old_logp, advantages, valid, opt)
     if is_weights is not None:
@@ -332,6 +371,8 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *
     log_ratio = (logp - old_logp).detach()
     ratio = torch.exp(log_ratio)
     kl = zero if ref_logp is None else kl_penalty(logp, ref_logp, opt.kl_estimator)
+    if opt.use_bias_correction_kl:
+        kl = kl * torch.exp(logp - old_logp)
     ent = zero if entropy is None else entropy
 
     vl, value_clipped = zero, torch.zeros_like(valid)
