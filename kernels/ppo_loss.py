@@ -78,7 +78,8 @@ AGG_CODES = {
 # The kernels' POLICY: these numbers, compared as literals there. >= 7: sequence losses;
 # 7 and 9 take their gradient through the row mean.
 POLICY_CODES = {"vanilla": 0, "cispo": 2, "sapo": 3, "gpg": 4, "dppo_tv": 5, "dppo_kl": 6,
-                "gspo": 7, "gspo_token": 8, "geo_mean": 9, "bypass_mode": 4}
+                "gspo": 7, "gspo_token": 8, "geo_mean": 9, "bypass_mode": 4,
+                "clip_cov": 0, "kl_cov": 10}
 DUAL_CLIP_CODE = 1  # vanilla with dual_clip
 KL_STRAIGHT_THROUGH = 8  # added to an estimator's code: the gradient of k2
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5}
@@ -149,7 +150,7 @@ class PPOKernelConfig:
 
 @triton.jit
 def _policy_terms(logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, param_b,
-                  POLICY: tl.constexpr):
+                  POLICY: tl.constexpr, kl_cov_coef=0.0):
     # (log-ratio, ratio, pg, d pg, clipped low, clipped high, dual) of each token; d pg is
     # d pg / d logp, or d pg / d m for gspo and geo_mean (m = row_lr, the row's mean).
     log_ratio = logp - old_logp
@@ -213,6 +214,10 @@ def _policy_terms(logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, par
         low = dropped & (adv <= 0)
         high = dropped & (adv > 0)
         dual = (keep != 0) & (ratio > param_a)
+    elif POLICY == 10:  # kl_cov: the unclipped term, plus its coefficient times |log r|
+        sign = tl.where(log_ratio > 0, 1.0, tl.where(log_ratio < 0, -1.0, 0.0))
+        pg = -adv * ratio + kl_cov_coef * tl.abs(log_ratio)
+        d_pg = -adv * ratio + kl_cov_coef * sign
     else:  # geo_mean
         d_pg = -adv * (tl.zeros_like(logp) + tl.exp(row_lr))
         pg = d_pg
@@ -343,7 +348,7 @@ def _row_log_ratio(row_stats_ptr, row, n_tiles, POLICY: tl.constexpr):
 @triton.jit
 def _ppo_fwd_kernel(
     logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, v_ptr, old_v_ptr, ret_ptr,
-    is_w_ptr, row_stats_ptr, T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
+    is_w_ptr, aux_ptr, row_stats_ptr, T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
     param_a_hi, param_a_lo, param_b_hi, param_b_lo, value_clip_hi, value_clip_lo,
     POLICY: tl.constexpr, KL_EST: tl.constexpr, KL_RATIO: tl.constexpr, HAS_ENTROPY: tl.constexpr,
     HAS_VALUE: tl.constexpr, HAS_IS: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -364,10 +369,14 @@ def _ppo_fwd_kernel(
     old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     row_lr, _ = _row_log_ratio(row_stats_ptr, row, n_tiles, POLICY)
+    kl_cov_coef = 0.0
+    if POLICY == 10:
+        kl_cov_coef = tl.load(aux_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     log_ratio, ratio, pg, d_pg, low, high, dual = _policy_terms(
-        logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, param_b, POLICY
+        logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, param_b, POLICY,
+        kl_cov_coef,
     )
-    if HAS_IS:  # the rollout correction's weights, constants, on the policy term
+    if HAS_IS:  # the constant weights of the policy term (`reference.policy_weights`)
         is_w = tl.load(is_w_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
         pg = pg * is_w
         d_pg = d_pg * is_w
@@ -493,7 +502,7 @@ def _ppo_reduce_kernel(
 def _ppo_bwd_kernel(
     grad_out_ptr, counts_ptr, row_stats_ptr,
     logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, ref_ptr, v_ptr, old_v_ptr, ret_ptr, is_w_ptr,
-    d_logp_ptr, d_ent_ptr, d_v_ptr,
+    aux_ptr, d_logp_ptr, d_ent_ptr, d_v_ptr,
     T, clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
     param_a_hi, param_a_lo, param_b_hi, param_b_lo, value_clip_hi, value_clip_lo,
     kl_coef_hi, kl_coef_lo, entropy_coef_hi, entropy_coef_lo, vf_coef_hi, vf_coef_lo,
@@ -531,8 +540,12 @@ def _ppo_bwd_kernel(
     old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     row_lr, n_seq = _row_log_ratio(row_stats_ptr, row, n_tiles, POLICY)
+    kl_cov_coef = 0.0
+    if POLICY == 10:
+        kl_cov_coef = tl.load(aux_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     log_ratio, ratio, pg, d_pg, low, high, dual = _policy_terms(
-        logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, param_b, POLICY
+        logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, param_b, POLICY,
+        kl_cov_coef,
     )
     if HAS_IS:
         d_pg = d_pg * tl.load(is_w_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
@@ -623,7 +636,7 @@ def _num_warps(block: int) -> int:
 
 def ppo_forward(
     logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, cfg,
-    is_weights=None,
+    is_weights=None, kl_cov_coef=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward on contiguous [B, T] inputs (None for absent optional ones;
     `is_weights` the rollout correction's, on the policy term).
@@ -656,6 +669,7 @@ def ppo_forward(
             logp if old_values is None else old_values,
             logp if returns is None else returns,
             logp if is_weights is None else is_weights,
+            logp if kl_cov_coef is None else kl_cov_coef,
             row_stats, T,
             *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "value_clip"),
             POLICY=cfg.policy_code, KL_EST=cfg.kl_code if ref_logp is not None else 0,
@@ -678,6 +692,7 @@ def ppo_backward(
     grad_outputs, counts, row_stats,
     logp, old_logp, advantages, mask, ref_logp, values, old_values, returns,
     cfg, grad_entropy_dtype: torch.dtype | None, grad_values: bool, is_weights=None,
+    kl_cov_coef=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients w.r.t. logp, entropy (when `grad_entropy_dtype` is given, in that dtype)
     and values (when `grad_values`), each [B, T] in its input's dtype, from the upstream
@@ -697,6 +712,7 @@ def ppo_backward(
         logp if old_values is None else old_values,
         logp if returns is None else returns,
         logp if is_weights is None else is_weights,
+        logp if kl_cov_coef is None else kl_cov_coef,
         d_logp, d_logp if d_ent is None else d_ent, d_logp if d_v is None else d_v,
         T,
         *cfg.fp64_args("clip_low", "clip_high", "param_a", "param_b", "value_clip", "kl_coef",
@@ -741,8 +757,9 @@ def ppo_token_grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(d loss / d logp, d loss / d entropy) of flat contiguous [n] tokens, for an upstream
     gradient of 1 on `loss`, in token_weight's dtype. `token_weight` from `token_weights`.
-    Token losses only (not `cfg.is_sequence_loss`)."""
+    Token losses only (not `cfg.is_sequence_loss`, not kl_cov)."""
     assert not cfg.is_sequence_loss, "a sequence loss needs its whole rows: ppo_backward"
+    assert cfg.policy_code != POLICY_CODES["kl_cov"], "kl_cov reads the batch's covariance"
     n_tokens = logp.numel()
     d_logp = torch.empty_like(token_weight)
     d_ent = torch.empty_like(token_weight)

@@ -27,6 +27,9 @@ SETTINGS = {
     "gspo_token": {},
     "geo_mean": {},
     "bypass_mode": {},  # its weights: tests/test_ppo_loss_rollout.py
+    # no token in clip_cov's covariance range: its random draws (test_covariance_*) apart
+    "clip_cov": dict(clip_cov_lb=1e30, clip_cov_ub=2e30),
+    "kl_cov": dict(kl_cov_ratio=0.0625, ppo_kl_coef=0.5),
 }
 # The losses whose gradient is the derivative of their value (the others stop a ratio's
 # gradient: cispo, dppo_*, gspo_token), which gradcheck can see.
@@ -315,12 +318,12 @@ def test_cispo_clips_both_sides_as_the_paper_where_trl_has_no_lower_bound():
 
 @pytest.mark.parametrize("policy_loss", POLICY_LOSSES)
 def test_every_bound_is_exercised(policy_loss):
-    """The batches below clip some tokens and not others (sapo, gpg and bypass_mode clip
-    nothing)."""
+    """The batches below clip some tokens and not others (sapo, gpg, bypass_mode and kl_cov
+    clip nothing)."""
     batch = policy_batch()
     out = reference.ppo_loss(batch["logp"], batch["old_logp"], batch["advantages"],
                              batch["mask"], **options_of(policy_loss))
-    if policy_loss in ("sapo", "gpg", "bypass_mode"):
+    if policy_loss in ("sapo", "gpg", "bypass_mode", "kl_cov"):
         assert out.clipfrac.item() == 0
         return
     assert 0 < out.clipfrac_high.item() < 1 and 0 < out.clipfrac_low.item() < 1
@@ -388,3 +391,89 @@ def test_dual_clip_belongs_to_vanilla():
                            batch["mask"], policy_loss="gspo", dual_clip=3.0)
     with pytest.raises(ValueError, match=r"policy_loss must be one of"):
         rlhf_fast.PPOLoss(policy_loss="grpo")
+
+
+# ----------------------------------------------------------------- clip_cov, kl_cov
+
+
+def _cov(logp, adv, mask):
+    valid_adv, valid_logp = adv[mask], logp[mask]
+    return (adv - valid_adv.mean()) * (logp - valid_logp.mean())
+
+
+def verl_clip_cov(logp, old, adv, mask, low, high, ratio=0.0002, lb=1.0, ub=5.0):
+    """verl's compute_policy_loss_clip_cov, from its code (token-mean)."""
+    m = mask.to(logp.dtype)
+    r = torch.exp(logp - old)
+    pg1, pg2 = -adv * r, -adv * torch.clamp(r, 1 - low, 1 + high)
+    clip_by_origin = (pg2 > pg1) & mask
+    cov = _cov(logp.detach(), adv, mask)
+    cov[~mask] = -torch.inf
+    cov[clip_by_origin] = -torch.inf
+    clip_num = max(int(ratio * m.sum().item()), 1)
+    idx = torch.nonzero((cov < ub) & (cov > lb) & mask)
+    if len(idx) > 0:
+        idx = idx[torch.randperm(len(idx))[:min(clip_num, len(idx))]]
+    corr = torch.ones_like(adv)
+    corr[idx[:, 0], idx[:, 1]] = 0
+    return (torch.maximum(pg1, pg2) * corr * m).sum() / m.sum()
+
+
+def verl_kl_cov(logp, old, adv, mask, ratio=0.0002, coef=1.0):
+    """verl's compute_policy_loss_kl_cov, from its code (token-mean)."""
+    m = mask.to(logp.dtype)
+    log_ratio = logp - old
+    pg = -adv * torch.exp(log_ratio)
+    pg_kl = pg + coef * log_ratio.abs()
+    flat_idx = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
+    cov = _cov(logp.detach(), adv, mask)[mask]
+    top = flat_idx[torch.topk(cov, max(1, int(len(cov) * ratio))).indices]
+    pg = pg.clone()
+    rows, cols = top // adv.shape[1], top % adv.shape[1]
+    pg[rows, cols] = pg_kl[rows, cols]
+    return (pg * m).sum() / m.sum()
+
+
+@pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
+def test_covariance_losses_agree_with_verl(name):
+    """Ratios large enough that a tenth of the tokens is selected (verl's default share
+    of 0.0002 selects one token here)."""
+    batch = random_batch()
+    batch = {k: v.nan_to_num(-1.0) if v.is_floating_point() else v for k, v in batch.items()}
+    args = [batch[k] for k in ("logp", "old_logp", "advantages", "mask")]
+    settings = dict(clip_cov_ratio=0.1, clip_cov_lb=-1.0, clip_cov_ub=5.0) \
+        if name == "clip_cov" else dict(kl_cov_ratio=0.1, ppo_kl_coef=0.5)
+    torch.manual_seed(7)
+    ours, grad = loss_and_grad(reference.ppo_loss, *args, policy_loss=name, clip_eps_high=0.28,
+                               **settings)
+    torch.manual_seed(7)
+    logp = args[0].clone().requires_grad_()
+    if name == "clip_cov":
+        theirs = verl_clip_cov(logp, *args[1:], 0.2, 0.28, 0.1, -1.0, 5.0)
+    else:
+        theirs = verl_kl_cov(logp, *args[1:], 0.1, 0.5)
+    (their_grad,) = torch.autograd.grad(theirs, logp)
+    assert ours.policy_loss.item() == pytest.approx(theirs.item(), rel=1e-12)
+    assert rel_err(grad, their_grad) < 1e-12
+    # the selection changed something: the plain loss differs
+    plain, _ = loss_and_grad(reference.ppo_loss, *args, clip_eps_high=0.28,
+                             policy_loss="vanilla" if name == "clip_cov" else "gpg")
+    assert plain.policy_loss.item() != pytest.approx(ours.policy_loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
+def test_covariance_losses_match_reference(name, agg):
+    settings = dict(clip_cov_ratio=0.125, clip_cov_lb=-1.0) if name == "clip_cov" else dict(
+        kl_cov_ratio=0.125, ppo_kl_coef=0.5)
+    batch = policy_batch()
+    for backend in ("triton", "torch"):  # the same draws of clip_cov on both
+        torch.manual_seed(3)
+        out, grad = loss_and_grad(rlhf_fast.ppo_loss if backend == "triton" else
+                                  reference.ppo_loss,
+                                  *[batch[k] for k in ("logp", "old_logp", "advantages", "mask")],
+                                  policy_loss=name, agg=agg, **settings)
+        if backend == "triton":
+            kernel_out, kernel_grad = out, grad
+    assert kernel_out.policy_loss.item() == pytest.approx(out.policy_loss.item(), rel=1e-10)
+    assert rel_err(kernel_grad, grad) < 1e-10

@@ -25,7 +25,12 @@ from rlhf_fast.ops.linear_logprobs import (
     no_autocast,
 )
 from rlhf_fast.ops.logprobs import check_label_range, check_logprob_options
-from rlhf_fast.ops.ppo_loss import PPOLossFunction, check_ppo_arguments, policy_weights
+from rlhf_fast.ops.ppo_loss import (
+    PPOLossFunction,
+    check_ppo_arguments,
+    kl_cov_coefficients,
+    policy_weights,
+)
 from rlhf_fast.options import LOGPROB_OPTIONS, PPO_OPTIONS, TOKEN_OPTIONS
 from rlhf_fast.types import PPOLossOutput
 
@@ -105,8 +110,9 @@ def linear_ppo_loss(
     gradients are held from the forward to the backward, and d weight of a bf16 / fp16
     weight is accumulated over token chunks in an fp32 ``[V, D]`` buffer (2 GB at
     V = 128256, D = 4096). `linear_logprobs` + `ppo_loss` needs neither, for one more GEMM;
-    the sequence losses (gspo, gspo_token, geo_mean), bypass_mode and TRL's entropy and
-    off-policy masks (which read every log-prob or entropy first) take that way.
+    the sequence losses (gspo, gspo_token, geo_mean), bypass_mode, clip_cov, kl_cov and
+    TRL's entropy and off-policy masks (which read every log-prob or entropy first) take
+    that way.
     Under ``torch.no_grad()`` only the loss and statistics are computed (1 GEMM). fp16:
     the gradient is formed at loss scale 1, so a GradScaler's scale cannot shield its
     smallest entries from fp16 underflow (bf16 has fp32's range and no such problem).
@@ -155,7 +161,7 @@ def linear_ppo_loss(
             rollout_logp=tensors["rollout_logp"], **vars(ppo_options),
         )
         return PPOLossOutput(out.loss, *(x.detach() for x in out[1:]))
-    reads_logprobs = (ppo_options.policy_loss == "bypass_mode"
+    reads_logprobs = (ppo_options.policy_loss in ("bypass_mode", "clip_cov", "kl_cov")
                       or ppo_options.top_entropy_quantile < 1
                       or ppo_options.off_policy_mask_threshold is not None)
     if cfg.is_sequence_loss or reads_logprobs:
@@ -192,6 +198,7 @@ def _from_logprobs(
         ppo_options, logp.dtype, logp, entropy)
     outputs = PPOLossFunction.apply(
         logp, entropy, tensors["values"], tensors["old_logp"], tensors["advantages"],
-        mask, tensors["ref_logp"], tensors["old_values"], tensors["returns"], is_weights, cfg,
+        mask, tensors["ref_logp"], tensors["old_values"], tensors["returns"], is_weights,
+        kl_cov_coefficients(logp, tensors["advantages"], mask, ppo_options, logp.dtype), cfg,
     )
     return PPOLossOutput(outputs[0], *outputs[1:].detach(), *rollout_statistics)

@@ -27,14 +27,14 @@ class PPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values,
-                returns, is_weights, cfg):
+                returns, is_weights, kl_cov_coef, cfg):
         outputs, counts, row_stats = kernel.ppo_forward(
             logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, cfg,
-            is_weights,
+            is_weights, kl_cov_coef,
         )
         ctx.save_for_backward(
             counts, row_stats, logp, old_logp, advantages, mask, ref_logp, values, old_values,
-            returns, is_weights,
+            returns, is_weights, kl_cov_coef,
         )
         ctx.cfg = cfg
         ctx.entropy_dtype = None if entropy is None else entropy.dtype
@@ -44,15 +44,15 @@ class PPOLossFunction(torch.autograd.Function):
     @differentiable_once
     def backward(ctx, grad_outputs):
         (counts, row_stats, logp, old_logp, adv, mask, ref, values, old_v, ret,
-         is_weights) = ctx.saved_tensors
+         is_weights, kl_cov_coef) = ctx.saved_tensors
         needs_logp, needs_entropy, needs_values = ctx.needs_input_grad[:3]
         d_logp, d_ent, d_v = kernel.ppo_backward(
             grad_outputs.contiguous(), counts, row_stats,
             logp, old_logp, adv, mask, ref, values, old_v, ret, ctx.cfg,
             grad_entropy_dtype=ctx.entropy_dtype if needs_entropy else None,
-            grad_values=needs_values, is_weights=is_weights,
+            grad_values=needs_values, is_weights=is_weights, kl_cov_coef=kl_cov_coef,
         )
-        return (d_logp if needs_logp else None), d_ent, d_v, *([None] * 8)
+        return (d_logp if needs_logp else None), d_ent, d_v, *([None] * 9)
 
 
 def _check_bt(name: str, value: torch.Tensor | None, like: torch.Tensor, like_name: str,
@@ -174,12 +174,12 @@ def ppo_loss(
             rollout_logp=tensors["rollout_logp"], **vars(opt),
         )
     logp = logp.contiguous()
+    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     mask, is_weights, rollout_statistics = policy_weights(
-        mask, old_logp, advantages, tensors["rollout_logp"], opt,
-        torch.float64 if logp.dtype == torch.float64 else torch.float32, logp, entropy)
+        mask, old_logp, advantages, tensors["rollout_logp"], opt, dtype, logp, entropy)
     outputs = PPOLossFunction.apply(
         logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values, returns,
-        is_weights, cfg,
+        is_weights, kl_cov_coefficients(logp, advantages, mask, opt, dtype), cfg,
     )
     return PPOLossOutput(*outputs[:5], *outputs[5:].detach(), *rollout_statistics)
 
@@ -209,5 +209,15 @@ def policy_weights(
 
 
 def needs_policy_weights(opt: SimpleNamespace, rollout_logp: torch.Tensor | None) -> bool:
-    return (opt.policy_loss == "bypass_mode" or rollout_logp is not None
+    return (opt.policy_loss in ("bypass_mode", "clip_cov") or rollout_logp is not None
             or opt.top_entropy_quantile < 1 or opt.off_policy_mask_threshold is not None)
+
+
+def kl_cov_coefficients(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                        opt: SimpleNamespace, dtype: torch.dtype) -> torch.Tensor | None:
+    """kl_cov's per-token weight of |log r| (`reference.kl_cov_coefficients`), else None."""
+    if opt.policy_loss != "kl_cov":
+        return None
+    with torch.no_grad():
+        return reference.kl_cov_coefficients(
+            logp.detach().to(dtype), advantages.to(dtype), mask != 0, opt).contiguous()

@@ -16,6 +16,7 @@ from rlhf_fast.reference.advantages import (
 from rlhf_fast.reference.policy import (
     ROLLOUT_STATISTICS,
     aggregate,
+    kl_cov_coefficients,
     kl_penalty,
     policy_terms,
     policy_weights,
@@ -33,7 +34,7 @@ from rlhf_fast.reference.tokens import (
 
 __all__ = [
     "EXO_DEFAULT_EPS", "ROLLOUT_STATISTICS", "aggregate", "discounted_returns", "dpo_loss",
-    "fits_dtype", "gae", "group_advantages", "ignored_labels", "kl_penalty",
+    "fits_dtype", "gae", "group_advantages", "ignored_labels", "kl_cov_coefficients", "kl_penalty",
     "linear_logprobs", "log_sigmoid", "logprobs", "masked_mean", "masked_whiten",
     "policy_terms", "policy_weights", "ppo_loss", "rollout_correction", "sequence_logps",
 ]

@@ -99,7 +99,8 @@ def _above(x: Tensor, bound: float) -> Tensor:
 
 
 def policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, valid: Tensor,
-                 opt: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 opt: Any, kl_cov_coef: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The policy-gradient term of each token, ``[B, T]``, and which bound changed it.
 
     `logp` differentiable, the others constants, all 0 at masked tokens; `opt` the
@@ -135,6 +136,14 @@ def policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, valid: Tens
     gspo_token: the same value with s_t = sg(s) r / sg(r) (the paper's GSPO-token, verl's
         "gspo", TRL's "sequence_token"): each token's gradient is its own. The two agree
         when A is constant along each sequence.
+    clip_cov, kl_cov (2505.22617, verl's from PRIME-RL's code): with each valid token's
+        covariance (A - mean A)(logp - mean logp) over the call's valid tokens, clip_cov
+        is vanilla (no dual clip) with the policy gradient of max(1, clip_cov_ratio n)
+        tokens dropped, drawn at random (torch's global generator, as verl) among the
+        unclipped ones of covariance in (clip_cov_lb, clip_cov_ub): `policy_weights`;
+        kl_cov is the unclipped -A r plus ppo_kl_coef |log r| at the max(1, kl_cov_ratio
+        n) tokens of largest covariance (`kl_cov_coefficients`). Both read the count n
+        on the host (a device sync, as verl's).
     geo_mean (GMPO, 2507.20673): pg = -A exp(m) with m the row's mean of the log-ratio
         clipped on the advantage's side (at clip_eps_high for A > 0, at -clip_eps for
         A < 0; 0 for A = 0, as verl's sign(A) makes it). verl averages -mean(A) exp(m)
@@ -153,8 +162,11 @@ def policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, valid: Tens
     ratio = torch.exp(log_ratio)
     none = torch.zeros_like(valid)
     dual = none
-    if name in ("vanilla", "gspo", "gspo_token"):
-        if name == "vanilla":
+    if name == "kl_cov":
+        pg = -advantages * ratio + kl_cov_coef * log_ratio.abs()
+        low, high = none, none
+    elif name in ("vanilla", "gspo", "gspo_token", "clip_cov"):
+        if name in ("vanilla", "clip_cov"):
             r = ratio
         else:
             m = _row_mean(log_ratio, valid)
@@ -288,6 +300,43 @@ def rollout_correction(
     return weights, kept, statistics
 
 
+def _covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """Each valid token's (A - mean A)(logp - mean logp) over the valid tokens, -inf
+    elsewhere: Clip-Cov's and KL-Cov's selection statistic."""
+    n = mask.sum().clamp(min=1)
+    mean_a = torch.where(mask, advantages, 0.0).sum() / n
+    mean_logp = torch.where(mask, logp, 0.0).sum() / n
+    return torch.where(mask, (advantages - mean_a) * (logp - mean_logp), -math.inf)
+
+
+def _clip_cov_kept(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                   opt: Any) -> Tensor:
+    eps_high = opt.clip_eps if opt.clip_eps_high is None else opt.clip_eps_high
+    ratio = torch.exp(logp - old_logp)
+    clipped = -advantages * torch.clamp(ratio, 1 - opt.clip_eps, 1 + eps_high) > \
+        -advantages * ratio
+    cov = torch.where(clipped, -math.inf, _covariance(logp, advantages, mask))
+    candidates = ((cov > opt.clip_cov_lb) & (cov < opt.clip_cov_ub) & mask).flatten()
+    count = max(int(opt.clip_cov_ratio * int(mask.sum())), 1)
+    where = candidates.nonzero()[:, 0]
+    chosen = where[torch.randperm(len(where))[:count].to(where.device)]
+    kept = torch.ones_like(candidates)
+    kept[chosen] = False
+    return kept.view(mask.shape)
+
+
+def kl_cov_coefficients(logp: Tensor, advantages: Tensor, mask: Tensor, opt: Any) -> Tensor:
+    """kl_cov's weight of |log r| per token, ``[B, T]``: ppo_kl_coef at the
+    max(1, kl_cov_ratio n) valid tokens of largest covariance, 0 elsewhere."""
+    coef = torch.zeros_like(logp)
+    n = int(mask.sum())
+    if n:
+        top = _covariance(logp, advantages, mask).flatten().topk(
+            max(1, int(n * opt.kl_cov_ratio))).indices
+        coef.view(-1)[top] = opt.ppo_kl_coef
+    return coef
+
+
 def policy_weights(
     logp: Tensor, old_logp: Tensor, advantages: Tensor, entropy: Tensor | None,
     rollout_logp: Tensor | None, mask: Tensor, opt: Any,
@@ -299,6 +348,7 @@ def policy_weights(
     * top_entropy_quantile q < 1: 0 below the (1 - q) quantile of the valid tokens'
       entropies (TRL's get_high_entropy_mask, over this call's tokens where TRL gathers
       every process's);
+    * clip_cov: 0 at the tokens it draws (`policy_terms`);
     * off_policy_mask_threshold d: 0 at tokens with A < 0 of rows whose mean of
       log pi_sampling - logp over the valid tokens exceeds d (TRL's get_off_policy_mask;
       pi_sampling is rollout_logp, else old_logp).
@@ -324,6 +374,9 @@ def policy_weights(
         drift = _row_reduce(sampling - logp, mask, "mean")
         row_keep = (advantages >= 0) | (drift <= opt.off_policy_mask_threshold)
         keep = row_keep if keep is None else keep & row_keep
+    if opt.policy_loss == "clip_cov":
+        kept = _clip_cov_kept(logp, old_logp, advantages, mask, opt)
+        keep = kept if keep is None else keep & kept
     if keep is not None:
         weights = keep.to(logp.dtype) if weights is None else weights * keep
     return weights, mask, statistics
@@ -364,8 +417,11 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *
     is_weights, valid, statistics = policy_weights(
         logp.detach(), old_logp, advantages, None if entropy is None else entropy.detach(),
         None if rollout_logp is None else valid_only(rollout_logp), valid, opt)
+    kl_cov_coef = None
+    if opt.policy_loss == "kl_cov":
+        kl_cov_coef = kl_cov_coefficients(logp.detach(), advantages, valid, opt)
     pg, clipped_low, clipped_high, dual_clipped = policy_terms(
-        logp, old_logp, advantages, valid, opt)
+        logp, old_logp, advantages, valid, opt, kl_cov_coef)
     if is_weights is not None:
         pg = pg * is_weights
     log_ratio = (logp - old_logp).detach()
