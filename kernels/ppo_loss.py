@@ -8,6 +8,7 @@ Math, per valid token t (A advantage, r = exp(logp - old_logp), eps_l / eps_h cl
         cispo     -sg(clip(r, l, h)) A logp                      -clip(r, l, h) A
         sapo      -A 4/tau sigmoid(tau (r - 1))                  -4 A s (1 - s) r
         gpg       -A logp                                        -A
+        dro       -(A logp - beta (log r)^2 / 2)                 -A + beta log r
         dppo_*    -A sg(min(r, c)) logp, 0 where dropped         -A min(r, c), or 0
         gspo      the vanilla term of s = exp(min(m, 10)), m the row's mean log-ratio:
                   d pg_t / d m = -A_t s (0 clipped), d loss / d logp_t = (1/n) sum_t' w dpg_t'/dm
@@ -79,7 +80,7 @@ AGG_CODES = {
 # 7 and 9 take their gradient through the row mean.
 POLICY_CODES = {"vanilla": 0, "cispo": 2, "sapo": 3, "gpg": 4, "dppo_tv": 5, "dppo_kl": 6,
                 "gspo": 7, "gspo_token": 8, "geo_mean": 9, "bypass_mode": 4,
-                "clip_cov": 0, "kl_cov": 10}
+                "clip_cov": 0, "kl_cov": 10, "dro": 11}
 DUAL_CLIP_CODE = 1  # vanilla with dual_clip
 KL_STRAIGHT_THROUGH = 8  # added to an estimator's code: the gradient of k2
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5}
@@ -121,6 +122,8 @@ class PPOKernelConfig:
             param_a, param_b = opt.tau_pos, opt.tau_neg
         elif opt.policy_loss in ("dppo_tv", "dppo_kl"):
             param_a = opt.clip_ratio_c
+        elif opt.policy_loss == "dro":
+            param_a = opt.dro_beta
         return cls(
             clip_low=opt.clip_eps,
             clip_high=opt.clip_eps if opt.clip_eps_high is None else opt.clip_eps_high,
@@ -214,6 +217,9 @@ def _policy_terms(logp, old_logp, adv, row_lr, clip_low, clip_high, param_a, par
         low = dropped & (adv <= 0)
         high = dropped & (adv > 0)
         dual = (keep != 0) & (ratio > param_a)
+    elif POLICY == 11:  # dro: REINFORCE with a quadratic pull, param_a = dro_beta
+        pg = -(adv * logp - 0.5 * param_a * log_ratio * log_ratio)
+        d_pg = -adv + param_a * log_ratio
     elif POLICY == 10:  # kl_cov: the unclipped term, plus its coefficient times |log r|
         sign = tl.where(log_ratio > 0, 1.0, tl.where(log_ratio < 0, -1.0, 0.0))
         pg = -adv * ratio + kl_cov_coef * tl.abs(log_ratio)

@@ -297,6 +297,8 @@ PPO_OPTIONS = OptionSet((
            "|log-ratio| penalty"),
     Option("ppo_kl_coef", 1.0, real(">= 0.0", lambda v: 0 <= v < math.inf),
            "kl_cov: the weight of that penalty"),
+    Option("dro_beta", 0.1, real("a finite float > 0", lambda v: 0 < v < math.inf),
+           "dro: the weight of its quadratic log-ratio penalty"),
     Option("clip_ratio_c", 20.0, real("a finite float > 0", lambda v: 0 < v < math.inf),
            "dppo_tv / dppo_kl: the cap of their detached ratio (verl's clip_ratio_c)"),
     Option("kl_coef", 0.0, real(">= 0.0", lambda v: 0 <= v < math.inf),

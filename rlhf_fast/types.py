@@ -17,7 +17,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "k1+", "k3+", "abs+", "l
 #: verl's names (`reference.policy_terms` has each formula); gspo, gspo_token and geo_mean
 #: read each row's mean log-ratio: `SEQUENCE_POLICY_LOSSES`.
 POLICY_LOSSES = ("vanilla", "cispo", "sapo", "gpg", "dppo_tv", "dppo_kl", "gspo", "gspo_token",
-                 "geo_mean", "bypass_mode", "clip_cov", "kl_cov")
+                 "geo_mean", "bypass_mode", "clip_cov", "kl_cov", "dro")
 SEQUENCE_POLICY_LOSSES = ("gspo", "gspo_token", "geo_mean")
 #: verl's rollout correction (`reference.rollout_correction`): IS weight levels and
 #: rejection-sampling criteria (a divergence per token, or a row's sum, mean or max).

@@ -543,7 +543,9 @@ def test_advantage_ops_backend_switch(monkeypatch):
     triton_out = run_all()
     monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
     for a, b in zip(triton_out, run_all()):
-        assert rel_err(a, b) < 1e-5
+        # fp32 rounding relative to the data's scale (~1): a mean near 0 of unit-scale
+        # values errs by ~1e-7 absolutely, which can be 2e-5 of the mean itself
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
     # without the interpreter, CPU tensors take the reference path
     monkeypatch.delenv("RLHF_FAST_BACKEND")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -30,10 +30,11 @@ SETTINGS = {
     # no token in clip_cov's covariance range: its random draws (test_covariance_*) apart
     "clip_cov": dict(clip_cov_lb=1e30, clip_cov_ub=2e30),
     "kl_cov": dict(kl_cov_ratio=0.0625, ppo_kl_coef=0.5),
+    "dro": dict(dro_beta=0.25),
 }
 # The losses whose gradient is the derivative of their value (the others stop a ratio's
 # gradient: cispo, dppo_*, gspo_token), which gradcheck can see.
-TRUE_GRADIENT = ("vanilla", "sapo", "gpg", "gspo", "geo_mean")
+TRUE_GRADIENT = ("vanilla", "sapo", "gpg", "gspo", "geo_mean", "dro")
 
 
 def options_of(policy_loss, **more):
@@ -122,6 +123,17 @@ def test_dppo_kl_hand_case():
                                   clip_eps_high=bound)
         assert out.clipfrac_high.item() == float(dropped)
         assert grad.item() == pytest.approx(0.0 if dropped else -2.0)
+
+
+def test_dro_hand_case_and_twinkles_formula():
+    # -(A logp - beta (log r)^2 / 2) at ratios 2 and 0.5, beta 0.1: d = -A + beta log r
+    out, grad = loss_and_grad(reference.ppo_loss, LOGP, OLD, column(1.0, -2.0), BOTH,
+                              policy_loss="dro", dro_beta=0.1)
+    lr = [math.log(2.0), math.log(0.5)]
+    pg = [-(1.0 * math.log(0.5) - 0.05 * lr[0] ** 2),
+          -(-2.0 * math.log(0.2) - 0.05 * lr[1] ** 2)]
+    assert out.policy_loss.item() == pytest.approx(sum(pg) / 2)
+    assert grad[0].tolist() == pytest.approx([(-1 + 0.1 * lr[0]) / 2, (2 + 0.1 * lr[1]) / 2])
 
 
 def test_gspo_and_gspo_token_hand_case():
@@ -318,12 +330,12 @@ def test_cispo_clips_both_sides_as_the_paper_where_trl_has_no_lower_bound():
 
 @pytest.mark.parametrize("policy_loss", POLICY_LOSSES)
 def test_every_bound_is_exercised(policy_loss):
-    """The batches below clip some tokens and not others (sapo, gpg, bypass_mode and kl_cov
-    clip nothing)."""
+    """The batches below clip some tokens and not others (sapo, gpg, bypass_mode, kl_cov
+    and dro clip nothing)."""
     batch = policy_batch()
     out = reference.ppo_loss(batch["logp"], batch["old_logp"], batch["advantages"],
                              batch["mask"], **options_of(policy_loss))
-    if policy_loss in ("sapo", "gpg", "bypass_mode", "kl_cov"):
+    if policy_loss in ("sapo", "gpg", "bypass_mode", "kl_cov", "dro"):
         assert out.clipfrac.item() == 0
         return
     assert 0 < out.clipfrac_high.item() < 1 and 0 < out.clipfrac_low.item() < 1

@@ -144,6 +144,8 @@ def policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, valid: Tens
         kl_cov is the unclipped -A r plus ppo_kl_coef |log r| at the max(1, kl_cov_ratio
         n) tokens of largest covariance (`kl_cov_coefficients`). Both read the count n
         on the host (a device sync, as verl's).
+    dro (Direct Reward Optimization, verl's "dro"): pg = -(A logp - dro_beta (logp -
+        old_logp)^2 / 2), REINFORCE with a quadratic pull towards pi_old.
     geo_mean (GMPO, 2507.20673): pg = -A exp(m) with m the row's mean of the log-ratio
         clipped on the advantage's side (at clip_eps_high for A > 0, at -clip_eps for
         A < 0; 0 for A = 0, as verl's sign(A) makes it). verl averages -mean(A) exp(m)
@@ -191,6 +193,9 @@ def policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, valid: Tens
         tau = torch.where(advantages > 0, torch.full_like(advantages, opt.tau_pos), opt.tau_neg)
         r = torch.exp(_above(_below(log_ratio, 20.0), -20.0))
         pg = -advantages * torch.sigmoid(tau * (r - 1)) * (4 / tau)
+        low, high = none, none
+    elif name == "dro":
+        pg = -(advantages * logp - 0.5 * opt.dro_beta * log_ratio**2)
         low, high = none, none
     elif name in ("gpg", "bypass_mode"):
         pg = -advantages * logp
