@@ -259,7 +259,7 @@ def _row_sums(row_stats_ptr, row, n_tiles, column):
 
 
 @triton.jit
-def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
+def _kl_terms(logp, ref_logp, ratio, KL_EST: tl.constexpr, KL_RATIO: tl.constexpr):
     diff = logp - ref_logp
     if KL_EST % 8 == 1:
         kl = diff
@@ -284,6 +284,9 @@ def _kl_terms(logp, ref_logp, KL_EST: tl.constexpr):
         d_kl = 1.0 - r
     if KL_EST >= 8:
         d_kl = diff
+    if KL_RATIO:  # TRL's use_bias_correction_kl: r kl, its gradient through r too
+        d_kl = (d_kl + kl) * ratio
+        kl = kl * ratio
     return kl, d_kl
 
 
@@ -390,10 +393,7 @@ def _ppo_fwd_kernel(
     s_kl, s_ent, s_vl, s_vclip = zero, zero, zero, zero
     if KL_EST != 0:
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-        kl, d_kl = _kl_terms(logp, ref, KL_EST)
-        if KL_RATIO:  # TRL's use_bias_correction_kl: r kl, its gradient through r too
-            d_kl = (d_kl + kl) * ratio
-            kl = kl * ratio
+        kl, d_kl = _kl_terms(logp, ref, ratio, KL_EST, KL_RATIO)
         s_kl = tl.sum(tl.where(valid, kl, 0.0), axis=0)
     if HAS_ENTROPY:
         s_ent = tl.sum(tl.load(ent_ptr + offs, mask=valid, other=0.0).to(acc_dtype), axis=0)
@@ -564,10 +564,7 @@ def _ppo_bwd_kernel(
         d_logp = c_pg * d_pg
     if KL_EST != 0:
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-        kl, d_kl = _kl_terms(logp, ref, KL_EST)
-        if KL_RATIO:  # TRL's use_bias_correction_kl: r kl, its gradient through r too
-            d_kl = (d_kl + kl) * ratio
-            kl = kl * ratio
+        kl, d_kl = _kl_terms(logp, ref, ratio, KL_EST, KL_RATIO)
         d_logp += c_kl * d_kl
     d_logp = tl.where(valid, d_logp, 0.0)
     tl.store(d_logp_ptr + offs, cast(d_logp, d_logp_ptr.dtype.element_ty), mask=in_row)
@@ -619,10 +616,7 @@ def _ppo_token_grad_kernel(
         d_logp = d_logp * tl.load(is_w_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     if KL_EST != 0:
         ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-        kl, d_kl = _kl_terms(logp, ref, KL_EST)
-        if KL_RATIO:  # TRL's use_bias_correction_kl: r kl, its gradient through r too
-            d_kl = (d_kl + kl) * ratio
-            kl = kl * ratio
+        kl, d_kl = _kl_terms(logp, ref, ratio, KL_EST, KL_RATIO)
         d_logp += kl_coef * d_kl
     tl.store(d_logp_ptr + offs, tl.where(valid, w * d_logp, 0.0), mask=in_range)
     tl.store(d_ent_ptr + offs, tl.where(valid, -entropy_coef * w, 0.0), mask=in_range)

@@ -210,9 +210,11 @@ class OptionSet:
 # --------------------------------------------------------------------------- ppo_loss
 
 
-def _positive_int_or_none(value: Any) -> bool:
-    return value is None or (not isinstance(value, bool) and isinstance(value, int)
-                             and 1 <= value <= INT64_MAX)
+def positive_int(*, optional: bool = False) -> Accepts:
+    """An int in [1, INT64_MAX] (a count or a length), or None when optional."""
+    return Accepts(int, "a positive int (int64)" + (" or None" if optional else ""),
+                   lambda v: not isinstance(v, bool) and isinstance(v, int)
+                   and 1 <= v <= INT64_MAX, optional)
 
 
 def _dual_clip_only_with_vanilla(values: SimpleNamespace, label: Callable) -> None:
@@ -319,23 +321,19 @@ PPO_OPTIONS = OptionSet((
            "seq-mean-token-mean (mean over non-empty rows of each row's mean), "
            "seq-mean-token-sum (mean over non-empty rows of each row's sum), "
            "seq-mean-token-sum-norm (sum / (B * max_len), Dr. GRPO), token-sum (the sum)"),
-    Option("max_len", None, Accepts(int, "a positive int (int64) or None",
-                                    _positive_int_or_none, optional=True),
+    Option("max_len", None, positive_int(optional=True),
            "the constant of seq-mean-token-sum-norm; None: T. The other modes do not read it "
            "(as TRL's max_completion_length: a trainer may pass its generation length "
            "whatever the mode)"),
-    Option("batch_num_tokens", None, Accepts(int, "a positive int (int64) or None",
-                                             _positive_int_or_none, optional=True),
+    Option("batch_num_tokens", None, positive_int(optional=True),
            "token-mean's divisor: the valid tokens of the global batch (every rank and "
            "micro-batch; verl's batch_num_tokens, TRL's num_items_in_batch); None: this "
            "call's"),
-    Option("global_batch_size", None, Accepts(int, "a positive int (int64) or None",
-                                              _positive_int_or_none, optional=True),
+    Option("global_batch_size", None, positive_int(optional=True),
            "the sequences of the global batch: the divisor of the seq-mean modes (None: "
            "this call's non-empty rows) and the B of seq-mean-token-sum-norm (None: this "
            "call's B)"),
-    Option("dp_size", 1, Accepts(int, "a positive int (int64)",
-                                 lambda v: v is not None and _positive_int_or_none(v)),
+    Option("dp_size", 1, positive_int(),
            "the data-parallel ranks whose gradients are averaged: every term is multiplied "
            "by it, so that the average over ranks of per-rank losses on global counts is "
            "the global batch's loss (verl's dp_size)"),

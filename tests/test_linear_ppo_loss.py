@@ -118,8 +118,11 @@ def test_rollout_correction_on_the_fused_path(policy_loss):
     the 3-GEMM path, bypass_mode's (which reads every log-prob first) on linear_logprobs +
     ppo_loss; against the reference composition."""
     hidden, weight, bias, labels, ppo = make_case()
-    rollout = None if policy_loss == "bypass_mode" else ppo["old_logp"] + 0.2 * torch.randn(
-        ppo["old_logp"].shape, dtype=F64)
+    rollout = None
+    if policy_loss != "bypass_mode":
+        rollout = ppo["old_logp"] + 0.2 * torch.randn(ppo["old_logp"].shape, dtype=F64)
+        first = ppo["mask"].nonzero()[0]
+        rollout[first[0], first[1]] += 1.0  # one token rejected at least, whatever the draw
     options = dict(OPTIONS, policy_loss=policy_loss, rollout_is="token",
                    rollout_rs="token_k1", rollout_rs_threshold="0.8_1.25",
                    dual_clip=OPTIONS["dual_clip"] if policy_loss == "vanilla" else None)
