@@ -234,6 +234,14 @@ OPS: dict[str, Op] = {
         grads=("hidden", "weight", "bias", "ref_chosen", "ref_rejected"), one_dtype=LM_HEAD,
     ),
     "ppo_loss": Op(_ppo, _ppo_make, grads=("logp", "entropy", "values")),
+    "ppo_loss[rollout]": Op(
+        lambda logp, old_logp, advantages, mask, **kw: rlhf_fast.ppo_loss(
+            logp, old_logp, advantages, mask, **kw, **PPO_OPTIONS, rollout_is="token",
+            rollout_rs="token_k2", rollout_rs_threshold=0.5),
+        lambda gen: _ppo_make(gen) | dict(rollout_logp=-torch.rand(2, 4, dtype=F64,
+                                                                   generator=gen) * 3),
+        grads=("logp", "entropy", "values"),
+    ),
     "dpo_loss": Op(
         _dpo, _dpo_make,
         grads=("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"),
@@ -260,6 +268,19 @@ OPS: dict[str, Op] = {
     "group_advantages": Op(
         lambda scores: rlhf_fast.group_advantages(scores, 3),
         lambda gen: dict(scores=_floats(6, gen=gen)),
+        outputs=_one,
+    ),
+    "group_advantages[opo]": Op(
+        lambda scores, lengths: rlhf_fast.group_advantages(scores, 3, estimator="opo",
+                                                           lengths=lengths),
+        lambda gen: dict(scores=_floats(6, gen=gen),
+                         lengths=torch.randint(1, 9, (6,), generator=gen)),
+        outputs=_one,
+    ),
+    "group_advantages[remax]": Op(
+        lambda scores, baselines: rlhf_fast.group_advantages(scores, 3, estimator="remax",
+                                                             baselines=baselines),
+        lambda gen: dict(scores=_floats(6, gen=gen), baselines=_floats(6, gen=gen)),
         outputs=_one,
     ),
     "masked_mean": Op(
