@@ -26,7 +26,7 @@ ROLLOUT_RS_MODES = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k
                     "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
 #: Outcome advantage estimators, verl's names (`reference.group_advantages`).
 ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "opo", "grpo_passk", "gpg",
-                        "reinforce_plus_plus_baseline", "remax")
+                        "reinforce_plus_plus_baseline", "remax", "gdpo")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
              "token-sum")
 

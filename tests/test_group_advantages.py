@@ -224,3 +224,42 @@ def test_estimators_keep_a_nan_in_its_group(monkeypatch, backend, estimator):
     out = rlhf_fast.group_advantages(scores, 4, estimator=estimator, lengths=lengths)
     assert out[4:8].isnan().all()
     assert torch.equal(out[:4], clean[:4]) and torch.equal(out[8:], clean[8:])
+
+
+def test_gdpo_normalises_each_reward_then_sums():
+    """verl's compute_gdpo_outcome_advantage before its whitening: grpo per reward column,
+    weighted sum; one reward drowning the other under plain grpo of the sum does not here."""
+    scores = torch.tensor([[1.0, 100.0], [0.0, 300.0], [1.0, 200.0], [0.0, 200.0]],
+                          dtype=torch.float64)
+    weights = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    out = reference.group_advantages(scores, 2, estimator="gdpo", weights=weights)
+    per = [reference.group_advantages(scores[:, k].contiguous(), 2) for k in range(2)]
+    assert out.tolist() == pytest.approx((0.5 * per[0] + 2.0 * per[1]).tolist())
+    # a pair's grpo advantages: -+ half its gap / (its unbiased std + eps); equal pair: 0
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    b = 100 / (100 * math.sqrt(2) + 1e-6)
+    assert out.tolist() == pytest.approx(
+        [0.5 * a - 2 * b, -0.5 * a + 2 * b, 0.5 * a, -0.5 * a], rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", ["std", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gdpo_matches_reference(scale, dtype):
+    scores = torch.randn(4 * 5, 3, dtype=torch.float64).to(dtype)
+    weights = torch.rand(3, dtype=torch.float64)
+    for w in (None, weights):
+        out = rlhf_fast.group_advantages(scores, 5, estimator="gdpo", scale=scale, weights=w)
+        ref = reference.group_advantages(scores.double(), 5, estimator="gdpo", scale=scale,
+                                         weights=w)
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scores=torch.randn(12)), r"scores must have shape \[B, K\] \(one column per reward\)"),
+    (dict(weights=torch.ones(2)), r"weights must have shape \[K\] = \(3,\), got \(2,\)"),
+    (dict(scale="batch"), r'scale must be "std" or None for estimator "gdpo"'),
+])
+def test_gdpo_bad_inputs(kwargs, match):
+    args = dict(scores=torch.randn(12, 3), group_size=4, estimator="gdpo") | kwargs
+    with pytest.raises(ValueError, match=match):
+        rlhf_fast.group_advantages(**args)

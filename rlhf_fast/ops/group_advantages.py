@@ -24,7 +24,8 @@ from rlhf_fast.options import GROUP_ADVANTAGE_OPTIONS
 @GROUP_ADVANTAGE_OPTIONS.keywords
 def group_advantages(
     scores: torch.Tensor, group_size: int, *, lengths: torch.Tensor | None = None,
-    baselines: torch.Tensor | None = None, **options: Any,
+    baselines: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+    **options: Any,
 ) -> torch.Tensor:
     """Critic-free (outcome) advantages: each score against its group's baseline.
 
@@ -33,15 +34,19 @@ def group_advantages(
     grpo (scale "std": (s - mean) / (std + eps) with the unbiased std as ``torch.std``;
     "batch": the batch's std; None: s - mean, Dr. GRPO), rloo, opo (needs `lengths`),
     grpo_passk, gpg, reinforce_plus_plus_baseline (s - mean; whiten it over the tokens
-    with `masked_whiten`), remax (needs `baselines`). A group of one has advantage 0.
+    with `masked_whiten`), remax (needs `baselines`), gdpo (``scores [B, K]``, one column
+    per reward, each column's grpo advantage summed with `weights`; whiten the sum over
+    the tokens as verl). A group of one has advantage 0.
     One kernel launch (gpg and scale="batch": one torch reduction before it, no host sync;
     remax: one subtraction).
 
     Args:
-        scores: ``[B]`` float (bf16, fp16, fp32, fp64), B a multiple of `group_size`.
+        scores: ``[B]`` float (bf16, fp16, fp32, fp64), B a multiple of `group_size`;
+            ``[B, K]`` for gdpo.
         group_size: samples per prompt, an int >= 1 dividing B.
         lengths: ``[B]`` float or int, each answer's length (opo).
         baselines: ``[B]`` float, the greedy answer's score of each sample's prompt (remax).
+        weights: ``[K]`` float, gdpo's weight of each reward (None: 1 each).
         Options: below.
 
     Returns:
@@ -53,8 +58,10 @@ def group_advantages(
         is never formed).
     """
     check_tensor("scores", scores, FLOAT_DTYPES)
-    if scores.dim() != 1:
-        raise ValueError(f"scores must have shape [B], got {tuple(scores.shape)}")
+    gdpo = options.get("estimator") == "gdpo"
+    if scores.dim() != (2 if gdpo else 1):
+        expected = "[B, K] (one column per reward) for gdpo" if gdpo else "[B]"
+        raise ValueError(f"scores must have shape {expected}, got {tuple(scores.shape)}")
     group_size = check_int("group_size", group_size)
     if group_size < 1:
         raise ValueError(f"group_size must be an int >= 1, got {group_size}")
@@ -68,11 +75,20 @@ def group_advantages(
                          FLOAT_DTYPES + INDEX_DTYPES)
     baselines = _per_score("baselines", baselines, scores, opt.estimator == "remax",
                            FLOAT_DTYPES)
+    if gdpo:
+        weights = _gdpo_weights(weights, scores, opt)
     scores = scores.detach()
     if not use_triton(scores):
         with torch.no_grad():
             return reference.group_advantages(scores, group_size, lengths=lengths,
-                                              baselines=baselines, **vars(opt))
+                                              baselines=baselines, weights=weights,
+                                              **vars(opt))
+    if gdpo:  # every reward's column at once: [K, B] is K * B / n groups of n
+        per_reward = kernel.group_advantages_forward(
+            scores.T.contiguous().view(-1), group_size, "grpo", opt.scale, opt.eps)
+        per_reward = per_reward.view(scores.shape[1], scores.shape[0])
+        return per_reward.sum(0) if weights is None else (
+            weights.to(per_reward.dtype)[:, None] * per_reward).sum(0)
     if opt.estimator == "remax":
         return scores.to(math_dtype(scores)) - baselines.to(math_dtype(scores))
     if opt.estimator == "reinforce_plus_plus_baseline":
@@ -96,6 +112,21 @@ def _per_score(name: str, value: torch.Tensor | None, scores: torch.Tensor, need
         raise ValueError(f"{name} must have scores' shape {tuple(scores.shape)}, got "
                          f"{tuple(value.shape)}")
     return value.detach().contiguous()
+
+
+def _gdpo_weights(weights: torch.Tensor | None, scores: torch.Tensor, opt: Any
+                  ) -> torch.Tensor | None:
+    if opt.scale == "batch":
+        raise ValueError('scale must be "std" or None for estimator "gdpo" (each reward is '
+                         "normalised within its groups), got 'batch'")
+    if weights is None:
+        return None
+    check_tensor("weights", weights, FLOAT_DTYPES)
+    check_same_device("weights", weights, "scores", scores)
+    if weights.shape != scores.shape[1:]:
+        raise ValueError(f"weights must have shape [K] = {tuple(scores.shape[1:])}, got "
+                         f"{tuple(weights.shape)}")
+    return weights.detach()
 
 
 def _batch_statistic(scores: torch.Tensor, opt: Any) -> torch.Tensor | None:

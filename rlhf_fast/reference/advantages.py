@@ -71,7 +71,8 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0,
 
 @GROUP_ADVANTAGE_OPTIONS.keywords
 def group_advantages(scores: Tensor, group_size: int, *, lengths: Tensor | None = None,
-                     baselines: Tensor | None = None, **options: Any) -> Tensor:
+                     baselines: Tensor | None = None, weights: Tensor | None = None,
+                     **options: Any) -> Tensor:
     """Outcome advantages of ``scores [B]`` in groups of `group_size` consecutive samples
     (one prompt's), ``[B]`` fp32 (fp64 for fp64 scores). With mean, std (unbiased, as
     torch.std) and n of the sample's group, per `estimator` (verl's
@@ -88,6 +89,9 @@ def group_advantages(scores: Tensor, group_size: int, *, lengths: Tensor | None 
     reinforce_plus_plus_baseline (2501.03262): s - mean, which the caller whitens over the
         batch's tokens (`masked_whiten`, as verl).
     remax (2310.10505): s - `baselines` [B] (the reward of each prompt's greedy answer).
+    gdpo (2601.05242): `scores` [B, K], one column per reward: each column's grpo
+        advantage (scale "std" or None), summed with `weights` [K] (default 1); verl then
+        whitens the sum over the batch's tokens (`masked_whiten`).
 
     A group of one sample has no baseline: 0 (verl passes its raw score through, or for
     grpo s / (1 + eps)). A group of equal scores gives exactly 0. A NaN in a group gives
@@ -96,6 +100,13 @@ def group_advantages(scores: Tensor, group_size: int, *, lengths: Tensor | None 
     """
     opt = GROUP_ADVANTAGE_OPTIONS.fill(options)
     dtype = compute_dtype(scores.dtype)
+    if opt.estimator == "gdpo":
+        per_reward = torch.stack([
+            group_advantages(column, group_size, scale=opt.scale, eps=opt.eps)
+            for column in scores.T])
+        w = torch.ones(scores.shape[1], dtype=dtype, device=scores.device) \
+            if weights is None else weights.to(dtype)
+        return (w[:, None] * per_reward).sum(0)
     if opt.estimator == "remax":
         return scores.to(dtype) - baselines.to(dtype)
     s = scores.to(dtype).reshape(-1, group_size)

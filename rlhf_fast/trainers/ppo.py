@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 
 #: "gae" trains a critic; "gae" and "reinforce_plus_plus" put the KL penalty in the reward,
 #: the others (verl's outcome estimators, `group_advantages`) in the loss.
-ESTIMATORS = ("gae", "reinforce_plus_plus") + ADVANTAGE_ESTIMATORS
+ESTIMATORS = ("gae", "reinforce_plus_plus") + tuple(
+    e for e in ADVANTAGE_ESTIMATORS if e != "gdpo")  # gdpo: one score per reward function
 KL_IN_REWARD = ("gae", "reinforce_plus_plus")
 #: TRL's scale_rewards, as group_advantages' scale
 SCALE_REWARDS = {"group": "std", "batch": "batch", "none": None}
