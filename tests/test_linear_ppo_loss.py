@@ -73,6 +73,18 @@ def run(fn, hidden, weight, bias, labels, ppo, upstream, **options):
     return out, grads
 
 
+def assert_matches_the_reference_composition(case, upstream, options):
+    """The fused loss from hidden states equals the float64 reference's linear_logprobs
+    then ppo_loss, in every output and gradient."""
+    out, grads = run(fused, *case, upstream, **options)
+    ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *case, upstream,
+                         **options)
+    for name, got, exact in zip(out._fields, out, ref):
+        assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
+    for got, exact in zip(grads, ref_grads):
+        assert rel_err(got, exact) < 1e-10
+
+
 @pytest.mark.parametrize("agg", types.AGG_MODES)
 @pytest.mark.parametrize("chunk", [1 << 27, 500])
 def test_equals_linear_logprobs_then_ppo_loss(agg, chunk, monkeypatch):
@@ -103,13 +115,7 @@ def test_policy_losses_on_the_fused_path(policy_loss):
                    dual_clip=OPTIONS["dual_clip"] if policy_loss == "vanilla" else None)
     if policy_loss == "clip_cov":  # its draws are random: none in range here
         options |= dict(clip_cov_lb=1e30, clip_cov_ub=2e30)
-    out, grads = run(fused, *case, upstream, **options)
-    ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *case, upstream,
-                         **options)
-    for name, got, exact in zip(out._fields, out, ref):
-        assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
-    for got, exact in zip(grads, ref_grads):
-        assert rel_err(got, exact) < 1e-10
+    assert_matches_the_reference_composition(case, upstream, options)
 
 
 @pytest.mark.parametrize("policy_loss", ["vanilla", "gspo", "bypass_mode"])
@@ -156,13 +162,7 @@ def test_trl_options_on_the_fused_path(trl):
     case = make_case()
     upstream = 1.0 + torch.rand((), dtype=F64)
     options = dict(OPTIONS, **trl)
-    out, grads = run(fused, *case, upstream, **options)
-    ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *case, upstream,
-                         **options)
-    for name, got, exact in zip(out._fields, out, ref):
-        assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
-    for got, exact in zip(grads, ref_grads):
-        assert rel_err(got, exact) < 1e-10
+    assert_matches_the_reference_composition(case, upstream, options)
 
 
 def test_global_counts_on_the_fused_path():
@@ -184,13 +184,7 @@ def test_kl_estimators_on_the_fused_path(kl_estimator):
     case = make_case()
     upstream = 1.0 + torch.rand((), dtype=F64)
     options = dict(OPTIONS, kl_estimator=kl_estimator)
-    out, grads = run(fused, *case, upstream, **options)
-    ref, ref_grads = run(lambda *a, **k: composed(reference, *a, **k), *case, upstream,
-                         **options)
-    for name, got, exact in zip(out._fields, out, ref):
-        assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
-    for got, exact in zip(grads, ref_grads):
-        assert rel_err(got, exact) < 1e-10
+    assert_matches_the_reference_composition(case, upstream, options)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
