@@ -319,6 +319,20 @@ def _value_terms(v, old_v, ret, value_clip):
 
 
 @triton.jit
+def _tile_inputs(logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, row, tile, T,
+                 FP64: tl.constexpr, BLOCK_T: tl.constexpr):
+    # One tile of a row: its offsets, valid lanes and policy inputs (masked lanes unread).
+    acc_dtype = tl.float64 if FP64 else tl.float32
+    cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs = row * T + cols
+    valid = nonzero(tl.load(mask_ptr + offs, mask=cols < T, other=0))
+    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    return cols, offs, valid, logp, old_logp, adv
+
+
+@triton.jit
 def _ppo_sequence_kernel(
     logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, row_stats_ptr, T,
     clip_low_hi, clip_low_lo, clip_high_hi, clip_high_lo,
@@ -330,12 +344,8 @@ def _ppo_sequence_kernel(
     clip_high = fp64_arg(clip_high_hi, clip_high_lo, acc_dtype)
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs = row * T + cols
-    valid = nonzero(tl.load(mask_ptr + offs, mask=cols < T, other=0))
-    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    cols, offs, valid, logp, old_logp, adv = _tile_inputs(
+        logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, row, tile, T, FP64, BLOCK_T)
     value, slope = _sequence_log_ratio(logp - old_logp, adv, clip_low, clip_high, POLICY)
     out = row_stats_ptr + (row * tl.num_programs(1) + tile) * ROW_STATS
     tl.store(out + 12, tl.sum(tl.where(valid, 1.0, 0.0), axis=0))
@@ -371,12 +381,8 @@ def _ppo_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     n_tiles = tl.num_programs(1)
-    cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs = row * T + cols
-    valid = nonzero(tl.load(mask_ptr + offs, mask=cols < T, other=0))
-    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
+    cols, offs, valid, logp, old_logp, adv = _tile_inputs(
+        logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, row, tile, T, FP64, BLOCK_T)
     row_lr, _ = _row_log_ratio(row_stats_ptr, row, n_tiles, POLICY)
     kl_cov_coef = 0.0
     if POLICY == 10:
@@ -538,13 +544,9 @@ def _ppo_bwd_kernel(
     c_vl = weight * (g_loss * vf_coef + tl.load(grad_out_ptr + 2).to(acc_dtype))
     c_kl = weight * (g_loss * kl_coef + tl.load(grad_out_ptr + 3).to(acc_dtype))
     c_ent = weight * (tl.load(grad_out_ptr + 4).to(acc_dtype) - g_loss * entropy_coef)
-    cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols, offs, valid, logp, old_logp, adv = _tile_inputs(
+        logp_ptr, old_logp_ptr, adv_ptr, mask_ptr, row, tile, T, FP64, BLOCK_T)
     in_row = cols < T
-    offs = row * T + cols
-    valid = nonzero(tl.load(mask_ptr + offs, mask=in_row, other=0))
-    logp = tl.load(logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    old_logp = tl.load(old_logp_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
-    adv = tl.load(adv_ptr + offs, mask=valid, other=0.0).to(acc_dtype)
     row_lr, n_seq = _row_log_ratio(row_stats_ptr, row, n_tiles, POLICY)
     kl_cov_coef = 0.0
     if POLICY == 10:
