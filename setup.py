@@ -1,9 +1,10 @@
 from setuptools import setup
 
-# The folder `kernels/` holds the Triton kernels but is installed as `rlhf_fast.kernels`:
-# a top-level package named `kernels` would collide with the `kernels` package on PyPI,
-# which `transformers` integrates with. `benchmarks/` is mapped the same way so that
-# `rlhf-fast bench` finds its suites from any install, not only from a clone.
+# The Triton kernels live in rlhf_fast/kernels/, not in a top-level kernels/ folder: Python
+# run from a clone puts the clone on sys.path, where a folder `kernels/` shadows the
+# `kernels` package on PyPI that `transformers` imports (its models then fail to build).
+# `benchmarks/` is installed as `rlhf_fast.benchmarks` so that `rlhf-fast bench` finds its
+# suites from any install, not only from a clone.
 setup(
     name="rlhf-fast",
     version="0.1.0",
@@ -16,11 +17,7 @@ setup(
               "rlhf_fast.kernels",
               "rlhf_fast.benchmarks"],
     package_data={"rlhf_fast": ["data/*.jsonl", "data/*.txt"]},
-    package_dir={
-        "rlhf_fast": "rlhf_fast",
-        "rlhf_fast.kernels": "kernels",
-        "rlhf_fast.benchmarks": "benchmarks",
-    },
+    package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.benchmarks": "benchmarks"},
     install_requires=["torch>=2.7", "triton>=3.3", "transformers", "einops", "tqdm"],
     extras_require={
         # liger-kernel: its kernels run in the Triton interpreter, so CI gates the

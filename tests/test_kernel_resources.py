@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+import rlhf_fast.kernels
+
+KERNELS = Path(rlhf_fast.kernels.__file__).parent
 
 
 def _all_kernel_names() -> set[str]:

@@ -1,7 +1,7 @@
 """Log-probs and entropy from hidden states and the lm_head: logits never stored whole.
 
 Math (h [N, D] hidden states, W [V, D] the lm_head, b [V] its bias, z = (h W^T + b) / T):
-the outputs and their gradient dz are those of `kernels/logprobs.py` on z, and
+the outputs and their gradient dz are those of `rlhf_fast/kernels/logprobs.py` on z, and
 
     d h = dz W / T        d W = dz^T h / T        d b = sum_n dz / T
 

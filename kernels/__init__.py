@@ -1,1 +1,0 @@
-"""Triton kernels, one op per file. Installed as `rlhf_fast.kernels` (see setup.py)."""

@@ -1,0 +1,1 @@
+"""Triton kernels, one op per file: `@triton.jit` kernels and their launchers, no autograd."""
