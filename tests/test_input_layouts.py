@@ -23,6 +23,7 @@ A layout an op documents as rejected (a last dim of stride != 1 for the logits o
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -229,6 +230,17 @@ OPS: dict[str, Op] = {
         _linear_ppo, _linear_ppo_make, grads=("hidden", "weight", "bias", "values"),
         one_dtype=LM_HEAD,
     ),
+    "linear_ppo_loss[rollout]": Op(
+        lambda hidden, weight, labels, old_logp, advantages, mask, bias, rollout_logp:
+            _linear_ppo(hidden, weight, labels, old_logp, advantages, mask, bias,
+                        rollout_logp=rollout_logp, rollout_is="sequence",
+                        rollout_rs="seq_mean_k3", rollout_rs_threshold=0.5),
+        lambda gen: {k: v for k, v in _linear_ppo_make(gen).items()
+                     if k in ("hidden", "weight", "labels", "old_logp", "advantages", "mask",
+                              "bias")} | dict(rollout_logp=-torch.rand(2, 3, dtype=F64,
+                                                                       generator=gen) * 3),
+        grads=("hidden", "weight", "bias"), one_dtype=LM_HEAD,
+    ),
     "linear_dpo_loss": Op(
         _linear_dpo, _linear_dpo_make,
         grads=("hidden", "weight", "bias", "ref_chosen", "ref_rejected"), one_dtype=LM_HEAD,
@@ -283,6 +295,13 @@ OPS: dict[str, Op] = {
         lambda gen: dict(scores=_floats(6, gen=gen), baselines=_floats(6, gen=gen)),
         outputs=_one,
     ),
+    "group_advantages[gdpo]": Op(
+        lambda scores, weights: rlhf_fast.group_advantages(scores, 3, estimator="gdpo",
+                                                           weights=weights),
+        lambda gen: dict(scores=_floats(6, 2, gen=gen), weights=torch.rand(2, dtype=F64,
+                                                                           generator=gen)),
+        outputs=_one,
+    ),
     "masked_mean": Op(
         lambda x, mask: rlhf_fast.masked_mean(x, mask),
         lambda gen: dict(x=_floats(3, 4, gen=gen), mask=_mask(3, 4, gen=gen)),
@@ -315,11 +334,23 @@ def triton_only(monkeypatch):
         monkeypatch.setattr(reference, name, fail)
 
 
-def test_every_public_op_is_covered():
-    covered = {name.split("[")[0] for name in OPS}
-    tensor_ops = set(rlhf_fast.__all__) - {"PPOLossOutput", "DPOLossOutput", "PPOLoss",
-                                           "DPOLoss"}
-    assert covered == tensor_ops
+# The cases' names of arguments whose public name is longer
+ARGUMENT_ALIASES = {"hidden_chosen_and_rejected": "hidden"}
+
+
+def test_every_public_op_and_tensor_argument_is_covered():
+    """Every tensor parameter of every public function (by its annotation) is a case."""
+    gen = torch.Generator().manual_seed(0)
+    covered: dict[str, set[str]] = {}
+    for name, op in OPS.items():
+        covered.setdefault(name.split("[")[0], set()).update(op.make(gen))
+    public = {name: getattr(rlhf_fast, name) for name in rlhf_fast.__all__
+              if inspect.isfunction(getattr(rlhf_fast, name))}
+    assert set(covered) == set(public)
+    for name, fn in public.items():
+        tensors = {ARGUMENT_ALIASES.get(p, p) for p, v in inspect.signature(fn).parameters.items()
+                   if "Tensor" in str(v.annotation)}
+        assert tensors <= covered[name], f"{name}: {sorted(tensors - covered[name])} untested"
 
 
 def _cases():

@@ -316,13 +316,26 @@ def test_agrees_with_trl(name):
 
 
 def test_cispo_clips_both_sides_as_the_paper_where_trl_has_no_lower_bound():
+    """The gradients differ exactly at the valid tokens below 1 - clip_eps (the paper's
+    lower clip, which TRL lacks), one of them forced: there the paper weighs the token by
+    0.8, TRL by its ratio."""
     batch = policy_batch(nan=False)
+    batch["mask"][1, 0] = True  # no empty row: TRL's mean counts it, seq-mean-token-mean not
+    batch["mask"][0, 0], batch["advantages"][0, 0] = True, 1.0
+    batch["logp"][0, 0] = batch["old_logp"][0, 0] + math.log(0.5)
     args = [batch[k] for k in ("logp", "old_logp", "advantages", "mask")]
-    ours, _ = loss_and_grad(reference.ppo_loss, *args, policy_loss="cispo",
-                            clip_eps=0.2, clip_eps_high=4.0, agg="seq-mean-token-mean")
-    theirs = trl_loss("cispo", args[0], *args[1:], epsilon_high=5.0)
-    assert ours.clipfrac_low.item() > 0
-    assert abs(ours.policy_loss.item() - theirs.item()) > 1e-3
+    ours, grad = loss_and_grad(reference.ppo_loss, *args, policy_loss="cispo",
+                               clip_eps=0.2, clip_eps_high=4.0, agg="seq-mean-token-mean")
+    logp = args[0].clone().requires_grad_()
+    (their_grad,) = torch.autograd.grad(trl_loss("cispo", logp, *args[1:], epsilon_high=5.0),
+                                        logp)
+    ratio = (batch["logp"] - batch["old_logp"]).exp()
+    clipped_low = batch["mask"] & (ratio < 0.8) & (batch["advantages"] != 0)
+    assert ours.clipfrac_low.item() > 0 and clipped_low[0, 0]
+    torch.testing.assert_close(grad[~clipped_low], their_grad[~clipped_low], rtol=1e-12,
+                               atol=0)
+    torch.testing.assert_close(grad[clipped_low] / their_grad[clipped_low],
+                               0.8 / ratio[clipped_low], rtol=1e-12, atol=0)
 
 
 # ----------------------------------------------------------------- kernel vs reference
