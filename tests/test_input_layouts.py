@@ -231,15 +231,12 @@ OPS: dict[str, Op] = {
         one_dtype=LM_HEAD,
     ),
     "linear_ppo_loss[rollout]": Op(
-        lambda hidden, weight, labels, old_logp, advantages, mask, bias, rollout_logp:
-            _linear_ppo(hidden, weight, labels, old_logp, advantages, mask, bias,
-                        rollout_logp=rollout_logp, rollout_is="sequence",
-                        rollout_rs="seq_mean_k3", rollout_rs_threshold=0.5),
-        lambda gen: {k: v for k, v in _linear_ppo_make(gen).items()
-                     if k in ("hidden", "weight", "labels", "old_logp", "advantages", "mask",
-                              "bias")} | dict(rollout_logp=-torch.rand(2, 3, dtype=F64,
-                                                                       generator=gen) * 3),
-        grads=("hidden", "weight", "bias"), one_dtype=LM_HEAD,
+        lambda hidden, weight, labels, old_logp, advantages, mask, bias, **kw: _linear_ppo(
+            hidden, weight, labels, old_logp, advantages, mask, bias, **kw,
+            rollout_is="sequence", rollout_rs="seq_mean_k3", rollout_rs_threshold=0.5),
+        lambda gen: _linear_ppo_make(gen) | dict(rollout_logp=-torch.rand(2, 3, dtype=F64,
+                                                                         generator=gen) * 3),
+        grads=("hidden", "weight", "bias", "values"), one_dtype=LM_HEAD,
     ),
     "linear_dpo_loss": Op(
         _linear_dpo, _linear_dpo_make,

@@ -211,6 +211,31 @@ def test_many_chunks_low_precision(config, dtype, chunks):
     assert_close(many, run_ref(hidden, weight, bias, labels, grads), tol)
 
 
+@pytest.mark.parametrize("config", [None, *CHUNK_CONFIGS],
+                         ids=["one-chunk", "chunks", "token-chunked-backward"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_log_sum_p2_with_the_other_outputs(config, dtype, chunks, poisoned):
+    """return_sum_p2: log sum_j p_j^2 and the gradients from all three outputs against the
+    reference, in one chunk and across vocab chunks (the backward reads each row's
+    log_sum_p2 with the columns of its chunk)."""
+    if config is not None:
+        chunks(*config)
+    hidden, weight, bias, labels = random_linear_case((37,), 24, 211, dtype)
+    runs = []
+    for fn, run_dtype in ((rlhf_fast.linear_logprobs, dtype), (reference.linear_logprobs, F64)):
+        h, w, b = leaves(hidden, weight, bias, dtype=run_dtype)
+        outs = fn(h, w, labels, bias=b, return_entropy=True, return_sum_p2=True,
+                  temperature=0.7)
+        assert kernel_ran(outs[0]) == (fn is rlhf_fast.linear_logprobs)
+        gen = torch.Generator().manual_seed(1)
+        sum((out.double() * torch.randn(out.shape, dtype=F64, generator=gen)).sum()
+            for out in outs).backward()
+        runs.append([out.detach() for out in outs] + [h.grad, w.grad, b.grad])
+    assert runs[0][2].dtype == runs[0][0].dtype
+    for name, out, ref in zip(("logp", "entropy", "log_sum_p2", *NAMES[2:]), *runs):
+        assert rel_err(out, ref) < TOL[dtype], name
+
+
 def test_chunk_sizes():
     """No chunk holds more than CHUNK_ELEMENTS logits, whatever N (V <= CHUNK_ELEMENTS)."""
     assert kernel.token_chunk(kernel.CHUNK_ELEMENTS * 2) == 1

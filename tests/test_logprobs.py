@@ -23,27 +23,26 @@ def random_case(shape, vocab, dtype, scale=3.0, ignore_frac=0.2):
 
 def run_both(logits, labels, *, temperature=1.0, inplace=False, **kw):
     """Kernel on `logits` and reference in float64 on the same (rounded) values, with random
-    upstream gradients on both outputs. Returns (kernel outs, reference outs)."""
+    upstream gradients on all three outputs. Returns (kernel outs, reference outs), each
+    (logp, entropy, log_sum_p2, grad)."""
     x = logits.clone().requires_grad_()
     x_ref = logits.detach().double().requires_grad_()
     if inplace:  # the in-place backward needs a non-leaf whose storage it may overwrite
         leaf = x
         x = leaf * 1
-    logp, ent = rlhf_fast.logprobs(
-        x, labels, temperature=temperature, return_entropy=True, inplace_backward=inplace, **kw
-    )
-    logp_ref, ent_ref = reference.logprobs(
-        x_ref, labels, temperature=temperature, return_entropy=True
-    )
-    g_logp, g_ent = torch.randn_like(logp_ref), torch.randn_like(ent_ref)
-    (logp.double() * g_logp + ent.double() * g_ent).sum().backward()
-    (logp_ref * g_logp + ent_ref * g_ent).sum().backward()
+    outs = rlhf_fast.logprobs(x, labels, temperature=temperature, return_entropy=True,
+                              return_sum_p2=True, inplace_backward=inplace, **kw)
+    refs = reference.logprobs(x_ref, labels, temperature=temperature, return_entropy=True,
+                              return_sum_p2=True)
+    upstream = [torch.randn_like(ref) for ref in refs]
+    sum(((out.double() * g).sum() for out, g in zip(outs, upstream))).backward()
+    sum(((ref * g).sum() for ref, g in zip(refs, upstream))).backward()
     grad = leaf.grad if inplace else x.grad
-    return (logp, ent, grad), (logp_ref, ent_ref, x_ref.grad)
+    return (*outs, grad), (*refs, x_ref.grad)
 
 
 def assert_close(outs, refs, dtype):
-    names = ("logp", "entropy", "grad")
+    names = ("logp", "entropy", "log_sum_p2", "grad")
     for name, out, ref in zip(names, outs, refs):
         err = rel_err(out, ref)
         assert err < TOL[dtype], f"{name}: relative error {err:.3g} >= {TOL[dtype]}"
@@ -65,6 +64,22 @@ def test_reference_matches_hand_formula():
     assert logp[1].item() == 0.0 and ent[1].item() == 0.0
 
 
+def test_reference_log_sum_p2_matches_hand_formula():
+    """log sum_j p_j^2 by hand, and verl's sum_pi_squared formula (its exp):
+    (softmax(z) ** 2).sum(-1); a uniform row gives log(1 / V)."""
+    row = [1.0, 2.0, 3.0, -0.5]
+    logits = torch.tensor([row, [0.7] * 4], dtype=torch.float64)
+    log_sum_p2 = reference.logprobs(logits, torch.tensor([2, 0]), temperature=2.0,
+                                    return_sum_p2=True)[1]
+    z = [v / 2.0 for v in row]
+    lse = math.log(sum(math.exp(v) for v in z))
+    assert log_sum_p2[0].item() == pytest.approx(
+        math.log(sum(math.exp(2 * (v - lse)) for v in z)), rel=1e-12)
+    verl = (torch.softmax(logits / 2.0, -1) ** 2).sum(-1)
+    torch.testing.assert_close(log_sum_p2.exp(), verl, rtol=1e-12, atol=0)
+    assert log_sum_p2[1].item() == pytest.approx(math.log(1 / 4), rel=1e-12)
+
+
 def test_reference_neg_inf_logit_has_zero_probability():
     logits = torch.tensor([[0.0, float("-inf"), 0.0]], dtype=torch.float64, requires_grad=True)
     logp, ent = reference.logprobs(logits, torch.tensor([0]), return_entropy=True)
@@ -83,8 +98,8 @@ def test_matches_reference(dtype, temperature, poisoned_empty):
     logits, labels = random_case((3, 11), 1031, dtype)
     outs, refs = run_both(logits, labels, temperature=temperature)
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert outs[0].dtype == outs[1].dtype == out_dtype
-    assert outs[2].dtype == dtype
+    assert outs[0].dtype == outs[1].dtype == outs[2].dtype == out_dtype
+    assert outs[3].dtype == dtype
     assert_close(outs, refs, dtype)
 
 
@@ -95,8 +110,8 @@ def test_edge_shapes(n_rows, vocab, poisoned_empty):
     # two tokens can cancel to a tiny gradient that fp32 rounding would dominate.
     logits, labels = random_case((n_rows,), vocab, torch.float64)
     outs, refs = run_both(logits, labels)
-    assert outs[0].shape == outs[1].shape == (n_rows,)
-    assert outs[2].shape == (n_rows, vocab)
+    assert outs[0].shape == outs[1].shape == outs[2].shape == (n_rows,)
+    assert outs[3].shape == (n_rows, vocab)
     assert_close(outs, refs, torch.float64)
 
 
@@ -143,10 +158,30 @@ def test_gradcheck_float64():
     logits, labels = random_case((4,), 7, torch.float64)
     x = logits.requires_grad_()
 
-    def both(x):
-        return rlhf_fast.logprobs(x, labels, temperature=1.3, return_entropy=True)
+    def all_three(x):
+        return rlhf_fast.logprobs(x, labels, temperature=1.3, return_entropy=True,
+                                  return_sum_p2=True)
 
-    assert torch.autograd.gradcheck(both, (x,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(all_three, (x,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("returned", [("entropy",), ("sum_p2",), ()])
+def test_each_combination_of_outputs(returned):
+    """logp alone, or followed by the outputs asked for, in order; each one's gradient."""
+    logits, labels = random_case((5,), 40, torch.float64)
+    flags = dict(return_entropy="entropy" in returned, return_sum_p2="sum_p2" in returned)
+    x, x_ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    outs = rlhf_fast.logprobs(x, labels, **flags)
+    refs = reference.logprobs(x_ref, labels, **flags)
+    if not returned:
+        outs, refs = (outs,), (refs,)
+    assert len(outs) == len(refs) == 1 + len(returned)
+    upstream = [torch.randn_like(ref) for ref in refs]
+    sum((out * g).sum() for out, g in zip(outs, upstream)).backward()
+    sum((ref * g).sum() for ref, g in zip(refs, upstream)).backward()
+    for out, ref in zip(outs, refs):
+        assert rel_err(out, ref) < 1e-12
+    assert rel_err(x.grad, x_ref.grad) < 1e-12
 
 
 def test_gradient_from_one_output_only():
@@ -332,9 +367,11 @@ def test_out_of_range_label_unchecked_gives_nan_for_its_row_only():
     logits, labels = random_case((5,), 40, torch.float32, ignore_frac=0.0)
     labels[1], labels[3] = 40, -3
     x = logits.clone().requires_grad_()
-    logp, ent = rlhf_fast.logprobs(x, labels, return_entropy=True, check_labels=False)
-    (logp + ent).sum().backward()
+    logp, ent, sum_p2 = rlhf_fast.logprobs(x, labels, return_entropy=True, return_sum_p2=True,
+                                           check_labels=False)
+    (logp + ent + sum_p2).sum().backward()
     assert logp[[1, 3]].isnan().all() and ent[[1, 3]].isnan().all()
+    assert sum_p2[[1, 3]].isnan().all() and torch.isfinite(sum_p2[[0, 2, 4]]).all()
     assert x.grad[[1, 3]].isnan().all()
     ok = [0, 2, 4]
     ref_logp, ref_ent = reference.logprobs(logits.double(), labels, return_entropy=True)

@@ -166,33 +166,38 @@ def linear_logprobs_forward(
     temperature: float,
     ignore_index: int,
     compute_entropy: bool,
+    compute_sum_p2: bool,
     compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Forward on contiguous ``hidden [N, D]``, ``weight [V, D]``, labels [N], the GEMMs
     in `compute_dtype`.
 
-    Returns (logp [N], entropy [N] or None, row_stats [2, N]), fp32 (fp64 for an fp64
-    compute dtype), as `kernels.logprobs.logprobs_forward` on the full logits.
+    Returns (logp [N], entropy [N] or None, log_sum_p2 [N] or None, row_stats [2, N]),
+    fp32 (fp64 for an fp64 compute dtype), as `kernels.logprobs.logprobs_forward` on the
+    full logits.
     """
     n_tokens = hidden.shape[0]
     dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     logp = torch.empty(n_tokens, dtype=dtype, device=hidden.device)
     entropy = torch.empty_like(logp) if compute_entropy else None
+    sum_p2 = torch.empty_like(logp) if compute_sum_p2 else None
     row_stats = torch.empty(2, n_tokens, dtype=dtype, device=hidden.device)
     weight, bias = weight.to(compute_dtype), in_dtype(bias, compute_dtype)
     step = token_chunk(weight.shape[0])
     for start in range(0, n_tokens, step):
         rows = slice(start, min(start + step, n_tokens))
         logits = lm_head(hidden[rows].to(compute_dtype), weight, bias)
-        chunk_logp, chunk_entropy, chunk_stats = logprobs_kernel.logprobs_forward(
+        chunk_logp, chunk_entropy, chunk_sum_p2, chunk_stats = logprobs_kernel.logprobs_forward(
             logits, labels[rows], logprobs_kernel.row_layout(logits), temperature,
-            ignore_index, compute_entropy,
+            ignore_index, compute_entropy, compute_sum_p2,
         )
         logp[rows] = chunk_logp
         row_stats[:, rows] = chunk_stats
         if compute_entropy:
             entropy[rows] = chunk_entropy
-    return logp, entropy, row_stats
+        if compute_sum_p2:
+            sum_p2[rows] = chunk_sum_p2
+    return logp, entropy, sum_p2, row_stats
 
 
 def linear_logprobs_backward(
@@ -208,9 +213,12 @@ def linear_logprobs_backward(
     ignore_index: int,
     needs_grad: tuple[bool, bool, bool],
     compute_dtype: torch.dtype,
+    log_sum_p2: torch.Tensor | None = None,
+    g_sum_p2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d hidden, d weight, d bias), each in its input's dtype where `needs_grad` asks for
-    it (else None), from the upstream gradients of logp and entropy (flat [N], or None)."""
+    it (else None), from the upstream gradients of logp, entropy and log_sum_p2 (flat
+    [N], or None; `log_sum_p2` is the forward's output, read with `g_sum_p2`)."""
     needs_hidden, needs_weight, needs_bias = needs_grad
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
@@ -246,6 +254,8 @@ def linear_logprobs_backward(
                 None if g_logp is None else g_logp[rows],
                 None if g_entropy is None else g_entropy[rows],
                 temperature, ignore_index, inplace=True, label_shift=start,
+                log_sum_p2=None if g_sum_p2 is None else log_sum_p2[rows],
+                g_sum_p2=None if g_sum_p2 is None else g_sum_p2[rows],
             )
             if d_w is not None:
                 add_product(d_w, d_logits.T, hidden[rows])

@@ -69,7 +69,7 @@ def linear_ppo_forward_backward(
         hidden_c = hidden[rows].to(compute_dtype)
         logits = lm_head(hidden_c, weight_c, bias_c)
         layout = logprobs_kernel.row_layout(logits)
-        chunk_logp, chunk_entropy, chunk_stats = logprobs_kernel.logprobs_forward(
+        chunk_logp, chunk_entropy, _, chunk_stats = logprobs_kernel.logprobs_forward(
             logits, labels[rows], layout, temperature, ignore_index, True
         )
         logp[rows] = chunk_logp

@@ -4,14 +4,18 @@ Math (z = logits / T, one row of V entries, label y):
 
     lse   = logsumexp(z)                      logp = z_y - lse
     H     = lse - sum_j p_j z_j               p_j  = exp(z_j - lse)
+    L2    = log sum_j p_j^2                   (return_sum_p2: verl's optimal token
+                                               baseline and WPO read sum_j p_j^2)
     dz_j  = g_logp * (1[j = y] - p_j) - g_H * p_j * (log p_j + H)
+            + g_L2 * 2 p_j (p_j / exp(L2) - 1)
     dx_j  = dz_j / T
 
 Forward, one read of the row: blocks of BLOCK_V logits update a running max m, a running
 sum s = sum_j exp(z_j - m) and, for the entropy, t = sum_j exp(z_j - m) * (z_j - m), all
 in fp32 (fp64 for fp64 logits). When the max moves from m to m', s scales by
-a = exp(m - m') and t becomes a * (t + s * (m - m')). At the end logp = (z_y - m) - log s
-and H = log s - t / s: every term is a difference of nearby values or O(log V), so both
+a = exp(m - m') and t becomes a * (t + s * (m - m')); for L2, q = sum_j exp(2 (z_j - m))
+scales by a^2. At the end logp = (z_y - m) - log s, H = log s - t / s and
+L2 = log q - 2 log s: every term is a difference of nearby values or O(log V), so all
 keep fp32 precision for logits of 1e4, where lse itself (ulp 1e-3 there) would not, and
 lse - E[z] would cancel catastrophically.
 
@@ -21,7 +25,7 @@ from the saved (m, log s) pair, for the same reason.
 A -inf logit is a token of probability 0 (p log p = 0). A NaN or +inf logit makes that
 row NaN; a label outside [0, V) makes the row NaN (stored log s = NaN, so the
 backward writes NaN too) and is never used as an address. Rows labelled ignore_index are not
-read: outputs 0, gradient 0.
+read: outputs 0 (all three), gradient 0.
 
 Batch invariance: one program per row, and BLOCK_V depends only on V, so a row's
 outputs are bit-identical whatever the other rows and N are. Row offsets are int64.
@@ -44,10 +48,11 @@ def _row_offset(row, n_inner, stride_outer, stride_inner):
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, row_max_ptr, log_sum_ptr,
+    logits_ptr, labels_ptr, logp_ptr, entropy_ptr, sum_p2_ptr, row_max_ptr, log_sum_ptr,
     n_inner, stride_outer, stride_inner,
     vocab, inv_t_hi, inv_t_lo, ignore_index,
-    COMPUTE_ENTROPY: tl.constexpr, FP64: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr, COMPUTE_SUM_P2: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     inv_temperature = fp64_arg(inv_t_hi, inv_t_lo, acc_dtype)
@@ -59,12 +64,15 @@ def _logprobs_fwd_kernel(
         tl.store(log_sum_ptr + row, 0.0)
         if COMPUTE_ENTROPY:
             tl.store(entropy_ptr + row, 0.0)
+        if COMPUTE_SUM_P2:
+            tl.store(sum_p2_ptr + row, 0.0)
     else:
         row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
         cols = tl.arange(0, BLOCK_V)
         m = tl.full([], float("-inf"), acc_dtype)
         s = tl.zeros([], acc_dtype)
         t = tl.zeros([], acc_dtype)
+        q = tl.zeros([], acc_dtype)
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
             z = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf"))
@@ -78,6 +86,8 @@ def _logprobs_fwd_kernel(
                 # The where()s pick the shift before multiplying: 0 * -inf never occurs.
                 e_z = tl.sum(e * (tl.where(e > 0, z, m_shift) - m_shift), axis=0)
                 t = alpha * (t + s * (tl.where(s > 0, m, m_shift) - m_shift)) + e_z
+            if COMPUTE_SUM_P2:
+                q = q * (alpha * alpha) + tl.sum(e * e, axis=0)
             s = s * alpha + tl.sum(e, axis=0)
             m = m_new
         label_ok = (label >= 0) & (label < vocab)
@@ -89,16 +99,18 @@ def _logprobs_fwd_kernel(
         if COMPUTE_ENTROPY:
             entropy = log_s - t / s
             tl.store(entropy_ptr + row, tl.where(label_ok, entropy, float("nan")))
+        if COMPUTE_SUM_P2:
+            tl.store(sum_p2_ptr + row, tl.log(q) - 2.0 * log_s)  # NaN with log_s
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    grad_ptr, logits_ptr, labels_ptr, row_max_ptr, log_sum_ptr, entropy_ptr,
-    g_logp_ptr, g_entropy_ptr,
+    grad_ptr, logits_ptr, labels_ptr, row_max_ptr, log_sum_ptr, entropy_ptr, sum_p2_ptr,
+    g_logp_ptr, g_entropy_ptr, g_sum_p2_ptr,
     n_inner, stride_outer, stride_inner, g_stride_outer, g_stride_inner,
     vocab, label_shift, inv_t_hi, inv_t_lo, ignore_index,
-    HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    HAS_G_LOGP: tl.constexpr, HAS_G_ENTROPY: tl.constexpr, HAS_G_SUM_P2: tl.constexpr,
+    FP64: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     inv_temperature = fp64_arg(inv_t_hi, inv_t_lo, acc_dtype)
@@ -123,6 +135,11 @@ def _logprobs_bwd_kernel(
         if HAS_G_ENTROPY:
             g_entropy = tl.load(g_entropy_ptr + row).to(acc_dtype)
             entropy = tl.load(entropy_ptr + row)
+        g_sum_p2 = tl.zeros([], acc_dtype)
+        log_sum_p2 = tl.zeros([], acc_dtype)
+        if HAS_G_SUM_P2:
+            g_sum_p2 = tl.load(g_sum_p2_ptr + row).to(acc_dtype)
+            log_sum_p2 = tl.load(sum_p2_ptr + row)
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
             mask = offs < vocab
@@ -134,6 +151,8 @@ def _logprobs_bwd_kernel(
                 dz = g_logp * (tl.where(offs == label - label_shift, 1.0, 0.0) - p)
             if HAS_G_ENTROPY:
                 dz -= g_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
+            if HAS_G_SUM_P2:
+                dz += g_sum_p2 * 2.0 * p * (tl.exp(log_p - log_sum_p2) - 1.0)
             dx = dz * inv_temperature
             tl.store(grad_row_ptr + offs, cast(dx, grad_ptr.dtype.element_ty), mask=mask)
 
@@ -181,27 +200,31 @@ def logprobs_forward(
     temperature: float,
     ignore_index: int,
     compute_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    compute_sum_p2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Launch the forward on `logits` [..., V] (rows addressed by `layout`), labels [N].
 
-    Returns flat (logp [N], entropy [N] or None, row_stats [2, N]) in fp32 (fp64 for fp64
-    logits); row_stats holds each row's max and log-sum-exp below it, for the backward.
+    Returns flat (logp [N], entropy [N] or None, log_sum_p2 [N] or None, row_stats [2, N])
+    in fp32 (fp64 for fp64 logits); row_stats holds each row's max and log-sum-exp below
+    it, for the backward.
     """
     n_rows, vocab = labels.numel(), logits.shape[-1]
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logp = torch.empty(n_rows, dtype=out_dtype, device=logits.device)
     row_stats = torch.empty(2, n_rows, dtype=out_dtype, device=logits.device)
     entropy = torch.empty_like(logp) if compute_entropy else None
+    sum_p2 = torch.empty_like(logp) if compute_sum_p2 else None
     if n_rows == 0:
-        return logp, entropy, row_stats
+        return logp, entropy, sum_p2, row_stats
     block = block_size(vocab)
     _logprobs_fwd_kernel[(n_rows,)](
-        logits, labels, logp, entropy if compute_entropy else logp, row_stats[0], row_stats[1],
+        logits, labels, logp, logp if entropy is None else entropy,
+        logp if sum_p2 is None else sum_p2, row_stats[0], row_stats[1],
         *layout, vocab, *split_fp64(1.0 / temperature), ignore_index,
-        COMPUTE_ENTROPY=compute_entropy, FP64=logits.dtype == torch.float64,
-        BLOCK_V=block, num_warps=_num_warps(block),
+        COMPUTE_ENTROPY=compute_entropy, COMPUTE_SUM_P2=compute_sum_p2,
+        FP64=logits.dtype == torch.float64, BLOCK_V=block, num_warps=_num_warps(block),
     )
-    return logp, entropy, row_stats
+    return logp, entropy, sum_p2, row_stats
 
 
 def logprobs_backward(
@@ -216,8 +239,11 @@ def logprobs_backward(
     ignore_index: int,
     inplace: bool,
     label_shift: int = 0,
+    log_sum_p2: torch.Tensor | None = None,
+    g_sum_p2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. `logits` from both outputs' upstream gradients (flat [N], or None).
+    """Gradient w.r.t. `logits` from the outputs' upstream gradients (flat [N], or None;
+    `log_sum_p2` is the forward's output, read with `g_sum_p2`).
 
     Returns a tensor shaped like `logits` in its dtype: `logits` itself when `inplace`
     (nothing of size N*V is allocated), else a new contiguous one. `logits` may be a
@@ -240,10 +266,13 @@ def logprobs_backward(
     _logprobs_bwd_kernel[(n_rows,)](
         grad, logits, labels, row_stats[0], row_stats[1],
         unused if g_entropy is None else entropy,
+        unused if g_sum_p2 is None else log_sum_p2,
         unused if g_logp is None else g_logp,
         unused if g_entropy is None else g_entropy,
+        unused if g_sum_p2 is None else g_sum_p2,
         *layout, *g_layout, vocab, label_shift, *split_fp64(1.0 / temperature), ignore_index,
         HAS_G_LOGP=g_logp is not None, HAS_G_ENTROPY=g_entropy is not None,
-        FP64=logits.dtype == torch.float64, BLOCK_V=block, num_warps=_num_warps(block),
+        HAS_G_SUM_P2=g_sum_p2 is not None, FP64=logits.dtype == torch.float64,
+        BLOCK_V=block, num_warps=_num_warps(block),
     )
     return grad

@@ -95,7 +95,7 @@ def linear_dpo_loss(
     labels = ignore_masked_labels(labels, mask, opt.ignore_index)
     if opt.check_labels:
         check_label_range(labels, weight.shape[0], opt.ignore_index)
-    token_logp = token_logprobs(hidden, weight, labels, bias, opt, False, compute_dtype)
+    token_logp = token_logprobs(hidden, weight, labels, bias, opt, False, False, compute_dtype)
     seq_logp = sequence_logps(token_logp, mask)
     n_pairs = hidden.shape[0] // 2
     lengths = {}

@@ -25,7 +25,12 @@ from rlhf_fast.ops.checks import (
     differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
-from rlhf_fast.ops.logprobs import check_label_range, check_logprob_options
+from rlhf_fast.ops.logprobs import (
+    check_label_range,
+    check_logprob_options,
+    single_or_tuple,
+    upstream_grads,
+)
 from rlhf_fast.options import LOGPROB_OPTIONS, TOKEN_OPTIONS
 
 
@@ -34,36 +39,38 @@ class LinearLogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
-                compute_dtype):
+                return_sum_p2, compute_dtype):
         with no_autocast(hidden):
-            logp, entropy, row_stats = kernel.linear_logprobs_forward(
+            logp, entropy, sum_p2, row_stats = kernel.linear_logprobs_forward(
                 hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
-                compute_dtype,
+                return_sum_p2, compute_dtype,
             )
-        ctx.save_for_backward(hidden, weight, bias, labels, row_stats, entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, row_stats, entropy, sum_p2)
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
         ctx.compute_dtype = compute_dtype
+        ctx.returned = (True, return_entropy, return_sum_p2)
         ctx.set_materialize_grads(False)
-        if return_entropy:
-            return logp, entropy
-        return logp
+        return tuple(out for out in (logp, entropy, sum_p2) if out is not None)
 
     @staticmethod
     @differentiable_once
-    def backward(ctx, g_logp, g_entropy=None):
-        hidden, weight, bias, labels, row_stats, entropy = ctx.saved_tensors
+    def backward(ctx, *grads):
+        hidden, weight, bias, labels, row_stats, entropy, sum_p2 = ctx.saved_tensors
+        g_logp, g_entropy, g_sum_p2 = upstream_grads(ctx.returned, grads)
         needs = tuple(ctx.needs_input_grad[:3])
-        if (g_logp is None and g_entropy is None) or not any(needs):
-            return None, None, None, None, None, None, None, None
+        if (g_logp is None and g_entropy is None and g_sum_p2 is None) or not any(needs):
+            return (None,) * 9
         with no_autocast(hidden):
             d_hidden, d_weight, d_bias = kernel.linear_logprobs_backward(
                 hidden, weight, bias, labels, row_stats, entropy,
                 None if g_logp is None else g_logp.contiguous(),
                 None if g_entropy is None else g_entropy.contiguous(),
                 ctx.temperature, ctx.ignore_index, needs, ctx.compute_dtype,
+                log_sum_p2=sum_p2,
+                g_sum_p2=None if g_sum_p2 is None else g_sum_p2.contiguous(),
             )
-        return d_hidden, d_weight, d_bias, None, None, None, None, None
+        return (d_hidden, d_weight, d_bias) + (None,) * 6
 
 
 def no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -128,9 +135,11 @@ def check_linear_inputs(
 @LOGPROB_OPTIONS.keywords
 def linear_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-    bias: torch.Tensor | None = None, return_entropy: bool = False, **options: Any,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each label (and entropy) under softmax((hidden @ weight.T + bias) / T).
+    bias: torch.Tensor | None = None, return_entropy: bool = False,
+    return_sum_p2: bool = False, **options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Log-prob of each label (and entropy, log sum_j p_j^2) under
+    softmax((hidden @ weight.T + bias) / T).
 
     Equal to ``logprobs(F.linear(hidden, weight, bias), labels, ...)`` (the logits
     rounded to the GEMM's dtype, as a model's lm_head makes them), without ever storing
@@ -150,11 +159,13 @@ def linear_logprobs(
         labels: ``[...]`` (hidden.shape[:-1]) int64 / int32 token ids in [0, V), or
             ignore_index (log-prob 0, entropy 0, no gradient).
         bias: optional ``[V]`` bias, weight's dtype rules.
-        return_entropy: also return each row's entropy; gradients from both outputs.
+        return_entropy: also return each row's entropy; gradients from every output.
+        return_sum_p2: also return each row's log sum_j p_j^2 (as `rlhf_fast.logprobs`).
         Options: below; z = logits / temperature.
 
     Returns:
-        ``logp [...]`` (and ``entropy [...]``), fp32 (fp64 for fp64 inputs). Gradients:
+        ``logp [...]``, or a tuple of it, ``entropy [...]`` (return_entropy) and
+        ``log_sum_p2 [...]`` (return_sum_p2), fp32 (fp64 for fp64 inputs). Gradients:
         d hidden, d weight (one GEMM per vocab chunk over all tokens, fp32 accumulation,
         rounded once to weight's dtype) and d bias, each in its input's dtype; an fp32
         gradient of bf16 GEMMs (autocast) is not rounded to bf16 on the way where torch
@@ -167,32 +178,31 @@ def linear_logprobs(
     check_tensor("hidden", hidden, FLOAT_DTYPES)
     compute_dtype = check_linear_inputs(hidden, weight, labels, bias)
     return_entropy = check_bool("return_entropy", return_entropy)
+    return_sum_p2 = check_bool("return_sum_p2", return_sum_p2)
     opt = check_logprob_options(options, hidden)
     if opt.check_labels:
         check_label_range(labels, weight.shape[0], opt.ignore_index)
-    return token_logprobs(hidden, weight, labels, bias, opt, return_entropy, compute_dtype)
+    return token_logprobs(hidden, weight, labels, bias, opt, return_entropy, return_sum_p2,
+                          compute_dtype)
 
 
 def token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     bias: torch.Tensor | None, opt: SimpleNamespace, return_entropy: bool,
-    compute_dtype: torch.dtype,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_sum_p2: bool, compute_dtype: torch.dtype,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """`linear_logprobs` of inputs its checks have passed (`opt`: the checked options)."""
     if not use_triton(hidden):
         return reference.linear_logprobs(
             hidden, weight, labels, bias=bias, return_entropy=return_entropy,
-            **TOKEN_OPTIONS.pick(opt),
+            return_sum_p2=return_sum_p2, **TOKEN_OPTIONS.pick(opt),
         )
-    shape = labels.shape
     outputs = LinearLogProbsFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), labels.reshape(-1).contiguous(),
-        opt.temperature, opt.ignore_index, return_entropy, compute_dtype,
+        opt.temperature, opt.ignore_index, return_entropy, return_sum_p2, compute_dtype,
     )
-    if return_entropy:
-        return outputs[0].view(shape), outputs[1].view(shape)
-    return outputs.view(shape)
+    return single_or_tuple(tuple(out.view(labels.shape) for out in outputs))
 
 
 def ignore_masked_labels(

@@ -27,7 +27,8 @@ class LogProbsFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels. Inputs are validated by `logprobs`."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, inplace_backward):
+    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, return_sum_p2,
+                inplace_backward):
         layout = kernel.row_layout(logits)
         if layout is None:  # more than two unmergeable leading dims: address a copy
             logits = logits.contiguous()
@@ -37,26 +38,26 @@ class LogProbsFunction(torch.autograd.Function):
         # The kernels read label `row` at labels_ptr + row: a strided or expand()ed view
         # (which reshape keeps as a view where it can) would be read at the wrong places.
         flat_labels = labels.reshape(-1).contiguous()
-        logp, entropy, row_stats = kernel.logprobs_forward(
-            logits, flat_labels, layout, temperature, ignore_index, return_entropy
+        logp, entropy, sum_p2, row_stats = kernel.logprobs_forward(
+            logits, flat_labels, layout, temperature, ignore_index, return_entropy,
+            return_sum_p2,
         )
-        ctx.save_for_backward(logits, flat_labels, row_stats, entropy)
+        ctx.save_for_backward(logits, flat_labels, row_stats, entropy, sum_p2)
         ctx.layout = layout
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
         ctx.inplace_backward = inplace_backward
+        ctx.returned = (True, return_entropy, return_sum_p2)
         ctx.set_materialize_grads(False)
-        shape = labels.shape
-        if return_entropy:
-            return logp.view(shape), entropy.view(shape)
-        return logp.view(shape)
+        return tuple(out.view(labels.shape) for out in (logp, entropy, sum_p2) if out is not None)
 
     @staticmethod
     @differentiable_once
-    def backward(ctx, g_logp, g_entropy=None):
-        logits, labels, row_stats, entropy = ctx.saved_tensors
-        if g_logp is None and g_entropy is None:
-            return None, None, None, None, None, None
+    def backward(ctx, *grads):
+        logits, labels, row_stats, entropy, sum_p2 = ctx.saved_tensors
+        g_logp, g_entropy, g_sum_p2 = upstream_grads(ctx.returned, grads)
+        if g_logp is None and g_entropy is None and g_sum_p2 is None:
+            return None, None, None, None, None, None, None
         grad = kernel.logprobs_backward(
             logits,
             labels,
@@ -68,13 +69,26 @@ class LogProbsFunction(torch.autograd.Function):
             ctx.temperature,
             ctx.ignore_index,
             ctx.inplace_backward,
+            log_sum_p2=sum_p2,
+            g_sum_p2=None if g_sum_p2 is None else g_sum_p2.reshape(-1).contiguous(),
         )
         if ctx.inplace_backward:
             # The logits now hold their gradient: tell autograd, so that anything that
             # saved them (a second backward through this op, say) raises instead of
             # reading the gradient as logits.
             increment_version(logits)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
+
+
+def upstream_grads(returned: tuple[bool, ...], grads: tuple) -> list:
+    """The upstream gradient of each possible output (logp, entropy, log_sum_p2), None for
+    those not returned: autograd passes one per returned output, in order."""
+    given = iter(grads)
+    return [next(given) if was_returned else None for was_returned in returned]
+
+
+def single_or_tuple(outputs: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def overlaps_itself(tensor: torch.Tensor) -> bool:
@@ -111,8 +125,8 @@ def check_logprob_options(options: Mapping[str, Any], like: torch.Tensor) -> Sim
 @LOGPROB_OPTIONS.keywords
 def logprobs(
     logits: torch.Tensor, labels: torch.Tensor, *, return_entropy: bool = False,
-    inplace_backward: bool = False, **options: Any,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_sum_p2: bool = False, inplace_backward: bool = False, **options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Log-probability of each label under softmax(logits / temperature), and its entropy.
 
     One read of the logits in the forward, one read and one write in the backward; no
@@ -126,7 +140,9 @@ def logprobs(
             ``[0, V)``, or ``ignore_index``; any layout (a non-contiguous one is copied,
             N ints).
         return_entropy: (bool) also return the entropy of each row's distribution;
-            gradients from both outputs flow back in one pass.
+            gradients from every output flow back in one pass.
+        return_sum_p2: (bool) also return log sum_j p_j^2 of each row (what verl's
+            optimal token baseline and TRL's WPO weighting read), from the same pass.
         inplace_backward: (bool) write the gradient into the logits' storage instead of a new
             tensor, so the backward allocates nothing of size N*V. The logits are
             overwritten: use it only when nothing else needs them afterwards. Logits
@@ -138,9 +154,10 @@ def logprobs(
         Options: below.
 
     Returns:
-        ``logp [...]``, or ``(logp, entropy)`` with ``return_entropy``; fp32 (fp64 for
-        fp64 logits). A NaN or inf in a row gives NaN for that row only; -inf logits are
-        tokens of probability 0.
+        ``logp [...]``, or a tuple of it followed by ``entropy [...]`` (with
+        ``return_entropy``) and ``log_sum_p2 [...]`` (with ``return_sum_p2``); fp32
+        (fp64 for fp64 logits); ignored rows give 0 for each. A NaN or inf in a row
+        gives NaN for that row only; -inf logits are tokens of probability 0.
     """
     check_tensor("logits", logits, FLOAT_DTYPES)
     check_tensor("labels", labels, INDEX_DTYPES)
@@ -158,6 +175,7 @@ def logprobs(
             "call .contiguous() first"
         )
     return_entropy = check_bool("return_entropy", return_entropy)
+    return_sum_p2 = check_bool("return_sum_p2", return_sum_p2)
     inplace_backward = check_bool("inplace_backward", inplace_backward)
     opt = check_logprob_options(options, logits)
     if opt.check_labels:
@@ -182,8 +200,10 @@ def logprobs(
             )
     if not use_triton(logits):
         return reference.logprobs(
-            logits, labels, return_entropy=return_entropy, **TOKEN_OPTIONS.pick(opt)
+            logits, labels, return_entropy=return_entropy, return_sum_p2=return_sum_p2,
+            **TOKEN_OPTIONS.pick(opt),
         )
-    return LogProbsFunction.apply(
-        logits, labels, opt.temperature, opt.ignore_index, return_entropy, inplace_backward
-    )
+    return single_or_tuple(LogProbsFunction.apply(
+        logits, labels, opt.temperature, opt.ignore_index, return_entropy, return_sum_p2,
+        inplace_backward,
+    ))

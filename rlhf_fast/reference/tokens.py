@@ -13,25 +13,31 @@ from rlhf_fast.reference.common import compute_dtype, nan_where
 
 @TOKEN_OPTIONS.keywords
 def logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, *, return_entropy: bool = False, **options: Any
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each label under softmax(logits / temperature), and entropy.
+    logits: torch.Tensor, labels: torch.Tensor, *, return_entropy: bool = False,
+    return_sum_p2: bool = False, **options: Any
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Log-probability of each label under softmax(logits / temperature), its entropy
+    and log sum_j p_j^2.
 
     Args:
         logits: ``[..., V]`` float tensor.
         labels: ``[...]`` integer tensor of token ids in ``[0, V)`` or ``ignore_index``.
         return_entropy: also return H = -sum_j p_j log p_j.
+        return_sum_p2: also return log sum_j p_j^2 (the collision log-probability; verl's
+            ``sum_pi_squared`` is its exp).
         Options: below; z = logits / temperature.
 
     Returns:
-        ``logp [...]`` (and ``entropy [...]``) in fp32 (fp64 for fp64 logits).
+        ``logp [...]``, or a tuple of it, ``entropy [...]`` (with return_entropy) and
+        ``log_sum_p2 [...]`` (with return_sum_p2), in fp32 (fp64 for fp64 logits).
 
     Semantics the kernels share:
-      * logp = z[label] - logsumexp(z); H = logsumexp(z) - sum_j p_j z_j.
+      * logp = z[label] - logsumexp(z); H = logsumexp(z) - sum_j p_j z_j;
+        log_sum_p2 = logsumexp_j(2 log p_j).
       * A logit of -inf is a token of probability 0: it adds nothing to the entropy.
-      * A row whose label is ``ignore_index`` gives logp = 0 and H = 0, and no gradient
-        flows into its logits from either output.
-      * A row whose label is outside [0, V) (and not ignore_index) gives NaN for both, and
+      * A row whose label is ``ignore_index`` gives 0 for every output, and no gradient
+        flows into its logits from any.
+      * A row whose label is outside [0, V) (and not ignore_index) gives NaN for all, and
         a NaN gradient for every logit of the row.
       * Labels and ignore_index are compared as integers: an ignore_index outside the
         labels' dtype (int32 labels, ignore_index = 5 + 2**32) matches no label.
@@ -50,14 +56,16 @@ def logprobs(
     z = torch.where(ignored.unsqueeze(-1), torch.zeros_like(z), z)
     log_p = torch.log_softmax(z, dim=-1)
     logp = log_p.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    logp = _mark_rows(logp, in_range, ignored)
-    if not return_entropy:
-        return logp
-    p = log_p.exp()
-    # p * log p is 0 where p is 0 (a -inf logit), not 0 * -inf = NaN, in value and gradient.
-    log_p_or_zero = torch.where(p > 0, log_p, torch.zeros_like(log_p))
-    entropy = -(p * log_p_or_zero).sum(-1)
-    return logp, _mark_rows(entropy, in_range, ignored)
+    outputs = [_mark_rows(logp, in_range, ignored)]
+    if return_entropy:
+        p = log_p.exp()
+        # p log p is 0 where p is 0 (a -inf logit), not 0 * -inf = NaN, in value and gradient.
+        log_p_or_zero = torch.where(p > 0, log_p, torch.zeros_like(log_p))
+        entropy = -(p * log_p_or_zero).sum(-1)
+        outputs.append(_mark_rows(entropy, in_range, ignored))
+    if return_sum_p2:
+        outputs.append(_mark_rows(torch.logsumexp(2 * log_p, dim=-1), in_range, ignored))
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def ignored_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -89,8 +97,9 @@ def _mark_rows(
 @TOKEN_OPTIONS.keywords
 def linear_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-    bias: torch.Tensor | None = None, return_entropy: bool = False, **options: Any,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    bias: torch.Tensor | None = None, return_entropy: bool = False,
+    return_sum_p2: bool = False, **options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """`logprobs` of the materialised logits ``F.linear(hidden, weight, bias)`` (in the
     input dtype, or autocast's, as a model's lm_head computes them). hidden ``[..., D]``,
     weight ``[V, D]``.
@@ -101,7 +110,8 @@ def linear_logprobs(
     opt = TOKEN_OPTIONS.fill(options)
     hidden = hidden.masked_fill(ignored_labels(labels, opt.ignore_index).unsqueeze(-1), 0)
     logits = F.linear(hidden, weight, bias)
-    return logprobs(logits, labels, return_entropy=return_entropy, **vars(opt))
+    return logprobs(logits, labels, return_entropy=return_entropy,
+                    return_sum_p2=return_sum_p2, **vars(opt))
 
 
 def sequence_logps(
