@@ -11,12 +11,14 @@ from rlhf_fast.ops.linear_ppo_loss import linear_ppo_loss
 from rlhf_fast.ops.logprobs import logprobs
 from rlhf_fast.ops.masked_mean import masked_mean
 from rlhf_fast.ops.masked_whiten import masked_whiten
+from rlhf_fast.ops.optimal_token_baseline import optimal_token_baseline
 from rlhf_fast.ops.ppo_loss import ppo_loss
 from rlhf_fast.ops.sequence_logps import sequence_logps
 from rlhf_fast.types import DPOLossOutput, PPOLossOutput
 
 __all__ = [
-    "gae", "discounted_returns", "group_advantages", "masked_mean", "masked_whiten",
+    "gae", "discounted_returns", "group_advantages", "optimal_token_baseline", "masked_mean",
+    "masked_whiten",
     "logprobs", "ppo_loss", "PPOLossOutput", "PPOLoss", "sequence_logps", "dpo_loss",
     "DPOLossOutput", "DPOLoss", "linear_logprobs", "linear_dpo_loss",
     "linear_ppo_loss"]

@@ -389,6 +389,17 @@ GROUP_ADVANTAGE_OPTIONS = OptionSet((
 ))
 
 
+# --------------------------------------------------------------- optimal_token_baseline
+
+OPTIMAL_TOKEN_BASELINE_OPTIONS = OptionSet((
+    Option("handle_zero_tail", False, flag(),
+           "verl's option: the baseline is 0 past the second-longest answer of a group on "
+           "the tokens of its one longest answer (which alone would be its own baseline)"),
+    Option("eps", 1e-8, real("a finite float > 0", lambda v: 0 < v < math.inf),
+           "added to each column's sum of path weights it divides by"),
+))
+
+
 # --------------------------------------------------------------------------- dpo_loss
 
 

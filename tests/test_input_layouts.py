@@ -299,6 +299,15 @@ OPS: dict[str, Op] = {
                                                                            generator=gen)),
         outputs=_one,
     ),
+    "optimal_token_baseline": Op(
+        lambda rewards, mask, old_logp, log_sum_p2, rollout_is_weights:
+            rlhf_fast.optimal_token_baseline(rewards, mask, old_logp, log_sum_p2, 2,
+                                             rollout_is_weights=rollout_is_weights),
+        lambda gen: dict(rewards=_floats(4, 5, gen=gen), mask=_mask(4, 5, gen=gen),
+                         old_logp=-torch.rand(4, 5, dtype=F64, generator=gen),
+                         log_sum_p2=-torch.rand(4, 5, dtype=F64, generator=gen),
+                         rollout_is_weights=torch.rand(4, 5, dtype=F64, generator=gen) + 0.5),
+    ),
     "masked_mean": Op(
         lambda x, mask: rlhf_fast.masked_mean(x, mask),
         lambda gen: dict(x=_floats(3, 4, gen=gen), mask=_mask(3, 4, gen=gen)),
@@ -319,8 +328,8 @@ OPS: dict[str, Op] = {
 # Each public function behind the dispatch: patched to fail, so that the cases below are
 # known to run the Triton kernels (TRITON_INTERPRET=1, set by the conftest).
 REFERENCE_FUNCTIONS = ("logprobs", "linear_logprobs", "ppo_loss", "dpo_loss", "sequence_logps",
-                       "gae", "discounted_returns", "group_advantages", "masked_mean",
-                       "masked_whiten")
+                       "gae", "discounted_returns", "group_advantages",
+                       "optimal_token_baseline", "masked_mean", "masked_whiten")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from rlhf_fast.reference.advantages import (
     group_advantages,
     masked_mean,
     masked_whiten,
+    optimal_token_baseline,
 )
 from rlhf_fast.reference.policy import (
     ROLLOUT_STATISTICS,
@@ -36,5 +37,6 @@ __all__ = [
     "EXO_DEFAULT_EPS", "ROLLOUT_STATISTICS", "aggregate", "discounted_returns", "dpo_loss",
     "fits_dtype", "gae", "group_advantages", "ignored_labels", "kl_cov_coefficients", "kl_penalty",
     "linear_logprobs", "log_sigmoid", "logprobs", "masked_mean", "masked_whiten",
-    "policy_terms", "policy_weights", "ppo_loss", "rollout_correction", "sequence_logps",
+    "optimal_token_baseline", "policy_terms", "policy_weights", "ppo_loss", "rollout_correction",
+    "sequence_logps",
 ]

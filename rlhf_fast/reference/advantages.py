@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rlhf_fast.options import GAE_OPTIONS, GROUP_ADVANTAGE_OPTIONS
+from rlhf_fast.options import GAE_OPTIONS, GROUP_ADVANTAGE_OPTIONS, OPTIMAL_TOKEN_BASELINE_OPTIONS
 from rlhf_fast.reference.common import compute_dtype
 
 
@@ -144,6 +145,73 @@ def group_advantages(scores: Tensor, group_size: int, *, lengths: Tensor | None 
     else:
         adv = (d - mean) / divisor
     return adv.reshape(-1)
+
+
+@OPTIMAL_TOKEN_BASELINE_OPTIONS.keywords
+def optimal_token_baseline(
+    rewards: Tensor, mask: Tensor, old_logp: Tensor, log_sum_p2: Tensor, group_size: int, *,
+    rollout_is_weights: Tensor | None = None, **options: Any,
+) -> tuple[Tensor, Tensor]:
+    """verl's optimal token baseline (OTB): each token's return against a baseline per
+    position, the group's returns weighted by their path variance so far.
+
+    Per answer i of a group (`group_size` consecutive rows), position t, valid tokens m:
+
+        G_t = sum_{j >= t} m_j r_j                         the return (no discount)
+        w_t = 1 - 2 pi_t + sum_k pi_k^2  (* rho_t^2)       ||e_y - pi||^2, the score norm
+        W_t = sum_{j <= t} m_j w_j                         the path variance so far
+        B_t = sum_i m G W / (sum_i m W + eps)              over the group, per position
+        A_t = m_t (G_t - B_t)
+
+    with pi_t = exp(old_logp), sum_k pi_k^2 = exp(log_sum_p2) (`logprobs(...,
+    return_sum_p2=True)`) and rho the rollout's truncated IS weights when given (verl
+    scales w by rho^2). A group of one has B = 0. handle_zero_tail: B = 0 on the
+    positions >= the second-longest length (lengths: valid-token counts; right padding
+    assumed, as verl) of a group's one strictly longest answer.
+
+    Args:
+        rewards, old_logp, log_sum_p2: ``[B, T]`` float; rollout_is_weights ``[B, T]``.
+        mask: ``[B, T]``, nonzero = valid; masked entries are never read.
+        group_size: rows per prompt, dividing B.
+
+    Returns:
+        ``(advantages, returns)`` ``[B, T]`` fp32 (fp64 if any input is fp64), 0 at masked
+        positions (verl leaves returns there as the sum of the later rewards).
+    """
+    opt = OPTIMAL_TOKEN_BASELINE_OPTIONS.fill(options)
+    inputs = [rewards, old_logp, log_sum_p2] + (
+        [] if rollout_is_weights is None else [rollout_is_weights])
+    dtype = compute_dtype(functools.reduce(torch.promote_types, [t.dtype for t in inputs]))
+    valid = mask != 0
+
+    def read(t: Tensor) -> Tensor:
+        t = t.to(dtype)
+        return torch.where(valid, t, torch.zeros_like(t))
+
+    r = read(rewards)
+    returns = r.flip(-1).cumsum(-1).flip(-1)
+    w = 1 - 2 * read(old_logp).exp() + read(log_sum_p2).exp()
+    if rollout_is_weights is not None:
+        w = w * read(rollout_is_weights) ** 2
+    path = torch.where(valid, w, torch.zeros_like(w)).cumsum(-1)
+    B, T = r.shape
+    n = group_size
+    g_valid = valid.view(-1, n, T)
+    g_returns, g_path = returns.view(-1, n, T), path.view(-1, n, T)
+    zero = torch.zeros_like(g_path)
+    numerator = torch.where(g_valid, g_returns * g_path, zero).sum(1, keepdim=True)
+    denominator = torch.where(g_valid, g_path, zero).sum(1, keepdim=True) + opt.eps
+    baseline = (numerator / denominator).expand(-1, n, -1)
+    if n == 1:
+        baseline = torch.zeros_like(baseline)
+    if opt.handle_zero_tail and n > 1:
+        lengths = g_valid.sum(-1)  # [groups, n]
+        top2 = lengths.topk(2, dim=-1).values
+        longest = (lengths == top2[:, :1]) & (top2[:, :1] > top2[:, 1:])
+        tail = torch.arange(T, device=r.device) >= top2[:, 1:2, None]
+        baseline = torch.where(longest[..., None] & tail, torch.zeros_like(baseline), baseline)
+    advantages = torch.where(valid, returns - baseline.reshape(B, T), torch.zeros_like(r))
+    return advantages, torch.where(valid, returns, torch.zeros_like(r))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
