@@ -24,7 +24,7 @@ from rlhf_fast.options import (
     real,
 )
 from rlhf_fast.trainers import DPOConfig, PPOConfig
-from rlhf_fast.trainers.ppo import TRAINER_SET
+from rlhf_fast.trainers.ppo_config import TRAINER_SET
 
 CONSUMERS = [  # (option set, function, options it leaves out)
     (PPO_OPTIONS, rlhf_fast.ppo_loss, ()),

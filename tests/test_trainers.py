@@ -24,7 +24,7 @@ from rlhf_fast.cli import main
 from rlhf_fast.trainers.data import example_indices
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, collate_pairs
 from rlhf_fast.trainers.files import process_umask, save_pretrained_atomic
-from rlhf_fast.trainers.models import TokenLogprobs, ValueModel
+from rlhf_fast.trainers.models import TokenLogprobs, ValueModel, position_ids_from
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
 TRAIN = demo.DATA / "preferences_train.jsonl"
@@ -1307,7 +1307,7 @@ def test_ppo_config_takes_a_rollout_correction_only_in_bypass_mode():
 
 @pytest.mark.parametrize("estimator", ["rloo", "opo", "grpo_passk", "gpg",
                                        "reinforce_plus_plus_baseline", "remax",
-                                       "reinforce_plus_plus"])
+                                       "reinforce_plus_plus", "optimal_token_baseline"])
 def test_ppo_rollout_advantages_of_every_estimator(tokenizer, warm_model, tmp_path, estimator):
     """The rollout's advantages are the documented estimator's, from its own scores and
     log-probs; one update on them is finite."""
@@ -1325,6 +1325,15 @@ def test_ppo_rollout_advantages_of_every_estimator(tokenizer, warm_model, tmp_pa
         rewards[torch.arange(6), mask.sum(1).long() - 1] += scores
         expected = reference.masked_whiten(
             reference.discounted_returns(rewards, mask, gamma=config.gamma), mask) * mask
+    elif estimator == "optimal_token_baseline":  # the policy's own log sum p^2, by hand
+        logits = trainer.policy(rollout.sequences, attention_mask=rollout.attention_mask,
+                                position_ids=position_ids_from(rollout.attention_mask)).logits
+        log_p = torch.log_softmax(logits.double()[:, rollout.prompt_width - 1:-1], -1)
+        log_sum_p2 = torch.logsumexp(2 * log_p, -1)
+        rewards = torch.zeros_like(mask)
+        rewards[torch.arange(6), mask.sum(1).long() - 1] = scores
+        expected = reference.optimal_token_baseline(rewards, mask, rollout.old_logp.double(),
+                                                    log_sum_p2, 2)[0]
     elif estimator == "remax":  # s - the score of each prompt's greedy answer
         prompts = [p for p in PROMPTS.read_text().splitlines() if p.strip()]
         rows = example_indices(len(prompts), 3, trainer.run, 0, 0)

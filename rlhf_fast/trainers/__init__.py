@@ -1,8 +1,8 @@
 """Reference PPO / GRPO and DPO trainers on transformers models, using rlhf-fast's ops.
 
-`ppo.py` and `dpo.py` hold the algorithms, `loop.py` the training loop they share;
-`config.py`, `models.py`, `run.py`, `data.py`, `metrics.py`, `checkpoints.py` and
-`files.py` the plumbing.
+`ppo.py` and `dpo.py` hold the algorithms (`ppo_config.py` PPO's config), `loop.py` the
+training loop they share; `config.py`, `models.py`, `run.py`, `data.py`, `metrics.py`,
+`checkpoints.py` and `files.py` the plumbing.
 """
 
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer

@@ -100,11 +100,11 @@ class TokenLogprobs(nn.Module):
     Wrapping the model (rather than calling pieces of it from the trainer) lets
     DistributedDataParallel wrap this module, so its hooks see the whole forward.
 
-    forward(input_ids [B, L], attention_mask [B, L]) -> logp [B, L-1] fp32 (and entropy
-    [B, L-1] fp32): logp[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1]) at
-    `temperature`. With `fused_linear`, `rlhf_fast.linear_logprobs` on the last hidden
-    state and the lm_head weight (the logits never exist); else `rlhf_fast.logprobs` on
-    the model's logits.
+    forward(input_ids [B, L], attention_mask [B, L]) -> logp [B, L-1] fp32 (and entropy,
+    log sum_j p_j^2 [B, L-1] fp32 as asked): logp[:, t] = log p(input_ids[:, t+1] |
+    input_ids[:, :t+1]) at `temperature`. With `fused_linear`, `rlhf_fast.linear_logprobs`
+    on the last hidden state and the lm_head weight (the logits never exist); else
+    `rlhf_fast.logprobs` on the model's logits.
     """
 
     def __init__(self, model: nn.Module, *, fused_linear: bool, temperature: float = 1.0):
@@ -116,11 +116,13 @@ class TokenLogprobs(nn.Module):
         self.temperature = temperature
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_entropy: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_entropy: bool = False,
+        return_sum_p2: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         position_ids = position_ids_from(attention_mask)
         labels = input_ids[:, 1:]
-        options = dict(temperature=self.temperature, return_entropy=return_entropy)
+        options = dict(temperature=self.temperature, return_entropy=return_entropy,
+                       return_sum_p2=return_sum_p2)
         if not self.fused_linear:
             logits = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -260,7 +262,8 @@ class ActorCritic(nn.Module):
     one module so DistributedDataParallel can wrap both.
 
     forward(sequences [B, P+R], attention_mask, prompt_width P) ->
-    logp [B, R], entropy [B, R], values [B, R] or None; all fp32. With `ppo` (the keyword
+    logp [B, R], entropy [B, R], values [B, R] or None, and with `return_sum_p2` log
+    sum_j p_j^2 [B, R] (the optimal token baseline's); all fp32. With `ppo` (the keyword
     arguments of `linear_ppo_loss` but the hidden states, weights, labels and values) and
     a fused-linear actor: the `PPOLossOutput` of `linear_ppo_loss` on the answer tokens
     instead, whose backward needs no GEMM (3 in all, where `linear_logprobs` then
@@ -273,7 +276,8 @@ class ActorCritic(nn.Module):
         self.critic = critic
 
     def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                prompt_width: int, ppo: dict[str, Any] | None = None):
+                prompt_width: int, ppo: dict[str, Any] | None = None,
+                return_sum_p2: bool = False):
         answer = slice(prompt_width - 1, None)  # label t is token t + 1
         values = None
         if self.critic is not None:
@@ -284,8 +288,10 @@ class ActorCritic(nn.Module):
             return linear_ppo_loss(
                 hidden[:, answer], head.weight, sequences[:, 1:][:, answer], bias=head.bias,
                 values=values, temperature=self.actor.temperature, **ppo)
-        logp, entropy = self.actor(sequences, attention_mask, return_entropy=True)
-        return logp[:, answer], entropy[:, answer], values
+        outputs = self.actor(sequences, attention_mask, return_entropy=True,
+                             return_sum_p2=return_sum_p2)
+        logp, entropy, *sum_p2 = (output[:, answer] for output in outputs)
+        return (logp, entropy, values, *sum_p2)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,11 @@ One iteration, top to bottom (`PPOTrainer.iteration`, then `rollout`, `update`):
    "grpo" and verl's other outcome estimators (rloo, opo, grpo_passk, gpg,
    reinforce_plus_plus_baseline, remax: `group_advantages`): no critic; each score
    against its prompt's group, the same for every token of an answer, and the KL to the
-   reference in the loss instead. "reinforce_plus_plus": no critic, the KL penalty in the
-   reward as for gae, `discounted_returns` then `masked_whiten`;
+   reference in the loss instead. "optimal_token_baseline" (verl's OTB): no critic, the
+   score on the last token against a per-position baseline of the group, weighted by the
+   answers' path variance (1 - 2 pi + sum pi^2, from the rollout's `return_sum_p2`), the
+   KL in the loss. "reinforce_plus_plus": no critic, the KL penalty in the reward as for
+   gae, `discounted_returns` then `masked_whiten`;
 5. `ppo_epochs` passes over the rollout in minibatches: recompute log-probs, entropy and
    values with gradients, `ppo_loss` (clipped ratio, KL, entropy bonus, clipped value
    loss), backward, clip, one AdamW step per minibatch.
@@ -27,15 +30,21 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from rlhf_fast import discounted_returns, gae, group_advantages, masked_whiten, ppo_loss
+from rlhf_fast import (
+    discounted_returns,
+    gae,
+    group_advantages,
+    masked_whiten,
+    optimal_token_baseline,
+    ppo_loss,
+)
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
 from rlhf_fast.trainers.checkpoints import model_identity, strip_prefix
-from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
 from rlhf_fast.trainers.data import example_indices, load_prompts
 from rlhf_fast.trainers.files import save_atomic, save_pretrained_atomic
 from rlhf_fast.trainers.loop import Loop, start_run
@@ -49,170 +58,15 @@ from rlhf_fast.trainers.models import (
     only_generation_config,
     prepare_for_training,
 )
+from rlhf_fast.trainers.ppo_config import KL_IN_REWARD, SCALE_REWARDS, PPOConfig
 from rlhf_fast.trainers.run import unwrap, wrap_ddp
-from rlhf_fast.types import ADVANTAGE_ESTIMATORS
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
-#: "gae" trains a critic; "gae" and "reinforce_plus_plus" put the KL penalty in the reward,
-#: the others (verl's outcome estimators, `group_advantages`) in the loss.
-ESTIMATORS = ("gae", "reinforce_plus_plus") + tuple(
-    e for e in ADVANTAGE_ESTIMATORS if e != "gdpo")  # gdpo: one score per reward function
-KL_IN_REWARD = ("gae", "reinforce_plus_plus")
-#: TRL's scale_rewards, as group_advantages' scale
-SCALE_REWARDS = {"group": "std", "batch": "batch", "none": None}
-#: TRL GRPOConfig's names of PPOConfig fields: (field, None) for a plain rename, else
-#: (name, {TRL value: the fields it sets}) (`PPOConfig.from_trl_names`). TRL's loss_type
-#: grpo averages each sequence's token mean; bnpo and dapo the tokens' (dapo over the
-#: global batch: the trainer passes ppo_loss the global counts under DDP); dr_grpo
-#: divides the sum by B * max_completion_length.
-TRL_NAMES: dict[str, tuple[str, dict[str, dict[str, str]] | None]] = {
-    "epsilon": ("clip_eps", None),
-    "epsilon_high": ("clip_eps_high", None),
-    "beta": ("kl_coef", None),
-    "num_generations": ("group_size", None),
-    "max_completion_length": ("max_new_tokens", None),
-    "learning_rate": ("lr", None),
-    "loss_type": ("agg", {
-        "grpo": dict(agg="seq-mean-token-mean"),
-        "bnpo": dict(agg="token-mean"),
-        "dr_grpo": dict(agg="seq-mean-token-sum-norm"),
-        "dapo": dict(agg="token-mean"),
-        "cispo": dict(policy_loss="cispo", agg="token-mean"),
-        "sapo": dict(policy_loss="sapo", agg="seq-mean-token-mean"),
-    }),
-    "importance_sampling_level": ("policy_loss", {
-        "token": dict(policy_loss="vanilla"),
-        "sequence": dict(policy_loss="gspo"),
-        "sequence_token": dict(policy_loss="gspo_token"),
-    }),
-}
 RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
 PPO_PLOT_KEYS = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "policy_loss",
                  "value_loss", "response_length"]
-
-
-#: The options of ppo_loss the trainer sets itself: max_len is max_new_tokens, and the
-#: global counts come from every rank (`PPOTrainer.global_counts`).
-TRAINER_SET = ("max_len", "batch_num_tokens", "global_batch_size", "dp_size")
-
-
-@dataclass
-@PPO_OPTIONS.fields(exclude=TRAINER_SET, defaults={"kl_coef": 0.05}, after="whiten_advantages")
-@GAE_OPTIONS.fields(after="top_p")
-class PPOConfig(TrainerConfig):
-    """Everything a PPO / GRPO run needs besides the models and the prompts: the fields
-    of `TrainerConfig`, then PPO's own, among them every option of `ppo_loss` (but those
-    the trainer sets, `TRAINER_SET`) and of `gae`, declared in `rlhf_fast.options`.
-
-    With "gae" the KL to the reference is a per-token reward penalty (kl_coef times the k1
-    estimate, whatever kl_estimator) and vf_coef weighs the critic's loss; with "grpo" the
-    KL is a term of the loss (kl_estimator) and there is no critic. Sizes are per process:
-    under torchrun every process rolls out its own prompts.
-    """
-
-    trl_names: ClassVar[dict] = TRL_NAMES  # TRL's names of fields: `from_trl_names`
-
-    output_dir: str = "runs/ppo"
-    """Where metrics.jsonl, the plot, checkpoints and the final models go."""
-    lr: float = 1e-6
-    """Peak AdamW learning rate of the policy (and of the critic, unless value_lr)."""
-    logging_steps: int = 1
-    """Log every this many iterations: the mean of their metrics (lr: the latest)."""
-    advantage_estimator: str = "gae"
-    """"gae" (a critic, KL penalty in the reward), "reinforce_plus_plus" (KL penalty in the
-    reward, whitened returns) or a critic-free outcome estimator with the KL in the loss:
-    "grpo", "rloo", "opo", "grpo_passk", "gpg", "reinforce_plus_plus_baseline", "remax"
-    (its baseline: the score of a greedy answer to each prompt)."""
-    max_steps: int = 100
-    """Iterations (rollout, then ppo_epochs of updates)."""
-    rollout_batch_size: int = 16
-    """Prompts per process per iteration; each is sampled group_size times."""
-    group_size: int = 1
-    """Answers per prompt (>= 2 for the group estimators, grpo ... gpg)."""
-    scale_rewards: str = "group"
-    """grpo and grpo_passk: divide by the group's std ("group"), the batch's ("batch") or
-    not ("none": Dr. GRPO), TRL's names."""
-    mini_batch_size: int = 8
-    """Sequences per optimizer step in the update."""
-    ppo_epochs: int = 4
-    """Passes over each rollout."""
-    value_lr: float | None = None
-    """Learning rate of the critic; None: lr."""
-    max_new_tokens: int = 64
-    """Longest answer in tokens; an answer that reaches it without EOS is cut there (see
-    missing_eos_penalty)."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs are taken at the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold in (0, 1]."""
-    whiten_advantages: bool = True
-    """Whiten the gae advantages over the rollout's valid tokens."""
-    missing_eos_penalty: float | None = None
-    """Subtracted from the score of answers that hit max_new_tokens without EOS."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require = FieldChecker("PPOConfig")
-        require("advantage_estimator", self.advantage_estimator in ESTIMATORS,
-                f"one of {ESTIMATORS}")
-        require.ints(self, ("max_steps", "rollout_batch_size", "group_size", "mini_batch_size",
-                            "ppo_epochs", "max_new_tokens"), 1)
-        grouped = self.advantage_estimator in ADVANTAGE_ESTIMATORS and \
-            self.advantage_estimator != "remax"
-        require("group_size", not grouped or self.group_size >= 2,
-                f">= 2 for advantage_estimator={self.advantage_estimator!r}")
-        require("scale_rewards", self.scale_rewards in SCALE_REWARDS,
-                f"one of {tuple(SCALE_REWARDS)}", self.scale_rewards)
-        self._check_rates()
-        PPO_OPTIONS.check_fields(self)
-        GAE_OPTIONS.check_fields(self)
-        # The trainer samples with the policy it trains: its old_logp are the rollout's,
-        # so the only rollout correction to make is bypass_mode's.
-        corrected = self.rollout_is is not None or self.rollout_rs is not None
-        require("rollout_is", not corrected or self.policy_loss == "bypass_mode",
-                "None (with rollout_rs) but for policy_loss='bypass_mode': the trainer's "
-                "old_logp are its rollout's", self.rollout_is)
-        require("missing_eos_penalty",
-                self.missing_eos_penalty is None or is_finite(self.missing_eos_penalty),
-                "a finite float or None", self.missing_eos_penalty)
-        require.bools(self, ("whiten_advantages",))
-
-    @classmethod
-    def from_trl_names(cls, **given: Any) -> dict[str, Any]:
-        """PPOConfig fields from TRL GRPOConfig names (`TRL_NAMES`): epsilon,
-        epsilon_high, beta, num_generations, max_completion_length, learning_rate,
-        loss_type (grpo / bnpo / dr_grpo / dapo: the aggregation they mean; cispo, sapo:
-        the policy loss too) and importance_sampling_level (token / sequence /
-        sequence_token: vanilla / gspo / gspo_token). TRL's cispo caps the ratio at
-        epsilon_high itself, without a lower bound: clip_eps_high = epsilon_high - 1 and
-        clip_eps = 0.999 here. Unknown names raise ValueError naming them."""
-        unknown = sorted(set(given) - set(TRL_NAMES))
-        if unknown:
-            raise ValueError(f"unknown TRL names {unknown}; known: {sorted(TRL_NAMES)}")
-        fields: dict[str, Any] = {}
-        for name, value in given.items():
-            field, meaning = TRL_NAMES[name]
-            if meaning is None:
-                fields[field] = value
-            elif value not in meaning:
-                raise ValueError(f"{name} must be one of {tuple(meaning)}, got {value!r}")
-            else:
-                fields |= meaning[value]
-        if fields.get("policy_loss") == "cispo" and "epsilon_high" in given:
-            fields |= dict(clip_eps_high=given["epsilon_high"] - 1, clip_eps=0.999)
-        return fields
-
-    def _check_rates(self) -> None:
-        """Critic and sampling settings (TrainerConfig checks lr and the optimizer's)."""
-        require = FieldChecker("PPOConfig")
-        require("value_lr", self.value_lr is None
-                or (is_finite(self.value_lr) and self.value_lr > 0),
-                "a finite float > 0 or None", self.value_lr)
-        require("temperature", is_finite(self.temperature) and self.temperature > 0,
-                "a finite float > 0", self.temperature)
-        require("top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
 
 
 @dataclass
@@ -434,16 +288,23 @@ class PPOTrainer:
         """
         config = self.config
         mask = attention_mask[:, width:].float()
+        estimator = config.advantage_estimator
         actor_critic = unwrap(self.actor_critic)
         actor_critic.eval()  # the rollout's statistics without dropout noise
         with self.run.autocast():
-            old_logp, _, values = actor_critic(sequences, attention_mask, width)
+            old_logp, _, values, *log_sum_p2 = actor_critic(
+                sequences, attention_mask, width,
+                return_sum_p2=estimator == "optimal_token_baseline")
             ref_logp = self.reference(sequences, attention_mask)[:, width - 1:]
         actor_critic.train()
 
-        estimator = config.advantage_estimator
         returns = None
-        if estimator not in KL_IN_REWARD:
+        if estimator == "optimal_token_baseline":  # the score on each answer's last token
+            rewards = torch.zeros_like(old_logp)
+            rewards[torch.arange(len(scores)), mask.sum(1).long() - 1] = scores
+            advantages, _ = optimal_token_baseline(rewards, mask, old_logp, *log_sum_p2,
+                                                   config.group_size)
+        elif estimator not in KL_IN_REWARD:
             advantages = group_advantages(
                 scores, config.group_size, estimator=estimator, lengths=mask.sum(1),
                 baselines=baselines, scale=SCALE_REWARDS[config.scale_rewards],
