@@ -226,6 +226,8 @@ def _advantages() -> None:
     x = _ppo_inputs()
     rlhf_fast.gae(x["returns"], x["old_values"], x["mask"])
     rlhf_fast.group_advantages(torch.randn(512), 8)
+    rlhf_fast.optimal_token_baseline(x["returns"], x["mask"], x["old_logp"],
+                                     x["ref_logp"].detach(), 8)
     whitened = rlhf_fast.masked_whiten(x["values"], x["mask"])
     mean = rlhf_fast.masked_mean(x["values"], x["mask"])
     torch.autograd.grad((whitened.sum(), mean), (x["values"], x["values"]))
@@ -246,7 +248,8 @@ WORKLOADS: dict[str, Callable[[], None]] = {
     "ppo_loss (64 x 4096; every term; fwd + bwd)": _ppo_loss,
     "ppo_loss gspo (64 x 4096; policy term; fwd + bwd)": _ppo_sequence_loss,
     "linear_ppo_loss (8 x 512 tokens, V 128256; bf16)": _linear_ppo_loss,
-    "gae, group_advantages, masked_whiten / mean (64 x 4096)": _advantages,
+    "gae, group_advantages, optimal_token_baseline, masked_whiten / mean (64 x 4096)":
+        _advantages,
     "sequence_logps + dpo_loss (16 x 4096)": _dpo,
 }
 

@@ -226,7 +226,7 @@ def test_bench_names_are_the_public_ops_and_two_workloads() -> None:
     names = set(known_ops())
     assert names == {"dpo_loss", "e2e", "gae", "group_advantages", "grpo", "linear_dpo_loss",
                      "linear_logprobs", "linear_ppo_loss", "logprobs", "masked_whiten",
-                     "ppo_loss"}
+                     "optimal_token_baseline", "ppo_loss"}
     for name in names - {"grpo", "e2e"}:
         assert callable(getattr(rlhf_fast, name, None)), name
 

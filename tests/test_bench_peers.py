@@ -32,6 +32,7 @@ from rlhf_fast.benchmarks import (
     bench_linear_ppo_loss,
     bench_logprobs,
     bench_masked_whiten,
+    bench_optimal_token_baseline,
     lm_head,
     objectives,
     peers,
@@ -386,18 +387,30 @@ def test_gae_gate_rejects_a_loop_without_the_mask():
 
 
 @pytest.mark.parametrize("suite, provider", [
-    (suite, provider) for suite in (bench_masked_whiten, bench_group_advantages)
+    (suite, provider)
+    for suite in (bench_masked_whiten, bench_group_advantages, bench_optimal_token_baseline)
     for provider in suite.PROVIDERS
 ], ids=lambda value: getattr(value, "OP", value))
 def test_whiten_and_group_providers_pass_the_gate(
     suite, provider: str, monkeypatch: pytest.MonkeyPatch
 ):
-    """masked_whiten's and group_advantages' providers, compiled ones run eagerly."""
+    """masked_whiten's, group_advantages' and optimal_token_baseline's providers,
+    compiled ones run eagerly."""
     monkeypatch.setattr(peers, "compiled", lambda fn, variant="": fn)
-    shape = (6, 40) if suite is bench_masked_whiten else (48,)
+    shape = {bench_masked_whiten: (6, 40), bench_group_advantages: (48,),
+             bench_optimal_token_baseline: (16, 40)}[suite]
     ok, errors = forward_gate(suite, shape, suite.PROVIDERS[provider])
     assert ok, errors
     assert max(errors.values()) < 1e-6
+
+
+def test_optimal_token_baseline_gate_rejects_an_unweighted_baseline():
+    def group_mean_baseline(rewards, mask, old_logp, log_sum_p2):  # W_t = 2 t: no variance
+        return bench_optimal_token_baseline.eager_optimal_token_baseline(
+            rewards, mask, torch.full_like(old_logp, -math.inf), torch.zeros_like(log_sum_p2))
+
+    ok, errors = forward_gate(bench_optimal_token_baseline, (16, 40), group_mean_baseline)
+    assert not ok, errors
 
 
 def test_masked_whiten_gate_rejects_a_biased_whiten():

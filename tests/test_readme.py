@@ -5,6 +5,9 @@ from pathlib import Path
 
 import torch
 
+import rlhf_fast
+from helpers import rel_err
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -44,6 +47,12 @@ def test_advantages_snippet_runs():
     valid = ns["advantages"][ns["mask"]]
     assert abs(valid.mean().item()) < 1e-5 and abs(valid.std().item() - 1) < 1e-3
     assert ns["group_adv"].view(2, 4).sum(-1).abs().max().item() < 1e-5
+    # every token of an answer has the score as its return; the baseline is the group's
+    # path-variance-weighted mean of it
+    assert torch.equal(ns["otb_returns"], ns["scores"][:, None].expand(8, 32))
+    expected = rlhf_fast.reference.optimal_token_baseline(
+        ns["outcome"], ns["answer_mask"], ns["old_logp"], ns["log_sum_p2"], 4)[0]
+    assert rel_err(ns["otb_adv"], expected) < 1e-5
 
 
 def test_dpo_snippet_runs_and_holds_what_it_claims():
