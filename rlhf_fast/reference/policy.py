@@ -112,6 +112,10 @@ def policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, valid: Tens
 
     vanilla (PPO, Schulman 2017; dual clip, Ye 2020; clip-higher, DAPO):
         pg = max(-A r, -A clip(r, l, h)), and with dual_clip c, for A < 0: min(pg, -A c).
+        verl clamps log r to [-20, 20] before exp, a guard this formula does not need
+        within it (|log r| > 20 is a ratio past 5e8: clipped for A > 0, and for A < 0
+        bounded by dual_clip); here r is exp(log r) as written, so the two differ only
+        beyond that, where verl's gradient is 0 and ours is the formula's.
     cispo (MiniMax-M1, 2506.13585): pg = -sg(clip(r, l, h)) A logp, as the paper and verl
         write it. TRL caps r at its epsilon_high itself (ScaleRL's eps_max, 5 advised) and
         has no lower bound: TRL's epsilon_high = e is clip_eps_high = e - 1 here, with

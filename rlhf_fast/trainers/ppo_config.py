@@ -21,8 +21,9 @@ SCALE_REWARDS = {"group": "std", "batch": "batch", "none": None}
 #: TRL GRPOConfig's names of PPOConfig fields: (field, None) for a plain rename, else
 #: (name, {TRL value: the fields it sets}) (`PPOConfig.from_trl_names`). TRL's loss_type
 #: grpo averages each sequence's token mean; bnpo and dapo the tokens' (dapo over the
-#: global batch: the trainer passes ppo_loss the global counts under DDP); dr_grpo
-#: divides the sum by B * max_completion_length.
+#: global batch: the trainer passes ppo_loss the global counts under DDP, so under DDP
+#: bnpo, which TRL normalises per process, is dapo here: every rank's gradient the
+#: global batch's); dr_grpo divides the sum by B * max_completion_length.
 TRL_NAMES: dict[str, tuple[str, dict[str, dict[str, str]] | None]] = {
     "epsilon": ("clip_eps", None),
     "epsilon_high": ("clip_eps_high", None),
