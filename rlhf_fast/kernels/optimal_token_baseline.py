@@ -61,7 +61,7 @@ def _optimal_token_baseline_kernel(
     longest = tl.max(tl.where(row_ok, lengths, -1.0), axis=0)
     second = tl.max(tl.where(row_ok & (lengths < longest), lengths, -1.0), axis=0)
     n_longest = tl.sum(tl.where(row_ok & (lengths == longest), 1, 0), axis=0)
-    zero_tail_row = ZERO_TAIL & (lengths == longest) & (n_longest == 1) & (group_size > 1)
+    zero_tail_row = (lengths == longest) & (n_longest == 1)
     eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
     tl.debug_barrier()  # pass 2 reads the returns other threads of this program wrote
 
@@ -84,7 +84,9 @@ def _optimal_token_baseline_kernel(
         numerator = tl.sum(tl.where(valid, returns * path, 0.0), axis=0)
         denominator = tl.sum(tl.where(valid, path, 0.0), axis=0) + eps
         baseline = tl.where(group_size > 1, numerator / denominator, 0.0)[None, :]
-        baseline = tl.where(zero_tail_row[:, None] & (pos >= second)[None, :], 0.0, baseline)
+        if ZERO_TAIL:
+            baseline = tl.where(zero_tail_row[:, None] & (pos >= second)[None, :], 0.0,
+                                baseline)
         tl.store(adv_ptr + at, tl.where(valid, returns - baseline, 0.0), mask=ok)
 
 
