@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -44,6 +45,10 @@ import torch
 
 #: cuobjdump's resource line, e.g. "REG:48 STACK:0 SHARED:1024 LOCAL:0 ...".
 RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+#: nvdisasm's lines: an instruction ("/*0120*/  @!P0 BRA `(.L_x_2) ;"), a label (".L_x_2:").
+SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+\S")
+SASS_LABEL = re.compile(r"^\.(L_x_\d+):")
+SASS_BRANCH = re.compile(r"\bBRA\b.*\.(L_x_\d+)\)?")
 #: Registers above which an sm_90 SM holds fewer than 16 warps of 128-thread programs.
 REGS_WARNING = 128
 #: Per-SM limits by compute capability x 10: (max resident warps, max resident
@@ -136,16 +141,50 @@ def _op_modules(dispatch: Any) -> list[Any]:
                          if name.startswith("rlhf_fast.ops.") and hasattr(m, "use_triton")]
 
 
-def resource_usage(kernel: Any) -> dict[str, int]:
-    """regs, stack, shared (static, from the cubin) and local bytes of a compiled kernel."""
+def _run_on_cubin(kernel: Any, tool: str, *args: str) -> str:
+    """The output of one of Triton's bundled CUDA tools on the kernel's cubin."""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        text = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)],
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(path), *args, str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def main_loop_instructions(sass: str) -> int:
+    """SASS instructions in one iteration of a kernel's main loop: of the innermost loops
+    (a label, and a branch back to it with no other loop inside), the longest; 0 for a
+    kernel without a loop."""
+    instructions, labels, loops = 0, {}, []
+    for line in sass.splitlines():
+        label = SASS_LABEL.match(line)
+        if label:
+            labels[label.group(1)] = instructions
+        elif SASS_INSTRUCTION.match(line):
+            branch = SASS_BRANCH.search(line)
+            # (a branch to itself is the trap every kernel ends with, not a loop)
+            if branch and labels.get(branch.group(1), instructions) < instructions:
+                loops.append((labels[branch.group(1)], instructions))
+            instructions += 1
+    innermost = [(a, b) for a, b in loops
+                 if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return max((b - a + 1 for a, b in innermost), default=0)
+
+
+def per_element(config: dict[str, Any], num_warps: int, loop: int) -> float | None:
+    """Instructions per element of the loop: each iteration covers the tile of the
+    kernel's BLOCK_* sizes, spread over its 32 * num_warps threads."""
+    tile = math.prod(v for k, v in config.items() if k.startswith("BLOCK"))
+    if not loop or tile <= 1:
+        return None
+    return round(loop * 32 * num_warps / tile, 2)
+
+
+def resource_usage(kernel: Any) -> dict[str, int]:
+    """regs, stack, shared (static, from the cubin) and local bytes of a compiled kernel."""
+    text = _run_on_cubin(kernel, "cuobjdump", "--dump-resource-usage")
     match = RESOURCE_LINE.search(text)
     if match is None:
         raise RuntimeError(f"no resource line in cuobjdump's output:\n{text}")
@@ -268,23 +307,28 @@ def kernel_table(arch: int = 90) -> list[dict[str, Any]]:
             seen.add(key)
             usage = resource_usage(kernel)
             warps = kernel.metadata.num_warps
+            loop = main_loop_instructions(_run_on_cubin(kernel, "nvdisasm", "-c"))
             rows.append({"workload": workload, "kernel": name, "arch": f"sm_{arch}",
                          "num_warps": warps, "num_stages": kernel.metadata.num_stages,
                          "shared": kernel.metadata.shared, "config": config, **usage,
                          "warps_per_sm": resident_warps(arch, usage["regs"], warps,
-                                                        kernel.metadata.shared)})
+                                                        kernel.metadata.shared),
+                         "loop_instructions": loop,
+                         "instructions_per_element": per_element(config, warps, loop)})
     return rows
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = ["| kernel | workload | config | warps | regs | spill bytes | shared bytes "
-             "| resident warps / SM |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| resident warps / SM | main loop: instructions (per element) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         flag = " (!)" if row["local"] or row["regs"] > REGS_WARNING else ""
         config = ", ".join(f"{k}={v}" for k, v in row["config"].items() if "BLOCK" in k)
         lines.append(f"| {row['kernel']}{flag} | {row['workload']} | {config} | "
                      f"{row['num_warps']} | {row['regs']} | {row['local']} | {row['shared']} | "
-                     f"{row['warps_per_sm']} |")
+                     f"{row['warps_per_sm']} | {row['loop_instructions']} "
+                     f"({row['instructions_per_element']}) |")
     return "\n".join(lines)
 
 

@@ -10,17 +10,31 @@ Math (z = logits / T, one row of V entries, label y):
             + g_L2 * 2 p_j (p_j / exp(L2) - 1)
     dx_j  = dz_j / T
 
-Forward, one read of the row: blocks of BLOCK_V logits update a running max m, a running
-sum s = sum_j exp(z_j - m) and, for the entropy, t = sum_j exp(z_j - m) * (z_j - m), all
-in fp32 (fp64 for fp64 logits). When the max moves from m to m', s scales by
-a = exp(m - m') and t becomes a * (t + s * (m - m')); for L2, q = sum_j exp(2 (z_j - m))
-scales by a^2. At the end logp = (z_y - m) - log s, H = log s - t / s and
-L2 = log q - 2 log s: every term is a difference of nearby values or O(log V), so all
-keep fp32 precision for logits of 1e4, where lse itself (ulp 1e-3 there) would not, and
-lse - E[z] would cancel catastrophically.
+Forward, one read of the row, in base 2 with the scale folded in (c = log2(e) / T, so
+2^(c (x - m)) = exp((x - m) / T), and the exponential is one MUFU.EX2, no range fix-up):
+each block of BLOCK_V raw logits x moves the running max m of the row (one block-wide
+max), then every lane adds to its own partial sums, reduced once after the loop:
 
-Backward, one read and one write of the row: log p_j = (z_j - m) - log s is recomputed
-from the saved (m, log s) pair, for the same reason.
+    s = sum_j 2^(c (x_j - m))      t = sum_j 2^(c (x_j - m)) c (x_j - m)
+    q = sum_j 4^(c (x_j - m))      (return_sum_p2)
+
+When the max moves from m to m' (a uniform branch, taken a few times per row), the lanes
+rescale: with d = c (m - m') and a = 2^d, s becomes a s, t becomes a (t + s d) and q
+becomes a^2 q. At the end, log s is the row's logsumexp below m / T, and
+
+    logp = (x_y - m) / T - log s      H = log s - ln(2) t / s      L2 = log q - 2 log s
+
+Every term is a difference of nearby values or O(log V), so all keep fp32 precision for
+logits of 1e4, where lse itself (ulp 1e-3 there) would not, and lse - E[z] would cancel
+catastrophically. Exponents are clamped at UNDERFLOW (where 2^x is 0 in the accumulation
+dtype, NaN kept): a -inf logit adds 0 and 0 * -inf never occurs.
+
+Backward, one read and one write of the row: log2 p_j = c (x_j - m) - log2 s from the
+saved (m, log s) pair, then dx_j = p_j (-g_logp - g_H (ln(2) log2 p_j + H)
++ 2 g_L2 (p_j / exp(L2) - 1)) / T, the 1 / T folded into the upstream gradients. The
+one-hot term g_logp / T is added once per row: the label's gradient is computed from its
+logit read before the loop (the in-place backward overwrites the row) and stored after
+it, behind a barrier.
 
 A -inf logit is a token of probability 0 (p log p = 0). A NaN or +inf logit makes that
 row NaN; a label outside [0, V) makes the row NaN (stored log s = NaN, so the
@@ -39,11 +53,20 @@ import triton.language as tl
 
 from rlhf_fast.kernels.common import cast, fp64_arg, split_fp64
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # 1 / ln(2)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
 def _row_offset(row, n_inner, stride_outer, stride_inner):
     # Rows of a [A, B, V] view with arbitrary A / B strides, e.g. logits[:, :-1].
     return (row // n_inner) * stride_outer + (row % n_inner) * stride_inner
+
+
+@triton.jit
+def _exponent(x, UNDERFLOW: tl.constexpr):
+    # max(x, UNDERFLOW), NaN kept: 2^UNDERFLOW is 0, and 0 times it is 0, not 0 * -inf.
+    return tl.maximum(x, UNDERFLOW, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -55,7 +78,9 @@ def _logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
+    underflow: tl.constexpr = -1100.0 if FP64 else -200.0
     inv_temperature = fp64_arg(inv_t_hi, inv_t_lo, acc_dtype)
+    c = inv_temperature * LOG2E
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     if label == ignore_index:
@@ -70,37 +95,57 @@ def _logprobs_fwd_kernel(
         row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
         cols = tl.arange(0, BLOCK_V)
         m = tl.full([], float("-inf"), acc_dtype)
-        s = tl.zeros([], acc_dtype)
-        t = tl.zeros([], acc_dtype)
-        q = tl.zeros([], acc_dtype)
+        s = tl.zeros([BLOCK_V], acc_dtype)
+        t = tl.zeros([BLOCK_V], acc_dtype)
+        q = tl.zeros([BLOCK_V], acc_dtype)
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
-            z = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf"))
-            z = z.to(acc_dtype) * inv_temperature
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            # Until a finite logit is seen, shift by 0 so that -inf - -inf never occurs.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_shift)
-            e = tl.exp(z - m_shift)
+            x = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(acc_dtype)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            if m_new > m:
+                # Nothing summed yet while m is -inf: no rescale (and no -inf - -inf).
+                d = tl.where(m == float("-inf"), 0.0, (m - m_new) * c)
+                a = tl.exp2(d)
+                if COMPUTE_ENTROPY:
+                    t = a * (t + s * d)
+                if COMPUTE_SUM_P2:
+                    q = q * (a * a)
+                s = s * a
+                m = m_new
+            z = _exponent((x - tl.where(m == float("-inf"), 0.0, m)) * c, underflow)
+            e = tl.exp2(z)
+            s += e
             if COMPUTE_ENTROPY:
-                # The where()s pick the shift before multiplying: 0 * -inf never occurs.
-                e_z = tl.sum(e * (tl.where(e > 0, z, m_shift) - m_shift), axis=0)
-                t = alpha * (t + s * (tl.where(s > 0, m, m_shift) - m_shift)) + e_z
+                t += e * z
             if COMPUTE_SUM_P2:
-                q = q * (alpha * alpha) + tl.sum(e * e, axis=0)
-            s = s * alpha + tl.sum(e, axis=0)
-            m = m_new
+                q += e * e
+        s_row = tl.sum(s, axis=0)
         label_ok = (label >= 0) & (label < vocab)
-        z_label = tl.load(row_ptr + label, mask=label_ok, other=0.0).to(acc_dtype) * inv_temperature
-        log_s = tl.where(label_ok, tl.log(s), float("nan"))
-        tl.store(logp_ptr + row, (z_label - m) - log_s)
+        x_label = tl.load(row_ptr + label, mask=label_ok, other=0.0).to(acc_dtype)
+        log_s = tl.where(label_ok, tl.log(s_row), float("nan"))
+        tl.store(logp_ptr + row, (x_label - m) * inv_temperature - log_s)
         tl.store(row_max_ptr + row, m)
         tl.store(log_sum_ptr + row, log_s)
         if COMPUTE_ENTROPY:
-            entropy = log_s - t / s
-            tl.store(entropy_ptr + row, tl.where(label_ok, entropy, float("nan")))
+            entropy = log_s - LN2 * tl.sum(t, axis=0) / s_row
+            tl.store(entropy_ptr + row, entropy)  # NaN with log_s
         if COMPUTE_SUM_P2:
-            tl.store(sum_p2_ptr + row, tl.log(q) - 2.0 * log_s)  # NaN with log_s
+            tl.store(sum_p2_ptr + row, tl.log(tl.sum(q, axis=0)) - 2.0 * log_s)
+
+
+@triton.jit
+def _scaled_grad(x, row_max, c, log2_sum, g_logp, g_entropy, entropy, g_sum_p2, inv_sum_p2,
+                 HAS_G_ENTROPY: tl.constexpr, HAS_G_SUM_P2: tl.constexpr,
+                 UNDERFLOW: tl.constexpr):
+    # dx without the one-hot term, the gradients already divided by T
+    log2_p = _exponent((x - row_max) * c - log2_sum, UNDERFLOW)
+    p = tl.exp2(log2_p)
+    g = -g_logp
+    if HAS_G_ENTROPY:
+        g -= g_entropy * (log2_p * LN2 + entropy)
+    if HAS_G_SUM_P2:
+        g += g_sum_p2 * (p * inv_sum_p2 - 1.0)
+    return p * g
 
 
 @triton.jit
@@ -113,7 +158,9 @@ def _logprobs_bwd_kernel(
     FP64: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
+    underflow: tl.constexpr = -1100.0 if FP64 else -200.0
     inv_temperature = fp64_arg(inv_t_hi, inv_t_lo, acc_dtype)
+    c = inv_temperature * LOG2E
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     grad_row_ptr = grad_ptr + _row_offset(row, n_inner, g_stride_outer, g_stride_inner)
@@ -126,35 +173,39 @@ def _logprobs_bwd_kernel(
     else:
         row_ptr = logits_ptr + _row_offset(row, n_inner, stride_outer, stride_inner)
         row_max = tl.load(row_max_ptr + row)
-        log_sum = tl.load(log_sum_ptr + row)
+        log2_sum = tl.load(log_sum_ptr + row) * LOG2E
         g_logp = tl.zeros([], acc_dtype)
         if HAS_G_LOGP:
-            g_logp = tl.load(g_logp_ptr + row).to(acc_dtype)
+            g_logp = tl.load(g_logp_ptr + row).to(acc_dtype) * inv_temperature
         g_entropy = tl.zeros([], acc_dtype)
         entropy = tl.zeros([], acc_dtype)
         if HAS_G_ENTROPY:
-            g_entropy = tl.load(g_entropy_ptr + row).to(acc_dtype)
+            g_entropy = tl.load(g_entropy_ptr + row).to(acc_dtype) * inv_temperature
             entropy = tl.load(entropy_ptr + row)
         g_sum_p2 = tl.zeros([], acc_dtype)
-        log_sum_p2 = tl.zeros([], acc_dtype)
+        inv_sum_p2 = tl.zeros([], acc_dtype)
         if HAS_G_SUM_P2:
-            g_sum_p2 = tl.load(g_sum_p2_ptr + row).to(acc_dtype)
-            log_sum_p2 = tl.load(sum_p2_ptr + row)
+            g_sum_p2 = 2.0 * tl.load(g_sum_p2_ptr + row).to(acc_dtype) * inv_temperature
+            inv_sum_p2 = tl.exp(-tl.load(sum_p2_ptr + row))
+        # The label's column in this slice of the row (label_shift: the vocab-chunked
+        # backward of linear_logprobs), read before the loop may overwrite it.
+        y = label - label_shift
+        has_label = (y >= 0) & (y < vocab)
+        x_label = tl.load(row_ptr + y, mask=has_label, other=0.0).to(acc_dtype)
         for start in range(0, vocab, BLOCK_V):
             offs = start + cols
             mask = offs < vocab
-            z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(acc_dtype) * inv_temperature
-            log_p = (z - row_max) - log_sum
-            p = tl.exp(log_p)
-            dz = tl.zeros([BLOCK_V], acc_dtype)
-            if HAS_G_LOGP:
-                dz = g_logp * (tl.where(offs == label - label_shift, 1.0, 0.0) - p)
-            if HAS_G_ENTROPY:
-                dz -= g_entropy * p * tl.where(p > 0, log_p + entropy, 0.0)
-            if HAS_G_SUM_P2:
-                dz += g_sum_p2 * 2.0 * p * (tl.exp(log_p - log_sum_p2) - 1.0)
-            dx = dz * inv_temperature
+            x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
+            dx = _scaled_grad(x, row_max, c, log2_sum, g_logp, g_entropy, entropy, g_sum_p2,
+                              inv_sum_p2, HAS_G_ENTROPY, HAS_G_SUM_P2, underflow)
             tl.store(grad_row_ptr + offs, cast(dx, grad_ptr.dtype.element_ty), mask=mask)
+        if HAS_G_LOGP:
+            if has_label:
+                dx_label = g_logp + _scaled_grad(
+                    x_label, row_max, c, log2_sum, g_logp, g_entropy, entropy, g_sum_p2,
+                    inv_sum_p2, HAS_G_ENTROPY, HAS_G_SUM_P2, underflow)
+                tl.debug_barrier()  # after the loop's store of the same element
+                tl.store(grad_row_ptr + y, cast(dx_label, grad_ptr.dtype.element_ty))
 
 
 MAX_BLOCK_V = 4096
@@ -165,8 +216,10 @@ def block_size(vocab: int) -> int:
     return min(MAX_BLOCK_V, max(16, triton.next_power_of_2(vocab)))
 
 
-def _num_warps(block: int) -> int:
-    return 8 if block >= 4096 else 4 if block >= 1024 else 2
+def _num_warps(block: int, forward: bool = False) -> int:
+    # The forward's per-lane sums (s and t: two registers per element a thread holds)
+    # fit at 8 elements per thread: 16 warps over the largest block.
+    return (16 if forward else 8) if block >= 4096 else 4 if block >= 1024 else 2
 
 
 def row_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
@@ -222,7 +275,8 @@ def logprobs_forward(
         logp if sum_p2 is None else sum_p2, row_stats[0], row_stats[1],
         *layout, vocab, *split_fp64(1.0 / temperature), ignore_index,
         COMPUTE_ENTROPY=compute_entropy, COMPUTE_SUM_P2=compute_sum_p2,
-        FP64=logits.dtype == torch.float64, BLOCK_V=block, num_warps=_num_warps(block),
+        FP64=logits.dtype == torch.float64, BLOCK_V=block,
+        num_warps=_num_warps(block, forward=True),
     )
     return logp, entropy, sum_p2, row_stats
 
