@@ -11,8 +11,10 @@ margin is O(1)). The usual causal shift: ``logits[:, :-1]`` predicts ``labels[:,
 
 Providers (same inputs, same process):
 
-* ``rlhf_fast``: ``tok = rlhf_fast.logprobs(logits[:, :-1], labels[:, 1:])`` (a strided
-  view, read in place), ``seq = rlhf_fast.sequence_logps(tok, labels[:, 1:] != -100)``,
+* ``rlhf_fast``: ``tok = rlhf_fast.logprobs(logits, shifted)`` with ``shifted =
+  F.pad(labels[:, 1:], (0, 1), value=-100)`` (the labels shifted onto the whole logits,
+  the last position ignored: no slice backward), ``seq =
+  rlhf_fast.sequence_logps(tok, shifted != -100)``,
   ``rlhf_fast.dpo_loss(seq[:B], seq[B:], ref_chosen, ref_rejected, beta=0.1).loss``.
 * ``rlhf_fast-inplace``: the same with ``logprobs(..., inplace_backward=True)``
   (backward modes only; the forward is identical). Its backward overwrites the logits, so
@@ -27,9 +29,10 @@ is benchmarked against ``linear_dpo_loss`` in the ``linear_dpo_loss`` suite.
 
 Modes: ``fwd`` (logits not requiring grad: the loss only), ``bwd`` (the backward alone;
 the forward building its graph runs untimed before each call) and ``fwd+bwd``
-(``torch.autograd.grad`` of the loss w.r.t. the whole ``[2B, T, V]`` logits; for every
-provider autograd's slicing backward scatters the ``[:, :-1]`` gradient into a new
-tensor of the logits' shape, so even the in-place provider allocates one gradient).
+(``torch.autograd.grad`` of the loss w.r.t. the whole ``[2B, T, V]`` logits; for the
+peers autograd's slicing backward scatters the ``[:, :-1]`` gradient into a new tensor of
+the logits' shape; rlhf_fast's kernel writes it whole, and the in-place provider into
+the logits themselves).
 
 Every provider is first checked against a float64 reference built from
 ``rlhf_fast.reference`` (``logprobs``, ``sequence_logps``, ``dpo_loss``) on the same
@@ -58,6 +61,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import rlhf_fast
 from rlhf_fast import reference
@@ -99,10 +103,11 @@ def _rlhf_fast(inplace: bool) -> Callable[..., torch.Tensor]:
         ref_chosen: torch.Tensor,
         ref_rejected: torch.Tensor,
     ) -> torch.Tensor:
-        shifted = labels[:, 1:]
-        tok = rlhf_fast.logprobs(
-            logits[:, :-1], shifted, ignore_index=IGNORE_INDEX, inplace_backward=inplace
-        )
+        # labels shifted onto the whole logits (the last position ignored): no slice
+        # backward, the kernel writes the logits' gradient whole
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        tok = rlhf_fast.logprobs(logits, shifted, ignore_index=IGNORE_INDEX,
+                                 inplace_backward=inplace)
         seq = rlhf_fast.sequence_logps(tok, shifted != IGNORE_INDEX)
         return objectives.dpo_objective(rlhf_fast.dpo_loss, seq, ref_chosen, ref_rejected)
 

@@ -13,10 +13,12 @@ fp32 of alternating sign.
 
 Providers (same inputs, same process):
 
-* ``rlhf_fast``: ``logp = rlhf_fast.logprobs(logits[:, :-1], ids)`` (a strided view, read
-  in place), then ``rlhf_fast.ppo_loss(logp, old_logp, advantages[:, None], mask,
-  clip_eps=0.2, clip_eps_high=0.28, ref_logp=ref_logp, kl_coef=0.04,
-  kl_estimator="k3", agg="token-mean").loss``.
+* ``rlhf_fast``: ``logp = rlhf_fast.logprobs(logits, F.pad(ids, (0, 1), value=-100))
+  [:, :-1]`` (the ids shifted onto the whole logits, the last position ignored: the kernel
+  writes the logits' gradient whole, with no slice backward), then
+  ``rlhf_fast.ppo_loss(logp, old_logp, advantages[:, None], mask, clip_eps=0.2,
+  clip_eps_high=0.28, ref_logp=ref_logp, kl_coef=0.04, kl_estimator="k3",
+  agg="token-mean").loss``.
 * ``rlhf_fast-inplace``: the same with ``logprobs(..., inplace_backward=True)``
   (backward modes only). Its backward overwrites the logits: a fresh copy per timed call.
 * ``liger``: Liger-Kernel's ``triton_grpo_loss(logits, old_logp, ref_logp, ids,
@@ -53,6 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import rlhf_fast
 from rlhf_fast import reference
@@ -90,7 +93,10 @@ LossFn = Callable[..., torch.Tensor]
 
 def _rlhf_fast(inplace: bool) -> LossFn:
     def run(logits: torch.Tensor, ids: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        logp = rlhf_fast.logprobs(logits[:, :-1], ids, inplace_backward=inplace)
+        # ids shifted onto the whole logits (the last position ignored): no slice
+        # backward, the kernel writes the logits' gradient whole
+        logp = rlhf_fast.logprobs(logits, F.pad(ids, (0, 1), value=-100),
+                                  inplace_backward=inplace)[:, :-1]
         return objectives.grpo_objective(rlhf_fast.ppo_loss, logp, *rest)
 
     return run

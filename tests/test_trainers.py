@@ -1155,6 +1155,22 @@ def test_fused_linear_refuses_models_that_transform_their_logits(tokenizer, torc
         TokenLogprobs(model, fused_linear=True)
 
 
+def test_logits_path_shifts_the_labels_not_the_logits():
+    """The log-prob kernel gets the model's whole logits (labels shifted, the last position
+    ignored): no SliceBackward between it and the lm_head, whose [B, L, V] gradient the
+    kernel then writes once. Outputs equal logprobs on logits[:, :-1]."""
+    model = _granite(1.0)
+    ids, mask = torch.randint(0, 64, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    logp, entropy = TokenLogprobs(model, fused_linear=False)(ids, mask, return_entropy=True)
+    kernel = logp.grad_fn.next_functions[0][0]  # logp: a slice of the kernel's [B, L] output
+    assert type(kernel).__name__ == "LogProbsFunctionBackward"
+    assert "Slice" not in type(kernel.next_functions[0][0]).__name__
+    logits = model(ids, attention_mask=mask, position_ids=position_ids_from(mask)).logits
+    expected = rlhf_fast.logprobs(logits[:, :-1], ids[:, 1:], return_entropy=True)
+    for got, want in zip((logp, entropy), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_ppo_rollout_ignores_the_models_generation_config(warm_model, tokenizer, tmp_path,
                                                           torch_backend):
     """old_logp is the plain policy's log-prob at `temperature`: the answers must be

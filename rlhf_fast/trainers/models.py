@@ -11,10 +11,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast import linear_logprobs, linear_ppo_loss, logprobs
 from rlhf_fast.trainers.run import is_fsdp2_sharded
+
+#: The label of the last position, which predicts nothing (token ids are >= 0).
+IGNORE_INDEX = -100
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -128,7 +132,14 @@ class TokenLogprobs(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=False,
             ).logits
-            return logprobs(logits[:, :-1], labels, **options)
+            # Shifted labels on the whole logits, the last position ignored: the kernel
+            # writes the logits' gradient whole, where logits[:, :-1] would cost autograd's
+            # slice backward a second [B, L, V] buffer and pass.
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)
+            outputs = logprobs(logits, shifted, ignore_index=IGNORE_INDEX, **options)
+            if torch.is_tensor(outputs):
+                return outputs[:, :-1]
+            return tuple(output[:, :-1] for output in outputs)
         hidden, head = self.hidden_and_head(input_ids, attention_mask)
         # under autocast, linear_logprobs runs its GEMMs in autocast's dtype, as the
         # lm_head would, and returns fp32 master weights an fp32 gradient
