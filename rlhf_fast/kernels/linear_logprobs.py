@@ -197,6 +197,7 @@ def linear_logprobs_forward(
             entropy[rows] = chunk_entropy
         if compute_sum_p2:
             sum_p2[rows] = chunk_sum_p2
+        del logits  # before the next chunk's GEMM: one chunk alive, not two
     return logp, entropy, sum_p2, row_stats
 
 
@@ -265,6 +266,7 @@ def linear_logprobs_backward(
                 add_product(d_hidden[rows], d_logits, w)
             if needs_bias:
                 d_bias[cols] += d_logits.sum(0, dtype=acc_dtype)
+            del logits, d_logits  # (the same buffer) before the next chunk's GEMM
         if d_w is not None:
             d_weight[cols] = d_w
     return (

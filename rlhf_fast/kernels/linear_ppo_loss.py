@@ -75,6 +75,7 @@ def linear_ppo_forward_backward(
         logp[rows] = chunk_logp
         entropy[rows] = chunk_entropy
         if not any(needs_grad):
+            del logits  # before the next chunk's GEMM: one chunk alive, not two
             continue
         g_logp, g_entropy = ppo_kernel.ppo_token_grads(
             token_weight[rows], chunk_logp, old_logp[rows], advantages[rows],
@@ -92,6 +93,7 @@ def linear_ppo_forward_backward(
                         zero_ignored_rows(hidden_c, labels[rows], ignore_index))
         if needs_bias:
             d_bias += d_logits.sum(0, dtype=acc_dtype)
+        del logits, d_logits  # (the same buffer) before the next chunk's GEMM
     return (
         logp, entropy, d_hidden,
         in_dtype(d_weight, weight.dtype),

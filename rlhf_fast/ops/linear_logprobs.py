@@ -77,6 +77,8 @@ def no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Autocast off on the tensor's device: the kernels cast to the compute dtype
     themselves, in the forward and in the backward alike (autocast would only cast the
     forward's GEMMs, so the backward would recompute different logits)."""
+    if not torch.amp.is_autocast_available(tensor.device.type):  # meta: nothing to undo
+        return contextlib.nullcontext()
     return torch.autocast(tensor.device.type, enabled=False)
 
 
@@ -87,7 +89,8 @@ def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     weight and bias must then share."""
     device = hidden.device.type
     tensors = [hidden, weight] + ([] if bias is None else [bias])
-    if torch.is_autocast_enabled(device) and all(t.dtype != torch.float64 for t in tensors):
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if autocast and all(t.dtype != torch.float64 for t in tensors):
         return torch.get_autocast_dtype(device)
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.dtype != hidden.dtype:

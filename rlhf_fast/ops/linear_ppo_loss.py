@@ -16,6 +16,7 @@ import torch
 from rlhf_fast import reference
 from rlhf_fast.kernels import linear_ppo_loss as kernel
 from rlhf_fast.kernels import ppo_loss as ppo_kernel
+from rlhf_fast.kernels.linear_logprobs import CHUNK_ELEMENTS
 from rlhf_fast.ops.checks import FLOAT_DTYPES, check_tensor, differentiable_once
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.ops.linear_logprobs import (
@@ -40,9 +41,21 @@ def _accumulator(compute_dtype: torch.dtype) -> torch.dtype:
 
 
 def scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad * scale (a 0-d tensor), computed in fp32 or wider, in grad's dtype."""
+    """grad * scale (a 0-d tensor), computed in fp32 or wider, rounded once to grad's
+    dtype. A bf16 / fp16 grad is scaled a chunk of rows at a time: the only new [V, D]
+    tensor is the result (a whole fp32 copy and product of a [151936, 4096] weight's
+    gradient would be 5 GB more)."""
     wide = torch.promote_types(grad.dtype, torch.float32)
-    return (grad.to(wide) * scale.to(wide)).to(grad.dtype)
+    scale = scale.to(wide)
+    if grad.dtype == wide:
+        return grad * scale
+    out = torch.empty_like(grad)
+    rows = grad.reshape(-1, grad.shape[-1])  # hidden, weight or bias: contiguous, >= 1-D
+    step = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step]
+        out.view(rows.shape)[start:start + step] = chunk.to(wide).mul_(scale)
+    return out
 
 
 class LinearPPOLossFunction(torch.autograd.Function):
