@@ -1,0 +1,208 @@
+"""Bytes moved and launches per op and pass, counted through Triton's interpreter.
+
+Speed on a GPU is bytes over bandwidth for these memory-bound kernels: every byte a
+kernel loads or stores beyond what the op must move is time lost. This runs each op's
+kernels in Triton's interpreter (TRITON_INTERPRET=1) with the interpreter's load and store
+counted: each masked-in lane of a ``tl.load`` / ``tl.store`` adds its element's bytes. A
+re-read counts again (on a GPU it may hit in L2; here it is charged as DRAM traffic), so
+the count is an upper bound of what the kernels move, against the floor: each input read
+once, each output written once (`CASES` states each floor). Deterministic: a CI budget.
+
+    TRITON_INTERPRET=1 python -m rlhf_fast.benchmarks.traffic
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Traffic:
+    """Bytes loaded and stored and launches, counted while `counting()` is active."""
+
+    loaded: int = 0
+    stored: int = 0
+    launches: list[str] = field(default_factory=list)
+
+    @property
+    def moved(self) -> int:
+        return self.loaded + self.stored
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[Traffic]:
+    """Within the block, count the bytes every interpreted kernel loads and stores and
+    the launches (kernel names, in order)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("traffic counts through Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before triton is imported")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    traffic = Traffic()
+    load, store = builder.create_masked_load, builder.create_masked_store
+    run = interpreter.InterpretedFunction.run
+
+    def counted_load(self, ptrs, mask, other, *args, **kwargs):
+        out = load(self, ptrs, mask, other, *args, **kwargs)
+        traffic.loaded += int(np.count_nonzero(mask.data)) * out.data.dtype.itemsize
+        return out
+
+    def counted_store(self, ptrs, value, mask, *args, **kwargs):
+        traffic.stored += int(np.count_nonzero(mask.data)) * value.data.dtype.itemsize
+        return store(self, ptrs, value, mask, *args, **kwargs)
+
+    def counted_run(self, *args, **kwargs):
+        traffic.launches.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    patched = [(builder, "create_masked_load", counted_load),
+               (builder, "create_masked_store", counted_store),
+               (interpreter.InterpretedFunction, "run", counted_run)]
+    try:
+        for owner, name, value in patched:
+            setattr(owner, name, value)
+        yield traffic
+    finally:
+        builder.create_masked_load, builder.create_masked_store = load, store
+        interpreter.InterpretedFunction.run = run
+
+
+# --------------------------------------------------------------------------- the cases
+#
+# Each case builds its inputs (uncounted) and returns the pass to count and its floor:
+# what the op's math must move, with masked-out entries never read (the ops' contract),
+# each needed input read once per pass and each output written once.
+
+
+N, V = 64, 8192  # token rows and vocabulary: O(N) terms are ~1% of N V
+B, T = 16, 1024  # sequences and tokens of the [B, T] ops
+BF16, F32 = 2, 4
+Setup = Callable[[], tuple[Callable[[], Any], int]]
+
+
+def _logits() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(N, V, generator=gen).to(torch.bfloat16).requires_grad_()
+    return logits, torch.randint(0, V, (N,), generator=gen)
+
+
+def logprobs_forward() -> tuple[Callable[[], Any], int]:
+    """The bf16 logits once, the labels, logp and entropy."""
+    import rlhf_fast
+
+    logits, labels = _logits()
+    return (lambda: rlhf_fast.logprobs(logits.detach(), labels, return_entropy=True,
+                                       check_labels=False),
+            BF16 * N * V + 8 * N + 2 * F32 * N)
+
+
+def logprobs_backward() -> tuple[Callable[[], Any], int]:
+    """The logits once, the gradient once, the labels and both upstream gradients."""
+    import rlhf_fast
+
+    logits, labels = _logits()
+    logp, entropy = rlhf_fast.logprobs(logits, labels, return_entropy=True)
+    upstream = (torch.ones(N), torch.ones(N))
+    return (lambda: torch.autograd.grad((logp, entropy), logits, upstream, retain_graph=True),
+            2 * BF16 * N * V + 8 * N + 2 * F32 * N)
+
+
+def _ppo_inputs() -> tuple[dict[str, torch.Tensor], int]:
+    gen = torch.Generator().manual_seed(0)
+    logp = -torch.rand(B, T, generator=gen)
+    mask = torch.rand(B, T, generator=gen) > 0.2
+    return dict(logp=logp.requires_grad_(), old_logp=logp.detach() + 0.1,
+                advantages=torch.randn(B, T, generator=gen), mask=mask,
+                ref_logp=logp.detach() - 0.1,
+                entropy=torch.rand(B, T, generator=gen).requires_grad_()), int(mask.sum())
+
+
+def ppo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
+    """Forward: the mask, and logp, old_logp, advantages, ref_logp, entropy at the valid
+    tokens; backward: the mask and the four its gradients need (not entropy, whose
+    gradient is a constant per token), both gradients written whole."""
+    import rlhf_fast
+
+    x, valid = _ppo_inputs()
+
+    def run() -> Any:
+        out = rlhf_fast.ppo_loss(x["logp"], x["old_logp"], x["advantages"], x["mask"],
+                                 ref_logp=x["ref_logp"], entropy=x["entropy"], kl_coef=0.1,
+                                 entropy_coef=0.01)
+        return torch.autograd.grad(out.loss, (x["logp"], x["entropy"]))
+
+    forward = B * T + 5 * F32 * valid
+    backward = B * T + 4 * F32 * valid + 2 * F32 * B * T
+    return run, forward + backward
+
+
+def masked_whiten_forward() -> tuple[Callable[[], Any], int]:
+    """Two passes (the statistics, then the output): the mask and the valid x twice, the
+    output written whole."""
+    import rlhf_fast
+
+    x, valid = _ppo_inputs()
+    return (lambda: rlhf_fast.masked_whiten(x["advantages"], x["mask"]),
+            2 * (B * T + F32 * valid) + F32 * B * T)
+
+
+def gae_forward() -> tuple[Callable[[], Any], int]:
+    """The mask, rewards and values at the valid tokens, advantages and returns whole."""
+    import rlhf_fast
+
+    x, valid = _ppo_inputs()
+    return (lambda: rlhf_fast.gae(x["advantages"], x["old_logp"], x["mask"]),
+            B * T + 2 * F32 * valid + 2 * F32 * B * T)
+
+
+#: name -> (the pass and its floor, the kernels it launches, the budget of moved / floor)
+CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
+    "logprobs fwd (+ entropy), [64, 8192] bf16": (
+        logprobs_forward, ("_logprobs_fwd_kernel",), 1.002),
+    "logprobs bwd (both outputs), [64, 8192] bf16": (
+        logprobs_backward, ("_logprobs_bwd_kernel",), 1.002),
+    "ppo_loss fwd+bwd (KL, entropy), [16, 1024] fp32": (
+        ppo_loss_forward_backward, ("_ppo_fwd_kernel", "_ppo_reduce_kernel",
+                                    "_ppo_bwd_kernel"), 1.005),  # + the per-row stats
+    "masked_whiten fwd, [16, 1024] fp32": (
+        masked_whiten_forward, ("_masked_partial_stats_kernel", "_masked_merge_stats_kernel",
+                                "_whiten_fwd_kernel"), 1.002),
+    # the scan reads each valid token's successor again: its rewrite is still to do
+    "gae fwd, [16, 1024] fp32": (gae_forward, ("_gae_kernel",), 1.3),
+}
+
+
+def table() -> list[dict[str, Any]]:
+    rows = []
+    for name, (setup, launches, budget) in CASES.items():
+        run, floor = setup()
+        with counting() as traffic:
+            run()
+        rows.append(dict(case=name, moved=traffic.moved, floor=floor,
+                         ratio=round(traffic.moved / floor, 4), budget=budget,
+                         launches=traffic.launches, expected_launches=list(launches)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    print("| op, pass, shape | bytes moved | floor | moved / floor (budget) | launches |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in table():
+        print(f"| {row['case']} | {row['moved']} | {row['floor']} | {row['ratio']:.3f}x "
+              f"({row['budget']}x) | {len(row['launches'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Bytes moved and launches per op and pass, counted through the interpreter
+(`rlhf_fast.benchmarks.traffic`): within each op's budget of its floor."""
+
+import pytest
+
+from rlhf_fast.benchmarks import traffic
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {row["case"]: row for row in traffic.table()}
+
+
+@pytest.mark.parametrize("name", list(traffic.CASES))
+def test_bytes_moved_within_budget_of_the_floor(rows, name):
+    row = rows[name]
+    # below 1 the floor would be wrong (a needed byte not counted), above the budget
+    # the kernels move more than they must
+    assert 1.0 <= row["ratio"] <= row["budget"], row
+
+
+@pytest.mark.parametrize("name", list(traffic.CASES))
+def test_launches_are_the_documented_ones(rows, name):
+    assert rows[name]["launches"] == rows[name]["expected_launches"]
+
+
+def test_counting_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        with traffic.counting():
+            pass
