@@ -94,6 +94,10 @@ def flag(*, optional: bool = False) -> Accepts:
     return Accepts(bool, "a bool or None" if optional else "a bool", optional=optional)
 
 
+#: OptionSet.check's results: (id of the set, owner, the given options) -> checked values
+_CHECKED: dict[tuple, SimpleNamespace] = {}
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -133,7 +137,25 @@ class OptionSet:
 
     def check(self, given: Mapping[str, Any], owner: str | None = None) -> SimpleNamespace:
         """`given` filled with defaults, each value checked and normalised, then the rules.
-        Errors name the option, as ``owner.name`` when an `owner` (a config class) is given."""
+        Errors name the option, as ``owner.name`` when an `owner` (a config class) is given.
+        A call repeating the options of an earlier one (the same names, types and values)
+        takes its result from a cache: an op's options are checked once per training run,
+        not at every step. The result is the caller's to change."""
+        # the types are part of the key: True == 1 == 1.0, but only 1 and 1.0 are floats
+        key = (id(self), owner, *sorted((name, type(value), value)
+                                        for name, value in given.items()))
+        try:
+            checked = _CHECKED.get(key)
+        except TypeError:  # an unhashable value: checked (and refused) every time
+            return self._check(given, owner)
+        if checked is None:
+            checked = self._check(given, owner)
+            if len(_CHECKED) >= 4096:
+                _CHECKED.clear()
+            _CHECKED[key] = checked
+        return SimpleNamespace(**vars(checked))
+
+    def _check(self, given: Mapping[str, Any], owner: str | None) -> SimpleNamespace:
         filled = self.fill(given)
         label = (lambda name: f"{owner}.{name}") if owner else (lambda name: name)
         for option in self.options:

@@ -3,6 +3,7 @@ launcher helpers (plain Python)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -38,6 +39,7 @@ def cast(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+@functools.lru_cache(maxsize=4096)  # a launch's settings repeat from step to step
 def split_fp64(value: float) -> tuple[float, float]:
     """(hi, lo) fp32 values with hi + lo == value to ~48 bits (Triton float args are fp32).
 

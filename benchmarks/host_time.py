@@ -1,0 +1,128 @@
+"""Host time per call of each op, as a multiple of one bare aten op in the same run.
+
+At small and medium batch sizes a fused op's cost on the GPU can be its host overhead:
+the Python checks, the torch ops around the kernels and the autograd bookkeeping. This
+times each op's forward + backward on small CPU tensors with its Triton launches skipped
+(what is left is the host's share, Triton's own launcher excepted), and divides by the
+time of ``torch.add`` on two small tensors measured in the same process, so the ratio
+(bare-op equivalents) carries from machine to machine. Medians of many repetitions.
+
+    python -m rlhf_fast.benchmarks.host_time
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rlhf_fast.benchmarks.memory import launches_skipped
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 30, inner: int = 20) -> float:
+    """Median over `repeats` of the mean time of `inner` back-to-back calls."""
+    fn()  # warm-up: first-call caches
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def bare_op() -> Callable[[], Any]:
+    a, b = torch.ones(8), torch.ones(8)
+    return lambda: torch.add(a, b)
+
+
+def ppo_loss_call() -> Callable[[], Any]:
+    import rlhf_fast
+
+    logp = torch.zeros(4, 16, requires_grad=True)
+    old, adv, mask = torch.zeros(4, 16), torch.ones(4, 16), torch.ones(4, 16, dtype=torch.bool)
+
+    def run() -> Any:
+        out = rlhf_fast.ppo_loss(logp, old, adv, mask, ref_logp=old, kl_coef=0.1)
+        return torch.autograd.grad(out.loss, logp)
+
+    return run
+
+
+def logprobs_call() -> Callable[[], Any]:
+    import rlhf_fast
+
+    logits = torch.zeros(4, 16, 32, requires_grad=True)
+    labels = torch.zeros(4, 16, dtype=torch.long)
+
+    upstream = (torch.ones(4, 16), torch.ones(4, 16))
+
+    def run() -> Any:  # check_labels=False: CUDA's default (the check needs a sync there)
+        outputs = rlhf_fast.logprobs(logits, labels, return_entropy=True, check_labels=False)
+        return torch.autograd.grad(outputs, logits, upstream)
+
+    return run
+
+
+def dpo_loss_call() -> Callable[[], Any]:
+    import rlhf_fast
+
+    chosen = torch.zeros(4, requires_grad=True)
+    other = torch.zeros(4)
+
+    def run() -> Any:
+        return torch.autograd.grad(rlhf_fast.dpo_loss(chosen, other, other, other).loss,
+                                   chosen)
+
+    return run
+
+
+def gae_call() -> Callable[[], Any]:
+    import rlhf_fast
+
+    x, mask = torch.zeros(4, 16), torch.ones(4, 16, dtype=torch.bool)
+    return lambda: rlhf_fast.gae(x, x, mask)
+
+
+#: name -> (the call, its budget in bare-op equivalents: about twice what it measures on
+#: an idle machine, so that a loaded CI machine does not fail it, while a regression to
+#: a per-call re-check or a storm of small ops does)
+CASES: dict[str, tuple[Callable[[], Callable[[], Any]], float]] = {
+    "ppo_loss fwd+bwd (KL)": (ppo_loss_call, 350.0),
+    "logprobs fwd+bwd (+ entropy)": (logprobs_call, 250.0),
+    "dpo_loss fwd+bwd": (dpo_loss_call, 250.0),
+    "gae": (gae_call, 50.0),
+}
+
+
+def table() -> list[dict[str, Any]]:
+    with launches_skipped():
+        unit = median_seconds(bare_op())
+        rows = []
+        for name, (case, budget) in CASES.items():
+            seconds = median_seconds(case())
+            rows.append(dict(case=name, microseconds=round(seconds * 1e6, 1),
+                             bare_ops=round(seconds / unit, 1), budget=budget,
+                             bare_op_microseconds=round(unit * 1e6, 2)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    rows = table()
+    print(f"one bare aten op (torch.add, 8 elements): {rows[0]['bare_op_microseconds']} us")
+    print("| op | host time per call (us) | bare-op equivalents (budget) |")
+    print("| --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['case']} | {row['microseconds']} | {row['bare_ops']} "
+              f"({row['budget']}) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
