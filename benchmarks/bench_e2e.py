@@ -268,7 +268,7 @@ SUITE = cases.Suite(
     timed=lambda case, inp, fn: ((lambda: fn(inp)), None),
     columns=_columns,
     roofline="gemm",
-    budget=lambda case: cases.Budget(warmup_ms=500, rep_ms=3000, cpu_repeats=3, few_rounds=True),
+    budget=lambda case: cases.Budget(warmup_ms=500, rep_ms=3000, cpu_repeats=3),
     table_shape=lambda case: [rows(case), tokens_per_row(case)],
     label=_label,
 )

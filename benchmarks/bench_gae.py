@@ -54,7 +54,7 @@ GAMMA = 1.0
 LAM = 0.95
 #: Providers timed with the small budget: one call is ~100 ms at T = 4096 on a GPU.
 SLOW = ("python-loop", "compile-step")
-SLOW_BUDGET = Budget(warmup_ms=10, rep_ms=50, cpu_repeats=3, few_rounds=True)
+SLOW_BUDGET = Budget(warmup_ms=10, rep_ms=50, cpu_repeats=3)
 #: Longest T at which the unrolled loop is compiled (compile time grows with T).
 COMPILE_MAX_T = int(os.environ.get("RLHF_FAST_BENCH_GAE_COMPILE_MAX_T", "512"))
 

@@ -101,13 +101,12 @@ class Case:
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """How long a case is timed: ``time_fn``'s warmup and repetition budgets (ms, CUDA)
-    and timed calls on the CPU; ``few_rounds`` keeps pytest-benchmark to CPU-sized round
-    counts for slow providers."""
+    and timed calls on the CPU. Each case is timed once, by ``time_fn``: the CLI runs
+    pytest-benchmark disabled (its fixture records the rows' extra_info only)."""
 
     warmup_ms: float = 25
     rep_ms: float = 200
     cpu_repeats: int = 5
-    few_rounds: bool = False
 
 
 def _no_reason(case: Case, device: torch.device) -> str | None:
@@ -181,6 +180,16 @@ class Suite:
             if not (provider.endswith("-inplace") and mode == "fwd")
         ]
 
+    def headline_cases(self, quick: bool) -> list[Case]:
+        """The cases of `rlhf-fast bench --headline`: the first (headline) size, the most
+        complete mode (fwd+bwd where the suite has it), every provider but the compiled
+        ones (whose compilation alone would take minutes of a short GPU run)."""
+        mode = "fwd+bwd" if "fwd+bwd" in self.modes else self.modes[-1]
+        first = (self.quick_sizes if quick else self.sizes)[0]
+        return [case for case in self.cases(quick)
+                if (case.shape, case.dtype) == first and case.mode == mode
+                and not case.provider.startswith("compile")]
+
     def case(self, shape: Shape, mode: str, provider: str, *, dtype: Any = None,
              variant: str = "") -> Case:
         """One case, e.g. to gate a provider in a test; `dtype` may be left out where
@@ -233,7 +242,6 @@ class Suite:
         row_args.update(self.describe(case, inputs))
         return gate_and_time(
             benchmark=benchmark, device=device, row_args=row_args,
-            group=f"{self.op} {case.id.removesuffix('-' + case.provider)}",
             provider=lambda: self.provider_fn(case, device),
             gate=lambda fn: self.gate(case, inputs, fn),
             prepare=lambda fn: self.timed(case, inputs, fn),
@@ -377,7 +385,6 @@ def gate_and_time(
     benchmark: Any,
     device: torch.device,
     row_args: dict[str, Any],
-    group: str,
     provider: Callable[[], Any],
     gate: Callable[[Any], GateResult],
     prepare: Callable[[Any], Timed],
@@ -386,7 +393,6 @@ def gate_and_time(
 ) -> tuple[dict[str, Any], str | None]:
     """The life of one benchmark case: gate, then time, then a row.
 
-    ``group`` is the pytest-benchmark group (the case without its provider).
     ``provider()`` builds the provider's function ``fn`` (a peer may fail to, e.g. an
     import). ``gate(fn)`` runs it once against the reference and returns (ok, rel errors);
     a provider that fails it is reported "wrong" and not timed (a pytest failure for
@@ -415,27 +421,10 @@ def gate_and_time(
         return row, "fail" if ours else "xfail"
 
     timed, setup = prepare(fn)
-    short = budget.few_rounds or torch.device(device).type != "cuda"
     try:
         times = timing.time_fn(timed, device=device, setup=setup, warmup_ms=budget.warmup_ms,
                                rep_ms=budget.rep_ms, cpu_repeats=budget.cpu_repeats)
         peak = timing.peak_memory_above(timed, device, setup=setup)
-        pedantic_setup = None
-        if setup is not None:
-
-            def pedantic_setup() -> tuple[tuple[Any], dict[str, Any]]:
-                state = setup()
-                timing.sync(device)
-                return (state,), {}
-
-        benchmark.group = group
-        benchmark.pedantic(
-            timing.synced(timed, device),
-            setup=pedantic_setup,
-            rounds=3 if short else 10,
-            iterations=1,
-            warmup_rounds=1 if short else 2,
-        )
     except torch.cuda.OutOfMemoryError:
         status = status_skipped("out of GPU memory")
         return make_row(status=status, rel_err=errors, **row_args), "skip"

@@ -104,7 +104,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     suite = getattr(metafunc.module, "SUITE", None)
     if "case" in metafunc.fixturenames and suite is not None:
         quick = bool(metafunc.config.getoption("--quick")) or not torch.cuda.is_available()
-        all_cases = suite.cases(quick)
+        if metafunc.config.getoption("--headline"):
+            all_cases = suite.headline_cases(quick)
+        else:
+            all_cases = suite.cases(quick)
         metafunc.parametrize("case", all_cases, ids=[c.id for c in all_cases])
 
 
@@ -115,6 +118,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         default=False,
         help="tiny shapes (forced when no CUDA GPU is present)",
+    )
+    group.addoption(
+        "--headline",
+        action="store_true",
+        default=False,
+        help="each suite's headline size, its fwd+bwd mode, no compiled providers",
     )
     group.addoption(
         "--bench-out",

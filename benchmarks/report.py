@@ -215,8 +215,13 @@ def plot_results(rows: Sequence[dict[str, Any]], info: dict[str, Any],
         print("plots skipped: matplotlib is not installed (pip install 'rlhf-fast[bench]')")
         return None
     groups = list(dict.fromkeys(_case_key(r) for r in timed))
-    figure, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
-    for (time_ax, memory_ax), group in zip(axes, groups):
+    # no memory panels where no row measured its peak (the CPU fallback): none empty
+    with_memory = any(r.get("peak_bytes") is not None for r in timed)
+    figure, axes = plt.subplots(len(groups), 2 if with_memory else 1,
+                                figsize=(11 if with_memory else 6, 3.2 * len(groups)),
+                                squeeze=False)
+    for panels, group in zip(axes, groups):
+        time_ax, memory_ax = panels[0], panels[1] if with_memory else None
         members = [r for r in timed if _case_key(r) == group]
         shapes = list(dict.fromkeys("x".join(map(str, r["shape"])) for r in members))
         for provider in dict.fromkeys(r["provider"] for r in members):
@@ -227,19 +232,18 @@ def plot_results(rows: Sequence[dict[str, Any]], info: dict[str, Any],
                          label=provider)
             peaks = [(i, mine[shapes[i]].get("peak_bytes")) for i in xs]
             peaks = [(i, p / MIB) for i, p in peaks if p is not None]
-            if peaks:
+            if peaks and memory_ax is not None:
                 memory_ax.plot(*zip(*peaks), marker="o", label=provider)
         title = " ".join(part for part in group if part)
         for ax, label in ((time_ax, "median ms"), (memory_ax, "peak MiB above inputs")):
+            if ax is None:
+                continue
             ax.set_xticks(range(len(shapes)), shapes, rotation=20, fontsize=8)
             ax.set_ylabel(label)
             ax.set_title(f"{rows[0]['op']} {title}", fontsize=10)
             ax.grid(alpha=0.3)
         time_ax.set_yscale("log")
         time_ax.legend(fontsize=8)
-        if not memory_ax.lines:
-            memory_ax.text(0.5, 0.5, "no GPU: peak memory n/a", ha="center",
-                           transform=memory_ax.transAxes)
     height = 3.2 * len(groups)
     figure.suptitle(describe_info(info), fontsize=7, wrap=True)
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))  # room for the stamp
@@ -304,18 +308,21 @@ def headlines(rows: Sequence[dict[str, Any]]) -> list[Headline]:
     return out
 
 
-def summarize(rows: Sequence[dict[str, Any]], far_from_roofline: float = 1.5) -> list[str]:
+def summarize(rows: Sequence[dict[str, Any]], far_from_roofline: float = 1.5, *,
+              verdicts: bool = True) -> list[str]:
     """One line per case (op, shape, dtype, mode, variant): rlhf-fast's best provider
     against the fastest peer, and a flag where it is slower than a peer or further than
-    `far_from_roofline` x from its roofline."""
+    `far_from_roofline` x from its roofline. Without `verdicts` (timings of the CPU
+    fallback at tiny shapes, which prove the harness and nothing about speed) no flag and
+    no roofline fraction."""
     lines = []
     for case in headlines(rows):
         text = f"{case.name}: {case.ours['provider']} {case.ours['median_ms']:.3f} ms"
         if case.peer is not None:
             text += f", {case.speedup:.2f}x vs {case.peer['provider']}"
-        if case.roofline is not None:
+        if case.roofline is not None and verdicts:
             text += f", {case.roofline:.2f} of roofline"
-        flags = case.flags(far_from_roofline)
+        flags = case.flags(far_from_roofline) if verdicts else []
         lines.append(text + (f"  <- {'; '.join(flags)}" if flags else ""))
     return lines
 
@@ -440,9 +447,12 @@ def write_results(
     if info.get("notes"):
         md_lines.append("")
     md_lines.append(format_table(rows))
-    summary = summarize(rows)
+    summary = summarize(rows, verdicts=bool(info.get("gpu")))
     if summary:
-        md_lines += ["", "Summary (rlhf-fast's best provider per case):", ""]
+        heading = "Summary (rlhf-fast's best provider per case)"
+        if not info.get("gpu"):
+            heading += "; CPU fallback: these timings prove the harness, not speed"
+        md_lines += ["", heading + ":", ""]
         md_lines += [f"- {line}" for line in summary]
     if plot_results(rows, info, out / f"{name}.png") is not None:
         md_lines += ["", f"![{name}]({name}.png)"]

@@ -119,6 +119,42 @@ def test_summary_flags_rows_slower_than_a_peer_or_far_from_roofline() -> None:
     ]
 
 
+def test_cpu_fallback_timings_carry_no_verdict() -> None:
+    """Timings of the CPU fallback at tiny shapes say nothing about speed: no SLOWER-than
+    flag and no roofline fraction from them."""
+    from rlhf_fast.benchmarks import report
+
+    timing = {"median_ms": 2.0, "p25_ms": 2.0, "p75_ms": 2.0}
+    rows = [report.make_row(op="x", shape=(4, 8), dtype="bf16", provider=provider, mode="fwd",
+                            timing=timing | {"median_ms": ms}, frac_roofline=0.1)
+            for provider, ms in (("rlhf_fast", 2.0), ("eager", 1.0))]
+    assert report.summarize(rows, verdicts=False) == [
+        "x 4x8 bf16 fwd: rlhf_fast 2.000 ms, 0.50x vs eager"]
+    assert "SLOWER" in report.summarize(rows)[0]
+
+
+def test_headline_cases_are_one_size_one_mode_no_compile() -> None:
+    """`rlhf-fast bench --headline`: per suite the headline size in its most complete mode,
+    every provider but the compiled ones; every suite contributes, rlhf_fast first."""
+    import importlib
+
+    from rlhf_fast.cli import known_ops
+
+    total = 0
+    for name in known_ops():
+        suite = importlib.import_module(f"rlhf_fast.benchmarks.bench_{name}").SUITE
+        for quick in (False, True):
+            cases = suite.headline_cases(quick)
+            assert cases and cases[0].provider.startswith("rlhf_fast"), name
+            sizes = suite.quick_sizes if quick else suite.sizes
+            assert {(c.shape, c.dtype) for c in cases} == {sizes[0]}
+            assert {c.mode for c in cases} == {"fwd+bwd" if "fwd+bwd" in suite.modes
+                                               else suite.modes[-1]}
+            assert not any(c.provider.startswith("compile") for c in cases)
+        total += len(suite.headline_cases(True))
+    assert total < 60  # a short run: the README's estimate counts on it
+
+
 def test_bench_grpo_quick_on_cpu_lists_the_gpu_only_peer_as_skipped(tmp_path: Path) -> None:
     """The GRPO-from-logits suite on the CPU fallback: ours and eager gated and timed;
     Liger-Kernel (installed, but no GPU and no interpreter here) skipped, saying why."""
