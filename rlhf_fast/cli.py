@@ -176,6 +176,11 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
         if base is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                default=field.default, help=help_text)
+        elif typing.get_origin(base) is list:  # one or more values: --reward-weights 1 0.5
+            (item,) = typing.get_args(base)
+            group.add_argument(flag, dest=field.name, type=item, nargs="+",
+                               default=field.default, metavar=item.__name__.upper(),
+                               help=help_text)
         else:
             convert = _none_or(base) if optional else base
             group.add_argument(flag, dest=field.name, type=convert, default=field.default,
@@ -317,12 +322,20 @@ def check_model_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
         value = getattr(args, dest, None)
         if value is None:
             continue
-        path = Path(value).expanduser()
-        if path.exists():
-            setattr(args, dest, str(path))
-        elif looks_like_a_path(value) or not is_hub_id(value):
-            parser.error(f"{flag} {value}: no such file or folder (and not a hub id: "
-                         "'name' or 'namespace/name')")
+        checked = [checked_model(flag, v, parser) for v in
+                   (value if isinstance(value, list) else [value])]
+        setattr(args, dest, checked if isinstance(value, list) else checked[0])
+
+
+def checked_model(flag: str, value: str, parser: argparse.ArgumentParser) -> str:
+    """`value` of a model flag: an existing path (~ expanded) or a hub id."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return str(path)
+    if looks_like_a_path(value) or not is_hub_id(value):
+        parser.error(f"{flag} {value}: no such file or folder (and not a hub id: "
+                     "'name' or 'namespace/name')")
+    return value
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -342,13 +355,14 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             tokenizer=tokenizer, train_dataset=data, eval_dataset=eval_data, config=config,
         )
     else:
-        if (args.reward_model is None) == (args.reward_fn is None):
-            parser.error("train ppo needs exactly one of --reward-model or --reward-fn")
-        try:
-            reward = (load_sequence_scorer(args.reward_model) if args.reward_model
-                      else import_function(args.reward_fn))
+        if not (args.reward_model or args.reward_fn):
+            parser.error("train ppo needs --reward-model or --reward-fn (or several)")
+        try:  # the reward models, then the functions: config.reward_weights' order
+            rewards = [load_sequence_scorer(m) for m in args.reward_model or []] + [
+                import_function(f) for f in args.reward_fn or []]
         except (ValueError, ImportError) as exc:
             parser.error(str(exc))
+        reward = rewards[0] if len(rewards) == 1 else rewards
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         trainer = PPOTrainer(
             load_causal_lm(args.model),
@@ -401,11 +415,13 @@ def _add_train_parser(commands: Any) -> None:
         if name == "dpo":
             sub.add_argument("--eval-data", metavar="FILE", help="held-out preference records")
         else:
-            sub.add_argument("--reward-model", metavar="PATH_OR_ID",
-                             help="a sequence classifier with one label, scored at the "
-                                  "answer's last token")
-            sub.add_argument("--reward-fn", metavar="MODULE:FUNCTION",
-                             help="f(prompts, answers) -> scores, on the decoded text")
+            sub.add_argument("--reward-model", metavar="PATH_OR_ID", nargs="+",
+                             help="one or more sequence classifiers with one label, scored "
+                                  "at the answer's last token")
+            sub.add_argument("--reward-fn", metavar="MODULE:FUNCTION", nargs="+",
+                             help="one or more f(prompts, answers) -> scores, on the decoded "
+                                  "text (with --reward-model: after the models, in "
+                                  "--reward-weights' order)")
             sub.add_argument("--value-model", metavar="PATH_OR_ID",
                              help="critic init, a sequence classifier with one label "
                                   "(default: a copy of the policy's backbone, zero head)")

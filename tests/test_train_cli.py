@@ -235,7 +235,7 @@ def test_a_batch_larger_than_the_data_is_a_usage_error(algorithm, flag, data, tm
     assert f"{flag} 100000 is more than the " in capsys.readouterr().err
 
 
-def test_ppo_needs_exactly_one_reward(saved_model, tmp_path, capsys):
+def test_ppo_needs_a_reward(saved_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "ppo", "--model", str(saved_model), "--data", str(DATA / "prompts.txt"),
               "--output-dir", str(tmp_path)])

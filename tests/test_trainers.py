@@ -1375,6 +1375,52 @@ def test_ppo_rollout_advantages_of_every_estimator(tokenizer, warm_model, tmp_pa
     assert all(math.isfinite(v) for v in metrics.values()) and "value_loss" not in metrics
 
 
+def test_gdpo_normalises_each_reward_function_in_its_groups(tokenizer, warm_model, tmp_path):
+    """Two reward functions (TRL's reward_funcs) with reward_weights: the rollout keeps
+    each one's scores (checked against the functions on the decoded answers), its score
+    is their weighted sum, and gdpo's advantages are each column's grpo advantage,
+    weighted, summed, then whitened over the tokens."""
+    def length(prompts, answers):
+        return [float(len(answer)) for answer in answers]
+
+    config = PPOConfig(output_dir=str(tmp_path), advantage_estimator="gdpo",
+                       reward_weights=[1.0, 0.25], max_steps=1, ppo_epochs=1,
+                       rollout_batch_size=3, group_size=2, mini_batch_size=6,
+                       max_new_tokens=6, seed=0, device="cpu")
+    trainer = PPOTrainer(copy.deepcopy(warm_model),
+                         reward_fn_or_model=[demo.kindness_reward, length],
+                         tokenizer=tokenizer, prompts=PROMPTS, config=config)
+    rollout = trainer.rollout(0)
+    prompts = [p for p in PROMPTS.read_text().splitlines() if p.strip()]
+    rows = [r for r in example_indices(len(prompts), 3, trainer.run, 0, 0) for _ in range(2)]
+    answers = tokenizer.batch_decode(rollout.sequences[:, rollout.prompt_width:],
+                                     skip_special_tokens=True)
+    texts = [prompts[r] for r in rows]
+    columns = torch.tensor([demo.kindness_reward(texts, answers), length(texts, answers)],
+                           dtype=torch.float64).T
+    torch.testing.assert_close(rollout.reward_columns.double(), columns)
+    weights = torch.tensor([1.0, 0.25], dtype=torch.float64)
+    torch.testing.assert_close(rollout.scores.double(), columns @ weights)
+    mask = rollout.mask.double()
+    expected = reference.group_advantages(columns, 2, estimator="gdpo", weights=weights)
+    expected = reference.masked_whiten(expected[:, None] * mask, mask) * mask
+    torch.testing.assert_close(rollout.advantages.double(), expected, rtol=1e-5, atol=1e-5)
+    metrics = trainer.update(rollout)
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_reward_weights_must_match_the_reward_sources(tokenizer, warm_model, tmp_path):
+    config = PPOConfig(output_dir=str(tmp_path), advantage_estimator="grpo", group_size=2,
+                       reward_weights=[1.0, 2.0, 3.0], device="cpu")
+    with pytest.raises(ValueError, match=r"PPOConfig.reward_weights must have one weight "
+                                         r"per reward function or model \(2\), got 3"):
+        PPOTrainer(copy.deepcopy(warm_model),
+                   reward_fn_or_model=[demo.kindness_reward, demo.kindness_reward],
+                   tokenizer=tokenizer, prompts=PROMPTS, config=config)
+    with pytest.raises(ValueError, match="PPOConfig.scale_rewards must be"):
+        PPOConfig(advantage_estimator="gdpo", group_size=2, scale_rewards="batch")
+
+
 def test_ppo_config_takes_trls_names_on_the_command_line():
     from rlhf_fast.cli import build_parser, config_from_args
 
@@ -1395,3 +1441,15 @@ def test_ppo_config_takes_trls_names_on_the_command_line():
         PPOConfig.from_trl_names(loss_type="ppo")
     with pytest.raises(ValueError, match=r"unknown TRL names \['temperature_x'\]"):
         PPOConfig.from_trl_names(temperature_x=1.0)
+
+
+def test_several_reward_functions_and_their_weights_on_the_command_line():
+    from rlhf_fast.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args([
+        "train", "ppo", "--model", "m", "--data", "d", "--advantage-estimator", "gdpo",
+        "--group-size", "2", "--reward-fn", "rlhf_fast.demo:kindness_reward", "a.b:c",
+        "--reward-weights", "1", "0.5"])
+    assert args.reward_fn == ["rlhf_fast.demo:kindness_reward", "a.b:c"]
+    assert config_from_args(PPOConfig, args, parser).reward_weights == [1.0, 0.5]

@@ -75,7 +75,8 @@ class Rollout:
 
     sequences, attention_mask: [B, P + R] (prompts left-padded to P, answers
     right-padded after their first EOS); mask: [B, R] float, 1 on answer tokens;
-    old_logp, ref_logp, values: [B, R] fp32 (values None without a critic); scores: [B];
+    old_logp, ref_logp, values: [B, R] fp32 (values None without a critic); scores: [B],
+    the weighted sum of reward_columns [B, K] (one per reward source);
     advantages, returns: [B, R] (returns None without a critic).
     """
 
@@ -87,8 +88,27 @@ class Rollout:
     ref_logp: torch.Tensor
     values: torch.Tensor | None
     scores: torch.Tensor
+    reward_columns: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor | None
+
+
+@dataclass
+class Reward:
+    """One reward source: a function of the decoded text, or a frozen reward model with
+    its per-position scorer; `name` says which in errors."""
+
+    name: str
+    function: RewardFn | None = None
+    model: nn.Module | None = None
+    scorer: nn.Module | None = None
+
+    @classmethod
+    def of(cls, source: RewardFn | nn.Module, device: torch.device) -> Reward:
+        if callable(source) and not isinstance(source, nn.Module):
+            return cls(f"reward function {function_name(source)}", function=source)
+        model = frozen(source).to(device)
+        return cls("the reward model", model=model, scorer=as_value_module(model))
 
 
 def function_name(function: Callable[..., Any]) -> str:
@@ -120,8 +140,10 @@ class PPOTrainer:
             zero head). Must be None for the critic-free estimators (all but "gae").
         reward_fn_or_model: ``f(prompts: list[str], answers: list[str]) -> [B] scores``
             on the decoded text, or a reward model (a sequence classifier with one label,
-            sharing the policy's tokenizer) scored at each answer's last token. A NaN or
-            infinite score raises ValueError.
+            sharing the policy's tokenizer) scored at each answer's last token, or a list
+            of them (TRL's reward_funcs): their scores summed with config.reward_weights,
+            or for "gdpo" each normalised in its groups first. A NaN or infinite score
+            raises ValueError.
         tokenizer: the policy's tokenizer (needs eos_token_id; pad defaults to EOS).
         prompts: prompt strings, {"prompt"} records, a .jsonl of records, a text file of
             one prompt per line, or a ``datasets.Dataset``.
@@ -130,7 +152,8 @@ class PPOTrainer:
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module | None = None,
                  value_model: nn.Module | None = None,
-                 reward_fn_or_model: RewardFn | nn.Module | None = None, *,
+                 reward_fn_or_model: RewardFn | nn.Module | Sequence[RewardFn | nn.Module]
+                 | None = None, *,
                  tokenizer: Any, prompts: Any, config: PPOConfig | None = None):
         self.config = config = config or PPOConfig()
         if reward_fn_or_model is None:
@@ -168,16 +191,18 @@ class PPOTrainer:
             value_model = value_model or ValueModel.from_causal_lm(policy)
             critic = as_value_module(value_model.to(device))
         self.value_model = value_model
-        reward_model = None
-        if callable(reward_fn_or_model) and not isinstance(reward_fn_or_model, nn.Module):
-            self.reward_fn, self.reward_model = reward_fn_or_model, None
-        else:
-            self.reward_fn = None
-            reward_model = frozen(reward_fn_or_model).to(device)
-            self.reward_model = as_value_module(reward_model)
+        sources = list(reward_fn_or_model) if isinstance(reward_fn_or_model, (list, tuple)) \
+            else [reward_fn_or_model]
+        weights = config.reward_weights or [1.0] * len(sources)
+        if len(weights) != len(sources):
+            raise ValueError(f"PPOConfig.reward_weights must have one weight per reward "
+                             f"function or model ({len(sources)}), got {len(weights)}")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32, device=device)
+        self.rewards = [Reward.of(source, device) for source in sources]
         # checkpoints hold the policy and critic, not these: they record which they were
-        frozen_models = {"reference": model_identity(self.reference.model),
-                         "reward model": model_identity(reward_model)}
+        frozen_models = {"reference": model_identity(self.reference.model)} | {
+            "reward model" + (f" {i}" if len(sources) > 1 else ""): model_identity(r.model)
+            for i, r in enumerate(self.rewards)}
         for trained in (policy, value_model):
             if trained is not None:
                 prepare_for_training(trained, config)
@@ -238,7 +263,7 @@ class PPOTrainer:
             group = config.group_size
             _, _, greedy_scores = self._answer_and_score(
                 prompt_ids[::group], prompt_mask[::group], rows[::group], greedy)
-            baselines = greedy_scores.repeat_interleave(group)
+            baselines = (greedy_scores @ self.reward_weights).repeat_interleave(group)
         return self.evaluate_answers(sequences, attention_mask, prompt_ids.shape[1], scores,
                                      baselines)
 
@@ -246,7 +271,8 @@ class PPOTrainer:
                           rows: list[int], generation_config: GenerationConfig
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Generate an answer to each left-padded prompt, cut after its first EOS, and
-        score it: (sequences, attention_mask, scores [B] fp32)."""
+        score it: (sequences, attention_mask, scores [B, K] fp32, one column per reward
+        source, missing_eos_penalty taken off each)."""
         self.policy.eval()
         with self.run.autocast(), only_generation_config(self.policy, generation_config):
             sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
@@ -261,7 +287,7 @@ class PPOTrainer:
         scores = self._score([self.prompts[r] for r in rows], answers, sequences,
                              attention_mask)
         if self.config.missing_eos_penalty is not None:
-            scores = scores - self.config.missing_eos_penalty * (~is_eos.any(1)).float()
+            scores = scores - self.config.missing_eos_penalty * (~is_eos.any(1)).float()[:, None]
         return sequences, attention_mask, scores
 
     def generation_config(self) -> GenerationConfig:
@@ -284,9 +310,12 @@ class PPOTrainer:
         """Log-probs, values and advantages of scored answers: the rest of a rollout.
 
         sequences, attention_mask: [B, width + R], prompts left-padded to `width`, answers
-        right-padded; scores: [B] fp32; baselines: [B], remax's greedy scores.
+        right-padded; scores: [B, K] fp32, one column per reward source (or [B], one
+        source); baselines: [B], remax's greedy scores.
         """
         config = self.config
+        columns = scores if scores.dim() == 2 else scores[:, None]
+        scores = columns @ self.reward_weights  # one score per answer
         mask = attention_mask[:, width:].float()
         estimator = config.advantage_estimator
         actor_critic = unwrap(self.actor_critic)
@@ -304,6 +333,11 @@ class PPOTrainer:
             rewards[torch.arange(len(scores)), mask.sum(1).long() - 1] = scores
             advantages, _ = optimal_token_baseline(rewards, mask, old_logp, *log_sum_p2,
                                                    config.group_size)
+        elif estimator == "gdpo":  # each reward normalised in its groups, then weighted
+            advantages = group_advantages(
+                columns, config.group_size, estimator="gdpo", weights=self.reward_weights,
+                scale=SCALE_REWARDS[config.scale_rewards])[:, None] * mask
+            advantages = masked_whiten(advantages, mask) * mask
         elif estimator not in KL_IN_REWARD:
             advantages = group_advantages(
                 scores, config.group_size, estimator=estimator, lengths=mask.sum(1),
@@ -325,7 +359,7 @@ class PPOTrainer:
                 advantages = masked_whiten(
                     discounted_returns(rewards, mask, gamma=config.gamma), mask) * mask
         return Rollout(sequences, attention_mask, width, mask, old_logp, ref_logp, values,
-                       scores, advantages, returns)
+                       scores, columns, advantages, returns)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """ppo_epochs passes of minibatch PPO steps on `rollout`; returns the metrics."""
@@ -407,22 +441,26 @@ class PPOTrainer:
 
     def _score(self, prompts: list[str], answers: torch.Tensor, sequences: torch.Tensor,
                attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B] fp32 scores: the reward function on decoded text, or the reward model's
-        output at each sequence's last attended token."""
+        """[B, K] fp32 scores, one column per reward source: a reward function on the
+        decoded text, or a reward model's output at each sequence's last attended token."""
         device = self.run.device
-        if self.reward_fn is not None:
-            texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
-            scores = torch.as_tensor(self.reward_fn(prompts, texts), dtype=torch.float32)
-            source = f"reward function {function_name(self.reward_fn)}"
-            if scores.shape != (len(prompts),):
-                raise ValueError(f"{source} must return {len(prompts)} scores, got "
-                                 f"shape {tuple(scores.shape)}")
-            return check_finite_scores(scores, source).to(device)
-        with self.run.autocast():
-            per_token = self.reward_model(sequences, attention_mask)
-        last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
-        scores = per_token[torch.arange(len(prompts), device=device), last].float()
-        return check_finite_scores(scores, "the reward model")
+        texts = None
+        columns = []
+        for reward in self.rewards:
+            if reward.function is not None:
+                if texts is None:
+                    texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+                scores = torch.as_tensor(reward.function(prompts, texts), dtype=torch.float32)
+                if scores.shape != (len(prompts),):
+                    raise ValueError(f"{reward.name} must return {len(prompts)} scores, got "
+                                     f"shape {tuple(scores.shape)}")
+            else:
+                with self.run.autocast():
+                    per_token = reward.scorer(sequences, attention_mask)
+                last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
+                scores = per_token[torch.arange(len(prompts), device=device), last].float()
+            columns.append(check_finite_scores(scores, reward.name).to(device))
+        return torch.stack(columns, 1)
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoint-<step>.pt (`Loop.save_checkpoint`); every process must call it."""

@@ -13,8 +13,7 @@ from rlhf_fast.types import ADVANTAGE_ESTIMATORS
 #: "gae" trains a critic; "gae" and "reinforce_plus_plus" put the KL penalty in the reward,
 #: the others (verl's outcome estimators, `group_advantages`, and its optimal token
 #: baseline, `optimal_token_baseline`) in the loss.
-ESTIMATORS = ("gae", "reinforce_plus_plus", "optimal_token_baseline") + tuple(
-    e for e in ADVANTAGE_ESTIMATORS if e != "gdpo")  # gdpo: one score per reward function
+ESTIMATORS = ("gae", "reinforce_plus_plus", "optimal_token_baseline") + ADVANTAGE_ESTIMATORS
 KL_IN_REWARD = ("gae", "reinforce_plus_plus")
 #: TRL's scale_rewards, as group_advantages' scale
 SCALE_REWARDS = {"group": "std", "batch": "batch", "none": None}
@@ -78,8 +77,10 @@ class PPOConfig(TrainerConfig):
     """"gae" (a critic, KL penalty in the reward), "reinforce_plus_plus" (KL penalty in the
     reward, whitened returns) or a critic-free outcome estimator with the KL in the loss:
     "grpo", "rloo", "opo", "grpo_passk", "gpg", "reinforce_plus_plus_baseline", "remax"
-    (its baseline: the score of a greedy answer to each prompt), "optimal_token_baseline"
-    (verl's OTB: a baseline per position from the group's path variances)."""
+    (its baseline: the score of a greedy answer to each prompt), "gdpo" (each reward
+    function's scores normalised in their groups, then weighted: reward_weights, and
+    whitened), "optimal_token_baseline" (verl's OTB: a baseline per position from the
+    group's path variances)."""
     max_steps: int = 100
     """Iterations (rollout, then ppo_epochs of updates)."""
     rollout_batch_size: int = 16
@@ -106,7 +107,12 @@ class PPOConfig(TrainerConfig):
     whiten_advantages: bool = True
     """Whiten the gae advantages over the rollout's valid tokens."""
     missing_eos_penalty: float | None = None
-    """Subtracted from the score of answers that hit max_new_tokens without EOS."""
+    """Subtracted from the score of answers that hit max_new_tokens without EOS (from each
+    reward source's)."""
+    reward_weights: list[float] | None = None
+    """TRL's reward_weights: one weight per reward function or model (in the order
+    given); the answers' scores are their weighted sum (gdpo: the sum of their normalised
+    advantages). None: 1 each."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +126,10 @@ class PPOConfig(TrainerConfig):
                 f">= 2 for advantage_estimator={self.advantage_estimator!r}")
         require("scale_rewards", self.scale_rewards in SCALE_REWARDS,
                 f"one of {tuple(SCALE_REWARDS)}", self.scale_rewards)
+        require("scale_rewards", self.advantage_estimator != "gdpo"
+                or self.scale_rewards != "batch",
+                '"group" or "none" for gdpo (each reward is normalised in its groups)',
+                self.scale_rewards)
         self._check_rates()
         PPO_OPTIONS.check_fields(self)
         GAE_OPTIONS.check_fields(self)
@@ -133,6 +143,13 @@ class PPOConfig(TrainerConfig):
                 self.missing_eos_penalty is None or is_finite(self.missing_eos_penalty),
                 "a finite float or None", self.missing_eos_penalty)
         require.bools(self, ("whiten_advantages",))
+        require("reward_weights", self.reward_weights is None or (
+            isinstance(self.reward_weights, (list, tuple)) and len(self.reward_weights) > 0
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) and is_finite(w)
+                    for w in self.reward_weights)),
+            "a non-empty list of finite floats or None", self.reward_weights)
+        if self.reward_weights is not None:
+            self.reward_weights = [float(w) for w in self.reward_weights]
 
     @classmethod
     def from_trl_names(cls, **given: Any) -> dict[str, Any]:
