@@ -12,7 +12,7 @@ import torch
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.cli import add_config_flags, config_from_args
+from rlhf_fast.config_flags import add_config_flags, config_from_args
 from rlhf_fast.options import (
     DPO_OPTIONS,
     GAE_OPTIONS,

@@ -1422,7 +1422,8 @@ def test_reward_weights_must_match_the_reward_sources(tokenizer, warm_model, tmp
 
 
 def test_ppo_config_takes_trls_names_on_the_command_line():
-    from rlhf_fast.cli import build_parser, config_from_args
+    from rlhf_fast.cli import build_parser
+    from rlhf_fast.config_flags import config_from_args
 
     parser = build_parser()
     args = parser.parse_args([
@@ -1444,7 +1445,8 @@ def test_ppo_config_takes_trls_names_on_the_command_line():
 
 
 def test_several_reward_functions_and_their_weights_on_the_command_line():
-    from rlhf_fast.cli import build_parser, config_from_args
+    from rlhf_fast.cli import build_parser
+    from rlhf_fast.config_flags import config_from_args
 
     parser = build_parser()
     args = parser.parse_args([
