@@ -155,22 +155,36 @@ def _run_on_cubin(kernel: Any, tool: str, *args: str) -> str:
 
 def main_loop_instructions(sass: str) -> int:
     """SASS instructions in one iteration of a kernel's main loop: of the innermost loops
-    (a label, and a branch back to it with no other loop inside), the longest; 0 for a
-    kernel without a loop."""
-    instructions, labels, loops = 0, {}, []
+    (a label, and a branch back to it with no other loop inside) that load from global
+    memory (LDG) and hold at least a fifth of the kernel's instructions (not a scalar
+    loop over a few per-row values beside a one-tile kernel), the longest; 0 for a kernel
+    without one."""
+    lines, labels, loops = [], {}, []
     for line in sass.splitlines():
         label = SASS_LABEL.match(line)
         if label:
-            labels[label.group(1)] = instructions
+            labels[label.group(1)] = len(lines)
         elif SASS_INSTRUCTION.match(line):
             branch = SASS_BRANCH.search(line)
             # (a branch to itself is the trap every kernel ends with, not a loop)
-            if branch and labels.get(branch.group(1), instructions) < instructions:
-                loops.append((labels[branch.group(1)], instructions))
-            instructions += 1
+            if branch and labels.get(branch.group(1), len(lines)) < len(lines):
+                loops.append((labels[branch.group(1)], len(lines)))
+            lines.append(line)
     innermost = [(a, b) for a, b in loops
-                 if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+                 if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)
+                 and any(re.search(r"\bLDG\b", line) for line in lines[a:b + 1])
+                 and 5 * (b - a + 1) >= kernel_instructions(sass)]
     return max((b - a + 1 for a, b in innermost), default=0)
+
+
+def kernel_instructions(sass: str) -> int:
+    """SASS instructions of a whole kernel, its alignment NOPs and the final trap aside:
+    one program's work where a kernel has no loop (one tile per program)."""
+    count = 0
+    for line in sass.splitlines():
+        if SASS_INSTRUCTION.match(line) and not re.search(r"\bNOP\b", line):
+            count += 1
+    return count - 1  # the trap: a branch to itself after EXIT
 
 
 def per_element(config: dict[str, Any], num_warps: int, loop: int) -> float | None:
@@ -307,7 +321,8 @@ def kernel_table(arch: int = 90) -> list[dict[str, Any]]:
             seen.add(key)
             usage = resource_usage(kernel)
             warps = kernel.metadata.num_warps
-            loop = main_loop_instructions(_run_on_cubin(kernel, "nvdisasm", "-c"))
+            sass = _run_on_cubin(kernel, "nvdisasm", "-c")
+            loop = main_loop_instructions(sass) or kernel_instructions(sass)
             rows.append({"workload": workload, "kernel": name, "arch": f"sm_{arch}",
                          "num_warps": warps, "num_stages": kernel.metadata.num_stages,
                          "shared": kernel.metadata.shared, "config": config, **usage,
