@@ -175,6 +175,31 @@ def gae_forward() -> tuple[Callable[[], Any], int]:
             B * T + 2 * F32 * valid + 2 * F32 * B * T)
 
 
+def sequence_logps_forward_backward() -> tuple[Callable[[], Any], int]:
+    """Forward: the mask and the valid token log-probs, the [B] sums; backward: the
+    mask and the [B] upstream gradient, the [B, T] gradient written whole."""
+    import rlhf_fast
+
+    x, valid = _ppo_inputs()
+
+    def run() -> Any:
+        sums = rlhf_fast.sequence_logps(x["logp"], x["mask"])
+        return torch.autograd.grad(sums.sum(), x["logp"])
+
+    return run, (B * T + F32 * valid + F32 * B) + (B * T + F32 * B + F32 * B * T)
+
+
+def optimal_token_baseline_forward() -> tuple[Callable[[], Any], int]:
+    """The mask, and rewards, old_logp and log_sum_p2 at the valid tokens; advantages and
+    returns written whole (the kernel's re-read of its returns hits in cache)."""
+    import rlhf_fast
+
+    x, valid = _ppo_inputs()
+    return (lambda: rlhf_fast.optimal_token_baseline(
+        x["advantages"], x["mask"], x["old_logp"], x["ref_logp"], 4),
+        B * T + 3 * F32 * valid + 2 * F32 * B * T)
+
+
 #: name -> (the pass and its floor, the kernels it launches, the budget of moved / floor)
 CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
     "logprobs fwd (+ entropy), [64, 8192] bf16": (
@@ -187,6 +212,11 @@ CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
     "masked_whiten fwd, [16, 1024] fp32": (
         masked_whiten_forward, ("_masked_partial_stats_kernel", "_masked_merge_stats_kernel",
                                 "_whiten_fwd_kernel"), 1.002),
+    "sequence_logps fwd+bwd, [16, 1024] fp32": (
+        sequence_logps_forward_backward, ("_sequence_logps_fwd_kernel",
+                                          "_sequence_logps_bwd_kernel"), 1.002),
+    "optimal_token_baseline fwd, [16, 1024] fp32, groups of 4": (
+        optimal_token_baseline_forward, ("_optimal_token_baseline_kernel",), 1.002),
     # (the scan reads each token's successor again: 1.27x in accesses, a cache hit)
     "gae fwd, [16, 1024] fp32": (gae_forward, ("_gae_kernel",), 1.002),
 }
