@@ -328,9 +328,10 @@ class PPOTrainer:
         actor_critic.train()
 
         returns = None
-        if estimator == "optimal_token_baseline":  # the score on each answer's last token
-            rewards = torch.zeros_like(old_logp)
-            rewards[torch.arange(len(scores)), mask.sum(1).long() - 1] = scores
+        # token rewards: each answer's score on its last token
+        rewards = torch.zeros_like(old_logp)
+        rewards[torch.arange(len(scores), device=scores.device), mask.sum(1).long() - 1] = scores
+        if estimator == "optimal_token_baseline":
             advantages, _ = optimal_token_baseline(rewards, mask, old_logp, *log_sum_p2,
                                                    config.group_size)
         elif estimator == "gdpo":  # each reward normalised in its groups, then weighted
@@ -346,10 +347,7 @@ class PPOTrainer:
             if estimator == "reinforce_plus_plus_baseline":
                 advantages = masked_whiten(advantages, mask) * mask
         else:
-            kl = (old_logp - ref_logp) * mask
-            rewards = -config.kl_coef * kl
-            last_token = mask.sum(1).long() - 1
-            rewards[torch.arange(len(scores), device=scores.device), last_token] += scores
+            rewards = rewards - config.kl_coef * (old_logp - ref_logp) * mask  # the KL penalty
             if estimator == "gae":
                 advantages, returns = gae(rewards, values, mask,
                                           **GAE_OPTIONS.pick(vars(config)))
