@@ -58,6 +58,11 @@ SM_LIMITS = {80: (64, 32, 167936), 86: (48, 16, 102400), 89: (48, 24, 102400),
 REGISTERS_PER_SM = 65536
 #: Shared memory the driver reserves per program (sm_80 and later).
 RESERVED_SHARED = 1024
+#: Peak thread instructions per second of an H100 SXM or H200 (the same SM): 132 SMs at
+#: 1.98 GHz, each issuing 4 warp instructions (of 32 threads) per clock.
+ISSUE_RATE = 132 * 1.98e9 * 4 * 32
+#: Their peak memory bandwidth, bytes per second.
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 
 
 def resident_warps(arch: int, regs: int, num_warps: int, shared: int) -> int:
@@ -196,6 +201,45 @@ def per_element(config: dict[str, Any], num_warps: int, loop: int) -> float | No
     return round(loop * 32 * num_warps / tile, 2)
 
 
+def streamed_bytes(kernel: str, config: dict[str, Any]) -> int | None:
+    """Bytes per element the main loop of `kernel` loads and stores at the workloads'
+    dtypes (bf16 logits, fp32 [B, T] tensors, 1-byte masks), read off its loads and
+    stores; None for the kernels over per-row or per-group values."""
+    c = config.get
+    policy_inputs = 3 + (c("KL_EST", 0) != 0) + bool(c("HAS_IS")) + (c("POLICY") == 10)
+    per_element = {
+        "_logprobs_fwd_kernel": 2,                    # the logits
+        "_logprobs_bwd_kernel": 4,                    # the logits, their gradient
+        "_ppo_sequence_kernel": 1 + 4 * 3,            # mask, logp, old_logp, advantages
+        "_ppo_fwd_kernel": 1 + 4 * (policy_inputs + bool(c("HAS_ENTROPY"))
+                                    + 3 * bool(c("HAS_VALUE"))),
+        "_ppo_bwd_kernel": 1 + 4 * (policy_inputs + 1 + bool(c("GRAD_ENTROPY"))
+                                    + 4 * bool(c("GRAD_VALUE"))),
+        "_ppo_token_grad_kernel": 4 * (1 + policy_inputs + 2),
+        "_gae_kernel": 1 + 4 * (2 + bool(c("HAS_VALUES")) + bool(c("STORE_ADV"))),
+        "_optimal_token_baseline_kernel": 1 + 4 * (3 + 2),  # 3 inputs, 2 outputs
+        "_masked_partial_stats_kernel": 1 + 4,
+        "_masked_mean_bwd_kernel": 1 + 4,
+        "_whiten_fwd_kernel": 1 + 4 * 2,
+        "_whiten_bwd_partial_kernel": 1 + 4 * 2,
+        "_whiten_bwd_kernel": 1 + 4 * 3,
+        "_sequence_logps_fwd_kernel": 1 + 4,
+        "_sequence_logps_bwd_kernel": 1 + 4,
+    }
+    return per_element.get(kernel)
+
+
+def issue_over_memory_time(instructions_per_element: float | None, bytes_per_element:
+                           int | None, gpu: str) -> float | None:
+    """The main loop's time issuing its instructions over its time moving its bytes, at
+    the GPU's peak rates: below 1 the loop is memory-bound (its instructions hide behind
+    the loads), above 1 issue-bound (instructions are the time)."""
+    if not instructions_per_element or not bytes_per_element:
+        return None
+    issue = instructions_per_element / ISSUE_RATE
+    return round(issue / (bytes_per_element / BANDWIDTH[gpu]), 2)
+
+
 def resource_usage(kernel: Any) -> dict[str, int]:
     """regs, stack, shared (static, from the cubin) and local bytes of a compiled kernel."""
     text = _run_on_cubin(kernel, "cuobjdump", "--dump-resource-usage")
@@ -323,28 +367,41 @@ def kernel_table(arch: int = 90) -> list[dict[str, Any]]:
             warps = kernel.metadata.num_warps
             sass = _run_on_cubin(kernel, "nvdisasm", "-c")
             loop = main_loop_instructions(sass) or kernel_instructions(sass)
+            per_elem = per_element(config, warps, loop)
+            streamed = streamed_bytes(name, config)
             rows.append({"workload": workload, "kernel": name, "arch": f"sm_{arch}",
                          "num_warps": warps, "num_stages": kernel.metadata.num_stages,
                          "shared": kernel.metadata.shared, "config": config, **usage,
                          "warps_per_sm": resident_warps(arch, usage["regs"], warps,
                                                         kernel.metadata.shared),
                          "loop_instructions": loop,
-                         "instructions_per_element": per_element(config, warps, loop)})
+                         "instructions_per_element": per_elem,
+                         "bytes_per_element": streamed,
+                         **{f"issue_over_memory_{gpu}":
+                            issue_over_memory_time(per_elem, streamed, gpu)
+                            for gpu in BANDWIDTH}})
     return rows
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = ["| kernel | workload | config | warps | regs | spill bytes | shared bytes "
-             "| resident warps / SM | main loop: instructions (per element) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| resident warps / SM | main loop: instructions (per element) "
+             "| bytes / element | issue / memory time, H100 (H200) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         flag = " (!)" if row["local"] or row["regs"] > REGS_WARNING else ""
         config = ", ".join(f"{k}={v}" for k, v in row["config"].items() if "BLOCK" in k)
         lines.append(f"| {row['kernel']}{flag} | {row['workload']} | {config} | "
                      f"{row['num_warps']} | {row['regs']} | {row['local']} | {row['shared']} | "
                      f"{row['warps_per_sm']} | {row['loop_instructions']} "
-                     f"({row['instructions_per_element']}) |")
+                     f"({row['instructions_per_element']}) | {row['bytes_per_element'] or ''} | "
+                     f"{_ratios(row)} |")
     return "\n".join(lines)
+
+
+def _ratios(row: dict[str, Any]) -> str:
+    h100, h200 = row["issue_over_memory_H100"], row["issue_over_memory_H200"]
+    return "" if h100 is None else f"{h100} ({h200})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,11 @@ Speed on a GPU is bytes over bandwidth for these memory-bound kernels: every byt
 kernel loads or stores beyond what the op must move is time lost. This runs each op's
 kernels in Triton's interpreter (TRITON_INTERPRET=1) with the interpreter's load and store
 counted: each masked-in lane of a ``tl.load`` / ``tl.store`` adds its element's bytes
-(``lanes``), and the distinct bytes each launch touches are counted too (``moved``: the
-DRAM traffic of a launch whose re-reads hit in cache, as a second read of a block just
-read does). Both against the floor: each input read once, each output written once (each
+(``lanes``), and the DRAM traffic of each launch whose re-accesses hit in cache is
+counted too (``moved``: each element read from memory once if its first access is a
+load, written back once if it is stored; a second read of a block just read, or a read
+of what the launch itself wrote, is a cache hit; an in-place update is a read and a
+write). Both against the floor: each input read once, each output written once (each
 case's docstring states its floor). Deterministic: a CI budget.
 
     TRITON_INTERPRET=1 python -m rlhf_fast.benchmarks.traffic
@@ -33,7 +35,24 @@ class Traffic:
     lanes: int = 0
     moved: int = 0
     launches: list[str] = field(default_factory=list)
-    touched: list[Any] = field(default_factory=list)  # this launch's (addresses, itemsize)
+    touched: list[Any] = field(default_factory=list)  # this launch's (addresses, size, store)
+
+
+def _launch_traffic(touched: list[tuple[Any, int, bool]]) -> int:
+    """DRAM bytes of one launch from its accesses in order: an element is read once if
+    its first access is a load, written once if it is ever stored."""
+    import numpy as np
+
+    moved = 0
+    for itemsize in {size for _, size, _ in touched}:
+        accesses = [(a, s) for a, size, s in touched if size == itemsize]
+        addresses = np.concatenate([a for a, _ in accesses])
+        stores = np.concatenate([np.full(len(a), s) for a, s in accesses])
+        unique, first = np.unique(addresses, return_index=True)
+        read = np.count_nonzero(~stores[first])
+        written = len(np.unique(addresses[stores]))
+        moved += (read + written) * itemsize
+    return moved
 
 
 @contextlib.contextmanager
@@ -51,18 +70,18 @@ def counting() -> Iterator[Traffic]:
     load, store = builder.create_masked_load, builder.create_masked_store
     run = interpreter.InterpretedFunction.run
 
-    def touch(ptrs, mask, itemsize):
+    def touch(ptrs, mask, itemsize, is_store):
         lanes = np.broadcast_to(mask.data, ptrs.data.shape)
         traffic.lanes += int(np.count_nonzero(lanes)) * itemsize
-        traffic.touched.append((ptrs.data[lanes].ravel(), itemsize))
+        traffic.touched.append((ptrs.data[lanes].ravel(), itemsize, is_store))
 
     def counted_load(self, ptrs, mask, other, *args, **kwargs):
         out = load(self, ptrs, mask, other, *args, **kwargs)
-        touch(ptrs, mask, out.data.dtype.itemsize)
+        touch(ptrs, mask, out.data.dtype.itemsize, False)
         return out
 
     def counted_store(self, ptrs, value, mask, *args, **kwargs):
-        touch(ptrs, mask, value.data.dtype.itemsize)
+        touch(ptrs, mask, value.data.dtype.itemsize, True)
         return store(self, ptrs, value, mask, *args, **kwargs)
 
     def counted_run(self, *args, **kwargs):
@@ -70,10 +89,8 @@ def counting() -> Iterator[Traffic]:
         traffic.touched = []
         try:
             return run(self, *args, **kwargs)
-        finally:  # distinct bytes: each address's element once per launch
-            for itemsize in {size for _, size in traffic.touched}:
-                addresses = [a for a, size in traffic.touched if size == itemsize]
-                traffic.moved += len(np.unique(np.concatenate(addresses))) * itemsize
+        finally:
+            traffic.moved += _launch_traffic(traffic.touched)
 
     patched = [(builder, "create_masked_load", counted_load),
                (builder, "create_masked_store", counted_store),
@@ -96,6 +113,7 @@ def counting() -> Iterator[Traffic]:
 
 N, V = 64, 8192  # token rows and vocabulary: O(N) terms are ~1% of N V
 B, T = 16, 1024  # sequences and tokens of the [B, T] ops
+P = 4096  # pairs of dpo_loss, scores of group_advantages
 BF16, F32 = 2, 4
 Setup = Callable[[], tuple[Callable[[], Any], int]]
 
@@ -200,12 +218,62 @@ def optimal_token_baseline_forward() -> tuple[Callable[[], Any], int]:
         B * T + 3 * F32 * valid + 2 * F32 * B * T)
 
 
+def dpo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
+    """Forward: the four [P] sequence log-probs, the [P] chosen and rejected rewards, the
+    loss and the two statistics; backward: the four inputs and the 0-d upstream gradient,
+    the two policy gradients written."""
+    import rlhf_fast
+
+    gen = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(P, generator=gen) for _ in range(4))
+    pc.requires_grad_(), pr.requires_grad_()
+
+    def run() -> Any:
+        out = rlhf_fast.dpo_loss(pc, pr, rc, rr, beta=0.1)
+        return torch.autograd.grad(out.loss, (pc, pr))
+
+    return run, (F32 * (4 * P + 2 * P + 1 + 2)) + (F32 * (4 * P + 1 + 2 * P))
+
+
+def group_advantages_forward() -> tuple[Callable[[], Any], int]:
+    """The [P] scores (read twice by design: the second read, which writes, hits in
+    cache) and the [P] advantages written."""
+    import rlhf_fast
+
+    scores = torch.randn(P, generator=torch.Generator().manual_seed(0))
+    return lambda: rlhf_fast.group_advantages(scores, 8), 2 * F32 * P
+
+
+def linear_logprobs_forward_backward() -> tuple[Callable[[], Any], int]:
+    """The log-prob kernels' share of the fused lm_head path (the GEMMs are cuBLAS's):
+    forward, each logits chunk the lm_head GEMM wrote read once, the labels, logp and the
+    saved row statistics; backward, each recomputed chunk read once and overwritten with
+    its gradient, the labels, the statistics and the upstream gradient."""
+    import rlhf_fast
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, 64, generator=gen) / 8).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, V, (N,), generator=gen)
+
+    def run() -> Any:
+        logp = rlhf_fast.linear_logprobs(hidden, weight, labels)
+        return torch.autograd.grad(logp.sum(), (hidden, weight))
+
+    forward = BF16 * N * V + 8 * N + F32 * N + 2 * F32 * N
+    backward = 2 * BF16 * N * V + 8 * N + 2 * F32 * N + F32 * N
+    return run, forward + backward
+
+
 #: name -> (the pass and its floor, the kernels it launches, the budget of moved / floor)
 CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
     "logprobs fwd (+ entropy), [64, 8192] bf16": (
         logprobs_forward, ("_logprobs_fwd_kernel",), 1.002),
     "logprobs bwd (both outputs), [64, 8192] bf16": (
         logprobs_backward, ("_logprobs_bwd_kernel",), 1.002),
+    "linear_logprobs fwd+bwd, the log-prob kernels' share, [64, 8192] bf16": (
+        linear_logprobs_forward_backward, ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"),
+        1.002),
     "ppo_loss fwd+bwd (KL, entropy), [16, 1024] fp32": (
         ppo_loss_forward_backward, ("_ppo_fwd_kernel", "_ppo_reduce_kernel",
                                     "_ppo_bwd_kernel"), 1.005),  # + the per-row stats
@@ -217,6 +285,10 @@ CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
                                           "_sequence_logps_bwd_kernel"), 1.002),
     "optimal_token_baseline fwd, [16, 1024] fp32, groups of 4": (
         optimal_token_baseline_forward, ("_optimal_token_baseline_kernel",), 1.002),
+    "dpo_loss fwd+bwd (sigmoid), [4096] pairs fp32": (
+        dpo_loss_forward_backward, ("_dpo_fwd_kernel", "_dpo_bwd_kernel"), 1.002),
+    "group_advantages (grpo), [4096] scores fp32, groups of 8": (
+        group_advantages_forward, ("_group_advantages_kernel",), 1.002),
     # (the scan reads each token's successor again: 1.27x in accesses, a cache hit)
     "gae fwd, [16, 1024] fp32": (gae_forward, ("_gae_kernel",), 1.002),
 }

@@ -29,3 +29,16 @@ def test_counting_needs_the_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         with traffic.counting():
             pass
+
+
+def test_launch_traffic_by_hand():
+    """Per launch, per element: read once if first loaded, written once if stored. A
+    re-read, or a read of what the launch wrote, hits in cache; an in-place update (load
+    then store) is a read and a write."""
+    import numpy as np
+
+    a = np.arange(4)
+    assert traffic._launch_traffic([(a, 4, False), (a, 4, False)]) == 16       # re-read
+    assert traffic._launch_traffic([(a, 4, False), (a, 4, True)]) == 32        # in place
+    assert traffic._launch_traffic([(a, 4, True), (a, 4, False)]) == 16        # write, hit
+    assert traffic._launch_traffic([(a, 2, False), (a + 4, 4, True)]) == 8 + 16

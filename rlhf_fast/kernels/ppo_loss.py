@@ -678,8 +678,9 @@ def ppo_forward(
             KL_RATIO=cfg.kl_ratio,
             HAS_ENTROPY=entropy is not None, HAS_VALUE=values is not None,
             HAS_IS=is_weights is not None, FP64=fp64,
-            # a sequence loss's row terms take registers: 70 at 4 warps (28 warps per SM)
-            BLOCK_T=block, num_warps=_num_warps(block) * (2 if cfg.is_sequence_loss else 1),
+            # (a sequence loss's row terms take 70 registers: 28 warps per SM, enough in
+            # flight; 8 warps made it issue-bound, see benchmarks/kernel_resources.py)
+            BLOCK_T=block, num_warps=_num_warps(block),
         )
     _ppo_reduce_kernel[(1,)](
         row_stats, outputs, counts, B if T > 0 else 0, n_tiles,
