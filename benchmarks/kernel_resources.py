@@ -210,6 +210,8 @@ def streamed_bytes(kernel: str, config: dict[str, Any]) -> int | None:
     per_element = {
         "_logprobs_fwd_kernel": 2,                    # the logits
         "_logprobs_bwd_kernel": 4,                    # the logits, their gradient
+        "_divergence_fwd_kernel": 4,                  # both models' logits (a pass)
+        "_divergence_bwd_kernel": 6,                  # both, the student's gradient
         "_ppo_sequence_kernel": 1 + 4 * 3,            # mask, logp, old_logp, advantages
         "_ppo_fwd_kernel": 1 + 4 * (policy_inputs + bool(c("HAS_ENTROPY"))
                                     + 3 * bool(c("HAS_VALUE"))),
@@ -271,6 +273,16 @@ def _linear_logprobs() -> None:
     labels = torch.randint(0, 128256, (8,))
     logp = rlhf_fast.linear_logprobs(hidden, weight, labels)
     torch.autograd.grad(logp.sum(), (hidden, weight))
+
+
+def _token_divergence() -> None:
+    import rlhf_fast
+
+    student = torch.randn(64, 151936, dtype=torch.bfloat16, requires_grad=True)
+    teacher = torch.randn(64, 151936, dtype=torch.bfloat16)
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        out = rlhf_fast.token_divergence(student, teacher, divergence=divergence)
+        torch.autograd.grad(out.sum(), student)
 
 
 def _ppo_inputs(b: int = 64, t: int = 4096) -> dict[str, torch.Tensor]:
@@ -342,6 +354,8 @@ def _dpo() -> None:
 WORKLOADS: dict[str, Callable[[], None]] = {
     "logprobs (V 151936, 128256; bf16; logp + entropy, fwd + bwd)": _logprobs,
     "linear_logprobs (V 128256; bf16; fwd + bwd)": _linear_logprobs,
+    "token_divergence (V 151936; bf16; forward_kl, reverse_kl, jsd; fwd + bwd)":
+        _token_divergence,
     "ppo_loss (64 x 4096; every term; fwd + bwd)": _ppo_loss,
     "ppo_loss gspo (64 x 4096; policy term; fwd + bwd)": _ppo_sequence_loss,
     "linear_ppo_loss (8 x 512 tokens, V 128256; bf16)": _linear_ppo_loss,

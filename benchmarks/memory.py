@@ -170,6 +170,21 @@ def linear_ppo_loss_case(n: int, dim: int, vocab: int) -> Callable[[], Any]:
     return run
 
 
+def token_divergence_case(n: int, vocab: int, inplace: bool) -> Callable[[], Any]:
+    import rlhf_fast
+
+    student, labels = _leaf(n, vocab), _labels(n)
+    teacher = torch.empty(n, vocab, dtype=BF16, device=META)
+    # in place: logits an op made (the lm_head's output, in a model), before the count
+    x = student * 1 if inplace else student
+
+    def run() -> None:
+        out = rlhf_fast.token_divergence(x, teacher, labels, inplace_backward=inplace)
+        torch.autograd.grad(out.sum(), x)
+
+    return run
+
+
 def ppo_loss_case(b: int, t: int) -> Callable[[], Any]:
     import rlhf_fast
 
@@ -198,6 +213,14 @@ CASES: dict[str, tuple[Callable[[], Callable[[], Any]], int, str]] = {
         lambda: logprobs_case(N_LOGITS, V_QWEN, inplace=True),
         64 * N_LOGITS,
         "O(N): the gradient overwrites the logits"),
+    "token_divergence fwd+bwd (jsd), [8192, 151936] bf16": (
+        lambda: token_divergence_case(N_LOGITS, V_QWEN, inplace=False),
+        2 * N_LOGITS * V_QWEN + 64 * N_LOGITS,
+        "the student's gradient (2 N V) + O(N): no fp32 copy of either model's logits"),
+    "token_divergence fwd+bwd inplace_backward, [8192, 151936] bf16": (
+        lambda: token_divergence_case(N_LOGITS, V_QWEN, inplace=True),
+        64 * N_LOGITS,
+        "O(N): the gradient overwrites the student's logits"),
     "linear_logprobs fwd+bwd, N 8192, D 4096, V 128256 bf16": (
         lambda: linear_logprobs_case(N_LOGITS, D, V_LLAMA),
         2 * CHUNK + (4 + 2 + 2) * N_LOGITS * D + 2 * V_LLAMA * D + 64 * N_LOGITS,

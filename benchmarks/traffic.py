@@ -218,6 +218,35 @@ def optimal_token_baseline_forward() -> tuple[Callable[[], Any], int]:
         B * T + 3 * F32 * valid + 2 * F32 * B * T)
 
 
+def _token_divergence(divergence: str) -> tuple[Callable[[], Any], int]:
+    import rlhf_fast
+
+    student, labels = _logits()
+    teacher = torch.randn(N, V, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+    def run() -> Any:
+        out = rlhf_fast.token_divergence(student, teacher, labels, divergence=divergence)
+        return torch.autograd.grad(out.sum(), student)
+
+    stats = 5 * F32 * N  # written by the forward, read by the backward
+    forward = 2 * BF16 * N * V + 8 * N + F32 * N + stats
+    backward = 3 * BF16 * N * V + 8 * N + F32 * N + stats
+    return run, forward + backward
+
+
+def token_divergence_kl() -> tuple[Callable[[], Any], int]:
+    """Forward: both logits once, the labels, the divergence and 5 row statistics;
+    backward: both logits once, the labels, the statistics and the upstream gradient, the
+    student's gradient written."""
+    return _token_divergence("forward_kl")
+
+
+def token_divergence_jsd() -> tuple[Callable[[], Any], int]:
+    """As the KL's: the forward's second read of both rows (the mixture's log needs both
+    normalisers first) re-reads, in the same program, the row it just read."""
+    return _token_divergence("jsd")
+
+
 def dpo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
     """Forward: the four [P] sequence log-probs, the [P] chosen and rejected rewards, the
     loss and the two statistics; backward: the four inputs and the 0-d upstream gradient,
@@ -271,6 +300,12 @@ CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
         logprobs_forward, ("_logprobs_fwd_kernel",), 1.002),
     "logprobs bwd (both outputs), [64, 8192] bf16": (
         logprobs_backward, ("_logprobs_bwd_kernel",), 1.002),
+    "token_divergence fwd+bwd (forward_kl), [64, 8192] bf16": (
+        token_divergence_kl, ("_divergence_fwd_kernel", "_divergence_bwd_kernel"), 1.002),
+    # (its forward reads each row twice: every access 1.4x; at V = 151936 a row pair is
+    # 608 KB, so on a GPU the second read comes from DRAM, not cache)
+    "token_divergence fwd+bwd (jsd), [64, 8192] bf16": (
+        token_divergence_jsd, ("_divergence_fwd_kernel", "_divergence_bwd_kernel"), 1.002),
     "linear_logprobs fwd+bwd, the log-prob kernels' share, [64, 8192] bf16": (
         linear_logprobs_forward_backward, ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"),
         1.002),

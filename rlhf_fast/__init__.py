@@ -14,6 +14,7 @@ from rlhf_fast.ops.masked_whiten import masked_whiten
 from rlhf_fast.ops.optimal_token_baseline import optimal_token_baseline
 from rlhf_fast.ops.ppo_loss import ppo_loss
 from rlhf_fast.ops.sequence_logps import sequence_logps
+from rlhf_fast.ops.token_divergence import token_divergence
 from rlhf_fast.types import DPOLossOutput, PPOLossOutput
 
 __all__ = [
@@ -21,5 +22,5 @@ __all__ = [
     "masked_whiten",
     "logprobs", "ppo_loss", "PPOLossOutput", "PPOLoss", "sequence_logps", "dpo_loss",
     "DPOLossOutput", "DPOLoss", "linear_logprobs", "linear_dpo_loss",
-    "linear_ppo_loss"]
+    "linear_ppo_loss", "token_divergence"]
 __version__ = "0.1.0"

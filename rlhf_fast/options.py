@@ -30,6 +30,7 @@ from rlhf_fast.ops.checks import INT64_MAX, INT64_MIN, check_fp32
 from rlhf_fast.types import (
     ADVANTAGE_ESTIMATORS,
     AGG_MODES,
+    DIVERGENCES,
     DPO_LABEL_SMOOTHING_TYPES,
     DPO_LOSS_TYPES,
     DPO_REDUCTIONS,
@@ -466,3 +467,24 @@ LABEL_CHECK = OptionSet((
 
 #: What the log-prob ops take: the token options and the label check.
 LOGPROB_OPTIONS = TOKEN_OPTIONS + LABEL_CHECK
+
+
+# --------------------------------------------------------------- token_divergence
+
+
+def _beta_only_with_jsd(values: SimpleNamespace, label: Callable) -> None:
+    if values.divergence != "jsd" and values.beta != 0.5:
+        raise ValueError(
+            f"{label('beta')} is read only by divergence 'jsd' (beta 0: forward KL, 1: "
+            f"reverse KL); leave it at 0.5 for {values.divergence!r}, got {values.beta}")
+
+
+#: What `token_divergence` takes beside the token options (temperature, ignore_index).
+DIVERGENCE_OPTIONS = TOKEN_OPTIONS + OptionSet((
+    Option("divergence", "jsd", one_of(DIVERGENCES),
+           "jsd: TRL's generalized Jensen-Shannon divergence (beta weights the teacher); "
+           "forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher)"),
+    Option("beta", 0.5, real("in [0, 1]", lambda v: 0 <= v <= 1),
+           "jsd's mixture weight of the teacher, m = beta p + (1 - beta) q; 0 and 1 give "
+           "the forward and reverse KL, as TRL's GKD and Liger's JSD define them"),
+), rules=(_beta_only_with_jsd,))

@@ -107,3 +107,9 @@ class DPOLossOutput(NamedTuple):
     rejected_rewards: torch.Tensor
     reward_accuracy: torch.Tensor
     reward_margin: torch.Tensor
+
+# ------------------------------------------------------------------ token_divergence
+
+#: The divergences of a student's token distribution q from a teacher's p
+#: (`reference.token_divergence`): KL(p || q), KL(q || p), and TRL's generalized JSD.
+DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")

@@ -205,6 +205,19 @@ def _dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **lengths):
 
 LM_HEAD = ("hidden", "weight", "bias")
 
+
+def _divergence_rejects(name: str, view: torch.Tensor, inplace: bool = False) -> str | None:
+    if name.endswith("_logits") and view.shape[-1] > 1 and view.stride(-1) != 1:
+        return f"{name} must have stride 1 in its last dim"
+    if inplace and name == "student_logits" and view.stride(0) == 0:
+        return "inplace_backward=True needs student_logits whose elements do not share memory"
+    return None
+
+
+def _divergence_make(gen: torch.Generator, **rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    return dict(student_logits=_floats(2, 3, V, gen=gen, scale=2.0),
+                teacher_logits=_floats(2, 3, V, gen=gen, scale=2.0), **rows)
+
 OPS: dict[str, Op] = {
     "logprobs": Op(
         lambda logits, labels: rlhf_fast.logprobs(logits, labels, temperature=0.7,
@@ -219,6 +232,20 @@ OPS: dict[str, Op] = {
         lambda gen: dict(logits=_floats(2, 3, V, gen=gen, scale=2.0),
                          labels=_labels(2, 3, gen=gen)),
         grads=("logits",), nonleaf=("logits",), rejects=_inplace_rejects,
+    ),
+    "token_divergence": Op(
+        lambda student_logits, teacher_logits, labels: rlhf_fast.token_divergence(
+            student_logits, teacher_logits, labels, temperature=0.8, beta=0.3),
+        lambda gen: _divergence_make(gen, labels=_labels(2, 3, gen=gen)),
+        grads=("student_logits",), outputs=_one, rejects=_divergence_rejects,
+    ),
+    "token_divergence[mask, inplace_backward]": Op(
+        lambda student_logits, teacher_logits, labels: rlhf_fast.token_divergence(
+            student_logits, teacher_logits, labels, divergence="reverse_kl",
+            inplace_backward=True),
+        lambda gen: _divergence_make(gen, labels=_mask(2, 3, gen=gen)),
+        grads=("student_logits",), outputs=_one, nonleaf=("student_logits",),
+        rejects=lambda name, view: _divergence_rejects(name, view, inplace=True),
     ),
     "linear_logprobs": Op(
         lambda hidden, weight, labels, bias: rlhf_fast.linear_logprobs(

@@ -72,7 +72,8 @@ def test_the_tool_refuses_interpreted_kernels():
 
 
 #: The kernels that stream the big tensors: bandwidth needs many warps in flight.
-STREAMING = {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_ppo_fwd_kernel",
+STREAMING = {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_divergence_fwd_kernel",
+             "_divergence_bwd_kernel", "_ppo_fwd_kernel",
              "_ppo_bwd_kernel", "_ppo_token_grad_kernel", "_whiten_fwd_kernel",
              "_whiten_bwd_kernel", "_masked_partial_stats_kernel",
              "_sequence_logps_fwd_kernel", "_sequence_logps_bwd_kernel"}
@@ -134,6 +135,10 @@ INSTRUCTION_BUDGETS = {
     ("_logprobs_bwd_kernel", "logprobs"): 10.94,  # both upstream gradients
     ("_logprobs_fwd_kernel", "linear_logprobs"): 14.5,  # logp only
     ("_logprobs_bwd_kernel", "linear_logprobs"): 8.81,
+    # both models' logits at once; jsd's per-element log2 the fast one (28.25 / 27.56;
+    # with libdevice's exact fp32 log2f: 51.38 / 50.81, issue-bound at 1.29 on an H100)
+    ("_divergence_fwd_kernel", "token_divergence"): 33.88,
+    ("_divergence_bwd_kernel", "token_divergence"): 27.56,
     ("_ppo_fwd_kernel", "ppo_loss"): 119.62,  # every term (gspo: 138.5 at 8 warps, 91.6 at 4)
     ("_ppo_bwd_kernel", "ppo_loss"): 84.88,
     ("_ppo_token_grad_kernel", "linear_ppo_loss"): 56.0,

@@ -82,7 +82,7 @@ def test_trainers_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(python_blocks()[5], ns)
+    exec(python_blocks()[6], ns)
     assert [r["step"] for r in ns["dpo_metrics"]] == [2, 4]
     assert [r["step"] for r in ns["ppo_metrics"]] == [1, 2]
     assert (tmp_path / "runs/readme/dpo/final/config.json").is_file()
@@ -90,12 +90,20 @@ def test_trainers_snippet_runs(tmp_path, monkeypatch):
     assert all(0 <= r["reward"] <= 1 for r in ns["ppo_metrics"])
 
 
+def test_distillation_snippet_runs_and_holds_what_it_claims():
+    ns: dict = {}
+    exec(python_blocks()[5], ns)
+    grad, labels = ns["student_logits"].grad, ns["labels"]
+    assert grad.dtype == torch.bfloat16 and ns["loss"].item() > 0
+    assert not grad[labels == -100].any() and grad[labels != -100].any(dim=-1).all()
+
+
 def test_trl_snippet_patches_and_unpatches():
     from trl.trainer import utils
 
     original = utils._ChunkedLogProbFunction
     ns: dict = {}
-    exec(python_blocks()[7], ns)
+    exec(python_blocks()[8], ns)
     assert utils._ChunkedLogProbFunction is original
     ns["rlhf_trl"].patch_trl()
     try:

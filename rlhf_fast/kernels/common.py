@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import struct
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -37,6 +39,23 @@ def cast(x, dtype: tl.constexpr):
     if x.dtype == tl.float64 and dtype == tl.bfloat16:
         x = x.to(tl.float32)
     return x.to(dtype)
+
+
+@triton.jit
+def log2(x, FAST: tl.constexpr):
+    """log2 x; with FAST (see `fast_log2`) lg2.approx: one MUFU.LG2 (relative error about
+    2^-22) for libdevice's exact fp32 polynomial (about 30 instructions)."""
+    if FAST:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+def fast_log2(dtype: torch.dtype) -> bool:
+    """Whether `log2` may approximate: fp32 math in a compiled kernel for an NVIDIA GPU
+    (fp64 keeps every bit; Triton's interpreter has no libdevice)."""
+    return (dtype == torch.float32 and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and torch.version.hip is None)
 
 
 @functools.lru_cache(maxsize=4096)  # a launch's settings repeat from step to step

@@ -157,3 +157,36 @@ def differentiable_once(backward: Callable) -> Callable:
         return first_order(ctx, *grads)
 
     return guarded
+
+
+def overlaps_itself(tensor: torch.Tensor) -> bool:
+    """Whether two elements of `tensor` may share memory: sorted by stride, each dim must
+    step past everything the smaller-stride dims span (stride 0 of an expand() fails)."""
+    span = 1
+    for stride, size in sorted((st, n) for st, n in zip(tensor.stride(), tensor.shape) if n > 1):
+        if stride < span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def check_inplace_backward(name: str, logits: torch.Tensor) -> None:
+    """`logits` may receive its own gradient (``inplace_backward=True``): no two elements
+    share memory, and it is no leaf requiring grad nor a view of one."""
+    if overlaps_itself(logits):
+        raise ValueError(
+            f"inplace_backward=True needs {name} whose elements do not share memory, got "
+            f"strides {logits.stride()} for shape {tuple(logits.shape)} (an expand()ed "
+            "view?); pass inplace_backward=False"
+        )
+    if torch.is_grad_enabled() and logits.requires_grad:
+        # The backward would overwrite a leaf's values (a parameter, or the caller's own
+        # tensor) with its gradient, as an in-place op on it would; torch refuses those.
+        base = logits if logits._base is None else logits._base
+        if logits.is_leaf or (base.is_leaf and base.requires_grad):
+            raise ValueError(
+                f"inplace_backward=True needs {name} computed by a differentiable op (e.g. "
+                "the lm_head's output), got a leaf tensor requiring grad"
+                f"{'' if logits.is_leaf else ' (a view of one)'}, whose values the "
+                "gradient would overwrite; pass inplace_backward=False"
+            )

@@ -15,6 +15,7 @@ from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_bool,
+    check_inplace_backward,
     check_same_device,
     check_tensor,
     differentiable_once,
@@ -89,17 +90,6 @@ def upstream_grads(returned: tuple[bool, ...], grads: tuple) -> list:
 
 def single_or_tuple(outputs: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
     return outputs[0] if len(outputs) == 1 else outputs
-
-
-def overlaps_itself(tensor: torch.Tensor) -> bool:
-    """Whether two elements of `tensor` may share memory: sorted by stride, each dim must
-    step past everything the smaller-stride dims span (stride 0 of an expand() fails)."""
-    span = 1
-    for stride, size in sorted((st, n) for st, n in zip(tensor.stride(), tensor.shape) if n > 1):
-        if stride < span:
-            return True
-        span += (size - 1) * stride
-    return False
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -181,23 +171,8 @@ def logprobs(
     if opt.check_labels:
         check_label_range(labels, logits.shape[-1], opt.ignore_index)
 
-    if inplace_backward and overlaps_itself(logits):
-        raise ValueError(
-            "inplace_backward=True needs logits whose elements do not share memory, got "
-            f"strides {logits.stride()} for shape {tuple(logits.shape)} (an expand()ed "
-            "view?); pass inplace_backward=False"
-        )
-    if inplace_backward and torch.is_grad_enabled() and logits.requires_grad:
-        # The backward would overwrite a leaf's values (a parameter, or the caller's own
-        # tensor) with its gradient, as an in-place op on it would; torch refuses those.
-        base = logits if logits._base is None else logits._base
-        if logits.is_leaf or (base.is_leaf and base.requires_grad):
-            raise ValueError(
-                "inplace_backward=True needs logits computed by a differentiable op (e.g. "
-                "the lm_head's output), got a leaf tensor requiring grad"
-                f"{'' if logits.is_leaf else ' (a view of one)'}, whose values the "
-                "gradient would overwrite; pass inplace_backward=False"
-            )
+    if inplace_backward:
+        check_inplace_backward("logits", logits)
     if not use_triton(logits):
         return reference.logprobs(
             logits, labels, return_entropy=return_entropy, return_sum_p2=return_sum_p2,

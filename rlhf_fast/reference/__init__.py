@@ -14,6 +14,7 @@ from rlhf_fast.reference.advantages import (
     masked_whiten,
     optimal_token_baseline,
 )
+from rlhf_fast.reference.distillation import token_divergence
 from rlhf_fast.reference.policy import (
     ROLLOUT_STATISTICS,
     aggregate,
@@ -38,5 +39,5 @@ __all__ = [
     "fits_dtype", "gae", "group_advantages", "ignored_labels", "kl_cov_coefficients", "kl_penalty",
     "linear_logprobs", "log_sigmoid", "logprobs", "masked_mean", "masked_whiten",
     "optimal_token_baseline", "policy_terms", "policy_weights", "ppo_loss", "rollout_correction",
-    "sequence_logps",
+    "sequence_logps", "token_divergence",
 ]

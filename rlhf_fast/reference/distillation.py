@@ -1,0 +1,91 @@
+"""The divergence of a student's token distributions from a teacher's (distillation)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from rlhf_fast.options import DIVERGENCE_OPTIONS
+from rlhf_fast.reference.tokens import ignored_labels
+
+
+@DIVERGENCE_OPTIONS.keywords
+def token_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None, **options: Any,
+) -> torch.Tensor:
+    """Per token, the divergence of the student's distribution q = softmax(s / T) from the
+    teacher's p = softmax(t / T).
+
+    Args:
+        student_logits: ``[..., V]`` float; differentiable.
+        teacher_logits: ``[..., V]`` float (its own dtype may differ); a constant: no
+            gradient reaches it.
+        labels: ``[...]`` or None: the rows to count. Integer labels: the rows whose
+            label is not ``ignore_index`` (the label's value is not otherwise read); a
+            bool mask: the rows where it is True; None: every row.
+        Options: below.
+
+    Returns:
+        ``[...]`` fp32 (fp64 if either logits tensor is fp64); 0 at the rows not counted,
+        whose logits are never read (NaN there is harmless), and no gradient there.
+
+    The divergences (TRL's GKD ``generalized_jsd_loss``, Liger's ``LigerJSD``):
+      * forward_kl: KL(p || q) = sum_j p_j (log p_j - log q_j)
+      * reverse_kl: KL(q || p) = sum_j q_j (log q_j - log p_j)
+      * jsd: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; at beta
+        0 the forward KL and at beta 1 the reverse KL, as both peers special-case them
+        (the formula's own limit there is 0).
+    A token of probability 0 (a -inf logit) adds 0 where it carries no mass (0 log 0 = 0);
+    mass where the other distribution has none makes a KL +inf (and its gradient NaN
+    for the reverse KL). NaN or +inf in a counted row gives NaN for that row only.
+    """
+    opt = DIVERGENCE_OPTIONS.fill(options)
+    kept = counted_rows(labels, opt.ignore_index, student_logits.shape[:-1],
+                        student_logits.device)
+    fp64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
+    dtype = torch.float64 if fp64 else torch.float32
+    # Rows not counted are never looked at: whatever they hold, no NaN reaches any output.
+    row_kept = kept.unsqueeze(-1)
+    s = torch.where(row_kept, student_logits.to(dtype), 0.0) / opt.temperature
+    t = torch.where(row_kept, teacher_logits.detach().to(dtype), 0.0) / opt.temperature
+    log_q, log_p = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+    divergence = opt.divergence
+    if divergence == "jsd" and opt.beta in (0.0, 1.0):
+        divergence = "forward_kl" if opt.beta == 0.0 else "reverse_kl"
+    if divergence == "forward_kl":
+        value = kl(log_p, log_q)
+    elif divergence == "reverse_kl":
+        value = kl(log_q, log_p)
+    else:
+        beta = opt.beta
+        log_m = log_add_exp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        value = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+    return torch.where(kept, value, 0.0)
+
+
+def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum_j a_j (log a_j - log b_j) over the last dim, a term 0 (and its gradient 0, not
+    0 * NaN) where a_j = 0."""
+    a = log_a.exp()
+    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
+
+
+def log_add_exp(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log(e^x + e^y), -inf with gradient 0 where both are -inf (torch.logaddexp's
+    gradient is NaN there)."""
+    none = (x == float("-inf")) & (y == float("-inf"))
+    both = torch.logaddexp(x.masked_fill(none, 0.0), y.masked_fill(none, 0.0))
+    return both.masked_fill(none, float("-inf"))
+
+
+def counted_rows(labels: torch.Tensor | None, ignore_index: int, shape: torch.Size,
+                 device: torch.device) -> torch.Tensor:
+    """Bool ``shape``: the rows a divergence counts (see `token_divergence`'s labels)."""
+    if labels is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if labels.dtype == torch.bool:
+        return labels
+    return ~ignored_labels(labels, ignore_index)
