@@ -185,6 +185,21 @@ def token_divergence_case(n: int, vocab: int, inplace: bool) -> Callable[[], Any
     return run
 
 
+def linear_token_divergence_case(n: int, dim: int, vocab: int) -> Callable[[], Any]:
+    import rlhf_fast
+
+    hidden, weight, labels = _leaf(1, n, dim), _leaf(vocab, dim), _labels(1, n)
+    teacher_hidden = torch.empty(1, n, dim, dtype=BF16, device=META)
+    teacher_weight = torch.empty(vocab, dim, dtype=BF16, device=META)
+
+    def run() -> None:
+        out = rlhf_fast.linear_token_divergence(hidden, weight, teacher_hidden,
+                                                teacher_weight, labels)
+        torch.autograd.grad(out.sum(), (hidden, weight))
+
+    return run
+
+
 def ppo_loss_case(b: int, t: int) -> Callable[[], Any]:
     import rlhf_fast
 
@@ -232,6 +247,11 @@ CASES: dict[str, tuple[Callable[[], Callable[[], Any]], int, str]] = {
         "one logits chunk + the fp32 d weight accumulator (4 V D) and its bf16 rounding "
         "(2 V D) + d hidden saved and scaled (4 N D) + O(N): the backward's scaled "
         "gradients (2 V D + 2 N D) replace the saved ones"),
+    "linear_token_divergence fwd+bwd (jsd), N 8192, D 4096, V 128256 bf16": (
+        lambda: linear_token_divergence_case(N_LOGITS, D, V_LLAMA),
+        2 * CHUNK + (4 + 2 + 2) * N_LOGITS * D + 2 * V_LLAMA * D + 64 * N_LOGITS,
+        "one logits chunk of each model (2 * 2^26 each) + fp32 and bf16 d hidden and "
+        "zeroed hidden (8 N D) + d weight (2 V D) + O(N)"),
     "ppo_loss fwd+bwd, [512, 8192] fp32": (
         lambda: ppo_loss_case(512, 8192),
         2 * 4 * 512 * 8192 + 64 * 512 * 8192 // 1024 + 4096,

@@ -247,6 +247,29 @@ def token_divergence_jsd() -> tuple[Callable[[], Any], int]:
     return _token_divergence("jsd")
 
 
+def linear_token_divergence_kl() -> tuple[Callable[[], Any], int]:
+    """The divergence kernels' share of the fused path (the GEMMs are cuBLAS's): as
+    `token_divergence_kl` on each chunk pair, the student's chunk overwritten with its
+    gradient in the backward."""
+    import rlhf_fast
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, 64, generator=gen) / 8).to(torch.bfloat16).requires_grad_()
+    teacher_hidden = torch.randn(N, 48, generator=gen).to(torch.bfloat16)
+    teacher_weight = (torch.randn(V, 48, generator=gen) / 8).to(torch.bfloat16)
+    labels = torch.randint(0, V, (N,), generator=gen)
+
+    def run() -> Any:
+        out = rlhf_fast.linear_token_divergence(hidden, weight, teacher_hidden, teacher_weight,
+                                                labels, divergence="forward_kl")
+        return torch.autograd.grad(out.sum(), (hidden, weight))
+
+    stats = 5 * F32 * N
+    return run, (2 * BF16 * N * V + 8 * N + F32 * N + stats) + (
+        3 * BF16 * N * V + 8 * N + F32 * N + stats)
+
+
 def dpo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
     """Forward: the four [P] sequence log-probs, the [P] chosen and rejected rewards, the
     loss and the two statistics; backward: the four inputs and the 0-d upstream gradient,
@@ -306,6 +329,9 @@ CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
     # 608 KB, so on a GPU the second read comes from DRAM, not cache)
     "token_divergence fwd+bwd (jsd), [64, 8192] bf16": (
         token_divergence_jsd, ("_divergence_fwd_kernel", "_divergence_bwd_kernel"), 1.002),
+    "linear_token_divergence fwd+bwd (forward_kl), the kernels' share, [64, 8192] bf16": (
+        linear_token_divergence_kl, ("_divergence_fwd_kernel", "_divergence_bwd_kernel"),
+        1.002),
     "linear_logprobs fwd+bwd, the log-prob kernels' share, [64, 8192] bf16": (
         linear_logprobs_forward_backward, ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"),
         1.002),

@@ -8,6 +8,7 @@ from rlhf_fast.ops.group_advantages import group_advantages
 from rlhf_fast.ops.linear_dpo_loss import linear_dpo_loss
 from rlhf_fast.ops.linear_logprobs import linear_logprobs
 from rlhf_fast.ops.linear_ppo_loss import linear_ppo_loss
+from rlhf_fast.ops.linear_token_divergence import linear_token_divergence
 from rlhf_fast.ops.logprobs import logprobs
 from rlhf_fast.ops.masked_mean import masked_mean
 from rlhf_fast.ops.masked_whiten import masked_whiten
@@ -22,5 +23,5 @@ __all__ = [
     "masked_whiten",
     "logprobs", "ppo_loss", "PPOLossOutput", "PPOLoss", "sequence_logps", "dpo_loss",
     "DPOLossOutput", "DPOLoss", "linear_logprobs", "linear_dpo_loss",
-    "linear_ppo_loss", "token_divergence"]
+    "linear_ppo_loss", "token_divergence", "linear_token_divergence"]
 __version__ = "0.1.0"

@@ -247,6 +247,20 @@ OPS: dict[str, Op] = {
         grads=("student_logits",), outputs=_one, nonleaf=("student_logits",),
         rejects=lambda name, view: _divergence_rejects(name, view, inplace=True),
     ),
+    "linear_token_divergence": Op(
+        lambda student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+        student_bias, teacher_bias: rlhf_fast.linear_token_divergence(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+            student_bias=student_bias, teacher_bias=teacher_bias, beta=0.3),
+        lambda gen: dict(
+            student_hidden=_floats(2, 3, D, gen=gen), student_weight=_floats(V, D, gen=gen),
+            teacher_hidden=_floats(2, 3, D + 1, gen=gen),
+            teacher_weight=_floats(V, D + 1, gen=gen), labels=_labels(2, 3, gen=gen),
+            student_bias=_floats(V, gen=gen), teacher_bias=_floats(V, gen=gen)),
+        grads=("student_hidden", "student_weight", "student_bias"), outputs=_one,
+        one_dtype=("student_hidden", "student_weight", "student_bias", "teacher_hidden",
+                   "teacher_weight", "teacher_bias"),
+    ),
     "linear_logprobs": Op(
         lambda hidden, weight, labels, bias: rlhf_fast.linear_logprobs(
             hidden, weight, labels, bias=bias, temperature=0.9, return_entropy=True),

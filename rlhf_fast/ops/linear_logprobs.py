@@ -82,21 +82,21 @@ def no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(tensor.device.type, enabled=False)
 
 
-def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-               ) -> torch.dtype:
+def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               names: tuple[str, str, str] = ("hidden", "weight", "bias")) -> torch.dtype:
     """The dtype the lm_head GEMMs run in, as F.linear picks it: under autocast on
     hidden's device its dtype (fp64 inputs are not autocast), else hidden's, which
-    weight and bias must then share."""
+    weight and bias must then share (`names`: the three arguments', for errors)."""
     device = hidden.device.type
     tensors = [hidden, weight] + ([] if bias is None else [bias])
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     if autocast and all(t.dtype != torch.float64 for t in tensors):
         return torch.get_autocast_dtype(device)
-    for name, tensor in (("weight", weight), ("bias", bias)):
+    for name, tensor in ((names[1], weight), (names[2], bias)):
         if tensor is not None and tensor.dtype != hidden.dtype:
             raise TypeError(
-                f"{name} must have hidden's dtype {hidden.dtype} (or run under autocast, "
-                f"which casts both), got {tensor.dtype}"
+                f"{name} must have {names[0]}'s dtype {hidden.dtype} (or run under "
+                f"autocast, which casts both), got {tensor.dtype}"
             )
     return hidden.dtype
 

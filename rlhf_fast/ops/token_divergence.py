@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,6 +26,14 @@ from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.options import DIVERGENCE_OPTIONS
 
 CODES = {"forward_kl": kernel.FORWARD_KL, "reverse_kl": kernel.REVERSE_KL, "jsd": kernel.JSD}
+
+
+def resolved_divergence(opt: SimpleNamespace) -> tuple[str, float]:
+    """(divergence, beta) the kernels compute: jsd at beta 0 and 1 is the forward and
+    the reverse KL (the peers' definition; the formula's own limit there is 0)."""
+    if opt.divergence == "jsd" and opt.beta in (0.0, 1.0):
+        return ("forward_kl" if opt.beta == 0.0 else "reverse_kl"), opt.beta
+    return opt.divergence, opt.beta
 
 
 def addressable(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -126,9 +135,7 @@ def token_divergence(
 
     if not use_triton(student_logits):
         return reference.token_divergence(student_logits, teacher_logits, labels, **vars(opt))
-    divergence, beta = opt.divergence, opt.beta
-    if divergence == "jsd" and beta in (0.0, 1.0):  # the peers' KLs at the ends
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    divergence, beta = resolved_divergence(opt)
     rows = None if labels is None else mask_view(labels.reshape(-1).contiguous())
     return TokenDivergenceFunction.apply(
         student_logits, teacher_logits, rows, CODES[divergence], opt.temperature, beta,

@@ -14,7 +14,7 @@ from rlhf_fast.reference.advantages import (
     masked_whiten,
     optimal_token_baseline,
 )
-from rlhf_fast.reference.distillation import token_divergence
+from rlhf_fast.reference.distillation import linear_token_divergence, token_divergence
 from rlhf_fast.reference.policy import (
     ROLLOUT_STATISTICS,
     aggregate,
@@ -37,7 +37,8 @@ from rlhf_fast.reference.tokens import (
 __all__ = [
     "EXO_DEFAULT_EPS", "ROLLOUT_STATISTICS", "aggregate", "discounted_returns", "dpo_loss",
     "fits_dtype", "gae", "group_advantages", "ignored_labels", "kl_cov_coefficients", "kl_penalty",
-    "linear_logprobs", "log_sigmoid", "logprobs", "masked_mean", "masked_whiten",
+    "linear_logprobs", "linear_token_divergence",
+    "log_sigmoid", "logprobs", "masked_mean", "masked_whiten",
     "optimal_token_baseline", "policy_terms", "policy_weights", "ppo_loss", "rollout_correction",
     "sequence_logps", "token_divergence",
 ]

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from rlhf_fast.options import DIVERGENCE_OPTIONS
 from rlhf_fast.reference.tokens import ignored_labels
@@ -64,6 +65,26 @@ def token_divergence(
         log_m = log_add_exp(log_p + math.log(beta), log_q + math.log1p(-beta))
         value = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
     return torch.where(kept, value, 0.0)
+
+
+@DIVERGENCE_OPTIONS.keywords
+def linear_token_divergence(
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor, labels: torch.Tensor | None = None, *,
+    student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """`token_divergence` of each model's materialised logits, ``F.linear(hidden, weight,
+    bias)`` (in the inputs' dtype, or autocast's, as a model's lm_head computes them):
+    student_hidden ``[..., D_s]``, student_weight ``[V, D_s]``, teacher_hidden
+    ``[..., D_t]``, teacher_weight ``[V, D_t]``. The rows not counted are zeroed first in
+    both hidden states: what they hold reaches no output and no gradient."""
+    opt = DIVERGENCE_OPTIONS.fill(options)
+    kept = counted_rows(labels, opt.ignore_index, student_hidden.shape[:-1],
+                        student_hidden.device).unsqueeze(-1)
+    student = F.linear(student_hidden.masked_fill(~kept, 0), student_weight, student_bias)
+    teacher = F.linear(teacher_hidden.masked_fill(~kept, 0), teacher_weight, teacher_bias)
+    return token_divergence(student, teacher.detach(), labels, **vars(opt))
 
 
 def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
