@@ -187,7 +187,8 @@ def check_batch_fits(args: argparse.Namespace, config: Any, records: int,
 
 
 # the flags that name a model, tokenizer or reward model: a local path or a hub id
-MODEL_FLAGS = ("--model", "--tokenizer", "--ref-model", "--reward-model", "--value-model")
+MODEL_FLAGS = ("--model", "--tokenizer", "--ref-model", "--reward-model", "--value-model",
+               "--teacher-model")
 
 
 def looks_like_a_path(value: str) -> bool:
@@ -251,20 +252,22 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             tokenizer=tokenizer, train_dataset=data, eval_dataset=eval_data, config=config,
         )
     else:
-        if not (args.reward_model or args.reward_fn):
-            parser.error("train ppo needs --reward-model or --reward-fn (or several)")
+        if not (args.reward_model or args.reward_fn or args.teacher_model):
+            parser.error("train ppo needs --reward-model or --reward-fn (or several), or "
+                         "--teacher-model")
         try:  # the reward models, then the functions: config.reward_weights' order
             rewards = [load_sequence_scorer(m) for m in args.reward_model or []] + [
                 import_function(f) for f in args.reward_fn or []]
         except (ValueError, ImportError) as exc:
             parser.error(str(exc))
-        reward = rewards[0] if len(rewards) == 1 else rewards
+        reward = None if not rewards else rewards[0] if len(rewards) == 1 else rewards
         tokenizer = load_tokenizer(args.tokenizer or args.model)
         trainer = PPOTrainer(
             load_causal_lm(args.model),
             load_causal_lm(args.ref_model) if args.ref_model else None,
             load_sequence_scorer(args.value_model) if args.value_model else None,
             reward, tokenizer=tokenizer, prompts=data, config=config,
+            teacher=load_causal_lm(args.teacher_model) if args.teacher_model else None,
         )
     trainer.train()
     return 0
@@ -318,6 +321,11 @@ def _add_train_parser(commands: Any) -> None:
                              help="one or more f(prompts, answers) -> scores, on the decoded "
                                   "text (with --reward-model: after the models, in "
                                   "--reward-weights' order)")
+            sub.add_argument("--teacher-model", metavar="PATH_OR_ID",
+                             help="on-policy distillation: a causal LM with the policy's "
+                                  "vocabulary whose per-token log-prob of each sampled token "
+                                  "minus the policy's is a reward (--distill-coef); with it "
+                                  "the reward flags are optional")
             sub.add_argument("--value-model", metavar="PATH_OR_ID",
                              help="critic init, a sequence classifier with one label "
                                   "(default: a copy of the policy's backbone, zero head)")

@@ -8,6 +8,7 @@ covered by test_trainers.py, and these tests are about plumbing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -95,6 +96,28 @@ def test_train_ppo_with_a_reward_function(saved_model, tmp_path, torch_backend, 
     records = _lines(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert all(0 <= r["reward"] <= 1 and 1 <= r["response_length"] <= 5 for r in records)
+    assert _changed(saved_model, out / "final")
+
+
+def test_train_ppo_distilling_a_teacher_alone(saved_model, tmp_path, torch_backend):
+    """--teacher-model without a reward: on-policy distillation, the teacher's per-token
+    rewards the only signal; its reverse KL is logged."""
+    teacher = AutoModelForCausalLM.from_pretrained(saved_model)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(3.0)  # sharper than the student
+    teacher.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "distill"
+    code = main(["train", "ppo", "--model", str(saved_model),
+                 "--data", str(DATA / "prompts.txt"), "--teacher-model", str(tmp_path / "teacher"),
+                 "--distill-coef", "1.0", "--output-dir", str(out), "--device", "cpu",
+                 "--lr", "1e-3", "--advantage-estimator", "grpo", "--group-size", "2",
+                 "--rollout-batch-size", "2", "--mini-batch-size", "4", "--ppo-epochs", "1",
+                 "--max-new-tokens", "5", "--max-steps", "2", "--kl-coef", "0"])
+    assert code == 0
+    records = _lines(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    # (teacher_kl: the k1 estimate summed over an answer's sampled tokens, of any sign)
+    assert all(r["reward"] == 0 and math.isfinite(r["teacher_kl"]) for r in records)
     assert _changed(saved_model, out / "final")
 
 

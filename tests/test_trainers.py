@@ -1409,6 +1409,78 @@ def test_gdpo_normalises_each_reward_function_in_its_groups(tokenizer, warm_mode
     assert all(math.isfinite(v) for v in metrics.values())
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_plus_plus"])
+def test_on_policy_distillation_adds_the_teachers_token_rewards(tokenizer, warm_model,
+                                                                 other_model, tmp_path,
+                                                                 estimator):
+    """With a teacher, each sampled token's reward gains distill_coef * (log pi_teacher -
+    log pi): added to its advantage for a group estimator, to its reward (then discounted
+    and whitened) for reinforce_plus_plus; the teacher's log-probs are its own model's."""
+    config = PPOConfig(output_dir=str(tmp_path), advantage_estimator=estimator, max_steps=1,
+                       ppo_epochs=1, rollout_batch_size=3, group_size=2, mini_batch_size=6,
+                       max_new_tokens=6, kl_coef=0.05, scale_rewards="batch", seed=0,
+                       distill_coef=0.5, device="cpu")
+    trainer = PPOTrainer(copy.deepcopy(warm_model), reward_fn_or_model=demo.kindness_reward,
+                         tokenizer=tokenizer, prompts=PROMPTS, config=config,
+                         teacher=copy.deepcopy(other_model))
+    rollout = trainer.rollout(0)
+    mask, scores = rollout.mask.double(), rollout.scores.double()
+    with torch.no_grad():
+        logits = other_model(rollout.sequences, attention_mask=rollout.attention_mask,
+                             position_ids=position_ids_from(rollout.attention_mask)).logits
+    log_p = torch.log_softmax(logits.double()[:, rollout.prompt_width - 1:-1], -1)
+    answers = rollout.sequences[:, rollout.prompt_width:]
+    teacher_logp = log_p.gather(-1, answers.unsqueeze(-1)).squeeze(-1) * mask
+    torch.testing.assert_close(rollout.teacher_logp.double() * mask, teacher_logp,
+                               rtol=1e-5, atol=1e-5)
+    distill = 0.5 * (teacher_logp - rollout.old_logp.double()) * mask
+    if estimator == "grpo":
+        expected = reference.group_advantages(
+            scores, 2, estimator="grpo", lengths=mask.sum(1), scale="batch")[:, None] * mask
+        expected = expected + distill
+    else:
+        rewards = -0.05 * (rollout.old_logp.double() - rollout.ref_logp.double()) * mask
+        rewards[torch.arange(6), mask.sum(1).long() - 1] += scores
+        rewards = rewards + distill
+        expected = reference.masked_whiten(
+            reference.discounted_returns(rewards, mask, gamma=config.gamma), mask) * mask
+    torch.testing.assert_close(rollout.advantages.double(), expected, rtol=1e-5, atol=1e-5)
+    metrics = trainer.update(rollout)
+    assert math.isfinite(metrics["teacher_kl"])
+    expected_kl = ((rollout.old_logp.double() - teacher_logp) * mask).sum(1).mean()
+    assert metrics["teacher_kl"] == pytest.approx(float(expected_kl), rel=1e-5, abs=1e-6)
+
+
+def test_distillation_alone_needs_no_reward_and_a_teacher_of_the_same_vocabulary(
+        tokenizer, warm_model, tmp_path):
+    """A teacher without a reward trains on the teacher's token rewards alone (the scores
+    0); a teacher with another vocabulary, or neither a reward nor a teacher, raise."""
+    config = PPOConfig(output_dir=str(tmp_path), advantage_estimator="grpo", max_steps=1,
+                       ppo_epochs=1, rollout_batch_size=2, group_size=2, mini_batch_size=4,
+                       max_new_tokens=4, seed=0, device="cpu")
+    teacher = copy.deepcopy(warm_model)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(2.0)  # another distribution over the same vocabulary
+    trainer = PPOTrainer(copy.deepcopy(warm_model), tokenizer=tokenizer, prompts=PROMPTS,
+                         config=config, teacher=teacher)
+    rollout = trainer.rollout(0)
+    assert (rollout.scores == 0).all()
+    mask = rollout.mask
+    torch.testing.assert_close(rollout.advantages,
+                               (rollout.teacher_logp - rollout.old_logp) * mask)
+    assert rollout.advantages.abs().sum() > 0
+    with pytest.raises(ValueError, match="reward_fn_or_model is required"):
+        PPOTrainer(copy.deepcopy(warm_model), tokenizer=tokenizer, prompts=PROMPTS,
+                   config=config)
+    small = copy.deepcopy(warm_model)
+    small.resize_token_embeddings(warm_model.get_output_embeddings().weight.shape[0] + 8)
+    with pytest.raises(ValueError, match="teacher must share the policy's vocabulary"):
+        PPOTrainer(copy.deepcopy(warm_model), tokenizer=tokenizer, prompts=PROMPTS,
+                   config=config, teacher=small)
+    with pytest.raises(ValueError, match="PPOConfig.distill_coef must be"):
+        PPOConfig(distill_coef=-1.0)
+
+
 def test_reward_weights_must_match_the_reward_sources(tokenizer, warm_model, tmp_path):
     config = PPOConfig(output_dir=str(tmp_path), advantage_estimator="grpo", group_size=2,
                        reward_weights=[1.0, 2.0, 3.0], device="cpu")

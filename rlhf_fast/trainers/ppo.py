@@ -77,7 +77,8 @@ class Rollout:
     right-padded after their first EOS); mask: [B, R] float, 1 on answer tokens;
     old_logp, ref_logp, values: [B, R] fp32 (values None without a critic); scores: [B],
     the weighted sum of reward_columns [B, K] (one per reward source);
-    advantages, returns: [B, R] (returns None without a critic).
+    advantages, returns: [B, R] (returns None without a critic); teacher_logp: [B, R],
+    the teacher's log-probs of the sampled tokens (None without a teacher).
     """
 
     sequences: torch.Tensor
@@ -91,6 +92,7 @@ class Rollout:
     reward_columns: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor | None
+    teacher_logp: torch.Tensor | None = None
 
 
 @dataclass
@@ -115,6 +117,14 @@ def function_name(function: Callable[..., Any]) -> str:
     """module.qualname of a function (or the type of a callable object)."""
     named = function if hasattr(function, "__qualname__") else type(function)
     return f"{named.__module__}.{named.__qualname__}"
+
+
+def check_same_vocabulary(teacher: nn.Module, policy: nn.Module) -> None:
+    """The teacher scores the policy's tokens: its lm_head must have the policy's rows."""
+    rows = [model.get_output_embeddings().weight.shape[0] for model in (teacher, policy)]
+    if rows[0] != rows[1]:
+        raise ValueError(f"teacher must share the policy's vocabulary: its lm_head has "
+                         f"{rows[0]} rows, the policy's {rows[1]}")
 
 
 def check_finite_scores(scores: torch.Tensor, source: str) -> torch.Tensor:
@@ -148,17 +158,25 @@ class PPOTrainer:
         prompts: prompt strings, {"prompt"} records, a .jsonl of records, a text file of
             one prompt per line, or a ``datasets.Dataset``.
         config: a `PPOConfig`.
+        teacher: a causal LM sharing the policy's vocabulary, for on-policy distillation
+            (Agarwal et al. 2024; Thinking Machines' on-policy distillation): each sampled
+            token's reward gains config.distill_coef * (log pi_teacher - log pi), the
+            negative reverse KL estimate, through the fused log-prob ops. With a teacher,
+            reward_fn_or_model may be None (distillation alone).
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module | None = None,
                  value_model: nn.Module | None = None,
                  reward_fn_or_model: RewardFn | nn.Module | Sequence[RewardFn | nn.Module]
                  | None = None, *,
-                 tokenizer: Any, prompts: Any, config: PPOConfig | None = None):
+                 tokenizer: Any, prompts: Any, config: PPOConfig | None = None,
+                 teacher: nn.Module | None = None):
         self.config = config = config or PPOConfig()
-        if reward_fn_or_model is None:
-            raise ValueError("reward_fn_or_model is required: a function of (prompts, "
-                             "answers) or a reward model")
+        if reward_fn_or_model is None and teacher is None:
+            raise ValueError("reward_fn_or_model is required (or a teacher): a function of "
+                             "(prompts, answers) or a reward model")
+        if teacher is not None:
+            check_same_vocabulary(teacher, policy)
         critic_free = config.advantage_estimator != "gae"
         if critic_free and value_model is not None:
             raise ValueError(f"value_model must be None for advantage_estimator="
@@ -191,18 +209,24 @@ class PPOTrainer:
             value_model = value_model or ValueModel.from_causal_lm(policy)
             critic = as_value_module(value_model.to(device))
         self.value_model = value_model
+        self.teacher = None if teacher is None else TokenLogprobs(
+            frozen(teacher).to(device), fused_linear=self.fused_linear,
+            temperature=config.temperature)
         sources = list(reward_fn_or_model) if isinstance(reward_fn_or_model, (list, tuple)) \
-            else [reward_fn_or_model]
+            else [] if reward_fn_or_model is None else [reward_fn_or_model]
         weights = config.reward_weights or [1.0] * len(sources)
         if len(weights) != len(sources):
             raise ValueError(f"PPOConfig.reward_weights must have one weight per reward "
                              f"function or model ({len(sources)}), got {len(weights)}")
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32, device=device)
+        # (distillation alone scores every answer 0: one column, `_score`)
+        self.reward_weights = torch.tensor(weights or [1.0], dtype=torch.float32,
+                                           device=device)
         self.rewards = [Reward.of(source, device) for source in sources]
         # checkpoints hold the policy and critic, not these: they record which they were
         frozen_models = {"reference": model_identity(self.reference.model)} | {
             "reward model" + (f" {i}" if len(sources) > 1 else ""): model_identity(r.model)
-            for i, r in enumerate(self.rewards)}
+            for i, r in enumerate(self.rewards)} | ({} if self.teacher is None else {
+                "teacher": model_identity(self.teacher.model)})
         for trained in (policy, value_model):
             if trained is not None:
                 prepare_for_training(trained, config)
@@ -325,7 +349,12 @@ class PPOTrainer:
                 sequences, attention_mask, width,
                 return_sum_p2=estimator == "optimal_token_baseline")
             ref_logp = self.reference(sequences, attention_mask)[:, width - 1:]
+            teacher_logp = None if self.teacher is None else \
+                self.teacher(sequences, attention_mask)[:, width - 1:]
         actor_critic.train()
+        # on-policy distillation: each token's reward log pi_teacher(y_t) - log pi(y_t)
+        distill = 0.0 if teacher_logp is None else \
+            config.distill_coef * (teacher_logp - old_logp) * mask
 
         returns = None
         # token rewards: each answer's score on its last token
@@ -348,6 +377,7 @@ class PPOTrainer:
                 advantages = masked_whiten(advantages, mask) * mask
         else:
             rewards = rewards - config.kl_coef * (old_logp - ref_logp) * mask  # the KL penalty
+            rewards = rewards + distill
             if estimator == "gae":
                 advantages, returns = gae(rewards, values, mask,
                                           **GAE_OPTIONS.pick(vars(config)))
@@ -356,8 +386,10 @@ class PPOTrainer:
             else:  # reinforce_plus_plus: the whitened discounted returns, no critic
                 advantages = masked_whiten(
                     discounted_returns(rewards, mask, gamma=config.gamma), mask) * mask
+        if estimator not in KL_IN_REWARD:  # a token's own distillation reward, undiscounted
+            advantages = advantages + distill
         return Rollout(sequences, attention_mask, width, mask, old_logp, ref_logp, values,
-                       scores, columns, advantages, returns)
+                       scores, columns, advantages, returns, teacher_logp)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """ppo_epochs passes of minibatch PPO steps on `rollout`; returns the metrics."""
@@ -404,6 +436,9 @@ class PPOTrainer:
             "kl": ((rollout.old_logp - rollout.ref_logp) * mask).sum(1).mean(),
             "response_length": mask.sum(1).mean(),
         })
+        if rollout.teacher_logp is not None:  # the reverse KL to the teacher, per answer
+            metrics["teacher_kl"] = host_floats({"kl": (
+                (rollout.old_logp - rollout.teacher_logp) * mask).sum(1).mean()})["kl"]
         if not critic:
             del metrics["value_loss"]
         metrics["lr"] = lr
@@ -443,7 +478,7 @@ class PPOTrainer:
         decoded text, or a reward model's output at each sequence's last attended token."""
         device = self.run.device
         texts = None
-        columns = []
+        columns = [] if self.rewards else [torch.zeros(len(prompts), device=device)]
         for reward in self.rewards:
             if reward.function is not None:
                 if texts is None:

@@ -113,6 +113,11 @@ class PPOConfig(TrainerConfig):
     """TRL's reward_weights: one weight per reward function or model (in the order
     given); the answers' scores are their weighted sum (gdpo: the sum of their normalised
     advantages). None: 1 each."""
+    distill_coef: float = 1.0
+    """With a teacher (on-policy distillation): the weight of its per-token reward
+    log pi_teacher(y_t) - log pi(y_t), the negative reverse KL (k1) of each sampled token:
+    in the rewards for gae and reinforce_plus_plus, added to each token's advantage for
+    the others."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,6 +155,10 @@ class PPOConfig(TrainerConfig):
             "a non-empty list of finite floats or None", self.reward_weights)
         if self.reward_weights is not None:
             self.reward_weights = [float(w) for w in self.reward_weights]
+        require("distill_coef", isinstance(self.distill_coef, (int, float))
+                and not isinstance(self.distill_coef, bool) and is_finite(self.distill_coef)
+                and self.distill_coef >= 0, "a finite float >= 0", self.distill_coef)
+        self.distill_coef = float(self.distill_coef)
 
     @classmethod
     def from_trl_names(cls, **given: Any) -> dict[str, Any]:
