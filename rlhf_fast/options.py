@@ -31,8 +31,10 @@ from rlhf_fast.types import (
     ADVANTAGE_ESTIMATORS,
     AGG_MODES,
     DIVERGENCES,
+    DPO_F_DIVERGENCES,
     DPO_LABEL_SMOOTHING_TYPES,
     DPO_LOSS_TYPES,
+    DPO_RAW_LOG_RATIO_TYPES,
     DPO_REDUCTIONS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
@@ -434,6 +436,21 @@ def _label_smoothing_only_where_read(values: SimpleNamespace, label: Callable) -
         )
 
 
+def _f_divergence_only_where_read(values: SimpleNamespace, label: Callable) -> None:
+    if values.f_divergence_type != "reverse_kl" and values.loss_type in DPO_RAW_LOG_RATIO_TYPES:
+        raise ValueError(
+            f"{label('f_divergence_type')} must be 'reverse_kl' for loss_type "
+            f"{values.loss_type!r} (it compares the raw log-ratios, as TRL's), got "
+            f"{values.f_divergence_type!r}")
+    if values.f_alpha_divergence_coef != 0.5 and values.f_divergence_type != "alpha_divergence":
+        raise ValueError(
+            f"{label('f_alpha_divergence_coef')} is read only by f_divergence_type "
+            f"'alpha_divergence'; leave it at 0.5, got {values.f_alpha_divergence_coef}")
+    if values.discopop_tau != 0.05 and values.loss_type != "discopop":
+        raise ValueError(f"{label('discopop_tau')} is read only by loss_type 'discopop'; "
+                         f"leave it at 0.05, got {values.discopop_tau}")
+
+
 DPO_OPTIONS = OptionSet((
     Option("beta", 0.1, real("a finite float > 0", lambda v: 0 < v < math.inf),
            "the KL-regularisation strength (IPO's tau for ipo); rewards are beta * log-ratios"),
@@ -441,10 +458,18 @@ DPO_OPTIONS = OptionSet((
            "the pairwise loss (`rlhf_fast.reference.dpo_loss` has each formula)"),
     Option("label_smoothing", 0.0, real("in [0, 0.5)", lambda v: 0 <= v < 0.5),
            "probability that a preference label is flipped (sigmoid, sigmoid_norm, robust, "
-           "exo_pair; exo_pair's 0 means 1e-3)"),
+           "exo_pair, aot, aot_unpaired; exo_pair's 0 means 1e-3)"),
     Option("reduction", "mean", one_of(DPO_REDUCTIONS),
            "mean or sum over the batch, or none for the [B] losses"),
-), rules=(_label_smoothing_only_where_read,))
+    Option("f_divergence_type", "reverse_kl", one_of(DPO_F_DIVERGENCES),
+           "TRL's f-divergence regulariser (f-DPO, Wang et al. 2023): the loss compares "
+           "f(log-ratio) scores; reverse_kl is DPO"),
+    Option("f_alpha_divergence_coef", 0.5,
+           real("a finite float", lambda v: -math.inf < v < math.inf),
+           "alpha of f_divergence_type alpha_divergence (1: reverse_kl)"),
+    Option("discopop_tau", 0.05, real("a finite float > 0", lambda v: 0 < v < math.inf),
+           "temperature of discopop's blend of the logistic and exponential losses"),
+), rules=(_label_smoothing_only_where_read, _f_divergence_only_where_read))
 
 
 # --------------------------------------------------------------- token log-probs

@@ -79,13 +79,22 @@ class PPOLossOutput(NamedTuple):
 
 DPO_LOSS_TYPES = (
     "sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-    "apo_zero", "apo_down", "sigmoid_norm",
+    "apo_zero", "apo_down", "sigmoid_norm", "discopop", "aot", "aot_unpaired",
 )
+#: TRL's f_divergence_type: the function of each log-ratio the loss compares (reverse_kl:
+#: the log-ratio itself, DPO).
+DPO_F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+#: Types that compare the raw log-ratios whatever f_divergence_type (TRL's): they require
+#: reverse_kl. aot and aot_unpaired sort them over the batch first.
+DPO_RAW_LOG_RATIO_TYPES = ("apo_zero", "apo_down", "aot", "aot_unpaired")
+DPO_SORTED_TYPES = ("aot", "aot_unpaired")
 #: Types whose loss depends on the two log-ratios only through their difference, so a
 #: missing reference (log pi_ref = 0 for every answer) is a well-defined reference-free loss.
-DPO_REFERENCE_FREE_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "sigmoid_norm")
+DPO_REFERENCE_FREE_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "sigmoid_norm",
+                            "discopop")
 #: Types that read `label_smoothing`; the others require it to be 0.
-DPO_LABEL_SMOOTHING_TYPES = ("sigmoid", "robust", "exo_pair", "sigmoid_norm")
+DPO_LABEL_SMOOTHING_TYPES = ("sigmoid", "robust", "exo_pair", "sigmoid_norm", "aot",
+                             "aot_unpaired")
 #: Types on per-token-averaged log-probs: they need `chosen_lengths` and `rejected_lengths`.
 DPO_LENGTH_NORMALISED_TYPES = ("ipo", "sigmoid_norm")
 DPO_REDUCTIONS = ("mean", "sum", "none")

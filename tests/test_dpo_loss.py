@@ -18,6 +18,7 @@ from rlhf_fast.types import (
     DPO_LOSS_TYPES,
     DPO_REDUCTIONS,
     DPO_REFERENCE_FREE_TYPES,
+    DPO_SORTED_TYPES,
 )
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -167,6 +168,9 @@ def hand_loss(loss_type, eps, a, b, beta=HAND_BETA):
         return (a - 1 / (2 * beta)) ** 2 + (b + 1 / (2 * beta)) ** 2
     if loss_type == "apo_zero":
         return 1 - s(beta * a) + s(beta * b)
+    if loss_type == "discopop":  # tau 0.05: m = s(u / tau)
+        m = s(u / 0.05)
+        return -ls(u) * (1 - m) + math.exp(-u) * m
     assert loss_type == "apo_down"
     return s(beta * a) + 1 - s(beta * (a - b))
 
@@ -185,7 +189,7 @@ def hand_pairs(loss_type, dtype=torch.float64):
                 ref_chosen=t(-3.0, -3.0), ref_rejected=t(-4.0, -2.0))
 
 
-HAND_CASES = [(t, 0.0) for t in DPO_LOSS_TYPES] + [
+HAND_CASES = [(t, 0.0) for t in DPO_LOSS_TYPES if t not in DPO_SORTED_TYPES] + [
     ("sigmoid", 0.25), ("sigmoid_norm", 0.25), ("robust", 0.25), ("exo_pair", 0.25)
 ]
 
@@ -210,6 +214,130 @@ def test_hand_computed_case(loss_type, eps):
                 out = fn(*(pairs[k] for k in INPUTS), **options, reduction=reduction,
                          **{k: v for k, v in pairs.items() if k not in INPUTS})
                 assert out.loss.item() == pytest.approx(value, rel=rel, abs=tiny)
+
+
+@pytest.mark.parametrize("loss_type", DPO_SORTED_TYPES)
+def test_hand_computed_aot(loss_type):
+    """AOT sorts over the batch: pc - pr = (3, -2) and rc - rr = (1, -1) sort to (-2, 3)
+    and (-1, 1), margins (-1, 2); unpaired, a = (1, -0.5) and b = (-1, 0.5) sort to
+    (-0.5, 1) and (-1, 0.5), margins (0.5, 0.5). The losses are the sorted positions'
+    sigmoid losses; the rewards stay each pair's."""
+    margins = (-1.0, 2.0) if loss_type == "aot" else (0.5, 0.5)
+    eps = 0.1
+    expected = [-(1 - eps) * ls(HAND_BETA * m) - eps * ls(-HAND_BETA * m) for m in margins]
+    pairs = hand_pairs(loss_type)
+    for fn in (reference.dpo_loss, rlhf_fast.dpo_loss):
+        out = fn(*(pairs[k] for k in INPUTS), beta=HAND_BETA, loss_type=loss_type,
+                 label_smoothing=eps, reduction="none")
+        assert out.loss.tolist() == pytest.approx(expected, rel=1e-12)
+        assert out.chosen_rewards.tolist() == pytest.approx([0.5, -0.25], rel=1e-12)
+        assert out.reward_accuracy.item() == 0.5
+
+
+def trl_scores(log_ratio, f_divergence_type, alpha):
+    """TRL DPOTrainer's f-divergence scores, rewritten (trl/trainer/dpo_trainer.py)."""
+    if f_divergence_type == "forward_kl":
+        return -torch.exp(-log_ratio)
+    if f_divergence_type == "js_divergence":
+        return F.logsigmoid(log_ratio)
+    if f_divergence_type == "alpha_divergence":
+        t = torch.clamp((alpha - 1.0) * log_ratio, max=80.0)
+        return torch.exp(t) * (1.0 / (alpha - 1.0))
+    return log_ratio
+
+
+@pytest.mark.parametrize("f_divergence_type", ["forward_kl", "js_divergence",
+                                               "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "nca_pair", "discopop", "ipo"])
+def test_f_divergence_reference_equals_trl(f_divergence_type, loss_type):
+    """The reference's f-DPO on TRL's formulas: the scores replace the log-ratios (and for
+    ipo are then divided by the lengths); the rewards stay beta times the log-ratios."""
+    pairs = random_pairs(B=9, dtype=torch.float64, loss_type=loss_type)
+    pairs = {k: (v / 8 if k in INPUTS else v) for k, v in pairs.items()}  # |log-ratio| ~ 1
+    alpha = 0.3
+    options = dict(beta=0.5, loss_type=loss_type, f_divergence_type=f_divergence_type,
+                   reduction="none")
+    if f_divergence_type == "alpha_divergence":
+        options["f_alpha_divergence_coef"] = alpha
+    out = reference.dpo_loss(*(pairs[k] for k in INPUTS),
+                             **{k: v for k, v in pairs.items() if k not in INPUTS}, **options)
+    a = trl_scores(pairs["policy_chosen"] - pairs["ref_chosen"], f_divergence_type, alpha)
+    b = trl_scores(pairs["policy_rejected"] - pairs["ref_rejected"], f_divergence_type, alpha)
+    if loss_type == "ipo":
+        a = a / pairs["chosen_lengths"].clamp(min=1)
+        b = b / pairs["rejected_lengths"].clamp(min=1)
+    expected = [hand_loss(loss_type, 0.0, x, y, beta=0.5) for x, y in zip(a.tolist(),
+                                                                         b.tolist())]
+    assert out.loss.tolist() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    assert torch.allclose(out.chosen_rewards * (pairs["chosen_lengths"].clamp(min=1)
+                          if loss_type == "ipo" else 1),
+                          0.5 * (pairs["policy_chosen"] - pairs["ref_chosen"]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("f_divergence_type", ["forward_kl", "js_divergence",
+                                               "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "bco_pair", "sppo_hard",
+                                       "sigmoid_norm", "discopop"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_f_divergence_kernels_match_reference(f_divergence_type, loss_type, dtype):
+    pairs = random_pairs(dtype=dtype, loss_type=loss_type)
+    pairs = {k: (v / 8 if k in INPUTS else v) for k, v in pairs.items()}
+    kw = dict(f_alpha_divergence_coef=-0.5) if f_divergence_type == "alpha_divergence" else {}
+    compare(pairs, TOL[dtype], **options_for(loss_type, f_divergence_type=f_divergence_type,
+                                             reduction="none", **kw))
+
+
+def test_alpha_divergence_clamps_its_exponent_and_alpha_1_is_dpo():
+    """(alpha - 1) x beyond 80: the score is e^80 / (alpha - 1), its gradient 0 (clamp);
+    alpha = 1 is the reverse KL (DPO) exactly."""
+    pc = torch.tensor([-1.0, -200.0], dtype=torch.float64)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    for fn in (reference.dpo_loss, rlhf_fast.dpo_loss):
+        x = pc.clone().requires_grad_()
+        out = fn(x, zeros, zeros, zeros, f_divergence_type="alpha_divergence",
+                 f_alpha_divergence_coef=0.5, reduction="sum", loss_type="bco_pair")
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and x.grad[1] == 0 and x.grad[0] != 0
+        dpo = fn(pc, zeros, zeros, zeros, reduction="none")
+        alpha_one = fn(pc, zeros, zeros, zeros, reduction="none",
+                       f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)
+        assert torch.equal(dpo.loss, alpha_one.loss)
+
+
+def trl_discopop(delta_score, beta, tau):
+    """TRL DPOTrainer's discopop loss, rewritten."""
+    logits = delta_score * beta
+    modulation = torch.sigmoid(logits / tau)
+    return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+
+
+def test_discopop_equals_trl_and_takes_its_tau():
+    pairs = random_pairs(B=11, dtype=torch.float64)
+    pairs = {k: v / 8 for k, v in pairs.items()}
+    delta = (pairs["policy_chosen"] - pairs["ref_chosen"]
+             - pairs["policy_rejected"] + pairs["ref_rejected"])
+    for tau in (0.05, 0.7):
+        for fn in (reference.dpo_loss, rlhf_fast.dpo_loss):
+            out = fn(*(pairs[k] for k in INPUTS), beta=0.5, loss_type="discopop",
+                     discopop_tau=tau, reduction="none")
+            torch.testing.assert_close(out.loss, trl_discopop(delta, 0.5, tau), rtol=1e-10,
+                                       atol=1e-12)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(loss_type="apo_zero", f_divergence_type="forward_kl"),
+     "f_divergence_type must be 'reverse_kl' for loss_type 'apo_zero'"),
+    (dict(loss_type="aot", f_divergence_type="js_divergence"),
+     "f_divergence_type must be 'reverse_kl' for loss_type 'aot'"),
+    (dict(f_alpha_divergence_coef=0.3), "f_alpha_divergence_coef is read only by"),
+    (dict(discopop_tau=0.1), "discopop_tau is read only by loss_type 'discopop'"),
+    (dict(loss_type="discopop", discopop_tau=0.0), "discopop_tau must be a finite float > 0"),
+    (dict(f_divergence_type="kl"), "f_divergence_type must be one of"),
+])
+def test_new_options_are_checked_naming_them(options, match):
+    pairs = hand_pairs("sigmoid")
+    with pytest.raises(ValueError, match=match):
+        rlhf_fast.dpo_loss(*(pairs[k] for k in INPUTS), **options)
 
 
 def test_reward_accuracy_counts_strict_wins_only():
@@ -442,9 +570,22 @@ def test_exo_pair_large_positive_margin_fp32():
     assert rel_err(out.loss, ref.loss) < 1e-5
 
 
+def test_aot_sends_a_nan_to_the_sorts_end():
+    """AOT sorts over the batch: a NaN log-prob lands at the end of its sort, both
+    backends alike, and the mean is NaN."""
+    pairs = random_pairs(B=9, dtype=torch.float64)
+    pairs["policy_chosen"][4] = NAN
+    for loss_type in DPO_SORTED_TYPES:
+        outs = [fn(*(pairs[k] for k in INPUTS), beta=BETA, loss_type=loss_type,
+                   reduction="none") for fn in (reference.dpo_loss, rlhf_fast.dpo_loss)]
+        for out in outs:
+            assert out.loss[-1].isnan() and torch.isfinite(out.loss[:-1]).all()
+        assert rel_err(outs[1].loss[:-1], outs[0].loss[:-1]) < 1e-12
+
+
 @pytest.mark.parametrize(
     "loss_type",
-    DPO_LOSS_TYPES,
+    [t for t in DPO_LOSS_TYPES if t not in DPO_SORTED_TYPES],
 )
 def test_nan_in_one_pair_stays_in_that_pair(loss_type):
     pairs = random_pairs(B=9, dtype=torch.float32, loss_type=loss_type)
@@ -469,7 +610,7 @@ def test_nan_in_one_pair_stays_in_that_pair(loss_type):
 
 
 @pytest.mark.parametrize("where", INPUTS)
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", [t for t in DPO_LOSS_TYPES if t not in DPO_SORTED_TYPES])
 def test_nan_pair_gets_nan_gradients_in_both_backends(loss_type, where, monkeypatch):
     """A NaN log-prob gives its pair NaN gradients, in every loss type and both backends
     alike: the hinge gradient, a comparison u < 1 that a NaN fails, was 0 in the kernel and

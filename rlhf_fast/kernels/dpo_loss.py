@@ -26,9 +26,19 @@ reference's, Lc, Lr their lengths; s the logistic sigmoid, eps the label smoothi
     apo_down       s(beta a) + s(-u)                         d/da: beta (s'(beta a) - s'(u))
                                                              d/db: beta s'(u)
 
+    discopop       -log s(u) (1 - m) + e^-u m,  m = s(u / tau)  d/du: -s(-u) (1 - m)
+                   (e^-u m = e^(log s(u / tau) - u): finite       + log s(u) m (1 - m) / tau
+                   at any margin when tau < 1)                    + e^-u m ((1 - m) / tau - 1)
+
 with s'(x) = s(x) s(-x); for the types written in u, d/da = beta d/du = -d/db. Then
 d pc = g d/da / Lc = -d rc and d pr = g d/db / Lr = -d rr, g the upstream gradient of the
-pair's loss (g / B for a mean). log s(x) = min(x, 0) - log1p(e^-|x|) and s(x) from
+pair's loss (g / B for a mean).
+
+f_divergence_type (TRL's): a and b are first replaced by their scores f(x) of the raw
+log-ratio x (before the length division), and d/da by d/da f'(x): reverse_kl f(x) = x
+(DPO), forward_kl -e^-x, js_divergence log s(x), alpha_divergence e^((alpha - 1) x) /
+(alpha - 1) with (alpha - 1) x clamped at 80 (f' = 0 beyond, as torch.clamp's); the
+rewards stay beta times the log-ratios. log s(x) = min(x, 0) - log1p(e^-|x|) and s(x) from
 e^-|x| alone, so no margin overflows; log1p keeps full precision when e^-|x| is tiny.
 
 Two launches: the forward is one program looping over the batch in a fixed order (B is a
@@ -53,7 +63,12 @@ from rlhf_fast.reference import EXO_DEFAULT_EPS
 LOSS_CODES = {
     "sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3, "exo_pair": 4, "nca_pair": 5,
     "bco_pair": 6, "sppo_hard": 7, "apo_zero": 8, "apo_down": 9, "sigmoid_norm": 10,
+    "discopop": 11,
 }
+F_DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2,
+                      "alpha_divergence": 3}
+#: alpha_divergence's exponent is clamped here (TRL's fp32 / bf16 bound)
+ALPHA_EXPONENT_MAX = 80.0
 LENGTH_NORMALISED_CODES = (1, 10)
 REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 
@@ -66,6 +81,9 @@ class DPOKernelConfig:
     beta: float
     eps: float
     reduction_code: int
+    f_code: int = 0
+    alpha: float = 0.5  # f_alpha_divergence_coef
+    tau: float = 0.05  # discopop_tau
 
     @classmethod
     def from_options(cls, opt: Any) -> DPOKernelConfig:
@@ -74,8 +92,12 @@ class DPOKernelConfig:
         eps = opt.label_smoothing
         if opt.loss_type == "exo_pair" and eps == 0:
             eps = EXO_DEFAULT_EPS
+        f_code = F_DIVERGENCE_CODES[opt.f_divergence_type]
+        if f_code == 3 and abs(opt.f_alpha_divergence_coef - 1.0) < 1e-6:
+            f_code = 0  # TRL: the limit alpha -> 1 is the reverse KL
         return cls(loss_code=LOSS_CODES[opt.loss_type], beta=opt.beta, eps=eps,
-                   reduction_code=REDUCTION_CODES[opt.reduction])
+                   reduction_code=REDUCTION_CODES[opt.reduction], f_code=f_code,
+                   alpha=opt.f_alpha_divergence_coef, tau=opt.discopop_tau)
 
 
 @triton.jit
@@ -150,12 +172,42 @@ def _dpo_terms(a, b, beta, eps, log_keep, log_flip, LOSS: tl.constexpr):
         loss = _sigmoid(-ca) + _sigmoid(cb)
         d_a = -beta * _sigmoid(ca) * _sigmoid(-ca)
         d_b = beta * _sigmoid(cb) * _sigmoid(-cb)
-    else:  # apo_down
+    elif LOSS == 9:  # apo_down
         ca = beta * a
         loss = _sigmoid(ca) + _sigmoid(-u)
         d_b = beta * _sigmoid(u) * _sigmoid(-u)
         d_a = beta * _sigmoid(ca) * _sigmoid(-ca) - d_b
+    else:  # discopop (tau in log_keep's place); e^-u m as one exp: finite when tau < 1
+        m = _sigmoid(u / log_keep)
+        keep = _sigmoid(-u / log_keep)  # 1 - m
+        logistic = -_log_sigmoid(u)
+        blended = tl.exp(_log_sigmoid(u / log_keep) - u)
+        loss = logistic * keep + blended
+        d_a = beta * (-_sigmoid(-u) * keep - logistic * m * keep / log_keep
+                      + blended * (keep / log_keep - 1.0))
+        d_b = -d_a
     return loss, d_a, d_b
+
+
+@triton.jit
+def _f_score(x, alpha_m1, F_DIV: tl.constexpr):
+    """TRL's f-divergence score of a raw log-ratio x, and its derivative."""
+    if F_DIV == 1:  # forward_kl
+        e = tl.exp(-x)
+        score = -e
+        slope = e
+    elif F_DIV == 2:  # js_divergence
+        score = _log_sigmoid(x)
+        slope = _sigmoid(-x)
+    elif F_DIV == 3:  # alpha_divergence; NaN kept (not tl.minimum)
+        t = alpha_m1 * x
+        e = tl.exp(tl.where(t > 80.0, 80.0, t))
+        score = e / alpha_m1
+        slope = tl.where(t > 80.0, 0.0, e)
+    else:  # reverse_kl
+        score = x
+        slope = tl.full(x.shape, 1.0, x.dtype)
+    return score, slope
 
 
 @triton.jit
@@ -165,23 +217,28 @@ def _at_least_one(length):
 
 
 @triton.jit
-def _log_ratios(pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok,
-                acc_dtype: tl.constexpr, HAS_REF: tl.constexpr, LENGTH_NORM: tl.constexpr):
-    """(a, b, 1 / Lc, 1 / Lr) of the pairs at `offs`."""
+def _log_ratios(pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, alpha_m1,
+                acc_dtype: tl.constexpr, HAS_REF: tl.constexpr, LENGTH_NORM: tl.constexpr,
+                F_DIV: tl.constexpr):
+    """The log-ratios of the pairs at `offs` (what the rewards see), their scores (what
+    the loss sees: f of them, then per token) and d score / d log-prob of each side."""
     a = tl.load(pc_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
     b = tl.load(pr_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
     if HAS_REF:
         a -= tl.load(rc_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
         b -= tl.load(rr_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
+    score_a, slope_a = _f_score(a, alpha_m1, F_DIV)
+    score_b, slope_b = _f_score(b, alpha_m1, F_DIV)
     if LENGTH_NORM:
         inv_lc = 1.0 / _at_least_one(tl.load(lc_ptr + offs, mask=ok, other=1).to(acc_dtype))
         inv_lr = 1.0 / _at_least_one(tl.load(lr_ptr + offs, mask=ok, other=1).to(acc_dtype))
         a *= inv_lc
         b *= inv_lr
-    else:
-        inv_lc = tl.full(a.shape, 1.0, acc_dtype)
-        inv_lr = inv_lc
-    return a, b, inv_lc, inv_lr
+        score_a *= inv_lc
+        score_b *= inv_lr
+        slope_a *= inv_lc
+        slope_b *= inv_lr
+    return a, b, score_a, score_b, slope_a, slope_b
 
 
 @triton.jit
@@ -189,25 +246,27 @@ def _dpo_fwd_kernel(
     pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr,
     loss_ptr, chosen_reward_ptr, rejected_reward_ptr, stats_ptr,
     B, beta_hi, beta_lo, eps_hi, eps_lo, log_keep_hi, log_keep_lo, log_flip_hi, log_flip_lo,
+    alpha_m1_hi, alpha_m1_lo,
     LOSS: tl.constexpr, HAS_REF: tl.constexpr, LENGTH_NORM: tl.constexpr,
-    REDUCTION: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+    REDUCTION: tl.constexpr, F_DIV: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
     eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
     log_keep = fp64_arg(log_keep_hi, log_keep_lo, acc_dtype)
     log_flip = fp64_arg(log_flip_hi, log_flip_lo, acc_dtype)
+    alpha_m1 = fp64_arg(alpha_m1_hi, alpha_m1_lo, acc_dtype)
     s_loss = tl.zeros([BLOCK], acc_dtype)
     s_correct = tl.zeros([BLOCK], acc_dtype)
     s_margin = tl.zeros([BLOCK], acc_dtype)
     for start in range(0, B, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         ok = offs < B
-        a, b, inv_lc, inv_lr = _log_ratios(
-            pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, acc_dtype,
-            HAS_REF, LENGTH_NORM,
+        a, b, score_a, score_b, _, _ = _log_ratios(
+            pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, alpha_m1, acc_dtype,
+            HAS_REF, LENGTH_NORM, F_DIV,
         )
-        loss, d_a, d_b = _dpo_terms(a, b, beta, eps, log_keep, log_flip, LOSS)
+        loss, _, _ = _dpo_terms(score_a, score_b, beta, eps, log_keep, log_flip, LOSS)
         chosen_reward = beta * a
         rejected_reward = beta * b
         tl.store(chosen_reward_ptr + offs, chosen_reward, mask=ok)
@@ -231,22 +290,25 @@ def _dpo_bwd_kernel(
     grad_ptr, pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr,
     d_pc_ptr, d_pr_ptr, d_rc_ptr, d_rr_ptr,
     B, beta_hi, beta_lo, eps_hi, eps_lo, log_keep_hi, log_keep_lo, log_flip_hi, log_flip_lo,
+    alpha_m1_hi, alpha_m1_lo,
     LOSS: tl.constexpr, HAS_REF: tl.constexpr, LENGTH_NORM: tl.constexpr,
-    REDUCTION: tl.constexpr, GRAD_PC: tl.constexpr, GRAD_PR: tl.constexpr,
-    GRAD_RC: tl.constexpr, GRAD_RR: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+    REDUCTION: tl.constexpr, F_DIV: tl.constexpr, GRAD_PC: tl.constexpr,
+    GRAD_PR: tl.constexpr, GRAD_RC: tl.constexpr, GRAD_RR: tl.constexpr, FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
     eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
     log_keep = fp64_arg(log_keep_hi, log_keep_lo, acc_dtype)
     log_flip = fp64_arg(log_flip_hi, log_flip_lo, acc_dtype)
+    alpha_m1 = fp64_arg(alpha_m1_hi, alpha_m1_lo, acc_dtype)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < B
-    a, b, inv_lc, inv_lr = _log_ratios(
-        pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, acc_dtype,
-        HAS_REF, LENGTH_NORM,
+    _, _, score_a, score_b, inv_lc, inv_lr = _log_ratios(
+        pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, alpha_m1, acc_dtype,
+        HAS_REF, LENGTH_NORM, F_DIV,
     )
-    loss, d_a, d_b = _dpo_terms(a, b, beta, eps, log_keep, log_flip, LOSS)
+    loss, d_a, d_b = _dpo_terms(score_a, score_b, beta, eps, log_keep, log_flip, LOSS)
     if REDUCTION == 2:
         g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
     elif REDUCTION == 0:
@@ -270,12 +332,13 @@ BWD_BLOCK = 1024
 
 
 def _scalar_args(cfg: DPOKernelConfig) -> tuple[float, ...]:
-    # beta, eps, log(1 - eps) and log(eps) as (hi, lo) pairs: the logs are taken here in
-    # float64 (log1p), not in the kernel in fp32, where 1 - eps would round first.
-    log_keep = math.log1p(-cfg.eps)
+    # beta, eps, log(1 - eps), log(eps) and alpha - 1 as (hi, lo) pairs: the logs are taken
+    # here in float64 (log1p), not in the kernel in fp32, where 1 - eps would round first.
+    # discopop reads no eps: its tau takes log(1 - eps)'s place.
+    log_keep = cfg.tau if cfg.loss_code == LOSS_CODES["discopop"] else math.log1p(-cfg.eps)
     log_flip = math.log(cfg.eps) if cfg.eps > 0 else 0.0
     return (*split_fp64(cfg.beta), *split_fp64(cfg.eps), *split_fp64(log_keep),
-            *split_fp64(log_flip))
+            *split_fp64(log_flip), *split_fp64(cfg.alpha - 1.0))
 
 
 def _fp64(*tensors: torch.Tensor) -> bool:
@@ -311,7 +374,7 @@ def dpo_forward(
         B, *_scalar_args(cfg),
         LOSS=cfg.loss_code, HAS_REF=has_ref,
         LENGTH_NORM=cfg.loss_code in LENGTH_NORMALISED_CODES,
-        REDUCTION=cfg.reduction_code, FP64=fp64,
+        REDUCTION=cfg.reduction_code, F_DIV=cfg.f_code, FP64=fp64,
         BLOCK=min(FWD_BLOCK, max(16, triton.next_power_of_2(B))), num_warps=4,
     )
     return loss, chosen_rewards, rejected_rewards, stats
@@ -339,7 +402,7 @@ def dpo_backward(
         B, *_scalar_args(cfg),
         LOSS=cfg.loss_code, HAS_REF=has_ref,
         LENGTH_NORM=cfg.loss_code in LENGTH_NORMALISED_CODES,
-        REDUCTION=cfg.reduction_code,
+        REDUCTION=cfg.reduction_code, F_DIV=cfg.f_code,
         GRAD_PC=needs_grad[0], GRAD_PR=needs_grad[1], GRAD_RC=needs_grad[2],
         GRAD_RR=needs_grad[3], FP64=_fp64(policy_chosen, policy_rejected),
         BLOCK=BWD_BLOCK, num_warps=4,

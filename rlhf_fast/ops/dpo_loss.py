@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -18,7 +19,12 @@ from rlhf_fast.ops.checks import (
 )
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.options import DPO_OPTIONS
-from rlhf_fast.types import DPO_LENGTH_NORMALISED_TYPES, DPO_REFERENCE_FREE_TYPES, DPOLossOutput
+from rlhf_fast.types import (
+    DPO_LENGTH_NORMALISED_TYPES,
+    DPO_REFERENCE_FREE_TYPES,
+    DPO_SORTED_TYPES,
+    DPOLossOutput,
+)
 
 
 class DPOLossFunction(torch.autograd.Function):
@@ -147,9 +153,33 @@ def dpo_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **vars(opt),
         )
+    if loss_type in DPO_SORTED_TYPES:
+        return sorted_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, opt)
     cfg = kernel.DPOKernelConfig.from_options(opt)
     loss, chosen_rewards, rejected_rewards, stats = DPOLossFunction.apply(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected,
         chosen_lengths, rejected_lengths, cfg,
     )
     return DPOLossOutput(loss, chosen_rewards, rejected_rewards, stats[0], stats[1])
+
+
+def sorted_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, opt: Any
+                ) -> DPOLossOutput:
+    """aot and aot_unpaired: the fused sigmoid loss on the margins of the sorted
+    log-ratios (torch.sort, differentiable, over the batch), the rewards of the pairs."""
+    fp64 = torch.float64 in (policy_chosen.dtype, policy_rejected.dtype)
+    pc, pr, rc, rr = (x.to(torch.float64 if fp64 else torch.float32) for x in (
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+    if opt.loss_type == "aot":
+        margin = torch.sort(pc - pr, dim=0).values - torch.sort(rc - rr, dim=0).values
+    else:
+        margin = torch.sort(pc - rc, dim=0).values - torch.sort(pr - rr, dim=0).values
+    cfg = kernel.DPOKernelConfig.from_options(SimpleNamespace(**{**vars(opt),
+                                                               "loss_type": "sigmoid"}))
+    loss = DPOLossFunction.apply(margin.contiguous(), torch.zeros_like(margin), None, None,
+                                 None, None, cfg)[0]
+    with torch.no_grad():
+        chosen, rejected = opt.beta * (pc - rc), opt.beta * (pr - rr)
+        accuracy = (chosen > rejected).to(margin.dtype).mean()
+    return DPOLossOutput(loss, chosen, rejected, accuracy, (chosen - rejected).mean())

@@ -50,6 +50,21 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor 
       apo_down      s(beta a) + 1 - s(beta (a - b))   [APO-down, same paper]
       sigmoid_norm  the sigmoid loss on per-token-mean log-probs
                                                  [length-normalised DPO, Tulu 3, 2024]
+      discopop      -log s(u) (1 - m) + exp(-u) m, m = s(u / discopop_tau), the second
+                    term as exp(log s(u / tau) - u): finite at any margin for tau < 1
+                    (TRL's exp(-u) overflows first)  [DiscoPOP, Chan Lu et al. 2024, eq. 5]
+      aot           the sigmoid loss on sorted(pc - pr) - sorted(rc - rr) over the batch
+                                                 [AOT, Melnyk et al. 2024, paired]
+      aot_unpaired  the sigmoid loss on sorted(a) - sorted(b)   [AOT, unpaired]
+
+    f_divergence_type (TRL's f-DPO, Wang et al. 2023) replaces each log-ratio x by a score
+    before the loss (before the length division of ipo and sigmoid_norm): reverse_kl x
+    (DPO), forward_kl -exp(-x), js_divergence log s(x), alpha_divergence
+    exp((alpha - 1) x) / (alpha - 1) with (alpha - 1) x clamped at 80 (alpha within 1e-6
+    of 1: reverse_kl). apo_zero, apo_down, aot and aot_unpaired compare the raw log-ratios
+    and require reverse_kl. aot's losses are those of the sorted positions (its "none"
+    reduction too), so a NaN log-prob reaches the loss at the sort's end (torch.sort puts
+    NaN last) rather than its own pair's, and every pair's gradient.
 
     where s is the logistic sigmoid and log s(x) is computed as -softplus(-x). ipo and
     sigmoid_norm divide all four log-probs by their answer's length (clamped to >= 1).
@@ -65,17 +80,25 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor 
     pc, pr = policy_chosen.to(dtype), policy_rejected.to(dtype)
     rc = torch.zeros_like(pc) if ref_chosen is None else ref_chosen.to(dtype)
     rr = torch.zeros_like(pr) if ref_rejected is None else ref_rejected.to(dtype)
+    len_c = len_r = 1.0
     if loss_type in DPO_LENGTH_NORMALISED_TYPES:
         len_c = chosen_lengths.to(dtype).clamp(min=1)
         len_r = rejected_lengths.to(dtype).clamp(min=1)
-        pc, rc, pr, rr = pc / len_c, rc / len_c, pr / len_r, rr / len_r
 
-    a = pc - rc
-    b = pr - rr
+    # the log-ratios (the rewards'), then the scores the loss compares
+    a_raw, b_raw = pc - rc, pr - rr
+    a, b = f_score(a_raw, opt) / len_c, f_score(b_raw, opt) / len_r
     delta = a - b
     u = beta * delta
     eps = opt.label_smoothing
-    if loss_type in ("sigmoid", "sigmoid_norm"):
+    if loss_type == "aot":
+        delta = (torch.sort(pc - pr, dim=0).values - torch.sort(rc - rr, dim=0).values)
+    elif loss_type == "aot_unpaired":
+        delta = torch.sort(a, dim=0).values - torch.sort(b, dim=0).values
+    if loss_type in ("aot", "aot_unpaired"):
+        u = beta * delta
+        losses = -(1 - eps) * log_sigmoid(u) - eps * log_sigmoid(-u)
+    elif loss_type in ("sigmoid", "sigmoid_norm"):
         losses = -(1 - eps) * log_sigmoid(u) - eps * log_sigmoid(-u)
     elif loss_type == "ipo":
         losses = (delta - 1 / (2 * beta)) ** 2
@@ -100,6 +123,10 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor 
         losses = torch.sigmoid(-beta * a) + torch.sigmoid(beta * b)
     elif loss_type == "apo_down":
         losses = torch.sigmoid(beta * a) + torch.sigmoid(-beta * (a - b))
+    elif loss_type == "discopop":  # exp(-u) s(u / tau) as one exp: no inf * 0
+        tau = opt.discopop_tau
+        losses = (-log_sigmoid(u) * torch.sigmoid(-u / tau)
+                  + torch.exp(log_sigmoid(u / tau) - u))
     else:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
 
@@ -109,8 +136,8 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor 
         loss = losses.sum()
     else:
         loss = losses
-    chosen_rewards = (beta * a).detach()
-    rejected_rewards = (beta * b).detach()
+    chosen_rewards = (beta * a_raw / len_c).detach()
+    rejected_rewards = (beta * b_raw / len_r).detach()
     return DPOLossOutput(
         loss=loss,
         chosen_rewards=chosen_rewards,
@@ -118,3 +145,17 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor 
         reward_accuracy=(chosen_rewards > rejected_rewards).to(dtype).mean(),
         reward_margin=(chosen_rewards - rejected_rewards).mean(),
     )
+
+
+def f_score(log_ratio: Tensor, opt: Any) -> Tensor:
+    """TRL's f-divergence score of each log-ratio (see `dpo_loss`)."""
+    kind, alpha = opt.f_divergence_type, opt.f_alpha_divergence_coef
+    if kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6:
+        kind = "reverse_kl"
+    if kind == "forward_kl":
+        return -torch.exp(-log_ratio)
+    if kind == "js_divergence":
+        return log_sigmoid(log_ratio)
+    if kind == "alpha_divergence":
+        return torch.exp(((alpha - 1) * log_ratio).clamp(max=80.0)) / (alpha - 1)
+    return log_ratio
