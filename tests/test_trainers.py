@@ -154,17 +154,23 @@ def metric_equal(log_a, log_b, first_step):
 # --- DPO: one step against the spec -------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid+ld_alpha+wpo"])
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
 def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_path,
                                         fallbacks, loss_type, fused):
+    """One step against the spec; "+ld_alpha+wpo": LD-DPO's weighted sums (the tokens past
+    the pair's shorter answer at ld_alpha, policy and reference alike) and WPO's pair
+    weights exp(mean(log p - log sum p^2)) of both answers, from the policy."""
     records = TRAIN.read_text().splitlines()[:8]
     records = [json.loads(line) for line in records]
     beta, max_length, max_prompt_length = 0.1, 12, 5  # cuts some prompts and answers
+    extras = loss_type.endswith("+ld_alpha+wpo")
+    loss_type = loss_type.split("+")[0]
     config = DPOConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, lr=LR,
                        beta=beta, loss_type=loss_type, use_fused_linear=fused,
                        max_length=max_length, max_prompt_length=max_prompt_length,
-                       seed=3, device="cpu")
+                       seed=3, device="cpu", ld_alpha=0.5 if extras else None,
+                       use_weighting=extras)
     policy64 = copy.deepcopy(warm_model).double()
     ref64 = copy.deepcopy(other_model).double()
     model = copy.deepcopy(warm_model)
@@ -179,7 +185,7 @@ def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_
                           trainer.run.device)
     first = trainer._train_batch(0)
     assert first.rows.tolist() == rows and torch.equal(batch.input_ids, first.input_ids)
-    sums = {"policy": [], "ref": []}
+    tokens = {"policy": [], "ref": [], "wpo": []}
     lengths, cut = [], 0
     for key in ("chosen", "rejected"):
         for row in rows:
@@ -190,19 +196,34 @@ def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_
             prompt = prompt[-max_prompt_length:]
             answer = full[:max_length - len(prompt)]
             cut += len(answer) < len(full)
-            sums["policy"].append(answer_logps64(policy64, prompt, answer)[0].sum())
+            tokens["policy"].append(answer_logps64(policy64, prompt, answer)[0])
             with torch.no_grad():
-                sums["ref"].append(answer_logps64(ref64, prompt, answer)[0].sum())
+                tokens["ref"].append(answer_logps64(ref64, prompt, answer)[0])
+                ids = torch.tensor([prompt + answer])
+                logits = policy64(input_ids=ids, use_cache=False).logits[0, :-1]
+                log_p = torch.log_softmax(logits, -1)[len(prompt) - 1:]
+                log_sum_p2 = torch.logsumexp(2 * log_p, -1)
+                tokens["wpo"].append((tokens["policy"][-1] - log_sum_p2).mean().exp())
             lengths.append(len(answer))
     assert cut > 0  # the documented cuts are exercised
     assert batch.answer_mask.sum(-1).tolist() == lengths
-    policy, ref = torch.stack(sums["policy"]), torch.stack(sums["ref"])
+
+    def sums(per_token):
+        if not extras:
+            return torch.stack([t.sum() for t in per_token])
+        shared = [min(lengths[i], lengths[(i + 4) % 8]) for i in range(8)]
+        return torch.stack([t[:n].sum() + 0.5 * t[n:].sum() for t, n in zip(per_token, shared)])
+
+    policy, ref = sums(tokens["policy"]), sums(tokens["ref"])
     lengths = torch.tensor(lengths, dtype=torch.float64)
     options = {}
     if loss_type == "ipo":
         options = dict(chosen_lengths=lengths[:4], rejected_lengths=lengths[4:])
     expected = reference.dpo_loss(policy[:4], policy[4:], ref[:4], ref[4:], beta=beta,
-                                  loss_type=loss_type, **options)
+                                  loss_type=loss_type, reduction="none", **options)
+    weights = torch.stack(tokens["wpo"]) if extras else torch.ones(8, dtype=torch.float64)
+    assert not extras or (weights < 1).all()
+    expected = expected._replace(loss=(expected.loss * weights[:4] * weights[4:]).mean())
     expected.loss.backward()
     grads = {name: p.grad for name, p in policy64.named_parameters()}
 

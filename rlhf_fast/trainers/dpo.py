@@ -38,6 +38,7 @@ from rlhf_fast.trainers.run import wrap_ddp
 from rlhf_fast.types import (
     DPO_LENGTH_NORMALISED_TYPES,
     DPO_REFERENCE_FREE_TYPES,
+    DPO_SORTED_TYPES,
 )
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -82,6 +83,13 @@ class DPOConfig(TrainerConfig):
     """Longest prompt + answer in tokens; answers are cut to fit."""
     eval_steps: int = 0
     """Evaluate every this many steps (0: only at the end) when there is an eval set."""
+    ld_alpha: float | None = None
+    """LD-DPO (Liu et al. 2024), TRL's ld_alpha in [0, 1]: each answer's log-prob is its
+    first tokens' (as many as the pair's shorter answer has) plus ld_alpha times the
+    rest's, for the policy and the reference alike; None: the plain sums."""
+    use_weighting: bool = False
+    """WPO (Zhou et al. 2024), TRL's: each pair's loss times its two answers' weights
+    exp(mean over the answer of log p_t - log sum_j p_j^2), from the policy, detached."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +110,13 @@ class DPOConfig(TrainerConfig):
                 f"< max_length ({self.max_length}), leaving room for the answer")
         require("num_epochs", is_finite(self.num_epochs) and self.num_epochs > 0,
                 "a finite float > 0", self.num_epochs)
+        require("ld_alpha", self.ld_alpha is None or (
+            isinstance(self.ld_alpha, (int, float)) and not isinstance(self.ld_alpha, bool)
+            and 0 <= self.ld_alpha <= 1), "a float in [0, 1] or None", self.ld_alpha)
+        require.bools(self, ("use_weighting",))
+        require("use_weighting", not (self.use_weighting and self.loss_type in DPO_SORTED_TYPES),
+                f"False for loss_type {self.loss_type!r} (its losses are of sorted "
+                "positions, not pairs; TRL refuses it too)")
 
 
 @dataclass
@@ -120,6 +135,25 @@ class PairBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+
+def ld_weights(answer_mask: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """[2B, T] LD-DPO's token weights: 1 on the first tokens of each answer, as many as
+    its pair's shorter answer has (rows b and B + b are a pair), ld_alpha after them."""
+    position = answer_mask.cumsum(-1)  # 1, 2, ... along each answer
+    lengths = answer_mask.sum(-1)
+    shared = torch.minimum(*lengths.chunk(2)).repeat(2)
+    return torch.where(position <= shared[:, None], 1.0, ld_alpha)
+
+
+def wpo_weights(token_logp: torch.Tensor, log_sum_p2: torch.Tensor,
+                answer_mask: torch.Tensor) -> torch.Tensor:
+    """[2B] WPO's weight of each answer: exp of the mean over its tokens of log p_t -
+    log sum_j p_j^2 (the token's probability against the distribution's collision
+    probability; 1 for a greedy-certain answer), detached."""
+    with torch.no_grad():
+        aligned = sequence_logps(token_logp - log_sum_p2, answer_mask, average=True)
+    return aligned.exp()
 
 
 def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int,
@@ -281,9 +315,13 @@ class DPOTrainer:
     def _pair_loss(self, batch: PairBatch, split: str):
         """The DPO loss of a stacked batch, and its metrics."""
         pairs = batch.rows.numel()
+        weighting = self.config.use_weighting
         with self.run.autocast():
-            token_logp = self.policy(batch.input_ids, batch.attention_mask)
-        policy = sequence_logps(token_logp, batch.answer_mask)
+            token_logp = self.policy(batch.input_ids, batch.attention_mask,
+                                     return_sum_p2=weighting)
+        if weighting:
+            token_logp, log_sum_p2 = token_logp
+        policy = self._answer_logps(token_logp, batch)
         reference = self._reference_logps(batch, split)
         lengths = {}
         if self.config.loss_type in DPO_LENGTH_NORMALISED_TYPES:
@@ -295,7 +333,11 @@ class DPOTrainer:
             None if reference is None else reference[:pairs],
             None if reference is None else reference[pairs:],
             **lengths, **DPO_OPTIONS.pick(vars(self.config)),
+            reduction="none" if weighting else "mean",
         )
+        if weighting:  # WPO: the pairs' losses weighted by their answers' probabilities
+            weights = wpo_weights(token_logp, log_sum_p2, batch.answer_mask)
+            out = out._replace(loss=(out.loss * weights[:pairs] * weights[pairs:]).mean())
         metrics = host_floats({
             "loss": out.loss,
             "rewards/chosen": out.chosen_rewards.mean(),
@@ -316,6 +358,13 @@ class DPOTrainer:
             return None
         with torch.no_grad(), self.run.autocast():
             token_logp = self.reference(batch.input_ids, batch.attention_mask)
+        return self._answer_logps(token_logp, batch)
+
+    def _answer_logps(self, token_logp: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+        """[2B] each answer's log-prob: its tokens' sum, LD-DPO's weighted sum with
+        ld_alpha."""
+        if self.config.ld_alpha is not None:
+            token_logp = token_logp * ld_weights(batch.answer_mask, self.config.ld_alpha)
         return sequence_logps(token_logp, batch.answer_mask)
 
     @torch.no_grad()
