@@ -1,6 +1,6 @@
 """rlhf-fast: fused Triton kernels for RLHF training (PPO, GRPO, DPO)."""
 
-from rlhf_fast.losses import DPOLoss, PPOLoss
+from rlhf_fast.losses import DPOLoss, PPOLoss, SimPOLoss
 from rlhf_fast.ops.discounted_returns import discounted_returns
 from rlhf_fast.ops.dpo_loss import dpo_loss
 from rlhf_fast.ops.gae import gae
@@ -14,13 +14,18 @@ from rlhf_fast.ops.masked_whiten import masked_whiten
 from rlhf_fast.ops.optimal_token_baseline import optimal_token_baseline
 from rlhf_fast.ops.ppo_loss import ppo_loss
 from rlhf_fast.ops.sequence_logps import sequence_logps
+from rlhf_fast.ops.simpo_loss import simpo_loss
 from rlhf_fast.ops.token_divergence import token_divergence
-from rlhf_fast.types import DPOLossOutput, PPOLossOutput
+from rlhf_fast.types import (
+    DPOLossOutput,
+    PPOLossOutput,
+    SimPOLossOutput,
+)
 
 __all__ = [
     "gae", "discounted_returns", "group_advantages", "optimal_token_baseline", "masked_mean",
     "masked_whiten",
     "logprobs", "ppo_loss", "PPOLossOutput", "PPOLoss", "sequence_logps", "dpo_loss",
     "DPOLossOutput", "DPOLoss", "linear_logprobs", "linear_dpo_loss",
-    "linear_ppo_loss", "token_divergence"]
+    "linear_ppo_loss", "token_divergence", "simpo_loss", "SimPOLossOutput", "SimPOLoss"]
 __version__ = "0.1.0"

@@ -9,8 +9,9 @@ from torch import nn
 
 from rlhf_fast.ops.dpo_loss import dpo_loss
 from rlhf_fast.ops.ppo_loss import ppo_loss
-from rlhf_fast.options import DPO_OPTIONS, PPO_OPTIONS
-from rlhf_fast.types import DPOLossOutput, PPOLossOutput
+from rlhf_fast.ops.simpo_loss import simpo_loss
+from rlhf_fast.options import DPO_OPTIONS, PPO_OPTIONS, SIMPO_OPTIONS
+from rlhf_fast.types import DPOLossOutput, PPOLossOutput, SimPOLossOutput
 
 
 class PPOLoss(nn.Module):
@@ -74,6 +75,35 @@ class DPOLoss(nn.Module):
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
                         **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class SimPOLoss(nn.Module):
+    """`rlhf_fast.simpo_loss` with its options held by the module.
+
+    Example::
+
+        criterion = SimPOLoss(beta=2.0, gamma=1.0)
+        out = criterion(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+        out.loss.backward()
+
+    Every option of `simpo_loss` is a constructor argument, checked there; `forward` takes
+    the ``[B]`` sequence log-probs and answer lengths and returns a `SimPOLossOutput`.
+    """
+
+    @SIMPO_OPTIONS.keywords
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = vars(SIMPO_OPTIONS.check(options))  # fail where the module is built
+
+    def forward(
+        self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+        chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+    ) -> SimPOLossOutput:
+        return simpo_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
+                          **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

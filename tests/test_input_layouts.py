@@ -203,6 +203,17 @@ def _dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **lengths):
                               loss_type="sigmoid_norm", reduction="none", beta=0.5, **lengths)
 
 
+def _pair_make(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Sequence log-probs of 3 pairs and their answer lengths (a 0 among them)."""
+    tensors = {k: _floats(3, gen=gen, scale=5.0) - 20 for k in ("policy_chosen",
+                                                               "policy_rejected")}
+    for k in ("chosen_lengths", "rejected_lengths"):
+        tensors[k] = torch.randint(0, 6, (3,), generator=gen)
+    return tensors
+
+
+PAIR_GRADS = ("policy_chosen", "policy_rejected")
+
 LM_HEAD = ("hidden", "weight", "bias")
 
 
@@ -282,6 +293,12 @@ OPS: dict[str, Op] = {
         _dpo, _dpo_make,
         grads=("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"),
     ),
+    "simpo_loss": Op(
+        lambda policy_chosen, policy_rejected, chosen_lengths, rejected_lengths:
+            rlhf_fast.simpo_loss(policy_chosen, policy_rejected, chosen_lengths,
+                                 rejected_lengths, beta=2.0, gamma=1.0, reduction="none"),
+        _pair_make, grads=PAIR_GRADS,
+    ),
     "sequence_logps": Op(
         lambda token_logp, mask: rlhf_fast.sequence_logps(token_logp, mask, average=True),
         lambda gen: dict(token_logp=-torch.rand(2, 2, 4, dtype=F64, generator=gen) * 3,
@@ -356,7 +373,7 @@ OPS: dict[str, Op] = {
 # known to run the Triton kernels (TRITON_INTERPRET=1, set by the conftest).
 REFERENCE_FUNCTIONS = ("logprobs", "linear_logprobs", "ppo_loss", "dpo_loss", "sequence_logps",
                        "gae", "discounted_returns", "group_advantages",
-                       "optimal_token_baseline", "masked_mean", "masked_whiten")
+                       "optimal_token_baseline", "masked_mean", "masked_whiten", "simpo_loss")
 
 
 @pytest.fixture
