@@ -14,9 +14,12 @@ import rlhf_fast
 from rlhf_fast import reference
 from rlhf_fast.config_flags import add_config_flags, config_from_args
 from rlhf_fast.options import (
+    CPO_OPTIONS,
     DPO_OPTIONS,
     GAE_OPTIONS,
+    KTO_OPTIONS,
     LOGPROB_OPTIONS,
+    ORPO_OPTIONS,
     PPO_OPTIONS,
     SIMPO_OPTIONS,
     TOKEN_OPTIONS,
@@ -39,6 +42,15 @@ CONSUMERS = [  # (option set, function, options it leaves out)
     (SIMPO_OPTIONS, rlhf_fast.simpo_loss, ()),
     (SIMPO_OPTIONS, reference.simpo_loss, ()),
     (SIMPO_OPTIONS, rlhf_fast.SimPOLoss, ()),
+    (CPO_OPTIONS, rlhf_fast.cpo_loss, ()),
+    (CPO_OPTIONS, reference.cpo_loss, ()),
+    (CPO_OPTIONS, rlhf_fast.CPOLoss, ()),
+    (ORPO_OPTIONS, rlhf_fast.orpo_loss, ()),
+    (ORPO_OPTIONS, reference.orpo_loss, ()),
+    (ORPO_OPTIONS, rlhf_fast.ORPOLoss, ()),
+    (KTO_OPTIONS, rlhf_fast.kto_loss, ()),
+    (KTO_OPTIONS, reference.kto_loss, ()),
+    (KTO_OPTIONS, rlhf_fast.KTOLoss, ()),
     (LOGPROB_OPTIONS, rlhf_fast.logprobs, ()),
     (LOGPROB_OPTIONS, rlhf_fast.linear_logprobs, ()),
     (TOKEN_OPTIONS, reference.logprobs, ()),

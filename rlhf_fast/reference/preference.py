@@ -204,7 +204,9 @@ def cpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, chosen_lengths: Ten
     plus alpha times the batch's NLL of the chosen answers per token,
     nll = -sum(policy_chosen) / sum(max(chosen_lengths, 1)) (TRL's cross-entropy over
     every chosen token, Liger's too): loss_i = term_i + alpha * nll, so that the "mean"
-    reduction is TRL's losses.mean() + cpo_alpha * nll_loss. Rewards: beta * a, beta * b.
+    reduction is TRL's losses.mean() + cpo_alpha * nll_loss. alpha = 0 adds nothing
+    (TRL does not compute the NLL then); nll_loss is reported either way. Rewards:
+    beta * a, beta * b.
     """
     opt = CPO_OPTIONS.fill(options)
     beta, loss_type, eps = opt.beta, opt.loss_type, opt.label_smoothing
@@ -225,7 +227,9 @@ def cpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, chosen_lengths: Ten
     else:
         raise ValueError(f"loss_type must be one of {CPO_LOSS_TYPES}, got {loss_type!r}")
     nll = _chosen_nll(pc, len_c)
-    return CPOLossOutput(_reduce(losses + opt.alpha * nll, opt.reduction),
+    if opt.alpha != 0:  # TRL's cpo_alpha = 0 leaves the NLL out (a NaN in it too)
+        losses = losses + opt.alpha * nll
+    return CPOLossOutput(_reduce(losses, opt.reduction),
                          *_pair_statistics(beta * a, beta * b), nll.detach())
 
 
@@ -235,8 +239,14 @@ MINUS_LN2 = -math.log(2)
 
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - e^x) for x <= 0, accurate everywhere (Maechler 2012): log1p(-e^x) below
-    -ln 2, log(-expm1(x)) from there to 0. -inf at x = 0, NaN for x > 0."""
-    return torch.where(x < MINUS_LN2, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    -ln 2, log(-expm1(x)) from there to 0. -inf at x = 0, NaN for x > 0.
+
+    The first form is evaluated on x moved below -ln 2 where it is not taken: at x so
+    close to 0 that e^x rounds to 1 its infinite slope would make torch.where's
+    gradient 0 * inf = NaN (TRL's log1mexp has that NaN for |x| < 1.1e-16 in fp64)."""
+    low = x < MINUS_LN2
+    return torch.where(low, torch.log1p(-torch.exp(torch.where(low, x, -1.0))),
+                       torch.log(-torch.expm1(x)))
 
 
 @ORPO_OPTIONS.keywords
