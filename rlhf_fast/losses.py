@@ -7,10 +7,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf_fast.ops.cpo_loss import cpo_loss
 from rlhf_fast.ops.dpo_loss import dpo_loss
+from rlhf_fast.ops.kto_loss import kto_loss
+from rlhf_fast.ops.orpo_loss import orpo_loss
 from rlhf_fast.ops.ppo_loss import ppo_loss
-from rlhf_fast.options import DPO_OPTIONS, PPO_OPTIONS
-from rlhf_fast.types import DPOLossOutput, PPOLossOutput
+from rlhf_fast.ops.simpo_loss import simpo_loss
+from rlhf_fast.options import (
+    CPO_OPTIONS,
+    DPO_OPTIONS,
+    KTO_OPTIONS,
+    ORPO_OPTIONS,
+    PPO_OPTIONS,
+    SIMPO_OPTIONS,
+)
+from rlhf_fast.types import (
+    CPOLossOutput,
+    DPOLossOutput,
+    KTOLossOutput,
+    ORPOLossOutput,
+    PPOLossOutput,
+    SimPOLossOutput,
+)
 
 
 class PPOLoss(nn.Module):
@@ -74,6 +92,121 @@ class DPOLoss(nn.Module):
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
                         **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class SimPOLoss(nn.Module):
+    """`rlhf_fast.simpo_loss` with its options held by the module.
+
+    Example::
+
+        criterion = SimPOLoss(beta=2.0, gamma=1.0)
+        out = criterion(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+        out.loss.backward()
+
+    Every option of `simpo_loss` is a constructor argument, checked there; `forward` takes
+    the ``[B]`` sequence log-probs and answer lengths and returns a `SimPOLossOutput`.
+    """
+
+    @SIMPO_OPTIONS.keywords
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = vars(SIMPO_OPTIONS.check(options))  # fail where the module is built
+
+    def forward(
+        self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+        chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+    ) -> SimPOLossOutput:
+        return simpo_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
+                          **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class CPOLoss(nn.Module):
+    """`rlhf_fast.cpo_loss` with its options held by the module.
+
+    Example::
+
+        criterion = CPOLoss(beta=0.1, loss_type="sigmoid", alpha=1.0)
+        out = criterion(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+        out.loss.backward()
+
+    Every option of `cpo_loss` is a constructor argument, checked there; `forward` takes the
+    ``[B]`` sequence log-probs and answer lengths and returns a `CPOLossOutput`.
+    """
+
+    @CPO_OPTIONS.keywords
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = vars(CPO_OPTIONS.check(options))  # fail where the module is built
+
+    def forward(
+        self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+        chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+    ) -> CPOLossOutput:
+        return cpo_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
+                    **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class ORPOLoss(nn.Module):
+    """`rlhf_fast.orpo_loss` with its options held by the module.
+
+    Example::
+
+        criterion = ORPOLoss(beta=0.1)
+        out = criterion(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+        out.loss.backward()
+
+    Every option of `orpo_loss` is a constructor argument, checked there; `forward` takes the
+    ``[B]`` sequence log-probs and answer lengths and returns a `ORPOLossOutput`.
+    """
+
+    @ORPO_OPTIONS.keywords
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = vars(ORPO_OPTIONS.check(options))  # fail where the module is built
+
+    def forward(
+        self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+        chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+    ) -> ORPOLossOutput:
+        return orpo_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
+                    **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class KTOLoss(nn.Module):
+    """`rlhf_fast.kto_loss` with its options held by the module.
+
+    Example::
+
+        criterion = KTOLoss(beta=0.1, desirable_weight=1.0, undesirable_weight=1.33)
+        out = criterion(policy_logps, ref_logps, desirable, kl_ref)
+        out.loss.backward()
+
+    Every option of `kto_loss` is a constructor argument, checked there; `forward` takes
+    the ``[B]`` log-probs, labels and KL estimate and returns a `KTOLossOutput`.
+    """
+
+    @KTO_OPTIONS.keywords
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = vars(KTO_OPTIONS.check(options))  # fail where the module is built
+
+    def forward(
+        self, policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+        desirable: torch.Tensor, kl_ref: torch.Tensor | None = None,
+    ) -> KTOLossOutput:
+        return kto_loss(policy_logps, ref_logps, desirable, kl_ref, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

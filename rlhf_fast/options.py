@@ -30,6 +30,7 @@ from rlhf_fast.ops.checks import INT64_MAX, INT64_MIN, check_fp32
 from rlhf_fast.types import (
     ADVANTAGE_ESTIMATORS,
     AGG_MODES,
+    CPO_LOSS_TYPES,
     DIVERGENCES,
     DPO_F_DIVERGENCES,
     DPO_LABEL_SMOOTHING_TYPES,
@@ -38,6 +39,7 @@ from rlhf_fast.types import (
     DPO_REDUCTIONS,
     KL_ESTIMATORS,
     POLICY_LOSSES,
+    PREFERENCE_REDUCTIONS,
     ROLLOUT_IS_LEVELS,
     ROLLOUT_RS_MODES,
 )
@@ -470,6 +472,74 @@ DPO_OPTIONS = OptionSet((
     Option("discopop_tau", 0.05, real("a finite float > 0", lambda v: 0 < v < math.inf),
            "temperature of discopop's blend of the logistic and exponential losses"),
 ), rules=(_label_smoothing_only_where_read, _f_divergence_only_where_read))
+
+
+# ------------------------------------------- simpo_loss, cpo_loss, orpo_loss, kto_loss
+
+
+def _beta(doc: str) -> Option:
+    return Option("beta", 0.1, real("a finite float > 0", lambda v: 0 < v < math.inf), doc)
+
+
+def _reduction(doc: str) -> Option:
+    return Option("reduction", "mean", one_of(PREFERENCE_REDUCTIONS), doc)
+
+
+_LABEL_SMOOTHING_DOC = "probability that a preference label is flipped (conservative form"
+
+SIMPO_OPTIONS = OptionSet((
+    _beta("the scale of the per-token-mean log-probs; rewards are beta * mean log-prob "
+          "(TRL CPOConfig's and Liger's default 0.1; the SimPO paper uses 2 to 10)"),
+    Option("gamma", 0.5, real("finite", math.isfinite),
+           "the target reward margin, subtracted from beta times the mean log-prob "
+           "difference (Liger's gamma, TRL's simpo_gamma; the SimPO code's gamma_beta_ratio "
+           "r is gamma = r * beta)"),
+    Option("label_smoothing", 0.0, real("in [0, 0.5)", lambda v: 0 <= v < 0.5),
+           _LABEL_SMOOTHING_DOC + ")"),
+    _reduction("mean or sum over the pairs, or none for the [B] losses"),
+))
+
+
+def _cpo_label_smoothing_only_for_sigmoid(values: SimpleNamespace, label: Callable) -> None:
+    if values.label_smoothing != 0 and values.loss_type != "sigmoid":
+        raise ValueError(
+            f"{label('label_smoothing')} must be 0 for loss_type {values.loss_type!r} (only "
+            f"'sigmoid' reads it, as in TRL's CPOTrainer), got {values.label_smoothing}")
+
+
+CPO_OPTIONS = OptionSet((
+    _beta("the scale of the log-prob difference (IPO's tau for ipo); rewards are "
+          "beta * log-probs"),
+    Option("loss_type", "sigmoid", one_of(CPO_LOSS_TYPES),
+           "the preference term, TRL CPOTrainer's names (`rlhf_fast.reference.cpo_loss` "
+           "has each formula); ipo on per-token-mean log-probs"),
+    Option("label_smoothing", 0.0, real("in [0, 0.5)", lambda v: 0 <= v < 0.5),
+           _LABEL_SMOOTHING_DOC + "; sigmoid only)"),
+    Option("alpha", 1.0, real(">= 0.0", lambda v: 0 <= v < math.inf),
+           "the weight of the chosen answers' NLL (the behaviour-cloning term: TRL's "
+           "cpo_alpha, Liger's alpha; not TRL's AlphaPO alpha)"),
+    _reduction("mean or sum over the pairs of preference loss + alpha * NLL, or none for "
+               "the [B] values"),
+), rules=(_cpo_label_smoothing_only_for_sigmoid,))
+
+ORPO_OPTIONS = OptionSet((
+    _beta("the weight of the odds-ratio term (the ORPO paper's lambda); rewards are "
+          "beta * mean log-prob"),
+    _reduction("mean or sum over the pairs of NLL - beta * log s(log odds ratio), or none "
+               "for the [B] values"),
+))
+
+
+def _weight(name: str, doc: str) -> Option:
+    return Option(name, 1.0, real("a finite float >= 0", lambda v: 0 <= v < math.inf), doc)
+
+
+KTO_OPTIONS = OptionSet((
+    _beta("the scale of the log-ratios to the reference; rewards are beta * log-ratio"),
+    _weight("desirable_weight", "the weight of each desirable example's loss"),
+    _weight("undesirable_weight", "the weight of each undesirable example's loss"),
+    _reduction("mean or sum over all B examples, or none for the [B] losses"),
+))
 
 
 # --------------------------------------------------------------- token log-probs

@@ -117,6 +117,99 @@ class DPOLossOutput(NamedTuple):
     reward_accuracy: torch.Tensor
     reward_margin: torch.Tensor
 
+# ------------------------------------------- simpo_loss, cpo_loss, orpo_loss, kto_loss
+
+#: TRL CPOTrainer's loss types without AlphaPO and without "simpo" (that is `simpo_loss`).
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+#: The CPO types on per-token-mean log-probs (as TRL's `average_log_prob` has them).
+CPO_LENGTH_NORMALISED_TYPES = ("ipo",)
+#: The reductions of the reference-free and unpaired losses (those of `dpo_loss`).
+PREFERENCE_REDUCTIONS = DPO_REDUCTIONS
+
+
+class SimPOLossOutput(NamedTuple):
+    """What `simpo_loss` returns, fp32 (fp64 for fp64 inputs).
+
+    loss: a scalar (reduction "mean" or "sum") or ``[B]`` ("none"), differentiable.
+    chosen_rewards, rejected_rewards: ``[B]`` beta times each answer's per-token-mean
+        log-prob (TRL's and Liger's rewards), detached.
+    reward_accuracy: scalar, fraction of pairs with chosen_reward > rejected_reward.
+    reward_margin: scalar, mean of chosen_reward - rejected_reward. Both detached.
+    """
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    reward_accuracy: torch.Tensor
+    reward_margin: torch.Tensor
+
+
+class CPOLossOutput(NamedTuple):
+    """What `cpo_loss` returns, fp32 (fp64 for fp64 inputs).
+
+    loss: a scalar (reduction "mean" or "sum") or ``[B]`` ("none"): each pair's preference
+        loss plus alpha * nll_loss, reduced; differentiable.
+    chosen_rewards, rejected_rewards: ``[B]`` beta times the log-probs the preference loss
+        sees (per-token means for ipo, sums otherwise), detached.
+    reward_accuracy, reward_margin: scalars as in `DPOLossOutput`, detached.
+    nll_loss: scalar, the chosen answers' negative log-likelihood per token over the batch
+        (-sum of policy_chosen / sum of the lengths), detached.
+    """
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    reward_accuracy: torch.Tensor
+    reward_margin: torch.Tensor
+    nll_loss: torch.Tensor
+
+
+class ORPOLossOutput(NamedTuple):
+    """What `orpo_loss` returns, fp32 (fp64 for fp64 inputs); TRL ORPOTrainer's values.
+
+    loss: a scalar (reduction "mean" or "sum") or ``[B]`` ("none"): nll_loss minus beta
+        times each pair's log-sigmoid of its log odds ratio, reduced; differentiable.
+    chosen_rewards, rejected_rewards: ``[B]`` beta times each answer's per-token-mean
+        log-prob, detached.
+    reward_accuracy, reward_margin: scalars as in `DPOLossOutput`, detached.
+    nll_loss: scalar, the chosen answers' negative log-likelihood per token over the batch,
+        detached.
+    log_odds_ratio: scalar, the batch mean of log sigmoid(log odds ratio) (TRL's
+        ``log_odds_ratio``), detached.
+    log_odds_chosen: scalar, the batch mean of the log odds ratio (TRL's
+        ``log_odds_chosen``), detached.
+    """
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    reward_accuracy: torch.Tensor
+    reward_margin: torch.Tensor
+    nll_loss: torch.Tensor
+    log_odds_ratio: torch.Tensor
+    log_odds_chosen: torch.Tensor
+
+
+class KTOLossOutput(NamedTuple):
+    """What `kto_loss` returns, fp32 (fp64 for fp64 inputs).
+
+    loss: a scalar (reduction "mean" or "sum", over all B examples as TRL's mean of the
+        two groups' concatenated losses) or ``[B]`` ("none", in input order), differentiable.
+    rewards: ``[B]`` beta * (policy_logps - ref_logps) of every example, detached.
+    chosen_reward, rejected_reward: scalars, the mean reward of the desirable and of the
+        undesirable examples (TRL's ``rewards/chosen`` and ``rewards/rejected``); NaN for a
+        group with no example (TRL logs nothing then), detached.
+    reward_margin: scalar, chosen_reward - rejected_reward (TRL's ``rewards/margins``).
+    kl: scalar, the KL estimate the loss used: kl_ref clamped at 0 (0 without one).
+    """
+
+    loss: torch.Tensor
+    rewards: torch.Tensor
+    chosen_reward: torch.Tensor
+    rejected_reward: torch.Tensor
+    reward_margin: torch.Tensor
+    kl: torch.Tensor
+
 # ------------------------------------------------------------------ token_divergence
 
 #: The divergences of a student's token distribution q from a teacher's p

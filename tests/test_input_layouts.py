@@ -203,6 +203,17 @@ def _dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **lengths):
                               loss_type="sigmoid_norm", reduction="none", beta=0.5, **lengths)
 
 
+def _pair_make(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Sequence log-probs of 3 pairs and their answer lengths (a 0 among them)."""
+    tensors = {k: _floats(3, gen=gen, scale=5.0) - 20 for k in ("policy_chosen",
+                                                               "policy_rejected")}
+    for k in ("chosen_lengths", "rejected_lengths"):
+        tensors[k] = torch.randint(0, 6, (3,), generator=gen)
+    return tensors
+
+
+PAIR_GRADS = ("policy_chosen", "policy_rejected")
+
 LM_HEAD = ("hidden", "weight", "bias")
 
 
@@ -296,6 +307,37 @@ OPS: dict[str, Op] = {
         _dpo, _dpo_make,
         grads=("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"),
     ),
+    "simpo_loss": Op(
+        lambda policy_chosen, policy_rejected, chosen_lengths, rejected_lengths:
+            rlhf_fast.simpo_loss(policy_chosen, policy_rejected, chosen_lengths,
+                                 rejected_lengths, beta=2.0, gamma=1.0, reduction="none"),
+        _pair_make, grads=PAIR_GRADS,
+    ),
+    "cpo_loss": Op(
+        lambda policy_chosen, policy_rejected, chosen_lengths, rejected_lengths:
+            rlhf_fast.cpo_loss(policy_chosen, policy_rejected, chosen_lengths,
+                               rejected_lengths, loss_type="ipo", alpha=0.5, reduction="none"),
+        _pair_make, grads=PAIR_GRADS,
+    ),
+    "orpo_loss": Op(
+        lambda policy_chosen, policy_rejected, chosen_lengths, rejected_lengths:
+            rlhf_fast.orpo_loss(policy_chosen, policy_rejected, chosen_lengths,
+                                rejected_lengths, beta=0.5, reduction="none"),
+        lambda gen: {k: (-v.abs() if k.startswith("policy") else v)  # log-probs <= 0
+                     for k, v in _pair_make(gen).items()},
+        grads=PAIR_GRADS,
+    ),
+    "kto_loss": Op(
+        lambda policy_logps, ref_logps, desirable, kl_ref: rlhf_fast.kto_loss(
+            policy_logps, ref_logps, desirable, kl_ref, beta=0.5, desirable_weight=1.33,
+            reduction="none"),
+        lambda gen: dict(policy_logps=_floats(4, gen=gen) - 5, ref_logps=_floats(4, gen=gen) - 5,
+                         desirable=torch.rand(4, generator=gen) < 0.5,
+                         kl_ref=torch.rand(1, dtype=F64, generator=gen)),
+        grads=("policy_logps", "ref_logps"),
+        # an expanded `desirable` leaves one group empty: its mean reward is NaN
+        outputs=lambda out: [out.loss, out.rewards, *(t.nan_to_num() for t in out[2:])],
+    ),
     "sequence_logps": Op(
         lambda token_logp, mask: rlhf_fast.sequence_logps(token_logp, mask, average=True),
         lambda gen: dict(token_logp=-torch.rand(2, 2, 4, dtype=F64, generator=gen) * 3,
@@ -370,7 +412,8 @@ OPS: dict[str, Op] = {
 # known to run the Triton kernels (TRITON_INTERPRET=1, set by the conftest).
 REFERENCE_FUNCTIONS = ("logprobs", "linear_logprobs", "ppo_loss", "dpo_loss", "sequence_logps",
                        "gae", "discounted_returns", "group_advantages",
-                       "optimal_token_baseline", "masked_mean", "masked_whiten")
+                       "optimal_token_baseline", "masked_mean", "masked_whiten", "simpo_loss",
+                       "cpo_loss", "orpo_loss", "kto_loss")
 
 
 @pytest.fixture

@@ -190,3 +190,35 @@ def check_inplace_backward(name: str, logits: torch.Tensor) -> None:
                 f"{'' if logits.is_leaf else ' (a view of one)'}, whose values the "
                 "gradient would overwrite; pass inplace_backward=False"
             )
+
+
+# ----------------------------------------------------------------- sequence-level losses
+
+
+def check_batch(name: str, value: object) -> torch.Tensor:
+    """A float ``[B]`` tensor with B >= 1 (the first argument of a sequence-level loss),
+    contiguous."""
+    check_tensor(name, value, FLOAT_DTYPES)
+    if value.dim() != 1 or value.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [B] with B >= 1, got {tuple(value.shape)}")
+    return value.contiguous()
+
+
+def check_like(name: str, value: object, like_name: str, like: torch.Tensor,
+               dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> torch.Tensor:
+    """A tensor of `dtypes` with `like`'s shape and device, contiguous."""
+    check_tensor(name, value, dtypes)
+    check_same_device(name, value, like_name, like)
+    check_same_shape(name, value, like_name, like)
+    return value.contiguous()
+
+
+def check_token_counts(name: str, value: object, like_name: str, like: torch.Tensor
+                       ) -> torch.Tensor:
+    """Answer lengths in tokens, int or float, `like`'s shape and device, contiguous.
+    Negative or NaN ones raise on CPU (on CUDA the check would need a device sync)."""
+    value = check_like(name, value, like_name, like, INDEX_DTYPES + FLOAT_DTYPES)
+    # not (>= 0) catches NaN too, which `< 0` lets through
+    if not value.is_cuda and bool((bad := ~(value >= 0)).any()):
+        raise ValueError(f"{name} must be token counts >= 0, found {value[bad][0].item()}")
+    return value

@@ -25,7 +25,16 @@ from rlhf_fast.reference.policy import (
     ppo_loss,
     rollout_correction,
 )
-from rlhf_fast.reference.preference import EXO_DEFAULT_EPS, dpo_loss, log_sigmoid
+from rlhf_fast.reference.preference import (
+    EXO_DEFAULT_EPS,
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    log1mexp,
+    log_sigmoid,
+    orpo_loss,
+    simpo_loss,
+)
 from rlhf_fast.reference.tokens import (
     fits_dtype,
     ignored_labels,
@@ -35,10 +44,10 @@ from rlhf_fast.reference.tokens import (
 )
 
 __all__ = [
-    "EXO_DEFAULT_EPS", "ROLLOUT_STATISTICS", "aggregate", "discounted_returns", "dpo_loss",
-    "fits_dtype", "gae", "group_advantages", "ignored_labels", "kl_cov_coefficients", "kl_penalty",
-    "linear_logprobs", "linear_token_divergence",
-    "log_sigmoid", "logprobs", "masked_mean", "masked_whiten",
-    "optimal_token_baseline", "policy_terms", "policy_weights", "ppo_loss", "rollout_correction",
-    "sequence_logps", "token_divergence",
+    "EXO_DEFAULT_EPS", "ROLLOUT_STATISTICS", "aggregate", "cpo_loss", "discounted_returns",
+    "dpo_loss", "fits_dtype", "gae", "group_advantages", "ignored_labels", "kl_cov_coefficients",
+    "kl_penalty", "kto_loss", "linear_logprobs", "linear_token_divergence", "log1mexp",
+    "log_sigmoid", "logprobs", "masked_mean", "masked_whiten", "optimal_token_baseline",
+    "orpo_loss", "policy_terms", "policy_weights", "ppo_loss", "rollout_correction",
+    "sequence_logps", "simpo_loss", "token_divergence",
 ]

@@ -1,0 +1,93 @@
+"""`rlhf_fast.cpo_loss`: CPO in one forward and one backward pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rlhf_fast import reference
+from rlhf_fast.kernels import cpo_loss as kernel
+from rlhf_fast.ops.checks import check_batch, check_like, check_token_counts, differentiable_once
+from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.options import CPO_OPTIONS
+from rlhf_fast.types import CPOLossOutput
+
+
+class CPOLossFunction(torch.autograd.Function):
+    """Autograd wrapper: the differentiable loss and the detached statistics."""
+
+    @staticmethod
+    def forward(ctx, policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, cfg):
+        inputs = (policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+        loss, chosen_rewards, rejected_rewards, stats = kernel.cpo_forward(*inputs, cfg)
+        ctx.save_for_backward(*inputs)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, stats)
+        return loss, chosen_rewards, rejected_rewards, stats
+
+    @staticmethod
+    @differentiable_once
+    def backward(ctx, grad_loss, _grad_chosen, _grad_rejected, _grad_stats):
+        grads = kernel.cpo_backward(grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,
+                                    needs_grad=tuple(ctx.needs_input_grad[:2]))
+        return (*grads, None, None, None)
+
+
+@CPO_OPTIONS.keywords
+def cpo_loss(
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor, **options: Any,
+) -> CPOLossOutput:
+    """CPO (Xu et al. 2024): a reference-free pairwise loss plus the chosen answers' NLL,
+    one fused forward and one backward, as TRL's CPOTrainer computes it.
+
+    With a, b the chosen and rejected log-probs (sums; per-token means for ipo, whose
+    formula TRL takes on averaged log-probs), u = beta * (a - b), each pair's term is
+    sigmoid -(1 - eps) log s(u) - eps log s(-u), hinge max(0, 1 - u) or ipo
+    (a - b - 1 / (2 beta))^2 (`rlhf_fast.reference.cpo_loss`), and its loss that term plus
+    alpha * nll, nll = -sum(policy_chosen) / sum(chosen_lengths) the NLL per token of all
+    the batch's chosen answers (TRL's cross-entropy over the chosen tokens, Liger's NLL
+    term): the "mean" reduction is TRL's losses.mean() + cpo_alpha * nll_loss. Liger's
+    LigerFusedLinearCPOLoss has the sigmoid type alone. TRL's AlphaPO reward shape (its
+    `alpha`) is not supported; SimPO with an NLL (CPO-SimPO) is `simpo_loss` plus
+    alpha * nll_loss.
+
+    Args:
+        policy_chosen, policy_rejected: ``[B]`` log-probs of each pair's chosen and
+            rejected answer under the policy, sums over the answer's tokens (e.g. from
+            `sequence_logps`); fp32, bf16, fp16 or fp64; differentiable.
+        chosen_lengths, rejected_lengths: ``[B]`` answer lengths in tokens (int or float),
+            clamped to >= 1: the NLL's token count (chosen) and ipo's averaging (both;
+            the other types do not read rejected_lengths). Negative or NaN lengths raise
+            ValueError on CPU (on CUDA: unchecked).
+        Options: below.
+
+    Returns:
+        `CPOLossOutput`: loss (fp32, fp64 if a policy input is fp64; differentiable),
+        chosen_rewards and rejected_rewards ``[B]`` (beta * a, beta * b),
+        reward_accuracy, reward_margin and nll_loss, all detached. Gradients come back
+        in each input's dtype. A NaN rejected log-prob gives its pair a NaN loss and
+        gradients; a NaN chosen one makes the NLL NaN, so every pair's loss (with
+        alpha > 0) and every chosen gradient NaN.
+
+    Raises:
+        ValueError: an empty batch (B = 0), mismatched shapes or devices, bad lengths, an
+            out-of-range option. TypeError: wrong types.
+    """
+    policy_chosen = check_batch("policy_chosen", policy_chosen)
+    opt = CPO_OPTIONS.check(options)
+    policy_rejected = check_like("policy_rejected", policy_rejected, "policy_chosen",
+                                 policy_chosen)
+    chosen_lengths = check_token_counts("chosen_lengths", chosen_lengths, "policy_chosen",
+                                        policy_chosen)
+    rejected_lengths = check_token_counts("rejected_lengths", rejected_lengths,
+                                          "policy_chosen", policy_chosen)
+    if not use_triton(policy_chosen):
+        return reference.cpo_loss(policy_chosen, policy_rejected, chosen_lengths,
+                                  rejected_lengths, **vars(opt))
+    loss, chosen_rewards, rejected_rewards, stats = CPOLossFunction.apply(
+        policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
+        kernel.CPOKernelConfig.from_options(opt),
+    )
+    return CPOLossOutput(loss, chosen_rewards, rejected_rewards, stats[0], stats[1], stats[2])

@@ -1,0 +1,89 @@
+"""`rlhf_fast.simpo_loss`: SimPO in one forward and one backward pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rlhf_fast import reference
+from rlhf_fast.kernels import simpo_loss as kernel
+from rlhf_fast.ops.checks import check_batch, check_like, check_token_counts, differentiable_once
+from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.options import SIMPO_OPTIONS
+from rlhf_fast.types import SimPOLossOutput
+
+
+class SimPOLossFunction(torch.autograd.Function):
+    """Autograd wrapper: the differentiable loss and the detached statistics."""
+
+    @staticmethod
+    def forward(ctx, policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, cfg):
+        inputs = (policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+        loss, chosen_rewards, rejected_rewards, stats = kernel.simpo_forward(*inputs, cfg)
+        ctx.save_for_backward(*inputs)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, stats)
+        return loss, chosen_rewards, rejected_rewards, stats
+
+    @staticmethod
+    @differentiable_once
+    def backward(ctx, grad_loss, _grad_chosen, _grad_rejected, _grad_stats):
+        grads = kernel.simpo_backward(grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,
+                                      needs_grad=tuple(ctx.needs_input_grad[:2]))
+        return (*grads, None, None, None)
+
+
+@SIMPO_OPTIONS.keywords
+def simpo_loss(
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor, **options: Any,
+) -> SimPOLossOutput:
+    """SimPO (Meng et al. 2024): a reference-free pairwise loss on per-token-mean log-probs
+    with a target margin, one fused forward and one backward.
+
+    With a = policy_chosen / chosen_lengths and b = policy_rejected / rejected_lengths
+    (lengths clamped to >= 1) and z = beta * (a - b) - gamma, each pair's loss is
+    -(1 - eps) log s(z) - eps log s(-z), eps = label_smoothing: TRL's CPOTrainer with
+    loss_type="simpo" (its simpo_gamma is gamma; it adds cpo_alpha times an NLL, which
+    `cpo_loss` has and SimPO drops) and Liger's LigerFusedLinearSimPOLoss (same gamma).
+    The SimPO code's gamma_beta_ratio r is gamma = r * beta. gamma = 0 is `dpo_loss` with
+    loss_type="sigmoid_norm" and no reference.
+
+    Args:
+        policy_chosen, policy_rejected: ``[B]`` log-probs of each pair's chosen and
+            rejected answer under the policy, sums over the answer's tokens (e.g. from
+            `sequence_logps`); fp32, bf16, fp16 or fp64; differentiable.
+        chosen_lengths, rejected_lengths: ``[B]`` answer lengths in tokens (int or float),
+            clamped to >= 1. For log-probs that are already per-token means (TRL's and
+            Liger's `average_log_prob`), pass ones. Negative or NaN lengths raise
+            ValueError on CPU (on CUDA: unchecked, a NaN gives its pair a NaN loss).
+        Options: below.
+
+    Returns:
+        `SimPOLossOutput`: loss (fp32, fp64 if a policy input is fp64; differentiable),
+        chosen_rewards and rejected_rewards ``[B]`` (beta times each mean log-prob),
+        reward_accuracy and reward_margin, all detached. Gradients come back in each
+        input's dtype. A NaN input gives its pair a NaN loss and gradients (and so a NaN
+        mean or sum); other pairs are unaffected.
+
+    Raises:
+        ValueError: an empty batch (B = 0), mismatched shapes or devices, bad lengths, an
+            out-of-range option. TypeError: wrong types.
+    """
+    policy_chosen = check_batch("policy_chosen", policy_chosen)
+    opt = SIMPO_OPTIONS.check(options)
+    policy_rejected = check_like("policy_rejected", policy_rejected, "policy_chosen",
+                                 policy_chosen)
+    chosen_lengths = check_token_counts("chosen_lengths", chosen_lengths, "policy_chosen",
+                                        policy_chosen)
+    rejected_lengths = check_token_counts("rejected_lengths", rejected_lengths,
+                                          "policy_chosen", policy_chosen)
+    if not use_triton(policy_chosen):
+        return reference.simpo_loss(policy_chosen, policy_rejected, chosen_lengths,
+                                    rejected_lengths, **vars(opt))
+    loss, chosen_rewards, rejected_rewards, stats = SimPOLossFunction.apply(
+        policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
+        kernel.SimPOKernelConfig.from_options(opt),
+    )
+    return SimPOLossOutput(loss, chosen_rewards, rejected_rewards, stats[0], stats[1])
