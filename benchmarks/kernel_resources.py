@@ -351,6 +351,17 @@ def _dpo() -> None:
     torch.autograd.grad(loss, token_logp)
 
 
+def _preference() -> None:
+    import rlhf_fast
+
+    pc, pr = (-torch.rand(4096, requires_grad=True) * 50 for _ in range(2))
+    lengths = torch.randint(1, 512, (4096,))
+    for loss in (rlhf_fast.simpo_loss, rlhf_fast.cpo_loss, rlhf_fast.orpo_loss):
+        torch.autograd.grad(loss(pc, pr, lengths, lengths).loss, (pc, pr))
+    out = rlhf_fast.kto_loss(pc, pr.detach(), torch.rand(4096) > 0.5, torch.tensor(0.1))
+    torch.autograd.grad(out.loss, pc)
+
+
 WORKLOADS: dict[str, Callable[[], None]] = {
     "logprobs (V 151936, 128256; bf16; logp + entropy, fwd + bwd)": _logprobs,
     "linear_logprobs (V 128256; bf16; fwd + bwd)": _linear_logprobs,
@@ -362,6 +373,7 @@ WORKLOADS: dict[str, Callable[[], None]] = {
     "gae, group_advantages, optimal_token_baseline, masked_whiten / mean (64 x 4096)":
         _advantages,
     "sequence_logps + dpo_loss (16 x 4096)": _dpo,
+    "simpo_loss, cpo_loss, orpo_loss, kto_loss (4096 pairs / examples)": _preference,
 }
 
 

@@ -70,6 +70,42 @@ def test_bench_logprobs_quick_on_cpu(tmp_path: Path) -> None:
     assert "say nothing about GPU speed" in proc.stdout, log
 
 
+def test_bench_token_divergence_quick_on_cpu(tmp_path: Path) -> None:
+    """The distillation suite on the CPU fallback, its first quick size (``-k``: the whole
+    quick run is three sizes): ours and eager gated and timed for every divergence,
+    compile and Liger-Kernel (no GPU, no interpreter here) skipped, saying why."""
+    out_dir = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, "bench", "token_divergence", "--quick", "--out",
+         str(out_dir), "-k", "64x1000"],
+        cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True, timeout=600,
+    )
+    log = f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, log
+    results = json.loads((out_dir / "token_divergence.json").read_text())
+    assert results["info"]["gpu"] is False
+    rows = results["rows"]
+    status = {(r["variant"], r["mode"], r["provider"]): r["status"] for r in rows}
+    assert len(status) == len(rows) == 3 * (3 * 5 - 1)  # variants x (modes x providers - 1)
+    assert {r["variant"] for r in rows} == {"jsd", "forward_kl", "reverse_kl"}
+    for row in rows:
+        assert row["shape"] == [64, 1000] and row["dtype"] == "bfloat16", row
+        if row["provider"] in ("rlhf_fast", "rlhf_fast-inplace", "eager"):
+            assert row["status"] == "ok", row
+            assert row["median_ms"] is not None and row["median_ms"] > 0, row
+            assert max(row["rel_err"].values()) <= 1e-2, row
+            passes = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[row["mode"]]
+            assert row["bytes_moved"] == passes * 64 * 1000 * 2, row
+        elif row["provider"] == "liger":
+            assert row["status"] == ("skipped: liger_kernel runs on CUDA (or "
+                                     "TRITON_INTERPRET=1) only"), row
+        else:
+            assert row["status"] == "skipped: torch.compile skipped in CPU quick mode", row
+    markdown = (out_dir / "token_divergence.md").read_text()
+    assert "| token_divergence (forward_kl) | 64x1000 | bfloat16 | rlhf_fast | fwd |" in markdown
+    assert "say nothing about GPU speed" in proc.stdout, log
+
+
 def test_bench_e2e_quick_on_cpu_writes_table_summary_and_plot(tmp_path: Path) -> None:
     """The end-to-end suite (the trainers' DPO step and PPO update, fused / logits /
     eager) in CPU quick mode: every provider gated and timed, tokens/s and the summary
@@ -262,7 +298,7 @@ def test_bench_names_are_the_public_ops_and_two_workloads() -> None:
     names = set(known_ops())
     assert names == {"dpo_loss", "e2e", "gae", "group_advantages", "grpo", "linear_dpo_loss",
                      "linear_logprobs", "linear_ppo_loss", "logprobs", "masked_whiten",
-                     "optimal_token_baseline", "ppo_loss"}
+                     "optimal_token_baseline", "ppo_loss", "token_divergence"}
     for name in names - {"grpo", "e2e"}:
         assert callable(getattr(rlhf_fast, name, None)), name
 

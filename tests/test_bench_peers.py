@@ -33,6 +33,7 @@ from rlhf_fast.benchmarks import (
     bench_logprobs,
     bench_masked_whiten,
     bench_optimal_token_baseline,
+    bench_token_divergence,
     lm_head,
     objectives,
     peers,
@@ -421,3 +422,140 @@ def test_masked_whiten_gate_rejects_a_biased_whiten():
 
     ok, errors = forward_gate(bench_masked_whiten, (6, 40), biased)
     assert not ok, errors
+
+
+def divergence_case(shape, mode: str, provider: str, variant: str,
+                    dtype: torch.dtype = torch.bfloat16):
+    """A case of the token_divergence suite (`variant`: the divergence)."""
+    return bench_token_divergence.SUITE.case(shape, mode, provider, dtype=dtype, variant=variant)
+
+
+@pytest.mark.parametrize("mode", bench_token_divergence.MODES)
+@pytest.mark.parametrize("variant", bench_token_divergence.VARIANTS)
+def test_liger_jsd_adapter_passes_the_token_divergence_gate(
+    variant: str, mode: str, monkeypatch: pytest.MonkeyPatch
+):
+    """LigerJSD (reduced: sum / counted rows) against the float64 reference's same
+    reduction, taken 10 rows at a time as at the GPU shapes, and its gradient; at beta 0
+    and 1 its kernel's KL branches."""
+    shape = (96, 1031)
+    monkeypatch.setattr(bench_token_divergence.gates, "REF_CHUNK_ELEMENTS", 10 * shape[1])
+    case = divergence_case(shape, mode, "liger", variant)
+    assert bench_token_divergence.SUITE.unavailable(case, CPU) is None
+    inp = bench_token_divergence.make_inputs(shape, case.dtype, CPU)
+    before = (inp.student.clone(), inp.teacher.clone())
+    fn = bench_token_divergence.SUITE.provider_fn(case, CPU)
+    ok, errors = bench_token_divergence._gate(case, inp, fn)
+    assert ok, errors
+    assert set(errors) == ({"loss"} if mode == "fwd" else {"loss", "grad"})
+    timed, setup = bench_token_divergence._timed(case, inp, fn)
+    assert setup is None or mode == "bwd"  # it writes into a copy of its own input only
+    out = timed(setup()) if setup is not None else timed()
+    if mode == "fwd":
+        assert out.shape == ()
+    assert torch.equal(inp.student, before[0]) and torch.equal(inp.teacher, before[1])
+
+
+@pytest.mark.parametrize("variant", bench_token_divergence.VARIANTS)
+@pytest.mark.parametrize("provider, mode", [
+    ("rlhf_fast", "fwd"), ("rlhf_fast", "fwd+bwd"), ("rlhf_fast-inplace", "bwd"),
+    ("eager", "fwd"), ("eager", "fwd+bwd"), ("compile", "bwd"),
+])
+def test_token_divergence_providers_pass_the_gate_and_leave_the_inputs_alone(
+    provider: str, mode: str, variant: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Ours (through the interpreter, at a few rows) and eager / compile (run eagerly),
+    per token and gradient; eager past GATE_ALL_ROWS rows, so on the gate's row subset."""
+    monkeypatch.setattr(peers, "compiled", lambda fn, variant="": fn)
+    ours = provider.startswith("rlhf_fast")
+    shape = (16, 333) if ours else (300, 257)
+    case = divergence_case(shape, mode, provider, variant, torch.float32 if ours else
+                           torch.bfloat16)
+    inp = bench_token_divergence.make_inputs(shape, case.dtype, CPU)
+    before = inp.student.clone()
+    fn = bench_token_divergence.SUITE.provider_fn(case, CPU)
+    ok, errors = bench_token_divergence._gate(case, inp, fn)
+    assert ok, errors
+    assert set(errors) == ({"divergence"} if mode == "fwd" else {"divergence", "grad"})
+    timed, setup = bench_token_divergence._timed(case, inp, fn)
+    assert (setup is not None) == (mode == "bwd" or provider == "rlhf_fast-inplace")
+    out = timed(setup()) if setup is not None else timed()
+    assert (out.shape if mode == "fwd" else out[0].shape) == (shape if mode != "fwd" else
+                                                              shape[:1])
+    assert torch.equal(inp.student, before)
+
+
+@pytest.mark.parametrize("variant", bench_token_divergence.VARIANTS)
+def test_eager_divergence_is_trls_generalized_jsd_per_token(variant: str):
+    """The eager provider is TRL's GKD loss per token: `generalized_jsd_loss` with
+    reduction "none" keeps the counted rows' terms, whose vocabulary sums it must give
+    (on fp32 logits, where its log_softmax in the logits' dtype is the eager's fp32)."""
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    inp = bench_token_divergence.make_inputs((40, 301), torch.float32, CPU)
+    counted = inp.labels != bench_token_divergence.IGNORE_INDEX
+    theirs = gkd.GKDTrainer.generalized_jsd_loss(
+        inp.student, inp.teacher, inp.labels, beta=bench_token_divergence.PEER_BETA[variant],
+        reduction="none").sum(-1)
+    ours = bench_token_divergence.eager_divergence(inp.student, inp.teacher, inp.labels, variant)
+    torch.testing.assert_close(ours[counted], theirs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours[~counted], torch.zeros(int((~counted).sum())))
+
+
+@pytest.mark.parametrize("bug", ["ignored rows counted", "student and teacher swapped"])
+def test_token_divergence_gate_rejects_a_wrong_provider(bug: str):
+    """The gate can fail: eager with the ignored rows counted (jsd), or with the student
+    and teacher swapped (the forward KL computing the reverse one), in every mode."""
+    shape = (64, 257)
+    inp = bench_token_divergence.make_inputs(shape, torch.float32, CPU)
+
+    def buggy(student, teacher, labels, divergence):
+        if bug == "ignored rows counted":
+            everything = torch.zeros_like(labels)
+            return bench_token_divergence.eager_divergence(student, teacher, everything,
+                                                           divergence)
+        return bench_token_divergence.eager_divergence(teacher, student, labels, divergence)
+
+    variant = "jsd" if bug == "ignored rows counted" else "forward_kl"
+    for mode in bench_token_divergence.MODES:
+        case = divergence_case(shape, mode, "eager", variant, torch.float32)
+        ok, errors = bench_token_divergence._gate(case, inp, buggy)
+        assert not ok and errors["divergence"] > 0.01, errors
+
+
+def test_token_divergence_gate_rejects_liger_at_the_other_end_of_beta():
+    """Liger's beta convention is checked, not assumed: its KL at beta 1 (the reverse
+    KL) is not the forward KL."""
+    from liger_kernel.transformers import LigerJSD
+
+    shape = (64, 257)
+    inp = bench_token_divergence.make_inputs(shape, torch.float32, CPU)
+    loss_fn = LigerJSD(beta=1.0, ignore_index=bench_token_divergence.IGNORE_INDEX)
+
+    def reverse(student, teacher, labels, divergence):
+        return loss_fn(student.float().log_softmax(-1), teacher.float().log_softmax(-1), labels)
+
+    for mode in bench_token_divergence.MODES:
+        case = divergence_case(shape, mode, "liger", "forward_kl", torch.float32)
+        ok, errors = bench_token_divergence._gate(case, inp, reverse)
+        assert not ok and errors["loss"] > 0.01, errors
+
+
+@pytest.fixture
+def no_liger(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Liger-Kernel not installed: its modules unloaded (put back afterwards) and not found."""
+    for name in [name for name in sys.modules if name.split(".")[0] == "liger_kernel"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_NotInstalled("liger_kernel"), *sys.meta_path])
+    peers._import_attr.cache_clear()  # forget the imports cached with Liger present
+    yield
+    peers._import_attr.cache_clear()
+
+
+@pytest.mark.usefixtures("no_liger")
+def test_a_missing_liger_is_a_skipped_token_divergence_row():
+    case = divergence_case((8, 16), "fwd+bwd", "liger", "jsd", torch.float32)
+    row, outcome = bench_token_divergence.SUITE.run_case(case, _Session(), benchmark=None)
+    assert outcome == "skip"
+    assert row["status"] == "skipped: liger_kernel not installed"
+    assert row["provider"] == "liger" and row["median_ms"] is None
+    assert row["variant"] == "jsd"
