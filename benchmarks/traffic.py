@@ -287,6 +287,36 @@ def dpo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
     return run, (F32 * (4 * P + 2 * P + 1 + 2)) + (F32 * (4 * P + 1 + 2 * P))
 
 
+def _pairwise(loss: str) -> tuple[Callable[[], Any], int]:
+    import rlhf_fast
+
+    gen = torch.Generator().manual_seed(0)
+    pc, pr = (-torch.rand(P, generator=gen) * 50 for _ in range(2))
+    pc.requires_grad_(), pr.requires_grad_()
+    chosen_lengths, rejected_lengths = (torch.randint(1, 512, (P,), generator=gen)
+                                        for _ in range(2))
+    op = getattr(rlhf_fast, loss)
+
+    def run() -> Any:
+        out = op(pc, pr, chosen_lengths, rejected_lengths)
+        return torch.autograd.grad(out.loss, (pc, pr))
+
+    return run, (F32 * 2 * P + 8 * 2 * P + F32 * (2 * P + 1 + 2)) + (
+        F32 * 2 * P + 8 * 2 * P + F32 + F32 * 2 * P)
+
+
+def simpo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
+    """Forward: the two [P] log-probs and the two int64 lengths, the two rewards, the
+    loss and two statistics; backward: the same inputs and the upstream gradient, both
+    gradients written."""
+    return _pairwise("simpo_loss")
+
+
+def orpo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
+    """As simpo_loss's (its batch NLL, a scalar, rides in the statistics)."""
+    return _pairwise("orpo_loss")
+
+
 def group_advantages_forward() -> tuple[Callable[[], Any], int]:
     """The [P] scores (read twice by design: the second read, which writes, hits in
     cache) and the [P] advantages written."""
@@ -348,6 +378,10 @@ CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
         optimal_token_baseline_forward, ("_optimal_token_baseline_kernel",), 1.002),
     "dpo_loss fwd+bwd (sigmoid), [4096] pairs fp32": (
         dpo_loss_forward_backward, ("_dpo_fwd_kernel", "_dpo_bwd_kernel"), 1.002),
+    "simpo_loss fwd+bwd, [4096] pairs fp32": (
+        simpo_loss_forward_backward, ("_simpo_fwd_kernel", "_simpo_bwd_kernel"), 1.002),
+    "orpo_loss fwd+bwd, [4096] pairs fp32": (
+        orpo_loss_forward_backward, ("_orpo_fwd_kernel", "_orpo_bwd_kernel"), 1.002),
     "group_advantages (grpo), [4096] scores fp32, groups of 8": (
         group_advantages_forward, ("_group_advantages_kernel",), 1.002),
     # (the scan reads each token's successor again: 1.27x in accesses, a cache hit)

@@ -277,7 +277,7 @@ def read_data(args: argparse.Namespace, parser: argparse.ArgumentParser
               ) -> tuple[list[Any], list[Any] | None]:
     """The records of --data (and --eval-data), checked; a usage error naming the flag."""
     from rlhf_fast.trainers.data import load_prompts, load_records
-    from rlhf_fast.trainers.dpo import PAIR_FIELDS
+    from rlhf_fast.trainers.dpo import record_fields
 
     def read(flag: str, path: str, load: Any) -> list[Any]:
         try:
@@ -287,7 +287,8 @@ def read_data(args: argparse.Namespace, parser: argparse.ArgumentParser
 
     if args.algorithm == "ppo":
         return read("--data", args.data, load_prompts), None
-    pairs = functools.partial(load_records, fields=PAIR_FIELDS, name="records")
+    pairs = functools.partial(load_records, fields=record_fields(args.loss_type),
+                              name="records")
     eval_data = read("--eval-data", args.eval_data, pairs) if args.eval_data else None
     return read("--data", args.data, pairs), eval_data
 
@@ -300,7 +301,8 @@ def _add_train_parser(commands: Any) -> None:
                                             "reference DPO or PPO / GRPO trainer.")
     algorithms = train.add_subparsers(dest="algorithm", metavar="ALGORITHM", required=True)
     for name, config_class, data_help in (
-        ("dpo", DPOConfig, "preference records {prompt, chosen, rejected}, one JSON per line"),
+        ("dpo", DPOConfig, "preference records {prompt, chosen, rejected}, one JSON per line "
+                           "(--loss-type kto: {prompt, completion, label})"),
         ("ppo", PPOConfig, "prompts: a .jsonl of {prompt} records or a text file, one per "
                            "line"),
     ):

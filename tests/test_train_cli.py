@@ -70,6 +70,31 @@ def test_train_dpo_from_a_local_folder(saved_model, tmp_path, torch_backend):
     assert _changed(saved_model, out / "final")
 
 
+@pytest.mark.parametrize("loss_type", ["orpo", "kto"])
+def test_train_dpo_with_another_objective(saved_model, tmp_path, torch_backend, loss_type):
+    """--loss-type orpo on the pairs; kto on unpaired records {prompt, completion, label}
+    (made here from the shipped pairs), read as such by --data."""
+    data = DATA / "preferences_train.jsonl"
+    if loss_type == "kto":
+        pairs = read_jsonl(data)
+        data = tmp_path / "unpaired.jsonl"
+        data.write_text("".join(
+            json.dumps({"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"})
+            + "\n" for p in pairs for key in ("chosen", "rejected")))
+    out = tmp_path / loss_type
+    code = main(["train", "dpo", "--model", str(saved_model), "--data", str(data),
+                 "--loss-type", loss_type, "--output-dir", str(out), "--device", "cpu",
+                 "--lr", "1e-3", "--batch-size", "4", "--max-steps", "2",
+                 "--logging-steps", "1", "--max-length", "40", "--max-prompt-length", "16",
+                 "--no-use-fused-linear"])
+    assert code == 0
+    records = _lines(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert ("kl" in records[0]) == (loss_type == "kto")
+    assert _changed(saved_model, out / "final")
+
+
 REWARD_MODULE = '''
 def parity_and_length(prompts, answers):
     """Odd rows above 0.55, even rows below 0.45: the two answers of each GRPO group

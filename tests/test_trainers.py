@@ -154,23 +154,24 @@ def metric_equal(log_a, log_b, first_step):
 # --- DPO: one step against the spec -------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid+ld_alpha+wpo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid+ld_alpha+wpo+rpo"])
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
 def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_path,
                                         fallbacks, loss_type, fused):
-    """One step against the spec; "+ld_alpha+wpo": LD-DPO's weighted sums (the tokens past
-    the pair's shorter answer at ld_alpha, policy and reference alike) and WPO's pair
-    weights exp(mean(log p - log sum p^2)) of both answers, from the policy."""
+    """One step against the spec; "+ld_alpha+wpo+rpo": LD-DPO's weighted sums (the tokens
+    past the pair's shorter answer at ld_alpha, policy and reference alike), WPO's pair
+    weights exp(mean(log p - log sum p^2)) of both answers, from the policy, and RPO's
+    rpo_alpha times the chosen answers' NLL per token."""
     records = TRAIN.read_text().splitlines()[:8]
     records = [json.loads(line) for line in records]
     beta, max_length, max_prompt_length = 0.1, 12, 5  # cuts some prompts and answers
-    extras = loss_type.endswith("+ld_alpha+wpo")
+    extras = loss_type.endswith("+ld_alpha+wpo+rpo")
     loss_type = loss_type.split("+")[0]
     config = DPOConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, lr=LR,
                        beta=beta, loss_type=loss_type, use_fused_linear=fused,
                        max_length=max_length, max_prompt_length=max_prompt_length,
                        seed=3, device="cpu", ld_alpha=0.5 if extras else None,
-                       use_weighting=extras)
+                       use_weighting=extras, rpo_alpha=0.3 if extras else None)
     policy64 = copy.deepcopy(warm_model).double()
     ref64 = copy.deepcopy(other_model).double()
     model = copy.deepcopy(warm_model)
@@ -224,6 +225,9 @@ def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_
     weights = torch.stack(tokens["wpo"]) if extras else torch.ones(8, dtype=torch.float64)
     assert not extras or (weights < 1).all()
     expected = expected._replace(loss=(expected.loss * weights[:4] * weights[4:]).mean())
+    if extras:
+        nll = -sum(t.sum() for t in tokens["policy"][:4]) / lengths[:4].sum()
+        expected = expected._replace(loss=expected.loss + 0.3 * nll)
     expected.loss.backward()
     grads = {name: p.grad for name, p in policy64.named_parameters()}
 
@@ -252,6 +256,85 @@ def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_
     trivial = math.log(2) if loss_type == "sigmoid" else (1 / (2 * beta)) ** 2
     assert abs(expected.loss.item() - trivial) > 1e-2
     assert_first_adamw_step(before, parameters(model), grads, LR)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo", "kto"])
+def test_preference_objectives_one_step_match_their_ops(tokenizer, warm_model, other_model,
+                                                        tmp_path, fallbacks, loss_type):
+    """--loss-type simpo / cpo / orpo (reference-free, on the pairs) and kto (unpaired
+    records {prompt, completion, label}; its KL reference point the mean log-ratio of each
+    prompt with the next record's completion): one step's loss and AdamW update are the
+    reference op's on float64 answer log-probs."""
+    pairs = [json.loads(line) for line in TRAIN.read_text().splitlines()[:6]]
+    if loss_type == "kto":
+        records = [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
+                   for p in pairs for key in ("chosen", "rejected")]
+    else:
+        records = pairs
+    options = dict(simpo=dict(beta=2.0, gamma=0.5), cpo=dict(beta=0.5, alpha=0.7),
+                   orpo=dict(beta=0.3), kto=dict(beta=0.2, undesirable_weight=1.5))[loss_type]
+    config = DPOConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, lr=LR,
+                       loss_type=loss_type, max_length=16, max_prompt_length=6, seed=3,
+                       device="cpu", **options)
+    model = copy.deepcopy(warm_model)
+    trainer = DPOTrainer(model, copy.deepcopy(other_model), tokenizer=tokenizer,
+                         train_dataset=records, config=config)
+    assert (trainer.reference is None) == (loss_type != "kto")
+    policy64, ref64 = copy.deepcopy(warm_model).double(), copy.deepcopy(other_model).double()
+    before = parameters(model)
+    rows = example_indices(len(records), 4, trainer.run, 3, 0)
+
+    def answer(row, key):
+        prompt = tokenizer(records[row]["prompt"]).input_ids[-6:]
+        text = records[row][key] if key != "next" else \
+            records[(row + 1) % len(records)]["completion"]
+        ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        return prompt, ids[:16 - len(prompt)]
+
+    def logps(model64, key):
+        sums, lengths = [], []
+        for row in rows:
+            prompt, ids = answer(row, key)
+            sums.append(answer_logps64(model64, prompt, ids)[0].sum())
+            lengths.append(len(ids))
+        return torch.stack(sums), torch.tensor(lengths)
+
+    if loss_type == "kto":
+        policy, _ = logps(policy64, "completion")
+        with torch.no_grad():
+            ref, _ = logps(ref64, "completion")
+            kl = (logps(policy64, "next")[0] - logps(ref64, "next")[0]).mean()
+        desirable = torch.tensor([records[r]["label"] for r in rows])
+        expected = reference.kto_loss(policy, ref, desirable, kl, beta=0.2,
+                                      undesirable_weight=1.5)
+    else:
+        (chosen, len_c), (rejected, len_r) = logps(policy64, "chosen"), logps(policy64,
+                                                                                "rejected")
+        op = getattr(reference, f"{loss_type}_loss")
+        expected = op(chosen, rejected, len_c, len_r, **options)
+    expected.loss.backward()
+    grads = {name: p.grad for name, p in policy64.named_parameters()}
+    fallbacks.clear()
+    log = trainer.train()
+    assert fallbacks == []
+    assert log[0]["loss"] == pytest.approx(expected.loss.item(), rel=1e-4, abs=2e-6)
+    if loss_type in ("cpo", "orpo"):
+        assert log[0]["nll_loss"] == pytest.approx(expected.nll_loss.item(), rel=1e-4)
+    assert_first_adamw_step(before, parameters(model), grads, LR)
+
+
+def test_preference_objectives_refuse_what_they_do_not_read(tokenizer, warm_model):
+    """Options of another loss type, a KTO record without a bool label: errors naming them."""
+    with pytest.raises(ValueError, match="DPOConfig.gamma is read only by loss_type"):
+        DPOConfig(loss_type="orpo", gamma=1.0)
+    with pytest.raises(ValueError, match="DPOConfig.f_divergence_type is read only"):
+        DPOConfig(loss_type="simpo", f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="DPOConfig.precompute_ref_logps must be False"):
+        DPOConfig(loss_type="cpo", precompute_ref_logps=True)
+    records = [{"prompt": "a", "completion": "b", "label": "yes"}] * 8
+    with pytest.raises(ValueError, match=r"train_dataset\[0\] needs a bool field 'label'"):
+        DPOTrainer(copy.deepcopy(warm_model), tokenizer=tokenizer, train_dataset=records,
+                   config=DPOConfig(loss_type="kto", batch_size=2, device="cpu"))
 
 
 # --- PPO: one rollout and one update against the spec --------------------------------------

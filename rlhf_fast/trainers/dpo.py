@@ -9,7 +9,10 @@ One training step, top to bottom (`DPOTrainer.optimizer_step`, then `_pair_loss`
    on the model's logits;
 3. sum them over each answer's tokens (`sequence_logps`; prompt and padding masked out),
    and get the same from the frozen reference (precomputed once, or per batch);
-4. `dpo_loss` on the four sequence log-probs, backward, clip, AdamW step.
+4. `dpo_loss` on the four sequence log-probs (or another objective on the same stacked
+   batch: `simpo_loss`, `cpo_loss`, `orpo_loss`, or `kto_loss` on unpaired records, whose
+   second half holds each prompt with another record's completion for the KL estimate),
+   backward, clip, AdamW step.
 
 `rlhf_fast.trainers.loop` runs the steps: logging, evaluation, checkpoints, the final model.
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf_fast import dpo_loss, sequence_logps
-from rlhf_fast.options import DPO_OPTIONS
+from rlhf_fast import cpo_loss, dpo_loss, kto_loss, orpo_loss, sequence_logps, simpo_loss
+from rlhf_fast.options import (
+    CPO_OPTIONS,
+    DPO_OPTIONS,
+    KTO_OPTIONS,
+    ORPO_OPTIONS,
+    SIMPO_OPTIONS,
+    OptionSet,
+)
 from rlhf_fast.trainers.checkpoints import model_identity
 from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
 from rlhf_fast.trainers.data import batches, example_indices, load_records
@@ -36,19 +48,46 @@ from rlhf_fast.trainers.metrics import host_floats
 from rlhf_fast.trainers.models import TokenLogprobs, frozen, prepare_for_training
 from rlhf_fast.trainers.run import wrap_ddp
 from rlhf_fast.types import (
+    DPO_LABEL_SMOOTHING_TYPES,
     DPO_LENGTH_NORMALISED_TYPES,
+    DPO_LOSS_TYPES,
     DPO_REFERENCE_FREE_TYPES,
     DPO_SORTED_TYPES,
 )
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+#: KTO's unpaired records: these strings and a bool "label" (desirable or not)
+KTO_FIELDS = ("prompt", "completion")
+#: The trainer's objectives beside dpo_loss's types, each with its op's option set
+OBJECTIVES: dict[str, OptionSet] = {"simpo": SIMPO_OPTIONS, "cpo": CPO_OPTIONS,
+                                    "orpo": ORPO_OPTIONS, "kto": KTO_OPTIONS}
+LOSS_TYPES = DPO_LOSS_TYPES + tuple(OBJECTIVES)
+REFERENCE_FREE_OBJECTIVES = ("simpo", "cpo", "orpo")
+#: The loss types that read each option field (the others require its default)
+READ_BY = {
+    "gamma": ("simpo",), "alpha": ("cpo",), "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "label_smoothing": DPO_LABEL_SMOOTHING_TYPES + ("simpo", "cpo"),
+    "f_divergence_type": DPO_LOSS_TYPES, "f_alpha_divergence_coef": DPO_LOSS_TYPES,
+    "discopop_tau": DPO_LOSS_TYPES, "ld_alpha": DPO_LOSS_TYPES, "rpo_alpha": DPO_LOSS_TYPES,
+    "use_weighting": DPO_LOSS_TYPES,
+}
+
+
+def record_fields(loss_type: str) -> tuple[str, ...]:
+    """The string fields of the records `loss_type` trains on."""
+    return KTO_FIELDS if loss_type == "kto" else PAIR_FIELDS
 DPO_PLOT_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
                  "rewards/rejected", "logps/chosen", "logps/rejected", "eval/rewards/accuracies",
                  "eval/loss"]
 
 
 @dataclass
-@DPO_OPTIONS.fields(exclude=("reduction",), after="logging_steps")
+@KTO_OPTIONS.fields(exclude=("beta", "reduction"), after="loss_type")
+@CPO_OPTIONS.fields(exclude=("beta", "loss_type", "label_smoothing", "reduction"),
+                    after="loss_type")
+@SIMPO_OPTIONS.fields(exclude=("beta", "label_smoothing", "reduction"), after="loss_type")
+@DPO_OPTIONS.fields(exclude=("reduction", "loss_type"), after="loss_type")
 class DPOConfig(TrainerConfig):
     """Everything a DPO run needs besides the models and the data: the fields of
     `TrainerConfig`, then DPO's own, among them the options of `dpo_loss` (but reduction:
@@ -64,6 +103,11 @@ class DPOConfig(TrainerConfig):
     """Peak AdamW learning rate."""
     logging_steps: int = 10
     """Log the mean of the metrics every this many optimizer steps."""
+    loss_type: str = "sigmoid"
+    """dpo_loss's loss types (`rlhf_fast.reference.dpo_loss`), or "simpo", "cpo", "orpo"
+    (reference-free: simpo_loss, cpo_loss, orpo_loss on the pairs, with gamma, alpha) or
+    "kto" (kto_loss on unpaired records {prompt, completion, label}, with
+    desirable_weight, undesirable_weight)."""
     reference_free: bool = False
     """Use no reference model (log pi_ref = 0); only for DPO_REFERENCE_FREE_TYPES."""
     precompute_ref_logps: bool = False
@@ -87,6 +131,9 @@ class DPOConfig(TrainerConfig):
     """LD-DPO (Liu et al. 2024), TRL's ld_alpha in [0, 1]: each answer's log-prob is its
     first tokens' (as many as the pair's shorter answer has) plus ld_alpha times the
     rest's, for the policy and the reference alike; None: the plain sums."""
+    rpo_alpha: float | None = None
+    """RPO (Pang et al. 2024; TRL's rpo_alpha): the chosen answers' NLL per token over the
+    batch, times rpo_alpha, added to the loss; None: no NLL term."""
     use_weighting: bool = False
     """WPO (Zhou et al. 2024), TRL's: each pair's loss times its two answers' weights
     exp(mean over the answer of log p_t - log sum_j p_j^2), from the policy, detached."""
@@ -94,12 +141,16 @@ class DPOConfig(TrainerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require = FieldChecker("DPOConfig")
-        DPO_OPTIONS.check_fields(self)
+        require("loss_type", self.loss_type in LOSS_TYPES, f"one of {LOSS_TYPES}")
+        self._check_options()
         require.bools(self, ("reference_free", "precompute_ref_logps"))
         require("reference_free",
-                not self.reference_free or self.loss_type in DPO_REFERENCE_FREE_TYPES,
-                f"False for loss_type {self.loss_type!r} (allowed for "
-                f"{DPO_REFERENCE_FREE_TYPES})")
+                not self.reference_free or self.loss_type in DPO_REFERENCE_FREE_TYPES
+                + OBJECTIVES, f"False for loss_type {self.loss_type!r} (allowed for "
+                f"{DPO_REFERENCE_FREE_TYPES} and {tuple(OBJECTIVES)})")
+        require("precompute_ref_logps", not (self.precompute_ref_logps
+                                             and self.loss_type in REFERENCE_FREE_OBJECTIVES),
+                f"False for loss_type {self.loss_type!r} (it reads no reference)")
         # there is no reference to score: the flag would be silently ignored
         require("precompute_ref_logps", not (self.reference_free and self.precompute_ref_logps),
                 "False with reference_free=True (there is no reference to score)")
@@ -113,10 +164,32 @@ class DPOConfig(TrainerConfig):
         require("ld_alpha", self.ld_alpha is None or (
             isinstance(self.ld_alpha, (int, float)) and not isinstance(self.ld_alpha, bool)
             and 0 <= self.ld_alpha <= 1), "a float in [0, 1] or None", self.ld_alpha)
+        require("rpo_alpha", self.rpo_alpha is None or (
+            isinstance(self.rpo_alpha, (int, float)) and not isinstance(self.rpo_alpha, bool)
+            and 0 <= self.rpo_alpha < math.inf), "a finite float >= 0 or None", self.rpo_alpha)
         require.bools(self, ("use_weighting",))
         require("use_weighting", not (self.use_weighting and self.loss_type in DPO_SORTED_TYPES),
                 f"False for loss_type {self.loss_type!r} (its losses are of sorted "
                 "positions, not pairs; TRL refuses it too)")
+
+    def _check_options(self) -> None:
+        """The loss's options through its op's option set (errors naming the field), and
+        every option another loss type reads at its default: never silently ignored."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, readers in READ_BY.items():
+            if self.loss_type not in readers and getattr(self, name) != defaults[name]:
+                raise ValueError(f"DPOConfig.{name} is read only by loss_type in {readers}; "
+                                 f"leave it at {defaults[name]!r} for {self.loss_type!r}, got "
+                                 f"{getattr(self, name)!r}")
+        objective = OBJECTIVES.get(self.loss_type)
+        options = DPO_OPTIONS if objective is None else objective
+        given = {n: getattr(self, n) for n in options.names
+                 if hasattr(self, n) and n not in ("loss_type", "reduction")}
+        if objective is None:
+            given["loss_type"] = self.loss_type
+        checked = options.check_as_values(given, "DPOConfig")
+        for name in given:
+            setattr(self, name, getattr(checked, name))
 
 
 @dataclass
@@ -222,15 +295,11 @@ class DPOTrainer:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
-        records = load_records(train_dataset, PAIR_FIELDS, "train_dataset")
-        self.train_pairs = tokenize_pairs(records, tokenizer, config.max_prompt_length,
-                                          config.max_length)
+        self.labels: dict[str, torch.Tensor] = {}  # kto: each record's label, per split
+        self.train_pairs = self._tokenized(train_dataset, "train")
         self.eval_pairs = None
         if eval_dataset is not None:
-            self.eval_pairs = tokenize_pairs(load_records(eval_dataset, PAIR_FIELDS,
-                                                          "eval_dataset"),
-                                             tokenizer, config.max_prompt_length,
-                                             config.max_length, "eval_dataset")
+            self.eval_pairs = self._tokenized(eval_dataset, "eval")
         global_batch = config.batch_size * self.run.world
         if len(self.train_pairs) < global_batch:
             raise ValueError(f"train_dataset has {len(self.train_pairs)} records, fewer than "
@@ -242,7 +311,7 @@ class DPOTrainer:
         self.model = model
         self.policy = wrap_ddp(TokenLogprobs(model, fused_linear=self.fused_linear), self.run)
         self.reference = None
-        if not config.reference_free:
+        if not config.reference_free and config.loss_type not in REFERENCE_FREE_OBJECTIVES:
             ref_model = frozen(copy.deepcopy(model) if ref_model is None else ref_model)
             self.reference = TokenLogprobs(ref_model.to(self.run.device),
                                            fused_linear=self.fused_linear)
@@ -323,21 +392,34 @@ class DPOTrainer:
             token_logp, log_sum_p2 = token_logp
         policy = self._answer_logps(token_logp, batch)
         reference = self._reference_logps(batch, split)
-        lengths = {}
-        if self.config.loss_type in DPO_LENGTH_NORMALISED_TYPES:
-            answer_lengths = batch.answer_mask.sum(-1)
-            lengths = {"chosen_lengths": answer_lengths[:pairs],
-                       "rejected_lengths": answer_lengths[pairs:]}
-        out = dpo_loss(
-            policy[:pairs], policy[pairs:],
-            None if reference is None else reference[:pairs],
-            None if reference is None else reference[pairs:],
-            **lengths, **DPO_OPTIONS.pick(vars(self.config)),
-            reduction="none" if weighting else "mean",
-        )
+        config, loss_type = self.config, self.config.loss_type
+        lengths = batch.answer_mask.sum(-1)
+        if loss_type == "kto":  # the second half: each prompt with another's completion
+            return self._kto_loss(policy, reference, batch, split)
+        if loss_type in OBJECTIVES:
+            objective = {"simpo": simpo_loss, "cpo": cpo_loss, "orpo": orpo_loss}[loss_type]
+            out = objective(policy[:pairs], policy[pairs:], lengths[:pairs], lengths[pairs:],
+                            **OBJECTIVES[loss_type].pick(vars(config) | {"loss_type": "sigmoid"}))
+        else:
+            normalised = loss_type in DPO_LENGTH_NORMALISED_TYPES
+            out = dpo_loss(
+                policy[:pairs], policy[pairs:],
+                None if reference is None else reference[:pairs],
+                None if reference is None else reference[pairs:],
+                chosen_lengths=lengths[:pairs] if normalised else None,
+                rejected_lengths=lengths[pairs:] if normalised else None,
+                **DPO_OPTIONS.pick(vars(config)), reduction="none" if weighting else "mean",
+            )
         if weighting:  # WPO: the pairs' losses weighted by their answers' probabilities
             weights = wpo_weights(token_logp, log_sum_p2, batch.answer_mask)
             out = out._replace(loss=(out.loss * weights[:pairs] * weights[pairs:]).mean())
+        extra = {}
+        if config.rpo_alpha is not None:  # RPO: the chosen answers' NLL per token
+            chosen_tokens = batch.answer_mask[:pairs]
+            nll = -(sequence_logps(token_logp[:pairs], chosen_tokens).sum()
+                    / chosen_tokens.sum().clamp(min=1))
+            out = out._replace(loss=out.loss + config.rpo_alpha * nll)
+            extra["nll_loss"] = nll
         metrics = host_floats({
             "loss": out.loss,
             "rewards/chosen": out.chosen_rewards.mean(),
@@ -346,8 +428,48 @@ class DPOTrainer:
             "rewards/margins": out.reward_margin,
             "logps/chosen": policy[:pairs].mean(),
             "logps/rejected": policy[pairs:].mean(),
+            **{name: getattr(out, name) for name in ("nll_loss", "log_odds_ratio",
+                                                     "log_odds_chosen") if hasattr(out, name)},
+            **extra,
         })
         return out, metrics
+
+    def _kto_loss(self, policy: torch.Tensor, reference: torch.Tensor | None,
+                  batch: PairBatch, split: str):
+        """KTO on the first half's examples, its reference point (TRL's) the mean
+        log-ratio of the second half's mismatched prompt / completion pairs, averaged
+        over the processes, detached (kto_loss clamps it at 0)."""
+        examples = batch.rows.numel()
+        kl = None
+        if reference is not None:
+            kl = (policy[examples:] - reference[examples:]).mean().detach()
+            kl = self.run.sum_over_ranks_tensor(kl.reshape(1)) / self.run.world
+        desirable = self.labels[split if split in self.labels else "train"][batch.rows]
+        out = kto_loss(policy[:examples], None if reference is None else reference[:examples],
+                       desirable.to(policy.device), kl, **KTO_OPTIONS.pick(vars(self.config)))
+        metrics = host_floats({
+            "loss": out.loss, "rewards/chosen": out.chosen_reward,
+            "rewards/rejected": out.rejected_reward, "rewards/margins": out.reward_margin,
+            "kl": out.kl, "logps": policy[:examples].mean(),
+        })
+        return out, metrics
+
+    def _tokenized(self, data: Any, split: str) -> list[dict[str, list[int]]]:
+        """The split's records, tokenised as pairs (kto: each record's completion, then
+        the next record's as the mismatched one of its KL estimate; the labels kept)."""
+        config, name = self.config, f"{split}_dataset"
+        records = load_records(data, record_fields(config.loss_type), name)
+        if config.loss_type == "kto":
+            for index, record in enumerate(records):
+                if not isinstance(record.get("label"), bool):
+                    raise ValueError(f"{name}[{index}] needs a bool field 'label' (desirable "
+                                     f"or not), got {record.get('label')!r}")
+            self.labels[split] = torch.tensor([r["label"] for r in records])
+            records = [{"prompt": r["prompt"], "chosen": r["completion"],
+                        "rejected": records[(i + 1) % len(records)]["completion"]}
+                       for i, r in enumerate(records)]
+        return tokenize_pairs(records, self.tokenizer, config.max_prompt_length,
+                              config.max_length, name)
 
     def _reference_logps(self, batch: PairBatch, split: str) -> torch.Tensor | None:
         """[2B] reference sequence log-probs: precomputed, scored now, or None."""
