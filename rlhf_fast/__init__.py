@@ -20,6 +20,7 @@ from rlhf_fast.ops.ppo_loss import ppo_loss
 from rlhf_fast.ops.sequence_logps import sequence_logps
 from rlhf_fast.ops.simpo_loss import simpo_loss
 from rlhf_fast.ops.token_divergence import token_divergence
+from rlhf_fast.ops.topk_token_divergence import topk_token_divergence
 from rlhf_fast.types import (
     CPOLossOutput,
     DPOLossOutput,
@@ -34,7 +35,8 @@ __all__ = [
     "masked_whiten",
     "logprobs", "ppo_loss", "PPOLossOutput", "PPOLoss", "sequence_logps", "dpo_loss",
     "DPOLossOutput", "DPOLoss", "linear_logprobs", "linear_dpo_loss",
-    "linear_ppo_loss", "token_divergence", "linear_token_divergence", "simpo_loss",
+    "linear_ppo_loss", "token_divergence", "linear_token_divergence",
+    "topk_token_divergence", "simpo_loss",
     "SimPOLossOutput", "SimPOLoss", "cpo_loss", "CPOLossOutput", "CPOLoss", "orpo_loss",
     "ORPOLossOutput", "ORPOLoss", "kto_loss", "KTOLossOutput", "KTOLoss"]
 __version__ = "0.1.0"

@@ -42,6 +42,7 @@ from rlhf_fast.types import (
     PREFERENCE_REDUCTIONS,
     ROLLOUT_IS_LEVELS,
     ROLLOUT_RS_MODES,
+    TOPK_TAILS,
 )
 
 
@@ -583,3 +584,11 @@ DIVERGENCE_OPTIONS = TOKEN_OPTIONS + OptionSet((
            "jsd's mixture weight of the teacher, m = beta p + (1 - beta) q; 0 and 1 give "
            "the forward and reverse KL, as TRL's GKD and Liger's JSD define them"),
 ), rules=(_beta_only_with_jsd,))
+
+#: `topk_token_divergence`'s: the divergence options and the tail's treatment.
+TOPK_DIVERGENCE_OPTIONS = DIVERGENCE_OPTIONS + OptionSet((
+    Option("tail", "bucket", one_of(TOPK_TAILS),
+           "bucket: the mass outside the top k is one more outcome of both distributions "
+           "(1 - their top-k sums); renormalize: both renormalised over the top k (TRL's "
+           "server distillation, loss_add_tail True / False)"),
+))

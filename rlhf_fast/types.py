@@ -215,3 +215,7 @@ class KTOLossOutput(NamedTuple):
 #: The divergences of a student's token distribution q from a teacher's p
 #: (`reference.token_divergence`): KL(p || q), KL(q || p), and TRL's generalized JSD.
 DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")
+#: How `topk_token_divergence` treats the mass outside the teacher's top k (TRL's server
+#: distillation's two ways): one more bucket holding it, or both distributions
+#: renormalised over the k tokens.
+TOPK_TAILS = ("bucket", "renormalize")

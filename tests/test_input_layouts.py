@@ -258,6 +258,17 @@ OPS: dict[str, Op] = {
         grads=("student_logits",), outputs=_one, nonleaf=("student_logits",),
         rejects=lambda name, view: _divergence_rejects(name, view, inplace=True),
     ),
+    "topk_token_divergence": Op(
+        lambda student_logits, teacher_topk_logp, teacher_topk_ids, labels:
+        rlhf_fast.topk_token_divergence(student_logits, teacher_topk_logp, teacher_topk_ids,
+                                        labels, temperature=0.8, beta=0.3),
+        lambda gen: dict(student_logits=_floats(2, 3, V, gen=gen, scale=2.0),
+                         teacher_topk_logp=-torch.rand(2, 3, 3, dtype=F64, generator=gen) - 1,
+                         teacher_topk_ids=torch.randint(0, V, (2, 3, 3), generator=gen),
+                         labels=_labels(2, 3, gen=gen)),
+        grads=("student_logits",), outputs=_one,
+        rejects=lambda name, view: _divergence_rejects(name, view),
+    ),
     "linear_token_divergence": Op(
         lambda student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         student_bias, teacher_bias: rlhf_fast.linear_token_divergence(

@@ -107,9 +107,10 @@ def _kto_fwd_kernel(
             tl.store(loss_ptr + offs, loss, mask=ok)
         s_loss += tl.where(ok, loss, 0.0)
         s_chosen += tl.where(ok & desirable, reward, 0.0)
-        s_rejected += tl.where(ok & ~desirable, reward, 0.0)
+        # (not ~desirable: Triton 3.3's interpreter cannot invert an int1 tensor)
+        s_rejected += tl.where(ok & desirable, 0.0, tl.where(ok, reward, 0.0))
         n_chosen += tl.where(ok & desirable, 1.0, 0.0)
-        n_rejected += tl.where(ok & ~desirable, 1.0, 0.0)
+        n_rejected += tl.where(ok & desirable, 0.0, tl.where(ok, 1.0, 0.0))
     total = tl.sum(s_loss, axis=0)
     if REDUCTION == 0:
         tl.store(loss_ptr, total / B)

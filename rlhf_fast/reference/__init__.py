@@ -14,7 +14,11 @@ from rlhf_fast.reference.advantages import (
     masked_whiten,
     optimal_token_baseline,
 )
-from rlhf_fast.reference.distillation import linear_token_divergence, token_divergence
+from rlhf_fast.reference.distillation import (
+    linear_token_divergence,
+    token_divergence,
+    topk_token_divergence,
+)
 from rlhf_fast.reference.policy import (
     ROLLOUT_STATISTICS,
     aggregate,
@@ -49,5 +53,5 @@ __all__ = [
     "kl_penalty", "kto_loss", "linear_logprobs", "linear_token_divergence", "log1mexp",
     "log_sigmoid", "logprobs", "masked_mean", "masked_whiten", "optimal_token_baseline",
     "orpo_loss", "policy_terms", "policy_weights", "ppo_loss", "rollout_correction",
-    "sequence_logps", "simpo_loss", "token_divergence",
+    "sequence_logps", "simpo_loss", "token_divergence", "topk_token_divergence",
 ]

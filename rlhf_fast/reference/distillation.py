@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.options import DIVERGENCE_OPTIONS
+from rlhf_fast.options import DIVERGENCE_OPTIONS, TOPK_DIVERGENCE_OPTIONS
 from rlhf_fast.reference.tokens import ignored_labels
 
 
@@ -53,18 +53,76 @@ def token_divergence(
     s = torch.where(row_kept, student_logits.to(dtype), 0.0) / opt.temperature
     t = torch.where(row_kept, teacher_logits.detach().to(dtype), 0.0) / opt.temperature
     log_q, log_p = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
-    divergence = opt.divergence
-    if divergence == "jsd" and opt.beta in (0.0, 1.0):
-        divergence = "forward_kl" if opt.beta == 0.0 else "reverse_kl"
+    return torch.where(kept, divergence_of(log_q, log_p, opt.divergence, opt.beta), 0.0)
+
+
+def divergence_of(log_q: torch.Tensor, log_p: torch.Tensor, divergence: str,
+                  beta: float) -> torch.Tensor:
+    """The divergence of the student's log-probs `log_q` from the teacher's `log_p`, each
+    a distribution over the last dim (`token_divergence`'s definitions)."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     if divergence == "forward_kl":
-        value = kl(log_p, log_q)
-    elif divergence == "reverse_kl":
-        value = kl(log_q, log_p)
-    else:
-        beta = opt.beta
-        log_m = log_add_exp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        value = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+        return kl(log_p, log_q)
+    if divergence == "reverse_kl":
+        return kl(log_q, log_p)
+    log_m = log_add_exp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+
+
+@TOPK_DIVERGENCE_OPTIONS.keywords
+def topk_token_divergence(
+    student_logits: torch.Tensor, teacher_topk_logp: torch.Tensor,
+    teacher_topk_ids: torch.Tensor, labels: torch.Tensor | None = None, **options: Any,
+) -> torch.Tensor:
+    """`token_divergence` where the teacher gives only its k largest log-probs per token
+    (what an inference server returns), over the support of those k tokens.
+
+    Args:
+        student_logits: ``[..., V]`` float; differentiable.
+        teacher_topk_logp: ``[..., K]`` float, the teacher's log-probs of its top k tokens
+            (at its own temperature: taken as given), a constant.
+        teacher_topk_ids: ``[..., K]`` int64 / int32, those tokens' ids in [0, V).
+        labels: the rows to count, as `token_divergence`'s.
+        Options: below; the student's log-probs are log_softmax(student_logits / T).
+
+    Returns:
+        ``[...]`` fp32 (fp64 for fp64 inputs), 0 at rows not counted.
+
+    With q_k, p_k the student's and the teacher's probabilities of the k ids, the two
+    distributions compared (TRL's server distillation; `divergence_of` on them):
+      * tail "bucket": k + 1 outcomes, the k tokens and the rest, 1 - sum q_k and
+        1 - sum p_k (their logs log(1 - exp(log sum)), the log sum clamped at -1e-7 as
+        TRL's `_add_tail_bucket` does, so a top-k carrying all the mass keeps a tiny tail);
+      * tail "renormalize": q_k / sum q and p_k / sum p over the k tokens alone.
+    """
+    opt = TOPK_DIVERGENCE_OPTIONS.fill(options)
+    kept = counted_rows(labels, opt.ignore_index, student_logits.shape[:-1],
+                        student_logits.device)
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    z = torch.where(kept.unsqueeze(-1), student_logits.to(dtype), 0.0) / opt.temperature
+    ids = torch.where(kept.unsqueeze(-1), teacher_topk_ids, 0).long()
+    student_topk = torch.log_softmax(z, dim=-1).gather(-1, ids)
+    teacher = torch.where(kept.unsqueeze(-1), teacher_topk_logp.detach().to(dtype), 0.0)
+    value = support_divergence(student_topk, teacher, opt.tail, opt.divergence, opt.beta)
     return torch.where(kept, value, 0.0)
+
+
+def support_divergence(student_topk: torch.Tensor, teacher_topk: torch.Tensor, tail: str,
+                       divergence: str, beta: float) -> torch.Tensor:
+    """`topk_token_divergence` from both models' log-probs of the k tokens ``[..., K]``."""
+    if tail == "renormalize":
+        log_q = student_topk - torch.logsumexp(student_topk, -1, keepdim=True)
+        log_p = teacher_topk - torch.logsumexp(teacher_topk, -1, keepdim=True)
+    else:
+        log_q, log_p = with_tail(student_topk), with_tail(teacher_topk)
+    return divergence_of(log_q, log_p, divergence, beta)
+
+
+def with_tail(topk_logp: torch.Tensor) -> torch.Tensor:
+    """``[..., K + 1]``: the k log-probs and log(1 - their probabilities' sum)."""
+    log_sum = torch.logsumexp(topk_logp, -1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([topk_logp, torch.log(-torch.expm1(log_sum))], -1)
 
 
 @DIVERGENCE_OPTIONS.keywords

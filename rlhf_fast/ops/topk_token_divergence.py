@@ -1,0 +1,165 @@
+"""`rlhf_fast.topk_token_divergence`: distillation from a teacher's top-k log-probs (an
+inference server's), the student's side through the fused log-prob kernels.
+
+The divergence depends on the student's logits only through its log-probs of the k
+tokens, s_k = z_{i_k} / T - logsumexp(z / T), so with G_k its gradient w.r.t. s_k
+
+    d z_j = (sum_{k: i_k = j} G_k - q_j sum_k G_k) / T
+
+which is `rlhf_fast.logprobs`' backward with the upstream gradient sum_k G_k at label i_1
+(one read of the logits, one write of their gradient, optionally in place), plus
+G_k - [k = 1] sum G at the k ids (a scatter of K values per row into that gradient). The
+forward is the log-prob forward (one read: each row's max and log-sum-exp) and a gather
+of the k logits; the divergence of the k (+ 1) outcomes is O(N K) torch math.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.graph import increment_version
+
+from rlhf_fast import reference
+from rlhf_fast.kernels import logprobs as kernel
+from rlhf_fast.ops.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_inplace_backward,
+    check_same_device,
+    check_tensor,
+    differentiable_once,
+)
+from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.token_divergence import addressable, resolved_divergence
+from rlhf_fast.options import TOPK_DIVERGENCE_OPTIONS
+from rlhf_fast.reference.distillation import counted_rows, support_divergence
+
+#: The first id of a row not counted, for the kernels (valid ids are >= 0)
+SKIPPED = -1
+
+
+class TopkLogProbsFunction(torch.autograd.Function):
+    """The student's log-probs of `ids` [N, K], N the logits' rows (rows whose first id is
+    SKIPPED: 0, no gradient; a row with an id outside [0, V): NaN). Inputs validated by
+    `topk_token_divergence`."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature, inplace):
+        logits, layout = addressable(logits)
+        vocab, lead = logits.shape[-1], logits.shape[:-1]
+        first = ids[:, 0].contiguous()
+        _, _, _, row_stats = kernel.logprobs_forward(logits, first, layout, temperature,
+                                                     SKIPPED, False)
+        counted = first != SKIPPED
+        outside = ((ids < 0) | (ids >= vocab)) & counted[:, None]
+        safe_ids = torch.where(counted[:, None] & ~outside, ids, 0)
+        # gathered from the logits' own layout: a row-strided view is not copied
+        chosen = logits.gather(-1, safe_ids.view(*lead, -1)).reshape(ids.shape)
+        topk = ((chosen.to(row_stats.dtype) - row_stats[0][:, None]) / temperature
+                - row_stats[1][:, None])
+        topk = torch.where(outside.any(-1, keepdim=True), float("nan"), topk)
+        ctx.save_for_backward(logits, first, safe_ids, counted, row_stats)
+        ctx.settings = (layout, temperature, inplace)
+        return torch.where(counted[:, None], topk, 0.0)
+
+    @staticmethod
+    @differentiable_once
+    def backward(ctx, grad):
+        logits, first, safe_ids, counted, row_stats = ctx.saved_tensors
+        layout, temperature, inplace = ctx.settings
+        grad = torch.where(counted[:, None], grad, 0.0)
+        total = grad.sum(-1)
+        d_logits = kernel.logprobs_backward(logits, first, layout, row_stats, None,
+                                            total.contiguous(), None, temperature,
+                                            SKIPPED, inplace)
+        # the kernel put sum G at the first id: each id gets its own G_k instead
+        correction = grad.clone()
+        correction[:, 0] -= total
+        lead = d_logits.shape[:-1]
+        d_logits.scatter_add_(-1, safe_ids.view(*lead, -1),
+                              (correction / temperature).to(d_logits.dtype).view(*lead, -1))
+        if inplace:
+            increment_version(logits)
+        return d_logits, None, None, None
+
+
+@TOPK_DIVERGENCE_OPTIONS.keywords
+def topk_token_divergence(
+    student_logits: torch.Tensor, teacher_topk_logp: torch.Tensor,
+    teacher_topk_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+    inplace_backward: bool = False, **options: Any,
+) -> torch.Tensor:
+    """`token_divergence` from a teacher that gives only its k largest log-probs per
+    token: the student's distribution and the teacher's compared on those k tokens, the
+    rest of the vocabulary one more outcome (tail "bucket") or left out with both
+    renormalised (tail "renormalize"), as TRL's server distillation does.
+
+    Args:
+        student_logits: ``[..., V]`` bf16, fp16, fp32 or fp64, differentiable; the last dim
+            with stride 1.
+        teacher_topk_logp: ``[..., K]`` float, the teacher's log-probs of its top k tokens
+            (taken as given: at the teacher's temperature), a constant.
+        teacher_topk_ids: ``[..., K]`` int64 / int32, their ids in [0, V) (checked on CPU).
+        labels: ``[...]`` or None: the rows to count (as `token_divergence`'s).
+        inplace_backward: (bool) write the gradient into the student logits' storage.
+        Options: below; the student's log-probs at `temperature`.
+
+    Returns:
+        ``[...]`` fp32 (fp64 for fp64 student logits): 0 at rows not counted. One read of
+        the student's logits in the forward, one read and one write in the backward (a
+        scatter of K values per row beside it); formulas:
+        `rlhf_fast.reference.topk_token_divergence`.
+    """
+    check_tensor("student_logits", student_logits, FLOAT_DTYPES)
+    check_tensor("teacher_topk_logp", teacher_topk_logp, FLOAT_DTYPES)
+    check_tensor("teacher_topk_ids", teacher_topk_ids, INDEX_DTYPES)
+    shape = tuple(student_logits.shape)
+    if student_logits.dim() < 1 or shape[-1] < 1:
+        raise ValueError(f"student_logits must have shape [..., V] with V >= 1, got {shape}")
+    if shape[-1] > 1 and student_logits.stride(-1) != 1:
+        raise ValueError(f"student_logits must have stride 1 in its last dim, got stride "
+                         f"{student_logits.stride(-1)}; call .contiguous() first")
+    k_shape = tuple(teacher_topk_logp.shape)
+    if len(k_shape) != len(shape) or k_shape[:-1] != shape[:-1] or k_shape[-1] < 1:
+        raise ValueError(f"teacher_topk_logp must have shape {shape[:-1]} + [K] with K >= 1, "
+                         f"got {k_shape}")
+    if tuple(teacher_topk_ids.shape) != k_shape:
+        raise ValueError(f"teacher_topk_ids must have shape {k_shape} (teacher_topk_logp's), "
+                         f"got {tuple(teacher_topk_ids.shape)}")
+    for name, tensor in (("teacher_topk_logp", teacher_topk_logp),
+                         ("teacher_topk_ids", teacher_topk_ids)):
+        check_same_device(name, tensor, "student_logits", student_logits)
+    if torch.is_grad_enabled() and teacher_topk_logp.requires_grad:
+        raise ValueError("teacher_topk_logp must not require grad: the teacher is not "
+                         "differentiated; pass teacher_topk_logp.detach()")
+    if labels is not None:
+        check_tensor("labels", labels, INDEX_DTYPES + (torch.bool,))
+        check_same_device("labels", labels, "student_logits", student_logits)
+        if tuple(labels.shape) != shape[:-1]:
+            raise ValueError(f"labels must have shape {shape[:-1]} (student_logits.shape"
+                             f"[:-1]), got {tuple(labels.shape)}")
+    opt = TOPK_DIVERGENCE_OPTIONS.check(options)
+    kept = counted_rows(labels, opt.ignore_index, torch.Size(shape[:-1]),
+                        student_logits.device)
+    if not teacher_topk_ids.is_cuda:  # on CUDA unchecked (a sync): such a row is NaN
+        bad = kept.unsqueeze(-1) & ((teacher_topk_ids < 0) | (teacher_topk_ids >= shape[-1]))
+        if bool(bad.any()):
+            raise ValueError(f"teacher_topk_ids must be in [0, {shape[-1]}), found "
+                             f"{int(teacher_topk_ids[bad][0])}")
+    if inplace_backward:
+        check_inplace_backward("student_logits", student_logits)
+
+    if not use_triton(student_logits):
+        return reference.topk_token_divergence(student_logits, teacher_topk_logp,
+                                               teacher_topk_ids, labels, **vars(opt))
+    divergence, beta = resolved_divergence(opt)
+    ids = teacher_topk_ids.reshape(-1, k_shape[-1]).long()
+    ids = torch.where(kept.reshape(-1, 1), ids, SKIPPED).contiguous()
+    student_topk = TopkLogProbsFunction.apply(student_logits, ids, opt.temperature,
+                                              inplace_backward)
+    teacher = teacher_topk_logp.detach().reshape(-1, k_shape[-1]).to(student_topk.dtype)
+    flat_kept = kept.reshape(-1, 1)
+    value = support_divergence(student_topk, torch.where(flat_kept, teacher, 0.0), opt.tail,
+                               divergence, beta)
+    return torch.where(flat_kept[:, 0], value, 0.0).view(shape[:-1])
