@@ -48,7 +48,6 @@ from rlhf_fast.trainers.metrics import host_floats
 from rlhf_fast.trainers.models import TokenLogprobs, frozen, prepare_for_training
 from rlhf_fast.trainers.run import wrap_ddp
 from rlhf_fast.types import (
-    DPO_LABEL_SMOOTHING_TYPES,
     DPO_LENGTH_NORMALISED_TYPES,
     DPO_LOSS_TYPES,
     DPO_REFERENCE_FREE_TYPES,
@@ -67,11 +66,15 @@ REFERENCE_FREE_OBJECTIVES = ("simpo", "cpo", "orpo")
 READ_BY = {
     "gamma": ("simpo",), "alpha": ("cpo",), "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
-    "label_smoothing": DPO_LABEL_SMOOTHING_TYPES + ("simpo", "cpo"),
+    "label_smoothing": DPO_LOSS_TYPES + ("simpo", "cpo"),  # (dpo_loss's rule: which ones)
     "f_divergence_type": DPO_LOSS_TYPES, "f_alpha_divergence_coef": DPO_LOSS_TYPES,
     "discopop_tau": DPO_LOSS_TYPES, "ld_alpha": DPO_LOSS_TYPES, "rpo_alpha": DPO_LOSS_TYPES,
     "use_weighting": DPO_LOSS_TYPES,
 }
+
+
+#: dpo_loss's loss_type option, which the trainer's loss_type field widens
+LOSS_TYPE = next(o for o in DPO_OPTIONS.options if o.name == "loss_type")
 
 
 def record_fields(loss_type: str) -> tuple[str, ...]:
@@ -103,11 +106,11 @@ class DPOConfig(TrainerConfig):
     """Peak AdamW learning rate."""
     logging_steps: int = 10
     """Log the mean of the metrics every this many optimizer steps."""
-    loss_type: str = "sigmoid"
-    """dpo_loss's loss types (`rlhf_fast.reference.dpo_loss`), or "simpo", "cpo", "orpo"
-    (reference-free: simpo_loss, cpo_loss, orpo_loss on the pairs, with gamma, alpha) or
-    "kto" (kto_loss on unpaired records {prompt, completion, label}, with
-    desirable_weight, undesirable_weight)."""
+    loss_type: str = dataclasses.field(default=LOSS_TYPE.default, metadata={"doc": (
+        f"{LOSS_TYPE.doc}, or another objective on the same batches: simpo, cpo, orpo "
+        "(reference-free: simpo_loss, cpo_loss, orpo_loss on the pairs; gamma, alpha) or "
+        "kto (kto_loss on unpaired records {prompt, completion, label}; desirable_weight, "
+        f"undesirable_weight) (one of {LOSS_TYPES})")})
     reference_free: bool = False
     """Use no reference model (log pi_ref = 0); only for DPO_REFERENCE_FREE_TYPES."""
     precompute_ref_logps: bool = False
@@ -146,7 +149,7 @@ class DPOConfig(TrainerConfig):
         require.bools(self, ("reference_free", "precompute_ref_logps"))
         require("reference_free",
                 not self.reference_free or self.loss_type in DPO_REFERENCE_FREE_TYPES
-                + OBJECTIVES, f"False for loss_type {self.loss_type!r} (allowed for "
+                + tuple(OBJECTIVES), f"False for loss_type {self.loss_type!r} (allowed for "
                 f"{DPO_REFERENCE_FREE_TYPES} and {tuple(OBJECTIVES)})")
         require("precompute_ref_logps", not (self.precompute_ref_logps
                                              and self.loss_type in REFERENCE_FREE_OBJECTIVES),
