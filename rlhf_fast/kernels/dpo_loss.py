@@ -408,3 +408,53 @@ def dpo_backward(
         BLOCK=BWD_BLOCK, num_warps=4,
     )
     return grads
+
+
+# ------------------------------------------- launchers shared by the losses on [B] pairs
+
+
+def pair_forward(fwd_kernel: Any, inputs: tuple[torch.Tensor, ...], n_stats: int,
+                 reduction_code: int, scalars: tuple[float, ...], **constexprs: Any
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward of a loss on pairs (simpo, cpo, orpo), whose kernels take
+    (*inputs, loss, chosen_rewards, rejected_rewards, stats, B, *scalars): `inputs` are
+    contiguous [B] tensors, the policy's chosen and rejected log-probs first.
+
+    Returns (loss: 0-d or [B] for reduction "none", chosen_rewards [B], rejected_rewards
+    [B], stats [n_stats]), fp32 (fp64 when a policy input is fp64).
+    """
+    B = inputs[0].shape[0]
+    fp64 = _fp64(inputs[0], inputs[1])
+    dtype = torch.float64 if fp64 else torch.float32
+    device = inputs[0].device
+    loss_shape = (B,) if reduction_code == REDUCTION_CODES["none"] else ()
+    loss = torch.empty(loss_shape, dtype=dtype, device=device)
+    chosen_rewards = torch.empty(B, dtype=dtype, device=device)
+    rejected_rewards = torch.empty(B, dtype=dtype, device=device)
+    stats = torch.empty(n_stats, dtype=dtype, device=device)
+    fwd_kernel[(1,)](
+        *inputs, loss, chosen_rewards, rejected_rewards, stats, B, *scalars,
+        REDUCTION=reduction_code, FP64=fp64,
+        BLOCK=min(FWD_BLOCK, max(16, triton.next_power_of_2(B))), num_warps=4, **constexprs,
+    )
+    return loss, chosen_rewards, rejected_rewards, stats
+
+
+def pair_backward(bwd_kernel: Any, grad_loss: torch.Tensor, inputs: tuple[torch.Tensor, ...],
+                  needs_grad: tuple[bool, bool], reduction_code: int,
+                  scalars: tuple[float, ...], **constexprs: Any
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients w.r.t. the policy's chosen and rejected log-probs (`inputs`' first two),
+    each [B] in its input's dtype where `needs_grad` asks for it (else None), from the
+    upstream gradient of the loss (0-d, or [B] for reduction "none"); the kernels take
+    (grad_loss, *inputs, d_chosen, d_rejected, B, *scalars)."""
+    d_pc, d_pr = (torch.empty_like(x) if needed else None
+                  for x, needed in zip(inputs[:2], needs_grad))
+    B = inputs[0].shape[0]
+    bwd_kernel[(triton.cdiv(B, BWD_BLOCK),)](
+        grad_loss, *inputs, inputs[0] if d_pc is None else d_pc,
+        inputs[0] if d_pr is None else d_pr, B, *scalars, REDUCTION=reduction_code,
+        GRAD_PC=needs_grad[0], GRAD_PR=needs_grad[1], FP64=_fp64(inputs[0], inputs[1]),
+        BLOCK=BWD_BLOCK, num_warps=4, **constexprs,
+    )
+    return d_pc, d_pr

@@ -26,14 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.common import cast, fp64_arg, math_dtype, split_fp64
+from rlhf_fast.kernels.common import cast, fp64_arg, split_fp64
 from rlhf_fast.kernels.dpo_loss import (
-    BWD_BLOCK,
-    FWD_BLOCK,
     REDUCTION_CODES,
     _log_ratios,
     _log_sigmoid,
     _sigmoid,
+    pair_backward,
+    pair_forward,
 )
 
 
@@ -135,27 +135,10 @@ def simpo_forward(
     policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor, cfg: SimPOKernelConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward on contiguous [B] inputs.
-
-    Returns (loss: 0-d or [B] for reduction "none", chosen_rewards [B],
-    rejected_rewards [B], stats [2] = (accuracy, margin)), fp32 (fp64 when a policy input
-    is fp64).
-    """
-    B = policy_chosen.shape[0]
-    dtype = math_dtype(policy_chosen, policy_rejected)
-    device = policy_chosen.device
-    loss_shape = (B,) if cfg.reduction_code == REDUCTION_CODES["none"] else ()
-    loss = torch.empty(loss_shape, dtype=dtype, device=device)
-    chosen_rewards = torch.empty(B, dtype=dtype, device=device)
-    rejected_rewards = torch.empty(B, dtype=dtype, device=device)
-    stats = torch.empty(2, dtype=dtype, device=device)
-    _simpo_fwd_kernel[(1,)](
-        policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
-        loss, chosen_rewards, rejected_rewards, stats, B, *cfg.scalar_args(),
-        REDUCTION=cfg.reduction_code, FP64=dtype == torch.float64,
-        BLOCK=min(FWD_BLOCK, max(16, triton.next_power_of_2(B))), num_warps=4,
-    )
-    return loss, chosen_rewards, rejected_rewards, stats
+    """`pair_forward` of contiguous [B] inputs: stats [2] = (accuracy, margin)."""
+    return pair_forward(_simpo_fwd_kernel, (policy_chosen, policy_rejected, chosen_lengths,
+                                            rejected_lengths), 2, cfg.reduction_code,
+                        cfg.scalar_args())
 
 
 def simpo_backward(
@@ -163,18 +146,7 @@ def simpo_backward(
     chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, cfg: SimPOKernelConfig,
     needs_grad: tuple[bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients w.r.t. (policy_chosen, policy_rejected), each [B] in its input's dtype
-    where `needs_grad` asks for it (else None), from the upstream gradient of the loss
-    (0-d, or [B] for reduction "none")."""
-    inputs = (policy_chosen, policy_rejected)
-    d_pc, d_pr = (torch.empty_like(x) if needed else None for x, needed in zip(inputs, needs_grad))
-    B = policy_chosen.shape[0]
-    _simpo_bwd_kernel[(triton.cdiv(B, BWD_BLOCK),)](
-        grad_loss, policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
-        policy_chosen if d_pc is None else d_pc, policy_chosen if d_pr is None else d_pr,
-        B, *cfg.scalar_args(), REDUCTION=cfg.reduction_code,
-        GRAD_PC=needs_grad[0], GRAD_PR=needs_grad[1],
-        FP64=math_dtype(policy_chosen, policy_rejected) == torch.float64,
-        BLOCK=BWD_BLOCK, num_warps=4,
-    )
-    return d_pc, d_pr
+    """`pair_backward`: the gradients w.r.t. policy_chosen and policy_rejected."""
+    return pair_backward(_simpo_bwd_kernel, grad_loss, (policy_chosen, policy_rejected,
+                                                        chosen_lengths, rejected_lengths),
+                         needs_grad, cfg.reduction_code, cfg.scalar_args())
