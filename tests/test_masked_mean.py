@@ -21,8 +21,11 @@ def test_masked_mean_matches_reference(dtype, shape, poisoned_empty):
     mask.view(-1)[0] = True
     out = rlhf_fast.masked_mean(x, mask)
     assert out.shape == () and out.dtype == reference.masked_mean(x, mask).dtype
-    assert rel_err(out, reference.masked_mean(x.double(), mask)) < TOL[dtype]
-    assert rel_err(out, x.double()[mask].mean()) < TOL[dtype]  # independent
+    # the error of a sum scales with the sum of |x|, not with the mean, which can cancel
+    # to near 0 (a relative bound on it failed seed 2-in-a-thousand draws)
+    scale = x.double().abs()[mask].mean()
+    assert (out - reference.masked_mean(x.double(), mask)).abs() <= TOL[dtype] * scale
+    assert (out - x.double()[mask].mean()).abs() <= TOL[dtype] * scale  # independent
     for dim in range(-len(shape), len(shape)):
         if x.numel() // x.shape[dim] > 64:
             continue  # one program per output: too many for the interpreter
@@ -31,7 +34,8 @@ def test_masked_mean_matches_reference(dtype, shape, poisoned_empty):
         assert out.shape == ref.shape
         assert torch.equal(out.isnan(), ref.isnan())  # slices without a valid entry
         ok = ~ref.isnan()
-        assert rel_err(out[ok], ref[ok]) < TOL[dtype]
+        scale = reference.masked_mean(x.double().abs(), mask, dim)[ok]
+        assert ((out[ok] - ref[ok]).abs() <= TOL[dtype] * scale).all()
 
 
 def test_masked_mean_along_dim_independent():
