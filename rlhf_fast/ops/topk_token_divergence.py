@@ -7,8 +7,9 @@ tokens, s_k = z_{i_k} / T - logsumexp(z / T), so with G_k its gradient w.r.t. s_
     d z_j = (sum_{k: i_k = j} G_k - q_j sum_k G_k) / T
 
 which is `rlhf_fast.logprobs`' backward with the upstream gradient sum_k G_k at label i_1
-(one read of the logits, one write of their gradient, optionally in place), plus
-G_k - [k = 1] sum G at the k ids (a scatter of K values per row into that gradient). The
+(one read of the logits, one write of their gradient, optionally in place), its k ids'
+entries then overwritten with their exact values (a scatter of K values per row, each
+rounded once). The
 forward is the log-prob forward (one read: each row's max and log-sum-exp) and a gather
 of the k logits; the divergence of the k (+ 1) outcomes is O(N K) torch math.
 """
@@ -59,26 +60,31 @@ class TopkLogProbsFunction(torch.autograd.Function):
         topk = ((chosen.to(row_stats.dtype) - row_stats[0][:, None]) / temperature
                 - row_stats[1][:, None])
         topk = torch.where(outside.any(-1, keepdim=True), float("nan"), topk)
-        ctx.save_for_backward(logits, first, safe_ids, counted, row_stats)
+        topk = torch.where(counted[:, None], topk, 0.0)
+        ctx.save_for_backward(logits, first, safe_ids, counted, row_stats, topk)
         ctx.settings = (layout, temperature, inplace)
-        return torch.where(counted[:, None], topk, 0.0)
+        return topk
 
     @staticmethod
     @differentiable_once
     def backward(ctx, grad):
-        logits, first, safe_ids, counted, row_stats = ctx.saved_tensors
+        logits, first, safe_ids, counted, row_stats, topk = ctx.saved_tensors
         layout, temperature, inplace = ctx.settings
         grad = torch.where(counted[:, None], grad, 0.0)
         total = grad.sum(-1)
         d_logits = kernel.logprobs_backward(logits, first, layout, row_stats, None,
                                             total.contiguous(), None, temperature,
                                             SKIPPED, inplace)
-        # the kernel put sum G at the first id: each id gets its own G_k instead
-        correction = grad.clone()
-        correction[:, 0] -= total
+        # the k ids' gradients, overwritten with their exact values (sum of G over the
+        # id's repeats - q sum G) / T, rounded once: adding the difference to the dense
+        # value the kernel rounded would round twice, where the two nearly cancel
+        repeats = (safe_ids[:, :, None] == safe_ids[:, None, :]).to(grad.dtype)
+        at_ids = (repeats @ grad[:, :, None]).squeeze(-1)
+        exact = torch.where(counted[:, None],
+                            (at_ids - topk.exp() * total[:, None]) / temperature, 0.0)
         lead = d_logits.shape[:-1]
-        d_logits.scatter_add_(-1, safe_ids.view(*lead, -1),
-                              (correction / temperature).to(d_logits.dtype).view(*lead, -1))
+        d_logits.scatter_(-1, safe_ids.view(*lead, -1),
+                          exact.to(d_logits.dtype).view(*lead, -1))
         if inplace:
             increment_version(logits)
         return d_logits, None, None, None
