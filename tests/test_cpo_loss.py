@@ -17,7 +17,7 @@ from rlhf_fast.types import CPO_LOSS_TYPES, PREFERENCE_REDUCTIONS
 
 POSITIONAL = ("policy_chosen", "policy_rejected", "chosen_lengths", "rejected_lengths")
 GRADS = ("policy_chosen", "policy_rejected")
-BACKWARD = "CPOLossFunctionBackward"
+BACKWARD = "PairLossFunctionBackward"
 BETA = 0.125  # exact in fp32
 
 

@@ -18,7 +18,7 @@ from rlhf_fast.types import PREFERENCE_REDUCTIONS
 
 POSITIONAL = ("policy_chosen", "policy_rejected", "chosen_lengths", "rejected_lengths")
 GRADS = ("policy_chosen", "policy_rejected")
-BACKWARD = "ORPOLossFunctionBackward"
+BACKWARD = "PairLossFunctionBackward"
 BETA = 0.125
 
 

@@ -18,7 +18,7 @@ from rlhf_fast.types import PREFERENCE_REDUCTIONS
 
 POSITIONAL = ("policy_chosen", "policy_rejected", "chosen_lengths", "rejected_lengths")
 GRADS = ("policy_chosen", "policy_rejected")
-BACKWARD = "SimPOLossFunctionBackward"
+BACKWARD = "PairLossFunctionBackward"
 BETA = 0.125  # exact in fp32: an fp32 comparison measures the arithmetic, not the setting
 
 

@@ -222,3 +222,26 @@ def check_token_counts(name: str, value: object, like_name: str, like: torch.Ten
     if not value.is_cuda and bool((bad := ~(value >= 0)).any()):
         raise ValueError(f"{name} must be token counts >= 0, found {value[bad][0].item()}")
     return value
+
+
+class PairLossFunction(torch.autograd.Function):
+    """Autograd wrapper of the losses on [B] pairs (simpo, cpo, orpo): `kernel` is the
+    op's kernel module, whose `forward` / `backward` launch its kernels. The loss is
+    differentiable; the rewards and statistics are detached."""
+
+    @staticmethod
+    def forward(ctx, policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, cfg,
+                launch):
+        inputs = (policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+        loss, chosen_rewards, rejected_rewards, stats = launch[0](*inputs, cfg)
+        ctx.save_for_backward(*inputs)
+        ctx.cfg, ctx.backward_launch = cfg, launch[1]
+        ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, stats)
+        return loss, chosen_rewards, rejected_rewards, stats
+
+    @staticmethod
+    @differentiable_once
+    def backward(ctx, grad_loss, _grad_chosen, _grad_rejected, _grad_stats):
+        grads = ctx.backward_launch(grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,
+                                    needs_grad=tuple(ctx.needs_input_grad[:2]))
+        return (*grads, None, None, None, None)

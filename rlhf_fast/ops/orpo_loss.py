@@ -8,30 +8,15 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import orpo_loss as kernel
-from rlhf_fast.ops.checks import check_batch, check_like, check_token_counts, differentiable_once
+from rlhf_fast.ops.checks import (
+    PairLossFunction,
+    check_batch,
+    check_like,
+    check_token_counts,
+)
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.options import ORPO_OPTIONS
 from rlhf_fast.types import ORPOLossOutput
-
-
-class ORPOLossFunction(torch.autograd.Function):
-    """Autograd wrapper: the differentiable loss and the detached statistics."""
-
-    @staticmethod
-    def forward(ctx, policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, cfg):
-        inputs = (policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
-        loss, chosen_rewards, rejected_rewards, stats = kernel.orpo_forward(*inputs, cfg)
-        ctx.save_for_backward(*inputs)
-        ctx.cfg = cfg
-        ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, stats)
-        return loss, chosen_rewards, rejected_rewards, stats
-
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad_loss, _grad_chosen, _grad_rejected, _grad_stats):
-        grads = kernel.orpo_backward(grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,
-                                     needs_grad=tuple(ctx.needs_input_grad[:2]))
-        return (*grads, None, None, None)
 
 
 @ORPO_OPTIONS.keywords
@@ -89,8 +74,9 @@ def orpo_loss(
     if not use_triton(policy_chosen):
         return reference.orpo_loss(policy_chosen, policy_rejected, chosen_lengths,
                                    rejected_lengths, **vars(opt))
-    loss, chosen_rewards, rejected_rewards, stats = ORPOLossFunction.apply(
+    loss, chosen_rewards, rejected_rewards, stats = PairLossFunction.apply(
         policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
         kernel.ORPOKernelConfig.from_options(opt),
+        (kernel.orpo_forward, kernel.orpo_backward),
     )
     return ORPOLossOutput(loss, chosen_rewards, rejected_rewards, *stats.unbind())
