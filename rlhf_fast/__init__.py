@@ -16,6 +16,7 @@ from rlhf_fast.ops.masked_mean import masked_mean
 from rlhf_fast.ops.masked_whiten import masked_whiten
 from rlhf_fast.ops.optimal_token_baseline import optimal_token_baseline
 from rlhf_fast.ops.orpo_loss import orpo_loss
+from rlhf_fast.ops.pair_logps import pair_logps
 from rlhf_fast.ops.ppo_loss import ppo_loss
 from rlhf_fast.ops.sequence_logps import sequence_logps
 from rlhf_fast.ops.simpo_loss import simpo_loss
@@ -26,6 +27,7 @@ from rlhf_fast.types import (
     DPOLossOutput,
     KTOLossOutput,
     ORPOLossOutput,
+    PairLogps,
     PPOLossOutput,
     SimPOLossOutput,
 )
@@ -33,7 +35,8 @@ from rlhf_fast.types import (
 __all__ = [
     "gae", "discounted_returns", "group_advantages", "optimal_token_baseline", "masked_mean",
     "masked_whiten",
-    "logprobs", "ppo_loss", "PPOLossOutput", "PPOLoss", "sequence_logps", "dpo_loss",
+    "logprobs", "ppo_loss", "PPOLossOutput", "PPOLoss", "sequence_logps", "pair_logps",
+    "PairLogps", "dpo_loss",
     "DPOLossOutput", "DPOLoss", "linear_logprobs", "linear_dpo_loss",
     "linear_ppo_loss", "token_divergence", "linear_token_divergence",
     "topk_token_divergence", "simpo_loss",

@@ -57,6 +57,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
         optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)
                     and type(None) in args)
         base = next(a for a in args if a is not type(None)) if optional else hint
+        # str | list[str] (one loss type or a mix): a list of one or more on the CLI
+        base = next((a for a in args if typing.get_origin(a) is list), base)
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{docs.get(field.name, '')} (default: {field.default})"
         if base is bool:

@@ -75,8 +75,9 @@ class DPOLoss(nn.Module):
         out.loss.backward()
 
     Every option of `dpo_loss` is a constructor argument, checked there (as `dpo_loss`
-    would); `forward` takes the ``[B]`` sequence log-probs (and the lengths, for ipo and
-    sigmoid_norm) and returns a `DPOLossOutput`.
+    would); `forward` takes `dpo_loss`'s tensors (the ``[B]`` sequence log-probs, and the
+    lengths, weights and sft_logps where the options read them) and returns a
+    `DPOLossOutput`.
     """
 
     @DPO_OPTIONS.keywords
@@ -88,10 +89,11 @@ class DPOLoss(nn.Module):
         self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None, *,
         chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None, sft_logps: torch.Tensor | None = None,
     ) -> DPOLossOutput:
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                        **self.options)
+                        weights=weights, sft_logps=sft_logps, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

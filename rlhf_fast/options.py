@@ -34,9 +34,11 @@ from rlhf_fast.types import (
     DIVERGENCES,
     DPO_F_DIVERGENCES,
     DPO_LABEL_SMOOTHING_TYPES,
-    DPO_LOSS_TYPES,
+    DPO_MIX_TYPES,
     DPO_RAW_LOG_RATIO_TYPES,
     DPO_REDUCTIONS,
+    DPO_SFT,
+    DPO_SORTED_TYPES,
     KL_ESTIMATORS,
     POLICY_LOSSES,
     PREFERENCE_REDUCTIONS,
@@ -94,6 +96,49 @@ def real(expected: str, test: Callable[[float], bool], *, optional: bool = False
 def one_of(choices: tuple[str, ...], *, optional: bool = False) -> Accepts:
     return Accepts(str, f"one of {choices}" + (" or None" if optional else ""),
                    lambda value: value in choices, optional)
+
+
+@dataclass(frozen=True)
+class OneOrMore(Accepts):
+    """A choice that takes a list of its values too (a weighted mix of losses): one value
+    comes back a str, several a tuple of them."""
+
+    @property
+    def annotation(self) -> Any:
+        return str | list[str]
+
+    def __call__(self, name: str, value: Any) -> Any:
+        values = [value] if isinstance(value, str) else value
+        if not (isinstance(values, (list, tuple)) and values
+                and all(isinstance(v, str) for v in values)):
+            raise ValueError(f"{name} must be {self.expected} or a non-empty list of them, "
+                             f"got {value!r}")
+        for item in values:
+            if not self.test(item):
+                raise ValueError(f"{name} must be {self.expected} (or a list of them), got "
+                                 f"{item!r}")
+        return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass(frozen=True)
+class Reals(Accepts):
+    """A list of floats, each passing `test`, or None (when optional); comes back a tuple."""
+
+    @property
+    def annotation(self) -> Any:
+        return list[float] | None if self.optional else list[float]
+
+    def __call__(self, name: str, value: Any) -> Any:
+        if value is None and self.optional:
+            return None
+        if not (isinstance(value, (list, tuple)) and value and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise TypeError(f"{name} must be a non-empty list of floats"
+                            + (" or None" if self.optional else "") + f", got {value!r}")
+        for item in value:
+            if not self.test(float(item)):
+                raise ValueError(f"{name} must hold floats {self.expected}, got {item!r}")
+        return tuple(check_fp32(name, float(item)) for item in value)
 
 
 def flag(*, optional: bool = False) -> Accepts:
@@ -431,37 +476,70 @@ OPTIMAL_TOKEN_BASELINE_OPTIONS = OptionSet((
 # --------------------------------------------------------------------------- dpo_loss
 
 
-def _label_smoothing_only_where_read(values: SimpleNamespace, label: Callable) -> None:
-    if values.label_smoothing != 0 and values.loss_type not in DPO_LABEL_SMOOTHING_TYPES:
+def dpo_loss_types(values: SimpleNamespace) -> tuple[str, ...]:
+    """The loss types of checked DPO options, as a tuple (`loss_type` is a str or a tuple)."""
+    return (values.loss_type,) if isinstance(values.loss_type, str) else tuple(values.loss_type)
+
+
+def dpo_terms(values: SimpleNamespace) -> tuple[tuple[str, float], ...]:
+    """The (loss type, weight) terms whose weighted sum `dpo_loss` returns: loss_type with
+    loss_weights (1 each by default), then ("sft", rpo_alpha) when rpo_alpha is set."""
+    kinds = dpo_loss_types(values)
+    weights = values.loss_weights or (1.0,) * len(kinds)
+    terms = tuple(zip(kinds, weights))
+    if values.rpo_alpha is not None:
+        terms += ((DPO_SFT, values.rpo_alpha),)
+    return terms
+
+
+def _dpo_options_read(values: SimpleNamespace, label: Callable) -> None:
+    """Each option set away from its default must be read by a type of the mix; a mix's
+    parts must fit together."""
+    kinds = dpo_loss_types(values)
+    if values.loss_weights is not None and len(values.loss_weights) != len(kinds):
+        raise ValueError(f"{label('loss_weights')} must have one weight per loss_type "
+                         f"({len(kinds)}: {kinds}), got {values.loss_weights}")
+    if values.rpo_alpha is not None and DPO_SFT in kinds:
+        raise ValueError(f"{label('rpo_alpha')} adds the sft term, which loss_type {kinds} "
+                         f"already has: give one of them, got {values.rpo_alpha}")
+    if values.label_smoothing != 0 and not set(kinds) & set(DPO_LABEL_SMOOTHING_TYPES):
         raise ValueError(
             f"{label('label_smoothing')} must be 0 for loss_type {values.loss_type!r} (it is "
             f"read only by {DPO_LABEL_SMOOTHING_TYPES}), got {values.label_smoothing}"
         )
-
-
-def _f_divergence_only_where_read(values: SimpleNamespace, label: Callable) -> None:
-    if values.f_divergence_type != "reverse_kl" and values.loss_type in DPO_RAW_LOG_RATIO_TYPES:
+    raw = [kind for kind in kinds if kind in DPO_RAW_LOG_RATIO_TYPES]
+    if values.f_divergence_type != "reverse_kl" and raw:
         raise ValueError(
-            f"{label('f_divergence_type')} must be 'reverse_kl' for loss_type "
-            f"{values.loss_type!r} (it compares the raw log-ratios, as TRL's), got "
-            f"{values.f_divergence_type!r}")
+            f"{label('f_divergence_type')} must be 'reverse_kl' for loss_type {raw[0]!r} (it "
+            f"compares the raw log-ratios, as TRL's), got {values.f_divergence_type!r}")
     if values.f_alpha_divergence_coef != 0.5 and values.f_divergence_type != "alpha_divergence":
         raise ValueError(
             f"{label('f_alpha_divergence_coef')} is read only by f_divergence_type "
             f"'alpha_divergence'; leave it at 0.5, got {values.f_alpha_divergence_coef}")
-    if values.discopop_tau != 0.05 and values.loss_type != "discopop":
+    if values.discopop_tau != 0.05 and "discopop" not in kinds:
         raise ValueError(f"{label('discopop_tau')} is read only by loss_type 'discopop'; "
                          f"leave it at 0.05, got {values.discopop_tau}")
+    if values.reduction == "none" and len(dpo_terms(values)) > 1 and set(kinds) & set(
+            DPO_SORTED_TYPES):
+        raise ValueError(f"{label('reduction')} must be 'mean' or 'sum' for a mix with "
+                         f"{DPO_SORTED_TYPES} (their losses are of sorted positions, not "
+                         f"of pairs), got 'none'")
 
 
 DPO_OPTIONS = OptionSet((
     Option("beta", 0.1, real("a finite float > 0", lambda v: 0 < v < math.inf),
            "the KL-regularisation strength (IPO's tau for ipo); rewards are beta * log-ratios"),
-    Option("loss_type", "sigmoid", one_of(DPO_LOSS_TYPES),
-           "the pairwise loss (`rlhf_fast.reference.dpo_loss` has each formula)"),
+    Option("loss_type", "sigmoid", OneOrMore(str, f"one of {DPO_MIX_TYPES}",
+                                             lambda v: v in DPO_MIX_TYPES),
+           "the pairwise loss (`rlhf_fast.reference.dpo_loss` has each formula), or a list "
+           "of them summed with loss_weights (TRL's MPO mixes sigmoid, bco_pair and sft)"),
+    Option("loss_weights", None, Reals(float, "that are finite", math.isfinite,
+                                       optional=True),
+           "the weight of each loss_type in the sum (TRL's); None: 1 each"),
     Option("label_smoothing", 0.0, real("in [0, 0.5)", lambda v: 0 <= v < 0.5),
            "probability that a preference label is flipped (sigmoid, sigmoid_norm, robust, "
-           "exo_pair, aot, aot_unpaired; exo_pair's 0 means 1e-3)"),
+           "exo_pair, aot, aot_unpaired; exo_pair's 0 means 1e-3; in a mix, those of them "
+           "there)"),
     Option("reduction", "mean", one_of(DPO_REDUCTIONS),
            "mean or sum over the batch, or none for the [B] losses"),
     Option("f_divergence_type", "reverse_kl", one_of(DPO_F_DIVERGENCES),
@@ -472,7 +550,27 @@ DPO_OPTIONS = OptionSet((
            "alpha of f_divergence_type alpha_divergence (1: reverse_kl)"),
     Option("discopop_tau", 0.05, real("a finite float > 0", lambda v: 0 < v < math.inf),
            "temperature of discopop's blend of the logistic and exponential losses"),
-), rules=(_label_smoothing_only_where_read, _f_divergence_only_where_read))
+    Option("rpo_alpha", None, real("a finite float >= 0", lambda v: 0 <= v < math.inf,
+                                   optional=True),
+           "RPO (Pang et al. 2024): the sft term (the chosen answers' NLL per token) added "
+           "with this weight, as TRL's former rpo_alpha (now its loss_type [..., 'sft'] with "
+           "loss_weights); None: none"),
+), rules=(_dpo_options_read,))
+
+#: LD-DPO's option, read where the per-token log-probs are (`pair_logps`).
+PAIR_LOGPS_OPTIONS = OptionSet((
+    Option("ld_alpha", None, real("in [0, 1]", lambda v: 0 <= v <= 1, optional=True),
+           "LD-DPO (Liu et al. 2024; TRL's): each answer's log-prob is the sum over its "
+           "first tokens, as many as its pair's shorter answer has, plus ld_alpha times the "
+           "sum over the rest (the verbose tail); None: the plain sums"),
+))
+
+#: The DPO options that need per-token log-probs: the hidden-state path and the trainer.
+DPO_TOKEN_OPTIONS = PAIR_LOGPS_OPTIONS + OptionSet((
+    Option("use_weighting", False, flag(),
+           "WPO (Zhou et al. 2024; TRL's): each term of each pair weighted by its two "
+           "answers' exp(mean over the answer of log p_t - log sum_j p_j^2), detached"),
+))
 
 
 # ------------------------------------------- simpo_loss, cpo_loss, orpo_loss, kto_loss

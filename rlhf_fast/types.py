@@ -97,6 +97,12 @@ DPO_LABEL_SMOOTHING_TYPES = ("sigmoid", "robust", "exo_pair", "sigmoid_norm", "a
                              "aot_unpaired")
 #: Types on per-token-averaged log-probs: they need `chosen_lengths` and `rejected_lengths`.
 DPO_LENGTH_NORMALISED_TYPES = ("ipo", "sigmoid_norm")
+#: TRL's "sft": the chosen answers' NLL per token over the batch, a batch-level term (not a
+#: per-pair loss, not a kernel's) that `loss_type` takes alone or in a mix (MPO; RPO is
+#: sigmoid + rpo_alpha * sft). It reads `chosen_lengths`, no reference, no rejected answer.
+DPO_SFT = "sft"
+#: What `loss_type` takes: one of these or a list of them (a weighted mix, `loss_weights`).
+DPO_MIX_TYPES = DPO_LOSS_TYPES + (DPO_SFT,)
 DPO_REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -116,6 +122,26 @@ class DPOLossOutput(NamedTuple):
     rejected_rewards: torch.Tensor
     reward_accuracy: torch.Tensor
     reward_margin: torch.Tensor
+
+class PairLogps(NamedTuple):
+    """What `pair_logps` returns: ``[B]`` each, fp32 (fp64 for fp64 token log-probs).
+
+    chosen, rejected: each answer's log-prob, the sum over its tokens (LD-DPO's weighted
+        sum with ld_alpha); differentiable.
+    chosen_lengths, rejected_lengths: each answer's token count.
+    sft_logps: the chosen answers' plain sums, for `dpo_loss`'s sft term, where they
+        differ from `chosen` (with ld_alpha); else None. Differentiable.
+    weights: WPO's weight of each pair, the product of its two answers' weights (with
+        log_sum_p2; else None), detached.
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    sft_logps: torch.Tensor | None
+    weights: torch.Tensor | None
+
 
 # ------------------------------------------- simpo_loss, cpo_loss, orpo_loss, kto_loss
 

@@ -893,3 +893,181 @@ def test_nan_length_gives_nan_for_its_pair(loss_type):
     with pytest.raises(ValueError, match="chosen_lengths must be token counts >= 0, found nan"):
         rlhf_fast.dpo_loss(policy, policy - 1, zeros, zeros, loss_type=loss_type,
                            reduction="none", **lengths)
+
+
+# ------------------------------------ mixes (TRL's MPO), sft, RPO and WPO's pair weights
+
+MIXES = {
+    "mpo": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    "rpo": dict(loss_type="sigmoid", rpo_alpha=0.5),
+    "ipo-hinge": dict(loss_type=["ipo", "hinge"], loss_weights=[1.0, -0.5]),
+    "aot-norm": dict(loss_type=["aot", "sigmoid_norm"], label_smoothing=0.1),
+    "sft": dict(loss_type="sft"),
+    "weighted-sigmoid": dict(loss_type="sigmoid", label_smoothing=0.2),
+}
+MIX_GRADS = INPUTS + ("sft_logps",)
+
+
+def mix_pairs(mix, dtype, weighted, sft_logps=False, B=23):
+    pairs = random_pairs(B, dtype, "ipo")  # with both lengths, some read, some not
+    kinds = [mix["loss_type"]] if isinstance(mix["loss_type"], str) else mix["loss_type"]
+    if not set(kinds) & {"ipo", "sigmoid_norm"}:
+        del pairs["rejected_lengths"]
+        if "sft" not in kinds and "rpo_alpha" not in mix:
+            del pairs["chosen_lengths"]
+    if weighted:
+        pairs["weights"] = torch.rand(B, dtype=torch.float64) + 0.25
+    if sft_logps:
+        pairs["sft_logps"] = (-60 + 5 * torch.randn(B, dtype=torch.float64)).to(dtype)
+    return pairs
+
+
+def run_mix(fn, pairs, upstream, **options):
+    leaves = {k: v.clone().requires_grad_(k in MIX_GRADS) for k, v in pairs.items()}
+    out = fn(*(leaves[k] for k in INPUTS),
+             **{k: v for k, v in leaves.items() if k not in INPUTS}, **options)
+    (out.loss * upstream.to(out.loss.dtype)).sum().backward()
+    return out, {k: leaves[k].grad for k in MIX_GRADS if k in leaves}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix, weighted, reduction", [
+    (mix, weighted, reduction) for mix in MIXES for weighted in (False, True)
+    for reduction in DPO_REDUCTIONS
+    # aot's sorted positions take no pair weights, nor "none" in a mix (refused: below)
+    if not ("aot" in MIXES[mix]["loss_type"] and (weighted or reduction == "none"))])
+def test_mix_matches_reference(mix, dtype, weighted, reduction):
+    """Every term's fused kernel (reduction none), their weighted sum times the pair
+    weights, reduced: the float64 reference on the same rounded inputs."""
+    options = MIXES[mix]
+    pairs = mix_pairs(options, dtype, weighted, sft_logps=mix == "mpo")
+    B = pairs["policy_chosen"].shape[0]
+    upstream = random_upstream((B,) if reduction == "none" else ())
+    out, g = run_mix(rlhf_fast.dpo_loss, pairs, upstream, beta=BETA, reduction=reduction,
+                     **options)
+    ref, g_ref = run_mix(reference.dpo_loss, as_float64(pairs), upstream, beta=BETA,
+                         reduction=reduction, **options)
+    tol = TOL[dtype] if dtype != torch.float32 else 1e-5
+    for name, a, b in zip(ref._fields, out, ref):
+        assert a.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+        assert rel_err(a, b) < (tol if name == "loss" else max(tol, 1e-5)), name
+    for name in g_ref:
+        if g_ref[name] is None:  # (sft alone reads policy_chosen only)
+            assert g[name] is None, name
+            continue
+        assert g[name].dtype == pairs[name].dtype, name
+        assert rel_err(g[name], g_ref[name]) < tol, name
+
+
+def test_mix_is_the_weighted_sum_of_its_single_types():
+    """The fused mix against the fused single types, summed here: the combination's own
+    arithmetic (weights, reduction, which lengths each type reads)."""
+    pairs = mix_pairs(MIXES["mpo"] | {"loss_type": ["sigmoid_norm", "nca_pair", "sft"]},
+                      torch.float64, weighted=True)
+    weights, lengths = pairs.pop("weights"), {
+        k: pairs.pop(k) for k in ("chosen_lengths", "rejected_lengths")}
+    args = [pairs[k] for k in INPUTS]
+    mix = rlhf_fast.dpo_loss(*args, **lengths, weights=weights, beta=BETA,
+                             loss_type=["sigmoid_norm", "nca_pair", "sft"],
+                             loss_weights=[0.5, 2.0, 0.25])
+    norm = rlhf_fast.dpo_loss(*args, **lengths, beta=BETA, loss_type="sigmoid_norm",
+                              reduction="none")
+    nca = rlhf_fast.dpo_loss(*args, beta=BETA, loss_type="nca_pair", reduction="none")
+    nll = -args[0].sum() / lengths["chosen_lengths"].double().clamp(min=1).sum()
+    expected = ((0.5 * norm.loss + 2.0 * nca.loss + 0.25 * nll) * weights).mean()
+    assert rel_err(mix.loss, expected) < 1e-12
+    # the statistics are the first type's (sigmoid_norm's length-normalised rewards)
+    for name in ("chosen_rewards", "rejected_rewards", "reward_accuracy", "reward_margin"):
+        assert torch.equal(getattr(mix, name), getattr(norm, name)), name
+
+
+def test_sft_is_trl_cross_entropy_over_the_chosen_tokens():
+    """TRL's sft term: F.cross_entropy over every chosen token of the batch (the logits
+    of 3 chosen answers of different lengths), equal to dpo_loss's from the sums."""
+    logits = torch.randn(3, 6, 13, dtype=torch.float64)
+    labels = torch.randint(0, 13, (3, 6))
+    mask = torch.tensor([[1] * 6, [1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0]]).bool()
+    trl = F.cross_entropy(logits[mask], labels[mask])
+    chosen = rlhf_fast.sequence_logps(rlhf_fast.logprobs(logits, labels), mask)
+    rejected = torch.randn(3, dtype=torch.float64)
+    out = rlhf_fast.dpo_loss(chosen, rejected, None, None, loss_type="sft",
+                             chosen_lengths=mask.sum(-1))
+    assert rel_err(out.loss, trl) < 1e-12
+    none = rlhf_fast.dpo_loss(chosen, rejected, None, None, loss_type="sft",
+                              chosen_lengths=mask.sum(-1), reduction="none")
+    assert torch.equal(none.loss, trl.expand(3).to(none.loss.dtype)) or \
+        rel_err(none.loss, trl.expand(3)) < 1e-12  # TRL's expand: the same for every pair
+    assert torch.equal(out.chosen_rewards, BETA * 0 + 0.1 * chosen)  # sft alone: raw rewards
+
+
+def test_rpo_alpha_is_sigmoid_plus_weighted_sft():
+    pairs = mix_pairs(MIXES["rpo"], torch.float64, weighted=False)
+    args = [pairs[k] for k in INPUTS]
+    rpo = rlhf_fast.dpo_loss(*args, chosen_lengths=pairs["chosen_lengths"], rpo_alpha=0.3)
+    mix = rlhf_fast.dpo_loss(*args, chosen_lengths=pairs["chosen_lengths"],
+                             loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3])
+    assert torch.equal(rpo.loss, mix.loss)
+    plain = rlhf_fast.dpo_loss(*args)
+    assert rpo.loss > plain.loss  # (the NLL of log-probs near -50 is positive)
+
+
+def test_pair_weights_scale_each_pair_and_are_not_differentiated():
+    pairs = random_pairs(9, torch.float64)
+    weights = (torch.rand(9, dtype=torch.float64) + 0.5).requires_grad_()
+    leaves = [pairs[k].clone().requires_grad_() for k in INPUTS]
+    out = rlhf_fast.dpo_loss(*leaves, weights=weights, reduction="none")
+    plain = rlhf_fast.dpo_loss(*[x.detach() for x in leaves], reduction="none")
+    assert rel_err(out.loss, plain.loss * weights.detach()) < 1e-15
+    out.loss.sum().backward()
+    assert weights.grad is None
+    unweighted = [x.detach().clone().requires_grad_() for x in leaves]
+    rlhf_fast.dpo_loss(*unweighted, reduction="none").loss.sum().backward()
+    for x, y in zip(leaves, unweighted):
+        assert rel_err(x.grad, y.grad * weights.detach()) < 1e-15
+
+
+@pytest.mark.parametrize("options, tensors, error, match", [
+    (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0]), {}, ValueError,
+     "loss_weights must have one weight per loss_type"),
+    (dict(loss_type=["sigmoid", "sft"], rpo_alpha=0.5), {"chosen_lengths"}, ValueError,
+     "rpo_alpha adds the sft term"),
+    (dict(loss_type=["hinge", "bco_pair"], label_smoothing=0.1), {}, ValueError,
+     "label_smoothing must be 0"),
+    (dict(loss_type=["aot", "sigmoid"], reduction="none"), {}, ValueError,
+     "reduction must be 'mean' or 'sum' for a mix"),
+    (dict(loss_type=["apo_zero", "sigmoid"], f_divergence_type="js_divergence"), {},
+     ValueError, "f_divergence_type must be 'reverse_kl' for loss_type 'apo_zero'"),
+    (dict(loss_type="aot"), {"weights"}, ValueError, "weights must be None for loss_type"),
+    (dict(loss_type="sft"), set(), ValueError, "chosen_lengths is required for loss_type"),
+    (dict(loss_type="sft"), {"chosen_lengths", "rejected_lengths"}, ValueError,
+     "rejected_lengths must be None"),
+    (dict(loss_type="sigmoid"), {"sft_logps"}, ValueError, "sft_logps must be None"),
+    (dict(loss_type=[]), {}, ValueError, "loss_type must be one of"),
+    (dict(loss_type=["sigmoid", "simpo"]), {}, ValueError, "got 'simpo'"),
+    (dict(loss_type=("sigmoid", 3)), {}, ValueError, "loss_type must be one of"),
+    (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0, float("nan")]), {}, ValueError,
+     "loss_weights must hold floats that are finite"),
+    (dict(loss_type="sigmoid", loss_weights=0.5), {}, TypeError,
+     "loss_weights must be a non-empty list of floats"),
+    (dict(loss_type="sigmoid", rpo_alpha=-1.0), {}, ValueError, "rpo_alpha must be"),
+])
+def test_mix_options_are_checked(options, tensors, error, match):
+    pairs = random_pairs(4, torch.float64, "ipo")
+    kw = {k: pairs[k] for k in ("chosen_lengths", "rejected_lengths") if k in tensors}
+    if "weights" in tensors:
+        kw["weights"] = torch.ones(4, dtype=torch.float64)
+    if "sft_logps" in tensors:
+        kw["sft_logps"] = pairs["policy_chosen"]
+    with pytest.raises(error, match=match):
+        rlhf_fast.dpo_loss(*[pairs[k] for k in INPUTS], **kw, **options)
+
+
+def test_reference_free_mix_needs_every_type_reference_free():
+    pairs = random_pairs(4, torch.float64)
+    lengths = torch.full((4,), 3)
+    out = rlhf_fast.dpo_loss(pairs["policy_chosen"], pairs["policy_rejected"], None, None,
+                             loss_type=["sigmoid", "sft"], chosen_lengths=lengths)
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="required for loss_type 'bco_pair'"):
+        rlhf_fast.dpo_loss(pairs["policy_chosen"], pairs["policy_rejected"], None, None,
+                           loss_type=["sigmoid", "bco_pair"])

@@ -318,6 +318,24 @@ OPS: dict[str, Op] = {
         _dpo, _dpo_make,
         grads=("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"),
     ),
+    "dpo_loss[mix]": Op(
+        lambda policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights, sft_logps,
+        **lengths: rlhf_fast.dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights=weights,
+            sft_logps=sft_logps, loss_type=["sigmoid_norm", "bco_pair"], loss_weights=[0.7, 0.3],
+            rpo_alpha=0.5, reduction="none", beta=0.5, **lengths),
+        lambda gen: _dpo_make(gen) | dict(weights=torch.rand(3, dtype=F64, generator=gen) + 0.5,
+                                          sft_logps=_floats(3, gen=gen, scale=5.0) - 20),
+        grads=("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "sft_logps"),
+    ),
+    "pair_logps": Op(
+        lambda token_logp, mask, log_sum_p2: rlhf_fast.pair_logps(
+            token_logp, mask, log_sum_p2=log_sum_p2, ld_alpha=0.5),
+        lambda gen: dict(token_logp=-torch.rand(4, 5, dtype=F64, generator=gen) * 3,
+                         mask=_mask(4, 5, gen=gen),
+                         log_sum_p2=-torch.rand(4, 5, dtype=F64, generator=gen)),
+        grads=("token_logp",),
+    ),
     "simpo_loss": Op(
         lambda policy_chosen, policy_rejected, chosen_lengths, rejected_lengths:
             rlhf_fast.simpo_loss(policy_chosen, policy_rejected, chosen_lengths,
@@ -424,7 +442,7 @@ OPS: dict[str, Op] = {
 REFERENCE_FUNCTIONS = ("logprobs", "linear_logprobs", "ppo_loss", "dpo_loss", "sequence_logps",
                        "gae", "discounted_returns", "group_advantages",
                        "optimal_token_baseline", "masked_mean", "masked_whiten", "simpo_loss",
-                       "cpo_loss", "orpo_loss", "kto_loss")
+                       "cpo_loss", "orpo_loss", "kto_loss", "pair_logps")
 
 
 @pytest.fixture

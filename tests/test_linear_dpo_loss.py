@@ -148,3 +148,54 @@ def test_linear_dpo_loss_ignore_index_outside_int32(monkeypatch, backend):
         results.append([*out, h.grad, w.grad, b.grad])
     for a, b in zip(*results):
         assert rel_err(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("options", [
+    dict(ld_alpha=0.5, use_weighting=True, rpo_alpha=0.3),
+    dict(loss_type=["sigmoid_norm", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.0),
+    dict(loss_type=["ipo", "bco_pair"], use_weighting=True, reduction="none"),
+])
+def test_token_options_are_pair_logps_then_dpo_loss(options):
+    """LD-DPO, WPO and the sft term from hidden states: the float64 reference's
+    linear_logprobs (with log sum p^2) + pair_logps + dpo_loss."""
+    hidden, weight, bias, labels, mask, ref_c, ref_r = dpo_case()
+    g = torch.randn(3, dtype=F64) if options.get("reduction") == "none" else torch.tensor(
+        1.3, dtype=F64)
+    results = []
+    for backend in ("fused", "reference"):
+        h, w, b = leaves(hidden, weight, bias)
+        if backend == "fused":
+            out = rlhf_fast.linear_dpo_loss(h, w, labels, mask, ref_c, ref_r, bias=b,
+                                            beta=0.2, **options)
+        else:
+            dpo_options = {k: v for k, v in options.items()
+                           if k not in ("ld_alpha", "use_weighting")}
+            logp, log_sum_p2 = reference.linear_logprobs(
+                h, w, labels.masked_fill(~mask, -100), bias=b, return_sum_p2=True)
+            pair = reference.pair_logps(
+                logp, mask, ld_alpha=options.get("ld_alpha"),
+                log_sum_p2=log_sum_p2 if options.get("use_weighting") else None)
+            kinds = options.get("loss_type", "sigmoid")
+            sft = "sft" in kinds or "rpo_alpha" in options
+            out = reference.dpo_loss(
+                pair.chosen, pair.rejected, ref_c, ref_r, beta=0.2, weights=pair.weights,
+                chosen_lengths=pair.chosen_lengths if sft or "ipo" in kinds
+                or "sigmoid_norm" in kinds else None,
+                rejected_lengths=pair.rejected_lengths if "ipo" in kinds
+                or "sigmoid_norm" in kinds else None,
+                sft_logps=pair.sft_logps if sft else None, **dpo_options)
+        (out.loss * g).sum().backward()
+        results.append([*out, h.grad, w.grad, b.grad])
+    names = (*types.DPOLossOutput._fields, "d_hidden", "d_weight", "d_bias")
+    for name, a, b in zip(names, *results):
+        assert rel_err(a, b) < TOL[F64], name
+
+
+def test_token_options_are_checked_naming_them():
+    hidden, weight, bias, labels, mask, ref_c, ref_r = dpo_case()
+    with pytest.raises(ValueError, match="ld_alpha must be in"):
+        rlhf_fast.linear_dpo_loss(hidden, weight, labels, mask, ref_c, ref_r, ld_alpha=2.0)
+    with pytest.raises(TypeError, match="use_weighting must be a bool"):
+        rlhf_fast.linear_dpo_loss(hidden, weight, labels, mask, ref_c, ref_r, use_weighting=1)
+    with pytest.raises(TypeError, match="unexpected option 'ld_alfa'"):
+        rlhf_fast.linear_dpo_loss(hidden, weight, labels, mask, ref_c, ref_r, ld_alfa=0.5)

@@ -66,6 +66,18 @@ def test_dpo_snippet_runs_and_holds_what_it_claims():
     next_masked = torch.cat([labels[:, 1:] == -100, torch.ones(4, 1, dtype=torch.bool)], 1)
     assert not grad[next_masked].any()
     assert (grad[~next_masked] != 0).any(dim=-1).all()
+    seq, lengths = ns["seq"].detach(), ns["lengths"]
+    simpo = rlhf_fast.reference.simpo_loss(seq[:2], seq[2:], lengths[:2], lengths[2:],
+                                           beta=2.0, gamma=1.0)
+    assert rel_err(ns["simpo"].loss, simpo.loss) < 1e-5
+    pol, ref = ns["pol"], ns["ref"]
+    expected = rlhf_fast.reference.dpo_loss(
+        pol.chosen, pol.rejected, ref.chosen, ref.rejected, weights=pol.weights,
+        chosen_lengths=pol.chosen_lengths, sft_logps=pol.sft_logps, rpo_alpha=0.5)
+    assert rel_err(ns["ld"].loss, expected.loss) < 1e-5
+    # pair 1's rejected answer is the longer: LD-DPO down-weights its tail
+    plain = rlhf_fast.sequence_logps(ns["logp"][2:], ns["mask"][2:])
+    assert pol.rejected[0] == plain[0] and pol.rejected[1] > plain[1]
 
 
 def test_hidden_state_snippet_runs():

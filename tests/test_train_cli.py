@@ -70,10 +70,15 @@ def test_train_dpo_from_a_local_folder(saved_model, tmp_path, torch_backend):
     assert _changed(saved_model, out / "final")
 
 
-@pytest.mark.parametrize("loss_type", ["orpo", "kto"])
+MPO_FLAGS = ["sigmoid", "bco_pair", "sft", "--loss-weights", "0.8", "0.2", "1.0",
+             "--ld-alpha", "0.5", "--use-weighting"]
+
+
+@pytest.mark.parametrize("loss_type", ["orpo", "kto", "mpo"])
 def test_train_dpo_with_another_objective(saved_model, tmp_path, torch_backend, loss_type):
     """--loss-type orpo on the pairs; kto on unpaired records {prompt, completion, label}
-    (made here from the shipped pairs), read as such by --data."""
+    (made here from the shipped pairs), read as such by --data; a mix of dpo_loss's types
+    with their weights (TRL's MPO) on LD-DPO's WPO-weighted log-probs."""
     data = DATA / "preferences_train.jsonl"
     if loss_type == "kto":
         pairs = read_jsonl(data)
@@ -83,7 +88,8 @@ def test_train_dpo_with_another_objective(saved_model, tmp_path, torch_backend, 
             + "\n" for p in pairs for key in ("chosen", "rejected")))
     out = tmp_path / loss_type
     code = main(["train", "dpo", "--model", str(saved_model), "--data", str(data),
-                 "--loss-type", loss_type, "--output-dir", str(out), "--device", "cpu",
+                 "--loss-type", *(MPO_FLAGS if loss_type == "mpo" else [loss_type]),
+                 "--output-dir", str(out), "--device", "cpu",
                  "--lr", "1e-3", "--batch-size", "4", "--max-steps", "2",
                  "--logging-steps", "1", "--max-length", "40", "--max-prompt-length", "16",
                  "--no-use-fused-linear"])
@@ -164,6 +170,9 @@ def test_every_config_field_is_a_flag():
     (["--lr", "-1"], "DPOConfig.lr"),
     (["--beta", "0"], "DPOConfig.beta"),
     (["--loss-type", "nope"], "DPOConfig.loss_type"),
+    (["--loss-type", "sigmoid", "sft", "--loss-weights", "1"], "DPOConfig.loss_weights"),
+    (["--loss-type", "orpo", "ipo"], "DPOConfig.loss_type"),
+    (["--loss-type", "orpo", "--rpo-alpha", "1"], "DPOConfig.rpo_alpha"),
 ])
 def test_bad_flags_are_usage_errors_naming_the_field(flags, field, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -154,24 +154,26 @@ def metric_equal(log_a, log_b, first_step):
 # --- DPO: one step against the spec -------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid+ld_alpha+wpo+rpo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "mpo+ld_alpha+wpo+rpo"])
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
 def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_path,
                                         fallbacks, loss_type, fused):
-    """One step against the spec; "+ld_alpha+wpo+rpo": LD-DPO's weighted sums (the tokens
-    past the pair's shorter answer at ld_alpha, policy and reference alike), WPO's pair
-    weights exp(mean(log p - log sum p^2)) of both answers, from the policy, and RPO's
-    rpo_alpha times the chosen answers' NLL per token."""
+    """One step against the spec; "mpo+ld_alpha+wpo+rpo": 0.8 sigmoid + 0.2 bco_pair (a
+    mix) on LD-DPO's weighted sums (the tokens past the pair's shorter answer at ld_alpha,
+    policy and reference alike), plus RPO's rpo_alpha times the chosen answers' NLL per
+    token (of the plain sums), each term's pair losses times WPO's pair weights
+    exp(mean(log p - log sum p^2)) of both answers, from the policy (TRL's forms)."""
     records = TRAIN.read_text().splitlines()[:8]
     records = [json.loads(line) for line in records]
     beta, max_length, max_prompt_length = 0.1, 12, 5  # cuts some prompts and answers
     extras = loss_type.endswith("+ld_alpha+wpo+rpo")
     loss_type = loss_type.split("+")[0]
+    mix = dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2], ld_alpha=0.5,
+               use_weighting=True, rpo_alpha=0.3) if extras else dict(loss_type=loss_type)
     config = DPOConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, lr=LR,
-                       beta=beta, loss_type=loss_type, use_fused_linear=fused,
+                       beta=beta, use_fused_linear=fused,
                        max_length=max_length, max_prompt_length=max_prompt_length,
-                       seed=3, device="cpu", ld_alpha=0.5 if extras else None,
-                       use_weighting=extras, rpo_alpha=0.3 if extras else None)
+                       seed=3, device="cpu", **mix)
     policy64 = copy.deepcopy(warm_model).double()
     ref64 = copy.deepcopy(other_model).double()
     model = copy.deepcopy(warm_model)
@@ -220,14 +222,20 @@ def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_
     options = {}
     if loss_type == "ipo":
         options = dict(chosen_lengths=lengths[:4], rejected_lengths=lengths[4:])
-    expected = reference.dpo_loss(policy[:4], policy[4:], ref[:4], ref[4:], beta=beta,
-                                  loss_type=loss_type, reduction="none", **options)
     weights = torch.stack(tokens["wpo"]) if extras else torch.ones(8, dtype=torch.float64)
+    pair_weights = weights[:4] * weights[4:]
     assert not extras or (weights < 1).all()
-    expected = expected._replace(loss=(expected.loss * weights[:4] * weights[4:]).mean())
+    terms = [(0.8, "sigmoid"), (0.2, "bco_pair")] if extras else [(1.0, loss_type)]
+    loss = 0.0
+    for weight, kind in terms:
+        expected = reference.dpo_loss(policy[:4], policy[4:], ref[:4], ref[4:], beta=beta,
+                                      loss_type=kind, reduction="none", **options)
+        loss = loss + weight * (expected.loss * pair_weights).mean()
     if extras:
         nll = -sum(t.sum() for t in tokens["policy"][:4]) / lengths[:4].sum()
-        expected = expected._replace(loss=expected.loss + 0.3 * nll)
+        loss = loss + 0.3 * (nll * pair_weights).mean()
+    expected = reference.dpo_loss(policy[:4], policy[4:], ref[:4], ref[4:], beta=beta,
+                                  loss_type=terms[0][1], **options)._replace(loss=loss)
     expected.loss.backward()
     grads = {name: p.grad for name, p in policy64.named_parameters()}
 

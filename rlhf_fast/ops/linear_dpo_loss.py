@@ -1,6 +1,6 @@
 """`rlhf_fast.linear_dpo_loss`: the DPO loss family from the hidden states of a pair batch.
 
-The composition ``linear_logprobs`` + ``sequence_logps`` + ``dpo_loss``, with no [N, V]
+The composition ``linear_logprobs`` + ``pair_logps`` + ``dpo_loss``, with no [N, V]
 logits tensor: the DPO loss couples every token of a pair, so the gradient needs the
 whole forward first (4 GEMMs per chunk, not one fused pass).
 """
@@ -22,9 +22,9 @@ from rlhf_fast.ops.checks import (
 from rlhf_fast.ops.dpo_loss import dpo_loss
 from rlhf_fast.ops.linear_logprobs import check_linear_inputs, ignore_masked_labels, token_logprobs
 from rlhf_fast.ops.logprobs import check_label_range, check_logprob_options
-from rlhf_fast.ops.sequence_logps import sequence_logps
-from rlhf_fast.options import DPO_OPTIONS, LOGPROB_OPTIONS
-from rlhf_fast.types import DPO_LENGTH_NORMALISED_TYPES, DPOLossOutput
+from rlhf_fast.ops.pair_logps import dpo_inputs, pair_logps
+from rlhf_fast.options import DPO_OPTIONS, DPO_TOKEN_OPTIONS, LOGPROB_OPTIONS
+from rlhf_fast.types import DPOLossOutput
 
 
 def check_pair_shapes(hidden: torch.Tensor, labels: torch.Tensor,
@@ -47,7 +47,7 @@ def check_pair_shapes(hidden: torch.Tensor, labels: torch.Tensor,
             )
 
 
-@(LOGPROB_OPTIONS + DPO_OPTIONS).keywords
+@(LOGPROB_OPTIONS + DPO_OPTIONS + DPO_TOKEN_OPTIONS).keywords
 def linear_dpo_loss(
     hidden_chosen_and_rejected: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     mask: torch.Tensor, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None, *,
@@ -55,7 +55,7 @@ def linear_dpo_loss(
 ) -> DPOLossOutput:
     """The DPO loss family straight from the hidden states of a stacked pair batch.
 
-    ``linear_logprobs`` + ``sequence_logps`` + ``dpo_loss``: no logits tensor. The DPO
+    ``linear_logprobs`` + ``pair_logps`` + ``dpo_loss``: no logits tensor. The DPO
     loss couples every token of a pair, so the gradient needs the whole forward first;
     this is the composition (4 GEMMs per chunk), not a single fused pass.
 
@@ -68,11 +68,13 @@ def linear_dpo_loss(
         mask: ``[2B, T]`` bool or numeric, nonzero = an answer token (prompt and
             padding 0); a mask, not a weight.
         ref_chosen, ref_rejected: ``[B]`` reference sequence log-probs, or both None.
-        Options: below, those of `linear_logprobs` and of `dpo_loss`; for ipo and
-            sigmoid_norm the answer lengths are the mask's row sums.
+        Options: below, those of `linear_logprobs`, of `dpo_loss` and the two that read
+            tokens (ld_alpha, use_weighting, through `pair_logps`); the answer lengths
+            (ipo, sigmoid_norm, sft) are the mask's row sums. The reference log-probs are
+            the caller's: with ld_alpha, LD-DPO's sums of the reference too (TRL's).
 
     Returns:
-        `DPOLossOutput`, exactly `dpo_loss` of the sequence log-probs.
+        `DPOLossOutput`, exactly `dpo_loss` of `pair_logps` of the token log-probs.
     """
     hidden = hidden_chosen_and_rejected
     name = "hidden_chosen_and_rejected"
@@ -90,17 +92,19 @@ def linear_dpo_loss(
     check_same_device("mask", mask, name, hidden)
     check_same_shape("mask", mask, "labels", labels)
     opt = check_logprob_options(LOGPROB_OPTIONS.pick(options), hidden)
-    dpo_options = DPO_OPTIONS.check({k: v for k, v in options.items()
-                                     if k not in LOGPROB_OPTIONS.names})
+    token_options = DPO_TOKEN_OPTIONS.check(DPO_TOKEN_OPTIONS.pick(options))
+    dpo_options = DPO_OPTIONS.check({k: v for k, v in options.items() if k not in
+                                     LOGPROB_OPTIONS.names + DPO_TOKEN_OPTIONS.names})
     labels = ignore_masked_labels(labels, mask, opt.ignore_index)
     if opt.check_labels:
         check_label_range(labels, weight.shape[0], opt.ignore_index)
-    token_logp = token_logprobs(hidden, weight, labels, bias, opt, False, False, compute_dtype)
-    seq_logp = sequence_logps(token_logp, mask)
-    n_pairs = hidden.shape[0] // 2
-    lengths = {}
-    if dpo_options.loss_type in DPO_LENGTH_NORMALISED_TYPES:
-        counts = (mask != 0).sum(-1)
-        lengths = dict(chosen_lengths=counts[:n_pairs], rejected_lengths=counts[n_pairs:])
-    return dpo_loss(seq_logp[:n_pairs], seq_logp[n_pairs:], ref_chosen, ref_rejected,
-                    **lengths, **vars(dpo_options))
+    weighting = token_options.use_weighting
+    token_logp = token_logprobs(hidden, weight, labels, bias, opt, False, weighting,
+                                compute_dtype)
+    log_sum_p2 = None
+    if weighting:
+        token_logp, log_sum_p2 = token_logp
+    pair = pair_logps(token_logp, mask, log_sum_p2=log_sum_p2, ld_alpha=token_options.ld_alpha)
+    return dpo_loss(pair.chosen, pair.rejected, ref_chosen, ref_rejected,
+                    **dpo_inputs(pair, dpo_options), **vars(dpo_options))
+

@@ -44,6 +44,7 @@ from rlhf_fast.reference.tokens import (
     ignored_labels,
     linear_logprobs,
     logprobs,
+    pair_logps,
     sequence_logps,
 )
 
@@ -52,6 +53,6 @@ __all__ = [
     "dpo_loss", "fits_dtype", "gae", "group_advantages", "ignored_labels", "kl_cov_coefficients",
     "kl_penalty", "kto_loss", "linear_logprobs", "linear_token_divergence", "log1mexp",
     "log_sigmoid", "logprobs", "masked_mean", "masked_whiten", "optimal_token_baseline",
-    "orpo_loss", "policy_terms", "policy_weights", "ppo_loss", "rollout_correction",
+    "orpo_loss", "pair_logps", "policy_terms", "policy_weights", "ppo_loss", "rollout_correction",
     "sequence_logps", "simpo_loss", "token_divergence", "topk_token_divergence",
 ]

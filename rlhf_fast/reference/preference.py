@@ -8,13 +8,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf_fast.options import CPO_OPTIONS, DPO_OPTIONS, KTO_OPTIONS, ORPO_OPTIONS, SIMPO_OPTIONS
+from rlhf_fast.options import (
+    CPO_OPTIONS,
+    DPO_OPTIONS,
+    KTO_OPTIONS,
+    ORPO_OPTIONS,
+    SIMPO_OPTIONS,
+    dpo_terms,
+)
 from rlhf_fast.reference.common import nan_where
 from rlhf_fast.types import (
     CPO_LENGTH_NORMALISED_TYPES,
     CPO_LOSS_TYPES,
+    DPO_LABEL_SMOOTHING_TYPES,
     DPO_LENGTH_NORMALISED_TYPES,
     DPO_LOSS_TYPES,
+    DPO_SFT,
     CPOLossOutput,
     DPOLossOutput,
     KTOLossOutput,
@@ -34,7 +43,8 @@ def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
 @DPO_OPTIONS.keywords
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None,
              ref_rejected: Tensor | None, *, chosen_lengths: Tensor | None = None,
-             rejected_lengths: Tensor | None = None, **options: Any) -> DPOLossOutput:
+             rejected_lengths: Tensor | None = None, weights: Tensor | None = None,
+             sft_logps: Tensor | None = None, **options: Any) -> DPOLossOutput:
     """Pairwise preference losses on sequence log-probs ``[B]`` (sums over each answer).
 
     With a = log pi(y_w) - log pi_ref(y_w), b = log pi(y_l) - log pi_ref(y_l) (the chosen
@@ -78,29 +88,69 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor 
 
     where s is the logistic sigmoid and log s(x) is computed as -softplus(-x). ipo and
     sigmoid_norm divide all four log-probs by their answer's length (clamped to >= 1).
+
     A missing reference (both refs None) is log pi_ref = 0: only for the types in
     `DPO_REFERENCE_FREE_TYPES`. Rewards: beta * a and beta * b. A NaN log-prob makes its
     pair's loss NaN and, for every type (hinge included), the gradient of each input its
     terms depend on through the NaN.
+
+    A list of types is their sum with loss_weights (TRL's, MPO: Wang et al. 2024), and
+    rpo_alpha adds ("sft", rpo_alpha) to it; each type's [B] losses are multiplied by
+    `weights` (WPO) before the reduction, as TRL does per type. "sft" is the chosen
+    answers' NLL per token over the batch, -sum(sft_logps) / sum(chosen_lengths clamped
+    to >= 1) (TRL's cross-entropy over every chosen token), the same for every pair
+    (TRL's expand: its "none" values are that constant). `sft_logps` defaults to
+    policy_chosen (TRL's sft reads the plain sums where LD-DPO weights policy_chosen).
+    The rewards are those of the first type other than sft (raw log-ratios for sft alone).
     """
     opt = DPO_OPTIONS.fill(options)
-    beta, loss_type, reduction = opt.beta, opt.loss_type, opt.reduction
     dtype = torch.float64 if torch.float64 in (policy_chosen.dtype, policy_rejected.dtype) \
         else torch.float32
     pc, pr = policy_chosen.to(dtype), policy_rejected.to(dtype)
     rc = torch.zeros_like(pc) if ref_chosen is None else ref_chosen.to(dtype)
     rr = torch.zeros_like(pr) if ref_rejected is None else ref_rejected.to(dtype)
-    len_c = len_r = 1.0
-    if loss_type in DPO_LENGTH_NORMALISED_TYPES:
-        len_c = chosen_lengths.to(dtype).clamp(min=1)
-        len_r = rejected_lengths.to(dtype).clamp(min=1)
+    total, rewards = 0.0, None
+    for kind, weight in dpo_terms(opt):
+        if kind == DPO_SFT:
+            sft = pc if sft_logps is None else sft_logps.to(dtype)
+            losses = _chosen_nll(sft, _token_counts(chosen_lengths, dtype)).expand(pc.shape)
+        else:
+            len_c = len_r = 1.0
+            if kind in DPO_LENGTH_NORMALISED_TYPES:
+                len_c = _token_counts(chosen_lengths, dtype)
+                len_r = _token_counts(rejected_lengths, dtype)
+            losses = pair_losses(kind, pc, pr, rc, rr, len_c, len_r, opt)
+            if rewards is None:  # the log-probs the (first) loss sees
+                rewards = (opt.beta * (pc - rc) / len_c).detach(), \
+                    (opt.beta * (pr - rr) / len_r).detach()
+        if weights is not None:
+            losses = losses * weights.detach().to(dtype)
+        total = total + weight * losses
+    if rewards is None:
+        rewards = (opt.beta * (pc - rc)).detach(), (opt.beta * (pr - rr)).detach()
+    chosen_rewards, rejected_rewards = rewards
+    return DPOLossOutput(
+        loss=_reduce(total, opt.reduction),
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        reward_accuracy=(chosen_rewards > rejected_rewards).to(dtype).mean(),
+        reward_margin=(chosen_rewards - rejected_rewards).mean(),
+    )
 
+
+def pair_losses(loss_type: str, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor,
+                len_c: Tensor | float, len_r: Tensor | float, opt: Any) -> Tensor:
+    """[B] the losses of one pairwise `loss_type` (sorted positions for aot's), on the
+    log-probs and the lengths (1.0 where the type does not normalise)."""
+    beta = opt.beta
     # the log-ratios (the rewards'), then the scores the loss compares
     a_raw, b_raw = pc - rc, pr - rr
     a, b = f_score(a_raw, opt) / len_c, f_score(b_raw, opt) / len_r
     delta = a - b
     u = beta * delta
     eps = opt.label_smoothing
+    if loss_type not in DPO_LABEL_SMOOTHING_TYPES:
+        eps = 0.0  # (in a mix: read only by the types that read it)
     if loss_type == "aot":
         delta = (torch.sort(pc - pr, dim=0).values - torch.sort(rc - rr, dim=0).values)
     elif loss_type == "aot_unpaired":
@@ -140,21 +190,7 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor 
     else:
         raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
 
-    if reduction == "mean":
-        loss = losses.mean()
-    elif reduction == "sum":
-        loss = losses.sum()
-    else:
-        loss = losses
-    chosen_rewards = (beta * a_raw / len_c).detach()
-    rejected_rewards = (beta * b_raw / len_r).detach()
-    return DPOLossOutput(
-        loss=loss,
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        reward_accuracy=(chosen_rewards > rejected_rewards).to(dtype).mean(),
-        reward_margin=(chosen_rewards - rejected_rewards).mean(),
-    )
+    return losses
 
 
 def f_score(log_ratio: Tensor, opt: Any) -> Tensor:

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.options import TOKEN_OPTIONS
+from rlhf_fast.options import PAIR_LOGPS_OPTIONS, TOKEN_OPTIONS
 from rlhf_fast.reference.common import compute_dtype, nan_where
+from rlhf_fast.types import PairLogps
 
 
 @TOKEN_OPTIONS.keywords
@@ -130,3 +131,39 @@ def sequence_logps(
         return total
     count = valid.sum(-1)
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+@PAIR_LOGPS_OPTIONS.keywords
+def pair_logps(token_logp: torch.Tensor, mask: torch.Tensor, *,
+               log_sum_p2: torch.Tensor | None = None, **options: Any) -> PairLogps:
+    """The sequence log-probs of a stacked preference batch, LD-DPO's and WPO's included.
+
+    ``token_logp``, ``mask``, ``log_sum_p2``: ``[2B, T]``, rows b and B + b the chosen and
+    rejected answer of pair b. With n the answer's position among its valid tokens (1, 2,
+    ...) and s the pair's shorter length, LD-DPO's sum (TRL's, of the policy and the
+    reference alike) is sum_{n <= s} logp + ld_alpha * sum_{n > s} logp. WPO's weight of an
+    answer (TRL's use_weighting) is exp(mean over its tokens of logp - log sum_j p_j^2),
+    1 for an empty one; a pair's is the product of its two, detached.
+    """
+    opt = PAIR_LOGPS_OPTIONS.fill(options)
+    valid = mask != 0
+    x = token_logp.to(compute_dtype(token_logp.dtype))
+    x = torch.where(valid, x, torch.zeros_like(x))
+    counts = valid.sum(-1)
+    pairs = x.shape[0] // 2
+    sums, sft_logps = x.sum(-1), None
+    if opt.ld_alpha is not None:
+        shared = torch.minimum(counts[:pairs], counts[pairs:]).repeat(2)
+        tail = valid.cumsum(-1) > shared[:, None]
+        sums = torch.where(tail, x * opt.ld_alpha, x).sum(-1)
+        sft_logps = x[:pairs].sum(-1)
+    weights = None
+    if log_sum_p2 is not None:
+        with torch.no_grad():
+            aligned = x.detach() - log_sum_p2.to(x.dtype)
+            mean = torch.where(valid, aligned, torch.zeros_like(aligned)).sum(-1) \
+                / counts.clamp(min=1)
+            weights = mean[:pairs].exp() * mean[pairs:].exp()
+    lengths = counts.to(x.dtype)
+    return PairLogps(sums[:pairs], sums[pairs:], lengths[:pairs], lengths[pairs:], sft_logps,
+                     weights)

@@ -9,6 +9,8 @@ One training step, top to bottom (`DPOTrainer.optimizer_step`, then `_pair_loss`
    on the model's logits;
 3. sum them over each answer's tokens (`sequence_logps`; prompt and padding masked out),
    and get the same from the frozen reference (precomputed once, or per batch);
+   (`pair_logps`: LD-DPO's weighted sums with ld_alpha, WPO's pair weights with
+   use_weighting);
 4. `dpo_loss` on the four sequence log-probs (or another objective on the same stacked
    batch: `simpo_loss`, `cpo_loss`, `orpo_loss`, or `kto_loss` on unpaired records, whose
    second half holds each prompt with another record's completion for the KL estimate),
@@ -22,18 +24,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-from rlhf_fast import cpo_loss, dpo_loss, kto_loss, orpo_loss, sequence_logps, simpo_loss
+from rlhf_fast import cpo_loss, dpo_loss, kto_loss, orpo_loss, pair_logps, simpo_loss
+from rlhf_fast.ops.pair_logps import dpo_inputs
 from rlhf_fast.options import (
     CPO_OPTIONS,
     DPO_OPTIONS,
+    DPO_TOKEN_OPTIONS,
     KTO_OPTIONS,
     ORPO_OPTIONS,
     SIMPO_OPTIONS,
@@ -47,12 +51,7 @@ from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
 from rlhf_fast.trainers.models import TokenLogprobs, frozen, prepare_for_training
 from rlhf_fast.trainers.run import wrap_ddp
-from rlhf_fast.types import (
-    DPO_LENGTH_NORMALISED_TYPES,
-    DPO_LOSS_TYPES,
-    DPO_REFERENCE_FREE_TYPES,
-    DPO_SORTED_TYPES,
-)
+from rlhf_fast.types import DPO_MIX_TYPES, DPO_REFERENCE_FREE_TYPES, DPO_SFT
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 #: KTO's unpaired records: these strings and a bool "label" (desirable or not)
@@ -60,16 +59,16 @@ KTO_FIELDS = ("prompt", "completion")
 #: The trainer's objectives beside dpo_loss's types, each with its op's option set
 OBJECTIVES: dict[str, OptionSet] = {"simpo": SIMPO_OPTIONS, "cpo": CPO_OPTIONS,
                                     "orpo": ORPO_OPTIONS, "kto": KTO_OPTIONS}
-LOSS_TYPES = DPO_LOSS_TYPES + tuple(OBJECTIVES)
+LOSS_TYPES = DPO_MIX_TYPES + tuple(OBJECTIVES)
 REFERENCE_FREE_OBJECTIVES = ("simpo", "cpo", "orpo")
-#: The loss types that read each option field (the others require its default)
+#: The objectives that read each option field ("dpo": dpo_loss's types and their mixes);
+#: the others require its default
 READ_BY = {
     "gamma": ("simpo",), "alpha": ("cpo",), "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
-    "label_smoothing": DPO_LOSS_TYPES + ("simpo", "cpo"),  # (dpo_loss's rule: which ones)
-    "f_divergence_type": DPO_LOSS_TYPES, "f_alpha_divergence_coef": DPO_LOSS_TYPES,
-    "discopop_tau": DPO_LOSS_TYPES, "ld_alpha": DPO_LOSS_TYPES, "rpo_alpha": DPO_LOSS_TYPES,
-    "use_weighting": DPO_LOSS_TYPES,
+    "label_smoothing": ("dpo", "simpo", "cpo"),  # (dpo_loss's rule: which of its types)
+    **{name: ("dpo",) for name in DPO_OPTIONS.names + DPO_TOKEN_OPTIONS.names
+       if name not in ("beta", "loss_type", "label_smoothing", "reduction")},
 }
 
 
@@ -77,9 +76,15 @@ READ_BY = {
 LOSS_TYPE = next(o for o in DPO_OPTIONS.options if o.name == "loss_type")
 
 
-def record_fields(loss_type: str) -> tuple[str, ...]:
+def record_fields(loss_type: str | list[str]) -> tuple[str, ...]:
     """The string fields of the records `loss_type` trains on."""
-    return KTO_FIELDS if loss_type == "kto" else PAIR_FIELDS
+    return KTO_FIELDS if loss_type in ("kto", ["kto"]) else PAIR_FIELDS
+
+
+def objective(loss_type: str | tuple[str, ...]) -> str:
+    """The trainer's objective of a (checked) loss_type: simpo, cpo, orpo, kto, or "dpo"
+    for dpo_loss's types and their mixes."""
+    return loss_type if isinstance(loss_type, str) and loss_type in OBJECTIVES else "dpo"
 DPO_PLOT_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
                  "rewards/rejected", "logps/chosen", "logps/rejected", "eval/rewards/accuracies",
                  "eval/loss"]
@@ -90,6 +95,7 @@ DPO_PLOT_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chose
 @CPO_OPTIONS.fields(exclude=("beta", "loss_type", "label_smoothing", "reduction"),
                     after="loss_type")
 @SIMPO_OPTIONS.fields(exclude=("beta", "label_smoothing", "reduction"), after="loss_type")
+@DPO_TOKEN_OPTIONS.fields(after="loss_type")
 @DPO_OPTIONS.fields(exclude=("reduction", "loss_type"), after="loss_type")
 class DPOConfig(TrainerConfig):
     """Everything a DPO run needs besides the models and the data: the fields of
@@ -106,11 +112,12 @@ class DPOConfig(TrainerConfig):
     """Peak AdamW learning rate."""
     logging_steps: int = 10
     """Log the mean of the metrics every this many optimizer steps."""
-    loss_type: str = dataclasses.field(default=LOSS_TYPE.default, metadata={"doc": (
-        f"{LOSS_TYPE.doc}, or another objective on the same batches: simpo, cpo, orpo "
-        "(reference-free: simpo_loss, cpo_loss, orpo_loss on the pairs; gamma, alpha) or "
-        "kto (kto_loss on unpaired records {prompt, completion, label}; desirable_weight, "
-        f"undesirable_weight) (one of {LOSS_TYPES})")})
+    loss_type: str | list[str] = dataclasses.field(default=LOSS_TYPE.default, metadata={
+        "doc": (f"{LOSS_TYPE.doc}, or another objective on the same batches: simpo, cpo, "
+                "orpo (reference-free: simpo_loss, cpo_loss, orpo_loss on the pairs; gamma, "
+                "alpha) or kto (kto_loss on unpaired records {prompt, completion, label}; "
+                f"desirable_weight, undesirable_weight) (one of {LOSS_TYPES}; a list: "
+                "dpo_loss's types)")})
     reference_free: bool = False
     """Use no reference model (log pi_ref = 0); only for DPO_REFERENCE_FREE_TYPES."""
     precompute_ref_logps: bool = False
@@ -130,29 +137,25 @@ class DPOConfig(TrainerConfig):
     """Longest prompt + answer in tokens; answers are cut to fit."""
     eval_steps: int = 0
     """Evaluate every this many steps (0: only at the end) when there is an eval set."""
-    ld_alpha: float | None = None
-    """LD-DPO (Liu et al. 2024), TRL's ld_alpha in [0, 1]: each answer's log-prob is its
-    first tokens' (as many as the pair's shorter answer has) plus ld_alpha times the
-    rest's, for the policy and the reference alike; None: the plain sums."""
-    rpo_alpha: float | None = None
-    """RPO (Pang et al. 2024; TRL's rpo_alpha): the chosen answers' NLL per token over the
-    batch, times rpo_alpha, added to the loss; None: no NLL term."""
-    use_weighting: bool = False
-    """WPO (Zhou et al. 2024), TRL's: each pair's loss times its two answers' weights
-    exp(mean over the answer of log p_t - log sum_j p_j^2), from the policy, detached."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require = FieldChecker("DPOConfig")
-        require("loss_type", self.loss_type in LOSS_TYPES, f"one of {LOSS_TYPES}")
+        if isinstance(self.loss_type, (list, tuple)) and len(self.loss_type) == 1:
+            self.loss_type = self.loss_type[0]  # (the CLI's --loss-type X)
+        require("loss_type", self.loss_type in LOSS_TYPES if isinstance(self.loss_type, str)
+                else isinstance(self.loss_type, (list, tuple)),
+                f"one of {LOSS_TYPES} or a list of {DPO_MIX_TYPES}")
         self._check_options()
         require.bools(self, ("reference_free", "precompute_ref_logps"))
-        require("reference_free",
-                not self.reference_free or self.loss_type in DPO_REFERENCE_FREE_TYPES
-                + tuple(OBJECTIVES), f"False for loss_type {self.loss_type!r} (allowed for "
-                f"{DPO_REFERENCE_FREE_TYPES} and {tuple(OBJECTIVES)})")
-        require("precompute_ref_logps", not (self.precompute_ref_logps
-                                             and self.loss_type in REFERENCE_FREE_OBJECTIVES),
+        kinds = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        require("reference_free", not self.reference_free or all(
+            k in DPO_REFERENCE_FREE_TYPES + (DPO_SFT,) + tuple(OBJECTIVES) for k in kinds),
+                f"False for loss_type {self.loss_type!r} (allowed for "
+                f"{DPO_REFERENCE_FREE_TYPES}, sft and {tuple(OBJECTIVES)})")
+        require("precompute_ref_logps", not (
+            self.precompute_ref_logps
+            and objective(self.loss_type) in REFERENCE_FREE_OBJECTIVES),
                 f"False for loss_type {self.loss_type!r} (it reads no reference)")
         # there is no reference to score: the flag would be silently ignored
         require("precompute_ref_logps", not (self.reference_free and self.precompute_ref_logps),
@@ -164,35 +167,30 @@ class DPOConfig(TrainerConfig):
                 f"< max_length ({self.max_length}), leaving room for the answer")
         require("num_epochs", is_finite(self.num_epochs) and self.num_epochs > 0,
                 "a finite float > 0", self.num_epochs)
-        require("ld_alpha", self.ld_alpha is None or (
-            isinstance(self.ld_alpha, (int, float)) and not isinstance(self.ld_alpha, bool)
-            and 0 <= self.ld_alpha <= 1), "a float in [0, 1] or None", self.ld_alpha)
-        require("rpo_alpha", self.rpo_alpha is None or (
-            isinstance(self.rpo_alpha, (int, float)) and not isinstance(self.rpo_alpha, bool)
-            and 0 <= self.rpo_alpha < math.inf), "a finite float >= 0 or None", self.rpo_alpha)
-        require.bools(self, ("use_weighting",))
-        require("use_weighting", not (self.use_weighting and self.loss_type in DPO_SORTED_TYPES),
-                f"False for loss_type {self.loss_type!r} (its losses are of sorted "
+        sorted_kinds = [k for k in kinds if k in ("aot", "aot_unpaired")]
+        require("use_weighting", not (self.use_weighting and sorted_kinds),
+                f"False for loss_type {self.loss_type!r} (aot's losses are of sorted "
                 "positions, not pairs; TRL refuses it too)")
 
     def _check_options(self) -> None:
         """The loss's options through its op's option set (errors naming the field), and
         every option another loss type reads at its default: never silently ignored."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        kind = objective(self.loss_type)
         for name, readers in READ_BY.items():
-            if self.loss_type not in readers and getattr(self, name) != defaults[name]:
-                raise ValueError(f"DPOConfig.{name} is read only by loss_type in {readers}; "
-                                 f"leave it at {defaults[name]!r} for {self.loss_type!r}, got "
-                                 f"{getattr(self, name)!r}")
-        objective = OBJECTIVES.get(self.loss_type)
-        options = DPO_OPTIONS if objective is None else objective
-        given = {n: getattr(self, n) for n in options.names
-                 if hasattr(self, n) and n not in ("loss_type", "reduction")}
-        if objective is None:
-            given["loss_type"] = self.loss_type
-        checked = options.check_as_values(given, "DPOConfig")
-        for name in given:
-            setattr(self, name, getattr(checked, name))
+            if kind not in readers and getattr(self, name) != defaults[name]:
+                raise ValueError(f"DPOConfig.{name} is read only by loss_type in {readers} "
+                                 f"(dpo: dpo_loss's types); leave it at {defaults[name]!r} for "
+                                 f"{self.loss_type!r}, got {getattr(self, name)!r}")
+        option_sets = [DPO_OPTIONS, DPO_TOKEN_OPTIONS] if kind == "dpo" else [OBJECTIVES[kind]]
+        for options in option_sets:
+            given = {n: getattr(self, n) for n in options.names
+                     if hasattr(self, n) and n not in ("loss_type", "reduction")}
+            if options is DPO_OPTIONS:
+                given["loss_type"] = self.loss_type
+            checked = options.check_as_values(given, "DPOConfig")
+            for name in given:
+                setattr(self, name, getattr(checked, name))
 
 
 @dataclass
@@ -211,25 +209,6 @@ class PairBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
-
-
-def ld_weights(answer_mask: torch.Tensor, ld_alpha: float) -> torch.Tensor:
-    """[2B, T] LD-DPO's token weights: 1 on the first tokens of each answer, as many as
-    its pair's shorter answer has (rows b and B + b are a pair), ld_alpha after them."""
-    position = answer_mask.cumsum(-1)  # 1, 2, ... along each answer
-    lengths = answer_mask.sum(-1)
-    shared = torch.minimum(*lengths.chunk(2)).repeat(2)
-    return torch.where(position <= shared[:, None], 1.0, ld_alpha)
-
-
-def wpo_weights(token_logp: torch.Tensor, log_sum_p2: torch.Tensor,
-                answer_mask: torch.Tensor) -> torch.Tensor:
-    """[2B] WPO's weight of each answer: exp of the mean over its tokens of log p_t -
-    log sum_j p_j^2 (the token's probability against the distribution's collision
-    probability; 1 for a greedy-certain answer), detached."""
-    with torch.no_grad():
-        aligned = sequence_logps(token_logp - log_sum_p2, answer_mask, average=True)
-    return aligned.exp()
 
 
 def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int,
@@ -386,54 +365,40 @@ class DPOTrainer:
 
     def _pair_loss(self, batch: PairBatch, split: str):
         """The DPO loss of a stacked batch, and its metrics."""
+        config, kind = self.config, objective(self.config.loss_type)
         pairs = batch.rows.numel()
-        weighting = self.config.use_weighting
         with self.run.autocast():
             token_logp = self.policy(batch.input_ids, batch.attention_mask,
-                                     return_sum_p2=weighting)
-        if weighting:
+                                     return_sum_p2=config.use_weighting)
+        log_sum_p2 = None
+        if config.use_weighting:
             token_logp, log_sum_p2 = token_logp
-        policy = self._answer_logps(token_logp, batch)
+        policy = pair_logps(token_logp, batch.answer_mask, ld_alpha=config.ld_alpha,
+                            log_sum_p2=log_sum_p2)
         reference = self._reference_logps(batch, split)
-        config, loss_type = self.config, self.config.loss_type
-        lengths = batch.answer_mask.sum(-1)
-        if loss_type == "kto":  # the second half: each prompt with another's completion
-            return self._kto_loss(policy, reference, batch, split)
-        if loss_type in OBJECTIVES:
-            objective = {"simpo": simpo_loss, "cpo": cpo_loss, "orpo": orpo_loss}[loss_type]
-            out = objective(policy[:pairs], policy[pairs:], lengths[:pairs], lengths[pairs:],
-                            **OBJECTIVES[loss_type].pick(vars(config) | {"loss_type": "sigmoid"}))
+        if kind == "kto":  # the second half: each prompt with another's completion
+            return self._kto_loss(torch.cat(policy[:2]), reference, batch, split)
+        if kind in OBJECTIVES:
+            loss = {"simpo": simpo_loss, "cpo": cpo_loss, "orpo": orpo_loss}[kind]
+            out = loss(policy.chosen, policy.rejected, policy.chosen_lengths,
+                       policy.rejected_lengths,
+                       **OBJECTIVES[kind].pick(vars(config) | {"loss_type": "sigmoid"}))
         else:
-            normalised = loss_type in DPO_LENGTH_NORMALISED_TYPES
-            out = dpo_loss(
-                policy[:pairs], policy[pairs:],
-                None if reference is None else reference[:pairs],
-                None if reference is None else reference[pairs:],
-                chosen_lengths=lengths[:pairs] if normalised else None,
-                rejected_lengths=lengths[pairs:] if normalised else None,
-                **DPO_OPTIONS.pick(vars(config)), reduction="none" if weighting else "mean",
-            )
-        if weighting:  # WPO: the pairs' losses weighted by their answers' probabilities
-            weights = wpo_weights(token_logp, log_sum_p2, batch.answer_mask)
-            out = out._replace(loss=(out.loss * weights[:pairs] * weights[pairs:]).mean())
-        extra = {}
-        if config.rpo_alpha is not None:  # RPO: the chosen answers' NLL per token
-            chosen_tokens = batch.answer_mask[:pairs]
-            nll = -(sequence_logps(token_logp[:pairs], chosen_tokens).sum()
-                    / chosen_tokens.sum().clamp(min=1))
-            out = out._replace(loss=out.loss + config.rpo_alpha * nll)
-            extra["nll_loss"] = nll
+            options = DPO_OPTIONS.pick(vars(config))
+            out = dpo_loss(policy.chosen, policy.rejected,
+                           None if reference is None else reference[:pairs],
+                           None if reference is None else reference[pairs:],
+                           **dpo_inputs(policy, SimpleNamespace(**options)), **options)
         metrics = host_floats({
             "loss": out.loss,
             "rewards/chosen": out.chosen_rewards.mean(),
             "rewards/rejected": out.rejected_rewards.mean(),
             "rewards/accuracies": out.reward_accuracy,
             "rewards/margins": out.reward_margin,
-            "logps/chosen": policy[:pairs].mean(),
-            "logps/rejected": policy[pairs:].mean(),
+            "logps/chosen": policy.chosen.mean(),
+            "logps/rejected": policy.rejected.mean(),
             **{name: getattr(out, name) for name in ("nll_loss", "log_odds_ratio",
                                                      "log_odds_chosen") if hasattr(out, name)},
-            **extra,
         })
         return out, metrics
 
@@ -488,9 +453,8 @@ class DPOTrainer:
     def _answer_logps(self, token_logp: torch.Tensor, batch: PairBatch) -> torch.Tensor:
         """[2B] each answer's log-prob: its tokens' sum, LD-DPO's weighted sum with
         ld_alpha."""
-        if self.config.ld_alpha is not None:
-            token_logp = token_logp * ld_weights(batch.answer_mask, self.config.ld_alpha)
-        return sequence_logps(token_logp, batch.answer_mask)
+        return torch.cat(pair_logps(token_logp, batch.answer_mask,
+                                    ld_alpha=self.config.ld_alpha)[:2])
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
