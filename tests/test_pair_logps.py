@@ -106,8 +106,9 @@ def test_fused_matches_reference(ld_alpha, weighting, dtype):
         assert rel_err(a, b) < tol, name
     assert out.weights is None or not out.weights.requires_grad
     assert grad.dtype == dtype
-    # rounded to the input's dtype once (bf16: 2^-8 relative)
-    assert rel_err(grad, ref_grad) < {F64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 4e-3}[dtype]
+    # rounded to the input's dtype (bf16: one ulp, 2^-7 relative: the interpreter's
+    # fp32 -> bf16 casts truncate)
+    assert rel_err(grad, ref_grad) < {F64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
     assert (grad[mask == 0] == 0).all()
 
 

@@ -78,11 +78,11 @@ def pair_logps(token_logp: torch.Tensor, mask: torch.Tensor, *,
     if opt.ld_alpha is not None:
         shared = torch.minimum(counts[:pairs], counts[pairs:]).repeat(2)
         tail = valid.cumsum(-1) > shared[:, None]
-        # in the sums' precision: a bf16 product would round each tail token once more
-        weighted = token_logp.to(sums.dtype)
-        weighted = torch.where(tail, weighted * opt.ld_alpha, weighted)
-        sums = sequence_logps(weighted, mask)
-        sft_logps = sequence_logps(token_logp[:pairs], mask[:pairs])
+        # in the sums' precision: the gradients of both sums then meet in fp32 and are
+        # rounded to a bf16 input's dtype once
+        wide = token_logp.to(sums.dtype)
+        sums = sequence_logps(torch.where(tail, wide * opt.ld_alpha, wide), mask)
+        sft_logps = sequence_logps(wide[:pairs], mask[:pairs])
     weights = None
     if log_sum_p2 is not None:
         with torch.no_grad():
