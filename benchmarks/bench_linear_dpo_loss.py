@@ -19,8 +19,10 @@ Providers (same inputs, same process):
 * ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss(beta=0.1, compiled=<on CUDA>)``
   called with the reference's hidden states and lm_head (it has no precomputed-reference
   input): chunks of pairs through ``torch.func``, the policy's gradient computed in its
-  forward even when nothing requires grad: 4 GEMMs in both modes. Pure PyTorch, so it
-  runs on the CPU too; skipped, with the reason, where not installed.
+  forward: 4 GEMMs in fwd+bwd; in fwd 2 where the installed release runs the forward
+  alone when nothing requires grad (0.8.5), 4 where it computes the gradient regardless
+  (earlier releases; `peers.liger_chunked_skips_gradient`). Pure PyTorch, so it runs on
+  the CPU too; skipped, with the reason, where not installed.
 * ``eager``: materialised logits of both models (the reference's under no_grad), fp32
   ``log_softmax``, ``gather``, masked sums, ``-logsigmoid(beta * margin).mean()``: 2 / 4.
 * ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
@@ -67,6 +69,18 @@ MODES = lm_head.MODES
 GEMMS = {"fwd": {"rlhf_fast": 2, "liger": 4, "eager": 2, "compile": 2},
          "fwd+bwd": {"rlhf_fast": 5, "liger": 4, "eager": 4, "compile": 4}}
 FLOOR_GEMMS = {"fwd": 2, "fwd+bwd": 4}
+#: Liger's chunked preference base, whose forward may skip the gradient without grad.
+LIGER_BASE = ("liger_kernel.chunked_loss.fused_linear_preference",
+              "LigerFusedLinearPreferenceBase")
+
+
+def provider_gemms(mode: str, provider: str) -> int:
+    """GEMMs of 2 N V D FLOPs `provider` runs in `mode` (GEMMS; Liger's fwd: 2 where its
+    installed release skips the gradient when nothing requires grad)."""
+    if provider == "liger" and mode == "fwd" and peers.liger_chunked_skips_gradient(
+            *LIGER_BASE):
+        return 2
+    return GEMMS[mode][provider]
 #: Std of the reference's hidden states around the policy's (beta * margin is O(1)).
 REF_HIDDEN_NOISE = 0.05
 
@@ -189,7 +203,7 @@ def _reference(
 
 
 SUITE = lm_head.loss_suite(
-    OP, GPU_SHAPES, QUICK_SHAPES, PROVIDERS, make_inputs, gemms=GEMMS,
+    OP, GPU_SHAPES, QUICK_SHAPES, PROVIDERS, make_inputs, gemms=provider_gemms,
     floor_gemms=FLOOR_GEMMS, tokens=lambda shape: 2 * shape[0] * shape[1],
     table_shape=lambda case: table_shape(case.shape),
     describe=lambda case, inp: {"answer_tokens": int((inp.labels != IGNORE_INDEX).sum())},

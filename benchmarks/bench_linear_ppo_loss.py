@@ -16,9 +16,12 @@ Providers (same inputs, same process):
   the forward where the loss is token-wise: 3 GEMMs for fwd+bwd, 1 for fwd).
 * ``liger``: Liger-Kernel's ``LigerFusedLinearGRPOLoss(beta=0.04, epsilon_low=0.2,
   epsilon_high=0.28, loss_type="bnpo", compiled=<on CUDA>)`` with the precomputed
-  ``ref_per_token_logps`` (TRL's ``use_liger_loss`` path): chunks of sequences through
-  ``torch.func``, the gradient computed in its forward even when nothing requires grad
-  (3 GEMMs in both modes). Skipped, with the reason, where not installed.
+  ``ref_per_token_logps`` (TRL's ``use_liger_loss`` path): chunks of sequences, the
+  gradient w.r.t. the hidden states computed in its forward even when nothing requires
+  grad: 3 GEMMs in both modes where its chunks go through ``torch.func`` (earlier
+  releases); where its log-probs are a custom autograd function that recomputes the
+  logits in its backward (``_ChunkedSelectiveLogProbFunction``, 0.8.5), 3 in fwd and 4
+  in fwd+bwd (`provider_gemms`). Skipped, with the reason, where not installed.
 * ``eager``: the ``grpo`` suite's eager loss on ``hidden @ weight.T`` (materialised bf16
   logits, fp32 log_softmax).
 * ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
@@ -66,6 +69,19 @@ MODES = lm_head.MODES
 #: GEMMs of 2 N V D FLOPs each provider runs, per mode; the floor is eager's.
 GEMMS = {"fwd": {"rlhf_fast": 1, "liger": 3, "eager": 1, "compile": 1},
          "fwd+bwd": {"rlhf_fast": 3, "liger": 3, "eager": 3, "compile": 3}}
+#: Liger's log-probs that recompute the logits in their backward, where it has them.
+LIGER_RECOMPUTING_LOGPROBS = peers.Entry(
+    "liger", "liger_kernel.chunked_loss.fused_linear_ppo", "_ChunkedSelectiveLogProbFunction",
+    runs=peers.Runs.ANY_DEVICE)
+
+
+def provider_gemms(mode: str, provider: str) -> int:
+    """GEMMs of 2 N V D FLOPs `provider` runs in `mode` (GEMMS; Liger's fwd+bwd: 4 where
+    its log-probs recompute the logits in their backward)."""
+    if provider == "liger" and mode == "fwd+bwd" and LIGER_RECOMPUTING_LOGPROBS.reason(
+            torch.device("cpu")) is None:
+        return 4
+    return GEMMS[mode][provider]
 
 
 # --------------------------------------------------------------------------- providers
@@ -181,7 +197,7 @@ def make_inputs(shape: tuple[int, int, int, int], device: torch.device
 
 
 SUITE = lm_head.loss_suite(
-    OP, GPU_SHAPES, QUICK_SHAPES, PROVIDERS, make_inputs, gemms=GEMMS,
+    OP, GPU_SHAPES, QUICK_SHAPES, PROVIDERS, make_inputs, gemms=provider_gemms,
     floor_gemms=lm_head.FLOOR_GEMMS, tokens=lambda shape: shape[0] * shape[1],
 )
 

@@ -56,16 +56,14 @@ and writes the student's gradient (3), fwd+bwd both (5).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.benchmarks import cases, gates, peers
+from rlhf_fast.benchmarks import cases, gates, objectives, peers
 from rlhf_fast.benchmarks.cases import Case
 from rlhf_fast.benchmarks.inputs import provider_input
 
@@ -86,10 +84,10 @@ REDUCED = ("liger",)
 LIGER = peers.Entry("liger", "liger_kernel.transformers", "LigerJSD")
 MODES = ("fwd", "bwd", "fwd+bwd")
 #: The divergences, each a variant; jsd at beta BETA.
-VARIANTS = ("jsd", "forward_kl", "reverse_kl")
-BETA = 0.5
+VARIANTS = objectives.DIVERGENCES
+BETA = objectives.JSD_BETA
 #: The beta at which TRL's and Liger's JSD give each variant (their KLs: beta 0 and 1).
-PEER_BETA = {"jsd": BETA, "forward_kl": 0.0, "reverse_kl": 1.0}
+PEER_BETA = objectives.PEER_BETA
 #: Relative-error tolerance of the correctness gate, per input dtype (a bf16 student's
 #: gradient is bf16).
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
@@ -104,31 +102,14 @@ def label(case: Case) -> str:
     return f"{case.shape[0]}x{case.shape[1]}-{dtype}-{case.variant}"
 
 
-def options(divergence: str) -> dict[str, Any]:
-    """`token_divergence`'s options for a variant (beta is read by jsd only)."""
-    return {"divergence": divergence, "beta": BETA} if divergence == "jsd" else {
-        "divergence": divergence}
+#: `token_divergence`'s options for a variant (beta is read by jsd only).
+options = objectives.divergence_options
 
 
 # --------------------------------------------------------------------------- providers
 
-
-def eager_divergence(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                     divergence: str) -> torch.Tensor:
-    """TRL's GKD ``generalized_jsd_loss`` per token (its vocabulary sum, no reduction over
-    tokens), log-probs in fp32, the ignored rows zeroed."""
-    beta = PEER_BETA[divergence]
-    log_q = F.log_softmax(student.float(), dim=-1)  # student
-    log_p = F.log_softmax(teacher.float(), dim=-1)  # teacher
-    if beta == 0.0:  # KL(p || q): F.kl_div(input, target) is target * (target - input)
-        terms = F.kl_div(log_q, log_p, reduction="none", log_target=True)
-    elif beta == 1.0:  # KL(q || p)
-        terms = F.kl_div(log_p, log_q, reduction="none", log_target=True)
-    else:  # log m = log(beta p + (1 - beta) q), by logsumexp over the two weighted terms
-        log_m = torch.stack([log_q + math.log1p(-beta), log_p + math.log(beta)]).logsumexp(0)
-        terms = (beta * F.kl_div(log_m, log_p, reduction="none", log_target=True)
-                 + (1 - beta) * F.kl_div(log_m, log_q, reduction="none", log_target=True))
-    return terms.sum(-1).masked_fill(labels == IGNORE_INDEX, 0.0)
+#: TRL's GKD ``generalized_jsd_loss`` per token, log-probs in fp32 (module docstring).
+eager_divergence = objectives.eager_divergence
 
 
 def _rlhf_fast(inplace: bool) -> Callable[..., torch.Tensor]:

@@ -168,6 +168,9 @@ class Suite:
     describe: Callable[[Case, Any], dict[str, Any]] = _nothing
     #: A case id's size part.
     label: Callable[[Case], str] = default_label
+    #: The variants `headline_cases` runs (None: every one), for a suite whose variants
+    #: run the same GEMMs and differ only in elementwise work.
+    headline_variants: Sequence[str] | None = None
 
     def cases(self, quick: bool) -> list[Case]:
         """All cases, in table order: size, variant, mode, provider."""
@@ -182,13 +185,15 @@ class Suite:
 
     def headline_cases(self, quick: bool) -> list[Case]:
         """The cases of `rlhf-fast bench --headline`: the first (headline) size, the most
-        complete mode (fwd+bwd where the suite has it), every provider but the compiled
-        ones (whose compilation alone would take minutes of a short GPU run)."""
+        complete mode (fwd+bwd where the suite has it), the `headline_variants`, every
+        provider but the compiled ones (whose compilation alone would take minutes of a
+        short GPU run)."""
         mode = "fwd+bwd" if "fwd+bwd" in self.modes else self.modes[-1]
         first = (self.quick_sizes if quick else self.sizes)[0]
+        variants = self.variants if self.headline_variants is None else self.headline_variants
         return [case for case in self.cases(quick)
                 if (case.shape, case.dtype) == first and case.mode == mode
-                and not case.provider.startswith("compile")]
+                and case.variant in variants and not case.provider.startswith("compile")]
 
     def case(self, shape: Shape, mode: str, provider: str, *, dtype: Any = None,
              variant: str = "") -> Case:

@@ -85,9 +85,10 @@ class BenchSession:
                 "GB/s: the bytes an ideal implementation must move (each suite's module "
                 "docstring gives its byte count) over the median time. Fraction of "
                 "roofline: that over the measured copy bandwidth, or for GEMM-bound ops "
-                "(linear_logprobs, linear_ppo_loss, linear_dpo_loss) the minimal FLOPs over "
-                "the measured bf16 GEMM rate (e2e: the model FLOPs, i.e. model FLOPs "
-                "utilisation).",
+                "(the suites from hidden states: linear_logprobs, linear_ppo_loss, "
+                "linear_dpo_loss, linear_token_divergence, simpo_loss, cpo_loss, "
+                "orpo_loss, kto_loss) the minimal FLOPs over the measured bf16 GEMM rate "
+                "(e2e: the model FLOPs, i.e. model FLOPs utilisation).",
             ]
             info["notes"] = notes
             self._info = info

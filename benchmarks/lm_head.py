@@ -212,18 +212,22 @@ class LossInputs:
 
 def loss_suite(op: str, shapes: list[Shape], quick_shapes: list[Shape],
                providers: dict[str, Any], make_inputs: Callable[[Shape, torch.device], Any],
-               *, gemms: dict[str, dict[str, int]], floor_gemms: dict[str, int],
-               tokens: Callable[[Shape], int], **fields: Any) -> Suite:
+               *, gemms: dict[str, dict[str, int]] | Callable[[str, str], int],
+               floor_gemms: dict[str, int], tokens: Callable[[Shape], int],
+               **fields: Any) -> Suite:
     """The `Suite` of a loss from hidden states (`LossInputs`) in both `MODES`: gated by
     `gate_loss_from_hidden`, timed by `timed_from_hidden`, against the GEMM rate;
-    ``gemms[mode][provider]`` GEMMs of 2 N V D FLOPs run by a provider, ``floor_gemms[mode]``
-    by any, N = ``tokens(shape)``. `fields`: the suite's other `Suite` fields."""
+    ``gemms[mode][provider]`` (or ``gemms(mode, provider)``, for a count read from a
+    peer's installed release) GEMMs of 2 N V D FLOPs run by a provider,
+    ``floor_gemms[mode]`` by any, N = ``tokens(shape)``. `fields`: the suite's other
+    `Suite` fields."""
+    count = gemms if callable(gemms) else lambda mode, provider: gemms[mode][provider]
     return Suite(
         op, sizes(shapes, DTYPE), sizes(quick_shapes, DTYPE), MODES, providers,
         make_inputs=lambda case, device: make_inputs(case.shape, device),
         gate=gate_loss_from_hidden,
         timed=timed_from_hidden,
-        columns=gemm_columns(gemms=lambda case: gemms[case.mode][case.provider],
+        columns=gemm_columns(gemms=lambda case: count(case.mode, case.provider),
                              floor_gemms=lambda case: floor_gemms[case.mode],
                              tokens=lambda case: tokens(case.shape)),
         roofline="gemm",

@@ -9,7 +9,11 @@ eager code trainers write instead.
 * sigmoid DPO, beta 0.1, mean over B preference pairs (``dpo_loss`` and
   ``linear_dpo_loss`` suites): rows 0..B-1 of a batch the chosen answers, B..2B-1 the
   rejected ones, the prompt (a random 10-30% prefix shared by a pair) and the right
-  padding labelled -100.
+  padding labelled -100. The same batch layout feeds the preference losses from hidden
+  states (`preference`).
+* distillation, TRL's GKD per-token divergence of a student from a teacher
+  (``token_divergence`` and ``linear_token_divergence`` suites): jsd at beta 0.5, the
+  forward and the reverse KL, every case at temperature 1.
 """
 
 from __future__ import annotations
@@ -146,3 +150,41 @@ def eager_dpo_objective(seq: torch.Tensor, ref_chosen: torch.Tensor,
     policy_chosen, policy_rejected = seq[:pairs], seq[pairs:]
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     return -F.logsigmoid(DPO_BETA * margin).mean()
+
+
+# --------------------------------------------------------------------------- GKD
+
+#: The divergences (each a suite's variant) and jsd's mixture weight of the teacher.
+DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")
+JSD_BETA = 0.5
+#: The beta at which TRL's GKD loss and Liger's JSD give each divergence (their KLs:
+#: beta 0 the forward KL(teacher || student), beta 1 the reverse KL(student || teacher)).
+PEER_BETA = {"jsd": JSD_BETA, "forward_kl": 0.0, "reverse_kl": 1.0}
+
+
+def divergence_options(divergence: str) -> dict[str, Any]:
+    """`token_divergence`'s (and `linear_token_divergence`'s) options for a divergence
+    (beta is read by jsd only)."""
+    if divergence == "jsd":
+        return {"divergence": divergence, "beta": JSD_BETA}
+    return {"divergence": divergence}
+
+
+def eager_divergence(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                     divergence: str) -> torch.Tensor:
+    """TRL's GKD ``generalized_jsd_loss`` (trl/experimental/gkd/gkd_trainer.py) per token:
+    its vocabulary sum, not reduced over tokens, log-probs in fp32 (TRL takes them in the
+    logits' dtype; trainers upcast bf16 logits), the rows labelled -100 zeroed (TRL drops
+    them before its reduction, which costs the same)."""
+    beta = PEER_BETA[divergence]
+    log_q = F.log_softmax(student.float(), dim=-1)  # the student's
+    log_p = F.log_softmax(teacher.float(), dim=-1)  # the teacher's
+    if beta == 0.0:  # KL(p || q): F.kl_div(input, target) sums target * (target - input)
+        terms = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    elif beta == 1.0:  # KL(q || p)
+        terms = F.kl_div(log_p, log_q, reduction="none", log_target=True)
+    else:  # log m = log(beta p + (1 - beta) q), a logsumexp over the two weighted terms
+        log_m = torch.stack([log_q + math.log1p(-beta), log_p + math.log(beta)]).logsumexp(0)
+        terms = (beta * F.kl_div(log_m, log_p, reduction="none", log_target=True)
+                 + (1 - beta) * F.kl_div(log_m, log_q, reduction="none", log_target=True))
+    return terms.sum(-1).masked_fill(labels == IGNORE_INDEX, 0.0)

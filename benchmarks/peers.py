@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import functools
 import importlib
+import inspect
 import os
 import types
 from collections.abc import Callable
@@ -97,15 +98,36 @@ class Entry:
 
 
 @functools.cache
+def liger_chunked_skips_gradient(module: str, name: str) -> bool:
+    """Whether the Liger-Kernel chunked-loss base ``module.name`` runs its forward alone
+    when nothing requires grad (Liger-Kernel 0.8.5: ``torch.func.grad_and_value`` over
+    the inputs that require grad only, nothing when none does) rather than its gradient
+    GEMMs regardless (earlier releases, e.g. 0.8.2: fixed ``argnums``), read from its
+    forward's source. False where it cannot be read (a missing peer's cases are skipped)."""
+    base, reason = _import_attr(module, name)
+    if reason is not None:
+        return False
+    try:
+        source = inspect.getsource(base.forward)
+    except (OSError, TypeError):
+        return False
+    return "requires_grad" in source
+
+
 def first_output(out: Any) -> Any:
     """A peer loss's value: the first of the outputs it returns as a tuple (the loss,
-    then its metrics or auxiliary outputs), or its one output."""
+    then its metrics or auxiliary outputs), or its one output. Not cached: a cache would
+    keep every loss it saw alive, with the autograd graph behind it (a peer's saved
+    gradients, gigabytes at the GPU shapes)."""
     return out[0] if isinstance(out, tuple) else out
 
 
+@functools.cache
 def compiled(fn: Callable[..., Any], variant: str = "") -> Callable[..., Any]:
     """``torch.compile(fn, dynamic=False)``, built once per (function, variant), on first
-    use (the suites skip their compile providers on the CPU).
+    use (the suites skip their compile providers on the CPU), and cached: a suite may
+    call this in every timed call, and each variant's code copy is a new code object,
+    which Dynamo would compile again.
 
     A variant compiles a copy of `fn`'s code of its own: Dynamo keeps a bounded number of
     graphs per code object (8) and falls back to eager past it, silently, so a suite

@@ -317,6 +317,51 @@ def orpo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
     return _pairwise("orpo_loss")
 
 
+def cpo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
+    """The sigmoid term and alpha = 1 times the chosen answers' NLL (the defaults).
+    Forward: the two [P] log-probs and the int64 chosen lengths (the NLL's token count;
+    the sigmoid term on sums reads no length), the two rewards, the loss and three
+    statistics (accuracy, margin, NLL); backward: the same inputs and the upstream
+    gradient, both gradients written."""
+    import rlhf_fast
+
+    gen = torch.Generator().manual_seed(0)
+    pc, pr = (-torch.rand(P, generator=gen) * 50 for _ in range(2))
+    pc.requires_grad_(), pr.requires_grad_()
+    chosen_lengths, rejected_lengths = (torch.randint(1, 512, (P,), generator=gen)
+                                        for _ in range(2))
+
+    def run() -> Any:
+        out = rlhf_fast.cpo_loss(pc, pr, chosen_lengths, rejected_lengths)
+        return torch.autograd.grad(out.loss, (pc, pr))
+
+    return run, (F32 * 2 * P + 8 * P + F32 * (2 * P + 1 + 3)) + (
+        F32 * 2 * P + 8 * P + F32 + F32 * 2 * P)
+
+
+def kto_loss_forward_backward() -> tuple[Callable[[], Any], int]:
+    """With a reference model and a reference-point KL, the policy's log-probs alone
+    differentiated (the reference's are a constant). Forward: the [P] policy and
+    reference log-probs, the bool desirable flags (a byte each) and the 0-d KL, the [P]
+    rewards, the loss and four statistics (the two groups' mean rewards, their margin,
+    the KL used); backward: the same inputs and the upstream gradient, the policy's
+    gradient written."""
+    import rlhf_fast
+
+    gen = torch.Generator().manual_seed(0)
+    policy = (-torch.rand(P, generator=gen) * 50).requires_grad_()
+    ref = policy.detach() + torch.randn(P, generator=gen)
+    desirable = torch.rand(P, generator=gen) < 0.5
+    kl = torch.tensor(0.2)
+
+    def run() -> Any:
+        out = rlhf_fast.kto_loss(policy, ref, desirable, kl)
+        return torch.autograd.grad(out.loss, policy)
+
+    inputs = F32 * 2 * P + P + F32
+    return run, (inputs + F32 * (P + 1 + 4)) + (inputs + F32 + F32 * P)
+
+
 def group_advantages_forward() -> tuple[Callable[[], Any], int]:
     """The [P] scores (read twice by design: the second read, which writes, hits in
     cache) and the [P] advantages written."""
@@ -382,6 +427,10 @@ CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
         simpo_loss_forward_backward, ("_simpo_fwd_kernel", "_simpo_bwd_kernel"), 1.002),
     "orpo_loss fwd+bwd, [4096] pairs fp32": (
         orpo_loss_forward_backward, ("_orpo_fwd_kernel", "_orpo_bwd_kernel"), 1.002),
+    "cpo_loss fwd+bwd (sigmoid + NLL), [4096] pairs fp32": (
+        cpo_loss_forward_backward, ("_cpo_fwd_kernel", "_cpo_bwd_kernel"), 1.002),
+    "kto_loss fwd+bwd (reference, KL), [4096] examples fp32": (
+        kto_loss_forward_backward, ("_kto_fwd_kernel", "_kto_bwd_kernel"), 1.002),
     "group_advantages (grpo), [4096] scores fp32, groups of 8": (
         group_advantages_forward, ("_group_advantages_kernel",), 1.002),
     # (the scan reads each token's successor again: 1.27x in accesses, a cache hit)

@@ -106,6 +106,100 @@ def test_bench_token_divergence_quick_on_cpu(tmp_path: Path) -> None:
     assert "say nothing about GPU speed" in proc.stdout, log
 
 
+def test_bench_linear_token_divergence_quick_on_cpu(tmp_path: Path) -> None:
+    """Distillation from hidden states on the CPU fallback, its first quick size (``-k``):
+    ours and eager gated and timed for every divergence with their GEMM counts, compile
+    and Liger-Kernel's fused linear JSD (no GPU, no interpreter here) skipped, saying
+    why."""
+    out_dir = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, "bench", "linear_token_divergence", "--quick",
+         "--out", str(out_dir), "-k", "32x16x100"],
+        cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True, timeout=600,
+    )
+    log = f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, log
+    results = json.loads((out_dir / "linear_token_divergence.json").read_text())
+    assert results["info"]["gpu"] is False
+    rows = results["rows"]
+    status = {(r["variant"], r["mode"], r["provider"]): r["status"] for r in rows}
+    assert len(status) == len(rows) == 3 * 2 * 4  # variants x modes x providers
+    assert {r["variant"] for r in rows} == {"jsd", "forward_kl", "reverse_kl"}
+    gemm_flops = 2 * 32 * 16 * 100  # 2 N D V
+    for row in rows:
+        assert row["shape"] == [32, 16, 100] and row["dtype"] == "bfloat16", row
+        if row["provider"] in ("rlhf_fast", "eager"):
+            assert row["status"] == "ok", row
+            assert row["median_ms"] is not None and row["median_ms"] > 0, row
+            assert set(row["rel_err"]) == ({"divergence"} if row["mode"] == "fwd" else
+                                           {"divergence", "grad_hidden", "grad_weight"}), row
+            assert max(row["rel_err"].values()) <= 2e-2, row
+            gemms = {("fwd", "rlhf_fast"): 2, ("fwd+bwd", "rlhf_fast"): 6,
+                     ("fwd", "eager"): 2, ("fwd+bwd", "eager"): 4}
+            assert row["gemms"] == gemms[row["mode"], row["provider"]], row
+            floor = {"fwd": 2, "fwd+bwd": 4}[row["mode"]]
+            assert row["floor_flops"] == floor * gemm_flops, row
+            assert 0 < row["counted_tokens"] < 32, row
+        elif row["provider"] == "liger":
+            assert row["status"] == ("skipped: liger_kernel runs on CUDA (or "
+                                     "TRITON_INTERPRET=1) only"), row
+        else:
+            assert row["status"] == "skipped: torch.compile skipped in CPU quick mode", row
+    markdown = (out_dir / "linear_token_divergence.md").read_text()
+    assert ("| linear_token_divergence (forward_kl) | 32x16x100 | bfloat16 | rlhf_fast | fwd |"
+            in markdown)
+    assert "say nothing about GPU speed" in proc.stdout, log
+
+
+#: The preference-loss suites from hidden states, one per op.
+PREFERENCE_SUITES = ("simpo_loss", "cpo_loss", "orpo_loss", "kto_loss")
+
+
+def test_bench_preference_losses_quick_on_cpu(tmp_path: Path) -> None:
+    """SimPO, CPO, ORPO and KTO from hidden states on the CPU fallback, their first quick
+    size (``-k``: 2 pairs, or 4 KTO examples, of 8 tokens): ours, Liger-Kernel's chunked
+    losses (PyTorch code: they run here) and eager gated and timed, with their GEMM
+    counts (KTO's reference model one more); compile skipped."""
+    out_dir = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, "bench", *PREFERENCE_SUITES, "--quick", "--out",
+         str(out_dir), "-k", "4x8x16x100"],
+        cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True, timeout=600,
+    )
+    log = f"stdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, log
+    gemm_flops = 2 * 32 * 16 * 100  # 2 N D V, N = 4 rows x 8 tokens
+    from rlhf_fast.benchmarks import peers, preference
+
+    liger_forward_alone = [peers.liger_chunked_skips_gradient(*base) for base in (
+        preference.LIGER_PAIRED_BASE, preference.LIGER_UNPAIRED_BASE)]
+    for op in PREFERENCE_SUITES:
+        rows = json.loads((out_dir / f"{op}.json").read_text())["rows"]
+        assert {(r["mode"], r["provider"]) for r in rows} == {
+            (m, p) for m in ("fwd", "fwd+bwd") for p in ("rlhf_fast", "liger", "eager",
+                                                         "compile")}, op
+        reference_model = 1 if op == "kto_loss" else 0
+        for row in rows:
+            assert row["op"] == op and row["shape"] == [4, 8, 16, 100], row
+            if row["provider"] == "compile":
+                assert row["status"] == "skipped: torch.compile skipped in CPU quick mode"
+                continue
+            assert row["status"] == "ok", row
+            assert row["median_ms"] is not None and row["median_ms"] > 0, row
+            assert set(row["rel_err"]) == ({"loss"} if row["mode"] == "fwd" else
+                                           {"loss", "grad_hidden", "grad_weight"}), row
+            assert max(row["rel_err"].values()) <= 2e-2, row
+            gemms = {"fwd": 1, "fwd+bwd": 4 if row["provider"] == "rlhf_fast" else 3}
+            if row["provider"] == "liger" and not liger_forward_alone[op == "kto_loss"]:
+                gemms["fwd"] = 3  # a release computing its gradient regardless
+            assert row["gemms"] == gemms[row["mode"]] + reference_model, row
+            floor = {"fwd": 1, "fwd+bwd": 3}[row["mode"]] + reference_model
+            assert row["floor_flops"] == floor * gemm_flops, row
+            assert 0 < row["answer_tokens"] < 32, row
+        assert f"| {op} | 4x8x16x100 | bfloat16 | liger | fwd+bwd |" in (
+            out_dir / f"{op}.md").read_text()
+
+
 def test_bench_e2e_quick_on_cpu_writes_table_summary_and_plot(tmp_path: Path) -> None:
     """The end-to-end suite (the trainers' DPO step and PPO update, fused / logits /
     eager) in CPU quick mode: every provider gated and timed, tokens/s and the summary
@@ -187,8 +281,10 @@ def test_headline_cases_are_one_size_one_mode_no_compile() -> None:
             assert {c.mode for c in cases} == {"fwd+bwd" if "fwd+bwd" in suite.modes
                                                else suite.modes[-1]}
             assert not any(c.provider.startswith("compile") for c in cases)
+            assert {c.variant for c in cases} == set(suite.headline_variants or
+                                                     suite.variants), name
         total += len(suite.headline_cases(True))
-    assert total < 60  # a short run: the README's estimate counts on it
+    assert total < 75  # a short run: the README's estimate counts on it
 
 
 def test_bench_grpo_quick_on_cpu_lists_the_gpu_only_peer_as_skipped(tmp_path: Path) -> None:
@@ -296,9 +392,11 @@ def test_bench_names_are_the_public_ops_and_two_workloads() -> None:
     from rlhf_fast.cli import known_ops
 
     names = set(known_ops())
-    assert names == {"dpo_loss", "e2e", "gae", "group_advantages", "grpo", "linear_dpo_loss",
-                     "linear_logprobs", "linear_ppo_loss", "logprobs", "masked_whiten",
-                     "optimal_token_baseline", "ppo_loss", "token_divergence"}
+    assert names == {"cpo_loss", "dpo_loss", "e2e", "gae", "group_advantages", "grpo",
+                     "kto_loss", "linear_dpo_loss", "linear_logprobs", "linear_ppo_loss",
+                     "linear_token_divergence", "logprobs", "masked_whiten",
+                     "optimal_token_baseline", "orpo_loss", "ppo_loss", "simpo_loss",
+                     "token_divergence"}
     for name in names - {"grpo", "e2e"}:
         assert callable(getattr(rlhf_fast, name, None)), name
 

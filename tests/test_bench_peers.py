@@ -24,15 +24,20 @@ import pytest
 import torch
 
 from rlhf_fast.benchmarks import (
+    bench_cpo_loss,
     bench_gae,
     bench_group_advantages,
     bench_grpo,
+    bench_kto_loss,
     bench_linear_dpo_loss,
     bench_linear_logprobs,
     bench_linear_ppo_loss,
+    bench_linear_token_divergence,
     bench_logprobs,
     bench_masked_whiten,
     bench_optimal_token_baseline,
+    bench_orpo_loss,
+    bench_simpo_loss,
     bench_token_divergence,
     lm_head,
     objectives,
@@ -559,3 +564,266 @@ def test_a_missing_liger_is_a_skipped_token_divergence_row():
     assert row["status"] == "skipped: liger_kernel not installed"
     assert row["provider"] == "liger" and row["median_ms"] is None
     assert row["variant"] == "jsd"
+
+
+# --------------------------------------------------------------------------- peers' plumbing
+
+
+def test_compiled_is_built_once_per_function_and_variant(monkeypatch: pytest.MonkeyPatch):
+    """A suite may ask for its compiled eager code in every timed call: the second ask
+    must get the first one's, not a new code copy for Dynamo to compile again."""
+    built = []
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kwargs: built.append(fn.__code__.co_name) or fn)
+    peers.compiled.cache_clear()
+
+    def eager(x):
+        return x
+
+    try:
+        assert peers.compiled(eager, "jsd") is peers.compiled(eager, "jsd")
+        peers.compiled(eager, "forward_kl")
+        peers.compiled(eager)
+        peers.compiled(eager)
+        assert built == ["eager__jsd", "eager__forward_kl", "eager"]
+    finally:
+        peers.compiled.cache_clear()
+
+
+def test_first_output_keeps_no_loss_alive():
+    """A peer's loss (and the graph behind it) is freed once the caller drops it."""
+    import gc
+    import weakref
+
+    loss = torch.ones((), requires_grad=True) * 2
+    alive = weakref.ref(loss)
+    assert peers.first_output((loss, torch.zeros(3))) is loss
+    assert peers.first_output(loss) is loss
+    del loss
+    gc.collect()
+    assert alive() is None
+
+
+class _GemmFlops:
+    """FLOPs of the matrix products run inside the block (a torch dispatch mode)."""
+
+    NAMES = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "matmul"}
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in counter.NAMES:
+                    a, b = args[1:3] if name.startswith(("addmm", "baddbmm")) else args[:2]
+                    counter.flops += 2 * a.numel() * b.shape[-1]
+                return func(*args, **(kwargs or {}))
+
+        self.flops = 0
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("mode", lm_head.MODES)
+@pytest.mark.parametrize("suite, provider, variant", [
+    (bench_simpo_loss, "liger", ""), (bench_kto_loss, "liger", ""),
+    (bench_kto_loss, "rlhf_fast", ""), (bench_linear_dpo_loss, "liger", ""),
+    (bench_linear_ppo_loss, "liger", ""),
+    (bench_linear_token_divergence, "liger", "jsd"),
+    (bench_linear_token_divergence, "rlhf_fast", "jsd"),
+], ids=lambda value: getattr(value, "OP", value))
+def test_gemm_counts_are_the_gemms_the_providers_run(suite, provider: str, variant: str,
+                                                     mode: str):
+    """The roofline columns' ``gemms`` of a provider is what one timed call multiplies:
+    the FLOPs of its matrix products, counted as it runs (Liger's chunked losses: with
+    nothing requiring grad, the forward alone in the installed release)."""
+    shape = suite.QUICK_SHAPES[0]
+    case = suite.SUITE.case(shape, mode, provider, variant=variant)
+    inp = suite.SUITE.make_inputs(case, CPU)
+    fn = suite.SUITE.provider_fn(case, CPU)
+    timed, setup = suite.SUITE.timed(case, inp, fn)
+    assert setup is None
+    timed()  # first calls: one-time probes (e.g. of an fp32-output GEMM) not counted
+    counter = _GemmFlops()
+    with counter.mode:
+        timed()
+    columns = suite.SUITE.columns(case, inp, {"median_ms": 1.0}, 1e12)
+    assert counter.flops == columns["flops"], (counter.flops / columns["flops"],
+                                               columns["gemms"])
+
+
+# --------------------------------------------------------------------------- distillation
+# from hidden states
+
+
+def linear_divergence_case(shape, mode: str, provider: str, variant: str):
+    """A case of the linear_token_divergence suite (`variant`: the divergence)."""
+    return bench_linear_token_divergence.SUITE.case(shape, mode, provider, variant=variant)
+
+
+@pytest.mark.parametrize("variant", bench_linear_token_divergence.VARIANTS)
+def test_liger_fused_linear_jsd_adapter_passes_the_gate(variant: str):
+    """LigerFusedLinearJSD (reduced: sum / counted rows; its KLs at jsd_beta 0 and 1)
+    against the float64 reference's same reduction and its gradients, at the small size
+    (4 token chunks of Liger's); jsd also at the size where the gate's row and vocab
+    subsets apply (40 chunks: d weight accumulated in bf16 over them)."""
+    suite = bench_linear_token_divergence
+    small, large = suite.QUICK_SHAPES[0], suite.QUICK_SHAPES[-1]
+    sizes = [(small, "fwd"), (small, "fwd+bwd")] + [(large, "fwd+bwd")] * (variant == "jsd")
+    for shape, mode in sizes:
+        case = linear_divergence_case(shape, mode, "liger", variant)
+        assert suite.SUITE.unavailable(case, CPU) is None
+        inp = suite.make_inputs(shape, CPU)
+        fn = suite.SUITE.provider_fn(case, CPU)
+        ok, errors = suite._gate(case, inp, fn)
+        assert ok, (mode, errors)
+        assert set(errors) == ({"loss"} if mode == "fwd" else
+                               {"loss", "grad_hidden", "grad_weight"})
+
+
+@pytest.mark.parametrize("variant", bench_linear_token_divergence.VARIANTS)
+@pytest.mark.parametrize("provider, mode", [
+    ("rlhf_fast", "fwd+bwd"), ("eager", "fwd+bwd"), ("compile", "fwd"),
+])
+def test_linear_token_divergence_providers_pass_the_gate(
+    provider: str, mode: str, variant: str, monkeypatch: pytest.MonkeyPatch
+):
+    """Ours (through the interpreter, at the small size) and eager / compile (run
+    eagerly, at the size with the gate's subsets), per token and gradient."""
+    monkeypatch.setattr(peers, "compiled", lambda fn, variant="": fn)
+    suite = bench_linear_token_divergence
+    shape = suite.QUICK_SHAPES[0 if provider == "rlhf_fast" else -1]
+    case = linear_divergence_case(shape, mode, provider, variant)
+    inp = suite.make_inputs(shape, CPU)
+    fn = suite.SUITE.provider_fn(case, CPU)
+    ok, errors = suite._gate(case, inp, fn)
+    assert ok, errors
+    assert set(errors) == ({"divergence"} if mode == "fwd" else
+                           {"divergence", "grad_hidden", "grad_weight"})
+
+
+def test_linear_token_divergence_gate_rejects_a_wrong_provider():
+    """The gate can fail: the models swapped (the forward KL computing the reverse one),
+    and Liger's JSD at the other end of beta (its reverse KL for the forward one)."""
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    suite = bench_linear_token_divergence
+    shape = suite.QUICK_SHAPES[0]
+    inp = suite.make_inputs(shape, CPU)
+
+    def swapped(hidden, weight, teacher_hidden, teacher_weight, labels, divergence):
+        student, teacher = hidden @ weight.T, teacher_hidden @ teacher_weight.T
+        return objectives.eager_divergence(teacher, student, labels, divergence)
+
+    reverse = LigerFusedLinearJSD(jsd_beta=1.0)
+    for mode in suite.MODES:
+        for provider, fn in (("eager", swapped), ("liger", lambda *args: reverse(*args[:5]))):
+            case = linear_divergence_case(shape, mode, provider, "forward_kl")
+            ok, errors = suite._gate(case, inp, fn)
+            assert not ok and max(errors.values()) > 0.05, (provider, mode, errors)
+
+
+# --------------------------------------------------------------------------- preference
+# losses from hidden states
+
+PREFERENCE_SUITES = [bench_simpo_loss, bench_cpo_loss, bench_orpo_loss, bench_kto_loss]
+
+
+@pytest.mark.parametrize("mode", lm_head.MODES)
+@pytest.mark.parametrize("provider", ["rlhf_fast", "liger", "eager"])
+@pytest.mark.parametrize("suite", PREFERENCE_SUITES, ids=lambda suite: suite.OP)
+def test_preference_loss_providers_pass_the_gate(suite, provider: str, mode: str):
+    """The composition (through the interpreter, at the small size), Liger-Kernel's
+    chunked SimPO / CPO / ORPO / KTO losses (pure PyTorch: no interpreter needed; KTO's
+    runs the reference model inside) and eager on materialised logits, against
+    float64."""
+    shape = suite.QUICK_SHAPES[0 if provider == "rlhf_fast" else -1]
+    case = suite.SUITE.case(shape, mode, provider)
+    assert suite.SUITE.unavailable(case, CPU) is None
+    inp = suite.make_inputs(shape, CPU)
+    fn = suite.SUITE.provider_fn(case, CPU)
+    ok, errors = lm_head.gate_loss_from_hidden(case, inp, fn)
+    assert ok, errors
+    assert set(errors) == (
+        {"loss"} if mode == "fwd" else {"loss", "grad_hidden", "grad_weight"}
+    )
+
+
+def _gate_rejects(suite, fn, modes=lm_head.MODES) -> dict[str, dict[str, float]]:
+    """The gate's errors of `fn` in each of `modes`, each of which it must fail."""
+    shape = suite.QUICK_SHAPES[-1]
+    inp = suite.make_inputs(shape, CPU)
+    all_errors = {}
+    for mode in modes:
+        case = suite.SUITE.case(shape, mode, "liger")
+        ok, all_errors[mode] = lm_head.gate_loss_from_hidden(case, inp, fn)
+        assert not ok, (mode, all_errors[mode])
+    return all_errors
+
+
+def test_simpo_gate_rejects_liger_with_its_default_nll():
+    """Liger's SimPO module adds alpha (1) times the chosen NLL by default
+    (compute_nll_loss=True: CPO-SimPO); SimPO has no NLL, so the suite turns it off and
+    the gate rejects the default."""
+    from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+
+    loss_fn = LigerFusedLinearSimPOLoss(compiled=False, **bench_simpo_loss.OPTIONS)
+    assert loss_fn.compute_nll_loss
+    errors = _gate_rejects(bench_simpo_loss, lambda hidden, weight, labels:
+                           loss_fn(weight, hidden, labels)[0])
+    assert errors["fwd"]["loss"] > 1  # the NLL (~10 nats here) against a loss of ~0.9
+
+
+def test_orpo_gate_rejects_trls_nll_over_the_prompt_too():
+    """TRL's ORPOTrainer takes the NLL over the whole chosen sequence, prompt included
+    (Liger's nll_target does the same): not orpo_loss's NLL, over the answer tokens it
+    is given, which is what the suite compares. The gradient tells them apart (the
+    prompt's hidden states get one); the value barely does on these inputs, whose
+    prompt and answer tokens are alike random (so only fwd+bwd is asserted)."""
+    from liger_kernel.chunked_loss import LigerFusedLinearORPOLoss
+
+    loss_fn = LigerFusedLinearORPOLoss(compiled=False, **bench_orpo_loss.OPTIONS)
+
+    def prompt_too(hidden, weight, labels):
+        answer = labels != lm_head.IGNORE_INDEX
+        prompt = answer.cumsum(-1) == 0  # before the first answer token (padding after)
+        nll_target = torch.where(prompt, torch.arange(labels.shape[1]) + 1, labels)
+        return loss_fn(weight, hidden, labels, nll_target=nll_target)[0]
+
+    errors = _gate_rejects(bench_orpo_loss, prompt_too, modes=("fwd+bwd",))
+    assert errors["fwd+bwd"]["grad_hidden"] > 0.1
+
+
+def test_kto_gate_rejects_per_token_mean_log_probs():
+    """Liger's KTO sums each answer's log-probs by default (average_log_prob=False), as
+    TRL's KTOTrainer does; per-token means are another loss, which the gate rejects."""
+    import inspect
+
+    from liger_kernel.chunked_loss import LigerFusedLinearKTOLoss
+
+    assert inspect.signature(LigerFusedLinearKTOLoss).parameters[
+        "average_log_prob"].default is False
+    loss_fn = LigerFusedLinearKTOLoss(use_ref_model=True, average_log_prob=True,
+                                      compiled=False, **bench_kto_loss.OPTIONS)
+
+    def means(hidden, weight, labels, ref_hidden, ref_weight, desirable, kl):
+        return loss_fn(hidden, weight, labels, preference_labels=desirable,
+                       ref_input=ref_hidden, ref_weight=ref_weight, kl=kl)[0]
+
+    errors = _gate_rejects(bench_kto_loss, means)
+    assert errors["fwd"]["loss"] > 0.05 and errors["fwd+bwd"]["grad_hidden"] > 0.5
+
+
+@pytest.mark.usefixtures("no_liger")
+def test_a_missing_liger_is_a_skipped_row_in_the_suites_from_hidden_states():
+    cases = [
+        linear_divergence_case((8, 4, 16), "fwd+bwd", "liger", "jsd"),
+        *(suite.SUITE.case((2, 4, 4, 16), "fwd", "liger") for suite in PREFERENCE_SUITES),
+    ]
+    for case in cases:
+        row, outcome = case.suite.run_case(case, _Session(), benchmark=None)
+        assert outcome == "skip"
+        assert row["status"] == "skipped: liger_kernel not installed"
+        assert row["provider"] == "liger" and row["median_ms"] is None
