@@ -141,6 +141,10 @@ def load_tokenizer(name_or_path: str) -> Any:
 def load_sequence_scorer(name_or_path: str) -> Any:
     from transformers import AutoModelForSequenceClassification
 
+    from rlhf_fast.trainers.models import ValueModel, is_saved_value_model
+
+    if is_saved_value_model(name_or_path):  # a critic the PPO trainer saved: value_model/
+        return ValueModel.from_pretrained(name_or_path)
     return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
 
 

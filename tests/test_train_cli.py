@@ -66,7 +66,7 @@ def test_train_dpo_from_a_local_folder(saved_model, tmp_path, torch_backend):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert all(r["lr"] == pytest.approx(1e-3) for r in records if "lr" in r)
     assert "eval/rewards/accuracies" in records[-1]
-    assert (out / "checkpoint-3.pt").is_file()
+    assert (out / "checkpoint-3").is_dir()
     assert _changed(saved_model, out / "final")
 
 
@@ -185,7 +185,7 @@ def test_bad_flags_are_usage_errors_naming_the_field(flags, field, capsys):
 def test_a_fresh_run_into_a_folder_with_checkpoints_is_a_usage_error(algorithm, tmp_path,
                                                                      capsys):
     """Refused before loading anything: the model path here does not exist."""
-    (tmp_path / "checkpoint-3.pt").write_bytes(b"an earlier run's")
+    (tmp_path / "checkpoint-3").mkdir()
     reward = ["--reward-fn", "rlhf_fast.demo:kindness_reward"] if algorithm == "ppo" else []
     with pytest.raises(SystemExit) as exit_info:
         main(["train", algorithm, "--model", "no/such/model", "--data", "unused", *reward,
@@ -260,9 +260,10 @@ def test_model_flags_take_existing_paths_and_hub_ids(saved_model, tmp_path, monk
 
 
 @pytest.mark.parametrize("resume_from, message", [
-    ("latest", "--resume-from latest: resume_from='latest': no checkpoint-*.pt in {out}"),
-    ("{out}/checkpoint-3.pt", "--resume-from {out}/checkpoint-3.pt: resume_from: no "
-                              "checkpoint file at {out}/checkpoint-3.pt"),
+    ("latest", "--resume-from latest: resume_from='latest': no checkpoint-<step> folder in "
+               "{out}"),
+    ("{out}/checkpoint-3", "--resume-from {out}/checkpoint-3: resume_from: no "
+                           "checkpoint folder at {out}/checkpoint-3"),
 ], ids=["latest", "a-file"])
 def test_resuming_without_a_checkpoint_is_a_usage_error(resume_from, message, tmp_path,
                                                          capsys):
@@ -387,7 +388,8 @@ def test_ppo_resume_under_ddp_restores_each_ranks_random_streams(saved_model, tm
     port = 29500 + (os.getpid() + 500) % 1000
     _run_ranks(script, [str(saved_model), str(DATA / "prompts.txt"), str(tmp_path)], 2, port)
 
-    rng = torch.load(tmp_path / "b" / "checkpoint-1.pt", weights_only=False)["rng"]
+    rng = [torch.load(tmp_path / "b" / "checkpoint-1" / f"rng_state_{rank}.pth",
+                      weights_only=True) for rank in (0, 1)]
     assert isinstance(rng, list) and len(rng) == 2
     assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
     for rank in (0, 1):

@@ -88,12 +88,12 @@ class TrainerConfig:
     logging_steps: int = 10
     """Log the mean of the metrics every this many steps."""
     save_steps: int = 0
-    """Write checkpoint-<step>.pt every this many steps (0: only at the end)."""
+    """Write a checkpoint-<step> folder every this many steps (0: only at the end)."""
     save_total_limit: int = 0
-    """Keep at most this many checkpoint-<step>.pt in output_dir: after each new one is
+    """Keep at most this many checkpoint-<step> folders in output_dir: after each new one is
     written, the oldest others are deleted (0 keeps them all)."""
     resume_from: str | None = None
-    """A checkpoint file, or "latest" (the newest in output_dir that can be read), to
+    """A checkpoint folder, or "latest" (the newest in output_dir that can be read), to
     continue from."""
     device: str | None = None
     """"cuda", "cpu", ...; None picks the GPU when there is one."""

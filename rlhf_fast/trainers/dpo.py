@@ -43,7 +43,7 @@ from rlhf_fast.options import (
     SIMPO_OPTIONS,
     OptionSet,
 )
-from rlhf_fast.trainers.checkpoints import model_identity
+from rlhf_fast.trainers.checkpoints import Export, model_identity
 from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
 from rlhf_fast.trainers.data import batches, example_indices, load_records
 from rlhf_fast.trainers.files import save_pretrained_atomic
@@ -305,7 +305,8 @@ class DPOTrainer:
             weight_decay=config.weight_decay,
         )
         self.ref_logps: dict[str, torch.Tensor] = {}
-        self.loop = Loop(config, self.run, self.optimizer, model, "model", frozen_models,
+        self.loop = Loop(config, self.run, self.optimizer, model,
+                         [Export("", "", model, tokenizer)], frozen_models,
                          name="DPO", title="DPO", plot_keys=DPO_PLOT_KEYS,
                          restore=self._restore)
         if config.precompute_ref_logps and self.reference is not None and not self.ref_logps:
@@ -491,12 +492,12 @@ class DPOTrainer:
         return torch.cat(scored)
 
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoint-<step>.pt (`Loop.save_checkpoint`) with the reference's
+        """Write checkpoint-<step>/ (`Loop.save_checkpoint`) with the reference's
         precomputed log-probs; every process must call it."""
         return self.loop.save_checkpoint(ref_logps=self.ref_logps)
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.ref_logps = state["ref_logps"]
+    def _restore(self, extra: dict[str, Any]) -> None:
+        self.ref_logps = extra["ref_logps"]
 
     def _save_final(self, weights: dict[str, Any]) -> None:
         """The policy as a transformers folder, final/, from its full state dict."""

@@ -10,16 +10,17 @@ processed. The loop does the rest, the same for both:
 - logging every logging_steps steps and at the last: the window's mean, lr, tokens/s and
   the GPU's peak memory, to stdout above the progress bar and to metrics.jsonl;
 - evaluation every eval_steps steps and at the last, when the trainer has an evaluation;
-- checkpoints every save_steps steps and at the last (step, the trained module's weights
-  under the trainer's key, optimizer, LR schedule, logging window, the trainer's extra
-  state, the frozen models' identities, every process's random streams, the config),
-  and resuming from one;
+- checkpoints every save_steps steps and at the last, checkpoint-<step>/ folders (the
+  trained models as transformers folders, optimizer, LR schedule, logging window, the
+  trainer's extra state, the frozen models' identities, every process's random streams,
+  the config; `rlhf_fast.trainers.checkpoints`), and resuming from one;
 - the final model (saved by the trainer's `save_final`), the plot of the curves, and
   the removal of temp files a killed save left behind.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
@@ -27,23 +28,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from rlhf_fast.trainers.checkpoints import (
+    DCP_FOLDER,
+    Export,
     check_no_checkpoints,
     check_same_frozen_models,
     checkpoint_path,
     gather_training_state,
     load_resume_checkpoint,
+    load_sharded_state,
     prune_checkpoints,
     restore_training_state,
+    restore_weights,
+    save_sharded_state,
+    write_checkpoint,
 )
 from rlhf_fast.trainers.config import TrainerConfig
-from rlhf_fast.trainers.files import remove_stale_temps, save_atomic
+from rlhf_fast.trainers.files import (
+    publish_folder,
+    remove_stale_temps,
+    reporting_a_full_disk,
+    temp_folder,
+)
 from rlhf_fast.trainers.metrics import MetricsLog, MetricsWindow, plot_curves, progress_bar
 from rlhf_fast.trainers.run import (
     Run,
     gather_rng_states,
+    is_fsdp2_sharded,
     restore_rng_states,
     seed_process,
     setup_run,
@@ -73,8 +87,10 @@ class Loop:
     Args:
         config, run: the trainer's config and `start_run`'s run.
         optimizer: the trainer's optimizer (its LR schedule: `warmup_then_constant`).
-        module, key: the trained module whose state dict checkpoints hold (not a DDP
-            wrapper), and the checkpoint's key for it.
+        module: the trained module whose state checkpoints hold (not a DDP wrapper).
+        exports: the transformers folders a checkpoint holds the module's weights in
+            (`Export`: the policy in the checkpoint folder itself, PPO's critic in
+            value_model/); together they must hold every weight of `module`.
         frozen_models: `model_identity` of each frozen model by role (the checkpoints
             record them and a resume refuses others).
         name, title, plot_keys: the progress bar's name (the plot is
@@ -82,17 +98,21 @@ class Loop:
         rank_means: whether the window holds this process's metrics, which the log
             averages over the processes (False: the step adds means over them already).
         restore: given a resumed checkpoint's state, restores the trainer's extra state.
+        export_sharded: under FSDP2, whether checkpoints also hold the transformers
+            export (gathered on the main process) beside the sharded state in dcp/.
 
     With config.resume_from, the checkpoint is loaded here and metrics.jsonl keeps the
     rows up to its step; else metrics.jsonl starts afresh.
     """
 
     def __init__(self, config: TrainerConfig, run: Run, optimizer: torch.optim.Optimizer,
-                 module: nn.Module, key: str, frozen_models: dict[str, Any], *, name: str,
-                 title: str, plot_keys: list[str], rank_means: bool = True,
-                 restore: Callable[[dict[str, Any]], None] | None = None):
+                 module: nn.Module, exports: list[Export], frozen_models: dict[str, Any], *,
+                 name: str, title: str, plot_keys: list[str], rank_means: bool = True,
+                 restore: Callable[[dict[str, Any]], None] | None = None,
+                 export_sharded: bool = True):
         self.config, self.run, self.optimizer = config, run, optimizer
-        self.module, self.key, self.frozen_models = module, key, frozen_models
+        self.module, self.exports, self.frozen_models = module, exports, frozen_models
+        self.export_sharded = export_sharded
         self.name, self.title, self.plot_keys = name, title, plot_keys
         self.rank_means = rank_means
         self.scheduler = warmup_then_constant(optimizer, config.warmup_steps)
@@ -102,7 +122,7 @@ class Loop:
             path, state = load_resume_checkpoint(config.resume_from, config.output_dir)
             self._load(path, state)
             if restore is not None:
-                restore(state)
+                restore(state["extra"])
         self.log = MetricsLog(Path(config.output_dir) / "metrics.jsonl", run.is_main,
                               resume_step=None if config.resume_from is None else self.step)
 
@@ -165,34 +185,65 @@ class Loop:
         return self.log.records()
 
     def save_checkpoint(self, **extra: Any) -> Path | None:
-        """Write checkpoint-<step>.pt atomically (main process), with the trainer's
-        `extra` state, then delete the oldest beyond save_total_limit; returns its path.
+        """Write checkpoint-<step>/ atomically (a temp folder, renamed once whole), with
+        the trainer's `extra` state (its tensors in safetensors, the rest JSON), then
+        delete the oldest beyond save_total_limit; returns its path on the main process.
 
-        Every process must call it (under FSDP2 the weights are gathered from all)."""
-        path = checkpoint_path(self.config.output_dir, self.step)
-        weights, optimizer = gather_training_state(self.module, self.optimizer)
+        Every process must call it: under FSDP2 each writes its shards into dcp/ (and
+        the transformers export gathers the weights from all)."""
+        final = checkpoint_path(self.config.output_dir, self.step)
+        sharded = is_fsdp2_sharded(self.module)
         rng = gather_rng_states(self.run)
-        if not self.run.is_main:
-            return None
-        save_atomic({
-            "step": self.step,
-            self.key: weights,
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(),
-            "window": self.window.sums,
-            **extra,
-            "frozen_models": self.frozen_models,
-            "rng": rng,
-            "config": asdict(self.config),
-        }, path)
-        prune_checkpoints(path, self.config.save_total_limit)
-        return path
+        temp = self._shared_temp_folder(final)
+        try:
+            with reporting_a_full_disk(final):
+                weights = optimizer = None
+                if sharded:
+                    save_sharded_state(self.module, self.optimizer, temp / DCP_FOLDER)
+                    if self.export_sharded:
+                        weights, _ = gather_training_state(self.module, self.optimizer)
+                    if self.run.world > 1:
+                        dist.barrier()  # every shard written before the rename
+                elif self.run.is_main:
+                    weights, optimizer = self.module.state_dict(), self.optimizer.state_dict()
+                if not self.run.is_main:
+                    return None
+                write_checkpoint(temp, trainer_state=self._trainer_state(extra),
+                                 weights=weights, exports=self.exports, optimizer=optimizer,
+                                 scheduler=self.scheduler.state_dict(), rng=rng)
+                publish_folder(temp, final)
+        except BaseException:
+            if self.run.is_main:
+                shutil.rmtree(temp, ignore_errors=True)
+            raise
+        prune_checkpoints(final, self.config.save_total_limit)
+        return final
+
+    def _shared_temp_folder(self, final: Path) -> Path:
+        """The main process's new temp folder for `final`, known to every process (they
+        all write their shards into it under FSDP2)."""
+        temp = [temp_folder(final) if self.run.is_main else None]
+        if self.run.world > 1:
+            dist.broadcast_object_list(temp, src=0)
+        return Path(temp[0])
+
+    def _trainer_state(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """What trainer_state.json (and .safetensors, for the tensors) hold. The data
+        order is a function of the seed and the step: the step is its position."""
+        return {"step": self.step, "window": self.window.sums, "extra": extra,
+                "frozen_models": self.frozen_models, "config": asdict(self.config)}
 
     def _load(self, path: Path, state: dict[str, Any]) -> None:
         check_same_frozen_models(state.get("frozen_models"), self.frozen_models, path)
-        restore_training_state(self.module, self.optimizer, state[self.key],
-                               state["optimizer"])
+        if state["dcp"] is not None:
+            load_sharded_state(self.module, self.optimizer, state["dcp"])
+        elif is_fsdp2_sharded(self.module):
+            restore_training_state(self.module, self.optimizer, state["weights"],
+                                   state["optimizer"])
+        else:
+            restore_weights(self.module, state["weights"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        self.window = MetricsWindow(state.get("window"))  # older checkpoints have none
+        self.window = MetricsWindow(state.get("window"))
         restore_rng_states(state["rng"], self.run)

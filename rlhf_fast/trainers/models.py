@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -159,6 +160,21 @@ class TokenLogprobs(nn.Module):
         return hidden, head
 
 
+#: the file stem of a saved ValueModel's head, beside its backbone's transformers files
+HEAD_FILE = "value_head"
+
+
+def _with_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of `state` under `prefix`, the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def is_saved_value_model(name_or_path: str | Path) -> bool:
+    """Whether `name_or_path` is a folder `ValueModel.save_pretrained` wrote (its head
+    beside the backbone), rather than a sequence classifier's."""
+    return (Path(name_or_path) / f"{HEAD_FILE}.safetensors").is_file()
+
+
 class ValueModel(nn.Module):
     """A critic: a causal LM backbone with a scalar head on every position.
 
@@ -183,12 +199,41 @@ class ValueModel(nn.Module):
         backbone.requires_grad_(True)
         return cls(backbone, model.config.hidden_size)
 
+    #: the safetensors files of a saved ValueModel (`save_pretrained`), by file stem: the
+    #: prefix their keys take in the ValueModel's state dict
+    WEIGHT_FILES = {"model": "backbone.", HEAD_FILE: "head."}
+
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> ValueModel:
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> ValueModel:
+        """The backbone of a transformers folder or hub id (`AutoModel`), and the value
+        head saved beside it by `save_pretrained` (value_head.safetensors) when there
+        is one; else a zero head, as `from_causal_lm` gives."""
         from transformers import AutoModel
 
         backbone = AutoModel.from_pretrained(name_or_path, **kwargs)
-        return cls(backbone, backbone.config.hidden_size)
+        critic = cls(backbone, backbone.config.hidden_size)
+        if is_saved_value_model(name_or_path):
+            from safetensors.torch import load_file
+
+            head = load_file(Path(name_or_path) / f"{HEAD_FILE}.safetensors")
+            critic.head.load_state_dict(head)
+        return critic
+
+    def save_pretrained(self, directory: str | Path,
+                        state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any
+                        ) -> None:
+        """The backbone as a transformers folder (safetensors) and the head beside it in
+        value_head.safetensors: `from_pretrained` reads both back, and `AutoModel` the
+        backbone alone. `state_dict`: this module's (the gathered weights of a sharded
+        one); kwargs go to the backbone's save_pretrained."""
+        from rlhf_fast.trainers.files import save_safetensors
+
+        state = self.state_dict() if state_dict is None else state_dict
+        kwargs["safe_serialization"] = True
+        self.backbone.save_pretrained(directory, state_dict=_with_prefix(state, "backbone."),
+                                      **kwargs)
+        head = {k: v.detach().contiguous() for k, v in _with_prefix(state, "head.").items()}
+        save_safetensors(head, Path(directory) / f"{HEAD_FILE}.safetensors")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(

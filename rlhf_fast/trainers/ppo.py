@@ -44,9 +44,9 @@ from rlhf_fast import (
     ppo_loss,
 )
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
-from rlhf_fast.trainers.checkpoints import model_identity, strip_prefix
+from rlhf_fast.trainers.checkpoints import Export, model_identity, strip_prefix
 from rlhf_fast.trainers.data import example_indices, load_prompts
-from rlhf_fast.trainers.files import save_atomic, save_pretrained_atomic
+from rlhf_fast.trainers.files import save_pretrained_atomic
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
 from rlhf_fast.trainers.models import (
@@ -240,8 +240,12 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr,
                                            weight_decay=config.weight_decay)
         # update() averages its metrics over the processes: the window holds their means
+        # checkpoints hold the policy as a transformers folder, the critic in value_model/
+        exports = [Export("", "actor.model.", policy, tokenizer)]
+        if value_model is not None:
+            exports.append(Export("value_model", self._critic_prefix(), value_model))
         self.loop = Loop(config, self.run, self.optimizer, unwrap(self.actor_critic),
-                         "actor_critic", frozen_models, name="PPO",
+                         exports, frozen_models, name="PPO",
                          title=f"PPO ({config.advantage_estimator})", plot_keys=PPO_PLOT_KEYS,
                          rank_means=False)
 
@@ -496,16 +500,21 @@ class PPOTrainer:
         return torch.stack(columns, 1)
 
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoint-<step>.pt (`Loop.save_checkpoint`); every process must call it."""
+        """Write checkpoint-<step>/ (`Loop.save_checkpoint`); every process must call it."""
         return self.loop.save_checkpoint()
 
+    def _critic_prefix(self) -> str:
+        """Where the critic's weights sit in the actor-critic's state dict."""
+        return "critic." if isinstance(self.value_model, ValueModel) else "critic.model."
+
     def _save_final(self, weights: dict[str, Any]) -> None:
-        """The policy as a transformers folder, final/, and the critic's state dict,
-        value_model.pt, from the full state dict of the actor-critic."""
+        """The policy as a transformers folder, final/, and the critic as one,
+        value_model/ (a `ValueModel`: its backbone and value_head.safetensors, which
+        `ValueModel.from_pretrained` and --value-model read), from the full state dict of
+        the actor-critic."""
         output = Path(self.config.output_dir)
         save_pretrained_atomic(self.policy, self.tokenizer, output / "final",
                                strip_prefix(weights, "actor.model."))
         if self.value_model is not None:
-            critic_prefix = "critic." if isinstance(self.value_model, ValueModel) \
-                else "critic.model."
-            save_atomic(strip_prefix(weights, critic_prefix), output / "value_model.pt")
+            save_pretrained_atomic(self.value_model, None, output / "value_model",
+                                   strip_prefix(weights, self._critic_prefix()))
