@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 PRECISIONS = ("auto", "bf16", "fp32")
+#: transformers' SchedulerType values that `transformers.get_scheduler` builds from the
+#: warm-up and the run's optimizer steps alone (reduce_lr_on_plateau and greedy need a
+#: metric, the *_min_lr and warmup_stable_decay ones extra arguments).
+LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                      "constant_with_warmup", "inverse_sqrt")
 
 
 _UNSET = object()
@@ -66,8 +71,14 @@ class TrainerConfig:
     """Peak AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    lr_scheduler_type: str = "linear"
+    """The learning-rate schedule over the run's optimizer steps, transformers'
+    `get_scheduler` names (as TRL): one of linear, cosine, cosine_with_restarts,
+    polynomial, constant, constant_with_warmup, inverse_sqrt."""
     warmup_steps: int = 0
-    """Linear warm-up of the learning rate over this many optimizer steps."""
+    """Linear warm-up of the learning rate from 0 over this many optimizer steps."""
+    warmup_ratio: float = 0.0
+    """Warm-up over this share of the run's optimizer steps (when warmup_steps is 0)."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip over all trained parameters together (PPO: policy and critic;
     0 disables)."""
@@ -97,6 +108,20 @@ class TrainerConfig:
     continue from."""
     device: str | None = None
     """"cuda", "cpu", ...; None picks the GPU when there is one."""
+    report_to: str | list[str] = "none"
+    """Trackers that also get each logged row (metrics.jsonl is always written), TRL's
+    names: "tensorboard" (<output_dir>/runs), "wandb", "trackio", or "none"; a list for
+    several."""
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to as a list of trackers ("none" dropped)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        return [name for name in names if name != "none"]
+
+    def num_warmup_steps(self, training_steps: int) -> int:
+        """The warm-up's optimizer steps: warmup_steps, else warmup_ratio of the run's."""
+        return self.warmup_steps or math.ceil(self.warmup_ratio * training_steps)
 
     def __post_init__(self) -> None:
         """The shared fields' checks; a trainer's config runs them, then its own."""
@@ -110,5 +135,24 @@ class TrainerConfig:
         require.bools(self, ("gradient_checkpointing", "disable_dropout"))
         require.bools(self, ("use_fused_linear",), optional=True)
         require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
+        require("lr_scheduler_type", self.lr_scheduler_type in LR_SCHEDULER_TYPES,
+                f"one of {LR_SCHEDULER_TYPES}", self.lr_scheduler_type)
+        require("warmup_ratio", is_finite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
+                "a float in [0, 1)", self.warmup_ratio)
+        require("warmup_ratio", not (self.warmup_ratio and self.warmup_steps),
+                "0 when warmup_steps is set (one warm-up length)", self.warmup_ratio)
+        self._check_report_to(require)
         require("resume_from", self.resume_from is None or self.resume_from != "",
                 'a checkpoint file, "latest" or None', self.resume_from)
+
+    def _check_report_to(self, require: FieldChecker) -> None:
+        """report_to as a list of known trackers whose packages are installed."""
+        from rlhf_fast.trainers.trackers import REPORT_TO, missing_tracker_packages
+
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        require("report_to", isinstance(names, (list, tuple))
+                and all(name in REPORT_TO for name in names),
+                f"one of {REPORT_TO} or a list of them", self.report_to)
+        for tracker, package in missing_tracker_packages(self.trackers):
+            require("report_to", False, f"a tracker whose package is installed: "
+                    f"{tracker!r} needs the {package!r} package (pip install {package})")

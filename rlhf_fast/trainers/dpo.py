@@ -306,7 +306,8 @@ class DPOTrainer:
         )
         self.ref_logps: dict[str, torch.Tensor] = {}
         self.loop = Loop(config, self.run, self.optimizer, model, "model", frozen_models,
-                         name="DPO", title="DPO", plot_keys=DPO_PLOT_KEYS,
+                         training_steps=self.total_steps, name="DPO", title="DPO",
+                         plot_keys=DPO_PLOT_KEYS,
                          restore=self._restore)
         if config.precompute_ref_logps and self.reference is not None and not self.ref_logps:
             self.ref_logps = {"train": self._score_all(self.train_pairs)}

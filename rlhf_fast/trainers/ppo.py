@@ -241,7 +241,9 @@ class PPOTrainer:
                                            weight_decay=config.weight_decay)
         # update() averages its metrics over the processes: the window holds their means
         self.loop = Loop(config, self.run, self.optimizer, unwrap(self.actor_critic),
-                         "actor_critic", frozen_models, name="PPO",
+                         "actor_critic", frozen_models,
+                         training_steps=config.max_steps * config.optimizer_steps_per_iteration,
+                         name="PPO",
                          title=f"PPO ({config.advantage_estimator})", plot_keys=PPO_PLOT_KEYS,
                          rank_means=False)
 
