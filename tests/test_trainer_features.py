@@ -3,6 +3,7 @@
 function signature, and the generation hook.
 """
 
+import copy
 import json
 import sys
 import types
@@ -150,3 +151,79 @@ def test_tensorboard_gets_every_logged_row(tokenizer, tmp_path):
     rewards = [(e.step, e.value) for e in events.Scalars("reward")]
     assert rewards == [(r["step"], pytest.approx(r["reward"], abs=1e-6)) for r in log]
     assert (tmp_path / "metrics.jsonl").is_file()  # the JSONL log stays
+
+
+# --- 3. PPO: gradient accumulation and evaluation --------------------------------------------
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_accumulating_k_minibatches_of_b_steps_as_one_of_k_times_b(tokenizer, tmp_path, agg):
+    """One iteration, one epoch over 8 rows: minibatches of 2 accumulated 4 by 4 (with
+    minibatches of unequal token counts) give the weights of one step on all 8 rows."""
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    weights = []
+    for name, mini_batch_size, accumulation in (("one", 8, 1), ("accumulated", 2, 4)):
+        policy = copy.deepcopy(initial)
+        tiny_ppo(tokenizer, tmp_path / name, policy, max_steps=1, rollout_batch_size=4,
+                 mini_batch_size=mini_batch_size, gradient_accumulation_steps=accumulation,
+                 max_new_tokens=6, agg=agg, lr_scheduler_type="constant",
+                 max_grad_norm=0.0).train()
+        weights.append({k: v.detach().clone() for k, v in policy.named_parameters()})
+    moved = [k for k in weights[0] if not torch.equal(weights[0][k], initial.state_dict()[k])]
+    assert moved
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_ppo_evaluation_logs_eval_reward_and_leaves_the_training_as_it_was(tokenizer, tmp_path):
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    eval_prompts = PROMPTS.read_text().splitlines()[:3]
+    logs = []
+    for name, options in (("plain", {}), ("greedy", dict(eval_steps=1)),
+                          ("sampled", dict(eval_steps=2, eval_do_sample=True))):
+        config = PPOConfig(output_dir=str(tmp_path / name), advantage_estimator="grpo",
+                           group_size=2, rollout_batch_size=2, mini_batch_size=4,
+                           ppo_epochs=1, max_new_tokens=4, lr=LR, seed=7, device="cpu",
+                           max_steps=3, **options)
+        trainer = PPOTrainer(copy.deepcopy(initial), tokenizer=tokenizer, prompts=PROMPTS,
+                             reward_fn_or_model=length_reward, config=config,
+                             eval_prompts=None if name == "plain" else eval_prompts)
+        logs.append(trainer.train())
+    plain, greedy, sampled = logs
+    assert training_rows(greedy) == training_rows(plain) == training_rows(sampled)
+    assert [r["step"] for r in greedy if "eval/reward" in r] == [1, 2, 3]
+    assert [r["step"] for r in sampled if "eval/reward" in r] == [2, 3]
+    assert all(r["eval/reward"] >= 0 for r in greedy + sampled if "eval/reward" in r)
+
+
+# --- 5. rewards: TRL's signature --------------------------------------------------------------
+
+
+def test_reward_functions_get_trls_keywords_and_dataset_columns(tokenizer, tmp_path):
+    calls = []
+
+    def trl_style(prompts, completions, completion_ids, answer, **kwargs):
+        calls.append((prompts, completions, completion_ids, answer))
+        return [None if i == 0 else float(len(c)) for i, c in enumerate(completions)]
+
+    def positional(prompts, answers):
+        return [1.0] * len(answers)
+
+    prompts = [{"prompt": p, "answer": f"a{i}"}
+               for i, p in enumerate(PROMPTS.read_text().splitlines()[:4])]
+    config = PPOConfig(output_dir=str(tmp_path), advantage_estimator="grpo", group_size=2,
+                       rollout_batch_size=2, mini_batch_size=4, ppo_epochs=1,
+                       max_new_tokens=4, seed=7, device="cpu", max_steps=1,
+                       reward_weights=[1.0, 0.5])
+    trainer = PPOTrainer(demo.tiny_llama(tokenizer, hidden_size=32, seed=3),
+                         tokenizer=tokenizer, prompts=prompts, config=config,
+                         reward_fn_or_model=[trl_style, positional])
+    rollout = trainer.rollout(0)
+    (given_prompts, completions, completion_ids, answers), = calls
+    by_prompt = {r["prompt"]: r["answer"] for r in prompts}
+    assert answers == [by_prompt[p] for p in given_prompts]
+    assert completions == tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    assert [len(ids) for ids in completion_ids] == rollout.mask.sum(1).int().tolist()
+    expected = [0.0] + [float(len(c)) for c in completions[1:]]  # None counts 0
+    assert rollout.reward_columns[:, 0].tolist() == expected
+    assert rollout.scores.tolist() == pytest.approx([e + 0.5 for e in expected])

@@ -98,6 +98,9 @@ class TrainerConfig:
     (PPO's sampling included)."""
     logging_steps: int = 10
     """Log the mean of the metrics every this many steps."""
+    eval_steps: int = 0
+    """Evaluate every this many steps (0: only at the end) when there is an eval set
+    (DPO: eval_dataset; PPO: eval_prompts)."""
     save_steps: int = 0
     """Write checkpoint-<step>.pt every this many steps (0: only at the end)."""
     save_total_limit: int = 0
@@ -131,7 +134,8 @@ class TrainerConfig:
             value = getattr(self, name)
             require(name, is_finite(value) and value >= 0, "a finite float >= 0", value)
         require.ints(self, ("max_prompt_length", "logging_steps"), 1)
-        require.ints(self, ("warmup_steps", "save_steps", "save_total_limit", "seed"), 0)
+        require.ints(self, ("warmup_steps", "eval_steps", "save_steps", "save_total_limit",
+                            "seed"), 0)
         require.bools(self, ("gradient_checkpointing", "disable_dropout"))
         require.bools(self, ("use_fused_linear",), optional=True)
         require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")

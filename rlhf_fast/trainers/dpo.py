@@ -135,8 +135,6 @@ class DPOConfig(TrainerConfig):
     """Optimizer steps to run; 0 means num_epochs passes."""
     max_length: int = 512
     """Longest prompt + answer in tokens; answers are cut to fit."""
-    eval_steps: int = 0
-    """Evaluate every this many steps (0: only at the end) when there is an eval set."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,7 +160,7 @@ class DPOConfig(TrainerConfig):
                 "False with reference_free=True (there is no reference to score)")
         require.ints(self, ("batch_size", "eval_batch_size", "gradient_accumulation_steps",
                             "max_length"), 1)
-        require.ints(self, ("max_steps", "eval_steps"), 0)
+        require.ints(self, ("max_steps",), 0)
         require("max_prompt_length", self.max_prompt_length < self.max_length,
                 f"< max_length ({self.max_length}), leaving room for the answer")
         require("num_epochs", is_finite(self.num_epochs) and self.num_epochs > 0,

@@ -98,6 +98,9 @@ class PPOConfig(TrainerConfig):
     """Minibatches whose gradients add up to one optimizer step (TRL's): each one's loss
     is its share of the accumulated batch's, so k minibatches of b sequences step as one
     of k * b would."""
+    eval_do_sample: bool = False
+    """Evaluation answers sampled as the rollouts' (temperature, top_p) instead of
+    greedy."""
     ppo_epochs: int = 4
     """Passes over each rollout."""
     value_lr: float | None = None
@@ -152,7 +155,7 @@ class PPOConfig(TrainerConfig):
         require("missing_eos_penalty",
                 self.missing_eos_penalty is None or is_finite(self.missing_eos_penalty),
                 "a finite float or None", self.missing_eos_penalty)
-        require.bools(self, ("whiten_advantages",))
+        require.bools(self, ("whiten_advantages", "eval_do_sample"))
         require("reward_weights", self.reward_weights is None or (
             isinstance(self.reward_weights, (list, tuple)) and len(self.reward_weights) > 0
             and all(isinstance(w, (int, float)) and not isinstance(w, bool) and is_finite(w)
