@@ -227,3 +227,57 @@ def test_reward_functions_get_trls_keywords_and_dataset_columns(tokenizer, tmp_p
     expected = [0.0] + [float(len(c)) for c in completions[1:]]  # None counts 0
     assert rollout.reward_columns[:, 0].tolist() == expected
     assert rollout.scores.tolist() == pytest.approx([e + 0.5 for e in expected])
+
+
+# --- 4. LoRA adapters -------------------------------------------------------------------------
+
+
+def test_dpo_with_lora_trains_the_adapter_against_the_base_model(tokenizer, tmp_path):
+    peft = pytest.importorskip("peft", reason="LoRA training needs peft")
+    from rlhf_fast.trainers.models import TokenLogprobs
+
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=2)
+    base = copy.deepcopy(initial)
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj"])
+    records = [json.loads(line) for line in TRAIN.read_text().splitlines()[:8]]
+    config = DPOConfig(output_dir=str(tmp_path), batch_size=4, lr=LR, max_length=40,
+                       max_prompt_length=16, seed=5, device="cpu", max_steps=2,
+                       lr_scheduler_type="constant")
+    trainer = DPOTrainer(initial, tokenizer=tokenizer, train_dataset=records, config=config,
+                         peft_config=lora)
+    trainer.train()
+
+    # only the adapter trained; the reference is the policy itself, adapter off
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert trainer.reference.model is trainer.model and trainer.reference.adapters_off
+    base_weights = trainer.model.get_base_model().state_dict()
+    for name, weight in base.state_dict().items():
+        adapted = name.replace("proj.", "proj.base_layer.")  # an adapted layer's own weight
+        assert torch.equal(base_weights.get(adapted, base_weights.get(name)), weight), name
+    assert any(not torch.equal(p, torch.zeros_like(p))
+               for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+    batch = trainer._train_batch(0)
+    base_logp = TokenLogprobs(base.eval(), fused_linear=False)
+    with torch.no_grad():
+        reference = trainer.reference(batch.input_ids, batch.attention_mask)
+        policy = TokenLogprobs(trainer.model, fused_linear=False)(batch.input_ids,
+                                                                   batch.attention_mask)
+        torch.testing.assert_close(reference, base_logp(batch.input_ids, batch.attention_mask))
+    assert not torch.allclose(policy, reference)  # the adapter changed the policy
+    # the final model is the adapter
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+    assert not (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_ppo_use_peft_builds_the_lora_adapter_from_the_config_fields(tokenizer, tmp_path):
+    pytest.importorskip("peft", reason="LoRA training needs peft")
+    trainer = tiny_ppo(tokenizer, tmp_path, max_steps=1, use_peft=True, lora_r=2,
+                       lora_target_modules=["q_proj"])
+    trainer.train()
+    assert trainer.reference.model is trainer.policy
+    assert trainer.policy.peft_config["default"].r == 2
+    assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
+    assert (tmp_path / "final" / "adapter_config.json").is_file()

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_fast.trainers.trackers import REPORT_TO, missing_tracker_packages, package_available
+
 PRECISIONS = ("auto", "bf16", "fp32")
 #: transformers' SchedulerType values that `transformers.get_scheduler` builds from the
 #: warm-up and the run's optimizer steps alone (reduce_lr_on_plateau and greedy need a
@@ -93,6 +95,18 @@ class TrainerConfig:
     disable_dropout: bool = True
     """Zero the trained models' dropout (as TRL does), so the policy and the frozen
     reference agree before the first step; False keeps the models' own rates."""
+    use_peft: bool = False
+    """Train a LoRA adapter (peft) instead of the whole model (TRL's ModelConfig names);
+    the reference is then the same model with its adapter disabled."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA path (disable_dropout zeroes it too)."""
+    lora_target_modules: list[str] | None = None
+    """Module names to adapt ("all-linear": every linear layer); None: peft's default for
+    the architecture."""
     seed: int = 0
     """Seeds the data order and, as seed + the process's rank, every random stream
     (PPO's sampling included)."""
@@ -136,7 +150,17 @@ class TrainerConfig:
         require.ints(self, ("max_prompt_length", "logging_steps"), 1)
         require.ints(self, ("warmup_steps", "eval_steps", "save_steps", "save_total_limit",
                             "seed"), 0)
-        require.bools(self, ("gradient_checkpointing", "disable_dropout"))
+        require.bools(self, ("gradient_checkpointing", "disable_dropout", "use_peft"))
+        require.ints(self, ("lora_r", "lora_alpha"), 1)
+        require("lora_dropout", is_finite(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+                "a float in [0, 1)", self.lora_dropout)
+        require("lora_target_modules", self.lora_target_modules is None
+                or isinstance(self.lora_target_modules, str)
+                or (isinstance(self.lora_target_modules, (list, tuple))
+                    and all(isinstance(m, str) for m in self.lora_target_modules)),
+                'None, "all-linear" or a list of module names', self.lora_target_modules)
+        require("use_peft", not self.use_peft or package_available("peft"),
+                "False without the 'peft' package (pip install peft)", self.use_peft)
         require.bools(self, ("use_fused_linear",), optional=True)
         require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
         require("lr_scheduler_type", self.lr_scheduler_type in LR_SCHEDULER_TYPES,
@@ -151,7 +175,6 @@ class TrainerConfig:
 
     def _check_report_to(self, require: FieldChecker) -> None:
         """report_to as a list of known trackers whose packages are installed."""
-        from rlhf_fast.trainers.trackers import REPORT_TO, missing_tracker_packages
 
         names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
         require("report_to", isinstance(names, (list, tuple))

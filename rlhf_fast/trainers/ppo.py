@@ -27,7 +27,6 @@ One iteration, top to bottom (`PPOTrainer.iteration`, then `rollout`, `update`):
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +58,9 @@ from rlhf_fast.trainers.models import (
     frozen,
     only_generation_config,
     prepare_for_training,
+    reference_identity,
+    reference_logprobs,
+    with_adapter,
 )
 from rlhf_fast.trainers.ppo_config import KL_IN_REWARD, SCALE_REWARDS, PPOConfig
 from rlhf_fast.trainers.run import unwrap, wrap_ddp
@@ -222,6 +224,10 @@ class PPOTrainer:
             with eval_do_sample) at eval_steps and at the end: their mean weighted score
             is logged as eval/reward. The evaluation draws from forked random streams,
             so the training's results are the same with or without it.
+        peft_config: a ``peft.LoraConfig``: train an adapter on `policy` (as
+            config.use_peft does with the lora_* fields); without a ref_policy the
+            reference is the policy with its adapter disabled, not a copy. final/ then
+            holds the adapter (peft's save_pretrained).
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module | None = None,
@@ -229,7 +235,8 @@ class PPOTrainer:
                  reward_fn_or_model: RewardFn | nn.Module | Sequence[RewardFn | nn.Module]
                  | None = None, *,
                  tokenizer: Any, prompts: Any, config: PPOConfig | None = None,
-                 teacher: nn.Module | None = None, eval_prompts: Any = None):
+                 teacher: nn.Module | None = None, eval_prompts: Any = None,
+                 peft_config: Any = None):
         self.config = config = config or PPOConfig()
         if reward_fn_or_model is None and teacher is None:
             raise ValueError("reward_fn_or_model is required (or a teacher): a function of "
@@ -260,15 +267,14 @@ class PPOTrainer:
 
         self.fused_linear = self.run.fused_linear(config.use_fused_linear)
         device = self.run.device
-        self.policy = policy.to(device)
-        self.reference = TokenLogprobs(
-            frozen(copy.deepcopy(policy) if ref_policy is None else ref_policy).to(device),
-            fused_linear=self.fused_linear, temperature=config.temperature)
         critic = None
-        if not critic_free:
+        if not critic_free:  # (a default critic copies the backbone without an adapter)
             value_model = value_model or ValueModel.from_causal_lm(policy)
             critic = as_value_module(value_model.to(device))
         self.value_model = value_model
+        self.policy = policy = with_adapter(policy, config, peft_config).to(device)
+        self.reference = reference_logprobs(policy, ref_policy, fused_linear=self.fused_linear,
+                                            temperature=config.temperature).to(device)
         self.teacher = None if teacher is None else TokenLogprobs(
             frozen(teacher).to(device), fused_linear=self.fused_linear,
             temperature=config.temperature)
@@ -283,7 +289,7 @@ class PPOTrainer:
                                            device=device)
         self.rewards = [Reward.of(source, device) for source in sources]
         # checkpoints hold the policy and critic, not these: they record which they were
-        frozen_models = {"reference": model_identity(self.reference.model)} | {
+        frozen_models = {"reference": reference_identity(self.reference)} | {
             "reward model" + (f" {i}" if len(sources) > 1 else ""): model_identity(r.model)
             for i, r in enumerate(self.rewards)} | ({} if self.teacher is None else {
                 "teacher": model_identity(self.teacher.model)})
