@@ -23,8 +23,11 @@ setup(
         # liger-kernel: its kernels run in the Triton interpreter, so CI gates the
         # benchmark's adapters to it (cut-cross-entropy's do not: GPU-only peer).
         # trl: pinned, since rlhf_fast.integrations.trl patches one of its internals.
+        # tensorboard, peft: the trainers' report_to="tensorboard" and LoRA adapters.
         "test": ["pytest>=7", "pytest-benchmark>=4", "ruff", "matplotlib", "liger-kernel==0.8.5",
-                 "trl==1.16.0"],
+                 "trl==1.16.0", "tensorboard", "peft"],
+        "tensorboard": ["tensorboard"],
+        "peft": ["peft"],
         # trl: pinned, since its benchmark provider calls TRL's private fused-head function.
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "liger-kernel>=0.8",
                   "cut-cross-entropy", "trl==1.16.0"],

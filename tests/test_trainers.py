@@ -536,8 +536,11 @@ def test_dpo_resume_equals_uninterrupted_run(tokenizer, tmp_path, torch_backend)
     initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=2)
 
     def train(directory, max_steps, resume_from=None):
+        # the 2-step run stands for a 4-step one cut at step 2: a schedule that does not
+        # depend on max_steps (the default, linear, decays to 0 at max_steps)
         config = DPOConfig(output_dir=str(directory), max_steps=max_steps, batch_size=4,
-                           lr=LR, warmup_steps=4, logging_steps=1, save_steps=2,
+                           lr=LR, warmup_steps=4, lr_scheduler_type="constant_with_warmup",
+                           logging_steps=1, save_steps=2,
                            max_length=40, max_prompt_length=16, seed=5,
                            resume_from=resume_from, device="cpu")
         model = copy.deepcopy(initial)
@@ -557,8 +560,8 @@ def test_dpo_resume_equals_uninterrupted_run(tokenizer, tmp_path, torch_backend)
         (1, True), (2, True), (3, True), (4, True), (4, False)]
     assert [(r["step"], "loss" in r) for r in log_b] == [
         (1, True), (2, True), (2, False), (3, True), (4, True), (4, False)]
-    # the lr each step used: linear warm-up over 4 steps
-    assert [r["lr"] for r in log_a if "lr" in r] == [LR / 4, LR / 2, 3 * LR / 4, LR]
+    # the lr each step used: transformers' linear warm-up over 4 steps, from 0
+    assert [r["lr"] for r in log_a if "lr" in r] == [0.0, LR / 4, LR / 2, 3 * LR / 4]
     assert metric_equal(log_a, log_b, 3)
     assert metric_equal(log_a[:2], log_b[:2], 1)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
@@ -577,6 +580,9 @@ def test_ppo_resume_equals_uninterrupted_run(tokenizer, tmp_path, torch_backend,
                            group_size=2 if estimator == "grpo" else 1, max_steps=max_steps,
                            rollout_batch_size=4, mini_batch_size=2, ppo_epochs=2,
                            max_new_tokens=8, lr=LR, warmup_steps=4, save_steps=2,
+                           # the 2-step run stands for a cut 4-step one: a schedule
+                           # independent of max_steps (linear's decay is not)
+                           lr_scheduler_type="constant_with_warmup",
                            seed=7, resume_from=resume_from, device="cpu")
         policy = copy.deepcopy(initial)
         trainer = PPOTrainer(policy, tokenizer=tokenizer, prompts=PROMPTS,

@@ -22,7 +22,6 @@ One training step, top to bottom (`DPOTrainer.optimizer_step`, then `_pair_loss`
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +42,19 @@ from rlhf_fast.options import (
     SIMPO_OPTIONS,
     OptionSet,
 )
-from rlhf_fast.trainers.checkpoints import Export, model_identity
+from rlhf_fast.trainers.checkpoints import Export
 from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
 from rlhf_fast.trainers.data import batches, example_indices, load_records
 from rlhf_fast.trainers.files import save_pretrained_atomic
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
-from rlhf_fast.trainers.models import TokenLogprobs, frozen, prepare_for_training
+from rlhf_fast.trainers.models import (
+    TokenLogprobs,
+    prepare_for_training,
+    reference_identity,
+    reference_logprobs,
+    with_adapter,
+)
 from rlhf_fast.trainers.run import wrap_ddp
 from rlhf_fast.types import DPO_MIX_TYPES, DPO_REFERENCE_FREE_TYPES, DPO_SFT
 
@@ -135,8 +140,6 @@ class DPOConfig(TrainerConfig):
     """Optimizer steps to run; 0 means num_epochs passes."""
     max_length: int = 512
     """Longest prompt + answer in tokens; answers are cut to fit."""
-    eval_steps: int = 0
-    """Evaluate every this many steps (0: only at the end) when there is an eval set."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,7 +165,7 @@ class DPOConfig(TrainerConfig):
                 "False with reference_free=True (there is no reference to score)")
         require.ints(self, ("batch_size", "eval_batch_size", "gradient_accumulation_steps",
                             "max_length"), 1)
-        require.ints(self, ("max_steps", "eval_steps"), 0)
+        require.ints(self, ("max_steps",), 0)
         require("max_prompt_length", self.max_prompt_length < self.max_length,
                 f"< max_length ({self.max_length}), leaving room for the answer")
         require("num_epochs", is_finite(self.num_epochs) and self.num_epochs > 0,
@@ -267,11 +270,14 @@ class DPOTrainer:
             dicts, a JSONL file path, or a ``datasets.Dataset``.
         eval_dataset: the same, scored at eval_steps and at the end.
         config: a `DPOConfig`.
+        peft_config: a ``peft.LoraConfig`` (or any peft config): train an adapter on
+            `model` (as config.use_peft does with the lora_* fields); without a ref_model
+            the reference is `model` with the adapter disabled, not a copy.
     """
 
     def __init__(self, model: nn.Module, ref_model: nn.Module | None = None, *,
                  tokenizer: Any, train_dataset: Any, eval_dataset: Any = None,
-                 config: DPOConfig | None = None):
+                 config: DPOConfig | None = None, peft_config: Any = None):
         self.config = config = config or DPOConfig()
         self.run = start_run(config)
         self.tokenizer = tokenizer
@@ -288,18 +294,19 @@ class DPOTrainer:
                              f"one global batch (batch_size x processes = {global_batch})")
 
         self.fused_linear = self.run.fused_linear(config.use_fused_linear)
+        model = with_adapter(model, config, peft_config)
         model.to(self.run.device)
         prepare_for_training(model, config)
         self.model = model
         self.policy = wrap_ddp(TokenLogprobs(model, fused_linear=self.fused_linear), self.run)
         self.reference = None
         if not config.reference_free and config.loss_type not in REFERENCE_FREE_OBJECTIVES:
-            ref_model = frozen(copy.deepcopy(model) if ref_model is None else ref_model)
-            self.reference = TokenLogprobs(ref_model.to(self.run.device),
-                                           fused_linear=self.fused_linear)
+            self.reference = reference_logprobs(model, ref_model,
+                                                fused_linear=self.fused_linear)
+            self.reference.to(self.run.device)
         # checkpoints hold the policy, not its reference: they record which it was
         frozen_models = {"reference": None if self.reference is None
-                         else model_identity(self.reference.model)}
+                         else reference_identity(self.reference)}
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=config.lr,
             weight_decay=config.weight_decay,
@@ -307,7 +314,8 @@ class DPOTrainer:
         self.ref_logps: dict[str, torch.Tensor] = {}
         self.loop = Loop(config, self.run, self.optimizer, model,
                          [Export("", "", model, tokenizer)], frozen_models,
-                         name="DPO", title="DPO", plot_keys=DPO_PLOT_KEYS,
+                         training_steps=self.total_steps, name="DPO", title="DPO",
+                         plot_keys=DPO_PLOT_KEYS,
                          restore=self._restore)
         if config.precompute_ref_logps and self.reference is not None and not self.ref_logps:
             self.ref_logps = {"train": self._score_all(self.train_pairs)}

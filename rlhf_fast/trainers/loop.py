@@ -62,6 +62,7 @@ from rlhf_fast.trainers.run import (
     seed_process,
     setup_run,
 )
+from rlhf_fast.trainers.trackers import Trackers
 
 
 def start_run(config: TrainerConfig) -> Run:
@@ -74,11 +75,19 @@ def start_run(config: TrainerConfig) -> Run:
     return run
 
 
-def warmup_then_constant(optimizer: torch.optim.Optimizer, warmup_steps: int):
-    """Linear warm-up from 0 to the configured lr over `warmup_steps`, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    )
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig,
+                 training_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """config.lr_scheduler_type over the run's `training_steps` optimizer steps, after
+    the warm-up (`TrainerConfig.num_warmup_steps`), as transformers builds it.
+
+    The schedule depends on training_steps: a run cut short and resumed follows the same
+    curve as an uninterrupted one only with the same max_steps (or a constant schedule).
+    """
+    from transformers import get_scheduler
+
+    return get_scheduler(config.lr_scheduler_type, optimizer,
+                         num_warmup_steps=config.num_warmup_steps(training_steps),
+                         num_training_steps=training_steps)
 
 
 class Loop:
@@ -86,7 +95,9 @@ class Loop:
 
     Args:
         config, run: the trainer's config and `start_run`'s run.
-        optimizer: the trainer's optimizer (its LR schedule: `warmup_then_constant`).
+        optimizer: the trainer's optimizer (its LR schedule: `lr_scheduler`).
+        training_steps: the run's optimizer steps in all, which the LR schedule spans
+            (PPO: several per iteration).
         module: the trained module whose state checkpoints hold (not a DDP wrapper).
         exports: the transformers folders a checkpoint holds the module's weights in
             (`Export`: the policy in the checkpoint folder itself, PPO's critic in
@@ -107,7 +118,8 @@ class Loop:
 
     def __init__(self, config: TrainerConfig, run: Run, optimizer: torch.optim.Optimizer,
                  module: nn.Module, exports: list[Export], frozen_models: dict[str, Any], *,
-                 name: str, title: str, plot_keys: list[str], rank_means: bool = True,
+                 training_steps: int, name: str, title: str, plot_keys: list[str],
+                 rank_means: bool = True,
                  restore: Callable[[dict[str, Any]], None] | None = None,
                  export_sharded: bool = True):
         self.config, self.run, self.optimizer = config, run, optimizer
@@ -115,7 +127,8 @@ class Loop:
         self.export_sharded = export_sharded
         self.name, self.title, self.plot_keys = name, title, plot_keys
         self.rank_means = rank_means
-        self.scheduler = warmup_then_constant(optimizer, config.warmup_steps)
+        self.training_steps = training_steps
+        self.scheduler = lr_scheduler(optimizer, config, training_steps)
         self.step = 0
         self.window = MetricsWindow()
         if config.resume_from is not None:
@@ -154,6 +167,33 @@ class Loop:
         if run.is_main:
             remove_stale_temps(config.output_dir)
         bar = progress_bar(total_steps, self.step, run.is_main, self.name)
+        trackers = Trackers(config, run.is_main)
+        try:
+            self._train_steps(total_steps, step, bar, trackers, save_checkpoint, evaluate,
+                              eval_steps)
+        finally:
+            trackers.finish()
+        bar.close()
+        weights, _ = gather_training_state(self.module, self.optimizer)
+        if run.is_main:
+            output = Path(config.output_dir)
+            save_final(weights)
+            plot_curves(self.log.records(), self.plot_keys,
+                        output / f"{self.name.lower()}_curves.png", self.title)
+            remove_stale_temps(output)
+        return self.log.records()
+
+    def _train_steps(self, total_steps: int, step: Callable[[], tuple[float, float]],
+                     bar: Any, trackers: Trackers, save_checkpoint: Callable[[], Any],
+                     evaluate: Callable[[], dict[str, float]] | None,
+                     eval_steps: int) -> None:
+        """`train`'s loop: the steps, their logged rows, evaluations and checkpoints."""
+        config, run = self.config, self.run
+
+        def write(metrics: dict[str, float]) -> None:
+            self.log.write(self.step, metrics, bar)
+            trackers.log(self.step, metrics)
+
         started, tokens = time.perf_counter(), 0
         while self.step < total_steps:
             lr, step_tokens = step()
@@ -168,21 +208,12 @@ class Loop:
                 metrics["lr"] = lr
                 metrics["tokens_per_s"] = run.sum_over_ranks(tokens) / max(elapsed, 1e-9)
                 metrics.update(run.peak_memory())
-                self.log.write(self.step, metrics, bar)
+                write(metrics)
                 started, tokens = time.perf_counter(), 0
             if evaluate is not None and (last or (eval_steps and self.step % eval_steps == 0)):
-                self.log.write(self.step, evaluate(), bar)
+                write(evaluate())
             if last or (config.save_steps and self.step % config.save_steps == 0):
                 save_checkpoint()
-        bar.close()
-        weights, _ = gather_training_state(self.module, self.optimizer)
-        if run.is_main:
-            output = Path(config.output_dir)
-            save_final(weights)
-            plot_curves(self.log.records(), self.plot_keys,
-                        output / f"{self.name.lower()}_curves.png", self.title)
-            remove_stale_temps(output)
-        return self.log.records()
 
     def save_checkpoint(self, **extra: Any) -> Path | None:
         """Write checkpoint-<step>/ atomically (a temp folder, renamed once whole), with

@@ -7,6 +7,7 @@ model is made ready with (dropout, checkpointing, freezing, its generation confi
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast import linear_logprobs, linear_ppo_loss, logprobs
+from rlhf_fast.trainers.checkpoints import model_identity
 from rlhf_fast.trainers.run import is_fsdp2_sharded
 
 #: The label of the last position, which predicts nothing (token ids are >= 0).
@@ -112,18 +114,30 @@ class TokenLogprobs(nn.Module):
     `rlhf_fast.logprobs` on the model's logits.
     """
 
-    def __init__(self, model: nn.Module, *, fused_linear: bool, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, *, fused_linear: bool, temperature: float = 1.0,
+                 adapters_off: bool = False):
         super().__init__()
         if fused_linear:
             check_fused_linear_supported(model)
+        if adapters_off and not is_peft_model(model):
+            raise ValueError("adapters_off needs a peft model (one with disable_adapter)")
         self.model = model
         self.fused_linear = fused_linear
         self.temperature = temperature
+        self.adapters_off = adapters_off
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_entropy: bool = False,
         return_sum_p2: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """With adapters_off, the base model's log-probs: the forward runs under the peft
+        model's disable_adapter (a LoRA policy's reference, without a second copy)."""
+        with self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext():
+            return self._forward(input_ids, attention_mask, return_entropy, return_sum_p2)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 return_entropy: bool, return_sum_p2: bool
+                 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         position_ids = position_ids_from(attention_mask)
         labels = input_ids[:, 1:]
         options = dict(temperature=self.temperature, return_entropy=return_entropy,
@@ -173,6 +187,56 @@ def is_saved_value_model(name_or_path: str | Path) -> bool:
     """Whether `name_or_path` is a folder `ValueModel.save_pretrained` wrote (its head
     beside the backbone), rather than a sequence classifier's."""
     return (Path(name_or_path) / f"{HEAD_FILE}.safetensors").is_file()
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """A peft model (adapters that can be switched off), without importing peft."""
+    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
+
+
+def lora_config_of(config: Any) -> Any:
+    """The peft ``LoraConfig`` of a trainer config's lora_* fields (use_peft)."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules)
+
+
+def with_adapter(model: nn.Module, config: Any, peft_config: Any = None) -> nn.Module:
+    """`model` with a fresh LoRA adapter to train (peft's get_peft_model: the base
+    weights frozen), when `peft_config` is given or config.use_peft; else `model`."""
+    if peft_config is None and not config.use_peft:
+        return model
+    if is_peft_model(model):
+        raise ValueError("the model has peft adapters already: pass peft_config=None and "
+                         "use_peft=False to train them")
+    try:
+        from peft import get_peft_model
+    except ImportError as exc:
+        raise ImportError("peft_config / use_peft need the 'peft' package (pip install "
+                          "peft)") from exc
+    return get_peft_model(model, peft_config or lora_config_of(config))
+
+
+def reference_logprobs(policy: nn.Module, reference: nn.Module | None, *,
+                       fused_linear: bool, temperature: float = 1.0) -> TokenLogprobs:
+    """The frozen reference's log-probs: `reference`; with none, the policy's base model
+    with its adapter disabled when the policy is a peft model (no copy), else a frozen
+    copy of the policy as it is now."""
+    if reference is None and is_peft_model(policy):
+        return TokenLogprobs(policy, fused_linear=fused_linear, temperature=temperature,
+                             adapters_off=True)
+    model = copy.deepcopy(policy) if reference is None else reference
+    return TokenLogprobs(frozen(model), fused_linear=fused_linear, temperature=temperature)
+
+
+def reference_identity(reference: TokenLogprobs) -> dict[str, str] | None:
+    """What checkpoints record of the reference: `model_identity`, or for a policy's
+    disabled adapter a fixed mark (the adapter's weights change as it trains)."""
+    if reference.adapters_off:
+        return {"name_or_path": "the policy with its adapter disabled", "weights": "-"}
+    return model_identity(reference.model)
 
 
 class ValueModel(nn.Module):
@@ -359,6 +423,8 @@ def only_generation_config(model: nn.Module, generation_config: GenerationConfig
     ``model.generation_config`` (a hub model's repetition_penalty, suppress_tokens, ...);
     with the two the same, only transformers' neutral defaults fill them.
     """
+    # a peft model generates with its base model's generation_config
+    model = model.get_base_model() if is_peft_model(model) else model
     own = model.generation_config
     model.generation_config = generation_config
     try:

@@ -26,7 +26,8 @@ One iteration, top to bottom (`PPOTrainer.iteration`, then `rollout`, `update`):
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from rlhf_fast import (
 )
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
 from rlhf_fast.trainers.checkpoints import Export, model_identity, strip_prefix
-from rlhf_fast.trainers.data import example_indices, load_prompts
+from rlhf_fast.trainers.data import batches, example_indices, load_prompts, load_records
 from rlhf_fast.trainers.files import save_pretrained_atomic
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
@@ -57,6 +58,9 @@ from rlhf_fast.trainers.models import (
     frozen,
     only_generation_config,
     prepare_for_training,
+    reference_identity,
+    reference_logprobs,
+    with_adapter,
 )
 from rlhf_fast.trainers.ppo_config import KL_IN_REWARD, SCALE_REWARDS, PPOConfig
 from rlhf_fast.trainers.run import unwrap, wrap_ddp
@@ -65,6 +69,12 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
+#: ppo_loss's outputs the update logs; the loss terms among them add up over the
+#: minibatches of an optimizer step (`ADDITIVE_METRICS`), the others are their means
+LOGGED_LOSS_OUTPUTS = ("loss", "policy_loss", "value_loss", "entropy", "clipfrac",
+                       "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
+                       "ratio_mean")
+ADDITIVE_METRICS = ("loss", "policy_loss", "value_loss", "entropy")
 PPO_PLOT_KEYS = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "policy_loss",
                  "value_loss", "response_length"]
 
@@ -127,6 +137,53 @@ def check_same_vocabulary(teacher: nn.Module, policy: nn.Module) -> None:
                          f"{rows[0]} rows, the policy's {rows[1]}")
 
 
+def prompt_records(prompts: Any, name: str) -> list[dict[str, Any]]:
+    """{"prompt", ...} records of `prompts`: a JSONL file, a list of dicts or a
+    ``datasets.Dataset`` keep their other columns (which TRL-style reward functions
+    get); a text file or a list of strings gives records of the prompt alone."""
+    texts = load_prompts(prompts)
+    is_text = isinstance(prompts, (str, Path)) and not str(prompts).endswith(".jsonl")
+    if is_text or (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
+        return [{"prompt": text} for text in texts]
+    return load_records(prompts, ("prompt",), name)
+
+
+def takes_trl_keywords(function: Callable[..., Any]) -> bool:
+    """Whether a reward function has TRL's signature, ``f(prompts=, completions=,
+    completion_ids=, **columns)`` (a `completions` parameter or ``**kwargs``); else it
+    is called as ``f(prompts, answers)``."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return any(p.name == "completions" or p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in parameters)
+
+
+def call_reward_function(reward: Reward, records: list[dict[str, Any]], texts: list[str],
+                         completion_ids: list[list[int]]) -> torch.Tensor:
+    """[B] fp32 scores of a reward function. TRL's signature gets the prompts, the decoded
+    completions, their token ids (through EOS) and each other dataset column as a list
+    (keyword arguments); a None score (the function does not rate that answer) counts 0,
+    as in TRL's nansum over the weighted reward functions."""
+    prompts = [record["prompt"] for record in records]
+    if takes_trl_keywords(reward.function):
+        columns = {key: [record.get(key) for record in records]
+                   for key in records[0] if key not in ("prompt", "completion",
+                                                         "completion_ids")}
+        given = reward.function(prompts=prompts, completions=texts,
+                                completion_ids=completion_ids, **columns)
+    else:
+        given = reward.function(prompts, texts)
+    if not torch.is_tensor(given):
+        given = [0.0 if score is None else score for score in given]
+    scores = torch.as_tensor(given, dtype=torch.float32)
+    if scores.shape != (len(prompts),):
+        raise ValueError(f"{reward.name} must return {len(prompts)} scores, got "
+                         f"shape {tuple(scores.shape)}")
+    return scores
+
+
 def check_finite_scores(scores: torch.Tensor, source: str) -> torch.Tensor:
     """`scores` [B], unless one is NaN or infinite: it would make every advantage of its
     group NaN, NaN weights after the update, and the next rollout fail in sampling."""
@@ -163,6 +220,14 @@ class PPOTrainer:
             token's reward gains config.distill_coef * (log pi_teacher - log pi), the
             negative reverse KL estimate, through the fused log-prob ops. With a teacher,
             reward_fn_or_model may be None (distillation alone).
+        eval_prompts: prompts as `prompts` takes them, answered (greedily, or sampled
+            with eval_do_sample) at eval_steps and at the end: their mean weighted score
+            is logged as eval/reward. The evaluation draws from forked random streams,
+            so the training's results are the same with or without it.
+        peft_config: a ``peft.LoraConfig``: train an adapter on `policy` (as
+            config.use_peft does with the lora_* fields); without a ref_policy the
+            reference is the policy with its adapter disabled, not a copy. final/ then
+            holds the adapter (peft's save_pretrained).
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module | None = None,
@@ -170,7 +235,8 @@ class PPOTrainer:
                  reward_fn_or_model: RewardFn | nn.Module | Sequence[RewardFn | nn.Module]
                  | None = None, *,
                  tokenizer: Any, prompts: Any, config: PPOConfig | None = None,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, eval_prompts: Any = None,
+                 peft_config: Any = None):
         self.config = config = config or PPOConfig()
         if reward_fn_or_model is None and teacher is None:
             raise ValueError("reward_fn_or_model is required (or a teacher): a function of "
@@ -188,27 +254,27 @@ class PPOTrainer:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else self.eos_id
-        self.prompts = load_prompts(prompts)
-        self.prompt_ids = [tokenizer(p).input_ids[-config.max_prompt_length:]
-                           for p in self.prompts]
-        empty = [i for i, ids in enumerate(self.prompt_ids) if not ids]
-        if empty:
-            raise ValueError(f"prompts[{empty[0]}] is empty after tokenising")
+        self.records = prompt_records(prompts, "prompts")
+        self.prompts = [record["prompt"] for record in self.records]
+        self.prompt_ids = self._tokenized_prompts(self.prompts, "prompts")
+        self.eval_records = None if eval_prompts is None else \
+            prompt_records(eval_prompts, "eval_prompts")
+        self.eval_prompt_ids = None if self.eval_records is None else \
+            self._tokenized_prompts([r["prompt"] for r in self.eval_records], "eval_prompts")
         if len(self.prompts) < config.rollout_batch_size * self.run.world:
             raise ValueError(f"prompts has {len(self.prompts)} entries, fewer than one "
                              f"rollout (rollout_batch_size x processes)")
 
         self.fused_linear = self.run.fused_linear(config.use_fused_linear)
         device = self.run.device
-        self.policy = policy.to(device)
-        self.reference = TokenLogprobs(
-            frozen(copy.deepcopy(policy) if ref_policy is None else ref_policy).to(device),
-            fused_linear=self.fused_linear, temperature=config.temperature)
         critic = None
-        if not critic_free:
+        if not critic_free:  # (a default critic copies the backbone without an adapter)
             value_model = value_model or ValueModel.from_causal_lm(policy)
             critic = as_value_module(value_model.to(device))
         self.value_model = value_model
+        self.policy = policy = with_adapter(policy, config, peft_config).to(device)
+        self.reference = reference_logprobs(policy, ref_policy, fused_linear=self.fused_linear,
+                                            temperature=config.temperature).to(device)
         self.teacher = None if teacher is None else TokenLogprobs(
             frozen(teacher).to(device), fused_linear=self.fused_linear,
             temperature=config.temperature)
@@ -223,7 +289,7 @@ class PPOTrainer:
                                            device=device)
         self.rewards = [Reward.of(source, device) for source in sources]
         # checkpoints hold the policy and critic, not these: they record which they were
-        frozen_models = {"reference": model_identity(self.reference.model)} | {
+        frozen_models = {"reference": reference_identity(self.reference)} | {
             "reward model" + (f" {i}" if len(sources) > 1 else ""): model_identity(r.model)
             for i, r in enumerate(self.rewards)} | ({} if self.teacher is None else {
                 "teacher": model_identity(self.teacher.model)})
@@ -245,7 +311,9 @@ class PPOTrainer:
         if value_model is not None:
             exports.append(Export("value_model", self._critic_prefix(), value_model))
         self.loop = Loop(config, self.run, self.optimizer, unwrap(self.actor_critic),
-                         exports, frozen_models, name="PPO",
+                         exports, frozen_models,
+                         training_steps=config.max_steps * config.optimizer_steps_per_iteration,
+                         name="PPO",
                          title=f"PPO ({config.advantage_estimator})", plot_keys=PPO_PLOT_KEYS,
                          rank_means=False)
 
@@ -260,7 +328,36 @@ class PPOTrainer:
         """Run to max_steps iterations (from the checkpoint's when resuming); returns the
         logged metrics of this output_dir."""
         return self.loop.train(self.config.max_steps, self.iteration,
-                               save_final=self._save_final)
+                               save_final=self._save_final,
+                               evaluate=None if self.eval_records is None else self.evaluate,
+                               eval_steps=self.config.eval_steps)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """eval/reward: the mean weighted score of answers to eval_prompts (each process
+        answers its share), greedy unless eval_do_sample. Under `torch.random.fork_rng`,
+        seeded with config.seed: the training's random streams are left as they were, and
+        every evaluation samples alike."""
+        if self.eval_records is None:
+            raise ValueError("evaluate() needs eval_prompts")
+        config, run = self.config, self.run
+        generation_config = self.generation_config() if config.eval_do_sample else \
+            self.greedy_generation_config()
+        mine = list(range(run.rank, len(self.eval_records), run.world))
+        total = torch.zeros(2, dtype=torch.float64, device=run.device)  # score sum, count
+        devices = [run.device] if run.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(config.seed)
+            for rows in batches(mine, config.rollout_batch_size):
+                prompt_ids, prompt_mask = self._left_pad([self.eval_prompt_ids[r] for r in rows])
+                _, _, columns = self._answer_and_score(
+                    prompt_ids, prompt_mask, [self.eval_records[r] for r in rows],
+                    generation_config)
+                total += torch.stack([(columns @ self.reward_weights).sum().double(),
+                                      torch.tensor(len(rows), dtype=torch.float64,
+                                                   device=run.device)])
+        total = run.sum_over_ranks_tensor(total) if run.world > 1 else total
+        return {"eval/reward": (total[0] / total[1].clamp(min=1)).item()}
 
     def iteration(self) -> tuple[float, float]:
         """One iteration: a rollout, then ppo_epochs of updates on it; returns the lr of
@@ -280,23 +377,21 @@ class PPOTrainer:
                                config.seed, iteration)
         rows = [row for row in rows for _ in range(config.group_size)]
         prompt_ids, prompt_mask = self._left_pad([self.prompt_ids[r] for r in rows])
+        records = [self.records[r] for r in rows]
         sequences, attention_mask, scores = self._answer_and_score(
-            prompt_ids, prompt_mask, rows, self.generation_config())
+            prompt_ids, prompt_mask, records, self.generation_config())
         baselines = None
         if config.advantage_estimator == "remax":  # a greedy answer per prompt
-            from transformers import GenerationConfig
-
-            greedy = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens,
-                                      eos_token_id=self.eos_id, pad_token_id=self.pad_id)
             group = config.group_size
             _, _, greedy_scores = self._answer_and_score(
-                prompt_ids[::group], prompt_mask[::group], rows[::group], greedy)
+                prompt_ids[::group], prompt_mask[::group], records[::group],
+                self.greedy_generation_config())
             baselines = (greedy_scores @ self.reward_weights).repeat_interleave(group)
         return self.evaluate_answers(sequences, attention_mask, prompt_ids.shape[1], scores,
                                      baselines)
 
     def _answer_and_score(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                          rows: list[int], generation_config: GenerationConfig
+                          records: list[dict[str, Any]], generation_config: GenerationConfig
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Generate an answer to each left-padded prompt, cut after its first EOS, and
         score it: (sequences, attention_mask, scores [B, K] fp32, one column per reward
@@ -312,11 +407,17 @@ class PPOTrainer:
         answers = answers.masked_fill(~mask, self.pad_id)
         sequences = torch.cat([prompt_ids, answers], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        scores = self._score([self.prompts[r] for r in rows], answers, sequences,
-                             attention_mask)
+        scores = self._score(records, answers, mask, sequences, attention_mask)
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~is_eos.any(1)).float()[:, None]
         return sequences, attention_mask, scores
+
+    def greedy_generation_config(self) -> GenerationConfig:
+        """Greedy answers (remax's baselines, evaluation), stopping at EOS."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(do_sample=False, max_new_tokens=self.config.max_new_tokens,
+                                eos_token_id=self.eos_id, pad_token_id=self.pad_id)
 
     def generation_config(self) -> GenerationConfig:
         """Sampling as the config says and nothing else: temperature, top-p, no top-k, stop
@@ -396,46 +497,30 @@ class PPOTrainer:
                        scores, columns, advantages, returns, teacher_logp)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
-        """ppo_epochs passes of minibatch PPO steps on `rollout`; returns the metrics."""
+        """ppo_epochs passes of minibatch PPO steps on `rollout`, one optimizer step per
+        gradient_accumulation_steps minibatches; returns the metrics."""
         config = self.config
         critic = config.advantage_estimator == "gae"
-        kl_in_loss = config.advantage_estimator not in KL_IN_REWARD
-        # the KL is in the rewards already for gae and reinforce_plus_plus, in the loss else
-        loss_options = PPO_OPTIONS.pick(vars(config)) | dict(max_len=config.max_new_tokens)
-        loss_options |= dict(vf_coef=0.0) if not critic else {}
-        loss_options |= dict(kl_coef=0.0) if not kl_in_loss else {}
         sums: dict[str, torch.Tensor] = {}  # on the device: read back once, at the end
-        steps = 0
+        steps = micro_batches = 0
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         for _ in range(config.ppo_epochs):
             order = torch.randperm(rollout.mask.shape[0], device=rollout.mask.device)
-            for rows in order.split(config.mini_batch_size):
-                loss_inputs = dict(
-                    old_logp=rollout.old_logp[rows], advantages=rollout.advantages[rows],
-                    mask=rollout.mask[rows],
-                    ref_logp=rollout.ref_logp[rows] if kl_in_loss else None,
-                    old_values=rollout.values[rows] if critic else None,
-                    returns=rollout.returns[rows] if critic else None,
-                    **loss_options, **self.global_counts(rollout.mask[rows]))
-                batch = (rollout.sequences[rows], rollout.attention_mask[rows],
-                         rollout.prompt_width)
-                with self.run.autocast():
-                    if self.fused_linear:  # linear_ppo_loss: 3 GEMMs, no logits kept
-                        out = self.actor_critic(*batch, ppo=loss_inputs)
-                    else:
-                        logp, entropy, values = self.actor_critic(*batch)
-                if not self.fused_linear:
-                    out = ppo_loss(logp, entropy=entropy, values=values, **loss_inputs)
-                out.loss.backward()
+            minibatches = order.split(config.mini_batch_size)
+            accumulation = config.gradient_accumulation_steps
+            for start in range(0, len(minibatches), accumulation):
+                group = minibatches[start:start + accumulation]
+                for key, value in self._accumulate_gradients(rollout, group).items():
+                    sums[key] = sums.get(key, 0.0) + value
                 lr = self.loop.apply_gradients(parameters)
                 steps += 1
-                for key in ("loss", "policy_loss", "value_loss", "entropy", "clipfrac",
-                            "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
-                            "ratio_mean"):
-                    sums[key] = sums.get(key, 0.0) + getattr(out, key).detach()
+                micro_batches += len(group)
         mask = rollout.mask
         metrics = host_floats({
-            **{key: value / steps for key, value in sums.items()},
+            # the loss terms add up over an optimizer step's minibatches (each is its share
+            # of the step's); the statistics (clipfrac, ...) are each minibatch's means
+            **{key: value / (steps if key in ADDITIVE_METRICS else micro_batches)
+               for key, value in sums.items()},
             "reward": rollout.scores.mean(),
             "kl": ((rollout.old_logp - rollout.ref_logp) * mask).sum(1).mean(),
             "response_length": mask.sum(1).mean(),
@@ -448,14 +533,59 @@ class PPOTrainer:
         metrics["lr"] = lr
         return self.run.mean_over_ranks(metrics)
 
+    def _accumulate_gradients(self, rollout: Rollout, group: Sequence[torch.Tensor]
+                              ) -> dict[str, torch.Tensor]:
+        """Backward of each minibatch (rows of `rollout`) of one optimizer step, each
+        loss its share of the whole group's (ppo_loss's global counts over the group and
+        the processes), so the gradients add up to the group's as one batch; DDP reduces
+        them once, on the last. Returns the sums of the minibatches' metrics."""
+        counts = self.global_counts(rollout.mask[torch.cat(list(group))],
+                                    accumulated=len(group) > 1)
+        ddp = isinstance(self.actor_critic, nn.parallel.DistributedDataParallel)
+        sums: dict[str, torch.Tensor] = {}
+        for index, rows in enumerate(group):
+            sync = index == len(group) - 1 or not ddp
+            with contextlib.nullcontext() if sync else self.actor_critic.no_sync():
+                out = self._minibatch_loss(rollout, rows, counts)
+                out.loss.backward()
+            for key in LOGGED_LOSS_OUTPUTS:
+                sums[key] = sums.get(key, 0.0) + getattr(out, key).detach()
+        return sums
+
+    def _minibatch_loss(self, rollout: Rollout, rows: torch.Tensor,
+                        counts: dict[str, int]) -> Any:
+        """ppo_loss's output on the rollout's `rows` (the policy's log-probs, entropy and
+        values recomputed with gradients), with the global `counts`."""
+        config = self.config
+        critic = config.advantage_estimator == "gae"
+        # the KL is in the rewards already for gae and reinforce_plus_plus, in the loss else
+        kl_in_loss = config.advantage_estimator not in KL_IN_REWARD
+        loss_options = PPO_OPTIONS.pick(vars(config)) | dict(max_len=config.max_new_tokens)
+        loss_options |= dict(vf_coef=0.0) if not critic else {}
+        loss_options |= dict(kl_coef=0.0) if not kl_in_loss else {}
+        loss_inputs = dict(
+            old_logp=rollout.old_logp[rows], advantages=rollout.advantages[rows],
+            mask=rollout.mask[rows],
+            ref_logp=rollout.ref_logp[rows] if kl_in_loss else None,
+            old_values=rollout.values[rows] if critic else None,
+            returns=rollout.returns[rows] if critic else None,
+            **loss_options, **counts)
+        batch = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_width)
+        with self.run.autocast():
+            if self.fused_linear:  # linear_ppo_loss: 3 GEMMs, no logits kept
+                return self.actor_critic(*batch, ppo=loss_inputs)
+            logp, entropy, values = self.actor_critic(*batch)
+        return ppo_loss(logp, entropy=entropy, values=values, **loss_inputs)
+
     # --- plumbing ----------------------------------------------------------------------
 
-    def global_counts(self, mask: torch.Tensor) -> dict[str, int]:
-        """ppo_loss's global normalisers for one minibatch step of every rank (one
-        all_reduce of two counts): each rank's loss is its share of the global batch's,
-        so DDP's average of gradients is the global batch's gradient, however the valid
-        tokens fall on the ranks. {} for one process."""
-        if self.run.world == 1:
+    def global_counts(self, mask: torch.Tensor, accumulated: bool = False) -> dict[str, int]:
+        """ppo_loss's global normalisers for one optimizer step of every rank over `mask`,
+        the rows of all its minibatches (one all_reduce of two counts): each minibatch's
+        loss is its share of the global batch's, so the sum over minibatches and DDP's
+        average over ranks of gradients is the global batch's gradient, however the
+        valid tokens fall. {} for one process and one minibatch (the call's own)."""
+        if self.run.world == 1 and not accumulated:
             return {}
         valid = mask != 0
         local = torch.stack([valid.sum(), valid.any(-1).sum()]).to(torch.float64)
@@ -476,28 +606,36 @@ class PPOTrainer:
             mask[row, width - len(sequence):] = 1
         return ids.to(self.run.device), mask.to(self.run.device)
 
-    def _score(self, prompts: list[str], answers: torch.Tensor, sequences: torch.Tensor,
-               attention_mask: torch.Tensor) -> torch.Tensor:
+    def _score(self, records: list[dict[str, Any]], answers: torch.Tensor,
+               mask: torch.Tensor, sequences: torch.Tensor, attention_mask: torch.Tensor
+               ) -> torch.Tensor:
         """[B, K] fp32 scores, one column per reward source: a reward function on the
-        decoded text, or a reward model's output at each sequence's last attended token."""
+        decoded text (`call_reward_function`), or a reward model's output at each
+        sequence's last attended token. answers, mask: [B, R], 1 through the first EOS."""
         device = self.run.device
-        texts = None
-        columns = [] if self.rewards else [torch.zeros(len(prompts), device=device)]
+        texts = completion_ids = None
+        columns = [] if self.rewards else [torch.zeros(len(records), device=device)]
         for reward in self.rewards:
             if reward.function is not None:
                 if texts is None:
                     texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
-                scores = torch.as_tensor(reward.function(prompts, texts), dtype=torch.float32)
-                if scores.shape != (len(prompts),):
-                    raise ValueError(f"{reward.name} must return {len(prompts)} scores, got "
-                                     f"shape {tuple(scores.shape)}")
+                    completion_ids = [row[keep].tolist() for row, keep in zip(answers, mask)]
+                scores = call_reward_function(reward, records, texts, completion_ids)
             else:
                 with self.run.autocast():
                     per_token = reward.scorer(sequences, attention_mask)
                 last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
-                scores = per_token[torch.arange(len(prompts), device=device), last].float()
+                scores = per_token[torch.arange(len(records), device=device), last].float()
             columns.append(check_finite_scores(scores, reward.name).to(device))
         return torch.stack(columns, 1)
+
+    def _tokenized_prompts(self, prompts: list[str], name: str) -> list[list[int]]:
+        """Each prompt's token ids (its last max_prompt_length); an empty one raises."""
+        ids = [self.tokenizer(p).input_ids[-self.config.max_prompt_length:] for p in prompts]
+        empty = [i for i, row in enumerate(ids) if not row]
+        if empty:
+            raise ValueError(f"{name}[{empty[0]}] is empty after tokenising")
+        return ids
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoint-<step>/ (`Loop.save_checkpoint`); every process must call it."""

@@ -92,7 +92,15 @@ class PPOConfig(TrainerConfig):
     """grpo and grpo_passk: divide by the group's std ("group"), the batch's ("batch") or
     not ("none": Dr. GRPO), TRL's names."""
     mini_batch_size: int = 8
-    """Sequences per optimizer step in the update."""
+    """Sequences per forward / backward in the update (a micro-batch; an optimizer step
+    takes gradient_accumulation_steps of them)."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches whose gradients add up to one optimizer step (TRL's): each one's loss
+    is its share of the accumulated batch's, so k minibatches of b sequences step as one
+    of k * b would."""
+    eval_do_sample: bool = False
+    """Evaluation answers sampled as the rollouts' (temperature, top_p) instead of
+    greedy."""
     ppo_epochs: int = 4
     """Passes over each rollout."""
     value_lr: float | None = None
@@ -125,7 +133,7 @@ class PPOConfig(TrainerConfig):
         require("advantage_estimator", self.advantage_estimator in ESTIMATORS,
                 f"one of {ESTIMATORS}")
         require.ints(self, ("max_steps", "rollout_batch_size", "group_size", "mini_batch_size",
-                            "ppo_epochs", "max_new_tokens"), 1)
+                            "gradient_accumulation_steps", "ppo_epochs", "max_new_tokens"), 1)
         grouped = self.advantage_estimator not in ("gae", "reinforce_plus_plus", "remax")
         require("group_size", not grouped or self.group_size >= 2,
                 f">= 2 for advantage_estimator={self.advantage_estimator!r}")
@@ -147,7 +155,7 @@ class PPOConfig(TrainerConfig):
         require("missing_eos_penalty",
                 self.missing_eos_penalty is None or is_finite(self.missing_eos_penalty),
                 "a finite float or None", self.missing_eos_penalty)
-        require.bools(self, ("whiten_advantages",))
+        require.bools(self, ("whiten_advantages", "eval_do_sample"))
         require("reward_weights", self.reward_weights is None or (
             isinstance(self.reward_weights, (list, tuple)) and len(self.reward_weights) > 0
             and all(isinstance(w, (int, float)) and not isinstance(w, bool) and is_finite(w)
@@ -159,6 +167,14 @@ class PPOConfig(TrainerConfig):
                 and not isinstance(self.distill_coef, bool) and is_finite(self.distill_coef)
                 and self.distill_coef >= 0, "a finite float >= 0", self.distill_coef)
         self.distill_coef = float(self.distill_coef)
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """ppo_epochs x the accumulation groups of one pass over a rollout's minibatches
+        (a last incomplete group steps too)."""
+        rows = self.rollout_batch_size * self.group_size
+        minibatches = -(-rows // self.mini_batch_size)
+        return self.ppo_epochs * -(-minibatches // self.gradient_accumulation_steps)
 
     @classmethod
     def from_trl_names(cls, **given: Any) -> dict[str, Any]:

@@ -1,0 +1,283 @@
+"""The trainers' TRL-style features on tiny local models: LR schedules, trackers
+(report_to), PPO's gradient accumulation and evaluation, LoRA adapters, TRL's reward
+function signature, and the generation hook.
+"""
+
+import copy
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from rlhf_fast import demo
+from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
+
+TRAIN = demo.DATA / "preferences_train.jsonl"
+PROMPTS = demo.DATA / "prompts.txt"
+LR = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    corpus = demo.read_jsonl(demo.DATA / "corpus.jsonl")
+    return demo.train_tokenizer([r["prompt"] for r in corpus]
+                                + [r["completion"] for r in corpus])
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
+
+
+def tiny_dpo(tokenizer, directory, model=None, **options):
+    """A DPOTrainer on 8 pairs, batches of 4, a tiny Llama."""
+    records = [json.loads(line) for line in TRAIN.read_text().splitlines()[:8]]
+    config = DPOConfig(output_dir=str(directory), batch_size=4, lr=LR, max_length=40,
+                       max_prompt_length=16, seed=5, device="cpu", logging_steps=1,
+                       **options)
+    model = demo.tiny_llama(tokenizer, hidden_size=32, seed=2) if model is None else model
+    return DPOTrainer(model, tokenizer=tokenizer, train_dataset=records, config=config)
+
+
+def length_reward(prompts, answers):
+    return [len(a) / 10 for a in answers]
+
+
+def tiny_ppo(tokenizer, directory, model=None, reward=length_reward, **options):
+    """A GRPO PPOTrainer: 2 prompts x 2 answers of at most 4 tokens, a tiny Llama."""
+    options = dict(advantage_estimator="grpo", group_size=2, rollout_batch_size=2,
+                   mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, lr=LR, seed=7,
+                   device="cpu") | options
+    config = PPOConfig(output_dir=str(directory), **options)
+    model = demo.tiny_llama(tokenizer, hidden_size=32, seed=3) if model is None else model
+    return PPOTrainer(model, tokenizer=tokenizer, prompts=PROMPTS, reward_fn_or_model=reward,
+                      config=config)
+
+
+def training_rows(log):
+    """The logged training rows without the wall-clock throughput."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log
+            if not any(k.startswith("eval/") for k in r)]
+
+
+# --- 1. the learning-rate schedule -----------------------------------------------------------
+
+
+def expected_lrs(name, steps, warmup):
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup"])
+def test_dpo_lr_follows_transformers_schedule_with_a_warmup_ratio(tokenizer, tmp_path, name):
+    log = tiny_dpo(tokenizer, tmp_path, max_steps=4, lr_scheduler_type=name,
+                   warmup_ratio=0.25).train()
+    assert [r["lr"] for r in log] == pytest.approx(expected_lrs(name, 4, 1), abs=1e-6)
+
+
+def test_ppo_schedule_spans_every_optimizer_step_of_the_run(tokenizer, tmp_path):
+    """8 rows in minibatches of 2, accumulated 2 by 2: 2 optimizer steps per epoch."""
+    trainer = tiny_ppo(tokenizer, tmp_path, max_steps=3, rollout_batch_size=4,
+                       mini_batch_size=2, gradient_accumulation_steps=2, ppo_epochs=3)
+    assert trainer.loop.training_steps == 3 * 3 * 2
+    assert trainer.config.optimizer_steps_per_iteration == 6
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lr_scheduler_type="cosine_decay"), "DPOConfig.lr_scheduler_type must be one of"),
+    (dict(lr_scheduler_type="reduce_lr_on_plateau"), "DPOConfig.lr_scheduler_type"),
+    (dict(warmup_ratio=1.5), "DPOConfig.warmup_ratio must be a float in [0, 1)"),
+    (dict(warmup_ratio=0.1, warmup_steps=3), "DPOConfig.warmup_ratio must be 0 when"),
+    (dict(report_to="mlflow"), "DPOConfig.report_to must be one of"),
+])
+def test_bad_schedule_or_tracker_names_the_field(options, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        DPOConfig(**options)
+
+
+# --- 2. trackers ----------------------------------------------------------------------------
+
+
+def test_a_tracker_without_its_package_is_a_config_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails
+    with pytest.raises(ValueError, match="PPOConfig.report_to .*'wandb' needs the 'wandb' "
+                                         "package"):
+        PPOConfig(report_to=["tensorboard", "wandb"])
+
+
+def fake_tracker_module(name):
+    """A module with init / log / finish that records its calls."""
+    module = types.ModuleType(name)
+    module.calls = []
+    module.init = lambda **kwargs: module.calls.append(("init", kwargs))
+    module.log = lambda metrics, step=None: module.calls.append(("log", step, metrics))
+    module.finish = lambda: module.calls.append(("finish",))
+    return module
+
+
+def test_wandb_and_trackio_get_every_logged_row(tokenizer, tmp_path, monkeypatch):
+    fakes = {name: fake_tracker_module(name) for name in ("wandb", "trackio")}
+    for name, module in fakes.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    log = tiny_dpo(tokenizer, tmp_path, max_steps=2, report_to=["wandb", "trackio"]).train()
+    for module in fakes.values():
+        (init, first), *logs, finish = module.calls
+        assert init == "init" and first["project"] == "rlhf-fast"
+        assert first["config"]["max_steps"] == 2
+        assert finish == ("finish",)
+        assert [(step, pytest.approx(m, abs=1e-6)) for _, step, m in logs] == \
+            [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in log]
+
+
+def test_tensorboard_gets_every_logged_row(tokenizer, tmp_path):
+    pytest.importorskip("tensorboard", reason="report_to='tensorboard' needs tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = tiny_ppo(tokenizer, tmp_path, max_steps=2, report_to="tensorboard").train()
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    rewards = [(e.step, e.value) for e in events.Scalars("reward")]
+    assert rewards == [(r["step"], pytest.approx(r["reward"], abs=1e-6)) for r in log]
+    assert (tmp_path / "metrics.jsonl").is_file()  # the JSONL log stays
+
+
+# --- 3. PPO: gradient accumulation and evaluation --------------------------------------------
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_accumulating_k_minibatches_of_b_steps_as_one_of_k_times_b(tokenizer, tmp_path, agg):
+    """One iteration, one epoch over 8 rows: minibatches of 2 accumulated 4 by 4 (with
+    minibatches of unequal token counts) give the weights of one step on all 8 rows."""
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    weights = []
+    for name, mini_batch_size, accumulation in (("one", 8, 1), ("accumulated", 2, 4)):
+        policy = copy.deepcopy(initial)
+        tiny_ppo(tokenizer, tmp_path / name, policy, max_steps=1, rollout_batch_size=4,
+                 mini_batch_size=mini_batch_size, gradient_accumulation_steps=accumulation,
+                 max_new_tokens=6, agg=agg, lr_scheduler_type="constant",
+                 max_grad_norm=0.0).train()
+        weights.append({k: v.detach().clone() for k, v in policy.named_parameters()})
+    moved = [k for k in weights[0] if not torch.equal(weights[0][k], initial.state_dict()[k])]
+    assert moved
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_ppo_evaluation_logs_eval_reward_and_leaves_the_training_as_it_was(tokenizer, tmp_path):
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    eval_prompts = PROMPTS.read_text().splitlines()[:3]
+    logs = []
+    for name, options in (("plain", {}), ("greedy", dict(eval_steps=1)),
+                          ("sampled", dict(eval_steps=2, eval_do_sample=True))):
+        config = PPOConfig(output_dir=str(tmp_path / name), advantage_estimator="grpo",
+                           group_size=2, rollout_batch_size=2, mini_batch_size=4,
+                           ppo_epochs=1, max_new_tokens=4, lr=LR, seed=7, device="cpu",
+                           max_steps=3, **options)
+        trainer = PPOTrainer(copy.deepcopy(initial), tokenizer=tokenizer, prompts=PROMPTS,
+                             reward_fn_or_model=length_reward, config=config,
+                             eval_prompts=None if name == "plain" else eval_prompts)
+        logs.append(trainer.train())
+    plain, greedy, sampled = logs
+    assert training_rows(greedy) == training_rows(plain) == training_rows(sampled)
+    assert [r["step"] for r in greedy if "eval/reward" in r] == [1, 2, 3]
+    assert [r["step"] for r in sampled if "eval/reward" in r] == [2, 3]
+    assert all(r["eval/reward"] >= 0 for r in greedy + sampled if "eval/reward" in r)
+
+
+# --- 5. rewards: TRL's signature --------------------------------------------------------------
+
+
+def test_reward_functions_get_trls_keywords_and_dataset_columns(tokenizer, tmp_path):
+    calls = []
+
+    def trl_style(prompts, completions, completion_ids, answer, **kwargs):
+        calls.append((prompts, completions, completion_ids, answer))
+        return [None if i == 0 else float(len(c)) for i, c in enumerate(completions)]
+
+    def positional(prompts, answers):
+        return [1.0] * len(answers)
+
+    prompts = [{"prompt": p, "answer": f"a{i}"}
+               for i, p in enumerate(PROMPTS.read_text().splitlines()[:4])]
+    config = PPOConfig(output_dir=str(tmp_path), advantage_estimator="grpo", group_size=2,
+                       rollout_batch_size=2, mini_batch_size=4, ppo_epochs=1,
+                       max_new_tokens=4, seed=7, device="cpu", max_steps=1,
+                       reward_weights=[1.0, 0.5])
+    trainer = PPOTrainer(demo.tiny_llama(tokenizer, hidden_size=32, seed=3),
+                         tokenizer=tokenizer, prompts=prompts, config=config,
+                         reward_fn_or_model=[trl_style, positional])
+    rollout = trainer.rollout(0)
+    (given_prompts, completions, completion_ids, answers), = calls
+    by_prompt = {r["prompt"]: r["answer"] for r in prompts}
+    assert answers == [by_prompt[p] for p in given_prompts]
+    assert completions == tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    assert [len(ids) for ids in completion_ids] == rollout.mask.sum(1).int().tolist()
+    expected = [0.0] + [float(len(c)) for c in completions[1:]]  # None counts 0
+    assert rollout.reward_columns[:, 0].tolist() == expected
+    assert rollout.scores.tolist() == pytest.approx([e + 0.5 for e in expected])
+
+
+# --- 4. LoRA adapters -------------------------------------------------------------------------
+
+
+def test_dpo_with_lora_trains_the_adapter_against_the_base_model(tokenizer, tmp_path):
+    peft = pytest.importorskip("peft", reason="LoRA training needs peft")
+    from rlhf_fast.trainers.models import TokenLogprobs
+
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=2)
+    base = copy.deepcopy(initial)
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj"])
+    records = [json.loads(line) for line in TRAIN.read_text().splitlines()[:8]]
+    config = DPOConfig(output_dir=str(tmp_path), batch_size=4, lr=LR, max_length=40,
+                       max_prompt_length=16, seed=5, device="cpu", max_steps=2,
+                       lr_scheduler_type="constant")
+    trainer = DPOTrainer(initial, tokenizer=tokenizer, train_dataset=records, config=config,
+                         peft_config=lora)
+    trainer.train()
+
+    # only the adapter trained; the reference is the policy itself, adapter off
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert trainer.reference.model is trainer.model and trainer.reference.adapters_off
+    base_weights = trainer.model.get_base_model().state_dict()
+    for name, weight in base.state_dict().items():
+        adapted = name.replace("proj.", "proj.base_layer.")  # an adapted layer's own weight
+        assert torch.equal(base_weights.get(adapted, base_weights.get(name)), weight), name
+    assert any(not torch.equal(p, torch.zeros_like(p))
+               for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+    batch = trainer._train_batch(0)
+    base_logp = TokenLogprobs(base.eval(), fused_linear=False)
+    with torch.no_grad():
+        reference = trainer.reference(batch.input_ids, batch.attention_mask)
+        policy = TokenLogprobs(trainer.model, fused_linear=False)(batch.input_ids,
+                                                                   batch.attention_mask)
+        torch.testing.assert_close(reference, base_logp(batch.input_ids, batch.attention_mask))
+    assert not torch.allclose(policy, reference)  # the adapter changed the policy
+    # the final model is the adapter
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+    assert not (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_ppo_use_peft_builds_the_lora_adapter_from_the_config_fields(tokenizer, tmp_path):
+    pytest.importorskip("peft", reason="LoRA training needs peft")
+    trainer = tiny_ppo(tokenizer, tmp_path, max_steps=1, use_peft=True, lora_r=2,
+                       lora_target_modules=["q_proj"])
+    trainer.train()
+    assert trainer.reference.model is trainer.policy
+    assert trainer.policy.peft_config["default"].r == 2
+    assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
