@@ -578,12 +578,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rlhf-fast`` console script; returns the exit code."""
+    args, parser = parse_command_line(argv)
+    return args.handler(args, parser)
+
+
+def parse_command_line(argv: Sequence[str] | None = None
+                       ) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """The parsed command line (a --config file's values under the flags given) and the
+    parser of its command, whose usage errors name it (``rlhf-fast train dpo: ...``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "config", None):  # the file's values as defaults, then flags over them
         apply_config_file(args.command_parser, args.config)
         args = parser.parse_args(argv)
-    return args.handler(args, getattr(args, "command_parser", parser))
+    return args, getattr(args, "command_parser", parser)
 
 
 if __name__ == "__main__":

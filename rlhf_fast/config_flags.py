@@ -69,6 +69,9 @@ def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+BARE = object()  # a bool flag given without a value
+
+
 class BoolFlag(argparse.Action):
     """One bool field's flags: ``--x`` (True), ``--x true|false|yes|no|1|0``
     (HfArgumentParser's and TRL's spelling), ``--no-x`` / ``--no_x`` (False); an optional
@@ -80,17 +83,18 @@ class BoolFlag(argparse.Action):
 
         self.negations = [f"--no-{dest.replace('_', '-')}", f"--no_{dest}"]
         convert = _none_or(string_to_bool) if optional else string_to_bool
+        # const: what a bare --x passes (None is what "--x none" passes)
         super().__init__(option_strings + self.negations, dest, nargs="?", type=convert,
-                         metavar="BOOL", **kwargs)
+                         const=BARE, metavar="BOOL", **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
         if option_string in self.negations:
-            if values is not None:
+            if values is not BARE:
                 parser.error(f"{option_string} takes no value (or give "
                              f"{self.option_strings[0]} {values})")
             values = False
-        setattr(namespace, self.dest, True if values is None else values)
+        setattr(namespace, self.dest, True if values is BARE else values)
 
 
 def field_aliases(config_class: type) -> dict[str, list[str]]:

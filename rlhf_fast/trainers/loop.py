@@ -41,6 +41,7 @@ from rlhf_fast.trainers.checkpoints import (
 from rlhf_fast.trainers.config import TrainerConfig
 from rlhf_fast.trainers.files import remove_stale_temps, save_atomic
 from rlhf_fast.trainers.metrics import MetricsLog, MetricsWindow, plot_curves, progress_bar
+from rlhf_fast.trainers.resume import keep_configured_lrs, remove_checkpoints, warn_changed_config
 from rlhf_fast.trainers.run import (
     Run,
     gather_rng_states,
@@ -54,6 +55,8 @@ def start_run(config: TrainerConfig) -> Run:
     """Refuse to start afresh in an output_dir holding checkpoints, join the processes,
     pick device and precision, and seed this process's random streams."""
     if config.resume_from is None:
+        if config.overwrite_output_dir:
+            remove_checkpoints(config.output_dir)
         check_no_checkpoints(config.output_dir)
     run = setup_run(config.precision, config.device)
     seed_process(config.seed, run)
@@ -190,9 +193,13 @@ class Loop:
 
     def _load(self, path: Path, state: dict[str, Any]) -> None:
         check_same_frozen_models(state.get("frozen_models"), self.frozen_models, path)
+        if self.run.is_main:
+            warn_changed_config(state.get("config"), asdict(self.config), path)
+        configured_lrs = list(self.scheduler.base_lrs)  # the new config's, not the saved
         restore_training_state(self.module, self.optimizer, state[self.key],
                                state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        keep_configured_lrs(self.optimizer, self.scheduler, configured_lrs)
         self.step = state["step"]
         self.window = MetricsWindow(state.get("window"))  # older checkpoints have none
         restore_rng_states(state["rng"], self.run)
