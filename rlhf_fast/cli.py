@@ -206,7 +206,7 @@ def import_module_from_cwd(module_name: str, spec: str, flag: str) -> Any:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
+        if exc.name == module_name or module_name.startswith(f"{exc.name}."):
             raise ValueError(f"{flag} {spec}: no module named {exc.name!r} (looked on "
                              f"sys.path and in the current folder {cwd})") from None
         raise  # a module the user's module imports is missing: its own traceback says
@@ -399,6 +399,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def describe_outputs(output_dir: str | Path) -> str:
     """Where a finished run's outputs are: the final model folder(s), metrics.jsonl, the
     plot(s) and the checkpoints (those that exist)."""
+    from rlhf_fast.trainers.checkpoints import checkpoints_by_step
+
     output = Path(output_dir)
     lines = [f"outputs in {output}:"]
     for final in sorted(p for p in output.glob("final*") if p.is_dir()):
@@ -407,10 +409,10 @@ def describe_outputs(output_dir: str | Path) -> str:
         lines.append(f"  metrics:     {output / 'metrics.jsonl'}")
     for plot in sorted(output.glob("*.png")):
         lines.append(f"  plot:        {plot}")
-    checkpoints = sorted(output.glob("checkpoint-*.pt"))
+    checkpoints = checkpoints_by_step(output)
     if checkpoints:
         lines.append(f"  checkpoints: {len(checkpoints)} in {output} (newest: "
-                     f"{max(checkpoints, key=lambda c: c.stat().st_mtime).name})")
+                     f"{checkpoints[-1].name})")
     return "\n".join(lines)
 
 
