@@ -4,9 +4,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from rlhf_fast.trainers.trackers import REPORT_TO, missing_tracker_packages, package_available
 
@@ -16,6 +17,15 @@ PRECISIONS = ("auto", "bf16", "fp32")
 #: metric, the *_min_lr and warmup_stable_decay ones extra arguments).
 LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                       "constant_with_warmup", "inverse_sqrt")
+
+#: A config's TRL names: name -> (field, None) for a plain rename of the field, or
+#: (field, {TRL value: the fields it sets}) where TRL's value means settings of ours.
+TrlNames = dict[str, tuple[str, "dict[Any, dict[str, Any]] | None"]]
+#: transformers TrainingArguments' names of TrainerConfig fields (every TRL config has them)
+TRAINER_TRL_NAMES: TrlNames = {
+    "learning_rate": ("lr", None),
+    "resume_from_checkpoint": ("resume_from", None),
+}
 
 
 _UNSET = object()
@@ -58,17 +68,44 @@ def is_finite(value: Any) -> bool:
             and math.isfinite(value))
 
 
+class AcceptsTrlNames(type):
+    """Metaclass of the configs: their constructor takes TRL's names of fields too
+    (``DPOConfig(learning_rate=1e-6, per_device_train_batch_size=4)``), translated by
+    the class's `from_trl_names`, so one table (`trl_names`) serves the constructor, the
+    flags and the config files alike."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        trl = {k: kwargs.pop(k) for k in list(kwargs)
+               if k in cls.trl_names and k not in fields}
+        if trl:
+            translated = cls.from_trl_names(**trl)
+            twice = sorted(set(translated) & set(kwargs))
+            if twice:  # which one wins would be a guess
+                raise ValueError(f"{cls.__name__}: {twice} given both by name and by TRL's "
+                                 f"name ({sorted(trl)}); give each once")
+            kwargs |= translated
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass
-class TrainerConfig:
+class TrainerConfig(metaclass=AcceptsTrlNames):
     """What every trainer's run needs: where it writes, the optimizer, precision and model
     options, seeding, and the cadence of logs and checkpoints.
 
     A trainer's config extends it, redeclaring a field only to give it the trainer's own
     default (output_dir, lr, logging_steps). Each field's docstring is its --help text.
+    TRL's names of fields (`trl_names`) are accepted by the constructor, the CLI and
+    config files alike (`from_trl_names`).
     """
+
+    trl_names: ClassVar[TrlNames] = TRAINER_TRL_NAMES
 
     output_dir: str = "runs"
     """Where metrics.jsonl, the plot, checkpoints and the final model go."""
+    overwrite_output_dir: bool = False
+    """Delete the checkpoints an earlier run left in output_dir when a fresh run starts
+    (without it such a run is refused: resume_from="latest" would pick them up later)."""
     lr: float = 1e-6
     """Peak AdamW learning rate."""
     weight_decay: float = 0.0
@@ -150,7 +187,8 @@ class TrainerConfig:
         require.ints(self, ("max_prompt_length", "logging_steps"), 1)
         require.ints(self, ("warmup_steps", "eval_steps", "save_steps", "save_total_limit",
                             "seed"), 0)
-        require.bools(self, ("gradient_checkpointing", "disable_dropout", "use_peft"))
+        require.bools(self, ("gradient_checkpointing", "disable_dropout", "use_peft",
+                             "overwrite_output_dir"))
         require.ints(self, ("lora_r", "lora_alpha"), 1)
         require("lora_dropout", is_finite(self.lora_dropout) and 0 <= self.lora_dropout < 1,
                 "a float in [0, 1)", self.lora_dropout)
@@ -183,3 +221,23 @@ class TrainerConfig:
         for tracker, package in missing_tracker_packages(self.trackers):
             require("report_to", False, f"a tracker whose package is installed: "
                     f"{tracker!r} needs the {package!r} package (pip install {package})")
+
+    @classmethod
+    def from_trl_names(cls, **given: Any) -> dict[str, Any]:
+        """The config's fields from TRL's names of them (`trl_names`): a plain rename
+        gives its value to the field; a name whose values mean settings of ours (PPO's
+        loss_type) gives the fields its value sets. Unknown names or values raise
+        ValueError naming them."""
+        unknown = sorted(set(given) - set(cls.trl_names))
+        if unknown:
+            raise ValueError(f"unknown TRL names {unknown}; known: {sorted(cls.trl_names)}")
+        fields: dict[str, Any] = {}
+        for name, value in given.items():
+            field, meaning = cls.trl_names[name]
+            if meaning is None:
+                fields[field] = value
+            elif value not in meaning:
+                raise ValueError(f"{name} must be one of {tuple(meaning)}, got {value!r}")
+            else:
+                fields |= meaning[value]
+        return fields

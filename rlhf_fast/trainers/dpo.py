@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -43,7 +43,13 @@ from rlhf_fast.options import (
     OptionSet,
 )
 from rlhf_fast.trainers.checkpoints import Export
-from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
+from rlhf_fast.trainers.config import (
+    TRAINER_TRL_NAMES,
+    FieldChecker,
+    TrainerConfig,
+    TrlNames,
+    is_finite,
+)
 from rlhf_fast.trainers.data import batches, example_indices, load_records
 from rlhf_fast.trainers.files import save_pretrained_atomic
 from rlhf_fast.trainers.loop import Loop, start_run
@@ -90,6 +96,14 @@ def objective(loss_type: str | tuple[str, ...]) -> str:
     """The trainer's objective of a (checked) loss_type: simpo, cpo, orpo, kto, or "dpo"
     for dpo_loss's types and their mixes."""
     return loss_type if isinstance(loss_type, str) and loss_type in OBJECTIVES else "dpo"
+#: TRL DPOConfig's names of DPOConfig fields that are spelled otherwise here (beta,
+#: loss_type, max_length, label_smoothing, ... are spelled alike)
+TRL_NAMES: TrlNames = TRAINER_TRL_NAMES | {
+    "per_device_train_batch_size": ("batch_size", None),
+    "per_device_eval_batch_size": ("eval_batch_size", None),
+    "num_train_epochs": ("num_epochs", None),
+    "precompute_ref_log_probs": ("precompute_ref_logps", None),
+}
 DPO_PLOT_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
                  "rewards/rejected", "logps/chosen", "logps/rejected", "eval/rewards/accuracies",
                  "eval/loss"]
@@ -110,6 +124,8 @@ class DPOConfig(TrainerConfig):
     Sizes are per process: under torchrun the global batch is
     batch_size * gradient_accumulation_steps * world size.
     """
+
+    trl_names: ClassVar[TrlNames] = TRL_NAMES  # TRL's names of fields: `from_trl_names`
 
     output_dir: str = "runs/dpo"
     """Where metrics.jsonl, the plot, checkpoints and the final model go."""

@@ -54,6 +54,7 @@ from rlhf_fast.trainers.files import (
     temp_folder,
 )
 from rlhf_fast.trainers.metrics import MetricsLog, MetricsWindow, plot_curves, progress_bar
+from rlhf_fast.trainers.resume import keep_configured_lrs, remove_checkpoints, warn_changed_config
 from rlhf_fast.trainers.run import (
     Run,
     gather_rng_states,
@@ -69,6 +70,8 @@ def start_run(config: TrainerConfig) -> Run:
     """Refuse to start afresh in an output_dir holding checkpoints, join the processes,
     pick device and precision, and seed this process's random streams."""
     if config.resume_from is None:
+        if config.overwrite_output_dir:
+            remove_checkpoints(config.output_dir)
         check_no_checkpoints(config.output_dir)
     run = setup_run(config.precision, config.device)
     seed_process(config.seed, run)
@@ -266,6 +269,9 @@ class Loop:
 
     def _load(self, path: Path, state: dict[str, Any]) -> None:
         check_same_frozen_models(state.get("frozen_models"), self.frozen_models, path)
+        if self.run.is_main:
+            warn_changed_config(state.get("config"), asdict(self.config), path)
+        configured_lrs = list(self.scheduler.base_lrs)  # the new config's, not the saved
         if state["dcp"] is not None:
             load_sharded_state(self.module, self.optimizer, state["dcp"])
         elif is_fsdp2_sharded(self.module):
@@ -275,6 +281,7 @@ class Loop:
             restore_weights(self.module, state["weights"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        keep_configured_lrs(self.optimizer, self.scheduler, configured_lrs)
         self.step = state["step"]
         self.window = MetricsWindow(state.get("window"))
         restore_rng_states(state["rng"], self.run)

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
-from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
+from rlhf_fast.trainers.config import (
+    TRAINER_TRL_NAMES,
+    FieldChecker,
+    TrainerConfig,
+    TrlNames,
+    is_finite,
+)
 from rlhf_fast.types import ADVANTAGE_ESTIMATORS
 
 #: "gae" trains a critic; "gae" and "reinforce_plus_plus" put the KL penalty in the reward,
@@ -23,13 +29,15 @@ SCALE_REWARDS = {"group": "std", "batch": "batch", "none": None}
 #: global batch: the trainer passes ppo_loss the global counts under DDP, so under DDP
 #: bnpo, which TRL normalises per process, is dapo here: every rank's gradient the
 #: global batch's); dr_grpo divides the sum by B * max_completion_length.
-TRL_NAMES: dict[str, tuple[str, dict[str, dict[str, str]] | None]] = {
+#: TRL's per_device_train_batch_size (completions per micro-batch) has no counterpart
+#: here: rollout_batch_size counts prompts and mini_batch_size a whole optimizer step.
+TRL_NAMES: TrlNames = TRAINER_TRL_NAMES | {
     "epsilon": ("clip_eps", None),
     "epsilon_high": ("clip_eps_high", None),
     "beta": ("kl_coef", None),
     "num_generations": ("group_size", None),
     "max_completion_length": ("max_new_tokens", None),
-    "learning_rate": ("lr", None),
+    "num_iterations": ("ppo_epochs", None),
     "loss_type": ("agg", {
         "grpo": dict(agg="seq-mean-token-mean"),
         "bnpo": dict(agg="token-mean"),
@@ -65,7 +73,7 @@ class PPOConfig(TrainerConfig):
     under torchrun every process rolls out its own prompts.
     """
 
-    trl_names: ClassVar[dict] = TRL_NAMES  # TRL's names of fields: `from_trl_names`
+    trl_names: ClassVar[TrlNames] = TRL_NAMES  # TRL's names of fields: `from_trl_names`
 
     output_dir: str = "runs/ppo"
     """Where metrics.jsonl, the plot, checkpoints and the final models go."""
@@ -179,24 +187,14 @@ class PPOConfig(TrainerConfig):
     @classmethod
     def from_trl_names(cls, **given: Any) -> dict[str, Any]:
         """PPOConfig fields from TRL GRPOConfig names (`TRL_NAMES`): epsilon,
-        epsilon_high, beta, num_generations, max_completion_length, learning_rate,
-        loss_type (grpo / bnpo / dr_grpo / dapo: the aggregation they mean; cispo, sapo:
-        the policy loss too) and importance_sampling_level (token / sequence /
-        sequence_token: vanilla / gspo / gspo_token). TRL's cispo caps the ratio at
-        epsilon_high itself, without a lower bound: clip_eps_high = epsilon_high - 1 and
-        clip_eps = 0.999 here. Unknown names raise ValueError naming them."""
-        unknown = sorted(set(given) - set(TRL_NAMES))
-        if unknown:
-            raise ValueError(f"unknown TRL names {unknown}; known: {sorted(TRL_NAMES)}")
-        fields: dict[str, Any] = {}
-        for name, value in given.items():
-            field, meaning = TRL_NAMES[name]
-            if meaning is None:
-                fields[field] = value
-            elif value not in meaning:
-                raise ValueError(f"{name} must be one of {tuple(meaning)}, got {value!r}")
-            else:
-                fields |= meaning[value]
+        epsilon_high, beta, num_generations, num_iterations, max_completion_length,
+        learning_rate, resume_from_checkpoint, loss_type (grpo / bnpo / dr_grpo / dapo: the
+        aggregation they mean; cispo, sapo: the policy loss too) and
+        importance_sampling_level (token / sequence / sequence_token: vanilla / gspo /
+        gspo_token). TRL's cispo caps the ratio at epsilon_high itself, without a lower
+        bound: clip_eps_high = epsilon_high - 1 and clip_eps = 0.999 here. Unknown names
+        raise ValueError naming them."""
+        fields = super().from_trl_names(**given)
         if fields.get("policy_loss") == "cispo" and "epsilon_high" in given:
             fields |= dict(clip_eps_high=given["epsilon_high"] - 1, clip_eps=0.999)
         return fields
