@@ -6,6 +6,7 @@ earlier run's checkpoints (`overwrite_output_dir`)."""
 from __future__ import annotations
 
 import warnings
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,9 @@ def keep_configured_lrs(optimizer: torch.optim.Optimizer,
 
 
 def remove_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Delete the checkpoint-<step>.pt files of `output_dir` (overwrite_output_dir);
-    returns them. Every process may call it: a file another removed first is skipped."""
+    """Delete the checkpoint-<step>/ folders of `output_dir` (overwrite_output_dir);
+    returns them. Every process may call it: a folder another removed first is skipped."""
     found = checkpoints_by_step(output_dir)
     for path in found:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
     return found
