@@ -4,7 +4,7 @@ Subcommands:
     demo [--out DIR] [--quick]
         The whole pipeline on a toy task with a tiny model, on any machine, in under a minute
         (`rlhf_fast.demo`).
-    train dpo|ppo --model PATH_OR_ID --data FILE [--<config field> VALUE ...]
+    train dpo|ppo --model PATH_OR_ID --data SOURCE [--<config field> VALUE ...]
         The reference trainers on a real model: every field of DPOConfig / PPOConfig is
         a flag (``--max-steps 100``, ``--use-fused-linear`` / ``--no-use-fused-linear``).
     bench [op ...] [--quick] [--headline] [--out DIR] [-k EXPR]
@@ -19,7 +19,6 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import os
 from collections.abc import Callable, Sequence
@@ -241,7 +240,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = config_from_args(DPOConfig if args.algorithm == "dpo" else PPOConfig, args, parser)
     # everything that can be checked before loading models (minutes, for large ones)
     check_output_dir(config, parser)
-    data, eval_data = read_data(args, parser)
+    data, eval_data = read_data(args, config, parser)
     check_batch_fits(args, config, len(data), parser)
     check_model_flags(args, parser)
     if args.algorithm == "dpo":
@@ -273,24 +272,29 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def read_data(args: argparse.Namespace, parser: argparse.ArgumentParser
-              ) -> tuple[list[Any], list[Any] | None]:
-    """The records of --data (and --eval-data), checked; a usage error naming the flag."""
-    from rlhf_fast.trainers.data import load_prompts, load_records
-    from rlhf_fast.trainers.dpo import record_fields
+def read_data(args: argparse.Namespace, config: Any, parser: argparse.ArgumentParser
+              ) -> tuple[Any, Any]:
+    """The datasets of --data (and --eval-data, or --eval-split of --data), loaded and
+    checked before any model is; a usage error naming the flag. The trainers get these
+    `datasets.Dataset`s, so a file's tokenised columns are cached by `datasets`."""
+    from rlhf_fast.trainers.data import load_source
 
-    def read(flag: str, path: str, load: Any) -> list[Any]:
+    def read(flag: str, source: str, kind: str, split: str) -> Any:
         try:
-            return load(path)
+            return load_source(source, kind, "records" if kind != "prompts" else "prompts",
+                               split)
         except (OSError, ValueError) as exc:
-            parser.error(f"{flag} {path}: {exc}")
+            parser.error(f"{flag} {source}: {exc}")
 
     if args.algorithm == "ppo":
-        return read("--data", args.data, load_prompts), None
-    pairs = functools.partial(load_records, fields=record_fields(args.loss_type),
-                              name="records")
-    eval_data = read("--eval-data", args.eval_data, pairs) if args.eval_data else None
-    return read("--data", args.data, pairs), eval_data
+        return read("--data", args.data, "prompts", config.data_split), None
+    kind = "kto" if config.loss_type in ("kto", ["kto"]) else "pairs"
+    eval_data = None
+    if args.eval_data:
+        eval_data = read("--eval-data", args.eval_data, kind, config.eval_split or "test")
+    elif config.eval_split is not None:
+        eval_data = read("--data", args.data, kind, config.eval_split)
+    return read("--data", args.data, kind, config.data_split), eval_data
 
 
 def _add_train_parser(commands: Any) -> None:
@@ -301,20 +305,24 @@ def _add_train_parser(commands: Any) -> None:
                                             "reference DPO or PPO / GRPO trainer.")
     algorithms = train.add_subparsers(dest="algorithm", metavar="ALGORITHM", required=True)
     for name, config_class, data_help in (
-        ("dpo", DPOConfig, "preference records {prompt, chosen, rejected}, one JSON per line "
-                           "(--loss-type kto: {prompt, completion, label})"),
-        ("ppo", PPOConfig, "prompts: a .jsonl of {prompt} records or a text file, one per "
-                           "line"),
+        ("dpo", DPOConfig, "preference records {prompt, chosen, rejected} or {chosen, "
+                           "rejected} (--loss-type kto: {prompt, completion, label}), "
+                           "strings or chat messages: a JSONL / JSON / parquet file, a "
+                           "dataset folder or a hub dataset id"),
+        ("ppo", PPOConfig, "prompts: a JSONL / JSON / parquet file of {prompt} records "
+                           "(strings or chat messages), a text file of one per line, a "
+                           "dataset folder or a hub dataset id"),
     ):
         sub = algorithms.add_parser(name, help=f"{name.upper()} training")
         sub.add_argument("--model", required=True, metavar="PATH_OR_ID",
                          help="the policy: a local folder or a hub id (AutoModelForCausalLM)")
-        sub.add_argument("--data", required=True, metavar="FILE", help=data_help)
+        sub.add_argument("--data", required=True, metavar="SOURCE", help=data_help)
         sub.add_argument("--tokenizer", metavar="PATH_OR_ID", help="default: --model")
         sub.add_argument("--ref-model", metavar="PATH_OR_ID",
                          help="the frozen reference (default: a copy of --model)")
         if name == "dpo":
-            sub.add_argument("--eval-data", metavar="FILE", help="held-out preference records")
+            sub.add_argument("--eval-data", metavar="SOURCE",
+                             help="held-out preference records (or --eval-split of --data)")
         else:
             sub.add_argument("--reward-model", metavar="PATH_OR_ID", nargs="+",
                              help="one or more sequence classifiers with one label, scored "

@@ -97,6 +97,9 @@ class TrainerConfig:
     continue from."""
     device: str | None = None
     """"cuda", "cpu", ...; None picks the GPU when there is one."""
+    data_split: str = "train"
+    """The split to train on when the data has several: a DatasetDict, a dataset folder or
+    a hub dataset id (a file or a list is one split)."""
 
     def __post_init__(self) -> None:
         """The shared fields' checks; a trainer's config runs them, then its own."""
@@ -110,5 +113,7 @@ class TrainerConfig:
         require.bools(self, ("gradient_checkpointing", "disable_dropout"))
         require.bools(self, ("use_fused_linear",), optional=True)
         require("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}")
+        require("data_split", isinstance(self.data_split, str) and self.data_split != "",
+                "a split name", self.data_split)
         require("resume_from", self.resume_from is None or self.resume_from != "",
                 'a checkpoint file, "latest" or None', self.resume_from)

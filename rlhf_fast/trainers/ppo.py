@@ -45,7 +45,7 @@ from rlhf_fast import (
 )
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
 from rlhf_fast.trainers.checkpoints import model_identity, strip_prefix
-from rlhf_fast.trainers.data import example_indices, load_prompts
+from rlhf_fast.trainers.data import example_indices, tokenized_prompts
 from rlhf_fast.trainers.files import save_atomic, save_pretrained_atomic
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
@@ -155,8 +155,11 @@ class PPOTrainer:
             or for "gdpo" each normalised in its groups first. A NaN or infinite score
             raises ValueError.
         tokenizer: the policy's tokenizer (needs eos_token_id; pad defaults to EOS).
-        prompts: prompt strings, {"prompt"} records, a .jsonl of records, a text file of
-            one prompt per line, or a ``datasets.Dataset``.
+        prompts: prompt strings or lists of messages (rendered with the tokenizer's chat
+            template and the generation prompt), as strings, {"prompt"} records, a JSONL /
+            JSON / parquet file of records, a text file of one prompt per line, a
+            ``datasets.Dataset`` or ``DatasetDict`` (config.data_split), a dataset folder or
+            a hub dataset id.
         config: a `PPOConfig`.
         teacher: a causal LM sharing the policy's vocabulary, for on-policy distillation
             (Agarwal et al. 2024; Thinking Machines' on-policy distillation): each sampled
@@ -188,12 +191,10 @@ class PPOTrainer:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else self.eos_id
-        self.prompts = load_prompts(prompts)
-        self.prompt_ids = [tokenizer(p).input_ids[-config.max_prompt_length:]
-                           for p in self.prompts]
-        empty = [i for i, ids in enumerate(self.prompt_ids) if not ids]
-        if empty:
-            raise ValueError(f"prompts[{empty[0]}] is empty after tokenising")
+        # conversations are rendered with the chat template: reward functions read that text
+        self.prompts, self.prompt_ids = tokenized_prompts(
+            prompts, tokenizer, max_prompt_length=config.max_prompt_length, name="prompts",
+            split=config.data_split)
         if len(self.prompts) < config.rollout_batch_size * self.run.world:
             raise ValueError(f"prompts has {len(self.prompts)} entries, fewer than one "
                              f"rollout (rollout_batch_size x processes)")
