@@ -238,21 +238,23 @@ def check_columns(dataset: datasets.Dataset, kind: str, name: str) -> None:
                          f"{list(KIND_FIELDS[kind])}")
     columns = dataset.column_names
     for field in needed_fields(kind, "prompt" in columns):
-        feature = dataset.features.get(field)
-        if feature is None:
+        if field not in columns:
             raise ValueError(f"{name}[0] needs a string field {field!r}, got None (or a list "
                              "of {'role', 'content'} messages)")
-        if not (is_string_feature(feature) or is_messages_feature(feature)):
-            raise ValueError(f"{name}[0]: field {field!r} must be a string or a list of "
-                             f"messages, got a column of {feature}")
-        check_no_nulls(dataset, field, name)
+        feature = dataset.features[field]
+        if is_string_feature(feature) or is_messages_feature(feature):
+            check_no_nulls(dataset, field, name)
+        else:  # another type, or mixed types (datasets' Json): check row by row
+            for index, value in enumerate(dataset[field]):
+                check_text(value, name, index, field)
     if kind == "kto":
         feature = dataset.features.get("label")
-        if not (isinstance(feature, datasets.Value) and feature.dtype == "bool"):
-            got = "None" if feature is None else f"a column of {feature}"
-            raise ValueError(f"{name}[0] needs a bool field 'label' (desirable or not), got "
-                             f"{got}")
-        check_no_nulls(dataset, "label", name)
+        if isinstance(feature, datasets.Value) and feature.dtype == "bool":
+            check_no_nulls(dataset, "label", name)
+        else:
+            labels = dataset["label"] if feature is not None else [None]
+            for index, value in enumerate(labels):
+                check_label(value, name, index)
 
 
 def is_string_feature(feature: Any) -> bool:
