@@ -442,6 +442,17 @@ def tokenize_dataset(dataset: datasets.Dataset, kind: str, tokenizer: Any,
                        desc=f"Tokenizing {name}")
 
 
+def int_lists(dataset: datasets.Dataset, column: str) -> list[list[int]]:
+    """A column of token-id lists as Python lists: one flat conversion of the Arrow values,
+    then slices by the offsets (several times faster than row-by-row `to_pylist`)."""
+    array = dataset.with_format("arrow")[column]
+    array = array.combine_chunks() if hasattr(array, "combine_chunks") else array
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy().tolist()
+    return [values[start:end] for start, end in zip(offsets[:-1].tolist(),
+                                                      offsets[1:].tolist())]
+
+
 def truncated_pairs(prompts: list[list[int]], chosen: list[list[int]],
                     rejected: list[list[int]], max_prompt_length: int, max_length: int,
                     name: str) -> list[dict[str, list[int]]]:
@@ -467,16 +478,16 @@ def tokenized_pairs(data: Any, tokenizer: Any, *, max_prompt_length: int, max_le
     kto pairs each record's completion (as "chosen") with the next record's (as
     "rejected"): the mismatched prompt / completion of its KL estimate.
     """
-    dataset = load_source(data, kind, name, split)
-    columns = tokenize_dataset(dataset, kind, tokenizer, name).to_dict()
+    dataset = tokenize_dataset(load_source(data, kind, name, split), kind, tokenizer, name)
+    prompts = int_lists(dataset, "prompt_ids")
     if kind != "kto":
-        return truncated_pairs(columns["prompt_ids"], columns["chosen_ids"],
-                               columns["rejected_ids"], max_prompt_length, max_length,
-                               name), None
-    completions = columns["completion_ids"]
+        return truncated_pairs(prompts, int_lists(dataset, "chosen_ids"),
+                               int_lists(dataset, "rejected_ids"), max_prompt_length,
+                               max_length, name), None
+    completions = int_lists(dataset, "completion_ids")
     mismatched = completions[1:] + completions[:1]
-    return (truncated_pairs(columns["prompt_ids"], completions, mismatched, max_prompt_length,
-                            max_length, name), torch.tensor(columns["label"]))
+    return (truncated_pairs(prompts, completions, mismatched, max_prompt_length, max_length,
+                            name), torch.tensor(dataset["label"]))
 
 
 def tokenized_prompts(data: Any, tokenizer: Any, *, max_prompt_length: int, name: str,
