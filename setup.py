@@ -19,7 +19,7 @@ setup(
     package_data={"rlhf_fast": ["data/*.jsonl", "data/*.txt"]},
     package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.benchmarks": "benchmarks"},
     install_requires=["torch>=2.7", "triton>=3.3", "transformers", "einops", "tqdm",
-                      "pyyaml"],
+                      "datasets>=4", "pyyaml"],
     extras_require={
         # liger-kernel: its kernels run in the Triton interpreter, so CI gates the
         # benchmark's adapters to it (cut-cross-entropy's do not: GPU-only peer).

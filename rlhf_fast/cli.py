@@ -4,7 +4,7 @@ Subcommands:
     demo [--out DIR] [--quick]
         The whole pipeline on a toy task with a tiny model, on any machine, in under a minute
         (`rlhf_fast.demo`).
-    train dpo|ppo --model PATH_OR_ID --data FILE [--config FILE] [--<config field> VALUE ...]
+    train dpo|ppo --model PATH_OR_ID --data SOURCE [--config FILE] [--<config field> VALUE ...]
         The reference trainers on a real model: every field of DPOConfig / PPOConfig is
         a flag in both spellings (``--max-steps 100`` or ``--max_steps 100``,
         ``--use-fused-linear`` / ``--no-use-fused-linear``), TRL's names too
@@ -21,7 +21,6 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import importlib.util
 import os
@@ -366,7 +365,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # everything that can be checked before loading models (minutes, for large ones)
     check_device(config.device, parser)
     check_output_dir(config, parser)
-    data, eval_data = read_data(args, parser)
+    data, eval_data = read_data(args, config, parser)
     check_batch_fits(args, config, len(data), parser)
     check_model_flags(args, parser)
     if args.algorithm == "ppo" and not (args.reward_model or args.reward_fn
@@ -420,24 +419,29 @@ def describe_outputs(output_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def read_data(args: argparse.Namespace, parser: argparse.ArgumentParser
-              ) -> tuple[list[Any], list[Any] | None]:
-    """The records of --data (and --eval-data), checked; a usage error naming the flag."""
-    from rlhf_fast.trainers.data import load_prompts, load_records
-    from rlhf_fast.trainers.dpo import record_fields
+def read_data(args: argparse.Namespace, config: Any, parser: argparse.ArgumentParser
+              ) -> tuple[Any, Any]:
+    """The datasets of --data (and --eval-data, or --eval-split of --data), loaded and
+    checked before any model is; a usage error naming the flag. The trainers get these
+    `datasets.Dataset`s, so a file's tokenised columns are cached by `datasets`."""
+    from rlhf_fast.trainers.data import load_source
 
-    def read(flag: str, path: str, load: Any) -> list[Any]:
+    def read(flag: str, source: str, kind: str, split: str) -> Any:
         try:
-            return load(path)
+            return load_source(source, kind, "records" if kind != "prompts" else "prompts",
+                               split)
         except (OSError, ValueError) as exc:
-            parser.error(f"{flag} {path}: {exc}")
+            parser.error(f"{flag} {source}: {exc}")
 
     if args.algorithm == "ppo":
-        return read("--data", args.data, load_prompts), None
-    pairs = functools.partial(load_records, fields=record_fields(args.loss_type),
-                              name="records")
-    eval_data = read("--eval-data", args.eval_data, pairs) if args.eval_data else None
-    return read("--data", args.data, pairs), eval_data
+        return read("--data", args.data, "prompts", config.data_split), None
+    kind = "kto" if config.loss_type in ("kto", ["kto"]) else "pairs"
+    eval_data = None
+    if args.eval_data:
+        eval_data = read("--eval-data", args.eval_data, kind, config.eval_split or "test")
+    elif config.eval_split is not None:
+        eval_data = read("--data", args.data, kind, config.eval_split)
+    return read("--data", args.data, kind, config.data_split), eval_data
 
 
 def _add_train_parser(commands: Any) -> None:
@@ -448,10 +452,13 @@ def _add_train_parser(commands: Any) -> None:
                                             "reference DPO or PPO / GRPO trainer.")
     algorithms = train.add_subparsers(dest="algorithm", metavar="ALGORITHM", required=True)
     for name, config_class, data_help in (
-        ("dpo", DPOConfig, "preference records {prompt, chosen, rejected}, one JSON per line "
-                           "(--loss-type kto: {prompt, completion, label})"),
-        ("ppo", PPOConfig, "prompts: a .jsonl of {prompt} records or a text file, one per "
-                           "line"),
+        ("dpo", DPOConfig, "preference records {prompt, chosen, rejected} or {chosen, "
+                           "rejected} (--loss-type kto: {prompt, completion, label}), "
+                           "strings or chat messages: a JSONL / JSON / parquet file, a "
+                           "dataset folder or a hub dataset id"),
+        ("ppo", PPOConfig, "prompts: a JSONL / JSON / parquet file of {prompt} records "
+                           "(strings or chat messages), a text file of one per line, a "
+                           "dataset folder or a hub dataset id"),
     ):
         sub = algorithms.add_parser(name, help=f"{name.upper()} training")
         add_run_flags(sub, name, data_help)
@@ -472,7 +479,7 @@ def add_run_flags(sub: argparse.ArgumentParser, algorithm: str, data_help: str) 
                      metavar="PATH_OR_ID",
                      help="the policy: a local folder or a hub id (AutoModelForCausalLM); "
                           "required")
-    sub.add_argument("--data", metavar="FILE", help=f"{data_help}; required")
+    sub.add_argument("--data", metavar="SOURCE", help=f"{data_help}; required")
     sub.add_argument(*spellings("tokenizer"), metavar="PATH_OR_ID", help="default: --model")
     sub.add_argument(*spellings("ref_model"), metavar="PATH_OR_ID",
                      help="the frozen reference (default: a copy of --model)")
@@ -487,8 +494,8 @@ def add_run_flags(sub: argparse.ArgumentParser, algorithm: str, data_help: str) 
                      action=BoolFlag, default=False,
                      help="run the modelling code a hub model ships (default: False)")
     if algorithm == "dpo":
-        sub.add_argument(*spellings("eval_data"), metavar="FILE",
-                         help="held-out preference records")
+        sub.add_argument(*spellings("eval_data"), metavar="SOURCE",
+                         help="held-out preference records (or --eval-split of --data)")
         return
     sub.add_argument(*spellings("reward_model"), metavar="PATH_OR_ID", nargs="+",
                      help="one or more sequence classifiers with one label, scored at the "
@@ -505,8 +512,10 @@ def add_run_flags(sub: argparse.ArgumentParser, algorithm: str, data_help: str) 
                           "policy's is a reward (--distill-coef); with it the reward flags "
                           "are optional")
     sub.add_argument(*spellings("value_model"), metavar="PATH_OR_ID",
-                     help="critic init, a sequence classifier with one label (default: a "
-                          "copy of the policy's backbone, zero head)")
+                     help="critic init: a sequence classifier with one label, or a critic "
+                          "this trainer saved (<output_dir>/value_model, a checkpoint's "
+                          "value_model/) (default: a copy of the policy's backbone, zero "
+                          "head)")
 
 
 def build_parser() -> argparse.ArgumentParser:

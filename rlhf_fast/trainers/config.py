@@ -162,6 +162,9 @@ class TrainerConfig(metaclass=AcceptsTrlNames):
     continue from."""
     device: str | None = None
     """"cuda", "cpu", ...; None picks the GPU when there is one."""
+    data_split: str = "train"
+    """The split to train on when the data has several: a DatasetDict, a dataset folder or
+    a hub dataset id (a file or a list is one split)."""
     report_to: str | list[str] = "none"
     """Trackers that also get each logged row (metrics.jsonl is always written), TRL's
     names: "tensorboard" (<output_dir>/runs), "wandb", "trackio", or "none"; a list for
@@ -208,6 +211,8 @@ class TrainerConfig(metaclass=AcceptsTrlNames):
         require("warmup_ratio", not (self.warmup_ratio and self.warmup_steps),
                 "0 when warmup_steps is set (one warm-up length)", self.warmup_ratio)
         self._check_report_to(require)
+        require("data_split", isinstance(self.data_split, str) and self.data_split != "",
+                "a split name", self.data_split)
         require("resume_from", self.resume_from is None or self.resume_from != "",
                 'a checkpoint file, "latest" or None', self.resume_from)
 

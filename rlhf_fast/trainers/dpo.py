@@ -50,7 +50,7 @@ from rlhf_fast.trainers.config import (
     TrlNames,
     is_finite,
 )
-from rlhf_fast.trainers.data import batches, example_indices, load_records
+from rlhf_fast.trainers.data import batches, example_indices, has_splits, tokenized_pairs
 from rlhf_fast.trainers.files import save_pretrained_atomic
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
@@ -156,6 +156,10 @@ class DPOConfig(TrainerConfig):
     """Optimizer steps to run; 0 means num_epochs passes."""
     max_length: int = 512
     """Longest prompt + answer in tokens; answers are cut to fit."""
+    eval_split: str | None = None
+    """Score this split of train_dataset's source (a DatasetDict, a dataset folder or a hub
+    id) as the eval set when there is no eval_dataset; the split of a several-split
+    eval_dataset (default "test")."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -233,27 +237,14 @@ class PairBatch:
 def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int,
                    max_length: int, name: str = "train_dataset") -> list[dict[str, list[int]]]:
     """Token ids of each record: the prompt (its last max_prompt_length tokens) and each
-    answer followed by EOS, cut so prompt + answer fits max_length.
+    answer followed by EOS, cut so prompt + answer fits max_length (any format and source
+    of `rlhf_fast.trainers.data.tokenized_pairs`).
 
     Prompt and answers are tokenised separately so the prompt/answer boundary is the same
     in the chosen and the rejected sequence.
     """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer needs an eos_token_id (it ends every answer)")
-    pairs = []
-    for index, record in enumerate(records):
-        prompt = tokenizer(record["prompt"]).input_ids[-max_prompt_length:]
-        if not prompt:
-            raise ValueError(f"{name}[{index}]: the prompt is empty after tokenising "
-                             "(the first answer token would have nothing to condition on)")
-        room = max_length - len(prompt)
-        answers = {
-            key: (tokenizer(record[key], add_special_tokens=False).input_ids
-                  + [tokenizer.eos_token_id])[:room]
-            for key in ("chosen", "rejected")
-        }
-        pairs.append({"prompt": prompt, **answers})
-    return pairs
+    return tokenized_pairs(records, tokenizer, max_prompt_length=max_prompt_length,
+                           max_length=max_length, name=name)[0]
 
 
 def collate_pairs(pairs: list[dict[str, list[int]]], rows: list[int], pad_id: int,
@@ -282,9 +273,13 @@ class DPOTrainer:
         ref_model: the frozen reference; None takes a frozen copy of `model` as it is now
             (or none at all with ``config.reference_free``).
         tokenizer: the model's tokenizer; needs eos_token_id (pad defaults to EOS).
-        train_dataset: records ``{"prompt", "chosen", "rejected"}`` (strings): a list of
-            dicts, a JSONL file path, or a ``datasets.Dataset``.
-        eval_dataset: the same, scored at eval_steps and at the end.
+        train_dataset: records ``{"prompt", "chosen", "rejected"}`` or ``{"chosen",
+            "rejected"}`` (implicit prompt; kto: ``{"prompt", "completion", "label"}``),
+            strings or lists of messages (rendered with the tokenizer's chat template):
+            a list of dicts, a JSONL / JSON / parquet file, a ``datasets.Dataset`` or
+            ``DatasetDict`` (config.data_split), a dataset folder or a hub dataset id.
+        eval_dataset: the same, scored at eval_steps and at the end (or none, and
+            config.eval_split: that split of train_dataset's source).
         config: a `DPOConfig`.
         peft_config: a ``peft.LoraConfig`` (or any peft config): train an adapter on
             `model` (as config.use_peft does with the lora_* fields); without a ref_model
@@ -302,6 +297,12 @@ class DPOTrainer:
         self.labels: dict[str, torch.Tensor] = {}  # kto: each record's label, per split
         self.train_pairs = self._tokenized(train_dataset, "train")
         self.eval_pairs = None
+        if eval_dataset is None and config.eval_split is not None:
+            if not has_splits(train_dataset):
+                raise ValueError(f"DPOConfig.eval_split={config.eval_split!r} with no "
+                                 "eval_dataset needs a train_dataset with several splits (a "
+                                 "DatasetDict, a dataset folder or a hub id)")
+            eval_dataset = train_dataset
         if eval_dataset is not None:
             self.eval_pairs = self._tokenized(eval_dataset, "eval")
         global_batch = config.batch_size * self.run.world
@@ -449,20 +450,18 @@ class DPOTrainer:
 
     def _tokenized(self, data: Any, split: str) -> list[dict[str, list[int]]]:
         """The split's records, tokenised as pairs (kto: each record's completion, then
-        the next record's as the mismatched one of its KL estimate; the labels kept)."""
+        the next record's as the mismatched one of its KL estimate; the labels kept).
+        `data` is any source of `rlhf_fast.trainers.data.load_source`; a DatasetDict, a
+        dataset folder or a hub id gives config.data_split (eval: config.eval_split)."""
         config, name = self.config, f"{split}_dataset"
-        records = load_records(data, record_fields(config.loss_type), name)
-        if config.loss_type == "kto":
-            for index, record in enumerate(records):
-                if not isinstance(record.get("label"), bool):
-                    raise ValueError(f"{name}[{index}] needs a bool field 'label' (desirable "
-                                     f"or not), got {record.get('label')!r}")
-            self.labels[split] = torch.tensor([r["label"] for r in records])
-            records = [{"prompt": r["prompt"], "chosen": r["completion"],
-                        "rejected": records[(i + 1) % len(records)]["completion"]}
-                       for i, r in enumerate(records)]
-        return tokenize_pairs(records, self.tokenizer, config.max_prompt_length,
-                              config.max_length, name)
+        kind = "kto" if config.loss_type in ("kto", ["kto"]) else "pairs"
+        pairs, labels = tokenized_pairs(
+            data, self.tokenizer, max_prompt_length=config.max_prompt_length,
+            max_length=config.max_length, name=name, kind=kind,
+            split=config.data_split if split == "train" else config.eval_split or "test")
+        if labels is not None:
+            self.labels[split] = labels
+        return pairs
 
     def _reference_logps(self, batch: PairBatch, split: str) -> torch.Tensor | None:
         """[2B] reference sequence log-probs: precomputed, scored now, or None."""

@@ -46,7 +46,7 @@ from rlhf_fast import (
 )
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
 from rlhf_fast.trainers.checkpoints import Export, model_identity, strip_prefix
-from rlhf_fast.trainers.data import batches, example_indices, load_prompts, load_records
+from rlhf_fast.trainers.data import batches, example_indices, tokenized_prompts
 from rlhf_fast.trainers.files import save_pretrained_atomic
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
@@ -137,17 +137,6 @@ def check_same_vocabulary(teacher: nn.Module, policy: nn.Module) -> None:
                          f"{rows[0]} rows, the policy's {rows[1]}")
 
 
-def prompt_records(prompts: Any, name: str) -> list[dict[str, Any]]:
-    """{"prompt", ...} records of `prompts`: a JSONL file, a list of dicts or a
-    ``datasets.Dataset`` keep their other columns (which TRL-style reward functions
-    get); a text file or a list of strings gives records of the prompt alone."""
-    texts = load_prompts(prompts)
-    is_text = isinstance(prompts, (str, Path)) and not str(prompts).endswith(".jsonl")
-    if is_text or (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
-        return [{"prompt": text} for text in texts]
-    return load_records(prompts, ("prompt",), name)
-
-
 def takes_trl_keywords(function: Callable[..., Any]) -> bool:
     """Whether a reward function has TRL's signature, ``f(prompts=, completions=,
     completion_ids=, **columns)`` (a `completions` parameter or ``**kwargs``); else it
@@ -212,8 +201,11 @@ class PPOTrainer:
             or for "gdpo" each normalised in its groups first. A NaN or infinite score
             raises ValueError.
         tokenizer: the policy's tokenizer (needs eos_token_id; pad defaults to EOS).
-        prompts: prompt strings, {"prompt"} records, a .jsonl of records, a text file of
-            one prompt per line, or a ``datasets.Dataset``.
+        prompts: prompt strings or lists of messages (rendered with the tokenizer's chat
+            template and the generation prompt), as strings, {"prompt"} records, a JSONL /
+            JSON / parquet file of records, a text file of one prompt per line, a
+            ``datasets.Dataset`` or ``DatasetDict`` (config.data_split), a dataset folder or
+            a hub dataset id.
         config: a `PPOConfig`.
         teacher: a causal LM sharing the policy's vocabulary, for on-policy distillation
             (Agarwal et al. 2024; Thinking Machines' on-policy distillation): each sampled
@@ -254,13 +246,14 @@ class PPOTrainer:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else self.eos_id
-        self.records = prompt_records(prompts, "prompts")
+        # conversations are rendered with the chat template: reward functions read that text
+        self.records, self.prompt_ids = tokenized_prompts(
+            prompts, tokenizer, max_prompt_length=config.max_prompt_length, name="prompts",
+            split=config.data_split)
         self.prompts = [record["prompt"] for record in self.records]
-        self.prompt_ids = self._tokenized_prompts(self.prompts, "prompts")
-        self.eval_records = None if eval_prompts is None else \
-            prompt_records(eval_prompts, "eval_prompts")
-        self.eval_prompt_ids = None if self.eval_records is None else \
-            self._tokenized_prompts([r["prompt"] for r in self.eval_records], "eval_prompts")
+        self.eval_records, self.eval_prompt_ids = (None, None) if eval_prompts is None else \
+            tokenized_prompts(eval_prompts, tokenizer, max_prompt_length=config.max_prompt_length,
+                              name="eval_prompts", split=config.data_split)
         if len(self.prompts) < config.rollout_batch_size * self.run.world:
             raise ValueError(f"prompts has {len(self.prompts)} entries, fewer than one "
                              f"rollout (rollout_batch_size x processes)")
@@ -628,14 +621,6 @@ class PPOTrainer:
                 scores = per_token[torch.arange(len(records), device=device), last].float()
             columns.append(check_finite_scores(scores, reward.name).to(device))
         return torch.stack(columns, 1)
-
-    def _tokenized_prompts(self, prompts: list[str], name: str) -> list[list[int]]:
-        """Each prompt's token ids (its last max_prompt_length); an empty one raises."""
-        ids = [self.tokenizer(p).input_ids[-self.config.max_prompt_length:] for p in prompts]
-        empty = [i for i, row in enumerate(ids) if not row]
-        if empty:
-            raise ValueError(f"{name}[{empty[0]}] is empty after tokenising")
-        return ids
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoint-<step>/ (`Loop.save_checkpoint`); every process must call it."""

@@ -5,8 +5,8 @@ earlier run's checkpoints (`overwrite_output_dir`)."""
 
 from __future__ import annotations
 
-import warnings
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
