@@ -5,7 +5,8 @@ the Python checks, the torch ops around the kernels and the autograd bookkeeping
 times each op's forward + backward on small CPU tensors with its Triton launches skipped
 (what is left is the host's share, Triton's own launcher excepted), and divides by the
 time of ``torch.add`` on two small tensors measured in the same process, so the ratio
-(bare-op equivalents) carries from machine to machine. Medians of many repetitions.
+(bare-op equivalents) carries from machine to machine. The least of many repetitions,
+the unit measured beside each op: another process on the cores only adds time.
 
     python -m rlhf_fast.benchmarks.host_time
 """
