@@ -103,7 +103,7 @@ def test_trainers_snippet_runs(tmp_path, monkeypatch):
     assert [r["step"] for r in ns["dpo_metrics"]] == [2, 4]
     assert [r["step"] for r in ns["ppo_metrics"]] == [1, 2]
     assert (tmp_path / "runs/readme/dpo/final/config.json").is_file()
-    assert (tmp_path / "runs/readme/ppo/checkpoint-2.pt").is_file()
+    assert (tmp_path / "runs/readme/ppo/checkpoint-2/model.safetensors").is_file()
     assert all(0 <= r["reward"] <= 1 for r in ns["ppo_metrics"])
 
 

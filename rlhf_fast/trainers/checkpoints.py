@@ -527,6 +527,9 @@ def load_sharded_state(module: nn.Module, optimizer: torch.optim.Optimizer,
 #: base model): not checked on resume
 UNRECORDED = "-"
 
+#: the name under which a peft tuner layer holds the layer it wraps
+PEFT_WRAPPED_LAYER = "base_layer"
+
 # integer dtypes by width: a tensor's bits, viewed as integers, sum exactly
 INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -538,12 +541,16 @@ def weights_fingerprint(model: nn.Module, *, without_adapters: bool = False) -> 
     sharded tensor is gathered in turn): every process must call it.
 
     without_adapters: of a peft model, its frozen base only (the keys naming none of
-    its adapters), which stays the same while the adapter trains."""
+    its adapters), which stays the same while the adapter trains, under the names it
+    has without the adapter's layers (whichever modules they wrap)."""
     digest = hashlib.sha256()
     adapters = set(getattr(model, "peft_config", {})) if without_adapters else set()
     for name, tensor in model.state_dict().items():
-        if adapters and adapters.intersection(name.split(".")):
-            continue
+        if adapters:
+            parts = name.split(".")
+            if adapters.intersection(parts):
+                continue
+            name = ".".join(p for p in parts if p != PEFT_WRAPPED_LAYER)
         tensor = tensor.detach()
         if hasattr(tensor, "full_tensor"):  # a DTensor: its shards, gathered
             tensor = tensor.full_tensor()
