@@ -191,3 +191,14 @@ def test_the_critic_round_trips_through_value_model(tokenizer, tmp_path, monkeyp
                config=PPOConfig(output_dir=str(tmp_path / "again"), rollout_batch_size=2,
                                 mini_batch_size=2, max_new_tokens=4, max_steps=1,
                                 device="cpu")).train()
+
+
+def test_an_unrecorded_frozen_model_is_not_checked_a_recorded_one_is(tmp_path):
+    """Early LoRA checkpoints marked the policy's disabled adapter "-" (no fingerprint):
+    a resume cannot check it, and does not refuse it; a recorded one must match."""
+    current = {"reference": {"name_or_path": "base", "weights": "abc"}}
+    unrecorded = {"reference": {"name_or_path": "old", "weights": ckpt.UNRECORDED}}
+    ckpt.check_same_frozen_models(unrecorded, current, tmp_path)
+    with pytest.raises(ValueError, match="different reference"):
+        ckpt.check_same_frozen_models(
+            {"reference": {"name_or_path": "base", "weights": "def"}}, current, tmp_path)

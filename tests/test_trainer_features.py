@@ -281,3 +281,82 @@ def test_ppo_use_peft_builds_the_lora_adapter_from_the_config_fields(tokenizer, 
     assert trainer.policy.peft_config["default"].r == 2
     assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
     assert (tmp_path / "final" / "adapter_config.json").is_file()
+
+
+def test_dpo_lora_resume_equals_uninterrupted_run(tokenizer, tmp_path):
+    """A LoRA run's checkpoints hold the adapter (peft's save_pretrained): resuming loads
+    it back onto the untouched base, and the run goes on as if never cut."""
+    peft = pytest.importorskip("peft", reason="LoRA training needs peft")
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=2)
+
+    def train(directory, max_steps, resume_from=None):
+        # (LoRA's dropout draws from the torch RNG, which the checkpoint restores)
+        trainer = tiny_dpo(tokenizer, directory, model=copy.deepcopy(initial),
+                           max_steps=max_steps, save_steps=2, use_peft=True, lora_r=4,
+                           lora_target_modules=["q_proj", "v_proj"],
+                           lr_scheduler_type="constant", resume_from=resume_from)
+        return trainer.model, trainer.train()
+
+    model_a, log_a = train(tmp_path / "a", 4)
+    cut, log_b = train(tmp_path / "b", 2)
+    checkpoint = tmp_path / "b" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert (checkpoint / "adapter_config.json").is_file()
+    assert not (checkpoint / "model.safetensors").exists()
+    # the intermediate checkpoint is a peft adapter folder: from_pretrained on the base
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(initial), checkpoint)
+    saved, read = cut.state_dict(), loaded.state_dict()
+    assert saved.keys() == read.keys()
+    assert all(torch.equal(saved[k], read[k]) for k in saved)
+    model_b, log_b = train(tmp_path / "b", 4, str(checkpoint))
+
+    assert training_rows(log_a) == training_rows(log_b)
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    lora_b = [k for k in state_a if "lora_B" in k]
+    assert lora_b and not all(torch.equal(state_a[k], torch.zeros_like(state_a[k]))
+                              for k in lora_b)
+    # an adapter of another shape does not fit (the same base: its fingerprint agrees)
+    from rlhf_fast.trainers.checkpoints import UnreadableCheckpoint
+
+    with pytest.raises(UnreadableCheckpoint, match="adapter does not fit"), \
+            pytest.warns(UserWarning, match="lora_target_modules"):
+        tiny_dpo(tokenizer, tmp_path / "b", model=copy.deepcopy(initial), max_steps=4,
+                 use_peft=True, lora_r=4, lora_target_modules=["q_proj"],
+                 lr_scheduler_type="constant", resume_from=str(checkpoint))
+    # the checkpoint does not hold the frozen base: it records it, and refuses another
+    other_base = demo.tiny_llama(tokenizer, hidden_size=32, seed=4)
+    with pytest.raises(ValueError, match="different reference"):
+        tiny_dpo(tokenizer, tmp_path / "b", model=other_base, max_steps=4, use_peft=True,
+                 lora_r=4, lora_target_modules=["q_proj", "v_proj"],
+                 lr_scheduler_type="constant", resume_from=str(checkpoint))
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_ppo_lora_resume_equals_uninterrupted_run(tokenizer, tmp_path, estimator):
+    """The policy's adapter (and the critic, a full model beside it in value_model/)
+    come back from a checkpoint under the trained module's actor prefix."""
+    pytest.importorskip("peft", reason="LoRA training needs peft")
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+
+    def train(directory, max_steps, resume_from=None):
+        trainer = tiny_ppo(tokenizer, directory, model=copy.deepcopy(initial),
+                           advantage_estimator=estimator, max_steps=max_steps, save_steps=1,
+                           use_peft=True, lora_r=2, lora_target_modules=["q_proj"],
+                           lr_scheduler_type="constant", resume_from=resume_from)
+        log = trainer.train()
+        return [trainer.policy, trainer.value_model], log
+
+    models_a, log_a = train(tmp_path / "a", 2)
+    _, log_b = train(tmp_path / "b", 1)
+    checkpoint = tmp_path / "b" / "checkpoint-1"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert (checkpoint / "value_model").is_dir() == (estimator == "gae")
+    models_b, log_b = train(tmp_path / "b", 2, str(checkpoint))
+    assert training_rows(log_a) == training_rows(log_b)
+    for model_a, model_b in zip(models_a, models_b):
+        if model_a is None:
+            continue
+        state_a, state_b = model_a.state_dict(), model_b.state_dict()
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)

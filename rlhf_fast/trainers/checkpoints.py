@@ -6,6 +6,9 @@ A checkpoint folder holds (`write_checkpoint`)::
 
     checkpoint-<step>/
         config.json, model.safetensors, tokenizer files   the policy (save_pretrained)
+          or adapter_config.json, adapter_model.safetensors  its adapter, for a peft
+                                                          (LoRA) policy: the frozen base
+                                                          is not saved, but recorded
         value_model/                                      PPO's critic, when it has one
         optimizer.pt, scheduler.pt, rng_state_<rank>.pth  torch.save, read weights_only
         trainer_state.json                                step, config, frozen models, ...
@@ -114,20 +117,55 @@ class UnreadableCheckpoint(ValueError):
 # --- writing -----------------------------------------------------------------------------
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """A peft model (adapters that can be switched off), without importing peft."""
+    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
+
+
+#: the adapter a peft model's save_pretrained writes into the folder itself (the others
+#: go to subfolders by name); checkpoints hold this one
+DEFAULT_ADAPTER = "default"
+ADAPTER_WEIGHTS = "adapter_model"
+
+
+def check_single_adapter(model: nn.Module) -> None:
+    """Checkpoints of a peft model hold its one adapter, named "default" (what
+    get_peft_model makes): refuse others before a run trains for nothing."""
+    names = list(model.peft_config)
+    if names != [DEFAULT_ADAPTER]:
+        raise ValueError(f"checkpoints of a peft model hold one adapter named "
+                         f"{DEFAULT_ADAPTER!r}; this model has {names}")
+
+
 @dataclass
 class Export:
     """A model a checkpoint holds as a transformers folder: the trained module's weights
     under `prefix`, saved by `model.save_pretrained` (safetensors) into `folder` of the
-    checkpoint ("": the checkpoint folder itself, so that from_pretrained reads it)."""
+    checkpoint ("": the checkpoint folder itself, so that from_pretrained reads it).
+
+    A peft model (LoRA) saves its adapter only (adapter_config.json and
+    adapter_model.safetensors, which ``PeftModel.from_pretrained(base, folder)`` reads),
+    keyed as peft keys it: `restore_weights` loads it back by peft's own inverse."""
 
     folder: str
     prefix: str
     model: nn.Module
     tokenizer: Any = None
 
+    def __post_init__(self) -> None:
+        if is_peft_model(self.model):
+            check_single_adapter(self.model)
+
+    @property
+    def adapter(self) -> bool:
+        return is_peft_model(self.model)
+
     def weight_files(self) -> dict[str, str]:
         """The safetensors files it writes, by stem: the prefix of their keys in the
-        trained module's state dict (a `ValueModel` writes its head beside the backbone)."""
+        trained module's state dict (a `ValueModel` writes its head beside the backbone;
+        a peft model its adapter, whose keys are peft's, not the module's)."""
+        if self.adapter:
+            return {ADAPTER_WEIGHTS: self.prefix}
         own = getattr(self.model, "WEIGHT_FILES", {"model": ""})
         return {stem: self.prefix + prefix for stem, prefix in own.items()}
 
@@ -190,7 +228,8 @@ def write_checkpoint(directory: Path, *, trainer_state: dict[str, Any],
     save_safetensors(tensors, directory / TRAINER_TENSORS)
     plain["format_version"] = FORMAT_VERSION
     plain["exports"] = [] if weights is None else [
-        {"folder": e.folder, "files": e.weight_files()} for e in exports]
+        {"folder": e.folder, "files": e.weight_files(), "adapter": e.adapter}
+        for e in exports]
     (directory / TRAINER_STATE).write_text(json.dumps(plain, indent=2, default=str) + "\n")
 
 
@@ -317,14 +356,52 @@ def load_resume_checkpoint(resume_from: str, output_dir: str | Path
                                f"read: {'; '.join(skipped)}")
 
 
+def peft_parts(module: nn.Module) -> dict[str, nn.Module]:
+    """The outermost peft models inside `module` (itself included), by the prefix of
+    their keys in its state dict ("" or "actor.model.", say)."""
+    parts: dict[str, nn.Module] = {}
+    for name, sub in module.named_modules():
+        prefix = f"{name}." if name else ""
+        if is_peft_model(sub) and not any(prefix.startswith(p) for p in parts):
+            parts[prefix] = sub
+    return parts
+
+
+def restore_adapter(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load an adapter as peft's save_pretrained wrote it (peft's keys) into the peft
+    `model`, by peft's own inverse (`set_peft_model_state_dict`, as from_pretrained
+    does); its frozen base weights stay as they are. The keys must be exactly those
+    the adapter saves."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    check_single_adapter(model)
+    expected = set(get_peft_model_state_dict(model, adapter_name=DEFAULT_ADAPTER))
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise UnreadableCheckpoint(f"the checkpoint's adapter does not fit the trained "
+                                   f"peft model: missing {missing}, unexpected {unexpected}")
+    result = set_peft_model_state_dict(model, weights, adapter_name=DEFAULT_ADAPTER)
+    if result.unexpected_keys:
+        raise UnreadableCheckpoint(f"the checkpoint's adapter does not fit the trained "
+                                   f"peft model: unexpected {result.unexpected_keys}")
+
+
 def restore_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Load a checkpoint's exported weights into an unsharded `module`. save_pretrained
     leaves out tied weights (an lm_head sharing the embeddings): a key missing from
-    `weights` is fine only when its tensor is one that was loaded under another name."""
-    missing, unexpected = module.load_state_dict(weights, strict=False)
+    `weights` is fine only when its tensor is one that was loaded under another name.
+    A peft model inside `module` gets its adapter (`restore_adapter`); its frozen base
+    weights, which the checkpoint does not hold, stay as they are."""
+    parts = peft_parts(module)
+    rest = dict(weights)
+    for prefix, model in parts.items():
+        adapter = {k[len(prefix):]: rest.pop(k) for k in list(rest) if k.startswith(prefix)}
+        restore_adapter(model, adapter)
+    missing, unexpected = module.load_state_dict(rest, strict=False)
     current = module.state_dict()
-    loaded = {current[k].data_ptr() for k in weights if k in current}
-    untied = [k for k in missing if current[k].data_ptr() not in loaded]
+    loaded = {current[k].data_ptr() for k in rest if k in current}
+    untied = [k for k in missing if current[k].data_ptr() not in loaded
+              and not any(k.startswith(p) for p in parts)]
     if unexpected or untied:
         raise UnreadableCheckpoint(f"the checkpoint's weights do not fit the trained module: "
                                    f"missing {untied}, unexpected {unexpected}")
@@ -446,17 +523,34 @@ def load_sharded_state(module: nn.Module, optimizer: torch.optim.Optimizer,
 # --- the models a checkpoint does not hold --------------------------------------------------
 
 
+#: the weights of a frozen model a checkpoint did not record (early LoRA checkpoints'
+#: base model): not checked on resume
+UNRECORDED = "-"
+
+#: the name under which a peft tuner layer holds the layer it wraps
+PEFT_WRAPPED_LAYER = "base_layer"
+
 # integer dtypes by width: a tensor's bits, viewed as integers, sum exactly
 INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def weights_fingerprint(model: nn.Module) -> str:
+def weights_fingerprint(model: nn.Module, *, without_adapters: bool = False) -> str:
     """A short hash of `model`'s state dict: every tensor's name, shape, dtype, and the
     integer sum of its values' bits. Exact and order-free, so the same weights give the
     same fingerprint on any device and thread count. Under FSDP2 a collective (each
-    sharded tensor is gathered in turn): every process must call it."""
+    sharded tensor is gathered in turn): every process must call it.
+
+    without_adapters: of a peft model, its frozen base only (the keys naming none of
+    its adapters), which stays the same while the adapter trains, under the names it
+    has without the adapter's layers (whichever modules they wrap)."""
     digest = hashlib.sha256()
+    adapters = set(getattr(model, "peft_config", {})) if without_adapters else set()
     for name, tensor in model.state_dict().items():
+        if adapters:
+            parts = name.split(".")
+            if adapters.intersection(parts):
+                continue
+            name = ".".join(p for p in parts if p != PEFT_WRAPPED_LAYER)
         tensor = tensor.detach()
         if hasattr(tensor, "full_tensor"):  # a DTensor: its shards, gathered
             tensor = tensor.full_tensor()
@@ -491,6 +585,8 @@ def check_same_frozen_models(saved: dict[str, Any] | None, current: dict[str, An
         return
     for role, identity in current.items():
         before = saved.get(role)
+        if before is not None and before["weights"] == UNRECORDED:
+            continue  # written before this role's weights were recorded
         same = (before is None) == (identity is None) and (
             identity is None or before["weights"] == identity["weights"])
         if not same:

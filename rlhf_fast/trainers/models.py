@@ -17,7 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast import linear_logprobs, linear_ppo_loss, logprobs
-from rlhf_fast.trainers.checkpoints import model_identity
+from rlhf_fast.trainers.checkpoints import (
+    is_peft_model,
+    model_identity,
+    weights_fingerprint,
+)
 from rlhf_fast.trainers.run import is_fsdp2_sharded
 
 #: The label of the last position, which predicts nothing (token ids are >= 0).
@@ -189,11 +193,6 @@ def is_saved_value_model(name_or_path: str | Path) -> bool:
     return (Path(name_or_path) / f"{HEAD_FILE}.safetensors").is_file()
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    """A peft model (adapters that can be switched off), without importing peft."""
-    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
-
-
 def lora_config_of(config: Any) -> Any:
     """The peft ``LoraConfig`` of a trainer config's lora_* fields (use_peft)."""
     from peft import LoraConfig
@@ -233,9 +232,12 @@ def reference_logprobs(policy: nn.Module, reference: nn.Module | None, *,
 
 def reference_identity(reference: TokenLogprobs) -> dict[str, str] | None:
     """What checkpoints record of the reference: `model_identity`, or for a policy's
-    disabled adapter a fixed mark (the adapter's weights change as it trains)."""
+    disabled adapter its frozen base's (the adapter's weights change as it trains; the
+    base's, which the checkpoint does not hold, must not)."""
     if reference.adapters_off:
-        return {"name_or_path": "the policy with its adapter disabled", "weights": "-"}
+        base = str(getattr(reference.model, "name_or_path", "") or "")
+        return {"name_or_path": f"the policy with its adapter disabled ({base})",
+                "weights": weights_fingerprint(reference.model, without_adapters=True)}
     return model_identity(reference.model)
 
 
