@@ -491,8 +491,8 @@ class PPOTrainer:
         """(answers [B, R] int64, rollout_logp [B, R] fp32 or None) to the left-padded
         prompts [B, P]: the policy's ``generate`` (its sequences past the prompts; no
         log-probs), or the generate_fn hook's completions, right-padded (with its
-        log-probs, if it returned them). Either may run past an answer's first EOS: the
-        caller cuts there."""
+        log-probs, if it returned them, `check_generation`). generate's rows run on past
+        an answer's first EOS (its padding): the caller cuts there."""
         if self.generate_fn is None:
             self.policy.eval()
             with self.run.autocast(), only_generation_config(self.policy, generation_config):
