@@ -5,6 +5,8 @@ function signature, and the generation hook.
 
 import copy
 import json
+import math
+import re
 import sys
 import types
 
@@ -13,6 +15,7 @@ import torch
 
 from rlhf_fast import demo
 from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.generation import Generation
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
 TRAIN = demo.DATA / "preferences_train.jsonl"
@@ -46,7 +49,8 @@ def length_reward(prompts, answers):
     return [len(a) / 10 for a in answers]
 
 
-def tiny_ppo(tokenizer, directory, model=None, reward=length_reward, **options):
+def tiny_ppo(tokenizer, directory, model=None, reward=length_reward, generate_fn=None,
+             **options):
     """A GRPO PPOTrainer: 2 prompts x 2 answers of at most 4 tokens, a tiny Llama."""
     options = dict(advantage_estimator="grpo", group_size=2, rollout_batch_size=2,
                    mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, lr=LR, seed=7,
@@ -54,7 +58,7 @@ def tiny_ppo(tokenizer, directory, model=None, reward=length_reward, **options):
     config = PPOConfig(output_dir=str(directory), **options)
     model = demo.tiny_llama(tokenizer, hidden_size=32, seed=3) if model is None else model
     return PPOTrainer(model, tokenizer=tokenizer, prompts=PROMPTS, reward_fn_or_model=reward,
-                      config=config)
+                      config=config, generate_fn=generate_fn)
 
 
 def training_rows(log):
@@ -360,3 +364,229 @@ def test_ppo_lora_resume_equals_uninterrupted_run(tokenizer, tmp_path, estimator
             continue
         state_a, state_b = model_a.state_dict(), model_b.state_dict()
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+# --- 6. the generation hook (generate_fn) -----------------------------------------------------
+
+
+def generate_hook(model, tokenizer, calls=None):
+    """A generate_fn that samples with `model.generate` as the trainer does, drawing from
+    torch's global random stream as the trainer's own generate would (so it ignores
+    `seed`: reseeding would change every later draw of the run), and returns each
+    completion through its first EOS."""
+    from transformers import GenerationConfig
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def generate_fn(prompt_ids, *, max_new_tokens, temperature, top_p, top_k, seed):
+        if calls is not None:
+            calls.append(dict(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
+        width = max(len(p) for p in prompt_ids)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+        config = GenerationConfig(do_sample=temperature > 0, temperature=temperature or 1.0,
+                                  top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                                  eos_token_id=eos, pad_token_id=pad)
+        answers = model.generate(input_ids=ids, attention_mask=mask,
+                                 generation_config=config)[:, width:].tolist()
+        return Generation([a[:a.index(eos) + 1] if eos in a else a for a in answers])
+
+    return generate_fn
+
+
+def fixed_hook(completions, logprobs=None, calls=None):
+    """A generate_fn returning `completions` (and `logprobs`) whatever it is asked."""
+    def generate_fn(prompt_ids, **sampling):
+        if calls is not None:
+            calls.append(dict(prompt_ids=prompt_ids, **sampling))
+        return Generation(completions, logprobs)
+
+    return generate_fn
+
+
+def fixed_completions(tokenizer):
+    """4 completions of at most 4 tokens (tiny_ppo's): through EOS, or 4 tokens long."""
+    eos = tokenizer.eos_token_id
+    a, b, c, d = (tokenizer.encode(w)[0] for w in ("the", "cat", "sat", "on"))
+    return [[a, b, eos], [c, d, a, b], [eos], [d, c, b, a]]
+
+
+def weights_of(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_a_hook_wrapping_generate_gives_the_run_of_generate(tokenizer, tmp_path):
+    """Two iterations with a hook sampling as the trainer's generate (from the same random
+    stream): the same logged metrics and final weights as without the hook; the hook gets
+    each prompt row unpadded (group_size times), the config's sampling and a seed."""
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    runs, calls = [], []
+    for name in ("generate", "hook"):
+        policy = copy.deepcopy(initial)
+        hook = generate_hook(policy, tokenizer, calls) if name == "hook" else None
+        trainer = tiny_ppo(tokenizer, tmp_path / name, policy, max_steps=2, top_p=0.9,
+                           temperature=0.7, lr_scheduler_type="constant")
+        trainer.generate_fn = hook
+        runs.append((training_rows(trainer.train()), weights_of(policy)))
+    (log, weights), (hook_log, hook_weights) = runs
+    assert hook_log == log and not any(k.startswith("rollout_") for k in log[0])
+    for key in weights:
+        assert torch.equal(hook_weights[key], weights[key]), key
+    assert len(calls) == 2 and calls[0]["seed"] != calls[1]["seed"]
+    assert {k: v for k, v in calls[0].items() if k not in ("prompt_ids", "seed")} == dict(
+        max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=0)
+    prompts = calls[0]["prompt_ids"]
+    assert len(prompts) == 4 and prompts[0] == prompts[1] and prompts[2] == prompts[3]
+    assert all(p and tokenizer.pad_token_id not in p for p in prompts)
+
+
+def test_a_hook_with_fixed_completions_is_what_the_trainer_scores(tokenizer, tmp_path):
+    completions = fixed_completions(tokenizer)
+    seen = []
+
+    def reward(prompts, answers):
+        seen.extend(answers)
+        return [0.0] * len(answers)
+
+    trainer = tiny_ppo(tokenizer, tmp_path, reward=reward)
+    trainer.generate_fn = fixed_hook(completions)
+    rollout = trainer.rollout(0)
+    answers = rollout.sequences[:, rollout.prompt_width:]
+    assert answers.shape == (4, 4) and rollout.rollout_logp is None
+    for row, ids in enumerate(completions):
+        assert answers[row, :len(ids)].tolist() == ids
+        assert rollout.mask[row].tolist() == [1.0] * len(ids) + [0.0] * (4 - len(ids))
+        assert rollout.attention_mask[row, rollout.prompt_width:].sum() == len(ids)
+    assert seen == tokenizer.batch_decode([ids for ids in completions],
+                                          skip_special_tokens=True)
+
+
+def policy_logprobs(tokenizer, tmp_path, initial, completions):
+    """The policy's own log-probs of `completions` at iteration 0 (the rollout's old_logp),
+    as a hook returns them: one list per completion."""
+    trainer = tiny_ppo(tokenizer, tmp_path / "probe", copy.deepcopy(initial))
+    trainer.generate_fn = fixed_hook(completions)
+    old_logp = trainer.rollout(0).old_logp
+    return [old_logp[row, :len(ids)].tolist() for row, ids in enumerate(completions)]
+
+
+def one_iteration(tokenizer, directory, initial, hook, **options):
+    policy = copy.deepcopy(initial)
+    trainer = tiny_ppo(tokenizer, directory, policy, max_steps=1, generate_fn=hook, **options)
+    return training_rows(trainer.train())[0], weights_of(policy)
+
+
+def test_rollout_is_with_the_policys_own_logprobs_changes_nothing(tokenizer, tmp_path):
+    """A hook whose log-probs are the policy's: IS weights 1, no mismatch, no rejected
+    token, and the update of a run without the correction."""
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    completions = fixed_completions(tokenizer)
+    logprobs = policy_logprobs(tokenizer, tmp_path, initial, completions)
+    plain, plain_weights = one_iteration(tokenizer, tmp_path / "plain", initial,
+                                         fixed_hook(completions))
+    row, weights = one_iteration(
+        tokenizer, tmp_path / "is", initial, fixed_hook(completions, logprobs),
+        rollout_is="token", rollout_rs="token_k1", rollout_rs_threshold="0.5_2.0")
+    assert row["rollout_is_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert row["rollout_is_max"] == pytest.approx(1.0, abs=1e-6)
+    assert abs(row["rollout_kl"]) < 1e-6 and abs(row["rollout_k3_kl"]) < 1e-6
+    assert row["rollout_rs_masked_fraction"] == 0.0
+    assert {k: v for k, v in row.items() if not k.startswith("rollout_")} == \
+        pytest.approx(plain, rel=1e-6, abs=1e-7)
+    for key in weights:
+        torch.testing.assert_close(weights[key], plain_weights[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("threshold", [2.0, 1.2])
+def test_rollout_is_weights_of_shifted_logprobs_follow_the_reference(tokenizer, tmp_path,
+                                                                    threshold):
+    """Rollout log-probs shifted by -0.3 from the policy's: every token's weight
+    pi_old / pi_rollout = e^0.3 before truncation at rollout_is_threshold (the reference's
+    rollout_correction), so at the first minibatch (ratio 1) the policy loss is the
+    uncorrected one times min(e^0.3, threshold); the k1 / k3 mismatch as the reference's."""
+    from rlhf_fast import reference
+    from rlhf_fast.options import PPO_OPTIONS
+
+    initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    completions = fixed_completions(tokenizer)
+    logprobs = policy_logprobs(tokenizer, tmp_path, initial, completions)
+    shifted = [[v - 0.3 for v in row] for row in logprobs]
+    plain, _ = one_iteration(tokenizer, tmp_path / "plain", initial, fixed_hook(completions))
+    row, _ = one_iteration(tokenizer, tmp_path / "is", initial,
+                           fixed_hook(completions, shifted), rollout_is="token",
+                           rollout_is_threshold=threshold)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    old, rollout = torch.zeros(4, 4), torch.zeros(4, 4)
+    for r, ids in enumerate(completions):
+        mask[r, :len(ids)] = True
+        old[r, :len(ids)] = torch.tensor(logprobs[r])
+        rollout[r, :len(ids)] = torch.tensor(shifted[r])
+    options = types.SimpleNamespace(**PPO_OPTIONS.pick(vars(PPOConfig(
+        rollout_is="token", rollout_is_threshold=threshold))))
+    weights, _, statistics = reference.rollout_correction(old, rollout, mask, options)
+    assert weights[mask] == pytest.approx(min(math.exp(0.3), threshold), rel=1e-5)
+    for key, value in statistics.items():
+        assert row[key] == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+    assert row["rollout_is_mean"] == pytest.approx(math.exp(0.3), rel=1e-5)
+    assert row["policy_loss"] == pytest.approx(
+        min(math.exp(0.3), threshold) * plain["policy_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(rollout_is="token"), "rollout_is='token'"),
+    (dict(rollout_rs="seq_mean_k3", rollout_rs_threshold=0.5), "rollout_rs='seq_mean_k3'"),
+])
+def test_rollout_correction_without_logprobs_names_the_option_and_the_hook(
+        tokenizer, tmp_path, options, named):
+    with pytest.raises(ValueError, match=rf"PPOConfig\.{re.escape(named)} needs the rollout "
+                       r"engine's log-probs, but no generate_fn was given"):
+        tiny_ppo(tokenizer, tmp_path / "none", **options)
+    trainer = tiny_ppo(tokenizer, tmp_path / "hook", generate_fn=fixed_hook(
+        fixed_completions(tokenizer)), **options)
+    with pytest.raises(ValueError, match=rf"PPOConfig\.{re.escape(named)} .*generate_fn "
+                       r".*fixed_hook.*returned logprobs=None"):
+        trainer.rollout(0)
+    # bypass_mode corrects against the policy's own log-probs, as before: no hook needed
+    tiny_ppo(tokenizer, tmp_path / "bypass", policy_loss="bypass_mode", max_steps=1,
+             **options).train()
+
+
+def bad_generations(tokenizer):
+    """(what a hook returns, the error it must raise) for 4 prompt rows of tiny_ppo."""
+    good = fixed_completions(tokenizer)
+    eos, vocab = tokenizer.eos_token_id, len(tokenizer)  # tiny_llama: one row per token
+    logprobs = [[-1.0] * len(ids) for ids in good]
+    w, x, y, z = good[1]  # ordinary tokens
+    return [
+        (good, r"a list; expected a rlhf_fast.trainers.generation.Generation"),
+        (Generation(good[:3]), r"3 completions; expected one per prompt row \(4\)"),
+        (Generation(good[:3] + [[]]),
+         r"completion 3 of 0 tokens; expected a list of 1 to max_new_tokens=4"),
+        (Generation(good[:3] + [[w, x, y, z, w]]), "completion 3 of 5 tokens"),
+        (Generation(good[:3] + [[w, vocab, x, y]]),
+         rf"token id {vocab} in completion 3; expected ints in \[0, {vocab}\)"),
+        (Generation(good[:3] + [[w, -1, x, y]]), "token id -1 in completion 3"),
+        (Generation(good[:3] + [[w, eos, x, y]]), "completion 3 with tokens after its EOS"),
+        (Generation(good[:3] + [[w, x]]),
+         "completion 3 of 2 tokens without EOS .* or run to max_new_tokens=4"),
+        (Generation(good, logprobs[:3]),
+         r"logprobs for 3 completions; expected None or one list per completion \(4\)"),
+        (Generation(good, logprobs[:1] + [[-1.0]] + logprobs[2:]),
+         "1 logprobs for completion 1 of 4 tokens; expected one log-prob per completion"),
+        (Generation(good, logprobs[:3] + [[-1.0, math.nan, -1.0, -1.0]]),
+         "a non-finite or non-numeric log-prob in completion 3"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_bad_hook_output_names_generate_fn(tokenizer, tmp_path, case):
+    output, message = bad_generations(tokenizer)[case]
+    trainer = tiny_ppo(tokenizer, tmp_path, generate_fn=lambda prompt_ids, **_: output)
+    with pytest.raises(ValueError, match="generate_fn returned " + message):
+        trainer.rollout(0)
+
+
+def test_generate_fn_must_be_callable(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="generate_fn must be None or a callable"):
+        tiny_ppo(tokenizer, tmp_path, generate_fn="vllm")

@@ -1446,12 +1446,18 @@ def test_ppo_global_counts_over_two_ranks():
     assert empty == dict(dp_size=2)
 
 
-def test_ppo_config_takes_a_rollout_correction_only_in_bypass_mode():
-    with pytest.raises(ValueError, match=r"PPOConfig.rollout_is must be None .*bypass_mode"):
-        PPOConfig(rollout_is="token")
-    config = PPOConfig(policy_loss="bypass_mode", rollout_is="token", rollout_rs="token_k2",
-                       rollout_rs_threshold=0.5)
-    assert config.rollout_rs_threshold == "0.5"
+def test_ppo_config_takes_a_rollout_correction_with_any_policy_loss():
+    # PPOConfig used to refuse rollout_is / rollout_rs but for bypass_mode: the trainer's
+    # rollouts were always the policy's own generate. A generate_fn hook now brings the
+    # rollout engine's log-probs, so the config takes them with any policy loss and the
+    # trainer checks that there are log-probs to correct against
+    # (tests/test_trainer_features.py, "the generation hook").
+    for policy_loss in ("vanilla", "gspo", "bypass_mode"):
+        config = PPOConfig(policy_loss=policy_loss, rollout_is="token",
+                           rollout_rs="token_k2", rollout_rs_threshold=0.5)
+        assert config.rollout_rs_threshold == "0.5"
+    with pytest.raises(ValueError, match=r"PPOConfig.rollout_is must be"):
+        PPOConfig(rollout_is="tokens")
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "opo", "grpo_passk", "gpg",

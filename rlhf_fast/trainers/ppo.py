@@ -2,7 +2,8 @@
 
 One iteration, top to bottom (`PPOTrainer.iteration`, then `rollout`, `update`):
 1. rollout: sample `group_size` answers to each of a batch of prompts with `generate`
-   (temperature, top-p, stop at EOS); an answer's tokens count up to its first EOS;
+   (temperature, top-p, stop at EOS), or with a `generate_fn` hook (another inference
+   engine: `rlhf_fast.trainers.generation`); an answer's tokens count up to its first EOS;
 2. score each answer: a reward function of the decoded text, or a reward model's score
    at the answer's last token;
 3. per-token log-probs of the rollout under the policy and the frozen reference, and the
@@ -31,7 +32,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -48,6 +49,11 @@ from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
 from rlhf_fast.trainers.checkpoints import Export, model_identity, strip_prefix
 from rlhf_fast.trainers.data import batches, example_indices, tokenized_prompts
 from rlhf_fast.trainers.files import save_pretrained_atomic
+from rlhf_fast.trainers.generation import (
+    GenerateFn,
+    check_generation,
+    completion_tensors,
+)
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
 from rlhf_fast.trainers.models import (
@@ -74,7 +80,13 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
 LOGGED_LOSS_OUTPUTS = ("loss", "policy_loss", "value_loss", "entropy", "clipfrac",
                        "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
                        "ratio_mean")
+#: ppo_loss's statistics of the rollout correction (the mismatch between the rollout
+#: engine's log-probs and the policy's), logged when it has them: rollout_is_max is the
+#: max over the minibatches, the others their means
+ROLLOUT_OUTPUTS = ("rollout_is_mean", "rollout_is_max", "rollout_rs_masked_fraction",
+                   "rollout_kl", "rollout_k3_kl")
 ADDITIVE_METRICS = ("loss", "policy_loss", "value_loss", "entropy")
+MAX_METRICS = ("rollout_is_max",)
 PPO_PLOT_KEYS = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "policy_loss",
                  "value_loss", "response_length"]
 
@@ -88,7 +100,9 @@ class Rollout:
     old_logp, ref_logp, values: [B, R] fp32 (values None without a critic); scores: [B],
     the weighted sum of reward_columns [B, K] (one per reward source);
     advantages, returns: [B, R] (returns None without a critic); teacher_logp: [B, R],
-    the teacher's log-probs of the sampled tokens (None without a teacher).
+    the teacher's log-probs of the sampled tokens (None without a teacher); rollout_logp:
+    [B, R] fp32, the generation hook's log-probs of the sampled tokens, 0 off the answers
+    (None without them).
     """
 
     sequences: torch.Tensor
@@ -103,6 +117,65 @@ class Rollout:
     advantages: torch.Tensor
     returns: torch.Tensor | None
     teacher_logp: torch.Tensor | None = None
+    rollout_logp: torch.Tensor | None = None
+
+
+class Answers(NamedTuple):
+    """Scored answers (`PPOTrainer._answer_and_score`): sequences, attention_mask
+    [B, P + R] (prompts left-padded, answers right-padded after their first EOS); scores
+    [B, K] fp32, one column per reward source; rollout_logp [B, R] fp32, the generation
+    hook's log-probs of the answer tokens (0 on the padding), or None."""
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    scores: torch.Tensor
+    rollout_logp: torch.Tensor | None
+
+
+def corrects_rollouts(config: PPOConfig) -> bool:
+    """Whether the config asks for verl's rollout correction (rollout_is or rollout_rs)."""
+    return config.rollout_is is not None or config.rollout_rs is not None
+
+
+def passes_rollout_logp(config: PPOConfig) -> bool:
+    """Whether ppo_loss takes the hook's log-probs as rollout_logp: always but in
+    bypass_mode, which corrects against the policy's own log-probs (and refuses them)."""
+    return config.policy_loss != "bypass_mode"
+
+
+def check_rollout_logp(config: PPOConfig, rollout_logp: torch.Tensor | None,
+                       generate_fn: GenerateFn | None) -> None:
+    """ValueError when the config's rollout correction has no rollout log-probs to
+    correct against: no generate_fn, or one that returned logprobs=None."""
+    if not corrects_rollouts(config) or not passes_rollout_logp(config) \
+            or rollout_logp is not None:
+        return
+    option = f"rollout_is={config.rollout_is!r}" if config.rollout_is is not None else \
+        f"rollout_rs={config.rollout_rs!r}"
+    source = "no generate_fn was given (generate's answers are the policy's own)" \
+        if generate_fn is None else f"generate_fn {function_name(generate_fn)} returned " \
+        f"logprobs=None"
+    raise ValueError(f"PPOConfig.{option} needs the rollout engine's log-probs, but "
+                     f"{source}: pass a generate_fn returning Generation(completion_ids, "
+                     f"logprobs), or use policy_loss='bypass_mode', or set rollout_is and "
+                     f"rollout_rs to None")
+
+
+def generation_seed(seed: int, iteration: int, rank: int) -> int:
+    """The seed the generation hook gets for one rollout: a function of the config's
+    seed, the iteration and the process (no draw from torch's random streams)."""
+    return (seed * 1_000_003 + iteration * 4_099 + rank) % 2**31
+
+
+def hook_sampling(generation_config: GenerationConfig) -> dict[str, Any]:
+    """The generation hook's keywords for a transformers generation config: its
+    max_new_tokens, temperature, top_p and top_k (0: none); temperature 0 (and top_p 1,
+    top_k 0) for greedy answers."""
+    config = generation_config
+    sampled = dict(temperature=float(config.temperature), top_p=float(config.top_p),
+                   top_k=int(config.top_k or 0)) if config.do_sample else \
+        dict(temperature=0.0, top_p=1.0, top_k=0)
+    return dict(max_new_tokens=int(config.max_new_tokens), **sampled)
 
 
 @dataclass
@@ -121,6 +194,14 @@ class Reward:
             return cls(f"reward function {function_name(source)}", function=source)
         model = frozen(source).to(device)
         return cls("the reward model", model=model, scorer=as_value_module(model))
+
+
+def combine_metric(key: str, total: torch.Tensor | None, value: torch.Tensor
+                   ) -> torch.Tensor:
+    """A metric's running total over minibatches: the max for `MAX_METRICS`, else the sum."""
+    if total is None:
+        return value
+    return torch.maximum(total, value) if key in MAX_METRICS else total + value
 
 
 def function_name(function: Callable[..., Any]) -> str:
@@ -220,6 +301,18 @@ class PPOTrainer:
             config.use_peft does with the lora_* fields); without a ref_policy the
             reference is the policy with its adapter disabled, not a copy. final/ then
             holds the adapter (peft's save_pretrained).
+        generate_fn: None (the policy's ``generate``), or a hook that samples the answers
+            with another engine (vLLM, SGLang, a server holding the policy's current
+            weights): ``generate_fn(prompt_ids: list[list[int]], *, max_new_tokens: int,
+            temperature: float, top_p: float, top_k: int, seed: int) -> Generation``
+            (`rlhf_fast.trainers.generation`), one completion per prompt row (a prompt
+            sampled group_size times comes group_size times, unpadded), each ending at
+            the tokenizer's EOS or cut at max_new_tokens; temperature 0 asks for greedy
+            answers (remax's baselines, evaluation), top_k 0 for no top-k. Its optional
+            logprobs (the engine's log-prob of each sampled token) reach ppo_loss as
+            rollout_logp, for the rollout correction (config.rollout_is, rollout_rs) and
+            the logged mismatch statistics (rollout_kl, ...). Bad output raises
+            ValueError naming generate_fn.
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module | None = None,
@@ -228,8 +321,14 @@ class PPOTrainer:
                  | None = None, *,
                  tokenizer: Any, prompts: Any, config: PPOConfig | None = None,
                  teacher: nn.Module | None = None, eval_prompts: Any = None,
-                 peft_config: Any = None):
+                 peft_config: Any = None, generate_fn: GenerateFn | None = None):
         self.config = config = config or PPOConfig()
+        if generate_fn is not None and not callable(generate_fn):
+            raise ValueError(f"generate_fn must be None or a callable returning a "
+                             f"Generation, got {type(generate_fn).__name__}")
+        if generate_fn is None:  # no rollout log-probs to correct against: say so now
+            check_rollout_logp(config, None, None)
+        self.generate_fn = generate_fn
         if reward_fn_or_model is None and teacher is None:
             raise ValueError("reward_fn_or_model is required (or a teacher): a function of "
                              "(prompts, answers) or a reward model")
@@ -343,9 +442,9 @@ class PPOTrainer:
             torch.manual_seed(config.seed)
             for rows in batches(mine, config.rollout_batch_size):
                 prompt_ids, prompt_mask = self._left_pad([self.eval_prompt_ids[r] for r in rows])
-                _, _, columns = self._answer_and_score(
+                columns = self._answer_and_score(
                     prompt_ids, prompt_mask, [self.eval_records[r] for r in rows],
-                    generation_config)
+                    generation_config, seed=config.seed).scores
                 total += torch.stack([(columns @ self.reward_weights).sum().double(),
                                       torch.tensor(len(rows), dtype=torch.float64,
                                                    device=run.device)])
@@ -371,30 +470,58 @@ class PPOTrainer:
         rows = [row for row in rows for _ in range(config.group_size)]
         prompt_ids, prompt_mask = self._left_pad([self.prompt_ids[r] for r in rows])
         records = [self.records[r] for r in rows]
-        sequences, attention_mask, scores = self._answer_and_score(
-            prompt_ids, prompt_mask, records, self.generation_config())
+        seed = generation_seed(config.seed, iteration, self.run.rank)
+        answers = self._answer_and_score(prompt_ids, prompt_mask, records,
+                                         self.generation_config(), seed=seed)
+        check_rollout_logp(config, answers.rollout_logp, self.generate_fn)
         baselines = None
         if config.advantage_estimator == "remax":  # a greedy answer per prompt
             group = config.group_size
-            _, _, greedy_scores = self._answer_and_score(
+            greedy_scores = self._answer_and_score(
                 prompt_ids[::group], prompt_mask[::group], records[::group],
-                self.greedy_generation_config())
+                self.greedy_generation_config(), seed=seed).scores
             baselines = (greedy_scores @ self.reward_weights).repeat_interleave(group)
-        return self.evaluate_answers(sequences, attention_mask, prompt_ids.shape[1], scores,
-                                     baselines)
+        return self.evaluate_answers(answers.sequences, answers.attention_mask,
+                                     prompt_ids.shape[1], answers.scores, baselines,
+                                     rollout_logp=answers.rollout_logp)
+
+    def _generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  generation_config: GenerationConfig, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(answers [B, R] int64, rollout_logp [B, R] fp32 or None) to the left-padded
+        prompts [B, P]: the policy's ``generate`` (its sequences past the prompts; no
+        log-probs), or the generate_fn hook's completions, right-padded (with its
+        log-probs, if it returned them, `check_generation`). generate's rows run on past
+        an answer's first EOS (its padding): the caller cuts there."""
+        if self.generate_fn is None:
+            self.policy.eval()
+            with self.run.autocast(), only_generation_config(self.policy, generation_config):
+                sequences = self.policy.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask,
+                    generation_config=generation_config)
+            self.policy.train()
+            return sequences[:, prompt_ids.shape[1]:], None
+        prompts = [row[keep.bool()].tolist() for row, keep in zip(prompt_ids, prompt_mask)]
+        sampling = hook_sampling(generation_config)
+        self.policy.eval()  # (for a hook that samples with the policy itself)
+        try:
+            generation = self.generate_fn(prompts, seed=seed, **sampling)
+        finally:
+            self.policy.train()
+        generation = check_generation(
+            generation, rows=len(prompts), eos_id=self.eos_id,
+            vocab_size=self.policy.get_output_embeddings().weight.shape[0],
+            max_new_tokens=sampling["max_new_tokens"])
+        return completion_tensors(generation, self.pad_id, prompt_ids.device)
 
     def _answer_and_score(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                          records: list[dict[str, Any]], generation_config: GenerationConfig
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Generate an answer to each left-padded prompt, cut after its first EOS, and
-        score it: (sequences, attention_mask, scores [B, K] fp32, one column per reward
-        source, missing_eos_penalty taken off each)."""
-        self.policy.eval()
-        with self.run.autocast(), only_generation_config(self.policy, generation_config):
-            sequences = self.policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                             generation_config=generation_config)
-        self.policy.train()
-        answers = sequences[:, prompt_ids.shape[1]:]
+                          records: list[dict[str, Any]], generation_config: GenerationConfig,
+                          seed: int) -> Answers:
+        """Generate an answer to each left-padded prompt (`_generate`; `seed` for a
+        generate_fn), cut after its first EOS, and score it: `Answers`, the scores with
+        missing_eos_penalty taken off each column."""
+        answers, rollout_logp = self._generate(prompt_ids, prompt_mask, generation_config,
+                                               seed)
         is_eos = answers == self.eos_id
         mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # through the first EOS
         answers = answers.masked_fill(~mask, self.pad_id)
@@ -403,7 +530,9 @@ class PPOTrainer:
         scores = self._score(records, answers, mask, sequences, attention_mask)
         if self.config.missing_eos_penalty is not None:
             scores = scores - self.config.missing_eos_penalty * (~is_eos.any(1)).float()[:, None]
-        return sequences, attention_mask, scores
+        if rollout_logp is not None:
+            rollout_logp = rollout_logp * mask
+        return Answers(sequences, attention_mask, scores, rollout_logp)
 
     def greedy_generation_config(self) -> GenerationConfig:
         """Greedy answers (remax's baselines, evaluation), stopping at EOS."""
@@ -428,12 +557,14 @@ class PPOTrainer:
     @torch.no_grad()
     def evaluate_answers(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
                          width: int, scores: torch.Tensor,
-                         baselines: torch.Tensor | None = None) -> Rollout:
+                         baselines: torch.Tensor | None = None,
+                         rollout_logp: torch.Tensor | None = None) -> Rollout:
         """Log-probs, values and advantages of scored answers: the rest of a rollout.
 
         sequences, attention_mask: [B, width + R], prompts left-padded to `width`, answers
         right-padded; scores: [B, K] fp32, one column per reward source (or [B], one
-        source); baselines: [B], remax's greedy scores.
+        source); baselines: [B], remax's greedy scores; rollout_logp: [B, R] fp32, the
+        generation hook's log-probs of the answers (kept in the Rollout as they are).
         """
         config = self.config
         columns = scores if scores.dim() == 2 else scores[:, None]
@@ -487,7 +618,7 @@ class PPOTrainer:
         if estimator not in KL_IN_REWARD:  # a token's own distillation reward, undiscounted
             advantages = advantages + distill
         return Rollout(sequences, attention_mask, width, mask, old_logp, ref_logp, values,
-                       scores, columns, advantages, returns, teacher_logp)
+                       scores, columns, advantages, returns, teacher_logp, rollout_logp)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """ppo_epochs passes of minibatch PPO steps on `rollout`, one optimizer step per
@@ -504,7 +635,7 @@ class PPOTrainer:
             for start in range(0, len(minibatches), accumulation):
                 group = minibatches[start:start + accumulation]
                 for key, value in self._accumulate_gradients(rollout, group).items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    sums[key] = combine_metric(key, sums.get(key), value)
                 lr = self.loop.apply_gradients(parameters)
                 steps += 1
                 micro_batches += len(group)
@@ -512,7 +643,8 @@ class PPOTrainer:
         metrics = host_floats({
             # the loss terms add up over an optimizer step's minibatches (each is its share
             # of the step's); the statistics (clipfrac, ...) are each minibatch's means
-            **{key: value / (steps if key in ADDITIVE_METRICS else micro_batches)
+            **{key: value if key in MAX_METRICS else
+               value / (steps if key in ADDITIVE_METRICS else micro_batches)
                for key, value in sums.items()},
             "reward": rollout.scores.mean(),
             "kl": ((rollout.old_logp - rollout.ref_logp) * mask).sum(1).mean(),
@@ -536,14 +668,23 @@ class PPOTrainer:
                                     accumulated=len(group) > 1)
         ddp = isinstance(self.actor_critic, nn.parallel.DistributedDataParallel)
         sums: dict[str, torch.Tensor] = {}
+        logged = LOGGED_LOSS_OUTPUTS + (ROLLOUT_OUTPUTS if self.logs_rollout_statistics(
+            rollout) else ())
         for index, rows in enumerate(group):
             sync = index == len(group) - 1 or not ddp
             with contextlib.nullcontext() if sync else self.actor_critic.no_sync():
                 out = self._minibatch_loss(rollout, rows, counts)
                 out.loss.backward()
-            for key in LOGGED_LOSS_OUTPUTS:
-                sums[key] = sums.get(key, 0.0) + getattr(out, key).detach()
+            for key in logged:
+                sums[key] = combine_metric(key, sums.get(key), getattr(out, key).detach())
         return sums
+
+    def logs_rollout_statistics(self, rollout: Rollout) -> bool:
+        """Whether ppo_loss's rollout statistics mean something: it has the hook's
+        rollout_logp, or bypass_mode corrects the rollout against the policy."""
+        config = self.config
+        return (rollout.rollout_logp is not None and passes_rollout_logp(config)) or (
+            config.policy_loss == "bypass_mode" and corrects_rollouts(config))
 
     def _minibatch_loss(self, rollout: Rollout, rows: torch.Tensor,
                         counts: dict[str, int]) -> Any:
@@ -562,6 +703,8 @@ class PPOTrainer:
             ref_logp=rollout.ref_logp[rows] if kl_in_loss else None,
             old_values=rollout.values[rows] if critic else None,
             returns=rollout.returns[rows] if critic else None,
+            rollout_logp=rollout.rollout_logp[rows] if rollout.rollout_logp is not None
+            and passes_rollout_logp(config) else None,
             **loss_options, **counts)
         batch = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_width)
         with self.run.autocast():

@@ -154,12 +154,9 @@ class PPOConfig(TrainerConfig):
         self._check_rates()
         PPO_OPTIONS.check_fields(self)
         GAE_OPTIONS.check_fields(self)
-        # The trainer samples with the policy it trains: its old_logp are the rollout's,
-        # so the only rollout correction to make is bypass_mode's.
-        corrected = self.rollout_is is not None or self.rollout_rs is not None
-        require("rollout_is", not corrected or self.policy_loss == "bypass_mode",
-                "None (with rollout_rs) but for policy_loss='bypass_mode': the trainer's "
-                "old_logp are its rollout's", self.rollout_is)
+        # rollout_is / rollout_rs go with any policy loss: they correct against the log-probs
+        # of a generate_fn hook (PPOTrainer raises without one, or at the first rollout
+        # whose hook returned none), or, in bypass_mode, against the policy's own.
         require("missing_eos_penalty",
                 self.missing_eos_penalty is None or is_finite(self.missing_eos_penalty),
                 "a finite float or None", self.missing_eos_penalty)
