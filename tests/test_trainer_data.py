@@ -157,14 +157,17 @@ def test_kto_records_pair_each_completion_with_the_next(tokenizer, records):
 
 
 def test_prompts_standard_and_conversational(tokenizer):
-    texts, prompt_ids = tokenized_prompts(["Where is the sun?", "What color is the sky?"],
-                                          tokenizer, max_prompt_length=64, name="prompts")
+    records, prompt_ids = tokenized_prompts(["Where is the sun?", "What color is the sky?"],
+                                            tokenizer, max_prompt_length=64, name="prompts")
+    texts = [r["prompt_text"] for r in records]
     assert texts == ["Where is the sun?", "What color is the sky?"]
     assert prompt_ids == [ids(tokenizer, t, special=True) for t in texts]
     conversations = [{"prompt": [user("Where is the sun?")]},
                      {"prompt": [user("Hi"), assistant("It is")]}]  # continued, TRL's rule
-    texts, prompt_ids = tokenized_prompts(conversations, tokenizer, max_prompt_length=64,
-                                          name="prompts")
+    records, prompt_ids = tokenized_prompts(conversations, tokenizer, max_prompt_length=64,
+                                            name="prompts")
+    assert [r["prompt"] for r in records] == [r["prompt"] for r in conversations]
+    texts = [r["prompt_text"] for r in records]
     assert texts == [maybe_apply_chat_template(r, tokenizer)["prompt"] for r in conversations]
     assert texts[0] == "<|user|>Where is the sun?<eos><|assistant|>"
     assert prompt_ids == [ids(tokenizer, t) for t in texts]

@@ -233,6 +233,42 @@ def test_reward_functions_get_trls_keywords_and_dataset_columns(tokenizer, tmp_p
     assert rollout.scores.tolist() == pytest.approx([e + 0.5 for e in expected])
 
 
+def test_conversational_prompts_reach_reward_functions_as_trl_passes_them(tokenizer,
+                                                                          tmp_path):
+    """TRL's signature: the prompt's messages and each completion as one assistant
+    message; the plain f(prompts, answers): the prompt as the model saw it (rendered)."""
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                          "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    calls = {}
+
+    def trl_style(prompts, completions, **kwargs):
+        calls["trl"] = prompts, completions
+        return [0.0] * len(prompts)
+
+    def positional(prompts, answers):
+        calls["positional"] = prompts, answers
+        return [0.0] * len(prompts)
+
+    prompts = [{"prompt": [{"role": "user", "content": p}]}
+               for p in PROMPTS.read_text().splitlines()[:4]]
+    config = PPOConfig(output_dir=str(tmp_path), advantage_estimator="grpo", group_size=2,
+                       rollout_batch_size=2, mini_batch_size=4, ppo_epochs=1,
+                       max_new_tokens=4, seed=7, device="cpu", max_steps=1,
+                       reward_weights=[1.0, 1.0])
+    trainer = PPOTrainer(demo.tiny_llama(chat, hidden_size=32, seed=3), tokenizer=chat,
+                         prompts=prompts, config=config,
+                         reward_fn_or_model=[trl_style, positional])
+    trainer.rollout(0)
+    given, completions = calls["trl"]
+    rendered, answers = calls["positional"]
+    contents = {r["prompt"][0]["content"] for r in prompts}
+    assert all(isinstance(p, list) and p[0]["content"] in contents for p in given)
+    assert completions == [[{"role": "assistant", "content": a}] for a in answers]
+    assert rendered == [chat.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                        for p in given]
+
+
 # --- 4. LoRA adapters -------------------------------------------------------------------------
 
 

@@ -493,16 +493,17 @@ def tokenized_pairs(data: Any, tokenizer: Any, *, max_prompt_length: int, max_le
 def tokenized_prompts(data: Any, tokenizer: Any, *, max_prompt_length: int, name: str,
                       split: str = "train") -> tuple[list[dict[str, Any]], list[list[int]]]:
     """The records of a prompt-only source and each prompt's token ids (the last
-    max_prompt_length). A record keeps the source's other columns (TRL-style reward
-    functions get them); its "prompt" is the text the model sees (a conversation rendered
-    with the generation prompt), which reward functions read."""
+    max_prompt_length). A record keeps the source's columns as they are (TRL-style reward
+    functions get them, the prompt as given: a string or a list of messages) and adds
+    "prompt_text", the text the model sees (a conversation rendered with the generation
+    prompt)."""
     dataset = load_source(data, "prompts", name, split)
     columns = tokenize_dataset(dataset, "prompts", tokenizer, name).to_dict()
     ids = [prompt[-max_prompt_length:] for prompt in columns["prompt_ids"]]
     empty = [i for i, prompt in enumerate(ids) if not prompt]
     if empty:
         raise ValueError(f"{name}[{empty[0]}] is empty after tokenising")
-    records = [dict(row, prompt=text)
+    records = [dict(row, prompt_text=text)
                for row, text in zip(dataset.to_list(), columns["prompt_text"])]
     return records, ids
 

@@ -232,24 +232,31 @@ def takes_trl_keywords(function: Callable[..., Any]) -> bool:
 
 def call_reward_function(reward: Reward, records: list[dict[str, Any]], texts: list[str],
                          completion_ids: list[list[int]]) -> torch.Tensor:
-    """[B] fp32 scores of a reward function. TRL's signature gets the prompts, the decoded
-    completions, their token ids (through EOS) and each other dataset column as a list
-    (keyword arguments); a None score (the function does not rate that answer) counts 0,
-    as in TRL's nansum over the weighted reward functions."""
-    prompts = [record["prompt"] for record in records]
+    """[B] fp32 scores of a reward function.
+
+    TRL's signature gets, as TRL passes them, the prompts as the data gives them (strings,
+    or lists of messages), the completions (the decoded text; for a conversational prompt
+    a one-message list, ``[{"role": "assistant", "content": text}]``), their token ids
+    (through EOS) and each other dataset column as a list (keyword arguments). The
+    plain ``f(prompts, answers)`` gets the prompts as the model saw them (a conversation
+    rendered by the chat template) and the decoded answers. A None score (the function
+    does not rate that answer) counts 0, as in TRL's nansum over the weighted functions.
+    """
     if takes_trl_keywords(reward.function):
-        columns = {key: [record.get(key) for record in records]
-                   for key in records[0] if key not in ("prompt", "completion",
-                                                         "completion_ids")}
-        given = reward.function(prompts=prompts, completions=texts,
+        prompts = [record["prompt"] for record in records]
+        completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list)
+                       else text for prompt, text in zip(prompts, texts)]
+        columns = {key: [record.get(key) for record in records] for key in records[0]
+                   if key not in ("prompt", "prompt_text", "completion", "completion_ids")}
+        given = reward.function(prompts=prompts, completions=completions,
                                 completion_ids=completion_ids, **columns)
     else:
-        given = reward.function(prompts, texts)
+        given = reward.function([record["prompt_text"] for record in records], texts)
     if not torch.is_tensor(given):
         given = [0.0 if score is None else score for score in given]
     scores = torch.as_tensor(given, dtype=torch.float32)
-    if scores.shape != (len(prompts),):
-        raise ValueError(f"{reward.name} must return {len(prompts)} scores, got "
+    if scores.shape != (len(records),):
+        raise ValueError(f"{reward.name} must return {len(records)} scores, got "
                          f"shape {tuple(scores.shape)}")
     return scores
 
@@ -349,7 +356,7 @@ class PPOTrainer:
         self.records, self.prompt_ids = tokenized_prompts(
             prompts, tokenizer, max_prompt_length=config.max_prompt_length, name="prompts",
             split=config.data_split)
-        self.prompts = [record["prompt"] for record in self.records]
+        self.prompts = [record["prompt_text"] for record in self.records]
         self.eval_records, self.eval_prompt_ids = (None, None) if eval_prompts is None else \
             tokenized_prompts(eval_prompts, tokenizer, max_prompt_length=config.max_prompt_length,
                               name="eval_prompts", split=config.data_split)
