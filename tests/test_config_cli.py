@@ -236,14 +236,15 @@ def test_overwrite_output_dir(tmp_path, capsys):
     deletes the earlier checkpoints."""
     from rlhf_fast.trainers.loop import start_run
 
-    (tmp_path / "checkpoint-3.pt").write_bytes(b"an earlier run's")
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")  # an earlier run's
     error = _usage_error(["train", "dpo", "--model", "no/such/model", "--data", "unused",
                           "--output-dir", str(tmp_path)], capsys)
     assert "already holds 1 checkpoint(s)" in error and "--overwrite-output-dir" in error
     with pytest.raises(ValueError, match="already holds 1 checkpoint"):
         start_run(DPOConfig(output_dir=str(tmp_path), device="cpu"))
     start_run(DPOConfig(output_dir=str(tmp_path), device="cpu", overwrite_output_dir=True))
-    assert not (tmp_path / "checkpoint-3.pt").exists()
+    assert not (tmp_path / "checkpoint-3").exists()
 
 
 def test_changed_fields_name_old_and_new_values():
@@ -271,7 +272,9 @@ def test_resume_warns_of_changed_fields_and_takes_the_new_lr(saved_model, tmp_pa
     base = ["train", "dpo", "--model", str(saved_model), "--data",
             str(DATA / "preferences_train.jsonl"), "--output-dir", str(out),
             "--device", "cpu", "--batch-size", "2", "--max-length", "40",
-            "--max-prompt-length", "16", "--logging-steps", "1", "--no-use-fused-linear"]
+            "--max-prompt-length", "16", "--logging-steps", "1", "--no-use-fused-linear",
+            # constant: the default linear decay would scale the new lr by the run's end
+            "--lr-scheduler-type", "constant"]
     assert main(base + ["--lr", "1e-3", "--max-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"outputs in {out}:" in printed and f"model:       {out / 'final'}" in printed

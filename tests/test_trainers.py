@@ -753,7 +753,7 @@ class _Saves:
     def __init__(self, version):
         self.version = version
 
-    def save_pretrained(self, directory, state_dict=None):
+    def save_pretrained(self, directory, state_dict=None, **kwargs):
         if self.version is None:
             raise OSError("disk full")
         (directory / "weights").write_text(self.version)
