@@ -18,13 +18,17 @@ setup(
               "rlhf_fast.benchmarks"],
     package_data={"rlhf_fast": ["data/*.jsonl", "data/*.txt"]},
     package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.benchmarks": "benchmarks"},
-    install_requires=["torch>=2.7", "triton>=3.3", "transformers", "einops", "tqdm"],
+    install_requires=["torch>=2.7", "triton>=3.3", "transformers", "einops", "tqdm",
+                      "datasets>=4", "pyyaml"],
     extras_require={
         # liger-kernel: its kernels run in the Triton interpreter, so CI gates the
         # benchmark's adapters to it (cut-cross-entropy's do not: GPU-only peer).
         # trl: pinned, since rlhf_fast.integrations.trl patches one of its internals.
+        # tensorboard, peft: the trainers' report_to="tensorboard" and LoRA adapters.
         "test": ["pytest>=7", "pytest-benchmark>=4", "ruff", "matplotlib", "liger-kernel==0.8.5",
-                 "trl==1.16.0"],
+                 "trl==1.16.0", "tensorboard", "peft"],
+        "tensorboard": ["tensorboard"],
+        "peft": ["peft"],
         # trl: pinned, since its benchmark provider calls TRL's private fused-head function.
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib", "liger-kernel>=0.8",
                   "cut-cross-entropy", "trl==1.16.0"],

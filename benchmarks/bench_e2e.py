@@ -92,8 +92,11 @@ class IdTokenizer:
 
     eos_token_id, pad_token_id = EOS, PAD
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> Any:
-        return type("Encoding", (), {"input_ids": [int(t) for t in text.split()]})
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> Any:
+        """One text's ids, or (a batch, as `datasets.map` tokenises) a list of them."""
+        ids = [[int(t) for t in one.split()] for one in ([text] if isinstance(text, str)
+                                                          else text)]
+        return {"input_ids": ids[0] if isinstance(text, str) else ids}
 
 
 def random_text(generator: torch.Generator, length: int, vocab: int) -> str:

@@ -24,7 +24,7 @@ import torch
 from rlhf_fast.benchmarks.memory import launches_skipped
 
 
-def least_seconds(fn: Callable[[], Any], repeats: int = 30, inner: int = 20) -> float:
+def least_seconds(fn: Callable[[], Any], repeats: int = 120, inner: int = 5) -> float:
     """The least over `repeats` of the mean time of `inner` back-to-back calls: another
     process on the cores only ever adds time, so the least is the call's own cost."""
     fn()  # warm-up: first-call caches

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,11 +127,11 @@ class DemoSizes:
 
 
 def clear_checkpoints(directory: Path) -> None:
-    """Delete the checkpoint-<step>.pt an earlier demo left in `directory`. The demo
+    """Delete the checkpoint-<step> folders an earlier demo left in `directory`. The demo
     always starts afresh (its other outputs are overwritten), and the trainers refuse to
     start afresh beside checkpoints that resume_from="latest" would pick up."""
     for path in checkpoints_by_step(directory):
-        path.unlink()
+        shutil.rmtree(path)
 
 
 def sample_answers(model: Any, tokenizer: Any, prompts: list[str]) -> list[str]:

@@ -1,8 +1,13 @@
 """The README's snippets run as printed, and CI runs the README's test command."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import rlhf_fast
@@ -98,7 +103,7 @@ def test_trainers_snippet_runs(tmp_path, monkeypatch):
     assert [r["step"] for r in ns["dpo_metrics"]] == [2, 4]
     assert [r["step"] for r in ns["ppo_metrics"]] == [1, 2]
     assert (tmp_path / "runs/readme/dpo/final/config.json").is_file()
-    assert (tmp_path / "runs/readme/ppo/checkpoint-2.pt").is_file()
+    assert (tmp_path / "runs/readme/ppo/checkpoint-2/model.safetensors").is_file()
     assert all(0 <= r["reward"] <= 1 for r in ns["ppo_metrics"])
 
 
@@ -115,10 +120,111 @@ def test_trl_snippet_patches_and_unpatches():
 
     original = utils._ChunkedLogProbFunction
     ns: dict = {}
-    exec(python_blocks()[8], ns)
+    exec(next(b for b in python_blocks() if "patch_trl()" in b), ns)
     assert utils._ChunkedLogProbFunction is original
     ns["rlhf_trl"].patch_trl()
     try:
         assert utils._ChunkedLogProbFunction is ns["rlhf_trl"].RlhfFastLogProbFunction
     finally:
         ns["rlhf_trl"].unpatch_trl()
+
+
+# --- "A TRL user's round trip": its shell blocks and snippet, as printed -------------------
+
+ROUND_TRIP = "## A TRL user's round trip"
+#: the hub model the section names; the test runs it on a tiny local one instead
+README_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def section(title: str) -> str:
+    start = README.index(title + "\n")
+    end = README.find("\n## ", start + len(title))
+    return README[start:end if end != -1 else None]
+
+
+def tiny_chat_model(folder: Path) -> Path:
+    """A tiny Llama and its tokenizer, with a small chat template, saved as a local
+    model folder (what the section's hub model stands for)."""
+    from rlhf_fast.demo import DATA, read_jsonl, tiny_llama, train_tokenizer
+
+    corpus = read_jsonl(DATA / "corpus.jsonl")
+    tokenizer = train_tokenizer([r["prompt"] for r in corpus]
+                                + [r["completion"] for r in corpus])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tiny_llama(tokenizer, hidden_size=32, seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_shell_block(block: str, cwd: Path) -> None:
+    """A bash block, with `rlhf-fast` this checkout's CLI (python -m rlhf_fast.cli),
+    offline, on the reference ops (the kernels' trainers: test_trainers.py)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RLHF_FAST_BACKEND="torch",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(cwd / "hf-cache"), TOKENIZERS_PARALLELISM="false")
+    script = (f'set -euo pipefail\nrlhf-fast() {{ "{sys.executable}" -m rlhf_fast.cli '
+              f'"$@"; }}\n{block}')
+    proc = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_trl_round_trip_runs_as_printed(tmp_path, monkeypatch):
+    """The section's DPO run (config file, chat pairs, LoRA, TensorBoard, checkpoints),
+    its from_pretrained snippet and its GRPO run with two TRL reward functions."""
+    peft = pytest.importorskip("peft", reason="the LoRA run needs peft")
+    pytest.importorskip("tensorboard", reason="report_to: tensorboard needs tensorboard")
+    from safetensors.torch import load_file
+
+    text = section(ROUND_TRIP)
+    model = str(tiny_chat_model(tmp_path / "tiny-chat"))
+    shell = [b.replace(README_MODEL, model)
+             for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+    snippets = [b.replace(README_MODEL, model)
+                for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)]
+    assert len(shell) == 2 and len(snippets) == 1
+    work = tmp_path / "work"
+    work.mkdir()
+
+    # (a) DPO from dpo.yaml on conversational pairs: a LoRA adapter in every checkpoint
+    run_shell_block(shell[0], work)
+    out = work / "dpo-out"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # max_steps, logging
+    assert rows[0]["lr"] == pytest.approx(5e-5)  # learning_rate, a TRL name
+    for folder in (out / "checkpoint-2", out / "checkpoint-4", out / "final"):
+        assert (folder / "adapter_model.safetensors").is_file(), folder
+        assert not (folder / "model.safetensors").exists(), folder
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["r"] == 8 and config["lora_alpha"] == 16
+        assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2",
+                                                                 "checkpoint-4"]
+    assert list((out / "runs").rglob("events.out.tfevents.*"))  # report_to: tensorboard
+
+    # (b) the snippet: checkpoint-2's adapter onto the base, final/ merged into it
+    monkeypatch.chdir(work)
+    ns: dict = {}
+    exec(snippets[0], ns)
+    saved = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    loaded = peft.get_peft_model_state_dict(ns["model"])
+    assert saved.keys() == loaded.keys() and saved
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert any("lora_B" in k and saved[k].abs().sum() > 0 for k in saved)  # it trained
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(work / "dpo-merged").state_dict()
+    assert merged.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+
+    # (c) GRPO with rewards.py's two TRL-style functions, weighted
+    run_shell_block(shell[1], work)
+    rows = [json.loads(line) for line in
+            (work / "grpo-out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(isinstance(r["reward"], float) and -1.0 <= r["reward"] <= 0.5 for r in rows)
+    assert (work / "grpo-out" / "final" / "model.safetensors").is_file()

@@ -536,8 +536,11 @@ def test_dpo_resume_equals_uninterrupted_run(tokenizer, tmp_path, torch_backend)
     initial = demo.tiny_llama(tokenizer, hidden_size=32, seed=2)
 
     def train(directory, max_steps, resume_from=None):
+        # the 2-step run stands for a 4-step one cut at step 2: a schedule that does not
+        # depend on max_steps (the default, linear, decays to 0 at max_steps)
         config = DPOConfig(output_dir=str(directory), max_steps=max_steps, batch_size=4,
-                           lr=LR, warmup_steps=4, logging_steps=1, save_steps=2,
+                           lr=LR, warmup_steps=4, lr_scheduler_type="constant_with_warmup",
+                           logging_steps=1, save_steps=2,
                            max_length=40, max_prompt_length=16, seed=5,
                            resume_from=resume_from, device="cpu")
         model = copy.deepcopy(initial)
@@ -546,19 +549,19 @@ def test_dpo_resume_equals_uninterrupted_run(tokenizer, tmp_path, torch_backend)
         return model, log
 
     model_a, log_a = train(tmp_path / "a", 4)
-    assert sorted(p.name for p in (tmp_path / "a").glob("*.pt")) == \
-        ["checkpoint-2.pt", "checkpoint-4.pt"]
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == \
+        ["checkpoint-2", "checkpoint-4"]
     _, log_b = train(tmp_path / "b", 2)
-    assert (tmp_path / "b" / "checkpoint-2.pt").is_file()
-    model_b, log_b = train(tmp_path / "b", 4, str(tmp_path / "b" / "checkpoint-2.pt"))
+    assert (tmp_path / "b" / "checkpoint-2").is_dir()
+    model_b, log_b = train(tmp_path / "b", 4, str(tmp_path / "b" / "checkpoint-2"))
 
     # train and eval records; b's first run evaluated at its last step, 2
     assert [(r["step"], "loss" in r) for r in log_a] == [
         (1, True), (2, True), (3, True), (4, True), (4, False)]
     assert [(r["step"], "loss" in r) for r in log_b] == [
         (1, True), (2, True), (2, False), (3, True), (4, True), (4, False)]
-    # the lr each step used: linear warm-up over 4 steps
-    assert [r["lr"] for r in log_a if "lr" in r] == [LR / 4, LR / 2, 3 * LR / 4, LR]
+    # the lr each step used: transformers' linear warm-up over 4 steps, from 0
+    assert [r["lr"] for r in log_a if "lr" in r] == [0.0, LR / 4, LR / 2, 3 * LR / 4]
     assert metric_equal(log_a, log_b, 3)
     assert metric_equal(log_a[:2], log_b[:2], 1)
     state_a, state_b = model_a.state_dict(), model_b.state_dict()
@@ -577,6 +580,9 @@ def test_ppo_resume_equals_uninterrupted_run(tokenizer, tmp_path, torch_backend,
                            group_size=2 if estimator == "grpo" else 1, max_steps=max_steps,
                            rollout_batch_size=4, mini_batch_size=2, ppo_epochs=2,
                            max_new_tokens=8, lr=LR, warmup_steps=4, save_steps=2,
+                           # the 2-step run stands for a cut 4-step one: a schedule
+                           # independent of max_steps (linear's decay is not)
+                           lr_scheduler_type="constant_with_warmup",
                            seed=7, resume_from=resume_from, device="cpu")
         policy = copy.deepcopy(initial)
         trainer = PPOTrainer(policy, tokenizer=tokenizer, prompts=PROMPTS,
@@ -586,9 +592,10 @@ def test_ppo_resume_equals_uninterrupted_run(tokenizer, tmp_path, torch_backend,
         return [policy, trainer.value_model], log
 
     models_a, log_a = train(tmp_path / "a", 4)
-    assert sorted(p.name for p in (tmp_path / "a").glob("*.pt")) == \
-        ["checkpoint-2.pt", "checkpoint-4.pt"] + (["value_model.pt"] if estimator == "gae"
-                                                  else [])
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == \
+        ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "a" / "value_model").is_dir() == (estimator == "gae")
+    assert (tmp_path / "a" / "checkpoint-4" / "value_model").is_dir() == (estimator == "gae")
     train(tmp_path / "b", 2)
     models_b, log_b = train(tmp_path / "b", 4, "latest")
 
@@ -630,7 +637,7 @@ def test_ppo_logs_window_means_and_a_resume_mid_window_keeps_them(tokenizer, tmp
         assert windows[1][key] == every[3][key], key
     assert windows[0]["lr"] == every[2]["lr"] != every[0]["lr"]  # warm-up: lr moves
 
-    resumed = train(tmp_path / "resumed", 3, str(tmp_path / "windows" / "checkpoint-2.pt"))
+    resumed = train(tmp_path / "resumed", 3, str(tmp_path / "windows" / "checkpoint-2"))
     assert metric_equal(resumed, windows, 1)
 
 
@@ -648,10 +655,13 @@ def test_checkpoints_and_the_final_model_get_the_umask_permissions(tokenizer, tm
     finally:
         os.umask(previous)
         process_umask.cache_clear()
-    for path in (tmp_path / "checkpoint-1.pt", tmp_path / "value_model.pt",
+    for path in (tmp_path / "checkpoint-1" / "trainer_state.json",
+                 tmp_path / "checkpoint-1" / "optimizer.pt",
+                 tmp_path / "value_model" / "value_head.safetensors",
                  tmp_path / "metrics.jsonl", tmp_path / "final" / "config.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
-    assert stat.S_IMODE((tmp_path / "final").stat().st_mode) == 0o750
+    for folder in ("final", "value_model", "checkpoint-1", "checkpoint-1/value_model"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o750, folder
 
 
 def _lines(path):
@@ -702,9 +712,9 @@ def test_a_fresh_run_refuses_an_output_dir_holding_checkpoints(tokenizer, other_
                                                                 tmp_path):
     """resume_from="latest" after a crash would resume the newest checkpoint in
     output_dir, an earlier run's when the new run has not saved one yet."""
-    (tmp_path / "checkpoint-6.pt").write_bytes(b"an earlier run's")
+    (tmp_path / "checkpoint-6").mkdir()
     expected = (rf"^output_dir {re.escape(repr(str(tmp_path)))} already holds 1 "
-                r"checkpoint\(s\) of an earlier run \(newest: checkpoint-6.pt\); pass "
+                r"checkpoint\(s\) of an earlier run \(newest: checkpoint-6\); pass "
                 r"resume_from .* or choose an empty output_dir$")
     with pytest.raises(ValueError, match=expected):
         DPOTrainer(copy.deepcopy(other_model), tokenizer=tokenizer, train_dataset=TRAIN,
@@ -743,7 +753,7 @@ class _Saves:
     def __init__(self, version):
         self.version = version
 
-    def save_pretrained(self, directory, state_dict=None):
+    def save_pretrained(self, directory, state_dict=None, **kwargs):
         if self.version is None:
             raise OSError("disk full")
         (directory / "weights").write_text(self.version)
@@ -804,17 +814,24 @@ class _RunsCode:
 
 
 def test_resume_refuses_a_pickled_checkpoint(tokenizer, tmp_path, torch_backend):
-    """Checkpoints are read by torch's weights_only unpickler: a checkpoint-999.pt that
-    would run code when unpickled is refused, not run, and not skipped for an older one."""
+    """Checkpoints' torch files are read by torch's weights_only unpickler: a
+    checkpoint-999/optimizer.pt that would run code when unpickled is refused, not run,
+    and not skipped for an older one."""
+    import shutil
+
     _tiny_dpo(tokenizer, tmp_path, max_steps=1).train()
     marker = tmp_path / "code-ran"
-    torch.save({"step": 999, "model": _RunsCode(marker)}, tmp_path / "checkpoint-999.pt")
-    with pytest.raises(ValueError, match=r"^refusing to load checkpoint .*checkpoint-999\.pt: "
+    shutil.copytree(tmp_path / "checkpoint-1", tmp_path / "checkpoint-999")
+    torch.save({"state": _RunsCode(marker)}, tmp_path / "checkpoint-999" / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"^refusing to load checkpoint file "
+                                         r".*checkpoint-999/optimizer\.pt: "
                                          r"it holds objects other than tensors"):
         _tiny_dpo(tokenizer, tmp_path, max_steps=2, resume_from="latest")
     assert not marker.exists()
     # what the trainers write themselves loads with weights_only
-    state = torch.load(tmp_path / "checkpoint-1.pt", weights_only=True)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pth"):
+        torch.load(tmp_path / "checkpoint-1" / name, weights_only=True)
+    state = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())
     assert state["step"] == 1 and set(state["frozen_models"]) == {"reference"}
 
 
@@ -824,7 +841,7 @@ def test_dpo_resume_refuses_a_different_reference(tokenizer, tmp_path, torch_bac
     _tiny_dpo(tokenizer, tmp_path, max_steps=1).train()
     _tiny_dpo(tokenizer, tmp_path, max_steps=2, resume_from="latest")  # the same: fine
     other = demo.tiny_llama(tokenizer, hidden_size=32, seed=4)
-    with pytest.raises(ValueError, match=r"^resume_from: .*checkpoint-1\.pt was written with a "
+    with pytest.raises(ValueError, match=r"^resume_from: .*checkpoint-1 was written with a "
                                          r"different reference \(name_or_path '', weights "
                                          r"\w{16}\) than this trainer's \(name_or_path '', "
                                          r"weights \w{16}\)"):
@@ -892,6 +909,8 @@ def test_stale_temp_files_of_killed_saves_are_removed_at_start_and_end(tokenizer
              tmp_path / ".value_model.pt.abc12345.tmp"]
     for path in stale:
         path.write_bytes(b"half a save")
+    (tmp_path / ".checkpoint-3.tmp-k1ll3d_b").mkdir()
+    (tmp_path / ".checkpoint-3.tmp-k1ll3d_b" / "optimizer.pt").write_bytes(b"half")
     (tmp_path / ".final.q7r8s9t0.tmp").mkdir()
     (tmp_path / ".final.q7r8s9t0.tmp" / "model.safetensors").write_bytes(b"half")
     foreign = ["notes.tmp", ".cache.tmp", ".final.tmp"]  # not temp files of a save
@@ -902,7 +921,7 @@ def test_stale_temp_files_of_killed_saves_are_removed_at_start_and_end(tokenizer
 
     def step_beside_a_killed_save():
         seen.append(sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")))
-        (tmp_path / ".checkpoint-1.pt.late0001.tmp").write_bytes(b"another half")
+        (tmp_path / ".checkpoint-1.tmp-late0001").mkdir()
         return optimizer_step()
 
     trainer.optimizer_step = step_beside_a_killed_save
@@ -921,7 +940,7 @@ def test_a_full_disk_during_a_save_is_reported_as_a_full_disk(tmp_path, monkeypa
 
     from rlhf_fast.trainers.files import disk_full_errno, save_atomic
 
-    path = tmp_path / "checkpoint-4.pt"
+    path = tmp_path / "state.pt"
     path.write_bytes(b"the previous version")
 
     class FullDisk(io.FileIO):
@@ -937,7 +956,7 @@ def test_a_full_disk_during_a_save_is_reported_as_a_full_disk(tmp_path, monkeypa
                                 "intact)")
     assert disk_full_errno(error.value.__cause__) == errno.ENOSPC  # chained from the cause
     assert path.read_bytes() == b"the previous version"
-    assert os.listdir(tmp_path) == ["checkpoint-4.pt"]  # no temp file left
+    assert os.listdir(tmp_path) == ["state.pt"]  # no temp file left
 
 
 def test_resume_latest_falls_back_past_a_checkpoint_cut_short(tokenizer, tmp_path,
@@ -951,12 +970,13 @@ def test_resume_latest_falls_back_past_a_checkpoint_cut_short(tokenizer, tmp_pat
     uninterrupted.train()
     run = tmp_path / "run"
     _tiny_dpo(tokenizer, run, max_steps=2, save_steps=1).train()
-    newest = run / "checkpoint-2.pt"
+    newest = run / "checkpoint-2" / "model.safetensors"
     good = newest.read_bytes()
     newest.write_bytes(good[:len(good) // 2])
-    with pytest.warns(UserWarning, match=r"resume_from='latest': resuming from checkpoint-1\.pt"
+    with pytest.warns(UserWarning, match=r"resume_from='latest': resuming from checkpoint-1"
                                          r", skipping newer checkpoints that cannot be read: "
-                                         r"checkpoint \S+checkpoint-2\.pt cannot be read"):
+                                         r"checkpoint file \S+checkpoint-2/model\.safetensors "
+                                         r"cannot be read"):
         resumed = _tiny_dpo(tokenizer, run, max_steps=2, save_steps=1, resume_from="latest")
     assert resumed.step == 1
     resumed.train()
@@ -964,12 +984,13 @@ def test_resume_latest_falls_back_past_a_checkpoint_cut_short(tokenizer, tmp_pat
     assert all(torch.equal(state[k], want[k]) for k in want)
 
     newest.write_bytes(good[:len(good) // 2])
-    with pytest.raises(UnreadableCheckpoint, match=r"checkpoint-2\.pt cannot be read"):
-        _tiny_dpo(tokenizer, run, max_steps=2, resume_from=str(newest))
-    (run / "checkpoint-1.pt").write_bytes(b"")
+    with pytest.raises(UnreadableCheckpoint,
+                       match=r"checkpoint-2/model\.safetensors cannot be read"):
+        _tiny_dpo(tokenizer, run, max_steps=2, resume_from=str(newest.parent))
+    (run / "checkpoint-1" / "trainer_state.json").write_bytes(b"")
     with pytest.raises(UnreadableCheckpoint, match=r"resume_from='latest': no checkpoint in "
-                                                   r".* can be read: .*checkpoint-2\.pt.*"
-                                                   r"checkpoint-1\.pt"):
+                                                   r".* can be read: .*checkpoint-2.*"
+                                                   r"checkpoint-1"):
         _tiny_dpo(tokenizer, run, max_steps=2, resume_from="latest")
 
 
@@ -1116,7 +1137,7 @@ def test_run_demo_quick(tmp_path, torch_backend):
     for stage in ("dpo", "ppo"):
         assert (tmp_path / stage / "final" / "config.json").is_file()
         assert (tmp_path / stage / "final" / "tokenizer.json").is_file()
-    assert (tmp_path / "ppo" / "value_model.pt").is_file()
+    assert (tmp_path / "ppo" / "value_model" / "value_head.safetensors").is_file()
 
     # again, into the same folder (its checkpoints are the demo's own): the same run
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
@@ -1364,20 +1385,20 @@ def test_prune_checkpoints_keeps_the_newest_and_never_the_one_just_written(tmp_p
     from rlhf_fast.trainers.checkpoints import prune_checkpoints, resolve_checkpoint
 
     for step in (1, 2, 4, 10):
-        (tmp_path / f"checkpoint-{step}.pt").write_bytes(b"x")
+        (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-best.pt").write_bytes(b"not a step: left alone")
-    assert prune_checkpoints(tmp_path / "checkpoint-10.pt", 0) == []
-    deleted = prune_checkpoints(tmp_path / "checkpoint-10.pt", 2)
-    assert [p.name for p in deleted] == ["checkpoint-1.pt", "checkpoint-2.pt"]
+    assert prune_checkpoints(tmp_path / "checkpoint-10", 0) == []
+    deleted = prune_checkpoints(tmp_path / "checkpoint-10", 2)
+    assert [p.name for p in deleted] == ["checkpoint-1", "checkpoint-2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint-10.pt", "checkpoint-4.pt", "checkpoint-best.pt"]
+        "checkpoint-10", "checkpoint-4", "checkpoint-best.pt"]
     # a run resumed from an older step writes checkpoint-5 while a stale 10 exists:
     # the file just written survives whatever its step
-    (tmp_path / "checkpoint-5.pt").write_bytes(b"x")
-    prune_checkpoints(tmp_path / "checkpoint-5.pt", 1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5.pt",
+    (tmp_path / "checkpoint-5").mkdir()
+    prune_checkpoints(tmp_path / "checkpoint-5", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5",
                                                           "checkpoint-best.pt"]
-    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-5.pt"
+    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-5"
 
 
 def test_save_total_limit_keeps_the_last_checkpoints_and_resume_still_works(
@@ -1391,15 +1412,15 @@ def test_save_total_limit_keeps_the_last_checkpoints_and_resume_still_works(
 
     model = demo.tiny_llama(tokenizer, hidden_size=32, seed=2)
     DPOTrainer(model, tokenizer=tokenizer, train_dataset=records, config=config(3)).train()
-    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint-2.pt",
-                                                             "checkpoint-3.pt"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2",
+                                                             "checkpoint-3"]
     trainer = DPOTrainer(demo.tiny_llama(tokenizer, hidden_size=32, seed=2),
                          tokenizer=tokenizer, train_dataset=records,
                          config=config(4, "latest"))
     assert trainer.step == 3
     trainer.train()
-    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint-3.pt",
-                                                             "checkpoint-4.pt"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3",
+                                                             "checkpoint-4"]
     with pytest.raises(ValueError, match="save_total_limit must be an int >= 0"):
         PPOConfig(save_total_limit=-1)
 
@@ -1425,12 +1446,18 @@ def test_ppo_global_counts_over_two_ranks():
     assert empty == dict(dp_size=2)
 
 
-def test_ppo_config_takes_a_rollout_correction_only_in_bypass_mode():
-    with pytest.raises(ValueError, match=r"PPOConfig.rollout_is must be None .*bypass_mode"):
-        PPOConfig(rollout_is="token")
-    config = PPOConfig(policy_loss="bypass_mode", rollout_is="token", rollout_rs="token_k2",
-                       rollout_rs_threshold=0.5)
-    assert config.rollout_rs_threshold == "0.5"
+def test_ppo_config_takes_a_rollout_correction_with_any_policy_loss():
+    # PPOConfig used to refuse rollout_is / rollout_rs but for bypass_mode: the trainer's
+    # rollouts were always the policy's own generate. A generate_fn hook now brings the
+    # rollout engine's log-probs, so the config takes them with any policy loss and the
+    # trainer checks that there are log-probs to correct against
+    # (tests/test_trainer_features.py, "the generation hook").
+    for policy_loss in ("vanilla", "gspo", "bypass_mode"):
+        config = PPOConfig(policy_loss=policy_loss, rollout_is="token",
+                           rollout_rs="token_k2", rollout_rs_threshold=0.5)
+        assert config.rollout_rs_threshold == "0.5"
+    with pytest.raises(ValueError, match=r"PPOConfig.rollout_is must be"):
+        PPOConfig(rollout_is="tokens")
 
 
 @pytest.mark.parametrize("estimator", ["rloo", "opo", "grpo_passk", "gpg",

@@ -127,6 +127,37 @@ def test_autocast_with_fp32_weights_is_served_where_gemms_return_fp32(patched, s
         assert rel_err(a, b) < 1e-2
 
 
+def test_fallbacks_warn_once_per_reason_and_are_counted(patched):
+    """stats() counts served calls and fallbacks by reason; each reason warns once (a
+    run makes thousands of calls), until reset_stats()."""
+    import warnings
+
+    rlhf_trl.reset_stats()
+    hidden, weight, _, targets = head_inputs(torch.float32, bias=False)
+
+    def call(softcap=None, outputs=("log_probs",)):
+        trl_utils._ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64,
+                                                softcap, 1.0, outputs)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+        for _ in range(3):
+            call(softcap=3.0)
+        call(outputs=("log_probs", "is_top1"))
+        call(outputs=("log_probs", "is_top1"))
+    messages = [str(w.message) for w in caught if w.category is rlhf_trl.FallbackWarning]
+    assert len(messages) == 2
+    assert "final-logit softcap" in messages[0] and "['is_top1']" in messages[1]
+    counts = rlhf_trl.stats()
+    assert (counts["served"], counts["fallen_back"]) == (1, 5)
+    assert sorted(counts["fallback_reasons"].values()) == [2, 3]
+    rlhf_trl.reset_stats()
+    assert rlhf_trl.stats() == {"served": 0, "fallen_back": 0, "fallback_reasons": {}}
+    with pytest.warns(rlhf_trl.FallbackWarning, match="final-logit softcap"):
+        call(softcap=3.0)  # warned again after a reset
+
+
 def test_patch_is_idempotent_and_undone():
     rlhf_trl.patch_trl()
     rlhf_trl.patch_trl()

@@ -29,11 +29,16 @@ Calls our kernel cannot serve as well as TRL go to TRL's own function unchanged:
   loaded in bf16 is served everywhere;
 * outside autocast, a weight or bias whose dtype is not hidden's (TRL casts them to
   hidden's; `linear_logprobs`, like F.linear, refuses).
+
+Each distinct reason to fall back is warned about once (`FallbackWarning`), and `stats()`
+counts the calls served and fallen back (by reason); `reset_stats()` starts afresh.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
+from collections import Counter
 from typing import Any
 
 import torch
@@ -70,22 +75,74 @@ def _check_trl_function(function: Any) -> None:
         )
 
 
+class FallbackWarning(UserWarning):
+    """A call of TRL's fused LM head went to TRL's own function (warned once per reason)."""
+
+
+#: calls served by rlhf-fast and, by reason, calls that went to TRL's function
+_COUNTS: Counter[str] = Counter()
+_WARNED: set[str] = set()
+SERVED = "served"
+
+
+def stats() -> dict[str, Any]:
+    """Calls of TRL's fused LM head since the last `reset_stats`: {"served": n,
+    "fallen_back": m, "fallback_reasons": {reason: count}}."""
+    reasons = {k: v for k, v in _COUNTS.items() if k != SERVED}
+    return {"served": _COUNTS[SERVED], "fallen_back": sum(reasons.values()),
+            "fallback_reasons": reasons}
+
+
+def reset_stats() -> None:
+    """Zero the counts of `stats` and warn again about every fallback reason."""
+    _COUNTS.clear()
+    _WARNED.clear()
+
+
+def _count_fallback(reason: str) -> None:
+    _COUNTS[reason] += 1
+    if reason not in _WARNED:  # once per reason: a training run makes thousands of calls
+        _WARNED.add(reason)
+        warnings.warn(f"rlhf-fast does not serve this call of TRL's fused LM head; TRL's own "
+                      f"function computes it: {reason}", FallbackWarning, stacklevel=3)
+
+
+def fallback_reason(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    final_logit_softcapping: float | None, logit_scale: float, outputs: tuple[str, ...],
+) -> str | None:
+    """Why `linear_logprobs` would not compute this call as TRL would (see above), or
+    None when it would."""
+    if final_logit_softcapping is not None:
+        return "a final-logit softcap (final_logit_softcapping, Gemma 2)"
+    if not logit_scale > 0:
+        return "a non-positive logit_scale"
+    extra = sorted(set(outputs) - SUPPORTED_OUTPUTS)
+    if extra:
+        return f"per-token outputs {extra} (rlhf-fast computes log_probs and entropy)"
+    device = hidden.device.type
+    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
+    if not torch.is_autocast_enabled(device):
+        return None if len(dtypes) == 1 else (
+            f"outside autocast, mixed dtypes {sorted(map(str, dtypes))} (TRL casts the "
+            "weight to hidden's; linear_logprobs, like F.linear, refuses)")
+    compute = torch.get_autocast_dtype(device)
+    if torch.float64 in dtypes:
+        return "float64 inputs under autocast (autocast leaves them alone; TRL casts them)"
+    if dtypes == {compute} or has_fp32_output_gemm(hidden.device, compute):
+        return None
+    return (f"inputs wider than autocast's {compute} on {device} (torch "
+            f"{torch.__version__}), which has no fp32-output GEMM: load the model in "
+            f"{compute} to be served")
+
+
 def _served(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     final_logit_softcapping: float | None, logit_scale: float, outputs: tuple[str, ...],
 ) -> bool:
     """Whether `linear_logprobs` computes this call as TRL would (see above)."""
-    if not (final_logit_softcapping is None and logit_scale > 0
-            and SUPPORTED_OUTPUTS.issuperset(outputs)):
-        return False
-    device = hidden.device.type
-    dtypes = {t.dtype for t in (hidden, weight, bias) if t is not None}
-    if not torch.is_autocast_enabled(device):
-        return len(dtypes) == 1
-    compute = torch.get_autocast_dtype(device)
-    if torch.float64 in dtypes:
-        return False  # autocast leaves fp64 alone; TRL casts it
-    return dtypes == {compute} or has_fp32_output_gemm(hidden.device, compute)
+    return fallback_reason(hidden, weight, bias, final_logit_softcapping, logit_scale,
+                           outputs) is None
 
 
 class RlhfFastLogProbFunction:
@@ -102,11 +159,15 @@ class RlhfFastLogProbFunction:
         final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
         outputs: tuple[str, ...] = ("log_probs",),
     ) -> tuple[torch.Tensor | None, ...]:
-        if not _served(hidden, weight, bias, final_logit_softcapping, logit_scale, outputs):
+        reason = fallback_reason(hidden, weight, bias, final_logit_softcapping,
+                                 logit_scale, outputs)
+        if reason is not None:
+            _count_fallback(reason)
             return cls.trl_function.apply(
                 hidden, weight, bias, targets, temperature, chunk_size,
                 final_logit_softcapping, logit_scale, outputs,
             )
+        _COUNTS[SERVED] += 1
         result = linear_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature / logit_scale,
             return_entropy="entropy" in outputs,

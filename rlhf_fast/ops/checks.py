@@ -5,9 +5,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from rlhf_fast.ops.dispatch import use_triton
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -245,3 +248,29 @@ class PairLossFunction(torch.autograd.Function):
         grads = ctx.backward_launch(grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,
                                     needs_grad=tuple(ctx.needs_input_grad[:2]))
         return (*grads, None, None, None, None)
+
+
+def pair_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+              chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+              options: dict[str, Any], option_set: Any, reference_loss: Callable[..., Any],
+              kernel_config: Any, launch: tuple[Callable[..., Any], Callable[..., Any]],
+              output: Callable[..., Any]) -> Any:
+    """The body of simpo_loss, cpo_loss and orpo_loss: the same checks of the four [B]
+    inputs and `options` (by `option_set`), then `reference_loss` off the GPU, else the
+    op's (forward, backward) launchers through `PairLossFunction`; `output` (the op's
+    result type) of the loss, both rewards and each statistic the kernel wrote."""
+    policy_chosen = check_batch("policy_chosen", policy_chosen)
+    opt = option_set.check(options)
+    policy_rejected = check_like("policy_rejected", policy_rejected, "policy_chosen",
+                                 policy_chosen)
+    chosen_lengths = check_token_counts("chosen_lengths", chosen_lengths, "policy_chosen",
+                                        policy_chosen)
+    rejected_lengths = check_token_counts("rejected_lengths", rejected_lengths,
+                                          "policy_chosen", policy_chosen)
+    if not use_triton(policy_chosen):
+        return reference_loss(policy_chosen, policy_rejected, chosen_lengths,
+                              rejected_lengths, **vars(opt))
+    loss, chosen_rewards, rejected_rewards, stats = PairLossFunction.apply(
+        policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
+        kernel_config.from_options(opt), launch)
+    return output(loss, chosen_rewards, rejected_rewards, *stats.unbind())

@@ -8,13 +8,7 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import orpo_loss as kernel
-from rlhf_fast.ops.checks import (
-    PairLossFunction,
-    check_batch,
-    check_like,
-    check_token_counts,
-)
-from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.checks import pair_loss
 from rlhf_fast.options import ORPO_OPTIONS
 from rlhf_fast.types import ORPOLossOutput
 
@@ -63,20 +57,6 @@ def orpo_loss(
         ValueError: an empty batch (B = 0), mismatched shapes or devices, bad lengths, an
             out-of-range option. TypeError: wrong types.
     """
-    policy_chosen = check_batch("policy_chosen", policy_chosen)
-    opt = ORPO_OPTIONS.check(options)
-    policy_rejected = check_like("policy_rejected", policy_rejected, "policy_chosen",
-                                 policy_chosen)
-    chosen_lengths = check_token_counts("chosen_lengths", chosen_lengths, "policy_chosen",
-                                        policy_chosen)
-    rejected_lengths = check_token_counts("rejected_lengths", rejected_lengths,
-                                          "policy_chosen", policy_chosen)
-    if not use_triton(policy_chosen):
-        return reference.orpo_loss(policy_chosen, policy_rejected, chosen_lengths,
-                                   rejected_lengths, **vars(opt))
-    loss, chosen_rewards, rejected_rewards, stats = PairLossFunction.apply(
-        policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
-        kernel.ORPOKernelConfig.from_options(opt),
-        (kernel.orpo_forward, kernel.orpo_backward),
-    )
-    return ORPOLossOutput(loss, chosen_rewards, rejected_rewards, *stats.unbind())
+    return pair_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
+                     options, ORPO_OPTIONS, reference.orpo_loss, kernel.ORPOKernelConfig,
+                     (kernel.orpo_forward, kernel.orpo_backward), ORPOLossOutput)

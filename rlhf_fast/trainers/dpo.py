@@ -22,12 +22,11 @@ One training step, top to bottom (`DPOTrainer.optimizer_step`, then `_pair_loss`
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -43,13 +42,25 @@ from rlhf_fast.options import (
     SIMPO_OPTIONS,
     OptionSet,
 )
-from rlhf_fast.trainers.checkpoints import model_identity
-from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
-from rlhf_fast.trainers.data import batches, example_indices, load_records
+from rlhf_fast.trainers.checkpoints import Export
+from rlhf_fast.trainers.config import (
+    TRAINER_TRL_NAMES,
+    FieldChecker,
+    TrainerConfig,
+    TrlNames,
+    is_finite,
+)
+from rlhf_fast.trainers.data import batches, example_indices, has_splits, tokenized_pairs
 from rlhf_fast.trainers.files import save_pretrained_atomic
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
-from rlhf_fast.trainers.models import TokenLogprobs, frozen, prepare_for_training
+from rlhf_fast.trainers.models import (
+    TokenLogprobs,
+    prepare_for_training,
+    reference_identity,
+    reference_logprobs,
+    with_adapter,
+)
 from rlhf_fast.trainers.run import wrap_ddp
 from rlhf_fast.types import DPO_MIX_TYPES, DPO_REFERENCE_FREE_TYPES, DPO_SFT
 
@@ -85,6 +96,14 @@ def objective(loss_type: str | tuple[str, ...]) -> str:
     """The trainer's objective of a (checked) loss_type: simpo, cpo, orpo, kto, or "dpo"
     for dpo_loss's types and their mixes."""
     return loss_type if isinstance(loss_type, str) and loss_type in OBJECTIVES else "dpo"
+#: TRL DPOConfig's names of DPOConfig fields that are spelled otherwise here (beta,
+#: loss_type, max_length, label_smoothing, ... are spelled alike)
+TRL_NAMES: TrlNames = TRAINER_TRL_NAMES | {
+    "per_device_train_batch_size": ("batch_size", None),
+    "per_device_eval_batch_size": ("eval_batch_size", None),
+    "num_train_epochs": ("num_epochs", None),
+    "precompute_ref_log_probs": ("precompute_ref_logps", None),
+}
 DPO_PLOT_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
                  "rewards/rejected", "logps/chosen", "logps/rejected", "eval/rewards/accuracies",
                  "eval/loss"]
@@ -105,6 +124,8 @@ class DPOConfig(TrainerConfig):
     Sizes are per process: under torchrun the global batch is
     batch_size * gradient_accumulation_steps * world size.
     """
+
+    trl_names: ClassVar[TrlNames] = TRL_NAMES  # TRL's names of fields: `from_trl_names`
 
     output_dir: str = "runs/dpo"
     """Where metrics.jsonl, the plot, checkpoints and the final model go."""
@@ -135,8 +156,10 @@ class DPOConfig(TrainerConfig):
     """Optimizer steps to run; 0 means num_epochs passes."""
     max_length: int = 512
     """Longest prompt + answer in tokens; answers are cut to fit."""
-    eval_steps: int = 0
-    """Evaluate every this many steps (0: only at the end) when there is an eval set."""
+    eval_split: str | None = None
+    """Score this split of train_dataset's source (a DatasetDict, a dataset folder or a hub
+    id) as the eval set when there is no eval_dataset; the split of a several-split
+    eval_dataset (default "test")."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,7 +185,7 @@ class DPOConfig(TrainerConfig):
                 "False with reference_free=True (there is no reference to score)")
         require.ints(self, ("batch_size", "eval_batch_size", "gradient_accumulation_steps",
                             "max_length"), 1)
-        require.ints(self, ("max_steps", "eval_steps"), 0)
+        require.ints(self, ("max_steps",), 0)
         require("max_prompt_length", self.max_prompt_length < self.max_length,
                 f"< max_length ({self.max_length}), leaving room for the answer")
         require("num_epochs", is_finite(self.num_epochs) and self.num_epochs > 0,
@@ -214,27 +237,14 @@ class PairBatch:
 def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int,
                    max_length: int, name: str = "train_dataset") -> list[dict[str, list[int]]]:
     """Token ids of each record: the prompt (its last max_prompt_length tokens) and each
-    answer followed by EOS, cut so prompt + answer fits max_length.
+    answer followed by EOS, cut so prompt + answer fits max_length (any format and source
+    of `rlhf_fast.trainers.data.tokenized_pairs`).
 
     Prompt and answers are tokenised separately so the prompt/answer boundary is the same
     in the chosen and the rejected sequence.
     """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer needs an eos_token_id (it ends every answer)")
-    pairs = []
-    for index, record in enumerate(records):
-        prompt = tokenizer(record["prompt"]).input_ids[-max_prompt_length:]
-        if not prompt:
-            raise ValueError(f"{name}[{index}]: the prompt is empty after tokenising "
-                             "(the first answer token would have nothing to condition on)")
-        room = max_length - len(prompt)
-        answers = {
-            key: (tokenizer(record[key], add_special_tokens=False).input_ids
-                  + [tokenizer.eos_token_id])[:room]
-            for key in ("chosen", "rejected")
-        }
-        pairs.append({"prompt": prompt, **answers})
-    return pairs
+    return tokenized_pairs(records, tokenizer, max_prompt_length=max_prompt_length,
+                           max_length=max_length, name=name)[0]
 
 
 def collate_pairs(pairs: list[dict[str, list[int]]], rows: list[int], pad_id: int,
@@ -263,15 +273,22 @@ class DPOTrainer:
         ref_model: the frozen reference; None takes a frozen copy of `model` as it is now
             (or none at all with ``config.reference_free``).
         tokenizer: the model's tokenizer; needs eos_token_id (pad defaults to EOS).
-        train_dataset: records ``{"prompt", "chosen", "rejected"}`` (strings): a list of
-            dicts, a JSONL file path, or a ``datasets.Dataset``.
-        eval_dataset: the same, scored at eval_steps and at the end.
+        train_dataset: records ``{"prompt", "chosen", "rejected"}`` or ``{"chosen",
+            "rejected"}`` (implicit prompt; kto: ``{"prompt", "completion", "label"}``),
+            strings or lists of messages (rendered with the tokenizer's chat template):
+            a list of dicts, a JSONL / JSON / parquet file, a ``datasets.Dataset`` or
+            ``DatasetDict`` (config.data_split), a dataset folder or a hub dataset id.
+        eval_dataset: the same, scored at eval_steps and at the end (or none, and
+            config.eval_split: that split of train_dataset's source).
         config: a `DPOConfig`.
+        peft_config: a ``peft.LoraConfig`` (or any peft config): train an adapter on
+            `model` (as config.use_peft does with the lora_* fields); without a ref_model
+            the reference is `model` with the adapter disabled, not a copy.
     """
 
     def __init__(self, model: nn.Module, ref_model: nn.Module | None = None, *,
                  tokenizer: Any, train_dataset: Any, eval_dataset: Any = None,
-                 config: DPOConfig | None = None):
+                 config: DPOConfig | None = None, peft_config: Any = None):
         self.config = config = config or DPOConfig()
         self.run = start_run(config)
         self.tokenizer = tokenizer
@@ -280,6 +297,12 @@ class DPOTrainer:
         self.labels: dict[str, torch.Tensor] = {}  # kto: each record's label, per split
         self.train_pairs = self._tokenized(train_dataset, "train")
         self.eval_pairs = None
+        if eval_dataset is None and config.eval_split is not None:
+            if not has_splits(train_dataset):
+                raise ValueError(f"DPOConfig.eval_split={config.eval_split!r} with no "
+                                 "eval_dataset needs a train_dataset with several splits (a "
+                                 "DatasetDict, a dataset folder or a hub id)")
+            eval_dataset = train_dataset
         if eval_dataset is not None:
             self.eval_pairs = self._tokenized(eval_dataset, "eval")
         global_batch = config.batch_size * self.run.world
@@ -288,25 +311,28 @@ class DPOTrainer:
                              f"one global batch (batch_size x processes = {global_batch})")
 
         self.fused_linear = self.run.fused_linear(config.use_fused_linear)
+        model = with_adapter(model, config, peft_config)
         model.to(self.run.device)
         prepare_for_training(model, config)
         self.model = model
         self.policy = wrap_ddp(TokenLogprobs(model, fused_linear=self.fused_linear), self.run)
         self.reference = None
         if not config.reference_free and config.loss_type not in REFERENCE_FREE_OBJECTIVES:
-            ref_model = frozen(copy.deepcopy(model) if ref_model is None else ref_model)
-            self.reference = TokenLogprobs(ref_model.to(self.run.device),
-                                           fused_linear=self.fused_linear)
+            self.reference = reference_logprobs(model, ref_model,
+                                                fused_linear=self.fused_linear)
+            self.reference.to(self.run.device)
         # checkpoints hold the policy, not its reference: they record which it was
         frozen_models = {"reference": None if self.reference is None
-                         else model_identity(self.reference.model)}
+                         else reference_identity(self.reference)}
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=config.lr,
             weight_decay=config.weight_decay,
         )
         self.ref_logps: dict[str, torch.Tensor] = {}
-        self.loop = Loop(config, self.run, self.optimizer, model, "model", frozen_models,
-                         name="DPO", title="DPO", plot_keys=DPO_PLOT_KEYS,
+        self.loop = Loop(config, self.run, self.optimizer, model,
+                         [Export("", "", model, tokenizer)], frozen_models,
+                         training_steps=self.total_steps, name="DPO", title="DPO",
+                         plot_keys=DPO_PLOT_KEYS,
                          restore=self._restore)
         if config.precompute_ref_logps and self.reference is not None and not self.ref_logps:
             self.ref_logps = {"train": self._score_all(self.train_pairs)}
@@ -424,20 +450,18 @@ class DPOTrainer:
 
     def _tokenized(self, data: Any, split: str) -> list[dict[str, list[int]]]:
         """The split's records, tokenised as pairs (kto: each record's completion, then
-        the next record's as the mismatched one of its KL estimate; the labels kept)."""
+        the next record's as the mismatched one of its KL estimate; the labels kept).
+        `data` is any source of `rlhf_fast.trainers.data.load_source`; a DatasetDict, a
+        dataset folder or a hub id gives config.data_split (eval: config.eval_split)."""
         config, name = self.config, f"{split}_dataset"
-        records = load_records(data, record_fields(config.loss_type), name)
-        if config.loss_type == "kto":
-            for index, record in enumerate(records):
-                if not isinstance(record.get("label"), bool):
-                    raise ValueError(f"{name}[{index}] needs a bool field 'label' (desirable "
-                                     f"or not), got {record.get('label')!r}")
-            self.labels[split] = torch.tensor([r["label"] for r in records])
-            records = [{"prompt": r["prompt"], "chosen": r["completion"],
-                        "rejected": records[(i + 1) % len(records)]["completion"]}
-                       for i, r in enumerate(records)]
-        return tokenize_pairs(records, self.tokenizer, config.max_prompt_length,
-                              config.max_length, name)
+        kind = "kto" if config.loss_type in ("kto", ["kto"]) else "pairs"
+        pairs, labels = tokenized_pairs(
+            data, self.tokenizer, max_prompt_length=config.max_prompt_length,
+            max_length=config.max_length, name=name, kind=kind,
+            split=config.data_split if split == "train" else config.eval_split or "test")
+        if labels is not None:
+            self.labels[split] = labels
+        return pairs
 
     def _reference_logps(self, batch: PairBatch, split: str) -> torch.Tensor | None:
         """[2B] reference sequence log-probs: precomputed, scored now, or None."""
@@ -491,12 +515,12 @@ class DPOTrainer:
         return torch.cat(scored)
 
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoint-<step>.pt (`Loop.save_checkpoint`) with the reference's
+        """Write checkpoint-<step>/ (`Loop.save_checkpoint`) with the reference's
         precomputed log-probs; every process must call it."""
         return self.loop.save_checkpoint(ref_logps=self.ref_logps)
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.ref_logps = state["ref_logps"]
+    def _restore(self, extra: dict[str, Any]) -> None:
+        self.ref_logps = extra["ref_logps"]
 
     def _save_final(self, weights: dict[str, Any]) -> None:
         """The policy as a transformers folder, final/, from its full state dict."""

@@ -95,10 +95,12 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     replace_atomic(path, lambda f: torch.save(state, f))
 
 
-# the temp files (and folders) replace_atomic and save_pretrained_atomic write into an
-# output_dir: "." + the name they become + "." + mkstemp's random part + ".tmp"
-STALE_TEMP = re.compile(r"\.(checkpoint-\d+\.pt|value_model\.pt|metrics\.jsonl|final)"
-                        r"\.[a-z0-9_]+\.tmp")
+# the temp files and folders the atomic saves write into an output_dir: "." + the name
+# they become + "." + mkstemp's random part + ".tmp" (replace_atomic,
+# save_pretrained_atomic), or ".checkpoint-<step>.tmp-" + the random part (a checkpoint
+# folder being written, or the replaced one being deleted: `temp_folder`)
+STALE_TEMP = re.compile(r"\.(checkpoint-\d+\.pt|value_model\.pt|value_model|metrics\.jsonl"
+                        r"|final)\.[a-z0-9_]+\.tmp|\.checkpoint-\d+\.tmp-[a-z0-9_]+")
 
 
 def remove_stale_temps(output_dir: str | Path) -> list[Path]:
@@ -136,7 +138,9 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, directory: Path,
     try:
         temp.chmod(umask_mode(0o777))
         with reporting_a_full_disk(directory):
-            model.save_pretrained(temp, state_dict=state_dict)
+            # save_pretrained pops the tied weights' keys from the dict it is given
+            weights = None if state_dict is None else dict(state_dict)
+            model.save_pretrained(temp, state_dict=weights, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(temp)
     except BaseException:
@@ -147,3 +151,73 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, directory: Path,
     os.replace(temp, directory)
     if old.exists():
         shutil.rmtree(old)
+
+
+def temp_folder(final: Path) -> Path:
+    """A new empty folder beside `final` (``.<name>.tmp-<random>``, which
+    `remove_stale_temps` deletes when a kill leaves it), with the usual permissions."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    temp.chmod(umask_mode(0o777))
+    return temp
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file and folder under `directory` (and itself) to the disk, so that
+    once it is renamed into place a power cut cannot leave it with empty files."""
+    for root, _, names in os.walk(directory):
+        for name in names:
+            fd = os.open(Path(root) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_folder(Path(root))
+
+
+def fsync_folder(directory: Path) -> None:
+    """Flush a folder's entries (the names created or renamed in it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_folder(temp: Path, final: Path) -> None:
+    """Flush `temp`, a complete folder, then rename it to `final` (atomic: readers see
+    the whole folder or none). A folder already at `final` (a stale checkpoint of the
+    same step, left by the run this one resumed) is first renamed to a temp name, then
+    deleted; a kill in between leaves that temp name for `remove_stale_temps`."""
+    fsync_tree(temp)
+    replaced = None
+    if final.exists():
+        replaced = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        os.rename(final, replaced / final.name)
+    os.rename(temp, final)
+    fsync_folder(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def write_folder_atomic(final: Path, write: Callable[[Path], Any]) -> None:
+    """`write` the files of a folder into a temp folder beside `final`, then publish it
+    as `final` (`publish_folder`). A failure or a kill mid-write leaves no `final` (the
+    temp folder is deleted, or left for `remove_stale_temps` by a kill); a full disk
+    raises an OSError saying so."""
+    temp = temp_folder(final)
+    try:
+        with reporting_a_full_disk(final):
+            write(temp)
+            publish_folder(temp, final)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with the permissions open() would give (it writes 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    path.chmod(umask_mode(0o666))

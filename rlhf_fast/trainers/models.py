@@ -7,7 +7,9 @@ model is made ready with (dropout, checkpointing, freezing, its generation confi
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast import linear_logprobs, linear_ppo_loss, logprobs
+from rlhf_fast.trainers.checkpoints import (
+    is_peft_model,
+    model_identity,
+    weights_fingerprint,
+)
 from rlhf_fast.trainers.run import is_fsdp2_sharded
 
 #: The label of the last position, which predicts nothing (token ids are >= 0).
@@ -111,18 +118,30 @@ class TokenLogprobs(nn.Module):
     `rlhf_fast.logprobs` on the model's logits.
     """
 
-    def __init__(self, model: nn.Module, *, fused_linear: bool, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, *, fused_linear: bool, temperature: float = 1.0,
+                 adapters_off: bool = False):
         super().__init__()
         if fused_linear:
             check_fused_linear_supported(model)
+        if adapters_off and not is_peft_model(model):
+            raise ValueError("adapters_off needs a peft model (one with disable_adapter)")
         self.model = model
         self.fused_linear = fused_linear
         self.temperature = temperature
+        self.adapters_off = adapters_off
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_entropy: bool = False,
         return_sum_p2: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """With adapters_off, the base model's log-probs: the forward runs under the peft
+        model's disable_adapter (a LoRA policy's reference, without a second copy)."""
+        with self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext():
+            return self._forward(input_ids, attention_mask, return_entropy, return_sum_p2)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 return_entropy: bool, return_sum_p2: bool
+                 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         position_ids = position_ids_from(attention_mask)
         labels = input_ids[:, 1:]
         options = dict(temperature=self.temperature, return_entropy=return_entropy,
@@ -159,6 +178,69 @@ class TokenLogprobs(nn.Module):
         return hidden, head
 
 
+#: the file stem of a saved ValueModel's head, beside its backbone's transformers files
+HEAD_FILE = "value_head"
+
+
+def _with_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of `state` under `prefix`, the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def is_saved_value_model(name_or_path: str | Path) -> bool:
+    """Whether `name_or_path` is a folder `ValueModel.save_pretrained` wrote (its head
+    beside the backbone), rather than a sequence classifier's."""
+    return (Path(name_or_path) / f"{HEAD_FILE}.safetensors").is_file()
+
+
+def lora_config_of(config: Any) -> Any:
+    """The peft ``LoraConfig`` of a trainer config's lora_* fields (use_peft)."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules)
+
+
+def with_adapter(model: nn.Module, config: Any, peft_config: Any = None) -> nn.Module:
+    """`model` with a fresh LoRA adapter to train (peft's get_peft_model: the base
+    weights frozen), when `peft_config` is given or config.use_peft; else `model`."""
+    if peft_config is None and not config.use_peft:
+        return model
+    if is_peft_model(model):
+        raise ValueError("the model has peft adapters already: pass peft_config=None and "
+                         "use_peft=False to train them")
+    try:
+        from peft import get_peft_model
+    except ImportError as exc:
+        raise ImportError("peft_config / use_peft need the 'peft' package (pip install "
+                          "peft)") from exc
+    return get_peft_model(model, peft_config or lora_config_of(config))
+
+
+def reference_logprobs(policy: nn.Module, reference: nn.Module | None, *,
+                       fused_linear: bool, temperature: float = 1.0) -> TokenLogprobs:
+    """The frozen reference's log-probs: `reference`; with none, the policy's base model
+    with its adapter disabled when the policy is a peft model (no copy), else a frozen
+    copy of the policy as it is now."""
+    if reference is None and is_peft_model(policy):
+        return TokenLogprobs(policy, fused_linear=fused_linear, temperature=temperature,
+                             adapters_off=True)
+    model = copy.deepcopy(policy) if reference is None else reference
+    return TokenLogprobs(frozen(model), fused_linear=fused_linear, temperature=temperature)
+
+
+def reference_identity(reference: TokenLogprobs) -> dict[str, str] | None:
+    """What checkpoints record of the reference: `model_identity`, or for a policy's
+    disabled adapter its frozen base's (the adapter's weights change as it trains; the
+    base's, which the checkpoint does not hold, must not)."""
+    if reference.adapters_off:
+        base = str(getattr(reference.model, "name_or_path", "") or "")
+        return {"name_or_path": f"the policy with its adapter disabled ({base})",
+                "weights": weights_fingerprint(reference.model, without_adapters=True)}
+    return model_identity(reference.model)
+
+
 class ValueModel(nn.Module):
     """A critic: a causal LM backbone with a scalar head on every position.
 
@@ -183,12 +265,41 @@ class ValueModel(nn.Module):
         backbone.requires_grad_(True)
         return cls(backbone, model.config.hidden_size)
 
+    #: the safetensors files of a saved ValueModel (`save_pretrained`), by file stem: the
+    #: prefix their keys take in the ValueModel's state dict
+    WEIGHT_FILES = {"model": "backbone.", HEAD_FILE: "head."}
+
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> ValueModel:
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> ValueModel:
+        """The backbone of a transformers folder or hub id (`AutoModel`), and the value
+        head saved beside it by `save_pretrained` (value_head.safetensors) when there
+        is one; else a zero head, as `from_causal_lm` gives."""
         from transformers import AutoModel
 
         backbone = AutoModel.from_pretrained(name_or_path, **kwargs)
-        return cls(backbone, backbone.config.hidden_size)
+        critic = cls(backbone, backbone.config.hidden_size)
+        if is_saved_value_model(name_or_path):
+            from safetensors.torch import load_file
+
+            head = load_file(Path(name_or_path) / f"{HEAD_FILE}.safetensors")
+            critic.head.load_state_dict(head)
+        return critic
+
+    def save_pretrained(self, directory: str | Path,
+                        state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any
+                        ) -> None:
+        """The backbone as a transformers folder (safetensors) and the head beside it in
+        value_head.safetensors: `from_pretrained` reads both back, and `AutoModel` the
+        backbone alone. `state_dict`: this module's (the gathered weights of a sharded
+        one); kwargs go to the backbone's save_pretrained."""
+        from rlhf_fast.trainers.files import save_safetensors
+
+        state = self.state_dict() if state_dict is None else state_dict
+        kwargs["safe_serialization"] = True
+        self.backbone.save_pretrained(directory, state_dict=_with_prefix(state, "backbone."),
+                                      **kwargs)
+        head = {k: v.detach().contiguous() for k, v in _with_prefix(state, "head.").items()}
+        save_safetensors(head, Path(directory) / f"{HEAD_FILE}.safetensors")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(
@@ -314,6 +425,8 @@ def only_generation_config(model: nn.Module, generation_config: GenerationConfig
     ``model.generation_config`` (a hub model's repetition_penalty, suppress_tokens, ...);
     with the two the same, only transformers' neutral defaults fill them.
     """
+    # a peft model generates with its base model's generation_config
+    model = model.get_base_model() if is_peft_model(model) else model
     own = model.generation_config
     model.generation_config = generation_config
     try:

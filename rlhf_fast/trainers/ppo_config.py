@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
-from rlhf_fast.trainers.config import FieldChecker, TrainerConfig, is_finite
+from rlhf_fast.trainers.config import (
+    TRAINER_TRL_NAMES,
+    FieldChecker,
+    TrainerConfig,
+    TrlNames,
+    is_finite,
+)
 from rlhf_fast.types import ADVANTAGE_ESTIMATORS
 
 #: "gae" trains a critic; "gae" and "reinforce_plus_plus" put the KL penalty in the reward,
@@ -23,13 +29,15 @@ SCALE_REWARDS = {"group": "std", "batch": "batch", "none": None}
 #: global batch: the trainer passes ppo_loss the global counts under DDP, so under DDP
 #: bnpo, which TRL normalises per process, is dapo here: every rank's gradient the
 #: global batch's); dr_grpo divides the sum by B * max_completion_length.
-TRL_NAMES: dict[str, tuple[str, dict[str, dict[str, str]] | None]] = {
+#: TRL's per_device_train_batch_size (completions per micro-batch) has no counterpart
+#: here: rollout_batch_size counts prompts and mini_batch_size a whole optimizer step.
+TRL_NAMES: TrlNames = TRAINER_TRL_NAMES | {
     "epsilon": ("clip_eps", None),
     "epsilon_high": ("clip_eps_high", None),
     "beta": ("kl_coef", None),
     "num_generations": ("group_size", None),
     "max_completion_length": ("max_new_tokens", None),
-    "learning_rate": ("lr", None),
+    "num_iterations": ("ppo_epochs", None),
     "loss_type": ("agg", {
         "grpo": dict(agg="seq-mean-token-mean"),
         "bnpo": dict(agg="token-mean"),
@@ -65,7 +73,7 @@ class PPOConfig(TrainerConfig):
     under torchrun every process rolls out its own prompts.
     """
 
-    trl_names: ClassVar[dict] = TRL_NAMES  # TRL's names of fields: `from_trl_names`
+    trl_names: ClassVar[TrlNames] = TRL_NAMES  # TRL's names of fields: `from_trl_names`
 
     output_dir: str = "runs/ppo"
     """Where metrics.jsonl, the plot, checkpoints and the final models go."""
@@ -92,7 +100,15 @@ class PPOConfig(TrainerConfig):
     """grpo and grpo_passk: divide by the group's std ("group"), the batch's ("batch") or
     not ("none": Dr. GRPO), TRL's names."""
     mini_batch_size: int = 8
-    """Sequences per optimizer step in the update."""
+    """Sequences per forward / backward in the update (a micro-batch; an optimizer step
+    takes gradient_accumulation_steps of them)."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches whose gradients add up to one optimizer step (TRL's): each one's loss
+    is its share of the accumulated batch's, so k minibatches of b sequences step as one
+    of k * b would."""
+    eval_do_sample: bool = False
+    """Evaluation answers sampled as the rollouts' (temperature, top_p) instead of
+    greedy."""
     ppo_epochs: int = 4
     """Passes over each rollout."""
     value_lr: float | None = None
@@ -125,7 +141,7 @@ class PPOConfig(TrainerConfig):
         require("advantage_estimator", self.advantage_estimator in ESTIMATORS,
                 f"one of {ESTIMATORS}")
         require.ints(self, ("max_steps", "rollout_batch_size", "group_size", "mini_batch_size",
-                            "ppo_epochs", "max_new_tokens"), 1)
+                            "gradient_accumulation_steps", "ppo_epochs", "max_new_tokens"), 1)
         grouped = self.advantage_estimator not in ("gae", "reinforce_plus_plus", "remax")
         require("group_size", not grouped or self.group_size >= 2,
                 f">= 2 for advantage_estimator={self.advantage_estimator!r}")
@@ -138,16 +154,13 @@ class PPOConfig(TrainerConfig):
         self._check_rates()
         PPO_OPTIONS.check_fields(self)
         GAE_OPTIONS.check_fields(self)
-        # The trainer samples with the policy it trains: its old_logp are the rollout's,
-        # so the only rollout correction to make is bypass_mode's.
-        corrected = self.rollout_is is not None or self.rollout_rs is not None
-        require("rollout_is", not corrected or self.policy_loss == "bypass_mode",
-                "None (with rollout_rs) but for policy_loss='bypass_mode': the trainer's "
-                "old_logp are its rollout's", self.rollout_is)
+        # rollout_is / rollout_rs go with any policy loss: they correct against the log-probs
+        # of a generate_fn hook (PPOTrainer raises without one, or at the first rollout
+        # whose hook returned none), or, in bypass_mode, against the policy's own.
         require("missing_eos_penalty",
                 self.missing_eos_penalty is None or is_finite(self.missing_eos_penalty),
                 "a finite float or None", self.missing_eos_penalty)
-        require.bools(self, ("whiten_advantages",))
+        require.bools(self, ("whiten_advantages", "eval_do_sample"))
         require("reward_weights", self.reward_weights is None or (
             isinstance(self.reward_weights, (list, tuple)) and len(self.reward_weights) > 0
             and all(isinstance(w, (int, float)) and not isinstance(w, bool) and is_finite(w)
@@ -160,27 +173,25 @@ class PPOConfig(TrainerConfig):
                 and self.distill_coef >= 0, "a finite float >= 0", self.distill_coef)
         self.distill_coef = float(self.distill_coef)
 
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """ppo_epochs x the accumulation groups of one pass over a rollout's minibatches
+        (a last incomplete group steps too)."""
+        rows = self.rollout_batch_size * self.group_size
+        minibatches = -(-rows // self.mini_batch_size)
+        return self.ppo_epochs * -(-minibatches // self.gradient_accumulation_steps)
+
     @classmethod
     def from_trl_names(cls, **given: Any) -> dict[str, Any]:
         """PPOConfig fields from TRL GRPOConfig names (`TRL_NAMES`): epsilon,
-        epsilon_high, beta, num_generations, max_completion_length, learning_rate,
-        loss_type (grpo / bnpo / dr_grpo / dapo: the aggregation they mean; cispo, sapo:
-        the policy loss too) and importance_sampling_level (token / sequence /
-        sequence_token: vanilla / gspo / gspo_token). TRL's cispo caps the ratio at
-        epsilon_high itself, without a lower bound: clip_eps_high = epsilon_high - 1 and
-        clip_eps = 0.999 here. Unknown names raise ValueError naming them."""
-        unknown = sorted(set(given) - set(TRL_NAMES))
-        if unknown:
-            raise ValueError(f"unknown TRL names {unknown}; known: {sorted(TRL_NAMES)}")
-        fields: dict[str, Any] = {}
-        for name, value in given.items():
-            field, meaning = TRL_NAMES[name]
-            if meaning is None:
-                fields[field] = value
-            elif value not in meaning:
-                raise ValueError(f"{name} must be one of {tuple(meaning)}, got {value!r}")
-            else:
-                fields |= meaning[value]
+        epsilon_high, beta, num_generations, num_iterations, max_completion_length,
+        learning_rate, resume_from_checkpoint, loss_type (grpo / bnpo / dr_grpo / dapo: the
+        aggregation they mean; cispo, sapo: the policy loss too) and
+        importance_sampling_level (token / sequence / sequence_token: vanilla / gspo /
+        gspo_token). TRL's cispo caps the ratio at epsilon_high itself, without a lower
+        bound: clip_eps_high = epsilon_high - 1 and clip_eps = 0.999 here. Unknown names
+        raise ValueError naming them."""
+        fields = super().from_trl_names(**given)
         if fields.get("policy_loss") == "cispo" and "epsilon_high" in given:
             fields |= dict(clip_eps_high=given["epsilon_high"] - 1, clip_eps=0.999)
         return fields

@@ -1,0 +1,119 @@
+"""The generation hook of `PPOTrainer`: rollouts from an inference engine other than
+transformers' ``generate`` (vLLM's offline ``LLM``, SGLang, a server), as TRL's
+``use_vllm`` and verl's rollout workers do.
+
+A hook is ``generate_fn(prompt_ids, *, max_new_tokens, temperature, top_p, top_k, seed)
+-> Generation``: one completion per prompt row (a prompt sampled group_size times comes
+group_size times), sampled as the trainer's own ``generate`` would (temperature 0 asks
+for greedy answers: remax's baselines, evaluation), each completion ending at the first
+EOS or cut at max_new_tokens. `check_generation` checks what it returns and
+`completion_tensors` packs it into the right-padded tensors the trainer reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import torch
+
+
+class Generation(NamedTuple):
+    """What a generation hook returns, one row per prompt row it was given.
+
+    completion_ids: the sampled token ids of each completion (without its prompt), the
+        last one the tokenizer's EOS, or max_new_tokens of them with no EOS;
+    logprobs: None, or the engine's log-prob of each sampled token (one float per id of
+        `completion_ids`, at the sampling temperature): the rollout log-probs that verl's
+        rollout correction (PPOConfig.rollout_is, rollout_rs) compares with the policy's.
+    """
+
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]] | None = None
+
+
+class GenerateFn(Protocol):
+    """The signature of `PPOTrainer`'s generate_fn."""
+
+    def __call__(self, prompt_ids: list[list[int]], *, max_new_tokens: int,
+                 temperature: float, top_p: float, top_k: int, seed: int) -> Generation: ...
+
+
+def _fail(problem: str) -> ValueError:
+    return ValueError(f"generate_fn returned {problem}")
+
+
+def _check_completion(row: int, ids: Sequence[int], *, eos_id: int, vocab_size: int,
+                      max_new_tokens: int) -> None:
+    """One completion: 1 to max_new_tokens ids in [0, vocab_size), an EOS only last,
+    max_new_tokens ids when it has no EOS."""
+    if not isinstance(ids, (list, tuple)) or not 1 <= len(ids) <= max_new_tokens:
+        size = len(ids) if isinstance(ids, (list, tuple)) else type(ids).__name__
+        raise _fail(f"completion {row} of {size} tokens; expected a list of 1 to "
+                    f"max_new_tokens={max_new_tokens} token ids")
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int)
+           or not 0 <= i < vocab_size]
+    if bad:
+        raise _fail(f"token id {bad[0]!r} in completion {row}; expected ints in "
+                    f"[0, {vocab_size}) (the policy's vocabulary)")
+    if eos_id in ids[:-1]:
+        raise _fail(f"completion {row} with tokens after its EOS (id {eos_id}, at "
+                    f"position {list(ids).index(eos_id)}); expected it to end at its first EOS")
+    if ids[-1] != eos_id and len(ids) != max_new_tokens:
+        raise _fail(f"completion {row} of {len(ids)} tokens without EOS (id {eos_id}); "
+                    f"expected it to end at EOS or run to max_new_tokens={max_new_tokens} "
+                    f"(stop at the tokenizer's EOS only, as generate does)")
+
+
+def _check_logprobs(logprobs: object, completion_ids: list[list[int]]) -> None:
+    """One finite float per completion token."""
+    if not isinstance(logprobs, (list, tuple)) or len(logprobs) != len(completion_ids):
+        size = len(logprobs) if isinstance(logprobs, (list, tuple)) else type(logprobs).__name__
+        raise _fail(f"logprobs for {size} completions; expected None or one list per "
+                    f"completion ({len(completion_ids)})")
+    for row, (values, ids) in enumerate(zip(logprobs, completion_ids)):
+        if not isinstance(values, (list, tuple)) or len(values) != len(ids):
+            size = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            raise _fail(f"{size} logprobs for completion {row} of {len(ids)} tokens; "
+                        f"expected one log-prob per completion token")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v) for v in values):
+            raise _fail(f"a non-finite or non-numeric log-prob in completion {row}; "
+                        f"expected finite floats")
+
+
+def check_generation(generation: object, *, rows: int, eos_id: int, vocab_size: int,
+                     max_new_tokens: int) -> Generation:
+    """`generation` as a `Generation` if it is a valid answer to `rows` prompt rows (see
+    `Generation`), else ValueError naming generate_fn and what was expected."""
+    if not isinstance(generation, Generation):
+        raise _fail(f"a {type(generation).__name__}; expected a "
+                    f"rlhf_fast.trainers.generation.Generation")
+    completion_ids = generation.completion_ids
+    if not isinstance(completion_ids, (list, tuple)) or len(completion_ids) != rows:
+        size = len(completion_ids) if isinstance(completion_ids, (list, tuple)) else \
+            type(completion_ids).__name__
+        raise _fail(f"{size} completions; expected one per prompt row ({rows})")
+    for row, ids in enumerate(completion_ids):
+        _check_completion(row, ids, eos_id=eos_id, vocab_size=vocab_size,
+                          max_new_tokens=max_new_tokens)
+    if generation.logprobs is not None:
+        _check_logprobs(generation.logprobs, completion_ids)
+    return generation
+
+
+def completion_tensors(generation: Generation, pad_id: int, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(answers [B, R] int64, right-padded with `pad_id` to the longest completion R;
+    rollout_logp [B, R] fp32, 0 on the padding, or None without logprobs), on `device`.
+    A checked `Generation`: its log-probs line up with the answer tokens."""
+    width = max(len(ids) for ids in generation.completion_ids)
+    rows = len(generation.completion_ids)
+    answers = torch.full((rows, width), pad_id, dtype=torch.long)
+    logp = None if generation.logprobs is None else torch.zeros(rows, width)
+    for row, ids in enumerate(generation.completion_ids):
+        answers[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        if logp is not None:
+            logp[row, :len(ids)] = torch.tensor(generation.logprobs[row], dtype=torch.float32)
+    return answers.to(device), None if logp is None else logp.to(device)
