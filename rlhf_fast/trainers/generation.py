@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 
 class Generation(NamedTuple):
@@ -117,3 +120,20 @@ def completion_tensors(generation: Generation, pad_id: int, device: torch.device
         if logp is not None:
             logp[row, :len(ids)] = torch.tensor(generation.logprobs[row], dtype=torch.float32)
     return answers.to(device), None if logp is None else logp.to(device)
+
+
+def generation_seed(seed: int, iteration: int, rank: int) -> int:
+    """The seed the generation hook gets for one rollout: a function of the config's
+    seed, the iteration and the process (no draw from torch's random streams)."""
+    return (seed * 1_000_003 + iteration * 4_099 + rank) % 2**31
+
+
+def hook_sampling(generation_config: GenerationConfig) -> dict[str, Any]:
+    """The generation hook's keywords for a transformers generation config: its
+    max_new_tokens, temperature, top_p and top_k (0: none); temperature 0 (and top_p 1,
+    top_k 0) for greedy answers."""
+    config = generation_config
+    sampled = dict(temperature=float(config.temperature), top_p=float(config.top_p),
+                   top_k=int(config.top_k or 0)) if config.do_sample else \
+        dict(temperature=0.0, top_p=1.0, top_k=0)
+    return dict(max_new_tokens=int(config.max_new_tokens), **sampled)

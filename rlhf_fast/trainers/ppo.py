@@ -28,8 +28,7 @@ One iteration, top to bottom (`PPOTrainer.iteration`, then `rollout`, `update`):
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -53,6 +52,8 @@ from rlhf_fast.trainers.generation import (
     GenerateFn,
     check_generation,
     completion_tensors,
+    generation_seed,
+    hook_sampling,
 )
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
@@ -69,12 +70,18 @@ from rlhf_fast.trainers.models import (
     with_adapter,
 )
 from rlhf_fast.trainers.ppo_config import KL_IN_REWARD, SCALE_REWARDS, PPOConfig
+from rlhf_fast.trainers.rewards import (
+    Reward,
+    RewardFn,
+    call_reward_function,
+    check_finite_scores,
+    function_name,
+)
 from rlhf_fast.trainers.run import unwrap, wrap_ddp
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
-RewardFn = Callable[[list[str], list[str]], Sequence[float] | torch.Tensor]
 #: ppo_loss's outputs the update logs; the loss terms among them add up over the
 #: minibatches of an optimizer step (`ADDITIVE_METRICS`), the others are their means
 LOGGED_LOSS_OUTPUTS = ("loss", "policy_loss", "value_loss", "entropy", "clipfrac",
@@ -161,41 +168,6 @@ def check_rollout_logp(config: PPOConfig, rollout_logp: torch.Tensor | None,
                      f"rollout_rs to None")
 
 
-def generation_seed(seed: int, iteration: int, rank: int) -> int:
-    """The seed the generation hook gets for one rollout: a function of the config's
-    seed, the iteration and the process (no draw from torch's random streams)."""
-    return (seed * 1_000_003 + iteration * 4_099 + rank) % 2**31
-
-
-def hook_sampling(generation_config: GenerationConfig) -> dict[str, Any]:
-    """The generation hook's keywords for a transformers generation config: its
-    max_new_tokens, temperature, top_p and top_k (0: none); temperature 0 (and top_p 1,
-    top_k 0) for greedy answers."""
-    config = generation_config
-    sampled = dict(temperature=float(config.temperature), top_p=float(config.top_p),
-                   top_k=int(config.top_k or 0)) if config.do_sample else \
-        dict(temperature=0.0, top_p=1.0, top_k=0)
-    return dict(max_new_tokens=int(config.max_new_tokens), **sampled)
-
-
-@dataclass
-class Reward:
-    """One reward source: a function of the decoded text, or a frozen reward model with
-    its per-position scorer; `name` says which in errors."""
-
-    name: str
-    function: RewardFn | None = None
-    model: nn.Module | None = None
-    scorer: nn.Module | None = None
-
-    @classmethod
-    def of(cls, source: RewardFn | nn.Module, device: torch.device) -> Reward:
-        if callable(source) and not isinstance(source, nn.Module):
-            return cls(f"reward function {function_name(source)}", function=source)
-        model = frozen(source).to(device)
-        return cls("the reward model", model=model, scorer=as_value_module(model))
-
-
 def combine_metric(key: str, total: torch.Tensor | None, value: torch.Tensor
                    ) -> torch.Tensor:
     """A metric's running total over minibatches: the max for `MAX_METRICS`, else the sum."""
@@ -204,72 +176,12 @@ def combine_metric(key: str, total: torch.Tensor | None, value: torch.Tensor
     return torch.maximum(total, value) if key in MAX_METRICS else total + value
 
 
-def function_name(function: Callable[..., Any]) -> str:
-    """module.qualname of a function (or the type of a callable object)."""
-    named = function if hasattr(function, "__qualname__") else type(function)
-    return f"{named.__module__}.{named.__qualname__}"
-
-
 def check_same_vocabulary(teacher: nn.Module, policy: nn.Module) -> None:
     """The teacher scores the policy's tokens: its lm_head must have the policy's rows."""
     rows = [model.get_output_embeddings().weight.shape[0] for model in (teacher, policy)]
     if rows[0] != rows[1]:
         raise ValueError(f"teacher must share the policy's vocabulary: its lm_head has "
                          f"{rows[0]} rows, the policy's {rows[1]}")
-
-
-def takes_trl_keywords(function: Callable[..., Any]) -> bool:
-    """Whether a reward function has TRL's signature, ``f(prompts=, completions=,
-    completion_ids=, **columns)`` (a `completions` parameter or ``**kwargs``); else it
-    is called as ``f(prompts, answers)``."""
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):  # a builtin without a signature
-        return False
-    return any(p.name == "completions" or p.kind is inspect.Parameter.VAR_KEYWORD
-               for p in parameters)
-
-
-def call_reward_function(reward: Reward, records: list[dict[str, Any]], texts: list[str],
-                         completion_ids: list[list[int]]) -> torch.Tensor:
-    """[B] fp32 scores of a reward function.
-
-    TRL's signature gets, as TRL passes them, the prompts as the data gives them (strings,
-    or lists of messages), the completions (the decoded text; for a conversational prompt
-    a one-message list, ``[{"role": "assistant", "content": text}]``), their token ids
-    (through EOS) and each other dataset column as a list (keyword arguments). The
-    plain ``f(prompts, answers)`` gets the prompts as the model saw them (a conversation
-    rendered by the chat template) and the decoded answers. A None score (the function
-    does not rate that answer) counts 0, as in TRL's nansum over the weighted functions.
-    """
-    if takes_trl_keywords(reward.function):
-        prompts = [record["prompt"] for record in records]
-        completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list)
-                       else text for prompt, text in zip(prompts, texts)]
-        columns = {key: [record.get(key) for record in records] for key in records[0]
-                   if key not in ("prompt", "prompt_text", "completion", "completion_ids")}
-        given = reward.function(prompts=prompts, completions=completions,
-                                completion_ids=completion_ids, **columns)
-    else:
-        given = reward.function([record["prompt_text"] for record in records], texts)
-    if not torch.is_tensor(given):
-        given = [0.0 if score is None else score for score in given]
-    scores = torch.as_tensor(given, dtype=torch.float32)
-    if scores.shape != (len(records),):
-        raise ValueError(f"{reward.name} must return {len(records)} scores, got "
-                         f"shape {tuple(scores.shape)}")
-    return scores
-
-
-def check_finite_scores(scores: torch.Tensor, source: str) -> torch.Tensor:
-    """`scores` [B], unless one is NaN or infinite: it would make every advantage of its
-    group NaN, NaN weights after the update, and the next rollout fail in sampling."""
-    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"{source} gave non-finite scores (NaN or inf) to {len(bad)} of "
-                         f"{scores.numel()} answers, e.g. answer {bad[0]}: "
-                         f"{scores[bad[0]].item()}; scores must be finite numbers")
-    return scores
 
 
 class PPOTrainer:
