@@ -507,18 +507,3 @@ def tokenized_prompts(data: Any, tokenizer: Any, *, max_prompt_length: int, name
                for row, text in zip(dataset.to_list(), columns["prompt_text"])]
     return records, ids
 
-
-# --- records as Python lists (the CLI's checks, small sources) ----------------------------
-
-
-def load_records(data: Any, fields: tuple[str, ...], name: str) -> list[dict[str, Any]]:
-    """Records from any source of `load_source`, as dicts, checked: `fields` (those of a
-    kind in KIND_FIELDS) strings or lists of messages."""
-    kind = next((k for k, v in KIND_FIELDS.items() if v == tuple(fields)), "pairs")
-    return load_source(data, kind, name).to_list()
-
-
-def load_prompts(prompts: Any) -> list[Any]:
-    """Prompts (strings, or lists of messages) from a list of strings or {"prompt"}
-    records, a text file of one prompt per line, or any source of `load_source`."""
-    return [record["prompt"] for record in load_source(prompts, "prompts", "prompts").to_list()]
