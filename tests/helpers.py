@@ -72,3 +72,8 @@ def leaves(hidden, weight, bias, train=(True, True, True), dtype=None):
         out.append(None if t is None else t.detach().to(dtype or t.dtype).clone()
                    .requires_grad_(grad))
     return out
+
+
+def kernel_backward(op: str) -> str:
+    """The grad_fn name of the custom op ``rlhf_fast::<op>``'s output: the kernel ran."""
+    return f"GeneratedBackwardFor_rlhf_fast_{op}_defaultBackward"

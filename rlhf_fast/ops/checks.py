@@ -130,9 +130,16 @@ def check_last_value(last_value: torch.Tensor | None, rewards: torch.Tensor) -> 
         )
 
 
+def host_checks_by_default(tensor: torch.Tensor) -> bool:
+    """Whether a check that reads tensor values on the host (a device sync: label range,
+    an all-masked batch) runs when the caller leaves it unset (None): on CPU tensors only,
+    and never under torch.compile, where reading a value would break the graph."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_some_valid(mask: torch.Tensor, check_mask: bool | None) -> None:
     if check_mask is None:
-        check_mask = not mask.is_cuda
+        check_mask = host_checks_by_default(mask)
     if check_mask and not bool((mask != 0).any()):
         raise ValueError(
             f"mask must have at least one valid (nonzero) entry, got none of {mask.numel()}"
@@ -222,7 +229,7 @@ def check_token_counts(name: str, value: object, like_name: str, like: torch.Ten
     Negative or NaN ones raise on CPU (on CUDA the check would need a device sync)."""
     value = check_like(name, value, like_name, like, INDEX_DTYPES + FLOAT_DTYPES)
     # not (>= 0) catches NaN too, which `< 0` lets through
-    if not value.is_cuda and bool((bad := ~(value >= 0)).any()):
+    if host_checks_by_default(value) and bool((bad := ~(value >= 0)).any()):
         raise ValueError(f"{name} must be token counts >= 0, found {value[bad][0].item()}")
     return value
 

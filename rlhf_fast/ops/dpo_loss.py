@@ -16,6 +16,7 @@ from rlhf_fast.ops.checks import (
     check_same_shape,
     check_tensor,
     differentiable_once,
+    host_checks_by_default,
 )
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.options import DPO_OPTIONS, dpo_terms
@@ -76,7 +77,7 @@ def _check_lengths(name: str, value: torch.Tensor | None, like: torch.Tensor,
     check_same_device(name, value, "policy_chosen", like)
     check_same_shape(name, value, "policy_chosen", like)
     # not (>= 0) catches NaN too, which `< 0` lets through. On CUDA: a device sync.
-    if not value.is_cuda and bool((bad := ~(value >= 0)).any()):
+    if host_checks_by_default(value) and bool((bad := ~(value >= 0)).any()):
         raise ValueError(f"{name} must be token counts >= 0, found {value[bad][0].item()}")
     return value.contiguous()
 

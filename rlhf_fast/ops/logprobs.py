@@ -19,66 +19,136 @@ from rlhf_fast.ops.checks import (
     check_same_device,
     check_tensor,
     differentiable_once,
+    host_checks_by_default,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import empty_like_absent, kernel_op
 from rlhf_fast.options import LOGPROB_OPTIONS, TOKEN_OPTIONS
 
 
-class LogProbsFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels. Inputs are validated by `logprobs`."""
+def addressed(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """`logits` and the row layout the kernels address it by: itself where its rows merge
+    into at most two strided dims (``logits[:, :-1]`` does), else a contiguous copy."""
+    layout = kernel.row_layout(logits)
+    if layout is None:
+        logits = logits.contiguous()
+        # An empty tensor counts as contiguous whatever its strides, so contiguous()
+        # returns it as it is; with no row to address, any layout will do.
+        layout = kernel.row_layout(logits) if logits.numel() else (1, 0, 0)
+    return logits, layout
 
-    @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, return_entropy, return_sum_p2,
-                inplace_backward):
-        layout = kernel.row_layout(logits)
-        if layout is None:  # more than two unmergeable leading dims: address a copy
-            logits = logits.contiguous()
-            # An empty tensor counts as contiguous whatever its strides, so contiguous()
-            # returns it as it is; with no row to address, any layout will do.
-            layout = kernel.row_layout(logits) if logits.numel() else (1, 0, 0)
-        # The kernels read label `row` at labels_ptr + row: a strided or expand()ed view
-        # (which reshape keeps as a view where it can) would be read at the wrong places.
-        flat_labels = labels.reshape(-1).contiguous()
-        logp, entropy, sum_p2, row_stats = kernel.logprobs_forward(
-            logits, flat_labels, layout, temperature, ignore_index, return_entropy,
-            return_sum_p2,
-        )
-        ctx.save_for_backward(logits, flat_labels, row_stats, entropy, sum_p2)
-        ctx.layout = layout
-        ctx.temperature = temperature
-        ctx.ignore_index = ignore_index
-        ctx.inplace_backward = inplace_backward
-        ctx.returned = (True, return_entropy, return_sum_p2)
-        ctx.set_materialize_grads(False)
-        return tuple(out.view(labels.shape) for out in (logp, entropy, sum_p2) if out is not None)
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, *grads):
-        logits, labels, row_stats, entropy, sum_p2 = ctx.saved_tensors
-        g_logp, g_entropy, g_sum_p2 = upstream_grads(ctx.returned, grads)
-        if g_logp is None and g_entropy is None and g_sum_p2 is None:
-            return None, None, None, None, None, None, None
-        grad = kernel.logprobs_backward(
-            logits,
-            labels,
-            ctx.layout,
-            row_stats,
-            entropy,
-            None if g_logp is None else g_logp.reshape(-1).contiguous(),
-            None if g_entropy is None else g_entropy.reshape(-1).contiguous(),
-            ctx.temperature,
-            ctx.ignore_index,
-            ctx.inplace_backward,
-            log_sum_p2=sum_p2,
-            g_sum_p2=None if g_sum_p2 is None else g_sum_p2.reshape(-1).contiguous(),
-        )
-        if ctx.inplace_backward:
-            # The logits now hold their gradient: tell autograd, so that anything that
-            # saved them (a second backward through this op, say) raises instead of
-            # reading the gradient as logits.
-            increment_version(logits)
-        return grad, None, None, None, None, None, None
+def flat(labels: torch.Tensor) -> torch.Tensor:
+    # The kernels read label `row` at labels_ptr + row: a strided or expand()ed view
+    # (which reshape keeps as a view where it can) would be read at the wrong places.
+    return labels.reshape(-1).contiguous()
+
+
+@kernel_op("logprobs")
+def logprobs_op(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+    return_entropy: bool, return_sum_p2: bool, inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy, log_sum_p2, row_stats): the first three in labels' shape (the two
+    not asked for empty), fp32 (fp64 for fp64 logits); row_stats ``[2, N]`` each row's max
+    and log-sum-exp below it, for the backward. `inplace_backward` is read by the
+    backward only."""
+    logits, layout = addressed(logits)
+    logp, entropy, sum_p2, row_stats = kernel.logprobs_forward(
+        logits, flat(labels), layout, temperature, ignore_index, return_entropy,
+        return_sum_p2)
+    entropy = empty_like_absent(logp) if entropy is None else entropy.view(labels.shape)
+    sum_p2 = empty_like_absent(logp) if sum_p2 is None else sum_p2.view(labels.shape)
+    return logp.view(labels.shape), entropy, sum_p2, row_stats
+
+
+@logprobs_op.register_fake
+def _(logits, labels, temperature, ignore_index, return_entropy, return_sum_p2,
+      inplace_backward):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+    def output(asked: bool) -> torch.Tensor:
+        return logits.new_empty(labels.shape if asked else (0,), dtype=dtype)
+
+    return (output(True), output(return_entropy), output(return_sum_p2),
+            logits.new_empty((2, labels.numel()), dtype=dtype))
+
+
+def _launch_backward(logits, labels, row_stats, entropy, log_sum_p2, g_logp, g_entropy,
+                     g_sum_p2, temperature, ignore_index, inplace):
+    logits, layout = addressed(logits)
+    return kernel.logprobs_backward(
+        logits, flat(labels), layout, row_stats, entropy,
+        None if g_logp is None else flat(g_logp),
+        None if g_entropy is None else flat(g_entropy), temperature, ignore_index, inplace,
+        log_sum_p2=log_sum_p2, g_sum_p2=None if g_sum_p2 is None else flat(g_sum_p2))
+
+
+@kernel_op("logprobs_backward")
+def logprobs_backward_op(
+    logits: torch.Tensor, labels: torch.Tensor, row_stats: torch.Tensor,
+    entropy: torch.Tensor, log_sum_p2: torch.Tensor, g_logp: torch.Tensor | None,
+    g_entropy: torch.Tensor | None, g_sum_p2: torch.Tensor | None, temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """d loss / d logits (a new tensor of logits' shape and dtype) from the forward's
+    outputs and their upstream gradients (None: that output unused)."""
+    return _launch_backward(logits, labels, row_stats, entropy, log_sum_p2, g_logp,
+                            g_entropy, g_sum_p2, temperature, ignore_index, False)
+
+
+@logprobs_backward_op.register_fake
+def _(logits, *args):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@kernel_op("logprobs_backward_", mutates_args=("logits",))
+def logprobs_backward_inplace_op(
+    logits: torch.Tensor, labels: torch.Tensor, row_stats: torch.Tensor,
+    entropy: torch.Tensor, log_sum_p2: torch.Tensor, g_logp: torch.Tensor | None,
+    g_entropy: torch.Tensor | None, g_sum_p2: torch.Tensor | None, temperature: float,
+    ignore_index: int,
+) -> None:
+    """`logprobs_backward`, written into `logits` (nothing of its size allocated)."""
+    grad = _launch_backward(logits, labels, row_stats, entropy, log_sum_p2, g_logp,
+                            g_entropy, g_sum_p2, temperature, ignore_index, True)
+    if grad.data_ptr() != logits.data_ptr():  # rows no layout addresses: a copy's
+        logits.copy_(grad)
+
+
+@logprobs_backward_inplace_op.register_fake
+def _(*args):
+    return None
+
+
+def _setup_logprobs(ctx, inputs, output):
+    logits, labels, ctx.temperature, ctx.ignore_index, return_entropy, return_sum_p2, \
+        ctx.inplace_backward = inputs
+    _, entropy, sum_p2, row_stats = output
+    ctx.save_for_backward(logits, labels, row_stats, entropy, sum_p2)
+    ctx.returned = (True, return_entropy, return_sum_p2)
+    ctx.mark_non_differentiable(row_stats)
+
+
+@differentiable_once
+def _logprobs_backward(ctx, *grads):
+    logits, labels, row_stats, entropy, sum_p2 = ctx.saved_tensors
+    g_logp, g_entropy, g_sum_p2 = (g if was else None for g, was in zip(grads, ctx.returned))
+    if g_logp is None and g_entropy is None and g_sum_p2 is None:
+        return None, None, None, None, None, None, None
+    args = (logits, labels, row_stats, entropy, sum_p2, g_logp, g_entropy, g_sum_p2,
+            ctx.temperature, ctx.ignore_index)
+    if not ctx.inplace_backward:
+        return logprobs_backward_op(*args), None, None, None, None, None, None
+    logprobs_backward_inplace_op(*args)
+    # The logits now hold their gradient: tell autograd, so that anything that saved them
+    # (a second backward through this op, say) raises instead of reading the gradient as
+    # logits.
+    increment_version(logits)
+    return logits, None, None, None, None, None, None
+
+
+logprobs_op.register_autograd(_logprobs_backward, setup_context=_setup_logprobs)
 
 
 def upstream_grads(returned: tuple[bool, ...], grads: tuple) -> list:
@@ -104,11 +174,11 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
 
 
 def check_logprob_options(options: Mapping[str, Any], like: torch.Tensor) -> SimpleNamespace:
-    """`LOGPROB_OPTIONS` checked, check_labels' default resolved for `like`'s device: on for
-    CPU tensors, off for CUDA ones (the range check needs a device sync there)."""
+    """`LOGPROB_OPTIONS` checked, check_labels' default resolved for `like`
+    (`host_checks_by_default`: the range check needs a device sync on a GPU)."""
     opt = LOGPROB_OPTIONS.check(options)
     if opt.check_labels is None:
-        opt.check_labels = not like.is_cuda
+        opt.check_labels = host_checks_by_default(like)
     return opt
 
 
@@ -178,7 +248,8 @@ def logprobs(
             logits, labels, return_entropy=return_entropy, return_sum_p2=return_sum_p2,
             **TOKEN_OPTIONS.pick(opt),
         )
-    return single_or_tuple(LogProbsFunction.apply(
+    logp, entropy, sum_p2, _ = logprobs_op(
         logits, labels, opt.temperature, opt.ignore_index, return_entropy, return_sum_p2,
-        inplace_backward,
-    ))
+        inplace_backward)
+    asked = (True, return_entropy, return_sum_p2)
+    return single_or_tuple(tuple(out for out, was in zip((logp, entropy, sum_p2), asked) if was))

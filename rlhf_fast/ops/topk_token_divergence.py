@@ -30,6 +30,7 @@ from rlhf_fast.ops.checks import (
     check_same_device,
     check_tensor,
     differentiable_once,
+    host_checks_by_default,
 )
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.ops.token_divergence import addressable, resolved_divergence
@@ -148,7 +149,7 @@ def topk_token_divergence(
     opt = TOPK_DIVERGENCE_OPTIONS.check(options)
     kept = counted_rows(labels, opt.ignore_index, torch.Size(shape[:-1]),
                         student_logits.device)
-    if not teacher_topk_ids.is_cuda:  # on CUDA unchecked (a sync): such a row is NaN
+    if host_checks_by_default(teacher_topk_ids):  # else unchecked (a sync): such a row is NaN
         bad = kept.unsqueeze(-1) & ((teacher_topk_ids < 0) | (teacher_topk_ids >= shape[-1]))
         if bool(bad.any()):
             raise ValueError(f"teacher_topk_ids must be in [0, {shape[-1]}), found "
