@@ -23,8 +23,9 @@ import math
 import textwrap
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
+
+import torch
 
 from rlhf_fast.ops.checks import INT64_MAX, INT64_MIN, check_fp32
 from rlhf_fast.types import (
@@ -146,7 +147,29 @@ def flag(*, optional: bool = False) -> Accepts:
 
 
 #: OptionSet.check's results: (id of the set, owner, the given options) -> checked values
-_CHECKED: dict[tuple, SimpleNamespace] = {}
+class Checked:
+    """Checked option values as attributes: a SimpleNamespace that torch.compile traces
+    (Dynamo follows ``setattr`` and ``vars()`` on a plain class, not on SimpleNamespace)."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Checked) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        return f"Checked({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+_CHECKED: dict[tuple, Checked] = {}
+
+
+@torch.compiler.assume_constant_result
+def _checked_while_tracing(option_set: OptionSet, given: dict[str, Any], owner: str | None
+                           ) -> Checked:
+    # Dynamo calls this with the constant values and puts its result in the graph as a
+    # constant: the checks are host-side Python it need not (and could not all) trace.
+    return option_set._cached_check(given, owner)
 
 
 @dataclass(frozen=True)
@@ -163,7 +186,7 @@ class OptionSet:
     the checked values and a function naming a field in errors, and raises ValueError."""
 
     options: tuple[Option, ...]
-    rules: tuple[Callable[[SimpleNamespace, Callable[[str], str]], None], ...] = ()
+    rules: tuple[Callable[[Checked, Callable[[str], str]], None], ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -173,25 +196,35 @@ class OptionSet:
         """The options of an op that takes both sets (linear_ppo_loss: token and PPO)."""
         return OptionSet(self.options + other.options, self.rules + other.rules)
 
-    def pick(self, values: Mapping[str, Any] | SimpleNamespace) -> dict[str, Any]:
+    def pick(self, values: Mapping[str, Any] | Checked) -> dict[str, Any]:
         """The entries of `values` (a dict or checked options) that are options of this set."""
-        values = vars(values) if isinstance(values, SimpleNamespace) else values
+        values = vars(values) if isinstance(values, Checked) else values
         return {name: values[name] for name in self.names if name in values}
 
-    def fill(self, given: Mapping[str, Any]) -> SimpleNamespace:
+    def fill(self, given: Mapping[str, Any]) -> Checked:
         """`given` with the defaults of the options it lacks, unchecked (the reference's
         way: it is the math, not the validation). Unknown names raise TypeError."""
         unknown = sorted(set(given) - set(self.names))
         if unknown:
             raise TypeError(f"unexpected option {unknown[0]!r}; the options are {self.names}")
-        return SimpleNamespace(**{o.name: given.get(o.name, o.default) for o in self.options})
+        return Checked(**{o.name: given.get(o.name, o.default) for o in self.options})
 
-    def check(self, given: Mapping[str, Any], owner: str | None = None) -> SimpleNamespace:
+    def check(self, given: Mapping[str, Any], owner: str | None = None) -> Checked:
         """`given` filled with defaults, each value checked and normalised, then the rules.
         Errors name the option, as ``owner.name`` when an `owner` (a config class) is given.
         A call repeating the options of an earlier one (the same names, types and values)
         takes its result from a cache: an op's options are checked once per training run,
-        not at every step. The result is the caller's to change."""
+        not at every step. The result is the caller's to change.
+
+        Under torch.compile the check runs once, while Dynamo traces, on the options'
+        values (constants of the graph, guarded: another value recompiles); a float that
+        torch's automatic dynamic has made symbolic (one that changed between calls of a
+        compiled function) cannot be checked, and Dynamo raises."""
+        if torch.compiler.is_compiling():
+            return _checked_while_tracing(self, dict(given), owner)
+        return self._cached_check(given, owner)
+
+    def _cached_check(self, given: Mapping[str, Any], owner: str | None) -> Checked:
         # the types are part of the key: True == 1 == 1.0, but only 1 and 1.0 are floats
         key = (id(self), owner, *sorted((name, type(value), value)
                                         for name, value in given.items()))
@@ -204,9 +237,9 @@ class OptionSet:
             if len(_CHECKED) >= 4096:
                 _CHECKED.clear()
             _CHECKED[key] = checked
-        return SimpleNamespace(**vars(checked))
+        return Checked(**vars(checked))
 
-    def _check(self, given: Mapping[str, Any], owner: str | None) -> SimpleNamespace:
+    def _check(self, given: Mapping[str, Any], owner: str | None) -> Checked:
         filled = self.fill(given)
         label = (lambda name: f"{owner}.{name}") if owner else (lambda name: name)
         for option in self.options:
@@ -272,7 +305,7 @@ class OptionSet:
         for name in given:
             setattr(config, name, getattr(values, name))
 
-    def check_as_values(self, given: Mapping[str, Any], owner: str) -> SimpleNamespace:
+    def check_as_values(self, given: Mapping[str, Any], owner: str) -> Checked:
         """`check` where a wrong type is a wrong value (a config field, a CLI flag)."""
         try:
             return self.check(given, owner)
@@ -290,7 +323,7 @@ def positive_int(*, optional: bool = False) -> Accepts:
                    and 1 <= v <= INT64_MAX, optional)
 
 
-def _dual_clip_only_with_vanilla(values: SimpleNamespace, label: Callable) -> None:
+def _dual_clip_only_with_vanilla(values: Checked, label: Callable) -> None:
     if values.dual_clip is not None and values.policy_loss != "vanilla":
         raise ValueError(
             f"{label('dual_clip')} must be None for policy_loss {values.policy_loss!r} (dual "
@@ -334,7 +367,7 @@ def rollout_rs_bounds(rollout_rs: str, rollout_rs_threshold: str | float | None
     return bounds
 
 
-def _rollout_rs_has_thresholds(values: SimpleNamespace, label: Callable) -> None:
+def _rollout_rs_has_thresholds(values: Checked, label: Callable) -> None:
     if values.rollout_rs is not None:
         try:
             rollout_rs_bounds(values.rollout_rs, values.rollout_rs_threshold)
@@ -476,12 +509,12 @@ OPTIMAL_TOKEN_BASELINE_OPTIONS = OptionSet((
 # --------------------------------------------------------------------------- dpo_loss
 
 
-def dpo_loss_types(values: SimpleNamespace) -> tuple[str, ...]:
+def dpo_loss_types(values: Checked) -> tuple[str, ...]:
     """The loss types of checked DPO options, as a tuple (`loss_type` is a str or a tuple)."""
     return (values.loss_type,) if isinstance(values.loss_type, str) else tuple(values.loss_type)
 
 
-def dpo_terms(values: SimpleNamespace) -> tuple[tuple[str, float], ...]:
+def dpo_terms(values: Checked) -> tuple[tuple[str, float], ...]:
     """The (loss type, weight) terms whose weighted sum `dpo_loss` returns: loss_type with
     loss_weights (1 each by default), then ("sft", rpo_alpha) when rpo_alpha is set."""
     kinds = dpo_loss_types(values)
@@ -492,7 +525,7 @@ def dpo_terms(values: SimpleNamespace) -> tuple[tuple[str, float], ...]:
     return terms
 
 
-def _dpo_options_read(values: SimpleNamespace, label: Callable) -> None:
+def _dpo_options_read(values: Checked, label: Callable) -> None:
     """Each option set away from its default must be read by a type of the mix; a mix's
     parts must fit together."""
     kinds = dpo_loss_types(values)
@@ -599,7 +632,7 @@ SIMPO_OPTIONS = OptionSet((
 ))
 
 
-def _cpo_label_smoothing_only_for_sigmoid(values: SimpleNamespace, label: Callable) -> None:
+def _cpo_label_smoothing_only_for_sigmoid(values: Checked, label: Callable) -> None:
     if values.label_smoothing != 0 and values.loss_type != "sigmoid":
         raise ValueError(
             f"{label('label_smoothing')} must be 0 for loss_type {values.loss_type!r} (only "
@@ -666,7 +699,7 @@ LOGPROB_OPTIONS = TOKEN_OPTIONS + LABEL_CHECK
 # --------------------------------------------------------------- token_divergence
 
 
-def _beta_only_with_jsd(values: SimpleNamespace, label: Callable) -> None:
+def _beta_only_with_jsd(values: Checked, label: Callable) -> None:
     if values.divergence != "jsd" and values.beta != 0.5:
         raise ValueError(
             f"{label('beta')} is read only by divergence 'jsd' (beta 0: forward KL, 1: "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from rlhf_fast.ops.checks import (
 )
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.ops.library import empty_like_absent, kernel_op
-from rlhf_fast.options import LOGPROB_OPTIONS, TOKEN_OPTIONS
+from rlhf_fast.options import LOGPROB_OPTIONS, TOKEN_OPTIONS, Checked
 
 
 def addressed(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -173,7 +172,7 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
         )
 
 
-def check_logprob_options(options: Mapping[str, Any], like: torch.Tensor) -> SimpleNamespace:
+def check_logprob_options(options: Mapping[str, Any], like: torch.Tensor) -> Checked:
     """`LOGPROB_OPTIONS` checked, check_labels' default resolved for `like`
     (`host_checks_by_default`: the range check needs a device sync on a GPU)."""
     opt = LOGPROB_OPTIONS.check(options)
