@@ -62,6 +62,18 @@ def compiled_eager(eager: Fn) -> Provider:
     return Provider(lambda case, device: peers.compiled_for_mode(eager, case.mode))
 
 
+#: The provider every suite with an ``rlhf_fast`` one gets beside it (`Suite`).
+COMPILED_RLHF_FAST = "compile-rlhf_fast"
+
+
+def compiled_provider(provider: Fn | Provider) -> Provider:
+    """`provider` (a function, or a `Provider` building one) under ``torch.compile``."""
+    if isinstance(provider, Provider):
+        return Provider(lambda case, device: peers.compiled_for_mode(
+            provider.build(case, device), case.mode), provider.entries)
+    return compiled_eager(provider)
+
+
 def eager_and_compiled(eager: Fn) -> dict[str, Fn | Provider]:
     """The ``eager`` provider and its ``compile`` (`compiled_eager`), in table order."""
     return {"eager": eager, "compile": compiled_eager(eager)}
@@ -150,7 +162,8 @@ class Suite:
     modes: Sequence[str]
     #: The providers' functions (or how each is built), by name, in table order.
     #: ``compile*`` ones are skipped off CUDA; a ``*-inplace`` one has no ``fwd`` case
-    #: (in-place changes only the backward).
+    #: (in-place changes only the backward). An ``rlhf_fast`` provider gets a
+    #: `COMPILED_RLHF_FAST` one beside it.
     providers: Mapping[str, Fn | Provider]
     make_inputs: Callable[[Case, torch.device], Any]
     gate: Callable[[Case, Any, Fn], GateResult]
@@ -171,6 +184,17 @@ class Suite:
     #: The variants `headline_cases` runs (None: every one), for a suite whose variants
     #: run the same GEMMs and differ only in elementwise work.
     headline_variants: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        # The rlhf_fast provider compiled too (its custom ops traced by Dynamo, placed by
+        # Inductor): what compiling gains or costs per op, beside the plain call.
+        if "rlhf_fast" in self.providers and COMPILED_RLHF_FAST not in self.providers:
+            providers: dict[str, Fn | Provider] = {}
+            for name, provider in self.providers.items():
+                providers[name] = provider
+                if name == "rlhf_fast":
+                    providers[COMPILED_RLHF_FAST] = compiled_provider(provider)
+            object.__setattr__(self, "providers", providers)
 
     def cases(self, quick: bool) -> list[Case]:
         """All cases, in table order: size, variant, mode, provider."""

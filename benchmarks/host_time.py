@@ -8,6 +8,10 @@ time of ``torch.add`` on two small tensors measured in the same process, so the 
 (bare-op equivalents) carries from machine to machine. The least of many repetitions,
 the unit measured beside each op: another process on the cores only adds time.
 
+The table also times each call with its forward under ``torch.compile(fullgraph=True)``
+(the custom ops in one graph; the backward runs the compiled backward graph), to show
+what compiling takes off the host; CUDA graphs, which would take off the rest, need a GPU.
+
     python -m rlhf_fast.benchmarks.host_time
 """
 
@@ -42,58 +46,68 @@ def bare_op() -> Callable[[], Any]:
     return lambda: torch.add(a, b)
 
 
-def ppo_loss_call() -> Callable[[], Any]:
+Wrap = Callable[[Callable[[], Any]], Callable[[], Any]]
+
+
+def plain(forward: Callable[[], Any]) -> Callable[[], Any]:
+    return forward
+
+
+def compiled(forward: Callable[[], Any]) -> Callable[[], Any]:
+    """The forward under ``torch.compile(fullgraph=True)``: Inductor where a C++ compiler
+    is at hand, else aot_eager (the same graphs, run op by op)."""
+    return torch.compile(forward, fullgraph=True, backend=compile_backend())
+
+
+def compile_backend() -> str:
+    import shutil
+
+    return "inductor" if any(shutil.which(cc) for cc in ("g++", "c++", "clang++")) \
+        else "aot_eager"
+
+
+def ppo_loss_call(wrap: Wrap) -> Callable[[], Any]:
     import rlhf_fast
 
     logp = torch.zeros(4, 16, requires_grad=True)
     old, adv, mask = torch.zeros(4, 16), torch.ones(4, 16), torch.ones(4, 16, dtype=torch.bool)
-
-    def run() -> Any:
-        out = rlhf_fast.ppo_loss(logp, old, adv, mask, ref_logp=old, kl_coef=0.1)
-        return torch.autograd.grad(out.loss, logp)
-
-    return run
+    forward = wrap(lambda: rlhf_fast.ppo_loss(logp, old, adv, mask, ref_logp=old,
+                                              kl_coef=0.1).loss)
+    return lambda: torch.autograd.grad(forward(), logp)
 
 
-def logprobs_call() -> Callable[[], Any]:
+def logprobs_call(wrap: Wrap) -> Callable[[], Any]:
     import rlhf_fast
 
     logits = torch.zeros(4, 16, 32, requires_grad=True)
     labels = torch.zeros(4, 16, dtype=torch.long)
-
     upstream = (torch.ones(4, 16), torch.ones(4, 16))
-
-    def run() -> Any:  # check_labels=False: CUDA's default (the check needs a sync there)
-        outputs = rlhf_fast.logprobs(logits, labels, return_entropy=True, check_labels=False)
-        return torch.autograd.grad(outputs, logits, upstream)
-
-    return run
+    # check_labels=False: CUDA's default (the check needs a sync there)
+    forward = wrap(lambda: rlhf_fast.logprobs(logits, labels, return_entropy=True,
+                                              check_labels=False))
+    return lambda: torch.autograd.grad(forward(), logits, upstream)
 
 
-def dpo_loss_call() -> Callable[[], Any]:
+def dpo_loss_call(wrap: Wrap) -> Callable[[], Any]:
     import rlhf_fast
 
     chosen = torch.zeros(4, requires_grad=True)
     other = torch.zeros(4)
-
-    def run() -> Any:
-        return torch.autograd.grad(rlhf_fast.dpo_loss(chosen, other, other, other).loss,
-                                   chosen)
-
-    return run
+    forward = wrap(lambda: rlhf_fast.dpo_loss(chosen, other, other, other).loss)
+    return lambda: torch.autograd.grad(forward(), chosen)
 
 
-def gae_call() -> Callable[[], Any]:
+def gae_call(wrap: Wrap) -> Callable[[], Any]:
     import rlhf_fast
 
     x, mask = torch.zeros(4, 16), torch.ones(4, 16, dtype=torch.bool)
-    return lambda: rlhf_fast.gae(x, x, mask)
+    return wrap(lambda: rlhf_fast.gae(x, x, mask))
 
 
 #: name -> (the call, its budget in bare-op equivalents: about twice what it measures on
 #: an idle machine, so that a loaded CI machine does not fail it, while a regression to
 #: a per-call re-check or a storm of small ops does)
-CASES: dict[str, tuple[Callable[[], Callable[[], Any]], float]] = {
+CASES: dict[str, tuple[Callable[[Wrap], Callable[[], Any]], float]] = {
     "ppo_loss fwd+bwd (KL)": (ppo_loss_call, 350.0),
     "logprobs fwd+bwd (+ entropy)": (logprobs_call, 250.0),
     "dpo_loss fwd+bwd": (dpo_loss_call, 250.0),
@@ -101,28 +115,40 @@ CASES: dict[str, tuple[Callable[[], Callable[[], Any]], float]] = {
 }
 
 
-def table() -> list[dict[str, Any]]:
+def table(with_compiled: bool = False) -> list[dict[str, Any]]:
+    """A row per case: its host time plain (within `budget`) and, `with_compiled`, with
+    its forward compiled (`compiled`: Dynamo's guards and the compiled graphs' wrappers
+    in place of the Python around the kernels)."""
     with launches_skipped():
         rows = []
         for name, (case, budget) in CASES.items():
             # the unit measured beside each case: a load that comes and goes meets both
             unit = least_seconds(bare_op())
-            seconds = least_seconds(case())
-            rows.append(dict(case=name, microseconds=round(seconds * 1e6, 1),
-                             bare_ops=round(seconds / unit, 1), budget=budget,
-                             bare_op_microseconds=round(unit * 1e6, 2)))
+            seconds = least_seconds(case(plain))
+            row = dict(case=name, microseconds=round(seconds * 1e6, 1),
+                       bare_ops=round(seconds / unit, 1), budget=budget,
+                       bare_op_microseconds=round(unit * 1e6, 2))
+            if with_compiled:
+                torch._dynamo.reset()
+                seconds = least_seconds(case(compiled))
+                row.update(compiled_microseconds=round(seconds * 1e6, 1),
+                           compiled_bare_ops=round(seconds / unit, 1))
+            rows.append(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    rows = table()
-    print(f"one bare aten op (torch.add, 8 elements): {rows[0]['bare_op_microseconds']} us")
-    print("| op | host time per call (us) | bare-op equivalents (budget) |")
-    print("| --- | --- | --- |")
+    rows = table(with_compiled=True)
+    print(f"one bare aten op (torch.add, 8 elements): {rows[0]['bare_op_microseconds']} us; "
+          f"compiled with backend {compile_backend()!r}")
+    print("| op | host time per call (us) | bare-op equivalents (budget) | compiled (us) "
+          "| compiled, bare-op equivalents |")
+    print("| --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['case']} | {row['microseconds']} | {row['bare_ops']} "
-              f"({row['budget']}) |")
+              f"({row['budget']}) | {row['compiled_microseconds']} | "
+              f"{row['compiled_bare_ops']} |")
     return 0
 
 
