@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from rlhf_fast.ops.checks import INT64_MAX, INT64_MIN, check_fp32
 from rlhf_fast.types import (
@@ -164,6 +165,13 @@ class Checked:
 _CHECKED: dict[tuple, Checked] = {}
 
 
+def _specialised(value: Any) -> Any:
+    """A number as a constant (a symbolic one guarded on its value); others as they are."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return guard_scalar(value)
+    return value
+
+
 @torch.compiler.assume_constant_result
 def _checked_while_tracing(option_set: OptionSet, given: dict[str, Any], owner: str | None
                            ) -> Checked:
@@ -217,11 +225,13 @@ class OptionSet:
         not at every step. The result is the caller's to change.
 
         Under torch.compile the check runs once, while Dynamo traces, on the options'
-        values (constants of the graph, guarded: another value recompiles); a float that
-        torch's automatic dynamic has made symbolic (one that changed between calls of a
-        compiled function) cannot be checked, and Dynamo raises."""
+        values: constants of the graph, guarded, so that another value compiles another
+        graph (past torch's recompile limit, 8, Dynamo runs the function eagerly). A
+        number torch's automatic dynamic made symbolic (one that changed between calls)
+        is specialised to its value first."""
         if torch.compiler.is_compiling():
-            return _checked_while_tracing(self, dict(given), owner)
+            return _checked_while_tracing(self, {name: _specialised(value)
+                                                 for name, value in given.items()}, owner)
         return self._cached_check(given, owner)
 
     def _cached_check(self, given: Mapping[str, Any], owner: str | None) -> Checked:
