@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_fast
-from helpers import rel_err
+from helpers import kernel_backward, rel_err
 from rlhf_fast import reference, types
 from rlhf_fast.kernels import dpo_loss as kernel
 from rlhf_fast.reference import EXO_DEFAULT_EPS
@@ -27,7 +27,7 @@ INPUTS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
 # exactly representable in fp32 (the kernels take scalars as fp32 unless the data is fp64),
 # so an fp32 comparison measures the arithmetic, not the rounding of the setting
 BETA = 0.125
-KERNEL_BACKWARD = "DPOLossFunctionBackward"
+KERNEL_BACKWARD = kernel_backward("dpo_loss")
 NAN = float("nan")
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_fast
-from helpers import rel_err
+from helpers import kernel_backward, rel_err
 from preference_helpers import NAN, TOL, run
 from rlhf_fast import reference
 from rlhf_fast.kernels import dpo_loss as dpo_kernel
@@ -18,7 +18,7 @@ from rlhf_fast.types import PREFERENCE_REDUCTIONS
 
 POSITIONAL = ("policy_logps", "ref_logps", "desirable", "kl_ref")
 GRADS = ("policy_logps", "ref_logps")
-BACKWARD = "KTOLossFunctionBackward"
+BACKWARD = kernel_backward("kto_loss")
 BETA = 0.125
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_fast
-from helpers import rel_err
+from helpers import kernel_backward, rel_err
 from preference_helpers import NAN, TOL, as_float64, compare, lengths, random_upstream, run
 from rlhf_fast import reference
 from rlhf_fast.kernels import dpo_loss as dpo_kernel
@@ -18,7 +18,7 @@ from rlhf_fast.types import PREFERENCE_REDUCTIONS
 
 POSITIONAL = ("policy_chosen", "policy_rejected", "chosen_lengths", "rejected_lengths")
 GRADS = ("policy_chosen", "policy_rejected")
-BACKWARD = "PairLossFunctionBackward"
+BACKWARD = kernel_backward("orpo_loss")
 BETA = 0.125
 
 

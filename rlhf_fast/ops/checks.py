@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import empty_like_absent
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -234,50 +233,25 @@ def check_token_counts(name: str, value: object, like_name: str, like: torch.Ten
     return value
 
 
-class PairLossFunction(torch.autograd.Function):
-    """Autograd wrapper of the losses on [B] pairs (simpo, cpo, orpo): `kernel` is the
-    op's kernel module, whose `forward` / `backward` launch its kernels. The loss is
-    differentiable; the rewards and statistics are detached."""
-
-    @staticmethod
-    def forward(ctx, policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, cfg,
-                launch):
-        inputs = (policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
-        loss, chosen_rewards, rejected_rewards, stats = launch[0](*inputs, cfg)
-        ctx.save_for_backward(*inputs)
-        ctx.cfg, ctx.backward_launch = cfg, launch[1]
-        ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, stats)
-        return loss, chosen_rewards, rejected_rewards, stats
-
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad_loss, _grad_chosen, _grad_rejected, _grad_stats):
-        grads = ctx.backward_launch(grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,
-                                    needs_grad=tuple(ctx.needs_input_grad[:2]))
-        return (*grads, None, None, None, None)
+def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor contiguous (the kernels on [B] inputs index them flat), None kept."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
-def pair_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-              chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
-              options: dict[str, Any], option_set: Any, reference_loss: Callable[..., Any],
-              kernel_config: Any, launch: tuple[Callable[..., Any], Callable[..., Any]],
-              output: Callable[..., Any]) -> Any:
-    """The body of simpo_loss, cpo_loss and orpo_loss: the same checks of the four [B]
-    inputs and `options` (by `option_set`), then `reference_loss` off the GPU, else the
-    op's (forward, backward) launchers through `PairLossFunction`; `output` (the op's
-    result type) of the loss, both rewards and each statistic the kernel wrote."""
-    policy_chosen = check_batch("policy_chosen", policy_chosen)
-    opt = option_set.check(options)
-    policy_rejected = check_like("policy_rejected", policy_rejected, "policy_chosen",
-                                 policy_chosen)
-    chosen_lengths = check_token_counts("chosen_lengths", chosen_lengths, "policy_chosen",
-                                        policy_chosen)
-    rejected_lengths = check_token_counts("rejected_lengths", rejected_lengths,
-                                          "policy_chosen", policy_chosen)
-    if not use_triton(policy_chosen):
-        return reference_loss(policy_chosen, policy_rejected, chosen_lengths,
-                              rejected_lengths, **vars(opt))
-    loss, chosen_rewards, rejected_rewards, stats = PairLossFunction.apply(
-        policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
-        kernel_config.from_options(opt), launch)
-    return output(loss, chosen_rewards, rejected_rewards, *stats.unbind())
+def fake_loss_outputs(like: torch.Tensor, dtype: torch.dtype, per_pair: bool, n_rewards: int,
+                      n_stats: int) -> tuple[torch.Tensor, ...]:
+    """A fake implementation's outputs of a sequence-level loss on [B] inputs (`like`):
+    the loss (0-d, or [B] where `per_pair`, reduction "none"), `n_rewards` [B] rewards and
+    the stats [n_stats], all `dtype` on `like`'s device."""
+    B = like.shape[0]
+    return (like.new_empty((B,) if per_pair else (), dtype=dtype),
+            *(like.new_empty((B,), dtype=dtype) for _ in range(n_rewards)),
+            like.new_empty((n_stats,), dtype=dtype))
+
+
+def fake_grads(inputs: tuple[torch.Tensor | None, ...], needs_grad: list[bool],
+               like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A fake implementation's gradients of [B] `inputs`: contiguous, each input's dtype
+    where `needs_grad` asks for one, else `empty_like_absent(like)`."""
+    return tuple(x.new_empty(x.shape) if needed and x is not None else empty_like_absent(like)
+                 for x, needed in zip(inputs, needs_grad))

@@ -8,9 +8,12 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import cpo_loss as kernel
-from rlhf_fast.ops.checks import pair_loss
+from rlhf_fast.ops.pair_losses import pair_loss, register_pair_loss
 from rlhf_fast.options import CPO_OPTIONS
 from rlhf_fast.types import CPOLossOutput
+
+cpo_loss_op = register_pair_loss("cpo_loss", kernel.CPOKernelConfig,
+                                 (kernel.cpo_forward, kernel.cpo_backward), 3)
 
 
 @CPO_OPTIONS.keywords
@@ -56,4 +59,4 @@ def cpo_loss(
     """
     return pair_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
                      options, CPO_OPTIONS, reference.cpo_loss, kernel.CPOKernelConfig,
-                     (kernel.cpo_forward, kernel.cpo_backward), CPOLossOutput)
+                     cpo_loss_op, CPOLossOutput)

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import dpo_loss as kernel
+from rlhf_fast.kernels.common import math_dtype
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_same_device,
     check_same_shape,
     check_tensor,
+    contiguous,
     differentiable_once,
+    fake_grads,
+    fake_loss_outputs,
     host_checks_by_default,
 )
 from rlhf_fast.ops.dispatch import use_triton
-from rlhf_fast.options import DPO_OPTIONS, dpo_terms
+from rlhf_fast.ops.library import config_args, config_from_args, empty_like_absent, kernel_op
+from rlhf_fast.options import DPO_OPTIONS, Checked, dpo_terms
 from rlhf_fast.types import (
     DPO_LABEL_SMOOTHING_TYPES,
     DPO_LENGTH_NORMALISED_TYPES,
@@ -30,28 +34,69 @@ from rlhf_fast.types import (
 )
 
 
-class DPOLossFunction(torch.autograd.Function):
-    """Autograd wrapper: the differentiable loss and the detached statistics."""
+@kernel_op("dpo_loss")
+def dpo_loss_op(
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
+    chosen_lengths: torch.Tensor | None, rejected_lengths: torch.Tensor | None,
+    config: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pairwise loss type's fused forward on [B] inputs (refs and lengths may be None),
+    `config` a `kernels.dpo_loss.DPOKernelConfig` as `config_args`: (loss: 0-d or [B] for
+    reduction "none", chosen_rewards [B], rejected_rewards [B], stats [2] = (accuracy,
+    margin)), fp32 (fp64 when a policy input is fp64)."""
+    return kernel.dpo_forward(*contiguous(policy_chosen, policy_rejected, ref_chosen,
+                                          ref_rejected, chosen_lengths, rejected_lengths),
+                              config_from_args(kernel.DPOKernelConfig, config))
 
-    @staticmethod
-    def forward(ctx, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                chosen_lengths, rejected_lengths, cfg):
-        inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                  chosen_lengths, rejected_lengths)
-        loss, chosen_rewards, rejected_rewards, stats = kernel.dpo_forward(*inputs, cfg)
-        ctx.save_for_backward(*inputs)
-        ctx.cfg = cfg
-        ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, stats)
-        return loss, chosen_rewards, rejected_rewards, stats
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad_loss, _grad_chosen, _grad_rejected, _grad_stats):
-        grads = kernel.dpo_backward(
-            grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,
-            needs_grad=tuple(ctx.needs_input_grad[:4]),
-        )
-        return (*grads, None, None, None)
+@dpo_loss_op.register_fake
+def _(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+      rejected_lengths, config):
+    cfg = config_from_args(kernel.DPOKernelConfig, config)
+    return fake_loss_outputs(policy_chosen, math_dtype(policy_chosen, policy_rejected),
+                             cfg.reduction_code == kernel.REDUCTION_CODES["none"], 2, 2)
+
+
+@kernel_op("dpo_loss_backward")
+def dpo_loss_backward_op(
+    grad_loss: torch.Tensor, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
+    chosen_lengths: torch.Tensor | None, rejected_lengths: torch.Tensor | None,
+    config: list[float], needs_grad: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients w.r.t. (policy_chosen, policy_rejected, ref_chosen, ref_rejected),
+    each [B] in its input's dtype where `needs_grad` asks for it (else empty), from the
+    upstream gradient of the loss."""
+    inputs = contiguous(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                        chosen_lengths, rejected_lengths)
+    needs = tuple(needed and x is not None for x, needed in zip(inputs, needs_grad))
+    grads = kernel.dpo_backward(grad_loss.contiguous(), *inputs,
+                                config_from_args(kernel.DPOKernelConfig, config), needs)
+    return tuple(empty_like_absent(policy_chosen) if g is None else g for g in grads)
+
+
+@dpo_loss_backward_op.register_fake
+def _(grad_loss, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+      rejected_lengths, config, needs_grad):
+    return fake_grads((policy_chosen, policy_rejected, ref_chosen, ref_rejected), needs_grad,
+                      policy_chosen)
+
+
+def _setup_dpo_loss(ctx, inputs, output):
+    *tensors, ctx.config = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+@differentiable_once
+def _dpo_loss_backward(ctx, grad_loss, _grad_chosen, _grad_rejected, _grad_stats):
+    needs = list(ctx.needs_input_grad[:4])
+    grads = dpo_loss_backward_op(grad_loss, *ctx.saved_tensors, ctx.config, needs)
+    return (*(g if needed else None for g, needed in zip(grads, needs)), None, None, None)
+
+
+dpo_loss_op.register_autograd(_dpo_loss_backward, setup_context=_setup_dpo_loss)
 
 
 def _check_pair_input(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -226,7 +271,7 @@ def one_type(kind: str, reduction: str, inputs: tuple, chosen_lengths: Any,
              rejected_lengths: Any, opt: Any) -> DPOLossOutput:
     """One pairwise loss type's fused kernel (aot's: `sorted_loss`) with `reduction`; the
     lengths and label_smoothing only where the type reads them."""
-    typed = SimpleNamespace(**{
+    typed = Checked(**{
         **vars(opt), "loss_type": kind, "reduction": reduction,
         "label_smoothing": opt.label_smoothing if kind in DPO_LABEL_SMOOTHING_TYPES else 0.0})
     if kind in DPO_SORTED_TYPES:
@@ -234,8 +279,8 @@ def one_type(kind: str, reduction: str, inputs: tuple, chosen_lengths: Any,
     if kind not in DPO_LENGTH_NORMALISED_TYPES:
         chosen_lengths = rejected_lengths = None
     cfg = kernel.DPOKernelConfig.from_options(typed)
-    loss, chosen_rewards, rejected_rewards, stats = DPOLossFunction.apply(
-        *inputs, chosen_lengths, rejected_lengths, cfg)
+    loss, chosen_rewards, rejected_rewards, stats = dpo_loss_op(
+        *inputs, chosen_lengths, rejected_lengths, config_args(cfg))
     return DPOLossOutput(loss, chosen_rewards, rejected_rewards, stats[0], stats[1])
 
 
@@ -251,10 +296,9 @@ def sorted_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         margin = torch.sort(pc - pr, dim=0).values - torch.sort(rc - rr, dim=0).values
     else:
         margin = torch.sort(pc - rc, dim=0).values - torch.sort(pr - rr, dim=0).values
-    cfg = kernel.DPOKernelConfig.from_options(SimpleNamespace(**{**vars(opt),
-                                                               "loss_type": "sigmoid"}))
-    loss = DPOLossFunction.apply(margin.contiguous(), torch.zeros_like(margin), None, None,
-                                 None, None, cfg)[0]
+    cfg = kernel.DPOKernelConfig.from_options(Checked(**{**vars(opt), "loss_type": "sigmoid"}))
+    loss = dpo_loss_op(margin.contiguous(), torch.zeros_like(margin), None, None, None, None,
+                       config_args(cfg))[0]
     with torch.no_grad():
         chosen, rejected = opt.beta * (pc - rc), opt.beta * (pr - rr)
         accuracy = (chosen > rejected).to(margin.dtype).mean()

@@ -8,37 +8,79 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import kto_loss as kernel
+from rlhf_fast.kernels.common import math_dtype
+from rlhf_fast.kernels.dpo_loss import REDUCTION_CODES
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     check_batch,
     check_like,
     check_same_device,
     check_tensor,
+    contiguous,
     differentiable_once,
+    fake_grads,
+    fake_loss_outputs,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import config_args, config_from_args, empty_like_absent, kernel_op
 from rlhf_fast.options import KTO_OPTIONS
 from rlhf_fast.types import KTOLossOutput
 
 
-class KTOLossFunction(torch.autograd.Function):
-    """Autograd wrapper: the differentiable loss and the detached statistics."""
+@kernel_op("kto_loss")
+def kto_loss_op(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, desirable: torch.Tensor,
+    kl_ref: torch.Tensor | None, config: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused forward on [B] inputs (desirable bool, kl_ref one element or None),
+    `config` a `kernels.kto_loss.KTOKernelConfig` as `config_args`: (loss: 0-d or [B] for
+    reduction "none", rewards [B], stats [4] = (chosen_reward, rejected_reward,
+    reward_margin, kl)), fp32 (fp64 when policy_logps is fp64)."""
+    return kernel.kto_forward(*contiguous(policy_logps, ref_logps, desirable, kl_ref),
+                              config_from_args(kernel.KTOKernelConfig, config))
 
-    @staticmethod
-    def forward(ctx, policy_logps, ref_logps, desirable, kl_ref, cfg):
-        inputs = (policy_logps, ref_logps, desirable, kl_ref)
-        loss, rewards, stats = kernel.kto_forward(*inputs, cfg)
-        ctx.save_for_backward(*inputs)
-        ctx.cfg = cfg
-        ctx.mark_non_differentiable(rewards, stats)
-        return loss, rewards, stats
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad_loss, _grad_rewards, _grad_stats):
-        grads = kernel.kto_backward(grad_loss.contiguous(), *ctx.saved_tensors, ctx.cfg,
-                                    needs_grad=tuple(ctx.needs_input_grad[:2]))
-        return (*grads, None, None, None)  # kl_ref: detached, as TRL's
+@kto_loss_op.register_fake
+def _(policy_logps, ref_logps, desirable, kl_ref, config):
+    cfg = config_from_args(kernel.KTOKernelConfig, config)
+    return fake_loss_outputs(policy_logps, math_dtype(policy_logps),
+                             cfg.reduction_code == REDUCTION_CODES["none"], 1, 4)
+
+
+@kernel_op("kto_loss_backward")
+def kto_loss_backward_op(
+    grad_loss: torch.Tensor, policy_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+    desirable: torch.Tensor, kl_ref: torch.Tensor | None, config: list[float],
+    needs_grad: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients w.r.t. (policy_logps, ref_logps), each [B] in its input's dtype where
+    `needs_grad` asks for it (else empty), from the upstream gradient of the loss."""
+    grads = kernel.kto_backward(
+        grad_loss.contiguous(), *contiguous(policy_logps, ref_logps, desirable, kl_ref),
+        config_from_args(kernel.KTOKernelConfig, config), needs_grad=tuple(needs_grad))
+    return tuple(empty_like_absent(policy_logps) if g is None else g for g in grads)
+
+
+@kto_loss_backward_op.register_fake
+def _(grad_loss, policy_logps, ref_logps, desirable, kl_ref, config, needs_grad):
+    return fake_grads((policy_logps, ref_logps), needs_grad, policy_logps)
+
+
+def _setup_kto_loss(ctx, inputs, output):
+    *tensors, ctx.config = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+@differentiable_once
+def _kto_loss_backward(ctx, grad_loss, _grad_rewards, _grad_stats):
+    needs = list(ctx.needs_input_grad[:2])
+    grads = kto_loss_backward_op(grad_loss, *ctx.saved_tensors, ctx.config, needs)
+    # kl_ref: detached, as TRL's
+    return (*(g if needed else None for g, needed in zip(grads, needs)), None, None, None)
+
+
+kto_loss_op.register_autograd(_kto_loss_backward, setup_context=_setup_kto_loss)
 
 
 @KTO_OPTIONS.keywords
@@ -98,6 +140,7 @@ def kto_loss(
         kl_ref = kl_ref.detach().reshape(1).contiguous()
     if not use_triton(policy_logps):
         return reference.kto_loss(policy_logps, ref_logps, desirable, kl_ref, **vars(opt))
-    loss, rewards, stats = KTOLossFunction.apply(
-        policy_logps, ref_logps, desirable, kl_ref, kernel.KTOKernelConfig.from_options(opt))
+    loss, rewards, stats = kto_loss_op(
+        policy_logps, ref_logps, desirable, kl_ref,
+        config_args(kernel.KTOKernelConfig.from_options(opt)))
     return KTOLossOutput(loss, rewards, *stats.unbind())

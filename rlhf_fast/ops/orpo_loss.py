@@ -8,9 +8,12 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import orpo_loss as kernel
-from rlhf_fast.ops.checks import pair_loss
+from rlhf_fast.ops.pair_losses import pair_loss, register_pair_loss
 from rlhf_fast.options import ORPO_OPTIONS
 from rlhf_fast.types import ORPOLossOutput
+
+orpo_loss_op = register_pair_loss("orpo_loss", kernel.ORPOKernelConfig,
+                                  (kernel.orpo_forward, kernel.orpo_backward), 5)
 
 
 @ORPO_OPTIONS.keywords
@@ -59,4 +62,4 @@ def orpo_loss(
     """
     return pair_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
                      options, ORPO_OPTIONS, reference.orpo_loss, kernel.ORPOKernelConfig,
-                     (kernel.orpo_forward, kernel.orpo_backward), ORPOLossOutput)
+                     orpo_loss_op, ORPOLossOutput)

@@ -8,9 +8,12 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import simpo_loss as kernel
-from rlhf_fast.ops.checks import pair_loss
+from rlhf_fast.ops.pair_losses import pair_loss, register_pair_loss
 from rlhf_fast.options import SIMPO_OPTIONS
 from rlhf_fast.types import SimPOLossOutput
+
+simpo_loss_op = register_pair_loss("simpo_loss", kernel.SimPOKernelConfig,
+                                   (kernel.simpo_forward, kernel.simpo_backward), 2)
 
 
 @SIMPO_OPTIONS.keywords
@@ -52,4 +55,4 @@ def simpo_loss(
     """
     return pair_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
                      options, SIMPO_OPTIONS, reference.simpo_loss, kernel.SimPOKernelConfig,
-                     (kernel.simpo_forward, kernel.simpo_backward), SimPOLossOutput)
+                     simpo_loss_op, SimPOLossOutput)

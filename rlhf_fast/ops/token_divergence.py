@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import math
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch.autograd.graph import increment_version
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import token_divergence as kernel
-from rlhf_fast.kernels.common import mask_view
+from rlhf_fast.kernels.common import mask_view, math_dtype
 from rlhf_fast.kernels.logprobs import row_layout
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
@@ -23,12 +23,13 @@ from rlhf_fast.ops.checks import (
     differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
-from rlhf_fast.options import DIVERGENCE_OPTIONS
+from rlhf_fast.ops.library import kernel_op
+from rlhf_fast.options import DIVERGENCE_OPTIONS, Checked
 
 CODES = {"forward_kl": kernel.FORWARD_KL, "reverse_kl": kernel.REVERSE_KL, "jsd": kernel.JSD}
 
 
-def resolved_divergence(opt: SimpleNamespace) -> tuple[str, float]:
+def resolved_divergence(opt: Checked) -> tuple[str, float]:
     """(divergence, beta) the kernels compute: jsd at beta 0 and 1 is the forward and
     the reverse KL (the peers' definition; the formula's own limit there is 0)."""
     if opt.divergence == "jsd" and opt.beta in (0.0, 1.0):
@@ -46,31 +47,100 @@ def addressable(logits: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int
     return logits, layout
 
 
-class TokenDivergenceFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels. Inputs are validated by `token_divergence`."""
+def _rows(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows to count as the kernels read them: None, flat int labels [N] or a uint8
+    mask [N] (contiguous: row `r` is read at rows_ptr + r)."""
+    return None if labels is None else mask_view(labels.reshape(-1).contiguous())
 
-    @staticmethod
-    def forward(ctx, student, teacher, rows, code, temperature, beta, ignore_index, inplace):
-        student, s_layout = addressable(student)
-        teacher, t_layout = addressable(teacher)
-        layouts = (s_layout, t_layout)
-        value, stats = kernel.divergence_forward(
-            student, teacher, rows, layouts, code, temperature, beta, ignore_index)
-        ctx.save_for_backward(student, teacher, rows, stats)
-        ctx.settings = (layouts, code, temperature, beta, ignore_index, inplace)
-        return value.view(student.shape[:-1])
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, g):
-        student, teacher, rows, stats = ctx.saved_tensors
-        layouts, code, temperature, beta, ignore_index, inplace = ctx.settings
-        grad = kernel.divergence_backward(
-            student, teacher, rows, layouts, stats, g.reshape(-1).contiguous(), code,
-            temperature, beta, ignore_index, inplace)
-        if inplace:  # the logits now hold their gradient (see `logprobs`)
-            increment_version(student)
-        return grad, None, None, None, None, None, None, None
+@kernel_op("token_divergence")
+def token_divergence_op(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, code: int,
+    temperature: float, beta: float, ignore_index: int, inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(divergence of student's leading shape, stats [N_STATS, N] for the backward), fp32
+    (fp64 if either input is fp64); `labels` (int labels, a bool mask or None) of that
+    leading shape, `code` a `kernels.token_divergence` divergence code.
+    `inplace_backward` is read by the backward only."""
+    student, s_layout = addressable(student)
+    teacher, t_layout = addressable(teacher)
+    value, stats = kernel.divergence_forward(student, teacher, _rows(labels),
+                                             (s_layout, t_layout), code, temperature, beta,
+                                             ignore_index)
+    return value.view(student.shape[:-1]), stats
+
+
+@token_divergence_op.register_fake
+def _(student, teacher, labels, code, temperature, beta, ignore_index, inplace_backward):
+    dtype = math_dtype(student, teacher)
+    return (student.new_empty(student.shape[:-1], dtype=dtype),
+            student.new_empty((kernel.N_STATS, math.prod(student.shape[:-1])), dtype=dtype))
+
+
+def _launch_backward(student, teacher, labels, stats, g, code, temperature, beta,
+                     ignore_index, inplace):
+    student, s_layout = addressable(student)
+    teacher, t_layout = addressable(teacher)
+    return kernel.divergence_backward(student, teacher, _rows(labels), (s_layout, t_layout),
+                                      stats, g.reshape(-1).contiguous(), code, temperature,
+                                      beta, ignore_index, inplace)
+
+
+@kernel_op("token_divergence_backward")
+def token_divergence_backward_op(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+    stats: torch.Tensor, g: torch.Tensor, code: int, temperature: float, beta: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """d loss / d student (a new contiguous tensor of student's shape and dtype) from the
+    forward's stats and the divergence's upstream gradient `g`."""
+    return _launch_backward(student, teacher, labels, stats, g, code, temperature, beta,
+                            ignore_index, False)
+
+
+@token_divergence_backward_op.register_fake
+def _(student, *args):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+@kernel_op("token_divergence_backward_", mutates_args=("student",))
+def token_divergence_backward_inplace_op(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+    stats: torch.Tensor, g: torch.Tensor, code: int, temperature: float, beta: float,
+    ignore_index: int,
+) -> None:
+    """`token_divergence_backward`, written into `student` (nothing of its size
+    allocated)."""
+    grad = _launch_backward(student, teacher, labels, stats, g, code, temperature, beta,
+                            ignore_index, True)
+    if grad.data_ptr() != student.data_ptr():  # rows no layout addresses: a copy's
+        student.copy_(grad)
+
+
+@token_divergence_backward_inplace_op.register_fake
+def _(*args):
+    return None
+
+
+def _setup_token_divergence(ctx, inputs, output):
+    student, teacher, labels, *ctx.settings, ctx.inplace_backward = inputs
+    ctx.save_for_backward(student, teacher, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+@differentiable_once
+def _token_divergence_backward(ctx, g, _g_stats):
+    student, teacher, labels, stats = ctx.saved_tensors
+    args = (student, teacher, labels, stats, g, *ctx.settings)
+    if not ctx.inplace_backward:
+        return token_divergence_backward_op(*args), None, None, None, None, None, None, None
+    token_divergence_backward_inplace_op(*args)
+    increment_version(student)  # the logits now hold their gradient (see `logprobs`)
+    return student, None, None, None, None, None, None, None
+
+
+token_divergence_op.register_autograd(_token_divergence_backward,
+                                      setup_context=_setup_token_divergence)
 
 
 @DIVERGENCE_OPTIONS.keywords
@@ -136,7 +206,5 @@ def token_divergence(
     if not use_triton(student_logits):
         return reference.token_divergence(student_logits, teacher_logits, labels, **vars(opt))
     divergence, beta = resolved_divergence(opt)
-    rows = None if labels is None else mask_view(labels.reshape(-1).contiguous())
-    return TokenDivergenceFunction.apply(
-        student_logits, teacher_logits, rows, CODES[divergence], opt.temperature, beta,
-        opt.ignore_index, inplace_backward)
+    return token_divergence_op(student_logits, teacher_logits, labels, CODES[divergence],
+                               opt.temperature, beta, opt.ignore_index, inplace_backward)[0]

@@ -33,6 +33,7 @@ from rlhf_fast.ops.checks import (
     host_checks_by_default,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import kernel_op
 from rlhf_fast.ops.token_divergence import addressable, resolved_divergence
 from rlhf_fast.options import TOPK_DIVERGENCE_OPTIONS
 from rlhf_fast.reference.distillation import counted_rows, support_divergence
@@ -41,54 +42,114 @@ from rlhf_fast.reference.distillation import counted_rows, support_divergence
 SKIPPED = -1
 
 
-class TopkLogProbsFunction(torch.autograd.Function):
-    """The student's log-probs of `ids` [N, K], N the logits' rows (rows whose first id is
-    SKIPPED: 0, no gradient; a row with an id outside [0, V): NaN). Inputs validated by
-    `topk_token_divergence`."""
+def _ids(ids: torch.Tensor, vocab: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(first id [N], counted rows [N], rows with an id outside [0, vocab) [N, K] among
+    them, the ids with those and the rows not counted replaced by 0) of `ids` [N, K]."""
+    first = ids[:, 0].contiguous()
+    counted = first != SKIPPED
+    outside = ((ids < 0) | (ids >= vocab)) & counted[:, None]
+    return first, counted, outside, torch.where(counted[:, None] & ~outside, ids, 0)
 
-    @staticmethod
-    def forward(ctx, logits, ids, temperature, inplace):
-        logits, layout = addressable(logits)
-        vocab, lead = logits.shape[-1], logits.shape[:-1]
-        first = ids[:, 0].contiguous()
-        _, _, _, row_stats = kernel.logprobs_forward(logits, first, layout, temperature,
-                                                     SKIPPED, False)
-        counted = first != SKIPPED
-        outside = ((ids < 0) | (ids >= vocab)) & counted[:, None]
-        safe_ids = torch.where(counted[:, None] & ~outside, ids, 0)
-        # gathered from the logits' own layout: a row-strided view is not copied
-        chosen = logits.gather(-1, safe_ids.view(*lead, -1)).reshape(ids.shape)
-        topk = ((chosen.to(row_stats.dtype) - row_stats[0][:, None]) / temperature
-                - row_stats[1][:, None])
-        topk = torch.where(outside.any(-1, keepdim=True), float("nan"), topk)
-        topk = torch.where(counted[:, None], topk, 0.0)
-        ctx.save_for_backward(logits, first, safe_ids, counted, row_stats, topk)
-        ctx.settings = (layout, temperature, inplace)
-        return topk
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad):
-        logits, first, safe_ids, counted, row_stats, topk = ctx.saved_tensors
-        layout, temperature, inplace = ctx.settings
-        grad = torch.where(counted[:, None], grad, 0.0)
-        total = grad.sum(-1)
-        d_logits = kernel.logprobs_backward(logits, first, layout, row_stats, None,
-                                            total.contiguous(), None, temperature,
-                                            SKIPPED, inplace)
-        # the k ids' gradients, overwritten with their exact values (sum of G over the
-        # id's repeats - q sum G) / T, rounded once: adding the difference to the dense
-        # value the kernel rounded would round twice, where the two nearly cancel
-        repeats = (safe_ids[:, :, None] == safe_ids[:, None, :]).to(grad.dtype)
-        at_ids = (repeats @ grad[:, :, None]).squeeze(-1)
-        exact = torch.where(counted[:, None],
-                            (at_ids - topk.exp() * total[:, None]) / temperature, 0.0)
-        lead = d_logits.shape[:-1]
-        d_logits.scatter_(-1, safe_ids.view(*lead, -1),
-                          exact.to(d_logits.dtype).view(*lead, -1))
-        if inplace:
-            increment_version(logits)
-        return d_logits, None, None, None
+@kernel_op("topk_logprobs")
+def topk_logprobs_op(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: float, inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the student's log-probs of `ids` [N, K], row_stats [2, N] for the backward), fp32
+    (fp64 for fp64 logits); N the logits' rows. Rows whose first id is SKIPPED: 0, no
+    gradient; a row with an id outside [0, V): NaN. `inplace_backward` is read by the
+    backward only."""
+    logits, layout = addressable(logits)
+    vocab, lead = logits.shape[-1], logits.shape[:-1]
+    first, counted, outside, safe_ids = _ids(ids, vocab)
+    _, _, _, row_stats = kernel.logprobs_forward(logits, first, layout, temperature,
+                                                 SKIPPED, False)
+    # gathered from the logits' own layout: a row-strided view is not copied
+    chosen = logits.gather(-1, safe_ids.view(*lead, -1)).reshape(ids.shape)
+    topk = ((chosen.to(row_stats.dtype) - row_stats[0][:, None]) / temperature
+            - row_stats[1][:, None])
+    topk = torch.where(outside.any(-1, keepdim=True), float("nan"), topk)
+    return torch.where(counted[:, None], topk, 0.0), row_stats
+
+
+@topk_logprobs_op.register_fake
+def _(logits, ids, temperature, inplace_backward):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return (logits.new_empty(ids.shape, dtype=dtype),
+            logits.new_empty((2, ids.shape[0]), dtype=dtype))
+
+
+def _launch_backward(logits, ids, row_stats, topk, grad, temperature, inplace):
+    logits, layout = addressable(logits)
+    first, counted, _, safe_ids = _ids(ids, logits.shape[-1])
+    grad = torch.where(counted[:, None], grad, 0.0)
+    total = grad.sum(-1)
+    d_logits = kernel.logprobs_backward(logits, first, layout, row_stats, None,
+                                        total.contiguous(), None, temperature, SKIPPED,
+                                        inplace)
+    # the k ids' gradients, overwritten with their exact values (sum of G over the id's
+    # repeats - q sum G) / T, rounded once: adding the difference to the dense value the
+    # kernel rounded would round twice, where the two nearly cancel
+    repeats = (safe_ids[:, :, None] == safe_ids[:, None, :]).to(grad.dtype)
+    at_ids = (repeats @ grad[:, :, None]).squeeze(-1)
+    exact = torch.where(counted[:, None],
+                        (at_ids - topk.exp() * total[:, None]) / temperature, 0.0)
+    lead = d_logits.shape[:-1]
+    d_logits.scatter_(-1, safe_ids.view(*lead, -1), exact.to(d_logits.dtype).view(*lead, -1))
+    return d_logits
+
+
+@kernel_op("topk_logprobs_backward")
+def topk_logprobs_backward_op(
+    logits: torch.Tensor, ids: torch.Tensor, row_stats: torch.Tensor, topk: torch.Tensor,
+    grad: torch.Tensor, temperature: float,
+) -> torch.Tensor:
+    """d loss / d logits (a new contiguous tensor of logits' shape and dtype) from the
+    forward's outputs and the upstream gradient `grad` [N, K] of its log-probs."""
+    return _launch_backward(logits, ids, row_stats, topk, grad, temperature, False)
+
+
+@topk_logprobs_backward_op.register_fake
+def _(logits, *args):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@kernel_op("topk_logprobs_backward_", mutates_args=("logits",))
+def topk_logprobs_backward_inplace_op(
+    logits: torch.Tensor, ids: torch.Tensor, row_stats: torch.Tensor, topk: torch.Tensor,
+    grad: torch.Tensor, temperature: float,
+) -> None:
+    """`topk_logprobs_backward`, written into `logits` (nothing of its size allocated)."""
+    d_logits = _launch_backward(logits, ids, row_stats, topk, grad, temperature, True)
+    if d_logits.data_ptr() != logits.data_ptr():  # rows no layout addresses: a copy's
+        logits.copy_(d_logits)
+
+
+@topk_logprobs_backward_inplace_op.register_fake
+def _(*args):
+    return None
+
+
+def _setup_topk_logprobs(ctx, inputs, output):
+    logits, ids, ctx.temperature, ctx.inplace_backward = inputs
+    topk, row_stats = output
+    ctx.save_for_backward(logits, ids, row_stats, topk)
+    ctx.mark_non_differentiable(row_stats)
+
+
+@differentiable_once
+def _topk_logprobs_backward(ctx, grad, _grad_row_stats):
+    logits, ids, row_stats, topk = ctx.saved_tensors
+    args = (logits, ids, row_stats, topk, grad, ctx.temperature)
+    if not ctx.inplace_backward:
+        return topk_logprobs_backward_op(*args), None, None, None
+    topk_logprobs_backward_inplace_op(*args)
+    increment_version(logits)  # the logits now hold their gradient (see `logprobs`)
+    return logits, None, None, None
+
+
+topk_logprobs_op.register_autograd(_topk_logprobs_backward, setup_context=_setup_topk_logprobs)
 
 
 @TOPK_DIVERGENCE_OPTIONS.keywords
@@ -163,8 +224,7 @@ def topk_token_divergence(
     divergence, beta = resolved_divergence(opt)
     ids = teacher_topk_ids.reshape(-1, k_shape[-1]).long()
     ids = torch.where(kept.reshape(-1, 1), ids, SKIPPED).contiguous()
-    student_topk = TopkLogProbsFunction.apply(student_logits, ids, opt.temperature,
-                                              inplace_backward)
+    student_topk = topk_logprobs_op(student_logits, ids, opt.temperature, inplace_backward)[0]
     teacher = teacher_topk_logp.detach().reshape(-1, k_shape[-1]).to(student_topk.dtype)
     flat_kept = kept.reshape(-1, 1)
     value = support_divergence(student_topk, torch.where(flat_kept, teacher, 0.0), opt.tail,
