@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import rlhf_fast
-from helpers import rel_err
+from helpers import kernel_backward, rel_err
 from rlhf_fast import reference
 from rlhf_fast.kernels import sequence_logps as kernel
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 FLOATS = list(TOL)
-KERNEL_BACKWARD = "SequenceLogpsFunctionBackward"
+KERNEL_BACKWARD = kernel_backward("sequence_logps")
 
 
 def random_mask(R, T):

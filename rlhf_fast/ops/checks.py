@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from rlhf_fast.ops.library import empty_like_absent
 
@@ -41,6 +42,7 @@ def check_same_device(
 def check_positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float > 0, got {type(value).__name__}")
+    value = guard_scalar(value)  # see check_unit_interval
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite float > 0, got {value}")
     return check_fp32(name, value)
@@ -80,6 +82,9 @@ def check_unit_interval(name: str, value: object) -> float:
     """A finite float (or int) in [0, 1], e.g. a discount factor."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
+    # Under torch.compile a float that changed between calls is symbolic (automatic
+    # dynamic), and no check can read it: guarded on its value, another value recompiles.
+    value = guard_scalar(value)
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be a float in [0, 1], got {value}")
     return check_fp32(name, value)

@@ -1,12 +1,11 @@
-"""`rlhf_fast.discounted_returns`: GAE's scan with lambda 1 and no values (conventions:
-`rlhf_fast.ops.gae`)."""
+"""`rlhf_fast.discounted_returns`: GAE's scan with lambda 1 and no values, the custom op
+``rlhf_fast::gae`` (conventions: `rlhf_fast.ops.gae`)."""
 
 from __future__ import annotations
 
 import torch
 
 from rlhf_fast import reference
-from rlhf_fast.kernels import gae as kernel
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     check_2d,
@@ -16,6 +15,7 @@ from rlhf_fast.ops.checks import (
     check_unit_interval,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.gae import gae_op
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -43,13 +43,6 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     if not use_triton(rewards):
         with torch.no_grad():
             return reference.discounted_returns(rewards, mask, gamma, last_value)
-    _, ret = kernel.gae_forward(
-        rewards.detach().contiguous(),
-        None,
-        mask.contiguous(),
-        None if last_value is None else last_value.detach().contiguous(),
-        gamma,
-        1.0,
-        store_advantages=False,
-    )
+    _, ret = gae_op(rewards.detach(), None, mask.detach(),
+                    None if last_value is None else last_value.detach(), gamma, 1.0, False)
     return ret

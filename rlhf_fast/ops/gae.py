@@ -26,6 +26,7 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import gae as kernel
+from rlhf_fast.kernels.common import math_dtype
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     check_2d,
@@ -36,7 +37,30 @@ from rlhf_fast.ops.checks import (
     check_tensor,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import empty_like_absent, kernel_op
 from rlhf_fast.options import GAE_OPTIONS
+
+
+@kernel_op("gae")
+def gae_op(
+    rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
+    last_value: torch.Tensor | None, gamma: float, lam: float, store_advantages: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) ``[B, T]``, fp32 (fp64 if rewards or values are fp64); values
+    None: all zero (`discounted_returns`); advantages empty unless `store_advantages`.
+    Not differentiable: the callers pass detached tensors."""
+    adv, ret = kernel.gae_forward(
+        rewards.contiguous(), None if values is None else values.contiguous(),
+        mask.contiguous(), None if last_value is None else last_value.contiguous(), gamma,
+        lam, store_advantages)
+    return empty_like_absent(ret) if adv is None else adv, ret
+
+
+@gae_op.register_fake
+def _(rewards, values, mask, last_value, gamma, lam, store_advantages):
+    dtype = math_dtype(rewards, *(() if values is None else (values,)))
+    return (rewards.new_empty(rewards.shape if store_advantages else (0,), dtype=dtype),
+            rewards.new_empty(rewards.shape, dtype=dtype))
 
 
 @GAE_OPTIONS.keywords
@@ -78,12 +102,6 @@ def gae(
     if not use_triton(rewards):
         with torch.no_grad():
             return reference.gae(rewards, values, mask, last_value=last_value, **vars(opt))
-    adv, ret = kernel.gae_forward(
-        rewards.detach().contiguous(),
-        values.detach().contiguous(),
-        mask.contiguous(),
-        None if last_value is None else last_value.detach().contiguous(),
-        opt.gamma,
-        opt.lam,
-    )
-    return adv, ret
+    return gae_op(rewards.detach(), values.detach(), mask.detach(),
+                  None if last_value is None else last_value.detach(), opt.gamma, opt.lam,
+                  True)

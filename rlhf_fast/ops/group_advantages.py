@@ -18,7 +18,40 @@ from rlhf_fast.ops.checks import (
     check_tensor,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import kernel_op
 from rlhf_fast.options import GROUP_ADVANTAGE_OPTIONS
+
+
+@kernel_op("group_advantages")
+def group_advantages_op(
+    scores: torch.Tensor, group_size: int, estimator: str, scale: str | None, eps: float,
+    lengths: torch.Tensor | None, baselines: torch.Tensor | None,
+    weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """The advantages ``[B]``, fp32 (fp64 for fp64 scores), of `scores` (``[B]``, ``[B, K]``
+    for gdpo) for the checked options: one kernel launch (gpg and scale "batch": after a
+    torch reduction; remax: a subtraction). Not differentiable: the caller passes
+    detached tensors."""
+    dtype = math_dtype(scores)
+    if estimator == "gdpo":  # every reward's column at once: [K, B] is K * B / n groups of n
+        per_reward = kernel.group_advantages_forward(
+            scores.T.contiguous().view(-1), group_size, "grpo", scale, eps)
+        per_reward = per_reward.view(scores.shape[1], scores.shape[0])
+        return per_reward.sum(0) if weights is None else (
+            weights.to(dtype)[:, None] * per_reward).sum(0)
+    if estimator == "remax":
+        return scores.to(dtype) - baselines.to(dtype)
+    if estimator == "reinforce_plus_plus_baseline":
+        estimator, scale = "grpo", None
+    return kernel.group_advantages_forward(
+        scores.contiguous(), group_size, estimator, scale, eps,
+        None if lengths is None else lengths.contiguous(),
+        _batch_statistic(scores, estimator, scale))
+
+
+@group_advantages_op.register_fake
+def _(scores, *args):
+    return scores.new_empty(scores.shape[:1], dtype=math_dtype(scores))
 
 
 @GROUP_ADVANTAGE_OPTIONS.keywords
@@ -83,20 +116,8 @@ def group_advantages(
             return reference.group_advantages(scores, group_size, lengths=lengths,
                                               baselines=baselines, weights=weights,
                                               **vars(opt))
-    if gdpo:  # every reward's column at once: [K, B] is K * B / n groups of n
-        per_reward = kernel.group_advantages_forward(
-            scores.T.contiguous().view(-1), group_size, "grpo", opt.scale, opt.eps)
-        per_reward = per_reward.view(scores.shape[1], scores.shape[0])
-        return per_reward.sum(0) if weights is None else (
-            weights.to(per_reward.dtype)[:, None] * per_reward).sum(0)
-    if opt.estimator == "remax":
-        return scores.to(math_dtype(scores)) - baselines.to(math_dtype(scores))
-    if opt.estimator == "reinforce_plus_plus_baseline":
-        opt.estimator, opt.scale = "grpo", None
-    return kernel.group_advantages_forward(
-        scores.contiguous(), group_size, opt.estimator, opt.scale, opt.eps, lengths,
-        _batch_statistic(scores, opt),
-    )
+    return group_advantages_op(scores, group_size, opt.estimator, opt.scale, opt.eps,
+                               lengths, baselines, weights if gdpo else None)
 
 
 def _per_score(name: str, value: torch.Tensor | None, scores: torch.Tensor, needed: bool,
@@ -129,12 +150,13 @@ def _gdpo_weights(weights: torch.Tensor | None, scores: torch.Tensor, opt: Any
     return weights.detach()
 
 
-def _batch_statistic(scores: torch.Tensor, opt: Any) -> torch.Tensor | None:
+def _batch_statistic(scores: torch.Tensor, estimator: str, scale: str | None
+                     ) -> torch.Tensor | None:
     """The 0-d batch statistic the kernel reads: gpg's alpha, or the batch's std."""
     dtype = math_dtype(scores)
-    if opt.estimator == "gpg":
+    if estimator == "gpg":
         return scores.numel() / torch.count_nonzero(scores).clamp(min=1).to(dtype)
-    if opt.scale == "batch" and opt.estimator in ("grpo", "grpo_passk"):
+    if scale == "batch" and estimator in ("grpo", "grpo_passk"):
         if scores.numel() < 2:
             return torch.zeros((), dtype=dtype, device=scores.device)
         return scores.to(dtype).std()

@@ -9,6 +9,7 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import masked_mean as kernel
+from rlhf_fast.kernels.common import math_dtype
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     check_bool,
@@ -19,40 +20,81 @@ from rlhf_fast.ops.checks import (
     differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import kernel_op
 
 
-class MaskedMeanFunction(torch.autograd.Function):
-    """Autograd wrapper of the masked-statistics kernels. Inputs validated by `masked_mean`."""
+def rows(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """`t` as contiguous ``[R, L]`` rows: the whole tensor as one row (dim None), else its
+    slices along `dim`, that dim moved last."""
+    if dim is None:
+        return t.reshape(1, -1).contiguous()
+    return t.movedim(dim, -1).reshape(math.prod(reduced_shape(t.shape, dim)),
+                                      t.shape[dim]).contiguous()
 
-    @staticmethod
-    def forward(ctx, x, mask, dim):
-        if dim is None:
-            rows_x, rows_m = x.reshape(1, -1), mask.reshape(1, -1)
-            out_shape: tuple[int, ...] = ()
-        else:
-            rows_x, rows_m = x.movedim(dim, -1), mask.movedim(dim, -1)
-            out_shape = tuple(rows_x.shape[:-1])
-            n_rows = math.prod(out_shape)
-            rows_x = rows_x.reshape(n_rows, x.shape[dim])
-            rows_m = rows_m.reshape(n_rows, x.shape[dim])
-        rows_x, rows_m = rows_x.contiguous(), rows_m.contiguous()
-        count, mean, _ = kernel.masked_row_stats(rows_x, rows_m, with_std=False)
-        ctx.save_for_backward(rows_m, count)
-        ctx.dim = dim
-        ctx.x_shape = x.shape
-        ctx.x_dtype = x.dtype
-        return mean.view(out_shape)
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad):
-        rows_m, count = ctx.saved_tensors
-        dx = kernel.masked_mean_backward(grad.reshape(-1).contiguous(), rows_m, count, ctx.x_dtype)
-        if ctx.dim is None:
-            return dx.view(ctx.x_shape), None, None
-        moved = list(ctx.x_shape)
-        moved.append(moved.pop(ctx.dim))
-        return dx.view(moved).movedim(-1, ctx.dim), None, None
+def reduced_shape(shape: torch.Size, dim: int | None) -> tuple[int, ...]:
+    """The means' shape: `shape` without `dim`, () for dim None."""
+    return () if dim is None else (*shape[:dim], *shape[dim + 1:])
+
+
+def unrows(dx: torch.Tensor, shape: torch.Size, dim: int | None) -> torch.Tensor:
+    """The inverse of `rows` for a fresh ``[R, L]`` tensor: a view of it in `shape`."""
+    if dim is None:
+        return dx.view(shape)
+    moved = list(shape)
+    moved.append(moved.pop(dim))
+    return dx.view(moved).movedim(-1, dim)
+
+
+@kernel_op("masked_mean")
+def masked_mean_op(x: torch.Tensor, mask: torch.Tensor, dim: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, count): the means, fp32 (fp64 for fp64 x), in x's shape without `dim` (0-d
+    for dim None); count ``[R]`` int64, the valid entries of each reduced slice, for the
+    backward."""
+    count, mean, _ = kernel.masked_row_stats(rows(x, dim), rows(mask, dim), with_std=False)
+    return mean.view(reduced_shape(x.shape, dim)), count
+
+
+@masked_mean_op.register_fake
+def _(x, mask, dim):
+    shape = reduced_shape(x.shape, dim)
+    return (x.new_empty(shape, dtype=math_dtype(x)),
+            x.new_empty((math.prod(shape),), dtype=torch.int64))
+
+
+@kernel_op("masked_mean_backward")
+def masked_mean_backward_op(grad: torch.Tensor, mask: torch.Tensor, count: torch.Tensor,
+                            dim: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d x (a new tensor of mask's shape, in `dtype`: x's) from the upstream
+    gradient of the means: grad / count on valid entries, 0 elsewhere."""
+    dx = kernel.masked_mean_backward(grad.reshape(-1).contiguous(), rows(mask, dim), count,
+                                     dtype)
+    return unrows(dx, mask.shape, dim)
+
+
+@masked_mean_backward_op.register_fake
+def _(grad, mask, count, dim, dtype):
+    length = mask.numel() if dim is None else mask.shape[dim]
+    n_rows = 1 if dim is None else math.prod(reduced_shape(mask.shape, dim))
+    return unrows(mask.new_empty((n_rows, length), dtype=dtype), mask.shape, dim)
+
+
+def _setup_masked_mean(ctx, inputs, output):
+    x, mask, ctx.dim = inputs
+    ctx.x_dtype = x.dtype
+    _, count = output
+    ctx.save_for_backward(mask, count)
+    ctx.mark_non_differentiable(count)
+
+
+@differentiable_once
+def _masked_mean_backward(ctx, grad, _grad_count):
+    mask, count = ctx.saved_tensors
+    return masked_mean_backward_op(grad, mask, count, ctx.dim, ctx.x_dtype), None, None
+
+
+masked_mean_op.register_autograd(_masked_mean_backward, setup_context=_setup_masked_mean)
 
 
 def masked_mean(
@@ -95,4 +137,5 @@ def masked_mean(
 
     if not use_triton(x):
         return reference.masked_mean(x, mask, dim)
-    return MaskedMeanFunction.apply(x, mask, dim)
+    mean, _ = masked_mean_op(x, mask, dim)
+    return mean

@@ -8,6 +8,7 @@ import torch
 from rlhf_fast import reference
 from rlhf_fast.kernels import masked_mean as stats_kernel
 from rlhf_fast.kernels import masked_whiten as kernel
+from rlhf_fast.kernels.common import math_dtype
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     check_bool,
@@ -18,30 +19,64 @@ from rlhf_fast.ops.checks import (
     differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import kernel_op
 
 
-class MaskedWhitenFunction(torch.autograd.Function):
-    """Autograd wrapper of the whitening kernels. Inputs validated by `masked_whiten`."""
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a contiguous 1-D tensor (the kernels whiten over every entry at once)."""
+    return t.reshape(-1).contiguous()
 
-    @staticmethod
-    def forward(ctx, x, mask, shift_mean, eps):
-        flat_x = x.reshape(-1).contiguous()
-        flat_m = mask.reshape(-1).contiguous()
-        stats = stats_kernel.masked_row_stats(flat_x.view(1, -1), flat_m.view(1, -1), with_std=True)
-        out = kernel.masked_whiten_forward(flat_x, flat_m, stats, shift_mean, eps)
-        ctx.save_for_backward(flat_x, flat_m, *stats)
-        ctx.shift_mean = shift_mean
-        ctx.eps = eps
-        return out.view(x.shape)
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad):
-        flat_x, flat_m, *stats = ctx.saved_tensors
-        dx = kernel.masked_whiten_backward(
-            grad.reshape(-1).contiguous(), flat_x, flat_m, tuple(stats), ctx.shift_mean, ctx.eps
-        )
-        return dx.view(grad.shape), None, None, None
+@kernel_op("masked_whiten")
+def masked_whiten_op(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(whitened, count, mean, std): whitened in x's shape, fp32 (fp64 for fp64 x); the
+    statistics of the valid entries ``[1]`` each (count int64), for the backward."""
+    flat_x, flat_m = flat(x), flat(mask)
+    stats = stats_kernel.masked_row_stats(flat_x.view(1, -1), flat_m.view(1, -1),
+                                          with_std=True)
+    out = kernel.masked_whiten_forward(flat_x, flat_m, stats, shift_mean, eps)
+    return (out.view(x.shape), *stats)
+
+
+@masked_whiten_op.register_fake
+def _(x, mask, shift_mean, eps):
+    dtype = math_dtype(x)
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty((1,), dtype=torch.int64),
+            x.new_empty((1,), dtype=dtype), x.new_empty((1,), dtype=dtype))
+
+
+@kernel_op("masked_whiten_backward")
+def masked_whiten_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor,
+    mean: torch.Tensor, std: torch.Tensor, shift_mean: bool, eps: float,
+) -> torch.Tensor:
+    """d loss / d x (a new tensor of x's shape and dtype) from the upstream gradient of
+    the whitened values and the forward's statistics."""
+    dx = kernel.masked_whiten_backward(flat(grad), flat(x), flat(mask), (count, mean, std),
+                                       shift_mean, eps)
+    return dx.view(x.shape)
+
+
+@masked_whiten_backward_op.register_fake
+def _(grad, x, *args):
+    return x.new_empty(x.shape)
+
+
+def _setup_masked_whiten(ctx, inputs, output):
+    x, mask, ctx.shift_mean, ctx.eps = inputs
+    _, count, mean, std = output
+    ctx.save_for_backward(x, mask, count, mean, std)
+    ctx.mark_non_differentiable(count, mean, std)
+
+
+@differentiable_once
+def _masked_whiten_backward(ctx, grad, *_grad_stats):
+    return (masked_whiten_backward_op(grad, *ctx.saved_tensors, ctx.shift_mean, ctx.eps),
+            None, None, None)
+
+
+masked_whiten_op.register_autograd(_masked_whiten_backward, setup_context=_setup_masked_whiten)
 
 
 def masked_whiten(
@@ -84,4 +119,5 @@ def masked_whiten(
 
     if not use_triton(x):
         return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
-    return MaskedWhitenFunction.apply(x, mask, shift_mean, eps)
+    out, *_ = masked_whiten_op(x, mask, shift_mean, eps)
+    return out

@@ -9,6 +9,7 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import optimal_token_baseline as kernel
+from rlhf_fast.kernels.common import math_dtype
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     check_2d,
@@ -19,7 +20,32 @@ from rlhf_fast.ops.checks import (
     check_tensor,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import kernel_op
 from rlhf_fast.options import OPTIMAL_TOKEN_BASELINE_OPTIONS
+
+
+@kernel_op("optimal_token_baseline")
+def optimal_token_baseline_op(
+    rewards: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
+    log_sum_p2: torch.Tensor, rollout_is_weights: torch.Tensor | None, group_size: int,
+    handle_zero_tail: bool, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) ``[B, T]``, fp32 (fp64 if an input is fp64). Not
+    differentiable: the caller passes detached tensors."""
+    return kernel.optimal_token_baseline_forward(
+        rewards.contiguous(), mask.contiguous(), old_logp.contiguous(),
+        log_sum_p2.contiguous(),
+        None if rollout_is_weights is None else rollout_is_weights.contiguous(),
+        group_size, handle_zero_tail, eps)
+
+
+@optimal_token_baseline_op.register_fake
+def _(rewards, mask, old_logp, log_sum_p2, rollout_is_weights, *args):
+    inputs = (rewards, old_logp, log_sum_p2) + (
+        () if rollout_is_weights is None else (rollout_is_weights,))
+    dtype = math_dtype(*inputs)
+    return (rewards.new_empty(rewards.shape, dtype=dtype),
+            rewards.new_empty(rewards.shape, dtype=dtype))
 
 
 @OPTIMAL_TOKEN_BASELINE_OPTIONS.keywords
@@ -76,9 +102,7 @@ def optimal_token_baseline(
             return reference.optimal_token_baseline(
                 rewards, mask, old_logp, log_sum_p2, group_size,
                 rollout_is_weights=rollout_is_weights, **vars(opt))
-    return kernel.optimal_token_baseline_forward(
-        rewards.detach().contiguous(), mask.contiguous(), old_logp.detach().contiguous(),
-        log_sum_p2.detach().contiguous(),
-        None if rollout_is_weights is None else rollout_is_weights.detach().contiguous(),
-        group_size, opt.handle_zero_tail, opt.eps,
-    )
+    return optimal_token_baseline_op(
+        rewards.detach(), mask.detach(), old_logp.detach(), log_sum_p2.detach(),
+        None if rollout_is_weights is None else rollout_is_weights.detach(), group_size,
+        opt.handle_zero_tail, opt.eps)

@@ -8,6 +8,7 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import sequence_logps as kernel
+from rlhf_fast.kernels.common import math_dtype
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     MASK_DTYPES,
@@ -18,31 +19,62 @@ from rlhf_fast.ops.checks import (
     differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import kernel_op
 
 
-class SequenceLogpsFunction(torch.autograd.Function):
-    """Autograd wrapper of the kernels. Inputs validated by `sequence_logps`."""
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., T]`` as contiguous ``[R, T]`` rows."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]).contiguous()
 
-    @staticmethod
-    def forward(ctx, token_logp, mask, average):
-        n_rows, T = math.prod(token_logp.shape[:-1]), token_logp.shape[-1]
-        rows_x = token_logp.reshape(n_rows, T).contiguous()
-        rows_m = mask.reshape(n_rows, T).contiguous()
-        out, count = kernel.sequence_logps_forward(rows_x, rows_m, average)
-        ctx.save_for_backward(rows_m, count)
-        ctx.average = average
-        ctx.shape = token_logp.shape
-        ctx.dtype = token_logp.dtype
-        return out.view(token_logp.shape[:-1])
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad):
-        rows_m, count = ctx.saved_tensors
-        dx = kernel.sequence_logps_backward(
-            grad.reshape(-1).contiguous(), rows_m, count, ctx.average, ctx.dtype
-        )
-        return dx.view(ctx.shape), None, None
+@kernel_op("sequence_logps")
+def sequence_logps_op(token_logp: torch.Tensor, mask: torch.Tensor, average: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, count): the sums (means) ``[...]``, fp32 (fp64 for fp64 token_logp); count
+    ``[R]`` int32, each row's valid tokens, for the backward."""
+    out, count = kernel.sequence_logps_forward(rows(token_logp), rows(mask), average)
+    return out.view(token_logp.shape[:-1]), count
+
+
+@sequence_logps_op.register_fake
+def _(token_logp, mask, average):
+    shape = token_logp.shape[:-1]
+    return (token_logp.new_empty(shape, dtype=math_dtype(token_logp)),
+            token_logp.new_empty((math.prod(shape),), dtype=torch.int32))
+
+
+@kernel_op("sequence_logps_backward")
+def sequence_logps_backward_op(grad: torch.Tensor, mask: torch.Tensor, count: torch.Tensor,
+                               average: bool, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d token_logp (a new tensor of mask's shape, in `dtype`: token_logp's) from
+    the upstream gradient of the sums."""
+    dx = kernel.sequence_logps_backward(grad.reshape(-1).contiguous(), rows(mask), count,
+                                        average, dtype)
+    return dx.view(mask.shape)
+
+
+@sequence_logps_backward_op.register_fake
+def _(grad, mask, count, average, dtype):
+    return mask.new_empty(mask.shape, dtype=dtype)
+
+
+def _setup_sequence_logps(ctx, inputs, output):
+    token_logp, mask, ctx.average = inputs
+    ctx.dtype = token_logp.dtype
+    _, count = output
+    ctx.save_for_backward(mask, count)
+    ctx.mark_non_differentiable(count)
+
+
+@differentiable_once
+def _sequence_logps_backward(ctx, grad, _grad_count):
+    mask, count = ctx.saved_tensors
+    return (sequence_logps_backward_op(grad, mask, count, ctx.average, ctx.dtype),
+            None, None)
+
+
+sequence_logps_op.register_autograd(_sequence_logps_backward,
+                                    setup_context=_setup_sequence_logps)
 
 
 def sequence_logps(
@@ -72,4 +104,5 @@ def sequence_logps(
     check_bool("average", average)
     if not use_triton(token_logp):
         return reference.sequence_logps(token_logp, mask, average=average)
-    return SequenceLogpsFunction.apply(token_logp, mask, average)
+    out, _ = sequence_logps_op(token_logp, mask, average)
+    return out
