@@ -75,5 +75,6 @@ def leaves(hidden, weight, bias, train=(True, True, True), dtype=None):
 
 
 def kernel_backward(op: str) -> str:
-    """The grad_fn name of the custom op ``rlhf_fast::<op>``'s output: the kernel ran."""
-    return f"GeneratedBackwardFor_rlhf_fast_{op}_defaultBackward"
+    """The grad_fn name of an eager call's output of the custom op ``rlhf_fast::<op>``
+    (`rlhf_fast.ops.library.KernelOp`): the kernel ran."""
+    return f"rlhf_fast_{op}Backward"

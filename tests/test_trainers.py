@@ -1177,6 +1177,36 @@ def test_dpo_options_that_only_save_memory_keep_the_run(warm_model, tokenizer, t
         torch.testing.assert_close(weights[name], plain_weights[name], rtol=1e-4, atol=1e-6)
 
 
+def test_torch_compile_keeps_the_run(warm_model, tokenizer, tmp_path):
+    """torch_compile (aot_eager here: the graphs Inductor would get, run op by op) traces
+    the model and the fused ops' custom ops: the DPO run logs the plain run's metrics
+    and ends with its weights."""
+    plain_log, plain_weights = _dpo_run(warm_model, tokenizer, tmp_path, "plain")
+    log, weights = _dpo_run(warm_model, tokenizer, tmp_path, "compiled", torch_compile=True,
+                            torch_compile_backend="aot_eager")
+    assert len(log) == len(plain_log) == 2
+    for got, want in zip(log, plain_log):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    for name in plain_weights:
+        torch.testing.assert_close(weights[name], plain_weights[name], rtol=1e-4, atol=1e-6)
+
+
+def test_ppo_torch_compile_keeps_the_update(tokenizer, tmp_path):
+    """PPO's minibatch step compiled: the same metrics as the plain run."""
+    logs = []
+    for name, options in (("plain", {}), ("compiled", dict(
+            torch_compile=True, torch_compile_backend="aot_eager"))):
+        trainer = _tiny_ppo(tokenizer, tmp_path / name, max_steps=1, logging_steps=1,
+                            **options)
+        logs.append([{k: v for k, v in r.items() if k != "tokens_per_s"}
+                     for r in trainer.train()])
+    assert logs[0] and logs[0][0].keys() == logs[1][0].keys()
+    for key, want in logs[0][0].items():
+        assert logs[1][0][key] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+
+
 def _sequence_classifier(tokenizer, seed):
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import torch
 
 from rlhf_fast.trainers.trackers import REPORT_TO, missing_tracker_packages, package_available
 
 PRECISIONS = ("auto", "bf16", "fp32")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune",
+                 "max-autotune-no-cudagraphs")
 #: transformers' SchedulerType values that `transformers.get_scheduler` builds from the
 #: warm-up and the run's optimizer steps alone (reduce_lr_on_plateau and greedy need a
 #: metric, the *_min_lr and warmup_stable_decay ones extra arguments).
@@ -129,6 +134,15 @@ class TrainerConfig(metaclass=AcceptsTrlNames):
     """Log-probs from hidden states (linear_logprobs) instead of logits; None: on a GPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward to save memory."""
+    torch_compile: bool = False
+    """torch.compile each micro-batch's step: the models' forwards and the loss (the
+    rlhf_fast ops are custom ops, traced without a graph break); the first steps, and
+    each new batch shape, are slow (compiling)."""
+    torch_compile_backend: str = "inductor"
+    """torch.compile's backend (transformers' name): "inductor", "aot_eager", ..."""
+    torch_compile_mode: str | None = None
+    """torch.compile's mode: None, "default", "reduce-overhead" (CUDA graphs),
+    "max-autotune", "max-autotune-no-cudagraphs"."""
     disable_dropout: bool = True
     """Zero the trained models' dropout (as TRL does), so the policy and the frozen
     reference agree before the first step; False keeps the models' own rates."""
@@ -176,6 +190,14 @@ class TrainerConfig(metaclass=AcceptsTrlNames):
         names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
         return [name for name in names if name != "none"]
 
+    def compiled(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        """`step` under torch.compile (dynamic shapes: one graph for every batch size
+        and length) when torch_compile is set, else `step` itself."""
+        if not self.torch_compile:
+            return step
+        return torch.compile(step, dynamic=True, backend=self.torch_compile_backend,
+                             mode=self.torch_compile_mode)
+
     def num_warmup_steps(self, training_steps: int) -> int:
         """The warm-up's optimizer steps: warmup_steps, else warmup_ratio of the run's."""
         return self.warmup_steps or math.ceil(self.warmup_ratio * training_steps)
@@ -191,7 +213,13 @@ class TrainerConfig(metaclass=AcceptsTrlNames):
         require.ints(self, ("warmup_steps", "eval_steps", "save_steps", "save_total_limit",
                             "seed"), 0)
         require.bools(self, ("gradient_checkpointing", "disable_dropout", "use_peft",
-                             "overwrite_output_dir"))
+                             "overwrite_output_dir", "torch_compile"))
+        require("torch_compile_backend", isinstance(self.torch_compile_backend, str)
+                and self.torch_compile_backend in torch._dynamo.list_backends(exclude_tags=()),
+                f"one of {torch._dynamo.list_backends(exclude_tags=())}",
+                self.torch_compile_backend)
+        require("torch_compile_mode", self.torch_compile_mode in COMPILE_MODES,
+                f"one of {COMPILE_MODES}", self.torch_compile_mode)
         require.ints(self, ("lora_r", "lora_alpha"), 1)
         require("lora_dropout", is_finite(self.lora_dropout) and 0 <= self.lora_dropout < 1,
                 "a float in [0, 1)", self.lora_dropout)

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +39,7 @@ from rlhf_fast.options import (
     KTO_OPTIONS,
     ORPO_OPTIONS,
     SIMPO_OPTIONS,
+    Checked,
     OptionSet,
 )
 from rlhf_fast.trainers.checkpoints import Export
@@ -230,8 +230,9 @@ class PairBatch:
     rows: torch.Tensor
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    def num_tokens(self) -> torch.Tensor:
+        """The batch's tokens, a 0-d tensor on its device (read back at logging only)."""
+        return self.attention_mask.sum()
 
 
 def tokenize_pairs(records: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int,
@@ -329,6 +330,7 @@ class DPOTrainer:
             weight_decay=config.weight_decay,
         )
         self.ref_logps: dict[str, torch.Tensor] = {}
+        self._loss = config.compiled(self._pair_loss)
         self.loop = Loop(config, self.run, self.optimizer, model,
                          [Export("", "", model, tokenizer)], frozen_models,
                          training_steps=self.total_steps, name="DPO", title="DPO",
@@ -373,7 +375,7 @@ class DPOTrainer:
         config = self.config
         self.model.train()
         accumulation = config.gradient_accumulation_steps
-        tokens = 0
+        tokens = torch.zeros((), dtype=torch.long, device=self.run.device)
         for micro in range(accumulation):
             batch = self._train_batch(self.loop.step * accumulation + micro)
             # DDP reduces gradients on every backward unless told to wait for the last
@@ -381,7 +383,7 @@ class DPOTrainer:
             sync = (micro == accumulation - 1
                     or not isinstance(self.policy, nn.parallel.DistributedDataParallel))
             with contextlib.nullcontext() if sync else self.policy.no_sync():
-                out, metrics = self._pair_loss(batch, "train")
+                out, metrics = self._loss(batch, "train")
                 (out.loss / accumulation).backward()
             self.loop.window.add(metrics, 1.0 / accumulation)
             tokens += batch.num_tokens
@@ -414,8 +416,8 @@ class DPOTrainer:
             out = dpo_loss(policy.chosen, policy.rejected,
                            None if reference is None else reference[:pairs],
                            None if reference is None else reference[pairs:],
-                           **dpo_inputs(policy, SimpleNamespace(**options)), **options)
-        metrics = host_floats({
+                           **dpo_inputs(policy, Checked(**options)), **options)
+        metrics = {
             "loss": out.loss,
             "rewards/chosen": out.chosen_rewards.mean(),
             "rewards/rejected": out.rejected_rewards.mean(),
@@ -425,7 +427,7 @@ class DPOTrainer:
             "logps/rejected": policy.rejected.mean(),
             **{name: getattr(out, name) for name in ("nll_loss", "log_odds_ratio",
                                                      "log_odds_chosen") if hasattr(out, name)},
-        })
+        }
         return out, metrics
 
     def _kto_loss(self, policy: torch.Tensor, reference: torch.Tensor | None,
@@ -441,11 +443,11 @@ class DPOTrainer:
         desirable = self.labels[split if split in self.labels else "train"][batch.rows]
         out = kto_loss(policy[:examples], None if reference is None else reference[:examples],
                        desirable.to(policy.device), kl, **KTO_OPTIONS.pick(vars(self.config)))
-        metrics = host_floats({
+        metrics = {
             "loss": out.loss, "rewards/chosen": out.chosen_reward,
             "rewards/rejected": out.rejected_reward, "rewards/margins": out.reward_margin,
             "kl": out.kl, "logps": policy[:examples].mean(),
-        })
+        }
         return out, metrics
 
     def _tokenized(self, data: Any, split: str) -> list[dict[str, list[int]]]:
@@ -490,8 +492,8 @@ class DPOTrainer:
         for rows in batches(list(range(len(self.eval_pairs))), self.config.eval_batch_size):
             batch = collate_pairs([self.eval_pairs[i] for i in rows], rows, self.pad_id,
                                   self.run.device)
-            _, metrics = self._pair_loss(batch, "eval")
-            for key, value in metrics.items():
+            _, metrics = self._loss(batch, "eval")
+            for key, value in host_floats(metrics).items():
                 totals[key] = totals.get(key, 0.0) + value * len(rows)
         self.model.train()
         return {f"eval/{k}": v / len(self.eval_pairs) for k, v in totals.items()}

@@ -209,7 +209,8 @@ class Loop:
                 if self.rank_means:
                     metrics = run.mean_over_ranks(metrics)
                 metrics["lr"] = lr
-                metrics["tokens_per_s"] = run.sum_over_ranks(tokens) / max(elapsed, 1e-9)
+                metrics["tokens_per_s"] = run.sum_over_ranks(float(tokens)) / max(elapsed,
+                                                                                1e-9)
                 metrics.update(run.peak_memory())
                 write(metrics)
                 started, tokens = time.perf_counter(), 0
@@ -264,7 +265,7 @@ class Loop:
     def _trainer_state(self, extra: dict[str, Any]) -> dict[str, Any]:
         """What trainer_state.json (and .safetensors, for the tensors) hold. The data
         order is a function of the seed and the step: the step is its position."""
-        return {"step": self.step, "window": self.window.sums, "extra": extra,
+        return {"step": self.step, "window": self.window.state(), "extra": extra,
                 "frozen_models": self.frozen_models, "config": asdict(self.config)}
 
     def _load(self, path: Path, state: dict[str, Any]) -> None:

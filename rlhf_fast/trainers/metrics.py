@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,22 +72,31 @@ class MetricsLog:
 class MetricsWindow:
     """The metrics of the steps since the last logged row, which is their weighted mean.
 
-    `sums` (a plain dict) goes into checkpoints, so that a resumed run logs the same rows
-    as an uninterrupted one.
+    A step's metrics may be tensors on the device: they are summed there and read back
+    once, when the row is logged, so a training step waits for nothing on the host.
+    `state` (a plain dict of floats) goes into checkpoints, so that a resumed run logs
+    the same rows as an uninterrupted one.
     """
 
     def __init__(self, sums: dict[str, float] | None = None):
-        self.sums = dict(sums or {})
+        self.sums: dict[str, float | torch.Tensor] = dict(sums or {})
 
-    def add(self, metrics: dict[str, float], weight: float = 1.0) -> None:
+    def add(self, metrics: Mapping[str, float | torch.Tensor], weight: float = 1.0) -> None:
         self.sums["_count"] = self.sums.get("_count", 0.0) + weight
         for key, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().reshape(())
             self.sums[key] = self.sums.get(key, 0.0) + weight * value
+
+    def state(self) -> dict[str, float]:
+        """The sums as floats (one device-to-host copy)."""
+        tensors = {k: v for k, v in self.sums.items() if isinstance(v, torch.Tensor)}
+        return {**self.sums, **(host_floats(tensors) if tensors else {})}
 
     def flush(self) -> dict[str, float]:
         """The mean of the window, which starts afresh."""
-        count = self.sums.pop("_count", 1.0)
-        sums, self.sums = self.sums, {}
+        sums, self.sums = self.state(), {}
+        count = sums.pop("_count", 1.0)
         return {key: value / count for key, value in sums.items()}
 
 

@@ -310,6 +310,7 @@ class PPOTrainer:
         actor = TokenLogprobs(policy, fused_linear=self.fused_linear,
                               temperature=config.temperature)
         self.actor_critic = wrap_ddp(ActorCritic(actor, critic), self.run)
+        self._loss = config.compiled(self._minibatch_loss)
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad]}]
         if critic is not None:
             groups.append({"params": [p for p in critic.parameters() if p.requires_grad],
@@ -592,7 +593,7 @@ class PPOTrainer:
         for index, rows in enumerate(group):
             sync = index == len(group) - 1 or not ddp
             with contextlib.nullcontext() if sync else self.actor_critic.no_sync():
-                out = self._minibatch_loss(rollout, rows, counts)
+                out = self._loss(rollout, rows, counts)
                 out.loss.backward()
             for key in logged:
                 sums[key] = combine_metric(key, sums.get(key), getattr(out, key).detach())
