@@ -64,6 +64,7 @@ def test_opcheck(name, dtype):
     backward, with the arguments it made them with."""
     with CustomOpCalls() as recorded:
         run_with_grads(name, dtype=dtype)
+    assert recorded.calls
     for op, args, kwargs in recorded.calls:
         if "_backward" in op.__name__:  # the gradients it computes are not differentiable
             args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)

@@ -653,7 +653,12 @@ def ppo_forward(
     dtype = torch.float64 if fp64 else torch.float32
     block = block_size(T)
     n_tiles = triton.cdiv(T, block)
-    row_stats = torch.empty(B, n_tiles, N_ROW_STATS, dtype=dtype, device=logp.device)
+    # Zeros where the kernels leave columns unwritten (all but gspo and geo_mean write
+    # fewer than N_ROW_STATS): row_stats is an output of the custom op rlhf_fast::ppo_loss,
+    # whose outputs must be a function of its inputs.
+    writes_all = cfg.policy_code in (POLICY_CODES["gspo"], POLICY_CODES["geo_mean"])
+    row_stats = (torch.empty if writes_all else torch.zeros)(
+        B, n_tiles, N_ROW_STATS, dtype=dtype, device=logp.device)
     outputs = torch.empty(N_OUTPUTS, dtype=dtype, device=logp.device)
     counts = torch.empty(3, dtype=dtype, device=logp.device)
     if B > 0 and T > 0 and cfg.is_sequence_loss:

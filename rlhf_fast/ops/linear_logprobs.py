@@ -25,52 +25,118 @@ from rlhf_fast.ops.checks import (
     differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import empty_like_absent, kernel_op
 from rlhf_fast.ops.logprobs import (
     check_label_range,
     check_logprob_options,
     single_or_tuple,
-    upstream_grads,
 )
 from rlhf_fast.options import LOGPROB_OPTIONS, TOKEN_OPTIONS
 
 
-class LinearLogProbsFunction(torch.autograd.Function):
-    """Autograd wrapper of the chunked kernels. Inputs validated by `linear_logprobs`."""
+def _output_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
-                return_sum_p2, compute_dtype):
-        with no_autocast(hidden):
-            logp, entropy, sum_p2, row_stats = kernel.linear_logprobs_forward(
-                hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
-                return_sum_p2, compute_dtype,
-            )
-        ctx.save_for_backward(hidden, weight, bias, labels, row_stats, entropy, sum_p2)
-        ctx.temperature = temperature
-        ctx.ignore_index = ignore_index
-        ctx.compute_dtype = compute_dtype
-        ctx.returned = (True, return_entropy, return_sum_p2)
-        ctx.set_materialize_grads(False)
-        return tuple(out for out in (logp, entropy, sum_p2) if out is not None)
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, *grads):
-        hidden, weight, bias, labels, row_stats, entropy, sum_p2 = ctx.saved_tensors
-        g_logp, g_entropy, g_sum_p2 = upstream_grads(ctx.returned, grads)
-        needs = tuple(ctx.needs_input_grad[:3])
-        if (g_logp is None and g_entropy is None and g_sum_p2 is None) or not any(needs):
-            return (None,) * 9
-        with no_autocast(hidden):
-            d_hidden, d_weight, d_bias = kernel.linear_logprobs_backward(
-                hidden, weight, bias, labels, row_stats, entropy,
-                None if g_logp is None else g_logp.contiguous(),
-                None if g_entropy is None else g_entropy.contiguous(),
-                ctx.temperature, ctx.ignore_index, needs, ctx.compute_dtype,
-                log_sum_p2=sum_p2,
-                g_sum_p2=None if g_sum_p2 is None else g_sum_p2.contiguous(),
-            )
-        return (d_hidden, d_weight, d_bias) + (None,) * 6
+@kernel_op("linear_logprobs")
+def linear_logprobs_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    labels: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool,
+    return_sum_p2: bool, compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [N], entropy [N], log_sum_p2 [N], row_stats [2, N]) of
+    `kernel.linear_logprobs_forward` on contiguous ``hidden [N, D]``, ``weight [V, D]``,
+    ``labels [N]``, the GEMMs in `compute_dtype` (the two outputs not asked for empty);
+    row_stats is for the backward."""
+    with no_autocast(hidden):
+        logp, entropy, sum_p2, row_stats = kernel.linear_logprobs_forward(
+            hidden, weight, bias, labels, temperature, ignore_index, return_entropy,
+            return_sum_p2, compute_dtype,
+        )
+    return (logp, empty_like_absent(logp) if entropy is None else entropy,
+            empty_like_absent(logp) if sum_p2 is None else sum_p2, row_stats)
+
+
+@linear_logprobs_op.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, return_sum_p2,
+      compute_dtype):
+    dtype = _output_dtype(compute_dtype)
+    n_tokens = hidden.shape[0]
+
+    def output(asked: bool) -> torch.Tensor:
+        return hidden.new_empty(n_tokens if asked else 0, dtype=dtype)
+
+    return (output(True), output(return_entropy), output(return_sum_p2),
+            hidden.new_empty((2, n_tokens), dtype=dtype))
+
+
+@kernel_op("linear_logprobs_backward")
+def linear_logprobs_backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    labels: torch.Tensor, row_stats: torch.Tensor, entropy: torch.Tensor,
+    log_sum_p2: torch.Tensor, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None,
+    g_sum_p2: torch.Tensor | None, temperature: float, ignore_index: int,
+    grad_hidden: bool, grad_weight: bool, grad_bias: bool, compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d hidden, d weight, d bias), each in its input's dtype where its grad_* flag asks
+    for it (else empty), from the forward's outputs and their upstream gradients (None:
+    that output unused)."""
+
+    def contiguous(g: torch.Tensor | None) -> torch.Tensor | None:
+        return None if g is None else g.contiguous()
+
+    with no_autocast(hidden):
+        grads = kernel.linear_logprobs_backward(
+            hidden, weight, bias, labels, row_stats, entropy, contiguous(g_logp),
+            contiguous(g_entropy), temperature, ignore_index,
+            (grad_hidden, grad_weight, grad_bias), compute_dtype, log_sum_p2=log_sum_p2,
+            g_sum_p2=contiguous(g_sum_p2),
+        )
+    return tuple(empty_like_absent(hidden) if g is None else g for g in grads)
+
+
+@linear_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, labels, row_stats, entropy, log_sum_p2, g_logp, g_entropy,
+      g_sum_p2, temperature, ignore_index, grad_hidden, grad_weight, grad_bias,
+      compute_dtype):
+    return head_grads_like(hidden, weight, bias, (grad_hidden, grad_weight, grad_bias))
+
+
+def head_grads_like(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    asked: tuple[bool, bool, bool]) -> tuple[torch.Tensor, ...]:
+    """The fake (d hidden, d weight, d bias) of the chunked lm_head backwards (their
+    kernels' `linear_*_backward`), where `asked`: d hidden and d bias contiguous, d weight
+    `empty_like` weight, each in its input's dtype; else empty in hidden's dtype."""
+    grads = (hidden.new_empty(hidden.shape), torch.empty_like(weight),
+             None if bias is None else bias.new_empty(bias.shape))
+    return tuple(grad if was else empty_like_absent(hidden) for grad, was in zip(grads, asked))
+
+
+def _setup_linear_logprobs(ctx, inputs, output):
+    (hidden, weight, bias, labels, ctx.temperature, ctx.ignore_index, return_entropy,
+     return_sum_p2, ctx.compute_dtype) = inputs
+    _, entropy, sum_p2, row_stats = output
+    ctx.save_for_backward(hidden, weight, bias, labels, row_stats, entropy, sum_p2)
+    ctx.returned = (True, return_entropy, return_sum_p2)
+    ctx.mark_non_differentiable(row_stats)
+    ctx.set_materialize_grads(False)  # unused outputs: None, no zeros made
+
+
+@differentiable_once
+def _linear_logprobs_backward(ctx, *grads):
+    hidden, weight, bias, labels, row_stats, entropy, sum_p2 = ctx.saved_tensors
+    g_logp, g_entropy, g_sum_p2 = (g if was else None for g, was in zip(grads, ctx.returned))
+    needs = tuple(ctx.needs_input_grad[:3])
+    if (g_logp is None and g_entropy is None and g_sum_p2 is None) or not any(needs):
+        return (None,) * 9
+    grads = linear_logprobs_backward_op(
+        hidden, weight, bias, labels, row_stats, entropy, sum_p2, g_logp, g_entropy,
+        g_sum_p2, ctx.temperature, ctx.ignore_index, *needs, ctx.compute_dtype)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 6
+
+
+linear_logprobs_op.register_autograd(_linear_logprobs_backward,
+                                     setup_context=_setup_linear_logprobs)
 
 
 def no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -200,12 +266,14 @@ def token_logprobs(
             hidden, weight, labels, bias=bias, return_entropy=return_entropy,
             return_sum_p2=return_sum_p2, **TOKEN_OPTIONS.pick(opt),
         )
-    outputs = LinearLogProbsFunction.apply(
+    outputs = linear_logprobs_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), labels.reshape(-1).contiguous(),
         opt.temperature, opt.ignore_index, return_entropy, return_sum_p2, compute_dtype,
     )
-    return single_or_tuple(tuple(out.view(labels.shape) for out in outputs))
+    asked = (True, return_entropy, return_sum_p2)
+    return single_or_tuple(tuple(out.view(labels.shape) for out, was in zip(outputs, asked)
+                                 if was))
 
 
 def ignore_masked_labels(

@@ -19,6 +19,7 @@ from rlhf_fast.kernels import ppo_loss as ppo_kernel
 from rlhf_fast.kernels.linear_logprobs import CHUNK_ELEMENTS
 from rlhf_fast.ops.checks import FLOAT_DTYPES, check_tensor, differentiable_once
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import config_args, config_from_args, empty_like_absent, kernel_op
 from rlhf_fast.ops.linear_logprobs import (
     check_linear_inputs,
     ignore_masked_labels,
@@ -27,8 +28,8 @@ from rlhf_fast.ops.linear_logprobs import (
 )
 from rlhf_fast.ops.logprobs import check_label_range, check_logprob_options
 from rlhf_fast.ops.ppo_loss import (
-    PPOLossFunction,
     check_ppo_arguments,
+    fused_ppo_loss,
     kl_cov_coefficients,
     policy_weights,
 )
@@ -58,50 +59,88 @@ def scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class LinearPPOLossFunction(torch.autograd.Function):
-    """Forward computes the loss and, already, its gradient (the loss is token-wise);
-    backward scales that gradient by the upstream one. Only `loss` is differentiable."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, values, labels, old_logp, advantages, mask,
-                ref_logp, old_values, returns, is_weights, temperature, ignore_index, cfg,
-                compute_dtype):
-        flat = {k: None if v is None else v.reshape(-1)
-                for k, v in dict(old_logp=old_logp, advantages=advantages,
-                                 ref_logp=ref_logp, is_weights=is_weights).items()}
-        acc_dtype = _accumulator(compute_dtype)
-        with no_autocast(hidden):
-            token_weight = ppo_kernel.token_weights(mask, cfg, acc_dtype).reshape(-1)
-            logp, entropy, d_hidden, d_weight, d_bias = kernel.linear_ppo_forward_backward(
-                hidden, weight, bias, labels, flat["old_logp"], flat["advantages"],
-                flat["ref_logp"], flat["is_weights"], token_weight, cfg, temperature,
-                ignore_index, tuple(ctx.needs_input_grad[:3]), compute_dtype,
+@kernel_op("linear_ppo_loss")
+def linear_ppo_loss_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    values: torch.Tensor | None, labels: torch.Tensor, old_logp: torch.Tensor,
+    advantages: torch.Tensor, mask: torch.Tensor, ref_logp: torch.Tensor | None,
+    old_values: torch.Tensor | None, returns: torch.Tensor | None,
+    is_weights: torch.Tensor | None, temperature: float, ignore_index: int, cfg: list[float],
+    compute_dtype: torch.dtype, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+    grad_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """(loss, statistics [N_OUTPUTS - 1], d hidden, d weight, d bias, d values): the
+    token-wise PPO loss on contiguous ``hidden [N, D]``, ``weight [V, D]``, ``labels [N]``
+    and ``[B, T]`` PPO inputs (`cfg` the `config_args` of a `PPOKernelConfig`), with its
+    gradient for an upstream gradient of 1 on the loss, computed in the same pass: each
+    in its input's dtype where its grad_* flag asks for it, else empty. Only the loss is
+    differentiable; its backward scales those gradients."""
+    config = config_from_args(ppo_kernel.PPOKernelConfig, cfg)
+    flat = {k: None if v is None else v.reshape(-1)
+            for k, v in dict(old_logp=old_logp, advantages=advantages,
+                             ref_logp=ref_logp, is_weights=is_weights).items()}
+    acc_dtype = _accumulator(compute_dtype)
+    with no_autocast(hidden):
+        token_weight = ppo_kernel.token_weights(mask, config, acc_dtype).reshape(-1)
+        logp, entropy, d_hidden, d_weight, d_bias = kernel.linear_ppo_forward_backward(
+            hidden, weight, bias, labels, flat["old_logp"], flat["advantages"],
+            flat["ref_logp"], flat["is_weights"], token_weight, config, temperature,
+            ignore_index, (grad_hidden, grad_weight, grad_bias), compute_dtype,
+        )
+        logp, entropy = logp.view(mask.shape), entropy.view(mask.shape)
+        outputs, counts, row_stats = ppo_kernel.ppo_forward(
+            logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
+            returns, config, is_weights,
+        )
+        d_values = None
+        if grad_values:
+            unit = torch.zeros_like(outputs)
+            unit[0] = 1.0
+            _, _, d_values = ppo_kernel.ppo_backward(
+                unit, counts, row_stats, logp, old_logp, advantages, mask, ref_logp,
+                values, old_values, returns, config, grad_entropy_dtype=None,
+                grad_values=True,
             )
-            logp, entropy = logp.view(mask.shape), entropy.view(mask.shape)
-            outputs, counts, row_stats = ppo_kernel.ppo_forward(
-                logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
-                returns, cfg, is_weights,
-            )
-            d_values = None
-            if ctx.needs_input_grad[3]:
-                unit = torch.zeros_like(outputs)
-                unit[0] = 1.0
-                _, _, d_values = ppo_kernel.ppo_backward(
-                    unit, counts, row_stats, logp, old_logp, advantages, mask, ref_logp,
-                    values, old_values, returns, cfg, grad_entropy_dtype=None,
-                    grad_values=True,
-                )
-        ctx.save_for_backward(d_hidden, d_weight, d_bias, d_values)
-        statistics = outputs[1:].clone()
-        ctx.mark_non_differentiable(statistics)
-        return outputs[0], statistics
+    grads = tuple(empty_like_absent(hidden) if g is None else g
+                  for g in (d_hidden, d_weight, d_bias, d_values))
+    return outputs[0], outputs[1:].clone(), *grads
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad_loss, _grad_statistics):
-        # In fp32 at least, rounded once: a loss scale of 65536 is inf in fp16.
-        grads = tuple(None if g is None else scaled(g, grad_loss) for g in ctx.saved_tensors)
-        return (*grads, *([None] * 12))
+
+@linear_ppo_loss_op.register_fake
+def _(hidden, weight, bias, values, labels, old_logp, advantages, mask, ref_logp, old_values,
+      returns, is_weights, temperature, ignore_index, cfg, compute_dtype, grad_hidden,
+      grad_weight, grad_bias, grad_values):
+    dtype = _accumulator(compute_dtype)
+    grads = (torch.empty_like(hidden), weight.new_empty(weight.shape),
+             None if bias is None else bias.new_empty(bias.shape),
+             None if values is None else torch.empty_like(values))
+    asked = (grad_hidden, grad_weight, grad_bias, grad_values)
+    return (hidden.new_empty((), dtype=dtype),
+            hidden.new_empty(ppo_kernel.N_OUTPUTS - 1, dtype=dtype),
+            *(g if was else empty_like_absent(hidden) for g, was in zip(grads, asked)))
+
+
+def _setup_linear_ppo_loss(ctx, inputs, output):
+    ctx.computed = inputs[-4:]  # the grad_* flags: which saved gradients exist
+    ctx.save_for_backward(*output[2:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zeros made for those
+
+
+@differentiable_once
+def _linear_ppo_loss_backward(ctx, grad_loss, *_grad_statistics_and_gradients):
+    if grad_loss is None:
+        return (None,) * 20
+    # In fp32 at least, rounded once: a loss scale of 65536 is inf in fp16.
+    needs = zip(ctx.needs_input_grad[:4], ctx.computed)
+    grads = tuple(scaled(g, grad_loss) if need and computed else None
+                  for g, (need, computed) in zip(ctx.saved_tensors, needs))
+    return (*grads, *((None,) * 16))
+
+
+linear_ppo_loss_op.register_autograd(_linear_ppo_loss_backward,
+                                     setup_context=_setup_linear_ppo_loss)
 
 
 @(LOGPROB_OPTIONS + PPO_OPTIONS).keywords
@@ -182,16 +221,16 @@ def linear_ppo_loss(
     mask, is_weights, rollout_statistics = policy_weights(
         tensors["mask"], tensors["old_logp"], tensors["advantages"], tensors["rollout_logp"],
         ppo_options, _accumulator(compute_dtype))
-    if not torch.is_grad_enabled():  # no_grad / inference_mode: skip the gradient GEMMs
-        hidden, weight = hidden.detach(), weight.detach()
-        bias = None if bias is None else bias.detach()
-        tensors["values"] = None if tensors["values"] is None else tensors["values"].detach()
-    loss, statistics = LinearPPOLossFunction.apply(
+    # no_grad / inference_mode: no gradient asked for, its GEMMs skipped
+    grad = torch.is_grad_enabled()
+    loss, statistics, *_ = linear_ppo_loss_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
         None if bias is None else bias.contiguous(), tensors["values"],
         labels.reshape(-1).contiguous(), tensors["old_logp"], tensors["advantages"],
         mask, tensors["ref_logp"], tensors["old_values"], tensors["returns"], is_weights,
-        opt.temperature, opt.ignore_index, cfg, compute_dtype,
+        opt.temperature, opt.ignore_index, config_args(cfg), compute_dtype,
+        *(grad and t is not None and t.requires_grad
+          for t in (hidden, weight, bias, tensors["values"])),
     )
     return PPOLossOutput(loss, *statistics.unbind(), *rollout_statistics)
 
@@ -209,7 +248,7 @@ def _from_logprobs(
     mask, is_weights, rollout_statistics = policy_weights(
         tensors["mask"], tensors["old_logp"], tensors["advantages"], tensors["rollout_logp"],
         ppo_options, logp.dtype, logp, entropy)
-    outputs = PPOLossFunction.apply(
+    outputs = fused_ppo_loss(
         logp, entropy, tensors["values"], tensors["old_logp"], tensors["advantages"],
         mask, tensors["ref_logp"], tensors["old_values"], tensors["returns"], is_weights,
         kl_cov_coefficients(logp, tensors["advantages"], mask, ppo_options, logp.dtype), cfg,

@@ -9,6 +9,7 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import linear_token_divergence as kernel
+from rlhf_fast.kernels import token_divergence as divergence_kernel
 from rlhf_fast.kernels.common import mask_view
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
@@ -18,44 +19,87 @@ from rlhf_fast.ops.checks import (
     differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
-from rlhf_fast.ops.linear_logprobs import gemm_dtype, no_autocast
+from rlhf_fast.ops.library import empty_like_absent, kernel_op
+from rlhf_fast.ops.linear_logprobs import gemm_dtype, head_grads_like, no_autocast
 from rlhf_fast.ops.token_divergence import CODES, resolved_divergence
 from rlhf_fast.options import DIVERGENCE_OPTIONS
 from rlhf_fast.reference.distillation import counted_rows
 
 
-class LinearTokenDivergenceFunction(torch.autograd.Function):
-    """Autograd wrapper of the chunked kernels. Inputs validated by
-    `linear_token_divergence`."""
+@kernel_op("linear_token_divergence")
+def linear_token_divergence_op(
+    s_hidden: torch.Tensor, s_weight: torch.Tensor, s_bias: torch.Tensor | None,
+    t_hidden: torch.Tensor, t_weight: torch.Tensor, t_bias: torch.Tensor | None,
+    rows: torch.Tensor | None, kept: torch.Tensor, code: int, temperature: float,
+    beta: float, ignore_index: int, s_dtype: torch.dtype, t_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(divergence [N], stats [N_STATS, N]) of `kernel.linear_divergence_forward` on
+    contiguous hidden states [N, D_s] / [N, D_t] and lm_heads [V, D], each model's GEMMs
+    in its compute dtype (s_dtype, t_dtype); stats is for the backward. `kept` [N] bool
+    (the rows counted) is read by the backward only."""
+    with no_autocast(s_hidden):
+        return kernel.linear_divergence_forward(
+            (s_hidden, s_weight, s_bias, s_dtype), (t_hidden, t_weight, t_bias, t_dtype),
+            rows, code, temperature, beta, ignore_index)
 
-    @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, rows, kept,
-                code, temperature, beta, ignore_index, s_dtype, t_dtype):
-        student = (s_hidden, s_weight, s_bias, s_dtype)
-        teacher = (t_hidden, t_weight, t_bias, t_dtype)
-        with no_autocast(s_hidden):
-            value, stats = kernel.linear_divergence_forward(
-                student, teacher, rows, code, temperature, beta, ignore_index)
-        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, rows,
-                              kept, stats)
-        ctx.settings = (code, temperature, beta, ignore_index, s_dtype, t_dtype)
-        return value
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, g):
-        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, rows, kept, stats = \
-            ctx.saved_tensors
-        code, temperature, beta, ignore_index, s_dtype, t_dtype = ctx.settings
-        needs = tuple(ctx.needs_input_grad[:3])
-        if not any(needs):
-            return (None,) * 14
-        with no_autocast(s_hidden):
-            grads = kernel.linear_divergence_backward(
-                (s_hidden, s_weight, s_bias, s_dtype), (t_hidden, t_weight, t_bias, t_dtype),
-                rows, kept, stats, g.contiguous(), code, temperature, beta, ignore_index,
-                needs)
-        return grads + (None,) * 11
+@linear_token_divergence_op.register_fake
+def _(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, rows, kept, code, temperature,
+      beta, ignore_index, s_dtype, t_dtype):
+    dtype = torch.float64 if torch.float64 in (s_dtype, t_dtype) else torch.float32
+    n_tokens = s_hidden.shape[0]
+    return (s_hidden.new_empty(n_tokens, dtype=dtype),
+            s_hidden.new_empty((divergence_kernel.N_STATS, n_tokens), dtype=dtype))
+
+
+@kernel_op("linear_token_divergence_backward")
+def linear_token_divergence_backward_op(
+    s_hidden: torch.Tensor, s_weight: torch.Tensor, s_bias: torch.Tensor | None,
+    t_hidden: torch.Tensor, t_weight: torch.Tensor, t_bias: torch.Tensor | None,
+    rows: torch.Tensor | None, kept: torch.Tensor, stats: torch.Tensor, g: torch.Tensor,
+    code: int, temperature: float, beta: float, ignore_index: int, grad_hidden: bool,
+    grad_weight: bool, grad_bias: bool, s_dtype: torch.dtype, t_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d student hidden, d student weight, d student bias), each in its input's dtype
+    where its grad_* flag asks for it (else empty), from the upstream gradient `g` [N]."""
+    with no_autocast(s_hidden):
+        grads = kernel.linear_divergence_backward(
+            (s_hidden, s_weight, s_bias, s_dtype), (t_hidden, t_weight, t_bias, t_dtype),
+            rows, kept, stats, g.contiguous(), code, temperature, beta, ignore_index,
+            (grad_hidden, grad_weight, grad_bias))
+    return tuple(empty_like_absent(s_hidden) if grad is None else grad for grad in grads)
+
+
+@linear_token_divergence_backward_op.register_fake
+def _(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, rows, kept, stats, g, code,
+      temperature, beta, ignore_index, grad_hidden, grad_weight, grad_bias, s_dtype,
+      t_dtype):
+    return head_grads_like(s_hidden, s_weight, s_bias, (grad_hidden, grad_weight, grad_bias))
+
+
+def _setup_linear_token_divergence(ctx, inputs, output):
+    (s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, rows, kept, *settings) = inputs
+    ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, rows,
+                          kept, output[1])
+    ctx.settings = tuple(settings)  # code, temperature, beta, ignore_index, s/t dtype
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros made for it
+
+
+@differentiable_once
+def _linear_token_divergence_backward(ctx, g, _grad_stats):
+    needs = tuple(ctx.needs_input_grad[:3])
+    if g is None or not any(needs):
+        return (None,) * 14
+    code, temperature, beta, ignore_index, s_dtype, t_dtype = ctx.settings
+    grads = linear_token_divergence_backward_op(
+        *ctx.saved_tensors, g, code, temperature, beta, ignore_index, *needs, s_dtype,
+        t_dtype)
+    return tuple(grad if need else None for grad, need in zip(grads, needs)) + (None,) * 11
+
+
+linear_token_divergence_op.register_autograd(
+    _linear_token_divergence_backward, setup_context=_setup_linear_token_divergence)
 
 
 def _check_head(prefix: str, hidden: torch.Tensor, weight: torch.Tensor,
@@ -150,7 +194,7 @@ def linear_token_divergence(
     def contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.contiguous()
 
-    value = LinearTokenDivergenceFunction.apply(
+    value, _ = linear_token_divergence_op(
         flat(student_hidden), student_weight.contiguous(), contiguous(student_bias),
         flat(teacher_hidden), teacher_weight.contiguous(), contiguous(teacher_bias), rows,
         kept.contiguous(), CODES[divergence], opt.temperature, beta, opt.ignore_index,

@@ -150,13 +150,6 @@ def _logprobs_backward(ctx, *grads):
 logprobs_op.register_autograd(_logprobs_backward, setup_context=_setup_logprobs)
 
 
-def upstream_grads(returned: tuple[bool, ...], grads: tuple) -> list:
-    """The upstream gradient of each possible output (logp, entropy, log_sum_p2), None for
-    those not returned: autograd passes one per returned output, in order."""
-    given = iter(grads)
-    return [next(given) if was_returned else None for was_returned in returned]
-
-
 def single_or_tuple(outputs: tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
     return outputs[0] if len(outputs) == 1 else outputs
 

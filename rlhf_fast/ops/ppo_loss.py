@@ -18,41 +18,113 @@ from rlhf_fast.ops.checks import (
     differentiable_once,
 )
 from rlhf_fast.ops.dispatch import use_triton
+from rlhf_fast.ops.library import config_args, config_from_args, empty_like_absent, kernel_op
 from rlhf_fast.options import PPO_OPTIONS
 from rlhf_fast.types import PPOLossOutput
 
 
-class PPOLossFunction(torch.autograd.Function):
-    """Autograd wrapper: returns the [10] outputs of `PPOLossOutput` as one tensor."""
+def _compute_dtype(logp: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logp.dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    def forward(ctx, logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values,
-                returns, is_weights, kl_cov_coef, cfg):
-        outputs, counts, row_stats = kernel.ppo_forward(
-            logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, cfg,
-            is_weights, kl_cov_coef,
-        )
-        ctx.save_for_backward(
-            counts, row_stats, logp, old_logp, advantages, mask, ref_logp, values, old_values,
-            returns, is_weights, kl_cov_coef,
-        )
-        ctx.cfg = cfg
-        ctx.entropy_dtype = None if entropy is None else entropy.dtype
-        return outputs
 
-    @staticmethod
-    @differentiable_once
-    def backward(ctx, grad_outputs):
-        (counts, row_stats, logp, old_logp, adv, mask, ref, values, old_v, ret,
-         is_weights, kl_cov_coef) = ctx.saved_tensors
-        needs_logp, needs_entropy, needs_values = ctx.needs_input_grad[:3]
-        d_logp, d_ent, d_v = kernel.ppo_backward(
-            grad_outputs.contiguous(), counts, row_stats,
-            logp, old_logp, adv, mask, ref, values, old_v, ret, ctx.cfg,
-            grad_entropy_dtype=ctx.entropy_dtype if needs_entropy else None,
-            grad_values=needs_values, is_weights=is_weights, kl_cov_coef=kl_cov_coef,
-        )
-        return (d_logp if needs_logp else None), d_ent, d_v, *([None] * 9)
+@kernel_op("ppo_loss")
+def ppo_loss_op(
+    logp: torch.Tensor, entropy: torch.Tensor | None, values: torch.Tensor | None,
+    old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    ref_logp: torch.Tensor | None, old_values: torch.Tensor | None,
+    returns: torch.Tensor | None, is_weights: torch.Tensor | None,
+    kl_cov_coef: torch.Tensor | None, cfg: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(outputs [N_OUTPUTS] in `PPOLossOutput`'s order, counts [3], row_stats [B, tiles,
+    N_ROW_STATS]) of `kernel.ppo_forward` on contiguous [B, T] inputs (None: absent);
+    `cfg` the `config_args` of a `PPOKernelConfig`. Only outputs is differentiable (w.r.t.
+    logp, entropy and values)."""
+    return kernel.ppo_forward(
+        logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns,
+        config_from_args(kernel.PPOKernelConfig, cfg), is_weights, kl_cov_coef)
+
+
+@ppo_loss_op.register_fake
+def _(logp, *args):
+    batch, positions = logp.shape
+    # block_size(T) is T's next power of two, capped at MAX_BLOCK_T: one tile covers a row
+    # of up to MAX_BLOCK_T positions, tiles of MAX_BLOCK_T a longer one
+    tiles = -(-positions // kernel.MAX_BLOCK_T)
+    dtype = _compute_dtype(logp)
+    return (logp.new_empty(kernel.N_OUTPUTS, dtype=dtype), logp.new_empty(3, dtype=dtype),
+            logp.new_empty((batch, tiles, kernel.N_ROW_STATS), dtype=dtype))
+
+
+@kernel_op("ppo_loss_backward")
+def ppo_loss_backward_op(
+    grad_outputs: torch.Tensor, counts: torch.Tensor, row_stats: torch.Tensor,
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    ref_logp: torch.Tensor | None, values: torch.Tensor | None,
+    old_values: torch.Tensor | None, returns: torch.Tensor | None,
+    is_weights: torch.Tensor | None, kl_cov_coef: torch.Tensor | None, cfg: list[float],
+    entropy_dtype: torch.dtype | None, grad_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d logp, d entropy, d values) from the upstream gradient of the forward's outputs:
+    d entropy in `entropy_dtype` (empty when None), d values when `grad_values` (else
+    empty)."""
+    d_logp, d_ent, d_v = kernel.ppo_backward(
+        grad_outputs.contiguous(), counts, row_stats, logp, old_logp, advantages, mask,
+        ref_logp, values, old_values, returns, config_from_args(kernel.PPOKernelConfig, cfg),
+        grad_entropy_dtype=entropy_dtype, grad_values=grad_values, is_weights=is_weights,
+        kl_cov_coef=kl_cov_coef)
+    return (d_logp, empty_like_absent(logp) if d_ent is None else d_ent,
+            empty_like_absent(logp) if d_v is None else d_v)
+
+
+@ppo_loss_backward_op.register_fake
+def _(grad_outputs, counts, row_stats, logp, old_logp, advantages, mask, ref_logp, values,
+      old_values, returns, is_weights, kl_cov_coef, cfg, entropy_dtype, grad_values):
+    d_ent = (empty_like_absent(logp) if entropy_dtype is None
+             else logp.new_empty(logp.shape, dtype=entropy_dtype))
+    return (torch.empty_like(logp), d_ent,
+            torch.empty_like(values) if grad_values else empty_like_absent(logp))
+
+
+def _setup_ppo_loss(ctx, inputs, output):
+    (logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values, returns,
+     is_weights, kl_cov_coef, ctx.cfg) = inputs
+    _, counts, row_stats = output
+    ctx.save_for_backward(counts, row_stats, logp, old_logp, advantages, mask, ref_logp,
+                          values, old_values, returns, is_weights, kl_cov_coef)
+    ctx.entropy_dtype = None if entropy is None else entropy.dtype
+    ctx.mark_non_differentiable(counts, row_stats)
+    ctx.set_materialize_grads(False)  # no zeros made for those
+
+
+@differentiable_once
+def _ppo_loss_backward(ctx, grad_outputs, _grad_counts, _grad_row_stats):
+    (counts, row_stats, logp, old_logp, adv, mask, ref, values, old_v, ret, is_weights,
+     kl_cov_coef) = ctx.saved_tensors
+    needs_logp, needs_entropy, needs_values = ctx.needs_input_grad[:3]
+    if grad_outputs is None:
+        return (None,) * 12
+    d_logp, d_ent, d_v = ppo_loss_backward_op(
+        grad_outputs, counts, row_stats, logp, old_logp, adv, mask, ref, values, old_v, ret,
+        is_weights, kl_cov_coef, ctx.cfg, ctx.entropy_dtype if needs_entropy else None,
+        needs_values)
+    return ((d_logp if needs_logp else None), (d_ent if needs_entropy else None),
+            (d_v if needs_values else None), *([None] * 9))
+
+
+ppo_loss_op.register_autograd(_ppo_loss_backward, setup_context=_setup_ppo_loss)
+
+
+def fused_ppo_loss(
+    logp: torch.Tensor, entropy: torch.Tensor | None, values: torch.Tensor | None,
+    old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    ref_logp: torch.Tensor | None, old_values: torch.Tensor | None,
+    returns: torch.Tensor | None, is_weights: torch.Tensor | None,
+    kl_cov_coef: torch.Tensor | None, cfg: kernel.PPOKernelConfig,
+) -> torch.Tensor:
+    """The [N_OUTPUTS] outputs of the fused kernels (`ppo_loss_op`), differentiable
+    w.r.t. logp, entropy and values."""
+    return ppo_loss_op(logp, entropy, values, old_logp, advantages, mask, ref_logp,
+                       old_values, returns, is_weights, kl_cov_coef, config_args(cfg))[0]
 
 
 def _check_bt(name: str, value: torch.Tensor | None, like: torch.Tensor, like_name: str,
@@ -174,10 +246,10 @@ def ppo_loss(
             rollout_logp=tensors["rollout_logp"], **vars(opt),
         )
     logp = logp.contiguous()
-    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(logp)
     mask, is_weights, rollout_statistics = policy_weights(
         mask, old_logp, advantages, tensors["rollout_logp"], opt, dtype, logp, entropy)
-    outputs = PPOLossFunction.apply(
+    outputs = fused_ppo_loss(
         logp, entropy, values, old_logp, advantages, mask, ref_logp, old_values, returns,
         is_weights, kl_cov_coefficients(logp, advantages, mask, opt, dtype), cfg,
     )
