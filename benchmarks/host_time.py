@@ -110,7 +110,7 @@ def gae_call(wrap: Wrap) -> Callable[[], Any]:
 CASES: dict[str, tuple[Callable[[Wrap], Callable[[], Any]], float]] = {
     "ppo_loss fwd+bwd (KL)": (ppo_loss_call, 350.0),
     "logprobs fwd+bwd (+ entropy)": (logprobs_call, 250.0),
-    "dpo_loss fwd+bwd": (dpo_loss_call, 400.0),
+    "dpo_loss fwd+bwd": (dpo_loss_call, 250.0),
     "gae": (gae_call, 50.0),
 }
 
