@@ -101,7 +101,7 @@ def test_one_graph_for_every_batch_shape(step):
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, fullgraph=True, backend=counter, dynamic=True)
-    for rows, length in ((4, 6), (8, 6), (6, 9), (2, 3)):
+    for rows, length in ((4, 6), (8, 6), (6, 9), (8, 3)):  # (sizes 0 and 1 specialise)
         inputs = batch(rows, length)
         for g, e in zip(loss_and_grads(compiled, inputs), loss_and_grads(step, inputs)):
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

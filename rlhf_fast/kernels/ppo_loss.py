@@ -104,16 +104,17 @@ class PPOKernelConfig:
     value_clip: float
     vf_coef: float
     agg_code: int
-    max_len: int
+    max_len: int  # seq-mean-token-sum-norm's length, 0: the batch's T
     token_count: float  # token-mean's divisor, 0: the batch's valid tokens
     seq_count: float  # the seq-mean modes' divisor, 0: the batch's non-empty rows
     norm_rows: float  # the B of seq-mean-token-sum-norm, 0: the batch's
     dp_size: float
 
     @classmethod
-    def from_options(cls, opt: Any, n_positions: int) -> PPOKernelConfig:
-        """From the checked `rlhf_fast.options.PPO_OPTIONS` of a call on ``[B, n_positions]``
-        tensors (any object with those attributes)."""
+    def from_options(cls, opt: Any) -> PPOKernelConfig:
+        """From the checked `rlhf_fast.options.PPO_OPTIONS` of a call (any object with
+        those attributes). Nothing of the batch's shape goes in: a compiled graph takes
+        every batch size and length with the same config."""
         code = POLICY_CODES[opt.policy_loss]
         param_a, param_b = 0.0, 0.0
         if opt.dual_clip is not None:
@@ -132,15 +133,16 @@ class PPOKernelConfig:
             kl_coef=opt.kl_coef,
             entropy_coef=opt.entropy_coef, value_clip=opt.value_clip, vf_coef=opt.vf_coef,
             agg_code=AGG_CODES[opt.agg],
-            max_len=n_positions if opt.max_len is None else opt.max_len,
+            max_len=0 if opt.max_len is None else opt.max_len,
             token_count=float(opt.batch_num_tokens or 0),
             seq_count=float(opt.global_batch_size or 0),
             norm_rows=float(opt.global_batch_size or 0), dp_size=float(opt.dp_size),
         )
 
-    def norm_count(self, batch_rows: int) -> float:
-        """seq-mean-token-sum-norm's divisor, rows * max_len, for a batch of `batch_rows`."""
-        return float(max((self.norm_rows or batch_rows) * self.max_len, 1))
+    def norm_count(self, batch_rows: int, n_positions: int) -> float:
+        """seq-mean-token-sum-norm's divisor, rows * max_len, for a batch of `batch_rows`
+        rows of `n_positions` (max_len's default)."""
+        return float(max((self.norm_rows or batch_rows) * (self.max_len or n_positions), 1))
 
     @property
     def is_sequence_loss(self) -> bool:
@@ -689,7 +691,7 @@ def ppo_forward(
         )
     _ppo_reduce_kernel[(1,)](
         row_stats, outputs, counts, B if T > 0 else 0, n_tiles,
-        *cfg.fp64_args("token_count", "seq_count"), *split_fp64(cfg.norm_count(B)),
+        *cfg.fp64_args("token_count", "seq_count"), *split_fp64(cfg.norm_count(B, T)),
         *cfg.fp64_args("dp_size", "kl_coef", "entropy_coef", "vf_coef"),
         AGG=cfg.agg_code, FP64=fp64, BLOCK_B=256, num_warps=4,
     )
@@ -747,7 +749,7 @@ def token_weights(mask: torch.Tensor, cfg: PPOKernelConfig, dtype: torch.dtype
     if cfg.agg_code == AGG_CODES["token-mean"]:
         denominator = cfg.token_count or row_counts.sum()
     elif cfg.agg_code == AGG_CODES["seq-mean-token-sum-norm"]:
-        denominator = torch.tensor(cfg.norm_count(mask.shape[0]), dtype=dtype,
+        denominator = torch.tensor(cfg.norm_count(*mask.shape), dtype=dtype,
                                    device=mask.device)
     elif cfg.agg_code == AGG_CODES["token-sum"]:
         denominator = 1.0

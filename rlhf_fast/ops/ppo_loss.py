@@ -169,7 +169,7 @@ def check_ppo_arguments(
     if corrected and not bypass and checked["rollout_logp"] is None:
         raise ValueError("rollout_logp is required when rollout_is or rollout_rs is set "
                          "(but for policy_loss 'bypass_mode')")
-    cfg = kernel.PPOKernelConfig.from_options(opt, like.shape[1])
+    cfg = kernel.PPOKernelConfig.from_options(opt)
     return checked, opt, cfg
 
 
