@@ -99,12 +99,20 @@ def test_trainers_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(python_blocks()[6], ns)
+    exec(python_blocks()[7], ns)
     assert [r["step"] for r in ns["dpo_metrics"]] == [2, 4]
     assert [r["step"] for r in ns["ppo_metrics"]] == [1, 2]
     assert (tmp_path / "runs/readme/dpo/final/config.json").is_file()
     assert (tmp_path / "runs/readme/ppo/checkpoint-2/model.safetensors").is_file()
     assert all(0 <= r["reward"] <= 1 for r in ns["ppo_metrics"])
+
+
+def test_compile_snippet_runs_without_a_graph_break():
+    torch._dynamo.reset()
+    ns: dict = {}
+    exec(python_blocks()[6], ns)
+    assert ns["explained"].graph_break_count == 0 and ns["explained"].graph_count == 1
+    assert ns["weight"].grad is not None and ns["weight"].grad.abs().sum() > 0
 
 
 def test_distillation_snippet_runs_and_holds_what_it_claims():

@@ -1,1 +1,2 @@
-"""One module per op: its autograd.Function, input checks and dispatch."""
+"""One module per op: its custom ops (registered with `library.kernel_op`), input checks
+and dispatch."""
