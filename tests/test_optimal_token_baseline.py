@@ -240,3 +240,22 @@ def test_outputs_are_detached(monkeypatch, backend):
     rewards.requires_grad_()
     adv, ret = rlhf_fast.optimal_token_baseline(rewards, mask, old_logp, log_sum_p2, 2)
     assert not adv.requires_grad and not ret.requires_grad
+
+
+def test_path_weights_keep_their_precision_where_the_token_is_nearly_certain():
+    """pi_y = exp(old_logp) near 1 (two outcomes, 1 - pi_y = 1e-4): w = (1 - pi)^2 +
+    (sum pi^2 - pi^2) = 2e-8, which 1 - 2 pi + sum pi^2 rounds away in fp32; a group of
+    one valid row reads it through G W / (W + eps)."""
+    T = 6
+    rest = torch.full((2, T), 1e-4, dtype=F64)
+    old_logp = torch.log1p(-rest)
+    log_sum_p2 = torch.log((1 - rest) ** 2 + rest**2)
+    rewards = torch.zeros(2, T, dtype=F64)
+    rewards[0, -1] = 1.0
+    mask = torch.tensor([[True] * T, [False] * T])
+    inputs = [x.float() for x in (rewards, old_logp, log_sum_p2)]
+    ref = reference.optimal_token_baseline(*[x.double() for x in inputs[:1]], mask,
+                                           *[x.double() for x in inputs[1:]], 2)
+    out = rlhf_fast.optimal_token_baseline(inputs[0], mask, *inputs[1:], 2)
+    for name, a, b in zip(("advantages", "returns"), out, ref):
+        assert rel_err(a, b) < 1e-5, name

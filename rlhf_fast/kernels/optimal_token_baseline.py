@@ -18,6 +18,11 @@ Both G and W come from running sums in their own direction, so neither is a diff
 of two larger sums (a suffix sum as total - prefix would lose the small returns of the
 last tokens to the rounding of the total).
 
+w_t = ||e_y - pi||^2 = (1 - pi_y)^2 + (sum pi^2 - pi_y^2) is computed as two non-negative
+terms, expm1(old_logp)^2 + exp(2 old_logp) expm1(log_sum_p2 - 2 old_logp): where pi_y is
+near 1, 1 - 2 pi_y + sum pi^2 cancels all but a few bits in fp32 (and the baseline of a
+group of one valid row, G W / (W + eps), reads W at that precision).
+
 Traffic: each input read once (rewards twice: once per pass is cheaper than keeping the
 tile), returns written once and read once, advantages written once.
 """
@@ -29,6 +34,14 @@ import triton
 import triton.language as tl
 
 from rlhf_fast.kernels.common import fp64_arg, mask_view, math_dtype, nonzero, split_fp64
+
+
+@triton.jit
+def _expm1(x):
+    # exp(x) - 1 accurate near 0 (Kahan: u's rounding cancels in (u - 1) / log(u))
+    u = tl.exp(x)
+    log_u = tl.where(u == 1.0, 1.0, tl.log(u))  # (no 0 / 0 in the lanes discarded)
+    return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, (u - 1.0) * x / log_u))
 
 
 @triton.jit
@@ -71,9 +84,10 @@ def _optimal_token_baseline_kernel(
         ok = row_ok[:, None] & (pos < seq_len)[None, :]
         at = row_start[:, None] + pos[None, :]
         valid = ok & nonzero(tl.load(mask_ptr + at, mask=ok, other=0))
-        pi = tl.exp(tl.load(old_logp_ptr + at, mask=valid, other=0.0).to(acc_dtype))
-        sum_p2 = tl.exp(tl.load(sum_p2_ptr + at, mask=valid, other=0.0).to(acc_dtype))
-        w = 1.0 - 2.0 * pi + sum_p2
+        logp = tl.load(old_logp_ptr + at, mask=valid, other=0.0).to(acc_dtype)
+        log_sum_p2 = tl.load(sum_p2_ptr + at, mask=valid, other=0.0).to(acc_dtype)
+        one_minus_pi = _expm1(logp)
+        w = one_minus_pi * one_minus_pi + tl.exp(2.0 * logp) * _expm1(log_sum_p2 - 2.0 * logp)
         if HAS_RHO:
             rho = tl.load(rho_ptr + at, mask=valid, other=0.0).to(acc_dtype)
             w = w * (rho * rho)
