@@ -28,10 +28,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from rlhf_fast.ops.library import NAMESPACE
+from rlhf_fast.ops.library import NAMESPACE, launch_within
 
 GB = 1e9
-_META_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.Meta)
 
 
 class PeakMemory(TorchDispatchMode):
@@ -47,7 +46,7 @@ class PeakMemory(TorchDispatchMode):
                            ) -> Any:
         self._free_dead()
         if getattr(func, "namespace", None) == NAMESPACE:
-            out = self._custom_op(func, args, kwargs or {})
+            out = launch_within(self, func, args, kwargs or {})
         else:
             out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
@@ -55,16 +54,6 @@ class PeakMemory(TorchDispatchMode):
                 self._add(tensor.untyped_storage())
         self.peak = max(self.peak, self.current)
         return out
-
-    def _custom_op(self, func: Any, args: Any, kwargs: Any) -> Any:
-        """An op's custom op (`rlhf_fast.ops.library`) reaches a dispatch mode as one call:
-        its meta kernel (the op's launcher) runs with this mode back on, so that every
-        storage it creates counts, not only its outputs."""
-        TorchDispatchMode.__enter__(self)
-        try:
-            return func.redispatch(_META_KEYS, *args, **kwargs)
-        finally:
-            TorchDispatchMode.__exit__(self, None, None, None)
 
     def _add(self, storage: torch.UntypedStorage) -> None:
         key = storage._cdata

@@ -443,7 +443,7 @@ def test_bench_k_runs_only_the_selected_cases(tmp_path: Path) -> None:
     out_dir = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-c", RUN_CLI, "bench", "ppo_loss", "--quick", "--out", str(out_dir),
-         "-k", "rlhf_fast and fwd+bwd"],
+         "-k", "rlhf_fast and not compile and fwd+bwd"],
         cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -63,6 +63,7 @@ class KernelOp:
 
     def __init__(self, name: str, launch: Callable[..., Any], mutates_args: tuple[str, ...]):
         self.name, self.launch = name, launch
+        KERNEL_OPS[f"{NAMESPACE}::{name}"] = self
         self.op = torch.library.custom_op(f"{NAMESPACE}::{name}", launch,
                                           mutates_args=mutates_args)
         self.op.register_kernel("meta")(launch)
@@ -94,6 +95,19 @@ class KernelOp:
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self.eager.apply(*args)
         return self.launch(*args)
+
+
+#: every KernelOp, by its custom op's qualified name ("rlhf_fast::logprobs")
+KERNEL_OPS: dict[str, KernelOp] = {}
+
+
+def launch_within(mode: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                  ) -> Any:
+    """For a dispatch mode that counts what happens inside an op (memory, FLOPs, host
+    syncs): the custom op `func`'s launcher, run with `mode` back on (a mode is off while
+    it handles a call, so it would see the op as one call)."""
+    with mode:
+        return KERNEL_OPS[func._schema.name].launch(*args, **kwargs)
 
 
 def _plain_eager_call(args: tuple[Any, ...]) -> bool:
