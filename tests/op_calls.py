@@ -84,6 +84,19 @@ def _ppo_loss_gspo(x: Inputs) -> Call:
         rollout_is_threshold=2.0).loss])
 
 
+def _ppo_loss_masks(policy_loss: str) -> Callable[[Inputs], Call]:
+    """ppo_loss with the policy weights computed in torch before the fused op: kl_cov's
+    top-k, clip_cov's random draw, TRL's top-entropy quantile mask."""
+    def build(x: Inputs) -> Call:
+        logp, entropy = x.logp(B, T, leaf=True), x.float(B, T).abs()
+        old, adv, mask = x.logp(B, T), x.float(B, T), x.mask(B, T)
+        return x.call(lambda: [rlhf_fast.ppo_loss(
+            logp, old, adv, mask, entropy=entropy, policy_loss=policy_loss,
+            top_entropy_quantile=0.5, clip_cov_lb=-10.0, clip_cov_ub=10.0).loss])
+
+    return build
+
+
 def _linear_ppo_loss(x: Inputs) -> Call:
     hidden, weight, labels = x.float(2, T, D, leaf=True), x.float(V, D, leaf=True), \
         x.labels(2, T)
@@ -189,7 +202,10 @@ def _kto_loss(x: Inputs) -> Call:
 #: public op -> builder; a second entry of an op covers another of its kernel paths
 CALLS: dict[str, Callable[[Inputs], Call]] = {
     "logprobs": _logprobs, "linear_logprobs": _linear_logprobs, "ppo_loss": _ppo_loss,
-    "ppo_loss[gspo+rollout_is]": _ppo_loss_gspo, "linear_ppo_loss": _linear_ppo_loss,
+    "ppo_loss[gspo+rollout_is]": _ppo_loss_gspo,
+    "ppo_loss[kl_cov+top_entropy]": _ppo_loss_masks("kl_cov"),
+    "ppo_loss[clip_cov+top_entropy]": _ppo_loss_masks("clip_cov"),
+    "linear_ppo_loss": _linear_ppo_loss,
     "gae": _gae, "discounted_returns": _discounted_returns,
     "group_advantages": _group_advantages, "optimal_token_baseline": _optimal_token_baseline,
     "masked_mean": _masked_mean, "masked_whiten": _masked_whiten,

@@ -462,11 +462,14 @@ def verl_kl_cov(logp, old, adv, mask, ratio=0.0002, coef=1.0):
 @pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
 def test_covariance_losses_agree_with_verl(name):
     """Ratios large enough that a tenth of the tokens is selected (verl's default share
-    of 0.0002 selects one token here)."""
+    of 0.0002 selects one token here). clip_cov draws its tokens from its own random
+    stream (random keys, no host sync, where verl takes a randperm of the candidates'
+    indices): a share of 1 draws every candidate, which leaves nothing to chance; the
+    draw itself is `test_clip_cov_draws_its_share_of_the_candidates`'."""
     batch = random_batch()
     batch = {k: v.nan_to_num(-1.0) if v.is_floating_point() else v for k, v in batch.items()}
     args = [batch[k] for k in ("logp", "old_logp", "advantages", "mask")]
-    settings = dict(clip_cov_ratio=0.1, clip_cov_lb=-1.0, clip_cov_ub=5.0) \
+    settings = dict(clip_cov_ratio=1.0, clip_cov_lb=-1.0, clip_cov_ub=5.0) \
         if name == "clip_cov" else dict(kl_cov_ratio=0.1, ppo_kl_coef=0.5)
     torch.manual_seed(7)
     ours, grad = loss_and_grad(reference.ppo_loss, *args, policy_loss=name, clip_eps_high=0.28,
@@ -474,7 +477,7 @@ def test_covariance_losses_agree_with_verl(name):
     torch.manual_seed(7)
     logp = args[0].clone().requires_grad_()
     if name == "clip_cov":
-        theirs = verl_clip_cov(logp, *args[1:], 0.2, 0.28, 0.1, -1.0, 5.0)
+        theirs = verl_clip_cov(logp, *args[1:], 0.2, 0.28, 1.0, -1.0, 5.0)
     else:
         theirs = verl_kl_cov(logp, *args[1:], 0.1, 0.5)
     (their_grad,) = torch.autograd.grad(theirs, logp)
@@ -484,6 +487,33 @@ def test_covariance_losses_agree_with_verl(name):
     plain, _ = loss_and_grad(reference.ppo_loss, *args, clip_eps_high=0.28,
                              policy_loss="vanilla" if name == "clip_cov" else "gpg")
     assert plain.policy_loss.item() != pytest.approx(ours.policy_loss.item(), rel=1e-6)
+
+
+def test_clip_cov_draws_its_share_of_the_candidates():
+    """max(1, floor(ratio n)) tokens dropped, each an unclipped candidate (covariance in
+    (lb, ub)); another seed, another draw (an identical subset of 9 or more among 80 or
+    more candidates has a chance below 1e-11)."""
+    from rlhf_fast.options import PPO_OPTIONS
+    from rlhf_fast.reference.policy import _clip_cov_kept, _covariance
+
+    torch.manual_seed(0)
+    B, T = 8, 50
+    logp, old = -torch.rand(B, T, dtype=F64) * 3, -torch.rand(B, T, dtype=F64) * 3
+    old = logp + (old - logp) * 0.01  # ratios near 1: few clipped tokens
+    adv, mask = torch.randn(B, T, dtype=F64), torch.rand(B, T) < 0.9
+    opt = PPO_OPTIONS.check(dict(policy_loss="clip_cov", clip_cov_ratio=0.03,
+                                 clip_cov_lb=-100.0, clip_cov_ub=100.0))
+    cov = _covariance(logp, adv, mask)
+    candidates = mask & (cov > -100) & (cov < 100)
+    count = max(int(0.03 * int(mask.sum())), 1)
+    assert candidates.sum() > 80 and count >= 9
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        dropped = ~_clip_cov_kept(logp, old, adv, mask, opt)
+        assert int(dropped.sum()) == count and not (dropped & ~candidates).any()
+        draws.append(dropped)
+    assert not torch.equal(*draws)
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)

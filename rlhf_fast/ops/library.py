@@ -119,6 +119,8 @@ def _plain_eager_call(args: tuple[Any, ...]) -> bool:
 def config_args(config: Any) -> list[float]:
     """A kernel config (a frozen dataclass of float, int and bool fields) as a list of
     floats, the form a custom op's schema can carry; ints are exact up to 2^53."""
+    if torch.compiler.is_compiling():  # a constant of the graph; Dynamo skips lru_cache
+        return [float(getattr(config, field.name)) for field in dataclasses.fields(config)]
     return list(_config_floats(config))
 
 

@@ -320,30 +320,54 @@ def _covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
 
 def _clip_cov_kept(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                    opt: Any) -> Tensor:
+    """Clip-Cov's draw: max(1, clip_cov_ratio n) tokens (n valid), uniformly at random among
+    the unclipped valid ones whose covariance lies in (clip_cov_lb, clip_cov_ub) (all of
+    them if fewer), 0 in the returned mask. Drawn as the smallest random keys, without a
+    host sync (no data-sized index list)."""
     eps_high = opt.clip_eps if opt.clip_eps_high is None else opt.clip_eps_high
     ratio = torch.exp(logp - old_logp)
     clipped = -advantages * torch.clamp(ratio, 1 - opt.clip_eps, 1 + eps_high) > \
         -advantages * ratio
     cov = torch.where(clipped, -math.inf, _covariance(logp, advantages, mask))
-    candidates = ((cov > opt.clip_cov_lb) & (cov < opt.clip_cov_ub) & mask).flatten()
-    count = max(int(opt.clip_cov_ratio * int(mask.sum())), 1)
-    where = candidates.nonzero()[:, 0]
-    chosen = where[torch.randperm(len(where))[:count].to(where.device)]
-    kept = torch.ones_like(candidates)
-    kept[chosen] = False
-    return kept.view(mask.shape)
+    candidates = (cov > opt.clip_cov_lb) & (cov < opt.clip_cov_ub) & mask
+    count = _fraction_of_valid(mask, opt.clip_cov_ratio)
+    keys = torch.where(candidates, torch.rand(mask.shape, device=mask.device), 2.0)
+    return ~(candidates & (_ranks(keys.flatten(), descending=False).view(mask.shape) < count))
+
+
+def _fraction_of_valid(mask: Tensor, ratio: float) -> Tensor:
+    """max(1, floor(ratio n)) for the n valid tokens, a 0-d tensor (no host sync)."""
+    return torch.floor(mask.sum().double() * ratio).clamp(min=1)
+
+
+def _ranks(values: Tensor, descending: bool) -> Tensor:
+    """Each element's position in `values` sorted (stable: ties in index order)."""
+    order = values.argsort(descending=descending, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks
 
 
 def kl_cov_coefficients(logp: Tensor, advantages: Tensor, mask: Tensor, opt: Any) -> Tensor:
     """kl_cov's weight of |log r| per token, ``[B, T]``: ppo_kl_coef at the
-    max(1, kl_cov_ratio n) valid tokens of largest covariance, 0 elsewhere."""
-    coef = torch.zeros_like(logp)
-    n = int(mask.sum())
-    if n:
-        top = _covariance(logp, advantages, mask).flatten().topk(
-            max(1, int(n * opt.kl_cov_ratio))).indices
-        coef.view(-1)[top] = opt.ppo_kl_coef
-    return coef
+    max(1, kl_cov_ratio n) valid tokens of largest covariance (n valid; ties to the first
+    in index order), 0 elsewhere; chosen by rank, without a host sync."""
+    ranks = _ranks(_covariance(logp, advantages, mask).flatten(), descending=True)
+    top = (ranks.view(mask.shape) < _fraction_of_valid(mask, opt.kl_cov_ratio)) & mask
+    return torch.where(top, opt.ppo_kl_coef, 0.0).to(logp.dtype)
+
+
+def _masked_quantile(x: Tensor, mask: Tensor, q: float) -> Tensor:
+    """torch.quantile (linear interpolation) of x's valid entries, without gathering them
+    (no host sync): the valid ones sorted first, the two neighbours of rank q (n - 1)
+    interpolated with torch.lerp, as torch.quantile does. +inf for no valid entry, NaN
+    for a valid NaN (as torch.quantile)."""
+    ordered = torch.where(mask, x, math.inf).flatten().sort().values
+    position = q * (mask.sum().to(x.dtype) - 1).clamp(min=0)
+    below = position.floor()
+    neighbours = ordered.gather(0, torch.stack([below, position.ceil()]).long())
+    quantile = torch.lerp(neighbours[0], neighbours[1], position - below)
+    return torch.where((mask & x.isnan()).any(), math.nan, quantile)
 
 
 def policy_weights(
@@ -374,10 +398,8 @@ def policy_weights(
     if opt.top_entropy_quantile < 1:
         if entropy is None:
             raise ValueError("entropy is required when top_entropy_quantile < 1")
-        valid_entropy = entropy[mask].to(logp.dtype)
-        if valid_entropy.numel():
-            threshold = torch.quantile(valid_entropy, 1 - opt.top_entropy_quantile)
-            keep = entropy.to(logp.dtype) >= threshold
+        values = entropy.to(logp.dtype)
+        keep = values >= _masked_quantile(values, mask, 1 - opt.top_entropy_quantile)
     if opt.off_policy_mask_threshold is not None:
         sampling = old_logp if rollout_logp is None else rollout_logp
         drift = _row_reduce(sampling - logp, mask, "mean")
