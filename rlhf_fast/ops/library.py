@@ -57,8 +57,9 @@ class KernelOp:
     the launcher directly, through an autograd.Function built from the same
     `register_autograd` pieces: the same code, without the dispatcher's round trips
     through Python (about 40 us per op and pass on a CPU core, more than the whole op
-    costs the host otherwise). Meta tensors run the launcher too, not the fake: the
-    memory budgets count its allocations on meta tensors with the launches skipped.
+    costs the host otherwise). Meta tensors run the launcher too (the memory budgets
+    count its allocations with the launches skipped); a dispatch mode that must see
+    inside the op uses `launch_within`.
     """
 
     def __init__(self, name: str, launch: Callable[..., Any], mutates_args: tuple[str, ...]):
@@ -66,7 +67,6 @@ class KernelOp:
         KERNEL_OPS[f"{NAMESPACE}::{name}"] = self
         self.op = torch.library.custom_op(f"{NAMESPACE}::{name}", launch,
                                           mutates_args=mutates_args)
-        self.op.register_kernel("meta")(launch)
         self.eager: type[torch.autograd.Function] | None = None
 
     def register_fake(self, fake: Callable[..., Any]) -> Callable[..., Any]:
