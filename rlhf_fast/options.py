@@ -173,11 +173,24 @@ def _specialised(value: Any) -> Any:
 
 
 @torch.compiler.assume_constant_result
-def _checked_while_tracing(option_set: OptionSet, given: dict[str, Any], owner: str | None
-                           ) -> Checked:
+def _can_specialise() -> bool:
+    """Whether Dynamo traces guard_scalar (torch >= 2.8 or so; before, it skips it, and a
+    number that became symbolic cannot be checked)."""
+    from torch._dynamo import trace_rules
+    from torch._dynamo.variables import SkipFunctionVariable
+
+    return trace_rules.lookup(guard_scalar) is not SkipFunctionVariable
+
+
+#: every OptionSet by its `key` (an argument Dynamo can hold as a constant)
+_OPTION_SETS: dict[int, OptionSet] = {}
+
+
+@torch.compiler.assume_constant_result
+def _checked_while_tracing(key: int, given: dict[str, Any], owner: str | None) -> Checked:
     # Dynamo calls this with the constant values and puts its result in the graph as a
     # constant: the checks are host-side Python it need not (and could not all) trace.
-    return option_set._cached_check(given, owner)
+    return _OPTION_SETS[key]._cached_check(given, owner)
 
 
 @dataclass(frozen=True)
@@ -195,6 +208,13 @@ class OptionSet:
 
     options: tuple[Option, ...]
     rules: tuple[Callable[[Checked, Callable[[str], str]], None], ...] = ()
+
+    def __post_init__(self) -> None:
+        _OPTION_SETS[self.key] = self
+
+    @property
+    def key(self) -> int:
+        return id(self)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -230,8 +250,9 @@ class OptionSet:
         number torch's automatic dynamic made symbolic (one that changed between calls)
         is specialised to its value first."""
         if torch.compiler.is_compiling():
-            return _checked_while_tracing(self, {name: _specialised(value)
-                                                 for name, value in given.items()}, owner)
+            if _can_specialise():
+                given = {name: _specialised(value) for name, value in given.items()}
+            return _checked_while_tracing(self.key, dict(given), owner)
         return self._cached_check(given, owner)
 
     def _cached_check(self, given: Mapping[str, Any], owner: str | None) -> Checked:

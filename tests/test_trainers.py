@@ -1457,24 +1457,27 @@ def test_save_total_limit_keeps_the_last_checkpoints_and_resume_still_works(
 
 
 def test_ppo_global_counts_over_two_ranks():
-    """What each rank passes ppo_loss: the tokens and rows of both ranks' minibatches (here
-    twice this rank's), and dp_size 2; one process passes nothing."""
+    """What each rank passes ppo_loss at each optimizer step: the tokens and rows of both
+    ranks' minibatches of the step (here twice this rank's), and dp_size 2; one process
+    with one minibatch per step passes nothing."""
     from types import SimpleNamespace
 
-    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]])
+    step = [torch.tensor([0, 1]), torch.tensor([2])]  # one optimizer step of two minibatches
 
-    def counts(world, agg):
+    def counts(world, agg, groups, mask=mask):
         run = SimpleNamespace(world=world, sum_over_ranks_tensor=lambda t: t * world)
         fake = SimpleNamespace(run=run, config=SimpleNamespace(agg=agg))
-        return PPOTrainer.global_counts(fake, mask)
+        return PPOTrainer.global_counts(fake, mask, groups)
 
-    assert counts(1, "token-mean") == {}
-    assert counts(2, "token-mean") == dict(batch_num_tokens=6, global_batch_size=4, dp_size=2)
-    assert counts(2, "seq-mean-token-sum-norm")["global_batch_size"] == 6
-    empty = PPOTrainer.global_counts(
-        SimpleNamespace(run=SimpleNamespace(world=2, sum_over_ranks_tensor=lambda t: t * 2),
-                        config=SimpleNamespace(agg="token-mean")), mask * 0)
-    assert empty == dict(dp_size=2)
+    assert counts(1, "token-mean", [[torch.tensor([0, 1, 2])]]) == [{}]
+    assert counts(2, "token-mean", [step, [torch.tensor([3])]]) == [
+        dict(batch_num_tokens=6, global_batch_size=4, dp_size=2),
+        dict(batch_num_tokens=6, global_batch_size=2, dp_size=2)]
+    assert counts(1, "token-mean", [step]) == [
+        dict(batch_num_tokens=3, global_batch_size=2, dp_size=1)]
+    assert counts(2, "seq-mean-token-sum-norm", [step])[0]["global_batch_size"] == 6
+    assert counts(2, "token-mean", [step], mask * 0) == [dict(dp_size=2)]
 
 
 def test_ppo_config_takes_a_rollout_correction_with_any_policy_loss():

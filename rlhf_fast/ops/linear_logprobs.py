@@ -139,11 +139,16 @@ linear_logprobs_op.register_autograd(_linear_logprobs_backward,
                                      setup_context=_setup_linear_logprobs)
 
 
+def has_autocast(device_type: str) -> bool:
+    # not torch.amp.is_autocast_available, which Dynamo before torch 2.8 cannot trace
+    return device_type != "meta"
+
+
 def no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Autocast off on the tensor's device: the kernels cast to the compute dtype
     themselves, in the forward and in the backward alike (autocast would only cast the
     forward's GEMMs, so the backward would recompute different logits)."""
-    if not torch.amp.is_autocast_available(tensor.device.type):  # meta: nothing to undo
+    if not has_autocast(tensor.device.type):  # meta: nothing to undo
         return contextlib.nullcontext()
     return torch.autocast(tensor.device.type, enabled=False)
 
@@ -155,7 +160,7 @@ def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     weight and bias must then share (`names`: the three arguments', for errors)."""
     device = hidden.device.type
     tensors = [hidden, weight] + ([] if bias is None else [bias])
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    autocast = has_autocast(device) and torch.is_autocast_enabled(device)
     if autocast and all(t.dtype != torch.float64 for t in tensors):
         return torch.get_autocast_dtype(device)
     for name, tensor in ((names[1], weight), (names[2], bias)):

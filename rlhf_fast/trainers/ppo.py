@@ -552,9 +552,13 @@ class PPOTrainer:
             order = torch.randperm(rollout.mask.shape[0], device=rollout.mask.device)
             minibatches = order.split(config.mini_batch_size)
             accumulation = config.gradient_accumulation_steps
-            for start in range(0, len(minibatches), accumulation):
-                group = minibatches[start:start + accumulation]
-                for key, value in self._accumulate_gradients(rollout, group).items():
+            groups = [minibatches[start:start + accumulation]
+                      for start in range(0, len(minibatches), accumulation)]
+            # read on the host once per epoch, before its steps, which then wait for nothing
+            counts = self.global_counts(rollout.mask, groups)
+            for group, group_counts in zip(groups, counts):
+                for key, value in self._accumulate_gradients(rollout, group,
+                                                             group_counts).items():
                     sums[key] = combine_metric(key, sums.get(key), value)
                 lr = self.loop.apply_gradients(parameters)
                 steps += 1
@@ -578,14 +582,13 @@ class PPOTrainer:
         metrics["lr"] = lr
         return self.run.mean_over_ranks(metrics)
 
-    def _accumulate_gradients(self, rollout: Rollout, group: Sequence[torch.Tensor]
-                              ) -> dict[str, torch.Tensor]:
+    def _accumulate_gradients(self, rollout: Rollout, group: Sequence[torch.Tensor],
+                              counts: dict[str, int]) -> dict[str, torch.Tensor]:
         """Backward of each minibatch (rows of `rollout`) of one optimizer step, each
-        loss its share of the whole group's (ppo_loss's global counts over the group and
-        the processes), so the gradients add up to the group's as one batch; DDP reduces
-        them once, on the last. Returns the sums of the minibatches' metrics."""
-        counts = self.global_counts(rollout.mask[torch.cat(list(group))],
-                                    accumulated=len(group) > 1)
+        loss its share of the whole group's (`counts`: ppo_loss's global counts over the
+        group and the processes), so the gradients add up to the group's as one batch;
+        DDP reduces them once, on the last. Returns the sums of the minibatches'
+        metrics."""
         ddp = isinstance(self.actor_critic, nn.parallel.DistributedDataParallel)
         sums: dict[str, torch.Tensor] = {}
         logged = LOGGED_LOSS_OUTPUTS + (ROLLOUT_OUTPUTS if self.logs_rollout_statistics(
@@ -635,23 +638,30 @@ class PPOTrainer:
 
     # --- plumbing ----------------------------------------------------------------------
 
-    def global_counts(self, mask: torch.Tensor, accumulated: bool = False) -> dict[str, int]:
-        """ppo_loss's global normalisers for one optimizer step of every rank over `mask`,
-        the rows of all its minibatches (one all_reduce of two counts): each minibatch's
-        loss is its share of the global batch's, so the sum over minibatches and DDP's
-        average over ranks of gradients is the global batch's gradient, however the
-        valid tokens fall. {} for one process and one minibatch (the call's own)."""
-        if self.run.world == 1 and not accumulated:
-            return {}
+    def global_counts(self, mask: torch.Tensor, groups: Sequence[Sequence[torch.Tensor]]
+                      ) -> list[dict[str, int]]:
+        """ppo_loss's global normalisers for each optimizer step (a group of minibatches,
+        rows of `mask`) of every rank: each minibatch's loss is its share of the global
+        batch's, so the sum over minibatches and DDP's average over ranks of gradients is
+        the global batch's gradient, however the valid tokens fall. One all_reduce and
+        one read on the host for all the groups; {} each for one process and one
+        minibatch per step (the call's own)."""
+        if self.run.world == 1 and all(len(group) == 1 for group in groups):
+            return [{} for _ in groups]
         valid = mask != 0
-        local = torch.stack([valid.sum(), valid.any(-1).sum()]).to(torch.float64)
-        tokens, rows = self.run.sum_over_ranks_tensor(local).tolist()
-        if self.config.agg == "seq-mean-token-sum-norm":
-            rows = mask.shape[0] * self.run.world
-        if tokens == 0 or rows == 0:  # nothing valid anywhere: the loss is 0 regardless
-            return dict(dp_size=self.run.world)
-        return dict(batch_num_tokens=int(tokens), global_batch_size=int(rows),
-                    dp_size=self.run.world)
+        local = torch.stack([torch.stack([valid[rows].sum(), valid[rows].any(-1).sum()])
+                             for rows in (torch.cat(list(group)) for group in groups)])
+        totals = self.run.sum_over_ranks_tensor(local.to(torch.float64)).tolist()
+        counts = []
+        for group, (tokens, rows) in zip(groups, totals):
+            if self.config.agg == "seq-mean-token-sum-norm":
+                rows = sum(len(minibatch) for minibatch in group) * self.run.world
+            if tokens == 0 or rows == 0:  # nothing valid anywhere: the loss is 0 regardless
+                counts.append(dict(dp_size=self.run.world))
+            else:
+                counts.append(dict(batch_num_tokens=int(tokens), global_batch_size=int(rows),
+                                   dp_size=self.run.world))
+        return counts
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
