@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_scalar
 
-from rlhf_fast.ops.checks import INT64_MAX, INT64_MIN, check_fp32
+from rlhf_fast.ops.checks import INT64_MAX, INT64_MIN, check_fp32, specialised
 from rlhf_fast.types import (
     ADVANTAGE_ESTIMATORS,
     AGG_MODES,
@@ -147,7 +146,6 @@ def flag(*, optional: bool = False) -> Accepts:
     return Accepts(bool, "a bool or None" if optional else "a bool", optional=optional)
 
 
-#: OptionSet.check's results: (id of the set, owner, the given options) -> checked values
 class Checked:
     """Checked option values as attributes: a SimpleNamespace that torch.compile traces
     (Dynamo follows ``setattr`` and ``vars()`` on a plain class, not on SimpleNamespace)."""
@@ -162,24 +160,8 @@ class Checked:
         return f"Checked({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
+#: OptionSet.check's results: (id of the set, owner, the given options) -> checked values
 _CHECKED: dict[tuple, Checked] = {}
-
-
-def _specialised(value: Any) -> Any:
-    """A number as a constant (a symbolic one guarded on its value); others as they are."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return guard_scalar(value)
-    return value
-
-
-@torch.compiler.assume_constant_result
-def _can_specialise() -> bool:
-    """Whether Dynamo traces guard_scalar (torch >= 2.8 or so; before, it skips it, and a
-    number that became symbolic cannot be checked)."""
-    from torch._dynamo import trace_rules
-    from torch._dynamo.variables import SkipFunctionVariable
-
-    return trace_rules.lookup(guard_scalar) is not SkipFunctionVariable
 
 
 #: every OptionSet by its `key` (an argument Dynamo can hold as a constant)
@@ -250,9 +232,8 @@ class OptionSet:
         number torch's automatic dynamic made symbolic (one that changed between calls)
         is specialised to its value first."""
         if torch.compiler.is_compiling():
-            if _can_specialise():
-                given = {name: _specialised(value) for name, value in given.items()}
-            return _checked_while_tracing(self.key, dict(given), owner)
+            given = {name: specialised(value) for name, value in given.items()}
+            return _checked_while_tracing(self.key, given, owner)
         return self._cached_check(given, owner)
 
     def _cached_check(self, given: Mapping[str, Any], owner: str | None) -> Checked:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -42,10 +43,29 @@ def check_same_device(
 def check_positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float > 0, got {type(value).__name__}")
-    value = guard_scalar(value)  # see check_unit_interval
+    value = specialised(value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite float > 0, got {value}")
     return check_fp32(name, value)
+
+
+def specialised(value: Any) -> Any:
+    """`value` as a check can read it. Under torch.compile a number that changed between
+    calls is symbolic (torch's automatic dynamic): guarded on its value (another value
+    recompiles), where Dynamo traces guard_scalar (torch >= 2.8 or so). Otherwise, and
+    for anything but an int or float, `value` itself."""
+    if (torch.compiler.is_compiling() and _can_specialise()
+            and isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return guard_scalar(value)
+    return value
+
+
+@torch.compiler.assume_constant_result
+def _can_specialise() -> bool:
+    from torch._dynamo import trace_rules
+    from torch._dynamo.variables import SkipFunctionVariable
+
+    return trace_rules.lookup(guard_scalar) is not SkipFunctionVariable
 
 
 def check_fp32(name: str, value: float) -> float:
@@ -82,9 +102,7 @@ def check_unit_interval(name: str, value: object) -> float:
     """A finite float (or int) in [0, 1], e.g. a discount factor."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
-    # Under torch.compile a float that changed between calls is symbolic (automatic
-    # dynamic), and no check can read it: guarded on its value, another value recompiles.
-    value = guard_scalar(value)
+    value = specialised(value)
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"{name} must be a float in [0, 1], got {value}")
     return check_fp32(name, value)
