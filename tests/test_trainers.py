@@ -7,6 +7,7 @@ learn the toy task (backend torch); checkpoint-resume equality; config and input
 checks; the demo entry point.
 """
 
+import contextlib
 import copy
 import json
 import math
@@ -1205,6 +1206,58 @@ def test_ppo_torch_compile_keeps_the_update(tokenizer, tmp_path):
     assert logs[0] and logs[0][0].keys() == logs[1][0].keys()
     for key, want in logs[0][0].items():
         assert logs[1][0][key] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+
+
+@contextlib.contextmanager
+def host_reads_by_rlhf_fast(monkeypatch):
+    """Every read of a tensor's value on the host (a device sync on a GPU) made by
+    rlhf_fast's own Python, the host-value checks set as on a GPU (off by default). Not
+    counted: the kernels' interpreter, the models' code, and trainers/data.py, which
+    picks a batch's rows from a CPU generator's randperm (CPU tensors on a GPU machine
+    too)."""
+    import sys
+
+    from rlhf_fast.benchmarks.kernel_resources import _op_modules
+    from rlhf_fast.ops import dispatch
+
+    for module in _op_modules(dispatch):
+        if hasattr(module, "host_checks_by_default"):
+            monkeypatch.setattr(module, "host_checks_by_default", lambda tensor: False)
+    package = os.path.dirname(rlhf_fast.__file__)
+    calls = []
+
+    def spy(original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(package) and not caller.co_filename.endswith(
+                    (os.path.join("trainers", "data.py"),)) and \
+                    os.sep + "kernels" + os.sep not in caller.co_filename:
+                calls.append(f"{original.__name__} in {caller.co_filename}:{caller.co_name}")
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu",
+                 "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, spy(getattr(torch.Tensor, name)))
+    yield calls
+    monkeypatch.undo()
+
+
+def test_the_trainers_inner_steps_read_nothing_on_the_host(tokenizer, tmp_path, monkeypatch):
+    """A DPO optimizer step (2 micro-batches) and a PPO optimizer step (2 minibatches)
+    wait for nothing on the host: metrics stay on the device until a
+    row is logged, PPO's global counts are read once per epoch, before its steps."""
+    dpo = _tiny_dpo(tokenizer, tmp_path / "dpo", gradient_accumulation_steps=2)
+    ppo = _tiny_ppo(tokenizer, tmp_path / "ppo", gradient_accumulation_steps=2)
+    rollout = ppo.rollout(0)
+    order = torch.arange(rollout.mask.shape[0]).split(2)
+    counts = ppo.global_counts(rollout.mask, [order])
+    with host_reads_by_rlhf_fast(monkeypatch) as calls:
+        dpo.optimizer_step()
+        ppo._accumulate_gradients(rollout, order, counts[0])
+        ppo.loop.apply_gradients([p for group in ppo.optimizer.param_groups
+                                  for p in group["params"]])
+    assert calls == []
 
 
 def _sequence_classifier(tokenizer, seed):
