@@ -29,11 +29,14 @@ def _cpu_env() -> dict[str, str]:
 
 
 def test_bench_logprobs_quick_on_cpu(tmp_path: Path) -> None:
+    """The log-prob suite on the CPU fallback, its first quick size (``-k``: the whole
+    quick run is three sizes)."""
     out_dir = tmp_path / "results"
     work_dir = tmp_path / "cwd"
     work_dir.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-c", RUN_CLI, "bench", "logprobs", "--quick", "--out", str(out_dir)],
+        [sys.executable, "-c", RUN_CLI, "bench", "logprobs", "--quick", "--out", str(out_dir),
+         "-k", "64x1000"],
         cwd=work_dir,
         env=_cpu_env(),
         capture_output=True,
