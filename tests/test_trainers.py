@@ -1162,13 +1162,8 @@ def _dpo_run(model, tokenizer, tmp_path, name, **options):
         parameters(trainer.model)
 
 
-@pytest.mark.parametrize("option", ["precompute_ref_logps", "gradient_checkpointing"])
-def test_dpo_options_that_only_save_memory_keep_the_run(warm_model, tokenizer, tmp_path,
-                                                        torch_backend, option):
-    """Precomputed reference log-probs and activation checkpointing change where the
-    numbers come from, not what they are."""
-    plain_log, plain_weights = _dpo_run(warm_model, tokenizer, tmp_path, "plain")
-    log, weights = _dpo_run(warm_model, tokenizer, tmp_path, option, **{option: True})
+def assert_same_run(log, weights, plain_log, plain_weights):
+    """Two 2-step runs logged the same metrics and ended with the same weights."""
     assert len(log) == len(plain_log) == 2
     for got, want in zip(log, plain_log):
         assert got.keys() == want.keys()
@@ -1176,6 +1171,16 @@ def test_dpo_options_that_only_save_memory_keep_the_run(warm_model, tokenizer, t
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     for name in plain_weights:
         torch.testing.assert_close(weights[name], plain_weights[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("option", ["precompute_ref_logps", "gradient_checkpointing"])
+def test_dpo_options_that_only_save_memory_keep_the_run(warm_model, tokenizer, tmp_path,
+                                                        torch_backend, option):
+    """Precomputed reference log-probs and activation checkpointing change where the
+    numbers come from, not what they are."""
+    plain_log, plain_weights = _dpo_run(warm_model, tokenizer, tmp_path, "plain")
+    log, weights = _dpo_run(warm_model, tokenizer, tmp_path, option, **{option: True})
+    assert_same_run(log, weights, plain_log, plain_weights)
 
 
 def test_torch_compile_keeps_the_run(warm_model, tokenizer, tmp_path):
@@ -1185,13 +1190,7 @@ def test_torch_compile_keeps_the_run(warm_model, tokenizer, tmp_path):
     plain_log, plain_weights = _dpo_run(warm_model, tokenizer, tmp_path, "plain")
     log, weights = _dpo_run(warm_model, tokenizer, tmp_path, "compiled", torch_compile=True,
                             torch_compile_backend="aot_eager")
-    assert len(log) == len(plain_log) == 2
-    for got, want in zip(log, plain_log):
-        assert got.keys() == want.keys()
-        for key in want:
-            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-    for name in plain_weights:
-        torch.testing.assert_close(weights[name], plain_weights[name], rtol=1e-4, atol=1e-6)
+    assert_same_run(log, weights, plain_log, plain_weights)
 
 
 def test_ppo_torch_compile_keeps_the_update(tokenizer, tmp_path):
