@@ -67,6 +67,8 @@ class KernelOp:
         KERNEL_OPS[f"{NAMESPACE}::{name}"] = self
         self.op = torch.library.custom_op(f"{NAMESPACE}::{name}", launch,
                                           mutates_args=mutates_args)
+        if mutates_args:  # an op that writes into its arguments returns nothing
+            self.op.register_fake(lambda *args: None)
         self.eager: type[torch.autograd.Function] | None = None
 
     def register_fake(self, fake: Callable[..., Any]) -> Callable[..., Any]:

@@ -115,11 +115,6 @@ def logprobs_backward_inplace_op(
         logits.copy_(grad)
 
 
-@logprobs_backward_inplace_op.register_fake
-def _(*args):
-    return None
-
-
 def _setup_logprobs(ctx, inputs, output):
     logits, labels, ctx.temperature, ctx.ignore_index, return_entropy, return_sum_p2, \
         ctx.inplace_backward = inputs

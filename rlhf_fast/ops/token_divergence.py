@@ -117,11 +117,6 @@ def token_divergence_backward_inplace_op(
         student.copy_(grad)
 
 
-@token_divergence_backward_inplace_op.register_fake
-def _(*args):
-    return None
-
-
 def _setup_token_divergence(ctx, inputs, output):
     student, teacher, labels, *ctx.settings, ctx.inplace_backward = inputs
     ctx.save_for_backward(student, teacher, labels, output[1])

@@ -126,11 +126,6 @@ def topk_logprobs_backward_inplace_op(
         logits.copy_(d_logits)
 
 
-@topk_logprobs_backward_inplace_op.register_fake
-def _(*args):
-    return None
-
-
 def _setup_topk_logprobs(ctx, inputs, output):
     logits, ids, ctx.temperature, ctx.inplace_backward = inputs
     topk, row_stats = output
