@@ -1,6 +1,16 @@
 """rlhf-fast: fused Triton kernels for RLHF training (PPO, GRPO, DPO)."""
 
-from rlhf_fast.losses import CPOLoss, DPOLoss, KTOLoss, ORPOLoss, PPOLoss, SimPOLoss
+from rlhf_fast.losses import (
+    CPOLoss,
+    DPOLoss,
+    KTOLoss,
+    LinearTokenDivergence,
+    ORPOLoss,
+    PPOLoss,
+    SimPOLoss,
+    TokenDivergence,
+    TopKTokenDivergence,
+)
 from rlhf_fast.ops.cpo_loss import cpo_loss
 from rlhf_fast.ops.discounted_returns import discounted_returns
 from rlhf_fast.ops.dpo_loss import dpo_loss
@@ -38,8 +48,8 @@ __all__ = [
     "logprobs", "ppo_loss", "PPOLossOutput", "PPOLoss", "sequence_logps", "pair_logps",
     "PairLogps", "dpo_loss",
     "DPOLossOutput", "DPOLoss", "linear_logprobs", "linear_dpo_loss",
-    "linear_ppo_loss", "token_divergence", "linear_token_divergence",
-    "topk_token_divergence", "simpo_loss",
+    "linear_ppo_loss", "token_divergence", "TokenDivergence", "linear_token_divergence",
+    "LinearTokenDivergence", "topk_token_divergence", "TopKTokenDivergence", "simpo_loss",
     "SimPOLossOutput", "SimPOLoss", "cpo_loss", "CPOLossOutput", "CPOLoss", "orpo_loss",
     "ORPOLossOutput", "ORPOLoss", "kto_loss", "KTOLossOutput", "KTOLoss"]
 __version__ = "0.1.0"

@@ -10,16 +10,21 @@ from torch import nn
 from rlhf_fast.ops.cpo_loss import cpo_loss
 from rlhf_fast.ops.dpo_loss import dpo_loss
 from rlhf_fast.ops.kto_loss import kto_loss
+from rlhf_fast.ops.linear_token_divergence import linear_token_divergence
 from rlhf_fast.ops.orpo_loss import orpo_loss
 from rlhf_fast.ops.ppo_loss import ppo_loss
 from rlhf_fast.ops.simpo_loss import simpo_loss
+from rlhf_fast.ops.token_divergence import token_divergence
+from rlhf_fast.ops.topk_token_divergence import topk_token_divergence
 from rlhf_fast.options import (
     CPO_OPTIONS,
+    DIVERGENCE_OPTIONS,
     DPO_OPTIONS,
     KTO_OPTIONS,
     ORPO_OPTIONS,
     PPO_OPTIONS,
     SIMPO_OPTIONS,
+    TOPK_DIVERGENCE_OPTIONS,
 )
 from rlhf_fast.types import (
     CPOLossOutput,
@@ -209,6 +214,102 @@ class KTOLoss(nn.Module):
         desirable: torch.Tensor, kl_ref: torch.Tensor | None = None,
     ) -> KTOLossOutput:
         return kto_loss(policy_logps, ref_logps, desirable, kl_ref, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class TokenDivergence(nn.Module):
+    """`rlhf_fast.token_divergence` with its options held by the module.
+
+    Example::
+
+        criterion = TokenDivergence(divergence="jsd", beta=0.5, temperature=1.0)
+        div = criterion(student_logits, teacher_logits, labels)  # [...] per token
+        (div.sum() / (labels != -100).sum()).backward()
+
+    Every option of `token_divergence` is a constructor argument, checked there; `forward`
+    takes the two ``[..., V]`` logits tensors, the rows to count and `inplace_backward`,
+    and returns the per-token divergence (reduce it as the trainer does).
+    """
+
+    @DIVERGENCE_OPTIONS.keywords
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = vars(DIVERGENCE_OPTIONS.check(options))  # fail where the module is built
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None = None, *, inplace_backward: bool = False,
+    ) -> torch.Tensor:
+        return token_divergence(student_logits, teacher_logits, labels,
+                                inplace_backward=inplace_backward, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearTokenDivergence(nn.Module):
+    """`rlhf_fast.linear_token_divergence` with its options held by the module.
+
+    Example::
+
+        criterion = LinearTokenDivergence(divergence="forward_kl")
+        div = criterion(student_hidden, student.lm_head.weight, teacher_hidden,
+                        teacher.lm_head.weight, labels)
+        (div.sum() / (labels != -100).sum()).backward()
+
+    Every option of `linear_token_divergence` is a constructor argument, checked there;
+    `forward` takes both models' hidden states and lm_heads (the biases optional), the rows
+    to count, and returns the per-token divergence.
+    """
+
+    @DIVERGENCE_OPTIONS.keywords
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = vars(DIVERGENCE_OPTIONS.check(options))  # fail where the module is built
+
+    def forward(
+        self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+        labels: torch.Tensor | None = None, *, student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return linear_token_divergence(student_hidden, student_weight, teacher_hidden,
+                                       teacher_weight, labels, student_bias=student_bias,
+                                       teacher_bias=teacher_bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class TopKTokenDivergence(nn.Module):
+    """`rlhf_fast.topk_token_divergence` with its options held by the module.
+
+    Example::
+
+        criterion = TopKTokenDivergence(divergence="reverse_kl", tail="bucket")
+        div = criterion(student_logits, teacher_topk_logp, teacher_topk_ids, labels)
+        (div.sum() / (labels != -100).sum()).backward()
+
+    Every option of `topk_token_divergence` is a constructor argument, checked there;
+    `forward` takes the student's logits, the teacher's top-k log-probs and ids, the rows
+    to count and `inplace_backward`, and returns the per-token divergence.
+    """
+
+    @TOPK_DIVERGENCE_OPTIONS.keywords
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = vars(TOPK_DIVERGENCE_OPTIONS.check(options))  # fail where built
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_topk_logp: torch.Tensor,
+        teacher_topk_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+        inplace_backward: bool = False,
+    ) -> torch.Tensor:
+        return topk_token_divergence(student_logits, teacher_topk_logp, teacher_topk_ids,
+                                     labels, inplace_backward=inplace_backward,
+                                     **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

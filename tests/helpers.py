@@ -78,3 +78,30 @@ def kernel_backward(op: str) -> str:
     """The grad_fn name of an eager call's output of the custom op ``rlhf_fast::<op>``
     (`rlhf_fast.ops.library.KernelOp`): the kernel ran."""
     return f"rlhf_fast_{op}Backward"
+
+
+def assert_module_is_the_function(module_cls, function, args, options, **kwargs):
+    """``module_cls(**o)(*args, **kwargs)`` equals ``function(*args, **kwargs, **o)`` bit
+    for bit, values and the gradients of the inputs that require one (under one random
+    upstream gradient), for `options` together and for each alone; each such module's
+    repr shows its options, and its value differs from the defaults' (the option reached
+    the op)."""
+    leaves = [t for t in (*args, *kwargs.values())
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+    upstream = []
+
+    def run(fn, given):
+        out = fn(*args, **kwargs, **given)
+        if not upstream:
+            upstream.append(torch.randn(out.shape, dtype=out.dtype))
+        return out, torch.autograd.grad((out * upstream[0]).sum(), leaves)
+
+    default, _ = run(function, {})
+    for given in [options, *({name: value} for name, value in options.items())]:
+        module = module_cls(**given)
+        assert all(f"{name}={value!r}" in repr(module) for name, value in given.items())
+        out, grads = run(module, {})
+        expected, expected_grads = run(function, given)
+        assert torch.equal(out, expected), given
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads)), given
+        assert not torch.equal(out, default), given

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rlhf_fast
-from helpers import rel_err
+from helpers import assert_module_is_the_function, rel_err
 from rlhf_fast import reference
 from rlhf_fast.kernels import linear_token_divergence as kernel
 
@@ -117,6 +117,23 @@ def test_a_frozen_lm_head_gets_no_gradient_and_hidden_still_does():
                                             teacher["teacher_hidden"], teacher["teacher_weight"])
     (grad_ref,) = torch.autograd.grad(ref.sum(), hidden_ref)
     assert rel_err(grad, grad_ref) < 1e-12
+
+
+def test_module_is_the_function_with_its_options():
+    student, teacher = random_heads((2, 3))
+    for tensor in student.values():
+        tensor.requires_grad_()
+    labels = torch.tensor([[5, -1, 7], [-100, 2, 3]])
+    args = (student["student_hidden"], student["student_weight"], teacher["teacher_hidden"],
+            teacher["teacher_weight"], labels)
+    biases = dict(student_bias=student["student_bias"], teacher_bias=teacher["teacher_bias"])
+    for options in (dict(divergence="reverse_kl", temperature=0.8, ignore_index=-1),
+                    dict(beta=0.2)):
+        assert_module_is_the_function(rlhf_fast.LinearTokenDivergence,
+                                      rlhf_fast.linear_token_divergence, args, options,
+                                      **biases)
+    with pytest.raises(ValueError, match="beta is read only by divergence 'jsd'"):
+        rlhf_fast.LinearTokenDivergence(divergence="forward_kl", beta=0.2)  # where built
 
 
 def test_backward_chunks_by_hand(monkeypatch):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_fast
-from helpers import kernel_backward, rel_err
+from helpers import assert_module_is_the_function, kernel_backward, rel_err
 from rlhf_fast import reference
 from rlhf_fast.kernels import token_divergence as kernel
 
@@ -270,6 +270,22 @@ def test_backward_of_an_empty_batch_and_of_no_counted_row():
     x = student.requires_grad_()
     rlhf_fast.token_divergence(x, teacher, torch.full((3,), -100)).sum().backward()
     assert torch.equal(x.grad, torch.zeros(3, 10))
+
+
+def test_module_is_the_function_with_its_options():
+    student, teacher = random_pair((2, 3), 200)
+    student.requires_grad_()
+    labels = torch.tensor([[5, -1, 7], [-100, 2, 3]])
+    options = dict(divergence="reverse_kl", temperature=0.8, ignore_index=-1)
+    assert_module_is_the_function(rlhf_fast.TokenDivergence, rlhf_fast.token_divergence,
+                                  (student, teacher, labels), options)
+    assert_module_is_the_function(rlhf_fast.TokenDivergence, rlhf_fast.token_divergence,
+                                  (student, teacher, labels), dict(beta=0.2))
+    module = rlhf_fast.TokenDivergence()
+    with pytest.raises(ValueError, match="inplace_backward=True needs student_logits"):
+        module(student, teacher, inplace_backward=True)  # passed on to the op
+    with pytest.raises(ValueError, match="beta is read only by divergence 'jsd'"):
+        rlhf_fast.TokenDivergence(divergence="forward_kl", beta=0.2)  # where it is built
 
 
 @pytest.mark.parametrize("call, match", [

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rlhf_fast
-from helpers import rel_err
+from helpers import assert_module_is_the_function, rel_err
 from rlhf_fast import reference
 
 DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2)]
@@ -116,6 +116,25 @@ def test_repeated_ids_get_their_summed_gradient():
     ids[:, 2] = ids[:, 0]
     (out, grad), (ref, grad_ref) = run_both(student, values, ids, None, divergence="jsd")
     assert rel_err(out, ref) < 1e-12 and rel_err(grad, grad_ref) < 1e-11
+
+
+def test_module_is_the_function_with_its_options():
+    student = torch.randn(2, 3, 200, dtype=torch.float64, requires_grad=True)
+    values, ids = teacher_topk((2, 3), 200, 4)
+    labels = torch.tensor([[5, -1, 7], [-100, 2, 3]])
+    options = dict(divergence="reverse_kl", temperature=0.8, ignore_index=-1,
+                   tail="renormalize")
+    assert_module_is_the_function(rlhf_fast.TopKTokenDivergence,
+                                  rlhf_fast.topk_token_divergence,
+                                  (student, values, ids, labels), options)
+    assert_module_is_the_function(rlhf_fast.TopKTokenDivergence,
+                                  rlhf_fast.topk_token_divergence,
+                                  (student, values, ids, labels), dict(beta=0.2))
+    module = rlhf_fast.TopKTokenDivergence()
+    with pytest.raises(ValueError, match="inplace_backward=True needs student_logits"):
+        module(student, values, ids, inplace_backward=True)  # passed on to the op
+    with pytest.raises(ValueError, match="beta is read only by divergence 'jsd'"):
+        rlhf_fast.TopKTokenDivergence(divergence="forward_kl", beta=0.2)  # where built
 
 
 @pytest.mark.parametrize("call, match", [
