@@ -1,6 +1,8 @@
 """rlhf_fast.topk_token_divergence: the fused student side (through the interpreter) against
 the reference in float64, and the reference against TRL's server-distillation formulas."""
 
+import math
+
 import pytest
 import torch
 
@@ -70,6 +72,78 @@ def test_every_token_renormalised_is_the_full_divergence():
                                                divergence=divergence, beta=beta)
         full = rlhf_fast.token_divergence(student, log_p, divergence=divergence, beta=beta)
         assert rel_err(topk, full) < 1e-12
+
+
+def test_hand_case():
+    """V = 4, k = 2, a temperature (the student's alone: the teacher's log-probs are taken
+    as given), both tails, every divergence from its textbook formula, term by term."""
+    s, temperature = [0.5, -1.0, 2.0, 0.25], 0.7
+    ids, p_top = [2, 0], [0.5, 0.3]  # the teacher's two largest probabilities
+    z = [math.exp(v / temperature) for v in s]
+    q_top = [z[i] / sum(z) for i in ids]
+    tails = {"bucket": (q_top + [1 - sum(q_top)], p_top + [1 - sum(p_top)]),
+             "renormalize": ([v / sum(q_top) for v in q_top], [v / sum(p_top) for v in p_top])}
+    beta = 0.3
+
+    def kl(a, b):
+        return sum(aj * math.log(aj / bj) for aj, bj in zip(a, b))
+
+    student = torch.tensor([s], dtype=torch.float64)
+    values = torch.tensor([[math.log(v) for v in p_top]], dtype=torch.float64)
+    for tail, (q, p) in tails.items():
+        m = [beta * pj + (1 - beta) * qj for pj, qj in zip(p, q)]
+        cases = [("forward_kl", 0.5, kl(p, q)), ("reverse_kl", 0.5, kl(q, p)),
+                 ("jsd", beta, beta * kl(p, m) + (1 - beta) * kl(q, m))]
+        for divergence, b, expected in cases:
+            for op in (reference.topk_token_divergence, rlhf_fast.topk_token_divergence):
+                got = op(student, values, torch.tensor([ids]), tail=tail,
+                         divergence=divergence, beta=b, temperature=temperature)
+                assert got.item() == pytest.approx(expected, rel=1e-12), (op, tail, divergence)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_gradcheck_fp64(tail):
+    """fast_mode (as token_divergence's): the Jacobian along random directions; a row not
+    counted, a temperature."""
+    student = torch.randn(3, 9, dtype=torch.float64) * 2
+    values, ids = teacher_topk((3,), 9, 3)
+    labels = torch.tensor([1, -100, 4])
+    for divergence, beta in DIVERGENCES:
+        assert torch.autograd.gradcheck(
+            lambda x, d=divergence, b=beta: rlhf_fast.topk_token_divergence(
+                x, values, ids, labels, tail=tail, divergence=d, beta=b, temperature=1.3),
+            (student.clone().requires_grad_(),), fast_mode=True)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_minus_inf_logits_in_either_model(tail):
+    """-inf: a token of probability 0, where both are zero adding nothing. The student's
+    -inf at a top-k token the teacher gives mass makes the forward KL +inf (its gradient
+    finite); the teacher's -inf log-prob at a token the student gives mass makes the
+    reverse KL +inf, its gradient undefined across the row (nowhere finite, as the
+    reference's); jsd stays finite."""
+    vocab = 4096 + 300
+    student = torch.randn(4, vocab, dtype=torch.float64) * 2
+    values, ids = teacher_topk((4,), vocab, 5)
+    student[0, 10:30] = float("-inf")  # outside the top k too, in both vocab blocks
+    student[0, 4096 + 7] = float("-inf")
+    student[0, ids[0, 4]] = float("-inf")  # a top-k token the student gives probability 0
+    student[1, ids[1, 1]] = float("-inf")
+    values[2, 3:] = float("-inf")  # listed tokens the teacher gives probability 0
+    values[3, 4] = float("-inf")
+    student[3, ids[3, 4]] = float("-inf")  # both zero there
+    infinite_rows = {"forward_kl": [0, 1], "reverse_kl": [2], "jsd": []}
+    for divergence, beta in DIVERGENCES:
+        (out, grad), (ref, grad_ref) = run_both(student, values, ids, None, tail=tail,
+                                                divergence=divergence, beta=beta)
+        infinite = torch.zeros(4, dtype=torch.bool)
+        infinite[infinite_rows[divergence]] = True
+        assert torch.equal(out.isinf(), infinite) and torch.equal(ref.isinf(), infinite)
+        assert (out[infinite] > 0).all() and rel_err(out[~infinite], ref[~infinite]) < 1e-12
+        undefined = infinite if divergence == "reverse_kl" else torch.zeros_like(infinite)
+        assert not grad[undefined].isfinite().any() and not grad_ref[undefined].isfinite().any()
+        assert grad[~undefined].isfinite().all()
+        assert rel_err(grad[~undefined], grad_ref[~undefined]) < 1e-11
 
 
 def trl_sparse_divergence(student_logits, teacher_values, teacher_ids, beta, add_tail):
