@@ -1,6 +1,8 @@
 """rlhf_fast.linear_token_divergence: the chunked kernels (through the interpreter) against
 the reference in float64, chunking forced small so every path runs."""
 
+import math
+
 import pytest
 import torch
 
@@ -117,6 +119,57 @@ def test_a_frozen_lm_head_gets_no_gradient_and_hidden_still_does():
                                             teacher["teacher_hidden"], teacher["teacher_weight"])
     (grad_ref,) = torch.autograd.grad(ref.sum(), hidden_ref)
     assert rel_err(grad, grad_ref) < 1e-12
+
+
+def test_hand_case():
+    """V = 3, D_s = 2, D_t = 1, a temperature: each model's logits by hand (hidden . weight
+    row + bias), every divergence from its textbook formula, term by term."""
+    h_s, w_s, b_s = [0.5, -1.5], [[1.0, 0.5], [-0.5, 2.0], [0.25, -1.0]], [0.1, 0.0, -0.3]
+    h_t, w_t, b_t = [2.0], [[0.5], [-1.0], [0.75]], [0.0, 0.2, 0.4]
+    temperature, beta = 1.3, 0.3
+
+    def softmax_of_linear(h, w, b):
+        z = [math.exp((sum(hi * wi for hi, wi in zip(h, row)) + bj) / temperature)
+             for row, bj in zip(w, b)]
+        return [v / sum(z) for v in z]
+
+    def kl(a, b):
+        return sum(aj * math.log(aj / bj) for aj, bj in zip(a, b))
+
+    q, p = softmax_of_linear(h_s, w_s, b_s), softmax_of_linear(h_t, w_t, b_t)
+    m = [beta * pj + (1 - beta) * qj for pj, qj in zip(p, q)]
+    cases = [("forward_kl", 0.5, kl(p, q)), ("reverse_kl", 0.5, kl(q, p)),
+             ("jsd", beta, beta * kl(p, m) + (1 - beta) * kl(q, m))]
+
+    def f64(values):
+        return torch.tensor(values, dtype=torch.float64)
+
+    for divergence, b, expected in cases:
+        for op in (reference.linear_token_divergence, rlhf_fast.linear_token_divergence):
+            got = op(f64([h_s]), f64(w_s), f64([h_t]), f64(w_t), student_bias=f64(b_s),
+                     teacher_bias=f64(b_t), divergence=divergence, beta=b,
+                     temperature=temperature)
+            assert got.item() == pytest.approx(expected, rel=1e-12), (op, divergence)
+
+
+def test_gradcheck_fp64(chunking, monkeypatch):
+    """The student's hidden states, weight and bias, a row not counted, a temperature;
+    chunked: V logits of each model at once (one row per forward chunk; the backward
+    accumulates d weight over row chunks)."""
+    if chunking == "chunked":
+        monkeypatch.setattr(kernel, "PAIR_CHUNK", 11)
+    s = [torch.randn(3, 3, dtype=torch.float64, requires_grad=True),
+         torch.randn(11, 3, dtype=torch.float64, requires_grad=True),
+         torch.randn(11, dtype=torch.float64, requires_grad=True)]
+    t_hidden = torch.randn(3, 2, dtype=torch.float64)
+    t_weight = torch.randn(11, 2, dtype=torch.float64)
+    labels = torch.tensor([1, -100, 4])
+    for divergence, beta in DIVERGENCES:
+        assert torch.autograd.gradcheck(
+            lambda h, w, b, d=divergence, be=beta: rlhf_fast.linear_token_divergence(
+                h, w, t_hidden, t_weight, labels, student_bias=b, divergence=d, beta=be,
+                temperature=1.3),
+            s, fast_mode=True)
 
 
 def test_module_is_the_function_with_its_options():
