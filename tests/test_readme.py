@@ -26,7 +26,7 @@ def test_api_tour_snippets_run_and_hold_what_they_claim():
     assert len(blocks) >= 3
     logprobs_ns: dict = {}
     exec(blocks[0], logprobs_ns)
-    assert logprobs_ns["logp"].shape == (2, 15) and logprobs_ns["logp"].dtype == torch.float32
+    assert logprobs_ns["logp"].shape == (2, 16) and logprobs_ns["logp"].dtype == torch.float32
     assert logprobs_ns["logits"].grad.dtype == torch.bfloat16
     grad = logprobs_ns["logits"].grad
     assert (grad[:, :3] == 0).all() and (grad[:, -1] == 0).all()  # ignored, unused
