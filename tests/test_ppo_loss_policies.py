@@ -494,7 +494,7 @@ def test_clip_cov_draws_its_share_of_the_candidates():
     (lb, ub)); another seed, another draw (an identical subset of 9 or more among 80 or
     more candidates has a chance below 1e-11)."""
     from rlhf_fast.options import PPO_OPTIONS
-    from rlhf_fast.reference.policy import _clip_cov_kept, _covariance
+    from rlhf_fast.reference.policy_masks import _clip_cov_kept, _covariance
 
     torch.manual_seed(0)
     B, T = 8, 50

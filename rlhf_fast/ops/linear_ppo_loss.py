@@ -17,6 +17,7 @@ from rlhf_fast import reference
 from rlhf_fast.kernels import linear_ppo_loss as kernel
 from rlhf_fast.kernels import ppo_loss as ppo_kernel
 from rlhf_fast.kernels.linear_logprobs import CHUNK_ELEMENTS
+from rlhf_fast.kernels.ppo_terms import PPOKernelConfig
 from rlhf_fast.ops.checks import FLOAT_DTYPES, check_tensor, differentiable_once
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.ops.library import config_args, config_from_args, empty_like_absent, kernel_op
@@ -76,13 +77,13 @@ def linear_ppo_loss_op(
     gradient for an upstream gradient of 1 on the loss, computed in the same pass: each
     in its input's dtype where its grad_* flag asks for it, else empty. Only the loss is
     differentiable; its backward scales those gradients."""
-    config = config_from_args(ppo_kernel.PPOKernelConfig, cfg)
+    config = config_from_args(PPOKernelConfig, cfg)
     flat = {k: None if v is None else v.reshape(-1)
             for k, v in dict(old_logp=old_logp, advantages=advantages,
                              ref_logp=ref_logp, is_weights=is_weights).items()}
     acc_dtype = _accumulator(compute_dtype)
     with no_autocast(hidden):
-        token_weight = ppo_kernel.token_weights(mask, config, acc_dtype).reshape(-1)
+        token_weight = kernel.token_weights(mask, config, acc_dtype).reshape(-1)
         logp, entropy, d_hidden, d_weight, d_bias = kernel.linear_ppo_forward_backward(
             hidden, weight, bias, labels, flat["old_logp"], flat["advantages"],
             flat["ref_logp"], flat["is_weights"], token_weight, config, temperature,
@@ -238,7 +239,7 @@ def linear_ppo_loss(
 def _from_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     labels: torch.Tensor, tensors: dict[str, torch.Tensor | None], opt: Any,
-    ppo_options: Any, cfg: ppo_kernel.PPOKernelConfig,
+    ppo_options: Any, cfg: PPOKernelConfig,
 ) -> PPOLossOutput:
     """`linear_logprobs` then the fused PPO kernels: 4 GEMMs, for the losses that need
     every log-prob of a row (or of the batch) before a token's gradient."""

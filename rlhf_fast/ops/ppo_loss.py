@@ -10,6 +10,7 @@ import torch
 
 from rlhf_fast import reference
 from rlhf_fast.kernels import ppo_loss as kernel
+from rlhf_fast.kernels.ppo_terms import PPOKernelConfig
 from rlhf_fast.ops.checks import (
     FLOAT_DTYPES,
     MASK_DTYPES,
@@ -41,7 +42,7 @@ def ppo_loss_op(
     logp, entropy and values)."""
     return kernel.ppo_forward(
         logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns,
-        config_from_args(kernel.PPOKernelConfig, cfg), is_weights, kl_cov_coef)
+        config_from_args(PPOKernelConfig, cfg), is_weights, kl_cov_coef)
 
 
 @ppo_loss_op.register_fake
@@ -69,7 +70,7 @@ def ppo_loss_backward_op(
     empty)."""
     d_logp, d_ent, d_v = kernel.ppo_backward(
         grad_outputs.contiguous(), counts, row_stats, logp, old_logp, advantages, mask,
-        ref_logp, values, old_values, returns, config_from_args(kernel.PPOKernelConfig, cfg),
+        ref_logp, values, old_values, returns, config_from_args(PPOKernelConfig, cfg),
         grad_entropy_dtype=entropy_dtype, grad_values=grad_values, is_weights=is_weights,
         kl_cov_coef=kl_cov_coef)
     return (d_logp, empty_like_absent(logp) if d_ent is None else d_ent,
@@ -119,7 +120,7 @@ def fused_ppo_loss(
     old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     ref_logp: torch.Tensor | None, old_values: torch.Tensor | None,
     returns: torch.Tensor | None, is_weights: torch.Tensor | None,
-    kl_cov_coef: torch.Tensor | None, cfg: kernel.PPOKernelConfig,
+    kl_cov_coef: torch.Tensor | None, cfg: PPOKernelConfig,
 ) -> torch.Tensor:
     """The [N_OUTPUTS] outputs of the fused kernels (`ppo_loss_op`), differentiable
     w.r.t. logp, entropy and values."""
@@ -143,7 +144,7 @@ def _check_bt(name: str, value: torch.Tensor | None, like: torch.Tensor, like_na
 def check_ppo_arguments(
     like_name: str, like: torch.Tensor, tensors: dict[str, torch.Tensor | None],
     options: Mapping[str, object],
-) -> tuple[dict[str, torch.Tensor | None], SimpleNamespace, kernel.PPOKernelConfig]:
+) -> tuple[dict[str, torch.Tensor | None], SimpleNamespace, PPOKernelConfig]:
     """Validate the `ppo_loss` arguments against the ``[B, T]`` tensor `like` (named
     `like_name` in errors); `options` are `PPO_OPTIONS`. Returns the tensors (contiguous),
     the checked options, and the kernels' config."""
@@ -169,7 +170,7 @@ def check_ppo_arguments(
     if corrected and not bypass and checked["rollout_logp"] is None:
         raise ValueError("rollout_logp is required when rollout_is or rollout_rs is set "
                          "(but for policy_loss 'bypass_mode')")
-    cfg = kernel.PPOKernelConfig.from_options(opt)
+    cfg = PPOKernelConfig.from_options(opt)
     return checked, opt, cfg
 
 

@@ -19,14 +19,11 @@ from rlhf_fast.reference.distillation import (
     token_divergence,
     topk_token_divergence,
 )
-from rlhf_fast.reference.policy import (
+from rlhf_fast.reference.policy import aggregate, kl_penalty, policy_terms, ppo_loss
+from rlhf_fast.reference.policy_masks import (
     ROLLOUT_STATISTICS,
-    aggregate,
     kl_cov_coefficients,
-    kl_penalty,
-    policy_terms,
     policy_weights,
-    ppo_loss,
     rollout_correction,
 )
 from rlhf_fast.reference.preference import (
