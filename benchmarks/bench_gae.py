@@ -32,7 +32,6 @@ bool mask, write advantages and returns (fp32): 4 N + 4 N + N + 4 N + 4 N = 17 N
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -41,15 +40,10 @@ import torch
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.benchmarks import cases, gates, peers
+from rlhf_fast.benchmarks import advantage, peers
 from rlhf_fast.benchmarks.cases import Budget, Case
-from rlhf_fast.benchmarks.inputs import ADVANTAGE_QUICK_SHAPES, ADVANTAGE_SHAPES, advantage_inputs
 
 OP = "gae"
-GPU_SHAPES, QUICK_SHAPES = ADVANTAGE_SHAPES, ADVANTAGE_QUICK_SHAPES
-DTYPE = torch.float32
-MODES = ("fwd",)
-TOLERANCE = 1e-5
 GAMMA = 1.0
 LAM = 0.95
 #: Providers timed with the small budget: one call is ~100 ms at T = 4096 on a GPU.
@@ -138,15 +132,11 @@ def _skip(case: Case, device: torch.device) -> str | None:
     return None
 
 
-SUITE = cases.Suite(
-    OP, cases.sizes(GPU_SHAPES, DTYPE), cases.sizes(QUICK_SHAPES, DTYPE), MODES, PROVIDERS,
-    # random rewards and values; right-padded bool mask with lengths in [T/4, T]
-    make_inputs=lambda case, device: advantage_inputs(case.shape, DTYPE, device),
-    gate=gates.forward_gate(reference_gae, ARGS, ("advantages", "returns"), TOLERANCE),
-    timed=cases.forward_call(ARGS),
-    # the floor (module docstring): 17 N bytes
-    columns=cases.copy_bandwidth_columns(
-        lambda case: (4 + 4 + 1 + 4 + 4) * math.prod(case.shape)),
+SUITE = advantage.suite(
+    OP, PROVIDERS, reference=reference_gae, args=ARGS, outputs=("advantages", "returns"),
+    # random rewards and values; right-padded bool mask with lengths in [T/4, T]; the
+    # floor (module docstring): 17 N bytes
+    bytes_per_element=4 + 4 + 1 + 4 + 4,
     skip=_skip,
     budget=lambda case: SLOW_BUDGET if case.provider in SLOW else Budget(),
 )

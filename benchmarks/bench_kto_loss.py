@@ -3,12 +3,12 @@ reference model's final hidden states and lm_heads, against Liger-Kernel's chunk
 fused linear KTO loss.
 
 The objective: KTO, beta 0.1, both group weights 1, on each answer's log-prob sums
-(policy minus reference), against a reference point KL of 0.2 (given, detached, as
-TRL's KTOTrainer estimates it from mismatched pairs), mean over all B examples: the
-op's defaults, Liger's (which has no group weights) and TRL ``KTOTrainer``'s
+(policy minus reference), against a reference point KL of 0.2 (given, detached, as TRL's
+KTOTrainer estimates it from mismatched pairs), mean over all B examples: the op's
+defaults, Liger's (which has no group weights) and TRL ``KTOTrainer``'s
 (``loss_type="kto"``). Inputs (B unpaired examples, half desirable, a reference model),
-the rlhf_fast composition, the float64 gate and the GEMM floor: `preference`'s; the
-table's shape is ``B x T x D x V``.
+the rlhf_fast composition, the float64 gate, the GEMM floor, the ``compile`` provider
+and the modes: `preference`'s; the table's shape is ``B x T x D x V``.
 
 Providers (same inputs, same process), each returning the 0-d loss:
 
@@ -33,11 +33,6 @@ Providers (same inputs, same process), each returning the 0-d loss:
   indexes the two groups and concatenates them; written with ``torch.where`` here, the
   same values without data-dependent shapes for ``torch.compile``). GEMMs: fwd 2,
   fwd+bwd 4.
-* ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
-
-Modes: ``fwd`` (nothing requires grad) and ``fwd+bwd`` (``torch.autograd.grad`` of the
-loss w.r.t. the policy's hidden states and lm_head); no ``bwd`` (Liger computes its
-gradient in its forward).
 """
 
 from __future__ import annotations
@@ -46,18 +41,14 @@ from typing import Any
 
 import torch
 
-import rlhf_fast
-from rlhf_fast import reference
-from rlhf_fast.benchmarks import cases, lm_head, objectives, peers, preference
+from rlhf_fast.benchmarks import cases, objectives, peers, preference
 from rlhf_fast.benchmarks.cases import Case
 from rlhf_fast.benchmarks.lm_head import IGNORE_INDEX
 
 OP = "kto_loss"
 BETA = 0.1
 OPTIONS = {"beta": BETA}
-GPU_SHAPES = preference.KTO_GPU_SHAPES
 QUICK_SHAPES = preference.KTO_QUICK_SHAPES
-MODES = lm_head.MODES
 
 #: Every provider's signature: (hidden, weight, labels, ref_hidden, ref_weight,
 #: desirable, kl) -> the 0-d loss.
@@ -77,9 +68,6 @@ def eager_kto_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return losses.mean()
 
 
-LIGER = preference.liger_pair_entry("LigerFusedLinearKTOLoss")
-
-
 def liger_kto_loss(loss_cls: Any, device: torch.device) -> Any:
     """Liger-Kernel's chunked KTO loss, the reference model computed inside."""
     loss_fn = loss_cls(ignore_index=IGNORE_INDEX, use_ref_model=True, average_log_prob=False,
@@ -95,21 +83,10 @@ def liger_kto_loss(loss_cls: Any, device: torch.device) -> Any:
     return run
 
 
-PROVIDERS = {
-    "rlhf_fast": preference.rlhf_fast_kto_loss(
-        preference.with_options(rlhf_fast.kto_loss, **OPTIONS)),
-    "liger": cases.peer(liger_kto_loss, LIGER, with_device=True),
-    **cases.eager_and_compiled(eager_kto_loss),
-}
-
-
-def make_inputs(shape: tuple[int, int, int, int], device: torch.device
-                ) -> lm_head.LossInputs:
-    return preference.kto_inputs(OP, preference.with_options(reference.kto_loss, **OPTIONS),
-                                 shape, device)
-
-
-SUITE = preference.suite(OP, GPU_SHAPES, QUICK_SHAPES, PROVIDERS, make_inputs, paired=False)
+SUITE, make_inputs = preference.suite(
+    OP, OPTIONS, paired=False, eager=eager_kto_loss,
+    liger=cases.peer(liger_kto_loss, preference.liger_entry("LigerFusedLinearKTOLoss"),
+                     with_device=True))
 
 
 def test_kto_loss(case: Case, bench_session: Any, benchmark: Any) -> None:

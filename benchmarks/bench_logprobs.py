@@ -53,19 +53,18 @@ import torch
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.benchmarks import cases, gates, peers
+from rlhf_fast.benchmarks import cases, gates, peers, per_token
 from rlhf_fast.benchmarks.cases import Case
-from rlhf_fast.benchmarks.inputs import provider_input
+from rlhf_fast.benchmarks.inputs import provider_input, scaled_logits, token_labels
+from rlhf_fast.benchmarks.per_token import (
+    GATE_ALL_ROWS,
+    GATE_ROWS,
+    IGNORE_INDEX,
+    TOLERANCE,
+)
 
 OP = "logprobs"
-IGNORE_INDEX = -100
-#: Headline shapes (DESIGN.md): 8 sequences of 1024 tokens (Qwen vocab) and of 2048 (Llama 3).
-GPU_SHAPES = [((8 * 1024, 151936), torch.bfloat16), ((8 * 2048, 128256), torch.bfloat16)]
-QUICK_SHAPES = [
-    ((64, 1000), torch.bfloat16),
-    ((128, 4099), torch.bfloat16),
-    ((128, 4099), torch.float32),
-]
+MODES = per_token.MODES
 #: Providers that write into the logits when they require grad: fresh copy per call.
 OVERWRITE_LOGITS = ("rlhf_fast-inplace", "liger")
 #: The liger provider's entry point.
@@ -75,14 +74,8 @@ TRL_ENTRIES = (
     peers.Entry("trl", "trl.trainer.utils", "selective_log_softmax"),
     peers.Entry("trl", "trl.trainer.utils", "selective_log_softmax_and_entropy"),
 )
-MODES = ("fwd", "bwd", "fwd+bwd")
 #: What a case computes: the log-probs, or the log-probs and the entropy.
 VARIANTS = ("logp", "logp+entropy")
-#: Relative-error tolerance of the correctness gate, per input dtype.
-TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
-#: Rows compared against the float64 reference when there are more than GATE_ALL_ROWS.
-GATE_ROWS = 64
-GATE_ALL_ROWS = 256
 #: Sequences the eager-chunked provider splits the rows into (TRL loops per sequence).
 N_SEQUENCES = 8
 ENTROPY_CHUNK_ROWS = 128
@@ -91,12 +84,6 @@ ENTROPY_CHUNK_ROWS = 128
 def entropy(case: Case) -> bool:
     """Whether `case` asks for the entropy too."""
     return case.variant == "logp+entropy"
-
-
-def label(case: Case) -> str:
-    """A case id's size part: N x V, the dtype's full name, the outputs asked for."""
-    dtype = str(case.dtype).removeprefix("torch.")
-    return f"{case.shape[0]}x{case.shape[1]}-{dtype}-{case.variant}"
 
 
 # --------------------------------------------------------------------------- providers
@@ -187,9 +174,7 @@ def trl_logprobs(
 
 
 #: Every provider's signature: (logits, labels, return_entropy) -> (logp,) or (logp, entropy).
-PROVIDERS = {
-    "rlhf_fast": _rlhf_fast(inplace=False),
-    "rlhf_fast-inplace": _rlhf_fast(inplace=True),
+PROVIDERS = per_token.rlhf_fast_providers(_rlhf_fast) | {
     "eager": eager_logprobs,
     "eager-chunked": chunked_logprobs,
     "compile": _compiled_eager,
@@ -215,21 +200,11 @@ def make_inputs(shape: tuple[int, int], dtype: torch.dtype, device: torch.device
     """Random logits (std 2), random labels with ~3% ignored rows, random upstream grads."""
     n, v = shape
     gen = torch.Generator(device=device).manual_seed(1234)
-    logits = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    logits = logits.mul_(2.0).to(dtype)
-    labels = torch.randint(0, v, (n,), generator=gen, device=device)
-    ignored = torch.rand(n, generator=gen, device=device) < 0.03
-    ignored[n // 2] = True
-    labels = labels.masked_fill(ignored, IGNORE_INDEX)
+    logits = scaled_logits(shape, 2.0, dtype, gen)
+    labels = token_labels(n, v, IGNORE_INDEX, gen)
     g_logp = torch.randn(n, generator=gen, device=device)
     g_entropy = torch.randn(n, generator=gen, device=device)
     return Inputs(logits, labels, g_logp, g_entropy)
-
-
-def bytes_moved(shape: tuple[int, int], dtype: torch.dtype, mode: str) -> int:
-    """The floor of logits-sized traffic: fwd 1 read, bwd 1 read + 1 write, fwd+bwd 3."""
-    passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
-    return passes * shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
 
 
 # --------------------------------------------------------------------------- one case
@@ -280,17 +255,9 @@ def _skip(case: Case, device: torch.device) -> str | None:
     return None
 
 
-SUITE = cases.Suite(
-    OP, GPU_SHAPES, QUICK_SHAPES, MODES, PROVIDERS, variants=VARIANTS,
-    make_inputs=lambda case, device: make_inputs(case.shape, case.dtype, device),
-    gate=_gate,
-    timed=_timed,
-    columns=cases.copy_bandwidth_columns(
-        lambda case: bytes_moved(case.shape, case.dtype, case.mode)
-    ),
-    skip=_skip,
-    label=label,
-)
+#: The floor of logits-sized traffic: fwd 1 read, bwd 1 read + 1 write, fwd+bwd 3.
+SUITE = per_token.suite(OP, PROVIDERS, VARIANTS, make_inputs, gate=_gate, timed=_timed,
+                        skip=_skip, logits_passes=cases.LOGITS_PASSES)
 
 
 def test_logprobs(case: Case, bench_session: Any, benchmark: Any) -> None:

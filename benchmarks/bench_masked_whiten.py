@@ -26,7 +26,6 @@ the same.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,15 +33,10 @@ import torch
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.benchmarks import cases, gates, peers
+from rlhf_fast.benchmarks import advantage, peers
 from rlhf_fast.benchmarks.cases import Case
-from rlhf_fast.benchmarks.inputs import ADVANTAGE_QUICK_SHAPES, ADVANTAGE_SHAPES, advantage_inputs
 
 OP = "masked_whiten"
-GPU_SHAPES, QUICK_SHAPES = ADVANTAGE_SHAPES, ADVANTAGE_QUICK_SHAPES
-DTYPE = torch.float32
-MODES = ("fwd",)
-TOLERANCE = 1e-5
 #: Added to the variance: TRL's, and rlhf_fast.masked_whiten's default.
 WHITEN_EPS = 1e-8
 
@@ -93,14 +87,11 @@ def reference_masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.T
     return reference.masked_whiten(values, mask, eps=WHITEN_EPS)
 
 
-SUITE = cases.Suite(
-    OP, cases.sizes(GPU_SHAPES, DTYPE), cases.sizes(QUICK_SHAPES, DTYPE), MODES, PROVIDERS,
-    # the gae suite's inputs: its values and mask are whitened
-    make_inputs=lambda case, device: advantage_inputs(case.shape, DTYPE, device),
-    gate=gates.forward_gate(reference_masked_whiten, ARGS, ("whitened",), TOLERANCE),
-    timed=cases.forward_call(ARGS),
-    # the floor (module docstring): 9 N bytes
-    columns=cases.copy_bandwidth_columns(lambda case: (4 + 1 + 4) * math.prod(case.shape)),
+SUITE = advantage.suite(
+    # the gae suite's inputs: its values and mask are whitened; the floor (module
+    # docstring): 9 N bytes
+    OP, PROVIDERS, reference=reference_masked_whiten, args=ARGS, outputs=("whitened",),
+    bytes_per_element=4 + 1 + 4,
 )
 
 

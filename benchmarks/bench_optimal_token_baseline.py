@@ -27,7 +27,6 @@ direction): 30 N, cache-hot for the second reads at these shapes' 8-row group ti
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,19 +34,11 @@ import torch
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.benchmarks import cases, gates, peers
+from rlhf_fast.benchmarks import advantage, peers
+from rlhf_fast.benchmarks.advantage import DTYPE, advantage_inputs
 from rlhf_fast.benchmarks.cases import Case
-from rlhf_fast.benchmarks.inputs import (
-    ADVANTAGE_QUICK_SHAPES,
-    ADVANTAGE_SHAPES,
-    advantage_inputs,
-)
 
 OP = "optimal_token_baseline"
-GPU_SHAPES, QUICK_SHAPES = ADVANTAGE_SHAPES, ADVANTAGE_QUICK_SHAPES
-DTYPE = torch.float32
-MODES = ("fwd",)
-TOLERANCE = 1e-5
 GROUP_SIZE = 8
 #: verl's epsilon, and rlhf_fast.optimal_token_baseline's default.
 OTB_EPS = 1e-8
@@ -119,14 +110,11 @@ def reference_optimal_token_baseline(rewards: torch.Tensor, mask: torch.Tensor,
                                             eps=OTB_EPS)
 
 
-SUITE = cases.Suite(
-    OP, cases.sizes(GPU_SHAPES, DTYPE), cases.sizes(QUICK_SHAPES, DTYPE), MODES, PROVIDERS,
-    make_inputs=lambda case, device: make_inputs(case.shape, device),
-    gate=gates.forward_gate(reference_optimal_token_baseline, ARGS, ("advantages", "returns"),
-                            TOLERANCE),
-    timed=cases.forward_call(ARGS),
+SUITE = advantage.suite(
+    OP, PROVIDERS, reference=reference_optimal_token_baseline, args=ARGS,
+    outputs=("advantages", "returns"), make_inputs=make_inputs,
     # the floor (module docstring): 21 N bytes
-    columns=cases.copy_bandwidth_columns(lambda case: 21 * math.prod(case.shape)),
+    bytes_per_element=21,
 )
 
 

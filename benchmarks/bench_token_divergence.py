@@ -63,43 +63,29 @@ import torch
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.benchmarks import cases, gates, objectives, peers
+from rlhf_fast.benchmarks import cases, gates, objectives, peers, per_token
 from rlhf_fast.benchmarks.cases import Case
-from rlhf_fast.benchmarks.inputs import provider_input
+from rlhf_fast.benchmarks.inputs import provider_input, scaled_logits, token_labels
+from rlhf_fast.benchmarks.per_token import (
+    GATE_ALL_ROWS,
+    GATE_ROWS,
+    IGNORE_INDEX,
+    TOLERANCE,
+)
 
 OP = "token_divergence"
-IGNORE_INDEX = -100
-#: Headline shapes (DESIGN.md): 8 sequences of 1024 tokens (Qwen vocab) and of 2048 (Llama 3).
-GPU_SHAPES = [((8 * 1024, 151936), torch.bfloat16), ((8 * 2048, 128256), torch.bfloat16)]
-QUICK_SHAPES = [
-    ((64, 1000), torch.bfloat16),
-    ((128, 4099), torch.bfloat16),
-    ((128, 4099), torch.float32),
-]
+MODES = per_token.MODES
 #: Providers that write into the student logits when they require grad: fresh copy per call.
 OVERWRITE_LOGITS = ("rlhf_fast-inplace",)
 #: Providers returning the loss reduced over the counted rows (sum / their count).
 REDUCED = ("liger",)
 #: The liger provider's entry point.
 LIGER = peers.Entry("liger", "liger_kernel.transformers", "LigerJSD")
-MODES = ("fwd", "bwd", "fwd+bwd")
 #: The divergences, each a variant; jsd at beta BETA.
 VARIANTS = objectives.DIVERGENCES
 BETA = objectives.JSD_BETA
 #: The beta at which TRL's and Liger's JSD give each variant (their KLs: beta 0 and 1).
 PEER_BETA = objectives.PEER_BETA
-#: Relative-error tolerance of the correctness gate, per input dtype (a bf16 student's
-#: gradient is bf16).
-TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
-#: Rows compared against the float64 reference when there are more than GATE_ALL_ROWS.
-GATE_ROWS = 64
-GATE_ALL_ROWS = 256
-
-
-def label(case: Case) -> str:
-    """A case id's size part: N x V, the dtype's full name, the divergence."""
-    dtype = str(case.dtype).removeprefix("torch.")
-    return f"{case.shape[0]}x{case.shape[1]}-{dtype}-{case.variant}"
 
 
 #: `token_divergence`'s options for a variant (beta is read by jsd only).
@@ -145,9 +131,7 @@ def liger_divergence(jsd_cls: Any) -> Callable[..., torch.Tensor]:
 
 #: Every provider's signature: (student, teacher, labels, divergence) -> the divergence
 #: per token ``[N]`` (0 at ignored rows), or for the ones in REDUCED the reduced loss.
-PROVIDERS = {
-    "rlhf_fast": _rlhf_fast(inplace=False),
-    "rlhf_fast-inplace": _rlhf_fast(inplace=True),
+PROVIDERS = per_token.rlhf_fast_providers(_rlhf_fast) | {
     "eager": eager_divergence,
     "compile": _compiled_eager,
     "liger": cases.peer(liger_divergence, LIGER),
@@ -173,14 +157,9 @@ def make_inputs(shape: tuple[int, int], dtype: torch.dtype, device: torch.device
     a random upstream gradient per token."""
     n, v = shape
     gen = torch.Generator(device=device).manual_seed(1234)
-    student = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    student = student.mul_(2.0).to(dtype)
-    teacher = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    teacher = teacher.mul_(3.0).to(dtype)
-    labels = torch.randint(0, v, (n,), generator=gen, device=device)
-    ignored = torch.rand(n, generator=gen, device=device) < 0.03
-    ignored[n // 2] = True
-    labels = labels.masked_fill(ignored, IGNORE_INDEX)
+    student = scaled_logits(shape, 2.0, dtype, gen)
+    teacher = scaled_logits(shape, 3.0, dtype, gen)
+    labels = token_labels(n, v, IGNORE_INDEX, gen)
     g = torch.randn(n, generator=gen, device=device)
     return Inputs(student, teacher, labels, g)
 
@@ -188,11 +167,6 @@ def make_inputs(shape: tuple[int, int], dtype: torch.dtype, device: torch.device
 #: Logits-sized tensors each mode must move at least: fwd reads both logits, bwd reads
 #: both and writes the student's gradient, fwd+bwd both.
 LOGITS_PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
-
-
-def bytes_moved(shape: tuple[int, int], dtype: torch.dtype, mode: str) -> int:
-    """The floor of logits-sized traffic (LOGITS_PASSES)."""
-    return LOGITS_PASSES[mode] * shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
 
 
 # --------------------------------------------------------------------------- one case
@@ -253,16 +227,8 @@ def _timed(case: Case, inp: Inputs, fn: Callable[..., torch.Tensor]
                              case.mode, fresh=case.provider in OVERWRITE_LOGITS, grads=grads)
 
 
-SUITE = cases.Suite(
-    OP, GPU_SHAPES, QUICK_SHAPES, MODES, PROVIDERS, variants=VARIANTS,
-    make_inputs=lambda case, device: make_inputs(case.shape, case.dtype, device),
-    gate=_gate,
-    timed=_timed,
-    columns=cases.copy_bandwidth_columns(
-        lambda case: bytes_moved(case.shape, case.dtype, case.mode)
-    ),
-    label=label,
-)
+SUITE = per_token.suite(OP, PROVIDERS, VARIANTS, make_inputs, gate=_gate, timed=_timed,
+                        logits_passes=LOGITS_PASSES)
 
 
 def test_token_divergence(case: Case, bench_session: Any, benchmark: Any) -> None:

@@ -27,19 +27,21 @@ def random_logits(shape: tuple[int, int, int], dtype: torch.dtype,
     return logits
 
 
-#: ``[B, T]`` of the advantage suites (gae, masked_whiten): GPU, and quick mode.
-ADVANTAGE_SHAPES = [(64, 512), (64, 4096), (512, 512), (512, 4096)]
-ADVANTAGE_QUICK_SHAPES = [(8, 64), (16, 200)]
+
+def scaled_logits(shape: tuple[int, int], std: float, dtype: torch.dtype,
+                  gen: torch.Generator) -> torch.Tensor:
+    """``[N, V]`` logits of std `std` in `dtype`, drawn in fp32."""
+    logits = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+    return logits.mul_(std).to(dtype)
 
 
-def advantage_inputs(shape: tuple[int, int], dtype: torch.dtype,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-    """What a trainer computes advantages from (the gae and masked_whiten suites):
-    random rewards (std 0.1) and values ``[B, T]`` and a right-padded bool mask."""
-    gen = torch.Generator(device=device).manual_seed(1234)
-    rewards = torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.1
-    values = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-    return {"rewards": rewards, "values": values, "mask": right_padded_mask(*shape, gen)}
+def token_labels(n: int, v: int, ignore_index: int, gen: torch.Generator) -> torch.Tensor:
+    """``[N]`` random labels in ``[0, V)``, ~3% of them `ignore_index` (the middle row
+    always)."""
+    labels = torch.randint(0, v, (n,), generator=gen, device=gen.device)
+    ignored = torch.rand(n, generator=gen, device=gen.device) < 0.03
+    ignored[n // 2] = True
+    return labels.masked_fill(ignored, ignore_index)
 
 
 def provider_input(tensor: torch.Tensor, grad: bool, fresh: bool) -> torch.Tensor:

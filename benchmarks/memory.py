@@ -28,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from rlhf_fast.benchmarks.report import markdown_table
 from rlhf_fast.ops.library import NAMESPACE, launch_within
 
 GB = 1e9
@@ -278,11 +279,10 @@ def table() -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    print("| op, shape | peak extra memory (GB) | bound (GB) | bound, as documented |")
-    print("| --- | --- | --- | --- |")
-    for row in table():
-        print(f"| {row['case']} | {row['peak_bytes'] / GB:.3f} | {row['bound_bytes'] / GB:.3f} "
-              f"| {row['formula']} |")
+    print(markdown_table(
+        ["op, shape", "peak extra memory (GB)", "bound (GB)", "bound, as documented"],
+        ([row["case"], f"{row['peak_bytes'] / GB:.3f}", f"{row['bound_bytes'] / GB:.3f}",
+          row["formula"]] for row in table())))
     return 0
 
 

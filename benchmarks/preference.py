@@ -29,6 +29,12 @@ logits). eager and compile: 1 and 3. Liger: its chunks (one pair, or one example
 through ``torch.func.grad_and_value``: 3 in fwd+bwd; in fwd 1 where the installed
 release runs the forward alone when nothing requires grad (0.8.5), 3 where it computes
 the gradient regardless (`peers.liger_chunked_skips_gradient`).
+Every suite's providers: ``rlhf_fast``, ``liger``, ``eager`` (as TRL writes the loss, on
+materialised logits) and ``compile``, ``torch.compile`` of ``eager`` (GPU only; skipped
+in CPU quick mode), each returning the 0-d loss (`suite`). Modes: ``fwd`` (nothing
+requires grad) and ``fwd+bwd`` (``torch.autograd.grad`` of the loss w.r.t. the
+(policy's) hidden states and lm_head); no ``bwd`` (Liger computes its gradient in its
+forward).
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import rlhf_fast
 from rlhf_fast import reference
-from rlhf_fast.benchmarks import lm_head, objectives, peers
+from rlhf_fast.benchmarks import cases, lm_head, objectives, peers
 from rlhf_fast.benchmarks.cases import Case, Suite
 from rlhf_fast.benchmarks.lm_head import DTYPE, IGNORE_INDEX
 
@@ -97,20 +104,46 @@ def answer_tokens(case: Case, inp: lm_head.LossInputs) -> dict[str, Any]:
     return {"answer_tokens": int((inp.labels != IGNORE_INDEX).sum())}
 
 
-def suite(op: str, shapes: list[Any], quick_shapes: list[Any], providers: dict[str, Any],
-          make_inputs: Callable[[Any, torch.device], lm_head.LossInputs], *,
-          paired: bool) -> Suite:
-    """A preference suite (`lm_head.loss_suite`): paired (a reference-free pair loss,
-    the table's shape 2B x T x D x V) or KTO's (B examples and a reference model)."""
+def suite(op: str, options: dict[str, Any], *, paired: bool,
+          eager: Callable[..., torch.Tensor], liger: cases.Provider
+          ) -> tuple[Suite, Callable[[Any, torch.device], lm_head.LossInputs]]:
+    """A preference suite (`lm_head.loss_suite`) of the op `op` and its
+    ``make_inputs(shape, device)``: paired (a reference-free pair loss, `pair_inputs`,
+    the table's shape 2B x T x D x V) or KTO's (B examples and a reference model,
+    `kto_inputs`). Its providers: ``rlhf_fast`` (the composition ending in
+    ``rlhf_fast.<op>``), ``liger`` (`liger`), ``eager`` and ``compile`` (`eager`); its
+    float64 reference: ``rlhf_fast.reference.<op>``. Both ops get the suite's
+    `options`."""
+    inputs, rlhf_fast_loss = ((pair_inputs, rlhf_fast_pair_loss) if paired else
+                              (kto_inputs, rlhf_fast_kto_loss))
+    make_inputs = functools.partial(inputs, op, with_options(getattr(reference, op), **options))
+    providers = {
+        "rlhf_fast": rlhf_fast_loss(with_options(getattr(rlhf_fast, op), **options)),
+        "liger": liger,
+        **cases.eager_and_compiled(eager),
+    }
+    shapes = (PAIR_GPU_SHAPES, PAIR_QUICK_SHAPES) if paired else (KTO_GPU_SHAPES,
+                                                                  KTO_QUICK_SHAPES)
     return lm_head.loss_suite(
-        op, shapes, quick_shapes, providers, make_inputs,
+        op, *shapes, providers, make_inputs,
         gemms=gemms(0, LIGER_PAIRED_BASE) if paired else gemms(1, LIGER_UNPAIRED_BASE),
         floor_gemms={mode: n + (0 if paired else 1) for mode, n in FLOOR_GEMMS.items()},
         tokens=lambda shape: (2 if paired else 1) * shape[0] * shape[1],
         table_shape=lambda case: table_shape(case.shape) if paired else case.shape,
         describe=answer_tokens,
-    )
+    ), make_inputs
 
+
+def pair_suite(op: str, options: dict[str, Any], objective: EagerPairObjective, *,
+               per_token_mean: bool, liger: str, **liger_options: Any
+               ) -> tuple[Suite, Callable[[Any, torch.device], lm_head.LossInputs]]:
+    """A paired `suite`: its ``eager`` provider `objective` on the answers' log-probs
+    (`eager_pair_loss`), its ``liger`` one Liger-Kernel's chunked loss `liger` with
+    `liger_options` and the suite's `options` (`liger_pair_loss`)."""
+    peer = cases.peer(functools.partial(liger_pair_loss, **liger_options, **options),
+                      liger_entry(liger), with_device=True)
+    return suite(op, options, paired=True, liger=peer,
+                 eager=eager_pair_loss(objective, per_token_mean=per_token_mean))
 
 # --------------------------------------------------------------------------- pairs
 
@@ -132,14 +165,38 @@ def rlhf_fast_pair_loss(loss: PairLoss) -> Callable[..., torch.Tensor]:
     return run
 
 
-def eager_answer_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What a trainer's eager code starts from: the bf16 logits ``hidden @ weight.T``,
-    each row's answer log-prob sum (fp32 log_softmax, gather, masked sum) and its
-    answer length."""
-    logits = hidden @ weight.T
-    lengths = (labels != IGNORE_INDEX).sum(-1)
-    return logits, objectives.eager_sequence_logps(logits, labels), lengths
+#: A paired loss as a trainer writes it, on the chosen and the rejected answers' log-probs
+#: (sums, or per-token means: `eager_pair_loss`) and the chosen rows' logits and labels
+#: (for an NLL term): ``(chosen, rejected, chosen_logits, chosen_labels)`` -> the 0-d loss.
+EagerPairObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                              torch.Tensor]
+
+
+def eager_pair_loss(objective: EagerPairObjective, *, per_token_mean: bool
+                    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The ``eager`` provider of a paired loss, from what a trainer's eager code starts
+    from: the bf16 logits ``hidden @ weight.T``, each row's answer log-prob sum (fp32
+    log_softmax, gather, masked sum), with `per_token_mean` divided by its answer length;
+    then `objective` on the pairs."""
+
+    def eager(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+              ) -> torch.Tensor:
+        logits = hidden @ weight.T
+        logps = objectives.eager_sequence_logps(logits, labels)
+        if per_token_mean:
+            logps = logps / (labels != IGNORE_INDEX).sum(-1)
+        pairs = labels.shape[0] // 2
+        return objective(logps[:pairs], logps[pairs:], logits[:pairs], labels[:pairs])
+
+    return eager
+
+
+def eager_chosen_nll(chosen_logits: torch.Tensor, chosen_labels: torch.Tensor
+                     ) -> torch.Tensor:
+    """The chosen answers' NLL per answer token as TRL writes it: ``F.cross_entropy`` of
+    their logits (fp32) against their labels, a second pass over those logits."""
+    return F.cross_entropy(chosen_logits.float().flatten(0, 1), chosen_labels.flatten(),
+                           ignore_index=IGNORE_INDEX)
 
 
 def liger_pair_loss(loss_cls: Any, device: torch.device, **options: Any
@@ -156,7 +213,7 @@ def liger_pair_loss(loss_cls: Any, device: torch.device, **options: Any
     return run
 
 
-def liger_pair_entry(name: str) -> peers.Entry:
+def liger_entry(name: str) -> peers.Entry:
     """A Liger-Kernel chunked loss: PyTorch code, so it runs on any device."""
     return peers.Entry("liger", "liger_kernel.chunked_loss", name, runs=peers.Runs.ANY_DEVICE)
 

@@ -18,7 +18,7 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,13 @@ def _table_line(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table: the `header`'s cells, then each row's (formatted with ``str``)."""
+    lines = [_table_line(header), _table_line(["---"] * len(header))]
+    lines += [_table_line([str(cell) for cell in row]) for row in rows]
+    return "\n".join(lines)
+
+
 def _roofline_fraction(row: dict[str, Any]) -> float | None:
     # Memory-bound ops: bytes moved over the copy bandwidth; GEMM-bound ones (a suite
     # that sets "frac_roofline"): the minimal FLOPs over the measured GEMM rate.
@@ -167,30 +174,26 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = list(TABLE_COLUMNS)
     if with_tokens:
         header.insert(header.index("GB/s"), "tokens/s")
-    lines = [_table_line(header), _table_line(["---"] * len(header))]
+    cells = []
     for row in rows:
         op = row["op"] + (f" ({row['variant']})" if row.get("variant") else "")
         peak = row.get("peak_bytes")
         tokens = [_fmt(row.get("tokens_per_s"), ".0f")] if with_tokens else []
-        lines.append(
-            _table_line(
-                [
-                    op,
-                    "x".join(str(d) for d in row["shape"]),
-                    row["dtype"],
-                    row["provider"],
-                    row["mode"],
-                    _fmt(row.get("median_ms"), ".3f"),
-                    _fmt(row.get("iqr_ms"), ".3f"),
-                    _fmt(None if peak is None else peak / MIB, ".1f"),
-                    *tokens,
-                    _fmt(row.get("gbps"), ".1f"),
-                    _fmt(_roofline_fraction(row), ".2f"),
-                    row["status"],
-                ]
-            )
-        )
-    return "\n".join(lines)
+        cells.append([
+            op,
+            "x".join(str(d) for d in row["shape"]),
+            row["dtype"],
+            row["provider"],
+            row["mode"],
+            _fmt(row.get("median_ms"), ".3f"),
+            _fmt(row.get("iqr_ms"), ".3f"),
+            _fmt(None if peak is None else peak / MIB, ".1f"),
+            *tokens,
+            _fmt(row.get("gbps"), ".1f"),
+            _fmt(_roofline_fraction(row), ".2f"),
+            row["status"],
+        ])
+    return markdown_table(header, cells)
 
 
 def _case_key(row: dict[str, Any]) -> tuple[str, str, str]:

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from rlhf_fast.benchmarks.report import markdown_table
+
 
 @dataclass
 class Traffic:
@@ -453,12 +455,11 @@ def table() -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    print("| op, pass, shape | bytes moved (distinct per launch) | floor | moved / floor "
-          "(budget) | every access / floor | launches |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for row in table():
-        print(f"| {row['case']} | {row['moved']} | {row['floor']} | {row['ratio']:.3f}x "
-              f"({row['budget']}x) | {row['lanes_ratio']:.3f}x | {len(row['launches'])} |")
+    print(markdown_table(
+        ["op, pass, shape", "bytes moved (distinct per launch)", "floor",
+         "moved / floor (budget)", "every access / floor", "launches"],
+        ([row["case"], row["moved"], row["floor"], f"{row['ratio']:.3f}x ({row['budget']}x)",
+          f"{row['lanes_ratio']:.3f}x", len(row["launches"])] for row in table())))
     return 0
 
 

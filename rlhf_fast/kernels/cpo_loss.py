@@ -26,18 +26,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.common import cast, fp64_arg, split_fp64
+from rlhf_fast.kernels.common import (
+    block_at,
+    cast,
+    fp64_args3,
+    pair_step,
+    pair_sums,
+    split_fp64,
+    store_pair_totals,
+)
 from rlhf_fast.kernels.dpo_loss import (
     LOSS_CODES,
     REDUCTION_CODES,
     _at_least_one,
     _dpo_terms,
-    pair_backward,
-    pair_forward,
+    pair_launchers,
 )
 from rlhf_fast.types import CPO_LENGTH_NORMALISED_TYPES
 
@@ -93,8 +99,7 @@ def _total_length(lc_ptr, B, acc_dtype: tl.constexpr, BLOCK: tl.constexpr):
     """sum_j max(Lc_j, 1), in a fixed order."""
     s_len = tl.zeros([BLOCK], acc_dtype)
     for start in range(0, B, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < B
+        offs, ok = block_at(start, B, BLOCK)
         s_len += tl.where(ok, _at_least_one(tl.load(lc_ptr + offs, mask=ok, other=1)
                                             .to(acc_dtype)), 0.0)
     return tl.sum(s_len, axis=0)
@@ -118,37 +123,20 @@ def _cpo_fwd_kernel(
     REDUCTION: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
-    eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
-    alpha = fp64_arg(alpha_hi, alpha_lo, acc_dtype)
+    beta, eps, alpha = fp64_args3(beta_hi, beta_lo, eps_hi, eps_lo, alpha_hi, alpha_lo, acc_dtype)
     nll = _chosen_nll(pc_ptr, lc_ptr, B, acc_dtype, BLOCK)
-    s_loss = tl.zeros([BLOCK], acc_dtype)
-    s_correct = tl.zeros([BLOCK], acc_dtype)
-    s_margin = tl.zeros([BLOCK], acc_dtype)
+    s_loss, s_correct, s_margin = pair_sums(acc_dtype, BLOCK)
     for start in range(0, B, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < B
+        offs, ok = block_at(start, B, BLOCK)
         pc, a, b, inv_lc, inv_lr = _pairs(pc_ptr, pr_ptr, lc_ptr, lr_ptr, offs, ok,
                                           acc_dtype, LENGTH_NORM)
         loss, d_a, d_b = _dpo_terms(a, b, beta, eps, 0.0, 0.0, LOSS)
         if HAS_NLL:
             loss += alpha * nll
-        chosen_reward = beta * a
-        rejected_reward = beta * b
-        tl.store(chosen_reward_ptr + offs, chosen_reward, mask=ok)
-        tl.store(rejected_reward_ptr + offs, rejected_reward, mask=ok)
-        if REDUCTION == 2:
-            tl.store(loss_ptr + offs, loss, mask=ok)
-        s_loss += tl.where(ok, loss, 0.0)
-        s_correct += tl.where(ok & (chosen_reward > rejected_reward), 1.0, 0.0)
-        s_margin += tl.where(ok, chosen_reward - rejected_reward, 0.0)
-    total = tl.sum(s_loss, axis=0)
-    if REDUCTION == 0:
-        tl.store(loss_ptr, total / B)
-    elif REDUCTION == 1:
-        tl.store(loss_ptr, total)
-    tl.store(stats_ptr + 0, tl.sum(s_correct, axis=0) / B)
-    tl.store(stats_ptr + 1, tl.sum(s_margin, axis=0) / B)
+        s_loss, s_correct, s_margin = pair_step(
+            loss_ptr, chosen_reward_ptr, rejected_reward_ptr, offs, ok, loss, beta * a,
+            beta * b, s_loss, s_correct, s_margin, REDUCTION)
+    store_pair_totals(loss_ptr, stats_ptr, s_loss, s_correct, s_margin, B, REDUCTION)
     tl.store(stats_ptr + 2, nll)
 
 
@@ -181,11 +169,8 @@ def _cpo_bwd_kernel(
     FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
-    eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
-    alpha = fp64_arg(alpha_hi, alpha_lo, acc_dtype)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < B
+    beta, eps, alpha = fp64_args3(beta_hi, beta_lo, eps_hi, eps_lo, alpha_hi, alpha_lo, acc_dtype)
+    offs, ok = block_at(tl.program_id(0) * BLOCK, B, BLOCK)
     pc, a, b, inv_lc, inv_lr = _pairs(pc_ptr, pr_ptr, lc_ptr, lr_ptr, offs, ok, acc_dtype,
                                       LENGTH_NORM)
     loss, d_a, d_b = _dpo_terms(a, b, beta, eps, 0.0, 0.0, LOSS)
@@ -202,23 +187,8 @@ def _cpo_bwd_kernel(
         tl.store(d_pr_ptr + offs, cast(g * d_b * inv_lr, d_pr_ptr.dtype.element_ty), mask=ok)
 
 
-def cpo_forward(
-    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor, cfg: CPOKernelConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`pair_forward` of contiguous [B] inputs: stats [3] = (accuracy, margin, nll)."""
-    return pair_forward(_cpo_fwd_kernel, (policy_chosen, policy_rejected, chosen_lengths,
-                                            rejected_lengths), 3, cfg.reduction_code,
-                        cfg.scalar_args(), **cfg.constexprs())
 
-
-def cpo_backward(
-    grad_loss: torch.Tensor, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-    chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, cfg: CPOKernelConfig,
-    needs_grad: tuple[bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`pair_backward`: the gradients w.r.t. policy_chosen and policy_rejected."""
-    return pair_backward(_cpo_bwd_kernel, grad_loss, (policy_chosen, policy_rejected,
-                                                        chosen_lengths, rejected_lengths),
-                         needs_grad, cfg.reduction_code, cfg.scalar_args(),
-                         **cfg.constexprs())
+#: The forward's statistics: (accuracy, margin, nll).
+N_STATS = 3
+#: The (forward, backward) launchers (`pair_launchers`).
+LAUNCHERS = pair_launchers(_cpo_fwd_kernel, _cpo_bwd_kernel, N_STATS)

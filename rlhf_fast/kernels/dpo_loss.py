@@ -50,6 +50,7 @@ recomputes the terms from the inputs, elementwise over the batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,17 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.common import cast, fp64_arg, split_fp64
+from rlhf_fast.kernels.common import (
+    block_at,
+    cast,
+    fp64_arg,
+    fp64_args3,
+    pair_step,
+    pair_sums,
+    split_fp64,
+    store_pair_totals,
+    upstream_grad,
+)
 from rlhf_fast.reference import EXO_DEFAULT_EPS
 
 LOSS_CODES = {
@@ -242,6 +253,15 @@ def _log_ratios(pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, alpha_
 
 
 @triton.jit
+def _dpo_settings(beta_hi, beta_lo, eps_hi, eps_lo, log_keep_hi, log_keep_lo, log_flip_hi,
+                  log_flip_lo, alpha_m1_hi, alpha_m1_lo, acc_dtype: tl.constexpr):
+    """(beta, eps, log_keep, log_flip, alpha_m1) from their `split_fp64` halves."""
+    beta, eps, log_keep = fp64_args3(beta_hi, beta_lo, eps_hi, eps_lo, log_keep_hi,
+                                     log_keep_lo, acc_dtype)
+    return (beta, eps, log_keep, fp64_arg(log_flip_hi, log_flip_lo, acc_dtype),
+            fp64_arg(alpha_m1_hi, alpha_m1_lo, acc_dtype))
+
+@triton.jit
 def _dpo_fwd_kernel(
     pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr,
     loss_ptr, chosen_reward_ptr, rejected_reward_ptr, stats_ptr,
@@ -251,38 +271,21 @@ def _dpo_fwd_kernel(
     REDUCTION: tl.constexpr, F_DIV: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
-    eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
-    log_keep = fp64_arg(log_keep_hi, log_keep_lo, acc_dtype)
-    log_flip = fp64_arg(log_flip_hi, log_flip_lo, acc_dtype)
-    alpha_m1 = fp64_arg(alpha_m1_hi, alpha_m1_lo, acc_dtype)
-    s_loss = tl.zeros([BLOCK], acc_dtype)
-    s_correct = tl.zeros([BLOCK], acc_dtype)
-    s_margin = tl.zeros([BLOCK], acc_dtype)
+    beta, eps, log_keep, log_flip, alpha_m1 = _dpo_settings(
+        beta_hi, beta_lo, eps_hi, eps_lo, log_keep_hi, log_keep_lo, log_flip_hi, log_flip_lo,
+        alpha_m1_hi, alpha_m1_lo, acc_dtype)
+    s_loss, s_correct, s_margin = pair_sums(acc_dtype, BLOCK)
     for start in range(0, B, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < B
+        offs, ok = block_at(start, B, BLOCK)
         a, b, score_a, score_b, _, _ = _log_ratios(
             pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, alpha_m1, acc_dtype,
             HAS_REF, LENGTH_NORM, F_DIV,
         )
         loss, _, _ = _dpo_terms(score_a, score_b, beta, eps, log_keep, log_flip, LOSS)
-        chosen_reward = beta * a
-        rejected_reward = beta * b
-        tl.store(chosen_reward_ptr + offs, chosen_reward, mask=ok)
-        tl.store(rejected_reward_ptr + offs, rejected_reward, mask=ok)
-        if REDUCTION == 2:
-            tl.store(loss_ptr + offs, loss, mask=ok)
-        s_loss += tl.where(ok, loss, 0.0)
-        s_correct += tl.where(ok & (chosen_reward > rejected_reward), 1.0, 0.0)
-        s_margin += tl.where(ok, chosen_reward - rejected_reward, 0.0)
-    total = tl.sum(s_loss, axis=0)
-    if REDUCTION == 0:
-        tl.store(loss_ptr, total / B)
-    elif REDUCTION == 1:
-        tl.store(loss_ptr, total)
-    tl.store(stats_ptr + 0, tl.sum(s_correct, axis=0) / B)
-    tl.store(stats_ptr + 1, tl.sum(s_margin, axis=0) / B)
+        s_loss, s_correct, s_margin = pair_step(
+            loss_ptr, chosen_reward_ptr, rejected_reward_ptr, offs, ok, loss, beta * a,
+            beta * b, s_loss, s_correct, s_margin, REDUCTION)
+    store_pair_totals(loss_ptr, stats_ptr, s_loss, s_correct, s_margin, B, REDUCTION)
 
 
 @triton.jit
@@ -297,24 +300,16 @@ def _dpo_bwd_kernel(
     BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
-    eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
-    log_keep = fp64_arg(log_keep_hi, log_keep_lo, acc_dtype)
-    log_flip = fp64_arg(log_flip_hi, log_flip_lo, acc_dtype)
-    alpha_m1 = fp64_arg(alpha_m1_hi, alpha_m1_lo, acc_dtype)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < B
+    beta, eps, log_keep, log_flip, alpha_m1 = _dpo_settings(
+        beta_hi, beta_lo, eps_hi, eps_lo, log_keep_hi, log_keep_lo, log_flip_hi, log_flip_lo,
+        alpha_m1_hi, alpha_m1_lo, acc_dtype)
+    offs, ok = block_at(tl.program_id(0) * BLOCK, B, BLOCK)
     _, _, score_a, score_b, inv_lc, inv_lr = _log_ratios(
         pc_ptr, pr_ptr, rc_ptr, rr_ptr, lc_ptr, lr_ptr, offs, ok, alpha_m1, acc_dtype,
         HAS_REF, LENGTH_NORM, F_DIV,
     )
     loss, d_a, d_b = _dpo_terms(score_a, score_b, beta, eps, log_keep, log_flip, LOSS)
-    if REDUCTION == 2:
-        g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
-    elif REDUCTION == 0:
-        g = tl.load(grad_ptr).to(acc_dtype) / B
-    else:
-        g = tl.load(grad_ptr).to(acc_dtype)
+    g = upstream_grad(grad_ptr, offs, ok, B, acc_dtype, REDUCTION)
     d_chosen = g * d_a * inv_lc
     d_rejected = g * d_b * inv_lr
     if GRAD_PC:
@@ -458,3 +453,30 @@ def pair_backward(bwd_kernel: Any, grad_loss: torch.Tensor, inputs: tuple[torch.
         BLOCK=BWD_BLOCK, num_warps=4, **constexprs,
     )
     return d_pc, d_pr
+
+
+def pair_launchers(fwd_kernel: Any, bwd_kernel: Any, n_stats: int
+                   ) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The (forward, backward) launchers of a loss on [B] pairs without a reference
+    (`ops.pair_losses.register_pair_loss`'s `launch`): `pair_forward`, writing `n_stats`
+    statistics, and `pair_backward`, of contiguous [B] inputs (policy_chosen,
+    policy_rejected, chosen_lengths, rejected_lengths) and the loss's kernel config (its
+    ``reduction_code``, ``scalar_args()`` and ``constexprs()``)."""
+
+    def forward(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, cfg: Any
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pair_forward(fwd_kernel, (policy_chosen, policy_rejected, chosen_lengths,
+                                         rejected_lengths), n_stats, cfg.reduction_code,
+                            cfg.scalar_args(), **cfg.constexprs())
+
+    def backward(grad_loss: torch.Tensor, policy_chosen: torch.Tensor,
+                 policy_rejected: torch.Tensor, chosen_lengths: torch.Tensor,
+                 rejected_lengths: torch.Tensor, cfg: Any, needs_grad: tuple[bool, bool]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return pair_backward(bwd_kernel, grad_loss, (policy_chosen, policy_rejected,
+                                                     chosen_lengths, rejected_lengths),
+                             needs_grad, cfg.reduction_code, cfg.scalar_args(),
+                             **cfg.constexprs())
+
+    return forward, backward

@@ -26,7 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.common import cast, fp64_arg, mask_view, math_dtype, split_fp64
+from rlhf_fast.kernels.common import (
+    block_at,
+    cast,
+    fp64_args3,
+    loss_step,
+    mask_view,
+    math_dtype,
+    split_fp64,
+    store_reduced_loss,
+    upstream_grad,
+)
 from rlhf_fast.kernels.dpo_loss import BWD_BLOCK, FWD_BLOCK, REDUCTION_CODES, _sigmoid
 
 
@@ -86,9 +96,7 @@ def _kto_fwd_kernel(
     FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
-    w_d = fp64_arg(w_d_hi, w_d_lo, acc_dtype)
-    w_u = fp64_arg(w_u_hi, w_u_lo, acc_dtype)
+    beta, w_d, w_u = fp64_args3(beta_hi, beta_lo, w_d_hi, w_d_lo, w_u_hi, w_u_lo, acc_dtype)
     s_loss = tl.zeros([BLOCK], acc_dtype)
     s_chosen = tl.zeros([BLOCK], acc_dtype)
     s_rejected = tl.zeros([BLOCK], acc_dtype)
@@ -96,26 +104,19 @@ def _kto_fwd_kernel(
     n_rejected = tl.zeros([BLOCK], acc_dtype)
     z = tl.zeros([], acc_dtype)
     for start in range(0, B, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < B
+        offs, ok = block_at(start, B, BLOCK)
         log_ratio, desirable, z = _kto_inputs(p_ptr, r_ptr, des_ptr, kl_ptr, offs, ok,
                                               acc_dtype, HAS_REF, HAS_KL)
         loss, d_lr = _kto_terms(log_ratio, desirable, z, beta, w_d, w_u)
         reward = beta * log_ratio
         tl.store(reward_ptr + offs, reward, mask=ok)
-        if REDUCTION == 2:
-            tl.store(loss_ptr + offs, loss, mask=ok)
-        s_loss += tl.where(ok, loss, 0.0)
+        s_loss = loss_step(loss_ptr, offs, ok, loss, s_loss, REDUCTION)
         s_chosen += tl.where(ok & desirable, reward, 0.0)
         # (not ~desirable: Triton 3.3's interpreter cannot invert an int1 tensor)
         s_rejected += tl.where(ok & desirable, 0.0, tl.where(ok, reward, 0.0))
         n_chosen += tl.where(ok & desirable, 1.0, 0.0)
         n_rejected += tl.where(ok & desirable, 0.0, tl.where(ok, 1.0, 0.0))
-    total = tl.sum(s_loss, axis=0)
-    if REDUCTION == 0:
-        tl.store(loss_ptr, total / B)
-    elif REDUCTION == 1:
-        tl.store(loss_ptr, total)
+    store_reduced_loss(loss_ptr, s_loss, B, REDUCTION)
     # an empty group's mean is 0 / 0 = NaN, as torch's mean of nothing
     chosen = tl.sum(s_chosen, axis=0) / tl.sum(n_chosen, axis=0)
     rejected = tl.sum(s_rejected, axis=0) / tl.sum(n_rejected, axis=0)
@@ -133,20 +134,12 @@ def _kto_bwd_kernel(
     GRAD_P: tl.constexpr, GRAD_R: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
-    w_d = fp64_arg(w_d_hi, w_d_lo, acc_dtype)
-    w_u = fp64_arg(w_u_hi, w_u_lo, acc_dtype)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < B
+    beta, w_d, w_u = fp64_args3(beta_hi, beta_lo, w_d_hi, w_d_lo, w_u_hi, w_u_lo, acc_dtype)
+    offs, ok = block_at(tl.program_id(0) * BLOCK, B, BLOCK)
     log_ratio, desirable, z = _kto_inputs(p_ptr, r_ptr, des_ptr, kl_ptr, offs, ok, acc_dtype,
                                           HAS_REF, HAS_KL)
     loss, d_lr = _kto_terms(log_ratio, desirable, z, beta, w_d, w_u)
-    if REDUCTION == 2:
-        g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
-    elif REDUCTION == 0:
-        g = tl.load(grad_ptr).to(acc_dtype) / B
-    else:
-        g = tl.load(grad_ptr).to(acc_dtype)
+    g = upstream_grad(grad_ptr, offs, ok, B, acc_dtype, REDUCTION)
     if GRAD_P:
         tl.store(d_p_ptr + offs, cast(g * d_lr, d_p_ptr.dtype.element_ty), mask=ok)
     if GRAD_R:

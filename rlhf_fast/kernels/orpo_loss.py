@@ -34,18 +34,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.common import cast, fp64_arg, split_fp64
+from rlhf_fast.kernels.common import (
+    block_at,
+    cast,
+    fp64_arg,
+    pair_step,
+    pair_sums,
+    split_fp64,
+    store_pair_totals,
+)
 from rlhf_fast.kernels.cpo_loss import _chosen_nll, _pairs, _total_length, _upstream
 from rlhf_fast.kernels.dpo_loss import (
     REDUCTION_CODES,
     _log_sigmoid,
     _sigmoid,
-    pair_backward,
-    pair_forward,
+    pair_launchers,
 )
 
 
@@ -60,6 +66,10 @@ class ORPOKernelConfig:
     def from_options(cls, opt: Any) -> ORPOKernelConfig:
         """From the checked `rlhf_fast.options.ORPO_OPTIONS` of a call."""
         return cls(beta=opt.beta, reduction_code=REDUCTION_CODES[opt.reduction])
+
+    def constexprs(self) -> dict[str, Any]:
+        """The kernels' compile-time switches: none."""
+        return {}
 
     def scalar_args(self) -> tuple[float, ...]:
         return split_fp64(self.beta)
@@ -109,36 +119,21 @@ def _orpo_fwd_kernel(
     acc_dtype = tl.float64 if FP64 else tl.float32
     beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
     nll = _chosen_nll(pc_ptr, lc_ptr, B, acc_dtype, BLOCK)
-    s_loss = tl.zeros([BLOCK], acc_dtype)
-    s_correct = tl.zeros([BLOCK], acc_dtype)
-    s_margin = tl.zeros([BLOCK], acc_dtype)
+    s_loss, s_correct, s_margin = pair_sums(acc_dtype, BLOCK)
     s_ratio = tl.zeros([BLOCK], acc_dtype)
     s_log_odds = tl.zeros([BLOCK], acc_dtype)
     for start in range(0, B, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < B
+        offs, ok = block_at(start, B, BLOCK)
         pc, lc, lr, inv_lc, inv_lr = _pairs(pc_ptr, pr_ptr, lc_ptr, lr_ptr, offs, ok,
                                             acc_dtype, True)
         ratio, log_odds, d_lc, d_lr = _orpo_terms(lc, lr)
         loss = nll - beta * ratio
-        chosen_reward = beta * lc
-        rejected_reward = beta * lr
-        tl.store(chosen_reward_ptr + offs, chosen_reward, mask=ok)
-        tl.store(rejected_reward_ptr + offs, rejected_reward, mask=ok)
-        if REDUCTION == 2:
-            tl.store(loss_ptr + offs, loss, mask=ok)
-        s_loss += tl.where(ok, loss, 0.0)
-        s_correct += tl.where(ok & (chosen_reward > rejected_reward), 1.0, 0.0)
-        s_margin += tl.where(ok, chosen_reward - rejected_reward, 0.0)
+        s_loss, s_correct, s_margin = pair_step(
+            loss_ptr, chosen_reward_ptr, rejected_reward_ptr, offs, ok, loss, beta * lc,
+            beta * lr, s_loss, s_correct, s_margin, REDUCTION)
         s_ratio += tl.where(ok, ratio, 0.0)
         s_log_odds += tl.where(ok, log_odds, 0.0)
-    total = tl.sum(s_loss, axis=0)
-    if REDUCTION == 0:
-        tl.store(loss_ptr, total / B)
-    elif REDUCTION == 1:
-        tl.store(loss_ptr, total)
-    tl.store(stats_ptr + 0, tl.sum(s_correct, axis=0) / B)
-    tl.store(stats_ptr + 1, tl.sum(s_margin, axis=0) / B)
+    store_pair_totals(loss_ptr, stats_ptr, s_loss, s_correct, s_margin, B, REDUCTION)
     tl.store(stats_ptr + 2, nll)
     tl.store(stats_ptr + 3, tl.sum(s_ratio, axis=0) / B)
     tl.store(stats_ptr + 4, tl.sum(s_log_odds, axis=0) / B)
@@ -152,8 +147,7 @@ def _orpo_bwd_kernel(
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
     beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < B
+    offs, ok = block_at(tl.program_id(0) * BLOCK, B, BLOCK)
     pc, lc, lr, inv_lc, inv_lr = _pairs(pc_ptr, pr_ptr, lc_ptr, lr_ptr, offs, ok, acc_dtype,
                                         True)
     ratio, log_odds, d_lc, d_lr = _orpo_terms(lc, lr)
@@ -166,23 +160,8 @@ def _orpo_bwd_kernel(
         tl.store(d_pr_ptr + offs, cast(d_pr, d_pr_ptr.dtype.element_ty), mask=ok)
 
 
-def orpo_forward(
-    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor, cfg: ORPOKernelConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`pair_forward` of contiguous [B] inputs: stats [5] = (accuracy, margin, nll,
-    mean log s(log_odds), mean log_odds)."""
-    return pair_forward(_orpo_fwd_kernel, (policy_chosen, policy_rejected, chosen_lengths,
-                                            rejected_lengths), 5, cfg.reduction_code,
-                        cfg.scalar_args())
 
-
-def orpo_backward(
-    grad_loss: torch.Tensor, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-    chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, cfg: ORPOKernelConfig,
-    needs_grad: tuple[bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`pair_backward`: the gradients w.r.t. policy_chosen and policy_rejected."""
-    return pair_backward(_orpo_bwd_kernel, grad_loss, (policy_chosen, policy_rejected,
-                                                        chosen_lengths, rejected_lengths),
-                         needs_grad, cfg.reduction_code, cfg.scalar_args())
+#: The forward's statistics: (accuracy, margin, nll, mean log s(log_odds), mean log_odds).
+N_STATS = 5
+#: The (forward, backward) launchers (`pair_launchers`).
+LAUNCHERS = pair_launchers(_orpo_fwd_kernel, _orpo_bwd_kernel, N_STATS)

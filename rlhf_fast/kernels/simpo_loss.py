@@ -22,18 +22,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.common import cast, fp64_arg, split_fp64
+from rlhf_fast.kernels.common import (
+    block_at,
+    cast,
+    fp64_args3,
+    pair_step,
+    pair_sums,
+    split_fp64,
+    store_pair_totals,
+    upstream_grad,
+)
 from rlhf_fast.kernels.dpo_loss import (
     REDUCTION_CODES,
     _log_ratios,
     _log_sigmoid,
     _sigmoid,
-    pair_backward,
-    pair_forward,
+    pair_launchers,
 )
 
 
@@ -51,6 +58,10 @@ class SimPOKernelConfig:
         """From the checked `rlhf_fast.options.SIMPO_OPTIONS` of a call."""
         return cls(beta=opt.beta, gamma=opt.gamma, eps=opt.label_smoothing,
                    reduction_code=REDUCTION_CODES[opt.reduction])
+
+    def constexprs(self) -> dict[str, Any]:
+        """The kernels' compile-time switches: none."""
+        return {}
 
     def scalar_args(self) -> tuple[float, ...]:
         return (*split_fp64(self.beta), *split_fp64(self.gamma), *split_fp64(self.eps))
@@ -72,35 +83,18 @@ def _simpo_fwd_kernel(
     REDUCTION: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
-    gamma = fp64_arg(gamma_hi, gamma_lo, acc_dtype)
-    eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
-    s_loss = tl.zeros([BLOCK], acc_dtype)
-    s_correct = tl.zeros([BLOCK], acc_dtype)
-    s_margin = tl.zeros([BLOCK], acc_dtype)
+    beta, gamma, eps = fp64_args3(beta_hi, beta_lo, gamma_hi, gamma_lo, eps_hi, eps_lo, acc_dtype)
+    s_loss, s_correct, s_margin = pair_sums(acc_dtype, BLOCK)
     for start in range(0, B, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < B
+        offs, ok = block_at(start, B, BLOCK)
         a, b, _, _, inv_lc, inv_lr = _log_ratios(pc_ptr, pr_ptr, pc_ptr, pr_ptr, lc_ptr,
                                                  lr_ptr, offs, ok, 0.0, acc_dtype, False,
                                                  True, 0)
         loss, d_a = _simpo_terms(a, b, beta, gamma, eps)
-        chosen_reward = beta * a
-        rejected_reward = beta * b
-        tl.store(chosen_reward_ptr + offs, chosen_reward, mask=ok)
-        tl.store(rejected_reward_ptr + offs, rejected_reward, mask=ok)
-        if REDUCTION == 2:
-            tl.store(loss_ptr + offs, loss, mask=ok)
-        s_loss += tl.where(ok, loss, 0.0)
-        s_correct += tl.where(ok & (chosen_reward > rejected_reward), 1.0, 0.0)
-        s_margin += tl.where(ok, chosen_reward - rejected_reward, 0.0)
-    total = tl.sum(s_loss, axis=0)
-    if REDUCTION == 0:
-        tl.store(loss_ptr, total / B)
-    elif REDUCTION == 1:
-        tl.store(loss_ptr, total)
-    tl.store(stats_ptr + 0, tl.sum(s_correct, axis=0) / B)
-    tl.store(stats_ptr + 1, tl.sum(s_margin, axis=0) / B)
+        s_loss, s_correct, s_margin = pair_step(
+            loss_ptr, chosen_reward_ptr, rejected_reward_ptr, offs, ok, loss, beta * a,
+            beta * b, s_loss, s_correct, s_margin, REDUCTION)
+    store_pair_totals(loss_ptr, stats_ptr, s_loss, s_correct, s_margin, B, REDUCTION)
 
 
 @triton.jit
@@ -111,42 +105,20 @@ def _simpo_bwd_kernel(
     FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc_dtype = tl.float64 if FP64 else tl.float32
-    beta = fp64_arg(beta_hi, beta_lo, acc_dtype)
-    gamma = fp64_arg(gamma_hi, gamma_lo, acc_dtype)
-    eps = fp64_arg(eps_hi, eps_lo, acc_dtype)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < B
+    beta, gamma, eps = fp64_args3(beta_hi, beta_lo, gamma_hi, gamma_lo, eps_hi, eps_lo, acc_dtype)
+    offs, ok = block_at(tl.program_id(0) * BLOCK, B, BLOCK)
     a, b, _, _, inv_lc, inv_lr = _log_ratios(pc_ptr, pr_ptr, pc_ptr, pr_ptr, lc_ptr, lr_ptr,
                                              offs, ok, 0.0, acc_dtype, False, True, 0)
     loss, d_a = _simpo_terms(a, b, beta, gamma, eps)
-    if REDUCTION == 2:
-        g = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(acc_dtype)
-    elif REDUCTION == 0:
-        g = tl.load(grad_ptr).to(acc_dtype) / B
-    else:
-        g = tl.load(grad_ptr).to(acc_dtype)
+    g = upstream_grad(grad_ptr, offs, ok, B, acc_dtype, REDUCTION)
     if GRAD_PC:
         tl.store(d_pc_ptr + offs, cast(g * d_a * inv_lc, d_pc_ptr.dtype.element_ty), mask=ok)
     if GRAD_PR:
         tl.store(d_pr_ptr + offs, cast(-g * d_a * inv_lr, d_pr_ptr.dtype.element_ty), mask=ok)
 
 
-def simpo_forward(
-    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor, cfg: SimPOKernelConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`pair_forward` of contiguous [B] inputs: stats [2] = (accuracy, margin)."""
-    return pair_forward(_simpo_fwd_kernel, (policy_chosen, policy_rejected, chosen_lengths,
-                                            rejected_lengths), 2, cfg.reduction_code,
-                        cfg.scalar_args())
 
-
-def simpo_backward(
-    grad_loss: torch.Tensor, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-    chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, cfg: SimPOKernelConfig,
-    needs_grad: tuple[bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`pair_backward`: the gradients w.r.t. policy_chosen and policy_rejected."""
-    return pair_backward(_simpo_bwd_kernel, grad_loss, (policy_chosen, policy_rejected,
-                                                        chosen_lengths, rejected_lengths),
-                         needs_grad, cfg.reduction_code, cfg.scalar_args())
+#: The forward's statistics: (accuracy, margin).
+N_STATS = 2
+#: The (forward, backward) launchers (`pair_launchers`).
+LAUNCHERS = pair_launchers(_simpo_fwd_kernel, _simpo_bwd_kernel, N_STATS)

@@ -191,6 +191,27 @@ def differentiable_once(backward: Callable) -> Callable:
     return guarded
 
 
+def register_masked_reduction_autograd(op: Any, backward_op: Callable[..., torch.Tensor]
+                                       ) -> None:
+    """The autograd of a masked reduction ``op(x, mask, setting) -> (out, count)`` (a
+    `kernel_op`; `count` non-differentiable): d x is ``backward_op(grad, mask, count,
+    setting, x.dtype)``; the mask and the setting get none. Differentiable once."""
+
+    def setup_context(ctx, inputs, output):
+        x, mask, ctx.setting = inputs
+        ctx.x_dtype = x.dtype
+        _, count = output
+        ctx.save_for_backward(mask, count)
+        ctx.mark_non_differentiable(count)
+
+    def backward(ctx, grad, _grad_count):
+        mask, count = ctx.saved_tensors
+        return backward_op(grad, mask, count, ctx.setting, ctx.x_dtype), None, None
+
+    # named as the op's own backward: `differentiable_once`'s error names the op by it
+    backward.__name__ = backward.__qualname__ = f"_{op.name}_backward"
+    op.register_autograd(differentiable_once(backward), setup_context=setup_context)
+
 def overlaps_itself(tensor: torch.Tensor) -> bool:
     """Whether two elements of `tensor` may share memory: sorted by stride, each dim must
     step past everything the smaller-stride dims span (stride 0 of an expand() fails)."""

@@ -13,7 +13,7 @@ from rlhf_fast.options import CPO_OPTIONS
 from rlhf_fast.types import CPOLossOutput
 
 cpo_loss_op = register_pair_loss("cpo_loss", kernel.CPOKernelConfig,
-                                 (kernel.cpo_forward, kernel.cpo_backward), 3)
+                                 kernel.LAUNCHERS, kernel.N_STATS)
 
 
 @CPO_OPTIONS.keywords

@@ -34,7 +34,9 @@ from rlhf_fast.ops.logprobs import (
 from rlhf_fast.options import LOGPROB_OPTIONS, TOKEN_OPTIONS
 
 
-def _output_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the linear ops' per-row outputs and accumulators are in for a GEMM in
+    `compute_dtype`: fp64 for fp64, else fp32."""
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
@@ -60,7 +62,7 @@ def linear_logprobs_op(
 @linear_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, return_sum_p2,
       compute_dtype):
-    dtype = _output_dtype(compute_dtype)
+    dtype = accumulator_dtype(compute_dtype)
     n_tokens = hidden.shape[0]
 
     def output(asked: bool) -> torch.Tensor:

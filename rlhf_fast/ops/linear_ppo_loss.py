@@ -22,6 +22,7 @@ from rlhf_fast.ops.checks import FLOAT_DTYPES, check_tensor, differentiable_once
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.ops.library import config_args, config_from_args, empty_like_absent, kernel_op
 from rlhf_fast.ops.linear_logprobs import (
+    accumulator_dtype,
     check_linear_inputs,
     ignore_masked_labels,
     linear_logprobs,
@@ -36,10 +37,6 @@ from rlhf_fast.ops.ppo_loss import (
 )
 from rlhf_fast.options import LOGPROB_OPTIONS, PPO_OPTIONS, TOKEN_OPTIONS
 from rlhf_fast.types import PPOLossOutput
-
-
-def _accumulator(compute_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
 def scaled(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -81,7 +78,7 @@ def linear_ppo_loss_op(
     flat = {k: None if v is None else v.reshape(-1)
             for k, v in dict(old_logp=old_logp, advantages=advantages,
                              ref_logp=ref_logp, is_weights=is_weights).items()}
-    acc_dtype = _accumulator(compute_dtype)
+    acc_dtype = accumulator_dtype(compute_dtype)
     with no_autocast(hidden):
         token_weight = kernel.token_weights(mask, config, acc_dtype).reshape(-1)
         logp, entropy, d_hidden, d_weight, d_bias = kernel.linear_ppo_forward_backward(
@@ -112,7 +109,7 @@ def linear_ppo_loss_op(
 def _(hidden, weight, bias, values, labels, old_logp, advantages, mask, ref_logp, old_values,
       returns, is_weights, temperature, ignore_index, cfg, compute_dtype, grad_hidden,
       grad_weight, grad_bias, grad_values):
-    dtype = _accumulator(compute_dtype)
+    dtype = accumulator_dtype(compute_dtype)
     grads = (torch.empty_like(hidden), weight.new_empty(weight.shape),
              None if bias is None else bias.new_empty(bias.shape),
              None if values is None else torch.empty_like(values))
@@ -221,7 +218,7 @@ def linear_ppo_loss(
         return _from_logprobs(hidden, weight, bias, labels, tensors, opt, ppo_options, cfg)
     mask, is_weights, rollout_statistics = policy_weights(
         tensors["mask"], tensors["old_logp"], tensors["advantages"], tensors["rollout_logp"],
-        ppo_options, _accumulator(compute_dtype))
+        ppo_options, accumulator_dtype(compute_dtype))
     # no_grad / inference_mode: no gradient asked for, its GEMMs skipped
     grad = torch.is_grad_enabled()
     loss, statistics, *_ = linear_ppo_loss_op(

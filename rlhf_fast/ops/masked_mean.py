@@ -17,7 +17,7 @@ from rlhf_fast.ops.checks import (
     check_mask_like,
     check_some_valid,
     check_tensor,
-    differentiable_once,
+    register_masked_reduction_autograd,
 )
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.ops.library import kernel_op
@@ -80,21 +80,7 @@ def _(grad, mask, count, dim, dtype):
     return unrows(mask.new_empty((n_rows, length), dtype=dtype), mask.shape, dim)
 
 
-def _setup_masked_mean(ctx, inputs, output):
-    x, mask, ctx.dim = inputs
-    ctx.x_dtype = x.dtype
-    _, count = output
-    ctx.save_for_backward(mask, count)
-    ctx.mark_non_differentiable(count)
-
-
-@differentiable_once
-def _masked_mean_backward(ctx, grad, _grad_count):
-    mask, count = ctx.saved_tensors
-    return masked_mean_backward_op(grad, mask, count, ctx.dim, ctx.x_dtype), None, None
-
-
-masked_mean_op.register_autograd(_masked_mean_backward, setup_context=_setup_masked_mean)
+register_masked_reduction_autograd(masked_mean_op, masked_mean_backward_op)
 
 
 def masked_mean(

@@ -13,7 +13,7 @@ from rlhf_fast.options import ORPO_OPTIONS
 from rlhf_fast.types import ORPOLossOutput
 
 orpo_loss_op = register_pair_loss("orpo_loss", kernel.ORPOKernelConfig,
-                                  (kernel.orpo_forward, kernel.orpo_backward), 5)
+                                  kernel.LAUNCHERS, kernel.N_STATS)
 
 
 @ORPO_OPTIONS.keywords

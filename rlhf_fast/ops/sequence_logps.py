@@ -16,7 +16,7 @@ from rlhf_fast.ops.checks import (
     check_same_device,
     check_same_shape,
     check_tensor,
-    differentiable_once,
+    register_masked_reduction_autograd,
 )
 from rlhf_fast.ops.dispatch import use_triton
 from rlhf_fast.ops.library import kernel_op
@@ -58,23 +58,7 @@ def _(grad, mask, count, average, dtype):
     return mask.new_empty(mask.shape, dtype=dtype)
 
 
-def _setup_sequence_logps(ctx, inputs, output):
-    token_logp, mask, ctx.average = inputs
-    ctx.dtype = token_logp.dtype
-    _, count = output
-    ctx.save_for_backward(mask, count)
-    ctx.mark_non_differentiable(count)
-
-
-@differentiable_once
-def _sequence_logps_backward(ctx, grad, _grad_count):
-    mask, count = ctx.saved_tensors
-    return (sequence_logps_backward_op(grad, mask, count, ctx.average, ctx.dtype),
-            None, None)
-
-
-sequence_logps_op.register_autograd(_sequence_logps_backward,
-                                    setup_context=_setup_sequence_logps)
+register_masked_reduction_autograd(sequence_logps_op, sequence_logps_backward_op)
 
 
 def sequence_logps(

@@ -13,7 +13,7 @@ from rlhf_fast.options import SIMPO_OPTIONS
 from rlhf_fast.types import SimPOLossOutput
 
 simpo_loss_op = register_pair_loss("simpo_loss", kernel.SimPOKernelConfig,
-                                   (kernel.simpo_forward, kernel.simpo_backward), 2)
+                                   kernel.LAUNCHERS, kernel.N_STATS)
 
 
 @SIMPO_OPTIONS.keywords
