@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from rlhf_fast import demo
 from rlhf_fast.trainers import checkpoints as ckpt
-from rlhf_fast.trainers.checkpoints import (
+from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.model_state import (
     load_dcp_metadata,
     load_sharded_state,
     save_sharded_state,
 )
-from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
 from rlhf_fast.trainers.models import ValueModel
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 

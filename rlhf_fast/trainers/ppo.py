@@ -45,7 +45,7 @@ from rlhf_fast import (
     ppo_loss,
 )
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
-from rlhf_fast.trainers.checkpoints import Export, model_identity, strip_prefix
+from rlhf_fast.trainers.checkpoints import Export
 from rlhf_fast.trainers.data import batches, example_indices, tokenized_prompts
 from rlhf_fast.trainers.files import save_pretrained_atomic
 from rlhf_fast.trainers.generation import (
@@ -57,6 +57,7 @@ from rlhf_fast.trainers.generation import (
 )
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
+from rlhf_fast.trainers.model_state import model_identity, strip_prefix
 from rlhf_fast.trainers.models import (
     ActorCritic,
     TokenLogprobs,
