@@ -424,7 +424,7 @@ def read_data(args: argparse.Namespace, config: Any, parser: argparse.ArgumentPa
     """The datasets of --data (and --eval-data, or --eval-split of --data), loaded and
     checked before any model is; a usage error naming the flag. The trainers get these
     `datasets.Dataset`s, so a file's tokenised columns are cached by `datasets`."""
-    from rlhf_fast.trainers.data import load_source
+    from rlhf_fast.trainers.sources import load_source
 
     def read(flag: str, source: str, kind: str, split: str) -> Any:
         try:

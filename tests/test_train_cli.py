@@ -424,7 +424,7 @@ def test_plot_curves_writes_a_png_or_says_why_not(tmp_path, monkeypatch, capsys)
 
 
 def test_load_source_from_a_list_a_jsonl_file_and_a_dataset_like(tmp_path):
-    from rlhf_fast.trainers.data import load_source
+    from rlhf_fast.trainers.sources import load_source
 
     def load_records(data, fields, name):
         return load_source(data, "pairs", name).to_list()

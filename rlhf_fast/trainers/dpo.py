@@ -50,7 +50,7 @@ from rlhf_fast.trainers.config import (
     TrlNames,
     is_finite,
 )
-from rlhf_fast.trainers.data import batches, example_indices, has_splits, tokenized_pairs
+from rlhf_fast.trainers.data import batches, example_indices, tokenized_pairs
 from rlhf_fast.trainers.files import save_pretrained_atomic
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
@@ -62,6 +62,7 @@ from rlhf_fast.trainers.models import (
     with_adapter,
 )
 from rlhf_fast.trainers.run import wrap_ddp
+from rlhf_fast.trainers.sources import has_splits
 from rlhf_fast.types import DPO_MIX_TYPES, DPO_REFERENCE_FREE_TYPES, DPO_SFT
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -453,7 +454,7 @@ class DPOTrainer:
     def _tokenized(self, data: Any, split: str) -> list[dict[str, list[int]]]:
         """The split's records, tokenised as pairs (kto: each record's completion, then
         the next record's as the mismatched one of its KL estimate; the labels kept).
-        `data` is any source of `rlhf_fast.trainers.data.load_source`; a DatasetDict, a
+        `data` is any source of `rlhf_fast.trainers.sources.load_source`; a DatasetDict, a
         dataset folder or a hub id gives config.data_split (eval: config.eval_split)."""
         config, name = self.config, f"{split}_dataset"
         kind = "kto" if config.loss_type in ("kto", ["kto"]) else "pairs"
