@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from rlhf_fast import demo
 from rlhf_fast.trainers import checkpoints as ckpt
-from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.dpo import DPOTrainer
+from rlhf_fast.trainers.dpo_config import DPOConfig
 from rlhf_fast.trainers.model_state import (
     load_dcp_metadata,
     load_sharded_state,

@@ -24,9 +24,11 @@ from helpers import kernel_backward
 from rlhf_fast import demo, reference
 from rlhf_fast.cli import main
 from rlhf_fast.trainers.data import example_indices
-from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, collate_pairs
+from rlhf_fast.trainers.dpo import DPOTrainer
+from rlhf_fast.trainers.dpo_config import DPOConfig
 from rlhf_fast.trainers.files import process_umask, save_pretrained_atomic
 from rlhf_fast.trainers.models import TokenLogprobs, ValueModel, position_ids_from
+from rlhf_fast.trainers.pairs import collate_pairs
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
 TRAIN = demo.DATA / "preferences_train.jsonl"

@@ -5,7 +5,8 @@ its generation hook), `loop.py` the training loop they share; `config.py`, `mode
 `run.py`, `data.py`, `metrics.py`, `checkpoints.py` and `files.py` the plumbing.
 """
 
-from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.dpo import DPOTrainer
+from rlhf_fast.trainers.dpo_config import DPOConfig
 from rlhf_fast.trainers.generation import Generation
 from rlhf_fast.trainers.models import ValueModel
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
