@@ -170,7 +170,7 @@ def test_dcp_round_trip_and_a_malicious_metadata_is_refused(tmp_path):
 
 
 def test_the_critic_round_trips_through_value_model(tokenizer, tmp_path, monkeypatch):
-    from rlhf_fast.cli import load_sequence_scorer
+    from rlhf_fast.cli_train import load_sequence_scorer
 
     monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
     trainer = _ppo(tokenizer, tmp_path, max_steps=1)

@@ -250,7 +250,7 @@ def test_a_missing_local_model_is_a_usage_error_naming_the_flag(flag, value, sav
 
 def test_model_flags_take_existing_paths_and_hub_ids(saved_model, tmp_path, monkeypatch):
     """Hub ids pass the check (they are downloaded when loaded); ~ is expanded."""
-    from rlhf_fast.cli import check_model_flags
+    from rlhf_fast.cli_train import check_model_flags
 
     monkeypatch.setenv("HOME", str(saved_model.parent))
     args = build_parser().parse_args([
