@@ -24,7 +24,8 @@ import torch
 
 from rlhf_fast.trainers.checkpoints import checkpoints_by_step
 from rlhf_fast.trainers.data import example_indices
-from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.dpo import DPOTrainer
+from rlhf_fast.trainers.dpo_config import DPOConfig
 from rlhf_fast.trainers.models import TokenLogprobs
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 from rlhf_fast.trainers.run import setup_run

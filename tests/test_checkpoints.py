@@ -12,12 +12,13 @@ from transformers import AutoModelForCausalLM
 
 from rlhf_fast import demo
 from rlhf_fast.trainers import checkpoints as ckpt
-from rlhf_fast.trainers.checkpoints import (
+from rlhf_fast.trainers.dpo import DPOTrainer
+from rlhf_fast.trainers.dpo_config import DPOConfig
+from rlhf_fast.trainers.model_state import (
     load_dcp_metadata,
     load_sharded_state,
     save_sharded_state,
 )
-from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
 from rlhf_fast.trainers.models import ValueModel
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
@@ -169,7 +170,7 @@ def test_dcp_round_trip_and_a_malicious_metadata_is_refused(tmp_path):
 
 
 def test_the_critic_round_trips_through_value_model(tokenizer, tmp_path, monkeypatch):
-    from rlhf_fast.cli import load_sequence_scorer
+    from rlhf_fast.cli_train import load_sequence_scorer
 
     monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
     trainer = _ppo(tokenizer, tmp_path, max_steps=1)

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_fast import cli
-from rlhf_fast.cli import import_function, main, parse_command_line
+from rlhf_fast import cli_train
+from rlhf_fast.cli import main, parse_command_line
+from rlhf_fast.cli_train import import_function
 from rlhf_fast.config_flags import config_from_args
 from rlhf_fast.demo import DATA, read_jsonl, tiny_llama, train_tokenizer
 from rlhf_fast.trainers import DPOConfig, PPOConfig
@@ -159,17 +160,17 @@ def test_model_loading_flags_reach_from_pretrained(monkeypatch):
         monkeypatch.setattr(transformers, name, Recorder)
     args, _ = parse_command_line(DPO + ["--dtype", "bfloat16", "--attn-implementation",
                                         "sdpa", "--trust-remote-code"])
-    cli.load_causal_lm("policy", args)
-    cli.load_sequence_scorer("rm", args)
+    cli_train.load_causal_lm("policy", args)
+    cli_train.load_sequence_scorer("rm", args)
     defaults, _ = parse_command_line(DPO)
-    cli.load_causal_lm("plain", defaults)
+    cli_train.load_causal_lm("plain", defaults)
     dtype_key = next(k for k in calls[0][1] if "dtype" in k)
     assert calls[0] == ("policy", {dtype_key: torch.bfloat16, "trust_remote_code": True,
                                    "attn_implementation": "sdpa"})
     assert calls[1][1]["num_labels"] == 1 and calls[1][1][dtype_key] is torch.bfloat16
     assert calls[2] == ("plain", {dtype_key: torch.float32, "trust_remote_code": False})
     auto, _ = parse_command_line(DPO + ["--torch_dtype", "auto"])
-    assert cli.model_kwargs(auto)[dtype_key] == "auto"
+    assert cli_train.model_kwargs(auto)[dtype_key] == "auto"
 
 
 REWARDS = "def score(prompts, answers):\n    return [float(len(a)) for a in answers]\n"

@@ -250,7 +250,7 @@ def test_a_missing_local_model_is_a_usage_error_naming_the_flag(flag, value, sav
 
 def test_model_flags_take_existing_paths_and_hub_ids(saved_model, tmp_path, monkeypatch):
     """Hub ids pass the check (they are downloaded when loaded); ~ is expanded."""
-    from rlhf_fast.cli import check_model_flags
+    from rlhf_fast.cli_train import check_model_flags
 
     monkeypatch.setenv("HOME", str(saved_model.parent))
     args = build_parser().parse_args([
@@ -424,7 +424,7 @@ def test_plot_curves_writes_a_png_or_says_why_not(tmp_path, monkeypatch, capsys)
 
 
 def test_load_source_from_a_list_a_jsonl_file_and_a_dataset_like(tmp_path):
-    from rlhf_fast.trainers.data import load_source
+    from rlhf_fast.trainers.sources import load_source
 
     def load_records(data, fields, name):
         return load_source(data, "pairs", name).to_list()

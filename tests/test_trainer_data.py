@@ -1,6 +1,7 @@
-"""The trainers' data (`rlhf_fast.trainers.data`): TRL's dataset formats (standard and
-conversational; explicit and implicit prompt; prompt-only; unpaired KTO) for each trainer
-kind, every source type, the tokenised cache, and errors that name the record and field.
+"""The trainers' data (`rlhf_fast.trainers.sources`, `rlhf_fast.trainers.data`): TRL's
+dataset formats (standard and conversational; explicit and implicit prompt; prompt-only;
+unpaired KTO) for each trainer kind, every source type, the tokenised cache, and errors
+that name the record and field.
 
 A tiny BPE tokenizer with a small chat template; no model runs, except the two trainer
 constructions at the end (tiny models, no training step).
@@ -16,7 +17,8 @@ from trl.data_utils import extract_prompt, maybe_apply_chat_template
 
 from rlhf_fast import demo
 from rlhf_fast.trainers import data as trainer_data
-from rlhf_fast.trainers.data import load_source, tokenized_pairs, tokenized_prompts
+from rlhf_fast.trainers.data import tokenized_pairs, tokenized_prompts
+from rlhf_fast.trainers.sources import load_source
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")

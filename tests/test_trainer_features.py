@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from rlhf_fast import demo
-from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer
+from rlhf_fast.trainers.dpo import DPOTrainer
+from rlhf_fast.trainers.dpo_config import DPOConfig
 from rlhf_fast.trainers.generation import Generation
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 

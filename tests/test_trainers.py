@@ -24,10 +24,13 @@ from helpers import kernel_backward
 from rlhf_fast import demo, reference
 from rlhf_fast.cli import main
 from rlhf_fast.trainers.data import example_indices
-from rlhf_fast.trainers.dpo import DPOConfig, DPOTrainer, collate_pairs
+from rlhf_fast.trainers.dpo import DPOTrainer
+from rlhf_fast.trainers.dpo_config import DPOConfig
 from rlhf_fast.trainers.files import process_umask, save_pretrained_atomic
 from rlhf_fast.trainers.models import TokenLogprobs, ValueModel, position_ids_from
+from rlhf_fast.trainers.pairs import collate_pairs
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
+from rlhf_fast.trainers.rollout import global_counts
 
 TRAIN = demo.DATA / "preferences_train.jsonl"
 EVAL = demo.DATA / "preferences_eval.jsonl"
@@ -1250,7 +1253,7 @@ def test_the_trainers_inner_steps_read_nothing_on_the_host(tokenizer, tmp_path, 
     ppo = _tiny_ppo(tokenizer, tmp_path / "ppo", gradient_accumulation_steps=2)
     rollout = ppo.rollout(0)
     order = torch.arange(rollout.mask.shape[0]).split(2)
-    counts = ppo.global_counts(rollout.mask, [order])
+    counts = global_counts(rollout.mask, [order], ppo.run, ppo.config.agg)
     with host_reads_by_rlhf_fast(monkeypatch) as calls:
         dpo.optimizer_step()
         ppo._accumulate_gradients(rollout, order, counts[0])
@@ -1519,8 +1522,7 @@ def test_ppo_global_counts_over_two_ranks():
 
     def counts(world, agg, groups, mask=mask):
         run = SimpleNamespace(world=world, sum_over_ranks_tensor=lambda t: t * world)
-        fake = SimpleNamespace(run=run, config=SimpleNamespace(agg=agg))
-        return PPOTrainer.global_counts(fake, mask, groups)
+        return global_counts(mask, groups, run, agg)
 
     assert counts(1, "token-mean", [[torch.tensor([0, 1, 2])]]) == [{}]
     assert counts(2, "token-mean", [step, [torch.tensor([3])]]) == [

@@ -25,7 +25,7 @@ LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_restarts", "polynomial", 
 
 #: A config's TRL names: name -> (field, None) for a plain rename of the field, or
 #: (field, {TRL value: the fields it sets}) where TRL's value means settings of ours.
-TrlNames = dict[str, tuple[str, "dict[Any, dict[str, Any]] | None"]]
+TrlNames = dict[str, tuple[str, dict[Any, dict[str, Any]] | None]]
 #: transformers TrainingArguments' names of TrainerConfig fields (every TRL config has them)
 TRAINER_TRL_NAMES: TrlNames = {
     "learning_rate": ("lr", None),

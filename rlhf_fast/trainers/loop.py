@@ -37,13 +37,9 @@ from rlhf_fast.trainers.checkpoints import (
     check_no_checkpoints,
     check_same_frozen_models,
     checkpoint_path,
-    gather_training_state,
     load_resume_checkpoint,
-    load_sharded_state,
     prune_checkpoints,
-    restore_training_state,
     restore_weights,
-    save_sharded_state,
     write_checkpoint,
 )
 from rlhf_fast.trainers.config import TrainerConfig
@@ -54,6 +50,12 @@ from rlhf_fast.trainers.files import (
     temp_folder,
 )
 from rlhf_fast.trainers.metrics import MetricsLog, MetricsWindow, plot_curves, progress_bar
+from rlhf_fast.trainers.model_state import (
+    gather_training_state,
+    load_sharded_state,
+    restore_training_state,
+    save_sharded_state,
+)
 from rlhf_fast.trainers.resume import keep_configured_lrs, remove_checkpoints, warn_changed_config
 from rlhf_fast.trainers.run import (
     Run,

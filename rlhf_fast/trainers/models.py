@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast import linear_logprobs, linear_ppo_loss, logprobs
-from rlhf_fast.trainers.checkpoints import (
+from rlhf_fast.trainers.model_state import (
     is_peft_model,
     model_identity,
     weights_fingerprint,

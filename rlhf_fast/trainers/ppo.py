@@ -22,16 +22,16 @@ One iteration, top to bottom (`PPOTrainer.iteration`, then `rollout`, `update`):
    values with gradients, `ppo_loss` (clipped ratio, KL, entropy bonus, clipped value
    loss), backward, clip, one AdamW step per minibatch.
 
-`rlhf_fast.trainers.loop` runs the iterations: logging, checkpoints, the final models.
+Steps 1 and 2 are `rlhf_fast.trainers.rollout.AnswerSampler`'s; `rlhf_fast.trainers.loop`
+runs the iterations: logging, checkpoints, the final models.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,135 +45,43 @@ from rlhf_fast import (
     ppo_loss,
 )
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
-from rlhf_fast.trainers.checkpoints import Export, model_identity, strip_prefix
-from rlhf_fast.trainers.data import batches, example_indices, tokenized_prompts
+from rlhf_fast.trainers.checkpoints import Export
+from rlhf_fast.trainers.data import example_indices, tokenized_prompts
 from rlhf_fast.trainers.files import save_pretrained_atomic
-from rlhf_fast.trainers.generation import (
-    GenerateFn,
-    check_generation,
-    completion_tensors,
-    generation_seed,
-    hook_sampling,
-)
+from rlhf_fast.trainers.generation import GenerateFn, generation_seed
 from rlhf_fast.trainers.loop import Loop, start_run
 from rlhf_fast.trainers.metrics import host_floats
+from rlhf_fast.trainers.model_state import model_identity, strip_prefix
 from rlhf_fast.trainers.models import (
     ActorCritic,
     TokenLogprobs,
     ValueModel,
     as_value_module,
     frozen,
-    only_generation_config,
     prepare_for_training,
     reference_identity,
     reference_logprobs,
     with_adapter,
 )
 from rlhf_fast.trainers.ppo_config import KL_IN_REWARD, SCALE_REWARDS, PPOConfig
-from rlhf_fast.trainers.rewards import (
-    Reward,
-    RewardFn,
-    call_reward_function,
-    check_finite_scores,
-    function_name,
+from rlhf_fast.trainers.rewards import RewardFn, reward_sources
+from rlhf_fast.trainers.rollout import (
+    ADDITIVE_METRICS,
+    LOGGED_LOSS_OUTPUTS,
+    MAX_METRICS,
+    ROLLOUT_OUTPUTS,
+    AnswerSampler,
+    Rollout,
+    check_rollout_logp,
+    combine_metric,
+    global_counts,
+    logs_rollout_statistics,
+    passes_rollout_logp,
 )
 from rlhf_fast.trainers.run import unwrap, wrap_ddp
 
-if TYPE_CHECKING:
-    from transformers import GenerationConfig
-
-#: ppo_loss's outputs the update logs; the loss terms among them add up over the
-#: minibatches of an optimizer step (`ADDITIVE_METRICS`), the others are their means
-LOGGED_LOSS_OUTPUTS = ("loss", "policy_loss", "value_loss", "entropy", "clipfrac",
-                       "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
-                       "ratio_mean")
-#: ppo_loss's statistics of the rollout correction (the mismatch between the rollout
-#: engine's log-probs and the policy's), logged when it has them: rollout_is_max is the
-#: max over the minibatches, the others their means
-ROLLOUT_OUTPUTS = ("rollout_is_mean", "rollout_is_max", "rollout_rs_masked_fraction",
-                   "rollout_kl", "rollout_k3_kl")
-ADDITIVE_METRICS = ("loss", "policy_loss", "value_loss", "entropy")
-MAX_METRICS = ("rollout_is_max",)
 PPO_PLOT_KEYS = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "policy_loss",
                  "value_loss", "response_length"]
-
-
-@dataclass
-class Rollout:
-    """A batch of sampled answers, B = prompts x group_size rows, R answer positions.
-
-    sequences, attention_mask: [B, P + R] (prompts left-padded to P, answers
-    right-padded after their first EOS); mask: [B, R] float, 1 on answer tokens;
-    old_logp, ref_logp, values: [B, R] fp32 (values None without a critic); scores: [B],
-    the weighted sum of reward_columns [B, K] (one per reward source);
-    advantages, returns: [B, R] (returns None without a critic); teacher_logp: [B, R],
-    the teacher's log-probs of the sampled tokens (None without a teacher); rollout_logp:
-    [B, R] fp32, the generation hook's log-probs of the sampled tokens, 0 off the answers
-    (None without them).
-    """
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_width: int
-    mask: torch.Tensor
-    old_logp: torch.Tensor
-    ref_logp: torch.Tensor
-    values: torch.Tensor | None
-    scores: torch.Tensor
-    reward_columns: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor | None
-    teacher_logp: torch.Tensor | None = None
-    rollout_logp: torch.Tensor | None = None
-
-
-class Answers(NamedTuple):
-    """Scored answers (`PPOTrainer._answer_and_score`): sequences, attention_mask
-    [B, P + R] (prompts left-padded, answers right-padded after their first EOS); scores
-    [B, K] fp32, one column per reward source; rollout_logp [B, R] fp32, the generation
-    hook's log-probs of the answer tokens (0 on the padding), or None."""
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    scores: torch.Tensor
-    rollout_logp: torch.Tensor | None
-
-
-def corrects_rollouts(config: PPOConfig) -> bool:
-    """Whether the config asks for verl's rollout correction (rollout_is or rollout_rs)."""
-    return config.rollout_is is not None or config.rollout_rs is not None
-
-
-def passes_rollout_logp(config: PPOConfig) -> bool:
-    """Whether ppo_loss takes the hook's log-probs as rollout_logp: always but in
-    bypass_mode, which corrects against the policy's own log-probs (and refuses them)."""
-    return config.policy_loss != "bypass_mode"
-
-
-def check_rollout_logp(config: PPOConfig, rollout_logp: torch.Tensor | None,
-                       generate_fn: GenerateFn | None) -> None:
-    """ValueError when the config's rollout correction has no rollout log-probs to
-    correct against: no generate_fn, or one that returned logprobs=None."""
-    if not corrects_rollouts(config) or not passes_rollout_logp(config) \
-            or rollout_logp is not None:
-        return
-    option = f"rollout_is={config.rollout_is!r}" if config.rollout_is is not None else \
-        f"rollout_rs={config.rollout_rs!r}"
-    source = "no generate_fn was given (generate's answers are the policy's own)" \
-        if generate_fn is None else f"generate_fn {function_name(generate_fn)} returned " \
-        f"logprobs=None"
-    raise ValueError(f"PPOConfig.{option} needs the rollout engine's log-probs, but "
-                     f"{source}: pass a generate_fn returning Generation(completion_ids, "
-                     f"logprobs), or use policy_loss='bypass_mode', or set rollout_is and "
-                     f"rollout_rs to None")
-
-
-def combine_metric(key: str, total: torch.Tensor | None, value: torch.Tensor
-                   ) -> torch.Tensor:
-    """A metric's running total over minibatches: the max for `MAX_METRICS`, else the sum."""
-    if total is None:
-        return value
-    return torch.maximum(total, value) if key in MAX_METRICS else total + value
 
 
 def check_same_vocabulary(teacher: nn.Module, policy: nn.Module) -> None:
@@ -289,20 +197,14 @@ class PPOTrainer:
         self.teacher = None if teacher is None else TokenLogprobs(
             frozen(teacher).to(device), fused_linear=self.fused_linear,
             temperature=config.temperature)
-        sources = list(reward_fn_or_model) if isinstance(reward_fn_or_model, (list, tuple)) \
-            else [] if reward_fn_or_model is None else [reward_fn_or_model]
-        weights = config.reward_weights or [1.0] * len(sources)
-        if len(weights) != len(sources):
-            raise ValueError(f"PPOConfig.reward_weights must have one weight per reward "
-                             f"function or model ({len(sources)}), got {len(weights)}")
-        # (distillation alone scores every answer 0: one column, `_score`)
-        self.reward_weights = torch.tensor(weights or [1.0], dtype=torch.float32,
-                                           device=device)
-        self.rewards = [Reward.of(source, device) for source in sources]
+        rewards, self.reward_weights = reward_sources(reward_fn_or_model,
+                                                      config.reward_weights, device)
+        self.sampler = AnswerSampler(policy, tokenizer, rewards, self.run, config,
+                                     self.eos_id, self.pad_id)
         # checkpoints hold the policy and critic, not these: they record which they were
         frozen_models = {"reference": reference_identity(self.reference)} | {
-            "reward model" + (f" {i}" if len(sources) > 1 else ""): model_identity(r.model)
-            for i, r in enumerate(self.rewards)} | ({} if self.teacher is None else {
+            "reward model" + (f" {i}" if len(rewards) > 1 else ""): model_identity(r.model)
+            for i, r in enumerate(rewards)} | ({} if self.teacher is None else {
                 "teacher": model_identity(self.teacher.model)})
         for trained in (policy, value_model):
             if trained is not None:
@@ -352,24 +254,12 @@ class PPOTrainer:
         every evaluation samples alike."""
         if self.eval_records is None:
             raise ValueError("evaluate() needs eval_prompts")
-        config, run = self.config, self.run
-        generation_config = self.generation_config() if config.eval_do_sample else \
-            self.greedy_generation_config()
-        mine = list(range(run.rank, len(self.eval_records), run.world))
-        total = torch.zeros(2, dtype=torch.float64, device=run.device)  # score sum, count
-        devices = [run.device] if run.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(config.seed)
-            for rows in batches(mine, config.rollout_batch_size):
-                prompt_ids, prompt_mask = self._left_pad([self.eval_prompt_ids[r] for r in rows])
-                columns = self._answer_and_score(
-                    prompt_ids, prompt_mask, [self.eval_records[r] for r in rows],
-                    generation_config, seed=config.seed).scores
-                total += torch.stack([(columns @ self.reward_weights).sum().double(),
-                                      torch.tensor(len(rows), dtype=torch.float64,
-                                                   device=run.device)])
-        total = run.sum_over_ranks_tensor(total) if run.world > 1 else total
-        return {"eval/reward": (total[0] / total[1].clamp(min=1)).item()}
+        config, sampler = self.config, self.sampler
+        generation_config = sampler.generation_config() if config.eval_do_sample else \
+            sampler.greedy_generation_config()
+        return {"eval/reward": sampler.mean_score(
+            self.eval_records, self.eval_prompt_ids, self.reward_weights, generation_config,
+            config.seed, self.generate_fn)}
 
     def iteration(self) -> tuple[float, float]:
         """One iteration: a rollout, then ppo_epochs of updates on it; returns the lr of
@@ -384,95 +274,26 @@ class PPOTrainer:
     @torch.no_grad()
     def rollout(self, iteration: int) -> Rollout:
         """Sample, score and evaluate the answers of iteration `iteration`'s prompts."""
-        config = self.config
+        config, sampler = self.config, self.sampler
         rows = example_indices(len(self.prompts), config.rollout_batch_size, self.run,
                                config.seed, iteration)
         rows = [row for row in rows for _ in range(config.group_size)]
-        prompt_ids, prompt_mask = self._left_pad([self.prompt_ids[r] for r in rows])
+        prompt_ids, prompt_mask = sampler.left_pad([self.prompt_ids[r] for r in rows])
         records = [self.records[r] for r in rows]
         seed = generation_seed(config.seed, iteration, self.run.rank)
-        answers = self._answer_and_score(prompt_ids, prompt_mask, records,
-                                         self.generation_config(), seed=seed)
+        answers = sampler.answer_and_score(prompt_ids, prompt_mask, records,
+                                           sampler.generation_config(), seed, self.generate_fn)
         check_rollout_logp(config, answers.rollout_logp, self.generate_fn)
         baselines = None
         if config.advantage_estimator == "remax":  # a greedy answer per prompt
             group = config.group_size
-            greedy_scores = self._answer_and_score(
+            greedy_scores = sampler.answer_and_score(
                 prompt_ids[::group], prompt_mask[::group], records[::group],
-                self.greedy_generation_config(), seed=seed).scores
+                sampler.greedy_generation_config(), seed, self.generate_fn).scores
             baselines = (greedy_scores @ self.reward_weights).repeat_interleave(group)
         return self.evaluate_answers(answers.sequences, answers.attention_mask,
                                      prompt_ids.shape[1], answers.scores, baselines,
                                      rollout_logp=answers.rollout_logp)
-
-    def _generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                  generation_config: GenerationConfig, seed: int
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(answers [B, R] int64, rollout_logp [B, R] fp32 or None) to the left-padded
-        prompts [B, P]: the policy's ``generate`` (its sequences past the prompts; no
-        log-probs), or the generate_fn hook's completions, right-padded (with its
-        log-probs, if it returned them, `check_generation`). generate's rows run on past
-        an answer's first EOS (its padding): the caller cuts there."""
-        if self.generate_fn is None:
-            self.policy.eval()
-            with self.run.autocast(), only_generation_config(self.policy, generation_config):
-                sequences = self.policy.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask,
-                    generation_config=generation_config)
-            self.policy.train()
-            return sequences[:, prompt_ids.shape[1]:], None
-        prompts = [row[keep.bool()].tolist() for row, keep in zip(prompt_ids, prompt_mask)]
-        sampling = hook_sampling(generation_config)
-        self.policy.eval()  # (for a hook that samples with the policy itself)
-        try:
-            generation = self.generate_fn(prompts, seed=seed, **sampling)
-        finally:
-            self.policy.train()
-        generation = check_generation(
-            generation, rows=len(prompts), eos_id=self.eos_id,
-            vocab_size=self.policy.get_output_embeddings().weight.shape[0],
-            max_new_tokens=sampling["max_new_tokens"])
-        return completion_tensors(generation, self.pad_id, prompt_ids.device)
-
-    def _answer_and_score(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                          records: list[dict[str, Any]], generation_config: GenerationConfig,
-                          seed: int) -> Answers:
-        """Generate an answer to each left-padded prompt (`_generate`; `seed` for a
-        generate_fn), cut after its first EOS, and score it: `Answers`, the scores with
-        missing_eos_penalty taken off each column."""
-        answers, rollout_logp = self._generate(prompt_ids, prompt_mask, generation_config,
-                                               seed)
-        is_eos = answers == self.eos_id
-        mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # through the first EOS
-        answers = answers.masked_fill(~mask, self.pad_id)
-        sequences = torch.cat([prompt_ids, answers], 1)
-        attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        scores = self._score(records, answers, mask, sequences, attention_mask)
-        if self.config.missing_eos_penalty is not None:
-            scores = scores - self.config.missing_eos_penalty * (~is_eos.any(1)).float()[:, None]
-        if rollout_logp is not None:
-            rollout_logp = rollout_logp * mask
-        return Answers(sequences, attention_mask, scores, rollout_logp)
-
-    def greedy_generation_config(self) -> GenerationConfig:
-        """Greedy answers (remax's baselines, evaluation), stopping at EOS."""
-        from transformers import GenerationConfig
-
-        return GenerationConfig(do_sample=False, max_new_tokens=self.config.max_new_tokens,
-                                eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-
-    def generation_config(self) -> GenerationConfig:
-        """Sampling as the config says and nothing else: temperature, top-p, no top-k, stop
-        at EOS. old_logp is the policy's log-prob at `temperature`, so the answers must be
-        drawn from that distribution, with no repetition penalty, banned words, minimum
-        length, ... (what a model's own generation_config may ask for)."""
-        from transformers import GenerationConfig
-
-        config = self.config
-        return GenerationConfig(do_sample=True, temperature=config.temperature,
-                                top_p=config.top_p, top_k=0,
-                                max_new_tokens=config.max_new_tokens,
-                                eos_token_id=self.eos_id, pad_token_id=self.pad_id)
 
     @torch.no_grad()
     def evaluate_answers(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -555,7 +376,7 @@ class PPOTrainer:
             groups = [minibatches[start:start + accumulation]
                       for start in range(0, len(minibatches), accumulation)]
             # read on the host once per epoch, before its steps, which then wait for nothing
-            counts = self.global_counts(rollout.mask, groups)
+            counts = global_counts(rollout.mask, groups, self.run, config.agg)
             for group, group_counts in zip(groups, counts):
                 for key, value in self._accumulate_gradients(rollout, group,
                                                              group_counts).items():
@@ -591,8 +412,8 @@ class PPOTrainer:
         metrics."""
         ddp = isinstance(self.actor_critic, nn.parallel.DistributedDataParallel)
         sums: dict[str, torch.Tensor] = {}
-        logged = LOGGED_LOSS_OUTPUTS + (ROLLOUT_OUTPUTS if self.logs_rollout_statistics(
-            rollout) else ())
+        logged = LOGGED_LOSS_OUTPUTS + (ROLLOUT_OUTPUTS if logs_rollout_statistics(
+            self.config, rollout) else ())
         for index, rows in enumerate(group):
             sync = index == len(group) - 1 or not ddp
             with contextlib.nullcontext() if sync else self.actor_critic.no_sync():
@@ -601,13 +422,6 @@ class PPOTrainer:
             for key in logged:
                 sums[key] = combine_metric(key, sums.get(key), getattr(out, key).detach())
         return sums
-
-    def logs_rollout_statistics(self, rollout: Rollout) -> bool:
-        """Whether ppo_loss's rollout statistics mean something: it has the hook's
-        rollout_logp, or bypass_mode corrects the rollout against the policy."""
-        config = self.config
-        return (rollout.rollout_logp is not None and passes_rollout_logp(config)) or (
-            config.policy_loss == "bypass_mode" and corrects_rollouts(config))
 
     def _minibatch_loss(self, rollout: Rollout, rows: torch.Tensor,
                         counts: dict[str, int]) -> Any:
@@ -637,63 +451,6 @@ class PPOTrainer:
         return ppo_loss(logp, entropy=entropy, values=values, **loss_inputs)
 
     # --- plumbing ----------------------------------------------------------------------
-
-    def global_counts(self, mask: torch.Tensor, groups: Sequence[Sequence[torch.Tensor]]
-                      ) -> list[dict[str, int]]:
-        """ppo_loss's global normalisers for each optimizer step (a group of minibatches,
-        rows of `mask`) of every rank: each minibatch's loss is its share of the global
-        batch's, so the sum over minibatches and DDP's average over ranks of gradients is
-        the global batch's gradient, however the valid tokens fall. One all_reduce and
-        one read on the host for all the groups; {} each for one process and one
-        minibatch per step (the call's own)."""
-        if self.run.world == 1 and all(len(group) == 1 for group in groups):
-            return [{} for _ in groups]
-        valid = mask != 0
-        local = torch.stack([torch.stack([valid[rows].sum(), valid[rows].any(-1).sum()])
-                             for rows in (torch.cat(list(group)) for group in groups)])
-        totals = self.run.sum_over_ranks_tensor(local.to(torch.float64)).tolist()
-        counts = []
-        for group, (tokens, rows) in zip(groups, totals):
-            if self.config.agg == "seq-mean-token-sum-norm":
-                rows = sum(len(minibatch) for minibatch in group) * self.run.world
-            if tokens == 0 or rows == 0:  # nothing valid anywhere: the loss is 0 regardless
-                counts.append(dict(dp_size=self.run.world))
-            else:
-                counts.append(dict(batch_num_tokens=int(tokens), global_batch_size=int(rows),
-                                   dp_size=self.run.world))
-        return counts
-
-    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            ids[row, width - len(sequence):] = torch.tensor(sequence)
-            mask[row, width - len(sequence):] = 1
-        return ids.to(self.run.device), mask.to(self.run.device)
-
-    def _score(self, records: list[dict[str, Any]], answers: torch.Tensor,
-               mask: torch.Tensor, sequences: torch.Tensor, attention_mask: torch.Tensor
-               ) -> torch.Tensor:
-        """[B, K] fp32 scores, one column per reward source: a reward function on the
-        decoded text (`call_reward_function`), or a reward model's output at each
-        sequence's last attended token. answers, mask: [B, R], 1 through the first EOS."""
-        device = self.run.device
-        texts = completion_ids = None
-        columns = [] if self.rewards else [torch.zeros(len(records), device=device)]
-        for reward in self.rewards:
-            if reward.function is not None:
-                if texts is None:
-                    texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
-                    completion_ids = [row[keep].tolist() for row, keep in zip(answers, mask)]
-                scores = call_reward_function(reward, records, texts, completion_ids)
-            else:
-                with self.run.autocast():
-                    per_token = reward.scorer(sequences, attention_mask)
-                last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)
-                scores = per_token[torch.arange(len(records), device=device), last].float()
-            columns.append(check_finite_scores(scores, reward.name).to(device))
-        return torch.stack(columns, 1)
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoint-<step>/ (`Loop.save_checkpoint`); every process must call it."""

@@ -55,7 +55,7 @@ TRL_NAMES: TrlNames = TRAINER_TRL_NAMES | {
 
 
 #: The options of ppo_loss the trainer sets itself: max_len is max_new_tokens, and the
-#: global counts come from every rank (`PPOTrainer.global_counts`).
+#: global counts come from every rank (`rlhf_fast.trainers.rollout.global_counts`).
 TRAINER_SET = ("max_len", "batch_num_tokens", "global_batch_size", "dp_size")
 
 

@@ -35,6 +35,22 @@ class Reward:
         return cls("the reward model", model=model, scorer=as_value_module(model))
 
 
+def reward_sources(reward_fn_or_model: RewardFn | nn.Module | Sequence[RewardFn | nn.Module]
+                   | None, weights: Sequence[float] | None, device: torch.device
+                   ) -> tuple[list[Reward], torch.Tensor]:
+    """The `Reward` of each source (a function, a reward model, or a list of them; None:
+    none) and their weights [K] fp32 (`weights`, or 1 each; [1.0] with no source)."""
+    sources = list(reward_fn_or_model) if isinstance(reward_fn_or_model, (list, tuple)) \
+        else [] if reward_fn_or_model is None else [reward_fn_or_model]
+    weights = weights or [1.0] * len(sources)
+    if len(weights) != len(sources):
+        raise ValueError(f"PPOConfig.reward_weights must have one weight per reward "
+                         f"function or model ({len(sources)}), got {len(weights)}")
+    # (distillation alone scores every answer 0: one column, `AnswerSampler.score`)
+    weights = torch.tensor(weights or [1.0], dtype=torch.float32, device=device)
+    return [Reward.of(source, device) for source in sources], weights
+
+
 def function_name(function: Callable[..., Any]) -> str:
     """module.qualname of a function (or the type of a callable object)."""
     named = function if hasattr(function, "__qualname__") else type(function)
