@@ -12,7 +12,16 @@ as it does for the view itself. Layouts:
   (a storage offset, and rows strided past the row length; the last dim stays stride 1);
 * expanded: ``x[:1].expand(shape)`` (stride 0 in dim 0);
 * transposed: ``x.mT`` of a contiguous tensor (2-D and up);
-* permuted: ``x.transpose(0, 1)`` of a contiguous tensor (3-D and up).
+* permuted: ``x.transpose(0, 1)`` of a contiguous tensor (3-D and up);
+* column: every other element of the last dim of a tensor twice as long in it,
+  ``x[..., 1::2]`` (2-D and up; for a 1-D argument "strided" is this layout);
+* broadcast: one element expanded to the whole shape, every stride 0 (2-D and up, or with
+  a dim of size 1, which then has stride 0; for other 1-D arguments "expanded" is this).
+
+The last two, and "strided" and "expanded" of a 1-D argument, stay views when flattened
+(``reshape(-1)``, ``view(-1)``: a view of stride 2 and offset 1, or of stride 0), so an op
+that flattens an argument and hands it to a kernel reading element ``i`` at ``ptr + i``
+gives wrong numbers on them; the other layouts of an N-D argument make reshape copy.
 
 The elements of the strided and sliced bases outside the view are poison (NaN, an
 out-of-range int, True), so an op reading past its view gives a wrong number, and every
@@ -75,16 +84,44 @@ def make_base(t: torch.Tensor, layout: str) -> tuple[torch.Tensor, Callable]:
         return t.mT.contiguous(), lambda b: b.mT
     if layout == "permuted":
         return t.transpose(0, 1).contiguous(), lambda b: b.transpose(0, 1)
+    if layout == "column":
+        index = (..., slice(1, None, 2))
+        base = _poison(t, [*t.shape[:-1], 2 * t.shape[-1]])
+        base[index] = t
+        return base, lambda b: b[index]
+    if layout == "broadcast":  # a 0-d base: expand() gives every dim stride 0
+        return t.reshape(-1)[0].clone(), lambda b: b.expand(t.shape)
     raise AssertionError(layout)
 
 
-def layouts_for(ndim: int) -> list[str]:
+def layouts_for(shape: torch.Size) -> list[str]:
     out = ["contiguous", "strided", "sliced", "expanded"]
-    if ndim >= 2:
+    if len(shape) >= 2:
         out.append("transposed")
-    if ndim >= 3:
+    if len(shape) >= 3:
         out.append("permuted")
+    if len(shape) >= 2:
+        out.append("column")
+    if len(shape) >= 2 or 1 in shape:
+        out.append("broadcast")
     return out
+
+
+FLAT_VIEW_LAYOUTS = ("column", "broadcast")  # and a 1-D argument's "strided", "expanded"
+
+
+def test_flattening_keeps_these_layouts_as_strided_views():
+    """What those layouts are for: reshape(-1) of them is a view of their base whose
+    stride is not 1 (an op must copy it before a kernel reads element i at ptr + i)."""
+    for shape in ((6,), (1,), (2, 3), (2, 3, 4)):
+        t = torch.arange(math.prod(shape), dtype=F64).reshape(shape)
+        one_d = len(shape) == 1 and shape[0] > 1
+        layouts = [*FLAT_VIEW_LAYOUTS, *(("strided", "expanded") if one_d else ())]
+        for layout in set(layouts) & set(layouts_for(torch.Size(shape))):
+            base, view = make_base(t, layout)
+            flat = view(base).reshape(-1)
+            assert flat.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+            assert flat.stride(0) != 1, (shape, layout)
 
 
 # ----------------------------------------------------------------- the ops
@@ -135,9 +172,10 @@ def _logits_last_dim(name: str, view: torch.Tensor) -> str | None:
 
 
 def _inplace_rejects(name: str, view: torch.Tensor) -> str | None:
-    if name == "logits" and view.stride(0) == 0:
+    last_dim = _logits_last_dim(name, view)  # checked first
+    if last_dim is None and name == "logits" and view.stride(0) == 0:
         return "inplace_backward=True needs logits whose elements do not share memory"
-    return _logits_last_dim(name, view)
+    return last_dim
 
 
 def _ppo_make(gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -476,7 +514,7 @@ def _cases():
     gen = torch.Generator().manual_seed(0)
     for op_name, op in OPS.items():
         for arg, value in op.make(gen).items():
-            for layout in layouts_for(value.dim()):
+            for layout in layouts_for(value.shape):
                 yield pytest.param(op_name, arg, layout, id=f"{op_name}-{arg}-{layout}")
 
 
