@@ -475,12 +475,13 @@ OPS: dict[str, Op] = {
     ),
 }
 
-# Each public function behind the dispatch: patched to fail, so that the cases below are
-# known to run the Triton kernels (TRITON_INTERPRET=1, set by the conftest).
-REFERENCE_FUNCTIONS = ("logprobs", "linear_logprobs", "ppo_loss", "dpo_loss", "sequence_logps",
-                       "gae", "discounted_returns", "group_advantages",
-                       "optimal_token_baseline", "masked_mean", "masked_whiten", "simpo_loss",
-                       "cpo_loss", "orpo_loss", "kto_loss", "pair_logps")
+# Each public op's PyTorch fallback, the reference function of its name (the linear PPO
+# and DPO losses have none of their own: they fall back through linear_logprobs, ppo_loss,
+# pair_logps and dpo_loss): patched to fail, so that the cases below are known to run the
+# Triton kernels (TRITON_INTERPRET=1, set by the conftest).
+PUBLIC_OPS = {name: getattr(rlhf_fast, name) for name in rlhf_fast.__all__
+              if inspect.isfunction(getattr(rlhf_fast, name))}
+REFERENCE_FUNCTIONS = tuple(name for name in PUBLIC_OPS if hasattr(reference, name))
 
 
 @pytest.fixture
@@ -489,6 +490,16 @@ def triton_only(monkeypatch):
         def fail(*args, _name=name, **kwargs):
             raise AssertionError(f"reference.{_name} ran: the Triton path was not taken")
         monkeypatch.setattr(reference, name, fail)
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_triton_only_stops_every_op_on_its_fallback(op_name, monkeypatch, triton_only):
+    """With the PyTorch path forced, `triton_only` makes every op fail: it patches the
+    fallback each op takes (so the cases that pass under it ran the kernels)."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
+    op = OPS[op_name]
+    with pytest.raises(AssertionError, match="the Triton path was not taken"):
+        op.call(**op.make(torch.Generator().manual_seed(0)))
 
 
 # The cases' names of arguments whose public name is longer
@@ -501,10 +512,8 @@ def test_every_public_op_and_tensor_argument_is_covered():
     covered: dict[str, set[str]] = {}
     for name, op in OPS.items():
         covered.setdefault(name.split("[")[0], set()).update(op.make(gen))
-    public = {name: getattr(rlhf_fast, name) for name in rlhf_fast.__all__
-              if inspect.isfunction(getattr(rlhf_fast, name))}
-    assert set(covered) == set(public)
-    for name, fn in public.items():
+    assert set(covered) == set(PUBLIC_OPS)
+    for name, fn in PUBLIC_OPS.items():
         tensors = {ARGUMENT_ALIASES.get(p, p) for p, v in inspect.signature(fn).parameters.items()
                    if "Tensor" in str(v.annotation)}
         assert tensors <= covered[name], f"{name}: {sorted(tensors - covered[name])} untested"
