@@ -12,7 +12,16 @@ as it does for the view itself. Layouts:
   (a storage offset, and rows strided past the row length; the last dim stays stride 1);
 * expanded: ``x[:1].expand(shape)`` (stride 0 in dim 0);
 * transposed: ``x.mT`` of a contiguous tensor (2-D and up);
-* permuted: ``x.transpose(0, 1)`` of a contiguous tensor (3-D and up).
+* permuted: ``x.transpose(0, 1)`` of a contiguous tensor (3-D and up);
+* column: every other element of the last dim of a tensor twice as long in it,
+  ``x[..., 1::2]`` (2-D and up; for a 1-D argument "strided" is this layout);
+* broadcast: one element expanded to the whole shape, every stride 0 (2-D and up, or with
+  a dim of size 1, which then has stride 0; for other 1-D arguments "expanded" is this).
+
+The last two, and "strided" and "expanded" of a 1-D argument, stay views when flattened
+(``reshape(-1)``, ``view(-1)``: a view of stride 2 and offset 1, or of stride 0), so an op
+that flattens an argument and hands it to a kernel reading element ``i`` at ``ptr + i``
+gives wrong numbers on them; the other layouts of an N-D argument make reshape copy.
 
 The elements of the strided and sliced bases outside the view are poison (NaN, an
 out-of-range int, True), so an op reading past its view gives a wrong number, and every
@@ -34,6 +43,7 @@ import torch
 from triton.runtime.interpreter import GridExecutor
 
 import rlhf_fast
+import rlhf_fast.losses
 from helpers import random_gae_case, rel_err
 from rlhf_fast import reference
 from rlhf_fast.kernels.common import fp32
@@ -75,16 +85,44 @@ def make_base(t: torch.Tensor, layout: str) -> tuple[torch.Tensor, Callable]:
         return t.mT.contiguous(), lambda b: b.mT
     if layout == "permuted":
         return t.transpose(0, 1).contiguous(), lambda b: b.transpose(0, 1)
+    if layout == "column":
+        index = (..., slice(1, None, 2))
+        base = _poison(t, [*t.shape[:-1], 2 * t.shape[-1]])
+        base[index] = t
+        return base, lambda b: b[index]
+    if layout == "broadcast":  # a 0-d base: expand() gives every dim stride 0
+        return t.reshape(-1)[0].clone(), lambda b: b.expand(t.shape)
     raise AssertionError(layout)
 
 
-def layouts_for(ndim: int) -> list[str]:
+def layouts_for(shape: torch.Size) -> list[str]:
     out = ["contiguous", "strided", "sliced", "expanded"]
-    if ndim >= 2:
+    if len(shape) >= 2:
         out.append("transposed")
-    if ndim >= 3:
+    if len(shape) >= 3:
         out.append("permuted")
+    if len(shape) >= 2:
+        out.append("column")
+    if len(shape) >= 2 or 1 in shape:
+        out.append("broadcast")
     return out
+
+
+FLAT_VIEW_LAYOUTS = ("column", "broadcast")  # and a 1-D argument's "strided", "expanded"
+
+
+def test_flattening_keeps_these_layouts_as_strided_views():
+    """What those layouts are for: reshape(-1) of them is a view of their base whose
+    stride is not 1 (an op must copy it before a kernel reads element i at ptr + i)."""
+    for shape in ((6,), (1,), (2, 3), (2, 3, 4)):
+        t = torch.arange(math.prod(shape), dtype=F64).reshape(shape)
+        one_d = len(shape) == 1 and shape[0] > 1
+        layouts = [*FLAT_VIEW_LAYOUTS, *(("strided", "expanded") if one_d else ())]
+        for layout in set(layouts) & set(layouts_for(torch.Size(shape))):
+            base, view = make_base(t, layout)
+            flat = view(base).reshape(-1)
+            assert flat.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+            assert flat.stride(0) != 1, (shape, layout)
 
 
 # ----------------------------------------------------------------- the ops
@@ -135,9 +173,10 @@ def _logits_last_dim(name: str, view: torch.Tensor) -> str | None:
 
 
 def _inplace_rejects(name: str, view: torch.Tensor) -> str | None:
-    if name == "logits" and view.stride(0) == 0:
+    last_dim = _logits_last_dim(name, view)  # checked first
+    if last_dim is None and name == "logits" and view.stride(0) == 0:
         return "inplace_backward=True needs logits whose elements do not share memory"
-    return _logits_last_dim(name, view)
+    return last_dim
 
 
 def _ppo_make(gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -155,9 +194,22 @@ def _ppo_make(gen: torch.Generator) -> dict[str, torch.Tensor]:
 PPO_OPTIONS = dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1,
                    entropy_coef=0.01, value_clip=0.2, agg="seq-mean-token-mean")
 
+# The options of the ops behind the nn.Module wrappers (which are built with them)
+OPTIONS: dict[str, dict[str, Any]] = dict(
+    ppo_loss=PPO_OPTIONS,
+    dpo_loss=dict(loss_type="sigmoid_norm", reduction="none", beta=0.5),
+    simpo_loss=dict(beta=2.0, gamma=1.0, reduction="none"),
+    cpo_loss=dict(loss_type="ipo", alpha=0.5, reduction="none"),
+    orpo_loss=dict(beta=0.5, reduction="none"),
+    kto_loss=dict(beta=0.5, desirable_weight=1.33, reduction="none"),
+    token_divergence=dict(temperature=0.8, beta=0.3),
+    topk_token_divergence=dict(temperature=0.8, beta=0.3),
+    linear_token_divergence=dict(beta=0.3),
+)
+
 
 def _ppo(logp, old_logp, advantages, mask, **kw):
-    return rlhf_fast.ppo_loss(logp, old_logp, advantages, mask, **kw, **PPO_OPTIONS)
+    return rlhf_fast.ppo_loss(logp, old_logp, advantages, mask, **kw, **OPTIONS["ppo_loss"])
 
 
 def _linear_make(gen: torch.Generator, *leading: int, **label_kw) -> dict[str, torch.Tensor]:
@@ -200,7 +252,7 @@ def _dpo_make(gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 def _dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **lengths):
     return rlhf_fast.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                              loss_type="sigmoid_norm", reduction="none", beta=0.5, **lengths)
+                              **OPTIONS["dpo_loss"], **lengths)
 
 
 def _pair_make(gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -246,7 +298,7 @@ OPS: dict[str, Op] = {
     ),
     "token_divergence": Op(
         lambda student_logits, teacher_logits, labels: rlhf_fast.token_divergence(
-            student_logits, teacher_logits, labels, temperature=0.8, beta=0.3),
+            student_logits, teacher_logits, labels, **OPTIONS["token_divergence"]),
         lambda gen: _divergence_make(gen, labels=_labels(2, 3, gen=gen)),
         grads=("student_logits",), outputs=_one, rejects=_divergence_rejects,
     ),
@@ -261,7 +313,7 @@ OPS: dict[str, Op] = {
     "topk_token_divergence": Op(
         lambda student_logits, teacher_topk_logp, teacher_topk_ids, labels:
         rlhf_fast.topk_token_divergence(student_logits, teacher_topk_logp, teacher_topk_ids,
-                                        labels, temperature=0.8, beta=0.3),
+                                        labels, **OPTIONS["topk_token_divergence"]),
         lambda gen: dict(student_logits=_floats(2, 3, V, gen=gen, scale=2.0),
                          teacher_topk_logp=-torch.rand(2, 3, 3, dtype=F64, generator=gen) - 1,
                          teacher_topk_ids=torch.randint(0, V, (2, 3, 3), generator=gen),
@@ -273,7 +325,8 @@ OPS: dict[str, Op] = {
         lambda student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
         student_bias, teacher_bias: rlhf_fast.linear_token_divergence(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-            student_bias=student_bias, teacher_bias=teacher_bias, beta=0.3),
+            student_bias=student_bias, teacher_bias=teacher_bias,
+            **OPTIONS["linear_token_divergence"]),
         lambda gen: dict(
             student_hidden=_floats(2, 3, D, gen=gen), student_weight=_floats(V, D, gen=gen),
             teacher_hidden=_floats(2, 3, D + 1, gen=gen),
@@ -339,27 +392,26 @@ OPS: dict[str, Op] = {
     "simpo_loss": Op(
         lambda policy_chosen, policy_rejected, chosen_lengths, rejected_lengths:
             rlhf_fast.simpo_loss(policy_chosen, policy_rejected, chosen_lengths,
-                                 rejected_lengths, beta=2.0, gamma=1.0, reduction="none"),
+                                 rejected_lengths, **OPTIONS["simpo_loss"]),
         _pair_make, grads=PAIR_GRADS,
     ),
     "cpo_loss": Op(
         lambda policy_chosen, policy_rejected, chosen_lengths, rejected_lengths:
             rlhf_fast.cpo_loss(policy_chosen, policy_rejected, chosen_lengths,
-                               rejected_lengths, loss_type="ipo", alpha=0.5, reduction="none"),
+                               rejected_lengths, **OPTIONS["cpo_loss"]),
         _pair_make, grads=PAIR_GRADS,
     ),
     "orpo_loss": Op(
         lambda policy_chosen, policy_rejected, chosen_lengths, rejected_lengths:
             rlhf_fast.orpo_loss(policy_chosen, policy_rejected, chosen_lengths,
-                                rejected_lengths, beta=0.5, reduction="none"),
+                                rejected_lengths, **OPTIONS["orpo_loss"]),
         lambda gen: {k: (-v.abs() if k.startswith("policy") else v)  # log-probs <= 0
                      for k, v in _pair_make(gen).items()},
         grads=PAIR_GRADS,
     ),
     "kto_loss": Op(
         lambda policy_logps, ref_logps, desirable, kl_ref: rlhf_fast.kto_loss(
-            policy_logps, ref_logps, desirable, kl_ref, beta=0.5, desirable_weight=1.33,
-            reduction="none"),
+            policy_logps, ref_logps, desirable, kl_ref, **OPTIONS["kto_loss"]),
         lambda gen: dict(policy_logps=_floats(4, gen=gen) - 5, ref_logps=_floats(4, gen=gen) - 5,
                          desirable=torch.rand(4, generator=gen) < 0.5,
                          kl_ref=torch.rand(1, dtype=F64, generator=gen)),
@@ -437,12 +489,13 @@ OPS: dict[str, Op] = {
     ),
 }
 
-# Each public function behind the dispatch: patched to fail, so that the cases below are
-# known to run the Triton kernels (TRITON_INTERPRET=1, set by the conftest).
-REFERENCE_FUNCTIONS = ("logprobs", "linear_logprobs", "ppo_loss", "dpo_loss", "sequence_logps",
-                       "gae", "discounted_returns", "group_advantages",
-                       "optimal_token_baseline", "masked_mean", "masked_whiten", "simpo_loss",
-                       "cpo_loss", "orpo_loss", "kto_loss", "pair_logps")
+# Each public op's PyTorch fallback, the reference function of its name (the linear PPO
+# and DPO losses have none of their own: they fall back through linear_logprobs, ppo_loss,
+# pair_logps and dpo_loss): patched to fail, so that the cases below are known to run the
+# Triton kernels (TRITON_INTERPRET=1, set by the conftest).
+PUBLIC_OPS = {name: getattr(rlhf_fast, name) for name in rlhf_fast.__all__
+              if inspect.isfunction(getattr(rlhf_fast, name))}
+REFERENCE_FUNCTIONS = tuple(name for name in PUBLIC_OPS if hasattr(reference, name))
 
 
 @pytest.fixture
@@ -451,6 +504,16 @@ def triton_only(monkeypatch):
         def fail(*args, _name=name, **kwargs):
             raise AssertionError(f"reference.{_name} ran: the Triton path was not taken")
         monkeypatch.setattr(reference, name, fail)
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_triton_only_stops_every_op_on_its_fallback(op_name, monkeypatch, triton_only):
+    """With the PyTorch path forced, `triton_only` makes every op fail: it patches the
+    fallback each op takes (so the cases that pass under it ran the kernels)."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "torch")
+    op = OPS[op_name]
+    with pytest.raises(AssertionError, match="the Triton path was not taken"):
+        op.call(**op.make(torch.Generator().manual_seed(0)))
 
 
 # The cases' names of arguments whose public name is longer
@@ -463,10 +526,8 @@ def test_every_public_op_and_tensor_argument_is_covered():
     covered: dict[str, set[str]] = {}
     for name, op in OPS.items():
         covered.setdefault(name.split("[")[0], set()).update(op.make(gen))
-    public = {name: getattr(rlhf_fast, name) for name in rlhf_fast.__all__
-              if inspect.isfunction(getattr(rlhf_fast, name))}
-    assert set(covered) == set(public)
-    for name, fn in public.items():
+    assert set(covered) == set(PUBLIC_OPS)
+    for name, fn in PUBLIC_OPS.items():
         tensors = {ARGUMENT_ALIASES.get(p, p) for p, v in inspect.signature(fn).parameters.items()
                    if "Tensor" in str(v.annotation)}
         assert tensors <= covered[name], f"{name}: {sorted(tensors - covered[name])} untested"
@@ -476,7 +537,7 @@ def _cases():
     gen = torch.Generator().manual_seed(0)
     for op_name, op in OPS.items():
         for arg, value in op.make(gen).items():
-            for layout in layouts_for(value.dim()):
+            for layout in layouts_for(value.shape):
                 yield pytest.param(op_name, arg, layout, id=f"{op_name}-{arg}-{layout}")
 
 
@@ -567,40 +628,56 @@ def test_input_layout(op_name, arg, layout, fresh_seed, triton_only):
 # ----------------------------------------------------------------- the nn.Module wrappers
 
 
-@pytest.mark.parametrize("layout", ["strided", "sliced", "expanded", "transposed"])
-@pytest.mark.parametrize("module", ["PPOLoss", "DPOLoss"])
+# Each nn.Module of rlhf_fast.losses: the op it wraps (its case in OPS, whose options it
+# is built with)
+MODULE_OPS = {"PPOLoss": "ppo_loss", "DPOLoss": "dpo_loss", "SimPOLoss": "simpo_loss",
+              "CPOLoss": "cpo_loss", "ORPOLoss": "orpo_loss", "KTOLoss": "kto_loss",
+              "TokenDivergence": "token_divergence",
+              "LinearTokenDivergence": "linear_token_divergence",
+              "TopKTokenDivergence": "topk_token_divergence"}
+LOSS_MODULES = sorted(name for name, cls in vars(rlhf_fast.losses).items()
+                      if isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+                      and cls.__module__ == rlhf_fast.losses.__name__)
+# A layout an argument does not have: the nearest it has ("strided" and "expanded" of a
+# 1-D argument are its "column" and "broadcast")
+NEAREST_LAYOUT = {"transposed": "strided", "column": "strided", "broadcast": "expanded"}
+
+
+def test_every_loss_module_is_covered():
+    assert set(MODULE_OPS) == set(LOSS_MODULES)
+
+
+@pytest.mark.parametrize("layout", ["strided", "sliced", "expanded", "transposed", "column",
+                                    "broadcast"])
+@pytest.mark.parametrize("module", LOSS_MODULES)
 def test_loss_modules_with_every_argument_in_one_layout(module, layout, fresh_seed,
                                                         triton_only):
     """The wrappers pass their tensors to the ops as they get them: all in `layout` at
-    once (1-D ones skip "transposed")."""
-    if module == "PPOLoss":
-        criterion = rlhf_fast.PPOLoss(**PPO_OPTIONS)
-        values = _ppo_make(torch.Generator().manual_seed(fresh_seed))
-        positional, grads = ("logp", "old_logp", "advantages", "mask"), ("logp", "entropy",
-                                                                         "values")
-    else:
-        criterion = rlhf_fast.DPOLoss(loss_type="sigmoid_norm", reduction="none", beta=0.5)
-        values = _dpo_make(torch.Generator().manual_seed(fresh_seed))
-        positional = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
-        grads = positional
+    once (an argument without it in the nearest it has, one whose op rejects it as
+    "sliced"), built with the options of its op's case in OPS."""
+    op_name = MODULE_OPS[module]
+    op = OPS[op_name]
+    criterion = getattr(rlhf_fast.losses, module)(**OPTIONS[op_name])
+    values = op.make(torch.Generator().manual_seed(fresh_seed))
     results = []
     for copy in (False, True):
         bases, inputs = {}, {}
         for name, value in values.items():
-            this = layout if value.dim() >= 2 or layout != "transposed" else "strided"
+            this = layout if layout in layouts_for(value.shape) else NEAREST_LAYOUT[layout]
             base, view = make_base(value, this)
-            bases[name] = base.requires_grad_(name in grads)
+            if op.rejects(name, view(base)) is not None:
+                base, view = make_base(value, "sliced")
+            bases[name] = base.requires_grad_(name in op.grads)
             inputs[name] = view(base).contiguous() if copy else view(base)
-        args = [inputs.pop(k) for k in positional]
-        out = criterion(*args, **inputs)
+        out = op.outputs(criterion(**inputs))
         gen = torch.Generator().manual_seed(fresh_seed)
         loss = sum((o * torch.randn(o.shape, dtype=o.dtype, generator=gen)).sum()
                    for o in out if o.requires_grad)
-        results.append((list(out), torch.autograd.grad(loss, [bases[k] for k in grads])))
+        results.append((out, torch.autograd.grad(loss, [bases[k] for k in op.grads])))
     (out, d), (out_ref, d_ref) = results
     for i, (a, b) in enumerate(zip(out, out_ref)):
-        assert_same(f"{type(out).__name__}[{i}]", a.detach(), b.detach())
-    for name, a, b in zip(grads, d, d_ref):
+        assert_same(f"output {i}", a.detach(), b.detach())
+    for name, a, b in zip(op.grads, d, d_ref):
         assert_same(f"d {name}", a, b)
     assert math.isfinite(float(out[0].detach().sum()))
 
