@@ -1,8 +1,11 @@
 """Benchmark of `rlhf_fast.masked_whiten` against what trainers write instead.
 
 Inputs: the ``gae`` suite's fp32 values ``[B, T]`` and right-padded bool mask (each row
-a prefix of valid tokens, one row full), at its shapes. Forward only: the op runs under
-no_grad in a trainer.
+a prefix of valid tokens, one row full), at its shapes, and for the backward a random
+upstream gradient ``[B, T]``. Modes: ``fwd`` (under no_grad, as a trainer whitens its
+advantages) and ``fwd+bwd`` (the gradient w.r.t. the values, for a loss that whitens
+what it differentiates; the headline run's, which so compiles and gates the backward
+kernels on a GPU).
 
 Providers (same inputs, same process):
 
@@ -15,13 +18,15 @@ Providers (same inputs, same process):
 * ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
 
 Every provider is first checked against ``rlhf_fast.reference.masked_whiten`` in float64
-on the same inputs (relative error <= 1e-5); one that does not match is reported "wrong"
-and not timed.
+on the same inputs (relative error <= 1e-5; in ``fwd+bwd`` the gradient too); one that
+does not match is reported "wrong" and not timed.
 
 Bytes-moved floor (GB/s column), with N = B * T: read x (fp32) and the mask, write the
 output (fp32): 4 N + N + 4 N = 9 N. The minimum: rlhf_fast's kernel reads x and the mask
 twice (statistics pass, then output pass), up to 14 N, and is measured against 9 N all
-the same.
+the same. The backward adds the upstream gradient, x and the mask read, the gradient
+written: 13 N (rlhf_fast reads the three twice: the gradient's two sums, then the
+gradient).
 """
 
 from __future__ import annotations
@@ -88,10 +93,10 @@ def reference_masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 SUITE = advantage.suite(
-    # the gae suite's inputs: its values and mask are whitened; the floor (module
-    # docstring): 9 N bytes
+    # the floor (module docstring): 9 N bytes forward, 13 N more backward
     OP, PROVIDERS, reference=reference_masked_whiten, args=ARGS, outputs=("whitened",),
     bytes_per_element=4 + 1 + 4,
+    backward=advantage.Backward("values", 4 + 4 + 1 + 4, output_shape=lambda shape: shape),
 )
 
 

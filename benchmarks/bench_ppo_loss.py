@@ -13,6 +13,13 @@ Providers (same inputs, same process):
   per term, ``clamp(values, old_values -+ clip)`` for the value loss.
 * ``compile``: ``torch.compile`` of ``eager`` (GPU only; skipped in CPU quick mode).
 
+Variants: ``""`` (the objective above) and ``gspo+rollout_is`` (GSPO's sequence-level
+ratio, aggregated seq-mean-token-mean, with verl's rollout correction: sequence-level
+importance weights of pi_old / pi_rollout truncated at 2, the kernels' sequence pass and
+their IS-weighted policy term; the other terms as above), where ``eager`` is
+``rlhf_fast.reference.ppo_loss`` (verl's formulas in plain PyTorch; TRL has no GSPO with
+a rollout correction).
+
 No peer library takes per-token log-probs: Liger-Kernel's PPO-family losses start from
 logits or hidden states, and are benchmarked against ours in the ``grpo`` and
 ``linear_ppo_loss`` suites.
@@ -28,7 +35,7 @@ Bytes-moved floor (GB/s column), with N = B * T: the inputs are 8 fp32 tensors (
 old_logp, advantages, ref_logp, entropy, values, old_values, returns) and a 1-byte bool
 mask, i.e. 33 N bytes. ``fwd`` reads them once: 33 N. ``bwd`` reads them once and
 writes three fp32 gradients (logp, entropy, values): 33 N + 12 N = 45 N. ``fwd+bwd``
-does both: 78 N bytes.
+does both: 78 N bytes. The gspo variant's forward reads rollout_logp too: 4 N more.
 """
 
 from __future__ import annotations
@@ -57,7 +64,16 @@ ENTROPY_COEF = 0.01
 VALUE_CLIP = 0.2
 VF_COEF = 0.5
 
-#: Argument order of every provider function.
+#: The variants (module docstring) and the options each adds.
+GSPO = "gspo+rollout_is"
+VARIANTS = ("", GSPO)
+VARIANT_OPTIONS: dict[str, dict[str, Any]] = {
+    "": {},
+    GSPO: dict(policy_loss="gspo", agg="seq-mean-token-mean", rollout_is="sequence",
+               rollout_is_threshold=2.0),
+}
+
+#: Argument order of every provider function (then the variant).
 TENSOR_NAMES = (
     "logp",
     "old_logp",
@@ -68,6 +84,7 @@ TENSOR_NAMES = (
     "values",
     "old_values",
     "returns",
+    "rollout_logp",
 )
 #: Inputs that get gradients in the backward modes.
 GRAD_NAMES = ("logp", "entropy", "values")
@@ -91,8 +108,15 @@ def eager_ppo_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    variant: str = "",
 ) -> torch.Tensor:
-    """The PPO loss in plain torch ops, term by term as TRL / verl write it."""
+    """The PPO loss in plain torch ops, term by term as TRL / verl write it (the gspo
+    variant: `rlhf_fast.reference.ppo_loss`, verl's formulas in plain PyTorch)."""
+    if variant:
+        return rlhf_fast_ppo_loss(logp, old_logp, advantages, mask, ref_logp, entropy, values,
+                                  old_values, returns, rollout_logp, variant,
+                                  impl=reference.ppo_loss)
     m = mask.to(logp.dtype)
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -116,9 +140,14 @@ def eager_ppo_loss(
 def rlhf_fast_ppo_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
     ref_logp: torch.Tensor, entropy: torch.Tensor, values: torch.Tensor,
-    old_values: torch.Tensor, returns: torch.Tensor, *, impl: Callable[..., Any] | None = None,
+    old_values: torch.Tensor, returns: torch.Tensor, rollout_logp: torch.Tensor,
+    variant: str = "", *, impl: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
-    """``rlhf_fast.ppo_loss`` (or `impl`, e.g. the reference) with the benchmark's settings."""
+    """``rlhf_fast.ppo_loss`` (or `impl`, e.g. the reference) with the benchmark's settings
+    and the variant's."""
+    options: dict[str, Any] = dict(VARIANT_OPTIONS[variant])
+    if variant:
+        options["rollout_logp"] = rollout_logp
     out = (impl or rlhf_fast.ppo_loss)(
         logp,
         old_logp,
@@ -135,7 +164,7 @@ def rlhf_fast_ppo_loss(
         returns=returns,
         value_clip=VALUE_CLIP,
         vf_coef=VF_COEF,
-        agg="token-mean",
+        **{"agg": "token-mean", **options},
     )
     return out.loss
 
@@ -170,16 +199,18 @@ def make_inputs(shape: tuple[int, int], device: torch.device) -> dict[str, torch
         "values": values,
         "old_values": values + randn(0.2),
         "returns": randn(),
+        "rollout_logp": logp + randn(0.05),
     }
 
 
-def bytes_moved(shape: tuple[int, int], mode: str) -> int:
-    """fwd: 8 fp32 inputs + bool mask read once (33 N); bwd: once + 3 grads written
-    (45 N); fwd+bwd: both (78 N)."""
+def bytes_moved(shape: tuple[int, int], mode: str, variant: str = "") -> int:
+    """fwd: 8 fp32 inputs + bool mask read once (33 N; gspo: rollout_logp too, 37 N);
+    bwd: once + 3 grads written (45 N); fwd+bwd: both (78 N; gspo 82 N)."""
     n = shape[0] * shape[1]
     inputs = 8 * 4 * n + n
+    forward = inputs + (4 * n if variant else 0)
     backward = inputs + 3 * 4 * n
-    return {"fwd": inputs, "bwd": backward, "fwd+bwd": inputs + backward}[mode]
+    return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[mode]
 
 
 # --------------------------------------------------------------------------- one case
@@ -196,9 +227,10 @@ def _gate(
     backward = case.mode != "fwd"
     ref_inp = {k: (v if v.dtype == torch.bool else v.double()) for k, v in inp.items()}
     ref_leaves = {k: ref_inp[k].clone().requires_grad_(backward) for k in GRAD_NAMES}
-    ref_loss = rlhf_fast_ppo_loss(*_args(ref_inp, ref_leaves), impl=reference.ppo_loss)
+    ref_loss = rlhf_fast_ppo_loss(*_args(ref_inp, ref_leaves), case.variant,
+                                  impl=reference.ppo_loss)
     leaves = {k: inp[k].detach().clone().requires_grad_(backward) for k in GRAD_NAMES}
-    loss = fn(*_args(inp, leaves))
+    loss = fn(*_args(inp, leaves), case.variant)
     errors: dict[str, float] = {}
     ok, errors["loss"] = gates.check_close(loss, ref_loss, TOLERANCE)
     if backward:
@@ -214,19 +246,20 @@ def _timed(
     case: Case, inp: dict[str, torch.Tensor], fn: Callable[..., torch.Tensor]
 ) -> tuple[Callable[..., Any], Callable[[], Any] | None]:
     """The timed call and its untimed per-call setup (or None) for the case's mode."""
+    variant = case.variant
     if case.mode == "fwd":
         args = _args(inp, {})
-        return (lambda: fn(*args)), None
+        return (lambda: fn(*args, variant)), None
 
     def forward() -> tuple[torch.Tensor, list[torch.Tensor]]:
         leaves = {k: inp[k].detach().clone().requires_grad_(True) for k in GRAD_NAMES}
-        return fn(*_args(inp, leaves)), [leaves[k] for k in GRAD_NAMES]
+        return fn(*_args(inp, leaves), variant), [leaves[k] for k in GRAD_NAMES]
 
     if case.mode == "bwd":  # the forward building the graph runs untimed before each call
         return (lambda state: torch.autograd.grad(*state)), forward
     leaves = {k: inp[k].detach().clone().requires_grad_(True) for k in GRAD_NAMES}
     args, wrt = _args(inp, leaves), [leaves[k] for k in GRAD_NAMES]
-    return (lambda: torch.autograd.grad(fn(*args), wrt)), None
+    return (lambda: torch.autograd.grad(fn(*args, variant), wrt)), None
 
 
 SUITE = cases.Suite(
@@ -234,7 +267,9 @@ SUITE = cases.Suite(
     make_inputs=lambda case, device: make_inputs(case.shape, device),
     gate=_gate,
     timed=_timed,
-    columns=cases.copy_bandwidth_columns(lambda case: bytes_moved(case.shape, case.mode)),
+    columns=cases.copy_bandwidth_columns(
+        lambda case: bytes_moved(case.shape, case.mode, case.variant)),
+    variants=VARIANTS,
 )
 
 

@@ -64,6 +64,34 @@ def forward_gate(reference_fn: Callable[..., Any], args: Sequence[str],
     return gate
 
 
+def gradient_gate(reference_fn: Callable[..., Any], args: Sequence[str], output: str,
+                  wrt: str, tol: float
+                  ) -> Callable[[Any, dict[str, torch.Tensor], Callable[..., Any]],
+                                tuple[bool, dict[str, float]]]:
+    """`forward_gate` of an op with one output, and in a backward mode its gradient
+    w.r.t. ``inputs[wrt]`` for the upstream gradient ``inputs["upstream"]``, against
+    `reference_fn`'s in float64."""
+    forward = forward_gate(reference_fn, args, (output,), tol)
+
+    def gate(case: Any, inputs: dict[str, torch.Tensor], fn: Callable[..., Any]
+             ) -> tuple[bool, dict[str, float]]:
+        ok, errors = forward(case, inputs, fn)
+        if case.mode == "fwd":
+            return ok, errors
+        grads = []
+        for call, wide in ((fn, False), (reference_fn, True)):
+            tensors = {a: inputs[a].double() if wide and inputs[a].is_floating_point()
+                       else inputs[a] for a in args}
+            x = tensors[wrt].detach().requires_grad_()
+            out = call(*(x if a == wrt else tensors[a] for a in args))
+            upstream = inputs["upstream"].double() if wide else inputs["upstream"]
+            grads.append(torch.autograd.grad(out, x, upstream)[0])
+        good, errors[f"grad_{wrt}"] = check_close(*grads, tol)
+        return ok and good, errors
+
+    return gate
+
+
 def gate_rows(labels: torch.Tensor, ignore_index: int, *, spread: int = 64,
               all_rows: int = 256) -> torch.Tensor:
     """Token rows compared with the reference: all of them up to `all_rows`, otherwise

@@ -8,7 +8,8 @@ memory above its inputs on a GPU at that shape (the caching allocator's rounding
 What the kernels write into those buffers does not change their sizes, so the count is
 exact for the launcher path, and deterministic: a CI budget, not a timing.
 
-    python -m rlhf_fast.benchmarks.memory      # the table the README quotes
+    python -m rlhf_fast.benchmarks.memory      # the table the README quotes (a test
+                                               # checks that it does, `markdown`)
 
 Each row also states the op's documented bound (`FORMULAS`, the README's formulas): CI
 checks that the measured peak stays within it.
@@ -36,16 +37,21 @@ GB = 1e9
 
 class PeakMemory(TorchDispatchMode):
     """Within the block: the peak bytes of the storages created by torch ops (views and
-    in-place ops create none), freed ones subtracted as they die."""
+    in-place ops create none), freed ones subtracted as they die.
+
+    A storage is known by its identity (its Python object, which lives exactly as long as
+    the storage does), never by its address: a new storage allocated where a freed one
+    was, or where one of the storages that existed before the block was, is a new
+    allocation and counts."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.live: dict[int, tuple[weakref.ref, int]] = {}
+        self.live: dict[int, tuple[weakref.ref, int]] = {}  # id(storage) -> (ref, bytes)
+        self.outside: dict[int, weakref.ref] = {}
         self.current = self.peak = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
-        self._free_dead()
         if getattr(func, "namespace", None) == NAMESPACE:
             out = launch_within(self, func, args, kwargs or {})
         else:
@@ -56,18 +62,24 @@ class PeakMemory(TorchDispatchMode):
         self.peak = max(self.peak, self.current)
         return out
 
-    def _add(self, storage: torch.UntypedStorage) -> None:
-        key = storage._cdata
-        if key in self.live or key in self.outside:
-            return
-        self.live[key] = (weakref.ref(storage), storage.nbytes())
-        self.current += storage.nbytes()
+    @staticmethod
+    def _known(table: dict[int, Any], storage: torch.UntypedStorage) -> bool:
+        entry = table.get(id(storage))
+        ref = entry[0] if isinstance(entry, tuple) else entry
+        return ref is not None and ref() is storage
 
-    def _free_dead(self) -> None:
-        for key, (ref, size) in list(self.live.items()):
-            if ref() is None:
-                del self.live[key]
-                self.current -= size
+    def _add(self, storage: torch.UntypedStorage) -> None:
+        if self._known(self.live, storage) or self._known(self.outside, storage):
+            return
+        key, size = id(storage), storage.nbytes()
+        # freed the moment the storage dies (its id may then be reused: the entry is gone)
+        self.live[key] = (weakref.ref(storage, lambda _, key=key: self._free(key)), size)
+        self.current += size
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.current -= entry[1]
 
     def __enter__(self) -> PeakMemory:
         import gc
@@ -76,8 +88,12 @@ class PeakMemory(TorchDispatchMode):
         # storages that exist already (the inputs, the model) are never counted
         with warnings.catch_warnings():  # isinstance() on deprecated torch objects
             warnings.simplefilter("ignore")
-            self.outside = {obj.untyped_storage()._cdata for obj in gc.get_objects()
-                            if isinstance(obj, torch.Tensor)}
+            storages = [obj.untyped_storage() for obj in gc.get_objects()
+                        if isinstance(obj, torch.Tensor)]
+        for storage in storages:
+            key = id(storage)
+            self.outside[key] = weakref.ref(
+                storage, lambda _, key=key: self.outside.pop(key, None))
         return super().__enter__()
 
 
@@ -149,6 +165,27 @@ def logprobs_case(n: int, vocab: int, inplace: bool) -> Callable[[], Any]:
         logp, entropy = rlhf_fast.logprobs(logits, labels, return_entropy=True,
                                            inplace_backward=inplace, check_labels=False)
         torch.autograd.grad((logp.sum() + entropy.sum()), logits)
+
+    return run
+
+
+def next_token_logprobs_case(b: int, t: int, vocab: int, sliced: bool) -> Callable[[], Any]:
+    """The log-prob of each next token from [B, T, V] logits, as a trainer takes it: the
+    labels shifted left (the last position ignored), or the logits sliced to
+    `logits[:, :-1]`, whose backward autograd pads into a second full-size gradient."""
+    import torch.nn.functional as F
+
+    import rlhf_fast
+
+    logits, input_ids = _leaf(b, t, vocab), _labels(b, t)
+
+    def run() -> None:
+        if sliced:
+            logp = rlhf_fast.logprobs(logits[:, :-1], input_ids[:, 1:], check_labels=False)
+        else:
+            labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)
+            logp = rlhf_fast.logprobs(logits, labels, check_labels=False)
+        torch.autograd.grad(logp.sum(), logits)
 
     return run
 
@@ -238,6 +275,15 @@ CASES: dict[str, tuple[Callable[[], Callable[[], Any]], int, str]] = {
         lambda: logprobs_case(N_LOGITS, V_QWEN, inplace=True),
         64 * N_LOGITS,
         "O(N): the gradient overwrites the logits"),
+    "logprobs fwd+bwd, shifted labels, [8, 1024, 151936] bf16": (
+        lambda: next_token_logprobs_case(8, 1024, V_QWEN, sliced=False),
+        2 * N_LOGITS * V_QWEN + 64 * N_LOGITS,
+        "the gradient (2 N V) + O(N)"),
+    "logprobs fwd+bwd, logits[:, :-1], [8, 1024, 151936] bf16": (
+        lambda: next_token_logprobs_case(8, 1024, V_QWEN, sliced=True),
+        2 * 2 * N_LOGITS * V_QWEN + 64 * N_LOGITS,
+        "the slice's gradient and autograd's full-size copy of it (2 x 2 N V) + O(N): "
+        "shift the labels instead"),
     "token_divergence fwd+bwd (jsd), [8192, 151936] bf16": (
         lambda: token_divergence_case(N_LOGITS, V_QWEN, inplace=False),
         2 * N_LOGITS * V_QWEN + 64 * N_LOGITS,
@@ -277,12 +323,17 @@ def table() -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    print(markdown_table(
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """`table()`'s rows as the markdown table this tool prints and the README quotes."""
+    return markdown_table(
         ["op, shape", "peak extra memory (GB)", "bound (GB)", "bound, as documented"],
         ([row["case"], f"{row['peak_bytes'] / GB:.3f}", f"{row['bound_bytes'] / GB:.3f}",
-          row["formula"]] for row in table())))
+          row["formula"]] for row in rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    print(markdown(table()))
     return 0
 
 

@@ -11,7 +11,8 @@ of what the launch itself wrote, is a cache hit; an in-place update is a read an
 write). Both against the floor: each input read once, each output written once (each
 case's docstring states its floor). Deterministic: a CI budget.
 
-    TRITON_INTERPRET=1 python -m rlhf_fast.benchmarks.traffic
+    TRITON_INTERPRET=1 python -m rlhf_fast.benchmarks.traffic   # the table the README
+                                                               # quotes (`markdown`)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -37,6 +38,8 @@ class Traffic:
     lanes: int = 0
     moved: int = 0
     launches: list[str] = field(default_factory=list)
+    moved_by_kernel: dict[str, int] = field(default_factory=dict)
+    lanes_by_kernel: dict[str, int] = field(default_factory=dict)
     touched: list[Any] = field(default_factory=list)  # this launch's (addresses, size, store)
 
 
@@ -74,7 +77,10 @@ def counting() -> Iterator[Traffic]:
 
     def touch(ptrs, mask, itemsize, is_store):
         lanes = np.broadcast_to(mask.data, ptrs.data.shape)
-        traffic.lanes += int(np.count_nonzero(lanes)) * itemsize
+        count = int(np.count_nonzero(lanes)) * itemsize
+        traffic.lanes += count
+        kernel = traffic.launches[-1]
+        traffic.lanes_by_kernel[kernel] = traffic.lanes_by_kernel.get(kernel, 0) + count
         traffic.touched.append((ptrs.data[lanes].ravel(), itemsize, is_store))
 
     def counted_load(self, ptrs, mask, other, *args, **kwargs):
@@ -92,7 +98,10 @@ def counting() -> Iterator[Traffic]:
         try:
             return run(self, *args, **kwargs)
         finally:
-            traffic.moved += _launch_traffic(traffic.touched)
+            moved = _launch_traffic(traffic.touched)
+            traffic.moved += moved
+            kernel = self.fn.__name__
+            traffic.moved_by_kernel[kernel] = traffic.moved_by_kernel.get(kernel, 0) + moved
 
     patched = [(builder, "create_masked_load", counted_load),
                (builder, "create_masked_store", counted_store),
@@ -174,6 +183,59 @@ def ppo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
     forward = B * T + 5 * F32 * valid
     backward = B * T + 4 * F32 * valid + 2 * F32 * B * T
     return run, forward + backward
+
+
+def ppo_loss_gspo_forward_backward() -> tuple[Callable[[], Any], int]:
+    """gspo, a sequence loss: as the token losses' (KL, entropy), plus its first pass
+    (`_ppo_sequence_kernel`: the mask, and logp, old_logp and advantages at the valid
+    tokens, for each row's mean log-ratio)."""
+    import rlhf_fast
+
+    x, valid = _ppo_inputs()
+
+    def run() -> Any:
+        out = rlhf_fast.ppo_loss(x["logp"], x["old_logp"], x["advantages"], x["mask"],
+                                 ref_logp=x["ref_logp"], entropy=x["entropy"], kl_coef=0.1,
+                                 entropy_coef=0.01, policy_loss="gspo")
+        return torch.autograd.grad(out.loss, (x["logp"], x["entropy"]))
+
+    sequence = B * T + 3 * F32 * valid
+    forward = B * T + 5 * F32 * valid
+    backward = B * T + 4 * F32 * valid + 2 * F32 * B * T
+    return run, sequence + forward + backward
+
+
+def masked_mean_forward_backward() -> tuple[Callable[[], Any], int]:
+    """Along the rows (dim=-1). Forward: the mask and the valid x once, the [B] means and
+    valid counts (saved for the backward); backward: the mask, the [B] upstream gradient
+    and counts, the gradient written whole (the per-block partials, O(B T / 4096), are
+    the slack)."""
+    import rlhf_fast
+
+    x, valid = _ppo_inputs()
+    advantages = x["advantages"].requires_grad_()
+
+    def run() -> Any:
+        means = rlhf_fast.masked_mean(advantages, x["mask"], dim=-1)
+        return torch.autograd.grad(means.sum(), advantages)
+
+    forward = B * T + F32 * valid + (F32 + 8) * B  # the means and int64 valid counts
+    backward = B * T + F32 * B + 8 * B + F32 * B * T
+    return run, forward + backward
+
+
+def masked_whiten_backward() -> tuple[Callable[[], Any], int]:
+    """Two passes by design (the per-block sums of g and g * xhat, then the gradient):
+    each reads the mask, and x and the upstream gradient at the valid tokens; the
+    gradient written whole."""
+    import rlhf_fast
+
+    x, valid = _ppo_inputs()
+    advantages = x["advantages"].requires_grad_()
+    whitened = rlhf_fast.masked_whiten(advantages, x["mask"])
+    upstream = torch.randn(B, T, generator=torch.Generator().manual_seed(1))
+    return (lambda: torch.autograd.grad(whitened, advantages, upstream, retain_graph=True),
+            2 * (B * T + 2 * F32 * valid) + F32 * B * T)
 
 
 def masked_whiten_forward() -> tuple[Callable[[], Any], int]:
@@ -394,8 +456,75 @@ def linear_logprobs_forward_backward() -> tuple[Callable[[], Any], int]:
     return run, forward + backward
 
 
-#: name -> (the pass and its floor, the kernels it launches, the budget of moved / floor)
-CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
+NL, DL = 64, 64  # linear_ppo_loss's tokens and hidden size
+
+
+def _linear_ppo(share: str, VL: int) -> tuple[Callable[[], Any], int]:
+    import rlhf_fast
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, NL // 4, DL, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(VL, DL, generator=gen) / 8).to(torch.bfloat16).requires_grad_()
+    x = {k: v[:4, :NL // 4].contiguous() for k, v in _ppo_inputs()[0].items()}
+    mask = x["mask"]
+    labels = torch.randint(0, VL, (4, NL // 4), generator=gen)
+    valid = int(mask.sum())
+
+    def run() -> Any:
+        out = rlhf_fast.linear_ppo_loss(hidden, weight, labels, x["old_logp"],
+                                        x["advantages"], mask, ref_logp=x["ref_logp"],
+                                        kl_coef=0.1, entropy_coef=0.01)
+        return torch.autograd.grad(out.loss, (hidden, weight))
+
+    # the token weights (the mask's role) whole, logp, old_logp, advantages and ref_logp
+    # at the valid tokens; d logp and d entropy written whole
+    token_grads = F32 * NL + 4 * F32 * valid + 2 * F32 * NL
+    if share == "token_grads":
+        return run, token_grads
+    # the rows of valid tokens of the logits chunk once (masked tokens' labels are
+    # ignored: their rows are not read), the labels, logp, entropy and 2 row statistics
+    logprobs_fwd = BF16 * valid * VL + 8 * NL + 4 * F32 * NL
+    # the valid rows read and the whole chunk overwritten with its gradient (zeros on the
+    # masked rows, for the GEMMs that read it), the labels, and at the valid rows the
+    # statistics, the entropy and both upstream gradients
+    logprobs_bwd = BF16 * valid * VL + BF16 * NL * VL + 8 * NL + 5 * F32 * valid
+    # the loss's statistics: ppo_loss's forward on the log-probs and entropy just made
+    # (the mask, logp, old_logp, advantages, ref_logp and entropy at the valid tokens)
+    statistics = NL + 5 * F32 * valid
+    return run, logprobs_fwd + token_grads + logprobs_bwd + statistics
+
+
+def linear_ppo_loss_forward_backward() -> tuple[Callable[[], Any], int]:
+    """The kernels' share of the fused PPO loss on hidden states (the GEMMs are cuBLAS's),
+    with a KL and an entropy bonus, some tokens masked: per chunk, the
+    log-prob forward (the valid rows of the logits chunk the lm_head GEMM wrote, once),
+    the token gradients, the log-prob backward (the valid rows read, the chunk
+    overwritten with its gradient), then ppo_loss's forward for the statistics."""
+    return _linear_ppo("all", 2048)
+
+
+def linear_ppo_loss_token_grads() -> tuple[Callable[[], Any], int]:
+    """`_ppo_token_grad_kernel` alone (next to the logits, any vocabulary's, it is too
+    small to show in the whole path's ratio; a vocabulary of 64 keeps the run short): the
+    token weights whole (0 marks a masked token), logp, old_logp, advantages and ref_logp
+    at the valid tokens, d logp and d entropy written whole."""
+    return _linear_ppo("token_grads", 64)
+
+
+LINEAR_PPO_LAUNCHES = ("_logprobs_fwd_kernel", "_ppo_token_grad_kernel", "_logprobs_bwd_kernel",
+                       "_ppo_fwd_kernel", "_ppo_reduce_kernel")
+
+
+class Case(NamedTuple):
+    setup: Setup  # the pass and its floor
+    launches: tuple[str, ...]  # the kernels it launches, in order
+    budget: float  # of moved / floor
+    share: tuple[str, ...] | None = None  # the kernels whose bytes count (None: all)
+
+
+#: name -> (the pass and its floor, the kernels it launches, the budget of moved / floor
+#: [, the kernels counted])
+CASES: dict[str, Case] = {name: Case(*spec) for name, spec in {
     "logprobs fwd (+ entropy), [64, 8192] bf16": (
         logprobs_forward, ("_logprobs_fwd_kernel",), 1.002),
     "logprobs bwd (both outputs), [64, 8192] bf16": (
@@ -415,9 +544,22 @@ CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
     "ppo_loss fwd+bwd (KL, entropy), [16, 1024] fp32": (
         ppo_loss_forward_backward, ("_ppo_fwd_kernel", "_ppo_reduce_kernel",
                                     "_ppo_bwd_kernel"), 1.005),  # + the per-row stats
+    "ppo_loss fwd+bwd (gspo, KL, entropy), [16, 1024] fp32": (
+        ppo_loss_gspo_forward_backward, ("_ppo_sequence_kernel", "_ppo_fwd_kernel",
+                                         "_ppo_reduce_kernel", "_ppo_bwd_kernel"), 1.005),
+    "linear_ppo_loss fwd+bwd (KL, entropy), the kernels' share, [64, 2048] bf16": (
+        linear_ppo_loss_forward_backward, LINEAR_PPO_LAUNCHES, 1.002),
+    "linear_ppo_loss's token gradients (KL, entropy), [4, 16] fp32, that kernel's share": (
+        linear_ppo_loss_token_grads, LINEAR_PPO_LAUNCHES, 1.002, ("_ppo_token_grad_kernel",)),
+    "masked_mean fwd+bwd (dim=-1), [16, 1024] fp32": (
+        masked_mean_forward_backward, ("_masked_partial_stats_kernel",
+                                       "_masked_merge_stats_kernel", "_masked_mean_bwd_kernel"),
+        1.002),
     "masked_whiten fwd, [16, 1024] fp32": (
         masked_whiten_forward, ("_masked_partial_stats_kernel", "_masked_merge_stats_kernel",
                                 "_whiten_fwd_kernel"), 1.002),
+    "masked_whiten bwd, [16, 1024] fp32": (
+        masked_whiten_backward, ("_whiten_bwd_partial_kernel", "_whiten_bwd_kernel"), 1.002),
     "sequence_logps fwd+bwd, [16, 1024] fp32": (
         sequence_logps_forward_backward, ("_sequence_logps_fwd_kernel",
                                           "_sequence_logps_bwd_kernel"), 1.002),
@@ -437,29 +579,38 @@ CASES: dict[str, tuple[Setup, tuple[str, ...], float]] = {
         group_advantages_forward, ("_group_advantages_kernel",), 1.002),
     # (the scan reads each token's successor again: 1.27x in accesses, a cache hit)
     "gae fwd, [16, 1024] fp32": (gae_forward, ("_gae_kernel",), 1.002),
-}
+}.items()}
 
 
 def table() -> list[dict[str, Any]]:
     rows = []
-    for name, (setup, launches, budget) in CASES.items():
+    for name, (setup, launches, budget, share) in CASES.items():
         run, floor = setup()
         with counting() as traffic:
             run()
-        rows.append(dict(case=name, moved=traffic.moved, lanes=traffic.lanes, floor=floor,
-                         ratio=round(traffic.moved / floor, 4),
-                         lanes_ratio=round(traffic.lanes / floor, 4), budget=budget,
-                         launches=traffic.launches, expected_launches=list(launches)))
+        moved, lanes = traffic.moved, traffic.lanes
+        if share is not None:
+            moved = sum(traffic.moved_by_kernel.get(kernel, 0) for kernel in share)
+            lanes = sum(traffic.lanes_by_kernel.get(kernel, 0) for kernel in share)
+        rows.append(dict(case=name, moved=moved, lanes=lanes, floor=floor,
+                         ratio=round(moved / floor, 4), lanes_ratio=round(lanes / floor, 4),
+                         budget=budget, launches=traffic.launches,
+                         expected_launches=list(launches)))
     return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """`table()`'s rows as the markdown table this tool prints and the README quotes."""
+    return markdown_table(
+        ["op, pass, shape", "bytes moved (distinct per launch)", "floor",
+         "moved / floor (budget)", "every access / floor", "launches"],
+        ([row["case"], row["moved"], row["floor"], f"{row['ratio']:.3f}x ({row['budget']}x)",
+          f"{row['lanes_ratio']:.3f}x", len(row["launches"])] for row in rows))
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    print(markdown_table(
-        ["op, pass, shape", "bytes moved (distinct per launch)", "floor",
-         "moved / floor (budget)", "every access / floor", "launches"],
-        ([row["case"], row["moved"], row["floor"], f"{row['ratio']:.3f}x ({row['budget']}x)",
-          f"{row['lanes_ratio']:.3f}x", len(row["launches"])] for row in table())))
+    print(markdown(table()))
     return 0
 
 

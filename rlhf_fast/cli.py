@@ -10,10 +10,11 @@ Subcommands:
         ``--use-fused-linear`` / ``--no-use-fused-linear``), TRL's names too
         (``--learning_rate``); --config reads the same from a YAML or JSON file.
         Its flags are checked, and its models loaded and trained, by `rlhf_fast.cli_train`.
-    bench [op ...] [--quick] [--headline] [--out DIR] [-k EXPR]
+    bench [op ...] [--quick] [--headline] [--out DIR] [--readme FILE] [-k EXPR]
         Run the benchmark suites shipped in ``rlhf_fast.benchmarks`` (the repository's
         ``benchmarks/`` folder, installed under that name) through pytest and
-        pytest-benchmark, and write ``<op>.json`` / ``<op>.md`` under DIR.
+        pytest-benchmark, and write ``<op>.json`` / ``<op>.md`` under DIR (and, with
+        --readme, FILE's benchmark block from them, as ``report`` does).
     report [--results DIR] [--readme FILE]
         The README's benchmark block from the results under DIR: printed, or written
         between the block's markers in FILE.
@@ -94,27 +95,40 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"{exc.name} is needed to benchmark: pip install 'rlhf-fast[bench]'")
     out = str(Path(args.out).resolve())
     files = [ops[op] for op in selected]
-    return int(pytest.main(pytest_args(files, directory, out, args.quick, args.select,
+    code = int(pytest.main(pytest_args(files, directory, out, args.quick, args.select,
                                        args.headline)))
+    if args.readme is None:
+        return code
+    if code != 0:  # a case failed its gate or crashed: the block would hide it
+        print(f"not updating {args.readme}: the benchmark run failed (exit code {code})")
+        return code
+    return _write_readme_block(out, args.readme, parser)
 
 
-def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _write_readme_block(results: str, readme: str | None,
+                        parser: argparse.ArgumentParser) -> int:
+    """The README's benchmark block from the results under `results`: printed, or
+    written between the block's markers in `readme`."""
     try:  # the results' reader only: neither pytest nor the suites
         from rlhf_fast.benchmarks import report
     except ImportError as exc:
         parser.error(f"{exc.name} is needed to report: pip install 'rlhf-fast[bench]'")
-    readme = Path(args.readme) if args.readme else None
+    path = Path(readme) if readme else None
     try:
-        link_from = readme.parent if readme is not None else Path.cwd()
-        section = report.readme_section(args.results, link_from)
-        if readme is None:
+        link_from = path.parent if path is not None else Path.cwd()
+        section = report.readme_section(results, link_from)
+        if path is None:
             print(section, end="")
         else:
-            report.replace_readme_section(readme, section)
-            print(f"updated the benchmark block of {readme} from {args.results}")
+            report.replace_readme_section(path, section)
+            print(f"updated the benchmark block of {path} from {results}")
     except (FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
     return 0
+
+
+def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    return _write_readme_block(args.results, args.readme, parser)
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -249,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the short GPU run: each suite's headline size in its fwd+bwd mode (every "
              "provider checked against the float64 reference first, then timed), no "
              "compiled providers",
+    )
+    bench.add_argument(
+        "--readme", metavar="FILE",
+        help="after a run that passed, write the benchmark block of this README from "
+             "the results (as `rlhf-fast report --results DIR --readme FILE` does)",
     )
     bench.add_argument(
         "-k", dest="select", metavar="EXPR",

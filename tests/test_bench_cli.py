@@ -287,7 +287,7 @@ def test_headline_cases_are_one_size_one_mode_no_compile() -> None:
             assert {c.variant for c in cases} == set(suite.headline_variants or
                                                      suite.variants), name
         total += len(suite.headline_cases(True))
-    assert total < 75  # a short run: the README's estimate counts on it
+    assert total <= 80  # a short run: the README's estimate counts on it (75 cases)
 
 
 def test_bench_grpo_quick_on_cpu_lists_the_gpu_only_peer_as_skipped(tmp_path: Path) -> None:
@@ -361,6 +361,33 @@ def test_report_rewrites_only_the_readme_benchmark_block(tmp_path: Path) -> None
     assert readme.read_text() == text  # idempotent
 
 
+@pytest.mark.parametrize("exit_code", [0, 1])
+def test_bench_readme_writes_the_block_after_a_run_that_passed(
+        tmp_path: Path, monkeypatch, exit_code: int) -> None:
+    """`rlhf-fast bench --headline --readme README.md` writes the results and then the
+    README's block from them (the run itself stubbed: it writes two ops' results); a
+    failed run leaves the README as it was."""
+    from rlhf_fast.cli import main
+
+    results = tmp_path / "benchmarks" / "results"
+    readme = tmp_path / "README.md"
+    before = "<!-- rlhf-fast:benchmarks:begin -->\nold table\n<!-- rlhf-fast:benchmarks:end -->\n"
+    readme.write_text(before)
+
+    def run(args: list[str]) -> int:
+        assert "--headline" in args and args[args.index("--bench-out") + 1] == str(results)
+        _fake_results(results, gpu=True)
+        return exit_code
+
+    monkeypatch.setattr(pytest, "main", run)
+    code = main(["bench", "--headline", "--out", str(results), "--readme", str(readme)])
+    assert code == exit_code
+    if exit_code == 0:
+        assert "old table" not in readme.read_text() and "grpo" in readme.read_text()
+    else:
+        assert readme.read_text() == before
+
+
 def test_report_says_when_results_come_from_the_cpu(tmp_path: Path, capsys) -> None:
     from rlhf_fast.cli import main
 
@@ -397,7 +424,7 @@ def test_bench_names_are_the_public_ops_and_two_workloads() -> None:
     names = set(known_ops())
     assert names == {"cpo_loss", "dpo_loss", "e2e", "gae", "group_advantages", "grpo",
                      "kto_loss", "linear_dpo_loss", "linear_logprobs", "linear_ppo_loss",
-                     "linear_token_divergence", "logprobs", "masked_whiten",
+                     "linear_token_divergence", "logprobs", "masked_mean", "masked_whiten",
                      "optimal_token_baseline", "orpo_loss", "ppo_loss", "simpo_loss",
                      "token_divergence"}
     for name in names - {"grpo", "e2e"}:
@@ -446,11 +473,12 @@ def test_bench_k_runs_only_the_selected_cases(tmp_path: Path) -> None:
     out_dir = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-c", RUN_CLI, "bench", "ppo_loss", "--quick", "--out", str(out_dir),
-         "-k", "rlhf_fast and not compile and fwd+bwd"],
+         "-k", "rlhf_fast and not compile and fwd+bwd and not gspo"],
         cwd=tmp_path, env=_cpu_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = json.loads((out_dir / "ppo_loss.json").read_text())["rows"]
-    assert {(r["provider"], r["mode"]) for r in rows} == {("rlhf_fast", "fwd+bwd")}
+    assert {(r["provider"], r["mode"], r.get("variant")) for r in rows} == {
+        ("rlhf_fast", "fwd+bwd", None)}
     assert len(rows) == 2  # one per quick shape
     assert "rlhf-fast report --results" in proc.stdout

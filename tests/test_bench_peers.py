@@ -34,9 +34,11 @@ from rlhf_fast.benchmarks import (
     bench_linear_ppo_loss,
     bench_linear_token_divergence,
     bench_logprobs,
+    bench_masked_mean,
     bench_masked_whiten,
     bench_optimal_token_baseline,
     bench_orpo_loss,
+    bench_ppo_loss,
     bench_simpo_loss,
     bench_token_divergence,
     lm_head,
@@ -418,6 +420,45 @@ def test_optimal_token_baseline_gate_rejects_an_unweighted_baseline():
 
     ok, errors = forward_gate(bench_optimal_token_baseline, (16, 40), group_mean_baseline)
     assert not ok, errors
+
+
+@pytest.mark.parametrize("suite, provider", [
+    (suite, provider) for suite in (bench_masked_mean, bench_masked_whiten)
+    for provider in suite.PROVIDERS
+], ids=lambda value: getattr(value, "OP", value))
+def test_masked_mean_and_whiten_gradients_pass_the_gate(
+    suite, provider: str, monkeypatch: pytest.MonkeyPatch
+):
+    """fwd+bwd (the headline run's mode, which gates the backward kernels on a GPU):
+    outputs and the gradient w.r.t. the values, compiled providers run eagerly."""
+    monkeypatch.setattr(peers, "compiled", lambda fn, variant="": fn)
+    case = suite.SUITE.case((6, 40), "fwd+bwd", provider)
+    ok, errors = suite.SUITE.gate(case, suite.SUITE.make_inputs(case, CPU),
+                                  suite.SUITE.provider_fn(case, CPU))
+    assert ok, errors
+    assert "grad_values" in errors and max(errors.values()) < 1e-6, errors
+
+
+def test_masked_mean_gate_rejects_a_gradient_through_the_mean_of_every_entry():
+    def detached_mean(x, mask):  # the right means, the gradient of x.mean(-1)
+        means = bench_masked_mean.eager_masked_mean(x.detach(), mask)
+        return means + x.mean(-1) - x.mean(-1).detach()
+
+    case = bench_masked_mean.SUITE.case((6, 40), "fwd+bwd", "rlhf_fast")
+    ok, errors = bench_masked_mean.SUITE.gate(
+        case, bench_masked_mean.SUITE.make_inputs(case, CPU), detached_mean)
+    assert not ok and errors["mean"] < 1e-6, errors
+
+
+@pytest.mark.parametrize("provider", ["rlhf_fast", "eager"])
+def test_ppo_loss_gspo_variant_passes_the_gate(provider: str):
+    """The headline run's gspo + rollout correction variant (the sequence pass and the
+    IS-weighted policy term), loss and the three gradients."""
+    case = bench_ppo_loss.SUITE.case((4, 24), "fwd+bwd", provider,
+                                     variant=bench_ppo_loss.GSPO)
+    inputs = bench_ppo_loss.make_inputs(case.shape, CPU)
+    ok, errors = bench_ppo_loss.SUITE.gate(case, inputs, bench_ppo_loss.PROVIDERS[provider])
+    assert ok and max(errors.values()) < 1e-6, errors
 
 
 def test_masked_whiten_gate_rejects_a_biased_whiten():

@@ -1,6 +1,8 @@
 """Bytes moved and launches per op and pass, counted through the interpreter
 (`rlhf_fast.benchmarks.traffic`): within each op's budget of its floor."""
 
+from pathlib import Path
+
 import pytest
 
 from rlhf_fast.benchmarks import traffic
@@ -42,3 +44,11 @@ def test_launch_traffic_by_hand():
     assert traffic._launch_traffic([(a, 4, False), (a, 4, True)]) == 32        # in place
     assert traffic._launch_traffic([(a, 4, True), (a, 4, False)]) == 16        # write, hit
     assert traffic._launch_traffic([(a, 2, False), (a + 4, 4, True)]) == 8 + 16
+
+
+def test_the_readme_quotes_the_table(rows):
+    """README.md's traffic table is the one `python -m rlhf_fast.benchmarks.traffic`
+    prints (`traffic.markdown`, on the rows the budgets above check): regenerate it
+    there when a figure moves."""
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert traffic.markdown(list(rows.values())) in readme.read_text(encoding="utf-8")
