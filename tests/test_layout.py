@@ -22,7 +22,6 @@ SHARED_KERNEL_MODULES = {"__init__", "common", "ppo_terms"}
 #: Public ops with no suite of their own, and the suite that times their kernels
 TIMED_IN = {
     "discounted_returns": "gae",  # GAE's kernel (lambda = 1, no values)
-    "masked_mean": "masked_whiten",  # its statistics kernel is whitening's first pass
     "sequence_logps": "dpo_loss",  # in the fused provider's answer log-probs
     "pair_logps": "dpo_loss",  # sequence_logps of both answers
     "topk_token_divergence": "logprobs",  # the log-prob kernels on the student's logits
