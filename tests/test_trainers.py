@@ -271,21 +271,34 @@ def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_
     assert_first_adamw_step(before, parameters(model), grads, LR)
 
 
-@pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo", "kto"])
+#: The DPOConfig options of each objective's one-step test ("cpo-hinge": cpo with its
+#: cpo_loss_type, TRL CPOTrainer's loss_type)
+OBJECTIVE_OPTIONS = {
+    "simpo": dict(beta=2.0, gamma=0.5),
+    "cpo": dict(beta=0.5, alpha=0.7, label_smoothing=0.1),
+    "cpo-hinge": dict(beta=0.5, alpha=0.7, cpo_loss_type="hinge"),
+    "cpo-ipo": dict(beta=0.5, alpha=0.7, cpo_loss_type="ipo"),
+    "orpo": dict(beta=0.3),
+    "kto": dict(beta=0.2, undesirable_weight=1.5),
+}
+
+
+@pytest.mark.parametrize("case", OBJECTIVE_OPTIONS)
 def test_preference_objectives_one_step_match_their_ops(tokenizer, warm_model, other_model,
-                                                        tmp_path, fallbacks, loss_type):
-    """--loss-type simpo / cpo / orpo (reference-free, on the pairs) and kto (unpaired
-    records {prompt, completion, label}; its KL reference point the mean log-ratio of each
-    prompt with the next record's completion): one step's loss and AdamW update are the
-    reference op's on float64 answer log-probs."""
+                                                        tmp_path, fallbacks, case):
+    """--loss-type simpo / cpo (with each --cpo-loss-type; sigmoid's label_smoothing) /
+    orpo (reference-free, on the pairs) and kto (unpaired records {prompt, completion,
+    label}; its KL reference point the mean log-ratio of each prompt with the next
+    record's completion): one step's loss and AdamW update are the reference op's on
+    float64 answer log-probs."""
+    loss_type = case.split("-")[0]
     pairs = [json.loads(line) for line in TRAIN.read_text().splitlines()[:6]]
     if loss_type == "kto":
         records = [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
                    for p in pairs for key in ("chosen", "rejected")]
     else:
         records = pairs
-    options = dict(simpo=dict(beta=2.0, gamma=0.5), cpo=dict(beta=0.5, alpha=0.7),
-                   orpo=dict(beta=0.3), kto=dict(beta=0.2, undesirable_weight=1.5))[loss_type]
+    options = OBJECTIVE_OPTIONS[case]
     config = DPOConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, lr=LR,
                        loss_type=loss_type, max_length=16, max_prompt_length=6, seed=3,
                        device="cpu", **options)
@@ -324,7 +337,8 @@ def test_preference_objectives_one_step_match_their_ops(tokenizer, warm_model, o
         (chosen, len_c), (rejected, len_r) = logps(policy64, "chosen"), logps(policy64,
                                                                                 "rejected")
         op = getattr(reference, f"{loss_type}_loss")
-        expected = op(chosen, rejected, len_c, len_r, **options)
+        op_options = {"loss_type" if k == "cpo_loss_type" else k: v for k, v in options.items()}
+        expected = op(chosen, rejected, len_c, len_r, **op_options)
     expected.loss.backward()
     grads = {name: p.grad for name, p in policy64.named_parameters()}
     fallbacks.clear()
