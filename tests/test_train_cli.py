@@ -77,15 +77,17 @@ LOSS_FLAGS = {
     "mpo": ["sigmoid", "bco_pair", "sft", "--loss-weights", "0.8", "0.2", "1.0",
             "--ld-alpha", "0.5", "--use-weighting"],
     "cpo": ["cpo", "--cpo-loss-type", "hinge", "--alpha", "0.5"],
+    "discopop": ["discopop", "--f-divergence-type", "alpha_divergence",
+                 "--f-alpha-divergence-coef", "0.3"],
 }
 
 
-@pytest.mark.parametrize("loss_type", ["orpo", "kto", "mpo", "cpo"])
+@pytest.mark.parametrize("loss_type", ["orpo", "kto", "mpo", "cpo", "discopop"])
 def test_train_dpo_with_another_objective(saved_model, tmp_path, torch_backend, loss_type):
     """--loss-type orpo on the pairs; kto on unpaired records {prompt, completion, label}
     (made here from the shipped pairs), read as such by --data; a mix of dpo_loss's types
     with their weights (TRL's MPO) on LD-DPO's WPO-weighted log-probs; cpo with TRL
-    CPOTrainer's loss_type hinge (--cpo-loss-type)."""
+    CPOTrainer's loss_type hinge (--cpo-loss-type); discopop on alpha-divergence scores."""
     data = DATA / "preferences_train.jsonl"
     if loss_type == "kto":
         pairs = read_jsonl(data)
