@@ -84,6 +84,25 @@ def test_trls_names_as_flags_and_constructor_keywords():
     assert (ppo.ppo_epochs, ppo.agg) == (2, "token-mean")
 
 
+def test_cpo_loss_type_is_a_flag_of_its_own():
+    """TRL CPOTrainer's loss_type (sigmoid, hinge, ipo) is --cpo-loss-type: --loss-type
+    picks the objective (cpo)."""
+    config = _config(DPO + ["--loss-type", "cpo", "--cpo-loss-type", "hinge", "--alpha", "0.5"])
+    assert (config.loss_type, config.cpo_loss_type, config.alpha) == ("cpo", "hinge", 0.5)
+    assert _config(DPO + ["--loss_type", "cpo", "--cpo_loss_type", "ipo"]).cpo_loss_type == "ipo"
+    assert _config(DPO + ["--loss-type", "cpo"]).cpo_loss_type == "sigmoid"
+
+
+def test_dpo_loss_options_are_flags():
+    config = _config(DPO + ["--loss-type", "discopop", "--discopop-tau", "0.1",
+                            "--f-divergence-type", "alpha_divergence",
+                            "--f_alpha_divergence_coef", "0.3"])
+    assert (config.loss_type, config.discopop_tau, config.f_divergence_type,
+            config.f_alpha_divergence_coef) == ("discopop", 0.1, "alpha_divergence", 0.3)
+    assert _config(DPO + ["--loss-type", "aot_unpaired"]).loss_type == "aot_unpaired"
+    assert _config(DPO + ["--loss-type", "sft"]).loss_type == "sft"
+
+
 def test_trl_names_never_shadow_a_field():
     """A TRL name that is also a field of ours would be two flags for one name."""
     import dataclasses

@@ -179,3 +179,37 @@ def test_a_new_option_is_one_declaration():
 def test_fields_refuse_defaults_of_undeclared_options():
     with pytest.raises(ValueError, match="defaults for options not declared here"):
         PPO_OPTIONS.fields(defaults={"kl_coeff": 0.1})
+
+
+def test_an_option_renamed_in_a_config_is_checked_and_flagged_under_the_fields_name():
+    """`fields(rename=...)`: a config whose own field of an option's name means something
+    else (DPOConfig.loss_type: the objective) holds the option under another name
+    (DPOConfig.cpo_loss_type): its flag, checks and errors take that name, and
+    `field_values` gives it back by the option's name, for the op."""
+    @dataclasses.dataclass
+    @CPO_OPTIONS.fields(rename={"loss_type": "cpo_loss_type"})
+    class TrialConfig:
+        loss_type: str = "the objective"
+
+        def __post_init__(self):
+            CPO_OPTIONS.check_fields(self)
+
+    config = TrialConfig(cpo_loss_type="hinge", alpha=2)
+    assert CPO_OPTIONS.field_values(config) == dict(
+        beta=0.1, loss_type="hinge", label_smoothing=0.0, alpha=2.0, reduction="mean")
+    assert config.loss_type == "the objective"
+    with pytest.raises(ValueError, match=r"^TrialConfig.cpo_loss_type must be one of \("):
+        TrialConfig(cpo_loss_type="simpo")
+    with pytest.raises(ValueError, match=r"^TrialConfig.label_smoothing must be 0 for "
+                                         r"TrialConfig.cpo_loss_type 'ipo'"):
+        TrialConfig(cpo_loss_type="ipo", label_smoothing=0.1)
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, TrialConfig)
+    config = config_from_args(TrialConfig, parser.parse_args(["--cpo-loss-type", "ipo"]),
+                              parser)
+    assert (config.cpo_loss_type, config.loss_type) == ("ipo", "the objective")
+    loss_type = next(o for o in CPO_OPTIONS.options if o.name == "loss_type")
+    field = {f.name: f for f in dataclasses.fields(DPOConfig)}["cpo_loss_type"]
+    assert loss_type.doc in field.metadata["doc"] and field.default == loss_type.default
+    with pytest.raises(ValueError, match=r"renames for options not declared here: \['alpha'"):
+        CPO_OPTIONS.fields(exclude=("alpha",), rename={"alpha": "cpo_alpha"})

@@ -72,15 +72,22 @@ def test_train_dpo_from_a_local_folder(saved_model, tmp_path, torch_backend):
     assert _changed(saved_model, out / "final")
 
 
-MPO_FLAGS = ["sigmoid", "bco_pair", "sft", "--loss-weights", "0.8", "0.2", "1.0",
-             "--ld-alpha", "0.5", "--use-weighting"]
+#: The --loss-type value and flags of each case beyond a plain objective
+LOSS_FLAGS = {
+    "mpo": ["sigmoid", "bco_pair", "sft", "--loss-weights", "0.8", "0.2", "1.0",
+            "--ld-alpha", "0.5", "--use-weighting"],
+    "cpo": ["cpo", "--cpo-loss-type", "hinge", "--alpha", "0.5"],
+    "discopop": ["discopop", "--f-divergence-type", "alpha_divergence",
+                 "--f-alpha-divergence-coef", "0.3"],
+}
 
 
-@pytest.mark.parametrize("loss_type", ["orpo", "kto", "mpo"])
+@pytest.mark.parametrize("loss_type", ["orpo", "kto", "mpo", "cpo", "discopop"])
 def test_train_dpo_with_another_objective(saved_model, tmp_path, torch_backend, loss_type):
     """--loss-type orpo on the pairs; kto on unpaired records {prompt, completion, label}
     (made here from the shipped pairs), read as such by --data; a mix of dpo_loss's types
-    with their weights (TRL's MPO) on LD-DPO's WPO-weighted log-probs."""
+    with their weights (TRL's MPO) on LD-DPO's WPO-weighted log-probs; cpo with TRL
+    CPOTrainer's loss_type hinge (--cpo-loss-type); discopop on alpha-divergence scores."""
     data = DATA / "preferences_train.jsonl"
     if loss_type == "kto":
         pairs = read_jsonl(data)
@@ -90,7 +97,7 @@ def test_train_dpo_with_another_objective(saved_model, tmp_path, torch_backend, 
             + "\n" for p in pairs for key in ("chosen", "rejected")))
     out = tmp_path / loss_type
     code = main(["train", "dpo", "--model", str(saved_model), "--data", str(data),
-                 "--loss-type", *(MPO_FLAGS if loss_type == "mpo" else [loss_type]),
+                 "--loss-type", *LOSS_FLAGS.get(loss_type, [loss_type]),
                  "--output-dir", str(out), "--device", "cpu",
                  "--lr", "1e-3", "--batch-size", "4", "--max-steps", "2",
                  "--logging-steps", "1", "--max-length", "40", "--max-prompt-length", "16",
@@ -175,6 +182,10 @@ def test_every_config_field_is_a_flag():
     (["--loss-type", "sigmoid", "sft", "--loss-weights", "1"], "DPOConfig.loss_weights"),
     (["--loss-type", "orpo", "ipo"], "DPOConfig.loss_type"),
     (["--loss-type", "orpo", "--rpo-alpha", "1"], "DPOConfig.rpo_alpha"),
+    (["--loss-type", "cpo", "--cpo-loss-type", "simpo"], "DPOConfig.cpo_loss_type"),
+    (["--cpo-loss-type", "hinge"], "DPOConfig.cpo_loss_type"),  # read by cpo alone
+    (["--loss-type", "cpo", "--cpo-loss-type", "ipo", "--label-smoothing", "0.1"],
+     "DPOConfig.label_smoothing"),
 ])
 def test_bad_flags_are_usage_errors_naming_the_field(flags, field, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -126,6 +126,16 @@ def assert_first_adamw_step(before, after, grads, lr):
     assert moved > 0.1 * sum(g.numel() for g in grads.values())
 
 
+def near_reference(policy, other, fraction=0.2):
+    """A copy of `policy` with its weights moved `fraction` of the way to `other`'s: on
+    the toy pairs its answer log-ratios to `policy` are within about +-2."""
+    near = copy.deepcopy(policy)
+    with torch.no_grad():
+        for weight, target in zip(near.parameters(), other.parameters(), strict=True):
+            weight.lerp_(target, fraction)
+    return near
+
+
 def answer_logps64(model64, prompt, answer, temperature=1.0):
     """float64 log-probs (and entropies) of `answer`'s tokens after `prompt` (token id
     lists), one unpadded sequence at positions 0..n-1."""
@@ -159,30 +169,57 @@ def metric_equal(log_a, log_b, first_step):
 # --- DPO: one step against the spec -------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "mpo+ld_alpha+wpo+rpo"])
-@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_linear"])
+#: The one-step DPO cases beyond a plain loss type: the DPOConfig options of each
+ONE_STEP_OPTIONS = {
+    "aot": dict(loss_type="aot", label_smoothing=0.1),
+    "aot_unpaired": dict(loss_type="aot_unpaired"),
+    "discopop": dict(loss_type="discopop", discopop_tau=0.1),
+    "sft": dict(loss_type="sft"),
+    "forward_kl": dict(loss_type="sigmoid", f_divergence_type="forward_kl"),
+    "js_divergence": dict(loss_type="hinge", f_divergence_type="js_divergence"),
+    "alpha_divergence": dict(loss_type="ipo", f_divergence_type="alpha_divergence",
+                             f_alpha_divergence_coef=0.3),
+}
+#: The cases on a reference near the policy (`near_reference`): an untrained one's answer
+#: log-ratios x are ~30, where the f-divergences' scores (-exp(-x), log s(x), ...) are flat
+NEAR_REFERENCE = ("forward_kl", "js_divergence", "alpha_divergence")
+
+
+#: (fused, loss type) of each one-step DPO test: the loss types' math is the same on both
+#: paths, so those of ONE_STEP_OPTIONS run on the logits path alone
+ONE_STEP_CASES = [(fused, kind) for kind in ("sigmoid", "ipo", "mpo+ld_alpha+wpo+rpo")
+                  for fused in (False, True)] + [(False, kind) for kind in ONE_STEP_OPTIONS]
+
+
+@pytest.mark.parametrize("fused, loss_type", ONE_STEP_CASES, ids=[
+    f"{'fused_linear' if fused else 'logits'}-{kind}" for fused, kind in ONE_STEP_CASES])
 def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_path,
                                         fallbacks, loss_type, fused):
     """One step against the spec; "mpo+ld_alpha+wpo+rpo": 0.8 sigmoid + 0.2 bco_pair (a
     mix) on LD-DPO's weighted sums (the tokens past the pair's shorter answer at ld_alpha,
     policy and reference alike), plus RPO's rpo_alpha times the chosen answers' NLL per
     token (of the plain sums), each term's pair losses times WPO's pair weights
-    exp(mean(log p - log sum p^2)) of both answers, from the policy (TRL's forms)."""
+    exp(mean(log p - log sum p^2)) of both answers, from the policy (TRL's forms);
+    `ONE_STEP_OPTIONS`: aot, aot_unpaired, discopop and sft alone, and f_divergence_type
+    forward_kl, js_divergence and alpha_divergence with its coefficient."""
     records = TRAIN.read_text().splitlines()[:8]
     records = [json.loads(line) for line in records]
     beta, max_length, max_prompt_length = 0.1, 12, 5  # cuts some prompts and answers
     extras = loss_type.endswith("+ld_alpha+wpo+rpo")
     loss_type = loss_type.split("+")[0]
     mix = dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2], ld_alpha=0.5,
-               use_weighting=True, rpo_alpha=0.3) if extras else dict(loss_type=loss_type)
+               use_weighting=True, rpo_alpha=0.3) if extras else \
+        ONE_STEP_OPTIONS.get(loss_type, dict(loss_type=loss_type))
     config = DPOConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, lr=LR,
                        beta=beta, use_fused_linear=fused,
                        max_length=max_length, max_prompt_length=max_prompt_length,
                        seed=3, device="cpu", **mix)
+    ref_model = near_reference(warm_model, other_model) if loss_type in NEAR_REFERENCE \
+        else other_model
     policy64 = copy.deepcopy(warm_model).double()
-    ref64 = copy.deepcopy(other_model).double()
+    ref64 = copy.deepcopy(ref_model).double()
     model = copy.deepcopy(warm_model)
-    trainer = DPOTrainer(model, copy.deepcopy(other_model), tokenizer=tokenizer,
+    trainer = DPOTrainer(model, copy.deepcopy(ref_model), tokenizer=tokenizer,
                          train_dataset=records, config=config)
     before = parameters(model)
 
@@ -224,9 +261,11 @@ def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_
 
     policy, ref = sums(tokens["policy"]), sums(tokens["ref"])
     lengths = torch.tensor(lengths, dtype=torch.float64)
-    options = {}
-    if loss_type == "ipo":
-        options = dict(chosen_lengths=lengths[:4], rejected_lengths=lengths[4:])
+    # (the lengths are read by the types that need them: ipo, sft)
+    options = dict(chosen_lengths=lengths[:4], rejected_lengths=lengths[4:])
+    if not extras:
+        options |= {k: v for k, v in mix.items() if k != "loss_type"}
+        loss_type = mix["loss_type"]
     weights = torch.stack(tokens["wpo"]) if extras else torch.ones(8, dtype=torch.float64)
     pair_weights = weights[:4] * weights[4:]
     assert not extras or (weights < 1).all()
@@ -265,27 +304,42 @@ def test_dpo_one_step_matches_reference(tokenizer, warm_model, other_model, tmp_
         # logged values are rounded to 6 decimals
         assert got[key] == pytest.approx(value, rel=1e-4, abs=2e-6), key
     assert got["lr"] == LR
-    # not the value of a policy equal to its reference, whatever its log-probs
-    trivial = math.log(2) if loss_type == "sigmoid" else (1 / (2 * beta)) ** 2
-    assert abs(expected.loss.item() - trivial) > 1e-2
+    # not the value of a policy equal to its reference, whatever its log-probs (log 2 for
+    # sigmoid; sft reads no reference)
+    trivial = reference.dpo_loss(ref[:4], ref[4:], ref[:4], ref[4:], beta=beta,
+                                 loss_type=terms[0][1], **options).loss.item()
+    assert loss_type == "sft" or abs(expected.loss.item() - trivial) > 1e-2
     assert_first_adamw_step(before, parameters(model), grads, LR)
 
 
-@pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo", "kto"])
+#: The DPOConfig options of each objective's one-step test ("cpo-hinge": cpo with its
+#: cpo_loss_type, TRL CPOTrainer's loss_type)
+OBJECTIVE_OPTIONS = {
+    "simpo": dict(beta=2.0, gamma=0.5),
+    "cpo": dict(beta=0.5, alpha=0.7, label_smoothing=0.1),
+    "cpo-hinge": dict(beta=0.5, alpha=0.7, cpo_loss_type="hinge"),
+    "cpo-ipo": dict(beta=0.5, alpha=0.7, cpo_loss_type="ipo"),
+    "orpo": dict(beta=0.3),
+    "kto": dict(beta=0.2, undesirable_weight=1.5),
+}
+
+
+@pytest.mark.parametrize("case", OBJECTIVE_OPTIONS)
 def test_preference_objectives_one_step_match_their_ops(tokenizer, warm_model, other_model,
-                                                        tmp_path, fallbacks, loss_type):
-    """--loss-type simpo / cpo / orpo (reference-free, on the pairs) and kto (unpaired
-    records {prompt, completion, label}; its KL reference point the mean log-ratio of each
-    prompt with the next record's completion): one step's loss and AdamW update are the
-    reference op's on float64 answer log-probs."""
+                                                        tmp_path, fallbacks, case):
+    """--loss-type simpo / cpo (with each --cpo-loss-type; sigmoid's label_smoothing) /
+    orpo (reference-free, on the pairs) and kto (unpaired records {prompt, completion,
+    label}; its KL reference point the mean log-ratio of each prompt with the next
+    record's completion): one step's loss and AdamW update are the reference op's on
+    float64 answer log-probs."""
+    loss_type = case.split("-")[0]
     pairs = [json.loads(line) for line in TRAIN.read_text().splitlines()[:6]]
     if loss_type == "kto":
         records = [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
                    for p in pairs for key in ("chosen", "rejected")]
     else:
         records = pairs
-    options = dict(simpo=dict(beta=2.0, gamma=0.5), cpo=dict(beta=0.5, alpha=0.7),
-                   orpo=dict(beta=0.3), kto=dict(beta=0.2, undesirable_weight=1.5))[loss_type]
+    options = OBJECTIVE_OPTIONS[case]
     config = DPOConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4, lr=LR,
                        loss_type=loss_type, max_length=16, max_prompt_length=6, seed=3,
                        device="cpu", **options)
@@ -324,7 +378,8 @@ def test_preference_objectives_one_step_match_their_ops(tokenizer, warm_model, o
         (chosen, len_c), (rejected, len_r) = logps(policy64, "chosen"), logps(policy64,
                                                                                 "rejected")
         op = getattr(reference, f"{loss_type}_loss")
-        expected = op(chosen, rejected, len_c, len_r, **options)
+        op_options = {"loss_type" if k == "cpo_loss_type" else k: v for k, v in options.items()}
+        expected = op(chosen, rejected, len_c, len_r, **op_options)
     expected.loss.backward()
     grads = {name: p.grad for name, p in policy64.named_parameters()}
     fallbacks.clear()

@@ -9,7 +9,9 @@ nowhere else. From each `OptionSet` come
   checks of those arguments, whose errors name the argument (`OptionSet.check`);
 * the constructor of the loss modules (`PPOLoss`, `DPOLoss`);
 * the fields of the trainer configs and, through them, the CLI flags (`OptionSet.fields`),
-  whose errors name the field (``PPOConfig.clip_eps must be ...``).
+  whose errors name the field (``PPOConfig.clip_eps must be ...``); a field may rename
+  its option where the config's own field of that name means something else
+  (``DPOConfig.cpo_loss_type``: cpo_loss's loss_type).
 
 `option_set` is the mechanism; the sets are declared by family in `policy` (PPO, GAE,
 group advantages, optimal token baseline), `preference` (DPO, pair log-probs, SimPO, CPO,

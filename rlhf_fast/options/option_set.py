@@ -221,9 +221,12 @@ class OptionSet:
             _CHECKED[key] = checked
         return Checked(**vars(checked))
 
-    def _check(self, given: Mapping[str, Any], owner: str | None) -> Checked:
+    def _check(self, given: Mapping[str, Any], owner: str | None,
+               renames: Mapping[str, str] | None = None) -> Checked:
         filled = self.fill(given)
-        label = (lambda name: f"{owner}.{name}") if owner else (lambda name: name)
+        renames = renames or {}
+        label = ((lambda name: f"{owner}.{renames.get(name, name)}") if owner
+                 else (lambda name: name))
         for option in self.options:
             value = option.accepts(label(option.name), getattr(filled, option.name))
             setattr(filled, option.name, value)
@@ -252,47 +255,62 @@ class OptionSet:
         return "\n".join(lines) + "\n"
 
     def fields(self, *, exclude: Iterable[str] = (), defaults: Mapping[str, Any] | None = None,
-               after: str | None = None) -> Callable[[type], type]:
+               after: str | None = None,
+               rename: Mapping[str, str] | None = None) -> Callable[[type], type]:
         """Class decorator, under ``@dataclass``: adds these options (but `exclude`) to a
         config class as fields, after the field `after` (default: at the end), with the
         trainer's own `defaults` where they differ; each field's doc in its metadata.
+        `rename` maps an option to its field's name where the config's own field of that
+        name means something else (DPOConfig.cpo_loss_type: cpo_loss's loss_type); the
+        class records it (`field_values`, `check_fields` and errors use it).
         The config's ``__post_init__`` checks them with ``check_fields``."""
-        defaults = dict(defaults or {})
+        defaults, rename = dict(defaults or {}), dict(rename or {})
         chosen = [o for o in self.options if o.name not in set(exclude)]
-        unknown = set(defaults) - {o.name for o in chosen}
-        if unknown:
-            raise ValueError(f"defaults for options not declared here: {sorted(unknown)}")
+        for what, names in (("defaults", defaults), ("renames", rename)):
+            unknown = set(names) - {o.name for o in chosen}
+            if unknown:
+                raise ValueError(f"{what} for options not declared here: {sorted(unknown)}")
 
         def add(cls: type) -> type:
             own = dict(cls.__dict__.get("__annotations__", {}))
-            new = {o.name: o.accepts.annotation for o in chosen}
+            new = {rename.get(o.name, o.name): o.accepts.annotation for o in chosen}
             names = list(own)
             at = names.index(after) + 1 if after is not None else len(names)
             order = names[:at] + list(new) + names[at:]
             cls.__annotations__ = {n: new[n] if n in new else own[n] for n in order}
             for o in chosen:
-                setattr(cls, o.name, dataclasses.field(
+                setattr(cls, rename.get(o.name, o.name), dataclasses.field(
                     default=defaults.get(o.name, o.default),
                     metadata={"doc": f"{o.doc} ({o.accepts.expected})"}))
-            cls.option_set = self
+            if rename:
+                cls.option_renames = {**getattr(cls, "option_renames", {}), self.key: rename}
             return cls
 
         return add
 
+    def renames(self, config_class: type) -> dict[str, str]:
+        """The fields of `config_class` that hold options of this set under other names
+        (option -> field), as `fields` recorded them."""
+        return getattr(config_class, "option_renames", {}).get(self.key, {})
+
+    def field_values(self, config: Any) -> dict[str, Any]:
+        """The options of this set that `config` holds as fields, by option name: each in
+        its renamed field (`fields`), else in the field of its own name."""
+        renames = self.renames(type(config))
+        return {name: getattr(config, renames.get(name, name)) for name in self.names
+                if hasattr(config, renames.get(name, name))}
+
     def check_fields(self, config: Any) -> None:
         """Check the options that `config` (a dataclass built with `fields`) holds as fields;
         the errors are ValueError and name ``ConfigClass.field``."""
-        given = {n: getattr(config, n) for n in self.names if hasattr(config, n)}
-        values = self.check_as_values(given, type(config).__name__)
-        for name in given:
-            setattr(config, name, getattr(values, name))
-
-    def check_as_values(self, given: Mapping[str, Any], owner: str) -> Checked:
-        """`check` where a wrong type is a wrong value (a config field, a CLI flag)."""
+        renames = self.renames(type(config))
+        given = self.field_values(config)
         try:
-            return self.check(given, owner)
+            values = self._check(given, type(config).__name__, renames)
         except TypeError as error:
             raise ValueError(str(error)) from None
+        for name in given:
+            setattr(config, renames.get(name, name), getattr(values, name))
 
 
 def positive_int(*, optional: bool = False) -> Accepts:

@@ -158,16 +158,18 @@ SIMPO_OPTIONS = OptionSet((
 def _cpo_label_smoothing_only_for_sigmoid(values: Checked, label: Callable) -> None:
     if values.label_smoothing != 0 and values.loss_type != "sigmoid":
         raise ValueError(
-            f"{label('label_smoothing')} must be 0 for loss_type {values.loss_type!r} (only "
-            f"'sigmoid' reads it, as in TRL's CPOTrainer), got {values.label_smoothing}")
+            f"{label('label_smoothing')} must be 0 for {label('loss_type')} "
+            f"{values.loss_type!r} (only 'sigmoid' reads it, as in TRL's CPOTrainer), got "
+            f"{values.label_smoothing}")
 
 
 CPO_OPTIONS = OptionSet((
     _beta("the scale of the log-prob difference (IPO's tau for ipo); rewards are "
           "beta * log-probs"),
     Option("loss_type", "sigmoid", one_of(CPO_LOSS_TYPES),
-           "the preference term, TRL CPOTrainer's names (`rlhf_fast.reference.cpo_loss` "
-           "has each formula); ipo on per-token-mean log-probs"),
+           "cpo_loss's preference term, TRL CPOTrainer's loss_type names "
+           "(`rlhf_fast.reference.cpo_loss` has each formula); ipo on per-token-mean "
+           "log-probs"),
     Option("label_smoothing", 0.0, real("in [0, 0.5)", lambda v: 0 <= v < 0.5),
            _LABEL_SMOOTHING_DOC + "; sigmoid only)"),
     Option("alpha", 1.0, real(">= 0.0", lambda v: 0 <= v < math.inf),

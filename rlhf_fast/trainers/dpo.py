@@ -203,9 +203,9 @@ class DPOTrainer:
             loss = {"simpo": simpo_loss, "cpo": cpo_loss, "orpo": orpo_loss}[kind]
             out = loss(policy.chosen, policy.rejected, policy.chosen_lengths,
                        policy.rejected_lengths,
-                       **OBJECTIVES[kind].pick(vars(config) | {"loss_type": "sigmoid"}))
+                       **OBJECTIVES[kind].field_values(config))
         else:
-            options = DPO_OPTIONS.pick(vars(config))
+            options = DPO_OPTIONS.field_values(config)
             out = dpo_loss(policy.chosen, policy.rejected,
                            None if reference is None else reference[:pairs],
                            None if reference is None else reference[pairs:],
@@ -235,7 +235,7 @@ class DPOTrainer:
             kl = self.run.sum_over_ranks_tensor(kl.reshape(1)) / self.run.world
         desirable = self.labels[split if split in self.labels else "train"][batch.rows]
         out = kto_loss(policy[:examples], None if reference is None else reference[:examples],
-                       desirable.to(policy.device), kl, **KTO_OPTIONS.pick(vars(self.config)))
+                       desirable.to(policy.device), kl, **KTO_OPTIONS.field_values(self.config))
         metrics = {
             "loss": out.loss, "rewards/chosen": out.chosen_reward,
             "rewards/rejected": out.rejected_reward, "rewards/margins": out.reward_margin,

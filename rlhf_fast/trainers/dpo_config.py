@@ -34,8 +34,8 @@ REFERENCE_FREE_OBJECTIVES = ("simpo", "cpo", "orpo")
 #: The objectives that read each option field ("dpo": dpo_loss's types and their mixes);
 #: the others require its default
 READ_BY = {
-    "gamma": ("simpo",), "alpha": ("cpo",), "desirable_weight": ("kto",),
-    "undesirable_weight": ("kto",),
+    "gamma": ("simpo",), "alpha": ("cpo",), "cpo_loss_type": ("cpo",),
+    "desirable_weight": ("kto",), "undesirable_weight": ("kto",),
     "label_smoothing": ("dpo", "simpo", "cpo"),  # (dpo_loss's rule: which of its types)
     **{name: ("dpo",) for name in DPO_OPTIONS.names + DPO_TOKEN_OPTIONS.names
        if name not in ("beta", "loss_type", "label_smoothing", "reduction")},
@@ -70,8 +70,8 @@ TRL_NAMES: TrlNames = TRAINER_TRL_NAMES | {
 
 @dataclass
 @KTO_OPTIONS.fields(exclude=("beta", "reduction"), after="loss_type")
-@CPO_OPTIONS.fields(exclude=("beta", "loss_type", "label_smoothing", "reduction"),
-                    after="loss_type")
+@CPO_OPTIONS.fields(exclude=("beta", "label_smoothing", "reduction"), after="loss_type",
+                    rename={"loss_type": "cpo_loss_type"})
 @SIMPO_OPTIONS.fields(exclude=("beta", "label_smoothing", "reduction"), after="loss_type")
 @DPO_TOKEN_OPTIONS.fields(after="loss_type")
 @DPO_OPTIONS.fields(exclude=("reduction", "loss_type"), after="loss_type")
@@ -95,9 +95,9 @@ class DPOConfig(TrainerConfig):
     loss_type: str | list[str] = dataclasses.field(default=LOSS_TYPE.default, metadata={
         "doc": (f"{LOSS_TYPE.doc}, or another objective on the same batches: simpo, cpo, "
                 "orpo (reference-free: simpo_loss, cpo_loss, orpo_loss on the pairs; gamma, "
-                "alpha) or kto (kto_loss on unpaired records {prompt, completion, label}; "
-                f"desirable_weight, undesirable_weight) (one of {LOSS_TYPES}; a list: "
-                "dpo_loss's types)")})
+                "alpha, cpo_loss_type) or kto (kto_loss on unpaired records {prompt, "
+                "completion, label}; desirable_weight, undesirable_weight) (one of "
+                f"{LOSS_TYPES}; a list: dpo_loss's types)")})
     reference_free: bool = False
     """Use no reference model (log pi_ref = 0); only for DPO_REFERENCE_FREE_TYPES."""
     precompute_ref_logps: bool = False
@@ -166,10 +166,4 @@ class DPOConfig(TrainerConfig):
                                  f"{self.loss_type!r}, got {getattr(self, name)!r}")
         option_sets = [DPO_OPTIONS, DPO_TOKEN_OPTIONS] if kind == "dpo" else [OBJECTIVES[kind]]
         for options in option_sets:
-            given = {n: getattr(self, n) for n in options.names
-                     if hasattr(self, n) and n not in ("loss_type", "reduction")}
-            if options is DPO_OPTIONS:
-                given["loss_type"] = self.loss_type
-            checked = options.check_as_values(given, "DPOConfig")
-            for name in given:
-                setattr(self, name, getattr(checked, name))
+            options.check_fields(self)
