@@ -151,8 +151,9 @@ def test_each_policy_loss_takes_its_documented_path(policy_loss):
         assert backward.launches == []
 
 
+@pytest.mark.parametrize("threshold", ["2.0", "0.9_1.1"])  # truncated, masked IS
 @pytest.mark.parametrize("policy_loss", ["vanilla", "gspo", "bypass_mode"])
-def test_rollout_correction_on_the_fused_path(policy_loss):
+def test_rollout_correction_on_the_fused_path(policy_loss, threshold):
     """IS weights and rejection sampling from hidden states: the decoupled correction on
     the 3-GEMM path, bypass_mode's (which reads every log-prob first) on linear_logprobs +
     ppo_loss; against the reference composition."""
@@ -163,6 +164,7 @@ def test_rollout_correction_on_the_fused_path(policy_loss):
         first = ppo["mask"].nonzero()[0]
         rollout[first[0], first[1]] += 1.0  # one token rejected at least, whatever the draw
     options = dict(OPTIONS, policy_loss=policy_loss, rollout_is="token",
+                   rollout_is_threshold=threshold,
                    rollout_rs="token_k1", rollout_rs_threshold="0.8_1.25",
                    dual_clip=OPTIONS["dual_clip"] if policy_loss == "vanilla" else None)
     results = []
@@ -182,6 +184,7 @@ def test_rollout_correction_on_the_fused_path(policy_loss):
         results.append((out, torch.autograd.grad(out.loss, (h, w))))
     (out, grads), (ref, ref_grads) = results
     assert ref.rollout_rs_masked_fraction > 0
+    assert (ref.rollout_is_masked_fraction > 0) == ("_" in threshold)
     for name, got, exact in zip(out._fields, out, ref):
         assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
     for got, exact in zip(grads, ref_grads):

@@ -1,5 +1,6 @@
 """The option sets of the policy-gradient family: ppo_loss (with verl's rollout-correction
-spec, `rollout_rs_bounds`), gae, group_advantages and optimal_token_baseline."""
+specs, `rollout_is_bounds` and `rollout_rs_bounds`), gae, group_advantages and
+optimal_token_baseline."""
 
 from __future__ import annotations
 
@@ -70,6 +71,40 @@ def rollout_rs_bounds(rollout_rs: str, rollout_rs_threshold: str | float | None
         else:
             bounds.append((mode, None, parts[0]))
     return bounds
+
+
+ROLLOUT_IS_THRESHOLD_SPEC = ("a positive number u (truncated IS) or \"lower_upper\" with 0 <= "
+                             "lower < upper <= inf (masked IS)")
+
+
+def rollout_is_bounds(rollout_is_threshold: str | float) -> tuple[float | None, float]:
+    """The IS weights' bounds of verl's rollout_is_threshold as (lower, upper): a number u
+    truncates them at u (lower None: TIS); "lower_upper" (e.g. "0.5_2.0") zeroes those
+    outside [lower, upper] (masked IS, IcePop; TRL's token_mask / sequence_mask with
+    clip_min = lower, clip_max = upper). Raises ValueError naming rollout_is_threshold."""
+    if isinstance(rollout_is_threshold, (int, float)) and not isinstance(
+            rollout_is_threshold, bool):  # the reference's unchecked options
+        rollout_is_threshold = repr(float(rollout_is_threshold))
+    parts: list[float] = []
+    if isinstance(rollout_is_threshold, str):
+        try:
+            parts = [float(x) for x in rollout_is_threshold.split("_")]
+        except ValueError:
+            parts = []
+    if len(parts) == 1 and 0 < parts[0] < math.inf:
+        return None, parts[0]
+    if len(parts) == 2 and 0 <= parts[0] < parts[1] <= math.inf:
+        return parts[0], parts[1]
+    raise ValueError(f"rollout_is_threshold must be {ROLLOUT_IS_THRESHOLD_SPEC}, got "
+                     f"{rollout_is_threshold!r}")
+
+
+def _is_rollout_is_threshold(value: object) -> bool:
+    try:
+        rollout_is_bounds(value)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
 
 
 def _rollout_rs_has_thresholds(values: Checked, label: Callable) -> None:
@@ -159,10 +194,16 @@ PPO_OPTIONS = OptionSet((
     Option("rollout_is", None, one_of(ROLLOUT_IS_LEVELS, optional=True),
            "rollout correction (needs rollout_logp, or bypass_mode): importance weights "
            "pi_old / pi_rollout per token or per sequence on the policy term; None: none"),
-    Option("rollout_is_threshold", 2.0, real("a finite float > 0", lambda v: 0 < v < math.inf),
-           "the truncation of the IS weights (TIS)"),
+    Option("rollout_is_threshold", "2.0", Accepts(
+        str, ROLLOUT_IS_THRESHOLD_SPEC, _is_rollout_is_threshold, numbers_as_text=True),
+           "the bounds of the IS weights (`rollout_is_bounds`): a number truncates them at "
+           "it (TIS); \"lower_upper\" sets those outside [lower, upper] to 0 (masked IS, "
+           "IcePop; TRL's token_mask / sequence_mask), the tokens staying in the mask and "
+           "the aggregation's counts; with rollout_is \"sequence\" whole rows. A number comes "
+           "back as its text"),
     Option("rollout_is_batch_normalize", False, flag(),
-           "divide the truncated IS weights by their batch mean (per sequence for sequence)"),
+           "divide the IS weights (truncated or masked) by their mean over this call's valid "
+           "tokens (rows for sequence; verl averages over every rank)"),
     Option("rollout_rs", None, Accepts(
         str, f"None or a comma-separated list of {ROLLOUT_RS_MODES}",
         lambda v: bool(_rs_modes(v)) and all(m in ROLLOUT_RS_MODES for m in _rs_modes(v)),
