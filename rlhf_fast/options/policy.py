@@ -107,6 +107,77 @@ def _is_rollout_is_threshold(value: object) -> bool:
     return True
 
 
+#: TRL GRPOConfig's vllm_importance_sampling_mode values: the rollout_is level of each
+TRL_IS_MODES = {"token_truncate": "token", "token_mask": "token",
+                "sequence_truncate": "sequence", "sequence_mask": "sequence"}
+
+
+def trl_is_clip_max(value: str | float | None) -> float:
+    """TRL's vllm_importance_sampling_clip_max as a number: None (or "none") is no upper
+    bound, inf."""
+    return math.inf if value is None or str(value).lower() == "none" else float(value)
+
+
+def trl_is_clip_min(value: str | float | None) -> float:
+    """TRL's vllm_importance_sampling_clip_min as a number: None (or "none") is no lower
+    bound, 0 (every ratio is positive)."""
+    return 0.0 if value is None or str(value).lower() == "none" else float(value)
+
+
+def rollout_is_from_trl(vllm_importance_sampling_correction: bool = True,
+                        vllm_importance_sampling_mode: str = "sequence_mask",
+                        vllm_importance_sampling_clip_max: str | float | None = 3.0,
+                        vllm_importance_sampling_clip_min: str | float | None = None,
+                        ) -> dict[str, object]:
+    """rollout_is and rollout_is_threshold from TRL GRPOConfig's importance sampling of
+    vLLM's log-probs (TRL's defaults for the names not given, so any of them turns it
+    on, as TRL's vllm_importance_sampling_correction=True does): a *_mask mode is the
+    masked IS "clip_min_clip_max" (0 and inf for a bound that is None), a *_truncate
+    mode the truncation at clip_max; correction False is rollout_is None. TRL's
+    truncation from below (clip_min with a *_truncate mode) has no equivalent here.
+    Raises ValueError naming TRL's name."""
+    correction = vllm_importance_sampling_correction
+    if not isinstance(correction, bool):
+        raise ValueError(f"vllm_importance_sampling_correction must be True or False, got "
+                         f"{correction!r}")
+    mode = vllm_importance_sampling_mode
+    if mode not in TRL_IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode must be one of {tuple(TRL_IS_MODES)}, "
+                         f"got {mode!r}")
+    if not correction:
+        return dict(rollout_is=None)
+    try:
+        upper = trl_is_clip_max(vllm_importance_sampling_clip_max)
+    except (TypeError, ValueError):
+        upper = math.nan
+    try:
+        lower = trl_is_clip_min(vllm_importance_sampling_clip_min)
+    except (TypeError, ValueError):
+        lower = math.nan
+    if not upper > 0:
+        raise ValueError(f"vllm_importance_sampling_clip_max must be a float > 0 or None, got "
+                         f"{vllm_importance_sampling_clip_max!r}")
+    if not 0 <= lower < math.inf:
+        raise ValueError(f"vllm_importance_sampling_clip_min must be a finite float >= 0 or "
+                         f"None, got {vllm_importance_sampling_clip_min!r}")
+    if not lower < upper:
+        raise ValueError(f"vllm_importance_sampling_clip_min ({lower}) must be less than "
+                         f"vllm_importance_sampling_clip_max ({upper})")
+    level = TRL_IS_MODES[mode]
+    if mode.endswith("_mask"):
+        return dict(rollout_is=level, rollout_is_threshold=f"{lower!r}_{upper!r}")
+    if lower > 0:
+        raise ValueError(
+            f"vllm_importance_sampling_clip_min has no equivalent with "
+            f"vllm_importance_sampling_mode {mode!r}: rollout_is_threshold truncates the "
+            f"weights from above only (a *_mask mode takes a lower bound); got {lower}")
+    if upper == math.inf:
+        raise ValueError(f"vllm_importance_sampling_clip_max must be a float with "
+                         f"vllm_importance_sampling_mode {mode!r} (the truncation's bound), "
+                         f"got {vllm_importance_sampling_clip_max!r}")
+    return dict(rollout_is=level, rollout_is_threshold=repr(upper))
+
+
 def _rollout_rs_has_thresholds(values: Checked, label: Callable) -> None:
     if values.rollout_rs is not None:
         try:
