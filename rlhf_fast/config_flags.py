@@ -78,10 +78,11 @@ class BoolFlag(argparse.Action):
     field also takes ``--x none``."""
 
     def __init__(self, option_strings: list[str], dest: str, optional: bool = False,
-                 **kwargs: Any):
+                 name: str | None = None, **kwargs: Any):
         from transformers.hf_argparser import string_to_bool
 
-        self.negations = [f"--no-{dest.replace('_', '-')}", f"--no_{dest}"]
+        name = name or dest  # the flag's name, where its dest is another
+        self.negations = [f"--no-{name.replace('_', '-')}", f"--no_{name}"]
         convert = _none_or(string_to_bool) if optional else string_to_bool
         # const: what a bare --x passes (None is what "--x none" passes)
         super().__init__(option_strings + self.negations, dest, nargs="?", type=convert,
@@ -155,16 +156,25 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
 
 def add_trl_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
     """TRL's names whose values mean settings of ours (PPO's --loss-type dr_grpo) as
-    flags of their own (`from_trl_names` translates them); one given beside a flag of a
-    field it sets wins."""
+    flags of their own (`from_trl_names` translates them): a choice of the values in
+    its table, a bool, or a value of the type its table names; one given beside a flag
+    of a field it sets wins."""
     names = {name: meaning for name, (_, meaning) in
              getattr(config_class, "trl_names", {}).items() if meaning is not None}
     if not names:
         return
     group = parser.add_argument_group("TRL's names (aliases)")
     for name, meaning in names.items():
-        group.add_argument(*spellings(name), dest=TRL_PREFIX + name, default=None,
-                           choices=tuple(meaning), help=f"TRL's {name}")
+        flags, dest = spellings(name), TRL_PREFIX + name
+        if isinstance(meaning, dict):  # its values
+            group.add_argument(*flags, dest=dest, default=None, choices=tuple(meaning),
+                               help=f"TRL's {name}")
+        elif meaning is bool:
+            group.add_argument(*flags, dest=dest, action=BoolFlag, name=name, default=None,
+                               help=f"TRL's {name}")
+        else:  # a value its converter reads, which from_trl_names translates
+            group.add_argument(*flags, dest=dest, default=None, type=meaning,
+                               metavar="VALUE", help=f"TRL's {name}")
 
 
 #: "DPOConfig.lr must be ..." -> the field lr

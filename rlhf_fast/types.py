@@ -46,9 +46,10 @@ class PPOLossOutput(NamedTuple):
 
     The rollout statistics (0 without a rollout correction; verl's names), over the
     tokens of `mask`: rollout_is_mean / rollout_is_max of the IS weights before their
-    truncation, rollout_rs_masked_fraction the share the rejection sampling drops,
-    rollout_kl and rollout_k3_kl the k1 and k3 estimates of KL(pi_rollout || pi_old)
-    (bypass_mode: of pi_theta).
+    truncation or masking, rollout_rs_masked_fraction the share the rejection sampling
+    drops, rollout_kl and rollout_k3_kl the k1 and k3 estimates of KL(pi_rollout ||
+    pi_old) (bypass_mode: of pi_theta), rollout_is_masked_fraction the share whose IS
+    weight a "lower_upper" rollout_is_threshold set to 0 (masked IS).
 
     A NaN at a valid token makes every term and statistic that reads it NaN (ratio_max
     included, as torch.max), except the fractions: they count the tokens whose bound
@@ -73,6 +74,7 @@ class PPOLossOutput(NamedTuple):
     rollout_rs_masked_fraction: torch.Tensor
     rollout_kl: torch.Tensor
     rollout_k3_kl: torch.Tensor
+    rollout_is_masked_fraction: torch.Tensor
 
 
 # --------------------------------------------------------------------------- dpo_loss

@@ -82,6 +82,21 @@ def test_trls_names_as_flags_and_constructor_keywords():
         DPOConfig(lr=1e-6, learning_rate=1e-5)
     ppo = _config(PPO + ["--num_iterations", "2", "--loss_type", "dapo"])
     assert (ppo.ppo_epochs, ppo.agg) == (2, "token-mean")
+    assert PPOConfig(sapo_temperature_pos=0.5, sapo_temperature_neg=2.0,
+                     vllm_importance_sampling_mode="sequence_mask",
+                     vllm_importance_sampling_clip_min=0.25) == PPOConfig(
+        tau_pos=0.5, tau_neg=2.0, rollout_is="sequence", rollout_is_threshold="0.25_3.0")
+    assert PPOConfig(vllm_importance_sampling_mode="token_truncate",
+                     vllm_importance_sampling_clip_max=1.5) == PPOConfig(
+        rollout_is="token", rollout_is_threshold=1.5)
+    assert PPOConfig(vllm_importance_sampling_correction=False,
+                     vllm_importance_sampling_mode="token_mask").rollout_is is None
+    with pytest.raises(ValueError, match=r"\['rollout_is'\] given both by name and by TRL's"):
+        PPOConfig(rollout_is="token", vllm_importance_sampling_mode="token_mask")
+    ppo = _config(PPO + ["--sapo_temperature_neg", "1.5", "--vllm_importance_sampling_mode",
+                         "token_mask", "--vllm_importance_sampling_clip_max", "2"])
+    assert (ppo.tau_neg, ppo.rollout_is, ppo.rollout_is_threshold) == (
+        1.5, "token", "0.0_2.0")
 
 
 def test_cpo_loss_type_is_a_flag_of_its_own():

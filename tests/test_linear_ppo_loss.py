@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import rlhf_fast
 from helpers import rel_err
 from rlhf_fast import reference, types
+from rlhf_fast.benchmarks import traffic
 from rlhf_fast.kernels import linear_logprobs as linear_kernel
 
 F64 = torch.float64
@@ -119,8 +120,40 @@ def test_policy_losses_on_the_fused_path(policy_loss):
     assert_matches_the_reference_composition(case, upstream, options)
 
 
+#: The losses that read every log-prob of a row or of the batch before a token's gradient
+#: (linear_ppo_loss's docstring): linear_logprobs + ppo_loss, 4 GEMMs. The others: 3.
+READ_LOGPROBS_FIRST = types.SEQUENCE_POLICY_LOSSES + ("bypass_mode", "clip_cov", "kl_cov")
+
+
+@pytest.mark.parametrize("policy_loss", types.POLICY_LOSSES)
+def test_each_policy_loss_takes_its_documented_path(policy_loss):
+    """The fused path (3 GEMMs: the token gradients in the forward, per chunk, and a
+    backward without a launch) for every token loss, dro included; linear_logprobs +
+    ppo_loss (the backward recomputes the logits) for the others, with the row-mean pass
+    for the sequence losses alone."""
+    hidden, weight, bias, labels, ppo = make_case()
+    h, w = leaves(hidden, weight)
+    with traffic.counting() as forward:
+        out = rlhf_fast.linear_ppo_loss(
+            h, w, labels, ppo["old_logp"], ppo["advantages"], ppo["mask"], bias=bias,
+            ref_logp=ppo["ref_logp"], **dict(OPTIONS, policy_loss=policy_loss,
+                                             dual_clip=3.0 if policy_loss == "vanilla" else None))
+    with traffic.counting() as backward:
+        out.loss.backward()
+    reduce = ["_ppo_fwd_kernel", "_ppo_reduce_kernel"]
+    if policy_loss in READ_LOGPROBS_FIRST:
+        first = ["_ppo_sequence_kernel"] if policy_loss in types.SEQUENCE_POLICY_LOSSES else []
+        assert forward.launches == ["_logprobs_fwd_kernel", *first, *reduce]
+        assert backward.launches == ["_ppo_bwd_kernel", "_logprobs_bwd_kernel"]
+    else:  # one token chunk here
+        assert forward.launches == ["_logprobs_fwd_kernel", "_ppo_token_grad_kernel",
+                                    "_logprobs_bwd_kernel", *reduce]
+        assert backward.launches == []
+
+
+@pytest.mark.parametrize("threshold", ["2.0", "0.9_1.1"])  # truncated, masked IS
 @pytest.mark.parametrize("policy_loss", ["vanilla", "gspo", "bypass_mode"])
-def test_rollout_correction_on_the_fused_path(policy_loss):
+def test_rollout_correction_on_the_fused_path(policy_loss, threshold):
     """IS weights and rejection sampling from hidden states: the decoupled correction on
     the 3-GEMM path, bypass_mode's (which reads every log-prob first) on linear_logprobs +
     ppo_loss; against the reference composition."""
@@ -131,6 +164,7 @@ def test_rollout_correction_on_the_fused_path(policy_loss):
         first = ppo["mask"].nonzero()[0]
         rollout[first[0], first[1]] += 1.0  # one token rejected at least, whatever the draw
     options = dict(OPTIONS, policy_loss=policy_loss, rollout_is="token",
+                   rollout_is_threshold=threshold,
                    rollout_rs="token_k1", rollout_rs_threshold="0.8_1.25",
                    dual_clip=OPTIONS["dual_clip"] if policy_loss == "vanilla" else None)
     results = []
@@ -150,6 +184,7 @@ def test_rollout_correction_on_the_fused_path(policy_loss):
         results.append((out, torch.autograd.grad(out.loss, (h, w))))
     (out, grads), (ref, ref_grads) = results
     assert ref.rollout_rs_masked_fraction > 0
+    assert (ref.rollout_is_masked_fraction > 0) == ("_" in threshold)
     for name, got, exact in zip(out._fields, out, ref):
         assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12), name
     for got, exact in zip(grads, ref_grads):

@@ -11,6 +11,7 @@ from test_ppo_loss import FULL, compare, random_batch
 import rlhf_fast
 from helpers import rel_err
 from rlhf_fast import reference
+from rlhf_fast.benchmarks import traffic
 from rlhf_fast.types import AGG_MODES, POLICY_LOSSES, SEQUENCE_POLICY_LOSSES
 
 F64 = torch.float64
@@ -373,6 +374,25 @@ def test_sequence_losses_on_rows_of_several_tiles(policy_loss):
     sums over tiles."""
     compare(policy_batch(B=3, T=2100), options_of(policy_loss, agg="seq-mean-token-mean"),
             tol=1e-10)
+
+
+@pytest.mark.parametrize("policy_loss", POLICY_LOSSES)
+def test_launches_are_the_documented_ones(policy_loss):
+    """ppo_loss's docstring: forward 2 launches (tiles, their reduction), backward 1; the
+    sequence losses (and only they: not kl_cov nor dro) add a first pass for their row
+    means. The torch ops before the kernels (rollout weights, kl_cov's coefficients) are
+    not Triton launches."""
+    batch = policy_batch(B=3, T=9, nan=False)
+    logp = batch["logp"].clone().requires_grad_()
+    with traffic.counting() as forward:
+        out = rlhf_fast.ppo_loss(logp, batch["old_logp"], batch["advantages"],
+                                 batch["mask"], **SETTINGS[policy_loss],
+                                 policy_loss=policy_loss)
+    with traffic.counting() as backward:
+        out.loss.backward()
+    first = ["_ppo_sequence_kernel"] if policy_loss in SEQUENCE_POLICY_LOSSES else []
+    assert forward.launches == first + ["_ppo_fwd_kernel", "_ppo_reduce_kernel"]
+    assert backward.launches == ["_ppo_bwd_kernel"]
 
 
 @pytest.mark.parametrize("policy_loss", TRUE_GRADIENT)

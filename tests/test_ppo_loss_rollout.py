@@ -1,6 +1,7 @@
 """ppo_loss's constant weights of the policy term: verl's rollout correction (rollout_is /
-rollout_rs, bypass_mode) and TRL's entropy and off-policy masks, with TRL's KL correction:
-by hand, against the peers' code rewritten, and the kernels against the reference."""
+rollout_rs, bypass_mode; truncated and masked IS) and TRL's entropy and off-policy masks,
+with TRL's KL correction: by hand, against the peers' code rewritten, and the kernels
+against the reference."""
 
 import math
 
@@ -12,7 +13,7 @@ import rlhf_fast
 from helpers import rel_err
 from rlhf_fast import reference
 from rlhf_fast.options import PPO_OPTIONS
-from rlhf_fast.types import POLICY_LOSSES, ROLLOUT_RS_MODES
+from rlhf_fast.types import AGG_MODES, POLICY_LOSSES, ROLLOUT_RS_MODES
 
 F64 = torch.float64
 CORRECTIONS = [
@@ -68,6 +69,48 @@ def test_hand_case_weights_and_rejection():
         assert stats["rollout_rs_masked_fraction"].item() == expected.count(False) / 2
     _, kept, _ = correct(rollout_rs="seq_max_k2", rollout_rs_threshold="0.5")  # the row
     assert kept.tolist() == [[False, False]]
+
+
+def test_hand_case_masked_importance_sampling():
+    """A "lower_upper" threshold zeroes the weights outside [lower, upper] (IcePop): the
+    tokens stay in the mask and in the aggregation's counts."""
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    policy = torch.tensor([[math.log(0.3), math.log(0.1)]], dtype=F64)
+    rollout = torch.tensor([[math.log(0.1), math.log(0.2)]], dtype=F64)  # ratios 3, 0.5
+
+    def correct(**opts):
+        return reference.rollout_correction(policy, rollout, mask, PPO_OPTIONS.fill(opts))
+
+    w, kept, stats = correct(rollout_is="token", rollout_is_threshold="0.4_2.5")
+    assert w[0].tolist() == pytest.approx([0.0, 0.5]) and kept.all()
+    assert stats["rollout_is_masked_fraction"].item() == 0.5
+    assert stats["rollout_is_mean"].item() == pytest.approx(1.75)  # before masking
+    assert stats["rollout_is_max"].item() == pytest.approx(3.0)
+    # the bounds themselves are inside, as TRL's strict comparisons have them
+    w, _, stats = correct(rollout_is="token", rollout_is_threshold="0.5_3.0")
+    assert w[0].tolist() == pytest.approx([3.0, 0.5])
+    assert stats["rollout_is_masked_fraction"].item() == 0.0
+    w, _, _ = correct(rollout_is="token", rollout_is_threshold="0.4_2.5",
+                      rollout_is_batch_normalize=True)  # (0, 0.5) / their mean 0.25
+    assert w[0].tolist() == pytest.approx([0.0, 2.0])
+    # one sequence weight exp(ln 1.5) = 1.5: kept in [1, 2], the whole row zeroed in [2, 4]
+    w, _, stats = correct(rollout_is="sequence", rollout_is_threshold="1_2")
+    assert w[0].tolist() == pytest.approx([1.5, 1.5])
+    w, _, stats = correct(rollout_is="sequence", rollout_is_threshold="2_4")
+    assert w[0].tolist() == [0.0, 0.0] and stats["rollout_is_masked_fraction"].item() == 1.0
+    # truncation masks nothing
+    _, _, stats = correct(rollout_is="token", rollout_is_threshold=2.0)
+    assert stats["rollout_is_masked_fraction"].item() == 0.0
+    # gpg's token-mean: -(A_0 * 0 * logp_0 + A_1 * 0.5 * logp_1) / 2, the zeroed token
+    # still counted
+    logp = torch.tensor([[-1.0, -2.0]], dtype=F64, requires_grad=True)
+    adv = torch.tensor([[1.5, -0.5]], dtype=F64)
+    out = reference.ppo_loss(logp, policy, adv, mask, rollout_logp=rollout, policy_loss="gpg",
+                             rollout_is="token", rollout_is_threshold="0.4_2.5")
+    assert out.policy_loss.item() == pytest.approx(-(-0.5 * 0.5 * -2.0) / 2)
+    assert out.rollout_is_masked_fraction.item() == 0.5
+    (grad,) = torch.autograd.grad(out.policy_loss, logp)
+    assert grad[0].tolist() == pytest.approx([0.0, 0.5 * 0.5 / 2])
 
 
 def test_bypass_mode_is_reinforce_with_truncated_weights():
@@ -160,6 +203,65 @@ def test_rollout_correction_agrees_with_verl(correction):
         assert rel_err(torch.where(mask, ours, 0.0), torch.where(mask, theirs, 0.0)) < 1e-8
 
 
+def trl_importance_sampling_ratio(old, sampling, mask, mode, clip_min=None, clip_max=3.0):
+    """GRPOTrainer._generate_and_score_completions' vllm_importance_sampling_ratio (its
+    four vllm_importance_sampling_mode), from its code: [B, T] or [B, 1]."""
+    diff = (old - sampling) * mask
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = clip_min if clip_min is not None else -math.inf
+    high = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < low) | (ratio > high), value=0.0)
+
+
+def trl_grpo_is_loss(logp, old, adv, mask, is_ratio, epsilon=0.2):
+    """TRL's grpo loss (token level) with per_token_loss *= importance_sampling_ratio."""
+    m = mask.to(logp.dtype)
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv) * is_ratio
+    return ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+
+
+@pytest.mark.parametrize("mode, clip_min, clip_max", [
+    ("token_mask", 0.8, 1.25), ("token_mask", None, 1.25), ("token_mask", 0.8, None),
+    ("sequence_mask", 0.5, 2.0), ("token_truncate", None, 1.25),
+    ("sequence_truncate", None, 2.0)])
+def test_masked_and_truncated_is_agree_with_trl(mode, clip_min, clip_max):
+    """Ours: rollout_is the level, rollout_is_threshold clip_max (truncate) or
+    "clip_min_clip_max" (mask; 0 and inf for a missing bound), as PPOConfig maps TRL's
+    names; the weights at the valid tokens and TRL's grpo loss with them."""
+    batch = rollout_batch()
+    batch["mask"][1, 0] = True  # TRL's grpo averages every row, empty ones as 0
+    batch = {k: v.nan_to_num(-1.0) if v.is_floating_point() else v for k, v in batch.items()}
+    mask, old, rollout = batch["mask"], batch["old_logp"], batch["rollout_logp"]
+    threshold = clip_max if mode.endswith("truncate") else \
+        f"{clip_min or 0.0}_{math.inf if clip_max is None else clip_max}"
+    options = dict(rollout_is=mode.split("_")[0], rollout_is_threshold=threshold)
+    ours, kept, stats = reference.rollout_correction(old, rollout, mask,
+                                                     PPO_OPTIONS.check(options))
+    theirs = trl_importance_sampling_ratio(old, rollout, mask, mode, clip_min, clip_max)
+    assert kept.equal(mask)
+    assert rel_err(ours[mask], theirs.expand_as(old)[mask]) < 1e-14
+    zeroed = (theirs.expand_as(old) == 0) & mask
+    assert stats["rollout_is_masked_fraction"].item() == pytest.approx(
+        zeroed.sum().item() / mask.sum().item())
+    if mode.endswith("mask"):
+        assert 0 < zeroed.sum() < mask.sum()  # the case masks some tokens, not all
+    logp = batch["logp"].clone().requires_grad_()
+    out = reference.ppo_loss(logp, old, batch["advantages"], mask, rollout_logp=rollout,
+                             agg="seq-mean-token-mean", **options)
+    logp_trl = batch["logp"].clone().requires_grad_()
+    expected = trl_grpo_is_loss(logp_trl, old, batch["advantages"], mask, theirs)
+    assert out.policy_loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    (g_ours,) = torch.autograd.grad(out.policy_loss, logp)
+    (g_theirs,) = torch.autograd.grad(expected, logp_trl)
+    assert rel_err(g_ours, g_theirs) < 1e-12
+
+
 # ----------------------------------------------------------------- kernels vs reference
 
 
@@ -174,6 +276,40 @@ def test_matches_reference(policy_loss, correction):
 def test_bypass_mode_matches_reference(correction):
     batch = random_batch()
     compare(batch, dict(FULL, policy_loss="bypass_mode", **CORRECTIONS[correction]),
+            tol=1e-10)
+
+
+MASKED_IS = [
+    dict(rollout_is="token", rollout_is_threshold="0.8_1.25"),
+    dict(rollout_is="sequence", rollout_is_threshold="0.5_2.0"),
+    dict(rollout_is="token", rollout_is_threshold="0.8_1.25", rollout_is_batch_normalize=True,
+         rollout_rs="seq_mean_k3", rollout_rs_threshold="0.0625"),
+    dict(rollout_is="sequence", rollout_is_threshold="0.25_inf",
+         rollout_is_batch_normalize=True),
+]
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("policy_loss", ["vanilla", "gspo"])
+def test_masked_is_matches_reference_on_every_aggregation(policy_loss, agg):
+    batch = rollout_batch()
+    options = dict(FULL, policy_loss=policy_loss, agg=agg, **MASKED_IS[0])
+    masked = reference.ppo_loss(*[batch[k] for k in ("logp", "old_logp", "advantages", "mask")],
+                                rollout_logp=batch["rollout_logp"], **MASKED_IS[0])
+    assert 0 < masked.rollout_is_masked_fraction.item() < 1
+    compare(batch, options, tol=1e-10)
+
+
+@pytest.mark.parametrize("correction", range(len(MASKED_IS)))
+@pytest.mark.parametrize("policy_loss", ["cispo", "geo_mean", "dro"])
+def test_masked_is_matches_reference(policy_loss, correction):
+    compare(rollout_batch(), dict(FULL, policy_loss=policy_loss, **MASKED_IS[correction]),
+            tol=1e-10)
+
+
+@pytest.mark.parametrize("correction", [0, 1])
+def test_masked_is_in_bypass_mode_matches_reference(correction):
+    compare(random_batch(), dict(FULL, policy_loss="bypass_mode", **MASKED_IS[correction]),
             tol=1e-10)
 
 
@@ -210,6 +346,16 @@ def test_arguments_are_checked():
         rlhf_fast.PPOLoss(rollout_rs="token_k4")
     with pytest.raises(ValueError, match=r"rollout_logp must have logp's shape"):
         rlhf_fast.ppo_loss(*args, rollout_logp=batch["rollout_logp"][:, 1:])
+    for bad in ("2_1", "0", "-1_2", "0.5_2_3", "a_b", "inf", True):
+        with pytest.raises(ValueError, match=r"rollout_is_threshold must be a positive "
+                                             r"number u \(truncated IS\) or \"lower_upper\""):
+            rlhf_fast.ppo_loss(*args, rollout_logp=batch["rollout_logp"], rollout_is="token",
+                               rollout_is_threshold=bad)
+    with pytest.raises(ValueError, match=r"rollout_is_threshold must be .* got '1_1'"):
+        rlhf_fast.PPOLoss(rollout_is_threshold="1_1")
+    # a number comes back as its text, a spec as given
+    assert PPO_OPTIONS.check(dict(rollout_is_threshold=3)).rollout_is_threshold == "3.0"
+    assert PPO_OPTIONS.check(dict(rollout_is_threshold="0_inf")).rollout_is_threshold == "0_inf"
 
 
 # ----------------------------------------------------------------- TRL's masks and KL

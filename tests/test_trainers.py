@@ -1796,6 +1796,46 @@ def test_ppo_config_takes_trls_names_on_the_command_line():
         PPOConfig.from_trl_names(loss_type="ppo")
     with pytest.raises(ValueError, match=r"unknown TRL names \['temperature_x'\]"):
         PPOConfig.from_trl_names(temperature_x=1.0)
+    # SAPO's temperatures (TRL's defaults and meaning are ours: tau for A > 0 and A <= 0)
+    # and the importance sampling of vLLM's log-probs: *_mask is masked IS, *_truncate
+    # truncation at clip_max; none: no bound
+    args = parser.parse_args([
+        "train", "ppo", "--model", "m", "--data", "d", "--sapo-temperature-pos", "0.5",
+        "--sapo_temperature_neg", "2", "--vllm-importance-sampling-mode", "token_mask",
+        "--vllm_importance_sampling_clip_min", "0.5", "--vllm-importance-sampling-clip-max",
+        "none"])
+    config = config_from_args(PPOConfig, args, parser)
+    assert (config.tau_pos, config.tau_neg) == (0.5, 2.0)
+    assert (config.rollout_is, config.rollout_is_threshold) == ("token", "0.5_inf")
+    for flags, expected in (
+            (["--vllm-importance-sampling-correction"], ("sequence", "0.0_3.0")),  # TRL's
+            (["--vllm-importance-sampling-mode", "sequence_truncate",
+              "--vllm-importance-sampling-clip-max", "2.5"], ("sequence", "2.5")),
+            (["--no-vllm-importance-sampling-correction"], (None, "2.0")),
+            (["--vllm_importance_sampling_correction", "false"], (None, "2.0"))):
+        args = parser.parse_args(["train", "ppo", "--model", "m", "--data", "d", *flags])
+        config = config_from_args(PPOConfig, args, parser)
+        assert (config.rollout_is, config.rollout_is_threshold) == expected, flags
+    assert PPOConfig.from_trl_names(vllm_importance_sampling_mode="token_truncate",
+                                    vllm_importance_sampling_clip_min=0.0) == dict(
+        rollout_is="token", rollout_is_threshold="3.0")  # a lower clamp at 0: none
+    with pytest.raises(ValueError, match=r"vllm_importance_sampling_clip_min has no "
+                                         r"equivalent with vllm_importance_sampling_mode "
+                                         r"'token_truncate'"):
+        PPOConfig.from_trl_names(vllm_importance_sampling_mode="token_truncate",
+                                 vllm_importance_sampling_clip_min=0.5)
+    with pytest.raises(ValueError, match=r"vllm_importance_sampling_clip_max must be a float "
+                                         r"with vllm_importance_sampling_mode"):
+        PPOConfig.from_trl_names(vllm_importance_sampling_mode="sequence_truncate",
+                                 vllm_importance_sampling_clip_max=None)
+    with pytest.raises(ValueError, match=r"vllm_importance_sampling_clip_min \(3.0\) must be "
+                                         r"less than vllm_importance_sampling_clip_max"):
+        PPOConfig.from_trl_names(vllm_importance_sampling_clip_min=3.0)
+    with pytest.raises(ValueError, match=r"vllm_importance_sampling_clip_max must be a float "
+                                         r"> 0 or None, got -1"):
+        PPOConfig.from_trl_names(vllm_importance_sampling_clip_max=-1)
+    with pytest.raises(ValueError, match=r"vllm_importance_sampling_mode must be one of"):
+        PPOConfig.from_trl_names(vllm_importance_sampling_mode="token")
 
 
 def test_several_reward_functions_and_their_weights_on_the_command_line():

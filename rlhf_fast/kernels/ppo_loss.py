@@ -115,7 +115,7 @@ def _ppo_sequence_kernel(
 @triton.jit
 def _row_log_ratio(row_stats_ptr, row, n_tiles, POLICY: tl.constexpr):
     # m of a sequence loss (0 for the others, which do not read it) and the row's tokens.
-    if POLICY >= 7:
+    if POLICY >= 7 and POLICY <= 9:  # gspo, gspo_token, geo_mean (`SEQUENCE_CODES`)
         n = _row_sums(row_stats_ptr, row, n_tiles, 12)
         m = _row_sums(row_stats_ptr, row, n_tiles, 13) / tl.maximum(n, 1.0)
     else:

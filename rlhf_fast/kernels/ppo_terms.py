@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from rlhf_fast.kernels.common import fp64_arg, split_fp64
+from rlhf_fast.types import SEQUENCE_POLICY_LOSSES
 
 AGG_CODES = {
     "token-mean": 0,
@@ -46,11 +47,13 @@ AGG_CODES = {
     "seq-mean-token-sum-norm": 3,
     "token-sum": 4,
 }
-# The kernels' POLICY: these numbers, compared as literals there. >= 7: sequence losses;
-# 7 and 9 take their gradient through the row mean.
+# The kernels' POLICY: these numbers, compared as literals there. 7 to 9: the sequence
+# losses (`SEQUENCE_CODES`), which read their row's mean log-ratio; 7 and 9 take their
+# gradient through it. kl_cov (10) and dro (11) are token losses.
 POLICY_CODES = {"vanilla": 0, "cispo": 2, "sapo": 3, "gpg": 4, "dppo_tv": 5, "dppo_kl": 6,
                 "gspo": 7, "gspo_token": 8, "geo_mean": 9, "bypass_mode": 4,
                 "clip_cov": 0, "kl_cov": 10, "dro": 11}
+SEQUENCE_CODES = frozenset(POLICY_CODES[name] for name in SEQUENCE_POLICY_LOSSES)
 DUAL_CLIP_CODE = 1  # vanilla with dual_clip
 KL_STRAIGHT_THROUGH = 8  # added to an estimator's code: the gradient of k2
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "abs": 4, "low_var_kl": 5}
@@ -118,7 +121,8 @@ class PPOKernelConfig:
 
     @property
     def is_sequence_loss(self) -> bool:
-        return self.policy_code >= POLICY_CODES["gspo"]
+        """gspo, gspo_token or geo_mean: the losses whose row mean takes a first pass."""
+        return self.policy_code in SEQUENCE_CODES
 
     def fp64_args(self, *names: str) -> list[float]:
         """The named settings as kernel arguments: each its `split_fp64` (hi, lo) pair."""

@@ -2,9 +2,12 @@
 
 A token-wise PPO loss lets the forward compute each token chunk's gradient while its
 logits are in memory (design and costs: `rlhf_fast.kernels.linear_ppo_loss`), and the
-backward only scales it: 3 GEMMs, none recomputed. A sequence loss (gspo, gspo_token,
-geo_mean) knows a token's gradient only once its whole row is computed: it takes
-`linear_logprobs` + `ppo_loss` (4 GEMMs: the backward recomputes the logits).
+backward only scales it: 3 GEMMs, none recomputed; every token loss (vanilla, cispo, sapo,
+gpg, dppo_tv, dppo_kl, dro) takes it. A sequence loss (gspo, gspo_token, geo_mean) knows a
+token's gradient only once its whole row is computed, and bypass_mode, clip_cov, kl_cov
+and TRL's entropy and off-policy masks read every log-prob of the batch (or the entropy)
+first: those take `linear_logprobs` + `ppo_loss` (4 GEMMs: the backward recomputes the
+logits).
 """
 
 from __future__ import annotations

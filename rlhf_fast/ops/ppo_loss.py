@@ -263,10 +263,11 @@ def policy_weights(
     logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(the mask the kernels read, the constant weights of the policy term or None, the
-    [5] rollout statistics of `PPOLossOutput`) in the kernels' compute `dtype`:
-    `reference.policy_weights` (the rollout correction, TRL's entropy and off-policy
-    masks) on the [B, T] constants, when any is asked for. `logp` (detached inside) is
-    read by bypass_mode and the off-policy mask only, `entropy` by top_entropy_quantile."""
+    rollout statistics of `PPOLossOutput`, `reference.ROLLOUT_STATISTICS`) in the
+    kernels' compute `dtype`: `reference.policy_weights` (the rollout correction, TRL's
+    entropy and off-policy masks) on the [B, T] constants, when any is asked for. `logp`
+    (detached inside) is read by bypass_mode and the off-policy mask only, `entropy` by
+    top_entropy_quantile."""
     if not needs_policy_weights(opt, rollout_logp):
         return mask, None, torch.zeros(len(reference.ROLLOUT_STATISTICS), dtype=dtype,
                                        device=mask.device)

@@ -37,6 +37,7 @@ from rlhf_fast.options.policy import (
     GROUP_ADVANTAGE_OPTIONS,
     OPTIMAL_TOKEN_BASELINE_OPTIONS,
     PPO_OPTIONS,
+    rollout_is_bounds,
     rollout_rs_bounds,
 )
 from rlhf_fast.options.preference import (
@@ -64,5 +65,5 @@ __all__ = [
     "OPTIMAL_TOKEN_BASELINE_OPTIONS", "ORPO_OPTIONS", "PAIR_LOGPS_OPTIONS", "PPO_OPTIONS",
     "SIMPO_OPTIONS", "TOKEN_OPTIONS", "TOPK_DIVERGENCE_OPTIONS", "Accepts", "Checked",
     "OneOrMore", "Option", "OptionSet", "Reals", "dpo_loss_types", "dpo_terms", "flag",
-    "one_of", "positive_int", "real", "rollout_rs_bounds",
+    "one_of", "positive_int", "real", "rollout_is_bounds", "rollout_rs_bounds",
 ]

@@ -1,5 +1,6 @@
 """The option sets of the policy-gradient family: ppo_loss (with verl's rollout-correction
-spec, `rollout_rs_bounds`), gae, group_advantages and optimal_token_baseline."""
+specs, `rollout_is_bounds` and `rollout_rs_bounds`), gae, group_advantages and
+optimal_token_baseline."""
 
 from __future__ import annotations
 
@@ -70,6 +71,111 @@ def rollout_rs_bounds(rollout_rs: str, rollout_rs_threshold: str | float | None
         else:
             bounds.append((mode, None, parts[0]))
     return bounds
+
+
+ROLLOUT_IS_THRESHOLD_SPEC = ("a positive number u (truncated IS) or \"lower_upper\" with 0 <= "
+                             "lower < upper <= inf (masked IS)")
+
+
+def rollout_is_bounds(rollout_is_threshold: str | float) -> tuple[float | None, float]:
+    """The IS weights' bounds of verl's rollout_is_threshold as (lower, upper): a number u
+    truncates them at u (lower None: TIS); "lower_upper" (e.g. "0.5_2.0") zeroes those
+    outside [lower, upper] (masked IS, IcePop; TRL's token_mask / sequence_mask with
+    clip_min = lower, clip_max = upper). Raises ValueError naming rollout_is_threshold."""
+    if isinstance(rollout_is_threshold, (int, float)) and not isinstance(
+            rollout_is_threshold, bool):  # the reference's unchecked options
+        rollout_is_threshold = repr(float(rollout_is_threshold))
+    parts: list[float] = []
+    if isinstance(rollout_is_threshold, str):
+        try:
+            parts = [float(x) for x in rollout_is_threshold.split("_")]
+        except ValueError:
+            parts = []
+    if len(parts) == 1 and 0 < parts[0] < math.inf:
+        return None, parts[0]
+    if len(parts) == 2 and 0 <= parts[0] < parts[1] <= math.inf:
+        return parts[0], parts[1]
+    raise ValueError(f"rollout_is_threshold must be {ROLLOUT_IS_THRESHOLD_SPEC}, got "
+                     f"{rollout_is_threshold!r}")
+
+
+def _is_rollout_is_threshold(value: object) -> bool:
+    try:
+        rollout_is_bounds(value)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
+
+
+#: TRL GRPOConfig's vllm_importance_sampling_mode values: the rollout_is level of each
+TRL_IS_MODES = {"token_truncate": "token", "token_mask": "token",
+                "sequence_truncate": "sequence", "sequence_mask": "sequence"}
+
+
+def trl_is_clip_max(value: str | float | None) -> float:
+    """TRL's vllm_importance_sampling_clip_max as a number: None (or "none") is no upper
+    bound, inf."""
+    return math.inf if value is None or str(value).lower() == "none" else float(value)
+
+
+def trl_is_clip_min(value: str | float | None) -> float:
+    """TRL's vllm_importance_sampling_clip_min as a number: None (or "none") is no lower
+    bound, 0 (every ratio is positive)."""
+    return 0.0 if value is None or str(value).lower() == "none" else float(value)
+
+
+def rollout_is_from_trl(vllm_importance_sampling_correction: bool = True,
+                        vllm_importance_sampling_mode: str = "sequence_mask",
+                        vllm_importance_sampling_clip_max: str | float | None = 3.0,
+                        vllm_importance_sampling_clip_min: str | float | None = None,
+                        ) -> dict[str, object]:
+    """rollout_is and rollout_is_threshold from TRL GRPOConfig's importance sampling of
+    vLLM's log-probs (TRL's defaults for the names not given, so any of them turns it
+    on, as TRL's vllm_importance_sampling_correction=True does): a *_mask mode is the
+    masked IS "clip_min_clip_max" (0 and inf for a bound that is None), a *_truncate
+    mode the truncation at clip_max; correction False is rollout_is None. TRL's
+    truncation from below (clip_min with a *_truncate mode) has no equivalent here.
+    Raises ValueError naming TRL's name."""
+    correction = vllm_importance_sampling_correction
+    if not isinstance(correction, bool):
+        raise ValueError(f"vllm_importance_sampling_correction must be True or False, got "
+                         f"{correction!r}")
+    mode = vllm_importance_sampling_mode
+    if mode not in TRL_IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode must be one of {tuple(TRL_IS_MODES)}, "
+                         f"got {mode!r}")
+    if not correction:
+        return dict(rollout_is=None)
+    try:
+        upper = trl_is_clip_max(vllm_importance_sampling_clip_max)
+    except (TypeError, ValueError):
+        upper = math.nan
+    try:
+        lower = trl_is_clip_min(vllm_importance_sampling_clip_min)
+    except (TypeError, ValueError):
+        lower = math.nan
+    if not upper > 0:
+        raise ValueError(f"vllm_importance_sampling_clip_max must be a float > 0 or None, got "
+                         f"{vllm_importance_sampling_clip_max!r}")
+    if not 0 <= lower < math.inf:
+        raise ValueError(f"vllm_importance_sampling_clip_min must be a finite float >= 0 or "
+                         f"None, got {vllm_importance_sampling_clip_min!r}")
+    if not lower < upper:
+        raise ValueError(f"vllm_importance_sampling_clip_min ({lower}) must be less than "
+                         f"vllm_importance_sampling_clip_max ({upper})")
+    level = TRL_IS_MODES[mode]
+    if mode.endswith("_mask"):
+        return dict(rollout_is=level, rollout_is_threshold=f"{lower!r}_{upper!r}")
+    if lower > 0:
+        raise ValueError(
+            f"vllm_importance_sampling_clip_min has no equivalent with "
+            f"vllm_importance_sampling_mode {mode!r}: rollout_is_threshold truncates the "
+            f"weights from above only (a *_mask mode takes a lower bound); got {lower}")
+    if upper == math.inf:
+        raise ValueError(f"vllm_importance_sampling_clip_max must be a float with "
+                         f"vllm_importance_sampling_mode {mode!r} (the truncation's bound), "
+                         f"got {vllm_importance_sampling_clip_max!r}")
+    return dict(rollout_is=level, rollout_is_threshold=repr(upper))
 
 
 def _rollout_rs_has_thresholds(values: Checked, label: Callable) -> None:
@@ -159,10 +265,16 @@ PPO_OPTIONS = OptionSet((
     Option("rollout_is", None, one_of(ROLLOUT_IS_LEVELS, optional=True),
            "rollout correction (needs rollout_logp, or bypass_mode): importance weights "
            "pi_old / pi_rollout per token or per sequence on the policy term; None: none"),
-    Option("rollout_is_threshold", 2.0, real("a finite float > 0", lambda v: 0 < v < math.inf),
-           "the truncation of the IS weights (TIS)"),
+    Option("rollout_is_threshold", "2.0", Accepts(
+        str, ROLLOUT_IS_THRESHOLD_SPEC, _is_rollout_is_threshold, numbers_as_text=True),
+           "the bounds of the IS weights (`rollout_is_bounds`): a number truncates them at "
+           "it (TIS); \"lower_upper\" sets those outside [lower, upper] to 0 (masked IS, "
+           "IcePop; TRL's token_mask / sequence_mask), the tokens staying in the mask and "
+           "the aggregation's counts; with rollout_is \"sequence\" whole rows. A number comes "
+           "back as its text"),
     Option("rollout_is_batch_normalize", False, flag(),
-           "divide the truncated IS weights by their batch mean (per sequence for sequence)"),
+           "divide the IS weights (truncated or masked) by their mean over this call's valid "
+           "tokens (rows for sequence; verl averages over every rank)"),
     Option("rollout_rs", None, Accepts(
         str, f"None or a comma-separated list of {ROLLOUT_RS_MODES}",
         lambda v: bool(_rs_modes(v)) and all(m in ROLLOUT_RS_MODES for m in _rs_modes(v)),

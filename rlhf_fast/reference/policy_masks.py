@@ -1,7 +1,8 @@
 """The constant per-token weights and masks of the policy-gradient term (`policy_weights`):
-verl's rollout correction (importance weights and rejection sampling against a rollout
-engine's log-probs), TRL's top-entropy and off-policy masks, Clip-Cov's random draw, and
-KL-Cov's coefficients; the tokens chosen by covariance or quantile, without a host sync."""
+verl's rollout correction (importance weights, truncated or masked, and rejection sampling
+against a rollout engine's log-probs), TRL's top-entropy and off-policy masks, Clip-Cov's
+random draw, and KL-Cov's coefficients; the tokens chosen by covariance or quantile,
+without a host sync."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf_fast.options import rollout_rs_bounds
+from rlhf_fast.options import rollout_is_bounds, rollout_rs_bounds
 
 ROLLOUT_STATISTICS = ("rollout_is_mean", "rollout_is_max", "rollout_rs_masked_fraction",
-                      "rollout_kl", "rollout_k3_kl")
+                      "rollout_kl", "rollout_k3_kl", "rollout_is_masked_fraction")
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -41,25 +42,39 @@ def rollout_correction(
     x = policy_logp - rollout_logp, clamped to [-20, 20] before any exp:
 
     * rollout_is "token": w = exp(x); "sequence": w = exp(sum of x over the row), one per
-      row; truncated at rollout_is_threshold, then (rollout_is_batch_normalize) divided
-      by their mean over the valid tokens (over the non-empty rows for "sequence") when
-      that mean is above 1e-8.
+      row. rollout_is_threshold (`rollout_is_bounds`) a number u: w truncated at u
+      (TIS, verl's); "lower_upper": w set to 0 outside [lower, upper] (masked IS, IcePop;
+      TRL's token_mask / sequence_mask, whose clip_min / clip_max are lower / upper; the
+      bounds themselves are inside), a whole row's for "sequence"; those tokens stay in
+      the mask, so they still count in the aggregation's denominators (rejection
+      sampling, below, removes them). TRL does not clamp the sequence's sum: the same
+      weights unless a bound lies beyond e^20. Then
+      (rollout_is_batch_normalize) w is divided by its mean over the valid tokens of
+      this call (over its non-empty rows for "sequence"; verl averages over every
+      data-parallel rank) when that mean is above 1e-8.
     * rollout_rs, each criterion on k1 = -x, k2 = x^2 / 2 or k3 = e^x - 1 - x: token_kN
       drops the tokens, seq_sum / seq_mean / seq_max_kN the rows whose statistic leaves
       the bounds: [log lower, log upper] for k1 (so the bounds are on pi_rollout /
       pi_old), at most upper for k2 and k3. A token stays only if every criterion keeps it.
 
     Returns (weights or None, the kept mask, the statistics `ROLLOUT_STATISTICS` over
-    `mask`: rollout_is_mean / rollout_is_max of w before truncation, the share of valid
-    tokens rejected, and the k1 and k3 estimates of KL(pi_rollout || pi_old)).
+    `mask`: rollout_is_mean / rollout_is_max of w before truncation or masking, the share
+    of valid tokens rejected, the k1 and k3 estimates of KL(pi_rollout || pi_old), and
+    the share of valid tokens whose w the masked IS set to 0).
     """
     x = torch.where(mask, policy_logp - rollout_logp, 0.0)
     safe = x.clamp(-20.0, 20.0)
     weights, raw = None, torch.zeros_like(x)
+    is_masked = torch.zeros_like(mask)
     if opt.rollout_is is not None:
         level = safe if opt.rollout_is == "token" else row_reduce(x, mask, "sum").clamp(-20, 20)
         raw = torch.exp(level).expand_as(x) * mask
-        weights = raw.clamp(max=opt.rollout_is_threshold)
+        lower, upper = rollout_is_bounds(opt.rollout_is_threshold)
+        if lower is None:
+            weights = raw.clamp(max=upper)
+        else:  # (a NaN weight is neither inside nor outside: it stays NaN, as clamp keeps it)
+            is_masked = mask & ((raw < lower) | (raw > upper))
+            weights = torch.where(is_masked, 0.0, raw)
         if opt.rollout_is_batch_normalize:
             if opt.rollout_is == "token":
                 mean = _masked_mean(weights, mask)
@@ -88,6 +103,7 @@ def rollout_correction(
         "rollout_rs_masked_fraction": (mask & ~kept).sum().to(x.dtype) / n_valid,
         "rollout_kl": _masked_mean(-x, mask),
         "rollout_k3_kl": _masked_mean(torch.exp(x) - x - 1, mask),
+        "rollout_is_masked_fraction": is_masked.sum().to(x.dtype) / n_valid,
     }
     return weights, kept, statistics
 

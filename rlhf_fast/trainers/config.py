@@ -23,9 +23,11 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune",
 LR_SCHEDULER_TYPES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                       "constant_with_warmup", "inverse_sqrt")
 
-#: A config's TRL names: name -> (field, None) for a plain rename of the field, or
-#: (field, {TRL value: the fields it sets}) where TRL's value means settings of ours.
-TrlNames = dict[str, tuple[str, dict[Any, dict[str, Any]] | None]]
+#: A config's TRL names: name -> (field, None) for a plain rename of the field,
+#: (field, {TRL value: the fields it sets}) where TRL's value means settings of ours, or
+#: (field, bool or a converter of the flag's text) for a value that the config's own
+#: from_trl_names translates.
+TrlNames = dict[str, tuple[str, dict[Any, dict[str, Any]] | Callable[[Any], Any] | None]]
 #: transformers TrainingArguments' names of TrainerConfig fields (every TRL config has them)
 TRAINER_TRL_NAMES: TrlNames = {
     "learning_rate": ("lr", None),

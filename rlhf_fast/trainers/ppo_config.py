@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rlhf_fast.options import GAE_OPTIONS, PPO_OPTIONS
+from rlhf_fast.options.policy import (
+    TRL_IS_MODES,
+    rollout_is_from_trl,
+    trl_is_clip_max,
+    trl_is_clip_min,
+)
 from rlhf_fast.trainers.config import (
     TRAINER_TRL_NAMES,
     FieldChecker,
@@ -24,7 +30,8 @@ KL_IN_REWARD = ("gae", "reinforce_plus_plus")
 #: TRL's scale_rewards, as group_advantages' scale
 SCALE_REWARDS = {"group": "std", "batch": "batch", "none": None}
 #: TRL GRPOConfig's names of PPOConfig fields: (field, None) for a plain rename, else
-#: (name, {TRL value: the fields it sets}) (`PPOConfig.from_trl_names`). TRL's loss_type
+#: (name, {TRL value: the fields it sets}) or (name, the type of its value)
+#: (`PPOConfig.from_trl_names`). TRL's loss_type
 #: grpo averages each sequence's token mean; bnpo and dapo the tokens' (dapo over the
 #: global batch: the trainer passes ppo_loss the global counts under DDP, so under DDP
 #: bnpo, which TRL normalises per process, is dapo here: every rank's gradient the
@@ -51,7 +58,17 @@ TRL_NAMES: TrlNames = TRAINER_TRL_NAMES | {
         "sequence": dict(policy_loss="gspo"),
         "sequence_token": dict(policy_loss="gspo_token"),
     }),
+    "sapo_temperature_pos": ("tau_pos", None),
+    "sapo_temperature_neg": ("tau_neg", None),
+    # TRL's importance sampling of vLLM's log-probs, together (`rollout_is_from_trl`):
+    # a bool, a mode, and two bounds (their flags' types)
+    "vllm_importance_sampling_correction": ("rollout_is", bool),
+    "vllm_importance_sampling_mode": ("rollout_is", {
+        mode: dict(rollout_is=level) for mode, level in TRL_IS_MODES.items()}),
+    "vllm_importance_sampling_clip_max": ("rollout_is_threshold", trl_is_clip_max),
+    "vllm_importance_sampling_clip_min": ("rollout_is_threshold", trl_is_clip_min),
 }
+TRL_IMPORTANCE_SAMPLING = tuple(name for name in TRL_NAMES if name.startswith("vllm_"))
 
 
 #: The options of ppo_loss the trainer sets itself: max_len is max_new_tokens, and the
@@ -188,12 +205,17 @@ class PPOConfig(TrainerConfig):
         learning_rate, resume_from_checkpoint, loss_type (grpo / bnpo / dr_grpo / dapo: the
         aggregation they mean; cispo, sapo: the policy loss too) and
         importance_sampling_level (token / sequence / sequence_token: vanilla / gspo /
-        gspo_token). TRL's cispo caps the ratio at epsilon_high itself, without a lower
-        bound: clip_eps_high = epsilon_high - 1 and clip_eps = 0.999 here. Unknown names
-        raise ValueError naming them."""
+        gspo_token), sapo_temperature_pos / _neg (tau_pos / tau_neg) and
+        vllm_importance_sampling_correction / _mode / _clip_max / _clip_min (rollout_is and
+        rollout_is_threshold: `rollout_is_from_trl`). TRL's cispo caps the ratio at
+        epsilon_high itself, without a lower bound: clip_eps_high = epsilon_high - 1 and
+        clip_eps = 0.999 here. Unknown names raise ValueError naming them."""
+        sampling = {k: given.pop(k) for k in TRL_IMPORTANCE_SAMPLING if k in given}
         fields = super().from_trl_names(**given)
         if fields.get("policy_loss") == "cispo" and "epsilon_high" in given:
             fields |= dict(clip_eps_high=given["epsilon_high"] - 1, clip_eps=0.999)
+        if sampling:
+            fields |= rollout_is_from_trl(**sampling)
         return fields
 
     def _check_rates(self) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
+from rlhf_fast.reference import ROLLOUT_STATISTICS
 from rlhf_fast.trainers.data import batches
 from rlhf_fast.trainers.generation import (
     GenerateFn,
@@ -261,8 +262,7 @@ LOGGED_LOSS_OUTPUTS = ("loss", "policy_loss", "value_loss", "entropy", "clipfrac
 #: ppo_loss's statistics of the rollout correction (the mismatch between the rollout
 #: engine's log-probs and the policy's), logged when it has them: rollout_is_max is the
 #: max over the minibatches, the others their means
-ROLLOUT_OUTPUTS = ("rollout_is_mean", "rollout_is_max", "rollout_rs_masked_fraction",
-                   "rollout_kl", "rollout_k3_kl")
+ROLLOUT_OUTPUTS = ROLLOUT_STATISTICS
 ADDITIVE_METRICS = ("loss", "policy_loss", "value_loss", "entropy")
 MAX_METRICS = ("rollout_is_max",)
 
