@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import rlhf_fast
+from helpers import run_ranks
 from rlhf_fast.cli import build_parser, main
 from rlhf_fast.demo import DATA, read_jsonl, tiny_llama, train_tokenizer
 from rlhf_fast.trainers import DPOConfig, PPOConfig
@@ -318,32 +317,14 @@ torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{trainer.run.rank
 """
 
 
-def _run_ranks(script: Path, args: list[str], world: int, port: int) -> None:
-    # the ranks import the rlhf_fast under test (this checkout), not whatever install
-    # `import rlhf_fast` finds from the script's folder
-    tested = str(Path(rlhf_fast.__file__).resolve().parents[1])
-    path = os.pathsep.join(filter(None, [tested, os.environ.get("PYTHONPATH")]))
-    processes = []
-    for rank in range(world):
-        env = dict(os.environ, RLHF_FAST_BACKEND="torch", WORLD_SIZE=str(world), RANK=str(rank),
-                   LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
-        env.pop("TRITON_INTERPRET", None)
-        processes.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    for process in processes:
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, output.decode()[-3000:]
-
-
 def test_dpo_under_ddp_matches_one_process_with_the_global_batch(saved_model, tmp_path):
     """Two gloo processes with 2 pairs each take the same steps as one process with 4."""
     script = tmp_path / "ddp_dpo.py"
     script.write_text(DDP_SCRIPT)
     data = str(DATA / "preferences_train.jsonl")
     port = 29500 + os.getpid() % 1000
-    _run_ranks(script, [str(saved_model), data, str(tmp_path / "ddp"), "2"], 2, port)
-    _run_ranks(script, [str(saved_model), data, str(tmp_path / "single"), "4"], 1, port + 1)
+    run_ranks(script, [str(saved_model), data, str(tmp_path / "ddp"), "2"], 2, port)
+    run_ranks(script, [str(saved_model), data, str(tmp_path / "single"), "4"], 1, port + 1)
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
     rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
     single = torch.load(tmp_path / "single" / "rank0.pt")
@@ -391,7 +372,7 @@ def test_ppo_resume_under_ddp_restores_each_ranks_random_streams(saved_model, tm
     script = tmp_path / "ddp_ppo_resume.py"
     script.write_text(PPO_DDP_RESUME_SCRIPT)
     port = 29500 + (os.getpid() + 500) % 1000
-    _run_ranks(script, [str(saved_model), str(DATA / "prompts.txt"), str(tmp_path)], 2, port)
+    run_ranks(script, [str(saved_model), str(DATA / "prompts.txt"), str(tmp_path)], 2, port)
 
     rng = [torch.load(tmp_path / "b" / "checkpoint-1" / f"rng_state_{rank}.pth",
                       weights_only=True) for rank in (0, 1)]
