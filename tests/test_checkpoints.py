@@ -8,8 +8,10 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from helpers import free_port, run_ranks
 from rlhf_fast import demo
 from rlhf_fast.trainers import checkpoints as ckpt
 from rlhf_fast.trainers.dpo import DPOTrainer
@@ -242,9 +244,6 @@ def test_fsdp2_checkpoints_shard_through_dcp_and_resume_exactly(tokenizer, tmp_p
     a second run resumed from the first one's checkpoint-1 ends with the same weights.
     Each checkpoint holds every rank's shards of model and optimizer in dcp/ (no
     optimizer.pt) and the full model gathered for from_pretrained."""
-    from helpers import free_port, run_ranks
-    from safetensors.torch import load_file
-
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     script = tmp_path / "fsdp2_resume.py"
     script.write_text(FSDP2_RESUME_SCRIPT)
