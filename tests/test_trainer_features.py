@@ -4,6 +4,7 @@ function signature, and the generation hook.
 """
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -627,3 +628,187 @@ def test_bad_hook_output_names_generate_fn(tokenizer, tmp_path, case):
 def test_generate_fn_must_be_callable(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="generate_fn must be None or a callable"):
         tiny_ppo(tokenizer, tmp_path, generate_fn="vllm")
+
+
+# --- 7. vLLM's offline LLM as the hook (vllm_generate_fn) --------------------------------------
+
+
+class FakeSamplingParams:
+    """vllm.SamplingParams: keeps its keywords."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+@dataclasses.dataclass
+class FakeLogprob:  # vllm.logprobs.Logprob
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
+class FakeCompletionOutput:  # vllm.outputs.CompletionOutput
+    index: int
+    text: str
+    token_ids: list
+    cumulative_logprob: float | None
+    logprobs: list | None  # one {token_id: Logprob} per token
+
+
+@dataclasses.dataclass
+class FakeRequestOutput:  # vllm.outputs.RequestOutput
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list
+    prompt_logprobs: list | None
+    outputs: list
+    finished: bool = True
+
+
+class FakeVLLMModel:
+    """The in-process model of an LLM built with external_launcher: load_weights takes
+    (name, tensor) pairs in the checkpoint's names."""
+
+    def __init__(self, module):
+        self.module, self.loads = module, 0
+
+    def load_weights(self, weights):
+        self.module.load_state_dict(dict(weights))
+        self.loads += 1
+
+
+class FakeLLM:
+    """vllm.LLM on a transformers model: generate samples each request alone with the
+    model's generate (top_p 1) and reports, as logprobs_mode="processed_logprobs" does,
+    the log-prob after temperature of each sampled token (and of the runner-up, rank 2:
+    the adapter must pick the sampled token's)."""
+
+    def __init__(self, model, eos_token_id):
+        self.model, self.eos = model.eval(), eos_token_id
+        self.inner = FakeVLLMModel(model)
+        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
+            driver_worker=types.SimpleNamespace(
+                model_runner=types.SimpleNamespace(model=self.inner))))
+        self.calls, self.prefix_resets = [], 0
+
+    def reset_prefix_cache(self):
+        self.prefix_resets += 1
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.calls.append((prompts, sampling_params))
+        outputs = []
+        for number, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            with torch.no_grad(), torch.random.fork_rng():
+                torch.manual_seed(params.seed)
+                sampled = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids),
+                    do_sample=params.temperature > 0, temperature=params.temperature or None,
+                    top_p=1.0, top_k=0, max_new_tokens=params.max_tokens,
+                    eos_token_id=self.eos, pad_token_id=self.eos, output_scores=True,
+                    return_dict_in_generate=True)
+            tokens = sampled.sequences[0, ids.shape[1]:].tolist()
+            steps = []
+            for token, scores in zip(tokens, sampled.scores):
+                logp = torch.log_softmax(scores[0].float(), -1)
+                runner_up = int(logp.topk(2).indices[1 if logp.argmax() == token else 0])
+                steps.append({token: FakeLogprob(logp[token].item(), rank=1),
+                              runner_up: FakeLogprob(logp[runner_up].item(), rank=2)})
+            completion = FakeCompletionOutput(0, "", tokens, None, steps)
+            outputs.append(FakeRequestOutput(str(number), None, prompt["prompt_token_ids"],
+                                             None, [completion]))
+        return outputs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.SamplingParams = FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+def test_vllm_hook_feeds_the_engines_logprobs_to_the_rollout_correction(tokenizer, tmp_path,
+                                                                        fake_vllm):
+    """Two PPO iterations sampled by a (fake) vLLM engine holding a copy of the policy,
+    loaded with the policy's weights before each rollout: its log-probs are the policy's
+    own, so the rollout correction weighs every token 1 (no mismatch) at both."""
+    from rlhf_fast.trainers.generation import vllm_generate_fn
+
+    policy = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    llm = FakeLLM(copy.deepcopy(policy), tokenizer.eos_token_id)
+    hook = vllm_generate_fn(llm, eos_token_id=tokenizer.eos_token_id, policy=policy)
+    log = tiny_ppo(tokenizer, tmp_path, policy, max_steps=2, generate_fn=hook,
+                   temperature=0.7, rollout_is="token", lr_scheduler_type="constant").train()
+    assert len(log) == 2 and llm.inner.loads == 2 and llm.prefix_resets == 2
+    for row in log:
+        assert row["rollout_is_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert abs(row["rollout_kl"]) < 1e-4
+    assert weights_of(llm.model).keys() == weights_of(policy).keys()
+    prompts, params = llm.calls[0]
+    assert len(prompts) == len(params) == 4 and prompts[0] == prompts[1]
+    assert {k: v for k, v in vars(params[0]).items() if k != "seed"} == dict(
+        n=1, max_tokens=4, temperature=0.7, top_p=1.0, top_k=-1,
+        stop_token_ids=[tokenizer.eos_token_id], logprobs=0)
+    assert len({p.seed for p in params}) == 4  # a group's copies draw different answers
+
+
+def test_vllm_outputs_become_a_generation_or_a_clear_error():
+    from rlhf_fast.trainers.generation import generation_of_vllm_outputs
+
+    def request(tokens, steps):
+        return FakeRequestOutput("0", None, [1], None,
+                                 [FakeCompletionOutput(0, "", tokens, None, steps)])
+
+    steps = [{5: FakeLogprob(-0.5, 1), 6: FakeLogprob(-1.5, 2)},
+             {6: FakeLogprob(-2.0, 3), 7: FakeLogprob(-0.1, 1)}]
+    outputs = [request((5, 6), steps), request([7], [{7: FakeLogprob(-0.25, 1)}])]
+    assert generation_of_vllm_outputs(outputs, logprobs=True) == Generation(
+        [[5, 6], [7]], [[-0.5, -2.0], [-0.25]])
+    assert generation_of_vllm_outputs(outputs, logprobs=False) == Generation([[5, 6], [7]])
+    with pytest.raises(ValueError, match=r"vLLM returned no log-prob steps for completion 0 "
+                                         r"of 2 tokens.*SamplingParams\(logprobs=0\)"):
+        generation_of_vllm_outputs([request([5, 6], None)], logprobs=True)
+    with pytest.raises(ValueError, match="vLLM returned 1 log-prob steps for completion 0"):
+        generation_of_vllm_outputs([request([5, 6], steps[:1])], logprobs=True)
+    with pytest.raises(ValueError, match="completion 0 lack its sampled token 6"):
+        generation_of_vllm_outputs([request([5, 6], [steps[0], {7: FakeLogprob(-0.1, 1)}])],
+                                   logprobs=True)
+
+
+def test_vllm_hook_without_vllm_names_the_package(monkeypatch):
+    from rlhf_fast.trainers.generation import vllm_generate_fn
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm fails
+    with pytest.raises(ImportError, match="vllm_generate_fn needs the 'vllm' package"):
+        vllm_generate_fn(object(), eos_token_id=0)
+
+
+def test_loading_weights_needs_an_in_process_engine(tokenizer, fake_vllm):
+    from rlhf_fast.trainers.generation import load_vllm_weights
+
+    policy = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    with pytest.raises(ValueError, match=r"needs the vLLM engine in this process .*"
+                                         r"external_launcher"):
+        load_vllm_weights(types.SimpleNamespace(llm_engine=None), policy)
+
+
+def test_vllm_hook_on_a_real_engine(tokenizer, tmp_path):
+    """One GRPO iteration with rollouts from a real vLLM engine on the tiny model (in
+    fp32), its log-probs corrected against: the policy's and the engine's log-probs of
+    the same tokens agree up to the engines' numerics."""
+    vllm = pytest.importorskip("vllm", reason="the vLLM hook's real-engine test needs vllm")
+    from rlhf_fast.trainers.generation import vllm_generate_fn
+
+    policy = demo.tiny_llama(tokenizer, hidden_size=256, seed=3)  # head size 64
+    policy.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    llm = vllm.LLM(model=str(tmp_path / "model"), dtype="float32", max_model_len=128,
+                   enforce_eager=True, gpu_memory_utilization=0.3, seed=0,
+                   logprobs_mode="processed_logprobs")
+    hook = vllm_generate_fn(llm, eos_token_id=tokenizer.eos_token_id)
+    row, = tiny_ppo(tokenizer, tmp_path / "run", policy, max_steps=1, generate_fn=hook,
+                    rollout_is="token").train()
+    assert row["rollout_is_mean"] == pytest.approx(1.0, abs=0.05)
+    assert abs(row["rollout_kl"]) < 0.05
