@@ -5,6 +5,7 @@ function signature, and the generation hook.
 
 import copy
 import dataclasses
+import importlib.machinery
 import json
 import math
 import re
@@ -124,8 +125,10 @@ def test_a_tracker_without_its_package_is_a_config_error(monkeypatch):
 
 
 def fake_tracker_module(name):
-    """A module with init / log / finish that records its calls."""
+    """A module with init / log / finish that records its calls (and a spec: a lazy
+    import's importlib.util.find_spec(name), accelerate's, raises on a module without)."""
     module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
     module.calls = []
     module.init = lambda **kwargs: module.calls.append(("init", kwargs))
     module.log = lambda metrics, step=None: module.calls.append(("log", step, metrics))
@@ -143,8 +146,69 @@ def test_wandb_and_trackio_get_every_logged_row(tokenizer, tmp_path, monkeypatch
         assert init == "init" and first["project"] == "rlhf-fast"
         assert first["config"]["max_steps"] == 2
         assert finish == ("finish",)
-        assert [(step, pytest.approx(m, abs=1e-6)) for _, step, m in logs] == \
-            [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in log]
+        assert [(step, pytest.approx(m, abs=1e-6)) for _, step, m in logs] == logged_rows(log)
+
+
+def logged_rows(log):
+    """(step, the row's other metrics) of each row a run logged."""
+    return [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in log]
+
+
+def wandb_history(run_file):
+    """(step, metrics) of each history record of an offline wandb run's .wandb file: a
+    LevelDB-style log (a 7-byte ":W&B" header, then in 32 KiB blocks records of a CRC,
+    a little-endian length and a chunk type, FULL 1 / FIRST 2 / MIDDLE 3 / LAST 4) of
+    wandb's protobuf Records. wandb has no public reader of offline runs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = run_file.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    position, pending, rows = 7, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's zero-filled tail
+            position += block - position % block
+            continue
+        length = int.from_bytes(data[position + 4:position + 6], "little")
+        kind, chunk = data[position + 6], data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind == 0:  # padding
+            continue
+        pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                rows.append((record.history.step.num,
+                             {k: v for k, v in items.items() if not k.startswith("_")}))
+    return rows
+
+
+def test_a_real_offline_wandb_run_holds_every_logged_row(tokenizer, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="report_to='wandb' with the real package needs wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = tiny_dpo(tokenizer, tmp_path / "out", max_steps=2, report_to="wandb").train()
+    run_file, = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert [(step, pytest.approx(m, abs=1e-6)) for step, m in wandb_history(run_file)] == \
+        logged_rows(log)
+
+
+def test_a_real_local_trackio_run_holds_every_logged_row(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read on import
+    pytest.importorskip("trackio", reason="report_to='trackio' with the real package needs "
+                                          "trackio")
+    from trackio import sqlite_storage
+
+    # (were trackio imported before this test, its folder would be another's)
+    monkeypatch.setattr(sqlite_storage, "TRACKIO_DIR", tmp_path / "trackio")
+    log = tiny_dpo(tokenizer, tmp_path / "out", max_steps=2, report_to="trackio").train()
+    rows = sqlite_storage.SQLiteStorage.get_logs(project="rlhf-fast", run="out")
+    assert [(r["step"], pytest.approx({k: r[k] for k in log[0] if k != "step"}, abs=1e-6))
+            for r in rows] == logged_rows(log)
 
 
 def test_tensorboard_gets_every_logged_row(tokenizer, tmp_path):
