@@ -294,6 +294,44 @@ def test_a_batch_larger_than_the_data_is_a_usage_error(algorithm, flag, data, tm
     assert f"{flag} 100000 is more than the " in capsys.readouterr().err
 
 
+def test_cli_weighs_reward_models_before_reward_functions(saved_model, tmp_path,
+                                                         torch_backend, monkeypatch):
+    """The README's order: --reward-weights weigh the --reward-model ones first, then the
+    --reward-fn ones, wherever the flags stand on the command line."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+
+    from rlhf_fast.trainers import PPOTrainer
+
+    (tmp_path / "rewards.py").write_text("def length(prompts, answers):\n"
+                                         "    return [len(a) + 1.0 for a in answers]\n")
+    tokenizer = AutoTokenizer.from_pretrained(saved_model)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    seen = {}
+
+    def first_rollout(trainer):  # instead of training: the first rollout's scores
+        seen["trainer"], seen["rollout"] = trainer, trainer.rollout(0)
+        return []
+
+    monkeypatch.setattr(PPOTrainer, "train", first_rollout)
+    main(["train", "ppo", "--model", str(saved_model), "--data", str(DATA / "prompts.txt"),
+          "--reward-fn", f"{tmp_path / 'rewards.py'}:length", "--reward-model",
+          str(tmp_path / "rm"), "--reward-weights", "2", "0.5", "--output-dir",
+          str(tmp_path / "out"), "--device", "cpu", "--rollout-batch-size", "2",
+          "--max-new-tokens", "4", "--max-steps", "1"])
+    trainer, rollout = seen["trainer"], seen["rollout"]
+    rewards = trainer.sampler.rewards
+    assert rewards[0].name == "the reward model"
+    assert rewards[1].name.endswith(".length")
+    assert trainer.reward_weights.tolist() == [2.0, 0.5]
+    answers = tokenizer.batch_decode(rollout.sequences[:, rollout.prompt_width:],
+                                     skip_special_tokens=True)
+    assert rollout.reward_columns[:, 1].tolist() == [len(a) + 1.0 for a in answers]
+    torch.testing.assert_close(rollout.scores, rollout.reward_columns @ torch.tensor([2.0, 0.5]))
+
+
 def test_ppo_needs_a_reward(saved_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "ppo", "--model", str(saved_model), "--data", str(DATA / "prompts.txt"),

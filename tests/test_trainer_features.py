@@ -299,6 +299,46 @@ def test_reward_functions_get_trls_keywords_and_dataset_columns(tokenizer, tmp_p
     assert rollout.scores.tolist() == pytest.approx([e + 0.5 for e in expected])
 
 
+def sequence_classifier(tokenizer, seed):
+    """A one-label Llama sequence classifier on `tokenizer` (a reward model)."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def test_reward_models_and_functions_mixed_are_weighed_in_the_order_given(tokenizer,
+                                                                          tmp_path):
+    """reward_fn_or_model=[function, model, function] with reward_weights: one column per
+    source in the list's order (PPOConfig.reward_weights: "in the order given"), the
+    model's its score at each answer's last token, and the score their weighted sum."""
+    def length(prompts, answers):
+        return [float(len(a)) for a in answers]
+
+    def trl_words(completions, **kwargs):
+        return [float(len(c.split())) for c in completions]
+
+    reward_model = sequence_classifier(tokenizer, 6)
+    weights = [2.0, 0.5, -1.0]
+    trainer = tiny_ppo(tokenizer, tmp_path, reward=[length, reward_model, trl_words],
+                       reward_weights=weights)
+    rollout = trainer.rollout(0)
+    answers = tokenizer.batch_decode(rollout.sequences[:, rollout.prompt_width:],
+                                     skip_special_tokens=True)
+    with torch.no_grad():
+        model_scores = reward_model(input_ids=rollout.sequences,
+                                    attention_mask=rollout.attention_mask).logits[:, 0]
+    expected = torch.stack([torch.tensor(length(None, answers)), model_scores,
+                            torch.tensor(trl_words(answers))], 1)
+    torch.testing.assert_close(rollout.reward_columns, expected, rtol=1e-5, atol=1e-5)
+    assert trainer.reward_weights.tolist() == weights
+    torch.testing.assert_close(rollout.scores, expected @ torch.tensor(weights),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_conversational_prompts_reach_reward_functions_as_trl_passes_them(tokenizer,
                                                                           tmp_path):
     """TRL's signature: the prompt's messages and each completion as one assistant
