@@ -139,3 +139,15 @@ def run_ranks(script: Path, args: list[str], world: int, port: int) -> None:
     for process in processes:
         output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output.decode()[-3000:]
+
+
+def sequence_classifier(tokenizer, seed: int):
+    """A one-label Llama sequence classifier on `tokenizer` (a reward model or critic),
+    built from a config with `seed`."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import run_ranks
+from helpers import run_ranks, sequence_classifier
 from rlhf_fast.cli import build_parser, main
 from rlhf_fast.demo import DATA, read_jsonl, tiny_llama, train_tokenizer
 from rlhf_fast.trainers import DPOConfig, PPOConfig
@@ -298,17 +298,14 @@ def test_cli_weighs_reward_models_before_reward_functions(saved_model, tmp_path,
                                                          torch_backend, monkeypatch):
     """The README's order: --reward-weights weigh the --reward-model ones first, then the
     --reward-fn ones, wherever the flags stand on the command line."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer
 
     from rlhf_fast.trainers import PPOTrainer
 
     (tmp_path / "rewards.py").write_text("def length(prompts, answers):\n"
                                          "    return [len(a) + 1.0 for a in answers]\n")
     tokenizer = AutoTokenizer.from_pretrained(saved_model)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    sequence_classifier(tokenizer, 6).save_pretrained(tmp_path / "rm")
     seen = {}
 
     def first_rollout(trainer):  # instead of training: the first rollout's scores

@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 
+from helpers import sequence_classifier
 from rlhf_fast import demo
 from rlhf_fast.trainers.dpo import DPOTrainer
 from rlhf_fast.trainers.dpo_config import DPOConfig
@@ -297,17 +298,6 @@ def test_reward_functions_get_trls_keywords_and_dataset_columns(tokenizer, tmp_p
     expected = [0.0] + [float(len(c)) for c in completions[1:]]  # None counts 0
     assert rollout.reward_columns[:, 0].tolist() == expected
     assert rollout.scores.tolist() == pytest.approx([e + 0.5 for e in expected])
-
-
-def sequence_classifier(tokenizer, seed):
-    """A one-label Llama sequence classifier on `tokenizer` (a reward model)."""
-    from transformers import AutoModelForSequenceClassification, LlamaConfig
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config)
 
 
 def test_reward_models_and_functions_mixed_are_weighed_in_the_order_given(tokenizer,
