@@ -14,6 +14,10 @@ HfArgumentParser cannot express is handled here, each in one place:
   here (``--clip-eps-high none``);
 * ``str | list[str]`` (DPOConfig.loss_type: one type or a mix): HfArgumentParser parses
   it as a list but leaves its default unset; the field's default is restored.
+
+A field's flags come from HfArgumentParser's private ``_parse_dataclass_field(parser,
+field)`` (its public API parses whole dataclasses only); `hf_field_parser` checks that
+the installed transformers has it, and says which versions do if not.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ from pathlib import Path
 from typing import Any
 
 TRL_PREFIX = "trl_name_"
+#: the private HfArgumentParser method a field's flags are built with, and the
+#: transformers versions known to have it with this signature (CI tests the version a
+#: fresh install takes)
+HF_FIELD_PARSER = "_parse_dataclass_field"
+HF_FIELD_PARSER_VERSIONS = "4.46 through 5.25"
 
 
 def field_docs(config_class: type) -> dict[str, str]:
@@ -114,11 +123,32 @@ def _default(field: dataclasses.Field) -> Any:
     return field.default
 
 
+def hf_field_parser() -> Callable[[Any, dataclasses.Field], None]:
+    """``HfArgumentParser._parse_dataclass_field``, which adds one dataclass field's flags
+    to a parser: a private method, so a transformers that renamed it or changed its
+    arguments raises RuntimeError naming the method and the versions that have it."""
+    import transformers
+    from transformers import HfArgumentParser
+
+    method = getattr(HfArgumentParser, HF_FIELD_PARSER, None)
+    try:
+        parameters = None if method is None else list(inspect.signature(method).parameters)
+    except (TypeError, ValueError):
+        parameters = []
+    if parameters != ["parser", "field"]:
+        found = "lacks it" if method is None else f"has it taking {parameters}"
+        raise RuntimeError(
+            f"rlhf-fast builds its command-line flags with transformers' private "
+            f"HfArgumentParser.{HF_FIELD_PARSER}(parser, field), and transformers "
+            f"{transformers.__version__} {found}; transformers {HF_FIELD_PARSER_VERSIONS} "
+            f"have it (pip install 'transformers<={HF_FIELD_PARSER_VERSIONS.split()[-1]}'), "
+            "or report the new version to rlhf-fast")
+    return method
+
+
 def add_field_flag(parser: Any, field: dataclasses.Field, hint: Any, help_text: str,
                    aliases: list[str]) -> None:
     """The flags of one config field, added to `parser` (a parser or argument group)."""
-    from transformers import HfArgumentParser
-
     args = typing.get_args(hint)
     optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)
                 and type(None) in args)
@@ -132,7 +162,7 @@ def add_field_flag(parser: Any, field: dataclasses.Field, hint: Any, help_text: 
                              metadata={"help": help_text, "aliases": aliases})
     spec.name, spec.type = field.name, hint
     first = len(parser._actions)
-    HfArgumentParser._parse_dataclass_field(parser, spec)
+    hf_field_parser()(parser, spec)
     action = parser._actions[first]
     action.default = _default(field)  # (unset for loss_type's str | list[str])
     if optional:

@@ -1,9 +1,15 @@
 """Helpers shared by the tests."""
 
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
+import rlhf_fast
 from rlhf_fast import reference
 
 
@@ -105,3 +111,43 @@ def assert_module_is_the_function(module_cls, function, args, options, **kwargs)
         assert torch.equal(out, expected), given
         assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads)), given
         assert not torch.equal(out, default), given
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now (for a process group's MASTER_PORT)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_ranks(script: Path, args: list[str], world: int, port: int) -> None:
+    """Run `script` with `args` as `world` CPU processes of one process group (what
+    torchrun sets: WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR / PORT; gloo on the CPU),
+    with the reference backend; fails with a rank's output if one exits non-zero."""
+    # the ranks import the rlhf_fast under test (this checkout), not whatever install
+    # `import rlhf_fast` finds from the script's folder
+    tested = str(Path(rlhf_fast.__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [tested, os.environ.get("PYTHONPATH")]))
+    processes = []
+    for rank in range(world):
+        env = dict(os.environ, RLHF_FAST_BACKEND="torch", WORLD_SIZE=str(world), RANK=str(rank),
+                   LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+        env.pop("TRITON_INTERPRET", None)
+        processes.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for process in processes:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output.decode()[-3000:]
+
+
+def sequence_classifier(tokenizer, seed: int):
+    """A one-label Llama sequence classifier on `tokenizer` (a reward model or critic),
+    built from a config with `seed`."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config)

@@ -19,7 +19,7 @@ import torch
 from rlhf_fast import cli_train
 from rlhf_fast.cli import main, parse_command_line
 from rlhf_fast.cli_train import import_function
-from rlhf_fast.config_flags import config_from_args
+from rlhf_fast.config_flags import HF_FIELD_PARSER, config_from_args, hf_field_parser
 from rlhf_fast.demo import DATA, read_jsonl, tiny_llama, train_tokenizer
 from rlhf_fast.trainers import DPOConfig, PPOConfig
 from rlhf_fast.trainers.resume import changed_fields
@@ -38,6 +38,33 @@ def _usage_error(argv: list[str], capsys) -> str:
         main(argv)
     assert exit_info.value.code == 2
     return capsys.readouterr().err
+
+
+def test_the_installed_transformers_has_the_private_method_the_flags_are_built_with():
+    """config_flags builds each field's flags with HfArgumentParser's private
+    _parse_dataclass_field(parser, field): this transformers has it."""
+    from transformers import HfArgumentParser
+
+    assert hf_field_parser() is getattr(HfArgumentParser, HF_FIELD_PARSER)
+
+
+@pytest.mark.parametrize("replacement, found", [
+    (None, "lacks it"),
+    (staticmethod(lambda parser, field, extra: None), r"has it taking \['parser', 'field', "
+                                                      r"'extra'\]"),
+])
+def test_a_transformers_without_that_method_is_a_clear_error(monkeypatch, replacement, found):
+    import transformers
+    from transformers import HfArgumentParser
+
+    if replacement is None:
+        monkeypatch.delattr(HfArgumentParser, HF_FIELD_PARSER)
+    else:
+        monkeypatch.setattr(HfArgumentParser, HF_FIELD_PARSER, replacement)
+    with pytest.raises(RuntimeError, match=(
+            r"HfArgumentParser\._parse_dataclass_field\(parser, field\), and transformers "
+            rf"{transformers.__version__} {found}; transformers 4\.46 through 5\.25 have it")):
+        parse_command_line(DPO)
 
 
 @pytest.mark.parametrize("flags", [

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import rlhf_fast
+from helpers import run_ranks, sequence_classifier
 from rlhf_fast.cli import build_parser, main
 from rlhf_fast.demo import DATA, read_jsonl, tiny_llama, train_tokenizer
 from rlhf_fast.trainers import DPOConfig, PPOConfig
@@ -306,6 +305,41 @@ def test_a_batch_larger_than_the_data_is_a_usage_error(algorithm, flag, data, tm
     assert f"{flag} 100000 is more than the " in capsys.readouterr().err
 
 
+def test_cli_weighs_reward_models_before_reward_functions(saved_model, tmp_path,
+                                                         torch_backend, monkeypatch):
+    """The README's order: --reward-weights weigh the --reward-model ones first, then the
+    --reward-fn ones, wherever the flags stand on the command line."""
+    from transformers import AutoTokenizer
+
+    from rlhf_fast.trainers import PPOTrainer
+
+    (tmp_path / "rewards.py").write_text("def length(prompts, answers):\n"
+                                         "    return [len(a) + 1.0 for a in answers]\n")
+    tokenizer = AutoTokenizer.from_pretrained(saved_model)
+    sequence_classifier(tokenizer, 6).save_pretrained(tmp_path / "rm")
+    seen = {}
+
+    def first_rollout(trainer):  # instead of training: the first rollout's scores
+        seen["trainer"], seen["rollout"] = trainer, trainer.rollout(0)
+        return []
+
+    monkeypatch.setattr(PPOTrainer, "train", first_rollout)
+    main(["train", "ppo", "--model", str(saved_model), "--data", str(DATA / "prompts.txt"),
+          "--reward-fn", f"{tmp_path / 'rewards.py'}:length", "--reward-model",
+          str(tmp_path / "rm"), "--reward-weights", "2", "0.5", "--output-dir",
+          str(tmp_path / "out"), "--device", "cpu", "--rollout-batch-size", "2",
+          "--max-new-tokens", "4", "--max-steps", "1"])
+    trainer, rollout = seen["trainer"], seen["rollout"]
+    rewards = trainer.sampler.rewards
+    assert rewards[0].name == "the reward model"
+    assert rewards[1].name.endswith(".length")
+    assert trainer.reward_weights.tolist() == [2.0, 0.5]
+    answers = tokenizer.batch_decode(rollout.sequences[:, rollout.prompt_width:],
+                                     skip_special_tokens=True)
+    assert rollout.reward_columns[:, 1].tolist() == [len(a) + 1.0 for a in answers]
+    torch.testing.assert_close(rollout.scores, rollout.reward_columns @ torch.tensor([2.0, 0.5]))
+
+
 def test_ppo_needs_a_reward(saved_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "ppo", "--model", str(saved_model), "--data", str(DATA / "prompts.txt"),
@@ -329,32 +363,14 @@ torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{trainer.run.rank
 """
 
 
-def _run_ranks(script: Path, args: list[str], world: int, port: int) -> None:
-    # the ranks import the rlhf_fast under test (this checkout), not whatever install
-    # `import rlhf_fast` finds from the script's folder
-    tested = str(Path(rlhf_fast.__file__).resolve().parents[1])
-    path = os.pathsep.join(filter(None, [tested, os.environ.get("PYTHONPATH")]))
-    processes = []
-    for rank in range(world):
-        env = dict(os.environ, RLHF_FAST_BACKEND="torch", WORLD_SIZE=str(world), RANK=str(rank),
-                   LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
-        env.pop("TRITON_INTERPRET", None)
-        processes.append(subprocess.Popen([sys.executable, str(script), *args], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    for process in processes:
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, output.decode()[-3000:]
-
-
 def test_dpo_under_ddp_matches_one_process_with_the_global_batch(saved_model, tmp_path):
     """Two gloo processes with 2 pairs each take the same steps as one process with 4."""
     script = tmp_path / "ddp_dpo.py"
     script.write_text(DDP_SCRIPT)
     data = str(DATA / "preferences_train.jsonl")
     port = 29500 + os.getpid() % 1000
-    _run_ranks(script, [str(saved_model), data, str(tmp_path / "ddp"), "2"], 2, port)
-    _run_ranks(script, [str(saved_model), data, str(tmp_path / "single"), "4"], 1, port + 1)
+    run_ranks(script, [str(saved_model), data, str(tmp_path / "ddp"), "2"], 2, port)
+    run_ranks(script, [str(saved_model), data, str(tmp_path / "single"), "4"], 1, port + 1)
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
     rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
     single = torch.load(tmp_path / "single" / "rank0.pt")
@@ -402,7 +418,7 @@ def test_ppo_resume_under_ddp_restores_each_ranks_random_streams(saved_model, tm
     script = tmp_path / "ddp_ppo_resume.py"
     script.write_text(PPO_DDP_RESUME_SCRIPT)
     port = 29500 + (os.getpid() + 500) % 1000
-    _run_ranks(script, [str(saved_model), str(DATA / "prompts.txt"), str(tmp_path)], 2, port)
+    run_ranks(script, [str(saved_model), str(DATA / "prompts.txt"), str(tmp_path)], 2, port)
 
     rng = [torch.load(tmp_path / "b" / "checkpoint-1" / f"rng_state_{rank}.pth",
                       weights_only=True) for rank in (0, 1)]

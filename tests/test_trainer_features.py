@@ -4,6 +4,8 @@ function signature, and the generation hook.
 """
 
 import copy
+import dataclasses
+import importlib.machinery
 import json
 import math
 import re
@@ -13,6 +15,7 @@ import types
 import pytest
 import torch
 
+from helpers import sequence_classifier
 from rlhf_fast import demo
 from rlhf_fast.trainers.dpo import DPOTrainer
 from rlhf_fast.trainers.dpo_config import DPOConfig
@@ -123,8 +126,10 @@ def test_a_tracker_without_its_package_is_a_config_error(monkeypatch):
 
 
 def fake_tracker_module(name):
-    """A module with init / log / finish that records its calls."""
+    """A module with init / log / finish that records its calls (and a spec: a lazy
+    import's importlib.util.find_spec(name), accelerate's, raises on a module without)."""
     module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
     module.calls = []
     module.init = lambda **kwargs: module.calls.append(("init", kwargs))
     module.log = lambda metrics, step=None: module.calls.append(("log", step, metrics))
@@ -142,8 +147,69 @@ def test_wandb_and_trackio_get_every_logged_row(tokenizer, tmp_path, monkeypatch
         assert init == "init" and first["project"] == "rlhf-fast"
         assert first["config"]["max_steps"] == 2
         assert finish == ("finish",)
-        assert [(step, pytest.approx(m, abs=1e-6)) for _, step, m in logs] == \
-            [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in log]
+        assert [(step, pytest.approx(m, abs=1e-6)) for _, step, m in logs] == logged_rows(log)
+
+
+def logged_rows(log):
+    """(step, the row's other metrics) of each row a run logged."""
+    return [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in log]
+
+
+def wandb_history(run_file):
+    """(step, metrics) of each history record of an offline wandb run's .wandb file: a
+    LevelDB-style log (a 7-byte ":W&B" header, then in 32 KiB blocks records of a CRC,
+    a little-endian length and a chunk type, FULL 1 / FIRST 2 / MIDDLE 3 / LAST 4) of
+    wandb's protobuf Records. wandb has no public reader of offline runs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = run_file.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    position, pending, rows = 7, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's zero-filled tail
+            position += block - position % block
+            continue
+        length = int.from_bytes(data[position + 4:position + 6], "little")
+        kind, chunk = data[position + 6], data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind == 0:  # padding
+            continue
+        pending += chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                rows.append((record.history.step.num,
+                             {k: v for k, v in items.items() if not k.startswith("_")}))
+    return rows
+
+
+def test_a_real_offline_wandb_run_holds_every_logged_row(tokenizer, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="report_to='wandb' with the real package needs wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = tiny_dpo(tokenizer, tmp_path / "out", max_steps=2, report_to="wandb").train()
+    run_file, = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert [(step, pytest.approx(m, abs=1e-6)) for step, m in wandb_history(run_file)] == \
+        logged_rows(log)
+
+
+def test_a_real_local_trackio_run_holds_every_logged_row(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read on import
+    pytest.importorskip("trackio", reason="report_to='trackio' with the real package needs "
+                                          "trackio")
+    from trackio import sqlite_storage
+
+    # (were trackio imported before this test, its folder would be another's)
+    monkeypatch.setattr(sqlite_storage, "TRACKIO_DIR", tmp_path / "trackio")
+    log = tiny_dpo(tokenizer, tmp_path / "out", max_steps=2, report_to="trackio").train()
+    rows = sqlite_storage.SQLiteStorage.get_logs(project="rlhf-fast", run="out")
+    assert [(r["step"], pytest.approx({k: r[k] for k in log[0] if k != "step"}, abs=1e-6))
+            for r in rows] == logged_rows(log)
 
 
 def test_tensorboard_gets_every_logged_row(tokenizer, tmp_path):
@@ -232,6 +298,35 @@ def test_reward_functions_get_trls_keywords_and_dataset_columns(tokenizer, tmp_p
     expected = [0.0] + [float(len(c)) for c in completions[1:]]  # None counts 0
     assert rollout.reward_columns[:, 0].tolist() == expected
     assert rollout.scores.tolist() == pytest.approx([e + 0.5 for e in expected])
+
+
+def test_reward_models_and_functions_mixed_are_weighed_in_the_order_given(tokenizer,
+                                                                          tmp_path):
+    """reward_fn_or_model=[function, model, function] with reward_weights: one column per
+    source in the list's order (PPOConfig.reward_weights: "in the order given"), the
+    model's its score at each answer's last token, and the score their weighted sum."""
+    def length(prompts, answers):
+        return [float(len(a)) for a in answers]
+
+    def trl_words(completions, **kwargs):
+        return [float(len(c.split())) for c in completions]
+
+    reward_model = sequence_classifier(tokenizer, 6)
+    weights = [2.0, 0.5, -1.0]
+    trainer = tiny_ppo(tokenizer, tmp_path, reward=[length, reward_model, trl_words],
+                       reward_weights=weights)
+    rollout = trainer.rollout(0)
+    answers = tokenizer.batch_decode(rollout.sequences[:, rollout.prompt_width:],
+                                     skip_special_tokens=True)
+    with torch.no_grad():
+        model_scores = reward_model(input_ids=rollout.sequences,
+                                    attention_mask=rollout.attention_mask).logits[:, 0]
+    expected = torch.stack([torch.tensor(length(None, answers)), model_scores,
+                            torch.tensor(trl_words(answers))], 1)
+    torch.testing.assert_close(rollout.reward_columns, expected, rtol=1e-5, atol=1e-5)
+    assert trainer.reward_weights.tolist() == weights
+    torch.testing.assert_close(rollout.scores, expected @ torch.tensor(weights),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_conversational_prompts_reach_reward_functions_as_trl_passes_them(tokenizer,
@@ -627,3 +722,187 @@ def test_bad_hook_output_names_generate_fn(tokenizer, tmp_path, case):
 def test_generate_fn_must_be_callable(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="generate_fn must be None or a callable"):
         tiny_ppo(tokenizer, tmp_path, generate_fn="vllm")
+
+
+# --- 7. vLLM's offline LLM as the hook (vllm_generate_fn) --------------------------------------
+
+
+class FakeSamplingParams:
+    """vllm.SamplingParams: keeps its keywords."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+@dataclasses.dataclass
+class FakeLogprob:  # vllm.logprobs.Logprob
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
+class FakeCompletionOutput:  # vllm.outputs.CompletionOutput
+    index: int
+    text: str
+    token_ids: list
+    cumulative_logprob: float | None
+    logprobs: list | None  # one {token_id: Logprob} per token
+
+
+@dataclasses.dataclass
+class FakeRequestOutput:  # vllm.outputs.RequestOutput
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list
+    prompt_logprobs: list | None
+    outputs: list
+    finished: bool = True
+
+
+class FakeVLLMModel:
+    """The in-process model of an LLM built with external_launcher: load_weights takes
+    (name, tensor) pairs in the checkpoint's names."""
+
+    def __init__(self, module):
+        self.module, self.loads = module, 0
+
+    def load_weights(self, weights):
+        self.module.load_state_dict(dict(weights))
+        self.loads += 1
+
+
+class FakeLLM:
+    """vllm.LLM on a transformers model: generate samples each request alone with the
+    model's generate (top_p 1) and reports, as logprobs_mode="processed_logprobs" does,
+    the log-prob after temperature of each sampled token (and of the runner-up, rank 2:
+    the adapter must pick the sampled token's)."""
+
+    def __init__(self, model, eos_token_id):
+        self.model, self.eos = model.eval(), eos_token_id
+        self.inner = FakeVLLMModel(model)
+        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
+            driver_worker=types.SimpleNamespace(
+                model_runner=types.SimpleNamespace(model=self.inner))))
+        self.calls, self.prefix_resets = [], 0
+
+    def reset_prefix_cache(self):
+        self.prefix_resets += 1
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.calls.append((prompts, sampling_params))
+        outputs = []
+        for number, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            with torch.no_grad(), torch.random.fork_rng():
+                torch.manual_seed(params.seed)
+                sampled = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids),
+                    do_sample=params.temperature > 0, temperature=params.temperature or None,
+                    top_p=1.0, top_k=0, max_new_tokens=params.max_tokens,
+                    eos_token_id=self.eos, pad_token_id=self.eos, output_scores=True,
+                    return_dict_in_generate=True)
+            tokens = sampled.sequences[0, ids.shape[1]:].tolist()
+            steps = []
+            for token, scores in zip(tokens, sampled.scores):
+                logp = torch.log_softmax(scores[0].float(), -1)
+                runner_up = int(logp.topk(2).indices[1 if logp.argmax() == token else 0])
+                steps.append({token: FakeLogprob(logp[token].item(), rank=1),
+                              runner_up: FakeLogprob(logp[runner_up].item(), rank=2)})
+            completion = FakeCompletionOutput(0, "", tokens, None, steps)
+            outputs.append(FakeRequestOutput(str(number), None, prompt["prompt_token_ids"],
+                                             None, [completion]))
+        return outputs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.SamplingParams = FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+def test_vllm_hook_feeds_the_engines_logprobs_to_the_rollout_correction(tokenizer, tmp_path,
+                                                                        fake_vllm):
+    """Two PPO iterations sampled by a (fake) vLLM engine holding a copy of the policy,
+    loaded with the policy's weights before each rollout: its log-probs are the policy's
+    own, so the rollout correction weighs every token 1 (no mismatch) at both."""
+    from rlhf_fast.trainers.generation import vllm_generate_fn
+
+    policy = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    llm = FakeLLM(copy.deepcopy(policy), tokenizer.eos_token_id)
+    hook = vllm_generate_fn(llm, eos_token_id=tokenizer.eos_token_id, policy=policy)
+    log = tiny_ppo(tokenizer, tmp_path, policy, max_steps=2, generate_fn=hook,
+                   temperature=0.7, rollout_is="token", lr_scheduler_type="constant").train()
+    assert len(log) == 2 and llm.inner.loads == 2 and llm.prefix_resets == 2
+    for row in log:
+        assert row["rollout_is_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert abs(row["rollout_kl"]) < 1e-4
+    assert weights_of(llm.model).keys() == weights_of(policy).keys()
+    prompts, params = llm.calls[0]
+    assert len(prompts) == len(params) == 4 and prompts[0] == prompts[1]
+    assert {k: v for k, v in vars(params[0]).items() if k != "seed"} == dict(
+        n=1, max_tokens=4, temperature=0.7, top_p=1.0, top_k=-1,
+        stop_token_ids=[tokenizer.eos_token_id], logprobs=0)
+    assert len({p.seed for p in params}) == 4  # a group's copies draw different answers
+
+
+def test_vllm_outputs_become_a_generation_or_a_clear_error():
+    from rlhf_fast.trainers.generation import generation_of_vllm_outputs
+
+    def request(tokens, steps):
+        return FakeRequestOutput("0", None, [1], None,
+                                 [FakeCompletionOutput(0, "", tokens, None, steps)])
+
+    steps = [{5: FakeLogprob(-0.5, 1), 6: FakeLogprob(-1.5, 2)},
+             {6: FakeLogprob(-2.0, 3), 7: FakeLogprob(-0.1, 1)}]
+    outputs = [request((5, 6), steps), request([7], [{7: FakeLogprob(-0.25, 1)}])]
+    assert generation_of_vllm_outputs(outputs, logprobs=True) == Generation(
+        [[5, 6], [7]], [[-0.5, -2.0], [-0.25]])
+    assert generation_of_vllm_outputs(outputs, logprobs=False) == Generation([[5, 6], [7]])
+    with pytest.raises(ValueError, match=r"vLLM returned no log-prob steps for completion 0 "
+                                         r"of 2 tokens.*SamplingParams\(logprobs=0\)"):
+        generation_of_vllm_outputs([request([5, 6], None)], logprobs=True)
+    with pytest.raises(ValueError, match="vLLM returned 1 log-prob steps for completion 0"):
+        generation_of_vllm_outputs([request([5, 6], steps[:1])], logprobs=True)
+    with pytest.raises(ValueError, match="completion 0 lack its sampled token 6"):
+        generation_of_vllm_outputs([request([5, 6], [steps[0], {7: FakeLogprob(-0.1, 1)}])],
+                                   logprobs=True)
+
+
+def test_vllm_hook_without_vllm_names_the_package(monkeypatch):
+    from rlhf_fast.trainers.generation import vllm_generate_fn
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm fails
+    with pytest.raises(ImportError, match="vllm_generate_fn needs the 'vllm' package"):
+        vllm_generate_fn(object(), eos_token_id=0)
+
+
+def test_loading_weights_needs_an_in_process_engine(tokenizer, fake_vllm):
+    from rlhf_fast.trainers.generation import load_vllm_weights
+
+    policy = demo.tiny_llama(tokenizer, hidden_size=32, seed=3)
+    with pytest.raises(ValueError, match=r"needs the vLLM engine in this process .*"
+                                         r"external_launcher"):
+        load_vllm_weights(types.SimpleNamespace(llm_engine=None), policy)
+
+
+def test_vllm_hook_on_a_real_engine(tokenizer, tmp_path):
+    """One GRPO iteration with rollouts from a real vLLM engine on the tiny model (in
+    fp32), its log-probs corrected against: the policy's and the engine's log-probs of
+    the same tokens agree up to the engines' numerics."""
+    vllm = pytest.importorskip("vllm", reason="the vLLM hook's real-engine test needs vllm")
+    from rlhf_fast.trainers.generation import vllm_generate_fn
+
+    policy = demo.tiny_llama(tokenizer, hidden_size=256, seed=3)  # head size 64
+    policy.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    llm = vllm.LLM(model=str(tmp_path / "model"), dtype="float32", max_model_len=128,
+                   enforce_eager=True, gpu_memory_utilization=0.3, seed=0,
+                   logprobs_mode="processed_logprobs")
+    hook = vllm_generate_fn(llm, eos_token_id=tokenizer.eos_token_id)
+    row, = tiny_ppo(tokenizer, tmp_path / "run", policy, max_steps=1, generate_fn=hook,
+                    rollout_is="token").train()
+    assert row["rollout_is_mean"] == pytest.approx(1.0, abs=0.05)
+    assert abs(row["rollout_kl"]) < 0.05

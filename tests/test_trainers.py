@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_fast
-from helpers import kernel_backward
+from helpers import kernel_backward, sequence_classifier
 from rlhf_fast import demo, reference
 from rlhf_fast.cli import main
 from rlhf_fast.trainers.data import example_indices
@@ -915,7 +915,7 @@ def test_ppo_resume_refuses_a_different_reference_or_reward_model(tokenizer, tmp
         if role == "reference":
             return _tiny_ppo(tokenizer, tmp_path, demo.tiny_llama(tokenizer, hidden_size=32,
                                                                   seed=seed), **options)
-        return _tiny_ppo(tokenizer, tmp_path, reward=_sequence_classifier(tokenizer, seed),
+        return _tiny_ppo(tokenizer, tmp_path, reward=sequence_classifier(tokenizer, seed),
                          **options)
 
     trainer(3, max_steps=1).train()
@@ -1317,23 +1317,13 @@ def test_the_trainers_inner_steps_read_nothing_on_the_host(tokenizer, tmp_path, 
     assert calls == []
 
 
-def _sequence_classifier(tokenizer, seed):
-    from transformers import AutoModelForSequenceClassification, LlamaConfig
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config)
-
-
 def test_ppo_with_sequence_classifier_critic_and_reward_model(warm_model, tokenizer,
                                                               tmp_path, torch_backend):
     """A one-label sequence classifier as the critic (its head on every position) and as
     the reward model (its output at the answer's last token, which is what the model's
     own pooling gives when pad and EOS differ)."""
-    critic = _sequence_classifier(tokenizer, 5)
-    scorer = _sequence_classifier(tokenizer, 6)
+    critic = sequence_classifier(tokenizer, 5)
+    scorer = sequence_classifier(tokenizer, 6)
     config = PPOConfig(output_dir=str(tmp_path), max_steps=1, rollout_batch_size=4,
                        mini_batch_size=4, ppo_epochs=1, max_new_tokens=10, device="cpu")
     trainer = PPOTrainer(copy.deepcopy(warm_model), None, critic, scorer,

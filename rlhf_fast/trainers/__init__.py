@@ -9,8 +9,9 @@ training loop they share; `config.py`, `models.py`, `run.py`, `sources.py`, `dat
 
 from rlhf_fast.trainers.dpo import DPOTrainer
 from rlhf_fast.trainers.dpo_config import DPOConfig
-from rlhf_fast.trainers.generation import Generation
+from rlhf_fast.trainers.generation import Generation, vllm_generate_fn
 from rlhf_fast.trainers.models import ValueModel
 from rlhf_fast.trainers.ppo import PPOConfig, PPOTrainer
 
-__all__ = ["DPOConfig", "DPOTrainer", "Generation", "PPOConfig", "PPOTrainer", "ValueModel"]
+__all__ = ["DPOConfig", "DPOTrainer", "Generation", "PPOConfig", "PPOTrainer", "ValueModel",
+           "vllm_generate_fn"]

@@ -8,6 +8,9 @@ group_size times), sampled as the trainer's own ``generate`` would (temperature 
 for greedy answers: remax's baselines, evaluation), each completion ending at the first
 EOS or cut at max_new_tokens. `check_generation` checks what it returns and
 `completion_tensors` packs it into the right-padded tensors the trainer reads.
+
+`vllm_generate_fn` is such a hook on vLLM's offline ``LLM`` (imported only when it is
+called), with the engine's log-probs of the sampled tokens for the rollout correction.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
+from torch import nn
+
+from rlhf_fast.trainers.model_state import is_peft_model
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -137,3 +143,98 @@ def hook_sampling(generation_config: GenerationConfig) -> dict[str, Any]:
                    top_k=int(config.top_k or 0)) if config.do_sample else \
         dict(temperature=0.0, top_p=1.0, top_k=0)
     return dict(max_new_tokens=int(config.max_new_tokens), **sampled)
+
+
+# --- vLLM's offline LLM as the hook ------------------------------------------------------
+
+
+def vllm_generate_fn(llm: Any, *, eos_token_id: int, policy: nn.Module | None = None,
+                     logprobs: bool = True) -> GenerateFn:
+    """A generate_fn that samples with vLLM's offline ``LLM`` (``vllm.LLM``).
+
+    Each prompt row is one request (``{"prompt_token_ids": ids}``) with its own
+    ``SamplingParams``: the hook's max_new_tokens, temperature (0: greedy), top_p and
+    top_k (0: none), a seed of its own (the hook's seed and the row: the group_size
+    copies of a prompt must not draw the same answer), ``stop_token_ids=[eos_token_id]``
+    and, with `logprobs`, ``logprobs=0``: vLLM then returns, at each step, the log-prob
+    of the sampled token, which becomes the `Generation`'s logprobs (the rollout
+    correction's rollout_logp). Build the LLM with ``logprobs_mode="processed_logprobs"``
+    for log-probs after temperature, which the correction compares with the policy's at
+    PPOConfig.temperature (vLLM's default reports them before it); stopping must be at
+    the tokenizer's EOS only, as ``generate`` does.
+
+    policy: if given, its weights are loaded into the engine before each generation
+    (`load_vllm_weights`), so that the answers are the current policy's; else keeping
+    the engine's weights current is the caller's part.
+
+    Raises ImportError naming the package when vllm is not installed.
+    """
+    try:
+        from vllm import SamplingParams
+    except ImportError as exc:
+        raise ImportError("vllm_generate_fn needs the 'vllm' package (pip install vllm), "
+                          "which is not installed") from exc
+
+    def generate_fn(prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
+                    top_p: float, top_k: int, seed: int) -> Generation:
+        if policy is not None:
+            load_vllm_weights(llm, policy)
+        params = [SamplingParams(n=1, max_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, top_k=top_k if top_k > 0 else -1,
+                                 seed=(seed * 1_000_003 + row) % 2**31,
+                                 stop_token_ids=[eos_token_id],
+                                 logprobs=0 if logprobs else None)
+                  for row in range(len(prompt_ids))]
+        outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids],
+                               params, use_tqdm=False)
+        return generation_of_vllm_outputs(outputs, logprobs=logprobs)
+
+    return generate_fn
+
+
+def generation_of_vllm_outputs(outputs: Sequence[Any], *, logprobs: bool) -> Generation:
+    """A `Generation` of vLLM's ``RequestOutput`` list: each request's first completion
+    (``outputs[0]``), its ``token_ids`` and, with `logprobs`, the ``logprob`` of the
+    sampled token at each step of its ``logprobs`` (one ``{token_id: Logprob}`` per
+    token)."""
+    completions = [request.outputs[0] for request in outputs]
+    ids = [list(completion.token_ids) for completion in completions]
+    if not logprobs:
+        return Generation(ids)
+    sampled = []
+    for row, (completion, tokens) in enumerate(zip(completions, ids)):
+        steps = completion.logprobs
+        if steps is None or len(steps) != len(tokens):
+            size = "no" if steps is None else len(steps)
+            raise ValueError(f"vLLM returned {size} log-prob steps for completion {row} of "
+                             f"{len(tokens)} tokens; expected one per token "
+                             "(SamplingParams(logprobs=0))")
+        try:
+            sampled.append([float(step[token].logprob) for step, token in zip(steps, tokens)])
+        except KeyError as exc:
+            raise ValueError(f"vLLM's log-probs of completion {row} lack its sampled token "
+                             f"{exc.args[0]}") from exc
+    return Generation(ids, sampled)
+
+
+def load_vllm_weights(llm: Any, policy: nn.Module) -> None:
+    """Load `policy`'s weights (a transformers model's names, which vLLM's
+    ``load_weights`` reads) into the model of an ``LLM`` whose engine runs in this
+    process (``distributed_executor_backend="external_launcher"``, as TRL's colocate
+    mode builds it), then reset its prefix cache (its KV entries are the old weights').
+    An engine in other processes (vLLM's default multiprocessing, a server) needs its
+    own weight transfer: this raises ValueError saying so. A peft (LoRA) policy is
+    refused: vLLM would need the merged weights."""
+    if is_peft_model(policy):
+        raise ValueError("load_vllm_weights takes a full model, not a peft one: merge the "
+                         "adapter into a copy (merge_and_unload) and load that")
+    try:
+        model = llm.llm_engine.model_executor.driver_worker.model_runner.model
+    except AttributeError as exc:
+        raise ValueError(
+            "load_vllm_weights needs the vLLM engine in this process "
+            "(LLM(..., distributed_executor_backend=\"external_launcher\")), as TRL's "
+            f"colocate mode builds it; this LLM has no in-process model ({exc})") from exc
+    with torch.no_grad():
+        model.load_weights((name, tensor.detach()) for name, tensor in policy.state_dict().items())
+    llm.reset_prefix_cache()

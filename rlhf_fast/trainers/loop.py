@@ -51,7 +51,7 @@ from rlhf_fast.trainers.files import (
 )
 from rlhf_fast.trainers.metrics import MetricsLog, MetricsWindow, plot_curves, progress_bar
 from rlhf_fast.trainers.model_state import (
-    gather_training_state,
+    gather_model_state,
     load_sharded_state,
     restore_training_state,
     save_sharded_state,
@@ -115,7 +115,9 @@ class Loop:
             averages over the processes (False: the step adds means over them already).
         restore: given a resumed checkpoint's state, restores the trainer's extra state.
         export_sharded: under FSDP2, whether checkpoints also hold the transformers
-            export (gathered on the main process) beside the sharded state in dcp/.
+            export (the model's weights gathered into the main process's CPU memory;
+            the optimizer stays sharded) beside the sharded state in dcp/. The trainers
+            leave it True: no config field reaches it.
 
     With config.resume_from, the checkpoint is loaded here and metrics.jsonl keeps the
     rows up to its step; else metrics.jsonl starts afresh.
@@ -179,7 +181,7 @@ class Loop:
         finally:
             trackers.finish()
         bar.close()
-        weights, _ = gather_training_state(self.module, self.optimizer)
+        weights = gather_model_state(self.module)
         if run.is_main:
             output = Path(config.output_dir)
             save_final(weights)
@@ -226,8 +228,9 @@ class Loop:
         the trainer's `extra` state (its tensors in safetensors, the rest JSON), then
         delete the oldest beyond save_total_limit; returns its path on the main process.
 
-        Every process must call it: under FSDP2 each writes its shards into dcp/ (and
-        the transformers export gathers the weights from all)."""
+        Every process must call it: under FSDP2 each writes its shards of model and
+        optimizer into dcp/ (and the transformers export gathers the model's weights,
+        not the optimizer's state, from all)."""
         final = checkpoint_path(self.config.output_dir, self.step)
         sharded = is_fsdp2_sharded(self.module)
         rng = gather_rng_states(self.run)
@@ -238,7 +241,7 @@ class Loop:
                 if sharded:
                     save_sharded_state(self.module, self.optimizer, temp / DCP_FOLDER)
                     if self.export_sharded:
-                        weights, _ = gather_training_state(self.module, self.optimizer)
+                        weights = gather_model_state(self.module)
                     if self.run.world > 1:
                         dist.barrier()  # every shard written before the rename
                 elif self.run.is_main:

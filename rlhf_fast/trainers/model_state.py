@@ -45,30 +45,27 @@ def check_single_adapter(model: nn.Module) -> None:
 # --- full state (FSDP2: gathered) -----------------------------------------------------------
 
 
-def gather_training_state(module: nn.Module, optimizer: torch.optim.Optimizer
-                          ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Full, unsharded state dicts of `module` and `optimizer`, on the CPU under FSDP2.
+def gather_model_state(module: nn.Module) -> dict[str, Any]:
+    """The full, unsharded state dict of `module`; under FSDP2 gathered into the main
+    process's CPU memory (the other processes get an empty dict), the optimizer left
+    sharded.
 
     Under FSDP2 this is a collective: every process must call it (each holds one shard;
     saving rank 0's own state dict would lose the others').
     """
     if not is_fsdp2_sharded(module):
-        return module.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(module, options=options),
-            get_optimizer_state_dict(module, optimizer, options=options))
+    return get_model_state_dict(module,
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def restore_training_state(module: nn.Module, optimizer: torch.optim.Optimizer,
                            module_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
-    """Load full state dicts written by `gather_training_state` (into shards under FSDP2;
-    every process reads the same checkpoint file)."""
+    """Load full state dicts (a checkpoint's exported weights and optimizer.pt) into
+    `module` and `optimizer` (into their shards under FSDP2; every process reads the
+    same checkpoint files)."""
     if not is_fsdp2_sharded(module):
         module.load_state_dict(module_state)
         optimizer.load_state_dict(optimizer_state)

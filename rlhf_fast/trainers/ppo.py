@@ -139,7 +139,8 @@ class PPOTrainer:
             logprobs (the engine's log-prob of each sampled token) reach ppo_loss as
             rollout_logp, for the rollout correction (config.rollout_is, rollout_rs) and
             the logged mismatch statistics (rollout_kl, ...). Bad output raises
-            ValueError naming generate_fn.
+            ValueError naming generate_fn. `vllm_generate_fn` makes one on vLLM's
+            offline LLM.
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module | None = None,
