@@ -114,10 +114,6 @@ class Loop:
         rank_means: whether the window holds this process's metrics, which the log
             averages over the processes (False: the step adds means over them already).
         restore: given a resumed checkpoint's state, restores the trainer's extra state.
-        export_sharded: under FSDP2, whether checkpoints also hold the transformers
-            export (the model's weights gathered into the main process's CPU memory;
-            the optimizer stays sharded) beside the sharded state in dcp/. The trainers
-            leave it True: no config field reaches it.
 
     With config.resume_from, the checkpoint is loaded here and metrics.jsonl keeps the
     rows up to its step; else metrics.jsonl starts afresh.
@@ -127,11 +123,9 @@ class Loop:
                  module: nn.Module, exports: list[Export], frozen_models: dict[str, Any], *,
                  training_steps: int, name: str, title: str, plot_keys: list[str],
                  rank_means: bool = True,
-                 restore: Callable[[dict[str, Any]], None] | None = None,
-                 export_sharded: bool = True):
+                 restore: Callable[[dict[str, Any]], None] | None = None):
         self.config, self.run, self.optimizer = config, run, optimizer
         self.module, self.exports, self.frozen_models = module, exports, frozen_models
-        self.export_sharded = export_sharded
         self.name, self.title, self.plot_keys = name, title, plot_keys
         self.rank_means = rank_means
         self.training_steps = training_steps
@@ -240,8 +234,7 @@ class Loop:
                 weights = optimizer = None
                 if sharded:
                     save_sharded_state(self.module, self.optimizer, temp / DCP_FOLDER)
-                    if self.export_sharded:
-                        weights = gather_model_state(self.module)
+                    weights = gather_model_state(self.module)
                     if self.run.world > 1:
                         dist.barrier()  # every shard written before the rename
                 elif self.run.is_main:
