@@ -21,7 +21,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +72,6 @@ def counting() -> Iterator[Traffic]:
     builder = interpreter.InterpreterBuilder
     traffic = Traffic()
     load, store = builder.create_masked_load, builder.create_masked_store
-    run = interpreter.InterpretedFunction.run
 
     def touch(ptrs, mask, itemsize, is_store):
         lanes = np.broadcast_to(mask.data, ptrs.data.shape)
@@ -91,27 +90,39 @@ def counting() -> Iterator[Traffic]:
         touch(ptrs, mask, value.data.dtype.itemsize, True)
         return store(self, ptrs, value, mask, *args, **kwargs)
 
-    def counted_run(self, *args, **kwargs):
-        traffic.launches.append(self.fn.__name__)
+    def launched(kernel: str, launch: Callable[[], Any]) -> Any:
+        traffic.launches.append(kernel)
         traffic.touched = []
         try:
-            return run(self, *args, **kwargs)
+            return launch()
         finally:
             moved = _launch_traffic(traffic.touched)
             traffic.moved += moved
-            kernel = self.fn.__name__
             traffic.moved_by_kernel[kernel] = traffic.moved_by_kernel.get(kernel, 0) + moved
 
+    def counted_run(self, *args, **kwargs):
+        return launched(self.fn.__name__, lambda: run(self, *args, **kwargs))
+
+    def counted_getitem(self, grid):
+        launch = getitem(self, grid)
+        return lambda *args, **kwargs: launched(self.fn.__name__,
+                                                lambda: launch(*args, **kwargs))
+
+    # kernel[grid](...) calls the class's run (triton >= 3.4); triton 3.3's
+    # InterpretedFunction has none: its __getitem__ returns the launcher
+    function = interpreter.InterpretedFunction
+    run, getitem = getattr(function, "run", None), function.__getitem__
+    launch_hook = ("run", counted_run) if run is not None else ("__getitem__", counted_getitem)
     patched = [(builder, "create_masked_load", counted_load),
-               (builder, "create_masked_store", counted_store),
-               (interpreter.InterpretedFunction, "run", counted_run)]
+               (builder, "create_masked_store", counted_store), (function, *launch_hook)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
     try:
         for owner, name, value in patched:
             setattr(owner, name, value)
         yield traffic
     finally:
-        builder.create_masked_load, builder.create_masked_store = load, store
-        interpreter.InterpretedFunction.run = run
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def table() -> list[dict[str, Any]]:
